@@ -1,0 +1,304 @@
+#include "core/event_loop.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include <sys/eventfd.h>
+
+namespace imgfs {
+
+namespace {
+
+struct RequiredOp {
+    int opcode;
+    const char* name;
+};
+
+constexpr RequiredOp kRequiredOps[] = {
+    {IORING_OP_READ, "READ"},       {IORING_OP_WRITE, "WRITE"},
+    {IORING_OP_READV, "READV"},     {IORING_OP_WRITEV, "WRITEV"},
+    {IORING_OP_FSYNC, "FSYNC"},     {IORING_OP_FALLOCATE, "FALLOCATE"},
+    {IORING_OP_TIMEOUT, "TIMEOUT"}, {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"},
+};
+
+Status probe_ops(io_uring* ring) {
+    io_uring_probe* probe = io_uring_get_probe_ring(ring);
+    if (probe == nullptr) {
+        return make_error(ENOSYS,
+                          "io_uring: the kernel cannot report which opcodes it supports "
+                          "(needs Linux 5.6 or later)");
+    }
+    std::string missing;
+    for (const RequiredOp& op : kRequiredOps) {
+        if (!io_uring_opcode_supported(probe, op.opcode)) {
+            missing += missing.empty() ? "" : ", ";
+            missing += op.name;
+        }
+    }
+    io_uring_free_probe(probe);
+    if (!missing.empty()) {
+        return make_error(ENOSYS, "io_uring: this kernel lacks required opcodes: {}", missing);
+    }
+    return {};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
+    std::unique_ptr<EventLoop> loop(new EventLoop());
+    io_uring_params params{};
+    params.flags = IORING_SETUP_CLAMP;
+    int ret = io_uring_queue_init_params(options.queue_depth, &loop->ring_, &params);
+    if (ret < 0) {
+        return make_error(-ret,
+                          "io_uring_queue_init (is io_uring disabled by "
+                          "/proc/sys/kernel/io_uring_disabled?)");
+    }
+    loop->ring_ready_ = true;
+    TRY(probe_ops(&loop->ring_));
+    int efd = eventfd(0, EFD_CLOEXEC);
+    if (efd < 0) {
+        return make_error(errno, "eventfd");
+    }
+    loop->wake_fd_.reset(efd);
+    loop->arm_wake_read();
+    return loop;
+}
+
+EventLoop::~EventLoop() {
+    if (ring_ready_) {
+        io_uring_queue_exit(&ring_);
+    }
+}
+
+io_uring_sqe* EventLoop::get_sqe() {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    while (sqe == nullptr) {
+        // SQ full: hand what we have to the kernel. CQEs produced meanwhile wait in the CQ (or
+        // its overflow list) until the next reap.
+        ++submit_calls_;
+        int ret = io_uring_submit(&ring_);
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+            std::fprintf(stderr, "imgfs: io_uring_submit failed: %d\n", ret);
+            std::abort();
+        }
+        sqe = io_uring_get_sqe(&ring_);
+    }
+    return sqe;
+}
+
+void EventLoop::arm_wake_read() {
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_read(sqe, wake_fd_.get(), &wake_value_, sizeof wake_value_, 0);
+    io_uring_sqe_set_data(sqe, nullptr);  // user_data 0 marks the wake-up read
+    wake_armed_ = true;
+}
+
+void EventLoop::post(std::function<void()> fn) {
+    {
+        std::lock_guard<std::mutex> lock(posted_mutex_);
+        posted_.push_back(std::move(fn));
+    }
+    uint64_t one = 1;
+    // A failed write can only mean the counter is saturated, in which case a wake-up is pending.
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof one);
+}
+
+void EventLoop::drain_posted() {
+    std::vector<std::function<void()>> fns;
+    {
+        std::lock_guard<std::mutex> lock(posted_mutex_);
+        fns.swap(posted_);
+    }
+    for (auto& fn : fns) {
+        fn();
+    }
+}
+
+void EventLoop::run_ready() {
+    // New coroutines scheduled while running are handled in the same pass; the loop goes back
+    // to the kernel only when everything runnable has run (that is what batches submissions).
+    while (!ready_.empty()) {
+        std::coroutine_handle<> h = ready_.front();
+        ready_.pop_front();
+        h.resume();
+    }
+}
+
+bool EventLoop::wait_and_reap() {
+    bool posted_pending = false;
+    {
+        std::lock_guard<std::mutex> lock(posted_mutex_);
+        posted_pending = !posted_.empty();
+    }
+    if (ops_in_flight_ == 0 && !posted_pending && external_holds_ == 0) {
+        // Still submit queued SQEs (e.g. the wake-up read) so nothing is left half-done.
+        io_uring_submit(&ring_);
+        return false;
+    }
+    ++submit_calls_;
+    int ret = io_uring_submit_and_wait(&ring_, 1);
+    if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+        std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
+        std::abort();
+    }
+    io_uring_cqe* cqes[64];
+    for (;;) {
+        unsigned n = io_uring_peek_batch_cqe(&ring_, cqes, 64);
+        if (n == 0) {
+            break;
+        }
+        bool woken = false;
+        for (unsigned i = 0; i < n; ++i) {
+            auto* c = static_cast<Completion*>(io_uring_cqe_get_data(cqes[i]));
+            if (c == nullptr) {
+                woken = true;
+                continue;
+            }
+            c->res = cqes[i]->res;
+            c->flags = cqes[i]->flags;
+            ready_.push_back(c->handle);
+            --ops_in_flight_;
+            ++ops_completed_;
+        }
+        io_uring_cq_advance(&ring_, n);
+        if (woken) {
+            wake_armed_ = false;
+        }
+    }
+    if (!wake_armed_) {
+        arm_wake_read();
+    }
+    drain_posted();
+    return true;
+}
+
+bool EventLoop::run_until(const bool* done) {
+    for (;;) {
+        run_ready();
+        if (*done) {
+            // Hand over SQEs the last coroutines queued; they complete on the next run.
+            io_uring_submit(&ring_);
+            return true;
+        }
+        if (!wait_and_reap() && ready_.empty()) {
+            return false;
+        }
+    }
+}
+
+void EventLoop::run() {
+    stop_ = false;
+    run_until(&stop_);
+}
+
+Task<Result<size_t>> EventLoop::read_full(int fd, MutBuf buf, uint64_t offset) {
+    size_t done = 0;
+    while (done < buf.size()) {
+        int32_t res = co_await read_some(fd, buf.subspan(done), offset + done);
+        if (res == -EAGAIN || res == -EINTR) {
+            continue;
+        }
+        if (res < 0) {
+            co_return Error{-res, {}};
+        }
+        if (res == 0) {
+            break;  // EOF
+        }
+        done += static_cast<size_t>(res);
+    }
+    co_return done;
+}
+
+Task<Status> EventLoop::write_full(int fd, ConstBuf buf, uint64_t offset) {
+    size_t done = 0;
+    while (done < buf.size()) {
+        int32_t res = co_await write_some(fd, buf.subspan(done), offset + done);
+        if (res == -EAGAIN || res == -EINTR) {
+            continue;
+        }
+        if (res < 0) {
+            co_return Error{-res, {}};
+        }
+        if (res == 0) {
+            co_return Error{EIO, "write made no progress"};
+        }
+        done += static_cast<size_t>(res);
+    }
+    co_return Status{};
+}
+
+Task<Status> EventLoop::writev_full(int fd, IoVec* iov, uint64_t offset) {
+    uint64_t pos = offset;
+    while (iov->bytes() > 0) {
+        int32_t res = co_await writev_some(fd, iov->data(), iov->count(), pos);
+        if (res == -EAGAIN || res == -EINTR) {
+            continue;
+        }
+        if (res < 0) {
+            co_return Error{-res, {}};
+        }
+        if (res == 0) {
+            co_return Error{EIO, "writev made no progress"};
+        }
+        iov->advance(static_cast<size_t>(res));
+        pos += static_cast<uint64_t>(res);
+    }
+    co_return Status{};
+}
+
+Task<Status> EventLoop::fsync(int fd, bool datasync) {
+    for (;;) {
+        int32_t res = co_await submit([=](io_uring_sqe* sqe) {
+            io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0);
+        });
+        if (res == -EINTR || res == -EAGAIN) {
+            continue;
+        }
+        if (res < 0) {
+            co_return Error{-res, datasync ? "fdatasync" : "fsync"};
+        }
+        co_return Status{};
+    }
+}
+
+Task<Status> EventLoop::fallocate(int fd, int mode, uint64_t offset, uint64_t len) {
+    for (;;) {
+        int32_t res = co_await submit([=](io_uring_sqe* sqe) {
+            io_uring_prep_fallocate(sqe, fd, mode, static_cast<off_t>(offset),
+                                    static_cast<off_t>(len));
+        });
+        if (res == -EINTR || res == -EAGAIN) {
+            continue;
+        }
+        if (res < 0) {
+            co_return Error{-res, "fallocate"};
+        }
+        co_return Status{};
+    }
+}
+
+Task<void> EventLoop::sleep(std::chrono::nanoseconds ns) {
+    __kernel_timespec ts{};
+    ts.tv_sec = static_cast<int64_t>(ns.count() / 1'000'000'000);
+    ts.tv_nsec = static_cast<long long>(ns.count() % 1'000'000'000);
+    // The timespec must stay valid until the kernel has read it; it lives in this frame.
+    co_await submit([&ts](io_uring_sqe* sqe) { io_uring_prep_timeout(sqe, &ts, 0, 0); });
+}
+
+namespace detail {
+
+Task<void> sync_wait_runner_void(Task<void> task, bool* done) {
+    co_await std::move(task);
+    *done = true;
+}
+
+void sync_wait_hung() {
+    std::fprintf(stderr, "imgfs: sync_wait: the task can never complete (nothing pending)\n");
+    std::abort();
+}
+
+}  // namespace detail
+
+}  // namespace imgfs

@@ -1,0 +1,42 @@
+// Graph: the registry of live nodes and the permission refresh over all of them. The graph is
+// changed only through a Transaction (core/transaction.h), which calls refresh_perms() once, on
+// the final shape.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/result.h"
+
+namespace imgfs {
+
+class Node;
+
+class Graph {
+  public:
+    Graph() = default;
+    Graph(const Graph&) = delete;
+    Graph& operator=(const Graph&) = delete;
+    ~Graph();
+
+    /// Recomputes every edge's permissions top-down and checks them. On success the new sets
+    /// are applied (nodes see set_perm); on failure nothing changes and the error names the
+    /// node and the two users that conflict.
+    Status refresh_perms();
+
+    [[nodiscard]] const std::vector<Node*>& nodes() const { return nodes_; }
+    /// A live node by name, or null.
+    [[nodiscard]] Node* find(const std::string& name) const;
+    /// Lines like "backend vm1 -> vm1.qcow2 (qcow2) [write]" for debugging and tests.
+    [[nodiscard]] std::string dump() const;
+
+  private:
+    friend class Node;
+    void register_node(Node* node);
+    void unregister_node(Node* node);
+    static Status check_conflicts(const Node* node);
+
+    std::vector<Node*> nodes_;
+};
+
+}  // namespace imgfs

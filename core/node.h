@@ -1,0 +1,314 @@
+// The block graph: nodes (driver state), child edges with a role and permissions, and the owners
+// of edges (nodes, block backends, jobs).
+//
+//   BlockBackend "vm1"            the export's root user
+//        |  (user edge: consistent-read|write|resize)
+//   Node qcow2 "vm1.qcow2" ---backing---> Node qcow2 "base.qcow2" --file--> Node file
+//        | file
+//   Node file "vm1.qcow2"
+//
+// A Node's public I/O entry points (read, write, ...) are the generic request layer
+// (core/node_io.cc): bounds, alignment, splitting, tracking. Drivers implement the protected do_*
+// entry points and see only requests that already satisfy the node's Limits.
+//
+// Threading: all of this lives on one event-loop thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/buffer.h"
+#include "core/perm.h"
+#include "core/range_lock.h"
+#include "core/result.h"
+#include "core/task.h"
+#include "core/wait_queue.h"
+
+namespace imgfs {
+
+class EventLoop;
+class Graph;
+class Logger;
+class Node;
+class Child;
+class JsonWriter;
+
+enum class ChildRole {
+    kFile,      // the storage a format driver keeps its image in
+    kBacking,   // the layer whose data shows through where this one has none
+    kFiltered,  // a filter's single child (same content)
+    kUser,      // an edge from a backend or a job (not from a node)
+};
+const char* child_role_name(ChildRole role);
+
+/// What a driver requires of requests. The generic layer guarantees these to the driver.
+struct Limits {
+    /// Offsets and lengths of do_read/do_write/do_write_zeroes/do_discard are multiples of this.
+    uint32_t request_alignment = 1;
+    /// Buffers passed to do_read/do_write start at a multiple of this.
+    uint32_t memory_alignment = 1;
+    /// do_read/do_write never get more bytes than this (a multiple of request_alignment).
+    uint64_t max_transfer = 64ULL << 20;
+    /// Overlapping writes are never in flight at the same time.
+    bool serialise_writes = false;
+};
+
+/// Optional driver entry points, as data: the generic layer emulates or skips what is absent
+/// instead of calling and getting ENOTSUP.
+struct Capabilities {
+    bool write_zeroes = false;  // do_write_zeroes (otherwise: zero buffers are written)
+    bool discard = false;       // do_discard (otherwise: discard is a no-op)
+    bool block_status = false;  // do_block_status (otherwise: everything is data)
+    bool resize = false;        // do_truncate
+};
+
+/// What one layer says about a range.
+enum class Alloc {
+    kData,         // this layer holds data for the range
+    kZero,         // this layer reads the range as zeros (allocated as zero, or a hole)
+    kUnallocated,  // this layer does not say; the backing layer's content shows through
+};
+struct BlockStatus {
+    Alloc alloc = Alloc::kData;
+    uint64_t bytes = 0;  // length of the run starting at the queried offset, > 0
+};
+
+struct NodeEnv {
+    EventLoop* loop = nullptr;
+    Logger* log = nullptr;
+    Graph* graph = nullptr;
+};
+
+/// The parent side of edges: a Node, a BlockBackend or a Job. Owns its child edges, counts the
+/// requests it has in flight, and can be quiesced by a drained section below it.
+class ChildOwner {
+  public:
+    explicit ChildOwner(Executor* executor);
+    ChildOwner(const ChildOwner&) = delete;
+    ChildOwner& operator=(const ChildOwner&) = delete;
+    virtual ~ChildOwner();
+
+    /// For permission-conflict messages: "backend vm1", "commit job 3", "vm1.qcow2".
+    [[nodiscard]] virtual std::string owner_name() const = 0;
+    virtual Node* as_node() { return nullptr; }
+
+    [[nodiscard]] const std::vector<std::unique_ptr<Child>>& children() const { return children_; }
+    /// The first child edge with `role`, or null.
+    [[nodiscard]] Child* child(ChildRole role) const;
+
+    /// A node below was drained: issue no new requests until the matching drained_end.
+    void drained_begin();
+    void drained_end();
+    [[nodiscard]] bool quiesced() const { return quiesce_counter_ > 0; }
+    /// Suspends while quiesced. New requests from this owner pass through here first.
+    Task<void> wait_unquiesced();
+
+    void inc_in_flight() { ++in_flight_; }
+    void dec_in_flight();
+    [[nodiscard]] uint64_t in_flight() const { return in_flight_; }
+    /// Suspends until in_flight() has been 0 at least once since the call.
+    [[nodiscard]] WaitQueue::Waiter wait_idle() { return idle_.wait(); }
+
+  protected:
+    // Nodes forward quiescing to their own parents.
+    virtual void on_drained_begin() {}
+    virtual void on_drained_end() {}
+
+  private:
+    friend class Transaction;
+    friend class Child;
+    std::vector<std::unique_ptr<Child>> children_;
+    uint64_t in_flight_ = 0;
+    int quiesce_counter_ = 0;
+    WaitQueue idle_;
+    WaitQueue unquiesced_;
+};
+
+/// Counts one request in flight on an owner for the guard's lifetime.
+class InFlightGuard {
+  public:
+    explicit InFlightGuard(ChildOwner* owner) : owner_(owner) { owner_->inc_in_flight(); }
+    InFlightGuard(const InFlightGuard&) = delete;
+    InFlightGuard& operator=(const InFlightGuard&) = delete;
+    ~InFlightGuard() { owner_->dec_in_flight(); }
+
+  private:
+    ChildOwner* owner_;
+};
+
+class Node : public ChildOwner {
+  public:
+    Node(NodeEnv env, std::string name);
+    ~Node() override;
+
+    [[nodiscard]] const std::string& name() const { return name_; }
+    [[nodiscard]] virtual const char* driver_name() const = 0;
+    [[nodiscard]] uint64_t size() const { return size_; }
+    [[nodiscard]] const Limits& limits() const { return limits_; }
+    [[nodiscard]] const Capabilities& caps() const { return caps_; }
+    [[nodiscard]] bool read_only() const { return read_only_; }
+    [[nodiscard]] const NodeEnv& env() const { return env_; }
+    [[nodiscard]] const std::vector<Child*>& parents() const { return parents_; }
+    [[nodiscard]] Child* backing() const { return child(ChildRole::kBacking); }
+    [[nodiscard]] Child* file() const { return child(ChildRole::kFile); }
+    [[nodiscard]] Perms cumulative_perm() const { return cumulative_perm_; }
+    [[nodiscard]] Perms cumulative_shared() const { return cumulative_shared_; }
+    [[nodiscard]] bool closed() const { return closed_; }
+
+    // ---- Generic request layer (core/node_io.cc) ----
+    // Callers: edges (Child), which check permissions, and the code holding a drain.
+    // Any offset/length is accepted; offset + length must not overflow.
+
+    /// Reads; bytes past size() read as zeros.
+    Task<Status> read(uint64_t offset, MutBuf buf);
+    /// Writes. Past size() only if the driver can resize (the file driver grows the file).
+    Task<Status> write(uint64_t offset, ConstBuf buf);
+    /// Zeroes a range; `may_unmap` lets the driver deallocate instead.
+    Task<Status> write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap);
+    /// Advisory: the range's content is no longer needed. Unaligned edges are ignored.
+    Task<Status> discard(uint64_t offset, uint64_t bytes);
+    /// Makes every completed write durable.
+    Task<Status> flush();
+    /// What this layer says about [offset, offset+bytes); bytes is clamped to size().
+    Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t bytes);
+    /// Changes the size.
+    Task<Status> truncate(uint64_t new_size);
+    /// Flushes and releases the driver's state. Called once, before the last reference goes.
+    Task<Status> close();
+
+    /// Adds driver-specific fields (format, cluster size, flags) to an info object.
+    virtual void describe(JsonWriter* out) const;
+    /// Bytes this layer has allocated in its storage (for info and capacity checks).
+    virtual Task<Result<uint64_t>> allocated_bytes();
+
+    // ChildOwner
+    [[nodiscard]] std::string owner_name() const override { return name_; }
+    Node* as_node() override { return this; }
+
+    /// Permissions this node needs on `child`, given what its own parents need of it. Called
+    /// during permission refresh, top-down.
+    virtual void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
+                            Perms* shared) const;
+    /// Refuses a permission set the node cannot grant (a read-only file asked for write).
+    virtual Status check_perm(Perms perm, Perms shared) const;
+    /// Applies a permission set that passed check_perm (image locks follow this).
+    virtual void set_perm(Perms perm, Perms shared);
+
+  protected:
+    // ---- Driver entry points ----
+    // Called by the generic layer only, with this node's in-flight count raised, never while
+    // the node is drained except by the holder of the drain. Callers guarantee:
+    //  * offset and byte counts are multiples of limits().request_alignment;
+    //  * do_read/do_write: bytes <= limits().max_transfer, buffer aligned to
+    //    limits().memory_alignment, range within size() (do_write may extend a resizable node);
+    //  * overlapping writes are serialised if limits().serialise_writes.
+    virtual Task<Status> do_read(uint64_t offset, MutBuf buf) = 0;
+    virtual Task<Status> do_write(uint64_t offset, ConstBuf buf) = 0;
+    /// Only if caps().write_zeroes. Range within size().
+    virtual Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap);
+    /// Only if caps().discard. Range within size().
+    virtual Task<Status> do_discard(uint64_t offset, uint64_t bytes);
+    /// Write back this node's own caches and make them durable in its children.
+    virtual Task<Status> do_flush() = 0;
+    /// Only if caps().block_status. offset < size(), bytes clamped to size(); any alignment.
+    virtual Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes);
+    /// Only if caps().resize.
+    virtual Task<Status> do_truncate(uint64_t new_size);
+    /// Default: do_flush().
+    virtual Task<Status> do_close();
+
+    NodeEnv env_;
+    uint64_t size_ = 0;
+    Limits limits_;
+    Capabilities caps_;
+    bool read_only_ = false;
+
+  private:
+    friend class Transaction;
+    friend class Child;
+    friend class Graph;
+
+    void on_drained_begin() override;
+    void on_drained_end() override;
+    // Generic-layer helpers (node_io.cc).
+    bool needs_tracking() const;
+    Task<Status> read_chunks(uint64_t offset, MutBuf buf);
+    Task<Status> write_chunks(uint64_t offset, ConstBuf buf);
+    Task<Status> write_padded(uint64_t offset, ConstBuf buf);
+    Task<Status> read_block_or_zero(uint64_t block, MutBuf dst);
+    Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes);
+    Task<Status> zeroes_in_place(uint64_t offset, uint64_t bytes, bool may_unmap);
+
+    std::string name_;
+    std::vector<Child*> parents_;
+    Perms cumulative_perm_ = 0;
+    Perms cumulative_shared_ = perm::kAll;
+    bool closed_ = false;
+    RangeLock tracked_;
+};
+
+/// An edge: `owner` uses `node` in `role`. Owned by the owner; holds a reference to the node.
+/// I/O on an edge checks (in debug builds) that the edge holds the permission it exercises.
+class Child {
+  public:
+    Child(ChildOwner* owner, std::shared_ptr<Node> node, ChildRole role, std::string name);
+    Child(const Child&) = delete;
+    Child& operator=(const Child&) = delete;
+    ~Child();
+
+    [[nodiscard]] ChildOwner* owner() const { return owner_; }
+    [[nodiscard]] Node* node() const { return node_.get(); }
+    [[nodiscard]] const std::shared_ptr<Node>& node_ref() const { return node_; }
+    [[nodiscard]] ChildRole role() const { return role_; }
+    [[nodiscard]] const std::string& name() const { return name_; }
+    [[nodiscard]] Perms perm() const { return perm_; }
+    /// What this edge lets others do: its computed set plus what a job explicitly allowed.
+    [[nodiscard]] Perms shared() const { return shared_ | extra_shared_; }
+    [[nodiscard]] bool user_edge() const { return role_ == ChildRole::kUser; }
+
+    Task<Status> read(uint64_t offset, MutBuf buf) { return node_->read(offset, buf); }
+    Task<Status> write(uint64_t offset, ConstBuf buf) {
+        assert_may_write();
+        return node_->write(offset, buf);
+    }
+    Task<Status> write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
+        assert_may_write();
+        return node_->write_zeroes(offset, bytes, may_unmap);
+    }
+    Task<Status> discard(uint64_t offset, uint64_t bytes) {
+        assert_may_write();
+        return node_->discard(offset, bytes);
+    }
+    Task<Status> flush() { return node_->flush(); }
+    Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t bytes) {
+        return node_->block_status(offset, bytes);
+    }
+    Task<Status> truncate(uint64_t new_size) { return node_->truncate(new_size); }
+
+  private:
+    friend class Transaction;
+    friend class Graph;
+    void assert_may_write() const;
+    void link();
+    void unlink();
+
+    ChildOwner* owner_;
+    std::shared_ptr<Node> node_;
+    ChildRole role_;
+    std::string name_;
+    bool linked_ = false;
+    // Effective permissions (set by the last successful refresh) and the pending values a
+    // refresh computes before it knows whether the whole graph is consistent.
+    Perms perm_ = 0;
+    Perms shared_ = perm::kAll;
+    Perms extra_shared_ = 0;
+    Perms pending_perm_ = 0;
+    Perms pending_shared_ = perm::kAll;
+    // For user edges the owner states its permissions; node edges are computed.
+    Perms user_perm_ = 0;
+    Perms user_shared_ = perm::kAll;
+};
+
+}  // namespace imgfs

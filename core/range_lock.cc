@@ -1,0 +1,119 @@
+#include "core/range_lock.h"
+
+#include <cassert>
+
+namespace imgfs {
+
+namespace {
+
+bool overlaps(uint64_t a_off, uint64_t a_len, uint64_t b_off, uint64_t b_len) {
+    return a_off < b_off + b_len && b_off < a_off + a_len;
+}
+
+}  // namespace
+
+RangeLock::~RangeLock() {
+    assert(head_ == nullptr && "RangeLock destroyed with tracked requests");
+}
+
+RangeLock::Request::Request(RangeLock* lock, uint64_t offset, uint64_t bytes, bool serialising)
+    : lock_(lock),
+      offset_(offset),
+      bytes_(bytes),
+      serialising_(serialising),
+      waiters_(lock->executor_) {}
+
+void RangeLock::Request::release() {
+    if (tracked_) {
+        lock_->remove(this);
+        waiters_.notify_all();
+    }
+}
+
+void RangeLock::insert(Request* req) {
+    assert(!req->tracked_);
+    req->prev_ = nullptr;
+    req->next_ = head_;
+    if (head_ != nullptr) {
+        head_->prev_ = req;
+    }
+    head_ = req;
+    req->tracked_ = true;
+    ++count_;
+}
+
+void RangeLock::remove(Request* req) {
+    assert(req->tracked_);
+    if (req->prev_ != nullptr) {
+        req->prev_->next_ = req->next_;
+    } else {
+        head_ = req->next_;
+    }
+    if (req->next_ != nullptr) {
+        req->next_->prev_ = req->prev_;
+    }
+    req->prev_ = req->next_ = nullptr;
+    req->tracked_ = false;
+    --count_;
+}
+
+RangeLock::Request* RangeLock::find_conflict(const Request* self) const {
+    for (Request* r = head_; r != nullptr; r = r->next_) {
+        if (r == self || (!r->serialising_ && !self->serialising_)) {
+            continue;
+        }
+        if (!overlaps(r->offset_, r->bytes_, self->offset_, self->bytes_)) {
+            continue;
+        }
+        // See the deadlock rule in the header: never wait for a waiter.
+        if (r->waiting_for_ == nullptr) {
+            return r;
+        }
+    }
+    return nullptr;
+}
+
+Task<void> RangeLock::acquire(Request* req) {
+    insert(req);
+    while (Request* conflict = find_conflict(req)) {
+        req->waiting_for_ = conflict;
+        co_await conflict->waiters_.wait();
+        req->waiting_for_ = nullptr;
+    }
+}
+
+bool RangeLock::try_acquire(Request* req) {
+    insert(req);
+    if (find_conflict(req) != nullptr) {
+        remove(req);
+        return false;
+    }
+    return true;
+}
+
+bool RangeLock::any_overlap(uint64_t offset, uint64_t bytes, const Request* self) const {
+    for (Request* r = head_; r != nullptr; r = r->next_) {
+        if (r != self && overlaps(r->offset_, r->bytes_, offset, bytes)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+Task<void> RangeLock::wait_idle(uint64_t offset, uint64_t bytes) {
+    for (;;) {
+        Request* busy = nullptr;
+        for (Request* r = head_; r != nullptr; r = r->next_) {
+            if (overlaps(r->offset_, r->bytes_, offset, bytes)) {
+                busy = r;
+                break;
+            }
+        }
+        if (busy == nullptr) {
+            co_return;
+        }
+        co_await busy->waiters_.wait();
+    }
+}
+
+}  // namespace imgfs

@@ -1,0 +1,67 @@
+// Transaction: every change to the graph's shape goes through one. Structural changes are made
+// at once (without permission checks, since intermediate shapes can conflict where the final one
+// does not) and recorded with their undo. commit() refreshes permissions once, on the final
+// graph; if that fails, every change is undone in reverse order and the graph is exactly as it
+// was. Destroying an uncommitted transaction aborts it.
+//
+// Edges into a node that is being replaced must be quiet: replace_node() and detach() expect the
+// affected nodes to be drained (asserted in debug builds).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/node.h"
+
+namespace imgfs {
+
+class Graph;
+
+class Transaction {
+  public:
+    explicit Transaction(Graph* graph) : graph_(graph) {}
+    Transaction(const Transaction&) = delete;
+    Transaction& operator=(const Transaction&) = delete;
+    ~Transaction();
+
+    /// Adds an edge owner -> node. For user edges (backends, jobs) `perm`/`shared` state what
+    /// the owner needs and allows; node edges compute theirs in Node::child_perm.
+    Child* attach(ChildOwner* owner, std::shared_ptr<Node> node, ChildRole role, std::string name,
+                  Perms perm = 0, Perms shared = perm::kAll);
+    /// Removes an edge. If it held the last reference to its node, the node goes when the
+    /// transaction commits; callers that must close() the node keep a reference of their own.
+    void detach(Child* child);
+    /// Points every edge into `old_node` at `replacement` instead, except edges owned by
+    /// `replacement` itself (so an overlay keeps its backing edge to the node it replaces).
+    void replace_node(Node* old_node, const std::shared_ptr<Node>& replacement);
+    /// `overlay` gets `top` as its backing and takes over every user of `top`.
+    Child* append_overlay(const std::shared_ptr<Node>& top, const std::shared_ptr<Node>& overlay);
+    /// Changes what a user edge needs and allows.
+    void set_user_perm(Child* child, Perms perm, Perms shared);
+    /// Lets other users of child's node do `extra` although the edge's owner normally forbids it
+    /// (a commit job writing into the backing of the chain it merges).
+    void set_extra_shared(Child* child, Perms extra);
+    /// Custom steps: `on_commit` runs after a successful commit, `on_abort` when undoing.
+    void add_action(std::function<void()> on_commit, std::function<void()> on_abort);
+
+    /// Refreshes permissions on the final graph; on failure undoes everything.
+    Status commit();
+    /// Undoes every change now.
+    void abort();
+
+  private:
+    struct Action {
+        std::function<void()> commit;
+        std::function<void()> abort;
+    };
+    // Refuses edges that would make the graph cyclic (programming error).
+    static bool is_descendant(const Node* maybe_descendant, const Node* ancestor);
+
+    Graph* graph_;
+    std::vector<Action> actions_;
+    bool done_ = false;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,159 @@
+#include "drivers/fault.h"
+
+#include <algorithm>
+#include <bit>
+
+#include "core/transaction.h"
+
+namespace imgfs {
+
+std::shared_ptr<FaultNode> FaultNode::open(NodeEnv env, std::string name, Transaction* tx,
+                                           std::shared_ptr<Node> child) {
+    auto node = std::make_shared<FaultNode>(env, std::move(name));
+    tx->attach(node.get(), std::move(child), ChildRole::kFiltered, "filtered");
+    node->sync_from_child();
+    return node;
+}
+
+FaultNode::FaultNode(NodeEnv env, std::string name) : Node(env, std::move(name)) {}
+
+void FaultNode::sync_from_child() {
+    Node* c = child(ChildRole::kFiltered)->node();
+    size_ = c->size();
+    limits_ = c->limits();
+    caps_ = c->caps();
+    read_only_ = c->read_only();
+}
+
+size_t FaultNode::add_rule(const FaultRule& rule) {
+    rules_.push_back(RuleState{rule});
+    return rules_.size() - 1;
+}
+
+uint64_t FaultNode::count(uint32_t op) const {
+    return counts_[std::countr_zero(op)];
+}
+
+FaultNode::Verdict FaultNode::judge(uint32_t op, uint64_t offset, uint64_t bytes, int* errnum) {
+    ++counts_[std::countr_zero(op)];
+    Verdict verdict = Verdict::kPass;
+    for (RuleState& r : rules_) {
+        if ((r.rule.ops & op) == 0) {
+            continue;
+        }
+        bool ranged = r.rule.offset != 0 || r.rule.bytes != std::numeric_limits<uint64_t>::max();
+        if (op == fault_op::kFlush) {
+            if (ranged) {
+                continue;
+            }
+        } else {
+            uint64_t rule_end = r.rule.offset + std::min(r.rule.bytes, UINT64_MAX - r.rule.offset);
+            if (offset >= rule_end || offset + bytes <= r.rule.offset) {
+                continue;
+            }
+        }
+        ++r.matched;
+        if (r.matched < r.rule.nth || (r.rule.once && r.fired > 0)) {
+            continue;
+        }
+        ++r.fired;
+        if (verdict == Verdict::kPass) {
+            verdict = r.rule.action == FaultAction::kDrop ? Verdict::kDrop : Verdict::kFail;
+            *errnum = r.rule.errnum;
+        }
+    }
+    return verdict;
+}
+
+Error FaultNode::injected(int errnum, const char* op, uint64_t offset) const {
+    return make_error(errnum, "{}: injected error on {} at {}", name(), op, offset);
+}
+
+Task<Status> FaultNode::do_read(uint64_t offset, MutBuf buf) {
+    int err = 0;
+    if (judge(fault_op::kRead, offset, buf.size(), &err) == Verdict::kFail) {
+        co_return injected(err, "read", offset);
+    }
+    co_return co_await child(ChildRole::kFiltered)->read(offset, buf);
+}
+
+Task<Status> FaultNode::do_write(uint64_t offset, ConstBuf buf) {
+    int err = 0;
+    switch (judge(fault_op::kWrite, offset, buf.size(), &err)) {
+        case Verdict::kFail:
+            co_return injected(err, "write", offset);
+        case Verdict::kDrop:
+            co_return Status{};
+        case Verdict::kPass:
+            break;
+    }
+    CO_TRY(co_await child(ChildRole::kFiltered)->write(offset, buf));
+    size_ = child(ChildRole::kFiltered)->node()->size();
+    co_return Status{};
+}
+
+Task<Status> FaultNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
+    int err = 0;
+    switch (judge(fault_op::kWriteZeroes, offset, bytes, &err)) {
+        case Verdict::kFail:
+            co_return injected(err, "write_zeroes", offset);
+        case Verdict::kDrop:
+            co_return Status{};
+        case Verdict::kPass:
+            break;
+    }
+    CO_TRY(co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap));
+    size_ = child(ChildRole::kFiltered)->node()->size();
+    co_return Status{};
+}
+
+Task<Status> FaultNode::do_discard(uint64_t offset, uint64_t bytes) {
+    int err = 0;
+    switch (judge(fault_op::kDiscard, offset, bytes, &err)) {
+        case Verdict::kFail:
+            co_return injected(err, "discard", offset);
+        case Verdict::kDrop:
+            co_return Status{};
+        case Verdict::kPass:
+            break;
+    }
+    co_return co_await child(ChildRole::kFiltered)->discard(offset, bytes);
+}
+
+Task<Status> FaultNode::do_flush() {
+    int err = 0;
+    switch (judge(fault_op::kFlush, 0, 0, &err)) {
+        case Verdict::kFail:
+            co_return injected(err, "flush", 0);
+        case Verdict::kDrop:
+            co_return Status{};
+        case Verdict::kPass:
+            break;
+    }
+    co_return co_await child(ChildRole::kFiltered)->flush();
+}
+
+Task<Result<BlockStatus>> FaultNode::do_block_status(uint64_t offset, uint64_t bytes) {
+    co_return co_await child(ChildRole::kFiltered)->block_status(offset, bytes);
+}
+
+Task<Status> FaultNode::do_truncate(uint64_t new_size) {
+    int err = 0;
+    switch (judge(fault_op::kWrite, new_size, 0, &err)) {
+        case Verdict::kFail:
+            co_return injected(err, "truncate", new_size);
+        case Verdict::kDrop:
+            co_return Status{};
+        case Verdict::kPass:
+            break;
+    }
+    CO_TRY(co_await child(ChildRole::kFiltered)->truncate(new_size));
+    size_ = new_size;
+    co_return Status{};
+}
+
+Task<Result<uint64_t>> FaultNode::allocated_bytes() {
+    co_return co_await child(ChildRole::kFiltered)->node()->allocated_bytes();
+}
+
+}  // namespace imgfs

@@ -1,0 +1,243 @@
+#include "drivers/file.h"
+
+#include <algorithm>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <linux/falloc.h>
+#include <sys/stat.h>
+
+#include "core/event_loop.h"
+#include "core/log.h"
+
+namespace imgfs {
+
+Result<std::shared_ptr<FileNode>> FileNode::open(NodeEnv env, std::string name, int dir_fd,
+                                                 const std::string& path, FileOptions options) {
+    int flags = O_CLOEXEC | (options.read_only ? O_RDONLY : O_RDWR);
+    if (options.direct) {
+        flags |= O_DIRECT;
+    }
+    int fd = ::openat(dir_fd, path.c_str(), flags);
+    if (fd < 0) {
+        int err = errno;
+        if (err == EINVAL && options.direct) {
+            return make_error(err, "{}: the filesystem does not support O_DIRECT", path);
+        }
+        return make_error(err, "cannot open {}", path);
+    }
+    return from_fd(env, std::move(name), UniqueFd(fd), options);
+}
+
+Result<std::shared_ptr<FileNode>> FileNode::from_fd(NodeEnv env, std::string name, UniqueFd fd,
+                                                    FileOptions options) {
+    auto node = std::make_shared<FileNode>(env, std::move(name), std::move(fd), options);
+    TRY(node->init());
+    return node;
+}
+
+FileNode::FileNode(NodeEnv env, std::string name, UniqueFd fd, FileOptions options)
+    : Node(env, std::move(name)), fd_(std::move(fd)), options_(options) {}
+
+Status FileNode::init() {
+    struct statx stx {};
+    unsigned mask = STATX_SIZE | STATX_TYPE;
+    if (options_.direct) {
+        mask |= STATX_DIOALIGN;
+    }
+    if (::statx(fd_.get(), "", AT_EMPTY_PATH, mask, &stx) != 0) {
+        return make_error(errno, "{}: statx", name());
+    }
+    if (!S_ISREG(stx.stx_mode) && !S_ISBLK(stx.stx_mode)) {
+        return make_error(EINVAL, "{}: not a regular file or block device", name());
+    }
+    size_ = stx.stx_size;
+    if (S_ISBLK(stx.stx_mode)) {
+        off_t end = ::lseek(fd_.get(), 0, SEEK_END);
+        if (end < 0) {
+            return make_error(errno, "{}: cannot find the device size", name());
+        }
+        size_ = static_cast<uint64_t>(end);
+    }
+    read_only_ = options_.read_only;
+    limits_ = Limits{};
+    limits_.max_transfer = 16ULL << 20;
+    if (options_.direct) {
+        uint32_t offset_align = 4096;
+        uint32_t mem_align = 4096;
+        if ((stx.stx_mask & STATX_DIOALIGN) != 0 && stx.stx_dio_offset_align != 0) {
+            offset_align = stx.stx_dio_offset_align;
+            mem_align = std::max<uint32_t>(stx.stx_dio_mem_align, 1);
+        }
+        limits_.request_alignment = offset_align;
+        limits_.memory_alignment = mem_align;
+    }
+    caps_.write_zeroes = true;
+    caps_.discard = true;
+    caps_.block_status = S_ISREG(stx.stx_mode);
+    caps_.resize = S_ISREG(stx.stx_mode);
+    return {};
+}
+
+Error FileNode::io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const {
+    return make_error(errnum, "{}: {} of {} bytes at {}", name(), op, bytes, offset);
+}
+
+Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
+    CO_TRY_ASSIGN(size_t n, co_await env_.loop->read_full(fd_.get(), buf, offset));
+    if (n < buf.size()) {
+        // Past EOF (the file may end inside the last aligned block): zeros.
+        std::memset(buf.data() + n, 0, buf.size() - n);
+    }
+    co_return Status{};
+}
+
+Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
+    if (failed_) {
+        co_return make_error(EIO,
+                             "{}: an earlier flush failed; writes are refused until the "
+                             "image is reopened",
+                             name());
+    }
+    Status st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    if (!st) {
+        co_return io_error(st.error().errnum, "write", offset, buf.size());
+    }
+    size_ = std::max<uint64_t>(size_, offset + buf.size());
+    co_return Status{};
+}
+
+Task<Status> FileNode::write_zeroes_by_writing(uint64_t offset, uint64_t bytes) {
+    AlignedBuffer zeros = AlignedBuffer::zeroed(std::min<uint64_t>(bytes, 1ULL << 20),
+                                                std::max<size_t>(limits_.memory_alignment, 8));
+    while (bytes > 0) {
+        uint64_t n = std::min<uint64_t>(bytes, zeros.size());
+        CO_TRY(co_await do_write(offset, ConstBuf(zeros.data(), n)));
+        offset += n;
+        bytes -= n;
+    }
+    co_return Status{};
+}
+
+Task<Status> FileNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
+    if (failed_) {
+        co_return make_error(EIO, "{}: an earlier flush failed", name());
+    }
+    uint64_t end = offset + bytes;
+    if (offset >= size_) {
+        // Entirely past EOF: growing the file makes the range read as zeros.
+        co_return co_await do_truncate(end);
+    }
+    if (may_unmap && punch_supported_) {
+        Status st = co_await env_.loop->fallocate(
+            fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+        if (st) {
+            if (end > size_) {
+                CO_TRY(co_await do_truncate(end));
+            }
+            co_return Status{};
+        }
+        if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS) {
+            co_return io_error(st.error().errnum, "punch hole", offset, bytes);
+        }
+        punch_supported_ = false;
+    }
+    if (zero_range_supported_) {
+        Status st = co_await env_.loop->fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, offset, bytes);
+        if (st) {
+            size_ = std::max(size_, end);
+            co_return Status{};
+        }
+        if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS &&
+            st.error().errnum != EINVAL) {
+            co_return io_error(st.error().errnum, "zero range", offset, bytes);
+        }
+        zero_range_supported_ = false;
+    }
+    co_return co_await write_zeroes_by_writing(offset, bytes);
+}
+
+Task<Status> FileNode::do_discard(uint64_t offset, uint64_t bytes) {
+    if (!punch_supported_) {
+        co_return Status{};
+    }
+    Status st = co_await env_.loop->fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                              offset, bytes);
+    if (!st) {
+        if (st.error().errnum == EOPNOTSUPP || st.error().errnum == ENOSYS) {
+            punch_supported_ = false;  // discard is advisory
+            co_return Status{};
+        }
+        co_return io_error(st.error().errnum, "discard", offset, bytes);
+    }
+    co_return Status{};
+}
+
+Task<Status> FileNode::do_flush() {
+    if (failed_) {
+        co_return make_error(EIO, "{}: an earlier flush failed; the image must be reopened",
+                             name());
+    }
+    if (read_only_) {
+        co_return Status{};
+    }
+    Status st = co_await env_.loop->fsync(fd_.get(), true);
+    if (!st) {
+        failed_ = true;
+        if (env_.log != nullptr) {
+            env_.log->error("{}: fdatasync failed ({}); refusing further writes until reopened",
+                            name(), st.error().message());
+        }
+        co_return make_error(st.error().errnum, "{}: fdatasync", name());
+    }
+    co_return Status{};
+}
+
+Task<Result<BlockStatus>> FileNode::do_block_status(uint64_t offset, uint64_t bytes) {
+    // lseek on a regular file does not block on I/O, so it is called directly.
+    off_t data = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO) {
+            co_return BlockStatus{Alloc::kZero, bytes};  // only a hole up to EOF
+        }
+        co_return BlockStatus{Alloc::kData, bytes};  // no information: say data
+    }
+    if (static_cast<uint64_t>(data) > offset) {
+        co_return BlockStatus{Alloc::kZero,
+                              std::min<uint64_t>(bytes, static_cast<uint64_t>(data) - offset)};
+    }
+    off_t hole = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_HOLE);
+    if (hole < 0 || static_cast<uint64_t>(hole) <= offset) {
+        co_return BlockStatus{Alloc::kData, bytes};
+    }
+    co_return BlockStatus{Alloc::kData,
+                          std::min<uint64_t>(bytes, static_cast<uint64_t>(hole) - offset)};
+}
+
+Task<Status> FileNode::do_truncate(uint64_t new_size) {
+    if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+        co_return make_error(errno, "{}: truncate to {}", name(), new_size);
+    }
+    size_ = new_size;
+    co_return Status{};
+}
+
+Task<Result<uint64_t>> FileNode::allocated_bytes() {
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0) {
+        co_return make_error(errno, "{}: fstat", name());
+    }
+    co_return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+Status FileNode::check_perm(Perms perm, Perms shared) const {
+    if (options_.read_only &&
+        (perm & (perm::kWrite | perm::kWriteUnchanged | perm::kResize)) != 0) {
+        return make_error(EROFS, "{} was opened read-only but {} is needed", name(),
+                          perms_to_string(perm));
+    }
+    return Node::check_perm(perm, shared);
+}
+
+}  // namespace imgfs

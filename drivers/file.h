@@ -1,0 +1,60 @@
+// file: a POSIX file as a node. All data I/O goes through the event loop's io_uring; block
+// status uses SEEK_DATA/SEEK_HOLE. With `direct` the file is opened O_DIRECT and the node's
+// limits carry the device's alignment, so the generic layer pads requests to it.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "core/node.h"
+#include "core/unique_fd.h"
+
+namespace imgfs {
+
+struct FileOptions {
+    bool read_only = false;
+    bool direct = false;
+};
+
+class FileNode final : public Node {
+  public:
+    /// Opens `path` relative to `dir_fd` (AT_FDCWD for the working directory).
+    static Result<std::shared_ptr<FileNode>> open(NodeEnv env, std::string name, int dir_fd,
+                                                  const std::string& path, FileOptions options);
+    /// Takes over an open descriptor whose access mode matches `options`.
+    static Result<std::shared_ptr<FileNode>> from_fd(NodeEnv env, std::string name, UniqueFd fd,
+                                                     FileOptions options);
+
+    FileNode(NodeEnv env, std::string name, UniqueFd fd, FileOptions options);
+
+    [[nodiscard]] const char* driver_name() const override { return "file"; }
+    [[nodiscard]] int fd() const { return fd_.get(); }
+    /// After a failed fdatasync the node refuses writes and flushes until it is reopened: the
+    /// kernel may have dropped the dirty pages, so retrying would report success for lost data.
+    [[nodiscard]] bool failed() const { return failed_; }
+
+    Task<Result<uint64_t>> allocated_bytes() override;
+    Status check_perm(Perms perm, Perms shared) const override;
+
+  protected:
+    Task<Status> do_read(uint64_t offset, MutBuf buf) override;
+    Task<Status> do_write(uint64_t offset, ConstBuf buf) override;
+    Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) override;
+    Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_flush() override;
+    Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_truncate(uint64_t new_size) override;
+
+  private:
+    Status init();
+    Task<Status> write_zeroes_by_writing(uint64_t offset, uint64_t bytes);
+    Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
+
+    UniqueFd fd_;
+    FileOptions options_;
+    bool failed_ = false;
+    bool punch_supported_ = true;
+    bool zero_range_supported_ = true;
+};
+
+}  // namespace imgfs

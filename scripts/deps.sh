@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages imgfs needs to build, test and benchmark (only the missing ones).
+set -euo pipefail
+packages=(
+  build-essential cmake ninja-build pkg-config clang clang-format clang-tidy-19 libclang-rt-14-dev
+  libfuse3-dev fuse3 liburing-dev zlib1g-dev libzstd-dev libfmt-dev libgtest-dev
+  qemu-utils qemu-system-common fio e2fsprogs python3 util-linux kmod procps
+)
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "imgfs: missing packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "imgfs: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The full test suite: installs missing packages, builds, runs every test tier.
+# Usage: scripts/test.sh [--sanitize] [--long]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sanitize=0
+for a in "$@"; do
+  case "$a" in
+    --sanitize) sanitize=1 ;;
+    --long) export IMGFS_LONG=1 ;;
+    *) echo "usage: scripts/test.sh [--sanitize] [--long]" >&2; exit 2 ;;
+  esac
+done
+bash scripts/deps.sh
+if [ "$sanitize" = 1 ]; then
+  dir=build-asan
+  CC=clang CXX=clang++ bash scripts/build.sh "$dir" -DIMGFS_SANITIZE=ON -DIMGFS_WERROR=ON \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+  export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
+else
+  dir=build
+  bash scripts/build.sh "$dir" -DIMGFS_WERROR=ON
+fi
+export IMGFS_BIN="$PWD/$dir/imgfs"
+ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900

@@ -1,0 +1,160 @@
+// The file driver on real temporary files.
+#include "drivers/file.h"
+
+#include <fcntl.h>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "core/task_scope.h"
+#include "test_util.h"
+
+namespace imgfs {
+namespace {
+
+class FileTest : public test::LoopTest {
+  public:
+    std::shared_ptr<FileNode> open_file(const std::string& path, FileOptions opts = {}) {
+        UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+        EXPECT_TRUE(fd.valid());
+        if (opts.direct) {
+            auto r = FileNode::open(env(), path, AT_FDCWD, path, opts);
+            EXPECT_TRUE(r.ok()) << r.error().message();
+            return r.ok() ? *r : nullptr;
+        }
+        auto r = FileNode::from_fd(env(), path, std::move(fd), opts);
+        EXPECT_TRUE(r.ok()) << r.error().message();
+        return *r;
+    }
+};
+
+std::vector<uint8_t> slurp(const std::string& path) {
+    std::vector<uint8_t> v;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY));
+    uint8_t buf[65536];
+    ssize_t n = 0;
+    while ((n = ::read(fd.get(), buf, sizeof buf)) > 0) {
+        v.insert(v.end(), buf, buf + n);
+    }
+    return v;
+}
+
+// Applies the same seeded operations through the node and through pread/pwrite on a reference
+// file, checking every read against the reference as it goes.
+Task<Status> mirror_ops(FileNode* node, int ref_fd, uint64_t seed, int count, uint64_t span) {
+    std::mt19937_64 rng(seed);
+    for (int i = 0; i < count; ++i) {
+        uint64_t off = rng() % span;
+        uint64_t len = 1 + rng() % (rng() % 4 == 0 ? 300000 : 9000);
+        std::vector<uint8_t> buf;
+        if (rng() % 2 == 0) {
+            buf = test::random_bytes(&rng, len);
+            CO_TRY(co_await node->write(off, buf));
+            if (::pwrite(ref_fd, buf.data(), len, static_cast<off_t>(off)) !=
+                static_cast<ssize_t>(len)) {
+                co_return make_error(errno, "reference pwrite");
+            }
+        } else {
+            buf.resize(len);
+            CO_TRY(co_await node->read(off, buf));
+            std::vector<uint8_t> ref(len, 0);
+            ssize_t n = ::pread(ref_fd, ref.data(), len, static_cast<off_t>(off));
+            if (n < 0) {
+                co_return make_error(errno, "reference pread");
+            }
+            if (buf != ref) {
+                co_return make_error(EIO, "read mismatch at op {} ({} bytes at {})", i, len, off);
+            }
+        }
+    }
+    co_return co_await node->flush();
+}
+
+void run_mirror(FileTest* t, test::TempDir* dir, FileOptions opts) {
+    auto node = t->open_file(dir->file("node"), opts);
+    ASSERT_NE(node, nullptr);
+    UniqueFd ref(::open(dir->file("ref").c_str(), O_RDWR | O_CREAT, 0600));
+    Status st = sync_wait(node->env().loop, mirror_ops(node.get(), ref.get(), 42, 10000, 8 << 20));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_EQ(node->size(), slurp(dir->file("ref")).size());
+    EXPECT_TRUE(slurp(dir->file("node")) == slurp(dir->file("ref")));
+}
+
+TEST_F(FileTest, TenThousandRandomOpsMatchPreadPwrite) {
+    test::TempDir dir;
+    run_mirror(this, &dir, {});
+}
+
+TEST_F(FileTest, TenThousandRandomOpsMatchWithODirect) {
+    test::TempDir dir;
+    {
+        UniqueFd probe(::open(dir.file("probe").c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600));
+        if (!probe.valid()) {
+            if (test::in_ci()) {
+                FAIL() << "O_DIRECT unsupported on " << dir.path();
+            }
+            GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping)";
+        }
+    }
+    run_mirror(this, &dir, FileOptions{false, true});
+}
+
+Task<Status> zero_and_status(FileNode* node, std::vector<BlockStatus>* out) {
+    std::vector<uint8_t> data(1 << 20, 0x5a);
+    CO_TRY(co_await node->write(0, data));
+    CO_TRY(co_await node->write_zeroes(256 << 10, 256 << 10, true));  // punches a hole
+    CO_TRY(co_await node->discard(768 << 10, 4096));
+    CO_TRY(co_await node->write_zeroes((2 << 20) - 100, 100, false));  // past EOF: grows
+    for (uint64_t off = 0; off < node->size();) {
+        CO_TRY_ASSIGN(BlockStatus st, co_await node->block_status(off, node->size() - off));
+        out->push_back(st);
+        off += st.bytes;
+    }
+    co_return Status{};
+}
+
+TEST_F(FileTest, ZeroesHolesAndBlockStatus) {
+    test::TempDir dir;
+    auto node = open_file(dir.file("f"));
+    std::vector<BlockStatus> map;
+    Status st = run(zero_and_status(node.get(), &map));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_EQ(node->size(), 2U << 20);
+    std::vector<uint8_t> content = slurp(dir.file("f"));
+    ASSERT_EQ(content.size(), 2U << 20);
+    EXPECT_EQ(content[0], 0x5a);
+    EXPECT_EQ(content[256 << 10], 0);
+    EXPECT_EQ(content[(512 << 10) - 1], 0);
+    EXPECT_EQ(content[512 << 10], 0x5a);
+    EXPECT_EQ(content[768 << 10], 0);
+    ASSERT_GE(map.size(), 3U);
+    EXPECT_EQ(map[0].alloc, Alloc::kData);
+    EXPECT_EQ(map[0].bytes, 256U << 10);
+    EXPECT_EQ(map[1].alloc, Alloc::kZero);
+    EXPECT_EQ(map.back().alloc, Alloc::kZero);  // the grown tail is a hole
+}
+
+TEST_F(FileTest, ReadOnlyRefusesWrites) {
+    test::TempDir dir;
+    {
+        UniqueFd fd(::open(dir.file("f").c_str(), O_RDWR | O_CREAT, 0600));
+        ASSERT_EQ(::ftruncate(fd.get(), 4096), 0);
+    }
+    auto r = FileNode::open(env(), "f", AT_FDCWD, dir.file("f"), FileOptions{true, false});
+    ASSERT_TRUE(r.ok());
+    std::vector<uint8_t> data(10, 1);
+    Status st = run((*r)->write(0, data));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EROFS);
+    EXPECT_FALSE((*r)->check_perm(perm::kWrite, 0).ok());
+}
+
+TEST_F(FileTest, MissingFileNamesThePath) {
+    auto r = FileNode::open(env(), "x", AT_FDCWD, "/nonexistent/imgfs/x", {});
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().errnum, ENOENT);
+    EXPECT_NE(r.error().message().find("/nonexistent/imgfs/x"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace imgfs
