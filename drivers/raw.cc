@@ -60,7 +60,7 @@ RawNode::RawNode(NodeEnv env, std::string name, RawOptions options)
 void RawNode::init_from_file() {
     Node* f = file()->node();
     size_ = f->size();
-    read_only_ = f->read_only();
+    read_only_ = f->read_only() || options_.read_only;
     limits_ = f->limits();
     if (options_.probed) {
         // Whole sectors, so the guard always sees the complete new first sector.

@@ -15,6 +15,7 @@ class Transaction;
 
 struct RawOptions {
     bool probed = false;
+    bool read_only = false;
 };
 
 class RawNode final : public Node {

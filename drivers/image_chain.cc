@@ -1,0 +1,279 @@
+#include "drivers/image_chain.h"
+
+#include <fcntl.h>
+#include <set>
+#include <unistd.h>
+#include <utility>
+
+#include <linux/openat2.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+
+#include "core/transaction.h"
+#include "drivers/file.h"
+#include "drivers/qcow2/format.h"
+#include "drivers/qcow2/qcow2_node.h"
+#include "drivers/raw.h"
+
+namespace imgfs {
+
+namespace {
+
+std::string dirname_of(const std::string& path) {
+    size_t slash = path.rfind('/');
+    return slash == std::string::npos ? std::string() : path.substr(0, slash);
+}
+
+// Lexically normalises a relative path; fails if it climbs above its root.
+Result<std::string> normalise(const std::string& path) {
+    std::vector<std::string> parts;
+    size_t pos = 0;
+    while (pos <= path.size()) {
+        size_t slash = path.find('/', pos);
+        std::string part =
+            path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
+        if (part == "..") {
+            if (parts.empty()) {
+                return make_error(EPERM, "'{}' escapes the image directory", path);
+            }
+            parts.pop_back();
+        } else if (!part.empty() && part != ".") {
+            parts.push_back(part);
+        }
+        if (slash == std::string::npos) {
+            break;
+        }
+        pos = slash + 1;
+    }
+    std::string out;
+    for (const auto& p : parts) {
+        out += out.empty() ? "" : "/";
+        out += p;
+    }
+    if (out.empty()) {
+        return make_error(EINVAL, "'{}' names no file", path);
+    }
+    return out;
+}
+
+bool has_protocol_prefix(const std::string& name) {
+    size_t colon = name.find(':');
+    if (colon == std::string::npos || colon == 0) {
+        return false;
+    }
+    size_t slash = name.find('/');
+    if (slash != std::string::npos && slash < colon) {
+        return false;  // "dir/a:b" is a file name
+    }
+    for (size_t i = 0; i < colon; ++i) {
+        char c = name[i];
+        if (!(isalnum(static_cast<unsigned char>(c)) || c == '+' || c == '-' || c == '.')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+std::string layer_name(const std::string& file) {
+    return file;
+}
+
+}  // namespace
+
+Result<std::string> resolve_backing(const std::string& overlay, const std::string& backing,
+                                    const std::string& dir_real, bool allow_external) {
+    if (backing.rfind("json:", 0) == 0) {
+        return make_error(EPERM, "{}: json: backing file names are refused", overlay);
+    }
+    if (has_protocol_prefix(backing)) {
+        return make_error(EPERM, "{}: protocol backing file names ('{}') are refused", overlay,
+                          backing);
+    }
+    if (!backing.empty() && backing[0] == '/') {
+        if (allow_external) {
+            return backing;
+        }
+        std::string prefix = dir_real + "/";
+        if (backing.rfind(prefix, 0) != 0) {
+            return make_error(EPERM,
+                              "{}: backing file '{}' is outside the image directory "
+                              "(mount with allow_external_backing to allow it)",
+                              overlay, backing);
+        }
+        return normalise(backing.substr(prefix.size()));
+    }
+    std::string dir = dirname_of(overlay);
+    Result<std::string> r = normalise(dir.empty() ? backing : dir + "/" + backing);
+    if (!r) {
+        if (allow_external && !dir_real.empty()) {
+            return dir_real + "/" + (dir.empty() ? backing : dir + "/" + backing);
+        }
+        return make_error(EPERM, "{}: backing file '{}' escapes the image directory", overlay,
+                          backing);
+    }
+    return r;
+}
+
+Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct) {
+    open_how how{};
+    how.flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+    long fd = ::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof how);
+    if (fd < 0) {
+        int err = errno;
+        if (err == EXDEV || err == ELOOP) {
+            return make_error(EPERM, "'{}' resolves outside the image directory", path);
+        }
+        return make_error(err, "cannot open '{}'", path);
+    }
+    return UniqueFd(static_cast<int>(fd));
+}
+
+Result<std::string> probe_format(int fd) {
+    uint8_t magic[4] = {};
+    ssize_t n = ::pread(fd, magic, sizeof magic, 0);
+    if (n < 0) {
+        return make_error(errno, "reading the first sector");
+    }
+    if (n == 4 && qcow2::load_be32(magic) == qcow2::kMagic) {
+        return std::string("qcow2");
+    }
+    return std::string("raw");
+}
+
+namespace {
+
+struct LayerSpec {
+    std::string file;
+    std::optional<std::string> recorded_format;  // from the overlay's header
+};
+
+Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, const ChainOptions& opts,
+                               bool top, std::set<std::pair<dev_t, ino_t>>* seen) {
+    bool external = !spec.file.empty() && spec.file[0] == '/';
+    Result<UniqueFd> fd_r = external ? [&]() -> Result<UniqueFd> {
+        int fd = ::open(spec.file.c_str(), O_CLOEXEC | (opts.read_only ? O_RDONLY : O_RDWR) |
+                                               (opts.direct ? O_DIRECT : 0));
+        if (fd < 0) {
+            return make_error(errno, "cannot open '{}'", spec.file);
+        }
+        return UniqueFd(fd);
+    }()
+        : open_beneath(dir_fd, spec.file, opts.read_only, opts.direct);
+    CO_TRY_ASSIGN(UniqueFd fd, std::move(fd_r));
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) {
+        co_return make_error(errno, "stat '{}'", spec.file);
+    }
+    if (!seen->insert({st.st_dev, st.st_ino}).second) {
+        co_return make_error(ELOOP, "backing chain loop: '{}' appears twice", spec.file);
+    }
+    CO_TRY_ASSIGN(std::string content, probe_format(fd.get()));
+    Layer layer;
+    layer.file = spec.file;
+    if (spec.recorded_format) {
+        const std::string& f = *spec.recorded_format;
+        if (f != "raw" && f != "qcow2") {
+            co_return make_error(ENOTSUP, "'{}': backing format '{}' is not supported", spec.file,
+                                 f);
+        }
+        if (f == "qcow2" && content != "qcow2") {
+            co_return make_error(EINVAL, "'{}' is recorded as qcow2 but is not a qcow2 image",
+                                 spec.file);
+        }
+        layer.format = f;
+    } else if (!top && content == "qcow2") {
+        co_return make_error(EPERM,
+                             "'{}': backing file has no recorded format and looks like "
+                             "qcow2; refusing to guess (record it with qemu-img rebase -u "
+                             "-F qcow2)",
+                             spec.file);
+    } else {
+        layer.format = content;
+        layer.probed = true;
+    }
+    bool node_read_only = opts.read_only || !top;
+    CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
+                  FileNode::from_fd(env, layer_name(spec.file) + " (file)", std::move(fd),
+                                    FileOptions{opts.read_only, opts.direct}));
+    Transaction tx(env.graph);
+    if (layer.format == "qcow2") {
+        qcow2::Options q = opts.qcow2;
+        q.read_only = node_read_only;
+        auto node = Qcow2Node::create(env, layer_name(spec.file), &tx, file, q);
+        CO_TRY(tx.commit());
+        CO_TRY(co_await node->load());
+        layer.node = node;
+    } else {
+        layer.node = RawNode::open(env, layer_name(spec.file), &tx, file,
+                                   RawOptions{layer.probed, node_read_only});
+        CO_TRY(tx.commit());
+    }
+    co_return layer;
+}
+
+}  // namespace
+
+Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options) {
+    char real[PATH_MAX];
+    std::string dir_real;
+    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) != nullptr) {
+        dir_real = real;
+    }
+    Chain chain;
+    std::set<std::pair<dev_t, ino_t>> seen;
+    LayerSpec spec{std::move(file), std::nullopt};
+    for (uint32_t depth = 0;; ++depth) {
+        if (depth >= options.max_depth) {
+            co_return make_error(ELOOP, "backing chain of '{}' is deeper than {} layers",
+                                 chain.layers.front().file, options.max_depth);
+        }
+        Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &seen);
+        if (!opened) {
+            (void)co_await close_chain(&chain);
+            co_return std::move(opened).error();
+        }
+        Layer layer = std::move(*opened);
+        if (!chain.layers.empty()) {
+            Transaction tx(env.graph);
+            tx.attach(chain.layers.back().node.get(), layer.node, ChildRole::kBacking, "backing");
+            Status st = tx.commit();
+            if (!st) {
+                (void)co_await layer.node->close();
+                (void)co_await close_chain(&chain);
+                co_return st.error();
+            }
+        }
+        std::string next;
+        std::optional<std::string> next_format;
+        if (auto* q = dynamic_cast<Qcow2Node*>(layer.node.get())) {
+            next = q->backing_file_name();
+            next_format = q->backing_format();
+        }
+        chain.layers.push_back(std::move(layer));
+        if (next.empty()) {
+            break;
+        }
+        Result<std::string> resolved = resolve_backing(chain.layers.back().file, next, dir_real,
+                                                       options.allow_external_backing);
+        if (!resolved) {
+            (void)co_await close_chain(&chain);
+            co_return std::move(resolved).error();
+        }
+        spec = LayerSpec{std::move(*resolved), next_format};
+    }
+    co_return chain;
+}
+
+Task<Status> close_chain(Chain* chain) {
+    Status first;
+    for (Layer& l : chain->layers) {
+        Status st = co_await l.node->close();
+        if (!st && first.ok()) {
+            first = std::move(st);
+        }
+    }
+    co_return first;
+}
+
+}  // namespace imgfs

@@ -1,0 +1,58 @@
+// Opening an image and its backing chain from an image directory, safely: backing files are
+// resolved relative to the overlay and opened beneath the directory (openat2 RESOLVE_BENEATH),
+// `json:` and protocol names are refused, loops and chains deeper than a limit are refused, and
+// the format is taken from the overlay's record or, failing that, from the content.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/node.h"
+#include "core/unique_fd.h"
+#include "drivers/qcow2/metadata.h"
+
+namespace imgfs {
+
+struct ChainOptions {
+    bool read_only = false;  // also the top layer
+    bool allow_external_backing = false;
+    bool direct = false;  // O_DIRECT for every file
+    qcow2::Options qcow2;
+    uint32_t max_depth = 64;
+};
+
+struct Layer {
+    std::string file;     // relative to the image directory (absolute only if external)
+    std::string format;   // "qcow2" or "raw"
+    bool probed = false;  // the format was guessed from the content
+    std::shared_ptr<Node> node;
+};
+
+/// An open chain, top layer first. Destroying it drops the nodes; close() them first.
+struct Chain {
+    std::vector<Layer> layers;
+    [[nodiscard]] const std::shared_ptr<Node>& top() const { return layers.front().node; }
+};
+
+/// Opens `file` (relative to `dir_fd`) and its whole backing chain. The top layer is writable
+/// unless `options.read_only`; backing layers are read-only nodes over writable files, so a
+/// job can later make one writable without reopening it.
+Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options);
+
+/// Closes every layer, top first (the top flushes its metadata).
+Task<Status> close_chain(Chain* chain);
+
+/// "qcow2" if the file starts with the qcow2 magic, else "raw".
+Result<std::string> probe_format(int fd);
+
+/// Resolves the backing name recorded in the image at `overlay` (both relative to the image
+/// directory, whose real path is `dir_real`) to a path relative to the directory. Errors name
+/// the reason (json:, protocol, absolute outside, escaping with ..).
+Result<std::string> resolve_backing(const std::string& overlay, const std::string& backing,
+                                    const std::string& dir_real, bool allow_external);
+
+/// Opens `path` beneath `dir_fd`; symlinks and .. may not leave the directory.
+Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct);
+
+}  // namespace imgfs

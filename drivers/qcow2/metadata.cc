@@ -1,0 +1,351 @@
+// Metadata: opening, header updates, write-back ordering, flush and close.
+#include "drivers/qcow2/metadata.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/event_loop.h"
+#include "core/log.h"
+
+namespace imgfs::qcow2 {
+
+namespace {
+
+constexpr uint64_t kDefaultL2CoverageBytes = 64ULL << 30;  // guest bytes the default L2 cache maps
+constexpr uint64_t kMaxDefaultL2CacheBytes = 32ULL << 20;
+
+size_t l2_cache_tables(const Geometry& g, const Options& o) {
+    uint64_t bytes = o.l2_cache_bytes;
+    if (bytes == 0) {
+        // Enough L2 entries to map 64 GiB, within a bound for tiny clusters.
+        bytes = std::min(kDefaultL2CoverageBytes / g.cluster_size * g.l2_entry_bytes,
+                         kMaxDefaultL2CacheBytes);
+    }
+    return std::max<size_t>(16, bytes / g.cluster_size);
+}
+
+size_t refblock_cache_tables(const Geometry& g, const Options& o) {
+    uint64_t bytes = o.refcount_cache_bytes;
+    if (bytes == 0) {
+        bytes = uint64_t{l2_cache_tables(g, o)} * g.cluster_size / 4;
+    }
+    return std::max<size_t>(4, bytes / g.cluster_size);
+}
+
+// Reads the header area: first enough for the fixed fields, then the whole first cluster.
+Task<Result<Header>> read_header(Child* file, const std::string& name) {
+    uint64_t file_size = file->node()->size();
+    std::vector<uint8_t> first(std::min<uint64_t>(file_size, 512));
+    CO_TRY(co_await file->read(0, first));
+    if (first.size() < 24 || load_be32(first.data()) != kMagic) {
+        co_return make_error(EINVAL, "{}: not a qcow2 image (bad magic)", name);
+    }
+    uint32_t cluster_bits = load_be32(first.data() + 20);
+    if (cluster_bits < kMinClusterBits || cluster_bits > kMaxClusterBits) {
+        co_return make_error(EINVAL, "{}: cluster_bits {} is out of range ({}..{})", name,
+                             cluster_bits, kMinClusterBits, kMaxClusterBits);
+    }
+    std::vector<uint8_t> area(std::min<uint64_t>(file_size, 1ULL << cluster_bits));
+    CO_TRY(co_await file->read(0, area));
+    co_return parse_header(area, file_size, name);
+}
+
+}  // namespace
+
+Metadata::Metadata(NodeEnv env, Child* file, std::string name, Options options)
+    : env_(env),
+      file_(file),
+      name_(std::move(name)),
+      options_(options),
+      l2_cache_(env.loop, 512, 2, "L2 table"),
+      refblock_cache_(env.loop, 512, 2, "refcount block"),
+      lock_(env.loop) {}
+
+Metadata::~Metadata() = default;
+
+Task<Result<std::unique_ptr<Metadata>>> Metadata::open(NodeEnv env, Child* file, std::string name,
+                                                       Options options) {
+    CO_TRY_ASSIGN(Header header, co_await read_header(file, name));
+    std::unique_ptr<Metadata> m(new Metadata(env, file, std::move(name), options));
+    m->header_ = std::move(header);
+    m->g_ = Geometry::from(m->header_);
+    // The caches are sized from the geometry, known only now.
+    m->l2_cache_.configure(m->g_.cluster_size, l2_cache_tables(m->g_, options));
+    m->refblock_cache_.configure(m->g_.cluster_size, refblock_cache_tables(m->g_, options));
+    CO_TRY(co_await m->load());
+    co_return m;
+}
+
+Task<Status> Metadata::load() {
+    CO_TRY(co_await load_tables());
+    uint64_t file_size = file_->node()->size();
+    CO_TRY_ASSIGN(snapshots_, co_await read_snapshot_table(file_, header_, file_size, name_));
+    end_cluster_ = (file_size + g_.cluster_size - 1) >> g_.cluster_bits;
+    build_metadata_index();
+    if (options_.read_only) {
+        co_return Status{};
+    }
+    if ((header_.incompatible & kIncompatCorrupt) != 0) {
+        co_return make_error(EACCES,
+                             "{}: the image is marked corrupt and cannot be opened for "
+                             "writing (qemu-img check -r all repairs it)",
+                             name_);
+    }
+    co_return co_await prepare_for_writing();
+}
+
+Task<Status> Metadata::load_tables() {
+    std::vector<uint8_t> buf(uint64_t{header_.l1_size} * 8);
+    if (!buf.empty()) {
+        CO_TRY(co_await file_->read(header_.l1_table_offset, buf));
+    }
+    l1_.resize(header_.l1_size);
+    for (size_t i = 0; i < l1_.size(); ++i) {
+        l1_[i] = load_be64(buf.data() + i * 8);
+    }
+    buf.assign(uint64_t{header_.refcount_table_clusters} << g_.cluster_bits, 0);
+    CO_TRY(co_await file_->read(header_.refcount_table_offset, buf));
+    refcount_table_.resize(buf.size() / 8);
+    for (size_t i = 0; i < refcount_table_.size(); ++i) {
+        refcount_table_[i] = load_be64(buf.data() + i * 8);
+    }
+    co_return Status{};
+}
+
+void Metadata::build_metadata_index() {
+    const uint64_t cs = g_.cluster_size;
+    metadata_clusters_.clear();
+    auto add_range = [&](uint64_t offset, uint64_t bytes) {
+        for (uint64_t c = offset / cs; c * cs < offset + bytes; ++c) {
+            metadata_clusters_.insert(c);
+        }
+    };
+    metadata_clusters_.insert(0);
+    add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
+    add_range(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs);
+    if (header_.nb_snapshots != 0) {
+        add_range(header_.snapshots_offset, snapshots_.table_bytes);
+        for (const SnapshotEntry& s : snapshots_.entries) {
+            add_range(s.l1_table_offset, uint64_t{s.l1_size} * 8);
+        }
+    }
+    for (uint64_t e : l1_) {
+        if ((e & kOffsetMask) != 0) {
+            metadata_clusters_.insert((e & kOffsetMask) / cs);
+        }
+    }
+    for (uint64_t e : refcount_table_) {
+        if ((e & ~kRefTableReservedMask) != 0) {
+            metadata_clusters_.insert((e & ~kRefTableReservedMask) / cs);
+        }
+    }
+}
+
+Task<Status> Metadata::prepare_for_writing() {
+    lazy_refcounts_ = (header_.compatible & kCompatLazyRefcounts) != 0;
+    if ((header_.incompatible & kIncompatDirty) != 0) {
+        if (env_.log != nullptr) {
+            env_.log->warn("{}: image is dirty (refcounts may be stale); repairing", name_);
+        }
+        CO_TRY(co_await rebuild_refcounts());
+        repaired_on_open_ = true;
+    }
+    if (header_.version == 3 && header_.autoclear != 0) {
+        // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
+        header_.autoclear = 0;
+        uint8_t zero[8] = {};
+        CO_TRY(co_await write_header_bytes(88, ConstBuf(zero, 8)));
+    }
+    co_return Status{};
+}
+
+// ---- header updates ----
+
+Task<Status> Metadata::write_header_bytes(uint64_t offset, ConstBuf bytes) {
+    CO_TRY(co_await file_->write(offset, bytes));
+    co_return co_await sync();
+}
+
+Task<Status> Metadata::set_incompatible_bit(uint64_t bit, bool on) {
+    if (header_.version < 3) {
+        co_return Status{};  // v2 has no feature bits; the in-memory state is all there is
+    }
+    uint64_t v = on ? (header_.incompatible | bit) : (header_.incompatible & ~bit);
+    uint8_t be[8];
+    store_be64(be, v);
+    CO_TRY(co_await write_header_bytes(72, ConstBuf(be, 8)));
+    header_.incompatible = v;
+    co_return Status{};
+}
+
+Task<Status> Metadata::mark_dirty_for_lazy_refcounts() {
+    // Refcounts may lag behind the tables from now on: the bit must be durable first.
+    CO_TRY(co_await set_incompatible_bit(kIncompatDirty, true));
+    dirty_bit_set_ = true;
+    co_return Status{};
+}
+
+Task<Status> Metadata::set_backing(const std::string& name,
+                                   const std::optional<std::string>& format) {
+    auto guard = co_await lock_.lock();
+    Header h = header_;
+    h.backing_file = name;
+    h.backing_format = name.empty() ? std::nullopt : format;
+    CO_TRY_ASSIGN(std::vector<uint8_t> area, serialize_header(&h));
+    const uint64_t cs = g_.cluster_size;
+    uint64_t old_end = std::max<uint64_t>(header_.backing_file_offset + header_.backing_file_size,
+                                          header_.header_length);
+    uint64_t ext_end = h.backing_file_offset != 0 ? h.backing_file_offset : area.size();
+    if (!name.empty() && cs - name.size() >= std::max(old_end, ext_end) + 8) {
+        // Room in the first cluster past everything the old header uses: write the name there
+        // first, durable, and only then the header that points at it.
+        uint64_t name_at = cs - name.size();
+        CO_TRY(co_await file_->write(
+            name_at, ConstBuf(reinterpret_cast<const uint8_t*>(name.data()), name.size())));
+        CO_TRY(co_await sync());
+        area.resize(ext_end);
+        h.backing_file_offset = name_at;
+        store_be64(area.data() + 8, name_at);
+    }
+    CO_TRY(co_await write_header_bytes(0, area));
+    header_ = std::move(h);
+    co_return Status{};
+}
+
+Task<Error> Metadata::corruption(std::string message) {
+    if (env_.log != nullptr) {
+        env_.log->error("{}: corruption detected: {}{}", name_, message,
+                        options_.read_only || corrupt_ ? "" : "; marking the image corrupt");
+    }
+    if (!options_.read_only && !corrupt_) {
+        corrupt_ = true;
+        // Best effort: the image is unusable for writes either way.
+        (void)co_await set_incompatible_bit(kIncompatCorrupt, true);
+    }
+    co_return make_error(EIO, "{}: {}", name_, message);
+}
+
+Status Metadata::check_data_range(uint64_t host_offset, uint64_t bytes) {
+    for (uint64_t c = host_offset >> g_.cluster_bits; c << g_.cluster_bits < host_offset + bytes;
+         ++c) {
+        if (metadata_clusters_.count(c) != 0) {
+            return make_error(EIO, "data at host offset {:#x} would overlap metadata",
+                              c << g_.cluster_bits);
+        }
+    }
+    return {};
+}
+
+// ---- write-back ordering ----
+
+Task<Status> Metadata::sync() {
+    CO_TRY(co_await file_->flush());
+    // Everything written so far is durable: no COW data is waiting for a flush any more.
+    l2_needs_data_sync_ = false;
+    co_return Status{};
+}
+
+Task<Status> Metadata::write_back_refcounts() {
+    if (dependency_ == Dependency::kRefcountsAfterL2) {
+        // A decrement is waiting for the L2 change that dropped the reference (rule 3).
+        CO_TRY(co_await write_back_l2());
+        CO_TRY(co_await sync());
+        dependency_ = Dependency::kNone;
+    }
+    co_return co_await refblock_cache_.write_dirty(file_);
+}
+
+Task<Status> Metadata::write_back_l2() {
+    if (dependency_ == Dependency::kL2AfterRefcounts) {
+        // L2 entries point at clusters whose refcount increase is still cached (rule 2).
+        CO_TRY(co_await write_back_refcounts());
+        CO_TRY(co_await sync());
+        dependency_ = Dependency::kNone;
+    }
+    if (l2_needs_data_sync_ && l2_cache_.has_dirty()) {
+        CO_TRY(co_await sync());  // COW data before the entries that point at it (rule 1)
+    }
+    co_return co_await l2_cache_.write_dirty(file_);
+}
+
+Task<Status> Metadata::depend_l2_on_refcounts() {
+    if (lazy_refcounts_) {
+        co_return Status{};
+    }
+    if (dependency_ == Dependency::kRefcountsAfterL2) {
+        // The opposite dependency is pending; settle it first so the two never form a cycle.
+        CO_TRY(co_await write_back_l2());
+        CO_TRY(co_await sync());
+    }
+    dependency_ = Dependency::kL2AfterRefcounts;
+    co_return Status{};
+}
+
+Task<Status> Metadata::depend_refcounts_on_l2() {
+    if (lazy_refcounts_) {
+        co_return Status{};
+    }
+    if (dependency_ == Dependency::kL2AfterRefcounts) {
+        CO_TRY(co_await write_back_refcounts());
+        CO_TRY(co_await sync());
+    }
+    dependency_ = Dependency::kRefcountsAfterL2;
+    co_return Status{};
+}
+
+Task<Status> Metadata::trim_caches() {
+    if (l2_cache_.over_capacity()) {
+        CO_TRY(co_await write_back_l2());
+        l2_cache_.shrink();
+    }
+    if (refblock_cache_.over_capacity()) {
+        CO_TRY(co_await write_back_refcounts());
+        refblock_cache_.shrink();
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::punch_freed() {
+    std::vector<uint64_t> candidates;
+    candidates.swap(to_punch_);
+    std::sort(candidates.begin(), candidates.end());
+    for (uint64_t c : candidates) {
+        CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(c));
+        if (rc != 0 || punching_.count(c) != 0) {
+            continue;  // reused meanwhile, or already in progress
+        }
+        // The allocator skips it until the hole is punched, so a punch can never land on a
+        // cluster that was handed out again.
+        punching_.insert(c);
+        Status st = co_await file_->discard(c << g_.cluster_bits, g_.cluster_size);
+        punching_.erase(c);
+        CO_TRY(std::move(st));
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::flush() {
+    auto guard = co_await lock_.lock();
+    if (options_.read_only) {
+        co_return Status{};
+    }
+    CO_TRY(co_await write_back_l2());
+    CO_TRY(co_await write_back_refcounts());
+    CO_TRY(co_await sync());
+    dependency_ = Dependency::kNone;
+    // The tables no longer referencing freed clusters are durable now: punch their holes.
+    CO_TRY(co_await punch_freed());
+    co_return Status{};
+}
+
+Task<Status> Metadata::close() {
+    CO_TRY(co_await flush());
+    if (dirty_bit_set_) {
+        auto guard = co_await lock_.lock();
+        CO_TRY(co_await set_incompatible_bit(kIncompatDirty, false));
+        dirty_bit_set_ = false;
+    }
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

@@ -1,0 +1,250 @@
+// Metadata: the qcow2 mapping core. It answers "where are these guest bytes" (map) and "make
+// room for this write" (plan_write / commit_write) as plans; the caller (Qcow2Node) does the data
+// I/O. Metadata I/O (tables, refcounts, header) goes through the image's storage edge, so tests
+// run it over an in-memory node.
+//
+// Metadata write order (DESIGN.md §3), and where each rule is enforced:
+//  1. Data and copy-on-write data reach the storage before the L2 entry that points at them:
+//     commit_write() runs after the data writes completed; after a COW, l2_needs_data_sync_
+//     makes the next L2 write-back flush the storage first (write_back_l2).
+//  2. Refcount increases are on disk before any table that points at the cluster:
+//     depend_l2_on_refcounts() (write_back_l2 writes and syncs refcounts first); new L2 tables,
+//     refcount blocks and tables are written and synced before the pointer to them.
+//  3. An L2 entry is cleared on disk before the refcount drops: depend_refcounts_on_l2()
+//     (write_back_refcounts writes and syncs L2 tables first). A freed cluster's host hole is
+//     punched only after both are durable, and never while it could be reallocated.
+// With lazy refcounts the dirty bit is set and synced before the first refcount update is
+// allowed to lag (rules 2 and 3 for refcounts are then waived; reopening repairs).
+// Errors fail towards leaked clusters: a cluster is referenced only after its refcount is.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "core/co_mutex.h"
+#include "core/node.h"
+#include "drivers/qcow2/format.h"
+#include "drivers/qcow2/l2_entry.h"
+#include "drivers/qcow2/snapshot_table.h"
+#include "drivers/qcow2/table_cache.h"
+
+namespace imgfs::qcow2 {
+
+struct Options {
+    bool read_only = false;
+    /// Bytes of L2 tables to cache; 0: enough for 64 GiB of guest data (8 MiB at 64 KiB
+    /// clusters), at least 16 tables.
+    uint64_t l2_cache_bytes = 0;
+    /// Bytes of refcount blocks to cache; 0: a quarter of the L2 cache, at least 4 blocks.
+    uint64_t refcount_cache_bytes = 0;
+};
+
+/// Where a run of guest bytes comes from.
+struct ReadExtent {
+    enum class Kind { kZero, kData, kCompressed, kBacking };
+    Kind kind = Kind::kZero;
+    uint64_t bytes = 0;        // run length from the queried offset (> 0)
+    uint64_t host_offset = 0;  // kData: host byte offset of the queried offset
+    CompressedRef compressed{};
+    uint64_t cluster_guest_offset = 0;  // kCompressed: guest offset of the cluster's start
+};
+
+/// What a write needs.
+struct WritePlan {
+    enum class Kind {
+        kInPlace,   // the clusters exist and are ours: write at host_offset, no metadata change
+        kAllocate,  // new host clusters (or unallocated subclusters of an existing one)
+    };
+    Kind kind = Kind::kInPlace;
+    uint64_t guest_offset = 0;  // the part of the request this plan covers
+    uint64_t bytes = 0;
+    uint64_t host_offset = 0;  // host byte offset of guest_offset
+    // kAllocate:
+    uint64_t run_guest_start = 0;  // cluster aligned
+    uint32_t clusters = 0;
+    uint64_t host_start = 0;  // host offset of run_guest_start
+    bool reuse_host = false;  // extended L2: fill subclusters of an existing cluster of ours
+    bool newly_allocated = false;
+    // Guest ranges inside the run that the write does not cover but the new clusters must hold
+    // (the old content: backing data, zeros, decompressed or shared data).
+    uint64_t cow_head_offset = 0;
+    uint64_t cow_head_bytes = 0;
+    uint64_t cow_tail_offset = 0;
+    uint64_t cow_tail_bytes = 0;
+    std::vector<L2Entry> old_entries;  // one per cluster of the run
+};
+
+struct GuestRange {
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+};
+
+enum class DeallocMode {
+    kZero,       // read as zeros afterwards; keep host clusters of ours allocated
+    kZeroUnmap,  // read as zeros afterwards; free host clusters
+    kDiscard,    // content no longer needed (v2 with a backing file: shows the backing)
+};
+
+class RefCounter;
+
+class Metadata {
+  public:
+    /// Reads and validates the header and tables through `file`. On a read-write open, also
+    /// clears unknown autoclear bits and repairs a dirty image.
+    static Task<Result<std::unique_ptr<Metadata>>> open(NodeEnv env, Child* file, std::string name,
+                                                        Options options);
+    Metadata(const Metadata&) = delete;
+    Metadata& operator=(const Metadata&) = delete;
+    ~Metadata();
+
+    [[nodiscard]] const Header& header() const { return header_; }
+    [[nodiscard]] const Geometry& geometry() const { return g_; }
+    [[nodiscard]] uint64_t size() const { return header_.size; }
+    [[nodiscard]] bool read_only() const { return options_.read_only; }
+    /// A detected inconsistency stopped writes to this image.
+    [[nodiscard]] bool corrupt() const { return corrupt_; }
+    [[nodiscard]] bool repaired_on_open() const { return repaired_on_open_; }
+    [[nodiscard]] const SnapshotTable& snapshots() const { return snapshots_; }
+    [[nodiscard]] const TableCache& l2_cache() const { return l2_cache_; }
+
+    /// The first run of [offset, offset + bytes) with one source. offset < size().
+    Task<Result<ReadExtent>> map(uint64_t offset, uint64_t bytes);
+
+    /// Plans the first part of a write of [offset, offset + bytes). The caller holds a tracked
+    /// range over the clusters it touches, which keeps the answer valid. With `allocate` false
+    /// this only classifies (no lock, no allocation). With `allocate` true the caller holds a
+    /// serialising range over the run's clusters, and a kAllocate plan comes with its host
+    /// clusters: the caller writes the data and COW ranges there and calls commit_write, or
+    /// abort_write if the data could not be written.
+    Task<Result<WritePlan>> plan_write(uint64_t offset, uint64_t bytes, bool allocate);
+    Task<Status> commit_write(const WritePlan& plan);
+    Task<void> abort_write(const WritePlan& plan);
+
+    /// Granularity of deallocate(): subclusters with extended L2, else clusters.
+    [[nodiscard]] uint64_t dealloc_granularity() const { return g_.subcluster_size; }
+    /// Whether deallocate(kZero*) can express zeros (v3, or v2 without a backing file).
+    [[nodiscard]] bool can_zero(bool has_backing) const;
+    /// Changes whole granules of [offset, offset + bytes) (aligned to dealloc_granularity()).
+    /// The caller holds a serialising range over the affected clusters. Parts it cannot express
+    /// (part of a compressed cluster) are appended to `fallback` for the caller to write zeros.
+    Task<Status> deallocate(uint64_t offset, uint64_t bytes, DeallocMode mode, bool has_backing,
+                            std::vector<GuestRange>* fallback);
+
+    /// Writes back every cache in dependency order and syncs the storage.
+    Task<Status> flush();
+    /// Grows the virtual size (the L1 table if needed).
+    Task<Status> grow(uint64_t new_size);
+    /// Flushes and, with lazy refcounts, clears the dirty bit.
+    Task<Status> close();
+    /// Rewrites the backing file name and format (new name written before the fields that
+    /// point at it, then synced).
+    Task<Status> set_backing(const std::string& name, const std::optional<std::string>& format);
+
+    /// Refuses (EIO, marking the image corrupt) a host range that overlaps metadata.
+    Status check_data_range(uint64_t host_offset, uint64_t bytes);
+    /// Reports an inconsistency: logs it, and on a writable image sets the corrupt bit and
+    /// stops further writes. Returns the EIO error to give the request.
+    Task<Error> corruption(std::string message);
+
+    // Statistics for info and tests.
+    [[nodiscard]] uint64_t allocated_clusters_hint() const { return end_cluster_; }
+
+  private:
+    Metadata(NodeEnv env, Child* file, std::string name, Options options);
+
+    // ---- open (metadata.cc) ----
+    Task<Status> load();
+    Task<Status> load_tables();
+    Task<Status> prepare_for_writing();
+    void build_metadata_index();
+    // ---- repair (repair.cc) ----
+    Task<Status> rebuild_refcounts();
+    Task<Status> count_l2_references(uint64_t l2_offset, RefCounter* counter);
+    Task<Status> write_new_refcounts(RefCounter* counter);
+    Task<Status> fix_copied_flags(RefCounter* counter);
+
+    // ---- header updates (metadata.cc) ----
+    Task<Status> write_header_bytes(uint64_t offset, ConstBuf bytes);
+    Task<Status> set_incompatible_bit(uint64_t bit, bool on);
+    Task<Status> mark_dirty_for_lazy_refcounts();
+
+    // ---- write-back ordering (metadata.cc) ----
+    Task<Status> sync();
+    Task<Status> write_back_l2();
+    Task<Status> write_back_refcounts();
+    Task<Status> depend_l2_on_refcounts();
+    Task<Status> depend_refcounts_on_l2();
+    Task<Status> trim_caches();
+    Task<Status> punch_freed();
+
+    // ---- tables (metadata_tables.cc) ----
+    /// The L2 table for l1_index, or an empty Ref if unallocated.
+    Task<Result<TableCache::Ref>> l2_for_read(uint64_t l1_index);
+    /// The L2 table for l1_index, allocated or copied (if shared) so it can be changed.
+    Task<Result<TableCache::Ref>> l2_for_write(uint64_t l1_index);
+    Task<Status> write_l1_entry(uint64_t l1_index);
+    Task<Result<TableCache::Ref>> allocate_l2(uint64_t l1_index);
+    Task<Result<TableCache::Ref>> copy_shared_l2(uint64_t l1_index);
+    Status check_l1_entry(uint64_t l1_index, uint64_t entry);
+
+    // ---- refcounts and allocation (metadata_refcount.cc) ----
+    Task<Result<uint64_t>> get_refcount(uint64_t cluster);
+    Task<Status> update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed);
+    Task<Result<uint64_t>> alloc_clusters(uint64_t count);
+    Task<Status> free_clusters(uint64_t host_offset, uint64_t count, bool punch);
+    Task<Status> free_entry_clusters(const L2Entry& e, bool punch);
+    Task<Status> ensure_refblock(uint64_t table_index, uint64_t cluster);
+    Task<Status> grow_refcount_table(uint64_t min_entries);
+    Task<Status> write_refcount_table_entry(uint64_t index);
+    static uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index);
+    static void store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value);
+
+    // ---- mapping (metadata_map.cc) ----
+    Task<Status> link_clusters(const WritePlan& plan);
+    L2Entry new_entry_for(const WritePlan& plan, uint32_t i, const L2Entry& old) const;
+    Task<Status> deallocate_in_table(uint64_t offset, uint64_t bytes, DeallocMode mode,
+                                     bool has_backing, std::vector<GuestRange>* fallback);
+    L2Entry deallocated_entry(const L2Entry& old, uint64_t from, uint64_t to, DeallocMode mode,
+                              bool has_backing, bool* free_old) const;
+    Result<WritePlan> plan_in_table(const uint8_t* table, uint64_t offset, uint64_t bytes);
+
+    NodeEnv env_;
+    Child* file_;
+    std::string name_;
+    Options options_;
+    Header header_;
+    Geometry g_;
+    SnapshotTable snapshots_;
+
+    std::vector<uint64_t> l1_;              // active L1 table, host byte order
+    std::vector<uint64_t> refcount_table_;  // host byte order
+    TableCache l2_cache_;
+    TableCache refblock_cache_;
+    // Serialises every metadata change and write-back. Lookups of cached tables don't take it.
+    CoMutex lock_;
+
+    enum class Dependency { kNone, kL2AfterRefcounts, kRefcountsAfterL2 };
+    Dependency dependency_ = Dependency::kNone;
+    bool l2_needs_data_sync_ = false;
+    bool lazy_refcounts_ = false;
+    bool dirty_bit_set_ = false;
+    bool corrupt_ = false;
+    bool repaired_on_open_ = false;
+
+    // Allocation state.
+    uint64_t free_hint_ = 0;    // no free cluster below this index
+    uint64_t end_cluster_ = 0;  // first cluster index past everything allocated
+    // Clusters whose refcount dropped to 0 and whose host range should be punched once the
+    // metadata no longer pointing at them is durable; and those being punched right now, which
+    // the allocator must skip.
+    std::vector<uint64_t> to_punch_;
+    std::set<uint64_t> punching_;
+    // Host clusters holding active metadata, for the overlap check on data writes.
+    std::unordered_set<uint64_t> metadata_clusters_;
+};
+
+}  // namespace imgfs::qcow2

@@ -1,0 +1,285 @@
+// Metadata: refcounts, the cluster allocator and growth of the refcount structure.
+//
+// New refcount blocks always describe themselves (a block lies in the range it covers and counts
+// itself), so no allocation ever needs a refcount block that does not exist yet. The refcount
+// table grows by writing a bigger copy past the end of the image, with self-describing blocks
+// for the range it lands in, and switching the header to it in one write.
+#include <algorithm>
+#include <cassert>
+
+#include "drivers/qcow2/metadata.h"
+
+namespace imgfs::qcow2 {
+
+uint64_t Metadata::load_refcount(const Geometry& g, const uint8_t* block, uint64_t index) {
+    switch (g.refcount_order) {
+        case 0:
+        case 1:
+        case 2: {
+            uint32_t bits = g.refcount_bits;
+            uint32_t per_byte = 8 / bits;
+            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
+            return (block[index / per_byte] >> shift) & ((1U << bits) - 1);
+        }
+        case 3:
+            return block[index];
+        case 4:
+            return load_be16(block + index * 2);
+        case 5:
+            return load_be32(block + index * 4);
+        default:
+            return load_be64(block + index * 8);
+    }
+}
+
+void Metadata::store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value) {
+    switch (g.refcount_order) {
+        case 0:
+        case 1:
+        case 2: {
+            uint32_t bits = g.refcount_bits;
+            uint32_t per_byte = 8 / bits;
+            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
+            uint8_t mask = static_cast<uint8_t>(((1U << bits) - 1) << shift);
+            uint8_t& b = block[index / per_byte];
+            b = static_cast<uint8_t>((b & ~mask) | ((value << shift) & mask));
+            break;
+        }
+        case 3:
+            block[index] = static_cast<uint8_t>(value);
+            break;
+        case 4:
+            store_be16(block + index * 2, static_cast<uint16_t>(value));
+            break;
+        case 5:
+            store_be32(block + index * 4, static_cast<uint32_t>(value));
+            break;
+        default:
+            store_be64(block + index * 8, value);
+            break;
+    }
+}
+
+Task<Result<uint64_t>> Metadata::get_refcount(uint64_t cluster) {
+    uint64_t ri = cluster / g_.refblock_entries;
+    if (ri >= refcount_table_.size()) {
+        co_return uint64_t{0};
+    }
+    uint64_t entry = refcount_table_[ri];
+    uint64_t block = entry & ~kRefTableReservedMask;
+    if (block == 0) {
+        co_return uint64_t{0};
+    }
+    if ((entry & kRefTableReservedMask) != 0 || (block & (g_.cluster_size - 1)) != 0 ||
+        block + g_.cluster_size > file_->node()->size()) {
+        co_return co_await corruption(fmt::format(
+            "refcount table entry {} ({:#x}) is invalid or beyond the end of the file", ri, entry));
+    }
+    CO_TRY_ASSIGN(TableCache::Ref ref, co_await refblock_cache_.get(file_, block));
+    co_return load_refcount(g_, ref.data(), cluster % g_.refblock_entries);
+}
+
+Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed) {
+    if (lazy_refcounts_ && !dirty_bit_set_) {
+        CO_TRY(co_await mark_dirty_for_lazy_refcounts());
+    }
+    uint64_t ri = cluster / g_.refblock_entries;
+    uint64_t block = ri < refcount_table_.size() ? refcount_table_[ri] & ~kRefTableReservedMask : 0;
+    if (block == 0) {
+        co_return co_await corruption(
+            fmt::format("cluster {:#x} has no refcount block", cluster << g_.cluster_bits));
+    }
+    CO_TRY_ASSIGN(uint64_t old, co_await get_refcount(cluster));  // validates the block
+    CO_TRY_ASSIGN(TableCache::Ref ref, co_await refblock_cache_.get(file_, block));
+    uint64_t updated = old + static_cast<uint64_t>(delta);
+    if ((delta < 0 && old < static_cast<uint64_t>(-delta)) ||
+        (delta > 0 && (updated < old || updated > g_.refcount_max))) {
+        co_return co_await corruption(fmt::format("refcount of cluster {:#x} would go from {} {}",
+                                                  cluster << g_.cluster_bits, old,
+                                                  delta < 0 ? "below 0" : "beyond its maximum"));
+    }
+    store_refcount(g_, ref.data(), cluster % g_.refblock_entries, updated);
+    refblock_cache_.mark_dirty(ref);
+    if (updated == 0) {
+        free_hint_ = std::min(free_hint_, cluster);
+        metadata_clusters_.erase(cluster);
+        if (punch_if_freed) {
+            to_punch_.push_back(cluster);
+        }
+    }
+    co_return Status{};
+}
+
+Task<Result<uint64_t>> Metadata::alloc_clusters(uint64_t count) {
+    assert(count > 0);
+    const uint64_t entries = g_.refblock_entries;
+    const uint64_t hint = free_hint_;
+    uint64_t start = hint;
+    uint64_t idx = start;
+    while (idx - start < count) {
+        uint64_t ri = idx / entries;
+        if (ri >= refcount_table_.size()) {
+            CO_TRY(co_await grow_refcount_table(ri + 1));
+            continue;  // the new table may occupy idx: look again
+        }
+        if ((refcount_table_[ri] & ~kRefTableReservedMask) == 0) {
+            // Nothing in this range is in use (it has no counts): its first candidate becomes
+            // the range's own refcount block.
+            CO_TRY(co_await ensure_refblock(ri, idx));
+            start = idx = idx + 1;
+            continue;
+        }
+        if (punching_.count(idx) != 0) {
+            start = idx = idx + 1;
+            continue;
+        }
+        CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
+        if (rc != 0) {
+            start = idx = idx + 1;
+            continue;
+        }
+        ++idx;
+    }
+    if (start == hint && free_hint_ == hint) {
+        free_hint_ = start + count;  // a shorter free run skipped on the way stays findable
+    }
+    for (uint64_t c = start; c < start + count; ++c) {
+        CO_TRY(co_await update_refcount(c, 1, false));
+    }
+    end_cluster_ = std::max(end_cluster_, start + count);
+    co_return start << g_.cluster_bits;
+}
+
+Task<Status> Metadata::free_clusters(uint64_t host_offset, uint64_t count, bool punch) {
+    uint64_t first = host_offset >> g_.cluster_bits;
+    for (uint64_t c = first; c < first + count; ++c) {
+        CO_TRY(co_await update_refcount(c, -1, punch));
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::free_entry_clusters(const L2Entry& e, bool punch) {
+    if (e.compressed()) {
+        CompressedRef c = decode_compressed(g_, e.word);
+        uint64_t first = 0;
+        uint64_t last = 0;
+        compressed_clusters(g_, c, &first, &last);
+        for (uint64_t i = first; i <= last; ++i) {
+            // Compressed clusters share host clusters; a shared one is never punched.
+            CO_TRY(co_await update_refcount(i, -1, false));
+        }
+        co_return Status{};
+    }
+    if (e.host_offset() != 0) {
+        co_return co_await free_clusters(e.host_offset(), 1, punch);
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::write_refcount_table_entry(uint64_t index) {
+    uint8_t be[8];
+    store_be64(be, refcount_table_[index]);
+    co_return co_await file_->write(header_.refcount_table_offset + index * 8, ConstBuf(be, 8));
+}
+
+Task<Status> Metadata::ensure_refblock(uint64_t table_index, uint64_t cluster) {
+    assert(cluster / g_.refblock_entries == table_index);
+    AlignedBuffer block = AlignedBuffer::zeroed(g_.cluster_size);
+    store_refcount(g_, block.data(), cluster % g_.refblock_entries, 1);
+    // The block (counting itself) must be durable before the table points at it.
+    CO_TRY(co_await file_->write(cluster << g_.cluster_bits, block.span()));
+    CO_TRY(co_await sync());
+    refcount_table_[table_index] = cluster << g_.cluster_bits;
+    CO_TRY(co_await write_refcount_table_entry(table_index));
+    metadata_clusters_.insert(cluster);
+    end_cluster_ = std::max(end_cluster_, cluster + 1);
+    co_return Status{};
+}
+
+Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
+    const uint64_t cs = g_.cluster_size;
+    const uint64_t per_cluster = cs / 8;
+    const uint64_t entries = g_.refblock_entries;
+    uint64_t new_entries = std::max<uint64_t>(min_entries, refcount_table_.size() * 2);
+    uint64_t start = end_cluster_;
+    uint64_t table_clusters = 0;
+    std::vector<uint64_t> new_ranges;  // ranges that get a new self-describing block
+    for (;;) {
+        new_entries = (new_entries + per_cluster - 1) / per_cluster * per_cluster;
+        table_clusters = new_entries / per_cluster;
+        // Blocks needed for the ranges the new table and blocks land in; placing blocks can
+        // reach into one more range, so iterate to a fixed point.
+        new_ranges.clear();
+        for (;;) {
+            uint64_t end = start + table_clusters + new_ranges.size();
+            std::vector<uint64_t> need;
+            for (uint64_t r = start / entries; r <= (end - 1) / entries; ++r) {
+                if (r >= refcount_table_.size() ||
+                    (refcount_table_[r] & ~kRefTableReservedMask) == 0) {
+                    need.push_back(r);
+                }
+            }
+            if (need.size() == new_ranges.size()) {
+                break;
+            }
+            new_ranges = std::move(need);
+        }
+        uint64_t last_range = (start + table_clusters + new_ranges.size() - 1) / entries;
+        if (last_range < new_entries && uint64_t{table_clusters} * cs <= kMaxRefcountTableBytes) {
+            break;
+        }
+        if (uint64_t{table_clusters} * cs > kMaxRefcountTableBytes) {
+            co_return make_error(EFBIG, "{}: the refcount table would exceed {} bytes", name_,
+                                 kMaxRefcountTableBytes);
+        }
+        new_entries = last_range + 1;
+    }
+    const uint64_t blocks_start = start + table_clusters;
+    const uint64_t area_end = blocks_start + new_ranges.size();
+    std::vector<uint64_t> table(new_entries, 0);
+    std::copy(refcount_table_.begin(), refcount_table_.end(), table.begin());
+    AlignedBuffer blocks = AlignedBuffer::zeroed(std::max<uint64_t>(new_ranges.size(), 1) * cs);
+    for (size_t j = 0; j < new_ranges.size(); ++j) {
+        table[new_ranges[j]] = (blocks_start + j) << g_.cluster_bits;
+    }
+    for (uint64_t c = start; c < area_end; ++c) {
+        auto it = std::find(new_ranges.begin(), new_ranges.end(), c / entries);
+        if (it != new_ranges.end()) {
+            size_t j = static_cast<size_t>(it - new_ranges.begin());
+            store_refcount(g_, blocks.data() + j * cs, c % entries, 1);
+        } else {
+            CO_TRY(co_await update_refcount(c, 1, false));  // an existing block covers it
+        }
+    }
+    // New blocks and table, and the counts for them in existing blocks, all durable...
+    if (!new_ranges.empty()) {
+        CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
+                                     ConstBuf(blocks.data(), new_ranges.size() * cs)));
+    }
+    AlignedBuffer table_buf = AlignedBuffer::zeroed(table_clusters * cs);
+    for (size_t i = 0; i < table.size(); ++i) {
+        store_be64(table_buf.data() + i * 8, table[i]);
+    }
+    CO_TRY(co_await file_->write(start << g_.cluster_bits, table_buf.span()));
+    CO_TRY(co_await write_back_refcounts());
+    CO_TRY(co_await sync());
+    // ...before one header write switches to them.
+    uint8_t fields[12];
+    store_be64(fields, start << g_.cluster_bits);
+    store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
+    CO_TRY(co_await write_header_bytes(48, ConstBuf(fields, 12)));
+    uint64_t old_offset = header_.refcount_table_offset;
+    uint64_t old_clusters = header_.refcount_table_clusters;
+    header_.refcount_table_offset = start << g_.cluster_bits;
+    header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+    refcount_table_ = std::move(table);
+    end_cluster_ = std::max(end_cluster_, area_end);
+    for (uint64_t c = start; c < area_end; ++c) {
+        metadata_clusters_.insert(c);
+    }
+    // The old table is referenced by nothing now.
+    CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

@@ -1,0 +1,167 @@
+// Metadata: the L1 table and access to L2 tables (allocation, and copy-on-write of L2 tables
+// shared with internal snapshots).
+#include <cstring>
+
+#include "drivers/qcow2/metadata.h"
+
+namespace imgfs::qcow2 {
+
+Status Metadata::check_l1_entry(uint64_t l1_index, uint64_t entry) {
+    uint64_t off = entry & kOffsetMask;
+    if ((entry & kL1ReservedMask) != 0) {
+        return make_error(EIO, "L1 entry {} ({:#x}) has reserved bits set", l1_index, entry);
+    }
+    if ((off & (g_.cluster_size - 1)) != 0) {
+        return make_error(EIO, "L1 entry {}: L2 table offset {:#x} is not cluster aligned",
+                          l1_index, off);
+    }
+    if (off + g_.cluster_size > file_->node()->size()) {
+        return make_error(EIO, "L1 entry {}: L2 table at {:#x} is beyond the end of the file",
+                          l1_index, off);
+    }
+    if (off < g_.cluster_size) {
+        return make_error(EIO, "L1 entry {}: L2 table at {:#x} overlaps the header", l1_index, off);
+    }
+    return {};
+}
+
+Task<Result<TableCache::Ref>> Metadata::l2_for_read(uint64_t l1_index) {
+    if (l1_index >= l1_.size()) {
+        co_return TableCache::Ref();
+    }
+    uint64_t entry = l1_[l1_index];
+    uint64_t off = entry & kOffsetMask;
+    if (off == 0) {
+        if ((entry & kL1ReservedMask) != 0) {
+            co_return co_await corruption(
+                fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index, entry));
+        }
+        co_return TableCache::Ref();
+    }
+    if (TableCache::Ref ref = l2_cache_.lookup(off)) {
+        co_return ref;  // the hot path: no checks needed for a table already validated
+    }
+    if (Status st = check_l1_entry(l1_index, entry); !st) {
+        co_return co_await corruption(st.error().context);
+    }
+    co_return co_await l2_cache_.get(file_, off);
+}
+
+Task<Status> Metadata::write_l1_entry(uint64_t l1_index) {
+    uint8_t be[8];
+    store_be64(be, l1_[l1_index]);
+    co_return co_await file_->write(header_.l1_table_offset + l1_index * 8, ConstBuf(be, 8));
+}
+
+Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
+    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(1));
+    // The new (empty) table and its refcount must be durable before the L1 entry points at it.
+    CO_TRY(co_await file_->write_zeroes(host, g_.cluster_size, false));
+    if (!lazy_refcounts_) {
+        CO_TRY(co_await write_back_refcounts());
+    }
+    CO_TRY(co_await sync());
+    l1_[l1_index] = host | kOflagCopied;
+    CO_TRY(co_await write_l1_entry(l1_index));
+    metadata_clusters_.insert(host >> g_.cluster_bits);
+    co_return co_await l2_cache_.get(file_, host);
+}
+
+Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
+    uint64_t old = l1_[l1_index] & kOffsetMask;
+    CO_TRY_ASSIGN(TableCache::Ref old_ref, co_await l2_cache_.get(file_, old));
+    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(1));
+    // The data clusters it references keep their counts: the snapshot's table still references
+    // them, and now ours does too instead of sharing one table.
+    AlignedBuffer copy(g_.cluster_size);
+    std::memcpy(copy.data(), old_ref.data(), g_.cluster_size);
+    old_ref.reset();
+    CO_TRY(co_await file_->write(host, copy.span()));
+    if (!lazy_refcounts_) {
+        CO_TRY(co_await write_back_refcounts());
+    }
+    CO_TRY(co_await sync());
+    l1_[l1_index] = host | kOflagCopied;
+    CO_TRY(co_await write_l1_entry(l1_index));
+    CO_TRY(co_await sync());
+    metadata_clusters_.insert(host >> g_.cluster_bits);
+    // The active L1 no longer references the old table (durable above).
+    CO_TRY(co_await update_refcount(old >> g_.cluster_bits, -1, false));
+    co_return co_await l2_cache_.get(file_, host);
+}
+
+Task<Result<TableCache::Ref>> Metadata::l2_for_write(uint64_t l1_index) {
+    if (l1_index >= l1_.size()) {
+        co_return make_error(EINVAL, "{}: guest offset beyond the L1 table", name_);
+    }
+    uint64_t entry = l1_[l1_index];
+    uint64_t off = entry & kOffsetMask;
+    if (off == 0) {
+        co_return co_await allocate_l2(l1_index);
+    }
+    if (Status st = check_l1_entry(l1_index, entry); !st) {
+        co_return co_await corruption(st.error().context);
+    }
+    if ((entry & kOflagCopied) == 0) {
+        co_return co_await copy_shared_l2(l1_index);
+    }
+    co_return co_await l2_cache_.get(file_, off);
+}
+
+Task<Status> Metadata::grow(uint64_t new_size) {
+    auto guard = co_await lock_.lock();
+    if (new_size < header_.size) {
+        co_return make_error(ENOTSUP, "{}: shrinking a qcow2 image is not supported", name_);
+    }
+    if (new_size == header_.size) {
+        co_return Status{};
+    }
+    if (new_size > (uint64_t{1} << 62)) {
+        co_return make_error(EFBIG, "{}: size {} is too large", name_, new_size);
+    }
+    uint64_t need = g_.l1_entries_for(new_size);
+    if (need > kMaxL1Bytes / 8) {
+        co_return make_error(EFBIG, "{}: size {} needs an L1 table beyond {} bytes", name_,
+                             new_size, kMaxL1Bytes);
+    }
+    uint8_t fields[24];
+    if (need <= l1_.size()) {
+        store_be64(fields, new_size);
+        CO_TRY(co_await write_header_bytes(24, ConstBuf(fields, 8)));
+        header_.size = new_size;
+        co_return Status{};
+    }
+    // A bigger L1 table: written and durable (with its refcounts) before the header switch.
+    uint64_t clusters = (need * 8 + g_.cluster_size - 1) >> g_.cluster_bits;
+    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(clusters));
+    AlignedBuffer table = AlignedBuffer::zeroed(clusters << g_.cluster_bits);
+    for (size_t i = 0; i < l1_.size(); ++i) {
+        store_be64(table.data() + i * 8, l1_[i]);
+    }
+    CO_TRY(co_await file_->write(host, table.span()));
+    if (!lazy_refcounts_) {
+        CO_TRY(co_await write_back_refcounts());
+    }
+    CO_TRY(co_await sync());
+    store_be64(fields, new_size);
+    store_be32(fields + 8, header_.crypt_method);
+    store_be32(fields + 12, static_cast<uint32_t>(need));
+    store_be64(fields + 16, host);
+    CO_TRY(co_await write_header_bytes(24, ConstBuf(fields, 24)));
+    uint64_t old_offset = header_.l1_table_offset;
+    uint64_t old_clusters =
+        (uint64_t{header_.l1_size} * 8 + g_.cluster_size - 1) >> g_.cluster_bits;
+    header_.size = new_size;
+    header_.l1_size = static_cast<uint32_t>(need);
+    header_.l1_table_offset = host;
+    l1_.resize(need, 0);
+    for (uint64_t c = 0; c < clusters; ++c) {
+        metadata_clusters_.insert((host >> g_.cluster_bits) + c);
+    }
+    if (old_clusters > 0) {
+        CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
+    }
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

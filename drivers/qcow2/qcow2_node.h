@@ -1,0 +1,84 @@
+// qcow2: the format driver. Glue only: the mapping core (Metadata) says where bytes are and
+// plans allocations; this node does the data I/O, copy-on-write, decompression and backing reads,
+// and serialises writes that allocate.
+//
+// Concurrency: every write holds a tracked range over the guest clusters it touches, in
+// alloc_lock_. Writes that only rewrite clusters in place hold it non-serialising; writes that
+// allocate, and zeroing or discarding, hold it serialising. So two writes to the same unallocated
+// cluster never both allocate, and no cluster is freed or replaced under an in-place write.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "core/node.h"
+#include "core/range_lock.h"
+#include "drivers/qcow2/metadata.h"
+
+namespace imgfs {
+
+class Transaction;
+
+class Qcow2Node final : public Node {
+  public:
+    /// Creates the node with `file` as its storage (in `tx`). After the transaction commits,
+    /// load() reads the image; nothing else may be called before it succeeds.
+    static std::shared_ptr<Qcow2Node> create(NodeEnv env, std::string name, Transaction* tx,
+                                             std::shared_ptr<Node> file, qcow2::Options options);
+    Qcow2Node(NodeEnv env, std::string name, qcow2::Options options);
+    ~Qcow2Node() override;
+
+    Task<Status> load();
+
+    [[nodiscard]] const char* driver_name() const override { return "qcow2"; }
+    [[nodiscard]] const qcow2::Header& header() const { return meta_->header(); }
+    [[nodiscard]] qcow2::Metadata* metadata() const { return meta_.get(); }
+    /// The backing file name as the header records it (empty: none).
+    [[nodiscard]] const std::string& backing_file_name() const {
+        return meta_->header().backing_file;
+    }
+    [[nodiscard]] std::optional<std::string> backing_format() const {
+        return meta_->header().backing_format;
+    }
+
+    /// Rewrites the header's backing file name and format (jobs: after a commit or stream).
+    Task<Status> set_backing_name(const std::string& name,
+                                  const std::optional<std::string>& format);
+
+    void describe(JsonWriter* out) const override;
+    void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
+                    Perms* shared) const override;
+
+  protected:
+    Task<Status> do_read(uint64_t offset, MutBuf buf) override;
+    Task<Status> do_write(uint64_t offset, ConstBuf buf) override;
+    Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) override;
+    Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_flush() override;
+    Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_truncate(uint64_t new_size) override;
+    Task<Status> do_close() override;
+
+  private:
+    /// This layer's content (with backing data where it has none); zeros past the end.
+    Task<Status> read_guest(uint64_t offset, MutBuf buf);
+    Task<Status> read_compressed(const qcow2::ReadExtent& x, uint64_t offset, MutBuf buf);
+    Task<Status> read_backing(uint64_t offset, MutBuf buf);
+    /// Writes one piece within a single L2 table.
+    Task<Result<uint64_t>> write_piece(uint64_t offset, ConstBuf buf);
+    Task<Status> write_allocated(const qcow2::WritePlan& plan, ConstBuf data);
+    Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes);
+    Task<Status> deallocate(uint64_t offset, uint64_t bytes, qcow2::DeallocMode mode);
+    Task<Status> check_in_place(const qcow2::WritePlan& plan);
+
+    qcow2::Options options_;
+    std::unique_ptr<qcow2::Metadata> meta_;
+    RangeLock alloc_lock_;  // guest byte ranges
+    // The last cluster decompressed, so sequential small reads decompress it once.
+    uint64_t decompressed_host_ = 0;
+    uint64_t decompressed_bytes_ = 0;
+    AlignedBuffer decompressed_;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,221 @@
+// Metadata: repair of a dirty image (lazy refcounts left stale by a crash). The references are
+// counted from the tables (the active L1 and every snapshot's), a complete new refcount
+// structure is written past the end of the image, and one header write switches to it. A crash
+// in the middle leaves the old structure in force and the image still dirty, so the next open
+// repairs again. Afterwards the COPIED flags of the active tables are made to match.
+#include <algorithm>
+#include <cstring>
+
+#include "core/log.h"
+#include "drivers/qcow2/metadata.h"
+
+namespace imgfs::qcow2 {
+
+namespace {
+// The most clusters a repair will count in memory (4 bytes each).
+constexpr uint64_t kMaxRepairClusters = 1ULL << 27;
+}  // namespace
+
+// References per host cluster, counted from the tables.
+class RefCounter {
+  public:
+    RefCounter(const Geometry& g, uint64_t file_size) : g_(g) {
+        refs_.resize((file_size + g.cluster_size - 1) >> g.cluster_bits, 0);
+    }
+    // Counts one reference to every cluster of [offset, offset + bytes).
+    Status add(uint64_t offset, uint64_t bytes, const char* what) {
+        if (bytes == 0) {
+            return {};
+        }
+        uint64_t first = offset >> g_.cluster_bits;
+        uint64_t last = (offset + bytes - 1) >> g_.cluster_bits;
+        if (last >= kMaxRepairClusters) {
+            return make_error(EFBIG, "{} at {:#x} lies too far beyond the image to repair", what,
+                              offset);
+        }
+        if (last >= refs_.size()) {
+            refs_.resize(last + 1, 0);
+        }
+        for (uint64_t c = first; c <= last; ++c) {
+            ++refs_[c];
+        }
+        return {};
+    }
+    [[nodiscard]] uint64_t get(uint64_t cluster) const {
+        return cluster < refs_.size() ? refs_[cluster] : 0;
+    }
+    [[nodiscard]] uint64_t clusters() const { return refs_.size(); }
+    void set(uint64_t cluster, uint32_t v) {
+        if (cluster >= refs_.size()) {
+            refs_.resize(cluster + 1, 0);
+        }
+        refs_[cluster] = v;
+    }
+
+  private:
+    const Geometry& g_;
+    std::vector<uint32_t> refs_;
+};
+
+Task<Status> Metadata::count_l2_references(uint64_t l2_offset, RefCounter* counter) {
+    const uint64_t cs = g_.cluster_size;
+    if ((l2_offset & (cs - 1)) != 0 || l2_offset + cs > file_->node()->size()) {
+        co_return make_error(EIO, "L2 table at {:#x} is misaligned or beyond the end", l2_offset);
+    }
+    CO_TRY(counter->add(l2_offset, cs, "L2 table"));
+    AlignedBuffer table(cs);
+    CO_TRY(co_await file_->read(l2_offset, table.span()));
+    for (uint64_t i = 0; i < g_.l2_entries; ++i) {
+        L2Entry e = load_l2(g_, table.data(), i);
+        if (e.unallocated()) {
+            continue;
+        }
+        if (const char* problem = l2_entry_problem(g_, e)) {
+            co_return make_error(EIO, "L2 table at {:#x} entry {}: {}", l2_offset, i, problem);
+        }
+        if (e.compressed()) {
+            CompressedRef c = decode_compressed(g_, e.word);
+            CO_TRY(counter->add(c.host_offset, c.bytes, "compressed cluster"));
+        } else if (e.host_offset() != 0) {
+            CO_TRY(counter->add(e.host_offset(), cs, "data cluster"));
+        }
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::rebuild_refcounts() {
+    const uint64_t cs = g_.cluster_size;
+    RefCounter counter(g_, file_->node()->size());
+    CO_TRY(counter.add(0, cs, "header"));
+    CO_TRY(counter.add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table"));
+    for (uint64_t e : l1_) {
+        if ((e & kOffsetMask) != 0) {
+            CO_TRY(co_await count_l2_references(e & kOffsetMask, &counter));
+        }
+    }
+    if (header_.nb_snapshots != 0) {
+        CO_TRY(counter.add(header_.snapshots_offset, snapshots_.table_bytes, "snapshot table"));
+        for (const SnapshotEntry& s : snapshots_.entries) {
+            CO_TRY(counter.add(s.l1_table_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table"));
+            std::vector<uint8_t> l1(uint64_t{s.l1_size} * 8);
+            CO_TRY(co_await file_->read(s.l1_table_offset, l1));
+            for (uint32_t i = 0; i < s.l1_size; ++i) {
+                uint64_t off = load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask;
+                if (off != 0) {
+                    CO_TRY(co_await count_l2_references(off, &counter));
+                }
+            }
+        }
+    }
+    CO_TRY(co_await write_new_refcounts(&counter));
+    CO_TRY(co_await fix_copied_flags(&counter));
+    CO_TRY(co_await sync());
+    CO_TRY(co_await set_incompatible_bit(kIncompatDirty, false));
+    if (env_.log != nullptr) {
+        env_.log->info("{}: refcounts rebuilt ({} clusters)", name_, counter.clusters());
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::write_new_refcounts(RefCounter* counter) {
+    const uint64_t cs = g_.cluster_size;
+    const uint64_t per_block = g_.refblock_entries;
+    // The new structure goes past everything referenced: table first, then one block for
+    // every range up to its own end. Its size depends on where it ends, so iterate.
+    const uint64_t start = counter->clusters();
+    uint64_t table_clusters = 1;
+    uint64_t blocks = 0;
+    for (;;) {
+        uint64_t total = start + table_clusters + blocks;
+        uint64_t need_blocks = (total + per_block - 1) / per_block;
+        uint64_t need_table = (need_blocks * 8 + cs - 1) / cs;
+        if (need_blocks == blocks && need_table == table_clusters) {
+            break;
+        }
+        blocks = need_blocks;
+        table_clusters = need_table;
+    }
+    if (table_clusters * cs > kMaxRefcountTableBytes) {
+        co_return make_error(EFBIG, "{}: the rebuilt refcount table would be too large", name_);
+    }
+    const uint64_t blocks_start = start + table_clusters;
+    for (uint64_t c = start; c < blocks_start + blocks; ++c) {
+        counter->set(c, 1);
+    }
+    AlignedBuffer table = AlignedBuffer::zeroed(table_clusters * cs);
+    AlignedBuffer block(cs);
+    for (uint64_t b = 0; b < blocks; ++b) {
+        std::memset(block.data(), 0, cs);
+        for (uint64_t i = 0; i < per_block; ++i) {
+            uint64_t v = counter->get(b * per_block + i);
+            if (v > g_.refcount_max) {
+                co_return make_error(EOVERFLOW,
+                                     "{}: cluster {} has {} references, more than {} "
+                                     "refcount bits hold",
+                                     name_, b * per_block + i, v, g_.refcount_bits);
+            }
+            store_refcount(g_, block.data(), i, v);
+        }
+        CO_TRY(co_await file_->write((blocks_start + b) * cs, block.span()));
+        store_be64(table.data() + b * 8, (blocks_start + b) * cs);
+    }
+    CO_TRY(co_await file_->write(start * cs, table.span()));
+    CO_TRY(co_await sync());
+    uint8_t fields[12];
+    store_be64(fields, start * cs);
+    store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
+    CO_TRY(co_await write_header_bytes(48, ConstBuf(fields, 12)));
+    header_.refcount_table_offset = start * cs;
+    header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+    refcount_table_.assign(table_clusters * cs / 8, 0);
+    for (uint64_t b = 0; b < blocks; ++b) {
+        refcount_table_[b] = (blocks_start + b) * cs;
+    }
+    refblock_cache_.clear();
+    end_cluster_ = blocks_start + blocks;
+    free_hint_ = 0;
+    build_metadata_index();
+    co_return Status{};
+}
+
+Task<Status> Metadata::fix_copied_flags(RefCounter* counter) {
+    const uint64_t cs = g_.cluster_size;
+    l2_cache_.clear();
+    for (uint64_t i = 0; i < l1_.size(); ++i) {
+        uint64_t off = l1_[i] & kOffsetMask;
+        if (off == 0) {
+            continue;
+        }
+        bool sole = counter->get(off / cs) == 1;
+        uint64_t want = off | (sole ? kOflagCopied : 0);
+        if (want != l1_[i]) {
+            l1_[i] = want;
+            CO_TRY(co_await write_l1_entry(i));
+        }
+        if (!sole) {
+            continue;  // a table shared with a snapshot keeps its entries as they are
+        }
+        AlignedBuffer table(cs);
+        CO_TRY(co_await file_->read(off, table.span()));
+        bool changed = false;
+        for (uint64_t j = 0; j < g_.l2_entries; ++j) {
+            L2Entry e = load_l2(g_, table.data(), j);
+            if (e.compressed() || e.host_offset() == 0) {
+                continue;
+            }
+            bool copied = counter->get(e.host_offset() / cs) == 1;
+            uint64_t w = copied ? (e.word | kOflagCopied) : (e.word & ~kOflagCopied);
+            if (w != e.word) {
+                e.word = w;
+                store_l2(g_, table.data(), j, e);
+                changed = true;
+            }
+        }
+        if (changed) {
+            CO_TRY(co_await file_->write(off, table.span()));
+        }
+    }
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

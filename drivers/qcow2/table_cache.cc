@@ -1,0 +1,198 @@
+#include "drivers/qcow2/table_cache.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+#include <vector>
+
+namespace imgfs::qcow2 {
+
+TableCache::TableCache(Executor* executor, size_t table_bytes, size_t capacity, const char* kind)
+    : executor_(executor),
+      table_bytes_(table_bytes),
+      capacity_(std::max<size_t>(capacity, 2)),
+      kind_(kind) {}
+
+TableCache::~TableCache() {
+    for (auto& [off, e] : entries_) {
+        assert(e->pins == 0 && "table cache destroyed with pinned tables");
+    }
+}
+
+void TableCache::configure(size_t table_bytes, size_t capacity) {
+    assert(entries_.empty());
+    table_bytes_ = table_bytes;
+    capacity_ = std::max<size_t>(capacity, 2);
+}
+
+TableCache::Ref::Ref(Entry* e) : e_(e) {
+    ++e_->pins;
+}
+
+TableCache::Ref& TableCache::Ref::operator=(Ref&& o) noexcept {
+    if (this != &o) {
+        reset();
+        e_ = std::exchange(o.e_, nullptr);
+    }
+    return *this;
+}
+
+void TableCache::Ref::reset() {
+    if (e_ != nullptr) {
+        assert(e_->pins > 0);
+        --e_->pins;
+        e_ = nullptr;
+    }
+}
+
+uint8_t* TableCache::Ref::data() const {
+    return e_->data.data();
+}
+uint64_t TableCache::Ref::offset() const {
+    return e_->offset;
+}
+
+TableCache::Entry* TableCache::insert(uint64_t offset) {
+    shrink();
+    auto e = std::make_unique<Entry>();
+    e->offset = offset;
+    e->data = AlignedBuffer(table_bytes_);
+    lru_.push_front(e.get());
+    e->lru = lru_.begin();
+    Entry* raw = e.get();
+    entries_.emplace(offset, std::move(e));
+    return raw;
+}
+
+void TableCache::touch(Entry* e) {
+    if (e->lru != lru_.begin()) {
+        lru_.splice(lru_.begin(), lru_, e->lru);
+    }
+}
+
+void TableCache::erase(Entry* e) {
+    assert(e->pins == 0);
+    if (e->dirty) {
+        --dirty_count_;
+    }
+    lru_.erase(e->lru);
+    entries_.erase(e->offset);
+}
+
+void TableCache::shrink() {
+    auto it = lru_.end();
+    while (entries_.size() >= capacity_ && it != lru_.begin()) {
+        --it;
+        Entry* e = *it;
+        if (e->pins == 0 && !e->dirty && !e->loading) {
+            auto victim = it;
+            ++it;  // `it` stays valid: only the victim's node goes
+            lru_.erase(victim);
+            entries_.erase(e->offset);
+        }
+    }
+}
+
+Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
+    for (;;) {
+        auto it = entries_.find(offset);
+        if (it == entries_.end()) {
+            break;
+        }
+        Entry* e = it->second.get();
+        if (!e->loading) {
+            ++hits_;
+            touch(e);
+            co_return Ref(e);
+        }
+        // Someone else is reading it: wait, then look again (the read may have failed).
+        co_await e->loaded->wait();
+    }
+    ++misses_;
+    Entry* e = insert(offset);
+    e->loading = true;
+    e->loaded = std::make_unique<WaitQueue>(executor_);
+    Ref pin(e);
+    Status st = co_await file->read(offset, e->data.span());
+    e->loading = false;
+    e->loaded->notify_all();
+    if (!st) {
+        pin.reset();
+        erase(e);
+        co_return make_error(st.error().errnum, "reading {} at {:#x}: {}", kind_, offset,
+                             st.error().message());
+    }
+    co_return pin;
+}
+
+TableCache::Ref TableCache::create(uint64_t offset) {
+    assert(entries_.find(offset) == entries_.end());
+    Entry* e = insert(offset);
+    std::memset(e->data.data(), 0, table_bytes_);
+    e->dirty = true;
+    ++dirty_count_;
+    return Ref(e);
+}
+
+TableCache::Ref TableCache::lookup(uint64_t offset) {
+    auto it = entries_.find(offset);
+    if (it == entries_.end() || it->second->loading) {
+        return Ref();
+    }
+    ++hits_;
+    touch(it->second.get());
+    return Ref(it->second.get());
+}
+
+void TableCache::mark_dirty(const Ref& ref) {
+    if (!ref.e_->dirty) {
+        ref.e_->dirty = true;
+        ++dirty_count_;
+    }
+}
+
+void TableCache::forget(uint64_t offset) {
+    auto it = entries_.find(offset);
+    if (it != entries_.end()) {
+        erase(it->second.get());
+    }
+}
+
+void TableCache::clear() {
+    for (auto& [off, e] : entries_) {
+        assert(e->pins == 0 && !e->loading);
+        (void)off;
+    }
+    entries_.clear();
+    lru_.clear();
+    dirty_count_ = 0;
+}
+
+Task<Status> TableCache::write_dirty(Child* file) {
+    std::vector<Entry*> dirty;
+    for (auto& [off, e] : entries_) {
+        if (e->dirty) {
+            dirty.push_back(e.get());
+        }
+    }
+    std::sort(dirty.begin(), dirty.end(),
+              [](const Entry* a, const Entry* b) { return a->offset < b->offset; });
+    for (Entry* e : dirty) {
+        Ref pin(e);  // keeps it in place while the write is in flight
+        // Clean before the write: a change made while it is in flight marks it dirty again.
+        e->dirty = false;
+        --dirty_count_;
+        Status st = co_await file->write(e->offset, e->data.span());
+        if (!st) {
+            if (!e->dirty) {
+                e->dirty = true;
+                ++dirty_count_;
+            }
+            co_return make_error(st.error().errnum, "writing {} at {:#x}: {}", kind_, e->offset,
+                                 st.error().message());
+        }
+    }
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

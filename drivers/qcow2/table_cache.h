@@ -1,0 +1,103 @@
+// TableCache: an LRU cache of metadata tables (L2 tables or refcount blocks), one cluster each,
+// keyed by host offset. It knows nothing about ordering: the metadata layer decides when dirty
+// tables are written and what must reach the disk first. Entries in use are pinned by a Ref and
+// never evicted; a full cache of dirty or pinned entries grows past its capacity until the owner
+// writes tables back (over_capacity() tells it to).
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <unordered_map>
+
+#include "core/buffer.h"
+#include "core/node.h"
+#include "core/task.h"
+#include "core/wait_queue.h"
+
+namespace imgfs::qcow2 {
+
+class TableCache {
+    struct Entry;
+
+  public:
+    TableCache(Executor* executor, size_t table_bytes, size_t capacity, const char* kind);
+    TableCache(const TableCache&) = delete;
+    TableCache& operator=(const TableCache&) = delete;
+    ~TableCache();
+    /// Sets the table size and capacity; only while the cache is empty.
+    void configure(size_t table_bytes, size_t capacity);
+
+    /// A pinned table. Its bytes stay valid (and in place) for the Ref's lifetime.
+    class Ref {
+      public:
+        Ref() = default;
+        Ref(Ref&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+        Ref& operator=(Ref&& o) noexcept;
+        Ref(const Ref&) = delete;
+        Ref& operator=(const Ref&) = delete;
+        ~Ref() { reset(); }
+        void reset();
+
+        [[nodiscard]] explicit operator bool() const { return e_ != nullptr; }
+        [[nodiscard]] uint8_t* data() const;
+        [[nodiscard]] uint64_t offset() const;
+
+      private:
+        friend class TableCache;
+        explicit Ref(Entry* e);
+        Entry* e_ = nullptr;
+    };
+
+    /// The table at `offset`, read through `file` on a miss. Concurrent misses for the same
+    /// table share one read.
+    Task<Result<Ref>> get(Child* file, uint64_t offset);
+    /// A new table at `offset`: zero-filled, dirty, not read. It must not be cached already.
+    Ref create(uint64_t offset);
+    /// The table if cached (no I/O).
+    Ref lookup(uint64_t offset);
+    void mark_dirty(const Ref& ref);
+    /// Drops a cached table (its cluster was freed). It must not be pinned.
+    void forget(uint64_t offset);
+    /// Drops every table; none may be pinned or dirty (after a rebuild replaced them).
+    void clear();
+
+    [[nodiscard]] bool has_dirty() const { return dirty_count_ > 0; }
+    [[nodiscard]] size_t size() const { return entries_.size(); }
+    [[nodiscard]] size_t capacity() const { return capacity_; }
+    [[nodiscard]] bool over_capacity() const { return entries_.size() > capacity_; }
+    [[nodiscard]] uint64_t hits() const { return hits_; }
+    [[nodiscard]] uint64_t misses() const { return misses_; }
+
+    /// Writes every dirty table (in offset order) and marks it clean. Not durable: the caller
+    /// flushes. On error the tables stay dirty.
+    Task<Status> write_dirty(Child* file);
+    /// Evicts clean, unpinned tables until within capacity.
+    void shrink();
+
+  private:
+    struct Entry {
+        uint64_t offset = 0;
+        AlignedBuffer data;
+        bool dirty = false;
+        bool loading = false;
+        int pins = 0;
+        std::list<Entry*>::iterator lru;
+        std::unique_ptr<WaitQueue> loaded;
+    };
+    Entry* insert(uint64_t offset);
+    void touch(Entry* e);
+    void erase(Entry* e);
+
+    Executor* executor_;
+    size_t table_bytes_;
+    size_t capacity_;
+    const char* kind_;
+    std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;
+    std::list<Entry*> lru_;  // front: most recently used
+    size_t dirty_count_ = 0;
+    uint64_t hits_ = 0;
+    uint64_t misses_ = 0;
+};
+
+}  // namespace imgfs::qcow2
