@@ -7,6 +7,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -55,11 +56,19 @@ class LoopTest : public ::testing::Test {
     std::vector<std::unique_ptr<BlockBackend>> users_;
 };
 
+/// /dev/shm if it is a usable tmpfs, else the temp directory.
+inline std::string memory_backed() {
+    return access("/dev/shm", W_OK) == 0 ? "/dev/shm"
+                                          : std::filesystem::temp_directory_path().string();
+}
+
 /// A directory removed (with its contents) when the object goes away.
 class TempDir {
   public:
-    TempDir() {
-        std::string tmpl = (std::filesystem::temp_directory_path() / "imgfs-test-XXXXXX").string();
+    TempDir() : TempDir(std::filesystem::temp_directory_path().string()) {}
+    /// In `base`; memory_backed() picks a tmpfs for tests where fsync cost is noise.
+    explicit TempDir(const std::string& base) {
+        std::string tmpl = base + "/imgfs-test-XXXXXX";
         char* p = mkdtemp(tmpl.data());
         if (p == nullptr) {
             std::abort();

@@ -78,6 +78,11 @@ struct WritePlan {
     std::vector<L2Entry> old_entries;  // one per cluster of the run
 };
 
+struct HostRun {
+    uint64_t offset = 0;
+    uint64_t clusters = 0;
+};
+
 struct GuestRange {
     uint64_t offset = 0;
     uint64_t bytes = 0;
@@ -194,10 +199,11 @@ class Metadata {
     // ---- refcounts and allocation (metadata_refcount.cc) ----
     Task<Result<uint64_t>> get_refcount(uint64_t cluster);
     Task<Status> update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed);
-    Task<Result<uint64_t>> alloc_clusters(uint64_t count);
+    /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
+    Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
+    Task<Result<HostRun>> alloc_at_end(uint64_t count);
     Task<Status> free_clusters(uint64_t host_offset, uint64_t count, bool punch);
     Task<Status> free_entry_clusters(const L2Entry& e, bool punch);
-    Task<Status> ensure_refblock(uint64_t table_index, uint64_t cluster);
     Task<Status> grow_refcount_table(uint64_t min_entries);
     Task<Status> write_refcount_table_entry(uint64_t index);
     static uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index);
@@ -210,7 +216,8 @@ class Metadata {
                                      bool has_backing, std::vector<GuestRange>* fallback);
     L2Entry deallocated_entry(const L2Entry& old, uint64_t from, uint64_t to, DeallocMode mode,
                               bool has_backing, bool* free_old) const;
-    Result<WritePlan> plan_in_table(const uint8_t* table, uint64_t offset, uint64_t bytes);
+    Result<WritePlan> plan_in_table(const uint8_t* table, uint64_t offset, uint64_t bytes,
+                                    uint32_t max_clusters);
 
     NodeEnv env_;
     Child* file_;

@@ -127,7 +127,8 @@ Task<Result<ReadExtent>> Metadata::map(uint64_t offset, uint64_t bytes) {
 
 // ---- writes ----
 
-Result<WritePlan> Metadata::plan_in_table(const uint8_t* table, uint64_t offset, uint64_t bytes) {
+Result<WritePlan> Metadata::plan_in_table(const uint8_t* table, uint64_t offset, uint64_t bytes,
+                                          uint32_t max_clusters) {
     const uint64_t cs = g_.cluster_size;
     const uint64_t end = offset + bytes;
     const uint64_t cstart = g_.cluster_start(offset);
@@ -164,7 +165,7 @@ Result<WritePlan> Metadata::plan_in_table(const uint8_t* table, uint64_t offset,
         plan.reuse_host = true;
         plan.host_start = e0.host_offset();
     } else {
-        while (run_end < end && plan.clusters < kMaxRunClusters) {
+        while (run_end < end && plan.clusters < max_clusters) {
             L2Entry e = entry_at(g_, table, run_end);
             uint64_t ce = std::min(end, run_end + cs);
             if (l2_entry_problem(g_, e) != nullptr || writable_in_place(g_, e, run_end, ce) ||
@@ -221,7 +222,8 @@ Task<Result<WritePlan>> Metadata::plan_write(uint64_t offset, uint64_t bytes, bo
     if (!allocate) {
         // Classification only (no lock): the caller's tracked range keeps it valid.
         CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_read(l1i));
-        Result<WritePlan> plan = plan_in_table(ref ? ref.data() : nullptr, offset, bytes);
+        Result<WritePlan> plan =
+            plan_in_table(ref ? ref.data() : nullptr, offset, bytes, kMaxRunClusters);
         if (!plan) {
             co_return co_await corruption(plan.error().context);
         }
@@ -232,14 +234,24 @@ Task<Result<WritePlan>> Metadata::plan_write(uint64_t offset, uint64_t bytes, bo
         co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name_);
     }
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_write(l1i));
-    Result<WritePlan> planned = plan_in_table(ref.data(), offset, bytes);
-    ref.reset();
+    Result<WritePlan> planned = plan_in_table(ref.data(), offset, bytes, kMaxRunClusters);
     if (!planned) {
         co_return co_await corruption(planned.error().context);
     }
     WritePlan plan = std::move(*planned);
     if (plan.kind == WritePlan::Kind::kAllocate && !plan.reuse_host) {
-        CO_TRY_ASSIGN(plan.host_start, co_await alloc_clusters(plan.clusters));
+        CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(plan.clusters, false));
+        if (run.clusters < plan.clusters) {
+            // Only a shorter contiguous run was free: plan for that many clusters. The table
+            // is unchanged (we hold the lock and the range).
+            planned = plan_in_table(ref.data(), offset, bytes, static_cast<uint32_t>(run.clusters));
+            if (!planned) {
+                co_return co_await corruption(planned.error().context);
+            }
+            plan = std::move(*planned);
+            assert(plan.clusters == run.clusters);
+        }
+        plan.host_start = run.offset;
         plan.newly_allocated = true;
         plan.host_offset = plan.host_start + (offset - plan.run_guest_start);
         if (Status st =
@@ -248,6 +260,7 @@ Task<Result<WritePlan>> Metadata::plan_write(uint64_t offset, uint64_t bytes, bo
             co_return co_await corruption(st.error().context);
         }
     }
+    ref.reset();
     CO_TRY(co_await trim_caches());
     co_return plan;
 }

@@ -1,9 +1,10 @@
 // Metadata: refcounts, the cluster allocator and growth of the refcount structure.
 //
-// New refcount blocks always describe themselves (a block lies in the range it covers and counts
-// itself), so no allocation ever needs a refcount block that does not exist yet. The refcount
-// table grows by writing a bigger copy past the end of the image, with self-describing blocks
-// for the range it lands in, and switching the header to it in one write.
+// Free clusters inside the image are reused first. New space comes from the end of the image:
+// the run, then refcount blocks for every range the run and the blocks themselves reach that
+// has none yet (counted in those new blocks), written and synced before the table points at
+// them. The refcount table grows the same way: a bigger copy past the end, with blocks for its
+// own range, switched to by one header write.
 #include <algorithm>
 #include <cassert>
 
@@ -110,44 +111,101 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     co_return Status{};
 }
 
-Task<Result<uint64_t>> Metadata::alloc_clusters(uint64_t count) {
+Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     assert(count > 0);
     const uint64_t entries = g_.refblock_entries;
     const uint64_t hint = free_hint_;
     uint64_t start = hint;
-    uint64_t idx = start;
-    while (idx - start < count) {
+    uint64_t idx = hint;
+    // Free clusters inside the image first; what cannot be found there comes from the end.
+    while (idx < end_cluster_ && idx - start < count) {
         uint64_t ri = idx / entries;
-        if (ri >= refcount_table_.size()) {
-            CO_TRY(co_await grow_refcount_table(ri + 1));
-            continue;  // the new table may occupy idx: look again
-        }
-        if ((refcount_table_[ri] & ~kRefTableReservedMask) == 0) {
-            // Nothing in this range is in use (it has no counts): its first candidate becomes
-            // the range's own refcount block.
-            CO_TRY(co_await ensure_refblock(ri, idx));
-            start = idx = idx + 1;
+        if (ri >= refcount_table_.size() || (refcount_table_[ri] & ~kRefTableReservedMask) == 0) {
+            // A range without a refcount block holds nothing of ours; it is not reused here
+            // (there is no block to count in), so skip it.
+            start = idx = (ri + 1) * entries;
             continue;
         }
-        if (punching_.count(idx) != 0) {
-            start = idx = idx + 1;
+        bool used = punching_.count(idx) != 0;
+        if (!used) {
+            CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
+            used = rc != 0;
+        }
+        if (!used) {
+            ++idx;
             continue;
         }
-        CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
-        if (rc != 0) {
-            start = idx = idx + 1;
-            continue;
+        if (!exact && idx > start) {
+            break;  // a shorter run will do
         }
-        ++idx;
+        start = idx = idx + 1;
     }
-    if (start == hint && free_hint_ == hint) {
-        free_hint_ = start + count;  // a shorter free run skipped on the way stays findable
+    uint64_t got = std::min(idx - start, count);
+    if (got == 0 || (exact && got < count)) {
+        co_return co_await alloc_at_end(count);
     }
-    for (uint64_t c = start; c < start + count; ++c) {
+    if (start == hint) {
+        free_hint_ = start + got;  // a skipped shorter run (exact mode) stays findable
+    }
+    for (uint64_t c = start; c < start + got; ++c) {
         CO_TRY(co_await update_refcount(c, 1, false));
     }
-    end_cluster_ = std::max(end_cluster_, start + count);
-    co_return start << g_.cluster_bits;
+    co_return HostRun{start << g_.cluster_bits, got};
+}
+
+Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
+    const uint64_t cs = g_.cluster_size;
+    const uint64_t entries = g_.refblock_entries;
+    uint64_t base = 0;
+    std::vector<uint64_t> new_ranges;  // ranges that get a new block, placed after the run
+    for (;;) {
+        base = end_cluster_;
+        new_ranges.clear();
+        for (;;) {
+            uint64_t area_end = base + count + new_ranges.size();
+            std::vector<uint64_t> need;
+            for (uint64_t r = base / entries; r <= (area_end - 1) / entries; ++r) {
+                if (r >= refcount_table_.size() ||
+                    (refcount_table_[r] & ~kRefTableReservedMask) == 0) {
+                    need.push_back(r);
+                }
+            }
+            if (need.size() == new_ranges.size()) {
+                break;
+            }
+            new_ranges = std::move(need);
+        }
+        uint64_t last_range = (base + count + new_ranges.size() - 1) / entries;
+        if (last_range < refcount_table_.size()) {
+            break;
+        }
+        CO_TRY(co_await grow_refcount_table(last_range + 1));  // moves end_cluster_: again
+    }
+    const uint64_t blocks_start = base + count;
+    const uint64_t area_end = blocks_start + new_ranges.size();
+    AlignedBuffer blocks = AlignedBuffer::zeroed(std::max<size_t>(new_ranges.size(), 1) * cs);
+    for (uint64_t c = base; c < area_end; ++c) {
+        auto it = std::find(new_ranges.begin(), new_ranges.end(), c / entries);
+        if (it != new_ranges.end()) {
+            size_t j = static_cast<size_t>(it - new_ranges.begin());
+            store_refcount(g_, blocks.data() + j * cs, c % entries, 1);
+        } else {
+            CO_TRY(co_await update_refcount(c, 1, false));  // an existing block covers it
+        }
+    }
+    if (!new_ranges.empty()) {
+        // New blocks durable before the table points at them.
+        CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
+                                     ConstBuf(blocks.data(), new_ranges.size() * cs)));
+        CO_TRY(co_await sync());
+        for (size_t j = 0; j < new_ranges.size(); ++j) {
+            refcount_table_[new_ranges[j]] = (blocks_start + j) << g_.cluster_bits;
+            CO_TRY(co_await write_refcount_table_entry(new_ranges[j]));
+            metadata_clusters_.insert(blocks_start + j);
+        }
+    }
+    end_cluster_ = area_end;
+    co_return HostRun{base << g_.cluster_bits, count};
 }
 
 Task<Status> Metadata::free_clusters(uint64_t host_offset, uint64_t count, bool punch) {
@@ -180,20 +238,6 @@ Task<Status> Metadata::write_refcount_table_entry(uint64_t index) {
     uint8_t be[8];
     store_be64(be, refcount_table_[index]);
     co_return co_await file_->write(header_.refcount_table_offset + index * 8, ConstBuf(be, 8));
-}
-
-Task<Status> Metadata::ensure_refblock(uint64_t table_index, uint64_t cluster) {
-    assert(cluster / g_.refblock_entries == table_index);
-    AlignedBuffer block = AlignedBuffer::zeroed(g_.cluster_size);
-    store_refcount(g_, block.data(), cluster % g_.refblock_entries, 1);
-    // The block (counting itself) must be durable before the table points at it.
-    CO_TRY(co_await file_->write(cluster << g_.cluster_bits, block.span()));
-    CO_TRY(co_await sync());
-    refcount_table_[table_index] = cluster << g_.cluster_bits;
-    CO_TRY(co_await write_refcount_table_entry(table_index));
-    metadata_clusters_.insert(cluster);
-    end_cluster_ = std::max(end_cluster_, cluster + 1);
-    co_return Status{};
 }
 
 Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {

@@ -54,7 +54,8 @@ Task<Status> Metadata::write_l1_entry(uint64_t l1_index) {
 }
 
 Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
-    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(1));
+    CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));
+    const uint64_t host = run.offset;
     // The new (empty) table and its refcount must be durable before the L1 entry points at it.
     CO_TRY(co_await file_->write_zeroes(host, g_.cluster_size, false));
     if (!lazy_refcounts_) {
@@ -70,7 +71,8 @@ Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
 Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
     uint64_t old = l1_[l1_index] & kOffsetMask;
     CO_TRY_ASSIGN(TableCache::Ref old_ref, co_await l2_cache_.get(file_, old));
-    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(1));
+    CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));
+    const uint64_t host = run.offset;
     // The data clusters it references keep their counts: the snapshot's table still references
     // them, and now ours does too instead of sharing one table.
     AlignedBuffer copy(g_.cluster_size);
@@ -133,7 +135,8 @@ Task<Status> Metadata::grow(uint64_t new_size) {
     }
     // A bigger L1 table: written and durable (with its refcounts) before the header switch.
     uint64_t clusters = (need * 8 + g_.cluster_size - 1) >> g_.cluster_bits;
-    CO_TRY_ASSIGN(uint64_t host, co_await alloc_clusters(clusters));
+    CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(clusters, true));
+    const uint64_t host = run.offset;
     AlignedBuffer table = AlignedBuffer::zeroed(clusters << g_.cluster_bits);
     for (size_t i = 0; i < l1_.size(); ++i) {
         store_be64(table.data() + i * 8, l1_[i]);
