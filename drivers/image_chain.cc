@@ -214,7 +214,8 @@ Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, const Ch
 
 }  // namespace
 
-Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options) {
+Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
+                               LayerCache* cache) {
     char real[PATH_MAX];
     std::string dir_real;
     if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) != nullptr) {
@@ -227,6 +228,21 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
         if (depth >= options.max_depth) {
             co_return make_error(ELOOP, "backing chain of '{}' is deeper than {} layers",
                                  chain.layers.front().file, options.max_depth);
+        }
+        if (depth > 0 && cache != nullptr) {
+            auto hit = cache->chains.find(spec.file);
+            if (hit != cache->chains.end()) {
+                Transaction tx(env.graph);
+                tx.attach(chain.layers.back().node.get(), hit->second.front().node,
+                          ChildRole::kBacking, "backing");
+                Status st = tx.commit();
+                if (!st) {
+                    (void)co_await close_chain(&chain);
+                    co_return st.error();
+                }
+                chain.layers.insert(chain.layers.end(), hit->second.begin(), hit->second.end());
+                break;
+            }
         }
         Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &seen);
         if (!opened) {
@@ -261,6 +277,14 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
             co_return std::move(resolved).error();
         }
         spec = LayerSpec{std::move(*resolved), next_format};
+    }
+    if (cache != nullptr) {
+        for (size_t i = 1; i < chain.layers.size(); ++i) {
+            cache->chains.emplace(
+                chain.layers[i].file,
+                std::vector<Layer>(chain.layers.begin() + static_cast<std::ptrdiff_t>(i),
+                                   chain.layers.end()));
+        }
     }
     co_return chain;
 }

@@ -4,6 +4,7 @@
 // the format is taken from the overlay's record or, failing that, from the content.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,10 +36,19 @@ struct Chain {
     [[nodiscard]] const std::shared_ptr<Node>& top() const { return layers.front().node; }
 };
 
+/// Backing layers already open, so that chains sharing a base share its node (and the graph's
+/// permissions see both users of it). Keyed by file; each entry is the chain from that layer
+/// down.
+struct LayerCache {
+    std::map<std::string, std::vector<Layer>> chains;
+};
+
 /// Opens `file` (relative to `dir_fd`) and its whole backing chain. The top layer is writable
 /// unless `options.read_only`; backing layers are read-only nodes over writable files, so a
-/// job can later make one writable without reopening it.
-Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options);
+/// job can later make one writable without reopening it. With `cache`, backing layers found
+/// there are reused and newly opened ones are added.
+Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
+                               LayerCache* cache = nullptr);
 
 /// Closes every layer, top first (the top flushes its metadata).
 Task<Status> close_chain(Chain* chain);

@@ -70,7 +70,6 @@ void RawNode::init_from_file() {
 }
 
 void RawNode::describe(JsonWriter* out) const {
-    out->field("format", "raw");
     out->field("format_probed", options_.probed);
 }
 

@@ -1,12 +1,72 @@
-// imgfs command line.
+// imgfs: the command line. main() only dispatches; every command lives in fuse/cli_*.cc.
 #include <cstdio>
 #include <cstring>
+#include <string>
+
+#include "fuse/cli.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: imgfs COMMAND [ARGS]\n"
+    "\n"
+    "  mount [-f] [-v] [-o OPTS] IMAGE_DIR MOUNTPOINT   serve IMAGE_DIR's images as NAME.raw\n"
+    "  unmount MOUNTPOINT                               unmount and wait for the daemon\n"
+    "  snapshot MOUNTPOINT NAME SNAP                    live external snapshot\n"
+    "  commit MOUNTPOINT NAME [--base FILE] [--wait]    merge the top layer (or all above FILE)\n"
+    "  revert MOUNTPOINT NAME                           drop the top layer\n"
+    "  stream MOUNTPOINT NAME [--wait]                  pull backing data into the top layer\n"
+    "  status MOUNTPOINT [NAME] [--json]                images and jobs\n"
+    "  create [-b BACKING [-F FMT]] [-o OPTS] FILE.qcow2 [SIZE]   new qcow2 image\n"
+    "  info FILE [--json]                               chain, formats, sizes, allocation\n"
+    "  io FILE -c CMD [-c CMD ...]                      scripted I/O through imgfs's drivers\n"
+    "\n"
+    "Run 'imgfs COMMAND --help' for a command's options.\n";
+
+}  // namespace
 
 int main(int argc, char** argv) {
     if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
-        std::puts("usage: imgfs COMMAND ...   (see README.md)");
+        std::fputs(kUsage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 1 : 0;
     }
-    std::fprintf(stderr, "imgfs: unknown command '%s'\n", argv[1]);
+    std::string cmd = argv[1];
+    imgfs::cli::Args args(argv + 2, argv + argc);
+    if (cmd == "mount") {
+        return imgfs::cli::mount(args);
+    }
+    if (cmd == "unmount" || cmd == "umount") {
+        return imgfs::cli::unmount(args);
+    }
+    if (cmd == "create") {
+        return imgfs::cli::create(args);
+    }
+    if (cmd == "info") {
+        return imgfs::cli::info(args);
+    }
+    if (cmd == "io") {
+        return imgfs::cli::io(args);
+    }
+    if (cmd == "snapshot") {
+        return imgfs::cli::snapshot(args);
+    }
+    if (cmd == "commit") {
+        return imgfs::cli::commit(args);
+    }
+    if (cmd == "revert") {
+        return imgfs::cli::revert(args);
+    }
+    if (cmd == "stream") {
+        return imgfs::cli::stream(args);
+    }
+    if (cmd == "status") {
+        return imgfs::cli::status(args);
+    }
+    if (argc >= 3 && cmd[0] != '-') {
+        // mount.fuse3 (fstab type fuse.imgfs) runs: imgfs IMAGE_DIR MOUNTPOINT -o OPTS
+        imgfs::cli::Args all(argv + 1, argv + argc);
+        return imgfs::cli::mount(all);
+    }
+    std::fprintf(stderr, "imgfs: unknown command '%s' (see imgfs --help)\n", cmd.c_str());
     return 1;
 }

@@ -63,7 +63,6 @@ void Qcow2Node::child_perm(const Child& child, Perms node_perm, Perms node_share
 
 void Qcow2Node::describe(JsonWriter* out) const {
     const qcow2::Header& h = meta_->header();
-    out->field("format", "qcow2");
     out->field("version", h.version);
     out->field("cluster_size", h.cluster_size());
     out->field("refcount_bits", 1U << h.refcount_order);

@@ -169,15 +169,21 @@ void TableCache::clear() {
 }
 
 Task<Status> TableCache::write_dirty(Child* file) {
-    std::vector<Entry*> dirty;
+    std::vector<uint64_t> offsets;
     for (auto& [off, e] : entries_) {
         if (e->dirty) {
-            dirty.push_back(e.get());
+            offsets.push_back(off);
         }
     }
-    std::sort(dirty.begin(), dirty.end(),
-              [](const Entry* a, const Entry* b) { return a->offset < b->offset; });
-    for (Entry* e : dirty) {
+    std::sort(offsets.begin(), offsets.end());
+    for (uint64_t off : offsets) {
+        // Looked up again each time: while a write was in flight another write-back may have
+        // cleaned the table, and it may even have been evicted since.
+        auto it = entries_.find(off);
+        if (it == entries_.end() || !it->second->dirty) {
+            continue;
+        }
+        Entry* e = it->second.get();
         Ref pin(e);  // keeps it in place while the write is in flight
         // Clean before the write: a change made while it is in flight marks it dirty again.
         e->dirty = false;

@@ -1,0 +1,55 @@
+// The control files (DESIGN.md §2.2): which exist, what reading one shows, what writing one does.
+// ExportFs routes reads and writes here; the job-level operations live in jobs/.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/result.h"
+#include "core/task.h"
+#include "jobs/image_set.h"
+
+namespace imgfs {
+
+enum class ControlFile {
+    // Per image, in .control/NAME/
+    kSnapshot,
+    kCommit,
+    kRevert,
+    kStream,
+    kJob,
+    kInfo,
+    // Global, in .control/
+    kGroupSnapshot,
+    kRescan,
+    kJobs,
+};
+
+struct ControlFileSpec {
+    ControlFile file;
+    const char* name;
+    bool writable;
+};
+
+class ControlPlane {
+  public:
+    virtual ~ControlPlane() = default;
+    /// The files in .control/NAME/ and in .control/.
+    [[nodiscard]] virtual const std::vector<ControlFileSpec>& image_files() const = 0;
+    [[nodiscard]] virtual const std::vector<ControlFileSpec>& global_files() const = 0;
+    /// What reading the file shows (taken when it is opened). `e` is null for global files.
+    virtual Task<std::string> read(Export* e, ControlFile file) = 0;
+    /// Runs one command. On failure the error's errno goes to the writer and its text is kept
+    /// as the image's last error and logged.
+    virtual Task<Status> write(Export* e, ControlFile file, std::string command) = 0;
+};
+
+/// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line
+/// breaks, more than 4096 bytes) with EINVAL.
+Result<std::string> parse_command(std::string_view written);
+
+/// Snapshot names: [A-Za-z0-9][A-Za-z0-9._-]{0,63}.
+bool valid_snapshot_name(std::string_view name);
+
+}  // namespace imgfs

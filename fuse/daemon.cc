@@ -1,0 +1,264 @@
+#include "fuse/daemon.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <fstream>
+#include <signal.h>
+#include <thread>
+#include <unistd.h>
+
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+
+#include "core/event_loop.h"
+#include "core/graph.h"
+#include "core/task_scope.h"
+#include "fuse/export_fs.h"
+#include "fuse/fuse_server.h"
+#include "fuse/standard_control.h"
+#include "fuse/syslog_logger.h"
+
+namespace imgfs {
+
+namespace {
+
+// Tells the parent (still on the terminal) how mounting went: "" for success, else the reason.
+class ReadyPipe {
+  public:
+    ReadyPipe() = default;
+    explicit ReadyPipe(int fd) : fd_(fd) {}
+    void report(const std::string& error) {
+        if (fd_.valid()) {
+            std::string msg = error.empty() ? std::string("OK") : error;
+            [[maybe_unused]] ssize_t n = ::write(fd_.get(), msg.data(), msg.size());
+            fd_.reset();
+        }
+    }
+    [[nodiscard]] bool active() const { return fd_.valid(); }
+
+  private:
+    UniqueFd fd_;
+};
+
+std::string runtime_dir() {
+    if (::geteuid() == 0) {
+        return "/run/imgfs";
+    }
+    if (const char* x = std::getenv("XDG_RUNTIME_DIR")) {
+        return std::string(x) + "/imgfs";
+    }
+    return fmt::format("/tmp/imgfs-{}", ::geteuid());
+}
+
+// Parent side of daemonising: waits for the child's report and turns it into an exit code.
+int wait_for_child(int read_fd) {
+    std::string msg;
+    char buf[512];
+    ssize_t n = 0;
+    while ((n = ::read(read_fd, buf, sizeof buf)) > 0) {
+        msg.append(buf, static_cast<size_t>(n));
+    }
+    ::close(read_fd);
+    if (msg == "OK") {
+        return 0;
+    }
+    std::fprintf(stderr, "imgfs: %s\n",
+                 msg.empty() ? "the daemon exited before mounting" : msg.c_str());
+    return 1;
+}
+
+struct Daemon {
+    EventLoop* loop;
+    Logger* log;
+    FuseMount* mount;
+    int signal_fd;
+    bool done = false;
+};
+
+// Waits for SIGTERM/SIGINT/SIGHUP and unmounts, which ends the server.
+Task<void> watch_signals(Daemon* d) {
+    signalfd_siginfo info{};
+    while (!d->done) {
+        int32_t res = co_await d->loop->read_some(
+            d->signal_fd, MutBuf(reinterpret_cast<uint8_t*>(&info), sizeof info), 0);
+        if (res < 0 && res != -EINTR && res != -EAGAIN) {
+            break;
+        }
+        if (d->done) {
+            break;
+        }
+        if (res == sizeof info && info.ssi_signo != SIGUSR1) {
+            d->log->info("signal {} received: unmounting {}", info.ssi_signo,
+                         d->mount->mountpoint());
+            d->mount->unmount();
+        }
+    }
+}
+
+Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images) {
+    TaskScope scope(d->loop);
+    scope.spawn(watch_signals(d));
+    co_await server->run();
+    d->done = true;
+    ::kill(::getpid(), SIGUSR1);  // wakes the signal watcher so it can finish
+    co_await scope.join();
+    d->log->info("connection closed; flushing and closing images");
+    Status st = co_await images->close_all();
+    if (!st) {
+        d->log->error("closing images: {}", st.error().message());
+    }
+}
+
+int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    for (int s : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) {
+        sigaddset(&mask, s);
+    }
+    ::sigprocmask(SIG_BLOCK, &mask, nullptr);
+    ::signal(SIGPIPE, SIG_IGN);
+    UniqueFd sfd(::signalfd(-1, &mask, SFD_CLOEXEC));
+    auto fail = [&](const std::string& msg) {
+        log->error("{}", msg);
+        ready->report(msg);
+        return 1;
+    };
+    auto loop_r = EventLoop::create();
+    if (!loop_r) {
+        return fail(loop_r.error().message());
+    }
+    std::unique_ptr<EventLoop> loop = std::move(*loop_r);
+    UniqueFd dir_fd(::open(cmd.image_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!dir_fd.valid()) {
+        return fail(
+            fmt::format("cannot open image directory {}: {}", cmd.image_dir, strerror(errno)));
+    }
+    // Destruction order: images (nodes) before the graph, the graph before the loop.
+    Graph graph;
+    NodeEnv env{loop.get(), log, &graph};
+    int exit_code = 0;
+    {
+        ImageSet images(env, std::move(dir_fd), cmd.image_dir, cmd.images);
+        Status scanned = sync_wait(loop.get(), images.scan());
+        if (!scanned) {
+            return fail(scanned.error().message());
+        }
+        MountOptions mo = cmd.mount;
+        if (mo.fsname.empty()) {
+            mo.fsname = cmd.image_dir;
+        }
+        auto mount = FuseMount::mount(cmd.mountpoint, mo);
+        if (!mount) {
+            (void)sync_wait(loop.get(), images.close_all());
+            return fail(mount.error().message());
+        }
+        std::string pid_file = pid_file_for(cmd.mountpoint);
+        ::mkdir(runtime_dir().c_str(), 0700);
+        std::ofstream(pid_file) << ::getpid() << "\n";
+        StandardControl control(&images, nullptr, log);
+        ExportFsOptions fo;
+        fo.read_only = cmd.mount.read_only;
+        fo.allow_other = cmd.mount.allow_other;
+        fo.uid = ::getuid();
+        fo.gid = ::getgid();
+        ExportFs fs(&images, &control, log, fo);
+        FuseServer server(loop.get(), (*mount)->fd(), &fs, log, FuseServerOptions{});
+        log->info("serving {} on {} ({} image{})", cmd.image_dir, cmd.mountpoint,
+                  images.exports().size(), images.exports().size() == 1 ? "" : "s");
+        ready->report("");
+        Daemon d{loop.get(), log, mount->get(), sfd.get()};
+        sync_wait(loop.get(), serve(&d, &server, &images));
+        (*mount)->unmount();
+        if (!pid_file.empty()) {
+            ::unlink(pid_file.c_str());
+        }
+        log->info("unmounted {}", cmd.mountpoint);
+    }
+    return exit_code;
+}
+
+}  // namespace
+
+std::string pid_file_for(const std::string& mountpoint) {
+    // Keyed by the mount point's absolute path: the daemon must not stat its own mount point
+    // before it serves requests.
+    return fmt::format("{}/{:016x}.pid", runtime_dir(), std::hash<std::string>{}(mountpoint));
+}
+
+int run_mount(const MountCommand& cmd) {
+    struct stat st {};
+    if (::stat(cmd.image_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+        std::fprintf(stderr, "imgfs: %s is not a directory\n", cmd.image_dir.c_str());
+        return 1;
+    }
+    if (::stat(cmd.mountpoint.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+        std::fprintf(stderr, "imgfs: mount point %s is not a directory\n", cmd.mountpoint.c_str());
+        return 1;
+    }
+    if (cmd.foreground) {
+        StderrLogger log;
+        log.set_verbose(cmd.verbose);
+        ReadyPipe none;
+        return serve_mount(cmd, &none, &log);
+    }
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) {
+        std::perror("imgfs: pipe");
+        return 1;
+    }
+    pid_t pid = ::fork();
+    if (pid < 0) {
+        std::perror("imgfs: fork");
+        return 1;
+    }
+    if (pid > 0) {
+        ::close(fds[1]);
+        return wait_for_child(fds[0]);
+    }
+    ::close(fds[0]);
+    ::setsid();
+    if (::chdir("/") != 0) {
+        // Harmless: paths were made absolute by the command line.
+    }
+    int null = ::open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        ::dup2(null, 0);
+        ::dup2(null, 1);
+        ::dup2(null, 2);
+        ::close(null);
+    }
+    SyslogLogger log;
+    log.set_verbose(cmd.verbose);
+    ReadyPipe ready(fds[1]);
+    ::_exit(serve_mount(cmd, &ready, &log));
+}
+
+int run_unmount(const std::string& mountpoint, int timeout_s) {
+    std::string pid_file = pid_file_for(mountpoint);
+    pid_t pid = 0;
+    if (!pid_file.empty()) {
+        std::ifstream(pid_file) >> pid;
+    }
+    std::string cmd =
+        "fusermount3 -u '" + mountpoint + "' 2>/dev/null || umount '" + mountpoint + "'";
+    int st = std::system(cmd.c_str());
+    if (st != 0) {
+        std::fprintf(stderr, "imgfs: cannot unmount %s (busy, or not an imgfs mount)\n",
+                     mountpoint.c_str());
+        return 1;
+    }
+    // The daemon flushes and closes its images after the unmount: wait for it.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    while (pid > 0 && ::kill(pid, 0) == 0) {
+        if (std::chrono::steady_clock::now() > deadline) {
+            std::fprintf(stderr, "imgfs: daemon %d still running after %d s\n", pid, timeout_s);
+            return 1;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return 0;
+}
+
+}  // namespace imgfs

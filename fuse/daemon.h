@@ -1,0 +1,31 @@
+// `imgfs mount`: the daemon. Mounts, serves until unmounted or signalled, then lets requests in
+// flight finish, flushes and closes every image, and exits.
+#pragma once
+
+#include <string>
+
+#include "fuse/fuse_mount.h"
+#include "jobs/image_set.h"
+
+namespace imgfs {
+
+struct MountCommand {
+    std::string image_dir;
+    std::string mountpoint;
+    bool foreground = false;
+    bool verbose = false;
+    MountOptions mount;
+    ImageSetOptions images;
+};
+
+/// Runs the mount command; returns the process exit code. Without `foreground` the calling
+/// process returns (0 once the mount is up, 1 with the reason on stderr) and a child serves.
+int run_mount(const MountCommand& cmd);
+
+/// Where the daemon of the mount at `mountpoint` records its pid (see unmount).
+std::string pid_file_for(const std::string& mountpoint);
+
+/// `imgfs unmount`: detaches the mount and waits until its daemon has closed the images.
+int run_unmount(const std::string& mountpoint, int timeout_s);
+
+}  // namespace imgfs

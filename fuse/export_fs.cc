@@ -1,0 +1,649 @@
+#include "fuse/export_fs.h"
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <linux/falloc.h>
+#include <sys/statfs.h>
+
+#include "core/chain_status.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr uint64_t kGlobalFirstIno = 3;
+constexpr uint64_t kRawSub = 0;
+constexpr uint64_t kDirSub = 1;
+constexpr uint64_t kFirstFileSub = 2;
+constexpr std::chrono::seconds kBlocksRefresh{3};
+
+bool overflows(uint64_t a, uint64_t b) {
+    uint64_t s = 0;
+    return __builtin_add_overflow(a, b, &s);
+}
+
+template <typename T>
+bool parse_arg(const FuseRequest* req, T* out) {
+    if (req->arg.size() < sizeof(T)) {
+        return false;
+    }
+    std::memcpy(out, req->arg.data(), sizeof(T));
+    return true;
+}
+
+// A name argument (LOOKUP): NUL terminated after any struct.
+std::string_view name_arg(const FuseRequest* req, size_t skip) {
+    if (req->arg.size() <= skip) {
+        return {};
+    }
+    const char* p = reinterpret_cast<const char*>(req->arg.data() + skip);
+    return std::string_view(p, strnlen(p, req->arg.size() - skip));
+}
+
+// Appends one directory record (a plain function: fuse_dirent ends in a flexible array, which a
+// coroutine frame cannot hold).
+void append_dirent(std::vector<uint8_t>* out, uint64_t ino, uint64_t next, uint32_t type,
+                   const std::string& name) {
+    size_t pos = out->size();
+    out->resize(pos + FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + name.size()), 0);
+    fuse_dirent d{};
+    d.ino = ino;
+    d.off = next;
+    d.namelen = static_cast<uint32_t>(name.size());
+    d.type = type;
+    std::memcpy(out->data() + pos, &d, FUSE_NAME_OFFSET);
+    std::memcpy(out->data() + pos + FUSE_NAME_OFFSET, name.data(), name.size());
+}
+
+}  // namespace
+
+struct ExportFs::Handle {
+    uint64_t ino = 0;
+    uint64_t export_id = 0;  // 0 for global files
+    bool raw = false;
+    ControlFile file = ControlFile::kInfo;
+    std::string content;
+};
+
+struct ExportFs::Resolved {
+    enum class Kind {
+        kNone,
+        kRootDir,
+        kControlDir,
+        kImageDir,
+        kRaw,
+        kControlFile
+    } kind = Kind::kNone;
+    Export* e = nullptr;
+    const ControlFileSpec* spec = nullptr;
+};
+
+ExportFs::ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportFsOptions options)
+    : images_(images),
+      control_(control),
+      log_(log),
+      options_(options),
+      mount_time_s_(static_cast<int64_t>(::time(nullptr))) {}
+
+ExportFs::~ExportFs() = default;
+
+ExportFs::Resolved ExportFs::resolve(uint64_t ino) const {
+    Resolved r;
+    if (ino == kRootIno) {
+        r.kind = Resolved::Kind::kRootDir;
+    } else if (ino == kControlDirIno) {
+        r.kind = Resolved::Kind::kControlDir;
+    } else if (ino >= kGlobalFirstIno && ino < kExportBase) {
+        const auto& files = control_->global_files();
+        if (ino - kGlobalFirstIno < files.size()) {
+            r.kind = Resolved::Kind::kControlFile;
+            r.spec = &files[ino - kGlobalFirstIno];
+        }
+    } else if (ino >= kExportBase) {
+        uint64_t id = (ino - kExportBase) / 16;
+        uint64_t sub = (ino - kExportBase) % 16;
+        r.e = images_->find_id(id);
+        if (r.e == nullptr) {
+            return Resolved{};
+        }
+        const auto& files = control_->image_files();
+        if (sub == kRawSub) {
+            r.kind = Resolved::Kind::kRaw;
+        } else if (sub == kDirSub) {
+            r.kind = Resolved::Kind::kImageDir;
+        } else if (sub - kFirstFileSub < files.size()) {
+            r.kind = Resolved::Kind::kControlFile;
+            r.spec = &files[sub - kFirstFileSub];
+        } else {
+            return Resolved{};
+        }
+    }
+    return r;
+}
+
+bool ExportFs::fill_attr(uint64_t ino, fuse_attr* a) {
+    Resolved r = resolve(ino);
+    if (r.kind == Resolved::Kind::kNone) {
+        return false;
+    }
+    *a = fuse_attr{};
+    a->ino = ino;
+    a->uid = options_.uid;
+    a->gid = options_.gid;
+    a->atime = a->mtime = a->ctime = static_cast<uint64_t>(mount_time_s_);
+    a->blksize = 4096;
+    const uint32_t others = options_.allow_other ? 0066 : 0;
+    switch (r.kind) {
+        case Resolved::Kind::kRootDir:
+        case Resolved::Kind::kControlDir:
+        case Resolved::Kind::kImageDir:
+            a->mode = S_IFDIR | 0700 | (options_.allow_other ? 0055 : 0);
+            a->nlink = 2;
+            break;
+        case Resolved::Kind::kRaw: {
+            a->mode = S_IFREG | (options_.read_only ? 0400 | (others & 0044) : 0600 | others);
+            a->nlink = 1;
+            a->size = r.e->backend->size();
+            auto it = blocks_.find(r.e->id);
+            a->blocks = it != blocks_.end() ? (it->second.bytes + 511) / 512 : 0;
+            break;
+        }
+        case Resolved::Kind::kControlFile:
+            a->mode = S_IFREG | (r.spec->writable ? 0600 | others : 0400 | (others & 0044));
+            a->nlink = 1;
+            break;
+        case Resolved::Kind::kNone:
+            break;
+    }
+    return true;
+}
+
+Task<FuseReply> ExportFs::handle(FuseRequest* req) {
+    switch (req->header->opcode) {
+        case FUSE_LOOKUP:
+            co_return co_await lookup(req);
+        case FUSE_FORGET:
+        case FUSE_BATCH_FORGET:
+        case FUSE_INTERRUPT:
+            co_return FuseReply::no_reply();  // inodes are fixed; interrupts are not honoured
+        case FUSE_GETATTR:
+            co_return co_await getattr(req);
+        case FUSE_SETATTR:
+            co_return co_await setattr(req);
+        case FUSE_OPEN:
+        case FUSE_OPENDIR:
+            co_return co_await open(req);
+        case FUSE_RELEASE:
+        case FUSE_RELEASEDIR:
+            co_return co_await release(req);
+        case FUSE_READ:
+            co_return co_await read(req);
+        case FUSE_WRITE:
+            co_return co_await write(req);
+        case FUSE_FLUSH:
+        case FUSE_FSYNC:
+            co_return co_await flush(req);
+        case FUSE_FSYNCDIR:
+            co_return FuseReply::err(0);
+        case FUSE_READDIR:
+            co_return co_await readdir(req);
+        case FUSE_STATFS:
+            co_return co_await statfs(req);
+        case FUSE_FALLOCATE:
+            co_return co_await fallocate(req);
+        case FUSE_LSEEK:
+            co_return co_await lseek(req);
+        case FUSE_DESTROY:
+            co_return FuseReply::err(0);
+        case FUSE_MKNOD:
+        case FUSE_MKDIR:
+        case FUSE_UNLINK:
+        case FUSE_RMDIR:
+        case FUSE_RENAME:
+        case FUSE_RENAME2:
+        case FUSE_LINK:
+        case FUSE_SYMLINK:
+        case FUSE_CREATE:
+            co_return FuseReply::err(EPERM);
+        default:
+            co_return FuseReply::err(ENOSYS);  // xattrs, locks, ioctl, poll, copy_file_range...
+    }
+}
+
+Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
+    std::string_view name = name_arg(req, 0);
+    Resolved parent = resolve(req->header->nodeid);
+    uint64_t ino = 0;
+    if (parent.kind == Resolved::Kind::kRootDir) {
+        if (name == ".control") {
+            ino = kControlDirIno;
+        } else if (name.size() > 4 && name.substr(name.size() - 4) == ".raw") {
+            if (Export* e = images_->find(name.substr(0, name.size() - 4))) {
+                ino = raw_ino(*e);
+            }
+        }
+    } else if (parent.kind == Resolved::Kind::kControlDir) {
+        const auto& files = control_->global_files();
+        for (size_t i = 0; i < files.size(); ++i) {
+            if (name == files[i].name) {
+                ino = kGlobalFirstIno + i;
+            }
+        }
+        if (ino == 0) {
+            if (Export* e = images_->find(name)) {
+                ino = raw_ino(*e) + kDirSub;
+            }
+        }
+    } else if (parent.kind == Resolved::Kind::kImageDir) {
+        const auto& files = control_->image_files();
+        for (size_t i = 0; i < files.size(); ++i) {
+            if (name == files[i].name) {
+                ino = raw_ino(*parent.e) + kFirstFileSub + i;
+            }
+        }
+    } else {
+        co_return FuseReply::err(ENOTDIR);
+    }
+    fuse_entry_out out{};
+    if (ino == 0 || !fill_attr(ino, &out.attr)) {
+        co_return FuseReply::err(ENOENT);
+    }
+    out.nodeid = ino;
+    out.generation = 1;
+    // Control files change at any time; everything else is ours alone to change.
+    bool cacheable = resolve(ino).kind != Resolved::Kind::kControlFile;
+    out.entry_valid = cacheable ? 1 : 0;
+    out.attr_valid = cacheable ? 1 : 0;
+    co_return FuseReply::of(out);
+}
+
+Task<void> ExportFs::refresh_blocks(Export* e) {
+    BlocksCache& c = blocks_[e->id];
+    auto now = std::chrono::steady_clock::now();
+    if (c.valid && now - c.at < kBlocksRefresh) {
+        co_return;
+    }
+    uint64_t data = 0;
+    Node* top = e->chain.top().get();
+    for (uint64_t off = 0; off < top->size();) {
+        Result<ChainStatus> st = co_await block_status_above(top, off, top->size() - off);
+        if (!st) {
+            co_return;  // keep the old figure; the error surfaces on I/O
+        }
+        if (st->data) {
+            data += st->bytes;
+        }
+        off += st->bytes;
+    }
+    c = BlocksCache{data, now, true};
+}
+
+Task<FuseReply> ExportFs::getattr(FuseRequest* req) {
+    uint64_t ino = req->header->nodeid;
+    Resolved r = resolve(ino);
+    if (r.kind == Resolved::Kind::kRaw) {
+        co_await refresh_blocks(r.e);
+    }
+    fuse_attr_out out{};
+    if (!fill_attr(ino, &out.attr)) {
+        co_return FuseReply::err(ENOENT);
+    }
+    out.attr_valid = r.kind == Resolved::Kind::kControlFile ? 0 : 1;
+    co_return FuseReply::of(out);
+}
+
+Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
+    fuse_setattr_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    uint64_t ino = req->header->nodeid;
+    Resolved r = resolve(ino);
+    if (r.kind == Resolved::Kind::kNone) {
+        co_return FuseReply::err(ENOENT);
+    }
+    if ((in.valid & (FATTR_MODE | FATTR_UID | FATTR_GID)) != 0) {
+        co_return FuseReply::err(EPERM);
+    }
+    if ((in.valid & FATTR_SIZE) != 0) {
+        if (r.kind == Resolved::Kind::kRaw) {
+            uint64_t cur = r.e->backend->size();
+            if (in.size < cur) {
+                log_->warn("{}.raw: refusing to shrink from {} to {} bytes", r.e->name, cur,
+                           in.size);
+                co_return FuseReply::err(EPERM);
+            }
+            if (in.size > cur) {
+                Status st = co_await r.e->backend->truncate(in.size);
+                if (!st) {
+                    log_->error("{}.raw: grow to {}: {}", r.e->name, in.size, st.error().message());
+                    co_return FuseReply::err(st.error().errnum);
+                }
+                blocks_.erase(r.e->id);
+            }
+        } else if (r.kind != Resolved::Kind::kControlFile) {
+            co_return FuseReply::err(EISDIR);
+        }
+        // Control files: O_TRUNC of `echo x > file` is a no-op.
+    }
+    fuse_attr_out out{};
+    fill_attr(ino, &out.attr);
+    out.attr_valid = 1;
+    co_return FuseReply::of(out);
+}
+
+Task<FuseReply> ExportFs::open(FuseRequest* req) {
+    fuse_open_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    uint64_t ino = req->header->nodeid;
+    Resolved r = resolve(ino);
+    auto h = std::make_unique<Handle>();
+    h->ino = ino;
+    fuse_open_out out{};
+    bool writing = (in.flags & O_ACCMODE) != O_RDONLY;
+    switch (r.kind) {
+        case Resolved::Kind::kNone:
+            co_return FuseReply::err(ENOENT);
+        case Resolved::Kind::kRaw:
+            if (writing && options_.read_only) {
+                co_return FuseReply::err(EROFS);
+            }
+            if ((in.flags & O_TRUNC) != 0) {
+                co_return FuseReply::err(EPERM);  // truncating a disk to nothing: refused
+            }
+            h->raw = true;
+            h->export_id = r.e->id;
+            r.e->backend->open_file();
+            // No page cache: the image is shared with jobs and must stay coherent; several
+            // direct writes may run at once.
+            out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+            break;
+        case Resolved::Kind::kControlFile:
+            if (writing && !r.spec->writable) {
+                co_return FuseReply::err(EACCES);
+            }
+            h->file = r.spec->file;
+            h->export_id = r.e != nullptr ? r.e->id : 0;
+            if (!writing || (in.flags & O_ACCMODE) == O_RDWR) {
+                h->content = co_await control_->read(r.e, r.spec->file);
+            }
+            out.open_flags = FOPEN_DIRECT_IO;
+            break;
+        default:  // directories
+            break;
+    }
+    uint64_t fh = next_fh_++;
+    out.fh = fh;
+    handles_.emplace(fh, std::move(h));
+    co_return FuseReply::of(out);
+}
+
+Task<FuseReply> ExportFs::release(FuseRequest* req) {
+    fuse_release_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    auto it = handles_.find(in.fh);
+    if (it != handles_.end()) {
+        if (it->second->raw) {
+            if (Export* e = images_->find_id(it->second->export_id)) {
+                e->backend->release_file();
+            }
+        }
+        handles_.erase(it);
+    }
+    co_return FuseReply::err(0);
+}
+
+Task<FuseReply> ExportFs::read(FuseRequest* req) {
+    fuse_read_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    auto it = handles_.find(in.fh);
+    if (it == handles_.end()) {
+        co_return FuseReply::err(EBADF);
+    }
+    if (overflows(in.offset, in.size) || in.offset > static_cast<uint64_t>(INT64_MAX)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    Handle* h = it->second.get();
+    if (!h->raw) {
+        const std::string& c = h->content;
+        if (in.offset >= c.size()) {
+            co_return FuseReply::view({});
+        }
+        size_t n = std::min<size_t>(in.size, c.size() - in.offset);
+        co_return FuseReply::view(
+            ConstBuf(reinterpret_cast<const uint8_t*>(c.data()) + in.offset, n));
+    }
+    Export* e = images_->find_id(h->export_id);
+    if (e == nullptr) {
+        co_return FuseReply::err(ENODEV);
+    }
+    uint64_t size = e->backend->size();
+    if (in.offset >= size) {
+        co_return FuseReply::view({});  // short read at EOF
+    }
+    size_t n = std::min<uint64_t>({in.size, size - in.offset, req->scratch.size()});
+    MutBuf buf = req->scratch.first(n);
+    Status st = co_await e->backend->read(in.offset, buf);
+    if (!st) {
+        log_->error("{}.raw: read of {} bytes at {}: {}", e->name, n, in.offset,
+                    st.error().message());
+        co_return FuseReply::err(st.error().errnum);
+    }
+    co_return FuseReply::view(buf);
+}
+
+Task<FuseReply> ExportFs::write(FuseRequest* req) {
+    fuse_write_in in{};
+    if (!parse_arg(req, &in) || req->payload.size() != in.size) {
+        co_return FuseReply::err(EINVAL);
+    }
+    auto it = handles_.find(in.fh);
+    if (it == handles_.end()) {
+        co_return FuseReply::err(EBADF);
+    }
+    if (overflows(in.offset, in.size) || in.offset > static_cast<uint64_t>(INT64_MAX)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    Handle* h = it->second.get();
+    fuse_write_out out{};
+    if (!h->raw) {
+        Export* e = h->export_id != 0 ? images_->find_id(h->export_id) : nullptr;
+        if (h->export_id != 0 && e == nullptr) {
+            co_return FuseReply::err(ENODEV);
+        }
+        std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
+        Status st = co_await control_->write(e, h->file, std::move(text));
+        if (!st) {
+            co_return FuseReply::err(st.error().errnum);
+        }
+        out.size = in.size;
+        co_return FuseReply::of(out);
+    }
+    Export* e = images_->find_id(h->export_id);
+    if (e == nullptr) {
+        co_return FuseReply::err(ENODEV);
+    }
+    uint64_t size = e->backend->size();
+    if (in.offset >= size) {
+        co_return FuseReply::err(ENOSPC);  // a disk does not grow by writing past its end
+    }
+    uint64_t n = std::min<uint64_t>(in.size, size - in.offset);
+    Status st = co_await e->backend->write(in.offset, req->payload.first(n));
+    if (!st) {
+        log_->error("{}.raw: write of {} bytes at {}: {}", e->name, n, in.offset,
+                    st.error().message());
+        co_return FuseReply::err(st.error().errnum);
+    }
+    out.size = static_cast<uint32_t>(n);
+    co_return FuseReply::of(out);
+}
+
+Task<FuseReply> ExportFs::flush(FuseRequest* req) {
+    Resolved r = resolve(req->header->nodeid);
+    if (r.kind != Resolved::Kind::kRaw || options_.read_only) {
+        co_return FuseReply::err(0);
+    }
+    Status st = co_await r.e->backend->flush();
+    if (!st) {
+        log_->error("{}.raw: flush: {}", r.e->name, st.error().message());
+        co_return FuseReply::err(st.error().errnum);
+    }
+    co_return FuseReply::err(0);
+}
+
+Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
+    fuse_read_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    uint64_t ino = req->header->nodeid;
+    Resolved r = resolve(ino);
+    struct Entry {
+        uint64_t ino;
+        std::string name;
+        uint32_t type;
+    };
+    std::vector<Entry> entries = {{ino, ".", DT_DIR}, {kRootIno, "..", DT_DIR}};
+    if (r.kind == Resolved::Kind::kRootDir) {
+        for (const auto& e : images_->exports()) {
+            entries.push_back({raw_ino(*e), e->name + ".raw", DT_REG});
+        }
+        entries.push_back({kControlDirIno, ".control", DT_DIR});
+    } else if (r.kind == Resolved::Kind::kControlDir) {
+        const auto& files = control_->global_files();
+        for (size_t i = 0; i < files.size(); ++i) {
+            entries.push_back({kGlobalFirstIno + i, files[i].name, DT_REG});
+        }
+        for (const auto& e : images_->exports()) {
+            entries.push_back({raw_ino(*e) + kDirSub, e->name, DT_DIR});
+        }
+    } else if (r.kind == Resolved::Kind::kImageDir) {
+        const auto& files = control_->image_files();
+        for (size_t i = 0; i < files.size(); ++i) {
+            entries.push_back({raw_ino(*r.e) + kFirstFileSub + i, files[i].name, DT_REG});
+        }
+    } else {
+        co_return FuseReply::err(ENOTDIR);
+    }
+    std::vector<uint8_t> out;
+    for (uint64_t i = in.offset; i < entries.size(); ++i) {
+        const Entry& en = entries[i];
+        size_t rec = FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + en.name.size());
+        if (out.size() + rec > in.size) {
+            break;
+        }
+        append_dirent(&out, en.ino, i + 1, en.type, en.name);
+    }
+    co_return FuseReply::bytes(std::move(out));
+}
+
+Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
+    struct statfs st {};
+    fuse_statfs_out out{};
+    if (::fstatfs(images_->dir_fd(), &st) == 0) {
+        out.st.blocks = st.f_blocks;
+        out.st.bfree = st.f_bfree;
+        out.st.bavail = st.f_bavail;
+        out.st.files = st.f_files;
+        out.st.ffree = st.f_ffree;
+        out.st.bsize = static_cast<uint32_t>(st.f_bsize);
+        out.st.frsize = static_cast<uint32_t>(st.f_frsize);
+    }
+    out.st.namelen = 255;
+    co_return FuseReply::of(out);
+}
+
+Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
+    fuse_fallocate_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    Resolved r = resolve(req->header->nodeid);
+    if (r.kind != Resolved::Kind::kRaw) {
+        co_return FuseReply::err(EOPNOTSUPP);
+    }
+    if (overflows(in.offset, in.length)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    BlockBackend* be = r.e->backend.get();
+    uint64_t size = be->size();
+    uint64_t end = in.offset + in.length;
+    const uint32_t keep = FALLOC_FL_KEEP_SIZE;
+    Status st;
+    if (in.mode == 0 || in.mode == keep) {
+        if (in.mode == 0 && end > size) {
+            st = co_await be->truncate(end);  // preallocating past the end grows the disk
+        }
+    } else if (in.mode == (FALLOC_FL_PUNCH_HOLE | keep)) {
+        // A punched range must read as zeros afterwards: deallocate and make it zero.
+        if (in.offset < size) {
+            st = co_await be->write_zeroes(in.offset, std::min(end, size) - in.offset, true);
+        }
+    } else if ((in.mode & ~keep) == FALLOC_FL_ZERO_RANGE) {
+        if ((in.mode & keep) == 0 && end > size) {
+            st = co_await be->truncate(end);
+            size = be->size();
+        }
+        if (st && in.offset < size) {
+            st = co_await be->write_zeroes(in.offset, std::min(end, size) - in.offset, false);
+        }
+    } else {
+        co_return FuseReply::err(EOPNOTSUPP);
+    }
+    if (!st) {
+        log_->error("{}.raw: fallocate mode {:#x}: {}", r.e->name, in.mode, st.error().message());
+        co_return FuseReply::err(st.error().errnum);
+    }
+    blocks_.erase(r.e->id);
+    co_return FuseReply::err(0);
+}
+
+Task<FuseReply> ExportFs::lseek(FuseRequest* req) {
+    fuse_lseek_in in{};
+    if (!parse_arg(req, &in)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    Resolved r = resolve(req->header->nodeid);
+    if (r.kind != Resolved::Kind::kRaw) {
+        co_return FuseReply::err(EINVAL);
+    }
+    if (in.whence != SEEK_DATA && in.whence != SEEK_HOLE) {
+        co_return FuseReply::err(EINVAL);
+    }
+    Node* top = r.e->chain.top().get();
+    uint64_t size = top->size();
+    uint64_t off = in.offset;
+    if (off >= size) {
+        co_return FuseReply::err(ENXIO);
+    }
+    const bool want_data = in.whence == SEEK_DATA;
+    while (off < size) {
+        Result<ChainStatus> st = co_await block_status_above(top, off, size - off);
+        if (!st) {
+            co_return FuseReply::err(st.error().errnum);
+        }
+        if (st->data == want_data) {
+            break;
+        }
+        off += st->bytes;
+    }
+    if (off >= size && want_data) {
+        co_return FuseReply::err(ENXIO);
+    }
+    fuse_lseek_out out{};
+    out.offset = std::min(off, size);
+    co_return FuseReply::of(out);
+}
+
+}  // namespace imgfs

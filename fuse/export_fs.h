@@ -1,0 +1,78 @@
+// ExportFs: the filesystem under the mount point (DESIGN.md §2.2): NAME.raw per exported chain and
+// the .control tree. It turns FUSE requests into block-backend calls and control commands.
+//
+// Inode numbers are fixed for the lifetime of the mount: the root, .control and its global files
+// have small constants; an export with id E has the block [kExportBase + E*16, +16).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "fuse/control.h"
+#include "fuse/fuse_server.h"
+#include "jobs/image_set.h"
+
+namespace imgfs {
+
+struct ExportFsOptions {
+    bool read_only = false;
+    bool allow_other = false;
+    uint32_t uid = 0;
+    uint32_t gid = 0;
+};
+
+class ExportFs final : public FuseHandler {
+  public:
+    ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportFsOptions options);
+    ExportFs(const ExportFs&) = delete;
+    ExportFs& operator=(const ExportFs&) = delete;
+    ~ExportFs() override;
+
+    Task<FuseReply> handle(FuseRequest* req) override;
+
+    // Inode layout (exposed for tests).
+    static constexpr uint64_t kRootIno = 1;
+    static constexpr uint64_t kControlDirIno = 2;
+    static constexpr uint64_t kExportBase = 1024;
+    static uint64_t raw_ino(const Export& e) { return kExportBase + e.id * 16; }
+
+  private:
+    struct Handle;
+    struct Resolved;
+    Resolved resolve(uint64_t ino) const;
+    bool fill_attr(uint64_t ino, fuse_attr* attr);
+
+    Task<FuseReply> lookup(FuseRequest* req);
+    Task<FuseReply> getattr(FuseRequest* req);
+    Task<FuseReply> setattr(FuseRequest* req);
+    Task<FuseReply> open(FuseRequest* req);
+    Task<FuseReply> release(FuseRequest* req);
+    Task<FuseReply> read(FuseRequest* req);
+    Task<FuseReply> write(FuseRequest* req);
+    Task<FuseReply> flush(FuseRequest* req);
+    Task<FuseReply> readdir(FuseRequest* req);
+    Task<FuseReply> statfs(FuseRequest* req);
+    Task<FuseReply> fallocate(FuseRequest* req);
+    Task<FuseReply> lseek(FuseRequest* req);
+    Task<void> refresh_blocks(Export* e);
+
+    ImageSet* images_;
+    ControlPlane* control_;
+    Logger* log_;
+    ExportFsOptions options_;
+    std::map<uint64_t, std::unique_ptr<Handle>> handles_;
+    uint64_t next_fh_ = 1;
+    int64_t mount_time_s_;
+    // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
+    struct BlocksCache {
+        uint64_t bytes = 0;
+        std::chrono::steady_clock::time_point at{};
+        bool valid = false;
+    };
+    std::map<uint64_t, BlocksCache> blocks_;
+};
+
+}  // namespace imgfs

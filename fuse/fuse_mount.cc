@@ -1,0 +1,66 @@
+#include "fuse/fuse_mount.h"
+
+#define FUSE_USE_VERSION 35
+#include <cstring>
+
+#include <fuse_lowlevel.h>
+
+namespace imgfs {
+
+Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoint,
+                                                    const MountOptions& options) {
+    std::string opts = "default_permissions,nosuid,nodev,subtype=imgfs";
+    opts += ",fsname=" + (options.fsname.empty() ? std::string("imgfs") : options.fsname);
+    opts += fmt::format(",max_read={}", options.max_read_bytes);
+    if (options.read_only) {
+        opts += ",ro";
+    }
+    if (options.allow_other) {
+        opts += ",allow_other";
+    }
+    for (const auto& e : options.extra) {
+        opts += "," + e;
+    }
+    // libfuse parses these like a command line; its own loop is never run.
+    std::vector<std::string> argv_s = {"imgfs", "-o", opts};
+    std::vector<char*> argv;
+    for (auto& a : argv_s) {
+        argv.push_back(a.data());
+    }
+    fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+    fuse_lowlevel_ops ops{};
+    std::unique_ptr<FuseMount> m(new FuseMount());
+    m->session_ = fuse_session_new(&args, &ops, sizeof ops, nullptr);
+    if (m->session_ == nullptr) {
+        return make_error(EINVAL, "cannot set up a FUSE session (mount options: {})", opts);
+    }
+    if (fuse_session_mount(m->session_, mountpoint.c_str()) != 0) {
+        return make_error(EPERM,
+                          "cannot mount on {} (is /dev/fuse usable, and the mount point an "
+                          "empty directory you own?)",
+                          mountpoint);
+    }
+    m->mountpoint_ = mountpoint;
+    m->mounted_ = true;
+    return m;
+}
+
+FuseMount::~FuseMount() {
+    unmount();
+    if (session_ != nullptr) {
+        fuse_session_destroy(session_);
+    }
+}
+
+int FuseMount::fd() const {
+    return fuse_session_fd(session_);
+}
+
+void FuseMount::unmount() {
+    if (mounted_) {
+        mounted_ = false;
+        fuse_session_unmount(session_);
+    }
+}
+
+}  // namespace imgfs

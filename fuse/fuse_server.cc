@@ -1,0 +1,193 @@
+#include "fuse/fuse_server.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <sys/mman.h>
+
+namespace imgfs {
+
+namespace {
+
+// What a WRITE request puts before its payload; the first read iovec is exactly this long.
+constexpr size_t kWriteHeaderBytes = sizeof(fuse_in_header) + sizeof(fuse_write_in);
+constexpr size_t kHeaderAreaBytes = 4096;
+// Touched pages of a payload area beyond this are given back when the buffer is idle, so one
+// burst of big writes does not keep the whole pool resident.
+constexpr size_t kResidentPayloadBytes = 64 * 1024;
+constexpr uint32_t kOurMinor = 38;
+
+}  // namespace
+
+struct FuseServer::RequestBuffer {
+    AlignedBuffer header;   // kHeaderAreaBytes
+    AlignedBuffer payload;  // max_write_bytes, page aligned
+    size_t payload_used = 0;
+};
+
+FuseServer::FuseServer(EventLoop* loop, int fuse_fd, FuseHandler* handler, Logger* log,
+                       FuseServerOptions options)
+    : loop_(loop),
+      fd_(fuse_fd),
+      handler_(handler),
+      log_(log),
+      options_(options),
+      scope_(loop),
+      buffer_freed_(loop) {}
+
+FuseServer::~FuseServer() = default;
+
+Task<FuseServer::RequestBuffer*> FuseServer::take_buffer() {
+    for (;;) {
+        if (!free_.empty()) {
+            RequestBuffer* b = free_.back();
+            free_.pop_back();
+            co_return b;
+        }
+        if (buffers_.size() < options_.max_buffers) {
+            auto b = std::make_unique<RequestBuffer>();
+            b->header = AlignedBuffer(kHeaderAreaBytes);
+            b->payload = AlignedBuffer(options_.max_write_bytes);
+            buffers_.push_back(std::move(b));
+            co_return buffers_.back().get();
+        }
+        co_await buffer_freed_.wait();
+    }
+}
+
+void FuseServer::give_buffer(RequestBuffer* buf) {
+    if (buf->payload_used > kResidentPayloadBytes) {
+        ::madvise(buf->payload.data() + kResidentPayloadBytes,
+                  buf->payload.size() - kResidentPayloadBytes, MADV_DONTNEED);
+    }
+    buf->payload_used = 0;
+    free_.push_back(buf);
+    buffer_freed_.notify_one();
+}
+
+Task<void> FuseServer::run() {
+    for (uint32_t i = 0; i < options_.reads_in_flight; ++i) {
+        scope_.spawn(reader());
+    }
+    co_await scope_.join();
+}
+
+Task<void> FuseServer::reader() {
+    while (!stopping_) {
+        RequestBuffer* buf = co_await take_buffer();
+        if (stopping_) {
+            give_buffer(buf);
+            break;
+        }
+        iovec iov[2] = {{buf->header.data(), kWriteHeaderBytes},
+                        {buf->payload.data(), buf->payload.size()}};
+        int32_t res = co_await loop_->submit(
+            [this, &iov](io_uring_sqe* sqe) { io_uring_prep_readv(sqe, fd_, iov, 2, 0); });
+        if (res == -EINTR || res == -EAGAIN || res == -ENOENT) {
+            give_buffer(buf);  // ENOENT: the request was interrupted before we read it
+            continue;
+        }
+        if (res < 0) {
+            if (res != -ENODEV && res != -EBADF) {
+                log_->error("reading /dev/fuse failed: {}", strerror(-res));
+            }
+            stopping_ = true;  // unmounted (ENODEV) or broken: stop serving
+            give_buffer(buf);
+            break;
+        }
+        scope_.spawn(process(buf, static_cast<size_t>(res)));
+    }
+}
+
+Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
+    ++active_;
+    max_concurrent_ = std::max(max_concurrent_, active_);
+    ++served_;
+    uint8_t* head = buf->header.data();
+    auto* h = reinterpret_cast<fuse_in_header*>(head);
+    FuseRequest req;
+    req.header = h;
+    req.scratch = buf->payload.span();
+    bool valid = length >= sizeof(fuse_in_header) && h->len == length;
+    if (valid && h->opcode == FUSE_WRITE) {
+        req.arg = ConstBuf(head + sizeof(fuse_in_header), sizeof(fuse_write_in));
+        req.payload = ConstBuf(buf->payload.data(), length - std::min(length, kWriteHeaderBytes));
+        buf->payload_used = req.payload.size();
+    } else if (valid) {
+        // Everything else is small: make it contiguous after the header.
+        size_t spill = length > kWriteHeaderBytes ? length - kWriteHeaderBytes : 0;
+        if (kWriteHeaderBytes + spill > kHeaderAreaBytes) {
+            valid = false;
+        } else {
+            std::memcpy(head + kWriteHeaderBytes, buf->payload.data(), spill);
+            req.arg = ConstBuf(head + sizeof(fuse_in_header), length - sizeof(fuse_in_header));
+        }
+    }
+    FuseReply reply;
+    uint64_t unique = valid ? h->unique : 0;
+    if (!valid) {
+        log_->error("malformed FUSE request ({} bytes); ignoring it", length);
+        reply = FuseReply::err(EIO);
+    } else if (h->opcode == FUSE_INIT) {
+        reply = co_await handle_init(&req);
+    } else if (!initialised_) {
+        reply = FuseReply::err(EIO);
+    } else {
+        reply = co_await handler_->handle(&req);
+    }
+    if (valid && !reply.none) {
+        co_await send(unique, std::move(reply));
+    }
+    give_buffer(buf);
+    --active_;
+}
+
+Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
+    if (req->arg.size() < offsetof(fuse_init_in, flags) + sizeof(uint32_t)) {
+        co_return FuseReply::err(EINVAL);
+    }
+    fuse_init_in in{};
+    std::memcpy(&in, req->arg.data(), std::min(req->arg.size(), sizeof in));
+    fuse_init_out out{};
+    out.major = FUSE_KERNEL_VERSION;
+    if (in.major != FUSE_KERNEL_VERSION) {
+        // The kernel retries with our major if it can.
+        co_return FuseReply::of(out);
+    }
+    kernel_minor_ = in.minor;
+    out.minor = std::min(kOurMinor, in.minor);
+    out.max_readahead = in.max_readahead;
+    uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ATOMIC_O_TRUNC | FUSE_ASYNC_DIO |
+                    FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS;
+    out.flags = in.flags & want;
+    out.max_background = options_.max_background;
+    out.congestion_threshold = static_cast<uint16_t>(options_.max_background * 3 / 4);
+    out.max_write = options_.max_write_bytes;
+    out.time_gran = 1;
+    out.max_pages = static_cast<uint16_t>(options_.max_write_bytes / 4096);
+    initialised_ = true;
+    log_->debug("FUSE connection 7.{} (kernel 7.{}), max_write {}", out.minor, in.minor,
+                out.max_write);
+    handler_->connected();
+    co_return FuseReply::of(out);
+}
+
+Task<void> FuseServer::send(uint64_t unique, FuseReply reply) {
+    fuse_out_header out{};
+    out.unique = unique;
+    out.error = -reply.error;
+    out.len = static_cast<uint32_t>(sizeof out + (reply.error == 0 ? reply.data.size() : 0));
+    iovec iov[2] = {
+        {&out, sizeof out},
+        {const_cast<uint8_t*>(reply.data.data()), reply.error == 0 ? reply.data.size() : 0}};
+    int32_t res = co_await loop_->submit([this, &iov](io_uring_sqe* sqe) {
+        io_uring_prep_writev(sqe, fd_, iov, iov[1].iov_len != 0 ? 2 : 1, 0);
+    });
+    // ENOENT: the request was interrupted meanwhile; ENODEV/EBADF: unmounted. Neither is ours to
+    // report.
+    if (res < 0 && res != -ENOENT && res != -ENODEV && res != -EBADF) {
+        log_->error("writing a FUSE reply failed: {}", strerror(-res));
+    }
+}
+
+}  // namespace imgfs

@@ -1,0 +1,129 @@
+// FuseServer: the FUSE protocol engine. Several reads of /dev/fuse are kept in flight through the
+// event loop's io_uring; each request read runs as its own coroutine in the server's scope and
+// gets exactly one reply, because handlers return their reply and only the server writes it.
+//
+// Buffers: each request owns a RequestBuffer until its reply is written. A read lands as
+// [header area | payload area]: the first iovec takes exactly the WRITE header, so a WRITE
+// payload starts at an aligned address and is passed to the block layer in place (never copied,
+// never reused before the write completes). READ replies are produced in the payload area.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <linux/fuse.h>
+
+#include "core/buffer.h"
+#include "core/event_loop.h"
+#include "core/log.h"
+#include "core/task_scope.h"
+
+namespace imgfs {
+
+/// One request, valid while its handler runs.
+struct FuseRequest {
+    const fuse_in_header* header = nullptr;
+    ConstBuf arg;      // the opcode's argument struct and any names after it
+    ConstBuf payload;  // WRITE data
+    MutBuf scratch;    // aligned space for the reply's data (READ), max_write bytes
+};
+
+/// A reply: an errno, or data (none for FORGET-like opcodes).
+struct FuseReply {
+    int error = 0;      // positive errno
+    bool none = false;  // send nothing
+    ConstBuf data;      // points into `owned` or into the request's scratch
+    std::vector<uint8_t> owned;
+
+    static FuseReply err(int e) {
+        FuseReply r;
+        r.error = e;
+        return r;
+    }
+    static FuseReply no_reply() {
+        FuseReply r;
+        r.none = true;
+        return r;
+    }
+    template <typename T>
+    static FuseReply of(const T& value) {
+        FuseReply r;
+        r.owned.resize(sizeof(T));
+        std::memcpy(r.owned.data(), &value, sizeof(T));
+        r.data = r.owned;
+        return r;
+    }
+    static FuseReply bytes(std::vector<uint8_t> v) {
+        FuseReply r;
+        r.owned = std::move(v);
+        r.data = r.owned;
+        return r;
+    }
+    static FuseReply view(ConstBuf b) {
+        FuseReply r;
+        r.data = b;
+        return r;
+    }
+};
+
+/// The filesystem behind the protocol.
+class FuseHandler {
+  public:
+    virtual ~FuseHandler() = default;
+    /// Handles one request (never INIT). Must not keep pointers into `req` after returning.
+    virtual Task<FuseReply> handle(FuseRequest* req) = 0;
+    /// Called once the kernel has initialised the connection.
+    virtual void connected() {}
+};
+
+struct FuseServerOptions {
+    uint32_t max_write_bytes = 1U << 20;
+    uint32_t reads_in_flight = 16;
+    uint32_t max_buffers = 64;
+    uint16_t max_background = 64;
+};
+
+class FuseServer {
+  public:
+    FuseServer(EventLoop* loop, int fuse_fd, FuseHandler* handler, Logger* log,
+               FuseServerOptions options);
+    FuseServer(const FuseServer&) = delete;
+    FuseServer& operator=(const FuseServer&) = delete;
+    ~FuseServer();
+
+    /// Serves until the connection ends (unmount), then waits for every request in flight.
+    Task<void> run();
+
+    [[nodiscard]] uint64_t requests_served() const { return served_; }
+    [[nodiscard]] uint32_t max_concurrent() const { return max_concurrent_; }
+    [[nodiscard]] uint32_t kernel_minor() const { return kernel_minor_; }
+
+  private:
+    struct RequestBuffer;
+    Task<void> reader();
+    Task<void> process(RequestBuffer* buf, size_t length);
+    Task<FuseReply> handle_init(FuseRequest* req);
+    Task<void> send(uint64_t unique, FuseReply reply);
+    Task<RequestBuffer*> take_buffer();
+    void give_buffer(RequestBuffer* buf);
+
+    EventLoop* loop_;
+    int fd_;
+    FuseHandler* handler_;
+    Logger* log_;
+    FuseServerOptions options_;
+    TaskScope scope_;  // every reader and request coroutine; run() joins it
+    std::vector<std::unique_ptr<RequestBuffer>> buffers_;
+    std::vector<RequestBuffer*> free_;
+    WaitQueue buffer_freed_;
+    bool stopping_ = false;
+    bool initialised_ = false;
+    uint32_t kernel_minor_ = 0;
+    uint64_t served_ = 0;
+    uint32_t active_ = 0;
+    uint32_t max_concurrent_ = 0;
+};
+
+}  // namespace imgfs

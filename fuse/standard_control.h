@@ -1,0 +1,35 @@
+// StandardControl: the control files of DESIGN.md §2.2 over an ImageSet and its jobs.
+#pragma once
+
+#include "core/log.h"
+#include "fuse/control.h"
+
+namespace imgfs {
+
+class JobManager;
+
+class StandardControl final : public ControlPlane {
+  public:
+    StandardControl(ImageSet* images, JobManager* jobs, Logger* log);
+
+    [[nodiscard]] const std::vector<ControlFileSpec>& image_files() const override {
+        return image_files_;
+    }
+    [[nodiscard]] const std::vector<ControlFileSpec>& global_files() const override {
+        return global_files_;
+    }
+    Task<std::string> read(Export* e, ControlFile file) override;
+    Task<Status> write(Export* e, ControlFile file, std::string command) override;
+
+  private:
+    Task<Status> run(Export* e, ControlFile file, std::string command);
+    Status refuse(Export* e, Error error);
+
+    ImageSet* images_;
+    JobManager* jobs_;
+    Logger* log_;
+    std::vector<ControlFileSpec> image_files_;
+    std::vector<ControlFileSpec> global_files_;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,327 @@
+#include "jobs/image_set.h"
+
+#include <algorithm>
+#include <dirent.h>
+#include <fcntl.h>
+#include <map>
+#include <set>
+#include <unistd.h>
+
+#include <sys/stat.h>
+
+#include "core/event_loop.h"
+#include "core/log.h"
+#include "core/transaction.h"
+#include "drivers/qcow2/format.h"
+#include "drivers/qcow2/qcow2_node.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr const char* kExtensions[] = {".qcow2", ".qcow", ".img", ".raw"};
+
+bool ends_with(const std::string& s, const char* suffix) {
+    size_t n = std::strlen(suffix);
+    return s.size() > n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+// The backing file name recorded in a qcow2 header, or "" (also for raw images).
+Result<std::string> recorded_backing(int fd, const std::string& file) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        return make_error(errno, "stat {}", file);
+    }
+    std::vector<uint8_t> buf(std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 2ULL << 20));
+    ssize_t n = ::pread(fd, buf.data(), buf.size(), 0);
+    if (n < 0) {
+        return make_error(errno, "reading {}", file);
+    }
+    buf.resize(static_cast<size_t>(n));
+    if (buf.size() < 4 || qcow2::load_be32(buf.data()) != qcow2::kMagic) {
+        return std::string();
+    }
+    TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(buf, static_cast<uint64_t>(st.st_size), file));
+    return h.backing_file;
+}
+
+}  // namespace
+
+struct ImageSet::Candidate {
+    std::string file;
+    std::string backing;  // resolved, relative to the directory; "" if none or outside
+    bool broken = false;
+};
+
+std::string export_name_of(const std::string& file) {
+    std::string base = file;
+    for (const char* ext : kExtensions) {
+        if (ends_with(base, ext)) {
+            base.resize(base.size() - std::strlen(ext));
+            break;
+        }
+    }
+    size_t at = base.find('@');
+    return at == std::string::npos ? base : base.substr(0, at);
+}
+
+bool is_image_file_name(const std::string& file) {
+    if (file.empty() || file[0] == '.') {
+        return false;
+    }
+    return std::any_of(std::begin(kExtensions), std::end(kExtensions),
+                       [&file](const char* e) { return ends_with(file, e); });
+}
+
+ImageSet::ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetOptions options)
+    : env_(env), dir_fd_(std::move(dir_fd)), dir_path_(std::move(dir_path)), options_(options) {
+    char real[PATH_MAX];
+    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd_.get()).c_str(), real) != nullptr) {
+        dir_real_ = real;
+    }
+}
+
+ImageSet::~ImageSet() = default;
+
+Export* ImageSet::find(std::string_view name) const {
+    for (const auto& e : exports_) {
+        if (e->name == name) {
+            return e.get();
+        }
+    }
+    return nullptr;
+}
+
+Export* ImageSet::find_id(uint64_t id) const {
+    for (const auto& e : exports_) {
+        if (e->id == id) {
+            return e.get();
+        }
+    }
+    return nullptr;
+}
+
+std::vector<Export*> ImageSet::users_of(const Node* node, const Export* except) const {
+    std::vector<Export*> out;
+    for (const auto& e : exports_) {
+        if (e.get() == except) {
+            continue;
+        }
+        for (const Layer& l : e->chain.layers) {
+            if (l.node.get() == node) {
+                out.push_back(e.get());
+                break;
+            }
+        }
+    }
+    return out;
+}
+
+Result<std::vector<ImageSet::Candidate>> ImageSet::list_candidates() {
+    int dup = ::dup(dir_fd_.get());
+    if (dup < 0) {
+        return make_error(errno, "{}", dir_path_);
+    }
+    DIR* d = ::fdopendir(dup);
+    if (d == nullptr) {
+        int err = errno;
+        ::close(dup);
+        return make_error(err, "cannot read {}", dir_path_);
+    }
+    ::rewinddir(d);
+    std::vector<Candidate> out;
+    while (dirent* ent = ::readdir(d)) {
+        std::string name = ent->d_name;
+        if (!is_image_file_name(name)) {
+            continue;
+        }
+        struct stat st {};
+        if (::fstatat(dir_fd_.get(), name.c_str(), &st, 0) != 0 || !S_ISREG(st.st_mode)) {
+            continue;  // subfolders, dangling links and devices are not images here
+        }
+        out.push_back(Candidate{name, "", false});
+    }
+    ::closedir(d);
+    std::sort(out.begin(), out.end(),
+              [](const Candidate& a, const Candidate& b) { return a.file < b.file; });
+    for (Candidate& c : out) {
+        Result<UniqueFd> fd = open_beneath(dir_fd_.get(), c.file, true, false);
+        Result<std::string> backing =
+            fd ? recorded_backing(fd->get(), c.file) : Result<std::string>(fd.error());
+        if (!backing) {
+            c.broken = true;
+            problems_.push_back(backing.error().message());
+            continue;
+        }
+        if (!backing->empty()) {
+            Result<std::string> r =
+                resolve_backing(c.file, *backing, dir_real_, options_.allow_external_backing);
+            if (r) {
+                c.backing = *r;
+            }
+        }
+    }
+    return out;
+}
+
+Task<Status> ImageSet::scan() {
+    problems_.clear();
+    CO_TRY_ASSIGN(std::vector<Candidate> files, list_candidates());
+    std::set<std::string> layers;
+    for (const Candidate& c : files) {
+        if (!c.backing.empty()) {
+            layers.insert(c.backing);
+        }
+    }
+    std::map<std::string, std::vector<std::string>> roots_by_name;
+    for (const Candidate& c : files) {
+        if (!c.broken && layers.count(c.file) == 0) {
+            roots_by_name[export_name_of(c.file)].push_back(c.file);
+        }
+    }
+    std::map<std::string, std::string> wanted;  // name -> root file
+    for (auto& [name, roots] : roots_by_name) {
+        if (roots.size() > 1) {
+            std::string list;
+            for (const auto& r : roots) {
+                list += list.empty() ? r : ", " + r;
+            }
+            problems_.push_back(
+                fmt::format("export name '{}' is wanted by {}; none of them is "
+                            "exported",
+                            name, list));
+            continue;
+        }
+        wanted[name] = roots.front();
+    }
+    // Drop exports whose root went away or changed, unless they are in use.
+    for (size_t i = 0; i < exports_.size();) {
+        Export* e = exports_[i].get();
+        auto it = wanted.find(e->name);
+        bool keep = it != wanted.end() && it->second == e->chain.layers.front().file;
+        if (!keep && e->backend->open_count() > 0) {
+            problems_.push_back(fmt::format("{}.raw is open; keeping it although {} changed",
+                                            e->name, e->chain.layers.front().file));
+            keep = true;
+        }
+        if (keep) {
+            wanted.erase(e->name);
+            ++i;
+            continue;
+        }
+        co_await remove_export(e);
+    }
+    for (const auto& [name, root] : wanted) {
+        Status st = co_await open_export(root, name);
+        if (!st) {
+            problems_.push_back(st.error().message());
+        }
+    }
+    for (const std::string& p : problems_) {
+        env_.log->warn("{}: {}", dir_path_, p);
+    }
+    co_return Status{};
+}
+
+Task<Status> ImageSet::open_export(const std::string& root, const std::string& name) {
+    ChainOptions co;
+    co.read_only = options_.read_only;
+    co.allow_external_backing = options_.allow_external_backing;
+    co.direct = options_.direct;
+    co.qcow2 = options_.qcow2;
+    CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, dir_fd_.get(), root, co, &cache_));
+    auto e = std::make_unique<Export>();
+    e->id = next_id_++;
+    e->name = name;
+    e->chain = std::move(chain);
+    e->backend = std::make_unique<BlockBackend>(env_.loop, name);
+    Perms perm = perm::kConsistentRead;
+    if (!options_.read_only) {
+        perm |= perm::kWrite | perm::kResize;
+    }
+    Transaction tx(env_.graph);
+    e->backend->attach(&tx, e->chain.top(), perm, perm::kConsistentRead | perm::kWriteUnchanged);
+    Status st = tx.commit();
+    if (!st) {
+        (void)co_await e->chain.top()->close();
+        forget_unused_layers();
+        co_return make_error(st.error().errnum, "{}: {}", root, st.error().message());
+    }
+    env_.log->info("exporting {}.raw ({} layer{}, top {})", name, e->chain.layers.size(),
+                   e->chain.layers.size() == 1 ? "" : "s", root);
+    exports_.push_back(std::move(e));
+    co_return Status{};
+}
+
+Task<void> ImageSet::remove_export(Export* e) {
+    env_.log->info("no longer exporting {}.raw", e->name);
+    {
+        Transaction tx(env_.graph);
+        tx.detach(e->backend->root());
+        (void)tx.commit();
+    }
+    // Close the layers nothing else uses any more (top first).
+    for (Layer& l : e->chain.layers) {
+        if (l.node->parents().empty() || users_of(l.node.get(), e).empty()) {
+            Status st = co_await l.node->close();
+            if (!st) {
+                env_.log->error("closing {}: {}", l.file, st.error().message());
+            }
+        }
+    }
+    auto it =
+        std::find_if(exports_.begin(), exports_.end(), [e](const auto& p) { return p.get() == e; });
+    exports_.erase(it);
+    forget_unused_layers();
+}
+
+void ImageSet::forget_unused_layers() {
+    for (auto it = cache_.chains.begin(); it != cache_.chains.end();) {
+        const Layer& top = it->second.front();
+        bool used = false;
+        for (const auto& e : exports_) {
+            for (const Layer& l : e->chain.layers) {
+                used = used || l.node == top.node;
+            }
+        }
+        it = used ? std::next(it) : cache_.chains.erase(it);
+    }
+}
+
+Task<Status> ImageSet::close_all() {
+    Status first;
+    while (!exports_.empty()) {
+        Export* e = exports_.back().get();
+        co_await remove_export(e);
+    }
+    co_return first;
+}
+
+Task<std::string> ImageSet::info_json(Export* e) {
+    JsonWriter w;
+    w.begin_object();
+    w.field("name", e->name);
+    w.field("file", e->chain.layers.front().file);
+    w.field("virtual_size", e->backend->size());
+    w.field("open_count", e->backend->open_count());
+    w.field("last_error", e->last_error);
+    w.key("layers");
+    w.begin_array();
+    for (Layer& l : e->chain.layers) {
+        w.begin_object();
+        w.field("file", l.file);
+        w.field("format", l.format);
+        w.field("virtual_size", l.node->size());
+        Result<uint64_t> alloc = co_await l.node->allocated_bytes();
+        if (alloc) {
+            w.field("allocated_size", *alloc);
+        }
+        l.node->describe(&w);
+        w.end_object();
+    }
+    w.end_array();
+    w.end_object();
+    co_return w.take();
+}
+
+}  // namespace imgfs
