@@ -105,9 +105,15 @@ class ChildOwner {
     /// Suspends while quiesced. New requests from this owner pass through here first.
     Task<void> wait_unquiesced();
 
-    void inc_in_flight() { ++in_flight_; }
+    void inc_in_flight() {
+        if (++in_flight_ > max_in_flight_) {
+            max_in_flight_ = in_flight_;
+        }
+    }
     void dec_in_flight();
     [[nodiscard]] uint64_t in_flight() const { return in_flight_; }
+    /// The most requests ever in flight at once (statistics).
+    [[nodiscard]] uint64_t max_in_flight() const { return max_in_flight_; }
     /// Suspends until in_flight() has been 0 at least once since the call.
     [[nodiscard]] WaitQueue::Waiter wait_idle() { return idle_.wait(); }
 
@@ -121,6 +127,7 @@ class ChildOwner {
     friend class Child;
     std::vector<std::unique_ptr<Child>> children_;
     uint64_t in_flight_ = 0;
+    uint64_t max_in_flight_ = 0;
     int quiesce_counter_ = 0;
     WaitQueue idle_;
     WaitQueue unquiesced_;

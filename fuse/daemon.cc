@@ -69,6 +69,19 @@ int wait_for_child(int read_fd) {
     return 1;
 }
 
+// kill(pid, 0) also succeeds for a zombie; a process that has exited but not been reaped yet
+// (its parent may be slow to do so) has closed its images all the same.
+bool process_running(pid_t pid) {
+    std::ifstream f(fmt::format("/proc/{}/stat", pid));
+    std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    size_t paren = stat.rfind(')');
+    if (stat.empty() || paren == std::string::npos || paren + 2 >= stat.size()) {
+        return false;
+    }
+    char state = stat[paren + 2];
+    return state != 'Z' && state != 'X';
+}
+
 struct Daemon {
     EventLoop* loop;
     Logger* log;
@@ -251,7 +264,7 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
     }
     // The daemon flushes and closes its images after the unmount: wait for it.
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-    while (pid > 0 && ::kill(pid, 0) == 0) {
+    while (pid > 0 && process_running(pid)) {
         if (std::chrono::steady_clock::now() > deadline) {
             std::fprintf(stderr, "imgfs: daemon %d still running after %d s\n", pid, timeout_s);
             return 1;

@@ -304,6 +304,8 @@ Task<std::string> ImageSet::info_json(Export* e) {
     w.field("file", e->chain.layers.front().file);
     w.field("virtual_size", e->backend->size());
     w.field("open_count", e->backend->open_count());
+    // The most requests that were in flight on NAME.raw at once since it was exported.
+    w.field("max_requests_in_flight", e->backend->max_in_flight());
     w.field("last_error", e->last_error);
     w.key("layers");
     w.begin_array();

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# imgfs demo: an image directory served as raw files, a filesystem made on one of them through a
+# loop device, then everything unmounted and checked with qemu-img.
+set -euo pipefail
+IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
+work=$(mktemp -d /tmp/imgfs-demo.XXXXXX)
+images=$work/images
+mnt=$work/mnt
+fs=$work/fs
+mkdir -p "$images" "$mnt" "$fs"
+say() { printf '\n== %s\n' "$*"; }
+cleanup() {
+  mountpoint -q "$fs" && umount "$fs" || true
+  [ -n "${loop:-}" ] && losetup -d "$loop" 2>/dev/null || true
+  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
+}
+trap cleanup EXIT
+
+say "1. An image directory: a base image and a VM disk on top of it"
+"$IMGFS" create "$images/base.qcow2" 256M
+"$IMGFS" create -b base.qcow2 "$images/vm1.qcow2"
+qemu-img create -q -f raw "$images/scratch.img" 64M
+ls -l "$images"
+
+say "2. Mount it: every chain appears as NAME.raw (base.qcow2 is a layer, not an export)"
+"$IMGFS" mount "$images" "$mnt"
+ls -l "$mnt"
+echo "info:"; cat "$mnt/.control/vm1/info"; echo
+
+say "3. Loop-mount vm1.raw, make ext4 on it and write some files"
+loop=$(losetup -f --show "$mnt/vm1.raw")
+mkfs.ext4 -q "$loop"
+mount "$loop" "$fs"
+cp -r /etc/default "$fs/etc-default" 2>/dev/null || true
+seq 1 100000 > "$fs/numbers.txt"
+dd if=/dev/urandom of="$fs/random.bin" bs=1M count=16 status=none
+sha256sum "$fs/numbers.txt" "$fs/random.bin" | tee "$work/sums"
+df -h "$fs" | tail -1
+
+say "4. Unmount everything"
+umount "$fs"
+losetup -d "$loop"; loop=
+e2fsck -fn "$mnt/vm1.raw" | tail -1
+"$IMGFS" unmount "$mnt"
+
+say "5. qemu-img check and info on what imgfs wrote"
+qemu-img check "$images/vm1.qcow2"
+qemu-img info "$images/vm1.qcow2" | sed -n '1,6p'
+
+say "Done. The filesystem lives in vm1.qcow2 (its data only: base.qcow2 is untouched)."
+echo "Everything is in $work (remove it with: rm -rf $work)"

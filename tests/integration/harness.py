@@ -1,0 +1,233 @@
+"""Shared helpers for the integration tests: mounting imgfs, qemu-img as the oracle, loop devices.
+
+The tests run as root in CI (FUSE, loop devices). Outside CI (CI unset) a test whose tool or
+privilege is missing is skipped with a message; in CI that is a failure.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+IMGFS = os.environ.get("IMGFS_BIN", os.path.join(ROOT, "build", "imgfs"))
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(condition, what):
+    """Skips outside CI, fails in CI, when `condition` is false."""
+    if condition:
+        return
+    if IN_CI:
+        raise AssertionError(f"{what} is required in CI but missing")
+    raise unittest.SkipTest(f"{what} missing (CI unset, so skipping)")
+
+
+def require_tools(*tools):
+    for t in tools:
+        require(shutil.which(t) is not None, t)
+
+
+def require_root():
+    require(os.geteuid() == 0, "root")
+    require(os.path.exists("/dev/fuse"), "/dev/fuse")
+
+
+def run(cmd, check=True, **kw):
+    """Runs a command (list or shell string); returns CompletedProcess with text output."""
+    shell = isinstance(cmd, str)
+    p = subprocess.run(cmd, shell=shell, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {cmd}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def qemu_img(*args, check=True):
+    return run(["qemu-img", *args], check=check)
+
+
+def qemu_io(image, *cmds, fmt="qcow2"):
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    args.append(image)
+    return run(args)
+
+
+def convert_raw(image, extra=()):
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                                     delete=False) as t:
+        out = t.name
+    try:
+        qemu_img("convert", *extra, "-O", "raw", image, out)
+        with open(out, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(out)
+
+
+def check(image):
+    """qemu-img check as a dict with corruptions, leaks, check-errors (0 when absent)."""
+    p = qemu_img("check", "--output=json", image, check=False)
+    try:
+        d = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        d = {"check-errors": 1, "raw": p.stdout + p.stderr}
+    for k in ("corruptions", "leaks", "check-errors"):
+        d.setdefault(k, 0)
+    d["exit"] = p.returncode
+    d["text"] = p.stdout + p.stderr
+    return d
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_mounted(path):
+    path = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+class Mount:
+    """imgfs mounted in the foreground (so the test owns the process and its log)."""
+
+    def __init__(self, image_dir, mountpoint=None, options="", extra_args=()):
+        self.image_dir = image_dir
+        self.own_mountpoint = mountpoint is None
+        self.mountpoint = mountpoint or tempfile.mkdtemp(prefix="imgfs-mnt-")
+        self.options = options
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.log_path = self.mountpoint.rstrip("/") + ".log"
+
+    def start(self, timeout=20):
+        args = [IMGFS, "mount", "-f", "-v"]
+        if self.options:
+            args += ["-o", self.options]
+        args += self.extra_args + [self.image_dir, self.mountpoint]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"imgfs exited early ({self.proc.returncode}):\n{self.read_log()}")
+            if is_mounted(self.mountpoint) and os.path.exists(os.path.join(self.mountpoint, ".control")):
+                return self
+            time.sleep(0.05)
+        raise AssertionError("imgfs did not mount in time:\n" + self.read_log())
+
+    def read_log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def path(self, *parts):
+        return os.path.join(self.mountpoint, *parts)
+
+    def info(self, name):
+        with open(self.path(".control", name, "info")) as f:
+            return json.loads(f.read())
+
+    def exports(self):
+        return sorted(n[:-4] for n in os.listdir(self.mountpoint) if n.endswith(".raw"))
+
+    def stop(self, timeout=60):
+        """Unmounts with `imgfs unmount` and requires a clean exit."""
+        if self.proc is None:
+            return
+        if is_mounted(self.mountpoint):
+            run([IMGFS, "unmount", self.mountpoint])
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+        self.proc = None
+        if code != 0:
+            raise AssertionError(f"imgfs exited with {code}:\n{self.read_log()}")
+
+    def kill(self):
+        """SIGKILL, as a crash would; then detaches the dead mount."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        self.log.close()
+        run(["umount", "-l", self.mountpoint], check=False)
+
+    def cleanup(self):
+        if self.proc is not None:
+            try:
+                self.stop()
+            except Exception:
+                self.proc.kill()
+                run(["umount", "-l", self.mountpoint], check=False)
+        if self.own_mountpoint and not is_mounted(self.mountpoint):
+            shutil.rmtree(self.mountpoint, ignore_errors=True)
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+class ImageDirTest(unittest.TestCase):
+    """A test with a fresh image directory in self.dir."""
+
+    def setUp(self):
+        require_root()
+        require_tools("qemu-img", "qemu-io")
+        self.dir = tempfile.mkdtemp(prefix="imgfs-it-")
+        self.mounts = []
+
+    def tearDown(self):
+        for m in self.mounts:
+            m.cleanup()
+        run("losetup -D", check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def img(self, name):
+        return os.path.join(self.dir, name)
+
+    def mount(self, options="", **kw):
+        m = Mount(self.dir, options=options, **kw)
+        self.mounts.append(m)
+        return m.start()
+
+
+def random_writes(path, model, seed, count, max_len=300000):
+    """Applies seeded writes (unaligned included) to `path` and to the bytearray `model`."""
+    rng = random.Random(seed)
+    size = len(model)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(count):
+            n = rng.choice([1, 7, 511, 512, 4096, 4097, 65536, 100000, rng.randrange(1, max_len)])
+            n = min(n, size)
+            off = rng.randrange(0, size - n + 1)
+            if rng.random() < 0.5:
+                off -= off % 512
+            data = rng.randbytes(n)
+            os.pwrite(fd, data, off)
+            model[off:off + n] = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main():
+    unittest.main(verbosity=2)

@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""FUSE export: a directory of qemu-img images served as NAME.raw (issue: FUSE export)."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+import unittest
+
+import harness
+from harness import run, qemu_img, qemu_io, check, convert_raw
+
+MiB = 1 << 20
+
+
+class ImageDirectory(harness.ImageDirTest):
+    def build(self):
+        d = self.dir
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", self.img("v2.qcow2"), "32M")
+        qemu_io(self.img("v2.qcow2"), "write -P 0x21 0 1M", "write -P 0x22 30M 64k")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=64",
+                 self.img("small.qcow2"), "24M")
+        qemu_io(self.img("small.qcow2"), "write -P 0x31 4095 10000", "write -z 1M 64k")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", self.img("ext.qcow2"), "40M")
+        qemu_io(self.img("ext.qcow2"), "write -P 0x41 2048 2048", "write -P 0x42 20M 3M")
+        # Compressed (zstd) from a raw source.
+        qemu_img("create", "-q", "-f", "raw", self.img("src.tmp"), "16M")
+        qemu_io(self.img("src.tmp"), "write -P 0x51 0 4M", fmt="raw")
+        qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+                 self.img("src.tmp"), self.img("packed.qcow2"))
+        os.unlink(self.img("src.tmp"))
+        # A 3-deep chain: raw base (shorter), qcow2 middle, qcow2 top.
+        qemu_img("create", "-q", "-f", "raw", self.img("base.img"), "8M")
+        qemu_io(self.img("base.img"), "write -P 0x61 0 8M", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("mid.qcow2"), "16M")
+        qemu_io(self.img("mid.qcow2"), "write -P 0x62 1M 2M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", self.img("vm@snap1.qcow2"), "24M")
+        qemu_io(self.img("vm@snap1.qcow2"), "write -P 0x63 2M 100k", "write -P 0x64 20M 1M")
+        # A plain raw image.
+        qemu_img("create", "-q", "-f", "raw", self.img("disk.raw"), "12M")
+        qemu_io(self.img("disk.raw"), "write -P 0x71 5M 1M", fmt="raw")
+        # Two roots wanting one name; a broken image; a backing file outside the directory.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("twin.qcow2"), "1M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("twin@b.qcow2"), "1M")
+        with open(self.img("broken.qcow2"), "wb") as f:
+            f.write(b"QFI\xfb" + b"\x00\x00\x00\x03" + b"\xff" * 200)
+        outside = tempfile.mkdtemp(prefix="imgfs-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        qemu_img("create", "-q", "-f", "raw", os.path.join(outside, "secret.img"), "1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.join(outside, "secret.img"), "-F", "raw",
+                 "-u", self.img("escape.qcow2"), "1M")
+        return {
+            "v2": "v2.qcow2", "small": "small.qcow2", "ext": "ext.qcow2", "packed": "packed.qcow2",
+            "vm": "vm@snap1.qcow2", "disk": "disk.raw",
+        }
+
+    def test_every_export_matches_qemu_and_writes_land(self):
+        roots = self.build()
+        expected = {n: convert_raw(self.img(f)) for n, f in roots.items()}
+        m = self.mount()
+        self.assertEqual(m.exports(), sorted(roots))  # layers, twins, broken, escape: absent
+        log = m.read_log()
+        self.assertIn("twin", log)
+        self.assertIn("broken.qcow2", log)
+        self.assertIn("outside the image directory", log)
+        models = {}
+        for name, data in expected.items():
+            with open(m.path(name + ".raw"), "rb") as f:
+                got = f.read()
+            self.assertEqual(len(got), len(data), name)
+            self.assertTrue(got == data, f"{name}.raw differs from qemu-img convert")
+            models[name] = bytearray(data)
+        for i, name in enumerate(sorted(models)):
+            harness.random_writes(m.path(name + ".raw"), models[name], seed=100 + i, count=60)
+        m.stop()
+        for name, f in roots.items():
+            model = self.img(name + ".model")
+            with open(model, "wb") as out:
+                out.write(models[name])
+            fmt = "raw" if f.endswith(".raw") else "qcow2"
+            run(["qemu-img", "compare", "-f", "raw", "-F", fmt, model, self.img(f)])
+            if fmt == "qcow2":
+                c = check(self.img(f))
+                self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
+        # The layers below the top were not touched.
+        self.assertEqual(check(self.img("mid.qcow2"))["exit"], 0)
+
+
+class LoopMount(harness.ImageDirTest):
+    def test_ext4_on_a_loop_device(self):
+        harness.require_tools("losetup", "mkfs.ext4", "e2fsck")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "512M")
+        m = self.mount()
+        loop = run(["losetup", "-f", "--show", m.path("vm.raw")]).stdout.strip()
+        run(["mkfs.ext4", "-q", loop])
+        fsdir = tempfile.mkdtemp(prefix="imgfs-ext4-")
+        self.addCleanup(shutil.rmtree, fsdir, True)
+        run(["mount", loop, fsdir])
+        # A few thousand real files.
+        src = "/usr/share"
+        run(f"cd {src} && find . -type f -size -256k 2>/dev/null | head -3000 > {self.dir}/list")
+        run(f"cd {src} && tar cf - -T {self.dir}/list 2>/dev/null | (cd {fsdir} && tar xf -)")
+        sums = run(f"cd {fsdir} && find . -type f -print0 | sort -z | xargs -0 sha256sum").stdout
+        count = sums.count("\n")
+        self.assertGreater(count, 2000)
+        run(["umount", fsdir])
+        run(["losetup", "-d", loop])
+        run(["e2fsck", "-fn", m.path("vm.raw")])
+        m.stop()
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"]), (0, 0), c["text"])
+        # Remount: every checksum matches.
+        m2 = self.mount()
+        loop = run(["losetup", "-f", "--show", "-r", m2.path("vm.raw")]).stdout.strip()
+        run(["mount", "-o", "ro", loop, fsdir])
+        again = run(f"cd {fsdir} && find . -type f -print0 | sort -z | xargs -0 sha256sum").stdout
+        run(["umount", fsdir])
+        run(["losetup", "-d", loop])
+        self.assertEqual(sums, again)
+        m2.stop()
+
+
+class Fio(harness.ImageDirTest):
+    def test_randwrite_verify_qd32(self):
+        harness.require_tools("fio")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "256M")
+        m = self.mount()
+        raw = m.path("vm.raw")
+        common = ["fio", "--name=v", f"--filename={raw}", "--ioengine=io_uring", "--direct=1",
+                  "--bs=4k", "--iodepth=32", "--size=128M", "--verify=crc32c", "--randseed=7"]
+        run(common + ["--rw=randwrite", "--do_verify=1"])
+        run(common + ["--rw=randwrite", "--verify_only"])  # read-back verify of what was written
+        run(["fio", "--name=r", f"--filename={raw}", "--ioengine=io_uring", "--direct=1", "--bs=4k",
+             "--iodepth=32", "--rw=randread", "--size=128M", "--runtime=3", "--time_based"])
+        depth = m.info("vm")["max_requests_in_flight"]
+        self.assertGreaterEqual(depth, 24, "QD32 did not reach the block layer concurrently")
+        m.stop()
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"]), (0, 0), c["text"])
+        print(f"max requests in flight at QD32: {depth}")
+
+
+class Kill(harness.ImageDirTest):
+    def test_kill9_during_writes(self):
+        harness.require_tools("fio")
+        for name in ("a", "b"):
+            qemu_img("create", "-q", "-f", "qcow2", self.img(f"{name}.qcow2"), "256M")
+        for round_ in range(3):
+            m = self.mount()
+            load = subprocess.Popen(["fio", "--name=k", f"--filename={m.path('a.raw')}",
+                                     "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=16",
+                                     "--rw=randwrite", "--size=200M", "--time_based", "--runtime=30"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0 + round_ * 0.7)
+            m.kill()
+            load.wait()
+            self.mounts.remove(m)
+            for name in ("a", "b"):
+                c = check(self.img(f"{name}.qcow2"))
+                self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+            # Every image opens again.
+            m2 = self.mount()
+            self.assertEqual(m2.exports(), ["a", "b"])
+            m2.stop()
+            self.mounts.remove(m2)
+
+
+class AllocationMap(harness.ImageDirTest):
+    def seek_map(self, path):
+        """[(start, end, is_data)] from SEEK_DATA/SEEK_HOLE."""
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        out = []
+        pos = 0
+        try:
+            while pos < size:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    out.append((pos, size, False))
+                    break
+                if data > pos:
+                    out.append((pos, data, False))
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+                out.append((data, hole, True))
+                pos = hole
+        finally:
+            os.close(fd)
+        return out
+
+    def qemu_map(self, image):
+        out = []
+        for e in json.loads(run(["qemu-img", "map", "--output=json", image]).stdout):
+            start, end = e["start"], e["start"] + e["length"]
+            data = bool(e["data"])
+            if out and out[-1][2] == data and out[-1][1] == start:
+                out[-1] = (out[-1][0], end, data)
+            else:
+                out.append((start, end, data))
+        return out
+
+    def test_seek_matches_qemu_map(self):
+        qemu_img("create", "-q", "-f", "raw", self.img("base.img"), "16M")
+        qemu_io(self.img("base.img"), "write -P 1 1M 1M", "write -P 1 9M 64k", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("vm.qcow2"), "32M")
+        qemu_io(self.img("vm.qcow2"), "write -P 2 0 64k", "write -z 1M 256k", "write -P 3 20M 128k",
+                "write -P 4 1500k 64k")
+        m = self.mount()
+        ours = self.seek_map(m.path("vm.raw"))
+        m.stop()
+        self.assertEqual(ours, self.qemu_map(self.img("vm.qcow2")))
+
+
+class Behaviour(harness.ImageDirTest):
+    def test_grow_and_refuse_shrink(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        os.truncate(m.path("vm.raw"), 32 * MiB)
+        self.assertEqual(os.stat(m.path("vm.raw")).st_size, 32 * MiB)
+        with self.assertRaises(OSError):
+            os.truncate(m.path("vm.raw"), 8 * MiB)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"end", 32 * MiB - 3)
+        with self.assertRaises(OSError):
+            os.pwrite(fd, b"x", 32 * MiB)  # past the end
+        os.close(fd)
+        m.stop()
+        self.assertIn("virtual size: 32 MiB", run(["qemu-img", "info", self.img("vm.qcow2")]).stdout)
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
+    def test_fallocate_punch_and_zero(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 0x55 0 16M")
+        m = self.mount()
+        run(["fallocate", "--punch-hole", "--offset", "1M", "--length", "2M", m.path("vm.raw")])
+        run(["fallocate", "--zero-range", "--offset", "5M", "--length", "100k", m.path("vm.raw")])
+        with open(m.path("vm.raw"), "rb") as f:
+            data = f.read()
+        m.stop()
+        self.assertEqual(data[MiB:3 * MiB], bytes(2 * MiB))
+        self.assertEqual(data[5 * MiB:5 * MiB + 100 * 1024], bytes(100 * 1024))
+        self.assertEqual(data[3 * MiB], 0x55)
+        self.assertEqual(data, convert_raw(self.img("vm.qcow2")))
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"]), (0, 0), c["text"])
+
+    def test_info_rescan_and_readonly(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
+        m = self.mount()
+        info = m.info("a")
+        self.assertEqual(info["layers"][0]["format"], "qcow2")
+        self.assertEqual(info["virtual_size"], MiB)
+        qemu_img("create", "-q", "-f", "qcow2", self.img("b.qcow2"), "2M")
+        os.unlink(self.img("a.qcow2"))
+        with open(m.path(".control", "rescan"), "w") as f:
+            f.write("\n")
+        self.assertEqual(m.exports(), ["b"])
+        with self.assertRaises(OSError):
+            with open(m.path(".control", "rescan"), "w") as f:
+                f.write("bogus")
+        m.stop()
+        ro = self.mount("ro")
+        with self.assertRaises(OSError):
+            with open(ro.path("b.raw"), "r+b") as f:
+                f.write(b"x")
+        ro.stop()
+
+    def test_mount_options_and_modes(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
+        m = self.mount()
+        with open("/proc/mounts") as f:
+            line = [l for l in f if f" {m.mountpoint} " in l][0]
+        for opt in ("nosuid", "nodev"):
+            self.assertIn(opt, line.split()[3])
+        self.assertIn("default_permissions", line)
+        self.assertEqual(stat.S_IMODE(os.stat(m.path("a.raw")).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(m.path(".control", "a", "info")).st_mode), 0o400)
+        # Another user is denied without allow_other.
+        if shutil.which("setpriv"):
+            p = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
+                     m.path(".control", "a", "info")], check=False)
+            self.assertNotEqual(p.returncode, 0)
+        m.stop()
+
+    def test_sigterm_shutdown_is_clean(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "64M")
+        m = self.mount()
+        fd = os.open(m.path("a.raw"), os.O_RDWR)
+        for i in range(64):
+            os.pwrite(fd, bytes([i]) * 65536, i * 3 * 65536 + 17)
+        os.close(fd)
+        m.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(m.proc.wait(timeout=30), 0, m.read_log())
+        m.proc = None
+        m.log.close()
+        c = check(self.img("a.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
+        data = convert_raw(self.img("a.qcow2"))
+        self.assertEqual(data[5 * 3 * 65536 + 17], 5)
+
+    def test_fstab_style_mount(self):
+        harness.require_tools("mount.fuse3")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
+        mnt = tempfile.mkdtemp(prefix="imgfs-fstab-")
+        self.addCleanup(shutil.rmtree, mnt, True)
+        # mount(8) runs helpers with a fixed PATH: put imgfs where mount.fuse3 looks for it.
+        link = "/usr/local/sbin/imgfs"
+        if not os.path.exists(link):
+            os.symlink(os.path.realpath(harness.IMGFS), link)
+            self.addCleanup(os.unlink, link)
+        run(["mount", "-t", "fuse.imgfs", "-o", "rw,noatime,allow_other", self.dir, mnt])
+        try:
+            self.assertTrue(os.path.exists(os.path.join(mnt, "a.raw")))
+        finally:
+            run([harness.IMGFS, "unmount", mnt])
+        self.assertEqual(check(self.img("a.qcow2"))["exit"], 0)
+
+
+if __name__ == "__main__":
+    harness.main()
