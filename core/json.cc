@@ -114,6 +114,11 @@ void JsonWriter::value(double v) {
     }
 }
 
+void JsonWriter::raw(std::string_view json) {
+    before_value();
+    out_ += json;
+}
+
 void JsonWriter::null() {
     before_value();
     out_ += "null";

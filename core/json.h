@@ -27,6 +27,8 @@ class JsonWriter {
     void value(unsigned v) { value(static_cast<uint64_t>(v)); }
     void value(double v);
     void null();
+    /// Inserts an already-serialised JSON value.
+    void raw(std::string_view json);
 
     template <typename T>
     void field(std::string_view k, const T& v) {

@@ -170,6 +170,15 @@ Task<Status> Node::do_close() {
     co_return co_await do_flush();
 }
 
+Task<Status> Node::set_writable(bool writable) {
+    if (writable == !read_only_) {
+        co_return Status{};
+    }
+    co_return make_error(ENOTSUP,
+                         "{}: the {} driver cannot change between read-only and writable in place",
+                         name_, driver_name());
+}
+
 // ---- Child ----
 
 Child::Child(ChildOwner* owner, std::shared_ptr<Node> node, ChildRole role, std::string name)

@@ -185,6 +185,11 @@ class Node : public ChildOwner {
     /// Flushes and releases the driver's state. Called once, before the last reference goes.
     Task<Status> close();
 
+    /// Makes the node writable (a backing layer that a commit will write into) or read-only
+    /// (a layer frozen under a new snapshot), in place. Read-only flushes first. The caller
+    /// refreshes permissions afterwards (in a transaction). Default: not supported.
+    virtual Task<Status> set_writable(bool writable);
+
     /// Adds driver-specific fields (format, cluster size, flags) to an info object.
     virtual void describe(JsonWriter* out) const;
     /// Bytes this layer has allocated in its storage (for info and capacity checks).

@@ -69,6 +69,17 @@ void RawNode::init_from_file() {
     caps_ = f->caps();
 }
 
+Task<Status> RawNode::set_writable(bool writable) {
+    if (writable && file()->node()->read_only()) {
+        co_return make_error(EROFS, "{}: its file was opened read-only", name());
+    }
+    if (!writable && !read_only_) {
+        CO_TRY(co_await flush());
+    }
+    read_only_ = !writable;
+    co_return Status{};
+}
+
 void RawNode::describe(JsonWriter* out) const {
     out->field("format_probed", options_.probed);
 }

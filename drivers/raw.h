@@ -27,6 +27,7 @@ class RawNode final : public Node {
 
     [[nodiscard]] const char* driver_name() const override { return "raw"; }
     void describe(JsonWriter* out) const override;
+    Task<Status> set_writable(bool writable) override;
     void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
                     Perms* shared) const override;
 

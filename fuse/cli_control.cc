@@ -118,7 +118,7 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
                 std::printf("\n");
             }
             std::string error = json_value(job, "error");
-            if (!error.empty()) {
+            if (!error.empty() && error != "null") {
                 return fail(error);
             }
             return state.empty() ? fail("no job status for " + name) : 0;

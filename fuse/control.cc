@@ -20,22 +20,16 @@ Result<std::string> parse_command(std::string_view written) {
     return std::string(written);
 }
 
-bool valid_snapshot_name(std::string_view name) {
-    if (name.empty() || name.size() > 64) {
-        return false;
+Result<std::string> parse_lines(std::string_view written) {
+    if (written.size() > 65536) {
+        return make_error(EINVAL, "input longer than 65536 bytes");
     }
-    auto alnum = [](char c) {
-        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-    };
-    if (!alnum(name[0])) {
-        return false;
-    }
-    for (char c : name) {
-        if (!alnum(c) && c != '.' && c != '_' && c != '-') {
-            return false;
+    for (char c : written) {
+        if (c == '\0') {
+            return make_error(EINVAL, "input contains a NUL byte");
         }
     }
-    return true;
+    return std::string(written);
 }
 
 }  // namespace imgfs

@@ -48,8 +48,7 @@ class ControlPlane {
 /// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line
 /// breaks, more than 4096 bytes) with EINVAL.
 Result<std::string> parse_command(std::string_view written);
-
-/// Snapshot names: [A-Za-z0-9][A-Za-z0-9._-]{0,63}.
-bool valid_snapshot_name(std::string_view name);
+/// The same for multi-line input: line breaks allowed, NUL and over-long input refused.
+Result<std::string> parse_lines(std::string_view written);
 
 }  // namespace imgfs

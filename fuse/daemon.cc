@@ -19,6 +19,7 @@
 #include "fuse/fuse_server.h"
 #include "fuse/standard_control.h"
 #include "fuse/syslog_logger.h"
+#include "jobs/job_manager.h"
 
 namespace imgfs {
 
@@ -110,14 +111,15 @@ Task<void> watch_signals(Daemon* d) {
     }
 }
 
-Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images) {
+Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jobs) {
     TaskScope scope(d->loop);
     scope.spawn(watch_signals(d));
     co_await server->run();
     d->done = true;
     ::kill(::getpid(), SIGUSR1);  // wakes the signal watcher so it can finish
     co_await scope.join();
-    d->log->info("connection closed; flushing and closing images");
+    d->log->info("connection closed; stopping jobs, flushing and closing images");
+    co_await jobs->shutdown();
     Status st = co_await images->close_all();
     if (!st) {
         d->log->error("closing images: {}", st.error().message());
@@ -170,7 +172,8 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         std::string pid_file = pid_file_for(cmd.mountpoint);
         ::mkdir(runtime_dir().c_str(), 0700);
         std::ofstream(pid_file) << ::getpid() << "\n";
-        StandardControl control(&images, nullptr, log);
+        JobManager jobs(&images, log);
+        StandardControl control(&images, &jobs, log);
         ExportFsOptions fo;
         fo.read_only = cmd.mount.read_only;
         fo.allow_other = cmd.mount.allow_other;
@@ -182,7 +185,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
                   images.exports().size(), images.exports().size() == 1 ? "" : "s");
         ready->report("");
         Daemon d{loop.get(), log, mount->get(), sfd.get()};
-        sync_wait(loop.get(), serve(&d, &server, &images));
+        sync_wait(loop.get(), serve(&d, &server, &images, &jobs));
         (*mount)->unmount();
         if (!pid_file.empty()) {
             ::unlink(pid_file.c_str());

@@ -1,13 +1,20 @@
 #include "fuse/standard_control.h"
 
+#include <sstream>
+
+#include "jobs/job_manager.h"
+
 namespace imgfs {
 
 StandardControl::StandardControl(ImageSet* images, JobManager* jobs, Logger* log)
     : images_(images), jobs_(jobs), log_(log) {
     image_files_ = {
-        {ControlFile::kInfo, "info", false},
+        {ControlFile::kSnapshot, "snapshot", true}, {ControlFile::kCommit, "commit", true},
+        {ControlFile::kRevert, "revert", true},     {ControlFile::kStream, "stream", true},
+        {ControlFile::kJob, "job", true},           {ControlFile::kInfo, "info", false},
     };
     global_files_ = {
+        {ControlFile::kGroupSnapshot, "snapshot", true},
         {ControlFile::kRescan, "rescan", true},
         {ControlFile::kJobs, "jobs", false},
     };
@@ -17,8 +24,23 @@ Task<std::string> StandardControl::read(Export* e, ControlFile file) {
     switch (file) {
         case ControlFile::kInfo:
             co_return co_await images_->info_json(e) + "\n";
+        case ControlFile::kSnapshot:
+        case ControlFile::kRevert: {
+            // The chain, top first.
+            std::string out;
+            for (const Layer& l : e->chain.layers) {
+                out += l.file + "\n";
+            }
+            co_return out;
+        }
+        case ControlFile::kCommit:
+        case ControlFile::kStream:
+        case ControlFile::kJob: {
+            std::string j = jobs_->job_json(e);
+            co_return j.empty() ? j : j + "\n";
+        }
         case ControlFile::kJobs:
-            co_return std::string();
+            co_return jobs_->jobs_jsonl();
         default:
             co_return std::string();
     }
@@ -28,13 +50,15 @@ Status StandardControl::refuse(Export* e, Error error) {
     std::string where = e != nullptr ? e->name : std::string(".control");
     log_->warn("{}: {}", where, error.message());
     if (e != nullptr) {
-        e->last_error = error.message();
+        e->last_error = error.context.empty() ? error.message() : error.context;
     }
     return error;
 }
 
 Task<Status> StandardControl::write(Export* e, ControlFile file, std::string command) {
-    Result<std::string> cmd = parse_command(command);
+    // The group snapshot alone takes several lines ("NAME SNAP" each).
+    bool lines = file == ControlFile::kGroupSnapshot;
+    Result<std::string> cmd = lines ? parse_lines(command) : parse_command(command);
     if (!cmd) {
         co_return refuse(e, std::move(cmd).error());
     }
@@ -42,16 +66,76 @@ Task<Status> StandardControl::write(Export* e, ControlFile file, std::string com
     if (!st) {
         co_return refuse(e, std::move(st).error());
     }
+    if (e != nullptr) {
+        e->last_error.clear();
+    }
     co_return Status{};
 }
 
-Task<Status> StandardControl::run(Export* /*e*/, ControlFile file, std::string command) {
+Task<Status> StandardControl::group_snapshot(std::string command) {
+    std::vector<std::pair<Export*, std::string>> targets;
+    std::istringstream in(command);
+    std::string line;
+    bool single = command.find('\n') == std::string::npos && command.find(' ') == std::string::npos;
+    if (single) {
+        for (const auto& x : images_->exports()) {
+            targets.emplace_back(x.get(), command);
+        }
+    } else {
+        while (std::getline(in, line)) {
+            if (line.empty()) {
+                continue;
+            }
+            std::istringstream words(line);
+            std::string name;
+            std::string snap;
+            std::string extra;
+            words >> name >> snap;
+            if (name.empty() || snap.empty() || (words >> extra)) {
+                co_return make_error(EINVAL, "group snapshot lines are 'NAME SNAP' (got '{}')",
+                                     line);
+            }
+            Export* x = images_->find(name);
+            if (x == nullptr) {
+                co_return make_error(EINVAL, "group snapshot: no image '{}'", name);
+            }
+            targets.emplace_back(x, snap);
+        }
+    }
+    co_return co_await jobs_->group_snapshot(std::move(targets));
+}
+
+Task<Status> StandardControl::run(Export* e, ControlFile file, std::string command) {
     switch (file) {
         case ControlFile::kRescan:
             if (!command.empty()) {
                 co_return make_error(EINVAL, "rescan takes no argument (got '{}')", command);
             }
             co_return co_await images_->scan();
+        case ControlFile::kSnapshot:
+            co_return co_await jobs_->snapshot(e, std::move(command));
+        case ControlFile::kGroupSnapshot:
+            co_return co_await group_snapshot(std::move(command));
+        case ControlFile::kCommit:
+            if (command.empty()) {
+                co_return co_await jobs_->start_commit(e, "");
+            }
+            if (command.rfind("base=", 0) == 0 && command.size() > 5) {
+                co_return co_await jobs_->start_commit(e, command.substr(5));
+            }
+            co_return make_error(EINVAL, "commit takes nothing or base=FILE (got '{}')", command);
+        case ControlFile::kRevert:
+            if (!command.empty()) {
+                co_return make_error(EINVAL, "revert takes no argument (got '{}')", command);
+            }
+            co_return co_await jobs_->revert(e);
+        case ControlFile::kStream:
+            if (!command.empty()) {
+                co_return make_error(EINVAL, "stream takes no argument (got '{}')", command);
+            }
+            co_return co_await jobs_->start_stream(e);
+        case ControlFile::kJob:
+            co_return jobs_->control(e, command);
         default:
             co_return make_error(EINVAL, "this control file takes no commands");
     }

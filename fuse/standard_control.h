@@ -23,6 +23,7 @@ class StandardControl final : public ControlPlane {
 
   private:
     Task<Status> run(Export* e, ControlFile file, std::string command);
+    Task<Status> group_snapshot(std::string command);
     Status refuse(Export* e, Error error);
 
     ImageSet* images_;

@@ -14,6 +14,8 @@
 #include "core/transaction.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/qcow2/qcow2_node.h"
+#include "jobs/chain_edit.h"
+#include "jobs/job.h"
 
 namespace imgfs {
 
@@ -49,7 +51,8 @@ Result<std::string> recorded_backing(int fd, const std::string& file) {
 
 struct ImageSet::Candidate {
     std::string file;
-    std::string backing;  // resolved, relative to the directory; "" if none or outside
+    dev_t dev = 0;
+    ino_t ino = 0;
     bool broken = false;
 };
 
@@ -130,52 +133,83 @@ Result<std::vector<ImageSet::Candidate>> ImageSet::list_candidates() {
     }
     ::rewinddir(d);
     std::vector<Candidate> out;
+    hidden_.clear();
     while (dirent* ent = ::readdir(d)) {
         std::string name = ent->d_name;
+        struct stat st {};
+        if (is_removing_name(name)) {
+            hidden_.push_back(name);
+            continue;
+        }
         if (!is_image_file_name(name)) {
             continue;
         }
-        struct stat st {};
         if (::fstatat(dir_fd_.get(), name.c_str(), &st, 0) != 0 || !S_ISREG(st.st_mode)) {
             continue;  // subfolders, dangling links and devices are not images here
         }
-        out.push_back(Candidate{name, "", false});
+        out.push_back(Candidate{name, st.st_dev, st.st_ino, false});
     }
     ::closedir(d);
     std::sort(out.begin(), out.end(),
               [](const Candidate& a, const Candidate& b) { return a.file < b.file; });
-    for (Candidate& c : out) {
-        Result<UniqueFd> fd = open_beneath(dir_fd_.get(), c.file, true, false);
-        Result<std::string> backing =
-            fd ? recorded_backing(fd->get(), c.file) : Result<std::string>(fd.error());
-        if (!backing) {
-            c.broken = true;
-            problems_.push_back(backing.error().message());
-            continue;
+    return out;
+}
+
+// Follows the chain below `file` and records every layer's inode. A layer may be referenced
+// under another name (a hard link made while a chain is being edited), so inodes, not names,
+// decide what is a layer.
+Status ImageSet::collect_layers(const std::string& file,
+                                std::set<std::pair<dev_t, ino_t>>* layers) {
+    std::string current = file;
+    for (int depth = 0; depth < 64; ++depth) {
+        Result<UniqueFd> fd = open_beneath(dir_fd_.get(), current, true, false);
+        if (!fd) {
+            return depth == 0 ? std::move(fd).error()
+                              : Status{};  // a missing backing file: the top reports it
         }
-        if (!backing->empty()) {
-            Result<std::string> r =
-                resolve_backing(c.file, *backing, dir_real_, options_.allow_external_backing);
-            if (r) {
-                c.backing = *r;
+        if (depth > 0) {
+            struct stat st {};
+            if (::fstat(fd->get(), &st) == 0 && !layers->insert({st.st_dev, st.st_ino}).second) {
+                return {};  // already seen (shared layer, or a loop the open reports)
             }
         }
+        TRY_ASSIGN(std::string backing, recorded_backing(fd->get(), current));
+        if (backing.empty()) {
+            return {};
+        }
+        Result<std::string> next =
+            resolve_backing(current, backing, dir_real_, options_.allow_external_backing);
+        if (!next || (!next->empty() && (*next)[0] == '/')) {
+            return {};  // outside the directory: not one of our layers
+        }
+        current = *next;
     }
-    return out;
+    return {};
 }
 
 Task<Status> ImageSet::scan() {
     problems_.clear();
     CO_TRY_ASSIGN(std::vector<Candidate> files, list_candidates());
-    std::set<std::string> layers;
-    for (const Candidate& c : files) {
-        if (!c.backing.empty()) {
-            layers.insert(c.backing);
+    std::set<std::pair<dev_t, ino_t>> layers;
+    for (Candidate& c : files) {
+        if (Status st = collect_layers(c.file, &layers); !st) {
+            c.broken = true;
+            problems_.push_back(st.error().message());
+        }
+    }
+    // Hidden names left by a chain edit that a crash interrupted, used by no chain: garbage.
+    for (const std::string& h : hidden_) {
+        struct stat st {};
+        if (::fstatat(dir_fd_.get(), h.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            layers.count({st.st_dev, st.st_ino}) == 0) {
+            ::unlinkat(dir_fd_.get(), h.c_str(), 0);
+            env_.log->info("{}: removed {}, left over from an interrupted chain edit", dir_path_,
+                           h);
         }
     }
     std::map<std::string, std::vector<std::string>> roots_by_name;
     for (const Candidate& c : files) {
-        if (!c.broken && layers.count(c.file) == 0) {
+        if (!c.broken && layers.count({c.dev, c.ino}) == 0) {
             roots_by_name[export_name_of(c.file)].push_back(c.file);
         }
     }
@@ -199,9 +233,11 @@ Task<Status> ImageSet::scan() {
         Export* e = exports_[i].get();
         auto it = wanted.find(e->name);
         bool keep = it != wanted.end() && it->second == e->chain.layers.front().file;
-        if (!keep && e->backend->open_count() > 0) {
-            problems_.push_back(fmt::format("{}.raw is open; keeping it although {} changed",
-                                            e->name, e->chain.layers.front().file));
+        bool job_running = e->job != nullptr && !e->job->finished();
+        if (!keep && (e->backend->open_count() > 0 || job_running)) {
+            problems_.push_back(fmt::format("{}.raw is {}; keeping it although {} changed", e->name,
+                                            job_running ? "busy with a job" : "open",
+                                            e->chain.layers.front().file));
             keep = true;
         }
         if (keep) {
@@ -307,6 +343,12 @@ Task<std::string> ImageSet::info_json(Export* e) {
     // The most requests that were in flight on NAME.raw at once since it was exported.
     w.field("max_requests_in_flight", e->backend->max_in_flight());
     w.field("last_error", e->last_error);
+    w.key("job");
+    if (e->job != nullptr) {
+        w.raw(e->job->status_json());
+    } else {
+        w.null();
+    }
     w.key("layers");
     w.begin_array();
     for (Layer& l : e->chain.layers) {

@@ -7,9 +7,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include <sys/types.h>
 
 #include "core/backend.h"
 #include "core/json.h"
@@ -69,6 +72,7 @@ class ImageSet {
   private:
     struct Candidate;
     Result<std::vector<Candidate>> list_candidates();
+    Status collect_layers(const std::string& file, std::set<std::pair<dev_t, ino_t>>* layers);
     Task<Status> open_export(const std::string& root, const std::string& name);
     Task<void> remove_export(Export* e);
     void forget_unused_layers();
@@ -81,6 +85,7 @@ class ImageSet {
     LayerCache cache_;
     std::vector<std::unique_ptr<Export>> exports_;
     std::vector<std::string> problems_;
+    std::vector<std::string> hidden_;  // ".imgfs-*.removing" names seen by the last listing
     uint64_t next_id_ = 1;
 };
 

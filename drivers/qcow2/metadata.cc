@@ -185,6 +185,31 @@ Task<Status> Metadata::mark_dirty_for_lazy_refcounts() {
     co_return Status{};
 }
 
+Task<Status> Metadata::set_read_only(bool read_only) {
+    auto guard = co_await lock_.lock();
+    if (read_only == options_.read_only) {
+        co_return Status{};
+    }
+    if (read_only) {
+        if (dirty_bit_set_) {
+            CO_TRY(co_await set_incompatible_bit(kIncompatDirty, false));
+            dirty_bit_set_ = false;
+        }
+        options_.read_only = true;
+        co_return Status{};
+    }
+    if ((header_.incompatible & kIncompatCorrupt) != 0 || corrupt_) {
+        co_return make_error(EACCES, "{}: the image is marked corrupt and cannot be written",
+                             name_);
+    }
+    options_.read_only = false;
+    Status st = co_await prepare_for_writing();
+    if (!st) {
+        options_.read_only = true;
+    }
+    co_return st;
+}
+
 Task<Status> Metadata::set_backing(const std::string& name,
                                    const std::optional<std::string>& format) {
     auto guard = co_await lock_.lock();

@@ -145,6 +145,10 @@ class Metadata {
     Task<Status> grow(uint64_t new_size);
     /// Flushes and, with lazy refcounts, clears the dirty bit.
     Task<Status> close();
+    /// Switches between read-only and read-write. Becoming writable does what a read-write
+    /// open does (refuses a corrupt image, repairs a dirty one, clears autoclear bits);
+    /// becoming read-only expects the caller to have flushed.
+    Task<Status> set_read_only(bool read_only);
     /// Rewrites the backing file name and format (new name written before the fields that
     /// point at it, then synced).
     Task<Status> set_backing(const std::string& name, const std::optional<std::string>& format);

@@ -342,6 +342,22 @@ Task<Status> Qcow2Node::do_close() {
     co_return co_await meta_->close();
 }
 
+Task<Status> Qcow2Node::set_writable(bool writable) {
+    if (writable == !read_only_) {
+        co_return Status{};
+    }
+    if (writable && file()->node()->read_only()) {
+        co_return make_error(EROFS, "{}: its file was opened read-only", name());
+    }
+    if (!writable) {
+        CO_TRY(co_await meta_->flush());
+    }
+    CO_TRY(co_await meta_->set_read_only(!writable));
+    read_only_ = !writable;
+    caps_.resize = writable;
+    co_return Status{};
+}
+
 Task<Status> Qcow2Node::set_backing_name(const std::string& name,
                                          const std::optional<std::string>& format) {
     co_return co_await meta_->set_backing(name, format);

@@ -47,6 +47,7 @@ class Qcow2Node final : public Node {
                                   const std::optional<std::string>& format);
 
     void describe(JsonWriter* out) const override;
+    Task<Status> set_writable(bool writable) override;
     void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
                     Perms* shared) const override;
 

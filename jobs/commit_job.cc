@@ -1,0 +1,230 @@
+#include "jobs/commit_job.h"
+
+#include <algorithm>
+
+#include "core/chain_status.h"
+#include "core/drain.h"
+#include "core/event_loop.h"
+#include "core/log.h"
+#include "core/task_scope.h"
+#include "core/transaction.h"
+#include "jobs/chain_edit.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr uint64_t kGranuleBytes = 64 * 1024;
+constexpr uint64_t kMaxCopyBytes = 1 << 20;
+constexpr int kWorkers = 4;
+// Switch to writing guest writes through once this little is left (or after a few passes).
+constexpr uint64_t kSyncThresholdBytes = 16ULL << 20;
+constexpr int kAsyncPasses = 3;
+
+}  // namespace
+
+CommitJob::CommitJob(ImageSet* images, uint64_t id, Export* e, size_t base_index, uint64_t estimate)
+    : Job(images->env().loop, id, "commit", e), images_(images), base_index_(base_index) {
+    set_total(estimate);
+}
+
+CommitJob::~CommitJob() = default;
+
+Task<Status> CommitJob::attach() {
+    Export* e = image();
+    top_ = e->chain.layers.front().node;
+    base_ = e->chain.layers[base_index_].node;
+    CO_TRY(co_await base_->set_writable(true));
+    std::vector<std::shared_ptr<Node>> nodes{top_};
+    DrainGuard drained = co_await drain(nodes);
+    Transaction tx(images_->env().graph);
+    filter_ = MirrorFilter::create(images_->env(), e->name + " (commit)", &tx, top_);
+    tx.replace_node(top_.get(), filter_);
+    // The layer just above the base lets us write under it; nobody else uses the base (checked
+    // when the job was started, and the permissions refuse it if that changed).
+    Child* above = e->chain.layers[base_index_ - 1].node->backing();
+    tx.set_extra_shared(above, perm::kWrite);
+    target_ = tx.attach(this, base_, ChildRole::kUser, "commit target",
+                        perm::kConsistentRead | perm::kWrite, perm::kAll);
+    Status st = tx.commit();
+    if (!st) {
+        target_ = nullptr;
+        filter_.reset();
+        (void)co_await base_->set_writable(false);
+        co_return st;
+    }
+    dirty_ = std::make_unique<DirtyBitmap>(top_->size(), kGranuleBytes);
+    filter_->set_dirty(dirty_.get());
+    filter_->set_target(target_);
+    filter_->set_mode(MirrorFilter::Mode::kAsync);
+    co_return Status{};
+}
+
+Task<void> CommitJob::detach_after_failure() {
+    if (!filter_) {
+        co_return;
+    }
+    std::vector<std::shared_ptr<Node>> nodes{filter_};
+    DrainGuard drained = co_await drain(nodes);
+    Transaction tx(images_->env().graph);
+    tx.replace_node(filter_.get(), top_);
+    tx.detach(filter_->top());
+    tx.detach(target_);
+    (void)tx.commit();
+    drained.end();
+    target_ = nullptr;
+    filter_.reset();
+    // The base keeps what was copied: it lies under the layers that still hold it.
+    (void)co_await base_->flush();
+    (void)co_await base_->set_writable(false);
+    Transaction refresh(images_->env().graph);
+    (void)refresh.commit();
+}
+
+Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes) {
+    // Excludes guest writes to the range in sync mode (they hold non-serialising requests).
+    RangeLock::Request req(filter_->tracker(), offset, bytes, true);
+    co_await filter_->tracker()->acquire(&req);
+    // Clean before reading: a guest write completing after the read marks it dirty again.
+    dirty_->clear(offset, bytes);
+    AlignedBuffer buf(bytes);
+    Status st = co_await filter_->top()->read(offset, buf.span());
+    if (st) {
+        st = is_zero(buf.span()) ? co_await target_->write_zeroes(offset, bytes, false)
+                                 : co_await target_->write(offset, buf.span());
+    }
+    if (!st) {
+        dirty_->set(offset, bytes);
+    }
+    co_return st;
+}
+
+Task<void> CommitJob::copy_worker(uint64_t* cursor, Status* result) {
+    const uint64_t size = dirty_->size();
+    while (*result && *cursor < size) {
+        std::optional<uint64_t> start = dirty_->next_dirty(*cursor);
+        if (!start) {
+            *cursor = size;
+            break;
+        }
+        uint64_t end = *start + kGranuleBytes;
+        while (end < size && end - *start < kMaxCopyBytes && dirty_->test(end)) {
+            end += kGranuleBytes;
+        }
+        end = std::min(end, size);
+        *cursor = end;  // claimed
+        Status st = co_await copy_range(*start, end - *start);
+        if (st) {
+            st = co_await checkpoint(end - *start);
+        }
+        if (!st && *result) {
+            *result = std::move(st);
+        }
+    }
+}
+
+Task<Status> CommitJob::copy_pass() {
+    uint64_t cursor = 0;
+    Status result;
+    TaskScope workers(loop_);
+    for (int i = 0; i < kWorkers; ++i) {
+        workers.spawn(copy_worker(&cursor, &result));
+    }
+    co_await workers.join();
+    co_return result;
+}
+
+Task<Result<bool>> CommitJob::pivot() {
+    Export* e = image();
+    std::vector<std::shared_ptr<Node>> nodes{filter_};
+    DrainGuard drained = co_await drain(nodes);
+    if (dirty_->dirty_bytes() != 0) {
+        co_return false;  // a write failed to reach the base: copy again
+    }
+    // Everything above the base is in it: durable first, then the chain on disk skips the
+    // middle layers (the top's view is unchanged), then the export moves to the base.
+    CO_TRY(co_await target_->flush());
+    if (base_index_ > 1) {
+        CO_TRY(co_await splice_out(images_, e, 1, base_index_ - 1, false));
+    }
+    Transaction tx(images_->env().graph);
+    tx.replace_node(filter_.get(), base_);
+    tx.detach(filter_->top());
+    tx.detach(target_);
+    for (size_t i = 0; i < base_index_; ++i) {
+        tx.detach(e->chain.layers[i].node->backing());
+    }
+    CO_TRY(tx.commit());
+    target_ = nullptr;
+    co_return true;
+}
+
+Task<void> CommitJob::finish() {
+    Export* e = image();
+    std::vector<Layer> merged(e->chain.layers.begin(),
+                              e->chain.layers.begin() + static_cast<std::ptrdiff_t>(base_index_));
+    e->chain.layers.erase(e->chain.layers.begin(),
+                          e->chain.layers.begin() + static_cast<std::ptrdiff_t>(base_index_));
+    filter_.reset();
+    top_.reset();
+    for (Layer& l : merged) {
+        (void)co_await l.node->close();
+    }
+    // The top's file goes last: until here the directory held top -> base, the same content.
+    Status st = remove_file(images_, merged.front().file);
+    if (!st) {
+        images_->env().log->error("{}: {}", e->name, st.error().message());
+    }
+    images_->env().log->info("{}: committed; {} is now the active layer", e->name,
+                             e->chain.layers.front().file);
+}
+
+Task<Status> CommitJob::body() {
+    CO_TRY(co_await attach());
+    // What the layers above the base hold must reach it.
+    Node* top = top_.get();
+    for (uint64_t off = 0; off < top->size();) {
+        Result<ChainStatus> st = co_await block_status_above(top, off, top->size() - off);
+        if (!st) {
+            co_await detach_after_failure();
+            co_return std::move(st).error();
+        }
+        if (st->depth >= 0 && static_cast<size_t>(st->depth) < base_index_) {
+            dirty_->set(off, st->bytes);
+        }
+        off += st->bytes;
+    }
+    set_total(dirty_->dirty_bytes());
+    for (int pass = 0;; ++pass) {
+        Status st = co_await copy_pass();
+        if (!st) {
+            co_await detach_after_failure();
+            co_return st;
+        }
+        if (filter_->mode() == MirrorFilter::Mode::kAsync &&
+            (dirty_->dirty_bytes() <= kSyncThresholdBytes || pass + 1 >= kAsyncPasses)) {
+            filter_->set_mode(MirrorFilter::Mode::kSync);
+            continue;  // one more pass for what was dirtied before the switch
+        }
+        add_total(dirty_->dirty_bytes());
+        if (filter_->mode() != MirrorFilter::Mode::kSync || dirty_->dirty_bytes() != 0) {
+            continue;
+        }
+        set_state(JobState::kReady);
+        Result<bool> pivoted = co_await pivot();
+        if (!pivoted) {
+            co_await detach_after_failure();
+            co_return std::move(pivoted).error();
+        }
+        if (*pivoted) {
+            break;
+        }
+        // Not clean after all: back to running and copy again.
+        co_await detach_after_failure();
+        co_return make_error(EIO, "writes to {} kept failing; commit abandoned", base_->name());
+    }
+    co_await finish();
+    co_return Status{};
+}
+
+}  // namespace imgfs

@@ -1,0 +1,44 @@
+// CommitJob: active commit of every layer above chain.layers[base] into it, while NAME.raw stays
+// writable. A MirrorFilter over the top records what the guest writes. The job copies every
+// range some layer above the base holds (clearing its dirty bit before reading, so a guest write
+// that lands meanwhile marks it again); once little is left it switches the filter to writing
+// guest writes through to the base as well, so the dirty set only shrinks: the commit converges
+// under a steady writer. With nothing dirty it is ready: drained, the base is flushed, the
+// chain on disk is pointed past any middle layers, the export is switched to the base in one
+// transaction, and the merged files are deleted.
+#pragma once
+
+#include <memory>
+
+#include "jobs/dirty_bitmap.h"
+#include "jobs/image_set.h"
+#include "jobs/job.h"
+#include "jobs/mirror_filter.h"
+
+namespace imgfs {
+
+class CommitJob final : public Job {
+  public:
+    CommitJob(ImageSet* images, uint64_t id, Export* e, size_t base_index, uint64_t estimate);
+    ~CommitJob() override;
+    Task<Status> body() override;
+
+  private:
+    Task<Status> attach();
+    Task<void> detach_after_failure();
+    Task<Status> copy_pass();
+    Task<void> copy_worker(uint64_t* cursor, Status* result);
+    Task<Status> copy_range(uint64_t offset, uint64_t bytes);
+    Task<Result<bool>> pivot();
+    Task<void> finish();
+
+    ImageSet* images_;
+    size_t base_index_;
+    std::shared_ptr<Node> top_;
+    std::shared_ptr<Node> base_;
+    std::shared_ptr<MirrorFilter> filter_;
+    Child* target_ = nullptr;  // our edge to the base
+    std::unique_ptr<DirtyBitmap> dirty_;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,96 @@
+// Job: a long-running operation on one image (commit, stream), or the record of a short one
+// (snapshot, revert). States and the verbs allowed in each are tables, checked on every change:
+//
+//   created -> running <-> paused
+//   running -> ready -> concluded          (ready: source and target in sync, pivot next)
+//   any     -> concluded                   (done, failed or cancelled)
+//
+// A job is a ChildOwner: the nodes it writes are attached to it with their own edges, so a
+// drained section on them quiesces the job (it stops at its next checkpoint) like any user.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "core/node.h"
+#include "core/task.h"
+#include "core/wait_queue.h"
+
+namespace imgfs {
+
+class EventLoop;
+struct Export;
+
+enum class JobState { kCreated, kRunning, kPaused, kReady, kConcluded };
+enum class JobVerb { kCancel, kPause, kResume, kSetSpeed };
+
+const char* job_state_name(JobState s);
+/// Whether the state machine allows `from` -> `to`.
+bool job_transition_allowed(JobState from, JobState to);
+/// Whether a user may apply `verb` in `state`.
+bool job_verb_allowed(JobVerb verb, JobState state);
+
+class Job : public ChildOwner {
+  public:
+    Job(EventLoop* loop, uint64_t id, std::string type, Export* e);
+    ~Job() override;
+
+    [[nodiscard]] uint64_t id() const { return id_; }
+    [[nodiscard]] const std::string& type() const { return type_; }
+    /// The image the job works on; valid while the job runs (a running job keeps its export
+    /// from being removed). Afterwards use image_id()/image_name().
+    [[nodiscard]] Export* image() const { return export_; }
+    [[nodiscard]] uint64_t image_id() const { return export_id_; }
+    [[nodiscard]] const std::string& image_name() const { return export_name_; }
+    [[nodiscard]] JobState state() const { return state_; }
+    [[nodiscard]] bool finished() const { return state_ == JobState::kConcluded; }
+    [[nodiscard]] const std::string& error() const { return error_; }
+    [[nodiscard]] std::string owner_name() const override;
+
+    /// The job's work; runs in the job manager's scope. Implementations call checkpoint()
+    /// between units of work.
+    virtual Task<Status> body() = 0;
+    /// Runs body() and concludes the job with its outcome.
+    Task<void> run();
+
+    /// User verbs (from the job control file); EBUSY if the state does not allow it.
+    Status cancel();
+    Status pause();
+    Status resume();
+    Status set_speed(uint64_t bytes_per_s);
+
+    /// {"id":..,"type":..,"image":..,"state":..,"done_bytes":..,"total_bytes":..,"speed":..,
+    ///  "error":..}
+    [[nodiscard]] std::string status_json() const;
+
+  protected:
+    /// Between units of work: waits while paused or quiesced by a drained section, sleeps to
+    /// keep to the rate limit for `bytes` just done, and fails with ECANCELED once cancelled.
+    Task<Status> checkpoint(uint64_t bytes);
+    void set_state(JobState s);
+    void add_total(uint64_t bytes) { total_bytes_ += bytes; }
+    void set_total(uint64_t bytes) { total_bytes_ = bytes; }
+    void add_done(uint64_t bytes) { done_bytes_ += bytes; }
+    [[nodiscard]] bool cancelled() const { return cancelled_; }
+    EventLoop* loop_;
+
+  private:
+    uint64_t id_;
+    std::string type_;
+    Export* export_;
+    uint64_t export_id_ = 0;
+    std::string export_name_;
+    JobState state_ = JobState::kCreated;
+    std::string error_;
+    bool cancelled_ = false;
+    uint64_t speed_bytes_per_s_ = 0;  // 0: unlimited
+    uint64_t done_bytes_ = 0;
+    uint64_t total_bytes_ = 0;
+    // Rate limiting: bytes done since `window_start_`.
+    std::chrono::steady_clock::time_point window_start_;
+    uint64_t window_bytes_ = 0;
+    WaitQueue resumed_;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,77 @@
+// JobManager: starts, refuses and tracks the operations of DESIGN.md §2.4 on the exports of an
+// ImageSet. Snapshot and revert complete within the call; commit and stream run as jobs in the
+// manager's scope. Refusals carry the errno the control file returns (EBUSY, EINVAL, EEXIST,
+// ENOSPC, EROFS) and a reason.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "core/task_scope.h"
+#include "jobs/image_set.h"
+#include "jobs/job.h"
+
+namespace imgfs {
+
+class JobManager {
+  public:
+    JobManager(ImageSet* images, Logger* log);
+    JobManager(const JobManager&) = delete;
+    JobManager& operator=(const JobManager&) = delete;
+    ~JobManager();
+
+    /// Live external snapshot: NAME@SNAP.qcow2 becomes the active layer.
+    Task<Status> snapshot(Export* e, std::string snap);
+    /// Several at once: one drain, one switch, all or nothing.
+    Task<Status> group_snapshot(std::vector<std::pair<Export*, std::string>> targets);
+    /// Drops the top layer (NAME.raw must be closed).
+    Task<Status> revert(Export* e);
+    /// Starts an active commit of every layer above `base_file` (default: the layer below the
+    /// top) into it.
+    Task<Status> start_commit(Export* e, std::string base_file);
+    /// Starts pulling all backing data into the top layer.
+    Task<Status> start_stream(Export* e);
+    /// cancel | pause | resume | speed BYTES_PER_S
+    Status control(Export* e, const std::string& command);
+
+    /// The running or last job of `e` as JSON, or "" if there was none.
+    [[nodiscard]] std::string job_json(const Export* e) const;
+    /// Every job, one JSON object per line.
+    [[nodiscard]] std::string jobs_jsonl() const;
+    [[nodiscard]] bool running(const Export* e) const;
+
+    /// Cancels running jobs and waits for them (shutdown).
+    Task<void> shutdown();
+    /// Waits until `e` has no running job (tests).
+    Task<void> wait(const Export* e);
+
+    [[nodiscard]] ImageSet* images() const { return images_; }
+    [[nodiscard]] Logger* log() const { return log_; }
+
+  private:
+    Status refuse_if_busy(const Export* e) const;
+    Job* record(std::unique_ptr<Job> job);
+    Task<void> run_job(Job* job);
+
+    ImageSet* images_;
+    Logger* log_;
+    TaskScope scope_;
+    WaitQueue finished_;
+    std::vector<std::unique_ptr<Job>> jobs_;
+    uint64_t next_id_ = 1;
+};
+
+/// Snapshot names: [A-Za-z0-9][A-Za-z0-9._-]{0,63}.
+bool valid_snapshot_name(std::string_view name);
+
+/// A job that already happened (snapshot, revert): concluded at once, kept for status.
+class RecordJob final : public Job {
+  public:
+    RecordJob(EventLoop* loop, uint64_t id, std::string type, Export* e, uint64_t bytes);
+    Task<Status> body() override { co_return Status{}; }
+};
+
+}  // namespace imgfs

@@ -1,0 +1,63 @@
+// MirrorFilter: the node a commit or stream job puts between the export and the top layer for
+// its lifetime. Every guest write passes through it and is tracked in its RangeLock, so the job
+// can exclude guest writes from a range it copies (a serialising request); and, for a commit,
+// it records what the guest changed (async mode) or also writes it to the commit target
+// (synchronous mode, which is what makes an active commit converge under a steady writer).
+#pragma once
+
+#include <memory>
+
+#include "core/node.h"
+#include "core/range_lock.h"
+#include "jobs/dirty_bitmap.h"
+
+namespace imgfs {
+
+class Transaction;
+
+class MirrorFilter final : public Node {
+  public:
+    enum class Mode {
+        kTrack,  // writes only tracked (stream)
+        kAsync,  // writes marked dirty after they complete
+        kSync,   // writes also go to the target before they complete
+    };
+
+    /// Creates the filter over `top` (in `tx`); the caller then moves the export onto it.
+    static std::shared_ptr<MirrorFilter> create(NodeEnv env, std::string name, Transaction* tx,
+                                                std::shared_ptr<Node> top);
+    MirrorFilter(NodeEnv env, std::string name);
+
+    [[nodiscard]] const char* driver_name() const override { return "mirror"; }
+    void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
+                    Perms* shared) const override;
+
+    void set_mode(Mode mode) { mode_ = mode; }
+    [[nodiscard]] Mode mode() const { return mode_; }
+    /// Where dirty ranges are recorded (async and sync modes).
+    void set_dirty(DirtyBitmap* dirty) { dirty_ = dirty; }
+    /// The edge writes are mirrored through in sync mode (the job's edge to the target).
+    void set_target(Child* target) { target_ = target; }
+    [[nodiscard]] RangeLock* tracker() { return &tracker_; }
+    [[nodiscard]] Child* top() const { return child(ChildRole::kFiltered); }
+
+  protected:
+    Task<Status> do_read(uint64_t offset, MutBuf buf) override;
+    Task<Status> do_write(uint64_t offset, ConstBuf buf) override;
+    Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) override;
+    Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_flush() override;
+    Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_truncate(uint64_t new_size) override;
+    Task<Status> do_close() override;
+
+  private:
+    void after_write(Status* st, uint64_t offset, uint64_t bytes, Status mirrored);
+
+    Mode mode_ = Mode::kTrack;
+    DirtyBitmap* dirty_ = nullptr;
+    Child* target_ = nullptr;
+    RangeLock tracker_;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,230 @@
+// Snapshot (single and group) and revert: short operations done within the control write.
+//
+// Snapshot order (each step durable before the next one can depend on it):
+//   drain the images, flush their active layers, create NAME@SNAP.qcow2 (written and fsynced)
+//   with the active layer as backing, fsync the directory, open it, freeze the old active layer
+//   (read-only), then switch every export to its new layer in one graph transaction.
+// A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
+// the directory opens as after. A failure undoes everything it did.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "core/drain.h"
+#include "core/event_loop.h"
+#include "core/log.h"
+#include "core/transaction.h"
+#include "drivers/file.h"
+#include "drivers/qcow2/create.h"
+#include "drivers/qcow2/qcow2_node.h"
+#include "jobs/chain_edit.h"
+#include "jobs/job_manager.h"
+
+namespace imgfs {
+
+namespace {
+
+struct SnapshotTarget {
+    Export* e = nullptr;
+    std::string snap;
+    std::string file;  // NAME@SNAP.qcow2
+    bool created = false;
+    Layer layer;  // the new top, once open
+};
+
+qcow2::CreateOptions overlay_options(const Layer& top) {
+    qcow2::CreateOptions o;
+    o.size = top.node->size();
+    o.backing_file = top.file;
+    o.backing_format = top.format;
+    if (auto* q = dynamic_cast<Qcow2Node*>(top.node.get())) {
+        o.cluster_size = static_cast<uint32_t>(q->header().cluster_size());
+    }
+    // Subclusters make a small write into a fresh overlay copy 2 KiB, not a whole cluster.
+    o.extended_l2 = o.cluster_size >= 16384;
+    return o;
+}
+
+// Creates and opens one new overlay (the export does not use it yet).
+Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
+    const NodeEnv& env = images->env();
+    int fd =
+        ::openat(images->dir_fd(), t->file.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        co_return make_error(errno == EEXIST ? EEXIST : errno, "cannot create {}", t->file);
+    }
+    UniqueFd owned(fd);
+    t->created = true;
+    CO_TRY(co_await qcow2::create_image(env.loop, fd, overlay_options(t->e->chain.layers.front())));
+    FileOptions fo;
+    fo.direct = images->options().direct;
+    CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
+                  FileNode::from_fd(env, t->file + " (file)", std::move(owned), fo));
+    qcow2::Options q = images->options().qcow2;
+    Transaction tx(env.graph);
+    auto node = Qcow2Node::create(env, t->file, &tx, file, q);
+    CO_TRY(tx.commit());
+    CO_TRY(co_await node->load());
+    t->layer = Layer{t->file, "qcow2", false, node};
+    co_return Status{};
+}
+
+}  // namespace
+
+bool valid_snapshot_name(std::string_view name) {
+    if (name.empty() || name.size() > 64) {
+        return false;
+    }
+    auto alnum = [](char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+    };
+    if (!alnum(name[0])) {
+        return false;
+    }
+    for (char c : name) {
+        if (!alnum(c) && c != '.' && c != '_' && c != '-') {
+            return false;
+        }
+    }
+    return true;
+}
+
+Task<Status> JobManager::snapshot(Export* e, std::string snap) {
+    std::vector<std::pair<Export*, std::string>> one;
+    one.emplace_back(e, std::move(snap));
+    co_return co_await group_snapshot(std::move(one));
+}
+
+Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::string>> targets) {
+    std::vector<SnapshotTarget> ts;
+    for (auto& [e, snap] : targets) {
+        CO_TRY(refuse_if_busy(e));
+        if (!valid_snapshot_name(snap)) {
+            co_return make_error(EINVAL,
+                                 "{}: invalid snapshot name '{}' (letters, digits, '.', "
+                                 "'_', '-'; up to 64, starting with a letter or digit)",
+                                 e->name, snap);
+        }
+        for (const auto& t : ts) {
+            if (t.e == e) {
+                co_return make_error(EINVAL, "{} is listed twice", e->name);
+            }
+        }
+        SnapshotTarget t;
+        t.e = e;
+        t.snap = snap;
+        t.file = e->name + "@" + snap + ".qcow2";
+        if (::faccessat(images_->dir_fd(), t.file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+            co_return make_error(EEXIST, "{}: {} already exists", e->name, t.file);
+        }
+        ts.push_back(std::move(t));
+    }
+    if (ts.empty()) {
+        co_return make_error(EINVAL, "no image to snapshot");
+    }
+    std::vector<std::shared_ptr<Node>> tops;
+    for (const auto& t : ts) {
+        tops.push_back(t.e->chain.top());
+    }
+    DrainGuard drained = co_await drain(tops);
+    Status st;
+    for (auto& top : tops) {
+        if (st) {
+            st = co_await top->flush();
+        }
+    }
+    for (auto& t : ts) {
+        if (st) {
+            st = co_await create_overlay(images_, &t);
+        }
+    }
+    if (st) {
+        st = sync_dir(images_->dir_fd());  // the new entries are durable before the switch
+    }
+    std::vector<Node*> frozen;
+    for (auto& top : tops) {
+        if (st) {
+            st = co_await top->set_writable(false);
+            if (st) {
+                frozen.push_back(top.get());
+            }
+        }
+    }
+    if (st) {
+        Transaction tx(images_->env().graph);
+        for (size_t i = 0; i < ts.size(); ++i) {
+            tx.append_overlay(tops[i], ts[i].layer.node);
+        }
+        st = tx.commit();
+    }
+    if (!st) {
+        for (Node* n : frozen) {
+            (void)co_await n->set_writable(true);
+        }
+        for (auto& t : ts) {
+            if (t.layer.node) {
+                (void)co_await t.layer.node->close();
+                t.layer.node.reset();
+            }
+            if (t.created) {
+                ::unlinkat(images_->dir_fd(), t.file.c_str(), 0);
+            }
+        }
+        (void)sync_dir(images_->dir_fd());
+        co_return st;
+    }
+    for (auto& t : ts) {
+        t.e->chain.layers.insert(t.e->chain.layers.begin(), t.layer);
+        log_->info("{}: snapshot {}: {} is now the active layer", t.e->name, t.snap, t.file);
+        auto job = std::make_unique<RecordJob>(images_->env().loop, next_id_++, "snapshot", t.e, 0);
+        Job* raw = record(std::move(job));
+        co_await raw->run();
+    }
+    co_return Status{};
+}
+
+Task<Status> JobManager::revert(Export* e) {
+    CO_TRY(refuse_if_busy(e));
+    std::vector<Layer>& layers = e->chain.layers;
+    if (e->backend->open_count() > 0) {
+        co_return make_error(EBUSY, "{}.raw is open ({} time{}); close it before reverting",
+                             e->name, e->backend->open_count(),
+                             e->backend->open_count() == 1 ? "" : "s");
+    }
+    if (layers.size() < 2) {
+        co_return make_error(EINVAL, "{}: no snapshot to revert to ({} has no backing file)",
+                             e->name, layers.front().file);
+    }
+    const Layer& below = layers[1];
+    if (export_name_of(below.file) != e->name) {
+        co_return make_error(EBUSY, "{}: the layer below, {}, is not one of {}'s own snapshots",
+                             e->name, below.file, e->name);
+    }
+    if (!images_->users_of(below.node.get(), e).empty()) {
+        co_return make_error(EBUSY, "{}: {} is shared with another image", e->name, below.file);
+    }
+    std::shared_ptr<Node> top = layers.front().node;
+    std::shared_ptr<Node> back = below.node;
+    std::vector<std::shared_ptr<Node>> drained_nodes{top};
+    DrainGuard drained = co_await drain(drained_nodes);
+    CO_TRY(co_await back->set_writable(true));
+    Transaction tx(images_->env().graph);
+    tx.replace_node(top.get(), back);
+    tx.detach(top->backing());
+    if (Status st = tx.commit(); !st) {
+        (void)co_await back->set_writable(false);
+        co_return st;
+    }
+    drained.end();
+    std::string file = layers.front().file;
+    (void)co_await top->close();
+    layers.erase(layers.begin());
+    top.reset();
+    CO_TRY(remove_file(images_, file));
+    log_->info("{}: reverted: {} removed, {} is the active layer", e->name, file,
+               layers.front().file);
+    Job* raw = record(std::make_unique<RecordJob>(images_->env().loop, next_id_++, "revert", e, 0));
+    co_await raw->run();
+    co_return Status{};
+}
+
+}  // namespace imgfs

@@ -1,0 +1,155 @@
+#include "jobs/stream_job.h"
+
+#include <algorithm>
+
+#include "core/chain_status.h"
+#include "core/drain.h"
+#include "core/event_loop.h"
+#include "core/log.h"
+#include "core/transaction.h"
+#include "drivers/qcow2/qcow2_node.h"
+#include "jobs/chain_edit.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr uint64_t kChunkBytes = 1 << 20;
+
+}  // namespace
+
+StreamJob::StreamJob(ImageSet* images, uint64_t id, Export* e)
+    : Job(images->env().loop, id, "stream", e), images_(images) {}
+
+StreamJob::~StreamJob() = default;
+
+Task<Status> StreamJob::attach() {
+    Export* e = image();
+    top_ = e->chain.layers.front().node;
+    std::vector<std::shared_ptr<Node>> nodes{top_};
+    DrainGuard drained = co_await drain(nodes);
+    Transaction tx(images_->env().graph);
+    filter_ = MirrorFilter::create(images_->env(), e->name + " (stream)", &tx, top_);
+    tx.replace_node(top_.get(), filter_);
+    // Copying backing data up does not change what the top shows.
+    writer_ = tx.attach(this, top_, ChildRole::kUser, "stream writer",
+                        perm::kConsistentRead | perm::kWriteUnchanged, perm::kAll);
+    Status st = tx.commit();
+    if (!st) {
+        filter_.reset();
+        writer_ = nullptr;
+    }
+    co_return st;
+}
+
+Task<void> StreamJob::detach() {
+    if (!filter_) {
+        co_return;
+    }
+    std::vector<std::shared_ptr<Node>> nodes{filter_};
+    DrainGuard drained = co_await drain(nodes);
+    Transaction tx(images_->env().graph);
+    tx.replace_node(filter_.get(), top_);
+    tx.detach(filter_->top());
+    tx.detach(writer_);
+    (void)tx.commit();
+    writer_ = nullptr;
+    filter_.reset();
+}
+
+Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
+    RangeLock::Request req(filter_->tracker(), offset, bytes, true);
+    co_await filter_->tracker()->acquire(&req);
+    Node* top = top_.get();
+    Node* below = top->backing()->node();
+    for (uint64_t pos = offset; pos < offset + bytes;) {
+        // Checked under the request: what the top holds now (a guest write may have landed).
+        CO_TRY_ASSIGN(BlockStatus own, co_await top->block_status(pos, offset + bytes - pos));
+        if (own.alloc != Alloc::kUnallocated) {
+            pos += own.bytes;
+            continue;
+        }
+        uint64_t run_end = pos + own.bytes;
+        while (pos < run_end) {
+            // Zeros below (or past a shorter backing file) need no copy: without a backing file
+            // unallocated reads as zeros too.
+            ChainStatus st{false, run_end - pos, -1};
+            if (pos < below->size()) {
+                CO_TRY_ASSIGN(st, co_await block_status_above(below, pos, run_end - pos));
+            }
+            if (st.data) {
+                AlignedBuffer buf(st.bytes);
+                CO_TRY(co_await top->read(pos, buf.span()));
+                if (!is_zero(buf.span())) {
+                    CO_TRY(co_await writer_->write(pos, buf.span()));
+                }
+            }
+            pos += st.bytes;
+        }
+    }
+    co_return Status{};
+}
+
+Task<Status> StreamJob::finish() {
+    Export* e = image();
+    std::vector<Layer>& layers = e->chain.layers;
+    std::vector<std::shared_ptr<Node>> nodes{filter_};
+    DrainGuard drained = co_await drain(nodes);
+    CO_TRY(co_await writer_->flush());
+    // The image's own older layers that no other chain uses go; shared ones stay for their users.
+    size_t own = 0;
+    while (own + 1 < layers.size() && export_name_of(layers[own + 1].file) == e->name &&
+           images_->users_of(layers[own + 1].node.get(), e).empty()) {
+        ++own;
+    }
+    if (own > 0) {
+        CO_TRY(co_await splice_out(images_, e, 1, own, true));
+    } else {
+        CO_TRY(co_await dynamic_cast<Qcow2Node*>(top_.get())->set_backing_name("", std::nullopt));
+    }
+    Transaction tx(images_->env().graph);
+    tx.replace_node(filter_.get(), top_);
+    tx.detach(filter_->top());
+    tx.detach(writer_);
+    tx.detach(top_->backing());
+    CO_TRY(tx.commit());
+    writer_ = nullptr;
+    filter_.reset();
+    drained.end();
+    std::vector<Layer> dropped(layers.begin() + 1, layers.end());
+    layers.resize(1);
+    for (size_t i = 0; i < own; ++i) {
+        (void)co_await dropped[i].node->close();
+    }
+    images_->env().log->info("{}: streamed; {} stands alone", e->name, layers.front().file);
+    co_return Status{};
+}
+
+Task<Status> StreamJob::body() {
+    if (dynamic_cast<Qcow2Node*>(image()->chain.top().get()) == nullptr) {
+        co_return make_error(EINVAL, "{}: the top layer is not qcow2", image()->name);
+    }
+    CO_TRY(co_await attach());
+    const uint64_t size = top_->size();
+    // Progress is the part of the disk already gone through.
+    set_total(size);
+    for (uint64_t off = 0; off < size; off += kChunkBytes) {
+        uint64_t n = std::min(kChunkBytes, size - off);
+        Status st = co_await copy_chunk(off, n);
+        if (st) {
+            st = co_await checkpoint(n);
+        }
+        if (!st) {
+            co_await detach();
+            co_return st;
+        }
+    }
+    set_state(JobState::kReady);
+    Status st = co_await finish();
+    if (!st) {
+        co_await detach();
+    }
+    co_return st;
+}
+
+}  // namespace imgfs

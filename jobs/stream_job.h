@@ -1,0 +1,34 @@
+// StreamJob: copies into the top layer everything it shows from its backing chain, then makes it
+// stand alone (no backing file) and deletes the layers of the same image that no chain uses any
+// more. Guest writes keep going to the top throughout: a MirrorFilter tracks them, and each
+// range is copied under a serialising request after checking again that the top still does not
+// hold it, so a copy never overwrites what the guest just wrote.
+#pragma once
+
+#include <memory>
+
+#include "jobs/image_set.h"
+#include "jobs/job.h"
+#include "jobs/mirror_filter.h"
+
+namespace imgfs {
+
+class StreamJob final : public Job {
+  public:
+    StreamJob(ImageSet* images, uint64_t id, Export* e);
+    ~StreamJob() override;
+    Task<Status> body() override;
+
+  private:
+    Task<Status> attach();
+    Task<void> detach();
+    Task<Status> copy_chunk(uint64_t offset, uint64_t bytes);
+    Task<Status> finish();
+
+    ImageSet* images_;
+    std::shared_ptr<Node> top_;
+    std::shared_ptr<MirrorFilter> filter_;
+    Child* writer_ = nullptr;  // our edge to the top (write-unchanged)
+};
+
+}  // namespace imgfs
