@@ -174,7 +174,8 @@ int commit(const Args& args) {
     if (pos.size() != 2) {
         return fail("usage: imgfs commit MOUNTPOINT NAME [--base FILE] [--wait]");
     }
-    int rc = send_command(pos[0], pos[1], "commit", base.empty() ? "" : "base=" + base);
+    // One write carries one command: an empty command is a bare newline.
+    int rc = send_command(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base);
     return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
 }
 
@@ -188,7 +189,7 @@ int revert(const Args& args) {
     if (args.size() != 2) {
         return fail("usage: imgfs revert MOUNTPOINT NAME");
     }
-    return send_command(args[0], args[1], "revert", "");
+    return send_command(args[0], args[1], "revert", "\n");
 }
 
 int stream(const Args& args) {
@@ -210,7 +211,7 @@ int stream(const Args& args) {
     if (pos.size() != 2) {
         return fail("usage: imgfs stream MOUNTPOINT NAME [--wait]");
     }
-    int rc = send_command(pos[0], pos[1], "stream", "");
+    int rc = send_command(pos[0], pos[1], "stream", "\n");
     return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
 }
 

@@ -97,6 +97,36 @@ def is_mounted(path):
         return any(line.split()[1] == path for line in f)
 
 
+def kill_all(pattern, timeout=10):
+    """SIGKILLs every process whose command line contains `pattern` and waits until they are
+    gone. (fio runs its jobs in processes of their own session, so killing its process group
+    is not enough.)"""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if run(["pkill", "-9", "-f", pattern], check=False).returncode != 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes matching {pattern} did not exit")
+
+
+def holders(mountpoint):
+    """Processes with files open under `mountpoint` (for failure messages)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(mountpoint):
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(bytes([0]), b" ").decode()[:80]
+                    out.append(f"{pid} {cmd} -> {target}")
+        except OSError:
+            continue
+    return out
+
+
 class Mount:
     """imgfs mounted in the foreground (so the test owns the process and its log)."""
 
@@ -147,7 +177,16 @@ class Mount:
         if self.proc is None:
             return
         if is_mounted(self.mountpoint):
-            run([IMGFS, "unmount", self.mountpoint])
+            # A process killed a moment ago may still hold the file (its io_uring requests are
+            # torn down asynchronously): retry a busy mount for a while.
+            for attempt in range(100):
+                p = run([IMGFS, "unmount", self.mountpoint], check=False)
+                if p.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"cannot unmount {self.mountpoint}: {p.stderr}; held by "
+                                     f"{holders(self.mountpoint)}")
         try:
             code = self.proc.wait(timeout=timeout)
         finally:

@@ -155,9 +155,11 @@ class Kill(harness.ImageDirTest):
             load = subprocess.Popen(["fio", "--name=k", f"--filename={m.path('a.raw')}",
                                      "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=16",
                                      "--rw=randwrite", "--size=200M", "--time_based", "--runtime=30"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
             time.sleep(1.0 + round_ * 0.7)
             m.kill()
+            harness.kill_all(m.path("a.raw"))
             load.wait()
             self.mounts.remove(m)
             for name in ("a", "b"):

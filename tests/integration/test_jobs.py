@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Control files and jobs: live snapshot, group snapshot, active commit, revert, stream."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+import harness
+from harness import run, qemu_img, qemu_io, check, convert_raw
+
+MiB = 1 << 20
+BLOCK = 65536
+
+
+def control(m, name, file, text):
+    """Writes one command; returns 0 or the errno."""
+    try:
+        fd = os.open(m.path(".control", name, file) if name else m.path(".control", file), os.O_WRONLY)
+    except OSError as e:
+        return e.errno
+    try:
+        os.write(fd, text.encode())
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the daemon may have been killed meanwhile
+
+
+def read_control(m, name, file):
+    with open(m.path(".control", name, file)) as f:
+        return f.read()
+
+
+def chain(m, name):
+    return read_control(m, name, "snapshot").split()
+
+
+def wait_job(m, name, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = json.loads(read_control(m, name, "job"))
+        if j["state"] == "concluded":
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job on {name} did not finish: {j}")
+
+
+def file_sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SequenceWriter(threading.Thread):
+    """Writes block i % nblocks with a record of sequence number i, one write at a time, so the
+    state at any instant is exactly 'the first k writes applied'."""
+
+    def __init__(self, path, nblocks, seed=1):
+        super().__init__(daemon=True)
+        self.path, self.nblocks, self.rng = path, nblocks, random.Random(seed)
+        self.stop = threading.Event()
+        self.order = []  # block of each write
+        self.error = None
+
+    @staticmethod
+    def payload(seq):
+        return struct.pack("<Q", seq + 1) * (BLOCK // 8)
+
+    def run(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
+        buf = bytearray(BLOCK)
+        try:
+            seq = 0
+            while not self.stop.is_set():
+                block = self.rng.randrange(self.nblocks)
+                self.order.append(block)
+                mm = memoryview(self.payload(seq))
+                os.pwrite(fd, mm, block * BLOCK)
+                seq += 1
+        except OSError as e:
+            self.error = e
+        finally:
+            os.close(fd)
+
+    def state_after(self, k):
+        data = bytearray(self.nblocks * BLOCK)
+        for seq in range(k):
+            b = self.order[seq]
+            data[b * BLOCK:(b + 1) * BLOCK] = self.payload(seq)
+        return bytes(data)
+
+
+def prefix_of(writer, data):
+    """The k for which `data` is exactly the state after the writer's first k writes, or None."""
+    k = 0
+    for b in range(writer.nblocks):
+        seq = struct.unpack_from("<Q", data, b * BLOCK)[0]
+        k = max(k, seq)
+    return k if writer.state_after(k) == data[:writer.nblocks * BLOCK] else None
+
+
+class Snapshot(harness.ImageDirTest):
+    def test_snapshot_under_a_writer_freezes_an_exact_state(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "64M")
+        m = self.mount()
+        w = SequenceWriter(m.path("vm1.raw"), nblocks=256)
+        w.start()
+        time.sleep(0.5)
+        self.assertEqual(control(m, "vm1", "snapshot", "s1\n"), 0)
+        frozen = self.img("vm1.qcow2")
+        sha1 = file_sha(frozen)
+        time.sleep(1.0)  # the writer keeps going, into the new layer
+        sha2 = file_sha(frozen)
+        w.stop.set()
+        w.join()
+        self.assertIsNone(w.error)
+        self.assertEqual(sha1, sha2, "the frozen layer changed after the snapshot")
+        self.assertEqual(chain(m, "vm1"), ["vm1@s1.qcow2", "vm1.qcow2"])
+        info = json.loads(run(["qemu-img", "info", "--output=json", self.img("vm1@s1.qcow2")]).stdout)
+        self.assertEqual(info["backing-filename"], "vm1.qcow2")
+        self.assertEqual(info.get("backing-filename-format"), "qcow2")
+        k = prefix_of(w, convert_raw(frozen))
+        self.assertIsNotNone(k, "the frozen layer is not the state after any prefix of writes")
+        self.assertGreater(k, 0)
+        self.assertLess(k, len(w.order))
+        m.stop()
+        for f in ("vm1.qcow2", "vm1@s1.qcow2"):
+            c = check(self.img(f))
+            self.assertEqual((c["corruptions"], c["leaks"]), (0, 0), c["text"])
+        print(f"snapshot froze the state after write {k} of {len(w.order)}")
+
+    def test_snapshot_of_a_loop_mounted_ext4_under_load(self):
+        harness.require_tools("losetup", "mkfs.ext4")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "256M")
+        m = self.mount()
+        loop = run(["losetup", "-f", "--show", m.path("vm1.raw")]).stdout.strip()
+        run(["mkfs.ext4", "-q", loop])
+        fs = tempfile.mkdtemp(prefix="imgfs-fs-")
+        self.addCleanup(shutil.rmtree, fs, True)
+        run(["mount", loop, fs])
+        writer = subprocess.Popen(["sh", "-c", f"while true; do dd if=/dev/urandom of={fs}/f bs=1M "
+                                   f"count=20 conv=fsync status=none; done"], start_new_session=True)
+        try:
+            time.sleep(1)
+            self.assertEqual(control(m, "vm1", "snapshot", "before-upgrade"), 0)
+            sha1 = file_sha(self.img("vm1.qcow2"))
+            time.sleep(2)
+            self.assertEqual(sha1, file_sha(self.img("vm1.qcow2")))
+        finally:
+            os.killpg(writer.pid, 9)
+            writer.wait()
+            harness.kill_all(f"of={fs}/f")
+            run(["umount", fs])
+            run(["losetup", "-d", loop])
+        # The frozen layer is a crash-consistent ext4: journal replay makes it clean.
+        copy = self.img("frozen.raw")
+        qemu_img("convert", "-O", "raw", self.img("vm1.qcow2"), copy)
+        p = run(["e2fsck", "-fy", copy], check=False)
+        self.assertIn(p.returncode, (0, 1), p.stdout + p.stderr)
+        m.stop()
+        self.assertEqual(check(self.img("vm1@before-upgrade.qcow2"))["exit"], 0)
+
+    def test_group_snapshot_is_all_or_nothing(self):
+        for n in ("a", "b", "c"):
+            qemu_img("create", "-q", "-f", "qcow2", self.img(f"{n}.qcow2"), "8M")
+        m = self.mount()
+        before = sorted(os.listdir(self.dir))
+        self.assertEqual(control(m, None, "snapshot", "a s1\nb s1\nnope s1\n"), errno.EINVAL)
+        self.assertEqual(control(m, None, "snapshot", "a s1\nb bad/name\n"), errno.EINVAL)
+        self.assertEqual(sorted(os.listdir(self.dir)), before)
+        self.assertEqual(chain(m, "a"), ["a.qcow2"])
+        self.assertEqual(control(m, None, "snapshot", "a s1\nc s1\n"), 0)
+        self.assertEqual(chain(m, "a")[0], "a@s1.qcow2")
+        self.assertEqual(chain(m, "b"), ["b.qcow2"])
+        self.assertEqual(control(m, None, "snapshot", "all1"), 0)  # every image
+        for n in ("a", "b", "c"):
+            self.assertEqual(chain(m, n)[0], f"{n}@all1.qcow2")
+        m.stop()
+
+    def test_refusals_and_reasons(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "8M")
+        m = self.mount()
+        for bad in ("a\nb", "a\0b", "", "-x", "a b", "x" * 65, ".hidden", "a/b"):
+            self.assertEqual(control(m, "vm1", "snapshot", bad + "\n"), errno.EINVAL, repr(bad))
+        self.assertIn("invalid snapshot name 'a/b'", m.info("vm1")["last_error"])
+        self.assertEqual(control(m, "vm1", "snapshot", "ok1"), 0)
+        open(self.img("vm1@taken.qcow2"), "w").close()
+        self.assertEqual(control(m, "vm1", "snapshot", "taken"), errno.EEXIST)
+        self.assertEqual(control(m, "vm1", "commit", "bogus\n"), errno.EINVAL)
+        self.assertEqual(control(m, "vm1", "commit", "base=nothere.qcow2\n"), errno.EINVAL)
+        self.assertEqual(control(m, "vm1", "job", "explode\n"), errno.EINVAL)
+        self.assertEqual(control(m, "vm1", "revert", "now\n"), errno.EINVAL)
+        self.assertEqual(control(m, "vm1", "snapshot", "y" * 5000), errno.EINVAL)
+        # A second job on the same image: EBUSY (a slow commit keeps the first one running).
+        fd = os.open(m.path("vm1.raw"), os.O_RDWR)
+        os.pwrite(fd, b"z" * (4 * MiB), 0)
+        os.close(fd)
+        self.assertEqual(control(m, "vm1", "commit", "\n"), 0)
+        control(m, "vm1", "job", "speed 1")
+        self.assertEqual(control(m, "vm1", "commit", "\n"), errno.EBUSY)
+        self.assertEqual(control(m, "vm1", "stream", "\n"), errno.EBUSY)
+        self.assertEqual(control(m, "vm1", "job", "cancel"), 0)
+        j = wait_job(m, "vm1")
+        self.assertEqual(j["error"], "cancelled")
+        m.stop()
+        os.unlink(self.img("vm1@taken.qcow2"))
+        self.assertEqual(check(self.img("vm1@ok1.qcow2"))["exit"], 0)
+
+
+class Commit(harness.ImageDirTest):
+    def test_active_commit_converges_under_a_random_writer(self):
+        harness.require_tools("fio")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "512M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        run(["fio", "--name=fill", f"--filename={m.path('vm.raw')}", "--ioengine=io_uring",
+             "--direct=1", "--bs=1M", "--iodepth=8", "--rw=write", "--size=256M"])
+        writer = subprocess.Popen(["fio", "--name=w", f"--filename={m.path('vm.raw')}",
+                                   "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=4",
+                                   "--rw=randwrite", "--size=512M", "--time_based", "--runtime=120"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            time.sleep(1)
+            t0 = time.time()
+            self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+            j = wait_job(m, "vm", timeout=90)
+            took = time.time() - t0
+        finally:
+            harness.kill_all(m.path("vm.raw"))
+            writer.wait()
+        print(f"commit finished after {took:.1f} s; writer stopped")
+        self.assertIsNone(j["error"], j)
+        self.assertLess(took, 60.0, f"commit took {took:.1f} s")
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        m.stop()
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
+        print(f"active commit of 256 MiB under a 64 KiB random writer: {took:.1f} s, "
+              f"{j['done_bytes'] / MiB:.0f} MiB copied")
+
+    def test_commit_into_a_deeper_base_and_shared_base_refused(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "32M")
+        qemu_io(self.img("vm.qcow2"), "write -P 1 0 4M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", self.img("a.qcow2"), "32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", self.img("b.qcow2"), "32M")
+        m = self.mount()
+        # Shared base: EBUSY, nothing changes.
+        before = sorted(os.listdir(self.dir))
+        self.assertEqual(control(m, "a", "commit", "\n"), errno.EBUSY)
+        self.assertIn("also used by b", m.info("a")["last_error"])
+        self.assertEqual(sorted(os.listdir(self.dir)), before)
+        # Three layers deep: commit everything above vm.qcow2 into it.
+        for i, snap in enumerate(("s1", "s2", "s3")):
+            self.assertEqual(control(m, "vm", "snapshot", snap), 0)
+            fd = os.open(m.path("vm.raw"), os.O_RDWR)
+            os.pwrite(fd, bytes([0x10 + i]) * (MiB + 7), i * 3 * MiB + 123)
+            os.close(fd)
+        self.assertEqual(len(chain(m, "vm")), 4)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"])
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        self.assertEqual(sorted(f for f in os.listdir(self.dir) if f.startswith("vm")), ["vm.qcow2"])
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
+    def test_not_enough_space_is_refused_up_front(self):
+        small = tempfile.mkdtemp(prefix="imgfs-small-")
+        self.addCleanup(shutil.rmtree, small, True)
+        run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", small])
+        self.addCleanup(run, ["umount", "-l", small], False)
+        qemu_img("create", "-q", "-f", "raw", os.path.join(small, "base.raw"), "64M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                 os.path.join(small, "base@s1.qcow2"), "64M")
+        m = harness.Mount(small)
+        self.mounts.append(m)
+        m.start()
+        fd = os.open(m.path("base.raw"), os.O_RDWR)
+        for i in range(30):
+            os.pwrite(fd, os.urandom(MiB), i * MiB)
+        os.close(fd)
+        # 30 MiB to copy, but the raw base is sparse and only ~18 MiB are free.
+        self.assertEqual(control(m, "base", "commit", "\n"), errno.ENOSPC)
+        self.assertIn("free", m.info("base")["last_error"])
+        self.assertEqual(chain(m, "base"), ["base@s1.qcow2", "base.raw"])
+        m.stop()
+
+
+class RevertStream(harness.ImageDirTest):
+    def test_revert_restores_the_snapshot(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 7 0 16M")
+        m = self.mount()
+        with open(m.path("vm.raw"), "rb") as f:
+            before = f.read()
+        self.assertEqual(control(m, "vm", "snapshot", "try"), 0)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"x" * 100000, 5000)
+        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY)  # still open
+        os.close(fd)
+        self.assertEqual(control(m, "vm", "revert", "\n"), 0)
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == before)
+        self.assertFalse(os.path.exists(self.img("vm@try.qcow2")))
+        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EINVAL)  # nothing left to revert
+        m.stop()
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == before)
+
+    def test_stream_makes_the_top_stand_alone(self):
+        qemu_img("create", "-q", "-f", "raw", self.img("base.img"), "8M")
+        qemu_io(self.img("base.img"), "write -P 3 0 8M", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("vm.qcow2"), "16M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("other.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 4 1M 1M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"q" * 70000, 3 * MiB + 11)
+        os.close(fd)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(control(m, "vm", "stream", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"])
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        # vm.qcow2 (vm's own history) is gone; base.img (also other's base) stays.
+        self.assertFalse(os.path.exists(self.img("vm.qcow2")))
+        self.assertTrue(os.path.exists(self.img("base.img")))
+        info = json.loads(run(["qemu-img", "info", "--output=json", self.img("vm@s1.qcow2")]).stdout)
+        self.assertNotIn("backing-filename", info)
+        self.assertTrue(convert_raw(self.img("vm@s1.qcow2")) == shown)
+        self.assertEqual(check(self.img("vm@s1.qcow2"))["exit"], 0)
+
+
+class Cli(harness.ImageDirTest):
+    def test_cli_wrappers(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        img = harness.IMGFS
+        run([img, "snapshot", m.mountpoint, "vm", "s1"])
+        p = run([img, "snapshot", m.mountpoint, "vm", "bad name"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("invalid snapshot name", p.stderr)
+        p = run([img, "commit", m.mountpoint, "vm", "--wait"])
+        self.assertIn("concluded", p.stdout)
+        st = json.loads(run([img, "status", m.mountpoint, "--json"]).stdout)
+        self.assertEqual(st[0]["name"], "vm")
+        self.assertEqual(st[0]["job"]["type"], "commit")
+        run([img, "snapshot", m.mountpoint, "vm", "s2"])
+        run([img, "revert", m.mountpoint, "vm"])
+        self.assertIn("vm.raw", run([img, "status", m.mountpoint]).stdout)
+        m.stop()
+
+
+class Kills(harness.ImageDirTest):
+    """kill -9 at random points during each kind of job: the directory reopens with the content
+    from before or after, and qemu-img check finds no corruption."""
+
+    RUNS = int(os.environ.get("IMGFS_KILL_RUNS", "10"))
+
+    def setup_chain(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        qemu_io(self.img("vm.qcow2"), "write -P 1 0 24M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "vm.qcow2", "-F", "qcow2", self.img("vm@s1.qcow2"), "64M")
+        qemu_io(self.img("vm@s1.qcow2"), "write -P 2 4M 12M", "write -P 3 30M 6M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "vm@s1.qcow2", "-F", "qcow2", self.img("vm@s2.qcow2"), "64M")
+        qemu_io(self.img("vm@s2.qcow2"), "write -P 4 10M 8M")
+
+    def verify(self, allowed, what, i):
+        m = self.mount()
+        try:
+            self.assertEqual(m.exports(), ["vm"], f"{what} run {i}: {m.read_log()}")
+            with open(m.path("vm.raw"), "rb") as f:
+                data = f.read()
+        finally:
+            m.stop()
+            self.mounts.remove(m)
+        self.assertTrue(any(data == a for a in allowed), f"{what} run {i}: content is neither before nor after")
+        for f in os.listdir(self.dir):
+            if f.endswith(".qcow2"):
+                c = check(self.img(f))
+                self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), f"{what} run {i} {f}: {c['text']}")
+
+    def kill_during(self, what, command, speed=None, after=None):
+        rng = random.Random(hash(what))
+        for i in range(self.RUNS):
+            for f in os.listdir(self.dir):
+                os.unlink(self.img(f))
+            self.setup_chain()
+            before = convert_raw(self.img("vm@s2.qcow2"))
+            allowed = [before] + ([after(self)] if after else [])
+            m = self.mount()
+            if speed:
+                self.assertEqual(control(m, "vm", command, "\n"), 0)
+                control(m, "vm", "job", f"speed {speed}")
+                time.sleep(rng.uniform(0.05, 2.0))
+            else:
+                t = threading.Thread(target=control, args=(m, "vm", command, "kill1" if command == "snapshot" else "\n"))
+                t.start()
+                time.sleep(rng.uniform(0, 0.05))
+            m.kill()
+            self.mounts.remove(m)
+            if not speed:
+                t.join()
+            self.verify(allowed, what, i)
+
+    def test_kill_during_commit(self):
+        self.kill_during("commit", "commit", speed=16 * MiB)
+
+    def test_kill_during_stream(self):
+        self.kill_during("stream", "stream", speed=16 * MiB)
+
+    def test_kill_during_snapshot(self):
+        self.kill_during("snapshot", "snapshot")
+
+    def test_kill_during_revert(self):
+        self.kill_during("revert", "revert", after=lambda s: convert_raw(s.img("vm@s1.qcow2")))
+
+
+if __name__ == "__main__":
+    harness.main()
