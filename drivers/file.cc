@@ -231,13 +231,69 @@ Task<Result<uint64_t>> FileNode::allocated_bytes() {
     co_return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
+namespace {
+
+// QEMU's image locking, byte for byte: permission bit i (the same values as ours) is "used" while
+// byte kLockPermBase + i carries a shared lock and "not shared" while kLockSharedBase + i does.
+constexpr off_t kLockPermBase = 100;
+constexpr off_t kLockSharedBase = 200;
+constexpr int kLockedPerms = 4;
+
+bool lock_byte(int fd, off_t offset, bool lock) {
+    struct flock fl {};
+    fl.l_type = lock ? F_RDLCK : F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = offset;
+    fl.l_len = 1;
+    return ::fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
+// True if another open file (another process, or another open of ours) holds a lock there.
+bool locked_elsewhere(int fd, off_t offset) {
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = offset;
+    fl.l_len = 1;
+    return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
+}  // namespace
+
 Status FileNode::check_perm(Perms perm, Perms shared) const {
     if (options_.read_only &&
         (perm & (perm::kWrite | perm::kWriteUnchanged | perm::kResize)) != 0) {
         return make_error(EROFS, "{} was opened read-only but {} is needed", name(),
                           perms_to_string(perm));
     }
+    if (options_.locking) {
+        for (int i = 0; i < kLockedPerms; ++i) {
+            Perms bit = Perms{1} << i;
+            if ((perm & bit) != 0 && locked_elsewhere(fd_.get(), kLockSharedBase + i)) {
+                return make_error(EBUSY,
+                                  "{} is in use by another process (QEMU?) that does not allow {}",
+                                  name(), perms_to_string(bit));
+            }
+            if ((shared & bit) == 0 && locked_elsewhere(fd_.get(), kLockPermBase + i)) {
+                return make_error(EBUSY, "{} is in use by another process (QEMU?) for {}", name(),
+                                  perms_to_string(bit));
+            }
+        }
+    }
     return Node::check_perm(perm, shared);
+}
+
+void FileNode::set_perm(Perms perm, Perms shared) {
+    if (!options_.locking) {
+        return;
+    }
+    for (int i = 0; i < kLockedPerms; ++i) {
+        Perms bit = Perms{1} << i;
+        // Failing to take a lock after check_perm passed means someone raced us; the next
+        // refresh reports it. Nothing here can fail the transaction any more.
+        (void)lock_byte(fd_.get(), kLockPermBase + i, (perm & bit) != 0);
+        (void)lock_byte(fd_.get(), kLockSharedBase + i, (shared & bit) == 0);
+    }
 }
 
 }  // namespace imgfs

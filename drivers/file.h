@@ -14,6 +14,8 @@ namespace imgfs {
 struct FileOptions {
     bool read_only = false;
     bool direct = false;
+    /// Take QEMU's image locks (see set_perm), so a QEMU process and imgfs never both write.
+    bool locking = true;
 };
 
 class FileNode final : public Node {
@@ -34,7 +36,11 @@ class FileNode final : public Node {
     [[nodiscard]] bool failed() const { return failed_; }
 
     Task<Result<uint64_t>> allocated_bytes() override;
+    /// Refuses permissions another process's image locks forbid (QEMU's protocol: a shared
+    /// OFD lock on byte 100+i while permission i is used, on byte 200+i while it is not shared).
     Status check_perm(Perms perm, Perms shared) const override;
+    /// Takes and releases those lock bytes to match.
+    void set_perm(Perms perm, Perms shared) override;
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override;
