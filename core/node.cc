@@ -23,6 +23,43 @@ const char* child_role_name(ChildRole role) {
     return "?";
 }
 
+namespace {
+
+constexpr std::pair<IoEvent, const char*> kEventNames[] = {
+    {IoEvent::kNone, "none"},
+    {IoEvent::kDataRead, "data-read"},
+    {IoEvent::kDataWrite, "data-write"},
+    {IoEvent::kCowRead, "cow-read"},
+    {IoEvent::kCowWrite, "cow-write"},
+    {IoEvent::kHeader, "header"},
+    {IoEvent::kL1, "l1"},
+    {IoEvent::kL2Write, "l2-write"},
+    {IoEvent::kL2Alloc, "l2-alloc"},
+    {IoEvent::kRefblockWrite, "refblock-write"},
+    {IoEvent::kRefblockAlloc, "refblock-alloc"},
+    {IoEvent::kRefTableGrow, "reftable-grow"},
+};
+
+}  // namespace
+
+const char* io_event_name(IoEvent e) {
+    for (const auto& [ev, name] : kEventNames) {
+        if (ev == e) {
+            return name;
+        }
+    }
+    return "?";
+}
+
+IoEvent io_event_from_name(std::string_view name) {
+    for (const auto& [ev, n] : kEventNames) {
+        if (name == n) {
+            return ev;
+        }
+    }
+    return IoEvent::kNone;
+}
+
 // ---- ChildOwner ----
 
 ChildOwner::ChildOwner(Executor* executor) : idle_(executor), unquiesced_(executor) {}

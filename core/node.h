@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/buffer.h"
@@ -74,6 +75,26 @@ struct BlockStatus {
     Alloc alloc = Alloc::kData;
     uint64_t bytes = 0;  // length of the run starting at the queried offset, > 0
 };
+
+/// Steps of a driver's work that a fault-injection filter below it can key on. A driver
+/// signals one on its storage edge right before the I/O of that step.
+enum class IoEvent : uint8_t {
+    kNone,
+    kDataRead,       // guest data read
+    kDataWrite,      // guest data written in place or into new clusters
+    kCowRead,        // old content read for copy-on-write
+    kCowWrite,       // new clusters written with copy-on-write data
+    kHeader,         // image header update
+    kL1,             // L1 table entry or table
+    kL2Write,        // cached L2 tables written back
+    kL2Alloc,        // a new (or copied) L2 table written
+    kRefblockWrite,  // cached refcount blocks written back
+    kRefblockAlloc,  // new refcount blocks written
+    kRefTableGrow,   // the refcount table grown (new table, then header switch)
+};
+const char* io_event_name(IoEvent e);
+/// The event named `name` ("l2-write"), or kNone.
+IoEvent io_event_from_name(std::string_view name);
 
 struct NodeEnv {
     EventLoop* loop = nullptr;
@@ -185,6 +206,9 @@ class Node : public ChildOwner {
     /// Flushes and releases the driver's state. Called once, before the last reference goes.
     Task<Status> close();
 
+    /// A driver above signalled a step (see IoEvent). Filters record it; others ignore it.
+    virtual void on_event(IoEvent /*event*/) {}
+
     /// Makes the node writable (a backing layer that a commit will write into) or read-only
     /// (a layer frozen under a new snapshot), in place. Read-only flushes first. The caller
     /// refreshes permissions afterwards (in a transaction). Default: not supported.
@@ -294,6 +318,7 @@ class Child {
         return node_->discard(offset, bytes);
     }
     Task<Status> flush() { return node_->flush(); }
+    void event(IoEvent e) { node_->on_event(e); }
     Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t bytes) {
         return node_->block_status(offset, bytes);
     }

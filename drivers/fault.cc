@@ -38,7 +38,8 @@ FaultNode::Verdict FaultNode::judge(uint32_t op, uint64_t offset, uint64_t bytes
     ++counts_[std::countr_zero(op)];
     Verdict verdict = Verdict::kPass;
     for (RuleState& r : rules_) {
-        if ((r.rule.ops & op) == 0) {
+        if ((r.rule.ops & op) == 0 ||
+            (r.rule.event != IoEvent::kNone && r.rule.event != last_event_)) {
             continue;
         }
         bool ranged = r.rule.offset != 0 || r.rule.bytes != std::numeric_limits<uint64_t>::max();

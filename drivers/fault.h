@@ -41,6 +41,9 @@ struct FaultRule {
     uint64_t offset = 0;
     uint64_t bytes = std::numeric_limits<uint64_t>::max();
     FaultAction action = FaultAction::kError;
+    /// If set, the rule only matches requests made after the driver above signalled this event
+    /// (and before it signalled another).
+    IoEvent event = IoEvent::kNone;
 };
 
 class FaultNode final : public Node {
@@ -60,6 +63,7 @@ class FaultNode final : public Node {
     [[nodiscard]] uint64_t count(uint32_t op) const;
 
     Task<Result<uint64_t>> allocated_bytes() override;
+    void on_event(IoEvent event) override { last_event_ = event; }
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override;
@@ -83,6 +87,7 @@ class FaultNode final : public Node {
     void sync_from_child();
 
     std::vector<RuleState> rules_;
+    IoEvent last_event_ = IoEvent::kNone;
     uint64_t counts_[5] = {};
 };
 

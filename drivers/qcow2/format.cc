@@ -353,7 +353,9 @@ Result<std::vector<uint8_t>> serialize_header(Header* h) {
         if (fixed > 104) {
             p[104] = static_cast<uint8_t>(h->compression_type);
             size_t n = std::min<size_t>(h->unknown_fields.size(), fixed - 105);
-            std::memcpy(p + 105, h->unknown_fields.data(), n);
+            if (n > 0) {  // data() may be null when empty, and memcpy forbids that
+                std::memcpy(p + 105, h->unknown_fields.data(), n);
+            }
         }
     }
     return out;

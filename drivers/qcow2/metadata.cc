@@ -162,6 +162,7 @@ Task<Status> Metadata::prepare_for_writing() {
 // ---- header updates ----
 
 Task<Status> Metadata::write_header_bytes(uint64_t offset, ConstBuf bytes) {
+    file_->event(IoEvent::kHeader);
     CO_TRY(co_await file_->write(offset, bytes));
     co_return co_await sync();
 }
@@ -225,6 +226,7 @@ Task<Status> Metadata::set_backing(const std::string& name,
         // Room in the first cluster past everything the old header uses: write the name there
         // first, durable, and only then the header that points at it.
         uint64_t name_at = cs - name.size();
+        file_->event(IoEvent::kHeader);
         CO_TRY(co_await file_->write(
             name_at, ConstBuf(reinterpret_cast<const uint8_t*>(name.data()), name.size())));
         CO_TRY(co_await sync());
@@ -277,6 +279,9 @@ Task<Status> Metadata::write_back_refcounts() {
         CO_TRY(co_await sync());
         dependency_ = Dependency::kNone;
     }
+    if (refblock_cache_.has_dirty()) {
+        file_->event(IoEvent::kRefblockWrite);
+    }
     co_return co_await refblock_cache_.write_dirty(file_);
 }
 
@@ -289,6 +294,9 @@ Task<Status> Metadata::write_back_l2() {
     }
     if (l2_needs_data_sync_ && l2_cache_.has_dirty()) {
         CO_TRY(co_await sync());  // COW data before the entries that point at it (rule 1)
+    }
+    if (l2_cache_.has_dirty()) {
+        file_->event(IoEvent::kL2Write);
     }
     co_return co_await l2_cache_.write_dirty(file_);
 }

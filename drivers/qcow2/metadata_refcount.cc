@@ -183,28 +183,39 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
     }
     const uint64_t blocks_start = base + count;
     const uint64_t area_end = blocks_start + new_ranges.size();
+    // Claimed before any I/O: if a step below fails, the area is leaked (never handed out or
+    // counted twice by a retry), which is the safe direction.
+    end_cluster_ = area_end;
     AlignedBuffer blocks = AlignedBuffer::zeroed(std::max<size_t>(new_ranges.size(), 1) * cs);
+    std::vector<uint64_t> counted_elsewhere;
     for (uint64_t c = base; c < area_end; ++c) {
         auto it = std::find(new_ranges.begin(), new_ranges.end(), c / entries);
         if (it != new_ranges.end()) {
             size_t j = static_cast<size_t>(it - new_ranges.begin());
             store_refcount(g_, blocks.data() + j * cs, c % entries, 1);
         } else {
-            CO_TRY(co_await update_refcount(c, 1, false));  // an existing block covers it
+            counted_elsewhere.push_back(c);  // an existing block covers it
         }
     }
     if (!new_ranges.empty()) {
         // New blocks durable before the table points at them.
+        file_->event(IoEvent::kRefblockAlloc);
         CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
                                      ConstBuf(blocks.data(), new_ranges.size() * cs)));
         CO_TRY(co_await sync());
         for (size_t j = 0; j < new_ranges.size(); ++j) {
             refcount_table_[new_ranges[j]] = (blocks_start + j) << g_.cluster_bits;
-            CO_TRY(co_await write_refcount_table_entry(new_ranges[j]));
+            Status st = co_await write_refcount_table_entry(new_ranges[j]);
+            if (!st) {
+                refcount_table_[new_ranges[j]] = 0;  // as on disk
+                co_return std::move(st).error();
+            }
             metadata_clusters_.insert(blocks_start + j);
         }
     }
-    end_cluster_ = area_end;
+    for (uint64_t c : counted_elsewhere) {
+        CO_TRY(co_await update_refcount(c, 1, false));
+    }
     co_return HostRun{base << g_.cluster_bits, count};
 }
 
@@ -237,6 +248,7 @@ Task<Status> Metadata::free_entry_clusters(const L2Entry& e, bool punch) {
 Task<Status> Metadata::write_refcount_table_entry(uint64_t index) {
     uint8_t be[8];
     store_be64(be, refcount_table_[index]);
+    file_->event(IoEvent::kRefblockAlloc);
     co_return co_await file_->write(header_.refcount_table_offset + index * 8, ConstBuf(be, 8));
 }
 
@@ -280,6 +292,8 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     }
     const uint64_t blocks_start = start + table_clusters;
     const uint64_t area_end = blocks_start + new_ranges.size();
+    // Claimed before any I/O (see alloc_at_end): a failure leaks the area, a retry goes past it.
+    end_cluster_ = area_end;
     std::vector<uint64_t> table(new_entries, 0);
     std::copy(refcount_table_.begin(), refcount_table_.end(), table.begin());
     AlignedBuffer blocks = AlignedBuffer::zeroed(std::max<uint64_t>(new_ranges.size(), 1) * cs);
@@ -296,6 +310,7 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
         }
     }
     // New blocks and table, and the counts for them in existing blocks, all durable...
+    file_->event(IoEvent::kRefTableGrow);
     if (!new_ranges.empty()) {
         CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
                                      ConstBuf(blocks.data(), new_ranges.size() * cs)));

@@ -50,6 +50,7 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_read(uint64_t l1_index) {
 Task<Status> Metadata::write_l1_entry(uint64_t l1_index) {
     uint8_t be[8];
     store_be64(be, l1_[l1_index]);
+    file_->event(IoEvent::kL1);
     co_return co_await file_->write(header_.l1_table_offset + l1_index * 8, ConstBuf(be, 8));
 }
 
@@ -57,6 +58,7 @@ Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
     CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));
     const uint64_t host = run.offset;
     // The new (empty) table and its refcount must be durable before the L1 entry points at it.
+    file_->event(IoEvent::kL2Alloc);
     CO_TRY(co_await file_->write_zeroes(host, g_.cluster_size, false));
     if (!lazy_refcounts_) {
         CO_TRY(co_await write_back_refcounts());
@@ -78,6 +80,7 @@ Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
     AlignedBuffer copy(g_.cluster_size);
     std::memcpy(copy.data(), old_ref.data(), g_.cluster_size);
     old_ref.reset();
+    file_->event(IoEvent::kL2Alloc);
     CO_TRY(co_await file_->write(host, copy.span()));
     if (!lazy_refcounts_) {
         CO_TRY(co_await write_back_refcounts());
@@ -141,6 +144,7 @@ Task<Status> Metadata::grow(uint64_t new_size) {
     for (size_t i = 0; i < l1_.size(); ++i) {
         store_be64(table.data() + i * 8, l1_[i]);
     }
+    file_->event(IoEvent::kL1);
     CO_TRY(co_await file_->write(host, table.span()));
     if (!lazy_refcounts_) {
         CO_TRY(co_await write_back_refcounts());

@@ -144,6 +144,7 @@ Task<Status> Qcow2Node::read_guest(uint64_t offset, MutBuf buf) {
 }
 
 Task<Status> Qcow2Node::do_read(uint64_t offset, MutBuf buf) {
+    file()->event(IoEvent::kDataRead);
     co_return co_await read_guest(offset, buf);
 }
 
@@ -163,10 +164,12 @@ Task<Status> Qcow2Node::write_allocated(const WritePlan& plan, ConstBuf data) {
     const uint64_t file_end = file()->node()->size();
     Status st;
     if (head == 0 && tail == 0) {
+        file()->event(IoEvent::kDataWrite);
         st = co_await file()->write(plan.host_offset, data);
     } else if (head + data.size() + tail <= kBounceLimitBytes) {
         // One write for COW head, data and COW tail.
         AlignedBuffer b(head + data.size() + tail);
+        file()->event(IoEvent::kCowRead);
         st = co_await read_guest(plan.cow_head_offset, b.subspan(0, head));
         if (st) {
             st = co_await read_guest(plan.cow_tail_offset, b.subspan(head + data.size(), tail));
@@ -177,6 +180,7 @@ Task<Status> Qcow2Node::write_allocated(const WritePlan& plan, ConstBuf data) {
             // Fresh clusters past the end of the file read as zeros already: COW that would
             // only write zeros there is skipped.
             bool fresh = plan.newly_allocated && plan.host_start >= file_end;
+            file()->event(IoEvent::kCowWrite);
             if (fresh && is_zero(b.span().first(head)) && is_zero(b.span().last(tail))) {
                 st = co_await file()->write(plan.host_offset, data);
             } else {
@@ -186,9 +190,13 @@ Task<Status> Qcow2Node::write_allocated(const WritePlan& plan, ConstBuf data) {
     } else {
         AlignedBuffer h(std::max<uint64_t>(head, 1));
         AlignedBuffer t(std::max<uint64_t>(tail, 1));
+        file()->event(IoEvent::kCowRead);
         st = co_await read_guest(plan.cow_head_offset, h.subspan(0, head));
         if (st) {
             st = co_await read_guest(plan.cow_tail_offset, t.subspan(0, tail));
+        }
+        if (st) {
+            file()->event(IoEvent::kCowWrite);
         }
         if (st && head != 0) {
             st = co_await file()->write(plan.host_offset - head, h.span().first(head));
@@ -218,6 +226,7 @@ Task<Result<uint64_t>> Qcow2Node::write_piece(uint64_t offset, ConstBuf buf) {
         CO_TRY_ASSIGN(WritePlan plan, co_await meta_->plan_write(offset, buf.size(), false));
         if (plan.kind == WritePlan::Kind::kInPlace) {
             CO_TRY(co_await check_in_place(plan));
+            file()->event(IoEvent::kDataWrite);
             CO_TRY(co_await file()->write(plan.host_offset, buf.first(plan.bytes)));
             co_return plan.bytes;
         }
