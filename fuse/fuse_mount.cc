@@ -31,6 +31,7 @@ Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoin
     fuse_lowlevel_ops ops{};
     std::unique_ptr<FuseMount> m(new FuseMount());
     m->session_ = fuse_session_new(&args, &ops, sizeof ops, nullptr);
+    fuse_opt_free_args(&args);
     if (m->session_ == nullptr) {
         return make_error(EINVAL, "cannot set up a FUSE session (mount options: {})", opts);
     }

@@ -208,7 +208,8 @@ class Mount:
             try:
                 self.stop()
             except Exception:
-                self.proc.kill()
+                if self.proc is not None:
+                    self.proc.kill()
                 run(["umount", "-l", self.mountpoint], check=False)
         if self.own_mountpoint and not is_mounted(self.mountpoint):
             shutil.rmtree(self.mountpoint, ignore_errors=True)
