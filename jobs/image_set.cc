@@ -161,17 +161,23 @@ Result<std::vector<ImageSet::Candidate>> ImageSet::list_candidates() {
 Status ImageSet::collect_layers(const std::string& file,
                                 std::set<std::pair<dev_t, ino_t>>* layers) {
     std::string current = file;
+    std::string path = file;                      // the walk so far, for the loop message
+    std::set<std::pair<dev_t, ino_t>> this_walk;  // a loop returns to one of these
     for (int depth = 0; depth < 64; ++depth) {
         Result<UniqueFd> fd = open_beneath(dir_fd_.get(), current, true, false);
         if (!fd) {
             return depth == 0 ? std::move(fd).error()
                               : Status{};  // a missing backing file: the top reports it
         }
-        if (depth > 0) {
-            struct stat st {};
-            if (::fstat(fd->get(), &st) == 0 && !layers->insert({st.st_dev, st.st_ino}).second) {
-                return {};  // already seen (shared layer, or a loop the open reports)
-            }
+        struct stat st {};
+        if (::fstat(fd->get(), &st) != 0) {
+            return make_error(errno, "{}: stat", current);
+        }
+        if (!this_walk.insert({st.st_dev, st.st_ino}).second) {
+            return make_error(ELOOP, "{}: the backing chain loops ({})", file, path);
+        }
+        if (depth > 0 && !layers->insert({st.st_dev, st.st_ino}).second) {
+            return {};  // a layer shared with a chain already walked
         }
         TRY_ASSIGN(std::string backing, recorded_backing(fd->get(), current));
         if (backing.empty()) {
@@ -183,6 +189,7 @@ Status ImageSet::collect_layers(const std::string& file,
             return {};  // outside the directory: not one of our layers
         }
         current = *next;
+        path += " -> " + current;
     }
     return {};
 }

@@ -22,6 +22,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -153,8 +154,12 @@ class Metadata {
     /// point at it, then synced).
     Task<Status> set_backing(const std::string& name, const std::optional<std::string>& format);
 
-    /// Refuses (EIO, marking the image corrupt) a host range that overlaps metadata.
+    /// A host range that overlaps metadata: EIO (the caller reports it as corruption).
     Status check_data_range(uint64_t host_offset, uint64_t bytes);
+    /// check_data_range, and also data of an existing mapping that lies past the end of the
+    /// file without being allocated, or (`for_write`) in a cluster with more references than
+    /// its refcount (cross_check.cc). Not for freshly allocated clusters.
+    Task<Status> check_data_extent(uint64_t host_offset, uint64_t bytes, bool for_write);
     /// Reports an inconsistency: logs it, and on a writable image sets the corrupt bit and
     /// stops further writes. Returns the EIO error to give the request.
     Task<Error> corruption(std::string message);
@@ -175,6 +180,11 @@ class Metadata {
     Task<Status> count_l2_references(uint64_t l2_offset, RefCounter* counter);
     Task<Status> write_new_refcounts(RefCounter* counter);
     Task<Status> fix_copied_flags(RefCounter* counter);
+    Task<Status> count_references(RefCounter* counter);
+    // ---- open-time checks (cross_check.cc) ----
+    Task<Status> find_allocation_end();
+    Task<Status> cross_check_references();
+    [[nodiscard]] bool refblock_usable(uint64_t refcount_table_index) const;
 
     // ---- header updates (metadata.cc) ----
     Task<Status> write_header_bytes(uint64_t offset, ConstBuf bytes);
@@ -256,6 +266,12 @@ class Metadata {
     std::set<uint64_t> punching_;
     // Host clusters holding active metadata, for the overlap check on data writes.
     std::unordered_set<uint64_t> metadata_clusters_;
+    // Clusters the open-time cross-check found referenced more often than their refcount.
+    struct OverReference {
+        uint64_t references;
+        uint64_t refcount;
+    };
+    std::unordered_map<uint64_t, OverReference> over_referenced_;
 };
 
 }  // namespace imgfs::qcow2

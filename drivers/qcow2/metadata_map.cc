@@ -117,7 +117,7 @@ Task<Result<ReadExtent>> Metadata::map(uint64_t offset, uint64_t bytes) {
     }
     x.bytes = pos - offset;
     if (x.kind == ReadExtent::Kind::kData) {
-        if (Status st = check_data_range(x.host_offset, x.bytes); !st) {
+        if (Status st = co_await check_data_extent(x.host_offset, x.bytes, false); !st) {
             co_return co_await corruption(
                 fmt::format("guest offset {:#x}: {}", offset, st.error().context));
         }

@@ -126,7 +126,7 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
             start = idx = (ri + 1) * entries;
             continue;
         }
-        bool used = punching_.count(idx) != 0;
+        bool used = punching_.count(idx) != 0 || over_referenced_.count(idx) != 0;
         if (!used) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
             used = rc != 0;

@@ -151,7 +151,7 @@ Task<Status> Qcow2Node::do_read(uint64_t offset, MutBuf buf) {
 // ---- writes ----
 
 Task<Status> Qcow2Node::check_in_place(const WritePlan& plan) {
-    if (Status st = meta_->check_data_range(plan.host_offset, plan.bytes); !st) {
+    if (Status st = co_await meta_->check_data_extent(plan.host_offset, plan.bytes, true); !st) {
         co_return co_await meta_->corruption(
             fmt::format("guest offset {:#x}: {}", plan.guest_offset, st.error().context));
     }

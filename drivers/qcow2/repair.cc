@@ -8,54 +8,9 @@
 
 #include "core/log.h"
 #include "drivers/qcow2/metadata.h"
+#include "drivers/qcow2/ref_counter.h"
 
 namespace imgfs::qcow2 {
-
-namespace {
-// The most clusters a repair will count in memory (4 bytes each).
-constexpr uint64_t kMaxRepairClusters = 1ULL << 27;
-}  // namespace
-
-// References per host cluster, counted from the tables.
-class RefCounter {
-  public:
-    RefCounter(const Geometry& g, uint64_t file_size) : g_(g) {
-        refs_.resize((file_size + g.cluster_size - 1) >> g.cluster_bits, 0);
-    }
-    // Counts one reference to every cluster of [offset, offset + bytes).
-    Status add(uint64_t offset, uint64_t bytes, const char* what) {
-        if (bytes == 0) {
-            return {};
-        }
-        uint64_t first = offset >> g_.cluster_bits;
-        uint64_t last = (offset + bytes - 1) >> g_.cluster_bits;
-        if (last >= kMaxRepairClusters) {
-            return make_error(EFBIG, "{} at {:#x} lies too far beyond the image to repair", what,
-                              offset);
-        }
-        if (last >= refs_.size()) {
-            refs_.resize(last + 1, 0);
-        }
-        for (uint64_t c = first; c <= last; ++c) {
-            ++refs_[c];
-        }
-        return {};
-    }
-    [[nodiscard]] uint64_t get(uint64_t cluster) const {
-        return cluster < refs_.size() ? refs_[cluster] : 0;
-    }
-    [[nodiscard]] uint64_t clusters() const { return refs_.size(); }
-    void set(uint64_t cluster, uint32_t v) {
-        if (cluster >= refs_.size()) {
-            refs_.resize(cluster + 1, 0);
-        }
-        refs_[cluster] = v;
-    }
-
-  private:
-    const Geometry& g_;
-    std::vector<uint32_t> refs_;
-};
 
 Task<Status> Metadata::count_l2_references(uint64_t l2_offset, RefCounter* counter) {
     const uint64_t cs = g_.cluster_size;
@@ -83,30 +38,35 @@ Task<Status> Metadata::count_l2_references(uint64_t l2_offset, RefCounter* count
     co_return Status{};
 }
 
-Task<Status> Metadata::rebuild_refcounts() {
-    const uint64_t cs = g_.cluster_size;
-    RefCounter counter(g_, file_->node()->size());
-    CO_TRY(counter.add(0, cs, "header"));
-    CO_TRY(counter.add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table"));
+Task<Status> Metadata::count_references(RefCounter* counter) {
+    CO_TRY(counter->add(0, g_.cluster_size, "header"));
+    CO_TRY(counter->add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table"));
     for (uint64_t e : l1_) {
         if ((e & kOffsetMask) != 0) {
-            CO_TRY(co_await count_l2_references(e & kOffsetMask, &counter));
+            CO_TRY(co_await count_l2_references(e & kOffsetMask, counter));
         }
     }
-    if (header_.nb_snapshots != 0) {
-        CO_TRY(counter.add(header_.snapshots_offset, snapshots_.table_bytes, "snapshot table"));
-        for (const SnapshotEntry& s : snapshots_.entries) {
-            CO_TRY(counter.add(s.l1_table_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table"));
-            std::vector<uint8_t> l1(uint64_t{s.l1_size} * 8);
-            CO_TRY(co_await file_->read(s.l1_table_offset, l1));
-            for (uint32_t i = 0; i < s.l1_size; ++i) {
-                uint64_t off = load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask;
-                if (off != 0) {
-                    CO_TRY(co_await count_l2_references(off, &counter));
-                }
+    if (header_.nb_snapshots == 0) {
+        co_return Status{};
+    }
+    CO_TRY(counter->add(header_.snapshots_offset, snapshots_.table_bytes, "snapshot table"));
+    for (const SnapshotEntry& s : snapshots_.entries) {
+        CO_TRY(counter->add(s.l1_table_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table"));
+        std::vector<uint8_t> l1(uint64_t{s.l1_size} * 8);
+        CO_TRY(co_await file_->read(s.l1_table_offset, l1));
+        for (uint32_t i = 0; i < s.l1_size; ++i) {
+            uint64_t off = load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask;
+            if (off != 0) {
+                CO_TRY(co_await count_l2_references(off, counter));
             }
         }
     }
+    co_return Status{};
+}
+
+Task<Status> Metadata::rebuild_refcounts() {
+    RefCounter counter(g_, file_->node()->size());
+    CO_TRY(co_await count_references(&counter));
     CO_TRY(co_await write_new_refcounts(&counter));
     CO_TRY(co_await fix_copied_flags(&counter));
     CO_TRY(co_await sync());

@@ -1,0 +1,129 @@
+// Metadata: open-time checks of a writable image, and the per-extent data checks they feed.
+//
+// Two kinds of damage are invisible to a reader of one table entry, yet make a writer lose data:
+//  - A data cluster past the end of the file. After a crash that is legitimate (the refcount and
+//    the L2 entry reached the disk, the data did not; it reads as zeros), but only if its
+//    refcount says the cluster is allocated. With refcount 0 the entry is corrupt, and the
+//    allocator would hand the cluster out a second time.
+//  - A cluster referenced more often than its refcount says (two L2 entries on one cluster with
+//    refcount 1). A write in place through either entry would change the other's data.
+// So a read-write open places the allocation end past every allocated cluster, and counts the
+// references of the tables against the stored refcounts (bounded in time and memory; larger
+// images skip it, saying so). Writes into an over-referenced cluster, and data past the end of
+// the file with refcount 0, are reported as corruption.
+#include "core/log.h"
+#include "drivers/qcow2/metadata.h"
+#include "drivers/qcow2/ref_counter.h"
+
+namespace imgfs::qcow2 {
+
+namespace {
+// The cross-check reads every L2 table and keeps 4 bytes per host cluster: bound both.
+constexpr uint64_t kCrossCheckMaxTableBytes = 64ULL << 20;
+constexpr uint64_t kCrossCheckMaxClusters = 1ULL << 22;
+}  // namespace
+
+bool Metadata::refblock_usable(uint64_t ri) const {
+    if (ri >= refcount_table_.size()) {
+        return false;
+    }
+    uint64_t entry = refcount_table_[ri];
+    uint64_t block = entry & ~kRefTableReservedMask;
+    return block != 0 && (entry & kRefTableReservedMask) == 0 &&
+           (block & (g_.cluster_size - 1)) == 0 && block + g_.cluster_size <= file_->node()->size();
+}
+
+Task<Status> Metadata::find_allocation_end() {
+    const uint64_t entries = g_.refblock_entries;
+    uint64_t end = (file_->node()->size() + g_.cluster_size - 1) >> g_.cluster_bits;
+    for (uint64_t ri = refcount_table_.size(); ri-- > 0;) {
+        if ((ri + 1) * entries <= end) {
+            break;  // lower blocks cover nothing past `end`
+        }
+        if (!refblock_usable(ri)) {
+            continue;  // a broken entry is reported when an allocation reaches it
+        }
+        for (uint64_t c = (ri + 1) * entries; c-- > std::max(ri * entries, end);) {
+            CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(c));
+            if (rc != 0) {
+                end_cluster_ = std::max(end_cluster_, c + 1);
+                co_return Status{};
+            }
+        }
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::cross_check_references() {
+    over_referenced_.clear();
+    uint64_t tables = 0;
+    for (uint64_t e : l1_) {
+        tables += (e & kOffsetMask) != 0 ? 1 : 0;
+    }
+    for (const SnapshotEntry& s : snapshots_.entries) {
+        tables += s.l1_size;
+    }
+    const uint64_t clusters = end_cluster_;
+    if (tables * g_.cluster_size > kCrossCheckMaxTableBytes || clusters > kCrossCheckMaxClusters) {
+        if (env_.log != nullptr) {
+            env_.log->info("{}: large image; skipping the reference cross-check at open", name_);
+        }
+        co_return Status{};
+    }
+    RefCounter counter(g_, file_->node()->size());
+    if (Status st = co_await count_references(&counter); !st) {
+        // A broken table: the requests that reach it get EIO and report it.
+        if (env_.log != nullptr) {
+            env_.log->warn("{}: reference cross-check stopped: {}", name_, st.error().message());
+        }
+        co_return Status{};
+    }
+    for (uint64_t c = 0; c < counter.clusters(); ++c) {
+        uint64_t refs = counter.get(c);
+        if (refs == 0 || !refblock_usable(c / g_.refblock_entries)) {
+            continue;
+        }
+        CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(c));
+        if (refs > rc) {
+            over_referenced_.emplace(c, OverReference{refs, rc});
+            // Never handed out by the allocator at the end (nor inside: alloc_clusters).
+            end_cluster_ = std::max(end_cluster_, c + 1);
+        }
+    }
+    if (!over_referenced_.empty() && env_.log != nullptr) {
+        env_.log->warn("{}: {} clusters are referenced more often than their refcount says "
+                       "(qemu-img check -r all repairs it); writes to them will fail",
+                       name_, over_referenced_.size());
+    }
+    co_return Status{};
+}
+
+Task<Status> Metadata::check_data_extent(uint64_t host_offset, uint64_t bytes, bool for_write) {
+    CO_TRY(check_data_range(host_offset, bytes));
+    const uint64_t cs = g_.cluster_size;
+    const uint64_t file_size = file_->node()->size();
+    for (uint64_t c = std::max(host_offset, file_size) / cs; c * cs < host_offset + bytes; ++c) {
+        uint64_t rc = 0;
+        if (refblock_usable(c / g_.refblock_entries)) {
+            CO_TRY_ASSIGN(rc, co_await get_refcount(c));
+        }
+        if (rc == 0) {
+            co_return make_error(EIO,
+                                 "data cluster at host offset {:#x} is beyond the end of the "
+                                 "file ({:#x}) and not allocated",
+                                 c * cs, file_size);
+        }
+    }
+    // Reads through either reference see the same (shared) data; only writes do harm.
+    for (uint64_t c = host_offset / cs;
+         for_write && !over_referenced_.empty() && c * cs < host_offset + bytes; ++c) {
+        auto it = over_referenced_.find(c);
+        if (it != over_referenced_.end()) {
+            co_return make_error(EIO, "host cluster {:#x} has {} references but refcount {}",
+                                 c * cs, it->second.references, it->second.refcount);
+        }
+    }
+    co_return Status{};
+}
+
+}  // namespace imgfs::qcow2

@@ -1,0 +1,59 @@
+// RefCounter: references per host cluster, counted from the tables. The repair rebuilds the
+// refcounts from it, and the open-time cross-check compares the stored refcounts with it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/result.h"
+#include "drivers/qcow2/format.h"
+
+namespace imgfs::qcow2 {
+
+// The most clusters a count holds in memory (4 bytes each).
+inline constexpr uint64_t kMaxCountedClusters = 1ULL << 27;
+
+class RefCounter {
+  public:
+    RefCounter(const Geometry& g, uint64_t file_size) : g_(g) {
+        refs_.resize((file_size + g.cluster_size - 1) >> g.cluster_bits, 0);
+    }
+    RefCounter(const RefCounter&) = delete;
+    RefCounter& operator=(const RefCounter&) = delete;
+
+    // Counts one reference to every cluster of [offset, offset + bytes).
+    Status add(uint64_t offset, uint64_t bytes, const char* what) {
+        if (bytes == 0) {
+            return {};
+        }
+        uint64_t first = offset >> g_.cluster_bits;
+        uint64_t last = (offset + bytes - 1) >> g_.cluster_bits;
+        if (last >= kMaxCountedClusters) {
+            return make_error(EFBIG, "{} at {:#x} lies too far beyond the image to count", what,
+                              offset);
+        }
+        if (last >= refs_.size()) {
+            refs_.resize(last + 1, 0);
+        }
+        for (uint64_t c = first; c <= last; ++c) {
+            ++refs_[c];
+        }
+        return {};
+    }
+    [[nodiscard]] uint64_t get(uint64_t cluster) const {
+        return cluster < refs_.size() ? refs_[cluster] : 0;
+    }
+    [[nodiscard]] uint64_t clusters() const { return refs_.size(); }
+    void set(uint64_t cluster, uint32_t v) {
+        if (cluster >= refs_.size()) {
+            refs_.resize(cluster + 1, 0);
+        }
+        refs_[cluster] = v;
+    }
+
+  private:
+    const Geometry& g_;
+    std::vector<uint32_t> refs_;
+};
+
+}  // namespace imgfs::qcow2
