@@ -2,6 +2,7 @@
 // refcounts from it, and the open-time cross-check compares the stored refcounts with it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -12,11 +13,16 @@ namespace imgfs::qcow2 {
 
 // The most clusters a count holds in memory (4 bytes each).
 inline constexpr uint64_t kMaxCountedClusters = 1ULL << 27;
+// How far past the end of the file a reference may point and still be counted. A crash leaves
+// at most the clusters of in-flight allocations unwritten there; anything further is damage,
+// and counting it would make the count's memory follow a corrupt offset.
+inline constexpr uint64_t kMaxClustersPastEof = 1ULL << 16;
 
 class RefCounter {
   public:
     RefCounter(const Geometry& g, uint64_t file_size) : g_(g) {
         refs_.resize((file_size + g.cluster_size - 1) >> g.cluster_bits, 0);
+        limit_ = std::min(kMaxCountedClusters, refs_.size() + kMaxClustersPastEof);
     }
     RefCounter(const RefCounter&) = delete;
     RefCounter& operator=(const RefCounter&) = delete;
@@ -28,8 +34,8 @@ class RefCounter {
         }
         uint64_t first = offset >> g_.cluster_bits;
         uint64_t last = (offset + bytes - 1) >> g_.cluster_bits;
-        if (last >= kMaxCountedClusters) {
-            return make_error(EFBIG, "{} at {:#x} lies too far beyond the image to count", what,
+        if (last >= limit_) {
+            return make_error(EFBIG, "{} at {:#x} lies too far beyond the end of the file", what,
                               offset);
         }
         if (last >= refs_.size()) {
@@ -54,6 +60,7 @@ class RefCounter {
   private:
     const Geometry& g_;
     std::vector<uint32_t> refs_;
+    uint64_t limit_ = 0;  // first cluster index not counted
 };
 
 }  // namespace imgfs::qcow2
