@@ -182,7 +182,13 @@ Task<Status> FileNode::do_flush() {
     if (read_only_) {
         co_return Status{};
     }
-    Status st = co_await env_.loop->fsync(fd_.get(), true);
+    ++fdatasyncs_;
+    Status st;
+    if (options_.fail_fdatasync_errno != 0 && fdatasyncs_ >= options_.fail_fdatasync_nth) {
+        st = make_error(options_.fail_fdatasync_errno, "injected by rule");
+    } else {
+        st = co_await env_.loop->fsync(fd_.get(), true);
+    }
     if (!st) {
         failed_ = true;
         if (env_.log != nullptr) {

@@ -16,6 +16,10 @@ struct FileOptions {
     bool direct = false;
     /// Take QEMU's image locks (see set_perm), so a QEMU process and imgfs never both write.
     bool locking = true;
+    /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on, report
+    /// `fail_fdatasync_errno` instead of calling it, so that the real failure path runs.
+    int fail_fdatasync_errno = 0;
+    uint64_t fail_fdatasync_nth = 1;
 };
 
 class FileNode final : public Node {
@@ -59,6 +63,7 @@ class FileNode final : public Node {
     UniqueFd fd_;
     FileOptions options_;
     bool failed_ = false;
+    uint64_t fdatasyncs_ = 0;
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
 };

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 
+#include "core/log.h"
 #include "core/transaction.h"
 #include "drivers/file.h"
 #include "drivers/qcow2/format.h"
@@ -148,6 +149,44 @@ struct LayerSpec {
     std::optional<std::string> recorded_format;  // from the overlay's header
 };
 
+// Fault rules (mount option faults=FILE): does this one apply to the layer stored in `name`?
+bool fault_applies(const ChainFault& f, const std::string& name, bool top) {
+    return (top || f.all_layers) && (f.file.empty() || f.file == name);
+}
+
+FileOptions file_options(const ChainOptions& opts, const std::string& name, bool top) {
+    FileOptions fo{opts.read_only, opts.direct};
+    for (const ChainFault& f : opts.faults) {
+        if (f.fdatasync && fault_applies(f, name, top)) {
+            fo.fail_fdatasync_errno = f.rule.errnum;
+            fo.fail_fdatasync_nth = f.rule.nth;
+        }
+    }
+    return fo;
+}
+
+// The file node itself, or a FaultNode above it holding the filter rules for this layer.
+std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<Node> file,
+                                  const std::string& name, const ChainOptions& opts, bool top) {
+    std::shared_ptr<FaultNode> fault;
+    for (const ChainFault& f : opts.faults) {
+        if (f.fdatasync || !fault_applies(f, name, top)) {
+            continue;
+        }
+        if (fault == nullptr) {
+            fault = FaultNode::open(env, layer_name(name) + " (fault)", tx, file);
+        }
+        fault->add_rule(f.rule);
+    }
+    if (fault == nullptr) {
+        return file;
+    }
+    if (env.log != nullptr) {
+        env.log->warn("{}: injecting faults by rule (debug option faults=)", name);
+    }
+    return fault;
+}
+
 Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, const ChainOptions& opts,
                                bool top, std::set<std::pair<dev_t, ino_t>>* seen) {
     bool external = !spec.file.empty() && spec.file[0] == '/';
@@ -195,17 +234,21 @@ Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, const Ch
     bool node_read_only = opts.read_only || !top;
     CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
                   FileNode::from_fd(env, layer_name(spec.file) + " (file)", std::move(fd),
-                                    FileOptions{opts.read_only, opts.direct}));
+                                    file_options(opts, spec.file, top)));
     Transaction tx(env.graph);
+    std::shared_ptr<Node> storage = with_faults(env, &tx, file, spec.file, opts, top);
+    if (opts.wrap_file) {
+        storage = opts.wrap_file(env, &tx, storage, spec.file);
+    }
     if (layer.format == "qcow2") {
         qcow2::Options q = opts.qcow2;
         q.read_only = node_read_only;
-        auto node = Qcow2Node::create(env, layer_name(spec.file), &tx, file, q);
+        auto node = Qcow2Node::create(env, layer_name(spec.file), &tx, storage, q);
         CO_TRY(tx.commit());
         CO_TRY(co_await node->load());
         layer.node = node;
     } else {
-        layer.node = RawNode::open(env, layer_name(spec.file), &tx, file,
+        layer.node = RawNode::open(env, layer_name(spec.file), &tx, storage,
                                    RawOptions{layer.probed, node_read_only});
         CO_TRY(tx.commit());
     }
@@ -246,8 +289,13 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
         }
         Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &seen);
         if (!opened) {
+            Error err = std::move(opened).error();
+            if (!chain.layers.empty()) {
+                // Name the image whose backing file failed, not only the backing file.
+                err = std::move(err).wrap(chain.layers.front().file + ": backing file");
+            }
             (void)co_await close_chain(&chain);
-            co_return std::move(opened).error();
+            co_return err;
         }
         Layer layer = std::move(*opened);
         if (!chain.layers.empty()) {

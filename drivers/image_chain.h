@@ -4,6 +4,7 @@
 // the format is taken from the overlay's record or, failing that, from the content.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -11,9 +12,22 @@
 
 #include "core/node.h"
 #include "core/unique_fd.h"
+#include "drivers/fault.h"
 #include "drivers/qcow2/metadata.h"
 
 namespace imgfs {
+
+class Transaction;
+
+/// A fault rule for a chain (debug mount option faults=FILE): which layers get it.
+struct ChainFault {
+    FaultRule rule;
+    bool all_layers = false;  // else only the top layer
+    std::string file;         // only the layer with this file name ("" = any)
+    /// Not a filter rule: the file node's own fdatasync fails (rule.errnum from rule.nth on),
+    /// so its real failure handling runs.
+    bool fdatasync = false;
+};
 
 struct ChainOptions {
     bool read_only = false;  // also the top layer
@@ -21,6 +35,14 @@ struct ChainOptions {
     bool direct = false;  // O_DIRECT for every file
     qcow2::Options qcow2;
     uint32_t max_depth = 64;
+    /// A layer that some of these rules apply to gets a FaultNode between its format node and
+    /// its file node, holding those rules (tests and debugging only).
+    std::vector<ChainFault> faults;
+    /// Tests (crash harness): if set, every layer's storage node is passed through this, which
+    /// may put a filter over it (attached in `tx`) and return the filter.
+    std::function<std::shared_ptr<Node>(NodeEnv env, Transaction* tx, std::shared_ptr<Node> file,
+                                        const std::string& name)>
+        wrap_file;
 };
 
 struct Layer {

@@ -1,7 +1,11 @@
 // imgfs mount / unmount.
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "fuse/cli.h"
 #include "fuse/daemon.h"
@@ -24,7 +28,28 @@ const char* kMountHelp =
     "     cache_size=SIZE         L2 table cache per image (default: maps 64 GiB)\n"
     "     allow_external_backing  backing files may lie outside IMAGE_DIR\n"
     "     direct                  open image files with O_DIRECT\n"
-    "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n";
+    "     faults=FILE             debug: inject I/O errors by the rules in FILE (see below)\n"
+    "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n"
+    "\n"
+    "Fault rules (faults=FILE; for tests, never for real data): one rule per line, '#' starts\n"
+    "a comment. A rule is OPS followed by any of:\n"
+    "  OPS           read, write, write-zeroes, discard, flush, writes (the three write kinds)\n"
+    "                or any; several joined with '+'\n"
+    "  errno=E       the error to inject: EIO (default), ENOSPC, ... or a number\n"
+    "  once|always   fire a single time, or every time from the nth on (default always)\n"
+    "  nth=N         fire from the Nth matching request on (default 1)\n"
+    "  offset=N bytes=N   only requests overlapping that range of the image file\n"
+    "  event=STEP    only requests of that step of the format driver: data-read, data-write,\n"
+    "                cow-read, cow-write, header, l1, l2-write, l2-alloc, refblock-write,\n"
+    "                refblock-alloc, reftable-grow\n"
+    "  layers=top|all     which layers of each chain get the rule (default top)\n"
+    "  file=NAME     only the layer stored in image file NAME\n"
+    "  drop          report success without doing the write (a write lost in a crash)\n"
+    "These rules sit in a filter between a layer's format driver and its file. OPS\n"
+    "'fdatasync' instead makes the file driver's own fdatasync fail (from the nth on), as\n"
+    "the kernel would: the image then refuses writes and flushes until remounted.\n"
+    "Example: 'write event=l2-alloc errno=ENOSPC once'. The rules apply to the file I/O of\n"
+    "chains opened at mount and by rescan; requests are counted per layer.\n";
 
 bool ignorable(const std::string& o) {
     static const char* kIgnored[] = {"rw",
@@ -59,6 +84,129 @@ bool ignorable(const std::string& o) {
     return o.rfind("x-", 0) == 0 || o.rfind("subtype=", 0) == 0 || o.rfind("comment=", 0) == 0;
 }
 
+Result<uint32_t> parse_fault_ops(const std::string& text) {
+    static const std::pair<const char*, uint32_t> kOps[] = {
+        {"read", fault_op::kRead},
+        {"write", fault_op::kWrite},
+        {"write-zeroes", fault_op::kWriteZeroes},
+        {"discard", fault_op::kDiscard},
+        {"flush", fault_op::kFlush},
+        {"writes", fault_op::kAllWrites},
+        {"any", fault_op::kAny}};
+    uint32_t ops = 0;
+    std::stringstream in(text);
+    std::string word;
+    while (std::getline(in, word, '+')) {
+        auto it = std::find_if(std::begin(kOps), std::end(kOps),
+                               [&word](const auto& op) { return word == op.first; });
+        if (it == std::end(kOps)) {
+            return make_error(EINVAL, "unknown operation '{}'", word);
+        }
+        ops |= it->second;
+    }
+    return ops;
+}
+
+Result<int> parse_errno(const std::string& text) {
+    for (int e = 1; e < 200; ++e) {
+        const char* name = ::strerrorname_np(e);
+        if (name != nullptr && text == name) {
+            return e;
+        }
+    }
+    char* end = nullptr;
+    long v = std::strtol(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || v <= 0 || v >= 4096) {
+        return make_error(EINVAL, "unknown errno '{}'", text);
+    }
+    return static_cast<int>(v);
+}
+
+// One word of a rule after the operations: a flag or KEY=VALUE.
+Status apply_fault_word(const std::string& word, ChainFault* f) {
+    size_t eq = word.find('=');
+    std::string key = word.substr(0, eq);
+    std::string value = eq == std::string::npos ? "" : word.substr(eq + 1);
+    if (word == "once" || word == "always") {
+        f->rule.once = word == "once";
+    } else if (word == "drop") {
+        f->rule.action = FaultAction::kDrop;
+    } else if (eq == std::string::npos) {
+        return make_error(EINVAL, "unknown word '{}'", word);
+    } else if (key == "errno") {
+        TRY_ASSIGN(f->rule.errnum, parse_errno(value));
+    } else if (key == "nth") {
+        TRY_ASSIGN(f->rule.nth, parse_size(value));
+    } else if (key == "offset") {
+        TRY_ASSIGN(f->rule.offset, parse_size(value));
+    } else if (key == "bytes") {
+        TRY_ASSIGN(f->rule.bytes, parse_size(value));
+    } else if (key == "event") {
+        f->rule.event = io_event_from_name(value);
+        if (f->rule.event == IoEvent::kNone) {
+            return make_error(EINVAL, "unknown event '{}'", value);
+        }
+    } else if (key == "layers" && (value == "top" || value == "all")) {
+        f->all_layers = value == "all";
+    } else if (key == "file" && !value.empty()) {
+        f->file = value;
+    } else {
+        return make_error(EINVAL, "bad '{}'", word);
+    }
+    return {};
+}
+
+// One line of a rule file: OPS followed by flags and KEY=VALUE words.
+Result<ChainFault> parse_fault_rule(std::istringstream* words, const std::string& ops) {
+    ChainFault f;
+    f.fdatasync = ops == "fdatasync";
+    if (f.fdatasync) {
+        f.rule.ops = fault_op::kFlush;
+    } else {
+        TRY_ASSIGN(f.rule.ops, parse_fault_ops(ops));
+    }
+    std::string word;
+    while (*words >> word) {
+        TRY(apply_fault_word(word, &f));
+    }
+    if (f.fdatasync &&
+        (f.rule.event != IoEvent::kNone || f.rule.offset != 0 ||
+         f.rule.bytes != FaultRule{}.bytes || f.rule.action != FaultAction::kError)) {
+        return make_error(EINVAL, "fdatasync rules take only errno=, nth=, layers= and file=");
+    }
+    return f;
+}
+
+// Reads a fault rule file (format in kMountHelp) now, so that a bad file fails the mount.
+Result<std::vector<ChainFault>> read_fault_rules(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) {
+        return make_error(EINVAL, "faults={}: cannot read the rule file ({})", path,
+                          std::strerror(errno));
+    }
+    std::vector<ChainFault> rules;
+    std::string line;
+    for (int number = 1; std::getline(in, line); ++number) {
+        std::istringstream words(line.substr(0, line.find('#')));
+        std::string ops;
+        if (!(words >> ops)) {
+            continue;
+        }
+        Result<ChainFault> f = parse_fault_rule(&words, ops);
+        if (!f) {
+            return make_error(EINVAL, "faults={} line {}: {}", path, number, f.error().context);
+        }
+        rules.push_back(std::move(*f));
+    }
+    if (in.bad()) {
+        return make_error(EIO, "faults={}: read error", path);
+    }
+    if (rules.empty()) {
+        return make_error(EINVAL, "faults={}: no rules in the file", path);
+    }
+    return rules;
+}
+
 Status apply_option(const std::string& o, MountCommand* cmd) {
     if (o.empty() || ignorable(o)) {
         return {};
@@ -81,6 +229,9 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
     } else if (o.rfind("max_read=", 0) == 0) {
         TRY_ASSIGN(uint64_t bytes, parse_size(o.substr(9)));
         cmd->mount.max_read_bytes = static_cast<uint32_t>(std::min<uint64_t>(bytes, 1U << 20));
+    } else if (o.rfind("faults=", 0) == 0) {
+        TRY_ASSIGN(std::vector<ChainFault> rules, read_fault_rules(o.substr(7)));
+        cmd->images.faults.insert(cmd->images.faults.end(), rules.begin(), rules.end());
     } else if (o.rfind("fsname=", 0) == 0) {
         cmd->mount.fsname = o.substr(7);
     } else {

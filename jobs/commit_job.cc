@@ -89,9 +89,12 @@ Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes) {
     dirty_->clear(offset, bytes);
     AlignedBuffer buf(bytes);
     Status st = co_await filter_->top()->read(offset, buf.span());
-    if (st) {
-        st = is_zero(buf.span()) ? co_await target_->write_zeroes(offset, bytes, false)
-                                 : co_await target_->write(offset, buf.span());
+    // Not `st = cond ? co_await a : co_await b`: GCC 12 destroys the temporary of such a
+    // conditional twice when it holds an error (a double free on every failed write).
+    if (st && is_zero(buf.span())) {
+        st = co_await target_->write_zeroes(offset, bytes, false);
+    } else if (st) {
+        st = co_await target_->write(offset, buf.span());
     }
     if (!st) {
         dirty_->set(offset, bytes);

@@ -272,6 +272,8 @@ Task<Status> ImageSet::open_export(const std::string& root, const std::string& n
     co.allow_external_backing = options_.allow_external_backing;
     co.direct = options_.direct;
     co.qcow2 = options_.qcow2;
+    co.faults = options_.faults;
+    co.wrap_file = options_.wrap_file;
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, dir_fd_.get(), root, co, &cache_));
     auto e = std::make_unique<Export>();
     e->id = next_id_++;

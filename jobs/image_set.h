@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -25,6 +26,12 @@ struct ImageSetOptions {
     bool allow_external_backing = false;
     bool direct = false;
     qcow2::Options qcow2;
+    std::vector<ChainFault> faults;  // debug: fault rules for every chain opened (see ChainOptions)
+    /// Tests: wraps every image's storage node, also of new snapshot overlays (see ChainOptions).
+    decltype(ChainOptions::wrap_file) wrap_file;
+    /// Tests: called right before (`done` false) and after (`done` true) every fsync of the
+    /// image directory, so a crash harness can take a crash point there.
+    std::function<void(int dir_fd, bool done)> sync_dir_observer;
 };
 
 class Job;

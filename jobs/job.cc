@@ -1,5 +1,6 @@
 #include "jobs/job.h"
 
+#include <algorithm>
 #include <cassert>
 
 #include "core/event_loop.h"
@@ -160,8 +161,15 @@ Task<Status> Job::checkpoint(uint64_t bytes) {
         auto due =
             window_start_ + nanoseconds(window_bytes_ * 1'000'000'000ULL / speed_bytes_per_s_);
         auto now = steady_clock::now();
-        if (due > now) {
-            co_await loop_->sleep(due - now);
+        // In slices, so that cancel (and a new speed) takes effect at once even when the rate
+        // is tiny and the debt is hours long.
+        const uint64_t speed = speed_bytes_per_s_;
+        while (due > now && !cancelled_ && speed_bytes_per_s_ == speed) {
+            co_await loop_->sleep(std::min<nanoseconds>(due - now, milliseconds(100)));
+            now = steady_clock::now();
+        }
+        if (cancelled_) {
+            co_return make_error(ECANCELED, "cancelled");
         }
         if (now - window_start_ > seconds(1)) {
             window_start_ = steady_clock::now();

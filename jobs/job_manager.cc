@@ -1,6 +1,8 @@
 #include "jobs/job_manager.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cstdlib>
 
 #include <sys/statvfs.h>
@@ -162,8 +164,11 @@ Status JobManager::control(Export* e, const std::string& command) {
     if (command.rfind("speed ", 0) == 0) {
         char* end = nullptr;
         std::string v = command.substr(6);
+        errno = 0;
         unsigned long long n = std::strtoull(v.c_str(), &end, 10);
-        if (v.empty() || end == nullptr || *end != '\0') {
+        // strtoull takes "-1" (as ULLONG_MAX) and saturates on overflow: refuse both.
+        if (v.empty() || std::isdigit(static_cast<unsigned char>(v[0])) == 0 || *end != '\0' ||
+            errno == ERANGE) {
             return make_error(EINVAL, "speed takes a number of bytes per second (got '{}')", v);
         }
         return e->job->set_speed(n);

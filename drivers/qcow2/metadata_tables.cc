@@ -64,10 +64,21 @@ Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
         CO_TRY(co_await write_back_refcounts());
     }
     CO_TRY(co_await sync());
-    l1_[l1_index] = host | kOflagCopied;
-    CO_TRY(co_await write_l1_entry(l1_index));
+    CO_TRY(co_await switch_l1_entry(l1_index, host | kOflagCopied));
     metadata_clusters_.insert(host >> g_.cluster_bits);
     co_return co_await l2_cache_.get(file_, host);
+}
+
+Task<Status> Metadata::switch_l1_entry(uint64_t l1_index, uint64_t entry) {
+    const uint64_t old = l1_[l1_index];
+    l1_[l1_index] = entry;
+    Status st = co_await write_l1_entry(l1_index);
+    if (!st) {
+        // The entry on disk may still be the old one: so must ours be, or a retry would put
+        // data into a table that only this cache knows (lost at close). The new table leaks.
+        l1_[l1_index] = old;
+    }
+    co_return st;
 }
 
 Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
@@ -86,8 +97,7 @@ Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
         CO_TRY(co_await write_back_refcounts());
     }
     CO_TRY(co_await sync());
-    l1_[l1_index] = host | kOflagCopied;
-    CO_TRY(co_await write_l1_entry(l1_index));
+    CO_TRY(co_await switch_l1_entry(l1_index, host | kOflagCopied));
     CO_TRY(co_await sync());
     metadata_clusters_.insert(host >> g_.cluster_bits);
     // The active L1 no longer references the old table (durable above).

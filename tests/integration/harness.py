@@ -130,8 +130,9 @@ def holders(mountpoint):
 class Mount:
     """imgfs mounted in the foreground (so the test owns the process and its log)."""
 
-    def __init__(self, image_dir, mountpoint=None, options="", extra_args=()):
+    def __init__(self, image_dir, mountpoint=None, options="", extra_args=(), wrapper=()):
         self.image_dir = image_dir
+        self.wrapper = list(wrapper)  # a command the daemon runs under (e.g. strace ... --)
         self.own_mountpoint = mountpoint is None
         self.mountpoint = mountpoint or tempfile.mkdtemp(prefix="imgfs-mnt-")
         self.options = options
@@ -140,7 +141,7 @@ class Mount:
         self.log_path = self.mountpoint.rstrip("/") + ".log"
 
     def start(self, timeout=20):
-        args = [IMGFS, "mount", "-f", "-v"]
+        args = self.wrapper + [IMGFS, "mount", "-f", "-v"]
         if self.options:
             args += ["-o", self.options]
         args += self.extra_args + [self.image_dir, self.mountpoint]
@@ -271,3 +272,50 @@ def random_writes(path, model, seed, count, max_len=300000):
 
 def main():
     unittest.main(verbosity=2)
+
+
+class _CountingResult(unittest.TextTestResult):
+    """Counts checks: every subTest, and every test method that has none."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.checks = 0
+        self.failed_checks = 0
+        self._subtests = 0
+
+    def startTest(self, test):
+        self._subtests = 0
+        super().startTest(test)
+
+    def addSubTest(self, test, subtest, err):
+        self._subtests += 1
+        self.checks += 1
+        self.failed_checks += err is not None
+        super().addSubTest(test, subtest, err)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        if self._subtests == 0:
+            self.checks += 1
+
+    def addError(self, test, err):
+        self.failed_checks += 1
+        self.checks += self._subtests > 0  # failed outside its subtests: one more check
+        super().addError(test, err)
+
+    def addFailure(self, test, err):
+        self.failed_checks += 1
+        self.checks += self._subtests > 0
+        super().addFailure(test, err)
+
+
+def main_with_summary(label):
+    """Runs the module's tests, then prints one line: `label: N checks, F failures` (a check is
+    a subTest, or a test method without subtests; skips are named separately), and exits 0
+    only if all passed."""
+    runner = unittest.TextTestRunner(verbosity=2, resultclass=_CountingResult)
+    program = unittest.main(testRunner=runner, exit=False)
+    r = program.result
+    skipped = f", {len(r.skipped)} skipped" if r.skipped else ""
+    print(f"{label}: {r.checks} checks, {r.failed_checks} failures{skipped}", flush=True)
+    raise SystemExit(0 if r.wasSuccessful() else 1)

@@ -131,7 +131,7 @@ class Snapshot(harness.ImageDirTest):
         self.assertIsNone(w.error)
         self.assertEqual(sha1, sha2, "the frozen layer changed after the snapshot")
         self.assertEqual(chain(m, "vm1"), ["vm1@s1.qcow2", "vm1.qcow2"])
-        info = json.loads(run(["qemu-img", "info", "--output=json", self.img("vm1@s1.qcow2")]).stdout)
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", self.img("vm1@s1.qcow2")]).stdout)
         self.assertEqual(info["backing-filename"], "vm1.qcow2")
         self.assertEqual(info.get("backing-filename-format"), "qcow2")
         k = prefix_of(w, convert_raw(frozen))
@@ -353,7 +353,7 @@ class RevertStream(harness.ImageDirTest):
         # vm.qcow2 (vm's own history) is gone; base.img (also other's base) stays.
         self.assertFalse(os.path.exists(self.img("vm.qcow2")))
         self.assertTrue(os.path.exists(self.img("base.img")))
-        info = json.loads(run(["qemu-img", "info", "--output=json", self.img("vm@s1.qcow2")]).stdout)
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", self.img("vm@s1.qcow2")]).stdout)
         self.assertNotIn("backing-filename", info)
         self.assertTrue(convert_raw(self.img("vm@s1.qcow2")) == shown)
         self.assertEqual(check(self.img("vm@s1.qcow2"))["exit"], 0)
@@ -383,7 +383,8 @@ class Kills(harness.ImageDirTest):
     """kill -9 at random points during each kind of job: the directory reopens with the content
     from before or after, and qemu-img check finds no corruption."""
 
-    RUNS = int(os.environ.get("IMGFS_KILL_RUNS", "10"))
+    # 10 runs per job kind; long mode (IMGFS_LONG=1) runs 50.
+    RUNS = int(os.environ.get("IMGFS_KILL_RUNS", "50" if os.environ.get("IMGFS_LONG") else "10"))
 
     def setup_chain(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
