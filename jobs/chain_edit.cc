@@ -50,6 +50,18 @@ Status sync_dir(int dir_fd) {
     return {};
 }
 
+Status sync_image_dir(ImageSet* images) {
+    const auto& observer = images->options().sync_dir_observer;
+    if (observer) {
+        observer(images->dir_fd(), false);
+    }
+    TRY(sync_dir(images->dir_fd()));
+    if (observer) {
+        observer(images->dir_fd(), true);
+    }
+    return {};
+}
+
 std::string removing_name(const std::string& file) {
     return std::string(kRemovingPrefix) + file + kRemovingSuffix;
 }
@@ -64,7 +76,7 @@ Status remove_file(ImageSet* images, const std::string& file) {
     if (::unlinkat(images->dir_fd(), file.c_str(), 0) != 0 && errno != ENOENT) {
         return make_error(errno, "cannot remove {}", file);
     }
-    return sync_dir(images->dir_fd());
+    return sync_image_dir(images);
 }
 
 Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, bool drop_rest) {
@@ -79,7 +91,7 @@ Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, 
             co_return make_error(errno, "cannot link {} to {}", layers[i].file, hidden);
         }
     }
-    CO_TRY(sync_dir(dir));
+    CO_TRY(sync_image_dir(images));
     // 2. Headers above them use the hidden names (bottom-most first; same files, same content).
     for (size_t i = last + 1; i-- > first;) {
         CO_TRY(co_await rewrite_backing(images, layers[i - 1].node.get(),
@@ -91,7 +103,7 @@ Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, 
             co_return make_error(errno, "cannot remove {}", layers[i].file);
         }
     }
-    CO_TRY(sync_dir(dir));
+    CO_TRY(sync_image_dir(images));
     // 4. The referrer skips them.
     bool to_rest = !drop_rest && last + 1 < layers.size();
     std::string next = to_rest ? layers[last + 1].file : std::string();
@@ -103,7 +115,7 @@ Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, 
         ::unlinkat(dir, removing_name(layers[i].file).c_str(), 0);
         log->info("{}: removed {} from the chain", e->name, layers[i].file);
     }
-    co_return sync_dir(dir);
+    co_return sync_image_dir(images);
 }
 
 }  // namespace imgfs

@@ -24,6 +24,10 @@ namespace imgfs {
 /// Makes new or removed names in the directory durable.
 Status sync_dir(int dir_fd);
 
+/// sync_dir of the image directory, telling ImageSetOptions::sync_dir_observer (the crash
+/// harness's seam: directory fsyncs are plain syscalls that no node filter sees).
+Status sync_image_dir(ImageSet* images);
+
 /// The hidden name a layer gets while it is taken out of a chain.
 std::string removing_name(const std::string& file);
 /// True for names removing_name() produces.

@@ -6,6 +6,7 @@
 //   (read-only), then switch every export to its new layer in one graph transaction.
 // A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
 // the directory opens as after. A failure undoes everything it did.
+#include <cstdio>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -47,21 +48,38 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
 // Creates and opens one new overlay (the export does not use it yet).
 Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     const NodeEnv& env = images->env();
-    int fd =
-        ::openat(images->dir_fd(), t->file.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    // Written under a hidden name and renamed into place once durable: the directory entry can
+    // reach the disk before the content, and an empty or half-written NAME@SNAP.qcow2 left by a
+    // crash would be taken for a second root wanting NAME (so NAME would not be exported).
+    const int dir = images->dir_fd();
+    const std::string tmp = ".imgfs-" + t->file + ".creating";
+    ::unlinkat(dir, tmp.c_str(), 0);  // a leftover of an earlier crash
+    int fd = ::openat(dir, tmp.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0) {
-        co_return make_error(errno == EEXIST ? EEXIST : errno, "cannot create {}", t->file);
+        co_return make_error(errno, "cannot create {}", tmp);
     }
     UniqueFd owned(fd);
+    Status created =
+        co_await qcow2::create_image(env.loop, fd, overlay_options(t->e->chain.layers.front()));
+    if (created && ::renameat2(dir, tmp.c_str(), dir, t->file.c_str(), RENAME_NOREPLACE) != 0) {
+        created = make_error(errno == EEXIST ? EEXIST : errno, "cannot create {}", t->file);
+    }
+    if (!created) {
+        ::unlinkat(dir, tmp.c_str(), 0);
+        co_return created;
+    }
     t->created = true;
-    CO_TRY(co_await qcow2::create_image(env.loop, fd, overlay_options(t->e->chain.layers.front())));
     FileOptions fo;
     fo.direct = images->options().direct;
     CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
                   FileNode::from_fd(env, t->file + " (file)", std::move(owned), fo));
     qcow2::Options q = images->options().qcow2;
     Transaction tx(env.graph);
-    auto node = Qcow2Node::create(env, t->file, &tx, file, q);
+    std::shared_ptr<Node> storage = file;
+    if (images->options().wrap_file) {
+        storage = images->options().wrap_file(env, &tx, storage, t->file);
+    }
+    auto node = Qcow2Node::create(env, t->file, &tx, storage, q);
     CO_TRY(tx.commit());
     CO_TRY(co_await node->load());
     t->layer = Layer{t->file, "qcow2", false, node};
@@ -138,7 +156,7 @@ Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::stri
         }
     }
     if (st) {
-        st = sync_dir(images_->dir_fd());  // the new entries are durable before the switch
+        st = sync_image_dir(images_);  // the new entries are durable before the switch
     }
     std::vector<Node*> frozen;
     for (auto& top : tops) {
@@ -169,7 +187,7 @@ Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::stri
                 ::unlinkat(images_->dir_fd(), t.file.c_str(), 0);
             }
         }
-        (void)sync_dir(images_->dir_fd());
+        (void)sync_image_dir(images_);
         co_return st;
     }
     for (auto& t : ts) {

@@ -368,6 +368,7 @@ Task<Status> Metadata::flush() {
     CO_TRY(co_await write_back_refcounts());
     CO_TRY(co_await sync());
     dependency_ = Dependency::kNone;
+    freed_unflushed_.clear();
     // The tables no longer referencing freed clusters are durable now: punch their holes.
     CO_TRY(co_await punch_freed());
     co_return Status{};

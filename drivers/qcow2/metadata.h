@@ -206,6 +206,8 @@ class Metadata {
     /// The L2 table for l1_index, allocated or copied (if shared) so it can be changed.
     Task<Result<TableCache::Ref>> l2_for_write(uint64_t l1_index);
     Task<Status> write_l1_entry(uint64_t l1_index);
+    /// Sets L1 entry `l1_index` and writes it; on failure the cached entry stays as it was.
+    Task<Status> switch_l1_entry(uint64_t l1_index, uint64_t entry);
     Task<Result<TableCache::Ref>> allocate_l2(uint64_t l1_index);
     Task<Result<TableCache::Ref>> copy_shared_l2(uint64_t l1_index);
     Status check_l1_entry(uint64_t l1_index, uint64_t entry);
@@ -264,6 +266,10 @@ class Metadata {
     // the allocator must skip.
     std::vector<uint64_t> to_punch_;
     std::set<uint64_t> punching_;
+    // With lazy refcounts nothing orders the L2 entry that freed a cluster before its reuse:
+    // clusters freed since the last flush are not handed out again until that flush made the
+    // tables that no longer reference them durable (else a crash can leave two references).
+    std::set<uint64_t> freed_unflushed_;
     // Host clusters holding active metadata, for the overlap check on data writes.
     std::unordered_set<uint64_t> metadata_clusters_;
     // Clusters the open-time cross-check found referenced more often than their refcount.

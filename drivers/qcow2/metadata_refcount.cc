@@ -104,6 +104,9 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     if (updated == 0) {
         free_hint_ = std::min(free_hint_, cluster);
         metadata_clusters_.erase(cluster);
+        if (lazy_refcounts_) {
+            freed_unflushed_.insert(cluster);
+        }
         if (punch_if_freed) {
             to_punch_.push_back(cluster);
         }
@@ -126,7 +129,8 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
             start = idx = (ri + 1) * entries;
             continue;
         }
-        bool used = punching_.count(idx) != 0 || over_referenced_.count(idx) != 0;
+        bool used = punching_.count(idx) != 0 || over_referenced_.count(idx) != 0 ||
+                    freed_unflushed_.count(idx) != 0;
         if (!used) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
             used = rc != 0;
@@ -203,7 +207,13 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
         CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
                                      ConstBuf(blocks.data(), new_ranges.size() * cs)));
         CO_TRY(co_await sync());
-        for (size_t j = 0; j < new_ranges.size(); ++j) {
+        // A block's own refcount lives in the block of the range it lands in, which is a later
+        // new range (blocks go after the run): the table points at that one first, durably, so
+        // a crash between entries leaves a leak, never a referenced block with refcount 0.
+        for (size_t j = new_ranges.size(); j-- > 0;) {
+            if (j + 1 < new_ranges.size()) {
+                CO_TRY(co_await sync());
+            }
             refcount_table_[new_ranges[j]] = (blocks_start + j) << g_.cluster_bits;
             Status st = co_await write_refcount_table_entry(new_ranges[j]);
             if (!st) {

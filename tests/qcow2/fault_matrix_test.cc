@@ -4,7 +4,9 @@
 // always. The error must reach the caller with its errno; qemu-img check must find no corruption
 // (leaks are allowed); with `once` the retry succeeds and every byte is as the model says; with
 // `always` every byte flushed before the first failure reads back after a reopen.
+#include <cstdio>
 #include <fcntl.h>
+
 #include <gtest/gtest.h>
 
 #include "core/transaction.h"
@@ -27,7 +29,9 @@ struct FaultCase {
     bool once;
 };
 
-void PrintTo(const FaultCase& c, std::ostream* os) { *os << c.name; }
+void PrintTo(const FaultCase& c, std::ostream* os) {
+    *os << c.name;
+}
 
 struct Op {
     enum Kind { kWrite, kZero, kDiscard, kFlush, kGrow } kind;
@@ -42,11 +46,16 @@ struct Op {
 // (L2 and refcount write-back), a grow (header, new L1 table), zeroes and discards.
 std::vector<Op> workload() {
     return {
-        {Op::kWrite, 512 * 1024 + 100, 4000, 0x21}, {Op::kWrite, 2 * kMiB, 64 * 1024, 0x22},
-        {Op::kWrite, 3 * kMiB + 7, 3 * kMiB, 0x23},  {Op::kFlush, 0, 0, 0},
-        {Op::kGrow, kSize + 4 * kMiB, 0, 0},         {Op::kWrite, kSize + kMiB, 8192, 0x24},
-        {Op::kZero, 3 * kMiB + 65536, 131072, 0},    {Op::kDiscard, 2 * kMiB, 65536, 0},
-        {Op::kWrite, 100, 300, 0x25},                {Op::kFlush, 0, 0, 0},
+        {Op::kWrite, 512 * 1024 + 100, 4000, 0x21},
+        {Op::kWrite, 2 * kMiB, 64 * 1024, 0x22},
+        {Op::kWrite, 3 * kMiB + 7, 3 * kMiB, 0x23},
+        {Op::kFlush, 0, 0, 0},
+        {Op::kGrow, kSize + 4 * kMiB, 0, 0},
+        {Op::kWrite, kSize + kMiB, 8192, 0x24},
+        {Op::kZero, 3 * kMiB + 65536, 131072, 0},
+        {Op::kDiscard, 2 * kMiB, 65536, 0},
+        {Op::kWrite, 100, 300, 0x25},
+        {Op::kFlush, 0, 0, 0},
     };
 }
 
@@ -85,7 +94,20 @@ std::vector<FaultCase> cases() {
 }
 
 class FaultMatrix : public test::LoopTest, public ::testing::WithParamInterface<FaultCase> {
-protected:
+  protected:
+    // One summary line for the category (ctest runs each case in its own process, so it
+    // counts what this process ran).
+    static inline int cases_run_ = 0;
+    static inline int cases_failed_ = 0;
+    void TearDown() override {
+        ++cases_run_;
+        cases_failed_ += HasFailure() ? 1 : 0;
+        test::LoopTest::TearDown();
+    }
+    static void TearDownTestSuite() {
+        std::printf("fault matrix: %d cases run, %d passed\n", cases_run_,
+                    cases_run_ - cases_failed_);
+    }
     struct Stack {
         std::shared_ptr<FaultNode> fault;
         std::shared_ptr<Qcow2Node> node;
@@ -134,8 +156,8 @@ TEST_P(FaultMatrix, ErrorReachesCallerAndImageStaysConsistent) {
     test::must("qemu-img snapshot -c s1 '" + img + "'");
 
     std::vector<uint8_t> model = test::qemu_convert_raw(img);
-    std::vector<uint8_t> durable = model;          // at the last flush before the first failure
-    std::vector<uint8_t> dirty(model.size(), 0);   // changed since then (old or new allowed)
+    std::vector<uint8_t> durable = model;         // at the last flush before the first failure
+    std::vector<uint8_t> dirty(model.size(), 0);  // changed since then (old or new allowed)
     Stack s = open(img);
     FaultRule rule{c.ops, c.errnum, c.once, 1};
     rule.event = c.event;
