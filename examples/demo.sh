@@ -37,15 +37,23 @@ dd if=/dev/urandom of="$fs/random.bin" bs=1M count=16 status=none
 sha256sum "$fs/numbers.txt" "$fs/random.bin" | tee "$work/sums"
 df -h "$fs" | tail -1
 
-say "4. Unmount everything"
+say "4. Live snapshot while the filesystem stays mounted: vm1@demo.qcow2 becomes the top layer"
+sync
+"$IMGFS" snapshot "$mnt" vm1 demo
+echo "more data after the snapshot" > "$fs/after-snapshot.txt"
+echo "the chain, top first:"; cat "$mnt/.control/vm1/snapshot"
+"$IMGFS" status "$mnt" vm1
+
+say "5. Unmount everything"
 umount "$fs"
 losetup -d "$loop"; loop=
 e2fsck -fn "$mnt/vm1.raw" | tail -1
 "$IMGFS" unmount "$mnt"
 
-say "5. qemu-img check and info on what imgfs wrote"
+say "6. qemu-img check and info on what imgfs wrote"
 qemu-img check "$images/vm1.qcow2"
-qemu-img info "$images/vm1.qcow2" | sed -n '1,6p'
+qemu-img check "$images/vm1@demo.qcow2"
+qemu-img info --backing-chain "$images/vm1@demo.qcow2" | grep -E "^image|^backing file:"
 
-say "Done. The filesystem lives in vm1.qcow2 (its data only: base.qcow2 is untouched)."
+say "Done. The filesystem lives in vm1.qcow2 and vm1@demo.qcow2 (base.qcow2 is untouched)."
 echo "Everything is in $work (remove it with: rm -rf $work)"

@@ -59,7 +59,7 @@ class LoopTest : public ::testing::Test {
 /// /dev/shm if it is a usable tmpfs, else the temp directory.
 inline std::string memory_backed() {
     return access("/dev/shm", W_OK) == 0 ? "/dev/shm"
-                                          : std::filesystem::temp_directory_path().string();
+                                         : std::filesystem::temp_directory_path().string();
 }
 
 /// A directory removed (with its contents) when the object goes away.

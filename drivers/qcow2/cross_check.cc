@@ -91,9 +91,10 @@ Task<Status> Metadata::cross_check_references() {
         }
     }
     if (!over_referenced_.empty() && env_.log != nullptr) {
-        env_.log->warn("{}: {} clusters are referenced more often than their refcount says "
-                       "(qemu-img check -r all repairs it); writes to them will fail",
-                       name_, over_referenced_.size());
+        env_.log->warn(
+            "{}: {} clusters are referenced more often than their refcount says "
+            "(qemu-img check -r all repairs it); writes to them will fail",
+            name_, over_referenced_.size());
     }
     co_return Status{};
 }

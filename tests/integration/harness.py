@@ -226,6 +226,17 @@ class Mount:
         self.cleanup()
 
 
+def detach_loops_under(directory):
+    """Detaches the loop devices whose backing file lies under `directory`."""
+    p = run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], check=False)
+    prefix = os.path.join(os.path.realpath(directory), "")
+    for line in p.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(prefix):
+            run(["umount", "-l", parts[0]], check=False)  # a filesystem still mounted on it
+            run(["losetup", "-d", parts[0]], check=False)
+
+
 class ImageDirTest(unittest.TestCase):
     """A test with a fresh image directory in self.dir."""
 
@@ -236,9 +247,11 @@ class ImageDirTest(unittest.TestCase):
         self.mounts = []
 
     def tearDown(self):
+        # Loop devices a failed test left on our mounts first (only ours: others may be in use).
+        for m in self.mounts:
+            detach_loops_under(m.mountpoint)
         for m in self.mounts:
             m.cleanup()
-        run("losetup -D", check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def img(self, name):
