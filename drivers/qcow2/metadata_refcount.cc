@@ -120,6 +120,9 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     const uint64_t hint = free_hint_;
     uint64_t start = hint;
     uint64_t idx = hint;
+    // Lowest cluster the scan saw that is free, or will be once its hole is punched or its
+    // freeing is flushed: the next scan starts there. From the hint up to it, all are in use.
+    uint64_t first_free = UINT64_MAX;
     // Free clusters inside the image first; what cannot be found there comes from the end.
     while (idx < end_cluster_ && idx - start < count) {
         uint64_t ri = idx / entries;
@@ -129,11 +132,14 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
             start = idx = (ri + 1) * entries;
             continue;
         }
-        bool used = punching_.count(idx) != 0 || over_referenced_.count(idx) != 0 ||
-                    freed_unflushed_.count(idx) != 0;
+        bool pending = punching_.count(idx) != 0 || freed_unflushed_.count(idx) != 0;
+        bool used = pending || over_referenced_.count(idx) != 0;
         if (!used) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
             used = rc != 0;
+        }
+        if (!used || pending) {
+            first_free = std::min(first_free, idx);
         }
         if (!used) {
             ++idx;
@@ -146,11 +152,12 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     }
     uint64_t got = std::min(idx - start, count);
     if (got == 0 || (exact && got < count)) {
+        // Nothing from the hint up to first_free (or the end) is free: don't scan it again.
+        free_hint_ = std::min(first_free, idx);
         co_return co_await alloc_at_end(count);
     }
-    if (start == hint) {
-        free_hint_ = start + got;  // a skipped shorter run (exact mode) stays findable
-    }
+    // A skipped shorter run (exact mode) stays findable.
+    free_hint_ = first_free < start ? first_free : start + got;
     for (uint64_t c = start; c < start + got; ++c) {
         CO_TRY(co_await update_refcount(c, 1, false));
     }
