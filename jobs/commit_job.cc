@@ -81,20 +81,20 @@ Task<void> CommitJob::detach_after_failure() {
     (void)refresh.commit();
 }
 
-Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes) {
+Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch) {
     // Excludes guest writes to the range in sync mode (they hold non-serialising requests).
     RangeLock::Request req(filter_->tracker(), offset, bytes, true);
     co_await filter_->tracker()->acquire(&req);
     // Clean before reading: a guest write completing after the read marks it dirty again.
     dirty_->clear(offset, bytes);
-    AlignedBuffer buf(bytes);
-    Status st = co_await filter_->top()->read(offset, buf.span());
+    MutBuf buf = scratch.subspan(0, bytes);
+    Status st = co_await filter_->top()->read(offset, buf);
     // Not `st = cond ? co_await a : co_await b`: GCC 12 destroys the temporary of such a
     // conditional twice when it holds an error (a double free on every failed write).
-    if (st && is_zero(buf.span())) {
+    if (st && is_zero(buf)) {
         st = co_await target_->write_zeroes(offset, bytes, false);
     } else if (st) {
-        st = co_await target_->write(offset, buf.span());
+        st = co_await target_->write(offset, buf);
     }
     if (!st) {
         dirty_->set(offset, bytes);
@@ -104,6 +104,9 @@ Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes) {
 
 Task<void> CommitJob::copy_worker(uint64_t* cursor, Status* result) {
     const uint64_t size = dirty_->size();
+    // One buffer per worker for the whole job: a fresh 1 MiB buffer per chunk made glibc grow
+    // and fragment the heap (the daemon's peak RSS doubled during a commit).
+    AlignedBuffer scratch(kMaxCopyBytes);
     while (*result && *cursor < size) {
         std::optional<uint64_t> start = dirty_->next_dirty(*cursor);
         if (!start) {
@@ -116,7 +119,7 @@ Task<void> CommitJob::copy_worker(uint64_t* cursor, Status* result) {
         }
         end = std::min(end, size);
         *cursor = end;  // claimed
-        Status st = co_await copy_range(*start, end - *start);
+        Status st = co_await copy_range(*start, end - *start, scratch.span());
         if (st) {
             st = co_await checkpoint(end - *start);
         }

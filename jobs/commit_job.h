@@ -28,7 +28,8 @@ class CommitJob final : public Job {
     Task<void> detach_after_failure();
     Task<Status> copy_pass();
     Task<void> copy_worker(uint64_t* cursor, Status* result);
-    Task<Status> copy_range(uint64_t offset, uint64_t bytes);
+    /// Copies [offset, offset + bytes) to the base through `scratch` (at least `bytes` long).
+    Task<Status> copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch);
     Task<Result<bool>> pivot();
     Task<void> finish();
 
