@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 
+#include "core/buffer.h"
 #include "core/log.h"
 #include "core/transaction.h"
 #include "drivers/file.h"
@@ -131,12 +132,13 @@ Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_onl
 }
 
 Result<std::string> probe_format(int fd) {
-    uint8_t magic[4] = {};
-    ssize_t n = ::pread(fd, magic, sizeof magic, 0);
+    // A whole aligned block: the fd may be O_DIRECT (mount option direct).
+    AlignedBuffer first(4096);
+    ssize_t n = ::pread(fd, first.data(), first.size(), 0);
     if (n < 0) {
         return make_error(errno, "reading the first sector");
     }
-    if (n == 4 && qcow2::load_be32(magic) == qcow2::kMagic) {
+    if (n >= 4 && qcow2::load_be32(first.data()) == qcow2::kMagic) {
         return std::string("qcow2");
     }
     return std::string("raw");
