@@ -1,0 +1,1407 @@
+#!/usr/bin/env python3
+"""imgfs benchmark harness: imgfs against qemu-storage-daemon's FUSE export and qcowmount.
+
+Every contender gets its own copy of the same qcow2 chain (a data-filled qcow2 base with a qcow2
+overlay that holds some data of its own), in alternating rounds within one invocation; fio runs
+the same jobs against each export file. Two ceilings run beside them: the raw disk as a plain file
+(no FUSE at all) and a null FUSE file (qemu-storage-daemon exporting null-co). Also measured: the
+commit of a 1 GiB overlay (imgfs online commit against offline `qemu-img commit`) and an ext4
+workload on a loop device over each writable export. Peak RSS and CPU seconds of each daemon are
+recorded per job. The result is a markdown report (stdout and --out).
+
+Run it through tests/bench/run.sh (installs packages, builds build-rel). Needs root.
+"""
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+CLUSTER = 64 * KIB
+
+# Jobs in the order they run against one contender's chain (reads first, the fresh overlay last).
+FIO_JOBS = ["randread-qd1", "randread-qd32", "seqread", "randwrite-alloc", "seqwrite", "randwrite-cow"]
+OTHER_JOBS = ["commit", "ext4"]
+ALL_JOBS = FIO_JOBS + OTHER_JOBS
+WRITE_JOBS = {"randwrite-alloc", "seqwrite", "randwrite-cow"}
+
+JOB_LABEL = {
+    "randread-qd1": "4k randread qd1",
+    "randread-qd32": "4k randread qd32",
+    "seqread": "1M seq read qd8",
+    "randwrite-alloc": "4k randwrite qd32, allocated clusters",
+    "seqwrite": "1M seq write qd8",
+    "randwrite-cow": "4k randwrite qd32, fresh overlay (COW)",
+    "commit": "commit {commit} overlay",
+    "ext4": "ext4 on loop: cp -a {tree} + sync",
+}
+JOB_UNIT = {
+    "randread-qd1": "IOPS", "randread-qd32": "IOPS", "randwrite-alloc": "IOPS",
+    "randwrite-cow": "IOPS", "seqread": "MiB/s", "seqwrite": "MiB/s",
+    "commit": "s", "ext4": "s",
+}
+LOWER_IS_BETTER = {"commit", "ext4"}
+
+CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
+CONTENDER_LABEL = {
+    "imgfs": "imgfs",
+    "qsd": "qemu-storage-daemon",
+    "qcowmount": "qcowmount",
+    "raw": "ceiling: raw file, no FUSE",
+    "null": "ceiling: null FUSE (qsd null-co)",
+}
+DAEMONS = ["imgfs", "qsd", "qcowmount"]
+
+ARGS = None
+WORK = None
+LOGDIR = None
+IMGFS = None
+PROBLEMS = []  # (contender, text), reported at the end
+LOAD = ["?", "?", 0.0]  # 1-minute load average: at the start, at the end, highest between jobs
+LIVE_PROCS = set()
+LOOPS = set()
+
+
+class StepError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def problem(who, text):
+    text = " ".join(str(text).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    PROBLEMS.append((who, text))
+    log(f"PROBLEM {who}: {text}")
+
+
+def human(n):
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n / MIB:.0f} MiB"
+
+
+def parse_size(s):
+    m = re.fullmatch(r"(\d+)([KMGkmg]?)", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r} (use e.g. 512M, 2G)")
+    return int(m.group(1)) * {"": 1, "K": KIB, "M": MIB, "G": GIB}[m.group(2).upper()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running commands
+
+def _short(argv):
+    text = " ".join(map(str, argv))
+    return text if len(text) <= 200 else text[:200] + " ..."
+
+
+def _reap(p, timeout):
+    """Kills p and waits a bounded time (a process stuck on a dead FUSE mount may not die)."""
+    try:
+        p.kill()
+    except ProcessLookupError:
+        pass
+    try:
+        p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"warning: pid {p.pid} ({p.args[0]}) does not die; left behind")
+    except (ValueError, OSError):
+        pass
+
+
+def run(argv, timeout, check=True, cwd=None, on_timeout=None):
+    """Runs argv with a time limit; raises StepError on timeout or (with check) non-zero exit.
+    on_timeout runs before the child is killed (e.g. to abort the FUSE connection it hangs on)."""
+    argv = [str(a) for a in argv]
+    try:
+        p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError as e:
+        raise StepError(f"not found: {e.filename}")
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if on_timeout is not None:
+            on_timeout()
+        _reap(p, 30)
+        raise StepError(f"timed out after {timeout}s: {_short(argv)}")
+    except BaseException:
+        _reap(p, 10)
+        raise
+    p.stdout, p.stderr = out, err
+    if check and p.returncode != 0:
+        msg = (err or "").strip() or (out or "").strip()
+        raise StepError(f"{_short(argv)} exited {p.returncode}: {msg[-600:]}")
+    return p
+
+
+def run_rusage(argv, timeout, cwd=None):
+    """Runs argv and returns (elapsed_s, peak_rss_kib, cpu_s) of that child alone (wait4)."""
+    log_path = LOGDIR / f"{Path(str(argv[0])).name}-{time.time_ns()}.log"
+    with open(log_path, "wb") as out:
+        t0 = time.monotonic()
+        p = subprocess.Popen([str(a) for a in argv], cwd=cwd, stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                if pid == p.pid:
+                    break
+                if time.monotonic() - t0 > timeout:
+                    p.kill()
+                    os.wait4(p.pid, 0)
+                    p.returncode = -9
+                    raise StepError(f"timed out after {timeout}s: {' '.join(map(str, argv))}")
+                time.sleep(0.02)
+        except BaseException:
+            if p.returncode is None:
+                p.kill()
+                try:
+                    os.wait4(p.pid, 0)
+                except ChildProcessError:
+                    pass
+                p.returncode = -9
+            raise
+        elapsed = time.monotonic() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise StepError(f"{' '.join(map(str, argv))} exited {p.returncode}: "
+                        f"{log_path.read_text(errors='replace')[-600:]}")
+    return elapsed, ru.ru_maxrss, ru.ru_utime + ru.ru_stime
+
+
+class Daemon:
+    """A background process in its own session (so Ctrl-C reaches only us; we stop it)."""
+
+    def __init__(self, name, argv, cwd=None):
+        self.name = name
+        self.log_path = LOGDIR / f"{name}-{time.time_ns()}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.argv = [str(a) for a in argv]
+        self.proc = subprocess.Popen(self.argv, cwd=cwd, stdin=subprocess.DEVNULL,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        LIVE_PROCS.add(self)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log_tail(self, n=600):
+        try:
+            return self.log_path.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def wait(self, timeout):
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self, grace=10):
+        if self.alive():
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not self.wait(grace):
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+                self.wait(10)
+        self.log_file.close()
+        LIVE_PROCS.discard(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mounts, loop devices, cleanup
+
+def _unescape(s):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mounts():
+    """(mountpoint, fstype, 'maj:min') from /proc/self/mountinfo (never stats a mount)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            out.append((_unescape(fields[4]), right.split()[0], fields[2]))
+    return out
+
+
+def is_mounted(path, fstype_prefix=None):
+    path = str(path)
+    return any(mp == path and (fstype_prefix is None or fs.startswith(fstype_prefix))
+               for mp, fs, _ in mounts())
+
+
+def fuse_abort(path):
+    """Aborts the FUSE connection behind a mountpoint (for a hung daemon)."""
+    for mp, fs, dev in mounts():
+        if mp == str(path) and fs.startswith("fuse"):
+            major, minor = (int(x) for x in dev.split(":"))
+            conn = Path(f"/sys/fs/fuse/connections/{os.makedev(major, minor)}/abort")
+            try:
+                conn.write_text("1")
+            except OSError:
+                pass
+
+
+def abort_all_fuse():
+    """Aborts every FUSE connection under the scratch directory (unblocks whatever hangs on it)."""
+    for mp, fs, _ in mounts():
+        if fs.startswith("fuse") and mp.startswith(str(WORK) + "/"):
+            fuse_abort(mp)
+
+
+def force_unmount(path, fuse):
+    """Unmounts path whatever state it is in."""
+    path = str(path)
+    for attempt in range(3):
+        if not is_mounted(path):
+            return
+        cmds = ([["fusermount3", "-u", path], ["umount", path]] if fuse else [["umount", path]])
+        for cmd in cmds:
+            try:
+                run(cmd, timeout=20, check=False)
+            except StepError:
+                pass
+            if not is_mounted(path):
+                return
+        if fuse:
+            fuse_abort(path)
+        elif attempt == 0:
+            # a filesystem on a loop device over a hung FUSE file cannot flush: unblock it
+            abort_all_fuse()
+        time.sleep(0.5)
+    try:
+        run(["umount", "-l", path], timeout=30, check=False)
+    except StepError:
+        pass
+
+
+def loops_under(prefix):
+    """Loop devices whose backing file lies under prefix."""
+    found = []
+    try:
+        p = run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], timeout=30, check=False)
+    except StepError:
+        return found
+    for line in p.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(str(prefix)):
+            found.append(parts[0])
+    return found
+
+
+def detach_loop(dev):
+    for _ in range(20):
+        try:
+            run(["losetup", "-d", dev], timeout=30, check=False)
+        except StepError:
+            pass
+        p = run(["losetup", "-n", "-O", "NAME", "-l"], timeout=30, check=False)
+        if dev not in p.stdout.split():
+            break
+        time.sleep(0.25)
+    LOOPS.discard(dev)
+
+
+_cleaned = False
+
+
+def cleanup_all():
+    """Leaves no mount, loop device or daemon behind. Safe to call more than once."""
+    global _cleaned
+    if _cleaned or WORK is None:
+        return
+    _cleaned = True
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not
+        signal.signal(sig, signal.SIG_IGN)                      # leave mounts behind
+    prefix = str(WORK)
+    try:
+        # 1. filesystems on loop devices (mounted under WORK), deepest first
+        for mp, fs, _ in sorted(mounts(), key=lambda m: -len(m[0])):
+            if mp.startswith(prefix + "/") and not fs.startswith("fuse"):
+                force_unmount(mp, fuse=False)
+        # 2. loop devices on files under WORK
+        for dev in set(loops_under(prefix)) | set(LOOPS):
+            detach_loop(dev)
+        # 3. FUSE mounts under WORK: ask the daemon (SIGTERM unmounts for qsd), then force
+        for d in list(LIVE_PROCS):
+            if d.name.startswith("imgfs"):
+                for mp, fs, _ in mounts():
+                    if mp.startswith(prefix + "/") and fs.startswith("fuse.imgfs"):
+                        try:
+                            run([IMGFS, "unmount", mp], timeout=30, check=False)
+                        except StepError:
+                            pass
+        for d in list(LIVE_PROCS):
+            d.kill()
+        for mp, fs, _ in sorted(mounts(), key=lambda m: -len(m[0])):
+            if mp.startswith(prefix + "/"):
+                force_unmount(mp, fuse=fs.startswith("fuse"))
+    finally:
+        if not ARGS.keep and not any(mp.startswith(prefix + "/") for mp, _, _ in mounts()):
+            shutil.rmtree(prefix, ignore_errors=True)
+        elif ARGS.keep:
+            log(f"kept {prefix}")
+
+
+def _on_signal(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc sampling: peak RSS (VmHWM, reset per job through clear_refs) and CPU seconds
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_mem(pid):
+    """(VmRSS KiB, VmHWM KiB) or None."""
+    try:
+        rss = hwm = None
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+        return rss, hwm
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Meter:
+    """Peak RSS and CPU seconds of one process over a with-block."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_kib = 0
+        self.cpu_s = None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.pid is None:
+            return self
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+        except OSError:
+            pass  # then the sampled VmRSS (and VmHWM since start) have to do
+        self.cpu0 = proc_cpu(self.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._take()
+            self._stop.wait(0.2)
+
+    def _take(self):
+        m = proc_mem(self.pid)
+        if m:
+            self.peak_kib = max(self.peak_kib, m[0] or 0, m[1] or 0)
+
+    def __exit__(self, *exc):
+        if self.pid is None:
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._take()
+        cpu1 = proc_cpu(self.pid)
+        if self.cpu0 is not None and cpu1 is not None:
+            self.cpu_s = cpu1 - self.cpu0
+        return False
+
+    def result(self):
+        if self.pid is None or self.cpu_s is None:
+            return None
+        return (self.peak_kib, self.cpu_s)
+
+
+def loadavg():
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def drop_caches():
+    la = loadavg()
+    if la is not None:
+        LOAD[2] = max(LOAD[2], la)
+    if ARGS.no_drop_caches:
+        return
+    try:
+        run(["sync"], timeout=600)
+    except StepError as e:
+        log(f"warning: {e}")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError as e:
+        log(f"warning: drop_caches: {e}")
+
+
+def wait_until(pred, timeout, what, daemon=None):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return
+        if daemon is not None and not daemon.alive():
+            raise StepError(f"{daemon.name} exited with {daemon.proc.returncode} while waiting for "
+                            f"{what}: {daemon.log_tail()}")
+        time.sleep(0.05)
+    raise StepError(f"timed out after {timeout}s waiting for {what}"
+                    + (f": {daemon.log_tail()}" if daemon else ""))
+
+
+def copy_file(src, dst):
+    run(["cp", "--reflink=auto", "--sparse=always", src, dst], timeout=ARGS.step_timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders. start() prepares its copy in dir d and leaves self.target (the file fio uses);
+# new_overlay() puts an empty qcow2 overlay on top; stop() undoes start().
+
+class Contender:
+    key = ""
+    daemon = None
+    target = None
+    reads_only = False
+    aborted = False
+
+    def pid(self):
+        return self.daemon.pid if self.daemon and self.daemon.alive() else None
+
+    def check_alive(self):
+        if self.daemon is not None and not self.daemon.alive():
+            raise StepError(f"{self.key} daemon exited with {self.daemon.proc.returncode}: "
+                            f"{self.daemon.log_tail()}")
+
+    def new_overlay(self):
+        pass
+
+    def check_content(self):
+        """The export shows the chain: overlay data at the start, base data at the end."""
+        fd = os.open(self.target, os.O_RDONLY)
+        try:
+            checks = [(0, 0x5A, "overlay")]
+            if ARGS.prefill < ARGS.disk_size:
+                checks.append((ARGS.disk_size - 4096, 0xA5, "base"))
+            for off, byte, what in checks:
+                got = os.pread(fd, 4096, off)
+                if got != bytes([byte]) * 4096:
+                    raise StepError(f"{self.target.name} at {off} does not show the {what} data "
+                                    f"(0x{byte:02x}): got {got[:8].hex()}...")
+        finally:
+            os.close(fd)
+
+    def abort(self):
+        """Called when a step on this contender timed out: fail whatever hangs on its mount."""
+        mp = getattr(self, "mnt", None) or getattr(self, "export", None)
+        self.aborted = True
+        if mp is not None:
+            log(f"{self.key}: aborting the FUSE connection on {mp}")
+            fuse_abort(mp)
+
+    def stop(self):
+        pass
+
+
+def copy_chain(src, d, overlay):
+    img = d / "img"
+    img.mkdir(parents=True)
+    copy_file(src / "base.qcow2", img / "base.qcow2")
+    copy_file(src / overlay, img / overlay)
+    return img
+
+
+class Imgfs(Contender):
+    key = "imgfs"
+
+    def start(self, d, src, overlay="disk.qcow2"):
+        self.img = copy_chain(src, d, overlay)
+        self.name = overlay.split(".")[0]
+        self.mnt = d / "mnt"
+        self.mnt.mkdir()
+        opts = ["-o", ARGS.imgfs_options] if ARGS.imgfs_options else []
+        self.daemon = Daemon("imgfs", [IMGFS, "mount", "-f"] + opts + [self.img, self.mnt])
+        self.target = self.mnt / f"{self.name}.raw"
+        wait_until(lambda: is_mounted(self.mnt, "fuse") and self.target.exists(), 60,
+                   f"imgfs to export {self.target}", self.daemon)
+
+    def control(self, what, text):
+        path = self.mnt / ".control" / self.name / what
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, text.encode())
+        except OSError as e:
+            info = (self.mnt / ".control" / self.name / "info").read_text()
+            raise StepError(f"imgfs {what} {text!r}: {e}; info: {info[-400:]}")
+        finally:
+            os.close(fd)
+
+    def job_state(self):
+        txt = (self.mnt / ".control" / self.name / "job").read_text().strip()
+        return json.loads(txt) if txt else None
+
+    def new_overlay(self):
+        self.control("snapshot", "cow\n")
+        if not (self.img / f"{self.name}@cow.qcow2").exists():
+            raise StepError("imgfs snapshot did not create the overlay file")
+
+    def stop(self):
+        if self.daemon is None:
+            return
+        if is_mounted(self.mnt) and not self.aborted:
+            try:
+                run([IMGFS, "unmount", self.mnt], timeout=60)
+            except StepError as e:
+                problem("imgfs", f"unmount: {e}")
+        if not self.daemon.wait(5 if self.aborted else 60):
+            problem("imgfs", "daemon still running after unmount; killed")
+        self.daemon.kill(grace=2 if self.aborted else 10)
+        force_unmount(self.mnt, fuse=True)
+        self.daemon = None
+
+
+def qsd_argv(export, blockdevs, node):
+    argv = ["qemu-storage-daemon"]
+    for b in blockdevs:
+        argv += ["--blockdev", b]
+    argv += ["--export", f"type=fuse,id=e,node-name={node},mountpoint={export},writable=on"]
+    return argv
+
+
+class Qsd(Contender):
+    key = "qsd"
+
+    def start(self, d, src, overlay="disk.qcow2"):
+        self.img = copy_chain(src, d, overlay)
+        self.export = d / "export"
+        self.export.touch()
+        self._launch(self.img / overlay)
+
+    def _launch(self, top):
+        self.daemon = Daemon("qsd", qsd_argv(self.export, [
+            f"driver=file,node-name=f,filename={top},aio=io_uring,cache.direct=off",
+            "driver=qcow2,node-name=q,file=f"], "q"))
+        wait_until(lambda: is_mounted(self.export, "fuse"), 60,
+                   "qemu-storage-daemon to export", self.daemon)
+        self.target = self.export
+
+    def new_overlay(self):
+        # qemu-storage-daemon has no control file: stop it, add an empty overlay, restart on it.
+        self.stop()
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2",
+             "cow.qcow2"], timeout=120, cwd=self.img)
+        self._launch(self.img / "cow.qcow2")
+
+    def stop(self):
+        if self.daemon is None:
+            return
+        self.daemon.kill(grace=5 if self.aborted else 60)  # SIGTERM: flush, unexport, exit
+        force_unmount(self.export, fuse=True)
+        self.daemon = None
+
+
+class Qcowmount(Contender):
+    key = "qcowmount"
+    reads_only = True
+
+    def start(self, d, src, overlay="disk.qcow2"):
+        if shutil.which("qcowmount") is None:
+            raise StepError("qcowmount not installed (package libqcow-utils)")
+        self.img = copy_chain(src, d, overlay)
+        self.mnt = d / "mnt"
+        self.mnt.mkdir()
+        # -v keeps it in the foreground (so we know its pid); it logs little.
+        self.daemon = Daemon("qcowmount", ["qcowmount", "-v", self.img / overlay, self.mnt],
+                             cwd=self.img)
+        wait_until(lambda: is_mounted(self.mnt, "fuse"), 60, "qcowmount to mount", self.daemon)
+        # It shows every layer of the chain as qcow1..qcowN, base first: the last is the disk.
+        names = sorted((p.name for p in self.mnt.iterdir() if re.fullmatch(r"qcow\d+", p.name)),
+                       key=lambda n: int(n[4:]))
+        if not names:
+            raise StepError(f"qcowmount shows no qcowN file: {os.listdir(self.mnt)}")
+        self.target = self.mnt / names[-1]
+        size = self.target.stat().st_size
+        if size != ARGS.disk_size:
+            raise StepError(f"qcowmount's {names[-1]} has size {size}, expected {ARGS.disk_size}")
+
+    def stop(self):
+        if self.daemon is None:
+            return
+        try:
+            run(["umount", self.mnt], timeout=60, check=False)
+        except StepError:
+            pass
+        if not self.daemon.wait(5 if self.aborted else 30):
+            problem("qcowmount", "still running after unmount; killed")
+        self.daemon.kill()
+        force_unmount(self.mnt, fuse=True)
+        self.daemon = None
+
+
+class Raw(Contender):
+    key = "raw"
+
+    def start(self, d, src, overlay=None):
+        self.target = d / "disk.raw"
+        copy_file(src / "disk.raw", self.target)
+
+
+class Null(Contender):
+    key = "null"
+
+    def start(self, d, src, overlay=None):
+        self.export = d / "export"
+        self.export.touch()
+        self.daemon = Daemon("qsd-null", qsd_argv(self.export, [
+            f"driver=null-co,node-name=n,size={ARGS.disk_size},read-zeroes=on"], "n"))
+        wait_until(lambda: is_mounted(self.export, "fuse"), 60,
+                   "qemu-storage-daemon (null-co) to export", self.daemon)
+        self.target = self.export
+
+    def pid(self):
+        return None  # a ceiling: its daemon is not in the RSS/CPU table
+
+    def stop(self):
+        if self.daemon is None:
+            return
+        self.daemon.kill(grace=5 if self.aborted else 30)
+        force_unmount(self.export, fuse=True)
+        self.daemon = None
+
+
+CLASSES = {"imgfs": Imgfs, "qsd": Qsd, "qcowmount": Qcowmount, "raw": Raw, "null": Null}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing the source chain (once)
+
+def qemu_io_fill(image, fmt, start, length, pattern):
+    step = 64 * MIB
+    cmds = []
+    off = start
+    while off < start + length:
+        n = min(step, start + length - off)
+        cmds += ["-c", f"write -P {pattern} {off} {n}"]
+        off += n
+    run(["qemu-io", "-f", fmt] + cmds + [image], timeout=3600)
+
+
+def prepare_sources(src):
+    src.mkdir(parents=True)
+    size = ARGS.disk_size
+    log(f"creating the qcow2 chain: {human(size)} base filled with data, overlay with "
+        f"{human(ARGS.prefill)}, commit overlay with {human(ARGS.commit_size)}")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", src / "base.qcow2", str(size)], timeout=60)
+    qemu_io_fill(src / "base.qcow2", "qcow2", 0, size, "0xa5")
+    for name, amount, pattern in (("disk.qcow2", ARGS.prefill, "0x5a"),
+                                  ("cdisk.qcow2", ARGS.commit_size, "0x3c")):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", name],
+            timeout=60, cwd=src)
+        qemu_io_fill(src / name, "qcow2", 0, amount, pattern)
+    if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and "raw" in ARGS.contenders:
+        log("converting the chain to a raw file (ceiling)")
+        run(["qemu-img", "convert", "-O", "raw", src / "disk.qcow2", src / "disk.raw"],
+            timeout=3600)
+    # The fresh-overlay job replays one 4 KiB write into every 64 KiB cluster, in random order,
+    # so that every write is a first write to its cluster (copy-on-write from the backing).
+    rnd = random.Random(20240601)
+    n = size // CLUSTER
+    offs = [i * CLUSTER + rnd.randrange(CLUSTER // (4 * KIB)) * 4 * KIB for i in range(n)]
+    rnd.shuffle(offs)
+    with open(src / "cow.iolog", "w") as f:
+        f.write("fio version 2 iolog\nbench-target add\nbench-target open\n")
+        for o in offs:
+            f.write(f"bench-target write {o} 4096\n")
+        f.write("bench-target close\n")
+
+
+def prepare_tree(dst):
+    """Copies about --ext4-tree bytes of /usr/lib (then /usr/share) into dst, as cp -a would."""
+    budget = ARGS.ext4_tree
+    entries, total, files = [], 0, 0
+    for top in ("/usr/lib", "/usr/share"):
+        for root, dirs, names in os.walk(top):
+            dirs.sort()
+            if root.startswith(str(WORK)):
+                continue
+            entries.append(root)
+            for name in sorted(names):
+                p = os.path.join(root, name)
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    continue
+                entries.append(p)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    total += st.st_size
+                    files += 1
+                if total >= budget:
+                    break
+            if total >= budget:
+                break
+        if total >= budget:
+            break
+    dst.mkdir(parents=True)
+    lst = dst.parent / "tree.list"
+    lst.write_text("\n".join(e.lstrip("/") for e in entries) + "\n")
+    subprocess.run(f"tar -C / --no-recursion -cf - -T {lst} | tar -C {dst} -xf -",
+                   shell=True, check=True, timeout=1800, stderr=subprocess.DEVNULL)
+    log(f"ext4 source tree: {files} files, {total / MIB:.0f} MiB")
+    return total, files
+
+
+def warm_tree(tree):
+    for root, _, names in os.walk(tree):
+        for name in names:
+            p = os.path.join(root, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    with open(p, "rb") as f:
+                        while f.read(MIB):
+                            pass
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# fio
+
+def fio_argv(job, target, src):
+    a = ["fio", f"--name={job}", "--direct=1", "--ioengine=io_uring", "--output-format=json",
+         "--group_reporting=1", "--randrepeat=1", "--allow_file_create=0", "--fallocate=none",
+         "--lat_percentiles=1"]
+    rt = [f"--runtime={ARGS.runtime}", "--time_based=1"]
+    whole = [f"--filename={target}", f"--size={ARGS.disk_size}"]
+    if job == "randread-qd1":
+        return a + whole + rt + ["--rw=randread", "--bs=4k", "--iodepth=1"]
+    if job == "randread-qd32":
+        return a + whole + rt + ["--rw=randread", "--bs=4k", "--iodepth=32"]
+    if job == "seqread":
+        return a + whole + rt + ["--rw=read", "--bs=1M", "--iodepth=8"]
+    if job == "randwrite-alloc":
+        return a + [f"--filename={target}", "--offset=0", f"--size={ARGS.prefill}"] + rt + [
+            "--rw=randwrite", "--bs=4k", "--iodepth=32"]
+    if job == "seqwrite":
+        return a + whole + rt + ["--rw=write", "--bs=1M", "--iodepth=8"]
+    if job == "randwrite-cow":
+        # one pass over the clusters; stops at --runtime if it is not done by then
+        return a + [f"--read_iolog={src / 'cow.iolog'}", f"--replay_redirect={target}",
+                    "--replay_no_stall=1", "--iodepth=32", f"--runtime={ARGS.runtime}"]
+    raise ValueError(job)
+
+
+def run_fio(job, target, src, on_timeout=None):
+    argv = fio_argv(job, target, src)
+    p = run(argv, timeout=ARGS.runtime + ARGS.grace, check=False, on_timeout=on_timeout)
+    out = p.stdout
+    start = out.find("{")
+    try:
+        data = json.loads(out[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        data = None
+    if p.returncode != 0 or data is None:
+        raise StepError(f"fio {job} exited {p.returncode}: {(p.stderr or out).strip()[-600:]}")
+    j = data["jobs"][0]
+    if j.get("error"):
+        raise StepError(f"fio {job}: error {j['error']}: {(p.stderr or '').strip()[-400:]}")
+    side = j["write"] if job in WRITE_JOBS else j["read"]
+    if side["total_ios"] == 0:
+        raise StepError(f"fio {job}: no I/O completed")
+    lat = side.get("lat_ns", {})  # submission to completion (clat alone misses inline issue)
+    p99 = lat.get("percentile", {}).get("99.000000")
+    return {"iops": side["iops"], "bw": side["bw_bytes"], "ios": side["total_ios"],
+            "runtime_ms": j.get("job_runtime"), "lat_mean_us": lat.get("mean", 0) / 1000,
+            "lat_p99_us": (p99 or 0) / 1000}
+
+
+def fio_value(job, r):
+    return r["iops"] if JOB_UNIT[job] == "IOPS" else r["bw"] / MIB
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+class Results:
+    def __init__(self):
+        self.values = {}   # (job, contender) -> [value per round]
+        self.extra = {}    # (job, contender) -> [text per round]
+        self.stats = {}    # (job, daemon) -> [(peak_kib, cpu_s)]
+        self.na = {}       # (job, contender) -> reason
+        self.by_round = {}  # (job, contender) -> {round: value}
+        self.round = 0     # the round being run
+
+    def add(self, job, who, value, extra=None, stat=None):
+        self.values.setdefault((job, who), []).append(value)
+        self.by_round.setdefault((job, who), {})[self.round] = value
+        if extra:
+            self.extra.setdefault((job, who), []).append(extra)
+        if stat:
+            self.stats.setdefault((job, who), []).append(stat)
+
+
+R = Results()
+
+
+def fio_round(key, rnd, src):
+    jobs = [j for j in FIO_JOBS if j in ARGS.jobs]
+    c = CLASSES[key]()
+    if c.reads_only:
+        for j in jobs:
+            if j in WRITE_JOBS:
+                R.na[(j, key)] = "read-only"
+        jobs = [j for j in jobs if j not in WRITE_JOBS]
+    if not jobs:
+        return
+    d = WORK / "run" / f"r{rnd}-{key}"
+    d.mkdir(parents=True)
+    try:
+        log(f"round {rnd}: {key}: setting up")
+        c.start(d, src)
+        if key != "null":
+            c.check_content()
+        for job in jobs:
+            try:
+                if job == "randwrite-cow":
+                    c.new_overlay()
+                c.check_alive()
+                drop_caches()
+                with Meter(c.pid()) as m:
+                    r = run_fio(job, c.target, src, on_timeout=c.abort)
+                c.check_alive()
+                v = fio_value(job, r)
+                R.add(job, key, v, extra=r, stat=m.result())
+                log(f"round {rnd}: {key}: {job}: {v:.0f} {JOB_UNIT[job]}")
+            except StepError as e:
+                problem(key, f"round {rnd} {job}: {e}")
+                if "timed out" in str(e) or (c.daemon is not None and not c.daemon.alive()):
+                    break
+    except StepError as e:
+        problem(key, f"round {rnd}: {e}")
+    finally:
+        c.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def commit_round(rnd, src, imgfs_first=True):
+    steps = [commit_imgfs, commit_qemu_img]
+    for step in (steps if imgfs_first else reversed(steps)):
+        step(rnd, src)
+
+
+def commit_imgfs(rnd, src):
+    # imgfs: online commit through the control file, timed until the job is concluded
+    d = WORK / "run" / f"r{rnd}-commit-imgfs"
+    d.mkdir(parents=True)
+    c = Imgfs()
+    try:
+        log(f"round {rnd}: commit: imgfs")
+        c.start(d, src, overlay="cdisk.qcow2")
+        drop_caches()
+        with Meter(c.pid()) as m:
+            t0 = time.monotonic()
+            c.control("commit", "\n")
+            state = {}
+
+            def done():
+                nonlocal state
+                state = c.job_state() or {}
+                return state.get("state") == "concluded" or bool(state.get("error"))
+
+            try:
+                wait_until(done, ARGS.commit_timeout, "the imgfs commit job to conclude", c.daemon)
+            except StepError:
+                c.abort()
+                raise
+            t1 = time.monotonic()
+            run(["sync"], timeout=600, on_timeout=c.abort)
+            t2 = time.monotonic()
+        if state.get("error"):
+            raise StepError(f"commit job failed: {state['error']}")
+        if state.get("done_bytes") != state.get("total_bytes"):
+            problem("imgfs", f"round {rnd} commit: done_bytes {state.get('done_bytes')} != "
+                    f"total_bytes {state.get('total_bytes')}")
+        R.add("commit", "imgfs", t1 - t0, extra={"with_sync_s": t2 - t0}, stat=m.result())
+        log(f"round {rnd}: commit: imgfs {t1 - t0:.2f} s (+sync {t2 - t0:.2f} s)")
+    except StepError as e:
+        problem("imgfs", f"round {rnd} commit: {e}")
+    finally:
+        c.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def commit_qemu_img(rnd, src):
+    # qemu-img commit, offline, on an identical copy (reported in the qsd column)
+    d = WORK / "run" / f"r{rnd}-commit-qemu-img"
+    d.mkdir(parents=True)
+    try:
+        log(f"round {rnd}: commit: qemu-img")
+        img = copy_chain(src, d, "cdisk.qcow2")
+        drop_caches()
+        t0 = time.monotonic()
+        elapsed, peak, cpu = run_rusage(["qemu-img", "commit", "-q", img / "cdisk.qcow2"],
+                                        timeout=ARGS.commit_timeout)
+        run(["sync"], timeout=600)
+        t2 = time.monotonic()
+        R.add("commit", "qsd", elapsed, extra={"with_sync_s": t2 - t0}, stat=(peak, cpu))
+        log(f"round {rnd}: commit: qemu-img {elapsed:.2f} s (+sync {t2 - t0:.2f} s)")
+    except StepError as e:
+        problem("qsd", f"round {rnd} commit (qemu-img commit): {e}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ext4_round(key, rnd, src, tree):
+    d = WORK / "run" / f"r{rnd}-ext4-{key}"
+    d.mkdir(parents=True)
+    c = CLASSES[key]()
+    fs = d / "fs"
+    fs.mkdir()
+    loop = None
+    try:
+        log(f"round {rnd}: ext4: {key}")
+        c.start(d, src)
+        drop_caches()
+        warm_tree(tree)
+        loop = run(["losetup", "-f", "--show", c.target], timeout=60).stdout.strip()
+        LOOPS.add(loop)
+        with Meter(c.pid()) as m:
+            t0 = time.monotonic()
+            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+                 loop], timeout=ARGS.ext4_timeout, on_timeout=c.abort)
+            run(["mount", loop, fs], timeout=120, on_timeout=c.abort)
+            t1 = time.monotonic()
+            run(["cp", "-a", f"{tree}/.", f"{fs}/"], timeout=ARGS.ext4_timeout, on_timeout=c.abort)
+            run(["sync"], timeout=ARGS.ext4_timeout, on_timeout=c.abort)
+            t2 = time.monotonic()
+        c.check_alive()
+        R.add("ext4", key, t2 - t1, extra={"mkfs_s": t1 - t0}, stat=m.result())
+        log(f"round {rnd}: ext4: {key}: mkfs {t1 - t0:.2f} s, cp -a + sync {t2 - t1:.2f} s")
+    except StepError as e:
+        problem(key, f"round {rnd} ext4: {e}")
+    finally:
+        if is_mounted(fs):
+            force_unmount(fs, fuse=False)
+        if loop:
+            detach_loop(loop)
+        c.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def fmt_val(job, v):
+    if v is None:
+        return "n/a"
+    if JOB_UNIT[job] == "s":
+        return f"{v:.2f}"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def cell(job, who):
+    vals = R.values.get((job, who))
+    if vals:
+        s = fmt_val(job, median(vals))
+        if len(vals) < ARGS.rounds:
+            s += f" ({len(vals)}/{ARGS.rounds} rounds)"
+        return s
+    if (job, who) in R.na:
+        return "n/a"
+    if job == "commit" and who not in ("imgfs", "qsd"):
+        return "n/a"
+    if job == "ext4" and who not in ("imgfs", "qsd", "raw"):
+        return "n/a"
+    if who not in ARGS.contenders and not (job == "commit" and who == "qsd"):
+        return "not run"
+    return "n/a (failed)"
+
+
+def ratio_value(job, other="qsd"):
+    """Median over the rounds of imgfs/other (other/imgfs for times): >1 means imgfs is faster.
+    Only rounds in which both have a value count."""
+    a = R.by_round.get((job, "imgfs"), {})
+    b = R.by_round.get((job, other), {})
+    rs = [(b[r] / a[r] if job in LOWER_IS_BETTER else a[r] / b[r])
+          for r in sorted(set(a) & set(b)) if a[r] and b[r]]
+    return median(rs)
+
+
+def ratio(job, other="qsd"):
+    r = ratio_value(job, other)
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+# Targets of issue 7: (what, job, compared with, at least)
+TARGETS = [
+    ("4k randread qd1 vs qemu-storage-daemon", "randread-qd1", "qsd", 1.5),
+    ("4k randread qd32 vs qemu-storage-daemon", "randread-qd32", "qsd", 1.5),
+    ("4k randwrite qd32, allocated clusters vs qemu-storage-daemon", "randwrite-alloc", "qsd",
+     1.5),
+    ("4k randwrite qd32, fresh overlay (COW) vs qemu-storage-daemon", "randwrite-cow", "qsd", 1.5),
+    ("1M seq read vs qemu-storage-daemon", "seqread", "qsd", 1.0),
+    ("1M seq write vs qemu-storage-daemon", "seqwrite", "qsd", 1.0),
+    ("4k randread qd32 vs the null-FUSE ceiling", "randread-qd32", "null", 0.9),
+    ("commit vs `qemu-img commit`", "commit", "qsd", 1.0),
+]
+RSS_TARGET_MIB = 64
+
+
+def target_lines():
+    L = ["| target | ratio (median of per-round ratios) | needed | result |",
+         "|---|---:|---:|---|"]
+    for what, job, other, need in TARGETS:
+        if job not in ARGS.jobs:
+            continue
+        r = ratio_value(job, other)
+        verdict = "n/a" if r is None else ("met" if r >= need else "missed")
+        L.append(f"| {what} | {'n/a' if r is None else f'{r:.2f}'} | {need:.1f} | {verdict} |")
+    peaks = [(s[0], job) for (job, who), st in R.stats.items() if who == "imgfs" for s in st]
+    if peaks:
+        peak, job = max(peaks)
+        verdict = "met" if peak / 1024 <= RSS_TARGET_MIB else "missed"
+        L.append(f"| imgfs peak RSS under load (highest of all jobs and rounds: {job}) | "
+                 f"{peak / 1024:.1f} MiB | at most {RSS_TARGET_MIB} MiB | {verdict} |")
+    return L
+
+
+def machine():
+    def out(argv):
+        try:
+            return run(argv, timeout=30, check=False).stdout.strip()
+        except StepError:
+            return "?"
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / (1024 * 1024):.1f} GiB"
+    except OSError:
+        pass
+    qcowv = out(["qcowmount", "-V"]).splitlines() if shutil.which("qcowmount") else []
+    fsinfo = out(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(WORK)])
+    rev = out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    return [
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- host: {platform.node()}, {os.cpu_count()} CPUs (nproc {out(['nproc'])}), {cpu}, "
+        f"{mem} RAM",
+        f"- kernel: {platform.release()} ({platform.version()})",
+        f"- work directory: {WORK} on {fsinfo}",
+        f"- fio: {out(['fio', '--version'])}; qemu: {out(['qemu-img', '--version']).splitlines()[0]}"
+        f"; qemu-storage-daemon: {out(['qemu-storage-daemon', '--version']).splitlines()[0]}",
+        f"- qcowmount: {qcowv[0] if qcowv else 'not installed'}; imgfs: {IMGFS} (git {rev})",
+    ]
+
+
+def report(elapsed_s, machine_lines):
+    L = []
+    L.append("# imgfs benchmark: imgfs vs qemu-storage-daemon (FUSE export) vs qcowmount")
+    L.append("")
+    L += machine_lines
+    L.append(f"- settings: {ARGS.rounds} round(s), {ARGS.runtime} s per fio job, disk "
+             f"{human(ARGS.disk_size)} (qcow2 base filled with data + qcow2 overlay holding the "
+             f"first {human(ARGS.prefill)}), caches "
+             f"{'kept' if ARGS.no_drop_caches else 'dropped before every job'}"
+             f"{', quick mode' if ARGS.quick else ''}")
+    L.append(f"- total run time: {elapsed_s / 60:.1f} min; load average (1 min) at the start "
+             f"{LOAD[0]}, at the end {LOAD[1]}, highest seen between jobs {LOAD[2]}"
+             " (other work on the host makes the ratios noisy: compare rounds below)")
+    L.append("- order: the contenders take turns in every round (imgfs, qsd, qcowmount, raw, "
+             "null), reversed in even rounds; each gets its own copy of the chain per round")
+    L.append("")
+    cols = [c for c in CONTENDERS]
+    L.append(f"## Results (median of {ARGS.rounds} round(s))")
+    L.append("")
+    L.append("| job | unit | " + " | ".join(CONTENDER_LABEL[c] for c in cols)
+             + " | imgfs/qsd (>1: imgfs faster) |")
+    L.append("|---|---|" + "---:|" * (len(cols) + 1))
+    # The ratio column is the median of the per-round ratios, which can differ a little from
+    # the ratio of the medians shown beside it.
+    for job in ARGS.jobs:
+        label = JOB_LABEL[job].format(commit=human(ARGS.commit_size),
+                                      tree=f"{ARGS.tree_bytes / MIB:.0f} MiB" if ARGS.tree_bytes
+                                      else human(ARGS.ext4_tree))
+        unit = JOB_UNIT[job] + (" (lower is better)" if job in LOWER_IS_BETTER else "")
+        L.append(f"| {label} | {unit} | " + " | ".join(cell(job, c) for c in cols)
+                 + f" | {ratio(job)} |")
+    L.append("")
+    notes = [
+        "fio: `--direct=1 --ioengine=io_uring`; 4k random jobs over the whole disk except "
+        f"'allocated clusters' (the overlay's pre-filled first {human(ARGS.prefill)}); "
+        "'fresh overlay' writes one 4 KiB block into every 64 KiB cluster of an empty overlay over "
+        "the data-filled chain, in random order (each write copies on write from the backing): "
+        "imgfs takes the overlay as a live snapshot through its control file, qemu-storage-daemon "
+        "is restarted on an overlay made with `qemu-img create -b`.",
+        "qemu-storage-daemon: `driver=file,aio=io_uring,cache.direct=off` + `driver=qcow2`, FUSE "
+        "export `writable=on`; imgfs: "
+        + (f"`-o {ARGS.imgfs_options}`" if ARGS.imgfs_options
+           else "default mount options (buffered image I/O)")
+        + ". The raw-file "
+        "ceiling is fio with O_DIRECT on a raw copy of the disk on the host filesystem.",
+    ]
+    if "commit" in ARGS.jobs:
+        notes.append(f"commit: a {human(ARGS.commit_size)} overlay over the {human(ARGS.disk_size)}"
+                     " base; imgfs: online commit through `.control/NAME/commit`, time until the "
+                     "job is `concluded`; the qemu-storage-daemon column holds offline "
+                     "`qemu-img commit` on an identical copy.")
+    if "ext4" in ARGS.jobs:
+        notes.append("ext4: `losetup` on the export file, `mkfs.ext4 -E nodiscard,"
+                     "lazy_itable_init=0,lazy_journal_init=0`, mount, then timed: `cp -a` of a "
+                     "source tree (from /usr/lib, page-cache warm) and `sync`.")
+    L += [f"- {n}" for n in notes]
+    L.append("")
+    L.append("## Targets (issue 7)")
+    L.append("")
+    L += target_lines()
+    L.append("")
+
+    L.append("## Daemons: peak RSS (MiB) / CPU seconds per job (median)")
+    L.append("")
+    L.append("| job | " + " | ".join(CONTENDER_LABEL[d] for d in DAEMONS) + " |")
+    L.append("|---|" + "---:|" * len(DAEMONS))
+    for job in ARGS.jobs:
+        row = []
+        for dmn in DAEMONS:
+            st = R.stats.get((job, dmn))
+            if st:
+                row.append(f"{median([s[0] for s in st]) / 1024:.1f} / "
+                           f"{median([s[1] for s in st]):.2f}")
+            else:
+                row.append("n/a")
+        L.append(f"| {job} | " + " | ".join(row) + " |")
+    L.append("")
+    L.append("Peak RSS is VmHWM of the daemon, reset at the start of each job (clear_refs) and "
+             "sampled during it; CPU is utime+stime over the job. For commit, the "
+             "qemu-storage-daemon column is the `qemu-img commit` process.")
+    L.append("")
+
+    L.append("## Per-round values")
+    L.append("")
+    L.append("| job | contender | values | details (median) |")
+    L.append("|---|---|---|---|")
+    for job in ARGS.jobs:
+        for c in CONTENDERS:
+            vals = R.values.get((job, c))
+            if not vals:
+                continue
+            ex = R.extra.get((job, c), [])
+            det = ""
+            if job in FIO_JOBS and ex:
+                det = (f"latency mean {median([e['lat_mean_us'] for e in ex]):.0f} µs, "
+                       f"p99 {median([e['lat_p99_us'] for e in ex]):.0f} µs, "
+                       f"{median([e['bw'] for e in ex]) / MIB:.1f} MiB/s, "
+                       f"{median([e['ios'] for e in ex]):.0f} I/Os in "
+                       f"{median([e['runtime_ms'] for e in ex]) / 1000:.1f} s")
+            elif job == "commit" and ex:
+                det = f"with sync {median([e['with_sync_s'] for e in ex]):.2f} s"
+            elif job == "ext4" and ex:
+                det = f"mkfs {median([e['mkfs_s'] for e in ex]):.2f} s"
+            L.append(f"| {job} | {c} | " + ", ".join(fmt_val(job, v) for v in vals)
+                     + f" | {det} |")
+    L.append("")
+    L.append("## Problems")
+    L.append("")
+    if PROBLEMS:
+        for who, text in PROBLEMS:
+            L.append(f"- {who}: {text}")
+    else:
+        L.append("- none")
+    L.append("")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
+    ap.add_argument("--runtime", type=int, help="seconds per fio job (default 10; 5 with --quick)")
+    ap.add_argument("--jobs", default=",".join(ALL_JOBS),
+                    help=f"comma separated subset of: {','.join(ALL_JOBS)}")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"comma separated subset of: {','.join(CONTENDERS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 1 round, 5 s per job, 512 MiB disk, smaller commit and tree")
+    ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown report file")
+    ap.add_argument("--workdir", help="parent of the scratch directory (default /var/tmp); "
+                    "needs about 4x the disk size free, plus the commit chain")
+    ap.add_argument("--disk-size", type=parse_size, help="virtual disk size (default 2G)")
+    ap.add_argument("--prefill", type=parse_size, help="overlay data at the start (default 512M)")
+    ap.add_argument("--commit-size", type=parse_size, help="overlay data to commit (default 1G)")
+    ap.add_argument("--ext4-tree", type=parse_size, help="size of the copied tree (default 500M)")
+    ap.add_argument("--imgfs", help="imgfs binary (default build-rel/imgfs)")
+    ap.add_argument("--imgfs-options", default="",
+                    help="mount options for imgfs (-o), e.g. direct; default: none")
+    ap.add_argument("--no-drop-caches", action="store_true",
+                    help="do not sync and drop the page cache before every job")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--step-timeout", type=int, default=900,
+                    help="time limit in seconds of a commit, an ext4 step, a copy (default 900)")
+    ap.add_argument("--grace", type=int, default=120,
+                    help="seconds a fio job may run past --runtime before it counts as hung")
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.rounds = a.rounds or (1 if q else 3)
+    a.runtime = a.runtime or (5 if q else 10)
+    a.disk_size = a.disk_size or (512 * MIB if q else 2 * GIB)
+    a.prefill = a.prefill or (128 * MIB if q else 512 * MIB)
+    a.commit_size = a.commit_size or (256 * MIB if q else GIB)
+    a.ext4_tree = a.ext4_tree or (100 * MIB if q else 500 * MIB)
+    a.commit_timeout = a.step_timeout
+    a.ext4_timeout = a.step_timeout
+    a.tree_bytes = None
+    a.jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
+    bad = [j for j in a.jobs if j not in ALL_JOBS]
+    if bad:
+        ap.error(f"unknown job(s) {','.join(bad)}; known: {','.join(ALL_JOBS)}")
+    a.jobs = [j for j in ALL_JOBS if j in a.jobs]
+    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    bad = [c for c in a.contenders if c not in CONTENDERS]
+    if bad:
+        ap.error(f"unknown contender(s) {','.join(bad)}; known: {','.join(CONTENDERS)}")
+    if a.rounds < 1 or a.runtime < 1:
+        ap.error("--rounds and --runtime must be at least 1")
+    for name in ("disk_size", "prefill", "commit_size"):
+        if getattr(a, name) % CLUSTER:
+            ap.error(f"--{name.replace('_', '-')} must be a multiple of 64K")
+    if a.prefill > a.disk_size or a.commit_size > a.disk_size:
+        ap.error("--prefill and --commit-size must not exceed --disk-size")
+    return a
+
+
+def preflight():
+    if os.geteuid() != 0:
+        sys.exit("bench.py: must run as root (FUSE mounts, loop devices, drop_caches)")
+    for tool in ("fio", "qemu-img", "qemu-io", "qemu-storage-daemon", "mkfs.ext4", "losetup",
+                 "fusermount3"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench.py: {tool} not found (run tests/bench/run.sh, which installs it)")
+    if not os.access(IMGFS, os.X_OK):
+        sys.exit(f"bench.py: {IMGFS} not found (run tests/bench/run.sh, which builds it)")
+    if not Path("/dev/loop-control").exists():
+        subprocess.run(["modprobe", "loop"], check=False)
+    if not Path("/dev/fuse").exists():
+        subprocess.run(["modprobe", "fuse"], check=False)
+
+
+def main(argv):
+    global ARGS, WORK, LOGDIR, IMGFS
+    ARGS = parse_args(argv)
+    IMGFS = Path(ARGS.imgfs).resolve() if ARGS.imgfs else ROOT / "build-rel" / "imgfs"
+    preflight()
+    parent = Path(ARGS.workdir or "/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    WORK = Path(tempfile.mkdtemp(prefix="imgfs-bench.", dir=parent)).resolve()
+    LOGDIR = WORK / "logs"
+    LOGDIR.mkdir()
+    atexit.register(cleanup_all)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    t_start = time.monotonic()
+    log(f"scratch directory {WORK}; jobs {','.join(ARGS.jobs)}; contenders "
+        f"{','.join(ARGS.contenders)}; {ARGS.rounds} round(s) of {ARGS.runtime} s per fio job")
+    interrupted = False
+    machine_lines = machine()
+    LOAD[0] = loadavg()
+    try:
+        src = WORK / "src"
+        prepare_sources(src)
+        tree = None
+        if "ext4" in ARGS.jobs:
+            ARGS.tree_bytes, _ = prepare_tree(WORK / "tree")
+            tree = WORK / "tree"
+        fio_contenders = [c for c in CONTENDERS if c in ARGS.contenders]
+        for rnd in range(1, ARGS.rounds + 1):
+            R.round = rnd
+            # A B C, then C B A, ...: a drift in machine load (other work on the host, the
+            # page cache, the disk) favours no contender systematically.
+            order = (lambda xs: xs) if rnd % 2 else (lambda xs: list(reversed(xs)))
+            if any(j in ARGS.jobs for j in FIO_JOBS):
+                for key in order(fio_contenders):
+                    fio_round(key, rnd, src)
+            if "commit" in ARGS.jobs:
+                commit_round(rnd, src, imgfs_first=rnd % 2 == 1)
+            if "ext4" in ARGS.jobs:
+                for key in order(["imgfs", "qsd", "raw"]):
+                    if key in ARGS.contenders:
+                        ext4_round(key, rnd, src, tree)
+    except KeyboardInterrupt as e:
+        interrupted = True
+        problem("bench", f"interrupted ({e or 'Ctrl-C'}); results are partial")
+    except StepError as e:
+        problem("bench", f"setup failed: {e}")
+    finally:
+        LOAD[1] = loadavg()
+        log("cleaning up")
+        cleanup_all()
+    text = report(time.monotonic() - t_start, machine_lines)
+    print(text)
+    try:
+        Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ARGS.out).write_text(text)
+        log(f"report written to {ARGS.out}")
+    except OSError as e:
+        log(f"could not write {ARGS.out}: {e}")
+    leftovers = [mp for mp, _, _ in mounts() if mp.startswith(str(WORK))] + loops_under(WORK)
+    if leftovers:
+        log(f"WARNING: left behind: {leftovers}")
+        return 2
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

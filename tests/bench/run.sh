@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Benchmarks imgfs against qemu-storage-daemon's FUSE export and qcowmount (see README.md here).
+# Installs missing Debian packages, builds the optimised binary in build-rel/, runs bench.py.
+# Usage, as root:  tests/bench/run.sh [--quick] [--rounds N] [--runtime S] [--jobs a,b] [--out FILE]
+#                  (tests/bench/run.sh --help lists every option)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+if [ "$(id -u)" -ne 0 ]; then
+  echo "run.sh: run as root (FUSE mounts, loop devices, drop_caches, apt-get)" >&2
+  exit 1
+fi
+
+# Build dependencies (only what is missing), then what the benchmark itself runs.
+bash "$root/scripts/deps.sh"
+need=(fio qemu-utils qemu-system-common e2fsprogs python3 util-linux fuse3 tar coreutils)
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+export DEBIAN_FRONTEND=noninteractive
+updated=
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "run.sh: installing ${missing[*]}"
+  apt-get update -qq && updated=1
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# qcowmount is optional: if it cannot be installed the report says n/a for it.
+if ! dpkg-query -W -f='${Status}' libqcow-utils 2>/dev/null | grep -q "install ok installed"; then
+  echo "run.sh: installing libqcow-utils (qcowmount)"
+  { [ -n "$updated" ] || apt-get update -qq; } &&
+    apt-get install -y -qq --no-install-recommends libqcow-utils >/dev/null ||
+    echo "run.sh: libqcow-utils could not be installed; qcowmount will be reported as n/a" >&2
+fi
+
+cmake -S "$root" -B "$root/build-rel" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build "$root/build-rel" --target imgfs -j"$(nproc)"
+
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+exec "$py" "$here/bench.py" --imgfs "$root/build-rel/imgfs" "$@"
