@@ -25,4 +25,15 @@ else
   bash scripts/build.sh "$dir" -DIMGFS_WERROR=ON
 fi
 export IMGFS_BIN="$PWD/$dir/imgfs"
-ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900
+rc=0
+ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900 || rc=$?
+# One summary line per reliability category (ctest keeps every test's output in LastTest.log;
+# the fault matrix runs one case per process, so its lines are added up).
+log="$dir/Testing/Temporary/LastTest.log"
+if [ -f "$log" ]; then
+  echo "== summary"
+  grep -hE "^(crash-harness \(|malformed images:|faults:|security:)" "$log" || true
+  awk '/^fault matrix: [0-9]+ cases run, [0-9]+ passed/ { run += $3; ok += $6 }
+       END { if (run) printf "fault matrix: %d cases run, %d passed\n", run, ok }' "$log"
+fi
+exit "$rc"

@@ -323,12 +323,13 @@ class _CountingResult(unittest.TextTestResult):
 
 
 def main_with_summary(label):
-    """Runs the module's tests, then prints one line: `label: N checks, F failures` (a check is
+    """Runs the module's tests, then prints one line: `label: N checks run, P passed` (a check is
     a subTest, or a test method without subtests; skips are named separately), and exits 0
     only if all passed."""
     runner = unittest.TextTestRunner(verbosity=2, resultclass=_CountingResult)
     program = unittest.main(testRunner=runner, exit=False)
     r = program.result
     skipped = f", {len(r.skipped)} skipped" if r.skipped else ""
-    print(f"{label}: {r.checks} checks, {r.failed_checks} failures{skipped}", flush=True)
+    print(f"{label}: {r.checks} checks run, {r.checks - r.failed_checks} passed{skipped}",
+          flush=True)
     raise SystemExit(0 if r.wasSuccessful() else 1)

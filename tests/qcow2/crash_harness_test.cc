@@ -467,11 +467,12 @@ TEST_P(CrashHarness, FourVariantsAtEveryWrite) {
     }
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     std::printf(
-        "crash-harness (%s): %llu points (4 variants at %llu crash points), %llu "
-        "failures, second crash on %llu, qemu-img check on %llu (%llu leak counts "
+        "crash-harness (%s): %llu points run (4 variants at %llu crash points), %llu "
+        "passed, second crash on %llu, qemu-img check on %llu (%llu leak counts "
         "differ), %llu dirty; %.1f s\n",
         cfg.name, static_cast<unsigned long long>(t.points),
-        static_cast<unsigned long long>(crash_points), static_cast<unsigned long long>(t.failures),
+        static_cast<unsigned long long>(crash_points),
+        static_cast<unsigned long long>(t.points - t.failures),
         static_cast<unsigned long long>(t.second), static_cast<unsigned long long>(t.qemu_checked),
         static_cast<unsigned long long>(t.qemu_leak_disagreements),
         static_cast<unsigned long long>(t.dirty_images), secs);
