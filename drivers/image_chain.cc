@@ -189,8 +189,8 @@ std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<
     return fault;
 }
 
-Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, const ChainOptions& opts,
-                               bool top, std::set<std::pair<dev_t, ino_t>>* seen) {
+Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOptions opts, bool top,
+                               std::set<std::pair<dev_t, ino_t>>* seen) {
     bool external = !spec.file.empty() && spec.file[0] == '/';
     Result<UniqueFd> fd_r = external ? [&]() -> Result<UniqueFd> {
         int fd = ::open(spec.file.c_str(), O_CLOEXEC | (opts.read_only ? O_RDONLY : O_RDWR) |

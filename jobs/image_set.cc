@@ -266,7 +266,7 @@ Task<Status> ImageSet::scan() {
     co_return Status{};
 }
 
-Task<Status> ImageSet::open_export(const std::string& root, const std::string& name) {
+Task<Status> ImageSet::open_export(std::string root, std::string name) {
     ChainOptions co;
     co.read_only = options_.read_only;
     co.allow_external_backing = options_.allow_external_backing;

@@ -80,7 +80,7 @@ class ImageSet {
     struct Candidate;
     Result<std::vector<Candidate>> list_candidates();
     Status collect_layers(const std::string& file, std::set<std::pair<dev_t, ino_t>>* layers);
-    Task<Status> open_export(const std::string& root, const std::string& name);
+    Task<Status> open_export(std::string root, std::string name);
     Task<void> remove_export(Export* e);
     void forget_unused_layers();
 

@@ -33,7 +33,7 @@ size_t refblock_cache_tables(const Geometry& g, const Options& o) {
 }
 
 // Reads the header area: first enough for the fixed fields, then the whole first cluster.
-Task<Result<Header>> read_header(Child* file, const std::string& name) {
+Task<Result<Header>> read_header(Child* file, std::string name) {
     uint64_t file_size = file->node()->size();
     std::vector<uint8_t> first(std::min<uint64_t>(file_size, 512));
     CO_TRY(co_await file->read(0, first));
@@ -79,7 +79,7 @@ Task<Result<std::unique_ptr<Metadata>>> Metadata::open(NodeEnv env, Child* file,
 Task<Status> Metadata::load() {
     CO_TRY(co_await load_tables());
     uint64_t file_size = file_->node()->size();
-    CO_TRY_ASSIGN(snapshots_, co_await read_snapshot_table(file_, header_, file_size, name_));
+    CO_TRY_ASSIGN(snapshots_, co_await read_snapshot_table(file_, &header_, file_size, name_));
     end_cluster_ = (file_size + g_.cluster_size - 1) >> g_.cluster_bits;
     build_metadata_index();
     if (options_.read_only) {
@@ -213,8 +213,7 @@ Task<Status> Metadata::set_read_only(bool read_only) {
     co_return st;
 }
 
-Task<Status> Metadata::set_backing(const std::string& name,
-                                   const std::optional<std::string>& format) {
+Task<Status> Metadata::set_backing(std::string name, std::optional<std::string> format) {
     auto guard = co_await lock_.lock();
     Header h = header_;
     h.backing_file = name;

@@ -127,8 +127,8 @@ class Metadata {
     /// clusters: the caller writes the data and COW ranges there and calls commit_write, or
     /// abort_write if the data could not be written.
     Task<Result<WritePlan>> plan_write(uint64_t offset, uint64_t bytes, bool allocate);
-    Task<Status> commit_write(const WritePlan& plan);
-    Task<void> abort_write(const WritePlan& plan);
+    Task<Status> commit_write(WritePlan plan);
+    Task<void> abort_write(WritePlan plan);
 
     /// Granularity of deallocate(): subclusters with extended L2, else clusters.
     [[nodiscard]] uint64_t dealloc_granularity() const { return g_.subcluster_size; }
@@ -152,7 +152,7 @@ class Metadata {
     Task<Status> set_read_only(bool read_only);
     /// Rewrites the backing file name and format (new name written before the fields that
     /// point at it, then synced).
-    Task<Status> set_backing(const std::string& name, const std::optional<std::string>& format);
+    Task<Status> set_backing(std::string name, std::optional<std::string> format);
 
     /// A host range that overlaps metadata: EIO (the caller reports it as corruption).
     Status check_data_range(uint64_t host_offset, uint64_t bytes);
@@ -219,14 +219,14 @@ class Metadata {
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
     Task<Result<HostRun>> alloc_at_end(uint64_t count);
     Task<Status> free_clusters(uint64_t host_offset, uint64_t count, bool punch);
-    Task<Status> free_entry_clusters(const L2Entry& e, bool punch);
+    Task<Status> free_entry_clusters(L2Entry e, bool punch);
     Task<Status> grow_refcount_table(uint64_t min_entries);
     Task<Status> write_refcount_table_entry(uint64_t index);
     static uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index);
     static void store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value);
 
     // ---- mapping (metadata_map.cc) ----
-    Task<Status> link_clusters(const WritePlan& plan);
+    Task<Status> link_clusters(WritePlan plan);
     L2Entry new_entry_for(const WritePlan& plan, uint32_t i, const L2Entry& old) const;
     Task<Status> deallocate_in_table(uint64_t offset, uint64_t bytes, DeallocMode mode,
                                      bool has_backing, std::vector<GuestRange>* fallback);

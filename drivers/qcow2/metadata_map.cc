@@ -287,7 +287,7 @@ L2Entry Metadata::new_entry_for(const WritePlan& plan, uint32_t i, const L2Entry
     return n;
 }
 
-Task<Status> Metadata::link_clusters(const WritePlan& plan) {
+Task<Status> Metadata::link_clusters(WritePlan plan) {
     uint64_t l1i = g_.l1_index(plan.run_guest_start);
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_write(l1i));
     if (!plan.reuse_host) {
@@ -319,7 +319,7 @@ Task<Status> Metadata::link_clusters(const WritePlan& plan) {
     co_return Status{};
 }
 
-Task<Status> Metadata::commit_write(const WritePlan& plan) {
+Task<Status> Metadata::commit_write(WritePlan plan) {
     assert(plan.kind == WritePlan::Kind::kAllocate);
     auto guard = co_await lock_.lock();
     if (corrupt_) {
@@ -329,7 +329,7 @@ Task<Status> Metadata::commit_write(const WritePlan& plan) {
     co_return co_await trim_caches();
 }
 
-Task<void> Metadata::abort_write(const WritePlan& plan) {
+Task<void> Metadata::abort_write(WritePlan plan) {
     if (!plan.newly_allocated) {
         co_return;
     }

@@ -244,7 +244,7 @@ Task<Status> Metadata::free_clusters(uint64_t host_offset, uint64_t count, bool 
     co_return Status{};
 }
 
-Task<Status> Metadata::free_entry_clusters(const L2Entry& e, bool punch) {
+Task<Status> Metadata::free_entry_clusters(L2Entry e, bool punch) {
     if (e.compressed()) {
         CompressedRef c = decode_compressed(g_, e.word);
         uint64_t first = 0;

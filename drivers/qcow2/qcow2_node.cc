@@ -91,7 +91,7 @@ Task<Status> Qcow2Node::read_backing(uint64_t offset, MutBuf buf) {
     co_return Status{};
 }
 
-Task<Status> Qcow2Node::read_compressed(const ReadExtent& x, uint64_t offset, MutBuf buf) {
+Task<Status> Qcow2Node::read_compressed(ReadExtent x, uint64_t offset, MutBuf buf) {
     const uint64_t cs = meta_->geometry().cluster_size;
     if (decompressed_bytes_ == 0 || decompressed_host_ != x.compressed.host_offset ||
         decompressed_bytes_ != x.compressed.bytes || decompressed_.size() != cs) {
@@ -150,7 +150,7 @@ Task<Status> Qcow2Node::do_read(uint64_t offset, MutBuf buf) {
 
 // ---- writes ----
 
-Task<Status> Qcow2Node::check_in_place(const WritePlan& plan) {
+Task<Status> Qcow2Node::check_in_place(WritePlan plan) {
     if (Status st = co_await meta_->check_data_extent(plan.host_offset, plan.bytes, true); !st) {
         co_return co_await meta_->corruption(
             fmt::format("guest offset {:#x}: {}", plan.guest_offset, st.error().context));
@@ -158,7 +158,7 @@ Task<Status> Qcow2Node::check_in_place(const WritePlan& plan) {
     co_return Status{};
 }
 
-Task<Status> Qcow2Node::write_allocated(const WritePlan& plan, ConstBuf data) {
+Task<Status> Qcow2Node::write_allocated(WritePlan plan, ConstBuf data) {
     const uint64_t head = plan.cow_head_bytes;
     const uint64_t tail = plan.cow_tail_bytes;
     const uint64_t file_end = file()->node()->size();
@@ -367,9 +367,8 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
     co_return Status{};
 }
 
-Task<Status> Qcow2Node::set_backing_name(const std::string& name,
-                                         const std::optional<std::string>& format) {
-    co_return co_await meta_->set_backing(name, format);
+Task<Status> Qcow2Node::set_backing_name(std::string name, std::optional<std::string> format) {
+    co_return co_await meta_->set_backing(std::move(name), std::move(format));
 }
 
 }  // namespace imgfs

@@ -43,8 +43,7 @@ class Qcow2Node final : public Node {
     }
 
     /// Rewrites the header's backing file name and format (jobs: after a commit or stream).
-    Task<Status> set_backing_name(const std::string& name,
-                                  const std::optional<std::string>& format);
+    Task<Status> set_backing_name(std::string name, std::optional<std::string> format);
 
     void describe(JsonWriter* out) const override;
     Task<Status> set_writable(bool writable) override;
@@ -64,14 +63,14 @@ class Qcow2Node final : public Node {
   private:
     /// This layer's content (with backing data where it has none); zeros past the end.
     Task<Status> read_guest(uint64_t offset, MutBuf buf);
-    Task<Status> read_compressed(const qcow2::ReadExtent& x, uint64_t offset, MutBuf buf);
+    Task<Status> read_compressed(qcow2::ReadExtent x, uint64_t offset, MutBuf buf);
     Task<Status> read_backing(uint64_t offset, MutBuf buf);
     /// Writes one piece within a single L2 table.
     Task<Result<uint64_t>> write_piece(uint64_t offset, ConstBuf buf);
-    Task<Status> write_allocated(const qcow2::WritePlan& plan, ConstBuf data);
+    Task<Status> write_allocated(qcow2::WritePlan plan, ConstBuf data);
     Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes);
     Task<Status> deallocate(uint64_t offset, uint64_t bytes, qcow2::DeallocMode mode);
-    Task<Status> check_in_place(const qcow2::WritePlan& plan);
+    Task<Status> check_in_place(qcow2::WritePlan plan);
 
     qcow2::Options options_;
     std::unique_ptr<qcow2::Metadata> meta_;

@@ -48,8 +48,9 @@ Result<SnapshotTable> parse_snapshot_table(ConstBuf b, uint32_t count, const Hea
     return table;
 }
 
-Task<Result<SnapshotTable>> read_snapshot_table(Child* file, const Header& h, uint64_t file_size,
-                                                const std::string& image) {
+Task<Result<SnapshotTable>> read_snapshot_table(Child* file, const Header* header,
+                                                uint64_t file_size, std::string image) {
+    const Header& h = *header;  // the caller's, alive across this call (it awaits it)
     if (h.nb_snapshots == 0) {
         co_return SnapshotTable{};
     }

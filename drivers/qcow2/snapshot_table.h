@@ -26,8 +26,8 @@ struct SnapshotTable {
 };
 
 /// Reads header.nb_snapshots entries and checks every L1 table they name lies in the file.
-Task<Result<SnapshotTable>> read_snapshot_table(Child* file, const Header& header,
-                                                uint64_t file_size, const std::string& image);
+Task<Result<SnapshotTable>> read_snapshot_table(Child* file, const Header* header,
+                                                uint64_t file_size, std::string image);
 
 /// Parses a table already in memory (for tests and fuzzing).
 Result<SnapshotTable> parse_snapshot_table(ConstBuf bytes, uint32_t count, const Header& header,
