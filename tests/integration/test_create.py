@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""`imgfs create`: every image it makes passes `qemu-img check`, and `qemu-img info` shows what
+was asked for (issue: qcow2 driver). Also `imgfs info` on the result, and clear refusals."""
+
+import json
+import os
+import unittest
+
+import harness
+from harness import run, qemu_img, check
+
+MiB = 1 << 20
+
+# (options, size, the fields of `qemu-img info --output=json` they must produce)
+CASES = [
+    ("", "64M", {"cluster-size": 65536, "compat": "1.1", "refcount-bits": 16,
+                 "extended-l2": False, "lazy-refcounts": False}),
+    ("cluster_size=512,refcount_bits=1", "8M", {"cluster-size": 512, "refcount-bits": 1}),
+    ("cluster_size=4096,refcount_bits=64", "32M", {"cluster-size": 4096, "refcount-bits": 64}),
+    ("cluster_size=2097152", "1G", {"cluster-size": 2 * MiB}),
+    ("extended_l2=on", "256M", {"extended-l2": True}),
+    ("lazy_refcounts=on", "16M", {"lazy-refcounts": True}),
+    ("compat=0.10", "16M", {"compat": "0.10"}),
+]
+
+
+class Create(harness.ImageDirTest):
+    def info(self, path):
+        return json.loads(run(["qemu-img", "info", "--output=json", path]).stdout)
+
+    def test_options_match_qemu_img_info_and_check_is_clean(self):
+        for opts, size, want in CASES:
+            with self.subTest(opts=opts):
+                path = self.img(f"c{len(os.listdir(self.dir))}.qcow2")
+                args = [harness.IMGFS, "create"] + (["-o", opts] if opts else []) + [path, size]
+                run(args)
+                info = self.info(path)
+                self.assertEqual(info["format"], "qcow2")
+                self.assertEqual(info["virtual-size"], int(size[:-1]) * (
+                    MiB if size.endswith("M") else 1024 * MiB))
+                self.assertEqual(info["cluster-size"], want.get("cluster-size",
+                                                                info["cluster-size"]))
+                specific = info["format-specific"]["data"]
+                for key, value in want.items():
+                    if key != "cluster-size":
+                        self.assertEqual(specific[key], value, f"{key} for -o {opts}")
+                c = check(path)
+                self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0),
+                                 c["text"])
+
+    def test_backing_name_and_format_are_recorded(self):
+        qemu_img("create", "-q", "-f", "raw", self.img("base.raw"), "24M")
+        run([harness.IMGFS, "create", "-b", "base.raw", "-F", "raw", self.img("mid.qcow2")])
+        run([harness.IMGFS, "create", "-b", "mid.qcow2", "-F", "qcow2", "-o", "extended_l2=on",
+             self.img("top.qcow2"), "48M"])
+        mid = self.info(self.img("mid.qcow2"))
+        self.assertEqual((mid["backing-filename"], mid["backing-filename-format"]),
+                         ("base.raw", "raw"))
+        self.assertEqual(mid["virtual-size"], 24 * MiB)  # taken from the backing file
+        top = self.info(self.img("top.qcow2"))
+        self.assertEqual((top["backing-filename"], top["backing-filename-format"]),
+                         ("mid.qcow2", "qcow2"))
+        self.assertEqual(top["virtual-size"], 48 * MiB)
+        for f in ("mid.qcow2", "top.qcow2"):
+            c = check(self.img(f))
+            self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0),
+                             c["text"])
+        ours = json.loads(run([harness.IMGFS, "info", "--json", self.img("top.qcow2")]).stdout)
+        self.assertIn("mid.qcow2", json.dumps(ours))
+
+    def test_bad_input_is_refused_clearly(self):
+        for args in (["-o", "cluster_size=1000"], ["-o", "refcount_bits=3"],
+                     ["-o", "bogus=1"], ["-F", "vmdk", "-b", "x.raw"]):
+            with self.subTest(args=args):
+                p = run([harness.IMGFS, "create"] + args + [self.img("bad.qcow2"), "16M"],
+                        check=False)
+                self.assertNotEqual(p.returncode, 0)
+                self.assertTrue(p.stderr.strip(), "no reason printed")
+                self.assertFalse(os.path.exists(self.img("bad.qcow2")), "a refused image exists")
+
+
+if __name__ == "__main__":
+    harness.main_with_summary("create")
