@@ -3,7 +3,9 @@
 
 Matrix: EIO and ENOSPC, `once` and `always`, injected at the file I/O of steps of the top
 layer's qcow2 driver: data write, L2 table allocation, L1 update, refcount block allocation,
-L2 and refcount block write-back, and flush; and the file's own fdatasync failing. Each case:
+L2 and refcount block write-back, COW read and write (out of clusters an internal snapshot
+shares), the header (a grow), and flush; and the file's own fdatasync failing. (Refcount table
+growth needs a far bigger file here; the unit fault matrix covers it.) Each case:
   - the injected errno reaches the FUSE client from write() (or fsync() for flush);
   - once: the retry succeeds and every byte is as the model says (earlier data intact);
   - always: the failed ranges are unknown, every other byte is as the model says;
@@ -206,6 +208,71 @@ class FaultTest(harness.ImageDirTest):
         self.assert_model(convert_raw(path), model, unknown)
         self.assert_remount_serves(path, model, unknown)
 
+    def run_cow_step(self, step, errnum, once):
+        """Copy-on-write out of clusters an internal snapshot shares (refcount 2): a 512-byte
+        write into such a cluster reads the rest of it (cow-read) and writes the whole cluster
+        elsewhere (cow-write). The errno reaches write(); the snapshot keeps its content."""
+        path, model = self.make_image()
+        qemu_img("snapshot", "-c", "s1", path)
+        ops = "read" if step == "cow-read" else "writes"
+        rule = f"{ops} event={step} errno={errno.errorcode[errnum]} {'once' if once else 'always'}"
+        m = self.mount(f"faults={self.rules(rule)}")
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        first_error = None
+        unknown = []
+        try:
+            for off in range(100, 256 * KiB, 4096):  # one partial write per 4 KiB cluster
+                data = pattern(off, 512, step)
+                try:
+                    self.assertEqual(os.pwrite(fd, data, off), 512)
+                except OSError as e:
+                    if first_error is None:
+                        first_error = e.errno
+                    if not once:
+                        unknown.append((off - 100, 4096))
+                        continue
+                    self.assertEqual(os.pwrite(fd, data, off), 512, "the retry")
+                model[off:off + 512] = data
+            self.assertEqual(first_error, errnum, f"no write failed with {errnum} at {step}")
+            os.fsync(fd)
+            self.assert_model(os.pread(fd, SIZE, 0), model, unknown)
+        finally:
+            os.close(fd)
+        m.stop()
+        self.assert_clean(path)
+        self.assert_model(convert_raw(path), model, unknown)
+        snap = convert_raw(path, ("-l", "snapshot.name=s1"))
+        self.assertEqual(snap[:PREFILL], b"\x11" * PREFILL, "the snapshot changed")
+
+    def run_header_step(self, errnum, once):
+        """Growing NAME.raw rewrites the header (virtual size): the errno reaches ftruncate();
+        with once the retry grows it; with always the size stays, and nothing is corrupt."""
+        path, model = self.make_image()
+        rule = f"writes event=header errno={errno.errorcode[errnum]} {'once' if once else 'always'}"
+        m = self.mount(f"faults={self.rules(rule)}")
+        raw = m.path("vm.raw")
+        with self.assertRaises(OSError) as cm:
+            os.truncate(raw, SIZE + 16 * MiB)
+        self.assertEqual(cm.exception.errno, errnum)
+        if once:
+            os.truncate(raw, SIZE + 16 * MiB)
+            self.assertEqual(os.stat(raw).st_size, SIZE + 16 * MiB)
+        else:
+            with self.assertRaises(OSError):
+                os.truncate(raw, SIZE + 16 * MiB)
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            self.assert_model(os.pread(fd, SIZE, 0), model)
+        finally:
+            os.close(fd)
+        self.stop_after_failure(m, clean=once)
+        self.assert_clean(path)
+        size = json.loads(run(["qemu-img", "info", "-U", "--output=json", path]).stdout)
+        self.assertIn(size["virtual-size"], (SIZE, SIZE + 16 * MiB))
+        if once:
+            self.assertEqual(size["virtual-size"], SIZE + 16 * MiB)
+        self.assert_model(convert_raw(path)[:SIZE], model)
+
     def run_fdatasync_step(self, errnum, nth):
         """The file driver's fdatasync fails (as the kernel reports it): NAME.raw is in a failed
         state, later writes and fsyncs fail with EIO until remount, never a silent retry."""
@@ -294,6 +361,18 @@ def _add_matrix():
 
                 def t(self, step=step, errnum=errnum, once=once):
                     self.run_writeback_step(step, errnum, once)
+                setattr(FaultTest, name, t)
+    for step in ("cow-read", "cow-write", "header"):
+        for errnum in (errno.EIO, errno.ENOSPC):
+            for once in (True, False):
+                name = (f"test_{step.replace('-', '_')}_{errno.errorcode[errnum].lower()}_"
+                        f"{'once' if once else 'always'}")
+                if step == "header":
+                    def t(self, errnum=errnum, once=once):
+                        self.run_header_step(errnum, once)
+                else:
+                    def t(self, step=step, errnum=errnum, once=once):
+                        self.run_cow_step(step, errnum, once)
                 setattr(FaultTest, name, t)
     for step in list(STEPS) + ["flush"]:
         for errnum in (errno.EIO, errno.ENOSPC):
