@@ -23,6 +23,7 @@
 // raises the target (>= 100,000 points in all), IMGFS_CRASH_STRIDE=N keeps every Nth crash point
 // (the sanitizer build). Each test prints one summary line.
 #include <chrono>
+#include <cstdlib>
 #include <fcntl.h>
 #include <random>
 
@@ -426,7 +427,10 @@ TEST_P(CrashHarness, FourVariantsAtEveryWrite) {
     Tally t;
     std::mt19937_64 rng(1234);
     uint64_t crash_points = 0;
-    for (uint64_t round = 0; t.points < target && round < 1000; ++round) {
+    // IMGFS_CRASH_FIRST_ROUND=N starts at round N: replays a round a failure message names.
+    const char* first_env = std::getenv("IMGFS_CRASH_FIRST_ROUND");
+    const uint64_t first_round = first_env != nullptr ? std::strtoull(first_env, nullptr, 10) : 0;
+    for (uint64_t round = first_round; t.points < target && round < first_round + 1000; ++round) {
         Clock clock;
         Journal journal;
         std::vector<GuestEvent> events;

@@ -291,10 +291,13 @@ Task<Status> VecNode::do_write(uint64_t offset, ConstBuf buf) {
 }
 
 Task<Status> VecNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*may_unmap*/) {
-    uint64_t end = std::min<uint64_t>(offset + bytes, data.size());
-    if (offset < end) {
-        std::memset(data.data() + offset, 0, end - offset);
+    // As a file does (FileNode grows it, fallocate without KEEP_SIZE too): zeroes past the end
+    // extend the file, so an L2 table allocated past EOF exists once its zeroes are written.
+    if (offset + bytes > data.size()) {
+        data.resize(offset + bytes, 0);
+        size_ = data.size();
     }
+    std::memset(data.data() + offset, 0, bytes);
     co_return Status{};
 }
 
