@@ -216,7 +216,10 @@ Task<Status> CommitJob::body() {
         if (filter_->mode() != MirrorFilter::Mode::kSync || dirty_->dirty_bytes() != 0) {
             continue;
         }
-        set_state(JobState::kReady);
+        if (Status ready = enter_ready(); !ready) {
+            co_await detach_after_failure();
+            co_return ready;
+        }
         Result<bool> pivoted = co_await pivot();
         if (!pivoted) {
             co_await detach_after_failure();

@@ -17,7 +17,7 @@ constexpr int kVerbs = 4;
 // kTransitions[from][to]
 constexpr bool kTransitions[kStates][kStates] = {
     //            created running paused ready  concluded
-    /* created */ {false, true, false, false, true},
+    /* created */ {false, true, true, false, true},
     /* running */ {false, false, true, true, true},
     /* paused  */ {false, true, false, false, true},
     /* ready   */ {false, false, false, false, true},
@@ -27,7 +27,9 @@ constexpr bool kTransitions[kStates][kStates] = {
 // kVerbTable[verb][state]
 constexpr bool kVerbTable[kVerbs][kStates] = {
     //               created running paused ready  concluded
-    /* cancel    */ {true, true, true, true, false},
+    // Not in ready: the job is switching the graph over and is past its last checkpoint; a
+    // cancel accepted there would be ignored and the job would still complete.
+    /* cancel    */ {true, true, true, false, false},
     /* pause     */ {true, true, false, false, false},
     /* resume    */ {false, false, true, false, false},
     /* set-speed */ {true, true, true, true, false},
@@ -88,7 +90,9 @@ void Job::set_state(JobState s) {
 }
 
 Task<void> Job::run() {
-    set_state(JobState::kRunning);
+    if (state_ == JobState::kCreated) {
+        set_state(JobState::kRunning);
+    }  // else paused before it started: it holds at its first checkpoint
     window_start_ = std::chrono::steady_clock::now();
     Status st = co_await body();
     if (!st) {
@@ -100,9 +104,18 @@ Task<void> Job::run() {
     set_state(JobState::kConcluded);
 }
 
+Status Job::enter_ready() {
+    if (cancelled_) {
+        return make_error(ECANCELED, "cancelled");
+    }
+    set_state(JobState::kReady);
+    return {};
+}
+
 Status Job::cancel() {
     if (!job_verb_allowed(JobVerb::kCancel, state_)) {
-        return make_error(EBUSY, "job {} is {}: cannot cancel", id_, job_state_name(state_));
+        return make_error(EBUSY, "job {} is {}: cannot cancel{}", id_, job_state_name(state_),
+                          state_ == JobState::kReady ? " (it is completing)" : "");
     }
     cancelled_ = true;
     if (state_ == JobState::kPaused) {

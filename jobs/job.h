@@ -2,7 +2,8 @@
 // (snapshot, revert). States and the verbs allowed in each are tables, checked on every change:
 //
 //   created -> running <-> paused
-//   running -> ready -> concluded          (ready: source and target in sync, pivot next)
+//   running -> ready -> concluded          (ready: source and target in sync, pivoting;
+//                                           past the last checkpoint, so cancel is refused)
 //   any     -> concluded                   (done, failed or cancelled)
 //
 // A job is a ChildOwner: the nodes it writes are attached to it with their own edges, so a
@@ -69,6 +70,9 @@ class Job : public ChildOwner {
     /// keep to the rate limit for `bytes` just done, and fails with ECANCELED once cancelled.
     Task<Status> checkpoint(uint64_t bytes);
     void set_state(JobState s);
+    /// Moves to ready, where the job completes and no longer takes a cancel; fails with
+    /// ECANCELED instead if a cancel came in after the last checkpoint.
+    [[nodiscard]] Status enter_ready();
     void add_total(uint64_t bytes) { total_bytes_ += bytes; }
     void set_total(uint64_t bytes) { total_bytes_ = bytes; }
     void add_done(uint64_t bytes) { done_bytes_ += bytes; }

@@ -144,7 +144,10 @@ Task<Status> StreamJob::body() {
             co_return st;
         }
     }
-    set_state(JobState::kReady);
+    if (Status ready = enter_ready(); !ready) {
+        co_await detach();
+        co_return ready;
+    }
     Status st = co_await finish();
     if (!st) {
         co_await detach();

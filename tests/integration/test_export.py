@@ -132,7 +132,8 @@ class Fio(harness.ImageDirTest):
         m = self.mount()
         raw = m.path("vm.raw")
         common = ["fio", "--name=v", f"--filename={raw}", "--ioengine=io_uring", "--direct=1",
-                  "--bs=4k", "--iodepth=32", "--size=128M", "--verify=crc32c", "--randseed=7"]
+                  "--bs=4k", "--iodepth=32", "--size=128M", "--verify=crc32c", "--randseed=7",
+                  "--verify_state_save=0"]
         run(common + ["--rw=randwrite", "--do_verify=1"])
         run(common + ["--rw=randwrite", "--verify_only"])  # read-back verify of what was written
         run(["fio", "--name=r", f"--filename={raw}", "--ioengine=io_uring", "--direct=1", "--bs=4k",

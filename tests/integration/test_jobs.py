@@ -193,7 +193,7 @@ class Snapshot(harness.ImageDirTest):
         m.stop()
 
     def test_refusals_and_reasons(self):
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "8M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "128M")
         m = self.mount()
         for bad in ("a\nb", "a\0b", "", "-x", "a b", "x" * 65, ".hidden", "a/b"):
             self.assertEqual(control(m, "vm1", "snapshot", bad + "\n"), errno.EINVAL, repr(bad))
@@ -207,8 +207,10 @@ class Snapshot(harness.ImageDirTest):
         self.assertEqual(control(m, "vm1", "revert", "now\n"), errno.EINVAL)
         self.assertEqual(control(m, "vm1", "snapshot", "y" * 5000), errno.EINVAL)
         # A second job on the same image: EBUSY (a slow commit keeps the first one running).
+        # 64 MiB to copy: the commit must still be running when "speed 1" comes in.
         fd = os.open(m.path("vm1.raw"), os.O_RDWR)
-        os.pwrite(fd, b"z" * (4 * MiB), 0)
+        for off in range(0, 64 * MiB, 4 * MiB):
+            os.pwrite(fd, b"z" * (4 * MiB), off)
         os.close(fd)
         self.assertEqual(control(m, "vm1", "commit", "\n"), 0)
         control(m, "vm1", "job", "speed 1")
