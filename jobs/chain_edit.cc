@@ -1,5 +1,6 @@
 #include "jobs/chain_edit.h"
 
+#include <cstring>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -13,6 +14,14 @@ namespace {
 
 constexpr const char* kRemovingPrefix = ".imgfs-";
 constexpr const char* kRemovingSuffix = ".removing";
+constexpr const char* kCreatingSuffix = ".creating";
+
+bool has_prefix_and_suffix(const std::string& file, const char* prefix, const char* suffix) {
+    const size_t p = std::strlen(prefix);
+    const size_t s = std::strlen(suffix);
+    return file.size() > p + s && file.compare(0, p, prefix) == 0 &&
+           file.compare(file.size() - s, s, suffix) == 0;
+}
 
 // Rewrites the backing name recorded in a qcow2 layer (making it writable for the purpose if it
 // is a read-only backing layer, and read-only again afterwards).
@@ -67,9 +76,15 @@ std::string removing_name(const std::string& file) {
 }
 
 bool is_removing_name(const std::string& file) {
-    std::string suffix = kRemovingSuffix;
-    return file.rfind(kRemovingPrefix, 0) == 0 && file.size() > suffix.size() &&
-           file.compare(file.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return has_prefix_and_suffix(file, kRemovingPrefix, kRemovingSuffix);
+}
+
+std::string creating_name(const std::string& file) {
+    return std::string(kRemovingPrefix) + file + kCreatingSuffix;
+}
+
+bool is_creating_name(const std::string& file) {
+    return has_prefix_and_suffix(file, kRemovingPrefix, kCreatingSuffix);
 }
 
 Status remove_file(ImageSet* images, const std::string& file) {

@@ -32,6 +32,10 @@ Status sync_image_dir(ImageSet* images);
 std::string removing_name(const std::string& file);
 /// True for names removing_name() produces.
 bool is_removing_name(const std::string& file);
+/// ".imgfs-FILE.creating": where a new overlay is written before it is renamed to FILE.
+std::string creating_name(const std::string& file);
+/// True for names creating_name() produces.
+bool is_creating_name(const std::string& file);
 
 /// Takes layers [first, last] of `e`'s chain out of it: afterwards the layer at `first - 1`
 /// (the referrer) has `last + 1` as its backing file, or none if `last` is the bottom or

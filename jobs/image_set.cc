@@ -134,11 +134,16 @@ Result<std::vector<ImageSet::Candidate>> ImageSet::list_candidates() {
     ::rewinddir(d);
     std::vector<Candidate> out;
     hidden_.clear();
+    creating_.clear();
     while (dirent* ent = ::readdir(d)) {
         std::string name = ent->d_name;
         struct stat st {};
         if (is_removing_name(name)) {
             hidden_.push_back(name);
+            continue;
+        }
+        if (is_creating_name(name)) {
+            creating_.push_back(name);
             continue;
         }
         if (!is_image_file_name(name)) {
@@ -194,6 +199,28 @@ Status ImageSet::collect_layers(const std::string& file,
     return {};
 }
 
+void ImageSet::remove_leftovers(const std::set<std::pair<dev_t, ino_t>>& layers) {
+    // Hidden names left by a chain edit that a crash interrupted, used by no chain: garbage.
+    for (const std::string& h : hidden_) {
+        struct stat st {};
+        if (::fstatat(dir_fd_.get(), h.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            layers.count({st.st_dev, st.st_ino}) == 0) {
+            ::unlinkat(dir_fd_.get(), h.c_str(), 0);
+            env_.log->info("{}: removed {}, left over from an interrupted chain edit", dir_path_,
+                           h);
+        }
+    }
+    // A snapshot overlay a crash caught before its rename: never part of any chain.
+    if (creating_in_flight_ != 0) {
+        return;
+    }
+    for (const std::string& c : creating_) {
+        if (::unlinkat(dir_fd_.get(), c.c_str(), 0) == 0) {
+            env_.log->info("{}: removed {}, left over from an interrupted snapshot", dir_path_, c);
+        }
+    }
+}
+
 Task<Status> ImageSet::scan() {
     problems_.clear();
     CO_TRY_ASSIGN(std::vector<Candidate> files, list_candidates());
@@ -204,15 +231,8 @@ Task<Status> ImageSet::scan() {
             problems_.push_back(st.error().message());
         }
     }
-    // Hidden names left by a chain edit that a crash interrupted, used by no chain: garbage.
-    for (const std::string& h : hidden_) {
-        struct stat st {};
-        if (::fstatat(dir_fd_.get(), h.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            layers.count({st.st_dev, st.st_ino}) == 0) {
-            ::unlinkat(dir_fd_.get(), h.c_str(), 0);
-            env_.log->info("{}: removed {}, left over from an interrupted chain edit", dir_path_,
-                           h);
-        }
+    if (!options_.read_only) {
+        remove_leftovers(layers);
     }
     std::map<std::string, std::vector<std::string>> roots_by_name;
     for (const Candidate& c : files) {

@@ -73,6 +73,19 @@ class ImageSet {
 
     /// The info JSON of an export (DESIGN.md §2.2).
     Task<std::string> info_json(Export* e);
+    /// Held while a new overlay is written under its creating_name(): a scan then leaves such
+    /// names alone. With none held, a scan of a writable set removes them as crash leftovers.
+    class CreatingGuard {
+      public:
+        explicit CreatingGuard(ImageSet* set) : set_(set) { ++set_->creating_in_flight_; }
+        CreatingGuard(const CreatingGuard&) = delete;
+        CreatingGuard& operator=(const CreatingGuard&) = delete;
+        ~CreatingGuard() { --set_->creating_in_flight_; }
+
+      private:
+        ImageSet* set_;
+    };
+
     /// Every export whose chain contains the node (other than `except`).
     [[nodiscard]] std::vector<Export*> users_of(const Node* node, const Export* except) const;
 
@@ -83,6 +96,7 @@ class ImageSet {
     Task<Status> open_export(std::string root, std::string name);
     Task<void> remove_export(Export* e);
     void forget_unused_layers();
+    void remove_leftovers(const std::set<std::pair<dev_t, ino_t>>& layers);
 
     NodeEnv env_;
     UniqueFd dir_fd_;
@@ -92,7 +106,9 @@ class ImageSet {
     LayerCache cache_;
     std::vector<std::unique_ptr<Export>> exports_;
     std::vector<std::string> problems_;
-    std::vector<std::string> hidden_;  // ".imgfs-*.removing" names seen by the last listing
+    std::vector<std::string> hidden_;    // ".imgfs-*.removing" names seen by the last listing
+    std::vector<std::string> creating_;  // ".imgfs-*.creating" names seen by the last listing
+    int creating_in_flight_ = 0;
     uint64_t next_id_ = 1;
 };
 

@@ -52,8 +52,9 @@ Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     // reach the disk before the content, and an empty or half-written NAME@SNAP.qcow2 left by a
     // crash would be taken for a second root wanting NAME (so NAME would not be exported).
     const int dir = images->dir_fd();
-    const std::string tmp = ".imgfs-" + t->file + ".creating";
-    ::unlinkat(dir, tmp.c_str(), 0);  // a leftover of an earlier crash
+    const std::string tmp = creating_name(t->file);
+    ImageSet::CreatingGuard creating(images);  // a rescan meanwhile must not take it for garbage
+    ::unlinkat(dir, tmp.c_str(), 0);           // a leftover of an earlier crash
     int fd = ::openat(dir, tmp.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0) {
         co_return make_error(errno, "cannot create {}", tmp);

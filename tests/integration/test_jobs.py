@@ -192,6 +192,22 @@ class Snapshot(harness.ImageDirTest):
             self.assertEqual(chain(m, n)[0], f"{n}@all1.qcow2")
         m.stop()
 
+    def test_crash_leftovers_are_removed_on_a_writable_mount(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "8M")
+        leftover = self.img(".imgfs-vm@s1.qcow2.creating")
+        with open(leftover, "wb") as f:
+            f.write(b"QFI\xfb half written")
+        m = self.mount("ro")
+        self.assertEqual(m.exports(), ["vm"])
+        m.stop()
+        self.assertTrue(os.path.exists(leftover), "a read-only mount must not touch the directory")
+        m = self.mount()
+        self.assertEqual(m.exports(), ["vm"])
+        self.assertFalse(os.path.exists(leftover))
+        self.assertIn("left over from an interrupted snapshot", m.read_log())
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)  # the name is free
+        m.stop()
+
     def test_refusals_and_reasons(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "128M")
         m = self.mount()
@@ -406,6 +422,9 @@ class Kills(harness.ImageDirTest):
             m.stop()
             self.mounts.remove(m)
         self.assertTrue(any(data == a for a in allowed), f"{what} run {i}: content is neither before nor after")
+        # The reopen removes whatever the killed daemon left half made.
+        leftovers = [f for f in os.listdir(self.dir) if f.startswith(".imgfs-")]
+        self.assertEqual(leftovers, [], f"{what} run {i}")
         for f in os.listdir(self.dir):
             if f.endswith(".qcow2"):
                 c = check(self.img(f))
