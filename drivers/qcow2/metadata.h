@@ -218,6 +218,10 @@ class Metadata {
     /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
     Task<Result<HostRun>> alloc_at_end(uint64_t count);
+    /// The refcount ranges (refcount-table indices) without a block that `clusters` clusters
+    /// from `start`, followed by one new block per such range, touch.
+    [[nodiscard]] std::vector<uint64_t> ranges_without_block(uint64_t start,
+                                                             uint64_t clusters) const;
     Task<Status> free_clusters(uint64_t host_offset, uint64_t count, bool punch);
     Task<Status> free_entry_clusters(L2Entry e, bool punch);
     Task<Status> grow_refcount_table(uint64_t min_entries);

@@ -164,6 +164,26 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     co_return HostRun{start << g_.cluster_bits, got};
 }
 
+std::vector<uint64_t> Metadata::ranges_without_block(uint64_t start, uint64_t clusters) const {
+    const uint64_t entries = g_.refblock_entries;
+    std::vector<uint64_t> ranges;
+    // Placing the blocks can reach into one more range, which needs a block too: iterate to a
+    // fixed point (the set only grows, so equal sizes mean equal sets).
+    for (;;) {
+        const uint64_t end = start + clusters + ranges.size();
+        std::vector<uint64_t> need;
+        for (uint64_t r = start / entries; r <= (end - 1) / entries; ++r) {
+            if (r >= refcount_table_.size() || (refcount_table_[r] & ~kRefTableReservedMask) == 0) {
+                need.push_back(r);
+            }
+        }
+        if (need.size() == ranges.size()) {
+            return ranges;
+        }
+        ranges = std::move(need);
+    }
+}
+
 Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
     const uint64_t cs = g_.cluster_size;
     const uint64_t entries = g_.refblock_entries;
@@ -171,21 +191,7 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
     std::vector<uint64_t> new_ranges;  // ranges that get a new block, placed after the run
     for (;;) {
         base = end_cluster_;
-        new_ranges.clear();
-        for (;;) {
-            uint64_t area_end = base + count + new_ranges.size();
-            std::vector<uint64_t> need;
-            for (uint64_t r = base / entries; r <= (area_end - 1) / entries; ++r) {
-                if (r >= refcount_table_.size() ||
-                    (refcount_table_[r] & ~kRefTableReservedMask) == 0) {
-                    need.push_back(r);
-                }
-            }
-            if (need.size() == new_ranges.size()) {
-                break;
-            }
-            new_ranges = std::move(need);
-        }
+        new_ranges = ranges_without_block(base, count);
         uint64_t last_range = (base + count + new_ranges.size() - 1) / entries;
         if (last_range < refcount_table_.size()) {
             break;
@@ -280,23 +286,8 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     for (;;) {
         new_entries = (new_entries + per_cluster - 1) / per_cluster * per_cluster;
         table_clusters = new_entries / per_cluster;
-        // Blocks needed for the ranges the new table and blocks land in; placing blocks can
-        // reach into one more range, so iterate to a fixed point.
-        new_ranges.clear();
-        for (;;) {
-            uint64_t end = start + table_clusters + new_ranges.size();
-            std::vector<uint64_t> need;
-            for (uint64_t r = start / entries; r <= (end - 1) / entries; ++r) {
-                if (r >= refcount_table_.size() ||
-                    (refcount_table_[r] & ~kRefTableReservedMask) == 0) {
-                    need.push_back(r);
-                }
-            }
-            if (need.size() == new_ranges.size()) {
-                break;
-            }
-            new_ranges = std::move(need);
-        }
+        // Blocks needed for the ranges the new table and blocks land in.
+        new_ranges = ranges_without_block(start, table_clusters);
         uint64_t last_range = (start + table_clusters + new_ranges.size() - 1) / entries;
         if (last_range < new_entries && uint64_t{table_clusters} * cs <= kMaxRefcountTableBytes) {
             break;
