@@ -64,16 +64,8 @@ Task<void> CommitJob::detach_after_failure() {
     if (!filter_) {
         co_return;
     }
-    std::vector<std::shared_ptr<Node>> nodes{filter_};
-    DrainGuard drained = co_await drain(nodes);
-    Transaction tx(images_->env().graph);
-    tx.replace_node(filter_.get(), top_);
-    tx.detach(filter_->top());
-    tx.detach(target_);
-    (void)tx.commit();
-    drained.end();
+    co_await remove_mirror_filter(images_->env().graph, std::move(filter_), top_, target_);
     target_ = nullptr;
-    filter_.reset();
     // The base keeps what was copied: it lies under the layers that still hold it.
     (void)co_await base_->flush();
     (void)co_await base_->set_writable(false);

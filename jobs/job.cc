@@ -152,8 +152,11 @@ Status Job::set_speed(uint64_t bytes_per_s) {
 }
 
 Task<Status> Job::checkpoint(uint64_t bytes) {
+    using namespace std::chrono;
     done_bytes_ += bytes;
     window_bytes_ += bytes;
+    // Every wait is re-checked from the top, so that a cancel, a pause or a new speed that
+    // comes in while the job sleeps off its rate limit takes effect at once.
     for (;;) {
         if (cancelled_) {
             co_return make_error(ECANCELED, "cancelled");
@@ -166,28 +169,22 @@ Task<Status> Job::checkpoint(uint64_t bytes) {
             co_await wait_unquiesced();
             continue;
         }
-        break;
-    }
-    if (speed_bytes_per_s_ != 0) {
-        // Sleep until the bytes of this window fit the rate.
-        using namespace std::chrono;
-        auto due =
+        if (speed_bytes_per_s_ == 0) {
+            break;
+        }
+        // The bytes of this window must fit the rate; sleep in slices (the debt can be hours
+        // long when the rate is tiny).
+        const auto due =
             window_start_ + nanoseconds(window_bytes_ * 1'000'000'000ULL / speed_bytes_per_s_);
-        auto now = steady_clock::now();
-        // In slices, so that cancel (and a new speed) takes effect at once even when the rate
-        // is tiny and the debt is hours long.
-        const uint64_t speed = speed_bytes_per_s_;
-        while (due > now && !cancelled_ && speed_bytes_per_s_ == speed) {
-            co_await loop_->sleep(std::min<nanoseconds>(due - now, milliseconds(100)));
-            now = steady_clock::now();
+        const auto now = steady_clock::now();
+        if (due <= now) {
+            if (now - window_start_ > seconds(1)) {
+                window_start_ = now;
+                window_bytes_ = 0;
+            }
+            break;
         }
-        if (cancelled_) {
-            co_return make_error(ECANCELED, "cancelled");
-        }
-        if (now - window_start_ > seconds(1)) {
-            window_start_ = steady_clock::now();
-            window_bytes_ = 0;
-        }
+        co_await loop_->sleep(std::min<nanoseconds>(due - now, milliseconds(100)));
     }
     co_return Status{};
 }

@@ -1,5 +1,8 @@
 #include "jobs/mirror_filter.h"
 
+#include <cassert>
+
+#include "core/drain.h"
 #include "core/event_loop.h"
 #include "core/transaction.h"
 
@@ -87,6 +90,19 @@ Task<Status> MirrorFilter::do_truncate(uint64_t /*new_size*/) {
 
 Task<Status> MirrorFilter::do_close() {
     co_return Status{};
+}
+
+Task<void> remove_mirror_filter(Graph* graph, std::shared_ptr<MirrorFilter> filter,
+                                std::shared_ptr<Node> top, Child* job_edge) {
+    std::vector<std::shared_ptr<Node>> nodes{filter};
+    DrainGuard drained = co_await drain(nodes);
+    Transaction tx(graph);
+    tx.replace_node(filter.get(), std::move(top));
+    tx.detach(filter->top());
+    tx.detach(job_edge);
+    Status st = tx.commit();
+    assert(st && "removing a filter restores a graph that was valid");
+    (void)st;
 }
 
 }  // namespace imgfs

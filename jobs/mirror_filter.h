@@ -60,4 +60,10 @@ class MirrorFilter final : public Node {
     RangeLock tracker_;
 };
 
+/// Takes `filter` out from over `top` again in a drained section and detaches `job_edge` (the
+/// job's own edge below it) in the same transaction. Cannot fail: it only restores the graph
+/// the filter was inserted into.
+Task<void> remove_mirror_filter(Graph* graph, std::shared_ptr<MirrorFilter> filter,
+                                std::shared_ptr<Node> top, Child* job_edge);
+
 }  // namespace imgfs

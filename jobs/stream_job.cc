@@ -46,15 +46,8 @@ Task<void> StreamJob::detach() {
     if (!filter_) {
         co_return;
     }
-    std::vector<std::shared_ptr<Node>> nodes{filter_};
-    DrainGuard drained = co_await drain(nodes);
-    Transaction tx(images_->env().graph);
-    tx.replace_node(filter_.get(), top_);
-    tx.detach(filter_->top());
-    tx.detach(writer_);
-    (void)tx.commit();
+    co_await remove_mirror_filter(images_->env().graph, std::move(filter_), top_, writer_);
     writer_ = nullptr;
-    filter_.reset();
 }
 
 Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
