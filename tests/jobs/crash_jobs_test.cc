@@ -16,6 +16,8 @@
 // rooted at the before or the after file, reading the same guest content (snapshot and commit
 // never change it), and every qcow2 image in it must pass our checker (check_qcow2); `qemu-img
 // check` runs on every image of every 5th point, and must agree.
+// The reopen of every crash state (scan, open, close) is recorded the same way, and a second
+// crash at a random point of it, in a random variant, must also open as before or after.
 // Not modelled: what a job writes with plain syscalls before a recorder wraps the file (the new
 // overlay's initial content, written and fsynced by qcow2::create_image under a hidden name and
 // then renamed into place); InterruptedOverlayCreation covers what a crash there can leave.
@@ -117,12 +119,19 @@ void observe_sync(int dir_fd, bool done) {
 
 struct Tally {
     uint64_t points = 0;
+    uint64_t second = 0;
+    uint64_t recovery_points = 0;  // points in the recoveries a second crash picked from
     uint64_t crash_points = 0;
     uint64_t failures = 0;
     uint64_t qemu_checked = 0;
     uint64_t before = 0;
     uint64_t after = 0;
 };
+
+std::string materialise(const Point& p, Variant v, std::map<ino_t, test::CrashView>* views,
+                        std::mt19937_64* rng, std::map<std::string, std::vector<uint8_t>>* files,
+                        std::map<std::string, std::string>* links,
+                        const std::map<ino_t, std::vector<uint8_t>>* unrecorded = nullptr);
 
 class CrashJobs : public test::LoopTest {
   protected:
@@ -136,10 +145,18 @@ class CrashJobs : public test::LoopTest {
     // Runs `job` on NAME ("vm") with recording on; then checks every crash point.
     void run_and_check(const test::ImageDir& dir, const std::string& before_root,
                        const std::string& after_root, bool commit, const char* what);
+    // Checks one crash state. With `rng`, the recovery (scan, open, close) is recorded and a
+    // second crash at a random point of it must be survived as well.
     std::string check_state(const std::map<std::string, std::vector<uint8_t>>& files,
                             const std::map<std::string, std::string>& links,
                             const std::vector<uint8_t>& want, const std::string& before_root,
-                            const std::string& after_root, bool qemu, Tally* t);
+                            const std::string& after_root, bool qemu, std::mt19937_64* rng,
+                            Tally* t);
+    std::string second_crash(const World& recovery, const Listing& crashed,
+                             const std::map<std::string, std::vector<uint8_t>>& files,
+                             const std::vector<uint8_t>& want, const std::string& before_root,
+                             const std::string& after_root, bool qemu, std::mt19937_64* rng,
+                             Tally* t);
     Task<Status> job(ImageSet* images, JobManager* jobs, bool commit);
 };
 
@@ -192,7 +209,8 @@ Task<Status> CrashJobs::job(ImageSet* images, JobManager* jobs, bool commit) {
 std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8_t>>& files,
                                    const std::map<std::string, std::string>& links,
                                    const std::vector<uint8_t>& want, const std::string& before_root,
-                                   const std::string& after_root, bool qemu, Tally* t) {
+                                   const std::string& after_root, bool qemu, std::mt19937_64* rng,
+                                   Tally* t) {
     test::ImageDir d;
     for (const auto& [name, bytes] : files) {
         test::write_file(d.file(name), bytes);
@@ -213,7 +231,18 @@ std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8
             }
         }
     }
-    ImageSet images(env(), UniqueFd(::dup(d.fd())), d.path().string(), ImageSetOptions{});
+    const Listing crashed = list_dir(d.fd());
+    World recovery;  // declared before the set: its recorders point into it
+    ImageSetOptions o;
+    if (rng != nullptr) {
+        recovery.dir_fd = d.fd();
+        recovery.durable = crashed;
+        recovery.clock.on_issue = [&recovery](uint64_t seq) { recovery.capture(seq); };
+        g_world = &recovery;
+        o.wrap_file = wrap;
+        o.sync_dir_observer = observe_sync;
+    }
+    ImageSet images(env(), UniqueFd(::dup(d.fd())), d.path().string(), o);
     std::string err;
     if (Status st = run(images.scan()); !st) {
         err = "scan: " + st.error().message();
@@ -235,13 +264,55 @@ std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8
         }
     }
     (void)run(images.close_all());
-    return err;
+    if (rng == nullptr) {
+        return err;
+    }
+    recovery.capture(recovery.clock.next());
+    g_world = nullptr;
+    if (!err.empty()) {
+        return err;
+    }
+    return second_crash(recovery, crashed, files, want, before_root, after_root, qemu, rng, t);
+}
+
+// A crash at a random point of the recovery of a crash state: the directory must still open as
+// before or after the job. Files the recovery did not open keep their bytes.
+std::string CrashJobs::second_crash(const World& recovery, const Listing& crashed,
+                                    const std::map<std::string, std::vector<uint8_t>>& files,
+                                    const std::vector<uint8_t>& want,
+                                    const std::string& before_root, const std::string& after_root,
+                                    bool qemu, std::mt19937_64* rng, Tally* t) {
+    ++t->second;
+    t->recovery_points += recovery.points.size();
+    std::map<ino_t, std::vector<uint8_t>> unrecorded;
+    for (const auto& [name, bytes] : files) {
+        unrecorded[crashed.at(name)] = bytes;
+    }
+    std::map<ino_t, test::CrashView> views;
+    for (const auto& [ino, j] : recovery.journals) {
+        views.emplace(ino, test::CrashView(j.get()));
+    }
+    const Point& p = recovery.points[(*rng)() % recovery.points.size()];
+    for (auto& [ino, view] : views) {
+        view.seek(p.seq);
+    }
+    const Variant v = test::kAllVariants[(*rng)() % 4];
+    std::map<std::string, std::vector<uint8_t>> again;
+    std::map<std::string, std::string> links;
+    materialise(p, v, &views, rng, &again, &links, &unrecorded);
+    Tally scratch;
+    std::string err =
+        check_state(again, links, want, before_root, after_root, qemu, nullptr, &scratch);
+    t->qemu_checked += scratch.qemu_checked;
+    return err.empty() ? err : fmt::format("second crash ({}): {}", test::variant_name(v), err);
 }
 
 // One variant of a crash point: which names survive, and each file's content.
+// `unrecorded` gives the bytes of files no recorder saw (nullptr: such a variant is skipped).
 std::string materialise(const Point& p, Variant v, std::map<ino_t, test::CrashView>* views,
                         std::mt19937_64* rng, std::map<std::string, std::vector<uint8_t>>* files,
-                        std::map<std::string, std::string>* links) {
+                        std::map<std::string, std::string>* links,
+                        const std::map<ino_t, std::vector<uint8_t>>* unrecorded) {
     std::string key;
     Listing chosen;
     std::set<std::string> names;
@@ -271,6 +342,11 @@ std::string materialise(const Point& p, Variant v, std::map<ino_t, test::CrashVi
         first_name[ino] = n;
         auto view = views->find(ino);
         if (view == views->end()) {
+            if (unrecorded != nullptr && unrecorded->count(ino) != 0) {
+                (*files)[n] = unrecorded->at(ino);
+                key += n + "|";
+                continue;
+            }
             return "";  // a file no recorder saw (not an image): not part of the model
         }
         test::Selection sel = view->second.choose(v, rng);
@@ -327,8 +403,8 @@ void CrashJobs::run_and_check(const test::ImageDir& dir, const std::string& befo
                 continue;
             }
             ++t.points;
-            std::string err =
-                check_state(files, links, want, before_root, after_root, t.points % 5 == 1, &t);
+            std::string err = check_state(files, links, want, before_root, after_root,
+                                          t.points % 5 == 1, &rng, &t);
             if (!err.empty() && ++t.failures <= 5) {
                 ADD_FAILURE() << what << ": crash point " << i << " of " << world.points.size()
                               << ", variant " << test::variant_name(v) << ": " << err;
@@ -338,11 +414,14 @@ void CrashJobs::run_and_check(const test::ImageDir& dir, const std::string& befo
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     std::printf(
         "crash-harness (%s): %llu points run (4 variants at %llu crash points), %llu "
-        "passed, qemu-img check on %llu images; opened as before %llu, as after %llu; "
-        "%.1f s\n",
+        "passed, second crash on %llu (of %llu recovery points), qemu-img check on %llu images; "
+        "opened as before %llu, "
+        "as after %llu; %.1f s\n",
         what, static_cast<unsigned long long>(t.points),
         static_cast<unsigned long long>(t.crash_points),
         static_cast<unsigned long long>(t.points - t.failures),
+        static_cast<unsigned long long>(t.second),
+        static_cast<unsigned long long>(t.recovery_points),
         static_cast<unsigned long long>(t.qemu_checked), static_cast<unsigned long long>(t.before),
         static_cast<unsigned long long>(t.after), secs);
     EXPECT_EQ(t.failures, 0U);
