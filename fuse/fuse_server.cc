@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include <sys/mman.h>
-
 namespace imgfs {
 
 namespace {
@@ -12,13 +10,11 @@ namespace {
 // What a WRITE request puts before its payload; the first read iovec is exactly this long.
 constexpr size_t kWriteHeaderBytes = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 constexpr size_t kHeaderAreaBytes = 4096;
-// Payload pages are given back to the kernel (MADV_DONTNEED) only when the pool as a whole
-// holds more than kResidentBudgetBytes of touched payload, and then from the idle buffers used
-// least recently, down to kResidentPayloadBytes each. Giving them back on every release made
-// each big request fault in and zero 256 fresh pages inside the /dev/fuse read (about a quarter
-// of the daemon's CPU on 1 MiB writes); the budget keeps a steady stream of big requests on
-// resident pages while one burst still does not keep the whole pool resident.
-constexpr size_t kResidentPayloadBytes = 64 * 1024;
+// Payload pages are given back to the kernel only when the pool holds more than this many
+// touched bytes. Giving them back on every release made each big request fault in and zero
+// fresh pages inside the /dev/fuse read (about a quarter of the daemon's CPU on 1 MiB
+// writes); the budget keeps a steady stream of big requests on resident pages while one burst
+// still does not keep the whole pool resident.
 constexpr size_t kResidentBudgetBytes = 32 * 1024 * 1024;
 constexpr uint32_t kOurMinor = 38;
 
@@ -26,9 +22,9 @@ constexpr uint32_t kOurMinor = 38;
 
 struct FuseServer::RequestBuffer {
     AlignedBuffer header;     // kHeaderAreaBytes
-    AlignedBuffer payload;    // max_write_bytes, page aligned
+    MutBuf payload;           // max_write_bytes in the payload pool, page aligned
+    uint32_t index = 0;       // in the payload pool
     size_t payload_used = 0;  // payload bytes the current request touched
-    size_t resident = 0;      // payload bytes touched since the pages were last given back
 };
 
 FuseServer::FuseServer(EventLoop* loop, int fuse_fd, FuseHandler* handler, Logger* log,
@@ -39,6 +35,7 @@ FuseServer::FuseServer(EventLoop* loop, int fuse_fd, FuseHandler* handler, Logge
       log_(log),
       options_(options),
       scope_(loop),
+      payload_pool_(options.max_write_bytes, options.max_buffers, kResidentBudgetBytes),
       buffer_freed_(loop) {}
 
 FuseServer::~FuseServer() = default;
@@ -46,14 +43,17 @@ FuseServer::~FuseServer() = default;
 Task<FuseServer::RequestBuffer*> FuseServer::take_buffer() {
     for (;;) {
         if (!free_.empty()) {
-            RequestBuffer* b = free_.back();
+            RequestBuffer* b = free_.back();  // the most recently used: its pages are resident
             free_.pop_back();
+            payload_pool_.acquire(b->index);
             co_return b;
         }
-        if (buffers_.size() < options_.max_buffers) {
+        if (buffers_.size() < payload_pool_.capacity()) {
             auto b = std::make_unique<RequestBuffer>();
             b->header = AlignedBuffer(kHeaderAreaBytes);
-            b->payload = AlignedBuffer(options_.max_write_bytes);
+            b->index = static_cast<uint32_t>(buffers_.size());
+            b->payload = payload_pool_.buffer(b->index);
+            payload_pool_.acquire(b->index);
             buffers_.push_back(std::move(b));
             co_return buffers_.back().get();
         }
@@ -62,29 +62,18 @@ Task<FuseServer::RequestBuffer*> FuseServer::take_buffer() {
 }
 
 void FuseServer::give_buffer(RequestBuffer* buf) {
-    buf->resident = std::max(buf->resident, buf->payload_used);
+    payload_pool_.release(buf->index, buf->payload_used);
     buf->payload_used = 0;
     free_.push_back(buf);
-    if (buf->resident > kResidentPayloadBytes) {
-        size_t total = 0;
-        for (const auto& b : buffers_) {
-            total += b->resident;
-        }
-        // free_ is a stack: its front holds the buffers idle the longest.
-        for (size_t i = 0; total > kResidentBudgetBytes && i < free_.size(); ++i) {
-            RequestBuffer* idle = free_[i];
-            if (idle->resident > kResidentPayloadBytes) {
-                ::madvise(idle->payload.data() + kResidentPayloadBytes,
-                          idle->payload.size() - kResidentPayloadBytes, MADV_DONTNEED);
-                total -= idle->resident - kResidentPayloadBytes;
-                idle->resident = kResidentPayloadBytes;
-            }
-        }
-    }
     buffer_freed_.notify_one();
 }
 
 Task<void> FuseServer::run() {
+    if (!payload_pool_.ok()) {
+        log_->error("cannot reserve {} MiB of address space for FUSE buffers",
+                    size_t{options_.max_write_bytes} * options_.max_buffers >> 20);
+        co_return;
+    }
     for (uint32_t i = 0; i < options_.reads_in_flight; ++i) {
         scope_.spawn(reader());
     }
@@ -126,7 +115,7 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     auto* h = reinterpret_cast<fuse_in_header*>(head);
     FuseRequest req;
     req.header = h;
-    req.scratch = buf->payload.span();
+    req.scratch = buf->payload;
     bool valid = length >= sizeof(fuse_in_header) && h->len == length;
     if (valid && h->opcode == FUSE_WRITE) {
         req.arg = ConstBuf(head + sizeof(fuse_in_header), sizeof(fuse_write_in));
@@ -139,6 +128,7 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
             valid = false;
         } else {
             std::memcpy(head + kWriteHeaderBytes, buf->payload.data(), spill);
+            buf->payload_used = spill;
             req.arg = ConstBuf(head + sizeof(fuse_in_header), length - sizeof(fuse_in_header));
         }
     }

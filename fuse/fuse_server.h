@@ -19,6 +19,7 @@
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "core/task_scope.h"
+#include "fuse/payload_pool.h"
 
 namespace imgfs {
 
@@ -115,6 +116,9 @@ class FuseServer {
     Logger* log_;
     FuseServerOptions options_;
     TaskScope scope_;  // every reader and request coroutine; run() joins it
+    // Outlives nothing that points into it: buffers_ (views into the pool) is destroyed first,
+    // and no read is in flight once run() has joined scope_.
+    PayloadPool payload_pool_;
     std::vector<std::unique_ptr<RequestBuffer>> buffers_;
     std::vector<RequestBuffer*> free_;
     WaitQueue buffer_freed_;

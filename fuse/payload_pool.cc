@@ -1,0 +1,100 @@
+#include "fuse/payload_pool.h"
+
+#include <algorithm>
+#include <cassert>
+
+#include <sys/mman.h>
+
+namespace imgfs {
+
+PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes)
+    : buffer_bytes_(buffer_bytes), max_buffers_(max_buffers), budget_bytes_(resident_budget_bytes) {
+    assert(buffer_bytes % 4096 == 0 && buffer_bytes > 0);
+    const size_t used = buffer_bytes * max_buffers;
+    const size_t pages = (used + kHugePageBytes - 1) / kHugePageBytes;
+    // One huge page more than needed, so that an aligned start fits; the slack stays mapped
+    // (address space only) and is unmapped with the rest.
+    mapped_bytes_ = (pages + 1) * kHugePageBytes;
+    void* p = ::mmap(nullptr, mapped_bytes_, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        mapped_bytes_ = 0;
+        return;
+    }
+    mapping_ = static_cast<uint8_t*>(p);
+    auto addr = reinterpret_cast<uintptr_t>(mapping_);
+    base_ = mapping_ + ((kHugePageBytes - addr % kHugePageBytes) % kHugePageBytes);
+    // Advice only: without transparent huge pages the pool works on 4 KiB pages.
+    (void)::madvise(base_, pages * kHugePageBytes, MADV_HUGEPAGE);
+    pages_.resize(pages);
+}
+
+PayloadPool::~PayloadPool() {
+    if (mapping_ != nullptr) {
+        ::munmap(mapping_, mapped_bytes_);
+    }
+}
+
+MutBuf PayloadPool::buffer(uint32_t index) const {
+    assert(index < max_buffers_);
+    return {base_ + size_t{index} * buffer_bytes_, buffer_bytes_};
+}
+
+size_t PayloadPool::first_page(uint32_t index) const {
+    return size_t{index} * buffer_bytes_ / kHugePageBytes;
+}
+
+size_t PayloadPool::end_page(uint32_t index, size_t bytes) const {
+    return (size_t{index} * buffer_bytes_ + bytes + kHugePageBytes - 1) / kHugePageBytes;
+}
+
+void PayloadPool::acquire(uint32_t index) {
+    for (size_t p = first_page(index); p < end_page(index, buffer_bytes_); ++p) {
+        ++pages_[p].users;
+    }
+}
+
+void PayloadPool::release(uint32_t index, size_t touched_bytes) {
+    touched_bytes = std::min(touched_bytes, buffer_bytes_);
+    ++clock_;
+    for (size_t p = first_page(index); p < end_page(index, buffer_bytes_); ++p) {
+        assert(pages_[p].users > 0);
+        --pages_[p].users;
+    }
+    if (touched_bytes == 0) {
+        return;
+    }
+    for (size_t p = first_page(index); p < end_page(index, touched_bytes); ++p) {
+        pages_[p].resident = true;
+        pages_[p].last_used = clock_;
+    }
+    trim();
+}
+
+size_t PayloadPool::resident_bytes() const {
+    return static_cast<size_t>(std::count_if(pages_.begin(), pages_.end(),
+                                             [](const Page& p) { return p.resident; })) *
+           kHugePageBytes;
+}
+
+void PayloadPool::trim() {
+    size_t resident = resident_bytes();
+    while (resident > budget_bytes_) {
+        Page* oldest = nullptr;
+        for (Page& p : pages_) {
+            if (p.resident && p.users == 0 &&
+                (oldest == nullptr || p.last_used < oldest->last_used)) {
+                oldest = &p;
+            }
+        }
+        if (oldest == nullptr) {
+            return;  // everything resident is in use
+        }
+        const size_t index = static_cast<size_t>(oldest - pages_.data());
+        (void)::madvise(base_ + index * kHugePageBytes, kHugePageBytes, MADV_DONTNEED);
+        oldest->resident = false;
+        resident -= kHugePageBytes;
+    }
+}
+
+}  // namespace imgfs
