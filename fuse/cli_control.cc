@@ -1,9 +1,11 @@
 // imgfs snapshot / commit / revert / stream / status: thin wrappers over the control files, so
 // the shell and the CLI do exactly the same thing. Errors print the daemon's reason (the image's
 // last_error in info).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <fstream>
 #include <sstream>
@@ -239,18 +241,16 @@ int status(const Args& args) {
     } else {
         std::string out = slurp(mnt + "/.control/jobs");  // proves it is a mount
         (void)out;
-        FILE* ls = ::popen(fmt::format("ls -1 '{}' 2>/dev/null", mnt).c_str(), "r");
-        char line[4096];
-        while (ls != nullptr && std::fgets(line, sizeof line, ls) != nullptr) {
-            std::string n = line;
-            n.erase(n.find_last_not_of('\n') + 1);
-            if (n.size() > 4 && n.compare(n.size() - 4, 4, ".raw") == 0) {
-                names.push_back(n.substr(0, n.size() - 4));
+        if (DIR* d = ::opendir(mnt.c_str())) {
+            while (dirent* ent = ::readdir(d)) {
+                std::string n = ent->d_name;
+                if (n.size() > 4 && n.compare(n.size() - 4, 4, ".raw") == 0) {
+                    names.push_back(n.substr(0, n.size() - 4));
+                }
             }
+            ::closedir(d);
         }
-        if (ls != nullptr) {
-            ::pclose(ls);
-        }
+        std::sort(names.begin(), names.end());
     }
     if (json) {
         std::printf("[");

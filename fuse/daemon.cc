@@ -6,10 +6,13 @@
 #include <fcntl.h>
 #include <fstream>
 #include <signal.h>
+#include <spawn.h>
 #include <thread>
+#include <vector>
 #include <unistd.h>
 
 #include <sys/signalfd.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 
 #include "core/event_loop.h"
@@ -251,16 +254,42 @@ int run_mount(const MountCommand& cmd) {
     ::_exit(serve_mount(cmd, &ready, &log));
 }
 
+namespace {
+
+// Runs a program (looked up in PATH) with its output discarded; true if it exited 0.
+bool run_quietly(const std::vector<std::string>& argv) {
+    std::vector<char*> args;
+    for (const std::string& a : argv) {
+        args.push_back(const_cast<char*>(a.c_str()));
+    }
+    args.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+    pid_t pid = 0;
+    int err = posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (err != 0) {
+        return false;
+    }
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+}  // namespace
+
 int run_unmount(const std::string& mountpoint, int timeout_s) {
     std::string pid_file = pid_file_for(mountpoint);
     pid_t pid = 0;
     if (!pid_file.empty()) {
         std::ifstream(pid_file) >> pid;
     }
-    std::string cmd =
-        "fusermount3 -u '" + mountpoint + "' 2>/dev/null || umount '" + mountpoint + "'";
-    int st = std::system(cmd.c_str());
-    if (st != 0) {
+    // fusermount3 for a mount by an ordinary user, umount for root's (and for fstab mounts).
+    // Run without a shell: the mount point is not quoted for one.
+    if (!run_quietly({"fusermount3", "-u", mountpoint}) && !run_quietly({"umount", mountpoint})) {
         std::fprintf(stderr, "imgfs: cannot unmount %s (busy, or not an imgfs mount)\n",
                      mountpoint.c_str());
         return 1;

@@ -15,16 +15,20 @@ constexpr size_t kHeaderAreaBytes = 4096;
 // fresh pages inside the /dev/fuse read (about a quarter of the daemon's CPU on 1 MiB
 // writes); the budget keeps a steady stream of big requests on resident pages while one burst
 // still does not keep the whole pool resident.
-constexpr size_t kResidentBudgetBytes = 32 * 1024 * 1024;
+constexpr size_t kResidentBudgetBytes = 48 * 1024 * 1024;
+// READ replies up to this size are produced in small pages of their own, so that 4 KiB random
+// reads keep no huge page of the payload pool resident.
+constexpr size_t kSmallReplyBytes = 64 * 1024;
 constexpr uint32_t kOurMinor = 38;
 
 }  // namespace
 
 struct FuseServer::RequestBuffer {
-    AlignedBuffer header;     // kHeaderAreaBytes
-    MutBuf payload;           // max_write_bytes in the payload pool, page aligned
-    uint32_t index = 0;       // in the payload pool
-    size_t payload_used = 0;  // payload bytes the current request touched
+    AlignedBuffer header;       // kHeaderAreaBytes
+    AlignedBuffer small_reply;  // kSmallReplyBytes, ordinary pages
+    MutBuf payload;             // max_write_bytes in the payload pool, page aligned
+    uint32_t index = 0;         // in the payload pool
+    size_t payload_used = 0;    // payload bytes the current request touched
 };
 
 FuseServer::FuseServer(EventLoop* loop, int fuse_fd, FuseHandler* handler, Logger* log,
@@ -51,6 +55,7 @@ Task<FuseServer::RequestBuffer*> FuseServer::take_buffer() {
         if (buffers_.size() < payload_pool_.capacity()) {
             auto b = std::make_unique<RequestBuffer>();
             b->header = AlignedBuffer(kHeaderAreaBytes);
+            b->small_reply = AlignedBuffer(kSmallReplyBytes);
             b->index = static_cast<uint32_t>(buffers_.size());
             b->payload = payload_pool_.buffer(b->index);
             payload_pool_.acquire(b->index);
@@ -131,6 +136,10 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
             buf->payload_used = spill;
             req.arg = ConstBuf(head + sizeof(fuse_in_header), length - sizeof(fuse_in_header));
         }
+    }
+    if (valid && h->opcode == FUSE_READ && req.arg.size() >= sizeof(fuse_read_in) &&
+        reinterpret_cast<const fuse_read_in*>(req.arg.data())->size <= kSmallReplyBytes) {
+        req.scratch = buf->small_reply.span();
     }
     FuseReply reply;
     uint64_t unique = valid ? h->unique : 0;

@@ -81,8 +81,8 @@ class FuseHandler {
 
 struct FuseServerOptions {
     uint32_t max_write_bytes = 1U << 20;
-    uint32_t reads_in_flight = 16;
-    uint32_t max_buffers = 64;
+    uint32_t reads_in_flight = 8;
+    uint32_t max_buffers = 48;
     uint16_t max_background = 64;
 };
 

@@ -7,8 +7,12 @@
 
 namespace imgfs {
 
-PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes)
-    : buffer_bytes_(buffer_bytes), max_buffers_(max_buffers), budget_bytes_(resident_budget_bytes) {
+PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes,
+                         std::chrono::milliseconds idle_ms)
+    : buffer_bytes_(buffer_bytes),
+      max_buffers_(max_buffers),
+      budget_bytes_(resident_budget_bytes),
+      idle_ms_(idle_ms) {
     assert(buffer_bytes % 4096 == 0 && buffer_bytes > 0);
     const size_t used = buffer_bytes * max_buffers;
     const size_t pages = (used + kHugePageBytes - 1) / kHugePageBytes;
@@ -54,21 +58,17 @@ void PayloadPool::acquire(uint32_t index) {
     }
 }
 
-void PayloadPool::release(uint32_t index, size_t touched_bytes) {
+void PayloadPool::release(uint32_t index, size_t touched_bytes, Clock::time_point now) {
     touched_bytes = std::min(touched_bytes, buffer_bytes_);
-    ++clock_;
     for (size_t p = first_page(index); p < end_page(index, buffer_bytes_); ++p) {
         assert(pages_[p].users > 0);
         --pages_[p].users;
     }
-    if (touched_bytes == 0) {
-        return;
-    }
     for (size_t p = first_page(index); p < end_page(index, touched_bytes); ++p) {
         pages_[p].resident = true;
-        pages_[p].last_used = clock_;
+        pages_[p].last_used = now;
     }
-    trim();
+    trim(now);
 }
 
 size_t PayloadPool::resident_bytes() const {
@@ -77,7 +77,22 @@ size_t PayloadPool::resident_bytes() const {
            kHugePageBytes;
 }
 
-void PayloadPool::trim() {
+void PayloadPool::give_back(Page* page) {
+    const size_t index = static_cast<size_t>(page - pages_.data());
+    (void)::madvise(base_ + index * kHugePageBytes, kHugePageBytes, MADV_DONTNEED);
+    page->resident = false;
+}
+
+void PayloadPool::trim(Clock::time_point now) {
+    // Idle pages: swept at most once per idle period, so a busy pool pays nothing here.
+    if (now - last_sweep_ >= idle_ms_) {
+        last_sweep_ = now;
+        for (Page& p : pages_) {
+            if (p.resident && p.users == 0 && now - p.last_used >= idle_ms_) {
+                give_back(&p);
+            }
+        }
+    }
     size_t resident = resident_bytes();
     while (resident > budget_bytes_) {
         Page* oldest = nullptr;
@@ -90,9 +105,7 @@ void PayloadPool::trim() {
         if (oldest == nullptr) {
             return;  // everything resident is in use
         }
-        const size_t index = static_cast<size_t>(oldest - pages_.data());
-        (void)::madvise(base_ + index * kHugePageBytes, kHugePageBytes, MADV_DONTNEED);
-        oldest->resident = false;
+        give_back(oldest);
         resident -= kHugePageBytes;
     }
 }

@@ -591,10 +591,17 @@ class Imgfs(Contender):
         if self.daemon is None:
             return
         if is_mounted(self.mnt) and not self.aborted:
-            try:
-                run([IMGFS, "unmount", self.mnt], timeout=60)
-            except StepError as e:
-                problem("imgfs", f"unmount: {e}")
+            # A loop device just detached lets go of its file a moment later (the kernel
+            # closes it from a work queue): until then the unmount is busy, so retry a while.
+            for attempt in range(50):
+                try:
+                    run([IMGFS, "unmount", self.mnt], timeout=60)
+                    break
+                except StepError as e:
+                    if "busy" not in str(e).lower() or attempt == 49:
+                        problem("imgfs", f"unmount: {e}")
+                        break
+                    time.sleep(0.2)
         if not self.daemon.wait(5 if self.aborted else 60):
             problem("imgfs", "daemon still running after unmount; killed")
         self.daemon.kill(grace=2 if self.aborted else 10)

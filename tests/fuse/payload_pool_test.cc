@@ -2,9 +2,9 @@
 // that no buffer in use overlaps go first; pages in use are never given back).
 #include "fuse/payload_pool.h"
 
-#include <gtest/gtest.h>
-
 #include <cstring>
+
+#include <gtest/gtest.h>
 
 namespace imgfs {
 namespace {
@@ -44,8 +44,9 @@ TEST(PayloadPool, StaysWithinTheBudgetDroppingTheLeastRecentlyUsed) {
         std::memset(pool.buffer(i).data(), static_cast<int>(i + 1), kMiB);
     }
     // Release in order: each release of a whole huge page pushes the oldest idle one out.
+    const auto t0 = PayloadPool::Clock::now();
     for (uint32_t i = 0; i < 16; ++i) {
-        pool.release(i, kMiB);
+        pool.release(i, kMiB, t0 + std::chrono::milliseconds(i));
         EXPECT_LE(pool.resident_bytes(), 4 * kMiB) << i;
     }
     // The two most recent huge pages (buffers 12-15) kept their bytes; the first were dropped
@@ -71,6 +72,29 @@ TEST(PayloadPool, PagesInUseAreNeverGivenBack) {
     EXPECT_EQ(pool.buffer(1)[0], 0x5a);  // shares the page in use
     pool.release(0, kMiB);
     EXPECT_LE(pool.resident_bytes(), 2 * kMiB);
+}
+
+TEST(PayloadPool, IdlePagesGoBackAfterTheIdlePeriodOnly) {
+    PayloadPool pool(kMiB, 8, 64 * kMiB, std::chrono::milliseconds(1000));
+    ASSERT_TRUE(pool.ok());
+    const auto t0 = PayloadPool::Clock::now();
+    for (uint32_t i = 0; i < 4; ++i) {
+        pool.acquire(i);
+        std::memset(pool.buffer(i).data(), 7, kMiB);
+        pool.release(i, kMiB, t0);
+    }
+    EXPECT_EQ(pool.resident_bytes(), 2 * kHuge);  // under budget, not idle long: kept
+    pool.acquire(2);                              // page 1 in use again
+    pool.acquire(4);
+    pool.release(4, 4096, t0 + std::chrono::milliseconds(500));
+    EXPECT_EQ(pool.resident_bytes(), 3 * kHuge);
+    pool.acquire(5);
+    pool.release(5, 0, t0 + std::chrono::milliseconds(1200));
+    // Page 0 idle for 1.2 s: back; page 1 in use: kept; page 2 idle 0.7 s: kept.
+    EXPECT_EQ(pool.resident_bytes(), 2 * kHuge);
+    EXPECT_EQ(pool.buffer(0)[0], 0);
+    EXPECT_EQ(pool.buffer(2)[0], 7);
+    pool.release(2, kMiB, t0 + std::chrono::milliseconds(1300));
 }
 
 TEST(PayloadPool, UntouchedReleasesCostNothing) {
