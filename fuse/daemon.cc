@@ -8,12 +8,12 @@
 #include <signal.h>
 #include <spawn.h>
 #include <thread>
-#include <vector>
 #include <unistd.h>
+#include <vector>
 
 #include <sys/signalfd.h>
-#include <sys/wait.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 #include "core/event_loop.h"
 #include "core/graph.h"
