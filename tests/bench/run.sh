@@ -6,6 +6,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+for a in "$@"; do
+  # --help needs nothing installed or built
+  case "$a" in -h | --help) exec "$py" "$here/bench.py" --help ;; esac
+done
 if [ "$(id -u)" -ne 0 ]; then
   echo "run.sh: run as root (FUSE mounts, loop devices, drop_caches, apt-get)" >&2
   exit 1
@@ -36,6 +42,4 @@ fi
 cmake -S "$root" -B "$root/build-rel" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$root/build-rel" --target imgfs -j"$(nproc)"
 
-py=/usr/bin/python3
-[ -x "$py" ] || py=python3
 exec "$py" "$here/bench.py" --imgfs "$root/build-rel/imgfs" "$@"
