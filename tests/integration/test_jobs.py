@@ -209,7 +209,7 @@ class Snapshot(harness.ImageDirTest):
         m.stop()
 
     def test_refusals_and_reasons(self):
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "128M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm1.qcow2"), "512M")
         m = self.mount()
         for bad in ("a\nb", "a\0b", "", "-x", "a b", "x" * 65, ".hidden", "a/b"):
             self.assertEqual(control(m, "vm1", "snapshot", bad + "\n"), errno.EINVAL, repr(bad))
@@ -223,13 +223,14 @@ class Snapshot(harness.ImageDirTest):
         self.assertEqual(control(m, "vm1", "revert", "now\n"), errno.EINVAL)
         self.assertEqual(control(m, "vm1", "snapshot", "y" * 5000), errno.EINVAL)
         # A second job on the same image: EBUSY (a slow commit keeps the first one running).
-        # 64 MiB to copy: the commit must still be running when "speed 1" comes in.
+        # 256 MiB to copy (hundreds of milliseconds even on a fast host): the commit must still
+        # be running when "speed 1" comes in a millisecond later; from then on it crawls.
         fd = os.open(m.path("vm1.raw"), os.O_RDWR)
-        for off in range(0, 64 * MiB, 4 * MiB):
+        for off in range(0, 256 * MiB, 4 * MiB):
             os.pwrite(fd, b"z" * (4 * MiB), off)
         os.close(fd)
         self.assertEqual(control(m, "vm1", "commit", "\n"), 0)
-        control(m, "vm1", "job", "speed 1")
+        self.assertEqual(control(m, "vm1", "job", "speed 1"), 0, "the commit ended too soon")
         self.assertEqual(control(m, "vm1", "commit", "\n"), errno.EBUSY)
         self.assertEqual(control(m, "vm1", "stream", "\n"), errno.EBUSY)
         self.assertEqual(control(m, "vm1", "job", "cancel"), 0)
