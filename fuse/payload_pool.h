@@ -9,6 +9,8 @@
 // fault that zeroes 2 MiB on its next use, so pages go back lazily. A huge page no buffer in use
 // overlaps is given back (MADV_DONTNEED) once it has been idle for `idle_ms`, or at once,
 // least recently used first, while more than `resident_budget_bytes` of the pool is resident.
+// Both are checked when a buffer is released, not by a timer: a daemon that goes idle after a
+// burst keeps up to `resident_budget_bytes` resident until its next request.
 // (Giving pages back eagerly whenever the pool was over a small budget made 4 KiB requests at
 // queue depth 32 fault in a fresh huge page for most requests: a third of the IOPS.)
 #pragma once
