@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <memory>
+#include <optional>
 #include <unistd.h>
 
 #include <sys/stat.h>
@@ -89,87 +90,127 @@ Result<std::pair<std::string, uint64_t>> probe_image(const std::string& path) {
 
 }  // namespace
 
-int create(const Args& args) {
-    qcow2::CreateOptions c;
-    std::vector<std::string> positional;
+namespace {
+
+// "-o a=1,b=2": each comma-separated option in turn.
+Status apply_create_options(const std::string& opts, qcow2::CreateOptions* c) {
+    size_t pos = 0;
+    while (pos <= opts.size()) {
+        size_t comma = opts.find(',', pos);
+        std::string o =
+            opts.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        if (!o.empty()) {
+            TRY(apply_create_option(o, c));
+        }
+        if (comma == std::string::npos) {
+            break;
+        }
+        pos = comma + 1;
+    }
+    return {};
+}
+
+// Takes the backing file's format (unless -F forces raw) and its size as the default size.
+Status resolve_backing(const std::string& file, const std::string& backing_format,
+                       qcow2::CreateOptions* c) {
+    std::string path =
+        c->backing_file[0] == '/' ? c->backing_file : dir_of(file) + "/" + c->backing_file;
+    auto probed = probe_image(path);
+    if (!probed) {
+        // The caller prints only the context: keep the system's reason in it.
+        return make_error(probed.error().errnum, "{}", probed.error().message());
+    }
+    if (!backing_format.empty() && backing_format != probed->first && backing_format != "raw") {
+        return make_error(EINVAL, "{} is {}, not {}", path, probed->first, backing_format);
+    }
+    c->backing_format = backing_format.empty() ? probed->first : backing_format;
+    c->size = probed->second;
+    return {};
+}
+
+struct CreateRequest {
+    qcow2::CreateOptions options;
+    std::string file;
+    std::optional<std::string> size;
     std::string backing_format;
+    bool help = false;
+};
+
+Result<CreateRequest> parse_create_args(const Args& args) {
+    CreateRequest r;
+    std::vector<std::string> positional;
     for (size_t i = 0; i < args.size(); ++i) {
         const std::string& a = args[i];
         if (a == "--help" || a == "-h") {
-            std::puts(
-                "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
-                "Creates a qcow2 v3 image. OPTS: cluster_size=, extended_l2=on|off,\n"
-                "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1. SIZE may be\n"
-                "left out with a backing file (its size is taken).");
-            return 0;
+            r.help = true;
+            return r;
         }
         if ((a == "-b" || a == "-F" || a == "-o" || a == "-f") && i + 1 >= args.size()) {
-            return fail(a + " needs an argument");
+            return make_error(EINVAL, "{} needs an argument", a);
         }
         if (a == "-b") {
-            c.backing_file = args[++i];
+            r.options.backing_file = args[++i];
         } else if (a == "-F") {
-            backing_format = args[++i];
+            r.backing_format = args[++i];
         } else if (a == "-f") {
             if (args[++i] != "qcow2") {
-                return fail("only qcow2 images are created");
+                return make_error(EINVAL, "only qcow2 images are created");
             }
         } else if (a == "-o") {
-            std::string opts = args[++i];
-            size_t pos = 0;
-            while (pos <= opts.size()) {
-                size_t comma = opts.find(',', pos);
-                std::string o =
-                    opts.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-                if (!o.empty()) {
-                    if (Status st = apply_create_option(o, &c); !st) {
-                        return fail(st.error().context);
-                    }
-                }
-                if (comma == std::string::npos) {
-                    break;
-                }
-                pos = comma + 1;
-            }
+            TRY(apply_create_options(args[++i], &r.options));
         } else if (!a.empty() && a[0] == '-') {
-            return fail("unknown option " + a);
+            return make_error(EINVAL, "unknown option {}", a);
         } else {
             positional.push_back(a);
         }
     }
     if (positional.empty() || positional.size() > 2) {
-        return fail("usage: imgfs create [-b BACKING] [-o OPTS] FILE.qcow2 [SIZE]");
+        return make_error(EINVAL, "usage: imgfs create [-b BACKING] [-o OPTS] FILE.qcow2 [SIZE]");
     }
-    const std::string& file = positional[0];
-    if (!c.backing_file.empty()) {
-        std::string path =
-            c.backing_file[0] == '/' ? c.backing_file : dir_of(file) + "/" + c.backing_file;
-        auto probed = probe_image(path);
-        if (!probed) {
-            return fail(probed.error().message());
-        }
-        if (!backing_format.empty() && backing_format != probed->first) {
-            if (backing_format != "raw") {
-                return fail(fmt::format("{} is {}, not {}", path, probed->first, backing_format));
-            }
-        }
-        c.backing_format = backing_format.empty() ? probed->first : backing_format;
-        c.size = probed->second;
-    } else if (!backing_format.empty()) {
-        return fail("-F needs -b");
-    }
+    r.file = positional[0];
     if (positional.size() == 2) {
-        auto size = parse_size(positional[1]);
-        if (!size) {
-            return fail(size.error().context);
-        }
-        c.size = *size;
-    } else if (c.backing_file.empty()) {
-        return fail("a size is needed when there is no backing file");
+        r.size = positional[1];
     }
-    if (Status st = qcow2::validate_create_options(c); !st) {
+    return r;
+}
+
+// The options, completed from the backing file and the size argument, and checked.
+Status complete_create_options(CreateRequest* r) {
+    qcow2::CreateOptions& c = r->options;
+    if (!c.backing_file.empty()) {
+        TRY(resolve_backing(r->file, r->backing_format, &c));
+    } else if (!r->backing_format.empty()) {
+        return make_error(EINVAL, "-F needs -b");
+    }
+    if (r->size) {
+        TRY_ASSIGN(c.size, parse_size(*r->size));
+    } else if (c.backing_file.empty()) {
+        return make_error(EINVAL, "a size is needed when there is no backing file");
+    }
+    return qcow2::validate_create_options(c);
+}
+
+}  // namespace
+
+int create(const Args& args) {
+    // Errors of the arguments are printed without strerror: the context says it all.
+    auto req = parse_create_args(args);
+    if (!req) {
+        return fail(req.error().context);
+    }
+    if (req->help) {
+        std::puts(
+            "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
+            "Creates a qcow2 v3 image. OPTS: cluster_size=, extended_l2=on|off,\n"
+            "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1. SIZE may be\n"
+            "left out with a backing file (its size is taken).");
+        return 0;
+    }
+    if (Status st = complete_create_options(&*req); !st) {
         return fail(st.error().context);
     }
+    const qcow2::CreateOptions& c = req->options;
+    const std::string& file = req->file;
     UniqueFd fd(::open(file.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644));
     if (!fd.valid()) {
         return fail(fmt::format("cannot create {}: {}", file, strerror(errno)));
@@ -186,6 +227,72 @@ int create(const Args& args) {
                     : fmt::format(", backing {} ({})", c.backing_file, *c.backing_format).c_str());
     return 0;
 }
+
+namespace {
+
+// Guest-visible allocation of the whole chain.
+Result<uint64_t> chain_data_bytes(Offline* s) {
+    uint64_t data = 0;
+    Node* top = s->chain.top().get();
+    for (uint64_t off = 0; off < top->size();) {
+        TRY_ASSIGN(ChainStatus st,
+                   sync_wait(s->loop.get(), block_status_above(top, off, top->size() - off)));
+        data += st.data ? st.bytes : 0;
+        off += st.bytes;
+    }
+    return data;
+}
+
+std::string info_json(Offline* s, const std::string& file, uint64_t data_bytes) {
+    JsonWriter w;
+    w.begin_object();
+    w.field("file", file);
+    w.field("virtual_size", s->chain.top()->size());
+    w.field("data_bytes", data_bytes);
+    w.key("layers");
+    w.begin_array();
+    for (Layer& l : s->chain.layers) {
+        w.begin_object();
+        w.field("file", l.file);
+        w.field("format", l.format);
+        w.field("virtual_size", l.node->size());
+        auto alloc = sync_wait(s->loop.get(), l.node->allocated_bytes());
+        if (alloc) {
+            w.field("allocated_size", *alloc);
+        }
+        l.node->describe(&w);
+        w.end_object();
+    }
+    w.end_array();
+    w.end_object();
+    return w.str();
+}
+
+void print_info_text(Offline* s, const std::string& file, uint64_t data_bytes) {
+    std::printf("image: %s\nvirtual size: %llu bytes\nallocated in the chain: %llu bytes\n",
+                file.c_str(), static_cast<unsigned long long>(s->chain.top()->size()),
+                static_cast<unsigned long long>(data_bytes));
+    for (size_t i = 0; i < s->chain.layers.size(); ++i) {
+        const Layer& l = s->chain.layers[i];
+        std::printf("layer %zu: %s (%s%s)\n", i, l.file.c_str(), l.format.c_str(),
+                    l.probed ? ", format from content" : "");
+        auto* q = dynamic_cast<Qcow2Node*>(l.node.get());
+        if (q == nullptr) {
+            continue;
+        }
+        const qcow2::Header& h = q->header();
+        std::printf("  qcow2 v%u, cluster size %llu, refcount bits %u%s%s\n", h.version,
+                    static_cast<unsigned long long>(h.cluster_size()), 1U << h.refcount_order,
+                    h.extended_l2() ? ", extended L2" : "",
+                    (h.compatible & qcow2::kCompatLazyRefcounts) != 0 ? ", lazy refcounts" : "");
+        if (!h.backing_file.empty()) {
+            std::printf("  backing file: %s (%s)\n", h.backing_file.c_str(),
+                        h.backing_format ? h.backing_format->c_str() : "format not recorded");
+        }
+    }
+}
+
+}  // namespace
 
 int info(const Args& args) {
     bool json = false;
@@ -212,63 +319,16 @@ int info(const Args& args) {
     if (Status st = s.open(file, true); !st) {
         return fail(st.error().message());
     }
-    JsonWriter w;
-    w.begin_object();
-    w.field("file", file);
-    w.field("virtual_size", s.chain.top()->size());
-    // Guest-visible allocation of the whole chain.
-    uint64_t data = 0;
-    Node* top = s.chain.top().get();
-    for (uint64_t off = 0; off < top->size();) {
-        auto st = sync_wait(s.loop.get(), block_status_above(top, off, top->size() - off));
-        if (!st) {
-            return fail(st.error().message());
-        }
-        data += st->data ? st->bytes : 0;
-        off += st->bytes;
+    auto data = chain_data_bytes(&s);
+    if (!data) {
+        return fail(data.error().message());
     }
-    w.field("data_bytes", data);
-    w.key("layers");
-    w.begin_array();
-    for (Layer& l : s.chain.layers) {
-        w.begin_object();
-        w.field("file", l.file);
-        w.field("format", l.format);
-        w.field("virtual_size", l.node->size());
-        auto alloc = sync_wait(s.loop.get(), l.node->allocated_bytes());
-        if (alloc) {
-            w.field("allocated_size", *alloc);
-        }
-        l.node->describe(&w);
-        w.end_object();
-    }
-    w.end_array();
-    w.end_object();
-    (void)s.close();
     if (json) {
-        std::printf("%s\n", w.str().c_str());
-        return 0;
+        std::printf("%s\n", info_json(&s, file, *data).c_str());
+    } else {
+        print_info_text(&s, file, *data);
     }
-    std::printf("image: %s\nvirtual size: %llu bytes\nallocated in the chain: %llu bytes\n",
-                file.c_str(), static_cast<unsigned long long>(top->size()),
-                static_cast<unsigned long long>(data));
-    for (size_t i = 0; i < s.chain.layers.size(); ++i) {
-        const Layer& l = s.chain.layers[i];
-        std::printf("layer %zu: %s (%s%s)\n", i, l.file.c_str(), l.format.c_str(),
-                    l.probed ? ", format from content" : "");
-        if (auto* q = dynamic_cast<Qcow2Node*>(l.node.get())) {
-            const qcow2::Header& h = q->header();
-            std::printf(
-                "  qcow2 v%u, cluster size %llu, refcount bits %u%s%s\n", h.version,
-                static_cast<unsigned long long>(h.cluster_size()), 1U << h.refcount_order,
-                h.extended_l2() ? ", extended L2" : "",
-                (h.compatible & qcow2::kCompatLazyRefcounts) != 0 ? ", lazy refcounts" : "");
-            if (!h.backing_file.empty()) {
-                std::printf("  backing file: %s (%s)\n", h.backing_file.c_str(),
-                            h.backing_format ? h.backing_format->c_str() : "format not recorded");
-            }
-        }
-    }
+    (void)s.close();
     return 0;
 }
 

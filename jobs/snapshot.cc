@@ -87,6 +87,49 @@ Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     co_return Status{};
 }
 
+// One entry of a (group) snapshot, checked against the directory and the entries before it.
+Result<SnapshotTarget> make_target(ImageSet* images, Export* e, const std::string& snap,
+                                   const std::vector<SnapshotTarget>& earlier) {
+    if (!valid_snapshot_name(snap)) {
+        return make_error(EINVAL,
+                          "{}: invalid snapshot name '{}' (letters, digits, '.', '_', '-'; up to "
+                          "64, starting with a letter or digit)",
+                          e->name, snap);
+    }
+    for (const auto& t : earlier) {
+        if (t.e == e) {
+            return make_error(EINVAL, "{} is listed twice", e->name);
+        }
+    }
+    SnapshotTarget t;
+    t.e = e;
+    t.snap = snap;
+    t.file = e->name + "@" + snap + ".qcow2";
+    if (::faccessat(images->dir_fd(), t.file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+        return make_error(EEXIST, "{}: {} already exists", e->name, t.file);
+    }
+    return t;
+}
+
+// Undoes a group snapshot that failed before its switch: the frozen layers are writable again,
+// and the new overlays are closed and deleted.
+Task<void> undo_snapshot(ImageSet* images, std::vector<Node*> frozen,
+                         std::vector<SnapshotTarget>* ts) {
+    for (Node* n : frozen) {
+        (void)co_await n->set_writable(true);
+    }
+    for (auto& t : *ts) {
+        if (t.layer.node) {
+            (void)co_await t.layer.node->close();
+            t.layer.node.reset();
+        }
+        if (t.created) {
+            ::unlinkat(images->dir_fd(), t.file.c_str(), 0);
+        }
+    }
+    (void)sync_image_dir(images);
+}
+
 }  // namespace
 
 bool valid_snapshot_name(std::string_view name) {
@@ -117,24 +160,7 @@ Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::stri
     std::vector<SnapshotTarget> ts;
     for (auto& [e, snap] : targets) {
         CO_TRY(refuse_if_busy(e));
-        if (!valid_snapshot_name(snap)) {
-            co_return make_error(EINVAL,
-                                 "{}: invalid snapshot name '{}' (letters, digits, '.', "
-                                 "'_', '-'; up to 64, starting with a letter or digit)",
-                                 e->name, snap);
-        }
-        for (const auto& t : ts) {
-            if (t.e == e) {
-                co_return make_error(EINVAL, "{} is listed twice", e->name);
-            }
-        }
-        SnapshotTarget t;
-        t.e = e;
-        t.snap = snap;
-        t.file = e->name + "@" + snap + ".qcow2";
-        if (::faccessat(images_->dir_fd(), t.file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
-            co_return make_error(EEXIST, "{}: {} already exists", e->name, t.file);
-        }
+        CO_TRY_ASSIGN(SnapshotTarget t, make_target(images_, e, snap, ts));
         ts.push_back(std::move(t));
     }
     if (ts.empty()) {
@@ -176,19 +202,7 @@ Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::stri
         st = tx.commit();
     }
     if (!st) {
-        for (Node* n : frozen) {
-            (void)co_await n->set_writable(true);
-        }
-        for (auto& t : ts) {
-            if (t.layer.node) {
-                (void)co_await t.layer.node->close();
-                t.layer.node.reset();
-            }
-            if (t.created) {
-                ::unlinkat(images_->dir_fd(), t.file.c_str(), 0);
-            }
-        }
-        (void)sync_image_dir(images_);
+        co_await undo_snapshot(images_, std::move(frozen), &ts);
         co_return st;
     }
     for (auto& t : ts) {

@@ -120,29 +120,7 @@ Result<std::vector<uint8_t>> build_new_image(const CreateOptions& o) {
     for (uint64_t c = 0; c < total; ++c) {
         uint64_t entry = c % g.refblock_entries;
         uint8_t* blk = block0 + (c / g.refblock_entries) * cs;
-        // Same encoding as Metadata::store_refcount, for the value 1.
-        switch (g.refcount_order) {
-            case 0:
-            case 1:
-            case 2: {
-                uint32_t per_byte = 8 / g.refcount_bits;
-                blk[entry / per_byte] |=
-                    static_cast<uint8_t>(1U << ((entry % per_byte) * g.refcount_bits));
-                break;
-            }
-            case 3:
-                blk[entry] = 1;
-                break;
-            case 4:
-                store_be16(blk + entry * 2, 1);
-                break;
-            case 5:
-                store_be32(blk + entry * 4, 1);
-                break;
-            default:
-                store_be64(blk + entry * 8, 1);
-                break;
-        }
+        store_refcount(g, blk, entry, 1);
     }
     return image;
 }

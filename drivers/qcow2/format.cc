@@ -277,6 +277,76 @@ Result<Header> parse_header(ConstBuf b, uint64_t file_size, const std::string& i
     return h;
 }
 
+namespace {
+
+void append_extension(std::vector<uint8_t>* out, uint32_t type, const uint8_t* data, size_t len) {
+    size_t pos = out->size();
+    out->resize(pos + 8 + ((len + 7) & ~size_t{7}), 0);
+    store_be32(out->data() + pos, type);
+    store_be32(out->data() + pos + 4, static_cast<uint32_t>(len));
+    if (len != 0) {
+        std::memcpy(out->data() + pos + 8, data, len);
+    }
+}
+
+// The header extensions (backing format, feature names, the preserved unknown ones), then the
+// end marker.
+void append_extensions(const Header& h, std::vector<uint8_t>* out) {
+    if (h.backing_format && !h.backing_file.empty()) {
+        append_extension(out, kExtBackingFormat,
+                         reinterpret_cast<const uint8_t*>(h.backing_format->data()),
+                         h.backing_format->size());
+    }
+    if (!h.feature_names.empty()) {
+        std::vector<uint8_t> table(h.feature_names.size() * 48, 0);
+        for (size_t i = 0; i < h.feature_names.size(); ++i) {
+            table[i * 48] = h.feature_names[i].type;
+            table[i * 48 + 1] = h.feature_names[i].bit;
+            std::memcpy(table.data() + i * 48 + 2, h.feature_names[i].name.data(),
+                        std::min<size_t>(h.feature_names[i].name.size(), 46));
+        }
+        append_extension(out, kExtFeatureTable, table.data(), table.size());
+    }
+    for (const Extension& e : h.other_extensions) {
+        append_extension(out, e.type, e.data.data(), e.data.size());
+    }
+    append_extension(out, kExtEnd, nullptr, 0);
+}
+
+// The fixed part of the header (`fixed` bytes at `p`).
+void store_fixed_fields(const Header& h, uint32_t fixed, uint8_t* p) {
+    store_be32(p, kMagic);
+    store_be32(p + 4, h.version);
+    store_be64(p + 8, h.backing_file_offset);
+    store_be32(p + 16, h.backing_file_size);
+    store_be32(p + 20, h.cluster_bits);
+    store_be64(p + 24, h.size);
+    store_be32(p + 32, h.crypt_method);
+    store_be32(p + 36, h.l1_size);
+    store_be64(p + 40, h.l1_table_offset);
+    store_be64(p + 48, h.refcount_table_offset);
+    store_be32(p + 56, h.refcount_table_clusters);
+    store_be32(p + 60, h.nb_snapshots);
+    store_be64(p + 64, h.snapshots_offset);
+    if (h.version != 3) {
+        return;
+    }
+    store_be64(p + 72, h.incompatible);
+    store_be64(p + 80, h.compatible);
+    store_be64(p + 88, h.autoclear);
+    store_be32(p + 96, h.refcount_order);
+    store_be32(p + 100, fixed);
+    if (fixed > 104) {
+        p[104] = static_cast<uint8_t>(h.compression_type);
+        size_t n = std::min<size_t>(h.unknown_fields.size(), fixed - 105);
+        if (n > 0) {  // data() may be null when empty, and memcpy forbids that
+            std::memcpy(p + 105, h.unknown_fields.data(), n);
+        }
+    }
+}
+
+}  // namespace
+
 Result<std::vector<uint8_t>> serialize_header(Header* h) {
     const uint64_t cs = h->cluster_size();
     std::vector<uint8_t> out;
@@ -285,33 +355,7 @@ Result<std::vector<uint8_t>> serialize_header(Header* h) {
         fixed = kV3HeaderBytes;
     }
     out.resize(fixed, 0);
-    auto add_ext = [&out](uint32_t type, const uint8_t* data, size_t len) {
-        size_t pos = out.size();
-        out.resize(pos + 8 + ((len + 7) & ~size_t{7}), 0);
-        store_be32(out.data() + pos, type);
-        store_be32(out.data() + pos + 4, static_cast<uint32_t>(len));
-        if (len != 0) {
-            std::memcpy(out.data() + pos + 8, data, len);
-        }
-    };
-    if (h->backing_format && !h->backing_file.empty()) {
-        add_ext(kExtBackingFormat, reinterpret_cast<const uint8_t*>(h->backing_format->data()),
-                h->backing_format->size());
-    }
-    if (!h->feature_names.empty()) {
-        std::vector<uint8_t> table(h->feature_names.size() * 48, 0);
-        for (size_t i = 0; i < h->feature_names.size(); ++i) {
-            table[i * 48] = h->feature_names[i].type;
-            table[i * 48 + 1] = h->feature_names[i].bit;
-            std::memcpy(table.data() + i * 48 + 2, h->feature_names[i].name.data(),
-                        std::min<size_t>(h->feature_names[i].name.size(), 46));
-        }
-        add_ext(kExtFeatureTable, table.data(), table.size());
-    }
-    for (const Extension& e : h->other_extensions) {
-        add_ext(e.type, e.data.data(), e.data.size());
-    }
-    add_ext(kExtEnd, nullptr, 0);
+    append_extensions(*h, &out);
     if (!h->backing_file.empty()) {
         if (h->backing_file.size() > kMaxBackingNameBytes) {
             return make_error(ENAMETOOLONG, "backing file name is longer than {} bytes",
@@ -330,34 +374,7 @@ Result<std::vector<uint8_t>> serialize_header(Header* h) {
                           "do not fit in one {}-byte cluster",
                           out.size(), cs);
     }
-    uint8_t* p = out.data();
-    store_be32(p, kMagic);
-    store_be32(p + 4, h->version);
-    store_be64(p + 8, h->backing_file_offset);
-    store_be32(p + 16, h->backing_file_size);
-    store_be32(p + 20, h->cluster_bits);
-    store_be64(p + 24, h->size);
-    store_be32(p + 32, h->crypt_method);
-    store_be32(p + 36, h->l1_size);
-    store_be64(p + 40, h->l1_table_offset);
-    store_be64(p + 48, h->refcount_table_offset);
-    store_be32(p + 56, h->refcount_table_clusters);
-    store_be32(p + 60, h->nb_snapshots);
-    store_be64(p + 64, h->snapshots_offset);
-    if (h->version == 3) {
-        store_be64(p + 72, h->incompatible);
-        store_be64(p + 80, h->compatible);
-        store_be64(p + 88, h->autoclear);
-        store_be32(p + 96, h->refcount_order);
-        store_be32(p + 100, fixed);
-        if (fixed > 104) {
-            p[104] = static_cast<uint8_t>(h->compression_type);
-            size_t n = std::min<size_t>(h->unknown_fields.size(), fixed - 105);
-            if (n > 0) {  // data() may be null when empty, and memcpy forbids that
-                std::memcpy(p + 105, h->unknown_fields.data(), n);
-            }
-        }
-    }
+    store_fixed_fields(*h, fixed, out.data());
     return out;
 }
 
@@ -378,6 +395,55 @@ Geometry Geometry::from(const Header& h) {
     g.refcount_max = g.refcount_bits == 64 ? UINT64_MAX : (1ULL << g.refcount_bits) - 1;
     g.compressed_offset_bits = 62 - (h.cluster_bits - 8);
     return g;
+}
+
+uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index) {
+    switch (g.refcount_order) {
+        case 0:
+        case 1:
+        case 2: {
+            uint32_t bits = g.refcount_bits;
+            uint32_t per_byte = 8 / bits;
+            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
+            return (block[index / per_byte] >> shift) & ((1U << bits) - 1);
+        }
+        case 3:
+            return block[index];
+        case 4:
+            return load_be16(block + index * 2);
+        case 5:
+            return load_be32(block + index * 4);
+        default:
+            return load_be64(block + index * 8);
+    }
+}
+
+void store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value) {
+    switch (g.refcount_order) {
+        case 0:
+        case 1:
+        case 2: {
+            uint32_t bits = g.refcount_bits;
+            uint32_t per_byte = 8 / bits;
+            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
+            uint8_t mask = static_cast<uint8_t>(((1U << bits) - 1) << shift);
+            uint8_t& b = block[index / per_byte];
+            b = static_cast<uint8_t>((b & ~mask) | ((value << shift) & mask));
+            break;
+        }
+        case 3:
+            block[index] = static_cast<uint8_t>(value);
+            break;
+        case 4:
+            store_be16(block + index * 2, static_cast<uint16_t>(value));
+            break;
+        case 5:
+            store_be32(block + index * 4, static_cast<uint32_t>(value));
+            break;
+        default:
+            store_be64(block + index * 8, value);
+            break;
+    }
 }
 
 }  // namespace imgfs::qcow2

@@ -167,4 +167,9 @@ inline void store_be64(uint8_t* p, uint64_t v) {
     store_be32(p + 4, static_cast<uint32_t>(v));
 }
 
+/// Entry `index` of a refcount block, in the image's refcount width (1 to 64 bits).
+uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index);
+/// Sets entry `index` of a refcount block to `value` (which must fit the width).
+void store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value);
+
 }  // namespace imgfs::qcow2

@@ -226,8 +226,6 @@ class Metadata {
     Task<Status> free_entry_clusters(L2Entry e, bool punch);
     Task<Status> grow_refcount_table(uint64_t min_entries);
     Task<Status> write_refcount_table_entry(uint64_t index);
-    static uint64_t load_refcount(const Geometry& g, const uint8_t* block, uint64_t index);
-    static void store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value);
 
     // ---- mapping (metadata_map.cc) ----
     Task<Status> link_clusters(WritePlan plan);

@@ -12,55 +12,6 @@
 
 namespace imgfs::qcow2 {
 
-uint64_t Metadata::load_refcount(const Geometry& g, const uint8_t* block, uint64_t index) {
-    switch (g.refcount_order) {
-        case 0:
-        case 1:
-        case 2: {
-            uint32_t bits = g.refcount_bits;
-            uint32_t per_byte = 8 / bits;
-            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
-            return (block[index / per_byte] >> shift) & ((1U << bits) - 1);
-        }
-        case 3:
-            return block[index];
-        case 4:
-            return load_be16(block + index * 2);
-        case 5:
-            return load_be32(block + index * 4);
-        default:
-            return load_be64(block + index * 8);
-    }
-}
-
-void Metadata::store_refcount(const Geometry& g, uint8_t* block, uint64_t index, uint64_t value) {
-    switch (g.refcount_order) {
-        case 0:
-        case 1:
-        case 2: {
-            uint32_t bits = g.refcount_bits;
-            uint32_t per_byte = 8 / bits;
-            uint32_t shift = static_cast<uint32_t>(index % per_byte) * bits;
-            uint8_t mask = static_cast<uint8_t>(((1U << bits) - 1) << shift);
-            uint8_t& b = block[index / per_byte];
-            b = static_cast<uint8_t>((b & ~mask) | ((value << shift) & mask));
-            break;
-        }
-        case 3:
-            block[index] = static_cast<uint8_t>(value);
-            break;
-        case 4:
-            store_be16(block + index * 2, static_cast<uint16_t>(value));
-            break;
-        case 5:
-            store_be32(block + index * 4, static_cast<uint32_t>(value));
-            break;
-        default:
-            store_be64(block + index * 8, value);
-            break;
-    }
-}
-
 Task<Result<uint64_t>> Metadata::get_refcount(uint64_t cluster) {
     uint64_t ri = cluster / g_.refblock_entries;
     if (ri >= refcount_table_.size()) {
