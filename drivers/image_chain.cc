@@ -350,4 +350,17 @@ Task<Status> close_chain(Chain* chain) {
     co_return first;
 }
 
+Task<void> write_layer_json(JsonWriter* w, const Layer* layer) {
+    w->begin_object();
+    w->field("file", layer->file);
+    w->field("format", layer->format);
+    w->field("virtual_size", layer->node->size());
+    Result<uint64_t> allocated = co_await layer->node->allocated_bytes();
+    if (allocated) {
+        w->field("allocated_size", *allocated);
+    }
+    layer->node->describe(w);
+    w->end_object();
+}
+
 }  // namespace imgfs

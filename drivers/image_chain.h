@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/json.h"
 #include "core/node.h"
 #include "core/unique_fd.h"
 #include "drivers/fault.h"
@@ -74,6 +75,10 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
 
 /// Closes every layer, top first (the top flushes its metadata).
 Task<Status> close_chain(Chain* chain);
+
+/// Writes one layer as a JSON object: file, format, virtual size, allocated size (left out if
+/// it cannot be read) and what its driver describes. Shared by `imgfs info` and the info file.
+Task<void> write_layer_json(JsonWriter* w, const Layer* layer);
 
 /// "qcow2" if the file starts with the qcow2 magic, else "raw".
 Result<std::string> probe_format(int fd);

@@ -251,17 +251,8 @@ std::string info_json(Offline* s, const std::string& file, uint64_t data_bytes) 
     w.field("data_bytes", data_bytes);
     w.key("layers");
     w.begin_array();
-    for (Layer& l : s->chain.layers) {
-        w.begin_object();
-        w.field("file", l.file);
-        w.field("format", l.format);
-        w.field("virtual_size", l.node->size());
-        auto alloc = sync_wait(s->loop.get(), l.node->allocated_bytes());
-        if (alloc) {
-            w.field("allocated_size", *alloc);
-        }
-        l.node->describe(&w);
-        w.end_object();
+    for (const Layer& l : s->chain.layers) {
+        sync_wait(s->loop.get(), write_layer_json(&w, &l));
     }
     w.end_array();
     w.end_object();

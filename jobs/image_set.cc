@@ -381,17 +381,8 @@ Task<std::string> ImageSet::info_json(Export* e) {
     }
     w.key("layers");
     w.begin_array();
-    for (Layer& l : e->chain.layers) {
-        w.begin_object();
-        w.field("file", l.file);
-        w.field("format", l.format);
-        w.field("virtual_size", l.node->size());
-        Result<uint64_t> alloc = co_await l.node->allocated_bytes();
-        if (alloc) {
-            w.field("allocated_size", *alloc);
-        }
-        l.node->describe(&w);
-        w.end_object();
+    for (const Layer& l : e->chain.layers) {
+        co_await write_layer_json(&w, &l);
     }
     w.end_array();
     w.end_object();
