@@ -12,10 +12,25 @@ bool BlockBackend::writable() const {
     return root() != nullptr && (root()->perm() & perm::kWrite) != 0;
 }
 
-Status BlockBackend::check_writable() const {
-    if (root() == nullptr) {
-        return make_error(ENODEV, "{} has no image attached", name_);
+void BlockBackend::fence(std::string reason) {
+    fence_reason_ = reason.empty() ? std::string("failed") : std::move(reason);
+}
+
+Task<Status> BlockBackend::enter() {
+    if (quiesced()) {
+        co_await wait_unquiesced();
     }
+    // Checked after the wait: the drained section may have removed or fenced the image.
+    if (fenced()) {
+        co_return make_error(EIO, "{} is failed: {}", name_, fence_reason_);
+    }
+    if (root() == nullptr) {
+        co_return make_error(ENODEV, "{} has no image attached", name_);
+    }
+    co_return Status{};
+}
+
+Status BlockBackend::check_writable() const {
     if (!writable()) {
         return make_error(EROFS, "{} is read-only", name_);
     }
@@ -23,64 +38,61 @@ Status BlockBackend::check_writable() const {
 }
 
 Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
-    if (root() == nullptr) {
-        co_return make_error(ENODEV, "{} has no image attached", name_);
-    }
+    CO_TRY(co_await enter());
     InFlightGuard guard(this);
     co_return co_await root()->read(offset, buf);
 }
 
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
+    CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
     co_return co_await root()->write(offset, buf);
 }
 
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
+    CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
     co_return co_await root()->write_zeroes(offset, bytes, may_unmap);
 }
 
 Task<Status> BlockBackend::discard(uint64_t offset, uint64_t bytes) {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
+    CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
     co_return co_await root()->discard(offset, bytes);
 }
 
 Task<Status> BlockBackend::flush() {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
-    if (root() == nullptr) {
-        co_return make_error(ENODEV, "{} has no image attached", name_);
-    }
+    CO_TRY(co_await enter());
     InFlightGuard guard(this);
     co_return co_await root()->flush();
 }
 
 Task<Status> BlockBackend::truncate(uint64_t new_size) {
-    if (quiesced()) {
-        co_await wait_unquiesced();
-    }
+    CO_TRY(co_await enter());
     CO_TRY(check_writable());
     if ((root()->perm() & perm::kResize) == 0) {
         co_return make_error(EPERM, "{} may not change its size", name_);
     }
     InFlightGuard guard(this);
     co_return co_await root()->truncate(new_size);
+}
+
+Task<Result<ChainStatus>> BlockBackend::block_status_above(uint64_t offset, uint64_t bytes) {
+    CO_TRY(co_await enter());
+    InFlightGuard guard(this);
+    // A job's filter has no backing edge of its own: the chain starts at what it filters.
+    Node* top = root_node();
+    while (top->backing() == nullptr) {
+        Child* filtered = top->child(ChildRole::kFiltered);
+        if (filtered == nullptr) {
+            break;
+        }
+        top = filtered->node();
+    }
+    co_return co_await imgfs::block_status_above(top, offset, bytes);
 }
 
 }  // namespace imgfs

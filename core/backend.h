@@ -1,9 +1,12 @@
 // BlockBackend: the root user of a chain (the FUSE export of NAME.raw, or a test). Its requests
-// wait while a drained section holds the chain, and are counted while in flight.
+// wait while a drained section holds the chain, and are counted while in flight. Everything a
+// user of the image asks of it goes through here, block status included, so a drained section
+// (snapshot, job switch, export removal) sees every request.
 #pragma once
 
 #include <string>
 
+#include "core/chain_status.h"
 #include "core/node.h"
 
 namespace imgfs {
@@ -31,6 +34,15 @@ class BlockBackend final : public ChildOwner {
     Task<Status> discard(uint64_t offset, uint64_t bytes);
     Task<Status> flush();
     Task<Status> truncate(uint64_t new_size);
+    /// What the whole chain shows at `offset` (offset < size(), bytes > 0), looking through a
+    /// filter a job has put over the top layer. Depths count from the top layer.
+    Task<Result<ChainStatus>> block_status_above(uint64_t offset, uint64_t bytes);
+
+    /// From now on every request fails with EIO naming `reason`: the image is in a state a
+    /// failed graph change could not undo, and serving it could return wrong data.
+    void fence(std::string reason);
+    [[nodiscard]] bool fenced() const { return !fence_reason_.empty(); }
+    [[nodiscard]] const std::string& fence_reason() const { return fence_reason_; }
 
     // Open files on the export; revert is refused while any is open.
     void open_file() { ++open_count_; }
@@ -38,9 +50,12 @@ class BlockBackend final : public ChildOwner {
     [[nodiscard]] int open_count() const { return open_count_; }
 
   private:
+    /// Waits while drained, then checks that there is an image to serve.
+    Task<Status> enter();
     Status check_writable() const;
 
     std::string name_;
+    std::string fence_reason_;
     int open_count_ = 0;
 };
 

@@ -1,0 +1,122 @@
+// BlockBackend: block status goes through the backend like I/O (it waits while a drained section
+// holds the chain and looks through a job's filter), and a fenced backend refuses everything.
+#include "core/backend.h"
+
+#include <gtest/gtest.h>
+
+#include "core/drain.h"
+#include "core/task_scope.h"
+#include "fake_node.h"
+#include "test_util.h"
+
+namespace imgfs {
+namespace {
+
+// A layer that holds nothing itself: everything shows through from its backing layer.
+class EmptyLayer final : public Node {
+  public:
+    EmptyLayer(NodeEnv env, uint64_t size) : Node(env, "empty") {
+        size_ = size;
+        caps_.block_status = true;
+    }
+    [[nodiscard]] const char* driver_name() const override { return "empty"; }
+
+  protected:
+    Task<Status> do_read(uint64_t, MutBuf) override { co_return Status{}; }
+    Task<Status> do_write(uint64_t, ConstBuf) override { co_return Status{}; }
+    Task<Status> do_flush() override { co_return Status{}; }
+    Task<Result<BlockStatus>> do_block_status(uint64_t, uint64_t bytes) override {
+        co_return BlockStatus{Alloc::kUnallocated, bytes};
+    }
+};
+
+// A filter over one child, as a job puts over the top layer.
+class PassFilter final : public Node {
+  public:
+    PassFilter(NodeEnv env, uint64_t size) : Node(env, "filter") {
+        size_ = size;
+        caps_.block_status = true;
+    }
+    [[nodiscard]] const char* driver_name() const override { return "pass"; }
+
+  protected:
+    Task<Status> do_read(uint64_t o, MutBuf b) override {
+        co_return co_await child(ChildRole::kFiltered)->read(o, b);
+    }
+    Task<Status> do_write(uint64_t, ConstBuf) override { co_return Status{}; }
+    Task<Status> do_flush() override { co_return Status{}; }
+    Task<Result<BlockStatus>> do_block_status(uint64_t o, uint64_t bytes) override {
+        co_return co_await child(ChildRole::kFiltered)->block_status(o, bytes);
+    }
+};
+
+class BackendTest : public test::LoopTest {
+  protected:
+    static Task<void> status_of(BlockBackend* be, Result<ChainStatus>* out, bool* done) {
+        *out = co_await be->block_status_above(0, 4096);
+        *done = true;
+    }
+    static Task<void> join(TaskScope* s) { co_await s->join(); }
+    Task<void> tick() { co_await loop_->sleep(std::chrono::milliseconds(1)); }
+};
+
+TEST_F(BackendTest, BlockStatusLooksThroughAFilterToTheBacking) {
+    auto base = std::make_shared<test::MemNode>(env(), "base", 1 << 20);
+    auto top = std::make_shared<EmptyLayer>(env(), 1 << 20);
+    auto filter = std::make_shared<PassFilter>(env(), 1 << 20);
+    BlockBackend be(loop_.get(), "vm");
+    Transaction tx(&graph_);
+    tx.attach(top.get(), base, ChildRole::kBacking, "backing");
+    tx.attach(filter.get(), top, ChildRole::kFiltered, "filtered");
+    be.attach(&tx, filter, perm::kConsistentRead, perm::kAll);
+    ASSERT_TRUE(tx.commit().ok());
+    Result<ChainStatus> st = Error{};
+    bool done = false;
+    run(status_of(&be, &st, &done));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_TRUE(st->data);  // the base's data, not zeros for want of a backing on the filter
+    EXPECT_EQ(st->depth, 1);
+}
+
+TEST_F(BackendTest, BlockStatusWaitsWhileTheChainIsDrained) {
+    auto mem = std::make_shared<test::MemNode>(env(), "mem", 1 << 20);
+    BlockBackend be(loop_.get(), "vm");
+    {
+        Transaction tx(&graph_);
+        be.attach(&tx, mem, perm::kConsistentRead, perm::kAll);
+        ASSERT_TRUE(tx.commit().ok());
+    }
+    std::vector<std::shared_ptr<Node>> nodes{mem};
+    DrainGuard drained = run(drain(nodes));
+    Result<ChainStatus> st = Error{};
+    bool done = false;
+    TaskScope scope(loop_.get());
+    scope.spawn(status_of(&be, &st, &done));
+    for (int i = 0; i < 5; ++i) {
+        run(tick());
+    }
+    EXPECT_FALSE(done) << "block status ran inside a drained section";
+    drained.end();
+    run(join(&scope));
+    EXPECT_TRUE(done);
+    EXPECT_TRUE(st.ok());
+}
+
+TEST_F(BackendTest, FencedBackendRefusesEveryRequest) {
+    auto mem = std::make_shared<test::MemNode>(env(), "mem", 1 << 20);
+    BlockBackend* be = use_rw(mem);
+    std::vector<uint8_t> buf(4096);
+    ASSERT_TRUE(run(be->write(0, buf)).ok());
+    be->fence("the commit filter could not be taken out");
+    EXPECT_TRUE(be->fenced());
+    Status r = run(be->read(0, buf));
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().errnum, EIO);
+    EXPECT_NE(r.error().message().find("could not be taken out"), std::string::npos);
+    EXPECT_EQ(run(be->write(0, buf)).error().errnum, EIO);
+    EXPECT_EQ(run(be->flush()).error().errnum, EIO);
+    EXPECT_EQ(run(be->block_status_above(0, 4096)).error().errnum, EIO);
+}
+
+}  // namespace
+}  // namespace imgfs
