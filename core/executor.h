@@ -17,4 +17,13 @@ class Executor {
     ~Executor() = default;
 };
 
+/// `co_await Yield{ex}` suspends and lets every coroutine already queued on `ex` run first
+/// (tests use it to shuffle the order in which concurrent requests make progress).
+struct Yield {
+    Executor* ex;
+    [[nodiscard]] bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> h) const { ex->schedule(h); }
+    void await_resume() const noexcept {}
+};
+
 }  // namespace imgfs

@@ -218,6 +218,11 @@ class Node : public ChildOwner {
     virtual void describe(JsonWriter* out) const;
     /// Bytes this layer has allocated in its storage (for info and capacity checks).
     virtual Task<Result<uint64_t>> allocated_bytes();
+    /// Every byte at or past this offset reads as zeros because no write was ever issued there
+    /// (in flight, failed part way or done), so a format driver need not write zeros into
+    /// fresh space past it. size() is no such bound: it counts completed writes only.
+    /// Default: nothing is known.
+    [[nodiscard]] virtual uint64_t zeros_from() const { return UINT64_MAX; }
 
     // ChildOwner
     [[nodiscard]] std::string owner_name() const override { return name_; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 
+#include "core/event_loop.h"
 #include "core/transaction.h"
 
 namespace imgfs {
@@ -28,6 +29,14 @@ void FaultNode::sync_from_child() {
 size_t FaultNode::add_rule(const FaultRule& rule) {
     rules_.push_back(RuleState{rule});
     return rules_.size() - 1;
+}
+
+uint64_t FaultNode::fired_total() const {
+    uint64_t n = 0;
+    for (const RuleState& r : rules_) {
+        n += r.fired;
+    }
+    return n;
 }
 
 uint64_t FaultNode::count(uint32_t op) const {
@@ -57,9 +66,25 @@ FaultNode::Verdict FaultNode::judge(uint32_t op, uint64_t offset, uint64_t bytes
         if (r.matched < r.rule.nth || (r.rule.once && r.fired > 0)) {
             continue;
         }
+        if (r.rule.probability < 1.0 &&
+            std::uniform_real_distribution<double>(0.0, 1.0)(rng_) >= r.rule.probability) {
+            continue;
+        }
         ++r.fired;
         if (verdict == Verdict::kPass) {
-            verdict = r.rule.action == FaultAction::kDrop ? Verdict::kDrop : Verdict::kFail;
+            switch (r.rule.action) {
+                case FaultAction::kError:
+                    verdict = Verdict::kFail;
+                    break;
+                case FaultAction::kDrop:
+                    verdict = Verdict::kDrop;
+                    break;
+                case FaultAction::kShort:
+                    // Only ranged writes can be cut short; anything else just fails.
+                    bool cuttable = op == fault_op::kWrite || op == fault_op::kWriteZeroes;
+                    verdict = cuttable ? Verdict::kShort : Verdict::kFail;
+                    break;
+            }
             *errnum = r.rule.errnum;
         }
     }
@@ -70,68 +95,112 @@ Error FaultNode::injected(int errnum, const char* op, uint64_t offset) const {
     return make_error(errnum, "{}: injected error on {} at {}", name(), op, offset);
 }
 
+uint64_t FaultNode::short_length(uint64_t bytes) {
+    const uint64_t block = std::max<uint64_t>(limits_.request_alignment, 512);
+    const uint64_t blocks = bytes / block;
+    return blocks == 0 ? 0 : (rng_() % blocks) * block;
+}
+
+Task<void> FaultNode::jitter() {
+    if (jitter_turns_ == 0) {
+        co_return;
+    }
+    for (uint64_t n = rng_() % (jitter_turns_ + 1); n > 0; --n) {
+        co_await Yield{env_.loop};
+    }
+}
+
 Task<Status> FaultNode::do_read(uint64_t offset, MutBuf buf) {
+    co_await jitter();
     int err = 0;
     if (judge(fault_op::kRead, offset, buf.size(), &err) == Verdict::kFail) {
         co_return injected(err, "read", offset);
     }
-    co_return co_await child(ChildRole::kFiltered)->read(offset, buf);
+    Status st = co_await child(ChildRole::kFiltered)->read(offset, buf);
+    co_await jitter();
+    co_return st;
 }
 
 Task<Status> FaultNode::do_write(uint64_t offset, ConstBuf buf) {
+    co_await jitter();
     int err = 0;
+    Status st;
     switch (judge(fault_op::kWrite, offset, buf.size(), &err)) {
         case Verdict::kFail:
             co_return injected(err, "write", offset);
         case Verdict::kDrop:
             co_return Status{};
+        case Verdict::kShort:
+            if (uint64_t part = short_length(buf.size()); part > 0) {
+                st = co_await child(ChildRole::kFiltered)->write(offset, buf.first(part));
+            }
+            st = injected(err, "write (short)", offset);
+            break;
         case Verdict::kPass:
+            st = co_await child(ChildRole::kFiltered)->write(offset, buf);
             break;
     }
-    CO_TRY(co_await child(ChildRole::kFiltered)->write(offset, buf));
     size_ = child(ChildRole::kFiltered)->node()->size();
-    co_return Status{};
+    co_await jitter();
+    co_return st;
 }
 
 Task<Status> FaultNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
+    co_await jitter();
     int err = 0;
+    Status st;
     switch (judge(fault_op::kWriteZeroes, offset, bytes, &err)) {
         case Verdict::kFail:
             co_return injected(err, "write_zeroes", offset);
         case Verdict::kDrop:
             co_return Status{};
+        case Verdict::kShort:
+            if (uint64_t part = short_length(bytes); part > 0) {
+                st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, part, may_unmap);
+            }
+            st = injected(err, "write_zeroes (short)", offset);
+            break;
         case Verdict::kPass:
+            st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap);
             break;
     }
-    CO_TRY(co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap));
     size_ = child(ChildRole::kFiltered)->node()->size();
-    co_return Status{};
+    co_await jitter();
+    co_return st;
 }
 
 Task<Status> FaultNode::do_discard(uint64_t offset, uint64_t bytes) {
+    co_await jitter();
     int err = 0;
     switch (judge(fault_op::kDiscard, offset, bytes, &err)) {
         case Verdict::kFail:
+        case Verdict::kShort:
             co_return injected(err, "discard", offset);
         case Verdict::kDrop:
             co_return Status{};
         case Verdict::kPass:
             break;
     }
-    co_return co_await child(ChildRole::kFiltered)->discard(offset, bytes);
+    Status st = co_await child(ChildRole::kFiltered)->discard(offset, bytes);
+    co_await jitter();
+    co_return st;
 }
 
 Task<Status> FaultNode::do_flush() {
+    co_await jitter();
     int err = 0;
     switch (judge(fault_op::kFlush, 0, 0, &err)) {
         case Verdict::kFail:
+        case Verdict::kShort:
             co_return injected(err, "flush", 0);
         case Verdict::kDrop:
             co_return Status{};
         case Verdict::kPass:
             break;
     }
-    co_return co_await child(ChildRole::kFiltered)->flush();
+    Status st = co_await child(ChildRole::kFiltered)->flush();
+    co_await jitter();
+    co_return st;
 }
 
 Task<Result<BlockStatus>> FaultNode::do_block_status(uint64_t offset, uint64_t bytes) {
@@ -142,6 +211,7 @@ Task<Status> FaultNode::do_truncate(uint64_t new_size) {
     int err = 0;
     switch (judge(fault_op::kWrite, new_size, 0, &err)) {
         case Verdict::kFail:
+        case Verdict::kShort:
             co_return injected(err, "truncate", new_size);
         case Verdict::kDrop:
             co_return Status{};

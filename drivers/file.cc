@@ -60,6 +60,7 @@ Status FileNode::init() {
         }
         size_ = static_cast<uint64_t>(end);
     }
+    zeros_from_ = size_;
     read_only_ = options_.read_only;
     limits_ = Limits{};
     limits_.max_transfer = 16ULL << 20;
@@ -100,6 +101,9 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
                              "image is reopened",
                              name());
     }
+    // Raised before the write is issued: a write that fails part way (ENOSPC after a short
+    // write) still leaves its first bytes in the file, past the size we know of.
+    zeros_from_ = std::max(zeros_from_, offset + buf.size());
     Status st = co_await env_.loop->write_full(fd_.get(), buf, offset);
     if (!st) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
@@ -120,33 +124,47 @@ Task<Status> FileNode::write_zeroes_by_writing(uint64_t offset, uint64_t bytes) 
     co_return Status{};
 }
 
+// For a range that reads as zeros already: moves the end of the file to cover it and, with
+// `allocate`, allocates it. The file never shrinks here. ftruncate would be wrong for growing
+// it: `size_` learns of a write only when it completes, so a write past the range that the
+// kernel finished but we have not reaped yet would be cut off.
+Task<Status> FileNode::grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate) {
+    const uint64_t end = offset + bytes;
+    if (!allocate && end <= size_) {
+        co_return Status{};
+    }
+    // Without `allocate` only the last block is needed to move the end.
+    const uint64_t last_block = std::max<uint64_t>(limits_.request_alignment, 4096);
+    const uint64_t from = allocate ? offset : end - std::min(bytes, last_block);
+    if (allocate_supported_) {
+        // Mode 0 allocates (holes become allocated zeros) and extends, never shrinks.
+        Status st = co_await env_.loop->fallocate(fd_.get(), 0, from, end - from);
+        if (st) {
+            size_ = std::max(size_, end);
+            co_return Status{};
+        }
+        if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS) {
+            co_return io_error(st.error().errnum, "allocate", from, end - from);
+        }
+        allocate_supported_ = false;
+    }
+    // Zeros written inside the caller's own range are safe whatever else is in flight.
+    co_return co_await write_zeroes_by_writing(from, end - from);
+}
+
 Task<Status> FileNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
     if (failed_) {
         co_return make_error(EIO, "{}: an earlier flush failed", name());
     }
-    uint64_t end = offset + bytes;
-    if (offset >= size_) {
-        // Entirely past EOF: growing the file makes the range read as zeros.
-        co_return co_await do_truncate(end);
+    if (offset >= zeros_from_) {
+        // Nothing was ever written here: the range reads as zeros already.
+        co_return co_await grow_zeroed(offset, bytes, !may_unmap);
     }
-    if (may_unmap && punch_supported_) {
-        Status st = co_await env_.loop->fallocate(
-            fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
-        if (st) {
-            if (end > size_) {
-                CO_TRY(co_await do_truncate(end));
-            }
-            co_return Status{};
-        }
-        if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS) {
-            co_return io_error(st.error().errnum, "punch hole", offset, bytes);
-        }
-        punch_supported_ = false;
-    }
-    if (zero_range_supported_) {
+    if (!may_unmap && zero_range_supported_) {
+        // Zeroes in place, allocated; extends the size like a write (never shrinks it).
         Status st = co_await env_.loop->fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, offset, bytes);
         if (st) {
-            size_ = std::max(size_, end);
+            size_ = std::max(size_, offset + bytes);
             co_return Status{};
         }
         if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS &&
@@ -154,6 +172,17 @@ Task<Status> FileNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may
             co_return io_error(st.error().errnum, "zero range", offset, bytes);
         }
         zero_range_supported_ = false;
+    }
+    if (punch_supported_) {
+        Status st = co_await env_.loop->fallocate(
+            fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+        if (st) {
+            co_return co_await grow_zeroed(offset, bytes, !may_unmap);
+        }
+        if (st.error().errnum != EOPNOTSUPP && st.error().errnum != ENOSYS) {
+            co_return io_error(st.error().errnum, "punch hole", offset, bytes);
+        }
+        punch_supported_ = false;
     }
     co_return co_await write_zeroes_by_writing(offset, bytes);
 }

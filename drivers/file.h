@@ -40,6 +40,7 @@ class FileNode final : public Node {
     [[nodiscard]] bool failed() const { return failed_; }
 
     Task<Result<uint64_t>> allocated_bytes() override;
+    [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
     /// Refuses permissions another process's image locks forbid (QEMU's protocol: a shared
     /// OFD lock on byte 100+i while permission i is used, on byte 200+i while it is not shared).
     Status check_perm(Perms perm, Perms shared) const override;
@@ -58,6 +59,7 @@ class FileNode final : public Node {
   private:
     Status init();
     Task<Status> write_zeroes_by_writing(uint64_t offset, uint64_t bytes);
+    Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
 
     UniqueFd fd_;
@@ -66,6 +68,10 @@ class FileNode final : public Node {
     uint64_t fdatasyncs_ = 0;
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
+    bool allocate_supported_ = true;
+    // No byte at or past this offset was ever written (see zeros_from()). Unlike size_, it
+    // counts writes that are in flight or failed part way.
+    uint64_t zeros_from_ = 0;
 };
 
 }  // namespace imgfs

@@ -45,6 +45,8 @@ const char* kMountHelp =
     "  layers=top|all     which layers of each chain get the rule (default top)\n"
     "  file=NAME     only the layer stored in image file NAME\n"
     "  drop          report success without doing the write (a write lost in a crash)\n"
+    "  short         pass a random part of a write on, then fail it (ENOSPC part way)\n"
+    "  probability=P fire on a random fraction P (0 < P <= 1) of the requests it matches\n"
     "These rules sit in a filter between a layer's format driver and its file. OPS\n"
     "'fdatasync' instead makes the file driver's own fdatasync fail (from the nth on), as\n"
     "the kernel would: the image then refuses writes and flushes until remounted.\n"
@@ -131,6 +133,15 @@ Status apply_fault_word(const std::string& word, ChainFault* f) {
         f->rule.once = word == "once";
     } else if (word == "drop") {
         f->rule.action = FaultAction::kDrop;
+    } else if (word == "short") {
+        f->rule.action = FaultAction::kShort;
+    } else if (key == "probability") {
+        char* end = nullptr;
+        double p = std::strtod(value.c_str(), &end);
+        if (value.empty() || *end != '\0' || !(p > 0.0 && p <= 1.0)) {
+            return make_error(EINVAL, "probability '{}' is not in (0, 1]", value);
+        }
+        f->rule.probability = p;
     } else if (eq == std::string::npos) {
         return make_error(EINVAL, "unknown word '{}'", word);
     } else if (key == "errno") {
@@ -169,9 +180,9 @@ Result<ChainFault> parse_fault_rule(std::istringstream* words, const std::string
     while (*words >> word) {
         TRY(apply_fault_word(word, &f));
     }
-    if (f.fdatasync &&
-        (f.rule.event != IoEvent::kNone || f.rule.offset != 0 ||
-         f.rule.bytes != FaultRule{}.bytes || f.rule.action != FaultAction::kError)) {
+    if (f.fdatasync && (f.rule.event != IoEvent::kNone || f.rule.offset != 0 ||
+                        f.rule.bytes != FaultRule{}.bytes || f.rule.action != FaultAction::kError ||
+                        f.rule.probability != 1.0)) {
         return make_error(EINVAL, "fdatasync rules take only errno=, nth=, layers= and file=");
     }
     return f;

@@ -43,9 +43,12 @@ Task<Status> Metadata::find_allocation_end() {
         if (!refblock_usable(ri)) {
             continue;  // a broken entry is reported when an allocation reaches it
         }
+        // One block read, scanned in memory (a block of 2 MiB clusters counts 1M of them).
+        CO_TRY_ASSIGN(
+            TableCache::Ref block,
+            co_await refblock_cache_.get(file_, refcount_table_[ri] & ~kRefTableReservedMask));
         for (uint64_t c = (ri + 1) * entries; c-- > std::max(ri * entries, end);) {
-            CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(c));
-            if (rc != 0) {
+            if (load_refcount(g_, block.data(), c % entries) != 0) {
                 end_cluster_ = std::max(end_cluster_, c + 1);
                 co_return Status{};
             }

@@ -161,7 +161,7 @@ Task<Status> Qcow2Node::check_in_place(WritePlan plan) {
 Task<Status> Qcow2Node::write_allocated(WritePlan plan, ConstBuf data) {
     const uint64_t head = plan.cow_head_bytes;
     const uint64_t tail = plan.cow_tail_bytes;
-    const uint64_t file_end = file()->node()->size();
+    const uint64_t zeros_from = file()->node()->zeros_from();
     Status st;
     if (head == 0 && tail == 0) {
         file()->event(IoEvent::kDataWrite);
@@ -177,9 +177,10 @@ Task<Status> Qcow2Node::write_allocated(WritePlan plan, ConstBuf data) {
         if (st) {
             std::memcpy(b.data() + head, data.data(), data.size());
             uint64_t start = plan.host_offset - head;
-            // Fresh clusters past the end of the file read as zeros already: COW that would
-            // only write zeros there is skipped.
-            bool fresh = plan.newly_allocated && plan.host_start >= file_end;
+            // Fresh clusters where nothing was ever written read as zeros already: COW that
+            // would only write zeros there is skipped. (Past size() is not enough: a write
+            // that failed part way may have left data there.)
+            bool fresh = plan.newly_allocated && plan.host_start >= zeros_from;
             file()->event(IoEvent::kCowWrite);
             if (fresh && is_zero(b.span().first(head)) && is_zero(b.span().last(tail))) {
                 st = co_await file()->write(plan.host_offset, data);

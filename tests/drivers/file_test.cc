@@ -1,10 +1,13 @@
 // The file driver on real temporary files.
 #include "drivers/file.h"
 
+#include <algorithm>
+#include <csignal>
 #include <fcntl.h>
 #include <random>
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include "core/task_scope.h"
 #include "test_util.h"
@@ -154,6 +157,71 @@ TEST_F(FileTest, MissingFileNamesThePath) {
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.error().errnum, ENOENT);
     EXPECT_NE(r.error().message().find("/nonexistent/imgfs/x"), std::string::npos);
+}
+
+// A write that fails part way (the kernel writes up to a limit, then refuses: as ENOSPC after a
+// short write) leaves its first bytes in the file past the size the node knows. Zeroing that
+// range must still zero it, and a format driver must not take it for fresh space.
+TEST_F(FileTest, WriteFailingPartWayIsNotTakenForZeros) {
+    test::TempDir dir(test::memory_backed());
+    const std::string path = dir.file("f");
+    auto node = open_file(path);
+    use_rw(node);
+    std::vector<uint8_t> data(65536, 0xab);
+    {
+        ::signal(SIGXFSZ, SIG_IGN);
+        rlimit limit{100000, RLIM_INFINITY};
+        ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+        Status st = run(node->write(65536, data));
+        rlimit none{RLIM_INFINITY, RLIM_INFINITY};
+        ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &none), 0);
+        ASSERT_FALSE(st.ok());
+        EXPECT_EQ(st.error().errnum, EFBIG);
+    }
+    EXPECT_EQ(slurp(path).size(), 100000U);  // part of the write is in the file
+    EXPECT_GE(node->zeros_from(), 131072U);
+    ASSERT_TRUE(run(node->write_zeroes(65536, 65536, false)).ok());
+    std::vector<uint8_t> got = slurp(path);
+    ASSERT_EQ(got.size(), 131072U);
+    EXPECT_TRUE(std::all_of(got.begin() + 65536, got.end(), [](uint8_t b) { return b == 0; }));
+}
+
+// Zeroing past the end the node knows grows the file without ftruncate: a write past that range
+// which the kernel already did (its completion not yet reaped) must not be cut off.
+TEST_F(FileTest, ZeroingPastTheKnownEndNeverShrinksTheFile) {
+    test::TempDir dir(test::memory_backed());
+    const std::string path = dir.file("f");
+    auto node = open_file(path);
+    use_rw(node);
+    UniqueFd other(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    std::vector<uint8_t> data(4096, 0x5c);
+    ASSERT_EQ(::pwrite(other.get(), data.data(), data.size(), 1 << 20), 4096);
+    for (bool may_unmap : {false, true}) {
+        ASSERT_TRUE(run(node->write_zeroes(may_unmap ? 131072 : 65536, 65536, may_unmap)).ok());
+        std::vector<uint8_t> got = slurp(path);
+        ASSERT_EQ(got.size(), (1U << 20) + 4096);
+        EXPECT_EQ(got[1 << 20], 0x5c);
+    }
+    EXPECT_GE(node->size(), 196608U);
+}
+
+// Zeroing data the node wrote, with and without unmapping, at the end and inside the file.
+TEST_F(FileTest, ZeroingWrittenDataReadsZeros) {
+    test::TempDir dir(test::memory_backed());
+    const std::string path = dir.file("f");
+    auto node = open_file(path);
+    use_rw(node);
+    std::vector<uint8_t> data(262144, 0x77);
+    ASSERT_TRUE(run(node->write(0, data)).ok());
+    ASSERT_TRUE(run(node->write_zeroes(4096, 8192, false)).ok());
+    ASSERT_TRUE(run(node->write_zeroes(65536, 65536, true)).ok());
+    ASSERT_TRUE(run(node->write_zeroes(196608, 131072, false)).ok());  // past the end too
+    std::vector<uint8_t> got = slurp(path);
+    ASSERT_EQ(got.size(), 327680U);
+    for (size_t i = 0; i < got.size(); ++i) {
+        bool zero = (i >= 4096 && i < 12288) || (i >= 65536 && i < 131072) || i >= 196608;
+        ASSERT_EQ(got[i], zero ? 0 : 0x77) << "at " << i;
+    }
 }
 
 }  // namespace

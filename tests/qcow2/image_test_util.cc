@@ -42,9 +42,12 @@ void write_file(const std::string& path, const std::vector<uint8_t>& data) {
 }
 
 std::vector<uint8_t> read_file(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)),
-                                std::istreambuf_iterator<char>());
+    std::ifstream f(path, std::ios::binary | std::ios::ate);
+    std::vector<uint8_t> data(f ? static_cast<size_t>(f.tellg()) : 0);
+    f.seekg(0);
+    f.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    data.resize(static_cast<size_t>(f.gcount()));
+    return data;
 }
 
 Task<Result<std::vector<uint8_t>>> read_all(Node* node) {

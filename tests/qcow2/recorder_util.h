@@ -109,6 +109,9 @@ class RecorderNode final : public Node {
     [[nodiscard]] const char* driver_name() const override { return "recorder"; }
     void on_event(IoEvent event) override;
     Task<Result<uint64_t>> allocated_bytes() override;
+    [[nodiscard]] uint64_t zeros_from() const override {
+        return child(ChildRole::kFiltered)->node()->zeros_from();
+    }
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override;
@@ -131,6 +134,8 @@ class VecNode final : public Node {
   public:
     VecNode(NodeEnv env, std::string name, std::vector<uint8_t> bytes);
     [[nodiscard]] const char* driver_name() const override { return "vec"; }
+    // Writes land whole: nothing lies past the end.
+    [[nodiscard]] uint64_t zeros_from() const override { return data.size(); }
     std::vector<uint8_t> data;
 
   protected:
