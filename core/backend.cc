@@ -1,5 +1,8 @@
 #include "core/backend.h"
 
+#include <cstring>
+#include <ctime>
+
 #include "core/transaction.h"
 
 namespace imgfs {
@@ -30,6 +33,27 @@ Task<Status> BlockBackend::enter() {
     co_return Status{};
 }
 
+Status BlockBackend::note(const char* op, Status st) {
+    const bool reads = std::strcmp(op, "read") == 0;
+    if (st) {
+        if (io_failure_.ongoing && (io_failure_.op == "read") == reads) {
+            io_failure_.ongoing = false;
+        }
+        return st;
+    }
+    const int64_t now = static_cast<int64_t>(std::time(nullptr));
+    if (!io_failure_.ongoing) {
+        io_failure_.since_unix_s = now;
+    }
+    io_failure_.errnum = st.error().errnum;
+    io_failure_.op = op;
+    io_failure_.message = st.error().message();
+    io_failure_.last_unix_s = now;
+    io_failure_.ongoing = true;
+    ++io_failure_.failed;
+    return st;
+}
+
 Status BlockBackend::check_writable() const {
     if (!writable()) {
         return make_error(EROFS, "{} is read-only", name_);
@@ -40,34 +64,34 @@ Status BlockBackend::check_writable() const {
 Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
     CO_TRY(co_await enter());
     InFlightGuard guard(this);
-    co_return co_await root()->read(offset, buf);
+    co_return note("read", co_await root()->read(offset, buf));
 }
 
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
-    co_return co_await root()->write(offset, buf);
+    co_return note("write", co_await root()->write(offset, buf));
 }
 
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
-    co_return co_await root()->write_zeroes(offset, bytes, may_unmap);
+    co_return note("write-zeroes", co_await root()->write_zeroes(offset, bytes, may_unmap));
 }
 
 Task<Status> BlockBackend::discard(uint64_t offset, uint64_t bytes) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
     InFlightGuard guard(this);
-    co_return co_await root()->discard(offset, bytes);
+    co_return note("discard", co_await root()->discard(offset, bytes));
 }
 
 Task<Status> BlockBackend::flush() {
     CO_TRY(co_await enter());
     InFlightGuard guard(this);
-    co_return co_await root()->flush();
+    co_return note("flush", co_await root()->flush());
 }
 
 Task<Status> BlockBackend::truncate(uint64_t new_size) {
@@ -77,7 +101,7 @@ Task<Status> BlockBackend::truncate(uint64_t new_size) {
         co_return make_error(EPERM, "{} may not change its size", name_);
     }
     InFlightGuard guard(this);
-    co_return co_await root()->truncate(new_size);
+    co_return note("truncate", co_await root()->truncate(new_size));
 }
 
 Task<Result<ChainStatus>> BlockBackend::block_status_above(uint64_t offset, uint64_t bytes) {

@@ -13,6 +13,19 @@ namespace imgfs {
 
 class Transaction;
 
+/// The last request of a backend that failed, as its user saw it: a disk that filled up or
+/// went bad shows in status and info, and so does its end (a request of the same kind that
+/// succeeded afterwards).
+struct IoFailure {
+    int errnum = 0;  // 0: nothing has failed
+    std::string op;  // "read", "write", "write-zeroes", "discard", "flush", "truncate"
+    std::string message;
+    uint64_t failed = 0;       // requests failed since the backend was made
+    int64_t since_unix_s = 0;  // first failure of the current run of failures
+    int64_t last_unix_s = 0;   // latest failure
+    bool ongoing = false;      // no request of the same kind has succeeded since
+};
+
 class BlockBackend final : public ChildOwner {
   public:
     BlockBackend(Executor* executor, std::string name)
@@ -44,6 +57,8 @@ class BlockBackend final : public ChildOwner {
     [[nodiscard]] bool fenced() const { return !fence_reason_.empty(); }
     [[nodiscard]] const std::string& fence_reason() const { return fence_reason_; }
 
+    [[nodiscard]] const IoFailure& io_failure() const { return io_failure_; }
+
     // Open files on the export; revert is refused while any is open.
     void open_file() { ++open_count_; }
     void release_file() { --open_count_; }
@@ -53,10 +68,13 @@ class BlockBackend final : public ChildOwner {
     /// Waits while drained, then checks that there is an image to serve.
     Task<Status> enter();
     Status check_writable() const;
+    /// Records a request's outcome in io_failure_ and passes it on.
+    Status note(const char* op, Status st);
 
     std::string name_;
     std::string fence_reason_;
     int open_count_ = 0;
+    IoFailure io_failure_;
 };
 
 }  // namespace imgfs
