@@ -73,19 +73,54 @@ EventLoop::~EventLoop() {
 }
 
 io_uring_sqe* EventLoop::get_sqe() {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-    while (sqe == nullptr) {
-        // SQ full: hand what we have to the kernel. CQEs produced meanwhile wait in the CQ (or
-        // its overflow list) until the next reap.
+    for (;;) {
+        if (io_uring_sqe* sqe = io_uring_get_sqe(&ring_)) {
+            return sqe;
+        }
+        // SQ full: hand what we have to the kernel.
         ++submit_calls_;
         int ret = io_uring_submit(&ring_);
-        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+        if (ret > 0) {
+            continue;
+        }
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ENOMEM) {
             std::fprintf(stderr, "imgfs: io_uring_submit failed: %d\n", ret);
             std::abort();
         }
-        sqe = io_uring_get_sqe(&ring_);
+        // The kernel takes nothing until completions are reaped (the CQ overflowed: EBUSY) or
+        // memory is back (EAGAIN, ENOMEM). Move completions to the ready queue (their waiters
+        // run later, from the loop), waiting for one if none is there yet.
+        if (reap_completions() == 0 && ops_in_flight_ > 0) {
+            io_uring_cqe* cqe = nullptr;
+            (void)io_uring_wait_cqe(&ring_, &cqe);
+            reap_completions();
+        }
     }
-    return sqe;
+}
+
+unsigned EventLoop::reap_completions() {
+    io_uring_cqe* cqes[64];
+    unsigned total = 0;
+    for (;;) {
+        unsigned n = io_uring_peek_batch_cqe(&ring_, cqes, 64);
+        if (n == 0) {
+            return total;
+        }
+        for (unsigned i = 0; i < n; ++i) {
+            auto* c = static_cast<Completion*>(io_uring_cqe_get_data(cqes[i]));
+            if (c == nullptr) {
+                wake_armed_ = false;  // the wake-up read completed
+                continue;
+            }
+            c->res = cqes[i]->res;
+            c->flags = cqes[i]->flags;
+            ready_.push_back(c->handle);
+            --ops_in_flight_;
+            ++ops_completed_;
+        }
+        io_uring_cq_advance(&ring_, n);
+        total += n;
+    }
 }
 
 void EventLoop::arm_wake_read() {
@@ -143,30 +178,7 @@ bool EventLoop::wait_and_reap() {
         std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
         std::abort();
     }
-    io_uring_cqe* cqes[64];
-    for (;;) {
-        unsigned n = io_uring_peek_batch_cqe(&ring_, cqes, 64);
-        if (n == 0) {
-            break;
-        }
-        bool woken = false;
-        for (unsigned i = 0; i < n; ++i) {
-            auto* c = static_cast<Completion*>(io_uring_cqe_get_data(cqes[i]));
-            if (c == nullptr) {
-                woken = true;
-                continue;
-            }
-            c->res = cqes[i]->res;
-            c->flags = cqes[i]->flags;
-            ready_.push_back(c->handle);
-            --ops_in_flight_;
-            ++ops_completed_;
-        }
-        io_uring_cq_advance(&ring_, n);
-        if (woken) {
-            wake_armed_ = false;
-        }
-    }
+    reap_completions();
     if (!wake_armed_) {
         arm_wake_read();
     }
@@ -193,11 +205,24 @@ void EventLoop::run() {
     run_until(&stop_);
 }
 
+Task<bool> EventLoop::retry_transient(int32_t res, int* attempts, bool memory) {
+    if (res == -EINTR) {
+        co_return true;
+    }
+    bool transient = res == -EAGAIN || (memory && res == -ENOMEM);
+    if (!transient || *attempts >= kMaxTransientRetries) {
+        co_return false;
+    }
+    co_await sleep(std::chrono::milliseconds(1 << (*attempts)++));
+    co_return true;
+}
+
 Task<Result<size_t>> EventLoop::read_full(int fd, MutBuf buf, uint64_t offset) {
     size_t done = 0;
+    int attempts = 0;
     while (done < buf.size()) {
         int32_t res = co_await read_some(fd, buf.subspan(done), offset + done);
-        if (res == -EAGAIN || res == -EINTR) {
+        if (res < 0 && co_await retry_transient(res, &attempts, true)) {
             continue;
         }
         if (res < 0) {
@@ -213,9 +238,10 @@ Task<Result<size_t>> EventLoop::read_full(int fd, MutBuf buf, uint64_t offset) {
 
 Task<Status> EventLoop::write_full(int fd, ConstBuf buf, uint64_t offset) {
     size_t done = 0;
+    int attempts = 0;
     while (done < buf.size()) {
         int32_t res = co_await write_some(fd, buf.subspan(done), offset + done);
-        if (res == -EAGAIN || res == -EINTR) {
+        if (res < 0 && co_await retry_transient(res, &attempts, true)) {
             continue;
         }
         if (res < 0) {
@@ -231,9 +257,10 @@ Task<Status> EventLoop::write_full(int fd, ConstBuf buf, uint64_t offset) {
 
 Task<Status> EventLoop::writev_full(int fd, IoVec* iov, uint64_t offset) {
     uint64_t pos = offset;
+    int attempts = 0;
     while (iov->bytes() > 0) {
         int32_t res = co_await writev_some(fd, iov->data(), iov->count(), pos);
-        if (res == -EAGAIN || res == -EINTR) {
+        if (res < 0 && co_await retry_transient(res, &attempts, true)) {
             continue;
         }
         if (res < 0) {
@@ -249,11 +276,13 @@ Task<Status> EventLoop::writev_full(int fd, IoVec* iov, uint64_t offset) {
 }
 
 Task<Status> EventLoop::fsync(int fd, bool datasync) {
+    int attempts = 0;
     for (;;) {
         int32_t res = co_await submit([=](io_uring_sqe* sqe) {
             io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0);
         });
-        if (res == -EINTR || res == -EAGAIN) {
+        // Not ENOMEM: whether a failed fsync did anything is unknown, so it is not repeated.
+        if (res < 0 && co_await retry_transient(res, &attempts, false)) {
             continue;
         }
         if (res < 0) {
@@ -264,12 +293,13 @@ Task<Status> EventLoop::fsync(int fd, bool datasync) {
 }
 
 Task<Status> EventLoop::fallocate(int fd, int mode, uint64_t offset, uint64_t len) {
+    int attempts = 0;
     for (;;) {
         int32_t res = co_await submit([=](io_uring_sqe* sqe) {
             io_uring_prep_fallocate(sqe, fd, mode, static_cast<off_t>(offset),
                                     static_cast<off_t>(len));
         });
-        if (res == -EINTR || res == -EAGAIN) {
+        if (res < 0 && co_await retry_transient(res, &attempts, true)) {
             continue;
         }
         if (res < 0) {

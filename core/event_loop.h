@@ -97,6 +97,11 @@ class EventLoop final : public Executor {
     Task<Status> fallocate(int fd, int mode, uint64_t offset, uint64_t len);
     /// Suspends for at least `ns`.
     Task<void> sleep(std::chrono::nanoseconds ns);
+    /// After an operation completed with `res` < 0: whether to issue it again. EINTR at once;
+    /// EAGAIN (and ENOMEM if `memory`: the kernel was short of memory) after a pause that
+    /// doubles each time, at most kMaxTransientRetries times (about a quarter second in all).
+    Task<bool> retry_transient(int32_t res, int* attempts, bool memory);
+    static constexpr int kMaxTransientRetries = 8;
 
     /// Runs until `done` is true. Returns false if nothing can make progress any more (no ready
     /// coroutine, no operation in flight, no cross-thread post pending): the caller hung.
@@ -119,6 +124,8 @@ class EventLoop final : public Executor {
   private:
     EventLoop() = default;
     io_uring_sqe* get_sqe();
+    /// Moves every available completion's waiter to the ready queue; returns how many.
+    unsigned reap_completions();
     void run_ready();
     // Returns false when nothing is pending at all.
     bool wait_and_reap();

@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config clang clang-format clang-tidy-19 libclang-rt-14-dev
   libfuse3-dev fuse3 liburing-dev zlib1g-dev libzstd-dev libfmt-dev libgtest-dev
-  qemu-utils qemu-system-common fio e2fsprogs python3 util-linux kmod procps strace passwd
+  qemu-utils qemu-system-common fio e2fsprogs xfsprogs python3 util-linux kmod procps strace passwd
 )
 missing=()
 for p in "${packages[@]}"; do

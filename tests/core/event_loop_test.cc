@@ -78,6 +78,26 @@ TEST_F(EventLoopTest, SubmissionsAreBatched) {
     EXPECT_LE(loop_->submit_calls() - before, 10U);
 }
 
+Task<void> short_sleep(EventLoop* loop, int* done) {
+    co_await loop->sleep(std::chrono::microseconds(200));
+    ++*done;
+}
+
+// Far more operations in flight than the rings hold: the submission queue fills up many times
+// and the completion queue overflows; getting an SQE must then reap instead of spinning.
+TEST_F(EventLoopTest, MoreOperationsThanTheRingHolds) {
+    auto small = EventLoop::create(EventLoop::Options{4});
+    ASSERT_TRUE(small.ok()) << small.error().message();
+    TaskScope scope(small->get());
+    int done = 0;
+    for (int i = 0; i < 3000; ++i) {
+        scope.spawn(short_sleep(small->get(), &done));
+    }
+    sync_wait(small->get(), join(&scope));
+    EXPECT_EQ(done, 3000);
+    EXPECT_EQ((*small)->ops_in_flight(), 0U);
+}
+
 Task<void> sleep_then(EventLoop* loop, int ms, std::vector<int>* order) {
     co_await loop->sleep(std::chrono::milliseconds(ms));
     order->push_back(ms);

@@ -3,8 +3,8 @@
 // driver and the file, and runs rounds of many requests at once on neighbouring guest ranges:
 // allocating and in-place writes that share clusters and L2 tables, zeroing, discards, reads
 // and flushes. The filter fails a random subset of every kind of storage request (data, COW,
-// L2 and refcount allocation and write-back, header, flush) with EIO, ENOSPC or EDQUOT, cuts
-// some writes short (part of it lands, then ENOSPC), and holds requests for random scheduler
+// L2 and refcount allocation and write-back, header, flush) with EIO, ENOSPC, EDQUOT or ENOMEM,
+// cuts some writes short (part of it lands, then ENOSPC), and holds requests for random scheduler
 // turns so that they overtake each other. Some cases fill the "disk": every write past a limit
 // fails part way, as a full filesystem does, and later rounds free the space again. Half of
 // those use a real limit (RLIMIT_FSIZE: the kernel writes up to it, then fails with EFBIG), so
@@ -515,9 +515,9 @@ std::string ConcurrentFaults::run_case(uint64_t seed, Tally* t) {
     test::write_file(dir_->file("top.qcow2"), pristine_);
     model_ = initial_;
     static constexpr double kProbabilities[] = {0.01, 0.03, 0.08, 0.15, 0.3};
-    static constexpr int kErrnos[] = {EIO, ENOSPC, EDQUOT};
+    static constexpr int kErrnos[] = {EIO, ENOSPC, EDQUOT, ENOMEM};
     probability_ = kProbabilities[rng() % 5];
-    errnum_ = kErrnos[rng() % 3];
+    errnum_ = kErrnos[rng() % 4];
     uint64_t full = rng() % 6;
     full_disk_ = full == 0 ? Full::kByFilter : full == 1 ? Full::kByKernel : Full::kNo;
     t->full_disk_cases += full_disk_ != Full::kNo ? 1 : 0;
