@@ -76,7 +76,7 @@ Node* Graph::find(const std::string& name) const {
     return nullptr;
 }
 
-Status Graph::refresh_perms() {
+Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
     // Top-down in topological order: a node's needs on its children depend on what all of its
     // own parents need of it, so it is resolved only once every parent edge is.
     std::unordered_map<const Node*, PendingPerms> pending;
@@ -120,7 +120,24 @@ Status Graph::refresh_perms() {
     }
     assert(resolved == nodes_.size() && "cycle in the block graph");
 
+    // Only nodes this change touches (their permissions, or who uses them) are checked and told:
+    // a node elsewhere may be in the middle of another image's operation (a layer frozen just
+    // before its switch), and it was checked when its permissions were last set. This keeps
+    // images independent.
+    std::vector<Node*> touched;
     for (Node* n : nodes_) {
+        const PendingPerms& p = pending[n];
+        bool changed = p.perm != n->cumulative_perm_ || p.shared != n->cumulative_shared_ ||
+                       std::find(restructured.begin(), restructured.end(), n) != restructured.end();
+        for (const Child* c : n->parents()) {
+            changed = changed || c->pending_perm_ != c->perm_ ||
+                      c->pending_shared_ != (c->shared_ | c->extra_shared_);
+        }
+        if (changed) {
+            touched.push_back(n);
+        }
+    }
+    for (Node* n : touched) {
         TRY(check_conflicts(n));
         const PendingPerms& p = pending[n];
         if (Status st = n->check_perm(p.perm, p.shared); !st) {
@@ -133,6 +150,8 @@ Status Graph::refresh_perms() {
             c->perm_ = c->pending_perm_;
             c->shared_ = c->pending_shared_ & ~c->extra_shared_;
         }
+    }
+    for (Node* n : touched) {
         const PendingPerms& p = pending[n];
         n->cumulative_perm_ = p.perm;
         n->cumulative_shared_ = p.shared;

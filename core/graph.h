@@ -19,10 +19,11 @@ class Graph {
     Graph& operator=(const Graph&) = delete;
     ~Graph();
 
-    /// Recomputes every edge's permissions top-down and checks them. On success the new sets
-    /// are applied (nodes see set_perm); on failure nothing changes and the error names the
-    /// node and the two users that conflict.
-    Status refresh_perms();
+    /// Recomputes every edge's permissions top-down and checks the nodes whose sets change, or
+    /// whose users are in `restructured` (a node is checked when its permissions are taken, as
+    /// an image lock is). On success the new sets are applied (changed nodes see set_perm); on
+    /// failure nothing changes and the error names the node and the two users that conflict.
+    Status refresh_perms(const std::vector<const Node*>& restructured = {});
 
     [[nodiscard]] const std::vector<Node*>& nodes() const { return nodes_; }
     /// A live node by name, or null.

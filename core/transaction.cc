@@ -28,9 +28,11 @@ bool Transaction::is_descendant(const Node* maybe_descendant, const Node* ancest
 Child* Transaction::attach(ChildOwner* owner, std::shared_ptr<Node> node, ChildRole role,
                            std::string name, Perms perm, Perms shared) {
     assert(!done_);
+    removal_only_ = false;
     [[maybe_unused]] Node* owner_node = owner->as_node();
     assert(owner_node == nullptr || !is_descendant(owner_node, node.get()));
     assert((owner_node == nullptr) == (role == ChildRole::kUser));
+    restructured_.push_back(node.get());
     auto child = std::make_unique<Child>(owner, std::move(node), role, std::move(name));
     child->user_perm_ = perm;
     child->user_shared_ = shared;
@@ -50,6 +52,8 @@ Child* Transaction::attach(ChildOwner* owner, std::shared_ptr<Node> node, ChildR
 
 void Transaction::detach(Child* child) {
     assert(!done_);
+    assert(child != nullptr && "detach of an edge that is not there");
+    restructured_.push_back(child->node());
     ChildOwner* owner = child->owner();
     auto& cs = owner->children_;
     auto it =
@@ -74,7 +78,10 @@ void Transaction::detach(Child* child) {
 
 void Transaction::replace_node(Node* old_node, const std::shared_ptr<Node>& replacement) {
     assert(!done_);
+    removal_only_ = false;
     assert(old_node->quiesced() || old_node->parents().empty() || old_node->in_flight() == 0);
+    restructured_.push_back(old_node);
+    restructured_.push_back(replacement.get());
     std::vector<Child*> moving;
     for (Child* c : old_node->parents()) {
         if (c->owner() != replacement.get()) {
@@ -105,6 +112,7 @@ Child* Transaction::append_overlay(const std::shared_ptr<Node>& top,
 
 void Transaction::set_user_perm(Child* child, Perms perm, Perms shared) {
     assert(child->user_edge());
+    removal_only_ = false;
     Perms old_perm = child->user_perm_;
     Perms old_shared = child->user_shared_;
     child->user_perm_ = perm;
@@ -116,22 +124,37 @@ void Transaction::set_user_perm(Child* child, Perms perm, Perms shared) {
 }
 
 void Transaction::set_extra_shared(Child* child, Perms extra) {
+    removal_only_ = false;
     Perms old = child->extra_shared_;
     child->extra_shared_ = extra;
     actions_.push_back(Action{nullptr, [child, old] { child->extra_shared_ = old; }});
 }
 
 void Transaction::add_action(std::function<void()> on_commit, std::function<void()> on_abort) {
+    removal_only_ = false;
     actions_.push_back(Action{std::move(on_commit), std::move(on_abort)});
 }
 
 Status Transaction::commit() {
     assert(!done_);
-    Status st = graph_->refresh_perms();
+    Status st = graph_->refresh_perms(restructured_);
     if (!st) {
         abort();
         return st;
     }
+    run_commit_actions();
+    return {};
+}
+
+Status Transaction::commit_removal() {
+    assert(!done_);
+    assert(removal_only_ && "commit_removal of a transaction that does more than detach");
+    Status st = graph_->refresh_perms(restructured_);
+    run_commit_actions();
+    return st;
+}
+
+void Transaction::run_commit_actions() {
     done_ = true;
     for (Action& a : actions_) {
         if (a.commit) {
@@ -139,7 +162,6 @@ Status Transaction::commit() {
         }
     }
     actions_.clear();
-    return {};
 }
 
 void Transaction::abort() {
@@ -153,7 +175,7 @@ void Transaction::abort() {
     actions_.clear();
     // Recompute on the restored shape. It was consistent before; if an outside party (another
     // process's image lock) changed meanwhile, the sets applied before stay in force.
-    (void)graph_->refresh_perms();
+    (void)graph_->refresh_perms(restructured_);
 }
 
 }  // namespace imgfs

@@ -48,6 +48,11 @@ class Transaction {
 
     /// Refreshes permissions on the final graph; on failure undoes everything.
     Status commit();
+    /// Commits a transaction that only detached edges. Taking users away cannot need a
+    /// permission the graph did not grant before, so the removal stands even if the refresh is
+    /// refused (another process's image lock appeared meanwhile): the permissions applied before
+    /// stay in force until the next refresh succeeds. Returns the refresh's error, for the log.
+    Status commit_removal();
     /// Undoes every change now.
     void abort();
 
@@ -59,9 +64,13 @@ class Transaction {
     // Refuses edges that would make the graph cyclic (programming error).
     static bool is_descendant(const Node* maybe_descendant, const Node* ancestor);
 
+    void run_commit_actions();
+
     Graph* graph_;
     std::vector<Action> actions_;
+    std::vector<const Node*> restructured_;  // nodes whose users this transaction changed
     bool done_ = false;
+    bool removal_only_ = true;  // nothing but detach() so far
 };
 
 }  // namespace imgfs
