@@ -278,6 +278,15 @@ int status(const Args& args) {
             if (!err.empty()) {
                 std::printf("  last error: %s\n", err.c_str());
             }
+            // Conditions a rescan or a failed graph change found (null when there is none).
+            std::string failed = json_value(info, "failed");
+            if (!failed.empty() && failed != "null") {
+                std::printf("  failed (I/O gets EIO): %s\n", failed.c_str());
+            }
+            std::string mismatch = json_value(info, "chain_mismatch");
+            if (!mismatch.empty() && mismatch != "null") {
+                std::printf("  chain on disk differs: %s\n", mismatch.c_str());
+            }
         }
         first = false;
     }

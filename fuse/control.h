@@ -2,6 +2,7 @@
 // ExportFs routes reads and writes here; the job-level operations live in jobs/.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -39,10 +40,11 @@ class ControlPlane {
     [[nodiscard]] virtual const std::vector<ControlFileSpec>& image_files() const = 0;
     [[nodiscard]] virtual const std::vector<ControlFileSpec>& global_files() const = 0;
     /// What reading the file shows (taken when it is opened). `e` is null for global files.
-    virtual Task<std::string> read(Export* e, ControlFile file) = 0;
+    virtual Task<std::string> read(std::shared_ptr<Export> e, ControlFile file) = 0;
     /// Runs one command. On failure the error's errno goes to the writer and its text is kept
     /// as the image's last error and logged.
-    virtual Task<Status> write(Export* e, ControlFile file, std::string command) = 0;
+    virtual Task<Status> write(std::shared_ptr<Export> e, ControlFile file,
+                               std::string command) = 0;
 };
 
 /// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line

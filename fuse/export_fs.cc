@@ -64,7 +64,7 @@ void append_dirent(std::vector<uint8_t>* out, uint64_t ino, uint64_t next, uint3
 
 struct ExportFs::Handle {
     uint64_t ino = 0;
-    uint64_t export_id = 0;  // 0 for global files
+    std::shared_ptr<Export> e;  // null for global files
     bool raw = false;
     ControlFile file = ControlFile::kInfo;
     std::string content;
@@ -79,7 +79,7 @@ struct ExportFs::Resolved {
         kRaw,
         kControlFile
     } kind = Kind::kNone;
-    Export* e = nullptr;
+    std::shared_ptr<Export> e;
     const ControlFileSpec* spec = nullptr;
 };
 
@@ -223,7 +223,7 @@ Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
         if (name == ".control") {
             ino = kControlDirIno;
         } else if (name.size() > 4 && name.substr(name.size() - 4) == ".raw") {
-            if (Export* e = images_->find(name.substr(0, name.size() - 4))) {
+            if (auto e = images_->find(name.substr(0, name.size() - 4))) {
                 ino = raw_ino(*e);
             }
         }
@@ -235,7 +235,7 @@ Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
             }
         }
         if (ino == 0) {
-            if (Export* e = images_->find(name)) {
+            if (auto e = images_->find(name)) {
                 ino = raw_ino(*e) + kDirSub;
             }
         }
@@ -262,16 +262,30 @@ Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
     co_return FuseReply::of(out);
 }
 
-Task<void> ExportFs::refresh_blocks(Export* e) {
-    BlocksCache& c = blocks_[e->id];
-    auto now = std::chrono::steady_clock::now();
-    if (c.valid && now - c.at < kBlocksRefresh) {
-        co_return;
+std::shared_ptr<ExportFs::Handle> ExportFs::find_handle(uint64_t fh) const {
+    auto it = handles_.find(fh);
+    return it != handles_.end() ? it->second : nullptr;
+}
+
+void ExportFs::invalidate_blocks(uint64_t export_id) {
+    BlocksCache& c = blocks_[export_id];
+    c.valid = false;
+    ++c.generation;
+}
+
+Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
+    const auto now = std::chrono::steady_clock::now();
+    uint64_t generation = 0;
+    if (auto it = blocks_.find(e->id); it != blocks_.end()) {
+        if (it->second.valid && now - it->second.at < kBlocksRefresh) {
+            co_return;
+        }
+        generation = it->second.generation;
     }
+    BlockBackend* be = e->backend.get();
     uint64_t data = 0;
-    Node* top = e->chain.top().get();
-    for (uint64_t off = 0; off < top->size();) {
-        Result<ChainStatus> st = co_await block_status_above(top, off, top->size() - off);
+    for (uint64_t off = 0; off < be->size();) {
+        Result<ChainStatus> st = co_await be->block_status_above(off, be->size() - off);
         if (!st) {
             co_return;  // keep the old figure; the error surfaces on I/O
         }
@@ -280,7 +294,11 @@ Task<void> ExportFs::refresh_blocks(Export* e) {
         }
         off += st->bytes;
     }
-    c = BlocksCache{data, now, true};
+    // Looked up again: the map may have changed while we counted.
+    BlocksCache& c = blocks_[e->id];
+    if (c.generation == generation) {
+        c = BlocksCache{data, now, true, generation};
+    }
 }
 
 Task<FuseReply> ExportFs::getattr(FuseRequest* req) {
@@ -324,7 +342,7 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
                     log_->error("{}.raw: grow to {}: {}", r.e->name, in.size, st.error().message());
                     co_return FuseReply::err(st.error().errnum);
                 }
-                blocks_.erase(r.e->id);
+                invalidate_blocks(r.e->id);
             }
         } else if (r.kind != Resolved::Kind::kControlFile) {
             co_return FuseReply::err(EISDIR);
@@ -344,7 +362,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
     }
     uint64_t ino = req->header->nodeid;
     Resolved r = resolve(ino);
-    auto h = std::make_unique<Handle>();
+    auto h = std::make_shared<Handle>();
     h->ino = ino;
     fuse_open_out out{};
     bool writing = (in.flags & O_ACCMODE) != O_RDONLY;
@@ -359,7 +377,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
                 co_return FuseReply::err(EPERM);  // truncating a disk to nothing: refused
             }
             h->raw = true;
-            h->export_id = r.e->id;
+            h->e = r.e;
             r.e->backend->open_file();
             // No page cache: the image is shared with jobs and must stay coherent; several
             // direct writes may run at once.
@@ -370,7 +388,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
                 co_return FuseReply::err(EACCES);
             }
             h->file = r.spec->file;
-            h->export_id = r.e != nullptr ? r.e->id : 0;
+            h->e = r.e;
             if (!writing || (in.flags & O_ACCMODE) == O_RDWR) {
                 h->content = co_await control_->read(r.e, r.spec->file);
             }
@@ -393,9 +411,7 @@ Task<FuseReply> ExportFs::release(FuseRequest* req) {
     auto it = handles_.find(in.fh);
     if (it != handles_.end()) {
         if (it->second->raw) {
-            if (Export* e = images_->find_id(it->second->export_id)) {
-                e->backend->release_file();
-            }
+            it->second->e->backend->release_file();
         }
         handles_.erase(it);
     }
@@ -407,27 +423,24 @@ Task<FuseReply> ExportFs::read(FuseRequest* req) {
     if (!parse_arg(req, &in)) {
         co_return FuseReply::err(EINVAL);
     }
-    auto it = handles_.find(in.fh);
-    if (it == handles_.end()) {
+    std::shared_ptr<Handle> h = find_handle(in.fh);
+    if (h == nullptr) {
         co_return FuseReply::err(EBADF);
     }
     if (overflows(in.offset, in.size) || in.offset > static_cast<uint64_t>(INT64_MAX)) {
         co_return FuseReply::err(EINVAL);
     }
-    Handle* h = it->second.get();
     if (!h->raw) {
+        // Copied into the reply: the handle may be released before the reply is written.
         const std::string& c = h->content;
         if (in.offset >= c.size()) {
             co_return FuseReply::view({});
         }
         size_t n = std::min<size_t>(in.size, c.size() - in.offset);
-        co_return FuseReply::view(
-            ConstBuf(reinterpret_cast<const uint8_t*>(c.data()) + in.offset, n));
+        const auto* p = reinterpret_cast<const uint8_t*>(c.data()) + in.offset;
+        co_return FuseReply::bytes(std::vector<uint8_t>(p, p + n));
     }
-    Export* e = images_->find_id(h->export_id);
-    if (e == nullptr) {
-        co_return FuseReply::err(ENODEV);
-    }
+    std::shared_ptr<Export> e = h->e;
     uint64_t size = e->backend->size();
     if (in.offset >= size) {
         co_return FuseReply::view({});  // short read at EOF
@@ -448,18 +461,17 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
     if (!parse_arg(req, &in) || req->payload.size() != in.size) {
         co_return FuseReply::err(EINVAL);
     }
-    auto it = handles_.find(in.fh);
-    if (it == handles_.end()) {
+    std::shared_ptr<Handle> h = find_handle(in.fh);
+    if (h == nullptr) {
         co_return FuseReply::err(EBADF);
     }
     if (overflows(in.offset, in.size) || in.offset > static_cast<uint64_t>(INT64_MAX)) {
         co_return FuseReply::err(EINVAL);
     }
-    Handle* h = it->second.get();
     fuse_write_out out{};
+    std::shared_ptr<Export> e = h->e;
     if (!h->raw) {
-        Export* e = h->export_id != 0 ? images_->find_id(h->export_id) : nullptr;
-        if (h->export_id != 0 && e == nullptr) {
+        if (e != nullptr && e->removed) {
             co_return FuseReply::err(ENODEV);
         }
         std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
@@ -469,10 +481,6 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         }
         out.size = in.size;
         co_return FuseReply::of(out);
-    }
-    Export* e = images_->find_id(h->export_id);
-    if (e == nullptr) {
-        co_return FuseReply::err(ENODEV);
     }
     uint64_t size = e->backend->size();
     if (in.offset >= size) {
@@ -549,9 +557,20 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
 }
 
 Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
-    struct statfs st {};
+    const int dir = images_->dir_fd();
+    // statfs of the image directory's file system can block: it runs off the loop.
+    std::function<std::optional<struct statfs>()> query = [dir]() -> std::optional<struct statfs> {
+        struct statfs st {};
+        if (::fstatfs(dir, &st) != 0) {
+            return std::nullopt;
+        }
+        return st;
+    };
+    std::optional<struct statfs> got =
+        co_await images_->offloader()->run<std::optional<struct statfs>>(std::move(query));
     fuse_statfs_out out{};
-    if (::fstatfs(images_->dir_fd(), &st) == 0) {
+    if (got) {
+        const struct statfs& st = *got;
         out.st.blocks = st.f_blocks;
         out.st.bfree = st.f_bfree;
         out.st.bavail = st.f_bavail;
@@ -605,7 +624,7 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
         log_->error("{}.raw: fallocate mode {:#x}: {}", r.e->name, in.mode, st.error().message());
         co_return FuseReply::err(st.error().errnum);
     }
-    blocks_.erase(r.e->id);
+    invalidate_blocks(r.e->id);
     co_return FuseReply::err(0);
 }
 
@@ -621,15 +640,15 @@ Task<FuseReply> ExportFs::lseek(FuseRequest* req) {
     if (in.whence != SEEK_DATA && in.whence != SEEK_HOLE) {
         co_return FuseReply::err(EINVAL);
     }
-    Node* top = r.e->chain.top().get();
-    uint64_t size = top->size();
+    BlockBackend* be = r.e->backend.get();
+    uint64_t size = be->size();
     uint64_t off = in.offset;
     if (off >= size) {
         co_return FuseReply::err(ENXIO);
     }
     const bool want_data = in.whence == SEEK_DATA;
     while (off < size) {
-        Result<ChainStatus> st = co_await block_status_above(top, off, size - off);
+        Result<ChainStatus> st = co_await be->block_status_above(off, size - off);
         if (!st) {
             co_return FuseReply::err(st.error().errnum);
         }

@@ -1,6 +1,12 @@
 // ExportFs: the filesystem under the mount point (DESIGN.md §2.2): NAME.raw per exported chain and
 // the .control tree. It turns FUSE requests into block-backend calls and control commands.
 //
+// Request lifetimes: a request holds its Export (and its open-file handle) by shared_ptr across
+// every co_await, so a rescan may drop the export meanwhile without freeing what the request
+// uses; every data and block-status access goes through the export's BlockBackend, so drained
+// sections see it. Nothing else is kept across a co_await: containers (handles_, blocks_) are
+// looked up again afterwards.
+//
 // Inode numbers are fixed for the lifetime of the mount: the root, .control and its global files
 // have small constants; an export with id E has the block [kExportBase + E*16, +16).
 #pragma once
@@ -44,6 +50,9 @@ class ExportFs final : public FuseHandler {
     struct Resolved;
     Resolved resolve(uint64_t ino) const;
     bool fill_attr(uint64_t ino, fuse_attr* attr);
+    std::shared_ptr<Handle> find_handle(uint64_t fh) const;
+    /// The guest-visible allocation of `e` changed: the next getattr counts it again.
+    void invalidate_blocks(uint64_t export_id);
 
     Task<FuseReply> lookup(FuseRequest* req);
     Task<FuseReply> getattr(FuseRequest* req);
@@ -57,13 +66,13 @@ class ExportFs final : public FuseHandler {
     Task<FuseReply> statfs(FuseRequest* req);
     Task<FuseReply> fallocate(FuseRequest* req);
     Task<FuseReply> lseek(FuseRequest* req);
-    Task<void> refresh_blocks(Export* e);
+    Task<void> refresh_blocks(std::shared_ptr<Export> e);
 
     ImageSet* images_;
     ControlPlane* control_;
     Logger* log_;
     ExportFsOptions options_;
-    std::map<uint64_t, std::unique_ptr<Handle>> handles_;
+    std::map<uint64_t, std::shared_ptr<Handle>> handles_;
     uint64_t next_fh_ = 1;
     int64_t mount_time_s_;
     // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
@@ -71,6 +80,8 @@ class ExportFs final : public FuseHandler {
         uint64_t bytes = 0;
         std::chrono::steady_clock::time_point at{};
         bool valid = false;
+        uint64_t generation = 0;  // bumped by every invalidation, so a count that raced one is
+                                  // not stored
     };
     std::map<uint64_t, BlocksCache> blocks_;
 };

@@ -20,7 +20,7 @@ StandardControl::StandardControl(ImageSet* images, JobManager* jobs, Logger* log
     };
 }
 
-Task<std::string> StandardControl::read(Export* e, ControlFile file) {
+Task<std::string> StandardControl::read(std::shared_ptr<Export> e, ControlFile file) {
     switch (file) {
         case ControlFile::kInfo:
             co_return co_await images_->info_json(e) + "\n";
@@ -36,7 +36,7 @@ Task<std::string> StandardControl::read(Export* e, ControlFile file) {
         case ControlFile::kCommit:
         case ControlFile::kStream:
         case ControlFile::kJob: {
-            std::string j = jobs_->job_json(e);
+            std::string j = jobs_->job_json(e.get());
             co_return j.empty() ? j : j + "\n";
         }
         case ControlFile::kJobs:
@@ -55,16 +55,17 @@ Status StandardControl::refuse(Export* e, Error error) {
     return error;
 }
 
-Task<Status> StandardControl::write(Export* e, ControlFile file, std::string command) {
+Task<Status> StandardControl::write(std::shared_ptr<Export> e, ControlFile file,
+                                    std::string command) {
     // The group snapshot alone takes several lines ("NAME SNAP" each).
     bool lines = file == ControlFile::kGroupSnapshot;
     Result<std::string> cmd = lines ? parse_lines(command) : parse_command(command);
     if (!cmd) {
-        co_return refuse(e, std::move(cmd).error());
+        co_return refuse(e.get(), std::move(cmd).error());
     }
     Status st = co_await run(e, file, std::move(*cmd));
     if (!st) {
-        co_return refuse(e, std::move(st).error());
+        co_return refuse(e.get(), std::move(st).error());
     }
     if (e != nullptr) {
         e->last_error.clear();
@@ -73,13 +74,13 @@ Task<Status> StandardControl::write(Export* e, ControlFile file, std::string com
 }
 
 Task<Status> StandardControl::group_snapshot(std::string command) {
-    std::vector<std::pair<Export*, std::string>> targets;
+    std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets;
     std::istringstream in(command);
     std::string line;
     bool single = command.find('\n') == std::string::npos && command.find(' ') == std::string::npos;
     if (single) {
         for (const auto& x : images_->exports()) {
-            targets.emplace_back(x.get(), command);
+            targets.emplace_back(x, command);
         }
     } else {
         while (std::getline(in, line)) {
@@ -95,7 +96,7 @@ Task<Status> StandardControl::group_snapshot(std::string command) {
                 co_return make_error(EINVAL, "group snapshot lines are 'NAME SNAP' (got '{}')",
                                      line);
             }
-            Export* x = images_->find(name);
+            std::shared_ptr<Export> x = images_->find(name);
             if (x == nullptr) {
                 co_return make_error(EINVAL, "group snapshot: no image '{}'", name);
             }
@@ -105,7 +106,8 @@ Task<Status> StandardControl::group_snapshot(std::string command) {
     co_return co_await jobs_->group_snapshot(std::move(targets));
 }
 
-Task<Status> StandardControl::run(Export* e, ControlFile file, std::string command) {
+Task<Status> StandardControl::run(std::shared_ptr<Export> e, ControlFile file,
+                                  std::string command) {
     switch (file) {
         case ControlFile::kRescan:
             if (!command.empty()) {
@@ -135,7 +137,7 @@ Task<Status> StandardControl::run(Export* e, ControlFile file, std::string comma
             }
             co_return co_await jobs_->start_stream(e);
         case ControlFile::kJob:
-            co_return jobs_->control(e, command);
+            co_return jobs_->control(e.get(), command);
         default:
             co_return make_error(EINVAL, "this control file takes no commands");
     }

@@ -18,11 +18,11 @@ class StandardControl final : public ControlPlane {
     [[nodiscard]] const std::vector<ControlFileSpec>& global_files() const override {
         return global_files_;
     }
-    Task<std::string> read(Export* e, ControlFile file) override;
-    Task<Status> write(Export* e, ControlFile file, std::string command) override;
+    Task<std::string> read(std::shared_ptr<Export> e, ControlFile file) override;
+    Task<Status> write(std::shared_ptr<Export> e, ControlFile file, std::string command) override;
 
   private:
-    Task<Status> run(Export* e, ControlFile file, std::string command);
+    Task<Status> run(std::shared_ptr<Export> e, ControlFile file, std::string command);
     Task<Status> group_snapshot(std::string command);
     Status refuse(Export* e, Error error);
 

@@ -4,6 +4,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
+#include "core/event_loop.h"
 #include "core/log.h"
 #include "core/transaction.h"
 #include "drivers/qcow2/qcow2_node.h"
@@ -50,6 +53,66 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
     co_return st;
 }
 
+Status link_hidden(int dir, const std::string& file) {
+    std::string hidden = removing_name(file);
+    ::unlinkat(dir, hidden.c_str(), 0);  // a leftover of an earlier crash
+    if (::linkat(dir, file.c_str(), dir, hidden.c_str(), 0) != 0) {
+        return make_error(errno, "cannot link {} to {}", file, hidden);
+    }
+    return {};
+}
+
+Status unlink_names(int dir, const std::vector<std::string>& names) {
+    Status first;
+    for (const std::string& n : names) {
+        if (::unlinkat(dir, n.c_str(), 0) != 0 && errno != ENOENT && first) {
+            first = make_error(errno, "cannot remove {}", n);
+        }
+    }
+    return first;
+}
+
+// Step 1: a hidden name for each file, all or none.
+Status link_all_hidden(int dir, const std::vector<std::string>& files) {
+    for (size_t i = 0; i < files.size(); ++i) {
+        if (Status st = link_hidden(dir, files[i]); !st) {
+            std::vector<std::string> made;
+            for (size_t j = 0; j < i; ++j) {
+                made.push_back(removing_name(files[j]));
+            }
+            (void)unlink_names(dir, made);
+            return st;
+        }
+    }
+    return {};
+}
+
+// Steps 1 and 2 undone: the headers that were pointed at hidden names (layers[i - 1] for i in
+// `repointed`) name the visible files again, and the hidden names go. Best effort: if a header
+// cannot be put back, its hidden name stays (the chain on disk is still whole through it).
+Task<void> undo_hidden(ImageSet* images, std::shared_ptr<Export> e, size_t first, size_t last,
+                       std::vector<size_t> repointed) {
+    std::vector<Layer>& layers = e->chain.layers;
+    std::vector<std::string> hidden;
+    for (size_t i = first; i <= last; ++i) {
+        bool still_named = false;
+        for (size_t r : repointed) {
+            if (r == i) {
+                Status st = co_await rewrite_backing(images, layers[i - 1].node.get(),
+                                                     layers[i].file, layers[i].format);
+                still_named = !st;
+            }
+        }
+        if (!still_named) {
+            hidden.push_back(removing_name(layers[i].file));
+        }
+    }
+    const int dir = images->dir_fd();
+    std::function<Status()> unlink = [dir, hidden] { return unlink_names(dir, hidden); };
+    (void)co_await dir_call(images, std::move(unlink));
+    (void)co_await sync_image_dir(images);
+}
+
 }  // namespace
 
 Status sync_dir(int dir_fd) {
@@ -59,16 +122,23 @@ Status sync_dir(int dir_fd) {
     return {};
 }
 
-Status sync_image_dir(ImageSet* images) {
+Task<Status> sync_image_dir(ImageSet* images) {
     const auto& observer = images->options().sync_dir_observer;
     if (observer) {
         observer(images->dir_fd(), false);
     }
-    TRY(sync_dir(images->dir_fd()));
+    Status st = co_await images->env().loop->fsync(images->dir_fd(), false);
+    if (!st) {
+        co_return make_error(st.error().errnum, "fsync of the image directory");
+    }
     if (observer) {
         observer(images->dir_fd(), true);
     }
-    return {};
+    co_return Status{};
+}
+
+Task<Status> dir_call(ImageSet* images, std::function<Status()> call) {
+    co_return co_await images->offloader()->run<Status>(std::move(call));
 }
 
 std::string removing_name(const std::string& file) {
@@ -87,38 +157,106 @@ bool is_creating_name(const std::string& file) {
     return has_prefix_and_suffix(file, kRemovingPrefix, kCreatingSuffix);
 }
 
-Status remove_file(ImageSet* images, const std::string& file) {
-    if (::unlinkat(images->dir_fd(), file.c_str(), 0) != 0 && errno != ENOENT) {
-        return make_error(errno, "cannot remove {}", file);
+namespace {
+
+// The visible name of a hidden one, removed if it is still the same file (a crash before step 3).
+Status unlink_visible_twins(int dir, const std::vector<std::string>& hidden) {
+    for (const std::string& h : hidden) {
+        std::string visible =
+            h.substr(std::strlen(kRemovingPrefix),
+                     h.size() - std::strlen(kRemovingPrefix) - std::strlen(kRemovingSuffix));
+        struct stat a {};
+        struct stat b {};
+        if (::fstatat(dir, h.c_str(), &a, 0) == 0 && ::fstatat(dir, visible.c_str(), &b, 0) == 0 &&
+            a.st_dev == b.st_dev && a.st_ino == b.st_ino &&
+            ::unlinkat(dir, visible.c_str(), 0) != 0) {
+            return make_error(errno, "cannot remove {}", visible);
+        }
     }
-    return sync_image_dir(images);
+    return {};
 }
 
-Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, bool drop_rest) {
+}  // namespace
+
+Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
+    ImageSet::EditGuard editing(images);
+    ChainOptions co;
+    co.allow_external_backing = images->options().allow_external_backing;
+    co.qcow2 = images->options().qcow2;
+    CO_TRY_ASSIGN(Chain chain, co_await open_chain(images->env(), images->dir_fd(), referrer, co));
+    size_t below = 1;
+    std::vector<std::string> hidden;
+    while (below < chain.layers.size() && is_removing_name(chain.layers[below].file)) {
+        hidden.push_back(chain.layers[below].file);
+        ++below;
+    }
+    const int dir = images->dir_fd();
+    std::function<Status()> drop_visible = [dir, hidden] {
+        return unlink_visible_twins(dir, hidden);
+    };
+    Status st = co_await dir_call(images, std::move(drop_visible));
+    if (st) {
+        st = co_await sync_image_dir(images);
+    }
+    // Named, not conditionals inside the co_await (GCC 12 destroys those temporaries twice).
+    std::string next;
+    std::optional<std::string> format;
+    if (below < chain.layers.size()) {
+        next = chain.layers[below].file;
+        format = chain.layers[below].format;
+    }
+    if (st) {
+        st = co_await rewrite_backing(images, chain.top().get(), next, format);
+    }
+    Status closed = co_await close_chain(&chain);
+    CO_TRY(std::move(st));
+    CO_TRY(std::move(closed));
+    std::function<Status()> drop_hidden = [dir, hidden] { return unlink_names(dir, hidden); };
+    CO_TRY(co_await dir_call(images, std::move(drop_hidden)));
+    images->env().log->info("{}: finished a chain edit a crash interrupted: it now uses {}",
+                            referrer, next.empty() ? "no backing file" : next);
+    co_return co_await sync_image_dir(images);
+}
+
+Task<Status> remove_file(ImageSet* images, std::string file) {
+    const int dir = images->dir_fd();
+    std::vector<std::string> names{file};
+    std::function<Status()> unlink = [dir, names] { return unlink_names(dir, names); };
+    CO_TRY(co_await dir_call(images, std::move(unlink)));
+    co_return co_await sync_image_dir(images);
+}
+
+Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t first, size_t last,
+                        bool drop_rest) {
+    ImageSet::EditGuard editing(images);  // a scan meanwhile must not take hidden names for garbage
     std::vector<Layer>& layers = e->chain.layers;
     const int dir = images->dir_fd();
-    Logger* log = images->env().log;
     // 1. A hidden second name for every layer leaving the chain.
+    std::vector<std::string> files;
     for (size_t i = first; i <= last; ++i) {
-        std::string hidden = removing_name(layers[i].file);
-        ::unlinkat(dir, hidden.c_str(), 0);  // a leftover of an earlier crash
-        if (::linkat(dir, layers[i].file.c_str(), dir, hidden.c_str(), 0) != 0) {
-            co_return make_error(errno, "cannot link {} to {}", layers[i].file, hidden);
-        }
+        files.push_back(layers[i].file);
     }
-    CO_TRY(sync_image_dir(images));
+    std::function<Status()> link = [dir, files] { return link_all_hidden(dir, files); };
+    CO_TRY(co_await dir_call(images, std::move(link)));
+    Status st = co_await sync_image_dir(images);
     // 2. Headers above them use the hidden names (bottom-most first; same files, same content).
-    for (size_t i = last + 1; i-- > first;) {
-        CO_TRY(co_await rewrite_backing(images, layers[i - 1].node.get(),
-                                        removing_name(layers[i].file), layers[i].format));
-    }
-    // 3. The visible names go.
-    for (size_t i = first; i <= last; ++i) {
-        if (::unlinkat(dir, layers[i].file.c_str(), 0) != 0 && errno != ENOENT) {
-            co_return make_error(errno, "cannot remove {}", layers[i].file);
+    std::vector<size_t> repointed;
+    for (size_t i = last + 1; st && i-- > first;) {
+        st = co_await rewrite_backing(images, layers[i - 1].node.get(),
+                                      removing_name(layers[i].file), layers[i].format);
+        if (st) {
+            repointed.push_back(i);
         }
     }
-    CO_TRY(sync_image_dir(images));
+    if (!st) {
+        co_await undo_hidden(images, e, first, last, std::move(repointed));
+        co_return st;
+    }
+    // 3. The visible names go. From here on the edit goes forwards only: a failure leaves the
+    // chain whole under the hidden names, which the headers use.
+    std::function<Status()> unlink_visible = [dir, files] { return unlink_names(dir, files); };
+    CO_TRY(co_await dir_call(images, std::move(unlink_visible)));
+    CO_TRY(co_await sync_image_dir(images));
     // 4. The referrer skips them.
     bool to_rest = !drop_rest && last + 1 < layers.size();
     std::string next = to_rest ? layers[last + 1].file : std::string();
@@ -126,11 +264,14 @@ Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, 
         to_rest ? std::optional<std::string>(layers[last + 1].format) : std::nullopt;
     CO_TRY(co_await rewrite_backing(images, layers[first - 1].node.get(), next, fmt));
     // 5. Nothing references the hidden names any more.
-    for (size_t i = first; i <= last; ++i) {
-        ::unlinkat(dir, removing_name(layers[i].file).c_str(), 0);
-        log->info("{}: removed {} from the chain", e->name, layers[i].file);
+    std::vector<std::string> hidden;
+    for (const std::string& f : files) {
+        hidden.push_back(removing_name(f));
+        images->env().log->info("{}: removed {} from the chain", e->name, f);
     }
-    co_return sync_image_dir(images);
+    std::function<Status()> unlink_hidden = [dir, hidden] { return unlink_names(dir, hidden); };
+    (void)co_await dir_call(images, std::move(unlink_hidden));
+    co_return co_await sync_image_dir(images);
 }
 
 }  // namespace imgfs

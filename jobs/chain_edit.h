@@ -8,10 +8,15 @@
 // hidden names, the visible names are removed, then the referrer is pointed past them, and only
 // then are the hidden names removed. A scan recognises layers by inode, so a file that is
 // reachable under a hidden name is still a layer. A crash at any step leaves either the same
-// chain under other names or the final chain; leftover hidden files that no chain uses are
-// deleted by the next scan.
+// chain under other names or the final chain; leftover hidden files that no header names are
+// deleted by the next scan. A step that fails before the visible names go is undone at once.
+//
+// The caller holds the export's `ops` lock. Directory calls run on the ImageSet's offloader and
+// directory fsyncs through the event loop's io_uring: none blocks the loop.
 #pragma once
 
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,12 +26,15 @@
 
 namespace imgfs {
 
-/// Makes new or removed names in the directory durable.
+/// Makes new or removed names in the directory durable (blocking; tests and offline use).
 Status sync_dir(int dir_fd);
 
-/// sync_dir of the image directory, telling ImageSetOptions::sync_dir_observer (the crash
-/// harness's seam: directory fsyncs are plain syscalls that no node filter sees).
-Status sync_image_dir(ImageSet* images);
+/// The same through the event loop, telling ImageSetOptions::sync_dir_observer (the crash
+/// harness's seam: directory fsyncs are not requests that a node filter sees).
+Task<Status> sync_image_dir(ImageSet* images);
+
+/// Runs a blocking directory call on the set's offloader.
+Task<Status> dir_call(ImageSet* images, std::function<Status()> call);
 
 /// The hidden name a layer gets while it is taken out of a chain.
 std::string removing_name(const std::string& file);
@@ -42,9 +50,17 @@ bool is_creating_name(const std::string& file);
 /// `drop_rest` is set. The layers' files are deleted; their nodes stay in the chain (the caller
 /// detaches and closes them). The caller holds a drained section on the chain and guarantees
 /// the referrer's new chain shows the same content as the old one.
-Task<Status> splice_out(ImageSet* images, Export* e, size_t first, size_t last, bool drop_rest);
+Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t first, size_t last,
+                        bool drop_rest);
+
+/// Finishes a splice a crash interrupted after `referrer`'s header was pointed at hidden names
+/// (steps 2 to 4 above): the visible names of those layers go (if still there), the referrer is
+/// pointed at the first layer below them, and the hidden names go. Content stays the same: a
+/// splice starts only once the referrer's new chain shows what the old one did. For chains no
+/// export serves (the caller checks).
+Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer);
 
 /// Deletes a layer file that nothing references any more, durably.
-Status remove_file(ImageSet* images, const std::string& file);
+Task<Status> remove_file(ImageSet* images, std::string file);
 
 }  // namespace imgfs

@@ -23,14 +23,33 @@ constexpr int kAsyncPasses = 3;
 
 }  // namespace
 
-CommitJob::CommitJob(ImageSet* images, uint64_t id, Export* e, size_t base_index, uint64_t estimate)
-    : Job(images->env().loop, id, "commit", e), images_(images), base_index_(base_index) {
+CommitJob::CommitJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e, size_t base_index,
+                     uint64_t estimate)
+    : Job(images->env().loop, id, "commit", std::move(e)),
+      images_(images),
+      base_index_(base_index) {
     set_total(estimate);
 }
 
 CommitJob::~CommitJob() = default;
 
+void CommitJob::release_nodes() {
+    if (target_ != nullptr) {
+        // Left over only when the filter could not be taken out (the image is fenced): our own
+        // edge goes anyway, so that the base's file is not kept open for a concluded job.
+        Transaction tx(images_->env().graph);
+        tx.detach(target_);
+        (void)tx.commit_removal();
+        target_ = nullptr;
+    }
+    dirty_.reset();
+    filter_.reset();
+    top_.reset();
+    base_.reset();
+}
+
 Task<Status> CommitJob::attach() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
     Export* e = image();
     top_ = e->chain.layers.front().node;
     base_ = e->chain.layers[base_index_].node;
@@ -60,17 +79,31 @@ Task<Status> CommitJob::attach() {
     co_return Status{};
 }
 
+// The caller holds the image's lock.
 Task<void> CommitJob::detach_after_failure() {
     if (!filter_) {
         co_return;
     }
-    co_await remove_mirror_filter(images_->env().graph, std::move(filter_), top_, target_);
+    std::shared_ptr<MirrorFilter> filter = std::move(filter_);
+    Status removed = co_await remove_mirror_filter(images_->env().graph, filter, top_, target_);
+    if (!removed) {
+        // The filter stays in the fenced graph; it must not reach into this job any more.
+        filter->set_target(nullptr);
+        filter->set_dirty(nullptr);
+        images_->fence(image(), removed.error().message());
+        co_return;
+    }
     target_ = nullptr;
     // The base keeps what was copied: it lies under the layers that still hold it.
     (void)co_await base_->flush();
     (void)co_await base_->set_writable(false);
     Transaction refresh(images_->env().graph);
     (void)refresh.commit();
+}
+
+Task<void> CommitJob::abandon() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
+    co_await detach_after_failure();
 }
 
 Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch) {
@@ -132,8 +165,11 @@ Task<Status> CommitJob::copy_pass() {
     co_return result;
 }
 
+// The caller holds the image's lock.
 Task<Result<bool>> CommitJob::pivot() {
-    Export* e = image();
+    // A directory changed under the job (a layer deleted or replaced) stops it here, before
+    // anything on disk is touched.
+    CO_TRY(co_await images_->verify_chain(image_ref()));
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     if (dirty_->dirty_bytes() != 0) {
@@ -143,38 +179,53 @@ Task<Result<bool>> CommitJob::pivot() {
     // middle layers (the top's view is unchanged), then the export moves to the base.
     CO_TRY(co_await target_->flush());
     if (base_index_ > 1) {
-        CO_TRY(co_await splice_out(images_, e, 1, base_index_ - 1, false));
+        CO_TRY(co_await splice_out(images_, image_ref(), 1, base_index_ - 1, false));
     }
     Transaction tx(images_->env().graph);
     tx.replace_node(filter_.get(), base_);
     tx.detach(filter_->top());
     tx.detach(target_);
     for (size_t i = 0; i < base_index_; ++i) {
-        tx.detach(e->chain.layers[i].node->backing());
+        tx.detach(image()->chain.layers[i].node->backing());
     }
     CO_TRY(tx.commit());
     target_ = nullptr;
     co_return true;
 }
 
+// The caller holds the image's lock.
 Task<void> CommitJob::finish() {
     Export* e = image();
-    std::vector<Layer> merged(e->chain.layers.begin(),
-                              e->chain.layers.begin() + static_cast<std::ptrdiff_t>(base_index_));
-    e->chain.layers.erase(e->chain.layers.begin(),
-                          e->chain.layers.begin() + static_cast<std::ptrdiff_t>(base_index_));
+    auto end = e->chain.layers.begin() + static_cast<std::ptrdiff_t>(base_index_);
+    std::vector<Layer> merged(e->chain.layers.begin(), end);
+    e->chain.layers.erase(e->chain.layers.begin(), end);
+    std::string top_file = merged.front().file;
     filter_.reset();
     top_.reset();
-    for (Layer& l : merged) {
-        (void)co_await l.node->close();
-    }
-    // The top's file goes last: until here the directory held top -> base, the same content.
-    Status st = remove_file(images_, merged.front().file);
+    // Closed and released before the top's name goes: until then the directory held
+    // top -> base, the same content.
+    co_await images_->retire_layers(std::move(merged), e);
+    Status st = co_await remove_file(images_, top_file);
     if (!st) {
         images_->env().log->error("{}: {}", e->name, st.error().message());
     }
     images_->env().log->info("{}: committed; {} is now the active layer", e->name,
                              e->chain.layers.front().file);
+}
+
+// Pivot and finish under one hold of the image's lock (no other graph change in between).
+Task<Status> CommitJob::complete() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
+    Result<bool> pivoted = co_await pivot();
+    if (pivoted && *pivoted) {
+        co_await finish();
+        co_return Status{};
+    }
+    co_await detach_after_failure();
+    if (!pivoted) {
+        co_return std::move(pivoted).error();
+    }
+    co_return make_error(EIO, "writes to {} kept failing; commit abandoned", base_->name());
 }
 
 Task<Status> CommitJob::body() {
@@ -184,7 +235,7 @@ Task<Status> CommitJob::body() {
     for (uint64_t off = 0; off < top->size();) {
         Result<ChainStatus> st = co_await block_status_above(top, off, top->size() - off);
         if (!st) {
-            co_await detach_after_failure();
+            co_await abandon();
             co_return std::move(st).error();
         }
         if (st->depth >= 0 && static_cast<size_t>(st->depth) < base_index_) {
@@ -196,7 +247,7 @@ Task<Status> CommitJob::body() {
     for (int pass = 0;; ++pass) {
         Status st = co_await copy_pass();
         if (!st) {
-            co_await detach_after_failure();
+            co_await abandon();
             co_return st;
         }
         if (filter_->mode() == MirrorFilter::Mode::kAsync &&
@@ -209,23 +260,11 @@ Task<Status> CommitJob::body() {
             continue;
         }
         if (Status ready = enter_ready(); !ready) {
-            co_await detach_after_failure();
+            co_await abandon();
             co_return ready;
         }
-        Result<bool> pivoted = co_await pivot();
-        if (!pivoted) {
-            co_await detach_after_failure();
-            co_return std::move(pivoted).error();
-        }
-        if (*pivoted) {
-            break;
-        }
-        // Not clean after all: back to running and copy again.
-        co_await detach_after_failure();
-        co_return make_error(EIO, "writes to {} kept failing; commit abandoned", base_->name());
+        co_return co_await complete();
     }
-    co_await finish();
-    co_return Status{};
 }
 
 }  // namespace imgfs

@@ -19,13 +19,20 @@ namespace imgfs {
 
 class CommitJob final : public Job {
   public:
-    CommitJob(ImageSet* images, uint64_t id, Export* e, size_t base_index, uint64_t estimate);
+    CommitJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e, size_t base_index,
+              uint64_t estimate);
     ~CommitJob() override;
     Task<Status> body() override;
 
+  protected:
+    void release_nodes() override;
+
   private:
+    // Steps that change the graph take the image's lock (abandon, complete) or expect it held.
     Task<Status> attach();
     Task<void> detach_after_failure();
+    Task<void> abandon();
+    Task<Status> complete();
     Task<Status> copy_pass();
     Task<void> copy_worker(uint64_t* cursor, Status* result);
     /// Copies [offset, offset + bytes) to the base through `scratch` (at least `bytes` long).

@@ -1,21 +1,17 @@
 #include "jobs/image_set.h"
 
 #include <algorithm>
-#include <dirent.h>
-#include <fcntl.h>
+#include <cstring>
 #include <map>
-#include <set>
-#include <unistd.h>
 
-#include <sys/stat.h>
-
+#include "core/drain.h"
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "core/transaction.h"
-#include "drivers/qcow2/format.h"
-#include "drivers/qcow2/qcow2_node.h"
+#include "drivers/file.h"
 #include "jobs/chain_edit.h"
 #include "jobs/job.h"
+#include "jobs/scan_plan.h"
 
 namespace imgfs {
 
@@ -28,33 +24,21 @@ bool ends_with(const std::string& s, const char* suffix) {
     return s.size() > n && s.compare(s.size() - n, n, suffix) == 0;
 }
 
-// The backing file name recorded in a qcow2 header, or "" (also for raw images).
-Result<std::string> recorded_backing(int fd, const std::string& file) {
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        return make_error(errno, "stat {}", file);
+bool job_running(const Export& e) {
+    return e.job != nullptr && !e.job->finished();
+}
+
+// The chain of `e` as the scan planner compares it with the directory.
+std::vector<ServedLayer> served_layers(const Export& e) {
+    std::vector<ServedLayer> out;
+    for (const Layer& l : e.chain.layers) {
+        FileNode* f = file_node_of(l.node.get());
+        out.push_back(ServedLayer{l.file, f != nullptr ? f->fd() : -1});
     }
-    std::vector<uint8_t> buf(std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 2ULL << 20));
-    ssize_t n = ::pread(fd, buf.data(), buf.size(), 0);
-    if (n < 0) {
-        return make_error(errno, "reading {}", file);
-    }
-    buf.resize(static_cast<size_t>(n));
-    if (buf.size() < 4 || qcow2::load_be32(buf.data()) != qcow2::kMagic) {
-        return std::string();
-    }
-    TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(buf, static_cast<uint64_t>(st.st_size), file));
-    return h.backing_file;
+    return out;
 }
 
 }  // namespace
-
-struct ImageSet::Candidate {
-    std::string file;
-    dev_t dev = 0;
-    ino_t ino = 0;
-    bool broken = false;
-};
 
 std::string export_name_of(const std::string& file) {
     std::string base = file;
@@ -76,8 +60,28 @@ bool is_image_file_name(const std::string& file) {
                        [&file](const char* e) { return ends_with(file, e); });
 }
 
+FileNode* file_node_of(Node* layer) {
+    for (Node* n = layer; n != nullptr;) {
+        if (auto* f = dynamic_cast<FileNode*>(n)) {
+            return f;
+        }
+        Child* below = n->child(ChildRole::kFile);
+        if (below == nullptr) {
+            below = n->child(ChildRole::kFiltered);
+        }
+        n = below != nullptr ? below->node() : nullptr;
+    }
+    return nullptr;
+}
+
 ImageSet::ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetOptions options)
-    : env_(env), dir_fd_(std::move(dir_fd)), dir_path_(std::move(dir_path)), options_(options) {
+    : env_(env),
+      dir_fd_(std::move(dir_fd)),
+      dir_path_(std::move(dir_path)),
+      options_(std::move(options)),
+      timers_(env.loop),
+      scan_lock_(env.loop, &timers_),
+      offloader_(env.loop) {
     char real[PATH_MAX];
     if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd_.get()).c_str(), real) != nullptr) {
         dir_real_ = real;
@@ -86,19 +90,19 @@ ImageSet::ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetO
 
 ImageSet::~ImageSet() = default;
 
-Export* ImageSet::find(std::string_view name) const {
+std::shared_ptr<Export> ImageSet::find(std::string_view name) const {
     for (const auto& e : exports_) {
         if (e->name == name) {
-            return e.get();
+            return e;
         }
     }
     return nullptr;
 }
 
-Export* ImageSet::find_id(uint64_t id) const {
+std::shared_ptr<Export> ImageSet::find_id(uint64_t id) const {
     for (const auto& e : exports_) {
         if (e->id == id) {
-            return e.get();
+            return e;
         }
     }
     return nullptr;
@@ -120,156 +124,148 @@ std::vector<Export*> ImageSet::users_of(const Node* node, const Export* except) 
     return out;
 }
 
-Result<std::vector<ImageSet::Candidate>> ImageSet::list_candidates() {
-    int dup = ::dup(dir_fd_.get());
-    if (dup < 0) {
-        return make_error(errno, "{}", dir_path_);
+Task<Result<TimedMutex::Guard>> ImageSet::lock_export(std::shared_ptr<Export> e, std::string what) {
+    std::optional<TimedMutex::Guard> guard = co_await e->ops.lock_for(options_.op_wait);
+    if (!guard) {
+        co_return make_error(EBUSY,
+                             "{}: {} gave up after {} ms: another operation on the image did not "
+                             "finish",
+                             e->name, what, options_.op_wait.count());
     }
-    DIR* d = ::fdopendir(dup);
-    if (d == nullptr) {
-        int err = errno;
-        ::close(dup);
-        return make_error(err, "cannot read {}", dir_path_);
+    if (e->removed) {
+        co_return make_error(ENODEV, "{} is no longer exported", e->name);
     }
-    ::rewinddir(d);
-    std::vector<Candidate> out;
-    hidden_.clear();
-    creating_.clear();
-    while (dirent* ent = ::readdir(d)) {
-        std::string name = ent->d_name;
-        struct stat st {};
-        if (is_removing_name(name)) {
-            hidden_.push_back(name);
-            continue;
-        }
-        if (is_creating_name(name)) {
-            creating_.push_back(name);
-            continue;
-        }
-        if (!is_image_file_name(name)) {
-            continue;
-        }
-        if (::fstatat(dir_fd_.get(), name.c_str(), &st, 0) != 0 || !S_ISREG(st.st_mode)) {
-            continue;  // subfolders, dangling links and devices are not images here
-        }
-        out.push_back(Candidate{name, st.st_dev, st.st_ino, false});
-    }
-    ::closedir(d);
-    std::sort(out.begin(), out.end(),
-              [](const Candidate& a, const Candidate& b) { return a.file < b.file; });
-    return out;
+    co_return std::move(*guard);
 }
 
-// Follows the chain below `file` and records every layer's inode. A layer may be referenced
-// under another name (a hard link made while a chain is being edited), so inodes, not names,
-// decide what is a layer.
-Status ImageSet::collect_layers(const std::string& file,
-                                std::set<std::pair<dev_t, ino_t>>* layers) {
-    std::string current = file;
-    std::string path = file;                      // the walk so far, for the loop message
-    std::set<std::pair<dev_t, ino_t>> this_walk;  // a loop returns to one of these
-    for (int depth = 0; depth < 64; ++depth) {
-        Result<UniqueFd> fd = open_beneath(dir_fd_.get(), current, true, false);
-        if (!fd) {
-            return depth == 0 ? std::move(fd).error()
-                              : Status{};  // a missing backing file: the top reports it
-        }
-        struct stat st {};
-        if (::fstat(fd->get(), &st) != 0) {
-            return make_error(errno, "{}: stat", current);
-        }
-        if (!this_walk.insert({st.st_dev, st.st_ino}).second) {
-            return make_error(ELOOP, "{}: the backing chain loops ({})", file, path);
-        }
-        if (depth > 0 && !layers->insert({st.st_dev, st.st_ino}).second) {
-            return {};  // a layer shared with a chain already walked
-        }
-        TRY_ASSIGN(std::string backing, recorded_backing(fd->get(), current));
-        if (backing.empty()) {
-            return {};
-        }
-        Result<std::string> next =
-            resolve_backing(current, backing, dir_real_, options_.allow_external_backing);
-        if (!next || (!next->empty() && (*next)[0] == '/')) {
-            return {};  // outside the directory: not one of our layers
-        }
-        current = *next;
-        path += " -> " + current;
+Task<Status> ImageSet::verify_chain(std::shared_ptr<Export> e) {
+    std::vector<ServedLayer> layers = served_layers(*e);
+    const int dir = dir_fd_.get();
+    const std::string real = dir_real_;
+    const bool external = options_.allow_external_backing;
+    std::function<std::string()> check = [dir, real, external, layers] {
+        return check_served_chain(dir, real, external, layers);
+    };
+    std::string why = co_await offloader_.run<std::string>(std::move(check));
+    if (why.empty()) {
+        co_return Status{};
     }
-    return {};
+    e->chain_mismatch = why;
+    co_return make_error(EIO,
+                         "{}: the chain on disk differs from the one served ({}); nothing was "
+                         "changed",
+                         e->name, why);
 }
 
-void ImageSet::remove_leftovers(const std::set<std::pair<dev_t, ino_t>>& layers) {
-    // Hidden names left by a chain edit that a crash interrupted, used by no chain: garbage.
-    for (const std::string& h : hidden_) {
-        struct stat st {};
-        if (::fstatat(dir_fd_.get(), h.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            layers.count({st.st_dev, st.st_ino}) == 0) {
-            ::unlinkat(dir_fd_.get(), h.c_str(), 0);
-            env_.log->info("{}: removed {}, left over from an interrupted chain edit", dir_path_,
-                           h);
+void ImageSet::fence(Export* e, const std::string& reason) {
+    e->backend->fence(reason);
+    e->last_error = "failed: " + reason;
+    env_.log->error("{}.raw is failed and refuses I/O until a rescan reopens it (once closed): {}",
+                    e->name, reason);
+}
+
+// ---- Scan ----
+
+// Every export's lock, in ascending id order; exports whose lock is held too long are left
+// out (and as they are).
+struct ImageSet::Locked {
+    std::vector<std::shared_ptr<Export>> exports;
+    std::vector<TimedMutex::Guard> guards;
+    std::vector<std::shared_ptr<Export>> busy;
+};
+
+Task<ImageSet::Locked> ImageSet::lock_all() {
+    Locked out;
+    std::vector<std::shared_ptr<Export>> all = exports_;
+    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a->id < b->id; });
+    const auto deadline = std::chrono::steady_clock::now() + options_.op_wait;
+    for (auto& e : all) {
+        auto left = std::max<std::chrono::nanoseconds>(deadline - std::chrono::steady_clock::now(),
+                                                       std::chrono::nanoseconds(0));
+        std::optional<TimedMutex::Guard> g = co_await e->ops.lock_for(left);
+        if (g) {
+            out.guards.push_back(std::move(*g));
+            out.exports.push_back(std::move(e));
+        } else {
+            out.busy.push_back(std::move(e));
         }
     }
-    // A snapshot overlay a crash caught before its rename: never part of any chain.
-    if (creating_in_flight_ != 0) {
-        return;
-    }
-    for (const std::string& c : creating_) {
-        if (::unlinkat(dir_fd_.get(), c.c_str(), 0) == 0) {
-            env_.log->info("{}: removed {}, left over from an interrupted snapshot", dir_path_, c);
-        }
-    }
+    co_return out;
 }
 
 Task<Status> ImageSet::scan() {
-    problems_.clear();
-    CO_TRY_ASSIGN(std::vector<Candidate> files, list_candidates());
-    std::set<std::pair<dev_t, ino_t>> layers;
-    for (Candidate& c : files) {
-        if (Status st = collect_layers(c.file, &layers); !st) {
-            c.broken = true;
-            problems_.push_back(st.error().message());
-        }
+    std::optional<TimedMutex::Guard> scanning = co_await scan_lock_.lock_for(options_.op_wait);
+    if (!scanning) {
+        co_return make_error(EBUSY, "{}: another rescan did not finish within {} ms", dir_path_,
+                             options_.op_wait.count());
     }
-    if (!options_.read_only) {
-        remove_leftovers(layers);
+    Locked locked = co_await lock_all();
+    ScanInput in;
+    in.dir_fd = dir_fd_.get();
+    in.dir_path = dir_path_;
+    in.dir_real = dir_real_;
+    in.allow_external_backing = options_.allow_external_backing;
+    // Held locks exclude chain edits on those images; a busy one may be in the middle of one.
+    in.remove_leftovers = !options_.read_only && locked.busy.empty() && edits_in_flight_ == 0;
+    for (const auto& e : locked.exports) {
+        in.served[e->id] = served_layers(*e);
     }
-    std::map<std::string, std::vector<std::string>> roots_by_name;
-    for (const Candidate& c : files) {
-        if (!c.broken && layers.count({c.dev, c.ino}) == 0) {
-            roots_by_name[export_name_of(c.file)].push_back(c.file);
-        }
-    }
-    std::map<std::string, std::string> wanted;  // name -> root file
-    for (auto& [name, roots] : roots_by_name) {
-        if (roots.size() > 1) {
-            std::string list;
-            for (const auto& r : roots) {
-                list += list.empty() ? r : ", " + r;
+    std::function<ScanPlan()> planner = [in] { return plan_scan(in); };
+    ScanPlan plan = co_await offloader_.run<ScanPlan>(std::move(planner));
+    if (!plan.failed && !plan.interrupted.empty()) {
+        // Finished first, then looked at again: the names have changed.
+        for (const std::string& referrer : plan.interrupted) {
+            if (Status st = co_await finish_interrupted_edit(this, referrer); !st) {
+                env_.log->error("{}: cannot finish the chain edit a crash interrupted: {}",
+                                referrer, st.error().message());
             }
-            problems_.push_back(
-                fmt::format("export name '{}' is wanted by {}; none of them is "
-                            "exported",
-                            name, list));
-            continue;
         }
-        wanted[name] = roots.front();
+        std::function<ScanPlan()> again = [in] { return plan_scan(in); };
+        plan = co_await offloader_.run<ScanPlan>(std::move(again));
     }
-    // Drop exports whose root went away or changed, unless they are in use.
-    for (size_t i = 0; i < exports_.size();) {
-        Export* e = exports_[i].get();
+    if (plan.failed) {
+        co_return std::move(*plan.failed);
+    }
+    for (const std::string& r : plan.removed) {
+        env_.log->info("{}: removed {}", dir_path_, r);
+    }
+    for (const auto& e : locked.busy) {
+        plan.wanted.erase(e->name);
+        plan.problems.push_back(fmt::format(
+            "{}.raw was not rescanned: another operation on it did not finish in time", e->name));
+    }
+    co_await apply_scan(std::move(plan), std::move(locked.exports));
+    co_return Status{};
+}
+
+// Keeps, reports or removes each locked export by the plan, then opens the new roots.
+Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked) {
+    problems_ = std::move(plan.problems);
+    std::map<std::string, std::string> wanted = std::move(plan.wanted);
+    for (auto& e : locked) {
+        auto mismatch = plan.mismatches.find(e->id);
+        e->chain_mismatch = mismatch != plan.mismatches.end() ? mismatch->second : std::string();
+        if (!e->chain_mismatch.empty()) {
+            problems_.push_back(
+                fmt::format("{}.raw: the chain on disk differs from the one "
+                            "served: {}",
+                            e->name, e->chain_mismatch));
+        }
         auto it = wanted.find(e->name);
         bool keep = it != wanted.end() && it->second == e->chain.layers.front().file;
-        bool job_running = e->job != nullptr && !e->job->finished();
-        if (!keep && (e->backend->open_count() > 0 || job_running)) {
-            problems_.push_back(fmt::format("{}.raw is {}; keeping it although {} changed", e->name,
-                                            job_running ? "busy with a job" : "open",
-                                            e->chain.layers.front().file));
+        // A failed image is opened afresh from the directory once nothing uses it.
+        bool reopen = e->backend->fenced();
+        bool in_use = e->backend->open_count() > 0 || job_running(*e);
+        if ((!keep || reopen) && in_use) {
+            problems_.push_back(
+                fmt::format("{}.raw is {}; keeping it although {}", e->name,
+                            job_running(*e) ? "busy with a job" : "open",
+                            reopen ? "it is failed" : e->chain.layers.front().file + " changed"));
             keep = true;
+            reopen = false;
         }
-        if (keep) {
+        if (keep && !reopen) {
             wanted.erase(e->name);
-            ++i;
             continue;
         }
         co_await remove_export(e);
@@ -280,10 +276,13 @@ Task<Status> ImageSet::scan() {
             problems_.push_back(st.error().message());
         }
     }
+    log_problems();
+}
+
+void ImageSet::log_problems() {
     for (const std::string& p : problems_) {
         env_.log->warn("{}: {}", dir_path_, p);
     }
-    co_return Status{};
 }
 
 Task<Status> ImageSet::open_export(std::string root, std::string name) {
@@ -295,9 +294,7 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     co.faults = options_.faults;
     co.wrap_file = options_.wrap_file;
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, dir_fd_.get(), root, co, &cache_));
-    auto e = std::make_unique<Export>();
-    e->id = next_id_++;
-    e->name = name;
+    auto e = std::make_shared<Export>(next_id_++, name, env_.loop, &timers_);
     e->chain = std::move(chain);
     e->backend = std::make_unique<BlockBackend>(env_.loop, name);
     Perms perm = perm::kConsistentRead;
@@ -308,8 +305,8 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     e->backend->attach(&tx, e->chain.top(), perm, perm::kConsistentRead | perm::kWriteUnchanged);
     Status st = tx.commit();
     if (!st) {
-        (void)co_await e->chain.top()->close();
-        forget_unused_layers();
+        std::vector<Layer> layers = std::move(e->chain.layers);
+        co_await retire_layers(std::move(layers), nullptr);
         co_return make_error(st.error().errnum, "{}: {}", root, st.error().message());
     }
     env_.log->info("exporting {}.raw ({} layer{}, top {})", name, e->chain.layers.size(),
@@ -318,25 +315,48 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     co_return Status{};
 }
 
-Task<void> ImageSet::remove_export(Export* e) {
+// The caller holds e->ops (and the scan lock).
+Task<void> ImageSet::remove_export(std::shared_ptr<Export> e) {
     env_.log->info("no longer exporting {}.raw", e->name);
-    {
+    e->removed = true;
+    if (e->backend->root() != nullptr) {
+        // Requests in flight finish first; those that come later find no image (ENODEV).
+        std::vector<std::shared_ptr<Node>> nodes{e->backend->root()->node_ref()};
+        DrainGuard drained = co_await drain(nodes);
         Transaction tx(env_.graph);
         tx.detach(e->backend->root());
-        (void)tx.commit();
-    }
-    // Close the layers nothing else uses any more (top first).
-    for (Layer& l : e->chain.layers) {
-        if (l.node->parents().empty() || users_of(l.node.get(), e).empty()) {
-            Status st = co_await l.node->close();
-            if (!st) {
-                env_.log->error("closing {}: {}", l.file, st.error().message());
-            }
+        if (Status st = tx.commit_removal(); !st) {
+            env_.log->warn("{}: permissions not refreshed after its removal: {}", e->name,
+                           st.error().message());
         }
     }
-    auto it =
-        std::find_if(exports_.begin(), exports_.end(), [e](const auto& p) { return p.get() == e; });
-    exports_.erase(it);
+    auto it = std::find(exports_.begin(), exports_.end(), e);
+    if (it != exports_.end()) {
+        exports_.erase(it);
+    }
+    std::vector<Layer> layers = std::move(e->chain.layers);
+    e->chain.layers.clear();
+    co_await retire_layers(std::move(layers), e.get());
+}
+
+Task<void> ImageSet::retire_layers(std::vector<Layer> layers, const Export* e) {
+    for (Layer& l : layers) {
+        if (!users_of(l.node.get(), e).empty()) {
+            continue;  // a base another export still uses
+        }
+        Status st = co_await l.node->close();
+        if (!st) {
+            env_.log->error("closing {}: {}", l.file, st.error().message());
+        }
+        // The cache would keep the node (and its file) open for a chain that may never come.
+        const Node* gone = l.node.get();
+        for (auto it = cache_.chains.begin(); it != cache_.chains.end();) {
+            bool holds = std::any_of(it->second.begin(), it->second.end(),
+                                     [gone](const Layer& c) { return c.node.get() == gone; });
+            it = holds ? cache_.chains.erase(it) : std::next(it);
+        }
+    }
+    layers.clear();
     forget_unused_layers();
 }
 
@@ -354,25 +374,43 @@ void ImageSet::forget_unused_layers() {
 }
 
 Task<Status> ImageSet::close_all() {
-    Status first;
-    while (!exports_.empty()) {
-        Export* e = exports_.back().get();
-        co_await remove_export(e);
+    {
+        TimedMutex::Guard scanning = co_await scan_lock_.lock();
+        while (!exports_.empty()) {
+            std::shared_ptr<Export> e = exports_.back();
+            TimedMutex::Guard guard = co_await e->ops.lock();
+            co_await remove_export(e);
+        }
     }
-    co_return first;
+    co_await timers_.join();
+    co_return Status{};
 }
 
-Task<std::string> ImageSet::info_json(Export* e) {
+Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     JsonWriter w;
     w.begin_object();
     w.field("name", e->name);
-    w.field("file", e->chain.layers.front().file);
+    // A copy: a snapshot may change the chain while the layers are described below.
+    std::vector<Layer> layers = e->chain.layers;
+    w.field("file", layers.empty() ? std::string() : layers.front().file);
     w.field("virtual_size", e->backend->size());
     w.field("open_count", e->backend->open_count());
     // The most requests that were in flight on NAME.raw at once since it was exported.
     w.field("max_requests_in_flight", e->backend->max_in_flight());
     w.field("requests_in_flight", e->backend->in_flight());
     w.field("last_error", e->last_error);
+    w.key("failed");
+    if (e->backend->fenced()) {
+        w.value(e->backend->fence_reason());
+    } else {
+        w.null();
+    }
+    w.key("chain_mismatch");
+    if (!e->chain_mismatch.empty()) {
+        w.value(e->chain_mismatch);
+    } else {
+        w.null();
+    }
     w.key("job");
     if (e->job != nullptr) {
         w.raw(e->job->status_json());
@@ -381,7 +419,7 @@ Task<std::string> ImageSet::info_json(Export* e) {
     }
     w.key("layers");
     w.begin_array();
-    for (const Layer& l : e->chain.layers) {
+    for (const Layer& l : layers) {
         co_await write_layer_json(&w, &l);
     }
     w.end_array();

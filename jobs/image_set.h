@@ -3,20 +3,29 @@
 // image uses them as backing) and which are roots, names each root's export (file name without
 // extension, cut at the first '@'), refuses names two roots want, and opens every exported chain
 // with shared layers. Broken images are reported and skipped; the others are exported.
+//
+// Control-plane rule (docs/contributing.md, "Graph changes"): every operation that changes an
+// image's graph or its files holds that image's `Export::ops` lock for the change; a scan holds
+// the directory lock and then every export's lock, taken in ascending id order (as a group
+// snapshot takes its images), so no two such operations interleave on one image and no two of
+// them can deadlock. Exports are shared: a request or operation holds its Export alive until it
+// is done, and one that waited for the lock checks `removed` before it acts.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <set>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include <sys/types.h>
-
 #include "core/backend.h"
 #include "core/json.h"
+#include "core/offload.h"
+#include "core/task_scope.h"
+#include "core/timed_mutex.h"
 #include "drivers/image_chain.h"
 
 namespace imgfs {
@@ -32,18 +41,32 @@ struct ImageSetOptions {
     /// Tests: called right before (`done` false) and after (`done` true) every fsync of the
     /// image directory, so a crash harness can take a crash point there.
     std::function<void(int dir_fd, bool done)> sync_dir_observer;
+    /// How long a snapshot, revert or rescan waits for another operation on the same image (or
+    /// another rescan) before it gives up with EBUSY.
+    std::chrono::milliseconds op_wait{10000};
 };
 
 class Job;
+struct ScanPlan;
 
 /// One exported chain: NAME.raw and its control files.
 struct Export {
-    uint64_t id = 0;   // unique for the lifetime of the set (inode numbers derive from it)
-    std::string name;  // NAME in NAME.raw
-    Chain chain;       // top layer first; chain.layers[0].file is the root file
+    Export(uint64_t export_id, std::string export_name, EventLoop* loop, TaskScope* timers)
+        : id(export_id), name(std::move(export_name)), ops(loop, timers) {}
+
+    const uint64_t id;       // unique for the lifetime of the set (inode numbers derive from it)
+    const std::string name;  // NAME in NAME.raw
+    Chain chain;             // top layer first; chain.layers[0].file is the root file
     std::unique_ptr<BlockBackend> backend;
-    std::string last_error;  // the last refused or failed control operation, for info
-    Job* job = nullptr;      // the running or last job on this image (owned by the job manager)
+    std::string last_error;    // the last refused or failed control operation, for info
+    std::shared_ptr<Job> job;  // the running or last job on this image
+    /// Held by every graph change of this image (see the rule above).
+    TimedMutex ops;
+    /// Set under `ops` when the export is taken away.
+    bool removed = false;
+    /// What the last scan found wrong with the chain on disk (a layer missing or replaced, a
+    /// header naming another backing file), or "".
+    std::string chain_mismatch;
 };
 
 class ImageSet {
@@ -52,35 +75,55 @@ class ImageSet {
     ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetOptions options);
     ImageSet(const ImageSet&) = delete;
     ImageSet& operator=(const ImageSet&) = delete;
+    /// close_all() must have run (it joins the lock timers).
     ~ImageSet();
 
     /// Scans the directory (again): exports new roots, drops exports whose root is gone (unless
-    /// open). Fails only if the directory cannot be read.
+    /// open or busy with a job), reports chains that differ on disk from what is served, and
+    /// removes what an interrupted chain edit left behind. Fails if the directory cannot be
+    /// read, or with EBUSY if another scan did not finish in time.
     Task<Status> scan();
     /// Flushes and closes every chain (shutdown).
     Task<Status> close_all();
 
-    [[nodiscard]] const std::vector<std::unique_ptr<Export>>& exports() const { return exports_; }
-    [[nodiscard]] Export* find(std::string_view name) const;
-    [[nodiscard]] Export* find_id(uint64_t id) const;
-    /// What the last scan could not export, one line each.
+    [[nodiscard]] const std::vector<std::shared_ptr<Export>>& exports() const { return exports_; }
+    [[nodiscard]] std::shared_ptr<Export> find(std::string_view name) const;
+    [[nodiscard]] std::shared_ptr<Export> find_id(uint64_t id) const;
+    /// What the last scan could not export or found wrong, one line each.
     [[nodiscard]] const std::vector<std::string>& problems() const { return problems_; }
     [[nodiscard]] int dir_fd() const { return dir_fd_.get(); }
     [[nodiscard]] const std::string& dir_path() const { return dir_path_; }
+    [[nodiscard]] const std::string& dir_real() const { return dir_real_; }
     [[nodiscard]] const ImageSetOptions& options() const { return options_; }
     [[nodiscard]] const NodeEnv& env() const { return env_; }
     [[nodiscard]] LayerCache* layer_cache() { return &cache_; }
+    /// Where blocking directory calls run.
+    [[nodiscard]] Offloader* offloader() { return &offloader_; }
+
+    /// `e`'s lock for a short operation (bounded by options().op_wait): EBUSY naming `what`
+    /// if another operation keeps it too long, ENODEV if the export went away meanwhile.
+    Task<Result<TimedMutex::Guard>> lock_export(std::shared_ptr<Export> e, std::string what);
+    /// Checks, off the event loop, that the files on disk still form the chain `e` serves.
+    /// Fails with EIO and the reason if not: an operation then stops before it touches anything.
+    Task<Status> verify_chain(std::shared_ptr<Export> e);
+    /// Layers that left `e`'s chain: closes each that no other export uses, forgets them, and
+    /// drops the references, so their files are closed and their image locks released now.
+    Task<void> retire_layers(std::vector<Layer> layers, const Export* e);
+    /// Marks `e` failed (its I/O gets EIO with `reason`), logs it; every other export serves on.
+    void fence(Export* e, const std::string& reason);
 
     /// The info JSON of an export (DESIGN.md §2.2).
-    Task<std::string> info_json(Export* e);
-    /// Held while a new overlay is written under its creating_name(): a scan then leaves such
-    /// names alone. With none held, a scan of a writable set removes them as crash leftovers.
-    class CreatingGuard {
+    Task<std::string> info_json(std::shared_ptr<Export> e);
+
+    /// Held while a chain edit has names in the directory that a scan would take for leftovers
+    /// (a new overlay under its creating_name(), hidden .removing links): with any held, a scan
+    /// leaves those names alone.
+    class EditGuard {
       public:
-        explicit CreatingGuard(ImageSet* set) : set_(set) { ++set_->creating_in_flight_; }
-        CreatingGuard(const CreatingGuard&) = delete;
-        CreatingGuard& operator=(const CreatingGuard&) = delete;
-        ~CreatingGuard() { --set_->creating_in_flight_; }
+        explicit EditGuard(ImageSet* set) : set_(set) { ++set_->edits_in_flight_; }
+        EditGuard(const EditGuard&) = delete;
+        EditGuard& operator=(const EditGuard&) = delete;
+        ~EditGuard() { --set_->edits_in_flight_; }
 
       private:
         ImageSet* set_;
@@ -90,13 +133,13 @@ class ImageSet {
     [[nodiscard]] std::vector<Export*> users_of(const Node* node, const Export* except) const;
 
   private:
-    struct Candidate;
-    Result<std::vector<Candidate>> list_candidates();
-    Status collect_layers(const std::string& file, std::set<std::pair<dev_t, ino_t>>* layers);
+    struct Locked;
+    Task<Locked> lock_all();
+    Task<void> apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked);
     Task<Status> open_export(std::string root, std::string name);
-    Task<void> remove_export(Export* e);
+    Task<void> remove_export(std::shared_ptr<Export> e);
     void forget_unused_layers();
-    void remove_leftovers(const std::set<std::pair<dev_t, ino_t>>& layers);
+    void log_problems();
 
     NodeEnv env_;
     UniqueFd dir_fd_;
@@ -104,17 +147,23 @@ class ImageSet {
     std::string dir_real_;
     ImageSetOptions options_;
     LayerCache cache_;
-    std::vector<std::unique_ptr<Export>> exports_;
+    std::vector<std::shared_ptr<Export>> exports_;
     std::vector<std::string> problems_;
-    std::vector<std::string> hidden_;    // ".imgfs-*.removing" names seen by the last listing
-    std::vector<std::string> creating_;  // ".imgfs-*.creating" names seen by the last listing
-    int creating_in_flight_ = 0;
+    int edits_in_flight_ = 0;
     uint64_t next_id_ = 1;
+    // Declared after nothing that uses them: exports' locks run their timers in timers_.
+    TaskScope timers_;
+    TimedMutex scan_lock_;
+    Offloader offloader_;
 };
 
 /// Export name of a root file: without extension, cut at the first '@'.
 std::string export_name_of(const std::string& file);
 /// True for the file names a scan considers (.qcow2 .qcow .img .raw).
 bool is_image_file_name(const std::string& file);
+
+/// The node holding the open file under `layer` (through filters), or null.
+class FileNode;
+FileNode* file_node_of(Node* layer);
 
 }  // namespace imgfs

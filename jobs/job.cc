@@ -65,14 +65,14 @@ bool job_verb_allowed(JobVerb verb, JobState state) {
     return kVerbTable[static_cast<int>(verb)][idx(state)];
 }
 
-Job::Job(EventLoop* loop, uint64_t id, std::string type, Export* e)
+Job::Job(EventLoop* loop, uint64_t id, std::string type, std::shared_ptr<Export> e)
     : ChildOwner(loop),
       loop_(loop),
       id_(id),
       type_(std::move(type)),
-      export_(e),
-      export_id_(e != nullptr ? e->id : 0),
-      export_name_(e != nullptr ? e->name : std::string()),
+      export_(std::move(e)),
+      export_id_(export_ != nullptr ? export_->id : 0),
+      export_name_(export_ != nullptr ? export_->name : std::string()),
       resumed_(loop) {}
 
 Job::~Job() = default;
@@ -101,6 +101,8 @@ Task<void> Job::run() {
     if (total_bytes_ < done_bytes_) {
         total_bytes_ = done_bytes_;
     }
+    release_nodes();
+    export_.reset();
     set_state(JobState::kConcluded);
 }
 

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "core/node.h"
@@ -34,14 +35,15 @@ bool job_verb_allowed(JobVerb verb, JobState state);
 
 class Job : public ChildOwner {
   public:
-    Job(EventLoop* loop, uint64_t id, std::string type, Export* e);
+    Job(EventLoop* loop, uint64_t id, std::string type, std::shared_ptr<Export> e);
     ~Job() override;
 
     [[nodiscard]] uint64_t id() const { return id_; }
     [[nodiscard]] const std::string& type() const { return type_; }
-    /// The image the job works on; valid while the job runs (a running job keeps its export
-    /// from being removed). Afterwards use image_id()/image_name().
-    [[nodiscard]] Export* image() const { return export_; }
+    /// The image the job works on; the job holds it until it concludes (and a running job
+    /// keeps its export from being removed). Afterwards null: use image_id()/image_name().
+    [[nodiscard]] Export* image() const { return export_.get(); }
+    [[nodiscard]] const std::shared_ptr<Export>& image_ref() const { return export_; }
     [[nodiscard]] uint64_t image_id() const { return export_id_; }
     [[nodiscard]] const std::string& image_name() const { return export_name_; }
     [[nodiscard]] JobState state() const { return state_; }
@@ -52,7 +54,8 @@ class Job : public ChildOwner {
     /// The job's work; runs in the job manager's scope. Implementations call checkpoint()
     /// between units of work.
     virtual Task<Status> body() = 0;
-    /// Runs body() and concludes the job with its outcome.
+    /// Runs body() and concludes the job with its outcome. A concluded job holds no node and
+    /// no image any more: what it used is freed (or closed, if it left the chain) right away.
     Task<void> run();
 
     /// User verbs (from the job control file); EBUSY if the state does not allow it.
@@ -66,6 +69,8 @@ class Job : public ChildOwner {
     [[nodiscard]] std::string status_json() const;
 
   protected:
+    /// Drops the job's references to nodes (called once, as the job concludes).
+    virtual void release_nodes() {}
     /// Between units of work: waits while paused or quiesced by a drained section, sleeps to
     /// keep to the rate limit for `bytes` just done, and fails with ECANCELED once cancelled.
     Task<Status> checkpoint(uint64_t bytes);
@@ -82,7 +87,7 @@ class Job : public ChildOwner {
   private:
     uint64_t id_;
     std::string type_;
-    Export* export_;
+    std::shared_ptr<Export> export_;
     uint64_t export_id_ = 0;
     std::string export_name_;
     JobState state_ = JobState::kCreated;

@@ -20,11 +20,12 @@ namespace {
 constexpr size_t kKeptJobs = 64;  // concluded jobs kept for status, oldest dropped first
 
 // Guest bytes held (as data or zeros) by the layers above `base_index`: what a commit writes.
-Task<Result<uint64_t>> bytes_above(Export* e, size_t base_index) {
-    Node* top = e->chain.top().get();
+Task<Result<uint64_t>> bytes_above(std::shared_ptr<Export> e, size_t base_index) {
+    BlockBackend* be = e->backend.get();
+    const uint64_t size = be->size();
     uint64_t total = 0;
-    for (uint64_t off = 0; off < top->size();) {
-        CO_TRY_ASSIGN(ChainStatus st, co_await block_status_above(top, off, top->size() - off));
+    for (uint64_t off = 0; off < size;) {
+        CO_TRY_ASSIGN(ChainStatus st, co_await be->block_status_above(off, size - off));
         if (st.depth >= 0 && static_cast<size_t>(st.depth) < base_index && st.data) {
             total += st.bytes;
         }
@@ -33,10 +34,24 @@ Task<Result<uint64_t>> bytes_above(Export* e, size_t base_index) {
     co_return total;
 }
 
+// Free bytes in the image directory's file system (statvfs can block: it runs off the loop).
+Task<Result<uint64_t>> free_bytes(ImageSet* images) {
+    const int dir = images->dir_fd();
+    std::function<Result<uint64_t>()> query = [dir]() -> Result<uint64_t> {
+        struct statvfs vfs {};
+        if (::fstatvfs(dir, &vfs) != 0) {
+            return make_error(errno, "statvfs of the image directory");
+        }
+        return static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    };
+    co_return co_await images->offloader()->run<Result<uint64_t>>(std::move(query));
+}
+
 }  // namespace
 
-RecordJob::RecordJob(EventLoop* loop, uint64_t id, std::string type, Export* e, uint64_t bytes)
-    : Job(loop, id, std::move(type), e) {
+RecordJob::RecordJob(EventLoop* loop, uint64_t id, std::string type, std::shared_ptr<Export> e,
+                     uint64_t bytes)
+    : Job(loop, id, std::move(type), std::move(e)) {
     set_total(bytes);
     add_done(bytes);
 }
@@ -48,7 +63,11 @@ JobManager::~JobManager() = default;
 
 Status JobManager::refuse_if_busy(const Export* e) const {
     if (running(e)) {
-        return make_error(EBUSY, "{}: a {} job is already running", e->name, e->job->type());
+        return make_error(EBUSY, "{}: a {} job is running on it", e->name, e->job->type());
+    }
+    if (e->backend->fenced()) {
+        return make_error(EIO, "{} is failed ({}); rescan once it is closed to reopen it", e->name,
+                          e->backend->fence_reason());
     }
     if (images_->options().read_only) {
         return make_error(EROFS, "{}: mounted read-only", e->name);
@@ -56,22 +75,25 @@ Status JobManager::refuse_if_busy(const Export* e) const {
     return {};
 }
 
+Task<Status> JobManager::check_ready(std::shared_ptr<Export> e) {
+    CO_TRY(refuse_if_busy(e.get()));
+    co_return co_await images_->verify_chain(e);
+}
+
 bool JobManager::running(const Export* e) const {
     return e->job != nullptr && !e->job->finished();
 }
 
-Job* JobManager::record(std::unique_ptr<Job> job) {
+Job* JobManager::record(std::shared_ptr<Job> job) {
     Job* raw = job.get();
     if (raw->image() != nullptr) {
-        raw->image()->job = raw;
+        raw->image()->job = job;
     }
     jobs_.push_back(std::move(job));
-    // Forget the oldest concluded jobs that no image points at any more.
+    // Forget the oldest concluded jobs (an image keeps its own last job for status).
     while (jobs_.size() > kKeptJobs) {
-        auto it = std::find_if(jobs_.begin(), jobs_.end(), [this](const auto& j) {
-            Export* img = images_->find_id(j->image_id());
-            return j->finished() && (img == nullptr || img->job != j.get());
-        });
+        auto it =
+            std::find_if(jobs_.begin(), jobs_.end(), [](const auto& j) { return j->finished(); });
         if (it == jobs_.end()) {
             break;
         }
@@ -80,7 +102,7 @@ Job* JobManager::record(std::unique_ptr<Job> job) {
     return raw;
 }
 
-Task<void> JobManager::run_job(Job* job) {
+Task<void> JobManager::run_job(std::shared_ptr<Job> job, std::shared_ptr<Export> e) {
     log_->info("{}: {} job {} started", job->image_name(), job->type(), job->id());
     co_await job->run();
     if (job->error().empty()) {
@@ -88,15 +110,18 @@ Task<void> JobManager::run_job(Job* job) {
     } else {
         log_->error("{}: {} job {} failed: {}", job->image_name(), job->type(), job->id(),
                     job->error());
-        if (Export* e = images_->find_id(job->image_id())) {
-            e->last_error = job->type() + ": " + job->error();
-        }
+        e->last_error = job->type() + ": " + job->error();
     }
     finished_.notify_all();
 }
 
-Task<Status> JobManager::start_commit(Export* e, std::string base_file) {
-    CO_TRY(refuse_if_busy(e));
+Task<Status> JobManager::start_commit(std::shared_ptr<Export> e, std::string base_file) {
+    CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await images_->lock_export(e, "commit"));
+    co_return co_await start_commit_locked(std::move(e), std::move(base_file));
+}
+
+Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::string base_file) {
+    CO_TRY(co_await check_ready(e));
     std::vector<Layer>& layers = e->chain.layers;
     if (layers.size() < 2) {
         co_return make_error(EINVAL, "{}: nothing to commit: {} has no backing file", e->name,
@@ -113,7 +138,7 @@ Task<Status> JobManager::start_commit(Export* e, std::string base_file) {
         base_index = static_cast<size_t>(it - layers.begin());
     }
     for (size_t i = 1; i <= base_index; ++i) {
-        std::vector<Export*> others = images_->users_of(layers[i].node.get(), e);
+        std::vector<Export*> others = images_->users_of(layers[i].node.get(), e.get());
         if (!others.empty()) {
             co_return make_error(EBUSY,
                                  "{}: {} is also used by {}; committing would change that "
@@ -122,29 +147,28 @@ Task<Status> JobManager::start_commit(Export* e, std::string base_file) {
         }
     }
     CO_TRY_ASSIGN(uint64_t need, co_await bytes_above(e, base_index));
-    struct statvfs vfs {};
-    if (::fstatvfs(images_->dir_fd(), &vfs) == 0) {
-        uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-        if (need > free_bytes) {
-            co_return make_error(ENOSPC,
-                                 "{}: committing needs up to {} bytes in {}, but only {} "
-                                 "are free",
-                                 e->name, need, layers[base_index].file, free_bytes);
-        }
+    if (Result<uint64_t> free = co_await free_bytes(images_); free && need > *free) {
+        co_return make_error(ENOSPC,
+                             "{}: committing needs up to {} bytes in {}, but only {} "
+                             "are free",
+                             e->name, need, layers[base_index].file, *free);
     }
-    Job* job = record(std::make_unique<CommitJob>(images_, next_id_++, e, base_index, need));
-    scope_.spawn(run_job(job));
+    auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need);
+    record(job);
+    scope_.spawn(run_job(std::move(job), std::move(e)));
     co_return Status{};
 }
 
-Task<Status> JobManager::start_stream(Export* e) {
-    CO_TRY(refuse_if_busy(e));
+Task<Status> JobManager::start_stream(std::shared_ptr<Export> e) {
+    CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await images_->lock_export(e, "stream"));
+    CO_TRY(co_await check_ready(e));
     if (e->chain.layers.size() < 2) {
         co_return make_error(EINVAL, "{}: nothing to stream: {} has no backing file", e->name,
                              e->chain.layers.front().file);
     }
-    Job* job = record(std::make_unique<StreamJob>(images_, next_id_++, e));
-    scope_.spawn(run_job(job));
+    auto job = std::make_shared<StreamJob>(images_, next_id_++, e);
+    record(job);
+    scope_.spawn(run_job(std::move(job), std::move(e)));
     co_return Status{};
 }
 
@@ -197,8 +221,8 @@ Task<void> JobManager::shutdown() {
     co_await scope_.join();
 }
 
-Task<void> JobManager::wait(const Export* e) {
-    while (running(e)) {
+Task<void> JobManager::wait(std::shared_ptr<Export> e) {
+    while (running(e.get())) {
         co_await finished_.wait();
     }
 }

@@ -1,7 +1,12 @@
 // JobManager: starts, refuses and tracks the operations of DESIGN.md §2.4 on the exports of an
 // ImageSet. Snapshot and revert complete within the call; commit and stream run as jobs in the
 // manager's scope. Refusals carry the errno the control file returns (EBUSY, EINVAL, EEXIST,
-// ENOSPC, EROFS) and a reason.
+// ENOSPC, EROFS, EIO) and a reason.
+//
+// Every operation here follows the ImageSet's graph-change rule: it holds the image's `ops` lock
+// (a group snapshot: every image's, in ascending id order) while it checks and changes the
+// image, waiting a bounded time for another short operation, and is refused with EBUSY while a
+// job holds the image. A job takes the lock again for each step that changes the graph.
 #pragma once
 
 #include <memory>
@@ -24,16 +29,17 @@ class JobManager {
     ~JobManager();
 
     /// Live external snapshot: NAME@SNAP.qcow2 becomes the active layer.
-    Task<Status> snapshot(Export* e, std::string snap);
+    Task<Status> snapshot(std::shared_ptr<Export> e, std::string snap);
     /// Several at once: one drain, one switch, all or nothing.
-    Task<Status> group_snapshot(std::vector<std::pair<Export*, std::string>> targets);
+    Task<Status> group_snapshot(
+        std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets);
     /// Drops the top layer (NAME.raw must be closed).
-    Task<Status> revert(Export* e);
+    Task<Status> revert(std::shared_ptr<Export> e);
     /// Starts an active commit of every layer above `base_file` (default: the layer below the
     /// top) into it.
-    Task<Status> start_commit(Export* e, std::string base_file);
+    Task<Status> start_commit(std::shared_ptr<Export> e, std::string base_file);
     /// Starts pulling all backing data into the top layer.
-    Task<Status> start_stream(Export* e);
+    Task<Status> start_stream(std::shared_ptr<Export> e);
     /// cancel | pause | resume | speed BYTES_PER_S
     Status control(Export* e, const std::string& command);
 
@@ -46,21 +52,28 @@ class JobManager {
     /// Cancels running jobs and waits for them (shutdown).
     Task<void> shutdown();
     /// Waits until `e` has no running job (tests).
-    Task<void> wait(const Export* e);
+    Task<void> wait(std::shared_ptr<Export> e);
 
     [[nodiscard]] ImageSet* images() const { return images_; }
     [[nodiscard]] Logger* log() const { return log_; }
 
   private:
+    /// Why `e` cannot take a graph change now (a job holds it, it is failed, the mount is
+    /// read-only), or nothing. The caller holds e->ops.
     Status refuse_if_busy(const Export* e) const;
-    Job* record(std::unique_ptr<Job> job);
-    Task<void> run_job(Job* job);
+    /// The checks of every operation, under the lock: not busy, and the directory still holds
+    /// the chain that is served.
+    Task<Status> check_ready(std::shared_ptr<Export> e);
+    Job* record(std::shared_ptr<Job> job);
+    Task<void> run_job(std::shared_ptr<Job> job, std::shared_ptr<Export> e);
+    Task<Status> revert_locked(std::shared_ptr<Export> e);
+    Task<Status> start_commit_locked(std::shared_ptr<Export> e, std::string base_file);
 
     ImageSet* images_;
     Logger* log_;
     TaskScope scope_;
     WaitQueue finished_;
-    std::vector<std::unique_ptr<Job>> jobs_;
+    std::vector<std::shared_ptr<Job>> jobs_;
     uint64_t next_id_ = 1;
 };
 
@@ -70,7 +83,8 @@ bool valid_snapshot_name(std::string_view name);
 /// A job that already happened (snapshot, revert): concluded at once, kept for status.
 class RecordJob final : public Job {
   public:
-    RecordJob(EventLoop* loop, uint64_t id, std::string type, Export* e, uint64_t bytes);
+    RecordJob(EventLoop* loop, uint64_t id, std::string type, std::shared_ptr<Export> e,
+              uint64_t bytes);
     Task<Status> body() override { co_return Status{}; }
 };
 

@@ -61,9 +61,10 @@ class MirrorFilter final : public Node {
 };
 
 /// Takes `filter` out from over `top` again in a drained section and detaches `job_edge` (the
-/// job's own edge below it) in the same transaction. Cannot fail: it only restores the graph
-/// the filter was inserted into.
-Task<void> remove_mirror_filter(Graph* graph, std::shared_ptr<MirrorFilter> filter,
-                                std::shared_ptr<Node> top, Child* job_edge);
+/// job's own edge below it) in the same transaction. It only restores the graph the filter was
+/// inserted into, so it fails only if the world changed meanwhile (another process took an
+/// image lock); the caller then fences the image rather than serve a graph it cannot trust.
+Task<Status> remove_mirror_filter(Graph* graph, std::shared_ptr<MirrorFilter> filter,
+                                  std::shared_ptr<Node> top, Child* job_edge);
 
 }  // namespace imgfs

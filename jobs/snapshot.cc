@@ -1,4 +1,6 @@
-// Snapshot (single and group) and revert: short operations done within the control write.
+// Snapshot (single and group) and revert: short operations done within the control write, each
+// under the `ops` lock of every image it changes (a group snapshot takes them in ascending id
+// order, so two group snapshots, or one and a rescan, cannot deadlock).
 //
 // Snapshot order (each step durable before the next one can depend on it):
 //   drain the images, flush their active layers, create NAME@SNAP.qcow2 (written and fsynced)
@@ -25,7 +27,7 @@ namespace imgfs {
 namespace {
 
 struct SnapshotTarget {
-    Export* e = nullptr;
+    std::shared_ptr<Export> e;
     std::string snap;
     std::string file;  // NAME@SNAP.qcow2
     bool created = false;
@@ -45,31 +47,51 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
     return o;
 }
 
+// Writes a new overlay under its hidden name and renames it into place once durable (the
+// directory entry can reach the disk before the content, and an empty or half-written
+// NAME@SNAP.qcow2 left by a crash would be taken for a second root wanting NAME).
+Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
+    const int dir = images->dir_fd();
+    const std::string tmp = creating_name(t->file);
+    std::function<Result<int>()> open_tmp = [dir, tmp]() -> Result<int> {
+        ::unlinkat(dir, tmp.c_str(), 0);  // a leftover of an earlier crash
+        int fd = ::openat(dir, tmp.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            return make_error(errno, "cannot create {}", tmp);
+        }
+        return fd;
+    };
+    Result<int> opened = co_await images->offloader()->run<Result<int>>(std::move(open_tmp));
+    CO_TRY(opened);
+    UniqueFd owned(*opened);
+    Status created = co_await qcow2::create_image(images->env().loop, owned.get(),
+                                                  overlay_options(t->e->chain.layers.front()));
+    const std::string file = t->file;
+    if (created) {
+        std::function<Status()> rename = [dir, tmp, file]() -> Status {
+            if (::renameat2(dir, tmp.c_str(), dir, file.c_str(), RENAME_NOREPLACE) != 0) {
+                return make_error(errno, "cannot create {}", file);
+            }
+            return {};
+        };
+        created = co_await dir_call(images, std::move(rename));
+    }
+    if (!created) {
+        std::function<Status()> unlink = [dir, tmp]() -> Status {
+            ::unlinkat(dir, tmp.c_str(), 0);
+            return {};
+        };
+        (void)co_await dir_call(images, std::move(unlink));
+        co_return std::move(created).error();
+    }
+    t->created = true;
+    co_return owned;
+}
+
 // Creates and opens one new overlay (the export does not use it yet).
 Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     const NodeEnv& env = images->env();
-    // Written under a hidden name and renamed into place once durable: the directory entry can
-    // reach the disk before the content, and an empty or half-written NAME@SNAP.qcow2 left by a
-    // crash would be taken for a second root wanting NAME (so NAME would not be exported).
-    const int dir = images->dir_fd();
-    const std::string tmp = creating_name(t->file);
-    ImageSet::CreatingGuard creating(images);  // a rescan meanwhile must not take it for garbage
-    ::unlinkat(dir, tmp.c_str(), 0);           // a leftover of an earlier crash
-    int fd = ::openat(dir, tmp.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        co_return make_error(errno, "cannot create {}", tmp);
-    }
-    UniqueFd owned(fd);
-    Status created =
-        co_await qcow2::create_image(env.loop, fd, overlay_options(t->e->chain.layers.front()));
-    if (created && ::renameat2(dir, tmp.c_str(), dir, t->file.c_str(), RENAME_NOREPLACE) != 0) {
-        created = make_error(errno == EEXIST ? EEXIST : errno, "cannot create {}", t->file);
-    }
-    if (!created) {
-        ::unlinkat(dir, tmp.c_str(), 0);
-        co_return created;
-    }
-    t->created = true;
+    CO_TRY_ASSIGN(UniqueFd owned, co_await write_overlay(images, t));
     FileOptions fo;
     fo.direct = images->options().direct;
     CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
@@ -87,8 +109,8 @@ Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     co_return Status{};
 }
 
-// One entry of a (group) snapshot, checked against the directory and the entries before it.
-Result<SnapshotTarget> make_target(ImageSet* images, Export* e, const std::string& snap,
+// One entry of a (group) snapshot, checked against the entries before it.
+Result<SnapshotTarget> make_target(std::shared_ptr<Export> e, const std::string& snap,
                                    const std::vector<SnapshotTarget>& earlier) {
     if (!valid_snapshot_name(snap)) {
         return make_error(EINVAL,
@@ -102,32 +124,112 @@ Result<SnapshotTarget> make_target(ImageSet* images, Export* e, const std::strin
         }
     }
     SnapshotTarget t;
-    t.e = e;
     t.snap = snap;
     t.file = e->name + "@" + snap + ".qcow2";
-    if (::faccessat(images->dir_fd(), t.file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
-        return make_error(EEXIST, "{}: {} already exists", e->name, t.file);
-    }
+    t.e = std::move(e);
     return t;
 }
 
-// Undoes a group snapshot that failed before its switch: the frozen layers are writable again,
-// and the new overlays are closed and deleted.
-Task<void> undo_snapshot(ImageSet* images, std::vector<Node*> frozen,
-                         std::vector<SnapshotTarget>* ts) {
-    for (Node* n : frozen) {
-        (void)co_await n->set_writable(true);
+// EEXIST for a target whose file name is taken (checked off the loop, under the locks).
+Task<Status> check_names_free(ImageSet* images, const std::vector<SnapshotTarget>* ts) {
+    const int dir = images->dir_fd();
+    std::vector<std::pair<std::string, std::string>> names;  // image, file
+    for (const auto& t : *ts) {
+        names.emplace_back(t.e->name, t.file);
     }
+    std::function<Status()> check = [dir, names]() -> Status {
+        for (const auto& [image, file] : names) {
+            if (::faccessat(dir, file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+                return make_error(EEXIST, "{}: {} already exists", image, file);
+            }
+        }
+        return {};
+    };
+    co_return co_await dir_call(images, std::move(check));
+}
+
+// Undoes a group snapshot that failed before its switch: the frozen layers are writable again,
+// and the new overlays are closed and deleted. A layer that cannot be made writable again
+// leaves its image failed.
+Task<void> undo_snapshot(ImageSet* images, std::vector<SnapshotTarget*> frozen,
+                         std::vector<SnapshotTarget>* ts) {
+    for (SnapshotTarget* t : frozen) {
+        Status st = co_await t->e->chain.top()->set_writable(true);
+        if (!st) {
+            images->fence(t->e.get(),
+                          fmt::format("a failed snapshot could not make {} writable "
+                                      "again: {}",
+                                      t->e->chain.layers.front().file, st.error().message()));
+        }
+    }
+    std::vector<std::string> created;
     for (auto& t : *ts) {
         if (t.layer.node) {
             (void)co_await t.layer.node->close();
             t.layer.node.reset();
         }
         if (t.created) {
-            ::unlinkat(images->dir_fd(), t.file.c_str(), 0);
+            created.push_back(t.file);
         }
     }
-    (void)sync_image_dir(images);
+    const int dir = images->dir_fd();
+    std::function<Status()> unlink = [dir, created]() -> Status {
+        for (const std::string& f : created) {
+            ::unlinkat(dir, f.c_str(), 0);
+        }
+        return {};
+    };
+    (void)co_await dir_call(images, std::move(unlink));
+    (void)co_await sync_image_dir(images);
+}
+
+// The snapshot proper, with every target's lock held: drain, flush, new overlays made durable,
+// old tops frozen, then one transaction switches every export to its overlay.
+Task<Status> switch_to_overlays(ImageSet* images, std::vector<SnapshotTarget>* ts) {
+    std::vector<std::shared_ptr<Node>> tops;
+    for (const auto& t : *ts) {
+        tops.push_back(t.e->chain.top());
+    }
+    DrainGuard drained = co_await drain(tops);
+    Status st;
+    for (auto& top : tops) {
+        if (st) {
+            st = co_await top->flush();
+        }
+    }
+    {
+        ImageSet::EditGuard creating(images);  // a rescan must not take them for garbage
+        for (auto& t : *ts) {
+            if (st) {
+                st = co_await create_overlay(images, &t);
+            }
+        }
+    }
+    if (st) {
+        st = co_await sync_image_dir(images);  // the new entries are durable before the switch
+    }
+    std::vector<SnapshotTarget*> frozen;
+    for (size_t i = 0; i < ts->size() && st; ++i) {
+        st = co_await tops[i]->set_writable(false);
+        if (st) {
+            frozen.push_back(&(*ts)[i]);
+        }
+    }
+    if (st) {
+        Transaction tx(images->env().graph);
+        for (size_t i = 0; i < ts->size(); ++i) {
+            tx.append_overlay(tops[i], (*ts)[i].layer.node);
+        }
+        st = tx.commit();
+    }
+    if (!st) {
+        co_await undo_snapshot(images, std::move(frozen), ts);
+        co_return st;
+    }
+    for (auto& t : *ts) {
+        t.e->chain.layers.insert(t.e->chain.layers.begin(), t.layer);
+    }
+    co_return Status{};
 }
 
 }  // namespace
@@ -150,73 +252,51 @@ bool valid_snapshot_name(std::string_view name) {
     return true;
 }
 
-Task<Status> JobManager::snapshot(Export* e, std::string snap) {
-    std::vector<std::pair<Export*, std::string>> one;
-    one.emplace_back(e, std::move(snap));
+Task<Status> JobManager::snapshot(std::shared_ptr<Export> e, std::string snap) {
+    std::vector<std::pair<std::shared_ptr<Export>, std::string>> one;
+    one.emplace_back(std::move(e), std::move(snap));
     co_return co_await group_snapshot(std::move(one));
 }
 
-Task<Status> JobManager::group_snapshot(std::vector<std::pair<Export*, std::string>> targets) {
+Task<Status> JobManager::group_snapshot(
+    std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets) {
     std::vector<SnapshotTarget> ts;
     for (auto& [e, snap] : targets) {
-        CO_TRY(refuse_if_busy(e));
-        CO_TRY_ASSIGN(SnapshotTarget t, make_target(images_, e, snap, ts));
+        CO_TRY_ASSIGN(SnapshotTarget t, make_target(e, snap, ts));
         ts.push_back(std::move(t));
     }
     if (ts.empty()) {
         co_return make_error(EINVAL, "no image to snapshot");
     }
-    std::vector<std::shared_ptr<Node>> tops;
-    for (const auto& t : ts) {
-        tops.push_back(t.e->chain.top());
-    }
-    DrainGuard drained = co_await drain(tops);
-    Status st;
-    for (auto& top : tops) {
-        if (st) {
-            st = co_await top->flush();
-        }
+    // The fixed order in which every operation takes several images' locks.
+    std::sort(ts.begin(), ts.end(),
+              [](const SnapshotTarget& a, const SnapshotTarget& b) { return a.e->id < b.e->id; });
+    std::vector<TimedMutex::Guard> guards;
+    for (auto& t : ts) {
+        CO_TRY_ASSIGN(TimedMutex::Guard g, co_await images_->lock_export(t.e, "snapshot"));
+        guards.push_back(std::move(g));
     }
     for (auto& t : ts) {
-        if (st) {
-            st = co_await create_overlay(images_, &t);
-        }
+        CO_TRY(co_await check_ready(t.e));
     }
-    if (st) {
-        st = sync_image_dir(images_);  // the new entries are durable before the switch
-    }
-    std::vector<Node*> frozen;
-    for (auto& top : tops) {
-        if (st) {
-            st = co_await top->set_writable(false);
-            if (st) {
-                frozen.push_back(top.get());
-            }
-        }
-    }
-    if (st) {
-        Transaction tx(images_->env().graph);
-        for (size_t i = 0; i < ts.size(); ++i) {
-            tx.append_overlay(tops[i], ts[i].layer.node);
-        }
-        st = tx.commit();
-    }
-    if (!st) {
-        co_await undo_snapshot(images_, std::move(frozen), &ts);
-        co_return st;
-    }
+    CO_TRY(co_await check_names_free(images_, &ts));
+    CO_TRY(co_await switch_to_overlays(images_, &ts));
     for (auto& t : ts) {
-        t.e->chain.layers.insert(t.e->chain.layers.begin(), t.layer);
         log_->info("{}: snapshot {}: {} is now the active layer", t.e->name, t.snap, t.file);
-        auto job = std::make_unique<RecordJob>(images_->env().loop, next_id_++, "snapshot", t.e, 0);
-        Job* raw = record(std::move(job));
-        co_await raw->run();
+        auto job = std::make_shared<RecordJob>(images_->env().loop, next_id_++, "snapshot", t.e, 0);
+        record(job);
+        co_await job->run();
     }
     co_return Status{};
 }
 
-Task<Status> JobManager::revert(Export* e) {
-    CO_TRY(refuse_if_busy(e));
+Task<Status> JobManager::revert(std::shared_ptr<Export> e) {
+    CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await images_->lock_export(e, "revert"));
+    co_return co_await revert_locked(std::move(e));
+}
+
+Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
+    CO_TRY(refuse_if_busy(e.get()));
     std::vector<Layer>& layers = e->chain.layers;
     if (e->backend->open_count() > 0) {
         co_return make_error(EBUSY, "{}.raw is open ({} time{}); close it before reverting",
@@ -232,11 +312,12 @@ Task<Status> JobManager::revert(Export* e) {
         co_return make_error(EBUSY, "{}: the layer below, {}, is not one of {}'s own snapshots",
                              e->name, below.file, e->name);
     }
-    if (!images_->users_of(below.node.get(), e).empty()) {
+    if (!images_->users_of(below.node.get(), e.get()).empty()) {
         co_return make_error(EBUSY, "{}: {} is shared with another image", e->name, below.file);
     }
+    CO_TRY(co_await images_->verify_chain(e));
     std::shared_ptr<Node> top = layers.front().node;
-    std::shared_ptr<Node> back = below.node;
+    std::shared_ptr<Node> back = layers[1].node;
     std::vector<std::shared_ptr<Node>> drained_nodes{top};
     DrainGuard drained = co_await drain(drained_nodes);
     CO_TRY(co_await back->set_writable(true));
@@ -248,15 +329,19 @@ Task<Status> JobManager::revert(Export* e) {
         co_return st;
     }
     drained.end();
+    // The dropped layer's file is closed (and its lock released) before its name goes.
     std::string file = layers.front().file;
-    (void)co_await top->close();
+    std::vector<Layer> gone(layers.begin(), layers.begin() + 1);
     layers.erase(layers.begin());
     top.reset();
-    CO_TRY(remove_file(images_, file));
+    back.reset();
+    co_await images_->retire_layers(std::move(gone), e.get());
+    CO_TRY(co_await remove_file(images_, file));
     log_->info("{}: reverted: {} removed, {} is the active layer", e->name, file,
                layers.front().file);
-    Job* raw = record(std::make_unique<RecordJob>(images_->env().loop, next_id_++, "revert", e, 0));
-    co_await raw->run();
+    auto job = std::make_shared<RecordJob>(images_->env().loop, next_id_++, "revert", e, 0);
+    record(job);
+    co_await job->run();
     co_return Status{};
 }
 

@@ -18,12 +18,25 @@ constexpr uint64_t kChunkBytes = 1 << 20;
 
 }  // namespace
 
-StreamJob::StreamJob(ImageSet* images, uint64_t id, Export* e)
-    : Job(images->env().loop, id, "stream", e), images_(images) {}
+StreamJob::StreamJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e)
+    : Job(images->env().loop, id, "stream", std::move(e)), images_(images) {}
 
 StreamJob::~StreamJob() = default;
 
+void StreamJob::release_nodes() {
+    if (writer_ != nullptr) {
+        // Left over only when the filter could not be taken out (the image is fenced).
+        Transaction tx(images_->env().graph);
+        tx.detach(writer_);
+        (void)tx.commit_removal();
+        writer_ = nullptr;
+    }
+    filter_.reset();
+    top_.reset();
+}
+
 Task<Status> StreamJob::attach() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
     Export* e = image();
     top_ = e->chain.layers.front().node;
     std::vector<std::shared_ptr<Node>> nodes{top_};
@@ -42,12 +55,23 @@ Task<Status> StreamJob::attach() {
     co_return st;
 }
 
+// The caller holds the image's lock.
 Task<void> StreamJob::detach() {
     if (!filter_) {
         co_return;
     }
-    co_await remove_mirror_filter(images_->env().graph, std::move(filter_), top_, writer_);
+    std::shared_ptr<MirrorFilter> filter = std::move(filter_);
+    Status removed = co_await remove_mirror_filter(images_->env().graph, filter, top_, writer_);
+    if (!removed) {
+        images_->fence(image(), removed.error().message());
+        co_return;
+    }
     writer_ = nullptr;
+}
+
+Task<void> StreamJob::abandon() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
+    co_await detach();
 }
 
 Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
@@ -83,9 +107,12 @@ Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
     co_return Status{};
 }
 
+// The caller holds the image's lock.
 Task<Status> StreamJob::finish() {
     Export* e = image();
     std::vector<Layer>& layers = e->chain.layers;
+    // A directory changed under the job stops it here, before anything on disk is touched.
+    CO_TRY(co_await images_->verify_chain(image_ref()));
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     CO_TRY(co_await writer_->flush());
@@ -96,7 +123,7 @@ Task<Status> StreamJob::finish() {
         ++own;
     }
     if (own > 0) {
-        CO_TRY(co_await splice_out(images_, e, 1, own, true));
+        CO_TRY(co_await splice_out(images_, image_ref(), 1, own, true));
     } else {
         CO_TRY(co_await dynamic_cast<Qcow2Node*>(top_.get())->set_backing_name("", std::nullopt));
     }
@@ -109,13 +136,22 @@ Task<Status> StreamJob::finish() {
     writer_ = nullptr;
     filter_.reset();
     drained.end();
+    // Every layer below leaves this chain: closed now unless another image still uses it.
     std::vector<Layer> dropped(layers.begin() + 1, layers.end());
     layers.resize(1);
-    for (size_t i = 0; i < own; ++i) {
-        (void)co_await dropped[i].node->close();
-    }
+    co_await images_->retire_layers(std::move(dropped), e);
     images_->env().log->info("{}: streamed; {} stands alone", e->name, layers.front().file);
     co_return Status{};
+}
+
+// Finish (or undo) under one hold of the image's lock.
+Task<Status> StreamJob::complete() {
+    TimedMutex::Guard locked = co_await image()->ops.lock();
+    Status st = co_await finish();
+    if (!st) {
+        co_await detach();
+    }
+    co_return st;
 }
 
 Task<Status> StreamJob::body() {
@@ -133,19 +169,15 @@ Task<Status> StreamJob::body() {
             st = co_await checkpoint(n);
         }
         if (!st) {
-            co_await detach();
+            co_await abandon();
             co_return st;
         }
     }
     if (Status ready = enter_ready(); !ready) {
-        co_await detach();
+        co_await abandon();
         co_return ready;
     }
-    Status st = co_await finish();
-    if (!st) {
-        co_await detach();
-    }
-    co_return st;
+    co_return co_await complete();
 }
 
 }  // namespace imgfs

@@ -15,13 +15,19 @@ namespace imgfs {
 
 class StreamJob final : public Job {
   public:
-    StreamJob(ImageSet* images, uint64_t id, Export* e);
+    StreamJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e);
     ~StreamJob() override;
     Task<Status> body() override;
 
+  protected:
+    void release_nodes() override;
+
   private:
+    // Steps that change the graph take the image's lock (abandon, complete) or expect it held.
     Task<Status> attach();
     Task<void> detach();
+    Task<void> abandon();
+    Task<Status> complete();
     Task<Status> copy_chunk(uint64_t offset, uint64_t bytes);
     Task<Status> finish();
 

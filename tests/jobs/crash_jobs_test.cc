@@ -179,7 +179,7 @@ void CrashJobs::write_layer(const test::ImageDir& dir, const std::string& file, 
 std::vector<uint8_t> CrashJobs::read_export(const test::ImageDir& dir) {
     ImageSet images(env(), UniqueFd(::dup(dir.fd())), dir.path().string(), ImageSetOptions{});
     EXPECT_TRUE(run(images.scan()).ok());
-    Export* e = images.find("vm");
+    std::shared_ptr<Export> e = images.find("vm");
     EXPECT_NE(e, nullptr);
     std::vector<uint8_t> out;
     if (e != nullptr) {
@@ -193,7 +193,7 @@ std::vector<uint8_t> CrashJobs::read_export(const test::ImageDir& dir) {
 
 Task<Status> CrashJobs::job(ImageSet* images, JobManager* jobs, bool commit) {
     CO_TRY(co_await images->scan());
-    Export* e = images->find("vm");
+    std::shared_ptr<Export> e = images->find("vm");
     if (e == nullptr) {
         co_return make_error(ENOENT, "vm is not exported");
     }
@@ -244,9 +244,10 @@ std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8
     }
     ImageSet images(env(), UniqueFd(::dup(d.fd())), d.path().string(), o);
     std::string err;
+    std::shared_ptr<Export> e;
     if (Status st = run(images.scan()); !st) {
         err = "scan: " + st.error().message();
-    } else if (Export* e = images.find("vm"); e == nullptr) {
+    } else if (e = images.find("vm"); e == nullptr) {
         err = "vm is not exported:";
         for (const auto& p : images.problems()) {
             err += " " + p + ";";
@@ -441,7 +442,7 @@ TEST_F(CrashJobs, InterruptedOverlayCreation) {
     ImageSet images(env(), UniqueFd(::dup(dir.fd())), dir.path().string(), ImageSetOptions{});
     JobManager jobs(&images, &log_);
     ASSERT_TRUE(run(images.scan()).ok());
-    Export* e = images.find("vm");
+    std::shared_ptr<Export> e = images.find("vm");
     ASSERT_NE(e, nullptr);
     Status st = run(jobs.snapshot(e, "s9"));
     ASSERT_TRUE(st.ok()) << st.error().message();

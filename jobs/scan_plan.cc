@@ -1,0 +1,311 @@
+#include "jobs/scan_plan.h"
+
+#include <algorithm>
+#include <dirent.h>
+#include <fcntl.h>
+#include <set>
+#include <unistd.h>
+
+#include <sys/stat.h>
+
+#include "core/buffer.h"
+#include "drivers/image_chain.h"
+#include "drivers/qcow2/format.h"
+#include "jobs/chain_edit.h"
+#include "jobs/image_set.h"
+
+namespace imgfs {
+
+namespace {
+
+using FileId = std::pair<dev_t, ino_t>;
+
+struct Candidate {
+    std::string file;
+    FileId id;
+    bool broken = false;
+};
+
+struct Listing {
+    std::vector<Candidate> images;
+    std::vector<std::string> hidden;    // ".imgfs-*.removing"
+    std::vector<std::string> creating;  // ".imgfs-*.creating"
+};
+
+// What a walk of every candidate's backing chain found.
+struct Layers {
+    std::set<FileId> ids;                // every file some image uses as backing
+    std::set<std::string> referenced;    // the names headers use for them
+    std::set<std::string> hidden_users;  // images whose header names a hidden file
+};
+
+// The backing file name a qcow2 header records, validating the header ("" for none and for
+// raw images). Reads at most the first 2 MiB; the buffer suits O_DIRECT descriptors too.
+Result<std::string> recorded_backing(int fd, const std::string& file) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        return make_error(errno, "stat {}", file);
+    }
+    uint64_t want = std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 2ULL << 20);
+    AlignedBuffer buf(std::max<uint64_t>(align_up(want, 4096), 4096));
+    ssize_t n = ::pread(fd, buf.data(), buf.size(), 0);
+    if (n < 0) {
+        return make_error(errno, "reading {}", file);
+    }
+    if (n < 4 || qcow2::load_be32(buf.data()) != qcow2::kMagic) {
+        return std::string();
+    }
+    ConstBuf head(buf.data(), std::min<size_t>(static_cast<size_t>(n), want));
+    TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(head, static_cast<uint64_t>(st.st_size), file));
+    return h.backing_file;
+}
+
+// Only the backing-name field of a served layer's header (the rest may be changing under the
+// writes of the event loop; this field changes only in chain edits, which the caller excludes).
+Result<std::string> served_backing(int fd, const std::string& file) {
+    AlignedBuffer head(4096);
+    ssize_t n = ::pread(fd, head.data(), head.size(), 0);
+    if (n < 0) {
+        return make_error(errno, "reading {}", file);
+    }
+    if (n < 20 || qcow2::load_be32(head.data()) != qcow2::kMagic) {
+        return std::string();
+    }
+    uint64_t off = qcow2::load_be64(head.data() + 8);
+    uint32_t len = qcow2::load_be32(head.data() + 16);
+    if (len == 0) {
+        return std::string();
+    }
+    if (len > 1023 || off > (2ULL << 20)) {
+        return make_error(EINVAL, "{}: the header's backing file field is implausible", file);
+    }
+    uint64_t start = align_down(off, 4096);
+    AlignedBuffer name(align_up(off + len, 4096) - start);
+    n = ::pread(fd, name.data(), name.size(), static_cast<off_t>(start));
+    if (n < 0 || static_cast<uint64_t>(n) < off + len - start) {
+        return make_error(n < 0 ? errno : EIO, "{}: cannot read the backing file name", file);
+    }
+    return std::string(reinterpret_cast<const char*>(name.data() + (off - start)), len);
+}
+
+Result<Listing> list_directory(const ScanInput& in) {
+    int dup = ::dup(in.dir_fd);
+    if (dup < 0) {
+        return make_error(errno, "{}", in.dir_path);
+    }
+    DIR* d = ::fdopendir(dup);
+    if (d == nullptr) {
+        int err = errno;
+        ::close(dup);
+        return make_error(err, "cannot read {}", in.dir_path);
+    }
+    ::rewinddir(d);
+    Listing out;
+    while (dirent* ent = ::readdir(d)) {
+        std::string name = ent->d_name;
+        struct stat st {};
+        if (is_removing_name(name)) {
+            out.hidden.push_back(name);
+        } else if (is_creating_name(name)) {
+            out.creating.push_back(name);
+        } else if (is_image_file_name(name) && ::fstatat(in.dir_fd, name.c_str(), &st, 0) == 0 &&
+                   S_ISREG(st.st_mode)) {
+            // (Subfolders, dangling links and devices are not images here.)
+            out.images.push_back(Candidate{name, {st.st_dev, st.st_ino}, false});
+        }
+    }
+    ::closedir(d);
+    std::sort(out.images.begin(), out.images.end(),
+              [](const Candidate& a, const Candidate& b) { return a.file < b.file; });
+    return out;
+}
+
+// Follows the chain below `file` and records every layer's inode and the names headers use. A
+// layer may be referenced under another name (a hard link made while a chain is being edited),
+// so inodes, not names, decide what is a layer.
+Status collect_layers(const ScanInput& in, const std::string& file, Layers* layers) {
+    std::string current = file;
+    std::string previous;
+    std::string path = file;     // the walk so far, for the loop message
+    std::set<FileId> this_walk;  // a loop returns to one of these
+    for (int depth = 0; depth < 64; ++depth) {
+        Result<UniqueFd> fd = open_beneath(in.dir_fd, current, true, false);
+        if (!fd) {
+            return depth == 0 ? std::move(fd).error()
+                              : Status{};  // a missing backing file: the top reports it
+        }
+        struct stat st {};
+        if (::fstat(fd->get(), &st) != 0) {
+            return make_error(errno, "{}: stat", current);
+        }
+        if (!this_walk.insert({st.st_dev, st.st_ino}).second) {
+            return make_error(ELOOP, "{}: the backing chain loops ({})", file, path);
+        }
+        if (depth > 0) {
+            layers->referenced.insert(current);
+            if (is_removing_name(current) && !is_removing_name(previous)) {
+                layers->hidden_users.insert(previous);
+            }
+            if (!layers->ids.insert({st.st_dev, st.st_ino}).second) {
+                return {};  // a layer shared with a chain already walked
+            }
+        }
+        TRY_ASSIGN(std::string backing, recorded_backing(fd->get(), current));
+        if (backing.empty()) {
+            return {};
+        }
+        Result<std::string> next =
+            resolve_backing(current, backing, in.dir_real, in.allow_external_backing);
+        if (!next || (!next->empty() && (*next)[0] == '/')) {
+            return {};  // outside the directory: not one of our layers
+        }
+        previous = current;
+        current = *next;
+        path += " -> " + current;
+    }
+    return {};
+}
+
+void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers& layers,
+                      ScanPlan* plan) {
+    // A hidden name no header uses: a chain edit made it and was interrupted (a crash, or a
+    // failed step) before it was needed or after it no longer was. The visible name, if any,
+    // is the file's real one.
+    for (const std::string& h : listing.hidden) {
+        if (layers.referenced.count(h) == 0 && ::unlinkat(in.dir_fd, h.c_str(), 0) == 0) {
+            plan->removed.push_back(h + ", left over from an interrupted chain edit");
+        }
+    }
+    // A snapshot overlay a crash caught before its rename: never part of any chain.
+    for (const std::string& c : listing.creating) {
+        if (::unlinkat(in.dir_fd, c.c_str(), 0) == 0) {
+            plan->removed.push_back(c + ", left over from an interrupted snapshot");
+        }
+    }
+    if (!plan->removed.empty()) {
+        ::fsync(in.dir_fd);  // best effort: a crash before it only brings the garbage back
+    }
+}
+
+void choose_roots(const std::vector<Candidate>& images, const Layers& layers, ScanPlan* plan) {
+    std::map<std::string, std::vector<std::string>> roots_by_name;
+    for (const Candidate& c : images) {
+        if (!c.broken && layers.ids.count(c.id) == 0) {
+            roots_by_name[export_name_of(c.file)].push_back(c.file);
+        }
+    }
+    for (auto& [name, roots] : roots_by_name) {
+        if (roots.size() > 1) {
+            std::string list;
+            for (const auto& r : roots) {
+                list += list.empty() ? r : ", " + r;
+            }
+            plan->problems.push_back(fmt::format(
+                "export name '{}' is wanted by {}; none of them is exported", name, list));
+            continue;
+        }
+        plan->wanted[name] = roots.front();
+    }
+}
+
+// A served chain whose root is still the same file keeps its lower layers layers, even if a
+// header on disk no longer says so (a middle layer deleted under the mount): otherwise the
+// orphaned base would turn into a second root wanting the same name, and the export would be
+// dropped instead of reported.
+void keep_served_layers(const ScanInput& in, Layers* layers) {
+    for (const auto& [id, chain] : in.served) {
+        struct stat named {};
+        struct stat served {};
+        if (chain.empty() || chain.front().fd < 0 ||
+            ::fstatat(in.dir_fd, chain.front().file.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0 ||
+            ::fstat(chain.front().fd, &served) != 0 || named.st_dev != served.st_dev ||
+            named.st_ino != served.st_ino) {
+            continue;  // the root went or changed: the scan decides about the export afresh
+        }
+        for (size_t i = 1; i < chain.size(); ++i) {
+            if (chain[i].fd >= 0 && ::fstat(chain[i].fd, &served) == 0) {
+                layers->ids.insert({served.st_dev, served.st_ino});
+            }
+        }
+    }
+}
+
+}  // namespace
+
+ScanPlan plan_scan(const ScanInput& in) {
+    ScanPlan plan;
+    Result<Listing> listing = list_directory(in);
+    if (!listing) {
+        plan.failed = std::move(listing).error();
+        return plan;
+    }
+    Layers layers;
+    keep_served_layers(in, &layers);
+    for (Candidate& c : listing->images) {
+        if (Status st = collect_layers(in, c.file, &layers); !st) {
+            c.broken = true;
+            plan.problems.push_back(st.error().message());
+        }
+    }
+    if (in.remove_leftovers) {
+        remove_leftovers(in, *listing, layers, &plan);
+        std::set<std::string> served;
+        for (const auto& [id, chain] : in.served) {
+            for (const ServedLayer& l : chain) {
+                served.insert(l.file);
+            }
+        }
+        for (const std::string& user : layers.hidden_users) {
+            if (served.count(user) == 0) {
+                plan.interrupted.push_back(user);
+            }
+        }
+    }
+    choose_roots(listing->images, layers, &plan);
+    for (const auto& [id, chain] : in.served) {
+        std::string why =
+            check_served_chain(in.dir_fd, in.dir_real, in.allow_external_backing, chain);
+        if (!why.empty()) {
+            plan.mismatches[id] = why;
+        }
+    }
+    return plan;
+}
+
+std::string check_served_chain(int dir_fd, const std::string& dir_real, bool allow_external_backing,
+                               const std::vector<ServedLayer>& layers) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const ServedLayer& l = layers[i];
+        if (l.fd < 0 || (!l.file.empty() && l.file[0] == '/')) {
+            continue;  // not a file of the directory: nothing to compare
+        }
+        struct stat named {};
+        struct stat served {};
+        if (::fstatat(dir_fd, l.file.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0) {
+            return fmt::format("{} is missing on disk", l.file);
+        }
+        if (::fstat(l.fd, &served) == 0 &&
+            (named.st_dev != served.st_dev || named.st_ino != served.st_ino)) {
+            return fmt::format("{} on disk is another file than the one served", l.file);
+        }
+        Result<std::string> backing = served_backing(l.fd, l.file);
+        if (!backing) {
+            return backing.error().message();
+        }
+        std::string below = i + 1 < layers.size() ? layers[i + 1].file : std::string();
+        std::string named_below;
+        if (!backing->empty()) {
+            Result<std::string> r =
+                resolve_backing(l.file, *backing, dir_real, allow_external_backing);
+            named_below = r ? *r : *backing;
+        }
+        if (named_below != below) {
+            return fmt::format("{} names {} as its backing file, but {} is served below it", l.file,
+                               named_below.empty() ? "none" : "'" + named_below + "'",
+                               below.empty() ? "nothing" : below);
+        }
+    }
+    return {};
+}
+
+}  // namespace imgfs

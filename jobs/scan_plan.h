@@ -1,0 +1,55 @@
+// Scan planning: what a scan of the image directory finds. Computed off the event loop (it is
+// nothing but directory listings, stats and header reads) and without touching the graph; the
+// scan then applies the plan on the loop. Also removes what an interrupted chain edit left
+// behind, when the caller says no edit is in progress.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/result.h"
+
+namespace imgfs {
+
+/// One layer of a served chain: its file name and the descriptor it is served from.
+struct ServedLayer {
+    std::string file;
+    int fd = -1;  // -1: not a local file (its identity cannot be checked)
+};
+
+struct ScanInput {
+    int dir_fd = -1;
+    std::string dir_path;  // for messages
+    std::string dir_real;
+    bool allow_external_backing = false;
+    /// Remove leftovers of interrupted chain edits (writable mount, no edit in progress).
+    bool remove_leftovers = false;
+    /// The chains served now (whose exports the scan holds), by export id.
+    std::map<uint64_t, std::vector<ServedLayer>> served;
+};
+
+struct ScanPlan {
+    std::optional<Error> failed;                 // the directory could not be read
+    std::map<std::string, std::string> wanted;   // export name -> root file
+    std::vector<std::string> problems;           // images that cannot be exported, and why
+    std::vector<std::string> removed;            // leftover names removed, with why
+    std::map<uint64_t, std::string> mismatches;  // export id -> how the disk differs
+    /// Images whose header names a hidden .removing file: a chain edit a crash interrupted
+    /// after it pointed them there. Only those outside the served chains (those are reported).
+    std::vector<std::string> interrupted;
+};
+
+/// Blocking: lists the directory, finds roots and layers, removes leftovers if allowed, and
+/// compares every served chain with the files.
+ScanPlan plan_scan(const ScanInput& in);
+
+/// Blocking: "" if the directory still holds `layers` (top first) as one chain — every name
+/// present, the same file as the one served, each header naming the next layer as its backing
+/// file — else what differs.
+std::string check_served_chain(int dir_fd, const std::string& dir_real, bool allow_external_backing,
+                               const std::vector<ServedLayer>& layers);
+
+}  // namespace imgfs

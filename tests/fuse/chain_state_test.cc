@@ -1,0 +1,246 @@
+// The life of layers and of the chain on disk, through the control files (issue 12): a layer
+// that leaves a chain is closed and unlocked at once; a chain changed on disk under the mount is
+// reported and stops every operation before it touches anything; what a failed or interrupted
+// chain edit leaves behind is undone or removed.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <sys/stat.h>
+
+#include "fs_test_util.h"
+
+namespace imgfs {
+namespace {
+
+constexpr uint64_t kSize = 8 << 20;
+
+class ChainStateTest : public test::FsTest {
+  public:
+    void write_fill(const std::string& name, uint64_t offset, uint64_t bytes, uint8_t fill) {
+        write_raw(name, offset, std::vector<uint8_t>(bytes, fill));
+    }
+    void wait_job(const std::string& name) { run(jobs_->wait(images_->find(name))); }
+    std::string job_error(const std::string& name) {
+        std::shared_ptr<Export> e = images_->find(name);
+        return e != nullptr && e->job != nullptr ? e->job->error() : "(no job)";
+    }
+    std::vector<std::string> hidden_files() {
+        std::vector<std::string> out;
+        for (const auto& ent : std::filesystem::directory_iterator(dir_.path())) {
+            std::string n = ent.path().filename().string();
+            if (n.rfind(".imgfs-", 0) == 0) {
+                out.push_back(n);
+            }
+        }
+        return out;
+    }
+    static std::vector<std::string> files(std::initializer_list<const char*> names) {
+        std::vector<std::string> v(names.begin(), names.end());
+        std::sort(v.begin(), v.end());
+        return v;
+    }
+};
+
+TEST_F(ChainStateTest, CommitClosesTheMergedLayersAtOnce) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 1 << 20, 1 << 20, 2);
+    ASSERT_EQ(control(".control/vm/snapshot", "s2"), 0);
+    write_fill("vm", 2 << 20, 1 << 20, 3);
+    std::vector<uint8_t> content = read_raw("vm");
+    EXPECT_EQ(open_files(), files({"vm.qcow2", "vm@s1.qcow2", "vm@s2.qcow2"}));
+    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(open_files(), files({"vm.qcow2"}));  // no "vm@s2.qcow2 (deleted)"
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+// After a cancelled commit the job no longer holds the layers it used, so the next commit's
+// merged overlay is closed when it leaves the chain.
+TEST_F(ChainStateTest, CancelledCommitHoldsNothing) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    for (uint64_t off = 0; off < kSize; off += 1 << 20) {
+        write_fill("vm", off, 1 << 20, 5);
+    }
+    ASSERT_EQ(control(".control/vm/commit", "\n"), 0);
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
+    idle(20);
+    ASSERT_EQ(control(".control/vm/job", "cancel"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "cancelled");
+    ASSERT_EQ(control(".control/vm/commit", "\n"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}));
+    EXPECT_EQ(open_files(), files({"vm.qcow2"}));
+    EXPECT_TRUE(lockable("vm.qcow2") == false);  // the active layer is ours
+}
+
+// Stream drops the image's own history and keeps a shared-name base on disk; neither stays
+// open, so another process can lock the kept base right away.
+TEST_F(ChainStateTest, StreamClosesEveryLayerItDrops) {
+    make_qcow2("base.qcow2", kSize);
+    start();
+    write_fill("base", 0, 1 << 20, 6);
+    stop();
+    make_qcow2("vm.qcow2", kSize, "base.qcow2");
+    start();
+    ASSERT_NE(images_->find("vm"), nullptr);
+    write_fill("vm", 65536, 1 << 20, 7);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 1 << 20, 4096, 8);
+    std::vector<uint8_t> content = read_raw("vm");
+    EXPECT_FALSE(lockable("base.qcow2"));
+    ASSERT_EQ(control(".control/vm/stream", "\n"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2"}));
+    EXPECT_EQ(open_files(), files({"vm@s1.qcow2"}));
+    EXPECT_TRUE(lockable("base.qcow2"));
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+TEST_F(ChainStateTest, RevertClosesTheDroppedLayer) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    ASSERT_EQ(control(".control/vm/snapshot", "try"), 0);
+    write_fill("vm", 0, 65536, 9);
+    ASSERT_EQ(control(".control/vm/revert", "\n"), 0);
+    EXPECT_EQ(open_files(), files({"vm.qcow2"}));
+}
+
+TEST_F(ChainStateTest, RemovedExportClosesItsFiles) {
+    make_qcow2("vm.qcow2", kSize);
+    make_qcow2("other.qcow2", kSize);
+    start();
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    ASSERT_EQ(::unlinkat(dir_fd_.get(), "vm@s1.qcow2", 0), 0);
+    ASSERT_EQ(::renameat(dir_fd_.get(), "vm.qcow2", dir_fd_.get(), "elsewhere.img.bak"), 0);
+    ASSERT_EQ(control(".control/rescan", "\n"), 0);
+    EXPECT_EQ(images_->find("vm"), nullptr);
+    EXPECT_EQ(open_files(), files({"other.qcow2"}));
+}
+
+// `rm img/big@s1.qcow2` (a middle layer) under a running mount: a rescan reports it (info, the
+// scan's problems, the log), the image is still served from the open files, and stream, commit,
+// snapshot and revert all stop before they touch anything.
+TEST_F(ChainStateTest, DeletedMiddleLayerIsReportedAndStopsEveryOperation) {
+    make_qcow2("big.qcow2", kSize);
+    start();
+    write_fill("big", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/big/snapshot", "s1"), 0);
+    write_fill("big", 1 << 20, 1 << 20, 2);
+    ASSERT_EQ(control(".control/big/snapshot", "g1"), 0);
+    write_fill("big", 2 << 20, 1 << 20, 3);
+    std::vector<uint8_t> content = read_raw("big");
+    ASSERT_EQ(::unlinkat(dir_fd_.get(), "big@s1.qcow2", 0), 0);
+    ASSERT_EQ(control(".control/rescan", "\n"), 0);
+    std::string info = read_text(".control/big/info");
+    EXPECT_NE(info.find("\"chain_mismatch\":\"big@s1.qcow2 is missing on disk\""),
+              std::string::npos)
+        << info;
+    ASSERT_FALSE(images_->problems().empty());
+    EXPECT_NE(images_->problems().front().find("big@s1.qcow2 is missing"), std::string::npos);
+    EXPECT_TRUE(log_.contains("big@s1.qcow2 is missing on disk"));
+    EXPECT_EQ(read_raw("big"), content);  // still served
+    std::vector<std::string> on_disk = chain_on_disk("big@g1.qcow2");
+    for (const char* op : {"stream", "commit", "revert"}) {
+        EXPECT_EQ(control(std::string(".control/big/") + op, "\n"), EIO) << op;
+        EXPECT_NE(images_->find("big")->last_error.find("the chain on disk differs"),
+                  std::string::npos)
+            << op;
+    }
+    EXPECT_EQ(control(".control/big/snapshot", "s2"), EIO);
+    EXPECT_TRUE(hidden_files().empty());
+    EXPECT_EQ(chain_on_disk("big@g1.qcow2"), on_disk);  // nothing was rewritten
+    EXPECT_EQ(read_raw("big"), content);
+}
+
+// A chain edit that fails before the visible names go is undone at once: the commit across two
+// layers cannot give the second its hidden name (something else holds that name), so the first
+// one's hidden link goes again and the chain is as it was.
+TEST_F(ChainStateTest, FailedSpliceIsRolledBack) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    for (int i = 1; i <= 3; ++i) {
+        write_fill("vm", static_cast<uint64_t>(i) << 20, 65536, static_cast<uint8_t>(i));
+        ASSERT_EQ(control(".control/vm/snapshot", "s" + std::to_string(i)), 0);
+    }
+    std::vector<uint8_t> content = read_raw("vm");
+    ASSERT_EQ(::mkdirat(dir_fd_.get(), ".imgfs-vm@s1.qcow2.removing", 0700), 0);
+    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
+    wait_job("vm");
+    EXPECT_NE(job_error("vm").find("cannot link vm@s1.qcow2"), std::string::npos)
+        << job_error("vm");
+    EXPECT_EQ(hidden_files(), (std::vector<std::string>{".imgfs-vm@s1.qcow2.removing"}));
+    std::vector<std::string> served = chain("vm");
+    EXPECT_EQ(served.size(), 4U);
+    EXPECT_EQ(chain_on_disk(served.front()), served);
+    EXPECT_EQ(read_raw("vm"), content);
+    ASSERT_EQ(::unlinkat(dir_fd_.get(), ".imgfs-vm@s1.qcow2.removing", AT_REMOVEDIR), 0);
+    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}));
+    EXPECT_EQ(read_raw("vm"), content);
+    EXPECT_TRUE(hidden_files().empty());
+}
+
+// Hidden names a chain edit left and no header uses (a failed step, a crash before the headers
+// were pointed at them) go on the next scan, even though their files are still layers under
+// their visible names; so does a half-written snapshot overlay.
+TEST_F(ChainStateTest, RescanRemovesLeftoverHiddenNames) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    ASSERT_EQ(::linkat(dir_fd_.get(), "vm.qcow2", dir_fd_.get(), ".imgfs-vm.qcow2.removing", 0), 0);
+    UniqueFd half(::openat(dir_fd_.get(), ".imgfs-vm@s2.qcow2.creating",
+                           O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_EQ(control(".control/rescan", "\n"), 0);
+    EXPECT_TRUE(hidden_files().empty());
+    EXPECT_TRUE(log_.contains("left over from an interrupted chain edit"));
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2", "vm.qcow2"}));
+    EXPECT_EQ(control(".control/vm/snapshot", "s2"), 0);
+}
+
+// A crash between pointing a header at the hidden names and pointing it past them (a commit
+// across vm@s1 into vm.qcow2, killed part way): the next mount finishes the edit instead of
+// serving a chain through hidden names, before or after the visible name went.
+TEST_F(ChainStateTest, InterruptedSpliceIsFinishedOnTheNextScan) {
+    for (bool visible_gone : {false, true}) {
+        SCOPED_TRACE(visible_gone ? "after the visible name went" : "before the visible name went");
+        for (const auto& ent : std::filesystem::directory_iterator(dir_.path())) {
+            std::filesystem::remove(ent.path());
+        }
+        make_qcow2("vm.qcow2", kSize);
+        start();
+        write_fill("vm", 3 << 20, 1 << 20, 0x5a);
+        std::vector<uint8_t> content = read_raw("vm");
+        stop();
+        make_qcow2("vm@s1.qcow2", kSize, "vm.qcow2");
+        ASSERT_EQ(
+            ::linkat(dir_fd_.get(), "vm@s1.qcow2", dir_fd_.get(), ".imgfs-vm@s1.qcow2.removing", 0),
+            0);
+        make_qcow2("vm@s2.qcow2", kSize, ".imgfs-vm@s1.qcow2.removing");
+        if (visible_gone) {
+            ASSERT_EQ(::unlinkat(dir_fd_.get(), "vm@s1.qcow2", 0), 0);
+        }
+        start();
+        EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s2.qcow2", "vm.qcow2"}));
+        EXPECT_EQ(chain_on_disk("vm@s2.qcow2"),
+                  (std::vector<std::string>{"vm@s2.qcow2", "vm.qcow2"}));
+        EXPECT_TRUE(hidden_files().empty());
+        EXPECT_NE(::faccessat(dir_fd_.get(), "vm@s1.qcow2", F_OK, 0), 0);
+        EXPECT_TRUE(log_.contains("finished a chain edit a crash interrupted"));
+        EXPECT_EQ(read_raw("vm"), content);
+        stop();
+    }
+}
+
+}  // namespace
+}  // namespace imgfs
