@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Formatting and the coroutine-safety clang-tidy checks.
+# Formatting, the request-lifetime checks and the coroutine-safety clang-tidy checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=$(git ls-files '*.cc' '*.h')
 clang-format --dry-run -Werror $files
+# Request lifetimes in the control plane (docs/contributing.md): what a textual check can see.
+python3 scripts/check_lifetimes.py $(git ls-files 'fuse/*.cc' 'jobs/*.cc')
 [ -f build/compile_commands.json ] || bash scripts/build.sh build
 sources=$(git ls-files 'core/*.cc' 'drivers/*.cc' 'drivers/**/*.cc' 'jobs/*.cc' 'fuse/*.cc')
 # Only the two checks that guard coroutine lifetimes are enforced as errors here.
