@@ -398,6 +398,95 @@ class Cli(harness.ImageDirTest):
         m.stop()
 
 
+def daemon_files(m):
+    """The image directory's files the daemon has open ("X (deleted)" for a deleted one)."""
+    prefix = os.path.join(os.path.realpath(m.image_dir), "")
+    out = []
+    for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{m.proc.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            out.append(target[len(prefix):])
+    return sorted(out)
+
+
+class LayerLifecycle(harness.ImageDirTest):
+    """Issue 12: a layer that leaves a chain is closed and unlocked at once; a chain changed on
+    disk under the mount is reported, and operations on it stop before they touch anything."""
+
+    def test_stream_closes_and_unlocks_what_it_dropped(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "16M")
+        qemu_io(self.img("base.qcow2"), "write -P 5 0 4M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(daemon_files(m), ["base.qcow2", "vm.qcow2"])
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"s" * 70000, 2 * MiB + 3)
+        os.close(fd)
+        run([harness.IMGFS, "stream", m.mountpoint, "vm", "--wait"])
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
+        # vm.qcow2 (deleted) and base.qcow2 are no longer held...
+        self.assertEqual(daemon_files(m), ["vm@s1.qcow2"])
+        # ...so the kept base can be locked and written by QEMU while the mount is up,
+        qemu_io(self.img("base.qcow2"), "write -P 6 8M 4k")
+        # and a rescan exports it (it is a root now) instead of finding it "in use".
+        self.assertEqual(control(m, None, "rescan", "\n"), 0)
+        self.assertEqual(m.exports(), ["base", "vm"])
+        self.assertNotIn("in use by another process", m.read_log())
+        m.stop()
+
+    def test_cancelled_commit_then_commit_leaves_nothing_open(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        for off in range(0, 32 * MiB, 4 * MiB):
+            os.pwrite(fd, b"c" * (4 * MiB), off)
+        os.close(fd)
+        self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+        self.assertEqual(control(m, "vm", "job", "speed 1"), 0, "the commit ended too soon")
+        self.assertEqual(control(m, "vm", "job", "cancel"), 0)
+        self.assertEqual(wait_job(m, "vm")["error"], "cancelled")
+        self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"])
+        self.assertEqual(daemon_files(m), ["vm.qcow2"])  # no "vm@s1.qcow2 (deleted)"
+        m.stop()
+
+    def test_deleted_middle_layer_is_reported_and_stops_a_stream(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("big.qcow2"), "64M")
+        m = self.mount()
+        fd = os.open(m.path("big.raw"), os.O_RDWR)
+        os.pwrite(fd, b"1" * MiB, 0)
+        self.assertEqual(control(m, "big", "snapshot", "s1"), 0)
+        os.pwrite(fd, b"2" * MiB, MiB)
+        self.assertEqual(control(m, "big", "snapshot", "g1"), 0)
+        os.pwrite(fd, b"3" * MiB, 2 * MiB)
+        os.close(fd)
+        with open(m.path("big.raw"), "rb") as f:
+            shown = f.read()
+        os.unlink(self.img("big@s1.qcow2"))
+        self.assertEqual(control(m, None, "rescan", "\n"), 0)
+        self.assertEqual(m.exports(), ["big"])
+        self.assertEqual(m.info("big")["chain_mismatch"], "big@s1.qcow2 is missing on disk")
+        self.assertIn("big@s1.qcow2 is missing on disk", m.read_log())
+        status = run([harness.IMGFS, "status", m.mountpoint, "big"]).stdout
+        self.assertIn("chain on disk differs: big@s1.qcow2 is missing on disk", status)
+        p = run([harness.IMGFS, "stream", m.mountpoint, "big", "--wait"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("the chain on disk differs", p.stderr)
+        self.assertEqual([f for f in os.listdir(self.dir) if f.startswith(".imgfs-")], [])
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json",
+                               self.img("big@g1.qcow2")]).stdout)
+        self.assertEqual(info["backing-filename"], "big@s1.qcow2")  # not rewritten
+        with open(m.path("big.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)  # still served from the open files
+        m.stop()
+
+
 class Kills(harness.ImageDirTest):
     """kill -9 at random points during each kind of job: the directory reopens with the content
     from before or after, and qemu-img check finds no corruption."""
