@@ -8,13 +8,13 @@
 
 namespace imgfs {
 
-namespace {
-
-struct PendingPerms {
+struct Graph::Pending {
     Perms perm = 0;
     Perms shared = perm::kAll;
     size_t unresolved_parents = 0;
 };
+
+namespace {
 
 std::string describe_user(const Child* c) {
     return fmt::format("{} (as {})", c->owner()->owner_name(), child_role_name(c->role()));
@@ -76,13 +76,13 @@ Node* Graph::find(const std::string& name) const {
     return nullptr;
 }
 
-Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
+Graph::PendingMap Graph::compute_pending() {
     // Top-down in topological order: a node's needs on its children depend on what all of its
     // own parents need of it, so it is resolved only once every parent edge is.
-    std::unordered_map<const Node*, PendingPerms> pending;
+    PendingMap pending;
     std::vector<Node*> ready;
     for (Node* n : nodes_) {
-        PendingPerms& p = pending[n];
+        Pending& p = pending[n];
         for (Child* c : n->parents()) {
             if (c->owner()->as_node() != nullptr) {
                 ++p.unresolved_parents;
@@ -100,7 +100,7 @@ Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
         Node* n = ready.back();
         ready.pop_back();
         ++resolved;
-        PendingPerms& p = pending[n];
+        Pending& p = pending[n];
         for (const Child* c : n->parents()) {
             p.perm |= c->pending_perm_;
             p.shared &= c->pending_shared_;
@@ -111,7 +111,7 @@ Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
             n->child_perm(*c, p.perm, p.shared, &cp, &cs);
             c->pending_perm_ = cp;
             c->pending_shared_ = cs | c->extra_shared_;
-            PendingPerms& child_pending = pending[c->node()];
+            Pending& child_pending = pending[c->node()];
             assert(child_pending.unresolved_parents > 0);
             if (--child_pending.unresolved_parents == 0) {
                 ready.push_back(c->node());
@@ -119,14 +119,19 @@ Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
         }
     }
     assert(resolved == nodes_.size() && "cycle in the block graph");
+    (void)resolved;
+    return pending;
+}
 
-    // Only nodes this change touches (their permissions, or who uses them) are checked and told:
-    // a node elsewhere may be in the middle of another image's operation (a layer frozen just
-    // before its switch), and it was checked when its permissions were last set. This keeps
-    // images independent.
-    std::vector<Node*> touched;
+// Only nodes a change touches (their permissions, or who uses them) are checked and told: a
+// node elsewhere may be in the middle of another image's operation (a layer frozen just before
+// its switch), and it was checked when its permissions were last set. This keeps images
+// independent.
+std::vector<Node*> Graph::touched(const PendingMap& pending,
+                                  const std::vector<const Node*>& restructured) const {
+    std::vector<Node*> out;
     for (Node* n : nodes_) {
-        const PendingPerms& p = pending[n];
+        const Pending& p = pending.at(n);
         bool changed = p.perm != n->cumulative_perm_ || p.shared != n->cumulative_shared_ ||
                        std::find(restructured.begin(), restructured.end(), n) != restructured.end();
         for (const Child* c : n->parents()) {
@@ -134,12 +139,18 @@ Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
                       c->pending_shared_ != (c->shared_ | c->extra_shared_);
         }
         if (changed) {
-            touched.push_back(n);
+            out.push_back(n);
         }
     }
-    for (Node* n : touched) {
+    return out;
+}
+
+Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
+    PendingMap pending = compute_pending();
+    std::vector<Node*> checked = touched(pending, restructured);
+    for (Node* n : checked) {
         TRY(check_conflicts(n));
-        const PendingPerms& p = pending[n];
+        const Pending& p = pending.at(n);
         if (Status st = n->check_perm(p.perm, p.shared); !st) {
             return std::move(st).error();
         }
@@ -151,8 +162,8 @@ Status Graph::refresh_perms(const std::vector<const Node*>& restructured) {
             c->shared_ = c->pending_shared_ & ~c->extra_shared_;
         }
     }
-    for (Node* n : touched) {
-        const PendingPerms& p = pending[n];
+    for (Node* n : checked) {
+        const Pending& p = pending.at(n);
         n->cumulative_perm_ = p.perm;
         n->cumulative_shared_ = p.shared;
         n->set_perm(p.perm, p.shared);

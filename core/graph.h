@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/result.h"
@@ -33,9 +34,16 @@ class Graph {
 
   private:
     friend class Node;
+    struct Pending;
+    using PendingMap = std::unordered_map<const Node*, Pending>;
     void register_node(Node* node);
     void unregister_node(Node* node);
     static Status check_conflicts(const Node* node);
+    /// Every node's sets if the refresh went through, top-down (into the edges' pending sets).
+    PendingMap compute_pending();
+    /// The nodes a refresh checks and tells: sets or users changed.
+    std::vector<Node*> touched(const PendingMap& pending,
+                               const std::vector<const Node*>& restructured) const;
 
     std::vector<Node*> nodes_;
 };

@@ -278,6 +278,13 @@ Task<Status> JobManager::group_snapshot(
     }
     for (auto& t : ts) {
         CO_TRY(co_await check_ready(t.e));
+        // A chain a mount could not open again is not made (a snapshot loop without commits).
+        if (t.e->chain.layers.size() >= ChainOptions{}.max_depth) {
+            co_return make_error(EPERM,
+                                 "{}: the chain has {} layers, the most a mount opens; commit "
+                                 "or stream it first",
+                                 t.e->name, t.e->chain.layers.size());
+        }
     }
     CO_TRY(co_await check_names_free(images_, &ts));
     CO_TRY(co_await switch_to_overlays(images_, &ts));

@@ -231,6 +231,21 @@ TEST_F(ControlRaceTest, ShortOperationsWaitABoundedTime) {
     EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0);
 }
 
+// A snapshot loop without commits stops at the deepest chain a mount can open again.
+TEST_F(ControlRaceTest, SnapshotsStopAtTheDeepestChainAMountOpens) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    for (int i = 1; i < 64; ++i) {
+        ASSERT_EQ(control(".control/vm/snapshot", "s" + std::to_string(i)), 0) << i;
+    }
+    EXPECT_EQ(chain("vm").size(), 64U);
+    EXPECT_EQ(control(".control/vm/snapshot", "s64"), EPERM);
+    EXPECT_NE(images_->find("vm")->last_error.find("the most a mount opens"), std::string::npos);
+    stop();
+    start();  // and it does open again
+    EXPECT_EQ(chain("vm").size(), 64U);
+}
+
 // The commit's filter cannot be taken out again, because the top layer went read-only while the
 // job ran (as a driver does when it stops writes to a damaged image): the image is fenced (I/O
 // gets EIO, the reason is in info), the daemon does not abort (this was an assertion), and the

@@ -25,6 +25,10 @@ void GateNode::release() {
 }
 
 Task<void> GateNode::pass(bool read) {
+    if (read && reads_held_ && !held_ && reads_to_pass_ > 0) {
+        --reads_to_pass_;
+        co_return;
+    }
     while (held_ || (read && reads_held_)) {
         ++waiting_;
         co_await gate_.wait();
@@ -155,9 +159,9 @@ void FsTest::hold_gates() {
     }
 }
 
-void FsTest::hold_gate_reads() {
+void FsTest::hold_gate_reads(int pass_first) {
     for (auto& g : gates_) {
-        g->hold_reads();
+        g->hold_reads(pass_first);
     }
 }
 

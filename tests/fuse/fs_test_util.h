@@ -38,8 +38,12 @@ class GateNode final : public Node {
     GateNode(NodeEnv env, std::string name, uint64_t size, Limits limits, Capabilities caps);
     [[nodiscard]] const char* driver_name() const override { return "gate"; }
     void hold() { held_ = true; }
-    /// Holds only reads and block status (writes, flushes and closes pass).
-    void hold_reads() { reads_held_ = true; }
+    /// Holds only reads and block status (writes, flushes and closes pass), after letting
+    /// `pass_first` of them through.
+    void hold_reads(int pass_first = 0) {
+        reads_held_ = true;
+        reads_to_pass_ = pass_first;
+    }
     void release();
     [[nodiscard]] int waiting() const { return waiting_; }
     Task<Result<uint64_t>> allocated_bytes() override;
@@ -58,6 +62,7 @@ class GateNode final : public Node {
     Child* below() const { return child(ChildRole::kFiltered); }
     bool held_ = false;
     bool reads_held_ = false;
+    int reads_to_pass_ = 0;
     int waiting_ = 0;
     WaitQueue gate_;
 };
@@ -79,7 +84,7 @@ class FsTest : public LoopTest {
     /// Wraps every file of every chain in a GateNode (call before start()).
     void gate_files(ImageSetOptions* options);
     void hold_gates();
-    void hold_gate_reads();
+    void hold_gate_reads(int pass_first = 0);
     /// Gates made from now on (new snapshot overlays) start held.
     void hold_new_gates() { hold_new_gates_ = true; }
     /// Releases every gate, and new ones are made open again.
