@@ -35,7 +35,7 @@ ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900 || rc=$?
 log="$dir/Testing/Temporary/LastTest.log"
 if [ -f "$log" ]; then
   echo "== summary"
-  grep -hE "^(crash-harness \(|concurrent faults \(|malformed images:|faults:|security:)" "$log" || true
+  grep -hE "^(crash-harness \(|concurrent faults \(|malformed images:|faults:|security:|concurrency:)" "$log" || true
   awk '/^fault matrix: [0-9]+ cases run, [0-9]+ passed/ { run += $3; ok += $6 }
        END { if (run) printf "fault matrix: %d cases run, %d passed\n", run, ok }' "$log"
   awk '/^concurrent faults \(/ { run += $4; ok += $7 }

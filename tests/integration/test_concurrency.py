@@ -12,7 +12,8 @@ still exported, each shows its model byte for byte, the served chains are what t
 headers say, the daemon has no other image file open, qemu-img check finds every layer clean, no
 hidden leftovers remain, and a remount shows the same bytes.
 
-IMGFS_STRESS_SECONDS (default 15) per seed, IMGFS_STRESS_SEEDS (default "1 2 3").
+IMGFS_STRESS_SECONDS (default 15, 60 in long mode) per seed, IMGFS_STRESS_SEEDS (default
+"1 2 3", "1 2 3 4 5" in long mode).
 """
 
 import collections
@@ -35,8 +36,10 @@ CLOSED_SIZE = 4 * MiB
 CLIENTS = 4
 MAX_CHAIN = 10
 
-SECONDS = float(os.environ.get("IMGFS_STRESS_SECONDS", "15"))
-SEEDS = [int(s) for s in os.environ.get("IMGFS_STRESS_SEEDS", "1 2 3").split()]
+LONG = bool(os.environ.get("IMGFS_LONG"))
+SECONDS = float(os.environ.get("IMGFS_STRESS_SECONDS", "60" if LONG else "15"))
+SEEDS = [int(s) for s in os.environ.get("IMGFS_STRESS_SEEDS",
+                                        "1 2 3 4 5" if LONG else "1 2 3").split()]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
