@@ -14,8 +14,9 @@ done
 bash scripts/deps.sh
 if [ "$sanitize" = 1 ]; then
   dir=build-asan
+  # The sanitizer build also checks the qcow2 metadata invariants after every step.
   CC=clang CXX=clang++ bash scripts/build.sh "$dir" -DIMGFS_SANITIZE=ON -DIMGFS_WERROR=ON \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo
+    -DIMGFS_DEBUG_CHECKS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
   export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
   # The plain build sweeps every crash point; under the sanitizers every 5th is enough.

@@ -279,6 +279,7 @@ Task<Status> Metadata::write_back_refcounts() {
         CO_TRY(co_await write_back_l2());
         CO_TRY(co_await sync());
         dependency_ = Dependency::kNone;
+        tables_durable();
     }
     if (refblock_cache_.has_dirty()) {
         file_->event(IoEvent::kRefblockWrite);
@@ -310,6 +311,7 @@ Task<Status> Metadata::depend_l2_on_refcounts() {
         // The opposite dependency is pending; settle it first so the two never form a cycle.
         CO_TRY(co_await write_back_l2());
         CO_TRY(co_await sync());
+        tables_durable();
     }
     dependency_ = Dependency::kL2AfterRefcounts;
     co_return Status{};
@@ -367,9 +369,12 @@ Task<Status> Metadata::flush() {
     CO_TRY(co_await write_back_refcounts());
     CO_TRY(co_await sync());
     dependency_ = Dependency::kNone;
-    freed_unflushed_.clear();
+    tables_durable();
     // The tables no longer referencing freed clusters are durable now: punch their holes.
     CO_TRY(co_await punch_freed());
+#ifdef IMGFS_DEBUG_CHECKS
+    co_await debug_check_invariants("flush");
+#endif
     co_return Status{};
 }
 

@@ -181,6 +181,13 @@ class Metadata {
     Task<Status> write_new_refcounts(RefCounter* counter);
     Task<Status> fix_copied_flags(RefCounter* counter);
     Task<Status> count_references(RefCounter* counter);
+    // ---- invariants of the in-memory state (debug_check.cc) ----
+    /// Asserts the invariants after `step`; only with IMGFS_DEBUG_CHECKS (else a no-op the
+    /// call sites compile out).
+    Task<void> debug_check_invariants(const char* step);
+    Task<Result<AlignedBuffer>> peek_table(TableCache* cache, uint64_t offset);
+    Task<Result<uint64_t>> peek_refcount(uint64_t cluster);
+    Task<Status> count_active(RefCounter* counter, std::vector<uint64_t>* copied);
     // ---- open-time checks (cross_check.cc) ----
     Task<Status> find_allocation_end();
     Task<Status> cross_check_references();
@@ -214,7 +221,17 @@ class Metadata {
 
     // ---- refcounts and allocation (metadata_refcount.cc) ----
     Task<Result<uint64_t>> get_refcount(uint64_t cluster);
-    Task<Status> update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed);
+    /// When a cluster whose count reaches 0 may be handed out again.
+    enum class Reuse {
+        kNow,  // nothing on disk references it (never linked, or the reference is gone durably)
+        // A cached table dropped the reference: wait until the tables are durable, or a crash
+        // could leave the old entry pointing at the next owner's data.
+        kAfterTablesDurable,
+    };
+    Task<Status> update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed,
+                                 Reuse reuse = Reuse::kNow);
+    /// The tables are durable: clusters held for that may be handed out again.
+    void tables_durable() { freed_unflushed_.clear(); }
     /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
     Task<Result<HostRun>> alloc_at_end(uint64_t count);
@@ -268,9 +285,10 @@ class Metadata {
     // the allocator must skip.
     std::vector<uint64_t> to_punch_;
     std::set<uint64_t> punching_;
-    // With lazy refcounts nothing orders the L2 entry that freed a cluster before its reuse:
-    // clusters freed since the last flush are not handed out again until that flush made the
-    // tables that no longer reference them durable (else a crash can leave two references).
+    // Clusters whose last reference a cached table dropped, not handed out again until the
+    // tables that no longer reference them are durable: else a crash could leave the old entry
+    // pointing at the next owner's data (and, with lazy refcounts, where nothing orders L2
+    // changes before refcount changes, two references to one cluster).
     std::set<uint64_t> freed_unflushed_;
     // Host clusters holding active metadata, for the overlap check on data writes.
     std::unordered_set<uint64_t> metadata_clusters_;

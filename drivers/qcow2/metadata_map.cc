@@ -326,6 +326,9 @@ Task<Status> Metadata::commit_write(WritePlan plan) {
         co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name_);
     }
     CO_TRY(co_await link_clusters(plan));
+#ifdef IMGFS_DEBUG_CHECKS
+    co_await debug_check_invariants("linking new clusters");
+#endif
     co_return co_await trim_caches();
 }
 
@@ -336,6 +339,9 @@ Task<void> Metadata::abort_write(WritePlan plan) {
     auto guard = co_await lock_.lock();
     // Nothing references the clusters yet, so no ordering applies; if this fails they leak.
     (void)co_await free_clusters(plan.host_start, plan.clusters, false);
+#ifdef IMGFS_DEBUG_CHECKS
+    co_await debug_check_invariants("giving back the clusters of a failed write");
+#endif
 }
 
 // ---- zeroes and discards ----
@@ -357,6 +363,9 @@ Task<Status> Metadata::deallocate(uint64_t offset, uint64_t bytes, DeallocMode m
         CO_TRY(co_await deallocate_in_table(offset, n, mode, has_backing, fallback));
         offset += n;
     }
+#ifdef IMGFS_DEBUG_CHECKS
+    co_await debug_check_invariants("zeroing or discarding");
+#endif
     co_return co_await trim_caches();
 }
 

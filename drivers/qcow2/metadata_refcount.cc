@@ -31,7 +31,8 @@ Task<Result<uint64_t>> Metadata::get_refcount(uint64_t cluster) {
     co_return load_refcount(g_, ref.data(), cluster % g_.refblock_entries);
 }
 
-Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed) {
+Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed,
+                                       Reuse reuse) {
     if (lazy_refcounts_ && !dirty_bit_set_) {
         CO_TRY(co_await mark_dirty_for_lazy_refcounts());
     }
@@ -55,7 +56,7 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     if (updated == 0) {
         free_hint_ = std::min(free_hint_, cluster);
         metadata_clusters_.erase(cluster);
-        if (lazy_refcounts_) {
+        if (lazy_refcounts_ || reuse == Reuse::kAfterTablesDurable) {
             freed_unflushed_.insert(cluster);
         }
         if (punch_if_freed) {
@@ -201,6 +202,7 @@ Task<Status> Metadata::free_clusters(uint64_t host_offset, uint64_t count, bool 
     co_return Status{};
 }
 
+// The entry was changed in a cached table only: its clusters are reused once that is durable.
 Task<Status> Metadata::free_entry_clusters(L2Entry e, bool punch) {
     if (e.compressed()) {
         CompressedRef c = decode_compressed(g_, e.word);
@@ -209,12 +211,13 @@ Task<Status> Metadata::free_entry_clusters(L2Entry e, bool punch) {
         compressed_clusters(g_, c, &first, &last);
         for (uint64_t i = first; i <= last; ++i) {
             // Compressed clusters share host clusters; a shared one is never punched.
-            CO_TRY(co_await update_refcount(i, -1, false));
+            CO_TRY(co_await update_refcount(i, -1, false, Reuse::kAfterTablesDurable));
         }
         co_return Status{};
     }
     if (e.host_offset() != 0) {
-        co_return co_await free_clusters(e.host_offset(), 1, punch);
+        co_return co_await update_refcount(e.host_offset() >> g_.cluster_bits, -1, punch,
+                                           Reuse::kAfterTablesDurable);
     }
     co_return Status{};
 }
