@@ -1,6 +1,5 @@
 #include "core/backend.h"
 
-#include <cstring>
 #include <ctime>
 
 #include "core/transaction.h"
@@ -34,22 +33,17 @@ Task<Status> BlockBackend::enter() {
 }
 
 Status BlockBackend::note(const char* op, Status st) {
-    const bool reads = std::strcmp(op, "read") == 0;
     if (st) {
-        if (io_failure_.ongoing && (io_failure_.op == "read") == reads) {
-            io_failure_.ongoing = false;
-        }
         return st;
     }
     const int64_t now = static_cast<int64_t>(std::time(nullptr));
-    if (!io_failure_.ongoing) {
+    if (!io_failure_.ongoing(now)) {
         io_failure_.since_unix_s = now;
     }
     io_failure_.errnum = st.error().errnum;
     io_failure_.op = op;
     io_failure_.message = st.error().message();
     io_failure_.last_unix_s = now;
-    io_failure_.ongoing = true;
     ++io_failure_.failed;
     return st;
 }

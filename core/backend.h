@@ -14,16 +14,20 @@ namespace imgfs {
 class Transaction;
 
 /// The last request of a backend that failed, as its user saw it: a disk that filled up or
-/// went bad shows in status and info, and so does its end (a request of the same kind that
-/// succeeded afterwards).
+/// went bad shows in status and info. On a full disk, writes into space already allocated go
+/// on succeeding while allocating ones fail, so a success does not end the condition; a quiet
+/// period without failures does (kQuietS).
 struct IoFailure {
+    static constexpr int64_t kQuietS = 30;
     int errnum = 0;  // 0: nothing has failed
     std::string op;  // "read", "write", "write-zeroes", "discard", "flush", "truncate"
     std::string message;
     uint64_t failed = 0;       // requests failed since the backend was made
-    int64_t since_unix_s = 0;  // first failure of the current run of failures
+    int64_t since_unix_s = 0;  // first failure of the current run (no kQuietS gap in it)
     int64_t last_unix_s = 0;   // latest failure
-    bool ongoing = false;      // no request of the same kind has succeeded since
+    [[nodiscard]] bool ongoing(int64_t now_unix_s) const {
+        return errnum != 0 && now_unix_s - last_unix_s < kQuietS;
+    }
 };
 
 class BlockBackend final : public ChildOwner {

@@ -287,6 +287,16 @@ int status(const Args& args) {
             if (!mismatch.empty() && mismatch != "null") {
                 std::printf("  chain on disk differs: %s\n", mismatch.c_str());
             }
+            std::string io_errno = json_value(info, "errno");
+            if (!io_errno.empty()) {
+                bool ongoing = json_value(info, "ongoing") == "true";
+                std::printf("  %s %s: since %s, %s requests in all, last at %s (%s): %s\n",
+                            ongoing ? "I/O errors" : "past I/O errors", io_errno.c_str(),
+                            json_value(info, "since").c_str(),
+                            json_value(info, "failed_requests").c_str(),
+                            json_value(info, "last").c_str(), json_value(info, "op").c_str(),
+                            json_value(info, "message").c_str());
+            }
         }
         first = false;
     }

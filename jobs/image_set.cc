@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <ctime>
 #include <map>
 
 #include "core/drain.h"
@@ -386,6 +387,39 @@ Task<Status> ImageSet::close_all() {
     co_return Status{};
 }
 
+namespace {
+
+std::string utc_time(int64_t unix_s) {
+    std::time_t t = static_cast<std::time_t>(unix_s);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return buf;
+}
+
+}  // namespace
+
+// The last failed request of NAME.raw (null if none): a full or failing disk shows here, and
+// "ongoing" turns false after a quiet period without failures.
+void write_io_error(JsonWriter* w, const IoFailure& f) {
+    w->key("io_error");
+    if (f.errnum == 0) {
+        w->null();
+        return;
+    }
+    w->begin_object();
+    const char* name = ::strerrorname_np(f.errnum);
+    w->field("errno", name != nullptr ? std::string(name) : std::to_string(f.errnum));
+    w->field("op", f.op);
+    w->field("message", f.message);
+    w->field("failed_requests", f.failed);
+    w->field("since", utc_time(f.since_unix_s));
+    w->field("last", utc_time(f.last_unix_s));
+    w->field("ongoing", f.ongoing(static_cast<int64_t>(std::time(nullptr))));
+    w->end_object();
+}
+
 Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     JsonWriter w;
     w.begin_object();
@@ -411,6 +445,7 @@ Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     } else {
         w.null();
     }
+    write_io_error(&w, e->backend->io_failure());
     w.key("job");
     if (e->job != nullptr) {
         w.raw(e->job->status_json());

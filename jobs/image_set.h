@@ -166,4 +166,7 @@ bool is_image_file_name(const std::string& file);
 class FileNode;
 FileNode* file_node_of(Node* layer);
 
+/// Writes "io_error": the last failed request of an export (null if none), for info.
+void write_io_error(JsonWriter* w, const IoFailure& failure);
+
 }  // namespace imgfs
