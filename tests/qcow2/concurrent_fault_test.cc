@@ -19,7 +19,9 @@
 //  * the driver never reported corruption.
 // The last round runs without faults: after all those errors every request must succeed again
 // (no remount). Then a flush, a close, qemu-img check on a sample, and a reopen that reads
-// everything back. IMGFS_LONG=1 runs >= 100,000 cases; the sanitizer run a fifth of the CI count.
+// everything back. One configuration has tiny caches: every step evicts and writes back, so
+// write-backs fail half way and the caches run over their limit with dirty tables. IMGFS_LONG=1
+// runs >= 100,000 cases; the sanitizer run a fifth of the CI count.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -67,6 +69,10 @@ struct Config {
     bool internal_snapshot;
     uint64_t guest_bytes;
     uint64_t ci_cases;
+    // The caches' limits (0: the defaults). Tiny caches make every step evict and write back,
+    // so write-backs fail mid-way and the caches run over their limit with dirty tables.
+    uint64_t l2_cache_bytes = 0;
+    uint64_t refcount_cache_bytes = 0;
 };
 
 void PrintTo(const Config& c, std::ostream* os) {
@@ -320,6 +326,8 @@ void ConcurrentFaults::make_pristine() {
 Result<Chain> ConcurrentFaults::open_top(bool with_faults) {
     filters_.clear();
     ChainOptions o;
+    o.qcow2.l2_cache_bytes = GetParam().l2_cache_bytes;
+    o.qcow2.refcount_cache_bytes = GetParam().refcount_cache_bytes;
     if (with_faults) {
         o.wrap_file = [this](NodeEnv env, Transaction* tx, std::shared_ptr<Node> file,
                              const std::string& name) -> std::shared_ptr<Node> {
@@ -618,7 +626,7 @@ TEST_P(ConcurrentFaults, ManyRequestsInFlightWithFailures) {
 }
 
 // name, cluster, extended L2, refcount bits, lazy, version, backing, internal snapshot, guest
-// size, CI cases.
+// size, CI cases[, L2 and refcount cache bytes].
 INSTANTIATE_TEST_SUITE_P(Qcow2, ConcurrentFaults,
                          ::testing::Values(Config{"c512_refbits1", 512, false, 1, false, 3,
                                                   Backing::kQcow2, false, 8 * kMiB, 300},
@@ -637,7 +645,9 @@ INSTANTIATE_TEST_SUITE_P(Qcow2, ConcurrentFaults,
                                            Config{"c2m_backing", 2 * 1024 * 1024, false, 16, false,
                                                   3, Backing::kQcow2, false, 64 * kMiB, 100},
                                            Config{"c4k_internal_snapshot", 4096, false, 16, false,
-                                                  3, Backing::kNone, true, 64 * kMiB, 250}),
+                                                  3, Backing::kNone, true, 64 * kMiB, 250},
+                                           Config{"c512_tiny_caches", 512, false, 16, false, 3,
+                                                  Backing::kQcow2, false, 8 * kMiB, 200, 1, 1}),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
