@@ -256,7 +256,11 @@ class Run:
                 # would show no state the image ever had, and the model could not follow.
                 verbs = ["pause", "resume", "resume"] + (["cancel"] if name != CLOSED_IMAGE else [])
                 verb = rng.choice(verbs)
-                self.command(verb, name, "job", verb, (errno.EBUSY, errno.EINVAL))
+                r = self.command(verb, name, "job", verb, (errno.EBUSY, errno.EINVAL))
+                if verb == "pause" and r == 0 and rng.random() < 0.7:
+                    # Mostly a pause is followed by a resume (or another client's verb) soon.
+                    time.sleep(rng.uniform(0, 0.05))
+                    self.command("resume", name, "job", "resume", (errno.EBUSY, errno.EINVAL))
             else:
                 self.command("rescan", None, "rescan", "\n")
 
