@@ -259,7 +259,7 @@ Task<Status> CommitJob::body() {
         if (filter_->mode() != MirrorFilter::Mode::kSync || dirty_->dirty_bytes() != 0) {
             continue;
         }
-        if (Status ready = enter_ready(); !ready) {
+        if (Status ready = co_await enter_ready(); !ready) {
             co_await abandon();
             co_return ready;
         }

@@ -106,12 +106,15 @@ Task<void> Job::run() {
     set_state(JobState::kConcluded);
 }
 
-Status Job::enter_ready() {
+Task<Status> Job::enter_ready() {
+    while (state_ == JobState::kPaused && !cancelled_) {
+        co_await resumed_.wait();
+    }
     if (cancelled_) {
-        return make_error(ECANCELED, "cancelled");
+        co_return make_error(ECANCELED, "cancelled");
     }
     set_state(JobState::kReady);
-    return {};
+    co_return Status{};
 }
 
 Status Job::cancel() {

@@ -76,8 +76,9 @@ class Job : public ChildOwner {
     Task<Status> checkpoint(uint64_t bytes);
     void set_state(JobState s);
     /// Moves to ready, where the job completes and no longer takes a cancel; fails with
-    /// ECANCELED instead if a cancel came in after the last checkpoint.
-    [[nodiscard]] Status enter_ready();
+    /// ECANCELED instead if a cancel came in after the last checkpoint. A pause that came in
+    /// after it holds here until resume or cancel, as at a checkpoint (ready cannot be paused).
+    Task<Status> enter_ready();
     void add_total(uint64_t bytes) { total_bytes_ += bytes; }
     void set_total(uint64_t bytes) { total_bytes_ = bytes; }
     void add_done(uint64_t bytes) { done_bytes_ += bytes; }

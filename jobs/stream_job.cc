@@ -173,7 +173,7 @@ Task<Status> StreamJob::body() {
             co_return st;
         }
     }
-    if (Status ready = enter_ready(); !ready) {
+    if (Status ready = co_await enter_ready(); !ready) {
         co_await abandon();
         co_return ready;
     }

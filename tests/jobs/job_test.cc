@@ -31,7 +31,7 @@ class StepJob : public Job {
         }
         at_gate = true;
         co_await gate.wait();
-        CO_TRY(enter_ready());
+        CO_TRY(co_await enter_ready());
         seen_ready = state() == JobState::kReady;
         co_await gate_in_ready.wait();
         completed = true;
@@ -154,6 +154,39 @@ TEST_F(JobTest, CancelInReadyIsRefusedAndTheJobCompletes) {
     run(join(&scope));
     EXPECT_TRUE(job.completed);
     EXPECT_EQ(job.error(), "");
+}
+
+// A pause accepted after the last checkpoint (the job is still running, not ready) holds the
+// job before it goes ready, as a checkpoint would; it used to go ready from paused, a
+// transition the state machine forbids (the daemon aborted under the concurrency stress test).
+TEST_F(JobTest, PauseAfterTheLastCheckpointHoldsBeforeReady) {
+    StepJob job(loop_.get(), 2, 512);
+    TaskScope scope(loop_.get());
+    scope.spawn(job.run());
+    run_until(&job, [&] { return job.at_gate; });
+    ASSERT_EQ(job.state(), JobState::kRunning);
+    ASSERT_TRUE(job.pause().ok());
+    job.gate.set();
+    job.gate_in_ready.set();
+    idle(20);
+    EXPECT_EQ(job.state(), JobState::kPaused);
+    EXPECT_FALSE(job.seen_ready);
+    ASSERT_TRUE(job.resume().ok());
+    run(join(&scope));
+    EXPECT_TRUE(job.seen_ready);
+    EXPECT_TRUE(job.completed);
+    EXPECT_EQ(job.error(), "");
+
+    StepJob cancelled(loop_.get(), 2, 512);
+    scope.spawn(cancelled.run());
+    run_until(&cancelled, [&] { return cancelled.at_gate; });
+    ASSERT_TRUE(cancelled.pause().ok());
+    cancelled.gate.set();
+    idle(5);
+    ASSERT_TRUE(cancelled.cancel().ok());  // a paused job takes a cancel
+    run(join(&scope));
+    EXPECT_EQ(cancelled.error(), "cancelled");
+    EXPECT_FALSE(cancelled.seen_ready);
 }
 
 TEST_F(JobTest, PauseHoldsAtTheCheckpointUntilResume) {
