@@ -33,14 +33,18 @@ Task<Result<AlignedBuffer>> Metadata::peek_table(TableCache* cache, uint64_t off
     co_return copy;
 }
 
-Task<Result<uint64_t>> Metadata::peek_refcount(uint64_t cluster) {
+Task<Result<uint64_t>> Metadata::peek_refcount(uint64_t cluster, PeekedBlocks* blocks) {
     uint64_t ri = cluster / g_.refblock_entries;
     uint64_t block = ri < refcount_table_.size() ? refcount_table_[ri] & ~kRefTableReservedMask : 0;
     if (block == 0) {
         co_return uint64_t{0};
     }
-    CO_TRY_ASSIGN(AlignedBuffer b, co_await peek_table(&refblock_cache_, block));
-    co_return load_refcount(g_, b.data(), cluster % g_.refblock_entries);
+    auto it = blocks->find(block);
+    if (it == blocks->end()) {
+        CO_TRY_ASSIGN(AlignedBuffer b, co_await peek_table(&refblock_cache_, block));
+        it = blocks->emplace(block, std::move(b)).first;
+    }
+    co_return load_refcount(g_, it->second.data(), cluster % g_.refblock_entries);
 }
 
 Task<Status> Metadata::count_active(RefCounter* counter, std::vector<uint64_t>* copied) {
@@ -96,12 +100,13 @@ Task<void> Metadata::debug_check_invariants(const char* step) {
         co_return;  // a read failed (fault injection): nothing to conclude
     }
     std::string problem;
+    PeekedBlocks blocks;  // each refcount block read once per check
     for (uint64_t c = 0; c < counter.clusters() && problem.empty(); ++c) {
         uint64_t refs = counter.get(c);
         if (refs == 0) {
             continue;
         }
-        Result<uint64_t> rc = co_await peek_refcount(c);
+        Result<uint64_t> rc = co_await peek_refcount(c, &blocks);
         if (!rc) {
             co_return;
         }
@@ -114,7 +119,7 @@ Task<void> Metadata::debug_check_invariants(const char* step) {
         }
     }
     for (uint64_t c : copied) {
-        Result<uint64_t> rc = co_await peek_refcount(c);
+        Result<uint64_t> rc = co_await peek_refcount(c, &blocks);
         if (problem.empty() && rc && *rc != 1) {
             problem = fmt::format("cluster {:#x} is marked COPIED but has refcount {}",
                                   c << g_.cluster_bits, *rc);

@@ -186,7 +186,8 @@ class Metadata {
     /// call sites compile out).
     Task<void> debug_check_invariants(const char* step);
     Task<Result<AlignedBuffer>> peek_table(TableCache* cache, uint64_t offset);
-    Task<Result<uint64_t>> peek_refcount(uint64_t cluster);
+    using PeekedBlocks = std::unordered_map<uint64_t, AlignedBuffer>;
+    Task<Result<uint64_t>> peek_refcount(uint64_t cluster, PeekedBlocks* blocks);
     Task<Status> count_active(RefCounter* counter, std::vector<uint64_t>* copied);
     // ---- open-time checks (cross_check.cc) ----
     Task<Status> find_allocation_end();

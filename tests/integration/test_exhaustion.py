@@ -430,10 +430,11 @@ class ExhaustionTest(harness.ImageDirTest):
                 time.sleep(0.2)
         finally:
             writer.join()
+        # How many jobs succeed while the disk fills depends on the machine's pace (on a fast
+        # one the disk is full before the first commit starts), so only their errors are held
+        # to a standard here; once space is back, a snapshot and a commit must succeed.
         done = {k: sum(1 for kind, rc, _ in results if kind == k and rc == 0)
                 for k in ("snapshot", "commit")}
-        self.assertGreater(done["snapshot"], 0, f"no snapshot succeeded: {results}")
-        self.assertGreater(done["commit"], 0, f"no commit succeeded: {results}")
         self.assertGreater(w.failed, 0, f"the disk never filled: {results}")
         for kind, rc, err in results:
             if rc != 0:
@@ -445,6 +446,10 @@ class ExhaustionTest(harness.ImageDirTest):
         failed = w.failed
         w.run(seconds=10, max_writes=8)
         self.assertEqual(w.failed, failed, f"writes still fail after freeing space: {w.errnos}")
+        for argv in (["snapshot", m.mountpoint, "vm", "after"], ["commit", m.mountpoint, "vm",
+                                                                 "--wait"]):
+            r = run([harness.IMGFS, *argv], check=False)
+            self.assertEqual(r.returncode, 0, f"{argv[0]} after freeing space: {r.stderr}")
         # The served chain is the chain the files describe.
         info = m.info("vm")
         served = [l["file"] for l in info["layers"]]
