@@ -1,5 +1,5 @@
-// The control files (DESIGN.md §2.2): which exist, what reading one shows, what writing one does.
-// ExportFs routes reads and writes here; the job-level operations live in jobs/.
+// The control files (docs/design.md §3.2): which exist, what reading one shows, what writing
+// one does. ExportFs routes reads and writes here; the job-level operations live in jobs/.
 #pragma once
 
 #include <memory>

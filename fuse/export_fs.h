@@ -1,4 +1,4 @@
-// ExportFs: the filesystem under the mount point (DESIGN.md §2.2): NAME.raw per exported chain and
+// ExportFs: the mount point's filesystem (docs/design.md §3): NAME.raw per exported chain and
 // the .control tree. It turns FUSE requests into block-backend calls and control commands.
 //
 // Request lifetimes: a request holds its Export (and its open-file handle) by shared_ptr across

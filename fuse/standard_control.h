@@ -1,4 +1,4 @@
-// StandardControl: the control files of DESIGN.md §2.2 over an ImageSet and its jobs.
+// StandardControl: the control files of docs/design.md §3.2 over an ImageSet and its jobs.
 #pragma once
 
 #include "core/log.h"

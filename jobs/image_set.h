@@ -112,7 +112,7 @@ class ImageSet {
     /// Marks `e` failed (its I/O gets EIO with `reason`), logs it; every other export serves on.
     void fence(Export* e, const std::string& reason);
 
-    /// The info JSON of an export (DESIGN.md §2.2).
+    /// The info JSON of an export (docs/design.md §3.2).
     Task<std::string> info_json(std::shared_ptr<Export> e);
 
     /// Held while a chain edit has names in the directory that a scan would take for leftovers

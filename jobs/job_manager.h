@@ -1,4 +1,4 @@
-// JobManager: starts, refuses and tracks the operations of DESIGN.md §2.4 on the exports of an
+// JobManager: starts, refuses and tracks the operations of docs/design.md §5 on the exports of an
 // ImageSet. Snapshot and revert complete within the call; commit and stream run as jobs in the
 // manager's scope. Refusals carry the errno the control file returns (EBUSY, EINVAL, EEXIST,
 // ENOSPC, EROFS, EIO) and a reason.

@@ -3,7 +3,7 @@
 // I/O. Metadata I/O (tables, refcounts, header) goes through the image's storage edge, so tests
 // run it over an in-memory node.
 //
-// Metadata write order (DESIGN.md §3), and where each rule is enforced:
+// Metadata write order (docs/qcow2.md, "Write order"), and where each rule is enforced:
 //  1. Data and copy-on-write data reach the storage before the L2 entry that points at them:
 //     commit_write() runs after the data writes completed; after a COW, l2_needs_data_sync_
 //     makes the next L2 write-back flush the storage first (write_back_l2).

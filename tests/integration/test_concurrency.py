@@ -261,8 +261,8 @@ class Run:
     def job_verb(self, rng, name):
         """Pause, resume or cancel a job, mostly one that runs now (as a user does who sees it
         in .control/jobs). No cancel on the closed image: a cancelled commit leaves what it
-        copied in the layer below the top (DESIGN.md §2.4 allows it), so its owner's next revert
-        would show no state the image ever had, and the model could not follow."""
+        copied in the layer below the top (docs/design.md §5.3 allows it), so its owner's next
+        revert would show no state the image ever had, and the model could not follow."""
         jobs = [json.loads(line) for line in read_control(self.m, None, "jobs").splitlines()]
         live = [j for j in jobs if j["state"] in ("created", "running", "paused")]
         verbs = ["pause", "resume", "cancel"]
