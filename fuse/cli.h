@@ -22,6 +22,7 @@ int commit(const Args& args);
 int revert(const Args& args);
 int stream(const Args& args);
 int status(const Args& args);
+int job(const Args& args);
 
 /// "64M", "1G", "4096", "512k": bytes (binary multiples).
 Result<uint64_t> parse_size(const std::string& text);

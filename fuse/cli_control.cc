@@ -3,6 +3,7 @@
 // last_error in info).
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <dirent.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "fuse/cli.h"
+#include "fuse/mount_table.h"
 
 namespace imgfs::cli {
 
@@ -53,15 +55,22 @@ std::string control_path(const std::string& mnt, const std::string& name, const 
     return name.empty() ? mnt + "/.control/" + file : mnt + "/.control/" + name + "/" + file;
 }
 
-// Writes one command; on failure prints the daemon's reason.
+// Writes one command; on failure prints the daemon's reason unless `quiet`, and leaves the errno
+// in *err.
 int send_command(const std::string& mnt, const std::string& name, const std::string& file,
-                 const std::string& command) {
+                 const std::string& command, bool quiet = false, int* err_out = nullptr) {
     std::string path = control_path(mnt, name, file);
     int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
+        if (err_out != nullptr) {
+            *err_out = err;
+        }
+        if (!imgfs_mount_at(mnt)) {
+            return fail(fmt::format("{} is not an imgfs mount", mnt));
+        }
         if (err == ENOENT) {
-            return fail(fmt::format("no image '{}' under {} (or not an imgfs mount)", name, mnt));
+            return fail(fmt::format("no image '{}' under {}", name, mnt));
         }
         return fail(fmt::format("{}: {}", path, strerror(err)));
     }
@@ -70,6 +79,12 @@ int send_command(const std::string& mnt, const std::string& name, const std::str
     ::close(fd);
     if (n == static_cast<ssize_t>(command.size())) {
         return 0;
+    }
+    if (err_out != nullptr) {
+        *err_out = err;
+    }
+    if (quiet) {
+        return 1;
     }
     std::string reason;
     if (!name.empty()) {
@@ -88,11 +103,30 @@ std::string human_bytes(double b) {
     return fmt::format("{:.1f} {}", b, units[u]);
 }
 
+volatile std::sig_atomic_t interrupted = 0;
+
+void on_interrupt(int /*signo*/) {
+    interrupted = 1;
+}
+
 // Follows .control/NAME/job until the job concludes: a bar on a terminal, lines otherwise.
+// Ctrl-C stops the waiting, not the job, and says so.
 int wait_for_job(const std::string& mnt, const std::string& name) {
     bool tty = ::isatty(STDOUT_FILENO) != 0;
     std::string last_line;
+    struct sigaction sa {};
+    sa.sa_handler = on_interrupt;
+    ::sigaction(SIGINT, &sa, nullptr);
     for (;;) {
+        if (interrupted != 0) {
+            std::string type = json_value(slurp(control_path(mnt, name, "job")), "type");
+            std::fprintf(stderr,
+                         "%simgfs: stopped waiting; the %s job on %s goes on (imgfs job %s %s "
+                         "cancel stops it, imgfs status %s shows it)\n",
+                         tty ? "\n" : "", type.c_str(), name.c_str(), mnt.c_str(), name.c_str(),
+                         mnt.c_str());
+            return 130;
+        }
         std::string job = slurp(control_path(mnt, name, "job"));
         std::string state = json_value(job, "state");
         double done = std::atof(json_value(job, "done_bytes").c_str());
@@ -125,8 +159,32 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
             }
             return state.empty() ? fail("no job status for " + name) : 0;
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(tty ? 200 : 1000));
+        for (int i = 0; i < (tty ? 4 : 20) && interrupted == 0; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
     }
+}
+
+// Starts a job (commit or stream); with `wait`, follows it, and a job of the same kind already
+// running on the image is followed instead of refused.
+int start_job(const std::string& mnt, const std::string& name, const std::string& file,
+              const std::string& command, bool wait) {
+    int err = 0;
+    int rc = send_command(mnt, name, file, command, wait, &err);
+    if (rc != 0 && wait && err == EBUSY) {
+        std::string job = slurp(control_path(mnt, name, "job"));
+        std::string state = json_value(job, "state");
+        if (json_value(job, "type") == file && state != "concluded" && !state.empty()) {
+            std::fprintf(stderr, "imgfs: a %s of %s is already under way; following it\n",
+                         file.c_str(), name.c_str());
+            return wait_for_job(mnt, name);
+        }
+    }
+    if (rc != 0 && wait) {
+        std::string reason = json_value(slurp(control_path(mnt, name, "info")), "last_error");
+        return fail(reason.empty() ? fmt::format("{}: {}", file, strerror(err)) : reason);
+    }
+    return rc != 0 || !wait ? rc : wait_for_job(mnt, name);
 }
 
 bool wants_help(const Args& args, const char* usage) {
@@ -143,15 +201,59 @@ bool wants_help(const Args& args, const char* usage) {
 
 int snapshot(const Args& args) {
     const char* usage =
-        "usage: imgfs snapshot MOUNTPOINT NAME SNAP\n\nTakes a live external "
-        "snapshot: NAME@SNAP.qcow2 becomes the active layer.";
+        "usage: imgfs snapshot MOUNTPOINT NAME SNAP\n"
+        "       imgfs snapshot MOUNTPOINT --group SNAP [NAME...]\n\n"
+        "Takes a live external snapshot: NAME@SNAP.qcow2 becomes the active layer. With --group,\n"
+        "of the images named (all of them if none is) at one instant, all or nothing.";
     if (wants_help(args, usage)) {
         return 0;
     }
+    if (args.size() >= 3 && args[1] == "--group") {
+        std::string command = args[2];
+        for (size_t i = 3; i < args.size(); ++i) {
+            command += " " + args[i];
+        }
+        return send_command(args[0], "", "snapshot", command + "\n");
+    }
     if (args.size() != 3) {
-        return fail("usage: imgfs snapshot MOUNTPOINT NAME SNAP");
+        return fail(
+            "usage: imgfs snapshot MOUNTPOINT NAME SNAP | MOUNTPOINT --group SNAP [NAME...]");
     }
     return send_command(args[0], args[1], "snapshot", args[2]);
+}
+
+int job(const Args& args) {
+    const char* usage =
+        "usage: imgfs job MOUNTPOINT NAME cancel|pause|resume|speed BYTES_PER_S [--wait]\n\n"
+        "Controls the job running on NAME (a commit or stream). speed takes a size (64M) and\n"
+        "0 for no limit. --wait then follows the job until it ends.";
+    if (wants_help(args, usage)) {
+        return 0;
+    }
+    std::vector<std::string> pos;
+    bool wait = false;
+    for (const auto& a : args) {
+        if (a == "--wait") {
+            wait = true;
+        } else {
+            pos.push_back(a);
+        }
+    }
+    bool speed = pos.size() == 4 && pos[2] == "speed";
+    if (!(pos.size() == 3 && (pos[2] == "cancel" || pos[2] == "pause" || pos[2] == "resume")) &&
+        !speed) {
+        return fail("usage: imgfs job MOUNTPOINT NAME cancel|pause|resume|speed BYTES_PER_S");
+    }
+    std::string command = pos[2];
+    if (speed) {
+        Result<uint64_t> bytes = parse_size(pos[3]);
+        if (!bytes) {
+            return fail(bytes.error().message());
+        }
+        command += " " + std::to_string(*bytes);
+    }
+    int rc = send_command(pos[0], pos[1], "job", command);
+    return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
 }
 
 int commit(const Args& args) {
@@ -177,8 +279,7 @@ int commit(const Args& args) {
         return fail("usage: imgfs commit MOUNTPOINT NAME [--base FILE] [--wait]");
     }
     // One write carries one command: an empty command is a bare newline.
-    int rc = send_command(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base);
-    return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
+    return start_job(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base, wait);
 }
 
 int revert(const Args& args) {
@@ -213,12 +314,80 @@ int stream(const Args& args) {
     if (pos.size() != 2) {
         return fail("usage: imgfs stream MOUNTPOINT NAME [--wait]");
     }
-    int rc = send_command(pos[0], pos[1], "stream", "\n");
-    return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
+    return start_job(pos[0], pos[1], "stream", "\n", wait);
 }
 
+namespace {
+
+// "commit running 42%" (or "none").
+std::string job_summary(const std::string& job) {
+    if (job.empty()) {
+        return "none";
+    }
+    std::string state = json_value(job, "state");
+    std::string out = json_value(job, "type") + " " + state;
+    double done = std::atof(json_value(job, "done_bytes").c_str());
+    double total = std::atof(json_value(job, "total_bytes").c_str());
+    if (state != "concluded" && total > 0) {
+        out += fmt::format(" {:.0f}%", 100.0 * done / total);
+    }
+    std::string error = json_value(job, "error");
+    if (!error.empty() && error != "null") {
+        out += " (" + error + ")";
+    }
+    return out;
+}
+
+void print_image(const std::string& name, const std::string& info, const std::string& job) {
+    // Flags in the line itself, so that a glance (or grep) at the list shows them.
+    std::string failed = json_value(info, "failed");
+    bool is_failed = !failed.empty() && failed != "null";
+    bool corrupt = info.find("\"corrupt\":true") != std::string::npos;
+    std::printf("%s.raw  %s  top %s  open %s  job %s%s%s\n", name.c_str(),
+                human_bytes(std::atof(json_value(info, "virtual_size").c_str())).c_str(),
+                json_value(info, "file").c_str(), json_value(info, "open_count").c_str(),
+                job_summary(job).c_str(), corrupt ? "  CORRUPT" : "", is_failed ? "  FAILED" : "");
+    std::string err = json_value(info, "last_error");
+    if (!err.empty()) {
+        std::printf("  last error: %s\n", err.c_str());
+    }
+    if (is_failed) {
+        std::printf("  failed (I/O gets EIO): %s\n", failed.c_str());
+    }
+    if (corrupt) {
+        std::printf(
+            "  a layer is marked corrupt (writes are refused; see info and qemu-img check)\n");
+    }
+    std::string mismatch = json_value(info, "chain_mismatch");
+    if (!mismatch.empty() && mismatch != "null") {
+        std::printf("  chain on disk differs: %s\n", mismatch.c_str());
+    }
+    std::string io_errno = json_value(info, "errno");
+    if (!io_errno.empty()) {
+        bool ongoing = json_value(info, "ongoing") == "true";
+        std::printf("  %s %s: since %s, %s requests in all, last at %s (%s): %s\n",
+                    ongoing ? "I/O errors" : "past I/O errors", io_errno.c_str(),
+                    json_value(info, "since").c_str(), json_value(info, "failed_requests").c_str(),
+                    json_value(info, "last").c_str(), json_value(info, "op").c_str(),
+                    json_value(info, "message").c_str());
+    }
+}
+
+std::string trimmed(std::string text) {
+    while (!text.empty() && text.back() == '\n') {
+        text.pop_back();
+    }
+    return text;
+}
+
+}  // namespace
+
 int status(const Args& args) {
-    const char* usage = "usage: imgfs status MOUNTPOINT [NAME] [--json]";
+    const char* usage =
+        "usage: imgfs status MOUNTPOINT [NAME] [--json]\n\n"
+        "Lists the exported images (size, top layer, open count, job and its progress, errors)\n"
+        "and the image files the mount skipped, with the reason. --json prints\n"
+        "{\"images\": [info...], \"skipped\": [{\"file\", \"reason\"}...]}.";
     if (wants_help(args, usage)) {
         return 0;
     }
@@ -232,76 +401,52 @@ int status(const Args& args) {
         }
     }
     if (pos.empty() || pos.size() > 2) {
-        return fail(usage);
+        return fail("usage: imgfs status MOUNTPOINT [NAME] [--json]");
     }
     const std::string& mnt = pos[0];
+    if (!imgfs_mount_at(mnt)) {
+        return fail(fmt::format("{} is not an imgfs mount", mnt));
+    }
     std::vector<std::string> names;
     if (pos.size() == 2) {
         names.push_back(pos[1]);
-    } else {
-        std::string out = slurp(mnt + "/.control/jobs");  // proves it is a mount
-        (void)out;
-        if (DIR* d = ::opendir(mnt.c_str())) {
-            while (dirent* ent = ::readdir(d)) {
-                std::string n = ent->d_name;
-                if (n.size() > 4 && n.compare(n.size() - 4, 4, ".raw") == 0) {
-                    names.push_back(n.substr(0, n.size() - 4));
-                }
+    } else if (DIR* d = ::opendir(mnt.c_str())) {
+        while (dirent* ent = ::readdir(d)) {
+            std::string n = ent->d_name;
+            if (n.size() > 4 && n.compare(n.size() - 4, 4, ".raw") == 0) {
+                names.push_back(n.substr(0, n.size() - 4));
             }
-            ::closedir(d);
         }
+        ::closedir(d);
         std::sort(names.begin(), names.end());
     }
-    if (json) {
-        std::printf("[");
-    }
-    bool first = true;
+    std::string images;
     for (const auto& n : names) {
         std::string info = slurp(control_path(mnt, n, "info"));
         if (info.empty()) {
             return fail(fmt::format("no image '{}' under {}", n, mnt));
         }
         if (json) {
-            while (!info.empty() && info.back() == '\n') {
-                info.pop_back();
-            }
-            std::printf("%s%s", first ? "" : ",", info.c_str());
+            images += (images.empty() ? "" : ",") + trimmed(info);
         } else {
-            std::string job = slurp(control_path(mnt, n, "job"));
-            std::printf("%s.raw  %s  top %s  open %s  job %s\n", n.c_str(),
-                        human_bytes(std::atof(json_value(info, "virtual_size").c_str())).c_str(),
-                        json_value(info, "file").c_str(), json_value(info, "open_count").c_str(),
-                        job.empty()
-                            ? "none"
-                            : (json_value(job, "type") + " " + json_value(job, "state")).c_str());
-            std::string err = json_value(info, "last_error");
-            if (!err.empty()) {
-                std::printf("  last error: %s\n", err.c_str());
-            }
-            // Conditions a rescan or a failed graph change found (null when there is none).
-            std::string failed = json_value(info, "failed");
-            if (!failed.empty() && failed != "null") {
-                std::printf("  failed (I/O gets EIO): %s\n", failed.c_str());
-            }
-            std::string mismatch = json_value(info, "chain_mismatch");
-            if (!mismatch.empty() && mismatch != "null") {
-                std::printf("  chain on disk differs: %s\n", mismatch.c_str());
-            }
-            std::string io_errno = json_value(info, "errno");
-            if (!io_errno.empty()) {
-                bool ongoing = json_value(info, "ongoing") == "true";
-                std::printf("  %s %s: since %s, %s requests in all, last at %s (%s): %s\n",
-                            ongoing ? "I/O errors" : "past I/O errors", io_errno.c_str(),
-                            json_value(info, "since").c_str(),
-                            json_value(info, "failed_requests").c_str(),
-                            json_value(info, "last").c_str(), json_value(info, "op").c_str(),
-                            json_value(info, "message").c_str());
-            }
+            print_image(n, info, slurp(control_path(mnt, n, "job")));
         }
-        first = false;
     }
+    std::string skipped = trimmed(slurp(mnt + "/.control/skipped"));
     if (json) {
-        std::printf("]\n");
+        std::string list;
+        std::istringstream lines(skipped);
+        for (std::string line; std::getline(lines, line);) {
+            list += (list.empty() ? "" : ",") + line;
+        }
+        std::printf("{\"images\":[%s],\"skipped\":[%s]}\n", images.c_str(), list.c_str());
+    } else if (pos.size() == 1 && !skipped.empty()) {
+        std::printf("skipped:\n");
+        std::istringstream lines(skipped);
+        for (std::string line; std::getline(lines, line);) {
+            std::printf("  %s: %s\n", json_value(line, "file").c_str(),
+                        json_value(line, "reason").c_str());
+        }
     }
     return 0;
 }

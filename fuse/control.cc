@@ -20,16 +20,4 @@ Result<std::string> parse_command(std::string_view written) {
     return std::string(written);
 }
 
-Result<std::string> parse_lines(std::string_view written) {
-    if (written.size() > 65536) {
-        return make_error(EINVAL, "input longer than 65536 bytes");
-    }
-    for (char c : written) {
-        if (c == '\0') {
-            return make_error(EINVAL, "input contains a NUL byte");
-        }
-    }
-    return std::string(written);
-}
-
 }  // namespace imgfs

@@ -25,6 +25,7 @@ enum class ControlFile {
     kGroupSnapshot,
     kRescan,
     kJobs,
+    kSkipped,
 };
 
 struct ControlFileSpec {
@@ -48,9 +49,9 @@ class ControlPlane {
 };
 
 /// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line
-/// breaks, more than 4096 bytes) with EINVAL.
+/// breaks, more than 4096 bytes) with EINVAL. Every control file takes one line per write: a
+/// shell's echo and printf issue one write() per line, so a command of several lines would
+/// silently arrive as several commands.
 Result<std::string> parse_command(std::string_view written);
-/// The same for multi-line input: line breaks allowed, NUL and over-long input refused.
-Result<std::string> parse_lines(std::string_view written);
 
 }  // namespace imgfs

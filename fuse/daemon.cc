@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include <sys/file.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -20,6 +21,7 @@
 #include "core/task_scope.h"
 #include "fuse/export_fs.h"
 #include "fuse/fuse_server.h"
+#include "fuse/mount_table.h"
 #include "fuse/standard_control.h"
 #include "fuse/syslog_logger.h"
 #include "jobs/job_manager.h"
@@ -129,6 +131,27 @@ Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jo
     }
 }
 
+// Two daemons serving one directory would each write its images behind the other's back, and a
+// mount over a mount hides the first one's files. The lock on the directory is held by dir_fd
+// for as long as the daemon serves it (ImageSet keeps the descriptor).
+Status check_mount_safety(const MountCommand& cmd, int dir_fd) {
+    if (std::optional<MountEntry> m = imgfs_mount_at(cmd.mountpoint)) {
+        return make_error(EBUSY, "{} is already an imgfs mount (of {}); unmount it first",
+                          cmd.mountpoint, m->source);
+    }
+    if (::flock(dir_fd, LOCK_EX | LOCK_NB) != 0) {
+        std::string where;
+        for (const MountEntry& e : read_mount_table()) {
+            if (e.type == "fuse.imgfs" && e.source == cmd.image_dir) {
+                where = " at " + e.target;
+            }
+        }
+        return make_error(EBUSY, "{} is already served by another imgfs mount{}", cmd.image_dir,
+                          where.empty() ? std::string(" (or a daemon starting up)") : where);
+    }
+    return {};
+}
+
 int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     sigset_t mask;
     sigemptyset(&mask);
@@ -152,6 +175,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     if (!dir_fd.valid()) {
         return fail(
             fmt::format("cannot open image directory {}: {}", cmd.image_dir, strerror(errno)));
+    }
+    if (Status safe = check_mount_safety(cmd, dir_fd.get()); !safe) {
+        return fail(safe.error().message());
     }
     // Destruction order: images (nodes) before the graph, the graph before the loop.
     Graph graph;
@@ -289,9 +315,17 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
     }
     // fusermount3 for a mount by an ordinary user, umount for root's (and for fstab mounts).
     // Run without a shell: the mount point is not quoted for one.
+    if (!imgfs_mount_at(mountpoint)) {
+        std::fprintf(stderr, "imgfs: %s is not an imgfs mount\n", mountpoint.c_str());
+        return 1;
+    }
     if (!run_quietly({"fusermount3", "-u", mountpoint}) && !run_quietly({"umount", mountpoint})) {
-        std::fprintf(stderr, "imgfs: cannot unmount %s (busy, or not an imgfs mount)\n",
-                     mountpoint.c_str());
+        std::string users;
+        for (const std::string& u : mount_users(mountpoint)) {
+            users += "; " + u;
+        }
+        std::fprintf(stderr, "imgfs: cannot unmount %s: it is busy%s\n", mountpoint.c_str(),
+                     users.empty() ? " (nothing found holding it; try again)" : users.c_str());
         return 1;
     }
     // The daemon flushes and closes its images after the unmount: wait for it.

@@ -373,9 +373,9 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
             if (writing && options_.read_only) {
                 co_return FuseReply::err(EROFS);
             }
-            if ((in.flags & O_TRUNC) != 0) {
-                co_return FuseReply::err(EPERM);  // truncating a disk to nothing: refused
-            }
+            // O_TRUNC is ignored, as a block device ignores it, so that `dd of=NAME.raw` works
+            // without conv=notrunc. The kernel passes it here (FUSE_ATOMIC_O_TRUNC) instead of
+            // sending a setattr to size 0; a shrinking truncate(2) is still refused there.
             h->raw = true;
             h->e = r.e;
             r.e->backend->open_file();

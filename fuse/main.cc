@@ -13,10 +13,12 @@ const char* kUsage =
     "  mount [-f] [-v] [-o OPTS] IMAGE_DIR MOUNTPOINT   serve IMAGE_DIR's images as NAME.raw\n"
     "  unmount MOUNTPOINT                               unmount and wait for the daemon\n"
     "  snapshot MOUNTPOINT NAME SNAP                    live external snapshot\n"
+    "  snapshot MOUNTPOINT --group SNAP [NAME...]       of several images at once\n"
     "  commit MOUNTPOINT NAME [--base FILE] [--wait]    merge the top layer (or all above FILE)\n"
     "  revert MOUNTPOINT NAME                           drop the top layer\n"
     "  stream MOUNTPOINT NAME [--wait]                  pull backing data into the top layer\n"
-    "  status MOUNTPOINT [NAME] [--json]                images and jobs\n"
+    "  job MOUNTPOINT NAME cancel|pause|resume|speed N  control a running commit or stream\n"
+    "  status MOUNTPOINT [NAME] [--json]                images, jobs, skipped files\n"
     "  create [-b BACKING [-F FMT]] [-o OPTS] FILE.qcow2 [SIZE]   new qcow2 image\n"
     "  info FILE [--json]                               chain, formats, sizes, allocation\n"
     "  io FILE -c CMD [-c CMD ...]                      scripted I/O through imgfs's drivers\n"
@@ -58,6 +60,9 @@ int main(int argc, char** argv) {
     }
     if (cmd == "stream") {
         return imgfs::cli::stream(args);
+    }
+    if (cmd == "job") {
+        return imgfs::cli::job(args);
     }
     if (cmd == "status") {
         return imgfs::cli::status(args);

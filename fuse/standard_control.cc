@@ -1,7 +1,9 @@
 #include "fuse/standard_control.h"
 
+#include <set>
 #include <sstream>
 
+#include "core/json.h"
 #include "jobs/job_manager.h"
 
 namespace imgfs {
@@ -17,6 +19,7 @@ StandardControl::StandardControl(ImageSet* images, JobManager* jobs, Logger* log
         {ControlFile::kGroupSnapshot, "snapshot", true},
         {ControlFile::kRescan, "rescan", true},
         {ControlFile::kJobs, "jobs", false},
+        {ControlFile::kSkipped, "skipped", false},
     };
 }
 
@@ -41,6 +44,8 @@ Task<std::string> StandardControl::read(std::shared_ptr<Export> e, ControlFile f
         }
         case ControlFile::kJobs:
             co_return jobs_->jobs_jsonl();
+        case ControlFile::kSkipped:
+            co_return skipped_jsonl();
         default:
             co_return std::string();
     }
@@ -57,9 +62,7 @@ Status StandardControl::refuse(Export* e, Error error) {
 
 Task<Status> StandardControl::write(std::shared_ptr<Export> e, ControlFile file,
                                     std::string command) {
-    // The group snapshot alone takes several lines ("NAME SNAP" each).
-    bool lines = file == ControlFile::kGroupSnapshot;
-    Result<std::string> cmd = lines ? parse_lines(command) : parse_command(command);
+    Result<std::string> cmd = parse_command(command);
     if (!cmd) {
         co_return refuse(e.get(), std::move(cmd).error());
     }
@@ -73,33 +76,42 @@ Task<Status> StandardControl::write(std::shared_ptr<Export> e, ControlFile file,
     co_return Status{};
 }
 
+// What the last scan left out or found wrong, one JSON object per line.
+std::string StandardControl::skipped_jsonl() const {
+    std::string out;
+    for (const ScanProblem& p : images_->problems()) {
+        JsonWriter w;
+        w.begin_object();
+        w.field("file", p.file);
+        w.field("reason", p.reason);
+        w.end_object();
+        out += w.take() + "\n";
+    }
+    return out;
+}
+
+// "SNAP" snapshots every exported image, "SNAP NAME NAME..." the images named; all or nothing.
 Task<Status> StandardControl::group_snapshot(std::string command) {
+    std::istringstream words(command);
+    std::string snap;
+    words >> snap;
+    if (snap.empty()) {
+        co_return make_error(EINVAL, "group snapshot takes 'SNAP' or 'SNAP NAME NAME...'");
+    }
     std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets;
-    std::istringstream in(command);
-    std::string line;
-    bool single = command.find('\n') == std::string::npos && command.find(' ') == std::string::npos;
-    if (single) {
-        for (const auto& x : images_->exports()) {
-            targets.emplace_back(x, command);
+    std::set<std::string> named;
+    for (std::string name; words >> name;) {
+        if (!named.insert(name).second) {
+            co_return make_error(EINVAL, "group snapshot: image '{}' is named twice", name);
         }
-    } else {
-        while (std::getline(in, line)) {
-            if (line.empty()) {
-                continue;
-            }
-            std::istringstream words(line);
-            std::string name;
-            std::string snap;
-            std::string extra;
-            words >> name >> snap;
-            if (name.empty() || snap.empty() || (words >> extra)) {
-                co_return make_error(EINVAL, "group snapshot lines are 'NAME SNAP' (got '{}')",
-                                     line);
-            }
-            std::shared_ptr<Export> x = images_->find(name);
-            if (x == nullptr) {
-                co_return make_error(EINVAL, "group snapshot: no image '{}'", name);
-            }
+        std::shared_ptr<Export> x = images_->find(name);
+        if (x == nullptr) {
+            co_return make_error(EINVAL, "group snapshot: no image '{}'", name);
+        }
+        targets.emplace_back(std::move(x), snap);
+    }
+    if (named.empty()) {
+        for (const auto& x : images_->exports()) {
             targets.emplace_back(x, snap);
         }
     }

@@ -24,6 +24,7 @@ class StandardControl final : public ControlPlane {
   private:
     Task<Status> run(std::shared_ptr<Export> e, ControlFile file, std::string command);
     Task<Status> group_snapshot(std::string command);
+    [[nodiscard]] std::string skipped_jsonl() const;
     Status refuse(Export* e, Error error);
 
     ImageSet* images_;

@@ -232,8 +232,10 @@ Task<Status> ImageSet::scan() {
     }
     for (const auto& e : locked.busy) {
         plan.wanted.erase(e->name);
-        plan.problems.push_back(fmt::format(
-            "{}.raw was not rescanned: another operation on it did not finish in time", e->name));
+        plan.problems.push_back(
+            {e->chain.layers.front().file,
+             fmt::format("{}.raw was not rescanned: another operation on it did not finish in time",
+                         e->name)});
     }
     co_await apply_scan(std::move(plan), std::move(locked.exports));
     co_return Status{};
@@ -248,9 +250,9 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
         e->chain_mismatch = mismatch != plan.mismatches.end() ? mismatch->second : std::string();
         if (!e->chain_mismatch.empty()) {
             problems_.push_back(
-                fmt::format("{}.raw: the chain on disk differs from the one "
-                            "served: {}",
-                            e->name, e->chain_mismatch));
+                {e->chain.layers.front().file,
+                 fmt::format("{}.raw: the chain on disk differs from the one served: {}", e->name,
+                             e->chain_mismatch)});
         }
         auto it = wanted.find(e->name);
         bool keep = it != wanted.end() && it->second == e->chain.layers.front().file;
@@ -259,9 +261,10 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
         bool in_use = e->backend->open_count() > 0 || job_running(*e);
         if ((!keep || reopen) && in_use) {
             problems_.push_back(
-                fmt::format("{}.raw is {}; keeping it although {}", e->name,
-                            job_running(*e) ? "busy with a job" : "open",
-                            reopen ? "it is failed" : e->chain.layers.front().file + " changed"));
+                {e->chain.layers.front().file,
+                 fmt::format("{}.raw is {}; keeping it although {}", e->name,
+                             job_running(*e) ? "busy with a job" : "open",
+                             reopen ? "it is failed" : e->chain.layers.front().file + " changed")});
             keep = true;
             reopen = false;
         }
@@ -274,15 +277,15 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
     for (const auto& [name, root] : wanted) {
         Status st = co_await open_export(root, name);
         if (!st) {
-            problems_.push_back(st.error().message());
+            problems_.push_back({root, st.error().message()});
         }
     }
     log_problems();
 }
 
 void ImageSet::log_problems() {
-    for (const std::string& p : problems_) {
-        env_.log->warn("{}: {}", dir_path_, p);
+    for (const ScanProblem& p : problems_) {
+        env_.log->warn("{}: {}", dir_path_, p.reason);
     }
 }
 

@@ -27,6 +27,7 @@
 #include "core/task_scope.h"
 #include "core/timed_mutex.h"
 #include "drivers/image_chain.h"
+#include "jobs/scan_plan.h"
 
 namespace imgfs {
 
@@ -89,8 +90,8 @@ class ImageSet {
     [[nodiscard]] const std::vector<std::shared_ptr<Export>>& exports() const { return exports_; }
     [[nodiscard]] std::shared_ptr<Export> find(std::string_view name) const;
     [[nodiscard]] std::shared_ptr<Export> find_id(uint64_t id) const;
-    /// What the last scan could not export or found wrong, one line each.
-    [[nodiscard]] const std::vector<std::string>& problems() const { return problems_; }
+    /// What the last scan could not export or found wrong (.control/skipped, imgfs status).
+    [[nodiscard]] const std::vector<ScanProblem>& problems() const { return problems_; }
     [[nodiscard]] int dir_fd() const { return dir_fd_.get(); }
     [[nodiscard]] const std::string& dir_path() const { return dir_path_; }
     [[nodiscard]] const std::string& dir_real() const { return dir_real_; }
@@ -148,7 +149,7 @@ class ImageSet {
     ImageSetOptions options_;
     LayerCache cache_;
     std::vector<std::shared_ptr<Export>> exports_;
-    std::vector<std::string> problems_;
+    std::vector<ScanProblem> problems_;
     int edits_in_flight_ = 0;
     uint64_t next_id_ = 1;
     // Declared after nothing that uses them: exports' locks run their timers in timers_.

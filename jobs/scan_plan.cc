@@ -200,8 +200,11 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers, Sc
             for (const auto& r : roots) {
                 list += list.empty() ? r : ", " + r;
             }
-            plan->problems.push_back(fmt::format(
-                "export name '{}' is wanted by {}; none of them is exported", name, list));
+            for (const auto& r : roots) {
+                plan->problems.push_back(
+                    {r, fmt::format("export name '{}' is wanted by {}; none of them is exported",
+                                    name, list)});
+            }
             continue;
         }
         plan->wanted[name] = roots.front();
@@ -244,7 +247,7 @@ ScanPlan plan_scan(const ScanInput& in) {
     for (Candidate& c : listing->images) {
         if (Status st = collect_layers(in, c.file, &layers); !st) {
             c.broken = true;
-            plan.problems.push_back(st.error().message());
+            plan.problems.push_back({c.file, st.error().message()});
         }
     }
     if (in.remove_leftovers) {

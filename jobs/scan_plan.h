@@ -31,10 +31,17 @@ struct ScanInput {
     std::map<uint64_t, std::vector<ServedLayer>> served;
 };
 
+/// An image file a scan could not export, or an export it found wrong, and why. `file` is the
+/// image file concerned ("" when the problem is not one file's); `reason` is a full sentence.
+struct ScanProblem {
+    std::string file;
+    std::string reason;
+};
+
 struct ScanPlan {
     std::optional<Error> failed;                 // the directory could not be read
     std::map<std::string, std::string> wanted;   // export name -> root file
-    std::vector<std::string> problems;           // images that cannot be exported, and why
+    std::vector<ScanProblem> problems;           // images that cannot be exported, and why
     std::vector<std::string> removed;            // leftover names removed, with why
     std::map<uint64_t, std::string> mismatches;  // export id -> how the disk differs
     /// Images whose header names a hidden .removing file: a chain edit a crash interrupted

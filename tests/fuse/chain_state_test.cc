@@ -145,7 +145,8 @@ TEST_F(ChainStateTest, DeletedMiddleLayerIsReportedAndStopsEveryOperation) {
               std::string::npos)
         << info;
     ASSERT_FALSE(images_->problems().empty());
-    EXPECT_NE(images_->problems().front().find("big@s1.qcow2 is missing"), std::string::npos);
+    EXPECT_NE(images_->problems().front().reason.find("big@s1.qcow2 is missing"),
+              std::string::npos);
     EXPECT_TRUE(log_.contains("big@s1.qcow2 is missing on disk"));
     EXPECT_EQ(read_raw("big"), content);  // still served
     std::vector<std::string> on_disk = chain_on_disk("big@g1.qcow2");

@@ -24,7 +24,7 @@ class ControlRaceTest : public test::FsTest {
     void expect_rescan_clean(const std::vector<std::string>& names) {
         ASSERT_EQ(control(".control/rescan", "\n"), 0);
         EXPECT_TRUE(images_->problems().empty())
-            << (images_->problems().empty() ? "" : images_->problems().front());
+            << (images_->problems().empty() ? "" : images_->problems().front().reason);
         for (const auto& n : names) {
             EXPECT_NE(images_->find(n), nullptr) << n << " is no longer exported";
         }
@@ -126,14 +126,14 @@ TEST_F(ControlRaceTest, GroupSnapshotsInOppositeOrdersAndRescans) {
     start();
     std::vector<int> results(8, -1);
     TaskScope scope(loop_.get());
-    scope.spawn(store_int(snapshot_task("", "a x1\nb x1\nc x1\n"), &results[0]));
-    scope.spawn(store_int(snapshot_task("", "c y1\nb y1\na y1\n"), &results[1]));
+    scope.spawn(store_int(snapshot_task("", "x1 a b c\n"), &results[0]));
+    scope.spawn(store_int(snapshot_task("", "y1 c b a\n"), &results[1]));
     scope.spawn(store_int(snapshot_task("b", "z1"), &results[2]));
     scope.spawn(store_int(control_task(ino(".control/rescan"), "\n"), &results[3]));
     scope.spawn(store_int(snapshot_task("", "all1"), &results[4]));
     scope.spawn(store_int(snapshot_task("c", "z2"), &results[5]));
     scope.spawn(store_int(control_task(ino(".control/rescan"), "\n"), &results[6]));
-    scope.spawn(store_int(snapshot_task("", "b w1\na w1\n"), &results[7]));
+    scope.spawn(store_int(snapshot_task("", "w1 b a\n"), &results[7]));
     run(join(&scope));
     for (size_t i = 0; i < results.size(); ++i) {
         EXPECT_EQ(results[i], 0) << "request " << i;

@@ -237,7 +237,7 @@ class Run:
                 group = rng.sample(names, rng.choice([2, 2, 3, len(names)]))
                 if any(len(served_chain(self.m, n)) >= MAX_CHAIN for n in group):
                     continue
-                text = "".join(f"{n} {tag}\n" for n in group)
+                text = " ".join([tag] + group) + "\n"
                 if rng.random() < 0.2:
                     text = tag  # every image
                 self.command("group snapshot", None, "snapshot", text)

@@ -180,16 +180,30 @@ class Snapshot(harness.ImageDirTest):
             qemu_img("create", "-q", "-f", "qcow2", self.img(f"{n}.qcow2"), "8M")
         m = self.mount()
         before = sorted(os.listdir(self.dir))
-        self.assertEqual(control(m, None, "snapshot", "a s1\nb s1\nnope s1\n"), errno.EINVAL)
-        self.assertEqual(control(m, None, "snapshot", "a s1\nb bad/name\n"), errno.EINVAL)
+        for bad in ("s1 a b nope\n", "bad/name a b\n", "s1 a a\n", "s1 a\nb\n", "\n",
+                    "s1 a\ns2 b\n"):
+            self.assertEqual(control(m, None, "snapshot", bad), errno.EINVAL, repr(bad))
         self.assertEqual(sorted(os.listdir(self.dir)), before)
         self.assertEqual(chain(m, "a"), ["a.qcow2"])
-        self.assertEqual(control(m, None, "snapshot", "a s1\nc s1\n"), 0)
+        self.assertEqual(control(m, None, "snapshot", "s1 a c\n"), 0)
         self.assertEqual(chain(m, "a")[0], "a@s1.qcow2")
+        self.assertEqual(chain(m, "c")[0], "c@s1.qcow2")
         self.assertEqual(chain(m, "b"), ["b.qcow2"])
         self.assertEqual(control(m, None, "snapshot", "all1"), 0)  # every image
         for n in ("a", "b", "c"):
             self.assertEqual(chain(m, n)[0], f"{n}@all1.qcow2")
+        # From a shell, with echo's trailing newline: one write(), so one atomic command.
+        run(["bash", "-c", f"echo all2 > {m.mountpoint}/.control/snapshot"])
+        run(["bash", "-c", f"echo nightly a b > {m.mountpoint}/.control/snapshot"])
+        for n in ("a", "b", "c"):
+            self.assertEqual(chain(m, n)[0], f"{n}@nightly.qcow2" if n != "c" else "c@all2.qcow2")
+        # The CLI wraps it.
+        run([harness.IMGFS, "snapshot", m.mountpoint, "--group", "cli1", "b", "c"])
+        self.assertEqual(chain(m, "b")[0], "b@cli1.qcow2")
+        self.assertEqual(chain(m, "a")[0], "a@nightly.qcow2")
+        run([harness.IMGFS, "snapshot", m.mountpoint, "--group", "cli2"])
+        for n in ("a", "b", "c"):
+            self.assertEqual(chain(m, n)[0], f"{n}@cli2.qcow2")
         m.stop()
 
     def test_crash_leftovers_are_removed_on_a_writable_mount(self):
@@ -389,7 +403,7 @@ class Cli(harness.ImageDirTest):
         self.assertIn("invalid snapshot name", p.stderr)
         p = run([img, "commit", m.mountpoint, "vm", "--wait"])
         self.assertIn("concluded", p.stdout)
-        st = json.loads(run([img, "status", m.mountpoint, "--json"]).stdout)
+        st = json.loads(run([img, "status", m.mountpoint, "--json"]).stdout)["images"]
         self.assertEqual(st[0]["name"], "vm")
         self.assertEqual(st[0]["job"]["type"], "commit")
         run([img, "snapshot", m.mountpoint, "vm", "s2"])

@@ -250,7 +250,7 @@ std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8
     } else if (e = images.find("vm"); e == nullptr) {
         err = "vm is not exported:";
         for (const auto& p : images.problems()) {
-            err += " " + p + ";";
+            err += " " + p.reason + ";";
         }
     } else if (e->chain.layers.front().file != before_root &&
                e->chain.layers.front().file != after_root) {

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""The edges a user meets first: status of skipped and damaged images, mount safety, what keeps
+an unmount from happening, dd onto NAME.raw without conv=notrunc, and the job command line."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+
+import harness
+from harness import run, qemu_img
+
+MiB = 1 << 20
+
+
+def read_control(m, name, file):
+    with open(m.path(".control", name, file) if name else m.path(".control", file)) as f:
+        return f.read()
+
+
+def job(m, name):
+    text = read_control(m, name, "job")
+    return json.loads(text) if text.strip() else None
+
+
+class Status(harness.ImageDirTest):
+    def test_skipped_and_damaged_images_are_listed_with_their_reason(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("good.qcow2"), "16M")
+        # A backing file outside the directory.
+        outside = tempfile.mkdtemp(prefix="imgfs-outside-")
+        self.addCleanup(lambda: run(["rm", "-rf", outside]))
+        qemu_img("create", "-q", "-f", "qcow2", os.path.join(outside, "base.qcow2"), "16M")
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                 os.path.join(outside, "base.qcow2"), self.img("escapes.qcow2"))
+        # Two roots that want the same export name.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("twin.qcow2"), "16M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("twin@other.qcow2"), "16M")
+        # A header that cannot be read.
+        with open(self.img("broken.qcow2"), "wb") as f:
+            f.write(b"QFI\xfb" + struct.pack(">I", 3) + b"\xff" * 200)
+        # An image QEMU holds: its lock.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("held.qcow2"), "16M")
+        holder = subprocess.Popen(["qemu-io", "-f", "qcow2", self.img("held.qcow2")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        self.addCleanup(holder.kill)
+        time.sleep(0.5)
+        # An image marked corrupt on disk is not served (a repair comes first).
+        qemu_img("create", "-q", "-f", "qcow2", self.img("marked.qcow2"), "16M")
+        with open(self.img("marked.qcow2"), "r+b") as f:
+            f.seek(72)
+            incompat = struct.unpack(">Q", f.read(8))[0]
+            f.seek(72)
+            f.write(struct.pack(">Q", incompat | 2))
+        # One whose damage shows only when it is read: served, then flagged.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("damaged.qcow2"), "16M")
+        harness.qemu_io(self.img("damaged.qcow2"), "write -P 7 0 64k")
+        with open(self.img("damaged.qcow2"), "r+b") as f:
+            f.seek(40)
+            l1 = struct.unpack(">Q", f.read(8))[0]
+            f.seek(l1)
+            l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+            f.seek(l2)
+            entry = struct.unpack(">Q", f.read(8))[0]
+            f.seek(l2)
+            f.write(struct.pack(">Q", entry | 0x200))  # a host offset off the cluster grid
+        m = self.mount()
+        self.assertEqual(m.exports(), ["damaged", "good"])
+        skipped = [json.loads(l) for l in read_control(m, None, "skipped").splitlines()]
+        files = {s["file"]: s["reason"] for s in skipped}
+        self.assertEqual(sorted(files), ["broken.qcow2", "escapes.qcow2", "held.qcow2",
+                                         "marked.qcow2", "twin.qcow2", "twin@other.qcow2"],
+                         skipped)
+        self.assertIn("corrupt", files["marked.qcow2"])
+        self.assertIn("outside", files["escapes.qcow2"])
+        self.assertIn("wanted by", files["twin.qcow2"])
+        self.assertIn("in use", files["held.qcow2"])
+        with open(m.path("damaged.raw"), "rb") as f:
+            with self.assertRaises(OSError):
+                f.read(4096)
+        human = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertIn("skipped:", human)
+        for f, reason in files.items():
+            self.assertIn(f"  {f}: {reason}", human)
+        lines = {l.split()[0]: l for l in human.splitlines() if l.endswith(".raw") or ".raw " in l}
+        self.assertIn("CORRUPT", lines["damaged.raw"])
+        self.assertNotIn("CORRUPT", lines["good.raw"])
+        st = json.loads(run([harness.IMGFS, "status", m.mountpoint, "--json"]).stdout)
+        self.assertEqual([i["name"] for i in st["images"]], ["damaged", "good"])
+        self.assertEqual(sorted(s["file"] for s in st["skipped"]), sorted(files))
+        # Once QEMU lets go, a rescan exports it and the list forgets it.
+        holder.kill()
+        holder.wait()
+        with open(m.path(".control", "rescan"), "w") as f:
+            f.write("\n")
+        self.assertIn("held", m.exports())
+        self.assertNotIn("held.qcow2", read_control(m, None, "skipped"))
+        m.stop()
+
+    def test_status_of_a_path_that_is_not_a_mount_fails(self):
+        for path in (self.dir, "/nonexistent/imgfs"):
+            p = run([harness.IMGFS, "status", path], check=False)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("is not an imgfs mount", p.stderr)
+        p = run([harness.IMGFS, "snapshot", self.dir, "vm", "s1"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("is not an imgfs mount", p.stderr)
+
+
+class MountSafety(harness.ImageDirTest):
+    def test_a_directory_served_twice_or_a_mount_on_a_mount_is_refused(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        other = tempfile.mkdtemp(prefix="imgfs-mnt-")
+        self.addCleanup(lambda: os.rmdir(other))
+        p = run([harness.IMGFS, "mount", self.dir, other], check=False, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("already served by another imgfs mount", p.stderr)
+        self.assertIn(m.mountpoint, p.stderr)
+        self.assertFalse(harness.is_mounted(other))
+        second = tempfile.mkdtemp(prefix="imgfs-it-")
+        self.addCleanup(lambda: run(["rm", "-rf", second]))
+        p = run([harness.IMGFS, "mount", second, m.mountpoint], check=False, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("is already an imgfs mount", p.stderr)
+        self.assertEqual(m.exports(), ["vm"])  # the first mount still shows its images
+        m.stop()
+        # Once unmounted, the directory can be mounted again.
+        m = self.mount()
+        self.assertEqual(m.exports(), ["vm"])
+        m.stop()
+
+    def test_unmount_of_a_busy_mount_names_what_holds_it(self):
+        harness.require_tools("losetup")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        reader = subprocess.Popen(["python3", "-c", "import sys,time; f=open(sys.argv[1],'rb'); "
+                                   "time.sleep(60)", m.path("vm.raw")])
+        self.addCleanup(reader.kill)
+        time.sleep(0.5)
+        loop = run(["losetup", "-f", "--show", m.path("vm.raw")]).stdout.strip()
+        self.addCleanup(lambda: run(["losetup", "-d", loop], check=False))
+        p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("busy", p.stderr)
+        self.assertIn(f"loop device {loop} is attached to vm.raw", p.stderr)
+        self.assertIn(f"process {reader.pid} (python3) has vm.raw open", p.stderr)
+        run(["losetup", "-d", loop])
+        reader.kill()
+        reader.wait()
+        m.stop()
+        p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
+        self.assertIn("is not an imgfs mount", p.stderr)
+
+
+class RawFile(harness.ImageDirTest):
+    def test_dd_without_notrunc_writes_in_place(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.seek(8 * MiB)
+            f.write(b"kept" * 1024)
+        data = os.urandom(MiB)
+        src = self.img("src.bin")
+        with open(src, "wb") as f:
+            f.write(data)
+        run(["dd", f"if={src}", f"of={m.path('vm.raw')}", "bs=64k", "status=none"])
+        run(["bash", "-c", f"cat {src} > {m.path('vm.raw')}"])  # the shell's O_TRUNC too
+        self.assertEqual(os.path.getsize(m.path("vm.raw")), 16 * MiB)
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(f.read(MiB), data)
+            f.seek(8 * MiB)
+            self.assertEqual(f.read(4096), b"kept" * 1024)
+        # Shrinking is still refused: a disk does not get smaller.
+        p = run(["truncate", "-s", "1M", m.path("vm.raw")], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(os.path.getsize(m.path("vm.raw")), 16 * MiB)
+        m.stop()
+        self.assertEqual(harness.check(self.img("vm.qcow2"))["exit"], 0)
+
+
+class JobCli(harness.ImageDirTest):
+    def start_slow_commit(self, m):
+        with open(m.path("vm.raw"), "r+b") as f:
+            for off in range(0, 64 * MiB, 4 * MiB):
+                f.write(os.urandom(4 * MiB))
+        run([harness.IMGFS, "commit", m.mountpoint, "vm"])
+        run([harness.IMGFS, "job", m.mountpoint, "vm", "speed", "1M"])
+
+    def setUp(self):
+        super().setUp()
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        self.m = self.mount()
+        run([harness.IMGFS, "snapshot", self.m.mountpoint, "vm", "s1"])
+
+    def test_pause_resume_speed_and_wait_attaches(self):
+        m = self.m
+        self.start_slow_commit(m)
+        run([harness.IMGFS, "job", m.mountpoint, "vm", "pause"])
+        self.assertEqual(job(m, "vm")["state"], "paused")
+        self.assertIn("commit paused", run([harness.IMGFS, "status", m.mountpoint]).stdout)
+        run([harness.IMGFS, "job", m.mountpoint, "vm", "resume"])
+        self.assertEqual(job(m, "vm")["state"], "running")
+        status = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertRegex(status, r"job commit running \d+%")
+        run([harness.IMGFS, "job", m.mountpoint, "vm", "speed", "0"])
+        # --wait follows the commit already under way instead of failing.
+        p = run([harness.IMGFS, "commit", m.mountpoint, "vm", "--wait"])
+        self.assertIn("already under way; following it", p.stderr)
+        self.assertEqual(job(m, "vm")["state"], "concluded")
+        self.assertIsNone(job(m, "vm")["error"])
+        for bad in (["explode"], ["speed"], ["speed", "fast"], []):
+            p = run([harness.IMGFS, "job", m.mountpoint, "vm", *bad], check=False)
+            self.assertNotEqual(p.returncode, 0, bad)
+            self.assertIn("imgfs:", p.stderr)
+        m.stop()
+
+    def test_cancel_and_ctrl_c_on_wait(self):
+        m = self.m
+        self.start_slow_commit(m)
+        p = subprocess.Popen([harness.IMGFS, "commit", m.mountpoint, "vm", "--wait"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertIn("stopped waiting; the commit job on vm goes on", err)
+        self.assertIn(f"imgfs job {m.mountpoint} vm cancel", err)
+        self.assertIn(job(m, "vm")["state"], ("running", "paused"))
+        run([harness.IMGFS, "job", m.mountpoint, "vm", "cancel"])
+        deadline = time.time() + 30
+        while job(m, "vm")["state"] != "concluded" and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(job(m, "vm")["error"], "cancelled")
+        p = run([harness.IMGFS, "job", m.mountpoint, "vm", "cancel"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        m.stop()
+
+
+if __name__ == "__main__":
+    harness.main_with_summary("product")
