@@ -58,6 +58,14 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
         } else {
             return make_error(EINVAL, "compat={}: expected 0.10 or 1.1", v);
         }
+    } else if (key == "compression_type") {
+        if (v == "zlib") {
+            c->compression_type = qcow2::CompressionType::kZlib;
+        } else if (v == "zstd") {
+            c->compression_type = qcow2::CompressionType::kZstd;
+        } else {
+            return make_error(EINVAL, "compression_type={}: expected zlib or zstd", v);
+        }
     } else if (key == "preallocation") {
         if (v != "off") {
             return make_error(ENOTSUP, "preallocation={} is not supported (only off)", v);
@@ -187,6 +195,16 @@ Status complete_create_options(CreateRequest* r) {
     } else if (c.backing_file.empty()) {
         return make_error(EINVAL, "a size is needed when there is no backing file");
     }
+    c.size = (c.size + 511) / 512 * 512;  // whole sectors, rounded up as qemu-img does
+    // Formats are told by content, but a qcow2 named .raw misleads people and other tools
+    // (libvirt, a later 'qemu-img -f raw') into treating its metadata as disk data.
+    const std::string& f = r->file;
+    if (f.size() >= 4 && f.compare(f.size() - 4, 4, ".raw") == 0) {
+        return make_error(EINVAL,
+                          "{}: imgfs create makes qcow2 images; give it a .qcow2 name (a .raw "
+                          "name would pass its metadata off as disk data)",
+                          f);
+    }
     return qcow2::validate_create_options(c);
 }
 
@@ -202,8 +220,10 @@ int create(const Args& args) {
         std::puts(
             "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
             "Creates a qcow2 v3 image. OPTS: cluster_size=, extended_l2=on|off,\n"
-            "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1. SIZE may be\n"
-            "left out with a backing file (its size is taken).");
+            "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1,\n"
+            "compression_type=zlib|zstd. SIZE takes qemu-img's syntax (1.5G, 512M, 10240k)\n"
+            "and is rounded up to whole 512-byte sectors; it may be left out with a backing\n"
+            "file (its size is taken).");
         return 0;
     }
     if (Status st = complete_create_options(&*req); !st) {

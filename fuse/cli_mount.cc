@@ -1,5 +1,6 @@
 // imgfs mount / unmount.
 #include <algorithm>
+#include <cctype>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -313,35 +314,61 @@ int unmount(const Args& args) {
     return run_unmount(absolute(args[0]), 120);
 }
 
+// qemu-img's size syntax: a number, a fraction allowed with a unit ("1.5G"), and a unit of
+// b, k, M, G, T, P or E (binary multiples, any case, optionally followed by "iB" or "B").
 Result<uint64_t> parse_size(const std::string& text) {
-    if (text.empty()) {
-        return make_error(EINVAL, "empty size");
+    size_t digits = text.find_first_not_of("0123456789");
+    std::string whole = text.substr(0, digits);
+    std::string fraction;
+    std::string suffix = digits == std::string::npos ? "" : text.substr(digits);
+    if (!suffix.empty() && suffix[0] == '.') {
+        size_t end = suffix.find_first_not_of("0123456789", 1);
+        fraction = suffix.substr(1, end == std::string::npos ? std::string::npos : end - 1);
+        suffix = end == std::string::npos ? "" : suffix.substr(end);
+        if (fraction.empty() || fraction.size() > 18) {
+            return make_error(EINVAL, "invalid size '{}'", text);
+        }
     }
-    char* end = nullptr;
-    errno = 0;
-    unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-    if (errno != 0 || end == text.c_str()) {
+    if (whole.empty() || whole.size() > 20) {
         return make_error(EINVAL, "invalid size '{}'", text);
     }
-    std::string suffix(end);
-    uint64_t mult = 1;
-    if (suffix.empty() || suffix == "b" || suffix == "B") {
-        mult = 1;
-    } else if (suffix == "k" || suffix == "K" || suffix == "KiB") {
-        mult = 1ULL << 10;
-    } else if (suffix == "M" || suffix == "m" || suffix == "MiB") {
-        mult = 1ULL << 20;
-    } else if (suffix == "G" || suffix == "g" || suffix == "GiB") {
-        mult = 1ULL << 30;
-    } else if (suffix == "T" || suffix == "t" || suffix == "TiB") {
-        mult = 1ULL << 40;
-    } else {
-        return make_error(EINVAL, "invalid size suffix in '{}'", text);
+    static const std::string kUnits = "bkmgtpe";
+    std::string unit = suffix;
+    for (const char* tail : {"iB", "ib", "B"}) {
+        if (unit.size() > 1 && unit.size() == 1 + std::strlen(tail) &&
+            unit.compare(1, std::string::npos, tail) == 0) {
+            unit.resize(1);
+        }
     }
-    if (v > UINT64_MAX / mult) {
+    size_t power = 0;
+    if (!unit.empty()) {
+        power = unit.size() == 1 ? kUnits.find(static_cast<char>(std::tolower(unit[0])))
+                                 : std::string::npos;
+        if (power == std::string::npos) {
+            return make_error(EINVAL, "invalid size suffix in '{}' (b, k, M, G, T, P, E)", text);
+        }
+    }
+    if (power == 0 && !fraction.empty()) {
+        return make_error(EINVAL, "a size in bytes cannot have a fraction ('{}')", text);
+    }
+    const uint64_t mult = 1ULL << (10 * power);
+    errno = 0;
+    unsigned long long v = std::strtoull(whole.c_str(), nullptr, 10);
+    if (errno != 0 || v > UINT64_MAX / mult) {
         return make_error(EOVERFLOW, "size '{}' is too large", text);
     }
-    return static_cast<uint64_t>(v) * mult;
+    uint64_t bytes = static_cast<uint64_t>(v) * mult;
+    if (!fraction.empty()) {
+        // The fraction's share of one unit, cut to whole bytes as qemu-img does.
+        long double part =
+            std::strtold(("0." + fraction).c_str(), nullptr) * static_cast<long double>(mult);
+        auto extra = static_cast<uint64_t>(part);
+        if (bytes > UINT64_MAX - extra) {
+            return make_error(EOVERFLOW, "size '{}' is too large", text);
+        }
+        bytes += extra;
+    }
+    return bytes;
 }
 
 int fail(const std::string& message) {

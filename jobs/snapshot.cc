@@ -39,11 +39,13 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
     o.size = top.node->size();
     o.backing_file = top.file;
     o.backing_format = top.format;
+    // The overlay is laid out as its backing is: a user who chose a cluster size, or left
+    // extended L2 off so that QEMU before 5.2 can open the images, gets the same in every
+    // snapshot. Over a raw backing, qemu-img's defaults (64 KiB, no extended L2).
     if (auto* q = dynamic_cast<Qcow2Node*>(top.node.get())) {
         o.cluster_size = static_cast<uint32_t>(q->header().cluster_size());
+        o.extended_l2 = q->header().extended_l2();
     }
-    // Subclusters make a small write into a fresh overlay copy 2 KiB, not a whole cluster.
-    o.extended_l2 = o.cluster_size >= 16384;
     return o;
 }
 

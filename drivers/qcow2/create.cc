@@ -44,6 +44,9 @@ Status validate_create_options(const CreateOptions& o) {
                           "extended L2, lazy refcounts and refcount bits other than 16 "
                           "need version 3 (compat=1.1)");
     }
+    if (o.version == 2 && o.compression_type != CompressionType::kZlib) {
+        return make_error(EINVAL, "compression type zstd needs version 3 (compat=1.1)");
+    }
     if (o.extended_l2 && o.cluster_size < 16384) {
         return make_error(EINVAL, "extended L2 entries need a cluster size of at least 16 KiB");
     }
@@ -73,6 +76,10 @@ Result<std::vector<uint8_t>> build_new_image(const CreateOptions& o) {
     }
     if (o.lazy_refcounts) {
         h.compatible |= kCompatLazyRefcounts;
+    }
+    h.compression_type = o.compression_type;
+    if (o.compression_type != CompressionType::kZlib) {
+        h.incompatible |= kIncompatCompression;
     }
     h.backing_file = o.backing_file;
     h.backing_format = o.backing_format;

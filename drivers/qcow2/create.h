@@ -8,6 +8,7 @@
 
 #include "core/event_loop.h"
 #include "core/result.h"
+#include "drivers/qcow2/format.h"
 
 namespace imgfs::qcow2 {
 
@@ -18,6 +19,7 @@ struct CreateOptions {
     uint32_t refcount_bits = 16;
     bool extended_l2 = false;
     bool lazy_refcounts = false;
+    CompressionType compression_type = CompressionType::kZlib;  // zstd needs version 3
     std::string backing_file;                   // as recorded in the header; empty: none
     std::optional<std::string> backing_format;  // "qcow2" or "raw"
 };

@@ -68,9 +68,57 @@ class Create(harness.ImageDirTest):
         ours = json.loads(run([harness.IMGFS, "info", "--json", self.img("top.qcow2")]).stdout)
         self.assertIn("mid.qcow2", json.dumps(ours))
 
+    def test_sizes_and_options_in_qemu_img_syntax(self):
+        # The same arguments to both tools must give the same image geometry.
+        for size in ("1.5G", "512M", "10240k", "1000", "1.3k", "2T", "64m", "100000b"):
+            with self.subTest(size=size):
+                ours, theirs = self.img(f"ours{size}.qcow2"), self.img(f"theirs{size}.qcow2")
+                run([harness.IMGFS, "create", ours, size])
+                qemu_img("create", "-q", "-f", "qcow2", theirs, size)
+                self.assertEqual(self.info(ours)["virtual-size"],
+                                 self.info(theirs)["virtual-size"])
+                self.assertEqual(check(ours)["exit"], 0)
+        path = self.img("zstd.qcow2")
+        run([harness.IMGFS, "create", "-o", "compression_type=zstd", path, "16M"])
+        specific = self.info(path)["format-specific"]["data"]
+        self.assertEqual(specific["compression-type"], "zstd")
+        self.assertEqual(check(path)["exit"], 0)
+        # qemu-img can write compressed clusters into it, and imgfs reads them back.
+        data = self.img("data.raw")
+        with open(data, "wb") as f:
+            f.write(os.urandom(MiB // 2) + bytes(MiB // 2))
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd",
+                 data, self.img("conv.qcow2"))
+        run([harness.IMGFS, "io", self.img("conv.qcow2"), "-c", "read 0 1M"])
+
+    def test_snapshot_overlays_take_the_backing_layout(self):
+        for opts, cluster, extl2 in (("cluster_size=65536", 65536, False),
+                                     ("cluster_size=16384,extended_l2=on", 16384, True),
+                                     ("cluster_size=4096", 4096, False)):
+            with self.subTest(opts=opts):
+                for f in os.listdir(self.dir):
+                    os.unlink(self.img(f))
+                run([harness.IMGFS, "create", "-o", opts, self.img("vm.qcow2"), "16M"])
+                m = self.mount()
+                run([harness.IMGFS, "snapshot", m.mountpoint, "vm", "s1"])
+                m.stop()
+                info = self.info(self.img("vm@s1.qcow2"))
+                self.assertEqual(info["cluster-size"], cluster)
+                self.assertEqual(info["format-specific"]["data"]["extended-l2"], extl2)
+
     def test_bad_input_is_refused_clearly(self):
+        p = run([harness.IMGFS, "create", self.img("vm.raw"), "16M"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("give it a .qcow2 name", p.stderr)
+        self.assertFalse(os.path.exists(self.img("vm.raw")))
+        for size in ("1.5", "12X", "-1", "1..5G", "G", "99999999999999999999E"):
+            p = run([harness.IMGFS, "create", self.img("bad.qcow2"), size], check=False)
+            self.assertNotEqual(p.returncode, 0, size)
+            self.assertRegex(p.stderr, "size|option", size)
+            self.assertFalse(os.path.exists(self.img("bad.qcow2")))
         for args in (["-o", "cluster_size=1000"], ["-o", "refcount_bits=3"],
-                     ["-o", "bogus=1"], ["-F", "vmdk", "-b", "x.raw"]):
+                     ["-o", "bogus=1"], ["-F", "vmdk", "-b", "x.raw"],
+                     ["-o", "compression_type=lz4"], ["-o", "compat=0.10,compression_type=zstd"]):
             with self.subTest(args=args):
                 p = run([harness.IMGFS, "create"] + args + [self.img("bad.qcow2"), "16M"],
                         check=False)
