@@ -92,6 +92,7 @@ io_uring_sqe* EventLoop::get_sqe() {
         // run later, from the loop), waiting for one if none is there yet.
         if (reap_completions() == 0 && ops_in_flight_ > 0) {
             io_uring_cqe* cqe = nullptr;
+            // An interrupted wait needs nothing: the reap below and the retry handle it.
             (void)io_uring_wait_cqe(&ring_, &cqe);
             reap_completions();
         }

@@ -119,7 +119,7 @@ Graph::PendingMap Graph::compute_pending() {
         }
     }
     assert(resolved == nodes_.size() && "cycle in the block graph");
-    (void)resolved;
+    (void)resolved;  // read only by the assert
     return pending;
 }
 

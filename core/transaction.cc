@@ -4,6 +4,7 @@
 #include <cassert>
 
 #include "core/graph.h"
+#include "core/log.h"
 
 namespace imgfs {
 
@@ -174,8 +175,24 @@ void Transaction::abort() {
     }
     actions_.clear();
     // Recompute on the restored shape. It was consistent before; if an outside party (another
-    // process's image lock) changed meanwhile, the sets applied before stay in force.
-    (void)graph_->refresh_perms(restructured_);
+    // process's image lock) changed meanwhile, the sets applied before stay in force. Nothing
+    // above can act on that (a failed commit reports its own error, a destructor has no caller
+    // to tell), so it is logged through the nodes' environment.
+    Status st = graph_->refresh_perms(restructured_);
+    if (!st) {
+        log_refresh_failure(st.error());
+    }
+}
+
+void Transaction::log_refresh_failure(const Error& error) const {
+    // Not restructured_: an undone attach may have freed a node it names.
+    for (const Node* n : graph_->nodes()) {
+        if (n->env().log != nullptr) {
+            n->env().log->warn("permissions not refreshed after undoing a graph change: {}",
+                               error.message());
+            return;
+        }
+    }
 }
 
 }  // namespace imgfs

@@ -65,6 +65,8 @@ class Transaction {
     static bool is_descendant(const Node* maybe_descendant, const Node* ancestor);
 
     void run_commit_actions();
+    // Tells the log of the first live node that has one (the graph itself has none).
+    void log_refresh_failure(const Error& error) const;
 
     Graph* graph_;
     std::vector<Action> actions_;

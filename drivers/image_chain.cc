@@ -257,6 +257,15 @@ Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOpt
     co_return layer;
 }
 
+// Closes what open_chain opened before it failed. The open's error is what the caller reports;
+// a close failing as well is only logged.
+Task<void> close_after_failure(NodeEnv env, Chain* chain) {
+    Status st = co_await close_chain(chain);
+    if (!st && env.log != nullptr) {
+        env.log->warn("closing a chain that failed to open: {}", st.error().message());
+    }
+}
+
 }  // namespace
 
 Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
@@ -282,7 +291,7 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                           ChildRole::kBacking, "backing");
                 Status st = tx.commit();
                 if (!st) {
-                    (void)co_await close_chain(&chain);
+                    co_await close_after_failure(env, &chain);
                     co_return st.error();
                 }
                 chain.layers.insert(chain.layers.end(), hit->second.begin(), hit->second.end());
@@ -296,7 +305,7 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                 // Name the image whose backing file failed, not only the backing file.
                 err = std::move(err).wrap(chain.layers.front().file + ": backing file");
             }
-            (void)co_await close_chain(&chain);
+            co_await close_after_failure(env, &chain);
             co_return err;
         }
         Layer layer = std::move(*opened);
@@ -305,8 +314,8 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
             tx.attach(chain.layers.back().node.get(), layer.node, ChildRole::kBacking, "backing");
             Status st = tx.commit();
             if (!st) {
-                (void)co_await layer.node->close();
-                (void)co_await close_chain(&chain);
+                chain.layers.push_back(std::move(layer));  // closed with the rest, top first
+                co_await close_after_failure(env, &chain);
                 co_return st.error();
             }
         }
@@ -323,7 +332,7 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
         Result<std::string> resolved = resolve_backing(chain.layers.back().file, next, dir_real,
                                                        options.allow_external_backing);
         if (!resolved) {
-            (void)co_await close_chain(&chain);
+            co_await close_after_failure(env, &chain);
             co_return std::move(resolved).error();
         }
         spec = LayerSpec{std::move(*resolved), next_format};

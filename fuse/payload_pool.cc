@@ -79,6 +79,7 @@ size_t PayloadPool::resident_bytes() const {
 
 void PayloadPool::give_back(Page* page) {
     const size_t index = static_cast<size_t>(page - pages_.data());
+    // Advice only: if the kernel refuses, the page stays resident and is reused as it is.
     (void)::madvise(base_ + index * kHugePageBytes, kHugePageBytes, MADV_DONTNEED);
     page->resident = false;
 }

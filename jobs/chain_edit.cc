@@ -45,7 +45,13 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
     if (was_read_only) {
         Status back = co_await q->set_writable(false);
         Transaction tx(images->env().graph);
-        (void)tx.commit();
+        if (Status refreshed = tx.commit(); !refreshed) {
+            // The permissions of the writable layer stay in force until the next refresh.
+            images->env().log->warn(
+                "{}: permissions not refreshed after rewriting its backing "
+                "name: {}",
+                node->name(), refreshed.error().message());
+        }
         if (st) {
             st = std::move(back);
         }
@@ -62,16 +68,6 @@ Status link_hidden(int dir, const std::string& file) {
     return {};
 }
 
-Status unlink_names(int dir, const std::vector<std::string>& names) {
-    Status first;
-    for (const std::string& n : names) {
-        if (::unlinkat(dir, n.c_str(), 0) != 0 && errno != ENOENT && first) {
-            first = make_error(errno, "cannot remove {}", n);
-        }
-    }
-    return first;
-}
-
 // Step 1: a hidden name for each file, all or none.
 Status link_all_hidden(int dir, const std::vector<std::string>& files) {
     for (size_t i = 0; i < files.size(); ++i) {
@@ -80,7 +76,14 @@ Status link_all_hidden(int dir, const std::vector<std::string>& files) {
             for (size_t j = 0; j < i; ++j) {
                 made.push_back(removing_name(files[j]));
             }
-            (void)unlink_names(dir, made);
+            // This runs off the loop, where nothing logs: the link's error also carries the
+            // undo's. A hidden name no header uses is harmless until a scan removes it.
+            if (Status undone = unlink_names(dir, made); !undone) {
+                Error err = std::move(st).error();
+                err.context += fmt::format(" (undoing: {}; the next scan removes what is left)",
+                                           undone.error().message());
+                return err;
+            }
             return st;
         }
     }
@@ -109,8 +112,15 @@ Task<void> undo_hidden(ImageSet* images, std::shared_ptr<Export> e, size_t first
     }
     const int dir = images->dir_fd();
     std::function<Status()> unlink = [dir, hidden] { return unlink_names(dir, hidden); };
-    (void)co_await dir_call(images, std::move(unlink));
-    (void)co_await sync_image_dir(images);
+    // The edit's own error is what the caller reports; these only leave hidden names, which no
+    // header uses, for the next scan to remove.
+    Logger* log = images->env().log;
+    if (Status st = co_await dir_call(images, std::move(unlink)); !st) {
+        log->warn("{}: undoing a chain edit: {}", e->name, st.error().message());
+    }
+    if (Status st = co_await sync_image_dir(images); !st) {
+        log->warn("{}: undoing a chain edit: {}", e->name, st.error().message());
+    }
 }
 
 }  // namespace
@@ -139,6 +149,16 @@ Task<Status> sync_image_dir(ImageSet* images) {
 
 Task<Status> dir_call(ImageSet* images, std::function<Status()> call) {
     co_return co_await images->offloader()->run<Status>(std::move(call));
+}
+
+Status unlink_names(int dir, const std::vector<std::string>& names) {
+    Status first;
+    for (const std::string& n : names) {
+        if (::unlinkat(dir, n.c_str(), 0) != 0 && errno != ENOENT && first) {
+            first = make_error(errno, "cannot remove {}", n);
+        }
+    }
+    return first;
 }
 
 std::string removing_name(const std::string& file) {
@@ -270,7 +290,10 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         images->env().log->info("{}: removed {} from the chain", e->name, f);
     }
     std::function<Status()> unlink_hidden = [dir, hidden] { return unlink_names(dir, hidden); };
-    (void)co_await dir_call(images, std::move(unlink_hidden));
+    // The edit is done: a hidden name left behind is unused, and the next scan removes it.
+    if (Status gone = co_await dir_call(images, std::move(unlink_hidden)); !gone) {
+        images->env().log->warn("{}: {} (left for the next scan)", e->name, gone.error().message());
+    }
     co_return co_await sync_image_dir(images);
 }
 

@@ -36,6 +36,10 @@ Task<Status> sync_image_dir(ImageSet* images);
 /// Runs a blocking directory call on the set's offloader.
 Task<Status> dir_call(ImageSet* images, std::function<Status()> call);
 
+/// Removes each name beneath `dir` (blocking; a name already gone is no error). Tries them all
+/// and returns the first failure.
+Status unlink_names(int dir, const std::vector<std::string>& names);
+
 /// The hidden name a layer gets while it is taken out of a chain.
 std::string removing_name(const std::string& file);
 /// True for names removing_name() produces.

@@ -39,7 +39,11 @@ void CommitJob::release_nodes() {
         // edge goes anyway, so that the base's file is not kept open for a concluded job.
         Transaction tx(images_->env().graph);
         tx.detach(target_);
-        (void)tx.commit_removal();
+        if (Status st = tx.commit_removal(); !st) {
+            images_->env().log->warn(
+                "{}: permissions not refreshed after the commit job let go: {}", image_name(),
+                st.error().message());
+        }
         target_ = nullptr;
     }
     dirty_.reset();
@@ -69,7 +73,12 @@ Task<Status> CommitJob::attach() {
     if (!st) {
         target_ = nullptr;
         filter_.reset();
-        (void)co_await base_->set_writable(false);
+        // The job fails with the transaction's error; the base merely stays writable.
+        Status back = co_await base_->set_writable(false);
+        if (!back) {
+            images_->env().log->warn("{}: {} stays writable after the commit could not start: {}",
+                                     image_name(), base_->name(), back.error().message());
+        }
         co_return st;
     }
     dirty_ = std::make_unique<DirtyBitmap>(top_->size(), kGranuleBytes);
@@ -94,11 +103,23 @@ Task<void> CommitJob::detach_after_failure() {
         co_return;
     }
     target_ = nullptr;
-    // The base keeps what was copied: it lies under the layers that still hold it.
-    (void)co_await base_->flush();
-    (void)co_await base_->set_writable(false);
+    // The base keeps what was copied: it lies under the layers that still hold it, so the
+    // guest's view does not depend on these steps, and the job's own error is what it reports.
+    Logger* log = images_->env().log;
+    const std::string name = image_name();
+    if (Status st = co_await base_->flush(); !st) {
+        log->error("{}: flushing {} after the commit was abandoned: {}", name, base_->name(),
+                   st.error().message());
+    }
+    if (Status st = co_await base_->set_writable(false); !st) {
+        log->warn("{}: {} stays writable after the commit was abandoned: {}", name, base_->name(),
+                  st.error().message());
+    }
     Transaction refresh(images_->env().graph);
-    (void)refresh.commit();
+    if (Status st = refresh.commit(); !st) {
+        log->warn("{}: permissions not refreshed after the commit was abandoned: {}", name,
+                  st.error().message());
+    }
 }
 
 Task<void> CommitJob::abandon() {

@@ -215,7 +215,11 @@ std::string JobManager::jobs_jsonl() const {
 Task<void> JobManager::shutdown() {
     for (const auto& j : jobs_) {
         if (!j->finished()) {
-            (void)j->cancel();
+            // A job that cannot be cancelled any more (it is completing) ends by itself; the
+            // join below waits for it either way.
+            if (Status st = j->cancel(); !st) {
+                log_->info("shutdown: {}; waiting for it", st.error().message());
+            }
         }
     }
     co_await scope_.join();

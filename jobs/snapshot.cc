@@ -79,11 +79,12 @@ Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
         created = co_await dir_call(images, std::move(rename));
     }
     if (!created) {
-        std::function<Status()> unlink = [dir, tmp]() -> Status {
-            ::unlinkat(dir, tmp.c_str(), 0);
-            return {};
-        };
-        (void)co_await dir_call(images, std::move(unlink));
+        std::vector<std::string> names{tmp};
+        std::function<Status()> unlink = [dir, names] { return unlink_names(dir, names); };
+        // The snapshot fails with the creation's error; a .creating leftover is never exported.
+        if (Status st = co_await dir_call(images, std::move(unlink)); !st) {
+            images->env().log->warn("{}: {}", t->e->name, st.error().message());
+        }
         co_return std::move(created).error();
     }
     t->created = true;
@@ -164,10 +165,15 @@ Task<void> undo_snapshot(ImageSet* images, std::vector<SnapshotTarget*> frozen,
                                       t->e->chain.layers.front().file, st.error().message()));
         }
     }
+    // The snapshot reports its own error; what goes wrong while undoing it is logged.
+    Logger* log = images->env().log;
     std::vector<std::string> created;
     for (auto& t : *ts) {
         if (t.layer.node) {
-            (void)co_await t.layer.node->close();
+            if (Status st = co_await t.layer.node->close(); !st) {
+                log->warn("{}: closing {} of a failed snapshot: {}", t.e->name, t.file,
+                          st.error().message());
+            }
             t.layer.node.reset();
         }
         if (t.created) {
@@ -175,14 +181,14 @@ Task<void> undo_snapshot(ImageSet* images, std::vector<SnapshotTarget*> frozen,
         }
     }
     const int dir = images->dir_fd();
-    std::function<Status()> unlink = [dir, created]() -> Status {
-        for (const std::string& f : created) {
-            ::unlinkat(dir, f.c_str(), 0);
-        }
-        return {};
-    };
-    (void)co_await dir_call(images, std::move(unlink));
-    (void)co_await sync_image_dir(images);
+    std::function<Status()> unlink = [dir, created] { return unlink_names(dir, created); };
+    if (Status st = co_await dir_call(images, std::move(unlink)); !st) {
+        // An overlay left behind shows its backing's content: the directory opens as before.
+        log->error("undoing a failed snapshot: {}", st.error().message());
+    }
+    if (Status st = co_await sync_image_dir(images); !st) {
+        log->warn("undoing a failed snapshot: {}", st.error().message());
+    }
 }
 
 // The snapshot proper, with every target's lock held: drain, flush, new overlays made durable,
@@ -334,7 +340,11 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     tx.replace_node(top.get(), back);
     tx.detach(top->backing());
     if (Status st = tx.commit(); !st) {
-        (void)co_await back->set_writable(false);
+        // The revert fails with the transaction's error; the layer below merely stays writable.
+        if (Status back_ro = co_await back->set_writable(false); !back_ro) {
+            log_->warn("{}: {} stays writable after a failed revert: {}", e->name, back->name(),
+                       back_ro.error().message());
+        }
         co_return st;
     }
     drained.end();

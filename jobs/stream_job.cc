@@ -28,7 +28,11 @@ void StreamJob::release_nodes() {
         // Left over only when the filter could not be taken out (the image is fenced).
         Transaction tx(images_->env().graph);
         tx.detach(writer_);
-        (void)tx.commit_removal();
+        if (Status st = tx.commit_removal(); !st) {
+            images_->env().log->warn(
+                "{}: permissions not refreshed after the stream job let go: {}", image_name(),
+                st.error().message());
+        }
         writer_ = nullptr;
     }
     filter_.reset();

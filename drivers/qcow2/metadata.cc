@@ -247,8 +247,13 @@ Task<Error> Metadata::corruption(std::string message) {
     }
     if (!options_.read_only && !corrupt_) {
         corrupt_ = true;
-        // Best effort: the image is unusable for writes either way.
-        (void)co_await set_incompatible_bit(kIncompatCorrupt, true);
+        // Best effort: the image is unusable for writes either way, and the caller gets the
+        // corruption error; the bit only tells the next opener (QEMU, a later mount).
+        Status marked = co_await set_incompatible_bit(kIncompatCorrupt, true);
+        if (!marked && env_.log != nullptr) {
+            env_.log->error("{}: cannot mark the image corrupt on disk: {}", name_,
+                            marked.error().message());
+        }
     }
     co_return make_error(EIO, "{}: {}", name_, message);
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 
+#include "core/log.h"
 #include "drivers/qcow2/metadata.h"
 
 namespace imgfs::qcow2 {
@@ -300,7 +301,7 @@ Task<Status> Metadata::link_clusters(WritePlan plan) {
         L2Entry current = load_l2(g_, ref.data(), g_.l2_index(guest));
         assert(current.word == old.word && current.bitmap == old.bitmap &&
                "an L2 entry changed under a serialised write");
-        (void)current;
+        (void)current;  // read only by the assert
         store_l2(g_, ref.data(), g_.l2_index(guest), new_entry_for(plan, i, old));
         frees = frees || (!plan.reuse_host && (old.compressed() || old.host_offset() != 0));
     }
@@ -337,8 +338,13 @@ Task<void> Metadata::abort_write(WritePlan plan) {
         co_return;
     }
     auto guard = co_await lock_.lock();
-    // Nothing references the clusters yet, so no ordering applies; if this fails they leak.
-    (void)co_await free_clusters(plan.host_start, plan.clusters, false);
+    // Nothing references the clusters yet, so no ordering applies. The write reports its own
+    // error; if giving them back fails too they leak (a repair reclaims them).
+    Status st = co_await free_clusters(plan.host_start, plan.clusters, false);
+    if (!st && env_.log != nullptr) {
+        env_.log->warn("{}: {} cluster(s) at {:#x} of a failed write leak: {}", name_,
+                       plan.clusters, plan.host_start, st.error().message());
+    }
 #ifdef IMGFS_DEBUG_CHECKS
     co_await debug_check_invariants("giving back the clusters of a failed write");
 #endif
