@@ -23,6 +23,8 @@ int revert(const Args& args);
 int stream(const Args& args);
 int status(const Args& args);
 int job(const Args& args);
+/// mount(8)'s helper for type fuse.imgfs: SOURCE MOUNTPOINT [-o OPTS] [-t TYPE] [-sfnv].
+int mount_helper(const Args& args);
 
 /// "64M", "1G", "4096", "512k": bytes (binary multiples).
 Result<uint64_t> parse_size(const std::string& text);

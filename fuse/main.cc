@@ -5,6 +5,10 @@
 
 #include "fuse/cli.h"
 
+#ifndef IMGFS_VERSION
+#define IMGFS_VERSION "unknown"
+#endif
+
 namespace {
 
 const char* kUsage =
@@ -23,11 +27,22 @@ const char* kUsage =
     "  info FILE [--json]                               chain, formats, sizes, allocation\n"
     "  io FILE -c CMD [-c CMD ...]                      scripted I/O through imgfs's drivers\n"
     "\n"
-    "Run 'imgfs COMMAND --help' for a command's options.\n";
+    "Run 'imgfs COMMAND --help' for a command's options, 'imgfs --version' for the version.\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    // Installed as /sbin/mount.fuse.imgfs (a link to this binary), mount(8) runs it for
+    // /etc/fstab lines and `mount -t fuse.imgfs`.
+    const char* self = argc > 0 ? std::strrchr(argv[0], '/') : nullptr;
+    self = self != nullptr ? self + 1 : (argc > 0 ? argv[0] : "");
+    if (std::strncmp(self, "mount.", 6) == 0) {
+        return imgfs::cli::mount_helper(imgfs::cli::Args(argv + 1, argv + argc));
+    }
+    if (argc == 2 && (std::strcmp(argv[1], "--version") == 0 || std::strcmp(argv[1], "-V") == 0)) {
+        std::puts("imgfs " IMGFS_VERSION);
+        return 0;
+    }
     if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
         std::fputs(kUsage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 1 : 0;
