@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages imgfs needs to build, test and benchmark (only the missing ones).
+# Installs the Debian 12 packages imgfs needs to build, test, package and benchmark (only the
+# missing ones). dpkg-dev and file: cpack's dependency list (dpkg-shlibdeps); man-db and
+# systemd (systemd-analyze, systemd-escape): scripts/package_test.sh.
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config clang clang-format clang-tidy-19 libclang-rt-14-dev
   libfuse3-dev fuse3 liburing-dev zlib1g-dev libzstd-dev libfmt-dev libgtest-dev
   qemu-utils qemu-system-common fio e2fsprogs xfsprogs python3 util-linux kmod procps strace passwd
+  dpkg-dev file man-db systemd
 )
 missing=()
 for p in "${packages[@]}"; do
