@@ -1,11 +1,15 @@
 // Transaction: every change to the graph's shape goes through one. Structural changes are made
 // at once (without permission checks, since intermediate shapes can conflict where the final one
 // does not) and recorded with their undo. commit() refreshes permissions once, on the final
-// graph; if that fails, every change is undone in reverse order and the graph is exactly as it
-// was. Destroying an uncommitted transaction aborts it.
+// graph, checking only the nodes the transaction touched (Graph::refresh_perms); if that fails,
+// every change is undone in reverse order and the graph is exactly as it was. A transaction
+// that only detaches edges can use commit_removal() instead, which keeps the removal even then.
+// Destroying an uncommitted transaction aborts it.
 //
-// Edges into a node that is being replaced must be quiet: replace_node() and detach() expect the
-// affected nodes to be drained (asserted in debug builds).
+// Edges must be quiet where they change: replace_node() expects the node it replaces to be
+// drained or idle (asserted; assertions stay on in every build), detach() expects no request in
+// flight through the edge it removes (not checked; the edge is freed when the transaction
+// commits).
 #pragma once
 
 #include <functional>
@@ -61,7 +65,8 @@ class Transaction {
         std::function<void()> commit;
         std::function<void()> abort;
     };
-    // Refuses edges that would make the graph cyclic (programming error).
+    // True if `maybe_descendant` is `ancestor` or below it: attach() and replace_node() assert
+    // with it that no edge makes the graph cyclic (a programming error).
     static bool is_descendant(const Node* maybe_descendant, const Node* ancestor);
 
     void run_commit_actions();

@@ -128,7 +128,8 @@ Task<void> CommitJob::abandon() {
 }
 
 Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch) {
-    // Excludes guest writes to the range in sync mode (they hold non-serialising requests).
+    // Excludes guest writes to the range (every one holds a non-serialising request): in sync
+    // mode one landing between our read and our write would be overwritten with older data.
     RangeLock::Request req(filter_->tracker(), offset, bytes, true);
     co_await filter_->tracker()->acquire(&req);
     // Clean before reading: a guest write completing after the read marks it dirty again.
@@ -194,7 +195,7 @@ Task<Result<bool>> CommitJob::pivot() {
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     if (dirty_->dirty_bytes() != 0) {
-        co_return false;  // a write failed to reach the base: copy again
+        co_return false;  // a guest write failed to reach the base: complete() abandons the job
     }
     // Everything above the base is in it: durable first, then the chain on disk skips the
     // middle layers (the top's view is unchanged), then the export moves to the base.

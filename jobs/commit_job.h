@@ -5,7 +5,8 @@
 // guest writes through to the base as well, so the dirty set only shrinks: the commit converges
 // under a steady writer. With nothing dirty it is ready: drained, the base is flushed, the
 // chain on disk is pointed past any middle layers, the export is switched to the base in one
-// transaction, and the merged files are deleted.
+// transaction, and the merged files are deleted. If a guest write failed to reach the base
+// meanwhile (something is dirty again at the switch), the commit is abandoned instead.
 #pragma once
 
 #include <memory>
@@ -28,7 +29,8 @@ class CommitJob final : public Job {
     void release_nodes() override;
 
   private:
-    // Steps that change the graph take the image's lock (abandon, complete) or expect it held.
+    // Steps that change the graph take the image's lock (attach, abandon, complete) or expect
+    // it held.
     Task<Status> attach();
     Task<void> detach_after_failure();
     Task<void> abandon();
