@@ -68,15 +68,16 @@ Result<std::string> served_backing(int fd, const std::string& file) {
     if (n < 0) {
         return make_error(errno, "reading {}", file);
     }
-    if (n < 20 || qcow2::load_be32(head.data()) != qcow2::kMagic) {
+    if (n < static_cast<ssize_t>(qcow2::kOffBackingFileSize + 4) ||
+        qcow2::load_be32(head.data() + qcow2::kOffMagic) != qcow2::kMagic) {
         return std::string();
     }
-    uint64_t off = qcow2::load_be64(head.data() + 8);
-    uint32_t len = qcow2::load_be32(head.data() + 16);
+    uint64_t off = qcow2::load_be64(head.data() + qcow2::kOffBackingFileOffset);
+    uint32_t len = qcow2::load_be32(head.data() + qcow2::kOffBackingFileSize);
     if (len == 0) {
         return std::string();
     }
-    if (len > 1023 || off > (2ULL << 20)) {
+    if (len > qcow2::kMaxBackingNameBytes || off > (2ULL << 20)) {
         return make_error(EINVAL, "{}: the header's backing file field is implausible", file);
     }
     uint64_t start = align_down(off, 4096);

@@ -62,26 +62,26 @@ Status check_table(const std::string& image, const char* what, uint64_t offset, 
 
 Status parse_fixed_fields(ConstBuf b, Header* h, const std::string& image) {
     const uint8_t* p = b.data();
-    h->version = load_be32(p + 4);
+    h->version = load_be32(p + kOffVersion);
     if (h->version != 2 && h->version != 3) {
         return make_error(ENOTSUP, "{}: qcow2 version {} is not supported (only 2 and 3)", image,
                           h->version);
     }
-    h->backing_file_offset = load_be64(p + 8);
-    h->backing_file_size = load_be32(p + 16);
-    h->cluster_bits = load_be32(p + 20);
+    h->backing_file_offset = load_be64(p + kOffBackingFileOffset);
+    h->backing_file_size = load_be32(p + kOffBackingFileSize);
+    h->cluster_bits = load_be32(p + kOffClusterBits);
     if (h->cluster_bits < kMinClusterBits || h->cluster_bits > kMaxClusterBits) {
         return make_error(EINVAL, "{}: cluster_bits {} is out of range ({}..{})", image,
                           h->cluster_bits, kMinClusterBits, kMaxClusterBits);
     }
-    h->size = load_be64(p + 24);
-    h->crypt_method = load_be32(p + 32);
-    h->l1_size = load_be32(p + 36);
-    h->l1_table_offset = load_be64(p + 40);
-    h->refcount_table_offset = load_be64(p + 48);
-    h->refcount_table_clusters = load_be32(p + 56);
-    h->nb_snapshots = load_be32(p + 60);
-    h->snapshots_offset = load_be64(p + 64);
+    h->size = load_be64(p + kOffSize);
+    h->crypt_method = load_be32(p + kOffCryptMethod);
+    h->l1_size = load_be32(p + kOffL1Size);
+    h->l1_table_offset = load_be64(p + kOffL1TableOffset);
+    h->refcount_table_offset = load_be64(p + kOffRefcountTableOffset);
+    h->refcount_table_clusters = load_be32(p + kOffRefcountTableClusters);
+    h->nb_snapshots = load_be32(p + kOffNbSnapshots);
+    h->snapshots_offset = load_be64(p + kOffSnapshotsOffset);
     if (h->version == 2) {
         h->incompatible = h->compatible = h->autoclear = 0;
         h->refcount_order = 4;
@@ -91,11 +91,11 @@ Status parse_fixed_fields(ConstBuf b, Header* h, const std::string& image) {
     if (b.size() < kV3HeaderBytes) {
         return make_error(EINVAL, "{}: file too short for a version 3 header", image);
     }
-    h->incompatible = load_be64(p + 72);
-    h->compatible = load_be64(p + 80);
-    h->autoclear = load_be64(p + 88);
-    h->refcount_order = load_be32(p + 96);
-    h->header_length = load_be32(p + 100);
+    h->incompatible = load_be64(p + kOffIncompatibleFeatures);
+    h->compatible = load_be64(p + kOffCompatibleFeatures);
+    h->autoclear = load_be64(p + kOffAutoclearFeatures);
+    h->refcount_order = load_be32(p + kOffRefcountOrder);
+    h->header_length = load_be32(p + kOffHeaderLength);
     if (h->header_length < kV3HeaderBytes || h->header_length % 8 != 0 ||
         h->header_length > h->cluster_size() || h->header_length > b.size()) {
         return make_error(EINVAL, "{}: header_length {} is invalid", image, h->header_length);
@@ -104,9 +104,9 @@ Status parse_fixed_fields(ConstBuf b, Header* h, const std::string& image) {
         return make_error(EINVAL, "{}: refcount_order {} is out of range (0..6)", image,
                           h->refcount_order);
     }
-    if (h->header_length > 104) {
-        h->compression_type = static_cast<CompressionType>(p[104]);
-        h->unknown_fields.assign(p + 105, p + h->header_length);
+    if (h->header_length > kOffCompressionType) {
+        h->compression_type = static_cast<CompressionType>(p[kOffCompressionType]);
+        h->unknown_fields.assign(p + kOffAdditionalFields, p + h->header_length);
     }
     return {};
 }
@@ -255,7 +255,7 @@ std::string Header::describe_incompatible(uint64_t bits) const {
 }
 
 Result<Header> parse_header(ConstBuf b, uint64_t file_size, const std::string& image) {
-    if (b.size() < kV2HeaderBytes || load_be32(b.data()) != kMagic) {
+    if (b.size() < kV2HeaderBytes || load_be32(b.data() + kOffMagic) != kMagic) {
         return make_error(EINVAL, "{}: not a qcow2 image (bad magic)", image);
     }
     Header h;
@@ -315,32 +315,32 @@ void append_extensions(const Header& h, std::vector<uint8_t>* out) {
 
 // The fixed part of the header (`fixed` bytes at `p`).
 void store_fixed_fields(const Header& h, uint32_t fixed, uint8_t* p) {
-    store_be32(p, kMagic);
-    store_be32(p + 4, h.version);
-    store_be64(p + 8, h.backing_file_offset);
-    store_be32(p + 16, h.backing_file_size);
-    store_be32(p + 20, h.cluster_bits);
-    store_be64(p + 24, h.size);
-    store_be32(p + 32, h.crypt_method);
-    store_be32(p + 36, h.l1_size);
-    store_be64(p + 40, h.l1_table_offset);
-    store_be64(p + 48, h.refcount_table_offset);
-    store_be32(p + 56, h.refcount_table_clusters);
-    store_be32(p + 60, h.nb_snapshots);
-    store_be64(p + 64, h.snapshots_offset);
+    store_be32(p + kOffMagic, kMagic);
+    store_be32(p + kOffVersion, h.version);
+    store_be64(p + kOffBackingFileOffset, h.backing_file_offset);
+    store_be32(p + kOffBackingFileSize, h.backing_file_size);
+    store_be32(p + kOffClusterBits, h.cluster_bits);
+    store_be64(p + kOffSize, h.size);
+    store_be32(p + kOffCryptMethod, h.crypt_method);
+    store_be32(p + kOffL1Size, h.l1_size);
+    store_be64(p + kOffL1TableOffset, h.l1_table_offset);
+    store_be64(p + kOffRefcountTableOffset, h.refcount_table_offset);
+    store_be32(p + kOffRefcountTableClusters, h.refcount_table_clusters);
+    store_be32(p + kOffNbSnapshots, h.nb_snapshots);
+    store_be64(p + kOffSnapshotsOffset, h.snapshots_offset);
     if (h.version != 3) {
         return;
     }
-    store_be64(p + 72, h.incompatible);
-    store_be64(p + 80, h.compatible);
-    store_be64(p + 88, h.autoclear);
-    store_be32(p + 96, h.refcount_order);
-    store_be32(p + 100, fixed);
-    if (fixed > 104) {
-        p[104] = static_cast<uint8_t>(h.compression_type);
-        size_t n = std::min<size_t>(h.unknown_fields.size(), fixed - 105);
+    store_be64(p + kOffIncompatibleFeatures, h.incompatible);
+    store_be64(p + kOffCompatibleFeatures, h.compatible);
+    store_be64(p + kOffAutoclearFeatures, h.autoclear);
+    store_be32(p + kOffRefcountOrder, h.refcount_order);
+    store_be32(p + kOffHeaderLength, fixed);
+    if (fixed > kOffCompressionType) {
+        p[kOffCompressionType] = static_cast<uint8_t>(h.compression_type);
+        size_t n = std::min<size_t>(h.unknown_fields.size(), fixed - kOffAdditionalFields);
         if (n > 0) {  // data() may be null when empty, and memcpy forbids that
-            std::memcpy(p + 105, h.unknown_fields.data(), n);
+            std::memcpy(p + kOffAdditionalFields, h.unknown_fields.data(), n);
         }
     }
 }

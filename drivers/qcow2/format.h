@@ -33,8 +33,33 @@ inline constexpr uint32_t kExtBitmaps = 0x23852875;
 inline constexpr uint32_t kExtCrypto = 0x0537be77;
 inline constexpr uint32_t kExtDataFile = 0x44415441;
 
-inline constexpr uint32_t kV2HeaderBytes = 72;
-inline constexpr uint32_t kV3HeaderBytes = 104;
+// Where each header field starts, named as in the spec. Parser, serializer and the partial
+// header rewrites all use these names, so a field's place is written down once.
+inline constexpr uint32_t kOffMagic = 0;
+inline constexpr uint32_t kOffVersion = 4;
+inline constexpr uint32_t kOffBackingFileOffset = 8;
+inline constexpr uint32_t kOffBackingFileSize = 16;
+inline constexpr uint32_t kOffClusterBits = 20;
+inline constexpr uint32_t kOffSize = 24;
+inline constexpr uint32_t kOffCryptMethod = 32;
+inline constexpr uint32_t kOffL1Size = 36;
+inline constexpr uint32_t kOffL1TableOffset = 40;
+inline constexpr uint32_t kOffRefcountTableOffset = 48;
+inline constexpr uint32_t kOffRefcountTableClusters = 56;
+inline constexpr uint32_t kOffNbSnapshots = 60;
+inline constexpr uint32_t kOffSnapshotsOffset = 64;
+// Version 3 only.
+inline constexpr uint32_t kOffIncompatibleFeatures = 72;
+inline constexpr uint32_t kOffCompatibleFeatures = 80;
+inline constexpr uint32_t kOffAutoclearFeatures = 88;
+inline constexpr uint32_t kOffRefcountOrder = 96;
+inline constexpr uint32_t kOffHeaderLength = 100;
+// Only if header_length is larger than kV3HeaderBytes.
+inline constexpr uint32_t kOffCompressionType = 104;
+inline constexpr uint32_t kOffAdditionalFields = 105;  // padding, or fields newer than ours
+
+inline constexpr uint32_t kV2HeaderBytes = kOffIncompatibleFeatures;
+inline constexpr uint32_t kV3HeaderBytes = kOffCompressionType;
 // What we write for v3: through compression_type, padded to 8.
 inline constexpr uint32_t kV3HeaderBytesWithCompression = 112;
 inline constexpr uint32_t kMinClusterBits = 9;
@@ -76,7 +101,8 @@ struct Header {
     uint32_t refcount_order = 4;
     uint32_t header_length = kV3HeaderBytesWithCompression;
     CompressionType compression_type = CompressionType::kZlib;
-    /// Additional header fields we do not interpret (bytes 105 .. header_length), kept as-is.
+    /// Additional header fields we do not interpret (kOffAdditionalFields .. header_length),
+    /// kept as they are.
     std::vector<uint8_t> unknown_fields;
 
     std::string backing_file;  // empty: none

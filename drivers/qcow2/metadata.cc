@@ -37,10 +37,10 @@ Task<Result<Header>> read_header(Child* file, std::string name) {
     uint64_t file_size = file->node()->size();
     std::vector<uint8_t> first(std::min<uint64_t>(file_size, 512));
     CO_TRY(co_await file->read(0, first));
-    if (first.size() < 24 || load_be32(first.data()) != kMagic) {
+    if (first.size() < kOffClusterBits + 4 || load_be32(first.data() + kOffMagic) != kMagic) {
         co_return make_error(EINVAL, "{}: not a qcow2 image (bad magic)", name);
     }
-    uint32_t cluster_bits = load_be32(first.data() + 20);
+    uint32_t cluster_bits = load_be32(first.data() + kOffClusterBits);
     if (cluster_bits < kMinClusterBits || cluster_bits > kMaxClusterBits) {
         co_return make_error(EINVAL, "{}: cluster_bits {} is out of range ({}..{})", name,
                              cluster_bits, kMinClusterBits, kMaxClusterBits);
@@ -156,7 +156,7 @@ Task<Status> Metadata::prepare_for_writing() {
         // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
         header_.autoclear = 0;
         uint8_t zero[8] = {};
-        CO_TRY(co_await write_header_bytes(88, ConstBuf(zero, 8)));
+        CO_TRY(co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8)));
     }
     co_return Status{};
 }
@@ -176,7 +176,7 @@ Task<Status> Metadata::set_incompatible_bit(uint64_t bit, bool on) {
     uint64_t v = on ? (header_.incompatible | bit) : (header_.incompatible & ~bit);
     uint8_t be[8];
     store_be64(be, v);
-    CO_TRY(co_await write_header_bytes(72, ConstBuf(be, 8)));
+    CO_TRY(co_await write_header_bytes(kOffIncompatibleFeatures, ConstBuf(be, 8)));
     header_.incompatible = v;
     co_return Status{};
 }
@@ -233,7 +233,7 @@ Task<Status> Metadata::set_backing(std::string name, std::optional<std::string> 
         CO_TRY(co_await sync());
         area.resize(ext_end);
         h.backing_file_offset = name_at;
-        store_be64(area.data() + 8, name_at);
+        store_be64(area.data() + kOffBackingFileOffset, name_at);
     }
     CO_TRY(co_await write_header_bytes(0, area));
     header_ = std::move(h);

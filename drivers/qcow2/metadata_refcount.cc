@@ -285,10 +285,12 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     CO_TRY(co_await write_back_refcounts());
     CO_TRY(co_await sync());
     // ...before one header write switches to them.
-    uint8_t fields[12];
+    // refcount_table_offset and refcount_table_clusters, one write.
+    uint8_t fields[kOffRefcountTableClusters + 4 - kOffRefcountTableOffset];
     store_be64(fields, start << g_.cluster_bits);
-    store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
-    CO_TRY(co_await write_header_bytes(48, ConstBuf(fields, 12)));
+    store_be32(fields + (kOffRefcountTableClusters - kOffRefcountTableOffset),
+               static_cast<uint32_t>(table_clusters));
+    CO_TRY(co_await write_header_bytes(kOffRefcountTableOffset, ConstBuf(fields, sizeof(fields))));
     uint64_t old_offset = header_.refcount_table_offset;
     uint64_t old_clusters = header_.refcount_table_clusters;
     header_.refcount_table_offset = start << g_.cluster_bits;

@@ -139,10 +139,10 @@ Task<Status> Metadata::grow(uint64_t new_size) {
         co_return make_error(EFBIG, "{}: size {} needs an L1 table beyond {} bytes", name_,
                              new_size, kMaxL1Bytes);
     }
-    uint8_t fields[24];
+    uint8_t fields[kOffL1TableOffset + 8 - kOffSize];
     if (need <= l1_.size()) {
         store_be64(fields, new_size);
-        CO_TRY(co_await write_header_bytes(24, ConstBuf(fields, 8)));
+        CO_TRY(co_await write_header_bytes(kOffSize, ConstBuf(fields, 8)));
         header_.size = new_size;
         co_return Status{};
     }
@@ -160,11 +160,12 @@ Task<Status> Metadata::grow(uint64_t new_size) {
         CO_TRY(co_await write_back_refcounts());
     }
     CO_TRY(co_await sync());
+    // size through l1_table_offset, one write (crypt_method lies between and is kept).
     store_be64(fields, new_size);
-    store_be32(fields + 8, header_.crypt_method);
-    store_be32(fields + 12, static_cast<uint32_t>(need));
-    store_be64(fields + 16, host);
-    CO_TRY(co_await write_header_bytes(24, ConstBuf(fields, 24)));
+    store_be32(fields + (kOffCryptMethod - kOffSize), header_.crypt_method);
+    store_be32(fields + (kOffL1Size - kOffSize), static_cast<uint32_t>(need));
+    store_be64(fields + (kOffL1TableOffset - kOffSize), host);
+    CO_TRY(co_await write_header_bytes(kOffSize, ConstBuf(fields, sizeof(fields))));
     uint64_t old_offset = header_.l1_table_offset;
     uint64_t old_clusters =
         (uint64_t{header_.l1_size} * 8 + g_.cluster_size - 1) >> g_.cluster_bits;

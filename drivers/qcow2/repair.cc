@@ -121,10 +121,12 @@ Task<Status> Metadata::write_new_refcounts(RefCounter* counter) {
     }
     CO_TRY(co_await file_->write(start * cs, table.span()));
     CO_TRY(co_await sync());
-    uint8_t fields[12];
+    // refcount_table_offset and refcount_table_clusters, one write.
+    uint8_t fields[kOffRefcountTableClusters + 4 - kOffRefcountTableOffset];
     store_be64(fields, start * cs);
-    store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
-    CO_TRY(co_await write_header_bytes(48, ConstBuf(fields, 12)));
+    store_be32(fields + (kOffRefcountTableClusters - kOffRefcountTableOffset),
+               static_cast<uint32_t>(table_clusters));
+    CO_TRY(co_await write_header_bytes(kOffRefcountTableOffset, ConstBuf(fields, sizeof(fields))));
     header_.refcount_table_offset = start * cs;
     header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
     refcount_table_.assign(table_clusters * cs / 8, 0);
