@@ -152,6 +152,7 @@ Task<Status> Metadata::prepare_for_writing() {
     }
     CO_TRY(co_await find_allocation_end());
     CO_TRY(co_await cross_check_references());
+    co_await debug_check_invariants(kOpenStep);
     if (header_.version == 3 && header_.autoclear != 0) {
         // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
         header_.autoclear = 0;

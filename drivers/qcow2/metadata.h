@@ -184,7 +184,9 @@ class Metadata {
     // ---- invariants of the in-memory state (debug_check.cc) ----
     /// Asserts the invariants after `step`; only with IMGFS_DEBUG_CHECKS (else a no-op the
     /// call sites compile out).
+    /// At kOpenStep a broken invariant turns the checks off for this image instead.
     Task<void> debug_check_invariants(const char* step);
+    static constexpr const char* kOpenStep = "open";
     Task<Result<AlignedBuffer>> peek_table(TableCache* cache, uint64_t offset);
     using PeekedBlocks = std::unordered_map<uint64_t, AlignedBuffer>;
     Task<Result<uint64_t>> peek_refcount(uint64_t cluster, PeekedBlocks* blocks);
@@ -277,6 +279,7 @@ class Metadata {
     bool dirty_bit_set_ = false;
     bool corrupt_ = false;
     bool repaired_on_open_ = false;
+    [[maybe_unused]] bool debug_checks_off_ = false;  // inconsistent when opened (debug checks)
 
     // Allocation state.
     uint64_t free_hint_ = 0;    // no free cluster below this index
