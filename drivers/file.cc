@@ -295,6 +295,24 @@ bool locked_elsewhere(int fd, off_t offset) {
 
 }  // namespace
 
+// The locks belong to the open file description, which the kernel keeps until its last
+// reference goes: an io_uring request whose completion we have already reaped can still hold
+// one for a moment (the worker drops it after posting the completion), so after close() the
+// image could still look "in use" to the next open, ours or QEMU's. Unlocking explicitly
+// releases the locks when the node goes, however long the description lives on.
+FileNode::~FileNode() {
+    if (options_.locking && fd_.valid()) {
+        struct flock fl {};
+        fl.l_type = F_UNLCK;
+        fl.l_whence = SEEK_SET;
+        fl.l_start = kLockPermBase;
+        fl.l_len = kLockSharedBase + kLockedPerms - kLockPermBase;
+        if (::fcntl(fd_.get(), F_OFD_SETLK, &fl) != 0 && env().log != nullptr) {
+            env().log->warn("{}: releasing its image locks: {}", name(), strerror(errno));
+        }
+    }
+}
+
 Status FileNode::check_perm(Perms perm, Perms shared) const {
     if (options_.read_only &&
         (perm & (perm::kWrite | perm::kWriteUnchanged | perm::kResize)) != 0) {

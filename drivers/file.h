@@ -32,6 +32,8 @@ class FileNode final : public Node {
                                                      FileOptions options);
 
     FileNode(NodeEnv env, std::string name, UniqueFd fd, FileOptions options);
+    /// Releases the image locks before the descriptor is closed (see file.cc).
+    ~FileNode() override;
 
     [[nodiscard]] const char* driver_name() const override { return "file"; }
     [[nodiscard]] int fd() const { return fd_.get(); }
