@@ -19,8 +19,11 @@ if [ "$sanitize" = 1 ]; then
     -DIMGFS_DEBUG_CHECKS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
   export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
-  # The plain build sweeps every crash point; under the sanitizers every 5th is enough.
-  export IMGFS_CRASH_STRIDE=${IMGFS_CRASH_STRIDE:-5}
+  # The plain build sweeps every crash point and runs every concurrent fault case; under the
+  # sanitizers every 10th is enough, and one run of each full-disk reproduction (CI's run must
+  # stay under 40 minutes; --long and IMGFS_EXHAUSTION_RUNS=20 are the thorough runs).
+  export IMGFS_CRASH_STRIDE=${IMGFS_CRASH_STRIDE:-10}
+  export IMGFS_EXHAUSTION_RUNS=${IMGFS_EXHAUSTION_RUNS:-1}
   # ASan's shadow memory and quarantine raise the daemon's RSS; the malformed-image test's bound
   # (200 MiB in the plain build) allows for that.
   export IMGFS_MEM_LIMIT_MB=${IMGFS_MEM_LIMIT_MB:-768}

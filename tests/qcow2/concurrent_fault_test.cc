@@ -21,7 +21,7 @@
 // (no remount). Then a flush, a close, qemu-img check on a sample, and a reopen that reads
 // everything back. One configuration has tiny caches: every step evicts and writes back, so
 // write-backs fail half way and the caches run over their limit with dirty tables. IMGFS_LONG=1
-// runs >= 100,000 cases; the sanitizer run a fifth of the CI count.
+// runs >= 100,000 cases; the sanitizer run a tenth of the CI count (IMGFS_CRASH_STRIDE).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
