@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The libFuzzer targets: builds them (clang, ASan, UBSan, libFuzzer) into build-fuzz/, makes the
-# seed corpus from qemu-img images, runs every target for IMGFS_FUZZ_SECONDS (default 60) and
+# seed corpus from qemu-img images, runs every target for IMGFS_FUZZ_SECONDS (default 30) and
 # prints one line per target. Exits non-zero if any target found a crash (crash, leak, timeout
 # or out-of-memory); the inputs are in build-fuzz/crashes/, the logs in build-fuzz/logs/.
 # Installs nothing: needs clang, libclang-rt-14-dev (libFuzzer) and qemu-utils.
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LC_ALL=C
-seconds=${IMGFS_FUZZ_SECONDS:-60}
+seconds=${IMGFS_FUZZ_SECONDS:-30}
 dir=build-fuzz
 targets=(fuzz_header fuzz_image fuzz_l2)
 

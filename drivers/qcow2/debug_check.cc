@@ -18,10 +18,6 @@
 
 namespace imgfs::qcow2 {
 
-namespace {
-constexpr uint64_t kMaxCheckedTables = 64;
-}  // namespace
-
 // A table as the cache holds it (possibly dirty), else as the file does. Never loads it into
 // the cache, so the check does not change what the driver would do next.
 Task<Result<AlignedBuffer>> Metadata::peek_table(TableCache* cache, uint64_t offset) {
@@ -90,6 +86,7 @@ Task<void> Metadata::debug_check_invariants(const char* step) {
     if (debug_checks_off_) {
         co_return;
     }
+    constexpr uint64_t kMaxCheckedTables = 64;
     uint64_t tables = 0;
     for (uint64_t e : l1_) {
         tables += (e & kOffsetMask) != 0 ? 1 : 0;
