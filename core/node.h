@@ -54,6 +54,9 @@ struct Limits {
     uint64_t max_transfer = 64ULL << 20;
     /// Overlapping writes are never in flight at the same time.
     bool serialise_writes = false;
+    /// do_write_zeroes ranges start and end on multiples of this too (a driver that zeroes
+    /// whole clusters); the generic layer writes zero buffers for the unaligned head and tail.
+    uint64_t zero_alignment = 1;
 };
 
 /// Optional driver entry points, as data: the generic layer emulates or skips what is absent
@@ -247,7 +250,8 @@ class Node : public ChildOwner {
     //  * overlapping writes are serialised if limits().serialise_writes.
     virtual Task<Status> do_read(uint64_t offset, MutBuf buf) = 0;
     virtual Task<Status> do_write(uint64_t offset, ConstBuf buf) = 0;
-    /// Only if caps().write_zeroes. Range within size().
+    /// Only if caps().write_zeroes. Range within size() unless caps().resize; offset and
+    /// bytes are multiples of limits().zero_alignment as well.
     virtual Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap);
     /// Only if caps().discard. Range within size().
     virtual Task<Status> do_discard(uint64_t offset, uint64_t bytes);
@@ -259,6 +263,12 @@ class Node : public ChildOwner {
     virtual Task<Status> do_truncate(uint64_t new_size);
     /// Default: do_flush().
     virtual Task<Status> do_close();
+
+    /// Zeros written as buffers, in chunks. kGeneric goes through write() (alignment, tracking);
+    /// kDriver calls do_write directly, for a driver inside its own do_write_zeroes or other
+    /// entry point, whose range already meets the request alignment and is held.
+    enum class ZeroPath { kGeneric, kDriver };
+    Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes, ZeroPath path);
 
     NodeEnv env_;
     uint64_t size_ = 0;
@@ -279,7 +289,6 @@ class Node : public ChildOwner {
     Task<Status> write_chunks(uint64_t offset, ConstBuf buf);
     Task<Status> write_padded(uint64_t offset, ConstBuf buf);
     Task<Status> read_block_or_zero(uint64_t block, MutBuf dst);
-    Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes);
     Task<Status> zeroes_in_place(uint64_t offset, uint64_t bytes, bool may_unmap);
 
     std::string name_;

@@ -162,20 +162,21 @@ Task<Status> Node::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap)
     }
     InFlightGuard in_flight(this);
     if (!caps_.write_zeroes) {
-        co_return co_await write_zero_buffers(offset, bytes);
+        co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kGeneric);
     }
-    const uint64_t align = limits_.request_alignment;
+    // The one place where a zeroing request is cut to what the driver can zero in place.
+    const uint64_t align = std::max<uint64_t>(limits_.request_alignment, limits_.zero_alignment);
     uint64_t inner_start = align_up(offset, align);
     uint64_t inner_end = align_down(end, align);
     if (inner_start >= inner_end) {
-        co_return co_await write_zero_buffers(offset, bytes);
+        co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kGeneric);
     }
     if (offset < inner_start) {
-        CO_TRY(co_await write_zero_buffers(offset, inner_start - offset));
+        CO_TRY(co_await write_zero_buffers(offset, inner_start - offset, ZeroPath::kGeneric));
     }
     CO_TRY(co_await zeroes_in_place(inner_start, inner_end - inner_start, may_unmap));
     if (inner_end < end) {
-        CO_TRY(co_await write_zero_buffers(inner_end, end - inner_end));
+        CO_TRY(co_await write_zero_buffers(inner_end, end - inner_end, ZeroPath::kGeneric));
     }
     co_return Status{};
 }
@@ -189,13 +190,19 @@ Task<Status> Node::zeroes_in_place(uint64_t offset, uint64_t bytes, bool may_unm
     co_return co_await do_write_zeroes(offset, bytes, may_unmap);
 }
 
-Task<Status> Node::write_zero_buffers(uint64_t offset, uint64_t bytes) {
+Task<Status> Node::write_zero_buffers(uint64_t offset, uint64_t bytes, ZeroPath path) {
     AlignedBuffer zeros =
         AlignedBuffer::zeroed(std::min<uint64_t>(align_up(bytes, 4096), kZeroChunkBytes),
                               std::max<size_t>(limits_.memory_alignment, 8));
     while (bytes > 0) {
         uint64_t n = std::min<uint64_t>(bytes, zeros.size());
-        CO_TRY(co_await write(offset, ConstBuf(zeros.data(), n)));
+        ConstBuf chunk(zeros.data(), n);
+        // (Not a conditional expression of two tasks: g++ 12 destroys such a temporary twice.)
+        if (path == ZeroPath::kGeneric) {
+            CO_TRY(co_await write(offset, chunk));
+        } else {
+            CO_TRY(co_await do_write(offset, chunk));
+        }
         offset += n;
         bytes -= n;
     }

@@ -112,18 +112,6 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
     co_return Status{};
 }
 
-Task<Status> FileNode::write_zeroes_by_writing(uint64_t offset, uint64_t bytes) {
-    AlignedBuffer zeros = AlignedBuffer::zeroed(std::min<uint64_t>(bytes, 1ULL << 20),
-                                                std::max<size_t>(limits_.memory_alignment, 8));
-    while (bytes > 0) {
-        uint64_t n = std::min<uint64_t>(bytes, zeros.size());
-        CO_TRY(co_await do_write(offset, ConstBuf(zeros.data(), n)));
-        offset += n;
-        bytes -= n;
-    }
-    co_return Status{};
-}
-
 // For a range that reads as zeros already: moves the end of the file to cover it and, with
 // `allocate`, allocates it. The file never shrinks here. ftruncate would be wrong for growing
 // it: `size_` learns of a write only when it completes, so a write past the range that the
@@ -149,7 +137,7 @@ Task<Status> FileNode::grow_zeroed(uint64_t offset, uint64_t bytes, bool allocat
         allocate_supported_ = false;
     }
     // Zeros written inside the caller's own range are safe whatever else is in flight.
-    co_return co_await write_zeroes_by_writing(from, end - from);
+    co_return co_await write_zero_buffers(from, end - from, ZeroPath::kDriver);
 }
 
 Task<Status> FileNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
@@ -184,7 +172,7 @@ Task<Status> FileNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may
         }
         punch_supported_ = false;
     }
-    co_return co_await write_zeroes_by_writing(offset, bytes);
+    co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kDriver);
 }
 
 Task<Status> FileNode::do_discard(uint64_t offset, uint64_t bytes) {

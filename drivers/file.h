@@ -60,7 +60,6 @@ class FileNode final : public Node {
 
   private:
     Status init();
-    Task<Status> write_zeroes_by_writing(uint64_t offset, uint64_t bytes);
     Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
 

@@ -39,6 +39,7 @@ class MemNode final : public Node {
     uint64_t requests = 0;
     bool misaligned_seen = false;
     bool oversize_seen = false;
+    uint64_t zeroed_in_place = 0;  // bytes do_write_zeroes was given
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override {
@@ -57,6 +58,10 @@ class MemNode final : public Node {
         co_return Status{};
     }
     Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool) override {
+        if (offset % limits_.zero_alignment != 0 || bytes % limits_.zero_alignment != 0) {
+            misaligned_seen = true;
+        }
+        zeroed_in_place += bytes;
         co_await enter(offset, bytes, false);
         std::memset(data.data() + offset, 0, bytes);
         leave();

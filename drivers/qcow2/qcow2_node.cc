@@ -1,6 +1,7 @@
 #include "drivers/qcow2/qcow2_node.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 
 #include "core/event_loop.h"
@@ -17,7 +18,6 @@ using qcow2::WritePlan;
 namespace {
 
 constexpr uint64_t kBounceLimitBytes = 8ULL << 20;
-constexpr uint64_t kZeroChunkBytes = 1ULL << 20;
 
 }  // namespace
 
@@ -39,6 +39,7 @@ Task<Status> Qcow2Node::load() {
     CO_TRY_ASSIGN(meta_, co_await qcow2::Metadata::open(env_, file(), name(), options_));
     size_ = meta_->size();
     limits_ = Limits{};
+    limits_.zero_alignment = meta_->dealloc_granularity();  // the zero flag covers granules
     caps_.write_zeroes = true;
     caps_.discard = true;
     caps_.block_status = true;
@@ -260,17 +261,6 @@ Task<Status> Qcow2Node::do_write(uint64_t offset, ConstBuf buf) {
     co_return Status{};
 }
 
-Task<Status> Qcow2Node::write_zero_buffers(uint64_t offset, uint64_t bytes) {
-    AlignedBuffer zeros = AlignedBuffer::zeroed(std::min(bytes, kZeroChunkBytes));
-    while (bytes > 0) {
-        uint64_t n = std::min<uint64_t>(bytes, zeros.size());
-        CO_TRY(co_await do_write(offset, ConstBuf(zeros.data(), n)));
-        offset += n;
-        bytes -= n;
-    }
-    co_return Status{};
-}
-
 Task<Status> Qcow2Node::deallocate(uint64_t offset, uint64_t bytes, DeallocMode mode) {
     const qcow2::Geometry& g = meta_->geometry();
     std::vector<qcow2::GuestRange> fallback;
@@ -283,7 +273,7 @@ Task<Status> Qcow2Node::deallocate(uint64_t offset, uint64_t bytes, DeallocMode 
     }
     if (mode != DeallocMode::kDiscard) {
         for (const qcow2::GuestRange& r : fallback) {
-            CO_TRY(co_await write_zero_buffers(r.offset, r.bytes));
+            CO_TRY(co_await write_zero_buffers(r.offset, r.bytes, ZeroPath::kDriver));
         }
     }
     co_return Status{};
@@ -293,21 +283,14 @@ Task<Status> Qcow2Node::do_write_zeroes(uint64_t offset, uint64_t bytes, bool ma
     if (meta_->corrupt()) {
         co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name());
     }
-    const uint64_t gran = meta_->dealloc_granularity();
-    const uint64_t end = offset + bytes;
-    uint64_t a = align_up(offset, gran);
-    uint64_t b = std::min(align_down(end, gran), align_down(size_, gran));
-    if (!meta_->can_zero(backing() != nullptr) || a >= b) {
-        co_return co_await write_zero_buffers(offset, bytes);
+    // The generic layer aligns the range to the deallocation granularity (zero_alignment).
+    assert(offset % meta_->dealloc_granularity() == 0 && bytes % meta_->dealloc_granularity() == 0);
+    if (!meta_->can_zero(backing() != nullptr) || offset + bytes > size_) {
+        // No zero flag to use (a v2 image over a backing file), or a range past the end.
+        co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kDriver);
     }
-    if (offset < a) {
-        CO_TRY(co_await write_zero_buffers(offset, a - offset));
-    }
-    CO_TRY(co_await deallocate(a, b - a, may_unmap ? DeallocMode::kZeroUnmap : DeallocMode::kZero));
-    if (b < end) {
-        CO_TRY(co_await write_zero_buffers(b, end - b));
-    }
-    co_return Status{};
+    co_return co_await deallocate(offset, bytes,
+                                  may_unmap ? DeallocMode::kZeroUnmap : DeallocMode::kZero);
 }
 
 Task<Status> Qcow2Node::do_discard(uint64_t offset, uint64_t bytes) {

@@ -68,7 +68,6 @@ class Qcow2Node final : public Node {
     /// Writes one piece within a single L2 table.
     Task<Result<uint64_t>> write_piece(uint64_t offset, ConstBuf buf);
     Task<Status> write_allocated(qcow2::WritePlan plan, ConstBuf data);
-    Task<Status> write_zero_buffers(uint64_t offset, uint64_t bytes);
     Task<Status> deallocate(uint64_t offset, uint64_t bytes, qcow2::DeallocMode mode);
     Task<Status> check_in_place(qcow2::WritePlan plan);
 

@@ -1,5 +1,6 @@
 // The generic request layer against a driver that demands alignment and a small max transfer:
 // the driver only ever sees conforming requests, and the bytes come out as a plain model says.
+#include <algorithm>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -52,6 +53,30 @@ TEST_F(NodeIoTest, UnalignedRequestsArePaddedAndSplit) {
     EXPECT_FALSE(node->misaligned_seen);
     EXPECT_FALSE(node->oversize_seen);
     EXPECT_EQ(node->data, model);
+}
+
+TEST_F(NodeIoTest, WriteZeroesMeetsTheZeroAlignment) {
+    Limits limits;
+    limits.request_alignment = 512;
+    limits.memory_alignment = 512;
+    limits.max_transfer = 4096;
+    limits.zero_alignment = 8192;  // e.g. a qcow2 cluster
+    auto node = std::make_shared<MemNode>(env(), "mem", 256 * 1024, limits);
+    std::vector<uint8_t> model(256 * 1024);
+    Status st = run(random_ops(node.get(), &model, 2, 2000));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_FALSE(node->misaligned_seen);
+    EXPECT_EQ(node->data, model);
+    // The aligned middle is zeroed in place, the head and tail as written zeros.
+    std::fill(node->data.begin(), node->data.end(), 0xEE);
+    node->zeroed_in_place = 0;
+    st = run(node->write_zeroes(1000, 40000, false));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_EQ(node->zeroed_in_place, 40960U - 8192U);
+    EXPECT_EQ(node->data[999], 0xEE);
+    EXPECT_EQ(node->data[41000], 0xEE);
+    EXPECT_TRUE(std::all_of(node->data.begin() + 1000, node->data.begin() + 41000,
+                            [](uint8_t b) { return b == 0; }));
 }
 
 Task<Status> read_past_end(Node* node, std::vector<uint8_t>* out) {
