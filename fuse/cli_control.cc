@@ -167,18 +167,30 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
 
 // Starts a job (commit or stream); with `wait`, follows it, and a job of the same kind already
 // running on the image is followed instead of refused.
+// Whether a job of `type` runs on NAME (a concluded one does not count).
+bool job_under_way(const std::string& mnt, const std::string& name, const std::string& type) {
+    std::string job = slurp(control_path(mnt, name, "job"));
+    std::string state = json_value(job, "state");
+    return json_value(job, "type") == type && !state.empty() && state != "concluded";
+}
+
+int follow_running(const std::string& mnt, const std::string& name, const std::string& type) {
+    std::fprintf(stderr, "imgfs: a %s of %s is already under way; following it\n", type.c_str(),
+                 name.c_str());
+    return wait_for_job(mnt, name);
+}
+
 int start_job(const std::string& mnt, const std::string& name, const std::string& file,
               const std::string& command, bool wait) {
+    // Looked at first, so that attaching does not leave a refused command as the image's
+    // last error; the EBUSY path below covers a job that starts in between.
+    if (wait && job_under_way(mnt, name, file)) {
+        return follow_running(mnt, name, file);
+    }
     int err = 0;
     int rc = send_command(mnt, name, file, command, wait, &err);
-    if (rc != 0 && wait && err == EBUSY) {
-        std::string job = slurp(control_path(mnt, name, "job"));
-        std::string state = json_value(job, "state");
-        if (json_value(job, "type") == file && state != "concluded" && !state.empty()) {
-            std::fprintf(stderr, "imgfs: a %s of %s is already under way; following it\n",
-                         file.c_str(), name.c_str());
-            return wait_for_job(mnt, name);
-        }
+    if (rc != 0 && wait && err == EBUSY && job_under_way(mnt, name, file)) {
+        return follow_running(mnt, name, file);
     }
     if (rc != 0 && wait) {
         std::string reason = json_value(slurp(control_path(mnt, name, "info")), "last_error");
@@ -222,6 +234,24 @@ int snapshot(const Args& args) {
     return send_command(args[0], args[1], "snapshot", args[2]);
 }
 
+namespace {
+
+// The arguments without `flag`, and whether it was there (anywhere on the line).
+std::vector<std::string> without_flag(const Args& args, std::string_view flag, bool* seen) {
+    std::vector<std::string> rest;
+    *seen = false;
+    for (const auto& a : args) {
+        if (a == flag) {
+            *seen = true;
+        } else {
+            rest.push_back(a);
+        }
+    }
+    return rest;
+}
+
+}  // namespace
+
 int job(const Args& args) {
     const char* usage =
         "usage: imgfs job MOUNTPOINT NAME cancel|pause|resume|speed BYTES_PER_S [--wait]\n\n"
@@ -230,15 +260,8 @@ int job(const Args& args) {
     if (wants_help(args, usage)) {
         return 0;
     }
-    std::vector<std::string> pos;
     bool wait = false;
-    for (const auto& a : args) {
-        if (a == "--wait") {
-            wait = true;
-        } else {
-            pos.push_back(a);
-        }
-    }
+    std::vector<std::string> pos = without_flag(args, "--wait", &wait);
     bool speed = pos.size() == 4 && pos[2] == "speed";
     if (!(pos.size() == 3 && (pos[2] == "cancel" || pos[2] == "pause" || pos[2] == "resume")) &&
         !speed) {
@@ -302,15 +325,8 @@ int stream(const Args& args) {
     if (wants_help(args, usage)) {
         return 0;
     }
-    std::vector<std::string> pos;
     bool wait = false;
-    for (const auto& a : args) {
-        if (a == "--wait") {
-            wait = true;
-        } else {
-            pos.push_back(a);
-        }
-    }
+    std::vector<std::string> pos = without_flag(args, "--wait", &wait);
     if (pos.size() != 2) {
         return fail("usage: imgfs stream MOUNTPOINT NAME [--wait]");
     }
@@ -391,15 +407,8 @@ int status(const Args& args) {
     if (wants_help(args, usage)) {
         return 0;
     }
-    std::vector<std::string> pos;
     bool json = false;
-    for (const auto& a : args) {
-        if (a == "--json") {
-            json = true;
-        } else {
-            pos.push_back(a);
-        }
-    }
+    std::vector<std::string> pos = without_flag(args, "--json", &json);
     if (pos.empty() || pos.size() > 2) {
         return fail("usage: imgfs status MOUNTPOINT [NAME] [--json]");
     }

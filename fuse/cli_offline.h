@@ -2,6 +2,7 @@
 // without a mount (info, io).
 #pragma once
 
+#include <cstdio>
 #include <fcntl.h>
 #include <libgen.h>
 #include <memory>
@@ -68,7 +69,11 @@ struct Offline {
         if (user && user->root() != nullptr) {
             Transaction tx(&graph);
             tx.detach(user->root());
-            (void)tx.commit();
+            // The chain is closed below whatever this says; the caller sees the close's status.
+            if (Status detached = tx.commit(); !detached) {
+                std::fprintf(stderr, "imgfs: warning: detaching the image: %s\n",
+                             detached.error().message().c_str());
+            }
         }
         return chain.layers.empty() ? Status{} : sync_wait(loop.get(), close_chain(&chain));
     }

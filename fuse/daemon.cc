@@ -195,7 +195,10 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         }
         auto mount = FuseMount::mount(cmd.mountpoint, mo);
         if (!mount) {
-            (void)sync_wait(loop.get(), images.close_all());
+            if (Status closed = sync_wait(loop.get(), images.close_all()); !closed) {
+                log->warn("closing the images after the failed mount: {}",
+                          closed.error().message());
+            }
             return fail(mount.error().message());
         }
         std::string pid_file = pid_file_for(cmd.mountpoint);

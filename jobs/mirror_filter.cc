@@ -12,7 +12,9 @@ std::shared_ptr<MirrorFilter> MirrorFilter::create(NodeEnv env, std::string name
     f->size_ = top->size();
     f->limits_ = top->limits();
     f->caps_ = top->caps();
-    f->caps_.resize = false;  // the size stays put while a job runs
+    // The size stays put while a job runs: resize requests reach do_truncate, which refuses
+    // them with EBUSY (a conflicting job), instead of the generic "cannot resize" ENOTSUP.
+    f->caps_.resize = true;
     tx->attach(f.get(), std::move(top), ChildRole::kFiltered, "filtered");
     return f;
 }
@@ -83,7 +85,8 @@ Task<Result<BlockStatus>> MirrorFilter::do_block_status(uint64_t offset, uint64_
 }
 
 Task<Status> MirrorFilter::do_truncate(uint64_t /*new_size*/) {
-    co_return make_error(EBUSY, "{}: the size cannot change while a job runs", name());
+    co_return make_error(
+        EBUSY, "{}: the size cannot change while a job runs; grow the disk after it ends", name());
 }
 
 Task<Status> MirrorFilter::do_close() {

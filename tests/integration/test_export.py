@@ -311,7 +311,10 @@ class Behaviour(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
         mnt = tempfile.mkdtemp(prefix="imgfs-fstab-")
         self.addCleanup(shutil.rmtree, mnt, True)
-        # mount(8) runs helpers with a fixed PATH: put imgfs where mount.fuse3 looks for it.
+        # Without the installed mount.fuse.imgfs helper (scripts/package_test.sh tests that one),
+        # mount(8) falls back to mount.fuse3, which runs `imgfs` from its fixed PATH: this is the
+        # path of a build that was copied somewhere by hand, and the daemon's fuse3-style
+        # argument parsing. Put imgfs where mount.fuse3 looks for it.
         link = "/usr/local/sbin/imgfs"
         if not os.path.exists(link):
             os.symlink(os.path.realpath(harness.IMGFS), link)

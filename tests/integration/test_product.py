@@ -2,6 +2,7 @@
 """The edges a user meets first: status of skipped and damaged images, mount safety, what keeps
 an unmount from happening, dd onto NAME.raw without conv=notrunc, and the job command line."""
 
+import errno
 import json
 import os
 import signal
@@ -201,6 +202,11 @@ class JobCli(harness.ImageDirTest):
         self.start_slow_commit(m)
         run([harness.IMGFS, "job", m.mountpoint, "vm", "pause"])
         self.assertEqual(job(m, "vm")["state"], "paused")
+        # Growing the disk conflicts with the job: EBUSY, as for any conflicting job.
+        with self.assertRaises(OSError) as cm:
+            os.truncate(m.path("vm.raw"), 128 * MiB)
+        self.assertEqual(cm.exception.errno, errno.EBUSY)
+        self.assertEqual(os.path.getsize(m.path("vm.raw")), 64 * MiB)
         self.assertIn("commit paused", run([harness.IMGFS, "status", m.mountpoint]).stdout)
         run([harness.IMGFS, "job", m.mountpoint, "vm", "resume"])
         self.assertEqual(job(m, "vm")["state"], "running")
@@ -212,6 +218,9 @@ class JobCli(harness.ImageDirTest):
         self.assertIn("already under way; following it", p.stderr)
         self.assertEqual(job(m, "vm")["state"], "concluded")
         self.assertIsNone(job(m, "vm")["error"])
+        # Attaching sent no command, so no refusal is left behind as the last error.
+        info = json.loads(read_control(m, "vm", "info"))
+        self.assertFalse(info.get("last_error"), info)
         for bad in (["explode"], ["speed"], ["speed", "fast"], []):
             p = run([harness.IMGFS, "job", m.mountpoint, "vm", *bad], check=False)
             self.assertNotEqual(p.returncode, 0, bad)
