@@ -48,7 +48,7 @@ Status probe_ops(io_uring* ring) {
 Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
     std::unique_ptr<EventLoop> loop(new EventLoop());
     io_uring_params params{};
-    params.flags = IORING_SETUP_CLAMP;
+    params.flags = IORING_SETUP_CLAMP | (options.big_sqes ? IORING_SETUP_SQE128 : 0);
     int ret = io_uring_queue_init_params(options.queue_depth, &loop->ring_, &params);
     if (ret < 0) {
         return make_error(-ret,
@@ -56,6 +56,7 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
                           "/proc/sys/kernel/io_uring_disabled?)");
     }
     loop->ring_ready_ = true;
+    loop->big_sqes_ = options.big_sqes;
     TRY(probe_ops(&loop->ring_));
     int efd = eventfd(0, EFD_CLOEXEC);
     if (efd < 0) {

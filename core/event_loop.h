@@ -29,12 +29,16 @@ class EventLoop final : public Executor {
   public:
     struct Options {
         unsigned queue_depth = 256;
+        /// 128-byte SQEs (IORING_SETUP_SQE128), which IORING_OP_URING_CMD commands with a
+        /// larger command area need (FUSE-over-io_uring).
+        bool big_sqes = false;
     };
 
     /// Sets up the ring and checks that the kernel supports every opcode the loop uses; the
     /// error names the missing ones.
     static Result<std::unique_ptr<EventLoop>> create(Options options);
     static Result<std::unique_ptr<EventLoop>> create() { return create(Options{}); }
+    [[nodiscard]] bool big_sqes() const { return big_sqes_; }
     EventLoop(const EventLoop&) = delete;
     EventLoop& operator=(const EventLoop&) = delete;
     ~EventLoop();
@@ -134,6 +138,7 @@ class EventLoop final : public Executor {
 
     io_uring ring_{};
     bool ring_ready_ = false;
+    bool big_sqes_ = false;
     std::deque<std::coroutine_handle<>> ready_;
     uint64_t ops_in_flight_ = 0;
     uint64_t submit_calls_ = 0;

@@ -438,6 +438,9 @@ int status(const Args& args) {
         if (json) {
             images += (images.empty() ? "" : ",") + trimmed(info);
         } else {
+            if (&n == &names.front() && pos.size() == 1) {
+                std::printf("transport: %s\n", json_value(info, "transport").c_str());
+            }
             print_image(n, info, slurp(control_path(mnt, n, "job")));
         }
     }

@@ -29,6 +29,9 @@ const char* kMountHelp =
     "     cache_size=SIZE         L2 table cache per image (default: maps 64 GiB)\n"
     "     allow_external_backing  backing files may lie outside IMAGE_DIR\n"
     "     direct                  open image files with O_DIRECT\n"
+    "     uring=auto|on|off       FUSE-over-io_uring transport (default auto: used when the\n"
+    "                             kernel offers it, i.e. /sys/module/fuse/parameters/\n"
+    "                             enable_uring is Y; on: the mount fails without it)\n"
     "     faults=FILE             debug: inject I/O errors by the rules in FILE (see below)\n"
     "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n"
     "\n"
@@ -244,6 +247,8 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
     } else if (o.rfind("faults=", 0) == 0) {
         TRY_ASSIGN(std::vector<ChainFault> rules, read_fault_rules(o.substr(7)));
         cmd->images.faults.insert(cmd->images.faults.end(), rules.begin(), rules.end());
+    } else if (o.rfind("uring=", 0) == 0) {
+        TRY_ASSIGN(cmd->uring, fuse_uring::parse_mode(o.substr(6)));
     } else if (o.rfind("fsname=", 0) == 0) {
         cmd->mount.fsname = o.substr(7);
     } else {

@@ -166,7 +166,16 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         ready->report(msg);
         return 1;
     };
-    auto loop_r = EventLoop::create();
+    // The transport is chosen in INIT, but the ring it needs is set up now.
+    EventLoop::Options loop_options;
+    if (cmd.uring != fuse_uring::Mode::kOff) {
+        std::string why = fuse_uring::unavailable_reason();
+        if (!why.empty() && cmd.uring == fuse_uring::Mode::kOn) {
+            return fail("uring=on: FUSE-over-io_uring is not available: " + why);
+        }
+        loop_options.big_sqes = why.empty();
+    }
+    auto loop_r = EventLoop::create(loop_options);
     if (!loop_r) {
         return fail(loop_r.error().message());
     }
@@ -212,12 +221,16 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         fo.uid = ::getuid();
         fo.gid = ::getgid();
         ExportFs fs(&images, &control, log, fo);
-        FuseServer server(loop.get(), (*mount)->fd(), &fs, log, FuseServerOptions{});
+        FuseServerOptions so;
+        so.uring = cmd.uring;
+        FuseServer server(loop.get(), (*mount)->fd(), &fs, log, so);
+        images.set_transport([&server] { return server.transport(); });
         log->info("serving {} on {} ({} image{})", cmd.image_dir, cmd.mountpoint,
                   images.exports().size(), images.exports().size() == 1 ? "" : "s");
         ready->report("");
         Daemon d{loop.get(), log, mount->get(), sfd.get()};
         sync_wait(loop.get(), serve(&d, &server, &images, &jobs));
+        images.set_transport({});  // the server goes before the images
         (*mount)->unmount();
         if (!pid_file.empty()) {
             ::unlink(pid_file.c_str());

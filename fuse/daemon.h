@@ -5,6 +5,7 @@
 #include <string>
 
 #include "fuse/fuse_mount.h"
+#include "fuse/fuse_uring.h"
 #include "jobs/image_set.h"
 
 namespace imgfs {
@@ -16,6 +17,7 @@ struct MountCommand {
     bool verbose = false;
     MountOptions mount;
     ImageSetOptions images;
+    fuse_uring::Mode uring = fuse_uring::Mode::kAuto;  // -o uring=
 };
 
 /// Runs the mount command; returns the process exit code. Without `foreground` the calling

@@ -143,15 +143,12 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     }
     FuseReply reply;
     uint64_t unique = valid ? h->unique : 0;
+    bool init = valid && h->opcode == FUSE_INIT;
     if (!valid) {
         log_->error("malformed FUSE request ({} bytes); ignoring it", length);
         reply = FuseReply::err(EIO);
-    } else if (h->opcode == FUSE_INIT) {
-        reply = co_await handle_init(&req);
-    } else if (!initialised_) {
-        reply = FuseReply::err(EIO);
     } else {
-        reply = co_await handler_->handle(&req);
+        reply = co_await dispatch(&req);
     }
     const auto data_at = reinterpret_cast<uintptr_t>(reply.data.data());
     const auto payload_at = reinterpret_cast<uintptr_t>(buf->payload.data());
@@ -166,6 +163,19 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     }
     give_buffer(buf);
     --active_;
+    if (init && uring_accepted_) {
+        start_ring();  // REGISTER works only once the kernel has processed the INIT reply
+    }
+}
+
+Task<FuseReply> FuseServer::dispatch(FuseRequest* req) {
+    if (req->header->opcode == FUSE_INIT) {
+        co_return co_await handle_init(req);
+    }
+    if (!initialised_) {
+        co_return FuseReply::err(EIO);
+    }
+    co_return co_await handler_->handle(req);
 }
 
 Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
@@ -191,9 +201,15 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     out.max_write = options_.max_write_bytes;
     out.time_gran = 1;
     out.max_pages = static_cast<uint16_t>(options_.max_write_bytes / 4096);
+    uint32_t kernel_flags2 = (in.flags & FUSE_INIT_EXT) != 0 ? in.flags2 : 0;
+    uring_accepted_ = offer_uring(in.flags, kernel_flags2, &out.flags, &out.flags2);
+    if (!uring_accepted_ && options_.uring == fuse_uring::Mode::kOn) {
+        // uring=on promised this transport: refusing INIT fails the connection.
+        co_return FuseReply::err(EPROTO);
+    }
     initialised_ = true;
-    log_->debug("FUSE connection 7.{} (kernel 7.{}), max_write {}", out.minor, in.minor,
-                out.max_write);
+    log_->debug("FUSE connection 7.{} (kernel 7.{}), max_write {}, {}", out.minor, in.minor,
+                out.max_write, transport());
     handler_->connected();
     co_return FuseReply::of(out);
 }

@@ -19,6 +19,7 @@
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "core/task_scope.h"
+#include "fuse/fuse_uring.h"
 #include "fuse/payload_pool.h"
 
 namespace imgfs {
@@ -84,6 +85,10 @@ struct FuseServerOptions {
     uint32_t reads_in_flight = 8;
     uint32_t max_buffers = 48;
     uint16_t max_background = 64;
+    /// FUSE-over-io_uring: kOff serves /dev/fuse only; kAuto and kOn offer it in INIT (the
+    /// loop must have big SQEs). kOn refuses the connection if the kernel does not take it.
+    fuse_uring::Mode uring = fuse_uring::Mode::kOff;
+    uint32_t uring_entries_per_queue = 16;
 };
 
 class FuseServer {
@@ -100,10 +105,24 @@ class FuseServer {
     [[nodiscard]] uint64_t requests_served() const { return served_; }
     [[nodiscard]] uint32_t max_concurrent() const { return max_concurrent_; }
     [[nodiscard]] uint32_t kernel_minor() const { return kernel_minor_; }
+    /// Which transport serves the requests: "io_uring (Q queues x E entries)" or "/dev/fuse".
+    [[nodiscard]] std::string transport() const;
 
   private:
     struct RequestBuffer;
+    struct RingEntry {
+        AlignedBuffer header;  // fuse_uring::ReqHeader
+        AlignedBuffer arg;     // a request's argument struct and names, made contiguous
+        MutBuf payload;        // max_write_bytes, in ring_pool_
+        uint16_t qid = 0;
+    };
     Task<void> reader();
+    /// One ring entry: registers it, then serves one request at a time through it.
+    Task<void> ring_entry(RingEntry* entry);
+    Task<FuseReply> dispatch(FuseRequest* req);
+    bool offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
+                     uint32_t* flags2);
+    void start_ring();
     Task<void> process(RequestBuffer* buf, size_t length);
     Task<FuseReply> handle_init(FuseRequest* req);
     Task<void> send(uint64_t unique, FuseReply reply);
@@ -122,6 +141,13 @@ class FuseServer {
     std::vector<std::unique_ptr<RequestBuffer>> buffers_;
     std::vector<RequestBuffer*> free_;
     WaitQueue buffer_freed_;
+    // FUSE-over-io_uring. The entries' payload buffers stay registered with the kernel for the
+    // whole connection; ring_pool_ outlives them for the same reason as payload_pool_.
+    std::unique_ptr<PayloadPool> ring_pool_;
+    std::vector<std::unique_ptr<RingEntry>> ring_entries_;
+    uint32_t ring_queues_ = 0;
+    bool uring_accepted_ = false;  // INIT offered it and the kernel takes it
+    uint32_t ring_live_ = 0;       // entries registered and serving
     bool stopping_ = false;
     bool initialised_ = false;
     uint32_t kernel_minor_ = 0;

@@ -434,6 +434,9 @@ Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     w.field("open_count", e->backend->open_count());
     // The most requests that were in flight on NAME.raw at once since it was exported.
     w.field("max_requests_in_flight", e->backend->max_in_flight());
+    if (transport_) {
+        w.field("transport", transport_());
+    }
     w.field("requests_in_flight", e->backend->in_flight());
     w.field("last_error", e->last_error);
     w.key("failed");

@@ -115,6 +115,8 @@ class ImageSet {
 
     /// The info JSON of an export (docs/design.md §3.2).
     Task<std::string> info_json(std::shared_ptr<Export> e);
+    /// What info reports as the mount's transport (set by the layer that serves the mount).
+    void set_transport(std::function<std::string()> describe) { transport_ = std::move(describe); }
 
     /// Held while a chain edit has names in the directory that a scan would take for leftovers
     /// (a new overlay under its creating_name(), hidden .removing links): with any held, a scan
@@ -152,6 +154,7 @@ class ImageSet {
     std::vector<ScanProblem> problems_;
     int edits_in_flight_ = 0;
     uint64_t next_id_ = 1;
+    std::function<std::string()> transport_;
     // Declared after nothing that uses them: exports' locks run their timers in timers_.
     TaskScope timers_;
     TimedMutex scan_lock_;

@@ -1,0 +1,209 @@
+// FuseServer's FUSE-over-io_uring transport (see fuse/fuse_uring.h for the protocol).
+//
+// Each ring entry is one coroutine in the server's scope that owns a header buffer and a
+// payload buffer registered with the kernel. A request arrives as the completion of the entry's
+// command, is handled like a request read from /dev/fuse, and its reply goes back in the same
+// buffers with COMMIT_AND_FETCH, which also hands the entry back for the next request. So an
+// entry holds at most one request, and the entries of a queue bound how many requests of the
+// CPUs mapped to it are served at once. INIT, FORGET, INTERRUPT and notifications stay on
+// /dev/fuse, whose readers keep running.
+//
+// Every entry is served by this server's one event loop. The kernel picks a queue by the CPU
+// of the process making the request and insists on an entry in every possible CPU's queue
+// before it uses the ring at all, so this loop registers entries on all of them.
+#include <algorithm>
+#include <cstring>
+
+#include "fuse/fuse_server.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr size_t kArgAreaBytes = 4096;
+
+void prep_fuse_cmd(io_uring_sqe* sqe, int fd, uint32_t cmd_op, const fuse_uring::CmdReq& cmd,
+                   const iovec* iov) {
+    std::memset(sqe, 0, 128);  // a 128-byte SQE: the command area is its second half
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fd;
+    sqe->cmd_op = cmd_op;
+    if (iov != nullptr) {
+        sqe->addr = reinterpret_cast<uintptr_t>(iov);
+        sqe->len = 2;
+    }
+    std::memcpy(reinterpret_cast<uint8_t*>(sqe) + fuse_uring::kSqeCmdOffset, &cmd, sizeof cmd);
+}
+
+}  // namespace
+
+std::string FuseServer::transport() const {
+    if (!uring_accepted_) {
+        return "/dev/fuse";
+    }
+    return fmt::format("io_uring ({} queues x {} entries)", ring_queues_,
+                       options_.uring_entries_per_queue);
+}
+
+bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
+                             uint32_t* flags2) {
+    using fuse_uring::Mode;
+    if (options_.uring == Mode::kOff) {
+        return false;
+    }
+    const char* mode = fuse_uring::mode_name(options_.uring);
+    std::string why;
+    Result<uint32_t> queues = fuse_uring::possible_cpus();
+    if (!loop_->big_sqes()) {
+        // The daemon sets the loop up without them when the kernel lacks the transport.
+        why = fuse_uring::unavailable_reason();
+        if (why.empty()) {
+            why = "the event loop was set up without 128-byte SQEs";
+        }
+    } else if ((kernel_flags & FUSE_INIT_EXT) == 0 ||
+               (kernel_flags2 & fuse_uring::kInitFlags2Bit) == 0) {
+        std::string param = fuse_uring::unavailable_reason();
+        why = "the kernel did not offer it in INIT" + (param.empty() ? "" : ": " + param);
+    } else if (!queues) {
+        why = queues.error().message();
+    } else {
+        ring_queues_ = *queues;
+        ring_pool_ = std::make_unique<PayloadPool>(
+            options_.max_write_bytes, ring_queues_ * options_.uring_entries_per_queue, SIZE_MAX);
+        if (!ring_pool_->ok()) {
+            ring_pool_.reset();
+            why = "cannot reserve address space for the ring buffers";
+        }
+    }
+    if (!why.empty()) {
+        if (options_.uring == Mode::kOn) {
+            log_->error("uring=on: FUSE-over-io_uring is not available: {}", why);
+        } else {
+            log_->info("uring={}: serving /dev/fuse: FUSE-over-io_uring is not available: {}", mode,
+                       why);
+        }
+        return false;
+    }
+    *flags |= FUSE_INIT_EXT;
+    *flags2 |= fuse_uring::kInitFlags2Bit;
+    log_->info("uring={}: serving through FUSE-over-io_uring, {} queues x {} entries", mode,
+               ring_queues_, options_.uring_entries_per_queue);
+    return true;
+}
+
+void FuseServer::start_ring() {
+    const uint32_t per_queue = options_.uring_entries_per_queue;
+    for (uint32_t q = 0; q < ring_queues_; ++q) {
+        for (uint32_t i = 0; i < per_queue; ++i) {
+            auto e = std::make_unique<RingEntry>();
+            auto index = static_cast<uint32_t>(ring_entries_.size());
+            e->header = AlignedBuffer(4096);
+            e->arg = AlignedBuffer(kArgAreaBytes);
+            e->payload = ring_pool_->buffer(index);
+            e->qid = static_cast<uint16_t>(q);
+            // Registered for the whole connection: never given back to the pool's trimming,
+            // since the kernel may copy a request into it at any time.
+            ring_pool_->acquire(index);
+            ring_entries_.push_back(std::move(e));
+            scope_.spawn(ring_entry(ring_entries_.back().get()));
+        }
+    }
+}
+
+namespace {
+
+// The request in an entry's buffers as the handlers see it; false if malformed. Non-WRITE
+// arguments are copied into `arg` (the kernel splits the argument struct from the names that
+// follow it); WRITE data is used in place, and READ replies are produced in the payload.
+bool ring_request(fuse_uring::ReqHeader* hdr, MutBuf arg, MutBuf payload, FuseRequest* req) {
+    const auto* h = reinterpret_cast<const fuse_in_header*>(hdr->in_out);
+    const uint64_t payload_bytes = hdr->ring_ent_in_out.payload_sz;
+    if (h->len < sizeof(fuse_in_header) + payload_bytes || payload_bytes > payload.size()) {
+        return false;
+    }
+    const uint64_t op_bytes = h->len - sizeof(fuse_in_header) - payload_bytes;
+    if (op_bytes > sizeof hdr->op_in) {
+        return false;
+    }
+    req->header = h;
+    req->scratch = payload;
+    if (h->opcode == FUSE_WRITE) {
+        req->arg = ConstBuf(hdr->op_in, op_bytes);
+        req->payload = ConstBuf(payload.data(), payload_bytes);
+        return op_bytes >= sizeof(fuse_write_in);
+    }
+    if (op_bytes + payload_bytes > arg.size()) {
+        return false;
+    }
+    std::memcpy(arg.data(), hdr->op_in, op_bytes);
+    std::memcpy(arg.data() + op_bytes, payload.data(), payload_bytes);
+    req->arg = ConstBuf(arg.data(), op_bytes + payload_bytes);
+    return true;
+}
+
+// Puts the reply into the entry's buffers: the out header in the header, the data in the
+// payload (a READ reply is there already).
+void ring_reply(fuse_uring::ReqHeader* hdr, MutBuf payload, uint64_t unique,
+                const FuseReply& reply) {
+    size_t bytes = reply.error == 0 ? reply.data.size() : 0;
+    int error = reply.error;
+    if (bytes > payload.size()) {
+        bytes = 0;
+        error = EIO;
+    }
+    if (bytes != 0 && reply.data.data() != payload.data()) {
+        std::memmove(payload.data(), reply.data.data(), bytes);
+    }
+    fuse_out_header out{};
+    out.unique = unique;
+    out.error = -error;
+    out.len = static_cast<uint32_t>(sizeof out + bytes);
+    std::memcpy(hdr->in_out, &out, sizeof out);
+    hdr->ring_ent_in_out.payload_sz = static_cast<uint32_t>(bytes);
+}
+
+}  // namespace
+
+Task<void> FuseServer::ring_entry(RingEntry* entry) {
+    iovec iov[2] = {{entry->header.data(), sizeof(fuse_uring::ReqHeader)},
+                    {entry->payload.data(), entry->payload.size()}};
+    fuse_uring::CmdReq cmd{};
+    cmd.qid = entry->qid;
+    int32_t res = co_await loop_->submit([this, &iov, &cmd](io_uring_sqe* sqe) {
+        prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
+    });
+    if (res == 0) {
+        ++ring_live_;
+    }
+    while (res == 0) {
+        auto* hdr = reinterpret_cast<fuse_uring::ReqHeader*>(entry->header.data());
+        cmd.commit_id = hdr->ring_ent_in_out.commit_id;
+        ++active_;
+        max_concurrent_ = std::max(max_concurrent_, active_);
+        ++served_;
+        FuseRequest req;
+        FuseReply reply;
+        uint64_t unique = reinterpret_cast<const fuse_in_header*>(hdr->in_out)->unique;
+        if (!ring_request(hdr, entry->arg.span(), entry->payload, &req)) {
+            log_->error("malformed FUSE request on the ring; answering EIO");
+            reply = FuseReply::err(EIO);
+        } else {
+            reply = co_await dispatch(&req);
+            if (reply.none) {
+                // Requests without a reply (FORGET) come over /dev/fuse; an entry must answer.
+                reply = FuseReply::err(ENOSYS);
+            }
+        }
+        ring_reply(hdr, entry->payload, unique, reply);
+        --active_;
+        res = co_await loop_->submit([this, &cmd](io_uring_sqe* sqe) {
+            prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
+        });
+    }
+    // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.
+    if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV) {
+        log_->error("FUSE ring entry on queue {}: {}", entry->qid, strerror(-res));
+    }
+}
+
+}  // namespace imgfs

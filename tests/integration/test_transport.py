@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""The FUSE transport: FUSE-over-io_uring (uring=on|auto) and /dev/fuse (uring=off).
+
+Each test switches the kernel's FUSE-over-io_uring on or off (the fuse module's enable_uring
+parameter) and puts it back afterwards; integration tests run one at a time (RUN_SERIAL), so
+no other mount sees the change. Data goes through NAME.raw the way users drive it (a loop
+device with ext4 and fio with verification while snapshots are taken from a shell) and is
+checked against qemu-img after unmounting."""
+import json
+import os
+import subprocess
+import time
+
+import harness
+from harness import run, qemu_img, check
+
+MiB = 1 << 20
+PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+class Transport(harness.ImageDirTest):
+    def setUp(self):
+        super().setUp()
+        harness.require(os.path.exists(PARAM), PARAM + " (a kernel with FUSE-over-io_uring)")
+        with open(PARAM) as f:
+            saved = f.read().strip()
+        self.addCleanup(self.set_uring, saved)
+
+    def set_uring(self, value):
+        with open(PARAM, "w") as f:
+            f.write(value)
+
+    def info(self, m, name):
+        with open(m.path(".control", name, "info")) as f:
+            return json.loads(f.read())
+
+    def pattern_roundtrip(self, m, name, size):
+        """Writes seeded data of many sizes through NAME.raw, reads it back, returns the model."""
+        model = bytearray(size)
+        harness.random_writes(m.path(name + ".raw"), model, seed=7, count=300, max_len=2 * MiB)
+        with open(m.path(name + ".raw"), "rb") as f:
+            self.assertEqual(f.read(), bytes(model))
+        return model
+
+    def test_uring_on_serves_everything_through_the_ring(self):
+        harness.require_tools("fio", "mkfs.ext4", "e2fsck", "losetup")
+        self.set_uring("Y")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "1G")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "64M")
+        m = self.mount("uring=on")
+        self.assertIn("FUSE-over-io_uring", m.read_log())
+        self.assertTrue(self.info(m, "vm")["transport"].startswith("io_uring ("))
+        status = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertIn("transport: io_uring", status)
+        model = self.pattern_roundtrip(m, "data", 64 * MiB)
+        # ext4 on a loop device, fio with verification at queue depth 32, and snapshots taken
+        # from a shell while it runs.
+        dev = run(["losetup", "-f", "--show", "--direct-io=on", m.path("vm.raw")]).stdout.strip()
+        fsdir = self.dir + "-fs"
+        os.mkdir(fsdir)
+        try:
+            run(["mkfs.ext4", "-q", dev])
+            run(["mount", dev, fsdir])
+            fio = subprocess.Popen(
+                ["fio", "--name=v", f"--directory={fsdir}", "--size=96M", "--rw=randrw",
+                 "--bs=4k", "--iodepth=32", "--ioengine=libaio", "--direct=1",
+                 "--verify=crc32c", "--numjobs=2", "--runtime=20", "--minimal"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for snap in ("s1", "s2"):
+                time.sleep(2)
+                run(["bash", "-c", f"echo {snap} > {m.path('.control', 'vm', 'snapshot')}"])
+            out, err = fio.communicate(timeout=300)
+            self.assertEqual(fio.returncode, 0, err)
+            run(["umount", fsdir])
+            self.assertEqual(run(["e2fsck", "-fn", dev], check=False).returncode, 0)
+        finally:
+            run(["umount", fsdir], check=False)
+            run(["losetup", "-d", dev], check=False)
+            os.rmdir(fsdir)
+        served = self.info(m, "vm")["transport"]
+        m.stop()
+        for f in ("vm.qcow2", "vm@s1.qcow2", "vm@s2.qcow2", "data.qcow2"):
+            c = check(self.img(f))
+            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        out = self.img("data.out")
+        qemu_img("convert", "-O", "raw", self.img("data.qcow2"), out)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), bytes(model))
+        self.assertTrue(served.startswith("io_uring ("), served)
+
+    def test_uring_off_and_auto_without_kernel_support_serve_dev_fuse(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        self.set_uring("Y")
+        m = self.mount("uring=off")
+        self.assertEqual(self.info(m, "data")["transport"], "/dev/fuse")
+        self.pattern_roundtrip(m, "data", 16 * MiB)
+        m.stop()
+        self.set_uring("N")
+        m = self.mount("uring=auto")
+        self.assertEqual(self.info(m, "data")["transport"], "/dev/fuse")
+        # One line saying why.
+        self.assertIn("enable_uring is N", m.read_log())
+        self.pattern_roundtrip(m, "data", 16 * MiB)
+        m.stop()
+        # The default is auto: with the kernel's support switched on, the ring serves.
+        self.set_uring("Y")
+        m = self.mount()
+        self.assertTrue(self.info(m, "data")["transport"].startswith("io_uring ("))
+        self.pattern_roundtrip(m, "data", 16 * MiB)
+        m.stop()
+
+    def test_uring_on_without_kernel_support_fails_the_mount(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        self.set_uring("N")
+        mnt = self.dir + "-mnt"
+        os.mkdir(mnt)
+        self.addCleanup(os.rmdir, mnt)
+        p = run([harness.IMGFS, "mount", "-o", "uring=on", self.dir, mnt], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("uring=on: FUSE-over-io_uring is not available", p.stderr)
+        self.assertIn("enable_uring is N", p.stderr)
+        self.assertFalse(harness.is_mounted(mnt))
+        p = run([harness.IMGFS, "mount", "-o", "uring=sometimes", self.dir, mnt], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("uring=sometimes: expected auto, on or off", p.stderr)
+
+
+if __name__ == "__main__":
+    harness.main()
