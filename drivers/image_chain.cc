@@ -319,12 +319,8 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                 co_return st.error();
             }
         }
-        std::string next;
-        std::optional<std::string> next_format;
-        if (auto* q = dynamic_cast<Qcow2Node*>(layer.node.get())) {
-            next = q->backing_file_name();
-            next_format = q->backing_format();
-        }
+        std::string next = layer.node->backing_file_name();
+        std::optional<std::string> next_format = layer.node->backing_format();
         chain.layers.push_back(std::move(layer));
         if (next.empty()) {
             break;
