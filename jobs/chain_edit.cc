@@ -201,6 +201,7 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
     ChainOptions co;
     co.allow_external_backing = images->options().allow_external_backing;
     co.qcow2 = images->options().qcow2;
+    co.dir_real = images->dir_real();
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(images->env(), images->dir_fd(), referrer, co));
     size_t below = 1;
     std::vector<std::string> hidden;

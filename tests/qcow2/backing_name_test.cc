@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "drivers/backing_probe.h"
 #include "drivers/image_chain.h"
 #include "drivers/qcow2/create.h"
 #include "image_test_util.h"
@@ -51,7 +52,12 @@ TEST_F(BackingNameTest, Qcow2NodeReportsAndRewritesItsBackingName) {
         ASSERT_TRUE(run(close_chain(&c)).ok());
         users_.clear();
     }
-    // On disk too: a new open follows the new name.
+    // On disk too, as the probe (and so a scan) reads it.
+    Result<ImageProbe> p = probe_image(dir_.fd(), "vm1.qcow2");
+    ASSERT_TRUE(p.ok()) << p.error().message();
+    EXPECT_FALSE(p->header_error);
+    EXPECT_EQ(p->backing, "other.raw");
+    EXPECT_EQ(p->backing_format, "raw");
     Chain again = open("vm1.qcow2");
     ASSERT_EQ(again.layers.size(), 2U);
     EXPECT_EQ(again.layers[1].file, "other.raw");
