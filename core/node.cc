@@ -216,6 +216,11 @@ Task<Status> Node::set_writable(bool writable) {
                          name_, driver_name());
 }
 
+Task<Status> Node::set_backing_name(std::string /*name*/, std::optional<std::string> /*format*/) {
+    co_return make_error(EINVAL, "{}: the {} driver records no backing file name", name_,
+                         driver_name());
+}
+
 // ---- Child ----
 
 Child::Child(ChildOwner* owner, std::shared_ptr<Node> node, ChildRole role, std::string name)

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -66,6 +67,9 @@ struct Capabilities {
     bool discard = false;       // do_discard (otherwise: discard is a no-op)
     bool block_status = false;  // do_block_status (otherwise: everything is data)
     bool resize = false;        // do_truncate
+    /// The format records the name of a backing file (backing_file_name, set_backing_name).
+    /// Callers check this instead of asking a driver without the field and reading ENOTSUP.
+    bool backing_name = false;
 };
 
 /// What one layer says about a range.
@@ -216,6 +220,16 @@ class Node : public ChildOwner {
     /// (a layer frozen under a new snapshot), in place. Read-only flushes first. The caller
     /// refreshes permissions afterwards (in a transaction). Default: not supported.
     virtual Task<Status> set_writable(bool writable);
+
+    /// The backing file name this layer's image records ("" for none). Formats without such a
+    /// field (caps().backing_name false) always answer "".
+    [[nodiscard]] virtual std::string backing_file_name() const { return {}; }
+    /// The backing format the image records, if it records one.
+    [[nodiscard]] virtual std::optional<std::string> backing_format() const { return std::nullopt; }
+    /// Rewrites the recorded backing name and format (a chain edit after commit or stream),
+    /// through the driver because only it knows where the field lives and how to make the
+    /// change durable. Only for caps().backing_name; otherwise EINVAL, a caller's mistake.
+    virtual Task<Status> set_backing_name(std::string name, std::optional<std::string> format);
 
     /// Adds driver-specific fields (format, cluster size, flags) to an info object.
     virtual void describe(JsonWriter* out) const;

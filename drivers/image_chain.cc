@@ -1,7 +1,6 @@
 #include "drivers/image_chain.h"
 
 #include <fcntl.h>
-#include <set>
 #include <unistd.h>
 #include <utility>
 
@@ -12,6 +11,7 @@
 #include "core/buffer.h"
 #include "core/log.h"
 #include "core/transaction.h"
+#include "drivers/backing_probe.h"
 #include "drivers/file.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/qcow2/qcow2_node.h"
@@ -131,17 +131,12 @@ Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_onl
     return UniqueFd(static_cast<int>(fd));
 }
 
-Result<std::string> probe_format(int fd) {
-    // A whole aligned block: the fd may be O_DIRECT (mount option direct).
-    AlignedBuffer first(4096);
-    ssize_t n = ::pread(fd, first.data(), first.size(), 0);
-    if (n < 0) {
-        return make_error(errno, "reading the first sector");
+std::string real_dir_path(int dir_fd) {
+    char real[PATH_MAX];
+    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) == nullptr) {
+        return {};
     }
-    if (n >= 4 && qcow2::load_be32(first.data()) == qcow2::kMagic) {
-        return std::string("qcow2");
-    }
-    return std::string("raw");
+    return real;
 }
 
 namespace {
@@ -190,7 +185,7 @@ std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<
 }
 
 Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOptions opts, bool top,
-                               std::set<std::pair<dev_t, ino_t>>* seen) {
+                               ChainWalk* walk) {
     bool external = !spec.file.empty() && spec.file[0] == '/';
     Result<UniqueFd> fd_r = external ? [&]() -> Result<UniqueFd> {
         int fd = ::open(spec.file.c_str(), O_CLOEXEC | (opts.read_only ? O_RDONLY : O_RDWR) |
@@ -202,14 +197,12 @@ Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOpt
     }()
         : open_beneath(dir_fd, spec.file, opts.read_only, opts.direct);
     CO_TRY_ASSIGN(UniqueFd fd, std::move(fd_r));
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0) {
-        co_return make_error(errno, "stat '{}'", spec.file);
-    }
-    if (!seen->insert({st.st_dev, st.st_ino}).second) {
-        co_return make_error(ELOOP, "backing chain loop: '{}' appears twice", spec.file);
-    }
-    CO_TRY_ASSIGN(std::string content, probe_format(fd.get()));
+    // The probe's verdict on the header is not used here: a file recorded as raw is raw
+    // whatever it holds, and a qcow2 layer's load() parses the same header with the same parser
+    // and reports what is wrong with it.
+    CO_TRY_ASSIGN(ImageProbe probe, co_await probe_image_fd(env.loop, fd.get(), spec.file));
+    CO_TRY(walk->enter(spec.file, probe.id));
+    const std::string& content = probe.format;
     Layer layer;
     layer.file = spec.file;
     if (spec.recorded_format) {
@@ -270,18 +263,15 @@ Task<void> close_after_failure(NodeEnv env, Chain* chain) {
 
 Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
                                LayerCache* cache) {
-    char real[PATH_MAX];
-    std::string dir_real;
-    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) != nullptr) {
-        dir_real = real;
-    }
+    const std::string dir_real =
+        options.dir_real.empty() ? real_dir_path(dir_fd) : options.dir_real;
     Chain chain;
-    std::set<std::pair<dev_t, ino_t>> seen;
+    ChainWalk walk(file, options.max_depth);
     LayerSpec spec{std::move(file), std::nullopt};
     for (uint32_t depth = 0;; ++depth) {
-        if (depth >= options.max_depth) {
-            co_return make_error(ELOOP, "backing chain of '{}' is deeper than {} layers",
-                                 chain.layers.front().file, options.max_depth);
+        if (Status st = walk.check_depth(); !st) {
+            co_await close_after_failure(env, &chain);
+            co_return st.error();
         }
         if (depth > 0 && cache != nullptr) {
             auto hit = cache->chains.find(spec.file);
@@ -298,7 +288,7 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                 break;
             }
         }
-        Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &seen);
+        Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &walk);
         if (!opened) {
             Error err = std::move(opened).error();
             if (!chain.layers.empty()) {
@@ -319,12 +309,8 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                 co_return st.error();
             }
         }
-        std::string next;
-        std::optional<std::string> next_format;
-        if (auto* q = dynamic_cast<Qcow2Node*>(layer.node.get())) {
-            next = q->backing_file_name();
-            next_format = q->backing_format();
-        }
+        std::string next = layer.node->backing_file_name();
+        std::optional<std::string> next_format = layer.node->backing_format();
         chain.layers.push_back(std::move(layer));
         if (next.empty()) {
             break;

@@ -13,6 +13,7 @@
 #include "core/json.h"
 #include "core/node.h"
 #include "core/unique_fd.h"
+#include "drivers/chain_walk.h"
 #include "drivers/fault.h"
 #include "drivers/qcow2/metadata.h"
 
@@ -35,7 +36,10 @@ struct ChainOptions {
     bool allow_external_backing = false;
     bool direct = false;  // O_DIRECT for every file
     qcow2::Options qcow2;
-    uint32_t max_depth = 64;
+    uint32_t max_depth = kMaxChainDepth;
+    /// The image directory's real path (real_dir_path), for absolute backing names. Empty: the
+    /// open finds it itself; a caller that opens many chains passes the one it found once.
+    std::string dir_real;
     /// A layer that some of these rules apply to gets a FaultNode between its format node and
     /// its file node, holding those rules (tests and debugging only).
     std::vector<ChainFault> faults;
@@ -80,8 +84,9 @@ Task<Status> close_chain(Chain* chain);
 /// it cannot be read) and what its driver describes. Shared by `imgfs info` and the info file.
 Task<void> write_layer_json(JsonWriter* w, const Layer* layer);
 
-/// "qcow2" if the file starts with the qcow2 magic, else "raw".
-Result<std::string> probe_format(int fd);
+/// The real path of the directory `dir_fd` names ("" if it has none, e.g. it was removed):
+/// what absolute backing names are compared with.
+std::string real_dir_path(int dir_fd);
 
 /// Resolves the backing name recorded in the image at `overlay` (both relative to the image
 /// directory, whose real path is `dir_real`) to a path relative to the directory. Errors name

@@ -9,7 +9,6 @@
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "core/transaction.h"
-#include "drivers/qcow2/qcow2_node.h"
 
 namespace imgfs {
 
@@ -26,24 +25,23 @@ bool has_prefix_and_suffix(const std::string& file, const char* prefix, const ch
            file.compare(file.size() - s, s, suffix) == 0;
 }
 
-// Rewrites the backing name recorded in a qcow2 layer (making it writable for the purpose if it
-// is a read-only backing layer, and read-only again afterwards).
+// Rewrites the backing name recorded in a layer (making it writable for the purpose if it is a
+// read-only backing layer, and read-only again afterwards).
 Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
                              std::optional<std::string> format) {
-    auto* q = dynamic_cast<Qcow2Node*>(node);
-    if (q == nullptr) {
+    if (!node->caps().backing_name) {
         co_return make_error(EINVAL, "{} is not qcow2: it has no backing file to rewrite",
                              node->name());
     }
-    bool was_read_only = q->read_only();
+    bool was_read_only = node->read_only();
     if (was_read_only) {
-        CO_TRY(co_await q->set_writable(true));
+        CO_TRY(co_await node->set_writable(true));
         Transaction tx(images->env().graph);
         CO_TRY(tx.commit());
     }
-    Status st = co_await q->set_backing_name(name, format);
+    Status st = co_await node->set_backing_name(name, format);
     if (was_read_only) {
-        Status back = co_await q->set_writable(false);
+        Status back = co_await node->set_writable(false);
         Transaction tx(images->env().graph);
         if (Status refreshed = tx.commit(); !refreshed) {
             // The permissions of the writable layer stay in force until the next refresh.
@@ -203,6 +201,7 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
     ChainOptions co;
     co.allow_external_backing = images->options().allow_external_backing;
     co.qcow2 = images->options().qcow2;
+    co.dir_real = images->dir_real();
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(images->env(), images->dir_fd(), referrer, co));
     size_t below = 1;
     std::vector<std::string> hidden;

@@ -79,15 +79,11 @@ ImageSet::ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetO
     : env_(env),
       dir_fd_(std::move(dir_fd)),
       dir_path_(std::move(dir_path)),
+      dir_real_(real_dir_path(dir_fd_.get())),
       options_(std::move(options)),
       timers_(env.loop),
       scan_lock_(env.loop, &timers_),
-      offloader_(env.loop) {
-    char real[PATH_MAX];
-    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd_.get()).c_str(), real) != nullptr) {
-        dir_real_ = real;
-    }
-}
+      offloader_(env.loop) {}
 
 ImageSet::~ImageSet() = default;
 
@@ -297,6 +293,7 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     co.qcow2 = options_.qcow2;
     co.faults = options_.faults;
     co.wrap_file = options_.wrap_file;
+    co.dir_real = dir_real_;
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, dir_fd_.get(), root, co, &cache_));
     auto e = std::make_shared<Export>(next_id_++, name, env_.loop, &timers_);
     e->chain = std::move(chain);

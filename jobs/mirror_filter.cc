@@ -15,6 +15,7 @@ std::shared_ptr<MirrorFilter> MirrorFilter::create(NodeEnv env, std::string name
     // The size stays put while a job runs: resize requests reach do_truncate, which refuses
     // them with EBUSY (a conflicting job), instead of the generic "cannot resize" ENOTSUP.
     f->caps_.resize = true;
+    f->caps_.backing_name = false;  // a filter records no backing file name of its own
     tx->attach(f.get(), std::move(top), ChildRole::kFiltered, "filtered");
     return f;
 }

@@ -8,17 +8,15 @@
 
 #include <sys/stat.h>
 
-#include "core/buffer.h"
+#include "drivers/backing_probe.h"
+#include "drivers/chain_walk.h"
 #include "drivers/image_chain.h"
-#include "drivers/qcow2/format.h"
 #include "jobs/chain_edit.h"
 #include "jobs/image_set.h"
 
 namespace imgfs {
 
 namespace {
-
-using FileId = std::pair<dev_t, ino_t>;
 
 struct Candidate {
     std::string file;
@@ -38,56 +36,6 @@ struct Layers {
     std::set<std::string> referenced;    // the names headers use for them
     std::set<std::string> hidden_users;  // images whose header names a hidden file
 };
-
-// The backing file name a qcow2 header records, validating the header ("" for none and for
-// raw images). Reads at most the first 2 MiB; the buffer suits O_DIRECT descriptors too.
-Result<std::string> recorded_backing(int fd, const std::string& file) {
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        return make_error(errno, "stat {}", file);
-    }
-    uint64_t want = std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 2ULL << 20);
-    AlignedBuffer buf(std::max<uint64_t>(align_up(want, 4096), 4096));
-    ssize_t n = ::pread(fd, buf.data(), buf.size(), 0);
-    if (n < 0) {
-        return make_error(errno, "reading {}", file);
-    }
-    if (n < 4 || qcow2::load_be32(buf.data()) != qcow2::kMagic) {
-        return std::string();
-    }
-    ConstBuf head(buf.data(), std::min<size_t>(static_cast<size_t>(n), want));
-    TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(head, static_cast<uint64_t>(st.st_size), file));
-    return h.backing_file;
-}
-
-// Only the backing-name field of a served layer's header (the rest may be changing under the
-// writes of the event loop; this field changes only in chain edits, which the caller excludes).
-Result<std::string> served_backing(int fd, const std::string& file) {
-    AlignedBuffer head(4096);
-    ssize_t n = ::pread(fd, head.data(), head.size(), 0);
-    if (n < 0) {
-        return make_error(errno, "reading {}", file);
-    }
-    if (n < static_cast<ssize_t>(qcow2::kOffBackingFileSize + 4) ||
-        qcow2::load_be32(head.data() + qcow2::kOffMagic) != qcow2::kMagic) {
-        return std::string();
-    }
-    uint64_t off = qcow2::load_be64(head.data() + qcow2::kOffBackingFileOffset);
-    uint32_t len = qcow2::load_be32(head.data() + qcow2::kOffBackingFileSize);
-    if (len == 0) {
-        return std::string();
-    }
-    if (len > qcow2::kMaxBackingNameBytes || off > (2ULL << 20)) {
-        return make_error(EINVAL, "{}: the header's backing file field is implausible", file);
-    }
-    uint64_t start = align_down(off, 4096);
-    AlignedBuffer name(align_up(off + len, 4096) - start);
-    n = ::pread(fd, name.data(), name.size(), static_cast<off_t>(start));
-    if (n < 0 || static_cast<uint64_t>(n) < off + len - start) {
-        return make_error(n < 0 ? errno : EIO, "{}: cannot read the backing file name", file);
-    }
-    return std::string(reinterpret_cast<const char*>(name.data() + (off - start)), len);
-}
 
 Result<Listing> list_directory(const ScanInput& in) {
     int dup = ::dup(in.dir_fd);
@@ -123,46 +71,46 @@ Result<Listing> list_directory(const ScanInput& in) {
 
 // Follows the chain below `file` and records every layer's inode and the names headers use. A
 // layer may be referenced under another name (a hard link made while a chain is being edited),
-// so inodes, not names, decide what is a layer.
+// so inodes, not names, decide what is a layer. The walk stops quietly at the depth limit:
+// it also stops at layers an earlier walk recorded, so its count is not the chain's depth, and
+// opening the chain reports a chain that is too deep.
 Status collect_layers(const ScanInput& in, const std::string& file, Layers* layers) {
     std::string current = file;
     std::string previous;
-    std::string path = file;     // the walk so far, for the loop message
-    std::set<FileId> this_walk;  // a loop returns to one of these
-    for (int depth = 0; depth < 64; ++depth) {
+    ChainWalk walk(file);
+    while (walk.room_for_more()) {
+        const bool top = walk.depth() == 0;
         Result<UniqueFd> fd = open_beneath(in.dir_fd, current, true, false);
         if (!fd) {
-            return depth == 0 ? std::move(fd).error()
-                              : Status{};  // a missing backing file: the top reports it
+            return top ? std::move(fd).error()
+                       : Status{};  // a missing backing file: the top reports it
         }
-        struct stat st {};
-        if (::fstat(fd->get(), &st) != 0) {
-            return make_error(errno, "{}: stat", current);
+        TRY_ASSIGN(ImageProbe probe, probe_image_fd(fd->get(), current));
+        if (Status st = walk.enter(current, probe.id); !st) {
+            return std::move(st).error().wrap(file);
         }
-        if (!this_walk.insert({st.st_dev, st.st_ino}).second) {
-            return make_error(ELOOP, "{}: the backing chain loops ({})", file, path);
-        }
-        if (depth > 0) {
+        if (!top) {
             layers->referenced.insert(current);
             if (is_removing_name(current) && !is_removing_name(previous)) {
                 layers->hidden_users.insert(previous);
             }
-            if (!layers->ids.insert({st.st_dev, st.st_ino}).second) {
+            if (!layers->ids.insert(probe.id).second) {
                 return {};  // a layer shared with a chain already walked
             }
         }
-        TRY_ASSIGN(std::string backing, recorded_backing(fd->get(), current));
-        if (backing.empty()) {
+        if (probe.header_error) {
+            return *probe.header_error;
+        }
+        if (probe.backing.empty()) {
             return {};
         }
         Result<std::string> next =
-            resolve_backing(current, backing, in.dir_real, in.allow_external_backing);
+            resolve_backing(current, probe.backing, in.dir_real, in.allow_external_backing);
         if (!next || (!next->empty() && (*next)[0] == '/')) {
             return {};  // outside the directory: not one of our layers
         }
         previous = current;
         current = *next;
-        path += " -> " + current;
     }
     return {};
 }
@@ -292,7 +240,7 @@ std::string check_served_chain(int dir_fd, const std::string& dir_real, bool all
             (named.st_dev != served.st_dev || named.st_ino != served.st_ino)) {
             return fmt::format("{} on disk is another file than the one served", l.file);
         }
-        Result<std::string> backing = served_backing(l.fd, l.file);
+        Result<std::string> backing = read_backing_field(l.fd, l.file);
         if (!backing) {
             return backing.error().message();
         }

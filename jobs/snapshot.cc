@@ -42,10 +42,7 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
     // The overlay is laid out as its backing is: a user who chose a cluster size, or left
     // extended L2 off so that QEMU before 5.2 can open the images, gets the same in every
     // snapshot. Over a raw backing, qemu-img's defaults (64 KiB, no extended L2).
-    if (auto* q = dynamic_cast<Qcow2Node*>(top.node.get())) {
-        o.cluster_size = static_cast<uint32_t>(q->header().cluster_size());
-        o.extended_l2 = q->header().extended_l2();
-    }
+    Qcow2Node::inherit_layout(*top.node, &o);
     return o;
 }
 
@@ -105,6 +102,8 @@ Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     if (images->options().wrap_file) {
         storage = images->options().wrap_file(env, &tx, storage, t->file);
     }
+    // A snapshot overlay is always qcow2, whatever the layer below, so the job names that driver
+    // itself: there is no format choice for a generic "open a new layer" call to make.
     auto node = Qcow2Node::create(env, t->file, &tx, storage, q);
     CO_TRY(tx.commit());
     CO_TRY(co_await node->load());

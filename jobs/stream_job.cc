@@ -7,7 +7,6 @@
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "core/transaction.h"
-#include "drivers/qcow2/qcow2_node.h"
 #include "jobs/chain_edit.h"
 
 namespace imgfs {
@@ -129,7 +128,7 @@ Task<Status> StreamJob::finish() {
     if (own > 0) {
         CO_TRY(co_await splice_out(images_, image_ref(), 1, own, true));
     } else {
-        CO_TRY(co_await dynamic_cast<Qcow2Node*>(top_.get())->set_backing_name("", std::nullopt));
+        CO_TRY(co_await top_->set_backing_name("", std::nullopt));
     }
     Transaction tx(images_->env().graph);
     tx.replace_node(filter_.get(), top_);
@@ -159,7 +158,8 @@ Task<Status> StreamJob::complete() {
 }
 
 Task<Status> StreamJob::body() {
-    if (dynamic_cast<Qcow2Node*>(image()->chain.top().get()) == nullptr) {
+    // A layer that records no backing name cannot be made to stand alone (only qcow2 can).
+    if (!image()->chain.top()->caps().backing_name) {
         co_return make_error(EINVAL, "{}: the top layer is not qcow2", image()->name);
     }
     CO_TRY(co_await attach());

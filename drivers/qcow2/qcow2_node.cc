@@ -44,6 +44,7 @@ Task<Status> Qcow2Node::load() {
     caps_.discard = true;
     caps_.block_status = true;
     caps_.resize = !read_only_;
+    caps_.backing_name = true;
     co_return Status{};
 }
 
@@ -353,6 +354,13 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
 
 Task<Status> Qcow2Node::set_backing_name(std::string name, std::optional<std::string> format) {
     co_return co_await meta_->set_backing(std::move(name), std::move(format));
+}
+
+void Qcow2Node::inherit_layout(const Node& backing, qcow2::CreateOptions* options) {
+    if (const auto* q = dynamic_cast<const Qcow2Node*>(&backing)) {
+        options->cluster_size = static_cast<uint32_t>(q->header().cluster_size());
+        options->extended_l2 = q->header().extended_l2();
+    }
 }
 
 }  // namespace imgfs

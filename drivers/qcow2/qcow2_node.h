@@ -14,6 +14,7 @@
 
 #include "core/node.h"
 #include "core/range_lock.h"
+#include "drivers/qcow2/create.h"
 #include "drivers/qcow2/metadata.h"
 
 namespace imgfs {
@@ -35,15 +36,20 @@ class Qcow2Node final : public Node {
     [[nodiscard]] const qcow2::Header& header() const { return meta_->header(); }
     [[nodiscard]] qcow2::Metadata* metadata() const { return meta_.get(); }
     /// The backing file name as the header records it (empty: none).
-    [[nodiscard]] const std::string& backing_file_name() const {
+    [[nodiscard]] std::string backing_file_name() const override {
         return meta_->header().backing_file;
     }
-    [[nodiscard]] std::optional<std::string> backing_format() const {
+    [[nodiscard]] std::optional<std::string> backing_format() const override {
         return meta_->header().backing_format;
     }
 
     /// Rewrites the header's backing file name and format (jobs: after a commit or stream).
-    Task<Status> set_backing_name(std::string name, std::optional<std::string> format);
+    Task<Status> set_backing_name(std::string name, std::optional<std::string> format) override;
+
+    /// The layout a new overlay over `backing` takes from it (cluster size, extended L2), so
+    /// that a user's choice carries over to every snapshot. Over a raw layer, qemu-img's
+    /// defaults. Here because only this driver knows what its layers' layout is.
+    static void inherit_layout(const Node& backing, qcow2::CreateOptions* options);
 
     void describe(JsonWriter* out) const override;
     Task<Status> set_writable(bool writable) override;

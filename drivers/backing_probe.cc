@@ -1,0 +1,147 @@
+#include "drivers/backing_probe.h"
+
+#include <algorithm>
+#include <unistd.h>
+
+#include <sys/stat.h>
+
+#include "core/buffer.h"
+#include "drivers/image_chain.h"
+#include "drivers/qcow2/format.h"
+
+namespace imgfs {
+
+namespace {
+
+// Reads are whole aligned blocks: the descriptor may be O_DIRECT (mount option direct).
+constexpr uint64_t kBlockBytes = 4096;
+
+bool has_qcow2_magic(ConstBuf first) {
+    return first.size() >= 4 && qcow2::load_be32(first.data() + qcow2::kOffMagic) == qcow2::kMagic;
+}
+
+// How many bytes from the start parse_header needs to give the answer it would give on the
+// whole header cluster. With a backing name inside the cluster: up to its end (the extension
+// area stops at the name). Otherwise the cluster, since the extensions may run to its end. A
+// header too broken to say is parsed from the first block, which is enough for its error.
+uint64_t header_bytes_wanted(ConstBuf first) {
+    if (!has_qcow2_magic(first) || first.size() < qcow2::kOffClusterBits + 4) {
+        return first.size();
+    }
+    uint32_t bits = qcow2::load_be32(first.data() + qcow2::kOffClusterBits);
+    if (bits < qcow2::kMinClusterBits || bits > qcow2::kMaxClusterBits) {
+        return first.size();
+    }
+    uint64_t cluster = uint64_t{1} << bits;
+    uint64_t off = qcow2::load_be64(first.data() + qcow2::kOffBackingFileOffset);
+    uint64_t len = qcow2::load_be32(first.data() + qcow2::kOffBackingFileSize);
+    if (off != 0 && off <= cluster && len <= cluster - off) {
+        return std::max<uint64_t>(off + len, first.size());
+    }
+    return cluster;
+}
+
+ImageProbe parse_probe(ConstBuf head, const struct stat& st, const std::string& file) {
+    ImageProbe p;
+    p.id = {st.st_dev, st.st_ino};
+    p.file_bytes = static_cast<uint64_t>(st.st_size);
+    if (!has_qcow2_magic(head)) {
+        p.format = "raw";
+        return p;
+    }
+    p.format = "qcow2";
+    Result<qcow2::Header> h = qcow2::parse_header(head, p.file_bytes, file);
+    if (!h) {
+        p.header_error = std::move(h).error();
+        return p;
+    }
+    p.backing = std::move(h->backing_file);
+    p.backing_format = std::move(h->backing_format);
+    return p;
+}
+
+// pread until `buf` is full or the file ends; the bytes read.
+Result<size_t> pread_full(int fd, MutBuf buf, uint64_t offset, const std::string& file) {
+    size_t done = 0;
+    while (done < buf.size()) {
+        ssize_t n =
+            ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            return make_error(errno, "reading {}", file);
+        }
+        if (n == 0) {
+            break;
+        }
+        done += static_cast<size_t>(n);
+    }
+    return done;
+}
+
+Result<struct stat> stat_fd(int fd, const std::string& file) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        return make_error(errno, "stat {}", file);
+    }
+    return st;
+}
+
+}  // namespace
+
+Result<ImageProbe> probe_image_fd(int fd, const std::string& file) {
+    TRY_ASSIGN(struct stat st, stat_fd(fd, file));
+    AlignedBuffer buf(kBlockBytes);
+    TRY_ASSIGN(size_t got, pread_full(fd, buf.span(), 0, file));
+    uint64_t want = header_bytes_wanted(ConstBuf(buf.data(), got));
+    if (want > got && got == kBlockBytes) {
+        buf = AlignedBuffer(align_up(want, kBlockBytes));
+        TRY_ASSIGN(got, pread_full(fd, buf.span(), 0, file));
+    }
+    return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
+}
+
+Task<Result<ImageProbe>> probe_image_fd(EventLoop* loop, int fd, std::string file) {
+    CO_TRY_ASSIGN(struct stat st, stat_fd(fd, file));
+    AlignedBuffer buf(kBlockBytes);
+    CO_TRY_ASSIGN(size_t got, co_await loop->read_full(fd, buf.span(), 0));
+    uint64_t want = header_bytes_wanted(ConstBuf(buf.data(), got));
+    if (want > got && got == kBlockBytes) {
+        buf = AlignedBuffer(align_up(want, kBlockBytes));
+        CO_TRY_ASSIGN(got, co_await loop->read_full(fd, buf.span(), 0));
+    }
+    co_return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
+}
+
+Result<ImageProbe> probe_image(int dir_fd, const std::string& file) {
+    TRY_ASSIGN(UniqueFd fd, open_beneath(dir_fd, file, true, false));
+    return probe_image_fd(fd.get(), file);
+}
+
+Result<std::string> read_backing_field(int fd, const std::string& file) {
+    AlignedBuffer head(kBlockBytes);
+    TRY_ASSIGN(size_t got, pread_full(fd, head.span(), 0, file));
+    if (got < qcow2::kOffBackingFileSize + 4 || !has_qcow2_magic(ConstBuf(head.data(), got))) {
+        return std::string();
+    }
+    uint64_t off = qcow2::load_be64(head.data() + qcow2::kOffBackingFileOffset);
+    uint32_t len = qcow2::load_be32(head.data() + qcow2::kOffBackingFileSize);
+    if (len == 0) {
+        return std::string();
+    }
+    // No name lies past the largest header cluster; anything else is a damaged header.
+    if (len > qcow2::kMaxBackingNameBytes || off > (uint64_t{1} << qcow2::kMaxClusterBits)) {
+        return make_error(EINVAL, "{}: the header's backing file field is implausible", file);
+    }
+    uint64_t start = align_down(off, kBlockBytes);
+    AlignedBuffer name(align_up(off + len, kBlockBytes) - start);
+    Result<size_t> n = pread_full(fd, name.span(), start, file);
+    if (!n || *n < off + len - start) {
+        return make_error(n ? EIO : n.error().errnum, "{}: cannot read the backing file name",
+                          file);
+    }
+    return std::string(reinterpret_cast<const char*>(name.data() + (off - start)), len);
+}
+
+}  // namespace imgfs

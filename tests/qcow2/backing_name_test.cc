@@ -1,0 +1,100 @@
+// The node interface for backing names (Node::backing_file_name, set_backing_name and the
+// backing_name capability) on a qcow2 node and on a raw one, through plain Node pointers, as
+// jobs use it.
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "drivers/backing_probe.h"
+#include "drivers/image_chain.h"
+#include "drivers/qcow2/create.h"
+#include "image_test_util.h"
+
+namespace imgfs {
+namespace {
+
+class BackingNameTest : public test::LoopTest {
+  protected:
+    void make_qcow2(const std::string& name, const std::string& backing,
+                    std::optional<std::string> format) {
+        qcow2::CreateOptions o;
+        o.size = 1 << 20;
+        o.backing_file = backing;
+        o.backing_format = std::move(format);
+        Result<std::vector<uint8_t>> img = qcow2::build_new_image(o);
+        ASSERT_TRUE(img.ok()) << img.error().message();
+        test::write_file(dir_.file(name), *img);
+    }
+    Chain open(const std::string& name) {
+        Result<Chain> c = run(open_chain(env(), dir_.fd(), name, ChainOptions{}));
+        EXPECT_TRUE(c.ok()) << c.error().message();
+        return c.ok() ? std::move(*c) : Chain{};
+    }
+
+    test::ImageDir dir_;
+};
+
+TEST_F(BackingNameTest, Qcow2NodeReportsAndRewritesItsBackingName) {
+    test::write_file(dir_.file("base.raw"), std::vector<uint8_t>(1 << 20, 0x5a));
+    test::write_file(dir_.file("other.raw"), std::vector<uint8_t>(1 << 20, 0x33));
+    make_qcow2("vm1.qcow2", "base.raw", "raw");
+    {
+        Chain c = open("vm1.qcow2");
+        ASSERT_EQ(c.layers.size(), 2U);
+        Node* top = c.top().get();
+        EXPECT_TRUE(top->caps().backing_name);
+        EXPECT_EQ(top->backing_file_name(), "base.raw");
+        EXPECT_EQ(top->backing_format(), "raw");
+        use_rw(c.top());
+        Status st = run(top->set_backing_name("other.raw", "raw"));
+        ASSERT_TRUE(st.ok()) << st.error().message();
+        EXPECT_EQ(top->backing_file_name(), "other.raw");
+        ASSERT_TRUE(run(close_chain(&c)).ok());
+        users_.clear();
+    }
+    // On disk too, as the probe (and so a scan) reads it.
+    Result<ImageProbe> p = probe_image(dir_.fd(), "vm1.qcow2");
+    ASSERT_TRUE(p.ok()) << p.error().message();
+    EXPECT_FALSE(p->header_error);
+    EXPECT_EQ(p->backing, "other.raw");
+    EXPECT_EQ(p->backing_format, "raw");
+    Chain again = open("vm1.qcow2");
+    ASSERT_EQ(again.layers.size(), 2U);
+    EXPECT_EQ(again.layers[1].file, "other.raw");
+    ASSERT_TRUE(run(close_chain(&again)).ok());
+}
+
+TEST_F(BackingNameTest, EmptyNameMakesTheImageStandAlone) {
+    test::write_file(dir_.file("base.raw"), std::vector<uint8_t>(1 << 20, 0));
+    make_qcow2("vm1.qcow2", "base.raw", "raw");
+    {
+        Chain c = open("vm1.qcow2");
+        use_rw(c.top());
+        ASSERT_TRUE(run(c.top()->set_backing_name("", std::nullopt)).ok());
+        EXPECT_EQ(c.top()->backing_file_name(), "");
+        EXPECT_FALSE(c.top()->backing_format());
+        ASSERT_TRUE(run(close_chain(&c)).ok());
+        users_.clear();
+    }
+    Chain again = open("vm1.qcow2");
+    EXPECT_EQ(again.layers.size(), 1U);
+    ASSERT_TRUE(run(close_chain(&again)).ok());
+}
+
+TEST_F(BackingNameTest, RawNodeHasNoBackingNameField) {
+    test::write_file(dir_.file("disk.raw"), std::vector<uint8_t>(1 << 20, 0));
+    Chain c = open("disk.raw");
+    ASSERT_EQ(c.layers.size(), 1U);
+    Node* top = c.top().get();
+    EXPECT_FALSE(top->caps().backing_name);
+    EXPECT_EQ(top->backing_file_name(), "");
+    EXPECT_FALSE(top->backing_format());
+    Status st = run(top->set_backing_name("x.raw", "raw"));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EINVAL);
+    EXPECT_NE(st.error().context.find("records no backing file name"), std::string::npos);
+    ASSERT_TRUE(run(close_chain(&c)).ok());
+}
+
+}  // namespace
+}  // namespace imgfs
