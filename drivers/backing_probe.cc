@@ -6,8 +6,8 @@
 #include <sys/stat.h>
 
 #include "core/buffer.h"
-#include "drivers/image_chain.h"
 #include "drivers/qcow2/format.h"
+#include "drivers/store.h"
 
 namespace imgfs {
 
@@ -114,8 +114,8 @@ Task<Result<ImageProbe>> probe_image_fd(EventLoop* loop, int fd, std::string fil
     co_return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
 }
 
-Result<ImageProbe> probe_image(int dir_fd, const std::string& file) {
-    TRY_ASSIGN(UniqueFd fd, open_beneath(dir_fd, file, true, false));
+Result<ImageProbe> probe_image(Store* store, const std::string& file) {
+    TRY_ASSIGN(UniqueFd fd, store->open(file, true, false));
     return probe_image_fd(fd.get(), file);
 }
 

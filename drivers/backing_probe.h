@@ -15,6 +15,7 @@
 #include "core/result.h"
 #include "core/task.h"
 #include "drivers/chain_walk.h"
+#include "drivers/store.h"
 
 namespace imgfs {
 
@@ -32,9 +33,9 @@ struct ImageProbe {
     std::optional<Error> header_error;
 };
 
-/// Blocking (for the offload thread): probes `file` beneath `dir_fd` (opened read-only with
-/// open_beneath, so it may not leave the directory).
-Result<ImageProbe> probe_image(int dir_fd, const std::string& file);
+/// Blocking (for the offload thread): probes the file `file` of `store` (opened read-only by
+/// the store, so it may not leave it).
+Result<ImageProbe> probe_image(Store* store, const std::string& file);
 
 /// Blocking: probes an open descriptor (O_DIRECT ones too).
 Result<ImageProbe> probe_image_fd(int fd, const std::string& file);

@@ -4,9 +4,7 @@
 #include <unistd.h>
 #include <utility>
 
-#include <linux/openat2.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 
 #include "core/buffer.h"
 #include "core/log.h"
@@ -116,29 +114,6 @@ Result<std::string> resolve_backing(const std::string& overlay, const std::strin
     return r;
 }
 
-Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct) {
-    open_how how{};
-    how.flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0);
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-    long fd = ::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof how);
-    if (fd < 0) {
-        int err = errno;
-        if (err == EXDEV || err == ELOOP) {
-            return make_error(EPERM, "'{}' resolves outside the image directory", path);
-        }
-        return make_error(err, "cannot open '{}'", path);
-    }
-    return UniqueFd(static_cast<int>(fd));
-}
-
-std::string real_dir_path(int dir_fd) {
-    char real[PATH_MAX];
-    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) == nullptr) {
-        return {};
-    }
-    return real;
-}
-
 namespace {
 
 struct LayerSpec {
@@ -184,8 +159,8 @@ std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<
     return fault;
 }
 
-Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOptions opts, bool top,
-                               ChainWalk* walk) {
+Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainOptions opts,
+                               bool top, ChainWalk* walk) {
     bool external = !spec.file.empty() && spec.file[0] == '/';
     Result<UniqueFd> fd_r = external ? [&]() -> Result<UniqueFd> {
         int fd = ::open(spec.file.c_str(), O_CLOEXEC | (opts.read_only ? O_RDONLY : O_RDWR) |
@@ -195,7 +170,7 @@ Task<Result<Layer>> open_layer(NodeEnv env, int dir_fd, LayerSpec spec, ChainOpt
         }
         return UniqueFd(fd);
     }()
-        : open_beneath(dir_fd, spec.file, opts.read_only, opts.direct);
+        : store->open(spec.file, opts.read_only, opts.direct);
     CO_TRY_ASSIGN(UniqueFd fd, std::move(fd_r));
     // The probe's verdict on the header is not used here: a file recorded as raw is raw
     // whatever it holds, and a qcow2 layer's load() parses the same header with the same parser
@@ -261,10 +236,9 @@ Task<void> close_after_failure(NodeEnv env, Chain* chain) {
 
 }  // namespace
 
-Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
+Task<Result<Chain>> open_chain(NodeEnv env, Store* store, std::string file, ChainOptions options,
                                LayerCache* cache) {
-    const std::string dir_real =
-        options.dir_real.empty() ? real_dir_path(dir_fd) : options.dir_real;
+    const std::string dir_real = store->real_path();
     Chain chain;
     ChainWalk walk(file, options.max_depth);
     LayerSpec spec{std::move(file), std::nullopt};
@@ -288,7 +262,7 @@ Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainO
                 break;
             }
         }
-        Result<Layer> opened = co_await open_layer(env, dir_fd, spec, options, depth == 0, &walk);
+        Result<Layer> opened = co_await open_layer(env, store, spec, options, depth == 0, &walk);
         if (!opened) {
             Error err = std::move(opened).error();
             if (!chain.layers.empty()) {

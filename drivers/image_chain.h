@@ -16,6 +16,7 @@
 #include "drivers/chain_walk.h"
 #include "drivers/fault.h"
 #include "drivers/qcow2/metadata.h"
+#include "drivers/store.h"
 
 namespace imgfs {
 
@@ -37,9 +38,6 @@ struct ChainOptions {
     bool direct = false;  // O_DIRECT for every file
     qcow2::Options qcow2;
     uint32_t max_depth = kMaxChainDepth;
-    /// The image directory's real path (real_dir_path), for absolute backing names. Empty: the
-    /// open finds it itself; a caller that opens many chains passes the one it found once.
-    std::string dir_real;
     /// A layer that some of these rules apply to gets a FaultNode between its format node and
     /// its file node, holding those rules (tests and debugging only).
     std::vector<ChainFault> faults;
@@ -70,11 +68,13 @@ struct LayerCache {
     std::map<std::string, std::vector<Layer>> chains;
 };
 
-/// Opens `file` (relative to `dir_fd`) and its whole backing chain. The top layer is writable
+/// Opens `file` (a name in `store`) and its whole backing chain. The top layer is writable
 /// unless `options.read_only`; backing layers are read-only nodes over writable files, so a
 /// job can later make one writable without reopening it. With `cache`, backing layers found
 /// there are reused and newly opened ones are added.
-Task<Result<Chain>> open_chain(NodeEnv env, int dir_fd, std::string file, ChainOptions options,
+/// `store` is only used during the call; the nodes keep what they opened. (It calls
+/// store->open() on the loop: for a local directory an openat2 that does not wait for data.)
+Task<Result<Chain>> open_chain(NodeEnv env, Store* store, std::string file, ChainOptions options,
                                LayerCache* cache = nullptr);
 
 /// Closes every layer, top first (the top flushes its metadata).
@@ -84,17 +84,10 @@ Task<Status> close_chain(Chain* chain);
 /// it cannot be read) and what its driver describes. Shared by `imgfs info` and the info file.
 Task<void> write_layer_json(JsonWriter* w, const Layer* layer);
 
-/// The real path of the directory `dir_fd` names ("" if it has none, e.g. it was removed):
-/// what absolute backing names are compared with.
-std::string real_dir_path(int dir_fd);
-
 /// Resolves the backing name recorded in the image at `overlay` (both relative to the image
 /// directory, whose real path is `dir_real`) to a path relative to the directory. Errors name
 /// the reason (json:, protocol, absolute outside, escaping with ..).
 Result<std::string> resolve_backing(const std::string& overlay, const std::string& backing,
                                     const std::string& dir_real, bool allow_external);
-
-/// Opens `path` beneath `dir_fd`; symlinks and .. may not leave the directory.
-Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct);
 
 }  // namespace imgfs

@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "core/transaction.h"
 #include "drivers/image_chain.h"
+#include "drivers/local_store.h"
 
 namespace imgfs::cli {
 
@@ -38,7 +39,7 @@ struct Offline {
     Graph graph;
     Chain chain;
     std::unique_ptr<BlockBackend> user;
-    UniqueFd dir;
+    std::unique_ptr<Store> dir;  // the image's directory, only while the chain opens
 
     ~Offline() {
         user.reset();
@@ -52,10 +53,11 @@ struct Offline {
             return std::move(l).error();
         }
         loop = std::move(*l);
-        dir.reset(::open(dir_of(file).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (!dir.valid()) {
-            return make_error(errno, "cannot open the directory of {}", file);
+        Result<std::unique_ptr<LocalDirStore>> opened = LocalDirStore::open_dir(dir_of(file));
+        if (!opened) {
+            return make_error(opened.error().errnum, "cannot open the directory of {}", file);
         }
+        dir = std::move(*opened);
         ChainOptions o;
         o.read_only = read_only;
         TRY_ASSIGN(chain, sync_wait(loop.get(), open_chain(env(), dir.get(), base_of(file), o)));

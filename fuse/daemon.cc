@@ -19,6 +19,7 @@
 #include "core/event_loop.h"
 #include "core/graph.h"
 #include "core/task_scope.h"
+#include "drivers/local_store.h"
 #include "fuse/export_fs.h"
 #include "fuse/fuse_server.h"
 #include "fuse/mount_table.h"
@@ -132,14 +133,14 @@ Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jo
 }
 
 // Two daemons serving one directory would each write its images behind the other's back, and a
-// mount over a mount hides the first one's files. The lock on the directory is held by dir_fd
-// for as long as the daemon serves it (ImageSet keeps the descriptor).
-Status check_mount_safety(const MountCommand& cmd, int dir_fd) {
+// mount over a mount hides the first one's files. The store holds its lock for as long as the
+// daemon serves it (ImageSet owns the store).
+Status check_mount_safety(const MountCommand& cmd, Store* store) {
     if (std::optional<MountEntry> m = imgfs_mount_at(cmd.mountpoint)) {
         return make_error(EBUSY, "{} is already an imgfs mount (of {}); unmount it first",
                           cmd.mountpoint, m->source);
     }
-    if (::flock(dir_fd, LOCK_EX | LOCK_NB) != 0) {
+    if (!store->lock_for_serving()) {
         std::string where;
         for (const MountEntry& e : read_mount_table()) {
             if (e.type == "fuse.imgfs" && e.source == cmd.image_dir) {
@@ -180,12 +181,11 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         return fail(loop_r.error().message());
     }
     std::unique_ptr<EventLoop> loop = std::move(*loop_r);
-    UniqueFd dir_fd(::open(cmd.image_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!dir_fd.valid()) {
-        return fail(
-            fmt::format("cannot open image directory {}: {}", cmd.image_dir, strerror(errno)));
+    Result<std::unique_ptr<LocalDirStore>> store = LocalDirStore::open_dir(cmd.image_dir);
+    if (!store) {
+        return fail(store.error().message());
     }
-    if (Status safe = check_mount_safety(cmd, dir_fd.get()); !safe) {
+    if (Status safe = check_mount_safety(cmd, store->get()); !safe) {
         return fail(safe.error().message());
     }
     // Destruction order: images (nodes) before the graph, the graph before the loop.
@@ -193,7 +193,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     NodeEnv env{loop.get(), log, &graph};
     int exit_code = 0;
     {
-        ImageSet images(env, std::move(dir_fd), cmd.image_dir, cmd.images);
+        ImageSet images(env, std::move(*store), cmd.images);
         Status scanned = sync_wait(loop.get(), images.scan());
         if (!scanned) {
             return fail(scanned.error().message());

@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include <linux/falloc.h>
-#include <sys/statfs.h>
 
 #include "core/chain_status.h"
 
@@ -557,27 +556,20 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
 }
 
 Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
-    const int dir = images_->dir_fd();
-    // statfs of the image directory's file system can block: it runs off the loop.
-    std::function<std::optional<struct statfs>()> query = [dir]() -> std::optional<struct statfs> {
-        struct statfs st {};
-        if (::fstatfs(dir, &st) != 0) {
-            return std::nullopt;
-        }
-        return st;
-    };
-    std::optional<struct statfs> got =
-        co_await images_->offloader()->run<std::optional<struct statfs>>(std::move(query));
+    Store* store = images_->store();
+    // Asking the image directory for its room can block: it runs off the loop.
+    std::function<Result<StoreSpace>()> query = [store] { return store->space(); };
+    Result<StoreSpace> got =
+        co_await images_->offloader()->run<Result<StoreSpace>>(std::move(query));
     fuse_statfs_out out{};
     if (got) {
-        const struct statfs& st = *got;
-        out.st.blocks = st.f_blocks;
-        out.st.bfree = st.f_bfree;
-        out.st.bavail = st.f_bavail;
-        out.st.files = st.f_files;
-        out.st.ffree = st.f_ffree;
-        out.st.bsize = static_cast<uint32_t>(st.f_bsize);
-        out.st.frsize = static_cast<uint32_t>(st.f_frsize);
+        out.st.blocks = got->blocks;
+        out.st.bfree = got->free_blocks;
+        out.st.bavail = got->available_blocks;
+        out.st.files = got->files;
+        out.st.ffree = got->free_files;
+        out.st.bsize = got->transfer_bytes;
+        out.st.frsize = got->block_bytes;
     }
     out.st.namelen = 255;
     co_return FuseReply::of(out);

@@ -1,10 +1,6 @@
 #include "jobs/chain_edit.h"
 
 #include <cstring>
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <sys/stat.h>
 
 #include "core/event_loop.h"
 #include "core/log.h"
@@ -57,26 +53,23 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
     co_return st;
 }
 
-Status link_hidden(int dir, const std::string& file) {
+Status link_hidden(Store* store, const std::string& file) {
     std::string hidden = removing_name(file);
-    ::unlinkat(dir, hidden.c_str(), 0);  // a leftover of an earlier crash
-    if (::linkat(dir, file.c_str(), dir, hidden.c_str(), 0) != 0) {
-        return make_error(errno, "cannot link {} to {}", file, hidden);
-    }
-    return {};
+    (void)store->remove(hidden);  // a leftover of an earlier crash
+    return store->add_name(file, hidden);
 }
 
 // Step 1: a hidden name for each file, all or none.
-Status link_all_hidden(int dir, const std::vector<std::string>& files) {
+Status link_all_hidden(Store* store, const std::vector<std::string>& files) {
     for (size_t i = 0; i < files.size(); ++i) {
-        if (Status st = link_hidden(dir, files[i]); !st) {
+        if (Status st = link_hidden(store, files[i]); !st) {
             std::vector<std::string> made;
             for (size_t j = 0; j < i; ++j) {
                 made.push_back(removing_name(files[j]));
             }
             // This runs off the loop, where nothing logs: the link's error also carries the
             // undo's. A hidden name no header uses is harmless until a scan removes it.
-            if (Status undone = unlink_names(dir, made); !undone) {
+            if (Status undone = unlink_names(store, made); !undone) {
                 Error err = std::move(st).error();
                 err.context += fmt::format(" (undoing: {}; the next scan removes what is left)",
                                            undone.error().message());
@@ -108,8 +101,8 @@ Task<void> undo_hidden(ImageSet* images, std::shared_ptr<Export> e, size_t first
             hidden.push_back(removing_name(layers[i].file));
         }
     }
-    const int dir = images->dir_fd();
-    std::function<Status()> unlink = [dir, hidden] { return unlink_names(dir, hidden); };
+    Store* store = images->store();
+    std::function<Status()> unlink = [store, hidden] { return unlink_names(store, hidden); };
     // The edit's own error is what the caller reports; these only leave hidden names, which no
     // header uses, for the next scan to remove.
     Logger* log = images->env().log;
@@ -123,24 +116,16 @@ Task<void> undo_hidden(ImageSet* images, std::shared_ptr<Export> e, size_t first
 
 }  // namespace
 
-Status sync_dir(int dir_fd) {
-    if (::fsync(dir_fd) != 0) {
-        return make_error(errno, "fsync of the image directory");
-    }
-    return {};
-}
-
 Task<Status> sync_image_dir(ImageSet* images) {
     const auto& observer = images->options().sync_dir_observer;
     if (observer) {
-        observer(images->dir_fd(), false);
+        observer(false);
     }
-    Status st = co_await images->env().loop->fsync(images->dir_fd(), false);
-    if (!st) {
-        co_return make_error(st.error().errnum, "fsync of the image directory");
-    }
+    Store* store = images->store();
+    std::function<Status()> sync = [store] { return store->sync(); };
+    CO_TRY(co_await dir_call(images, std::move(sync)));
     if (observer) {
-        observer(images->dir_fd(), true);
+        observer(true);
     }
     co_return Status{};
 }
@@ -149,11 +134,12 @@ Task<Status> dir_call(ImageSet* images, std::function<Status()> call) {
     co_return co_await images->offloader()->run<Status>(std::move(call));
 }
 
-Status unlink_names(int dir, const std::vector<std::string>& names) {
+Status unlink_names(Store* store, const std::vector<std::string>& names) {
     Status first;
     for (const std::string& n : names) {
-        if (::unlinkat(dir, n.c_str(), 0) != 0 && errno != ENOENT && first) {
-            first = make_error(errno, "cannot remove {}", n);
+        Status st = store->remove(n);
+        if (!st && st.error().errnum != ENOENT && first) {
+            first = std::move(st);
         }
     }
     return first;
@@ -178,17 +164,15 @@ bool is_creating_name(const std::string& file) {
 namespace {
 
 // The visible name of a hidden one, removed if it is still the same file (a crash before step 3).
-Status unlink_visible_twins(int dir, const std::vector<std::string>& hidden) {
+Status unlink_visible_twins(Store* store, const std::vector<std::string>& hidden) {
     for (const std::string& h : hidden) {
         std::string visible =
             h.substr(std::strlen(kRemovingPrefix),
                      h.size() - std::strlen(kRemovingPrefix) - std::strlen(kRemovingSuffix));
-        struct stat a {};
-        struct stat b {};
-        if (::fstatat(dir, h.c_str(), &a, 0) == 0 && ::fstatat(dir, visible.c_str(), &b, 0) == 0 &&
-            a.st_dev == b.st_dev && a.st_ino == b.st_ino &&
-            ::unlinkat(dir, visible.c_str(), 0) != 0) {
-            return make_error(errno, "cannot remove {}", visible);
+        Result<FileId> a = store->id_of(h, true);
+        Result<FileId> b = store->id_of(visible, true);
+        if (a && b && *a == *b) {
+            TRY(store->remove(visible));
         }
     }
     return {};
@@ -201,17 +185,16 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
     ChainOptions co;
     co.allow_external_backing = images->options().allow_external_backing;
     co.qcow2 = images->options().qcow2;
-    co.dir_real = images->dir_real();
-    CO_TRY_ASSIGN(Chain chain, co_await open_chain(images->env(), images->dir_fd(), referrer, co));
+    CO_TRY_ASSIGN(Chain chain, co_await open_chain(images->env(), images->store(), referrer, co));
     size_t below = 1;
     std::vector<std::string> hidden;
     while (below < chain.layers.size() && is_removing_name(chain.layers[below].file)) {
         hidden.push_back(chain.layers[below].file);
         ++below;
     }
-    const int dir = images->dir_fd();
-    std::function<Status()> drop_visible = [dir, hidden] {
-        return unlink_visible_twins(dir, hidden);
+    Store* store = images->store();
+    std::function<Status()> drop_visible = [store, hidden] {
+        return unlink_visible_twins(store, hidden);
     };
     Status st = co_await dir_call(images, std::move(drop_visible));
     if (st) {
@@ -230,7 +213,7 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
     Status closed = co_await close_chain(&chain);
     CO_TRY(std::move(st));
     CO_TRY(std::move(closed));
-    std::function<Status()> drop_hidden = [dir, hidden] { return unlink_names(dir, hidden); };
+    std::function<Status()> drop_hidden = [store, hidden] { return unlink_names(store, hidden); };
     CO_TRY(co_await dir_call(images, std::move(drop_hidden)));
     images->env().log->info("{}: finished a chain edit a crash interrupted: it now uses {}",
                             referrer, next.empty() ? "no backing file" : next);
@@ -238,9 +221,9 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
 }
 
 Task<Status> remove_file(ImageSet* images, std::string file) {
-    const int dir = images->dir_fd();
+    Store* store = images->store();
     std::vector<std::string> names{file};
-    std::function<Status()> unlink = [dir, names] { return unlink_names(dir, names); };
+    std::function<Status()> unlink = [store, names] { return unlink_names(store, names); };
     CO_TRY(co_await dir_call(images, std::move(unlink)));
     co_return co_await sync_image_dir(images);
 }
@@ -249,13 +232,20 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
                         bool drop_rest) {
     ImageSet::EditGuard editing(images);  // a scan meanwhile must not take hidden names for garbage
     std::vector<Layer>& layers = e->chain.layers;
-    const int dir = images->dir_fd();
+    Store* store = images->store();
+    if (!store->caps().second_names) {
+        // Without it a crash between steps could leave a header naming a file that is gone.
+        co_return make_error(EOPNOTSUPP,
+                             "{}: {} cannot give a file a second name, which a crash-safe chain "
+                             "edit needs",
+                             e->name, store->display_name());
+    }
     // 1. A hidden second name for every layer leaving the chain.
     std::vector<std::string> files;
     for (size_t i = first; i <= last; ++i) {
         files.push_back(layers[i].file);
     }
-    std::function<Status()> link = [dir, files] { return link_all_hidden(dir, files); };
+    std::function<Status()> link = [store, files] { return link_all_hidden(store, files); };
     CO_TRY(co_await dir_call(images, std::move(link)));
     Status st = co_await sync_image_dir(images);
     // 2. Headers above them use the hidden names (bottom-most first; same files, same content).
@@ -273,7 +263,7 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
     }
     // 3. The visible names go. From here on the edit goes forwards only: a failure leaves the
     // chain whole under the hidden names, which the headers use.
-    std::function<Status()> unlink_visible = [dir, files] { return unlink_names(dir, files); };
+    std::function<Status()> unlink_visible = [store, files] { return unlink_names(store, files); };
     CO_TRY(co_await dir_call(images, std::move(unlink_visible)));
     CO_TRY(co_await sync_image_dir(images));
     // 4. The referrer skips them.
@@ -288,7 +278,7 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         hidden.push_back(removing_name(f));
         images->env().log->info("{}: removed {} from the chain", e->name, f);
     }
-    std::function<Status()> unlink_hidden = [dir, hidden] { return unlink_names(dir, hidden); };
+    std::function<Status()> unlink_hidden = [store, hidden] { return unlink_names(store, hidden); };
     // The edit is done: a hidden name left behind is unused, and the next scan removes it.
     if (Status gone = co_await dir_call(images, std::move(unlink_hidden)); !gone) {
         images->env().log->warn("{}: {} (left for the next scan)", e->name, gone.error().message());

@@ -26,19 +26,17 @@
 
 namespace imgfs {
 
-/// Makes new or removed names in the directory durable (blocking; tests and offline use).
-Status sync_dir(int dir_fd);
-
-/// The same through the event loop, telling ImageSetOptions::sync_dir_observer (the crash
-/// harness's seam: directory fsyncs are not requests that a node filter sees).
+/// Makes new or removed names in the image directory durable (on the offload thread), telling
+/// ImageSetOptions::sync_dir_observer before and after (the crash harness's seam: directory
+/// syncs are not requests that a node filter sees).
 Task<Status> sync_image_dir(ImageSet* images);
 
 /// Runs a blocking directory call on the set's offloader.
 Task<Status> dir_call(ImageSet* images, std::function<Status()> call);
 
-/// Removes each name beneath `dir` (blocking; a name already gone is no error). Tries them all
+/// Removes each name from `store` (blocking; a name already gone is no error). Tries them all
 /// and returns the first failure.
-Status unlink_names(int dir, const std::vector<std::string>& names);
+Status unlink_names(Store* store, const std::vector<std::string>& names);
 
 /// The hidden name a layer gets while it is taken out of a chain.
 std::string removing_name(const std::string& file);

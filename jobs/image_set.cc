@@ -75,11 +75,9 @@ FileNode* file_node_of(Node* layer) {
     return nullptr;
 }
 
-ImageSet::ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetOptions options)
+ImageSet::ImageSet(NodeEnv env, std::unique_ptr<Store> store, ImageSetOptions options)
     : env_(env),
-      dir_fd_(std::move(dir_fd)),
-      dir_path_(std::move(dir_path)),
-      dir_real_(real_dir_path(dir_fd_.get())),
+      store_(std::move(store)),
       options_(std::move(options)),
       timers_(env.loop),
       scan_lock_(env.loop, &timers_),
@@ -137,11 +135,10 @@ Task<Result<TimedMutex::Guard>> ImageSet::lock_export(std::shared_ptr<Export> e,
 
 Task<Status> ImageSet::verify_chain(std::shared_ptr<Export> e) {
     std::vector<ServedLayer> layers = served_layers(*e);
-    const int dir = dir_fd_.get();
-    const std::string real = dir_real_;
+    Store* store = store_.get();
     const bool external = options_.allow_external_backing;
-    std::function<std::string()> check = [dir, real, external, layers] {
-        return check_served_chain(dir, real, external, layers);
+    std::function<std::string()> check = [store, external, layers] {
+        return check_served_chain(store, external, layers);
     };
     std::string why = co_await offloader_.run<std::string>(std::move(check));
     if (why.empty()) {
@@ -193,14 +190,12 @@ Task<ImageSet::Locked> ImageSet::lock_all() {
 Task<Status> ImageSet::scan() {
     std::optional<TimedMutex::Guard> scanning = co_await scan_lock_.lock_for(options_.op_wait);
     if (!scanning) {
-        co_return make_error(EBUSY, "{}: another rescan did not finish within {} ms", dir_path_,
+        co_return make_error(EBUSY, "{}: another rescan did not finish within {} ms", dir_path(),
                              options_.op_wait.count());
     }
     Locked locked = co_await lock_all();
     ScanInput in;
-    in.dir_fd = dir_fd_.get();
-    in.dir_path = dir_path_;
-    in.dir_real = dir_real_;
+    in.store = store_.get();
     in.allow_external_backing = options_.allow_external_backing;
     // Held locks exclude chain edits on those images; a busy one may be in the middle of one.
     in.remove_leftovers = !options_.read_only && locked.busy.empty() && edits_in_flight_ == 0;
@@ -224,7 +219,7 @@ Task<Status> ImageSet::scan() {
         co_return std::move(*plan.failed);
     }
     for (const std::string& r : plan.removed) {
-        env_.log->info("{}: removed {}", dir_path_, r);
+        env_.log->info("{}: removed {}", dir_path(), r);
     }
     for (const auto& e : locked.busy) {
         plan.wanted.erase(e->name);
@@ -281,7 +276,7 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
 
 void ImageSet::log_problems() {
     for (const ScanProblem& p : problems_) {
-        env_.log->warn("{}: {}", dir_path_, p.reason);
+        env_.log->warn("{}: {}", dir_path(), p.reason);
     }
 }
 
@@ -293,8 +288,7 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     co.qcow2 = options_.qcow2;
     co.faults = options_.faults;
     co.wrap_file = options_.wrap_file;
-    co.dir_real = dir_real_;
-    CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, dir_fd_.get(), root, co, &cache_));
+    CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, store_.get(), root, co, &cache_));
     auto e = std::make_shared<Export>(next_id_++, name, env_.loop, &timers_);
     e->chain = std::move(chain);
     e->backend = std::make_unique<BlockBackend>(env_.loop, name);

@@ -41,7 +41,7 @@ struct ImageSetOptions {
     decltype(ChainOptions::wrap_file) wrap_file;
     /// Tests: called right before (`done` false) and after (`done` true) every fsync of the
     /// image directory, so a crash harness can take a crash point there.
-    std::function<void(int dir_fd, bool done)> sync_dir_observer;
+    std::function<void(bool done)> sync_dir_observer;
     /// How long a snapshot, revert or rescan waits for another operation on the same image (or
     /// another rescan) before it gives up with EBUSY.
     std::chrono::milliseconds op_wait{10000};
@@ -72,8 +72,8 @@ struct Export {
 
 class ImageSet {
   public:
-    /// `dir_fd` stays open for the set's lifetime; `dir_path` is for messages.
-    ImageSet(NodeEnv env, UniqueFd dir_fd, std::string dir_path, ImageSetOptions options);
+    /// The images of `store` (the image directory), which the set owns.
+    ImageSet(NodeEnv env, std::unique_ptr<Store> store, ImageSetOptions options);
     ImageSet(const ImageSet&) = delete;
     ImageSet& operator=(const ImageSet&) = delete;
     /// close_all() must have run (it joins the lock timers).
@@ -92,9 +92,10 @@ class ImageSet {
     [[nodiscard]] std::shared_ptr<Export> find_id(uint64_t id) const;
     /// What the last scan could not export or found wrong (.control/skipped, imgfs status).
     [[nodiscard]] const std::vector<ScanProblem>& problems() const { return problems_; }
-    [[nodiscard]] int dir_fd() const { return dir_fd_.get(); }
-    [[nodiscard]] const std::string& dir_path() const { return dir_path_; }
-    [[nodiscard]] const std::string& dir_real() const { return dir_real_; }
+    /// The image directory. Its calls block: run them on offloader(), except where the Store
+    /// interface says otherwise.
+    [[nodiscard]] Store* store() const { return store_.get(); }
+    [[nodiscard]] const std::string& dir_path() const { return store_->display_name(); }
     [[nodiscard]] const ImageSetOptions& options() const { return options_; }
     [[nodiscard]] const NodeEnv& env() const { return env_; }
     [[nodiscard]] LayerCache* layer_cache() { return &cache_; }
@@ -145,9 +146,7 @@ class ImageSet {
     void log_problems();
 
     NodeEnv env_;
-    UniqueFd dir_fd_;
-    std::string dir_path_;
-    std::string dir_real_;
+    std::unique_ptr<Store> store_;
     ImageSetOptions options_;
     LayerCache cache_;
     std::vector<std::shared_ptr<Export>> exports_;

@@ -5,8 +5,6 @@
 #include <cerrno>
 #include <cstdlib>
 
-#include <sys/statvfs.h>
-
 #include "core/chain_status.h"
 #include "core/event_loop.h"
 #include "core/log.h"
@@ -34,15 +32,12 @@ Task<Result<uint64_t>> bytes_above(std::shared_ptr<Export> e, size_t base_index)
     co_return total;
 }
 
-// Free bytes in the image directory's file system (statvfs can block: it runs off the loop).
+// Free bytes in the image directory (the query can block: it runs off the loop).
 Task<Result<uint64_t>> free_bytes(ImageSet* images) {
-    const int dir = images->dir_fd();
-    std::function<Result<uint64_t>()> query = [dir]() -> Result<uint64_t> {
-        struct statvfs vfs {};
-        if (::fstatvfs(dir, &vfs) != 0) {
-            return make_error(errno, "statvfs of the image directory");
-        }
-        return static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    Store* store = images->store();
+    std::function<Result<uint64_t>()> query = [store]() -> Result<uint64_t> {
+        TRY_ASSIGN(StoreSpace space, store->space());
+        return space.available_bytes();
     };
     co_return co_await images->offloader()->run<Result<uint64_t>>(std::move(query));
 }

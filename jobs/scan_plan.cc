@@ -1,8 +1,6 @@
 #include "jobs/scan_plan.h"
 
 #include <algorithm>
-#include <dirent.h>
-#include <fcntl.h>
 #include <set>
 #include <unistd.h>
 
@@ -38,35 +36,18 @@ struct Layers {
 };
 
 Result<Listing> list_directory(const ScanInput& in) {
-    int dup = ::dup(in.dir_fd);
-    if (dup < 0) {
-        return make_error(errno, "{}", in.dir_path);
-    }
-    DIR* d = ::fdopendir(dup);
-    if (d == nullptr) {
-        int err = errno;
-        ::close(dup);
-        return make_error(err, "cannot read {}", in.dir_path);
-    }
-    ::rewinddir(d);
+    TRY_ASSIGN(std::vector<StoreEntry> entries, in.store->list());
     Listing out;
-    while (dirent* ent = ::readdir(d)) {
-        std::string name = ent->d_name;
-        struct stat st {};
-        if (is_removing_name(name)) {
-            out.hidden.push_back(name);
-        } else if (is_creating_name(name)) {
-            out.creating.push_back(name);
-        } else if (is_image_file_name(name) && ::fstatat(in.dir_fd, name.c_str(), &st, 0) == 0 &&
-                   S_ISREG(st.st_mode)) {
-            // (Subfolders, dangling links and devices are not images here.)
-            out.images.push_back(Candidate{name, {st.st_dev, st.st_ino}, false});
+    for (StoreEntry& e : entries) {
+        if (is_removing_name(e.name)) {
+            out.hidden.push_back(std::move(e.name));
+        } else if (is_creating_name(e.name)) {
+            out.creating.push_back(std::move(e.name));
+        } else if (is_image_file_name(e.name)) {
+            out.images.push_back(Candidate{std::move(e.name), e.id, false});
         }
     }
-    ::closedir(d);
-    std::sort(out.images.begin(), out.images.end(),
-              [](const Candidate& a, const Candidate& b) { return a.file < b.file; });
-    return out;
+    return out;  // sorted: the store lists names in order
 }
 
 // Follows the chain below `file` and records every layer's inode and the names headers use. A
@@ -80,7 +61,7 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
     ChainWalk walk(file);
     while (walk.room_for_more()) {
         const bool top = walk.depth() == 0;
-        Result<UniqueFd> fd = open_beneath(in.dir_fd, current, true, false);
+        Result<UniqueFd> fd = in.store->open(current, true, false);
         if (!fd) {
             return top ? std::move(fd).error()
                        : Status{};  // a missing backing file: the top reports it
@@ -104,8 +85,8 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         if (probe.backing.empty()) {
             return {};
         }
-        Result<std::string> next =
-            resolve_backing(current, probe.backing, in.dir_real, in.allow_external_backing);
+        Result<std::string> next = resolve_backing(current, probe.backing, in.store->real_path(),
+                                                   in.allow_external_backing);
         if (!next || (!next->empty() && (*next)[0] == '/')) {
             return {};  // outside the directory: not one of our layers
         }
@@ -121,18 +102,18 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
     // failed step) before it was needed or after it no longer was. The visible name, if any,
     // is the file's real one.
     for (const std::string& h : listing.hidden) {
-        if (layers.referenced.count(h) == 0 && ::unlinkat(in.dir_fd, h.c_str(), 0) == 0) {
+        if (layers.referenced.count(h) == 0 && in.store->remove(h)) {
             plan->removed.push_back(h + ", left over from an interrupted chain edit");
         }
     }
     // A snapshot overlay a crash caught before its rename: never part of any chain.
     for (const std::string& c : listing.creating) {
-        if (::unlinkat(in.dir_fd, c.c_str(), 0) == 0) {
+        if (in.store->remove(c)) {
             plan->removed.push_back(c + ", left over from an interrupted snapshot");
         }
     }
     if (!plan->removed.empty()) {
-        ::fsync(in.dir_fd);  // best effort: a crash before it only brings the garbage back
+        (void)in.store->sync();  // best effort: a crash before it only brings the garbage back
     }
 }
 
@@ -166,12 +147,13 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers, Sc
 // dropped instead of reported.
 void keep_served_layers(const ScanInput& in, Layers* layers) {
     for (const auto& [id, chain] : in.served) {
-        struct stat named {};
         struct stat served {};
-        if (chain.empty() || chain.front().fd < 0 ||
-            ::fstatat(in.dir_fd, chain.front().file.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0 ||
-            ::fstat(chain.front().fd, &served) != 0 || named.st_dev != served.st_dev ||
-            named.st_ino != served.st_ino) {
+        if (chain.empty() || chain.front().fd < 0) {
+            continue;
+        }
+        Result<FileId> named = in.store->id_of(chain.front().file, false);
+        if (!named || ::fstat(chain.front().fd, &served) != 0 ||
+            *named != FileId{served.st_dev, served.st_ino}) {
             continue;  // the root went or changed: the scan decides about the export afresh
         }
         for (size_t i = 1; i < chain.size(); ++i) {
@@ -215,8 +197,7 @@ ScanPlan plan_scan(const ScanInput& in) {
     }
     choose_roots(listing->images, layers, &plan);
     for (const auto& [id, chain] : in.served) {
-        std::string why =
-            check_served_chain(in.dir_fd, in.dir_real, in.allow_external_backing, chain);
+        std::string why = check_served_chain(in.store, in.allow_external_backing, chain);
         if (!why.empty()) {
             plan.mismatches[id] = why;
         }
@@ -224,20 +205,19 @@ ScanPlan plan_scan(const ScanInput& in) {
     return plan;
 }
 
-std::string check_served_chain(int dir_fd, const std::string& dir_real, bool allow_external_backing,
+std::string check_served_chain(Store* store, bool allow_external_backing,
                                const std::vector<ServedLayer>& layers) {
     for (size_t i = 0; i < layers.size(); ++i) {
         const ServedLayer& l = layers[i];
         if (l.fd < 0 || (!l.file.empty() && l.file[0] == '/')) {
             continue;  // not a file of the directory: nothing to compare
         }
-        struct stat named {};
         struct stat served {};
-        if (::fstatat(dir_fd, l.file.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0) {
+        Result<FileId> named = store->id_of(l.file, false);
+        if (!named) {
             return fmt::format("{} is missing on disk", l.file);
         }
-        if (::fstat(l.fd, &served) == 0 &&
-            (named.st_dev != served.st_dev || named.st_ino != served.st_ino)) {
+        if (::fstat(l.fd, &served) == 0 && *named != FileId{served.st_dev, served.st_ino}) {
             return fmt::format("{} on disk is another file than the one served", l.file);
         }
         Result<std::string> backing = read_backing_field(l.fd, l.file);
@@ -248,7 +228,7 @@ std::string check_served_chain(int dir_fd, const std::string& dir_real, bool all
         std::string named_below;
         if (!backing->empty()) {
             Result<std::string> r =
-                resolve_backing(l.file, *backing, dir_real, allow_external_backing);
+                resolve_backing(l.file, *backing, store->real_path(), allow_external_backing);
             named_below = r ? *r : *backing;
         }
         if (named_below != below) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/result.h"
+#include "drivers/store.h"
 
 namespace imgfs {
 
@@ -21,9 +22,7 @@ struct ServedLayer {
 };
 
 struct ScanInput {
-    int dir_fd = -1;
-    std::string dir_path;  // for messages
-    std::string dir_real;
+    Store* store = nullptr;
     bool allow_external_backing = false;
     /// Remove leftovers of interrupted chain edits (writable mount, no edit in progress).
     bool remove_leftovers = false;
@@ -56,7 +55,7 @@ ScanPlan plan_scan(const ScanInput& in);
 /// Blocking: "" if the directory still holds `layers` (top first) as one chain — every name
 /// present, the same file as the one served, each header naming the next layer as its backing
 /// file — else what differs.
-std::string check_served_chain(int dir_fd, const std::string& dir_real, bool allow_external_backing,
+std::string check_served_chain(Store* store, bool allow_external_backing,
                                const std::vector<ServedLayer>& layers);
 
 }  // namespace imgfs

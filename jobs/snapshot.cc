@@ -9,8 +9,6 @@
 // A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
 // the directory opens as after. A failure undoes everything it did.
 #include <cstdio>
-#include <fcntl.h>
-#include <unistd.h>
 
 #include "core/drain.h"
 #include "core/event_loop.h"
@@ -50,15 +48,12 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
 // directory entry can reach the disk before the content, and an empty or half-written
 // NAME@SNAP.qcow2 left by a crash would be taken for a second root wanting NAME).
 Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
-    const int dir = images->dir_fd();
+    Store* store = images->store();
     const std::string tmp = creating_name(t->file);
-    std::function<Result<int>()> open_tmp = [dir, tmp]() -> Result<int> {
-        ::unlinkat(dir, tmp.c_str(), 0);  // a leftover of an earlier crash
-        int fd = ::openat(dir, tmp.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
-        if (fd < 0) {
-            return make_error(errno, "cannot create {}", tmp);
-        }
-        return fd;
+    std::function<Result<int>()> open_tmp = [store, tmp]() -> Result<int> {
+        (void)store->remove(tmp);  // a leftover of an earlier crash
+        TRY_ASSIGN(UniqueFd fd, store->create_exclusive(tmp));
+        return fd.release();  // (the offloader's results are copyable)
     };
     Result<int> opened = co_await images->offloader()->run<Result<int>>(std::move(open_tmp));
     CO_TRY(opened);
@@ -67,9 +62,9 @@ Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
                                                   overlay_options(t->e->chain.layers.front()));
     const std::string file = t->file;
     if (created) {
-        std::function<Status()> rename = [dir, tmp, file]() -> Status {
-            if (::renameat2(dir, tmp.c_str(), dir, file.c_str(), RENAME_NOREPLACE) != 0) {
-                return make_error(errno, "cannot create {}", file);
+        std::function<Status()> rename = [store, tmp, file]() -> Status {
+            if (Status st = store->rename_noreplace(tmp, file); !st) {
+                return make_error(st.error().errnum, "cannot create {}", file);
             }
             return {};
         };
@@ -77,7 +72,7 @@ Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
     }
     if (!created) {
         std::vector<std::string> names{tmp};
-        std::function<Status()> unlink = [dir, names] { return unlink_names(dir, names); };
+        std::function<Status()> unlink = [store, names] { return unlink_names(store, names); };
         // The snapshot fails with the creation's error; a .creating leftover is never exported.
         if (Status st = co_await dir_call(images, std::move(unlink)); !st) {
             images->env().log->warn("{}: {}", t->e->name, st.error().message());
@@ -134,14 +129,14 @@ Result<SnapshotTarget> make_target(std::shared_ptr<Export> e, const std::string&
 
 // EEXIST for a target whose file name is taken (checked off the loop, under the locks).
 Task<Status> check_names_free(ImageSet* images, const std::vector<SnapshotTarget>* ts) {
-    const int dir = images->dir_fd();
+    Store* store = images->store();
     std::vector<std::pair<std::string, std::string>> names;  // image, file
     for (const auto& t : *ts) {
         names.emplace_back(t.e->name, t.file);
     }
-    std::function<Status()> check = [dir, names]() -> Status {
+    std::function<Status()> check = [store, names]() -> Status {
         for (const auto& [image, file] : names) {
-            if (::faccessat(dir, file.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+            if (store->id_of(file, false)) {
                 return make_error(EEXIST, "{}: {} already exists", image, file);
             }
         }
@@ -179,8 +174,8 @@ Task<void> undo_snapshot(ImageSet* images, std::vector<SnapshotTarget*> frozen,
             created.push_back(t.file);
         }
     }
-    const int dir = images->dir_fd();
-    std::function<Status()> unlink = [dir, created] { return unlink_names(dir, created); };
+    Store* store = images->store();
+    std::function<Status()> unlink = [store, created] { return unlink_names(store, created); };
     if (Status st = co_await dir_call(images, std::move(unlink)); !st) {
         // An overlay left behind shows its backing's content: the directory opens as before.
         log->error("undoing a failed snapshot: {}", st.error().message());

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "drivers/image_chain.h"
+#include "drivers/local_store.h"
 #include "drivers/qcow2/create.h"
 #include "drivers/qcow2/format.h"
 #include "test_util.h"
@@ -55,7 +56,7 @@ class BackingProbeTest : public test::LoopTest {
     // Probes `name` blocking and on the loop, checks that both give the same answer, and
     // returns it.
     Result<ImageProbe> probe(const std::string& name) {
-        Result<ImageProbe> blocking = probe_image(dir_fd_, name);
+        Result<ImageProbe> blocking = probe_image(LocalDirStore::over(dir_fd_).get(), name);
         Result<UniqueFd> fd = open_beneath(dir_fd_, name, true, false);
         EXPECT_TRUE(fd.ok());
         if (!fd.ok()) {
@@ -195,7 +196,7 @@ TEST_F(BackingProbeTest, SymlinkOutOfTheDirectoryIsNotProbed) {
         f << "secret";
     }
     ASSERT_EQ(::symlink(outside.file("secret.img").c_str(), dir_.file("link.img").c_str()), 0);
-    Result<ImageProbe> p = probe_image(dir_fd_, "link.img");
+    Result<ImageProbe> p = probe_image(LocalDirStore::over(dir_fd_).get(), "link.img");
     ASSERT_FALSE(p.ok());
     EXPECT_EQ(p.error().errnum, EPERM);
     EXPECT_NE(p.error().context.find("resolves outside the image directory"), std::string::npos);
@@ -236,7 +237,8 @@ TEST_F(BackingProbeTest, BackingFieldOfAServedImage) {
 TEST_F(BackingProbeTest, OpenChainRefusesLoops) {
     put("a.qcow2", qcow2_image("b.qcow2", "qcow2"));
     put("b.qcow2", qcow2_image("a.qcow2", "qcow2"));
-    Result<Chain> c = run(open_chain(env(), dir_fd_, "a.qcow2", ChainOptions{}));
+    Result<Chain> c =
+        run(open_chain(env(), LocalDirStore::over(dir_fd_).get(), "a.qcow2", ChainOptions{}));
     ASSERT_FALSE(c.ok());
     EXPECT_EQ(c.error().errnum, ELOOP);
     EXPECT_NE(c.error().context.find("loops (a.qcow2 -> b.qcow2 -> a.qcow2)"), std::string::npos)
@@ -250,14 +252,14 @@ TEST_F(BackingProbeTest, OpenChainRefusesTooDeepChains) {
     }
     ChainOptions o;
     o.max_depth = 4;
-    Result<Chain> c = run(open_chain(env(), dir_fd_, "l4.qcow2", o));
+    Result<Chain> c = run(open_chain(env(), LocalDirStore::over(dir_fd_).get(), "l4.qcow2", o));
     ASSERT_FALSE(c.ok());
     EXPECT_EQ(c.error().errnum, ELOOP);
     EXPECT_NE(c.error().context.find("backing chain of 'l4.qcow2' is deeper than 4 layers"),
               std::string::npos)
         << c.error().message();
     o.max_depth = 5;
-    Result<Chain> ok = run(open_chain(env(), dir_fd_, "l4.qcow2", o));
+    Result<Chain> ok = run(open_chain(env(), LocalDirStore::over(dir_fd_).get(), "l4.qcow2", o));
     ASSERT_TRUE(ok.ok()) << ok.error().message();
     EXPECT_EQ(ok->layers.size(), 5U);
     EXPECT_TRUE(run(close_chain(&*ok)).ok());

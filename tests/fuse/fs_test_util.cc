@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <unistd.h>
 
+#include "drivers/local_store.h"
 #include "drivers/qcow2/format.h"
 
 namespace imgfs::test {
@@ -117,8 +118,10 @@ void FsTest::make_raw(const std::string& file, uint64_t size) {
 }
 
 void FsTest::start(ImageSetOptions options) {
-    images_ = std::make_unique<ImageSet>(env(), UniqueFd(::dup(dir_fd_.get())),
-                                         dir_.path().string(), std::move(options));
+    images_ = std::make_unique<ImageSet>(
+        env(),
+        std::make_unique<LocalDirStore>(UniqueFd(::dup(dir_fd_.get())), dir_.path().string()),
+        std::move(options));
     Status st = run(images_->scan());
     ASSERT_TRUE(st.ok()) << st.error().message();
     jobs_ = std::make_unique<JobManager>(images_.get(), &log_);

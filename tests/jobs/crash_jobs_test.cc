@@ -32,6 +32,7 @@
 
 #include "core/transaction.h"
 #include "drivers/file.h"
+#include "drivers/local_store.h"
 #include "jobs/chain_edit.h"
 #include "jobs/image_set.h"
 #include "jobs/job_manager.h"
@@ -162,7 +163,7 @@ class CrashJobs : public test::LoopTest {
 
 void CrashJobs::write_layer(const test::ImageDir& dir, const std::string& file, uint8_t fill,
                             int count) {
-    auto chain = run(open_chain(env(), dir.fd(), file, ChainOptions{}));
+    auto chain = run(open_chain(env(), LocalDirStore::over(dir.fd()).get(), file, ChainOptions{}));
     ASSERT_TRUE(chain.ok()) << chain.error().message();
     use_rw(chain->top());
     std::mt19937_64 rng(fill);
@@ -177,7 +178,9 @@ void CrashJobs::write_layer(const test::ImageDir& dir, const std::string& file, 
 }
 
 std::vector<uint8_t> CrashJobs::read_export(const test::ImageDir& dir) {
-    ImageSet images(env(), UniqueFd(::dup(dir.fd())), dir.path().string(), ImageSetOptions{});
+    ImageSet images(env(),
+                    std::make_unique<LocalDirStore>(UniqueFd(::dup(dir.fd())), dir.path().string()),
+                    ImageSetOptions{});
     EXPECT_TRUE(run(images.scan()).ok());
     std::shared_ptr<Export> e = images.find("vm");
     EXPECT_NE(e, nullptr);
@@ -240,9 +243,10 @@ std::string CrashJobs::check_state(const std::map<std::string, std::vector<uint8
         recovery.clock.on_issue = [&recovery](uint64_t seq) { recovery.capture(seq); };
         g_world = &recovery;
         o.wrap_file = wrap;
-        o.sync_dir_observer = observe_sync;
+        o.sync_dir_observer = [fd = d.fd()](bool done) { observe_sync(fd, done); };
     }
-    ImageSet images(env(), UniqueFd(::dup(d.fd())), d.path().string(), o);
+    ImageSet images(env(),
+                    std::make_unique<LocalDirStore>(UniqueFd(::dup(d.fd())), d.path().string()), o);
     std::string err;
     std::shared_ptr<Export> e;
     if (Status st = run(images.scan()); !st) {
@@ -361,7 +365,7 @@ void CrashJobs::run_and_check(const test::ImageDir& dir, const std::string& befo
                               const std::string& after_root, bool commit, const char* what) {
     const std::vector<uint8_t> want = read_export(dir);
     ASSERT_EQ(want.size(), kGuest);
-    ASSERT_TRUE(sync_dir(dir.fd()).ok());
+    ASSERT_EQ(::fsync(dir.fd()), 0);
     auto started = std::chrono::steady_clock::now();
     World world;
     world.dir_fd = dir.fd();
@@ -371,8 +375,10 @@ void CrashJobs::run_and_check(const test::ImageDir& dir, const std::string& befo
     {
         ImageSetOptions o;
         o.wrap_file = wrap;
-        o.sync_dir_observer = observe_sync;
-        ImageSet images(env(), UniqueFd(::dup(dir.fd())), dir.path().string(), o);
+        o.sync_dir_observer = [fd = dir.fd()](bool done) { observe_sync(fd, done); };
+        ImageSet images(
+            env(), std::make_unique<LocalDirStore>(UniqueFd(::dup(dir.fd())), dir.path().string()),
+            o);
         JobManager jobs(&images, &log_);
         Status st = run(job(&images, &jobs, commit));
         ASSERT_TRUE(st.ok()) << st.error().message();
@@ -439,7 +445,9 @@ TEST_F(CrashJobs, InterruptedOverlayCreation) {
     test::ImageDir dir;
     test::must("qemu-img create -q -f qcow2 " + dir.file("vm.qcow2") + " 1M");
     test::write_file(dir.file(".imgfs-vm@s9.qcow2.creating"), {});
-    ImageSet images(env(), UniqueFd(::dup(dir.fd())), dir.path().string(), ImageSetOptions{});
+    ImageSet images(env(),
+                    std::make_unique<LocalDirStore>(UniqueFd(::dup(dir.fd())), dir.path().string()),
+                    ImageSetOptions{});
     JobManager jobs(&images, &log_);
     ASSERT_TRUE(run(images.scan()).ok());
     std::shared_ptr<Export> e = images.find("vm");

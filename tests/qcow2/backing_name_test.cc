@@ -7,6 +7,7 @@
 
 #include "drivers/backing_probe.h"
 #include "drivers/image_chain.h"
+#include "drivers/local_store.h"
 #include "drivers/qcow2/create.h"
 #include "image_test_util.h"
 
@@ -26,7 +27,8 @@ class BackingNameTest : public test::LoopTest {
         test::write_file(dir_.file(name), *img);
     }
     Chain open(const std::string& name) {
-        Result<Chain> c = run(open_chain(env(), dir_.fd(), name, ChainOptions{}));
+        Result<Chain> c =
+            run(open_chain(env(), LocalDirStore::over(dir_.fd()).get(), name, ChainOptions{}));
         EXPECT_TRUE(c.ok()) << c.error().message();
         return c.ok() ? std::move(*c) : Chain{};
     }
@@ -53,7 +55,7 @@ TEST_F(BackingNameTest, Qcow2NodeReportsAndRewritesItsBackingName) {
         users_.clear();
     }
     // On disk too, as the probe (and so a scan) reads it.
-    Result<ImageProbe> p = probe_image(dir_.fd(), "vm1.qcow2");
+    Result<ImageProbe> p = probe_image(LocalDirStore::over(dir_.fd()).get(), "vm1.qcow2");
     ASSERT_TRUE(p.ok()) << p.error().message();
     EXPECT_FALSE(p->header_error);
     EXPECT_EQ(p->backing, "other.raw");

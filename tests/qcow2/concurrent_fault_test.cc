@@ -38,6 +38,7 @@
 #include "core/transaction.h"
 #include "drivers/fault.h"
 #include "drivers/image_chain.h"
+#include "drivers/local_store.h"
 #include "drivers/qcow2/create.h"
 #include "drivers/qcow2/qcow2_node.h"
 #include "qcow2/image_test_util.h"
@@ -293,7 +294,8 @@ void ConcurrentFaults::make_pristine() {
             ASSERT_TRUE(img.ok()) << img.error().message();
             test::write_file(dir_->file(base), *img);
         }
-        auto chain = run(open_chain(env(), dir_->fd(), base, ChainOptions{}));
+        auto chain =
+            run(open_chain(env(), LocalDirStore::over(dir_->fd()).get(), base, ChainOptions{}));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         use_rw(chain->top());
         // Backing data in every other 4 KiB block of the zones.
@@ -308,7 +310,8 @@ void ConcurrentFaults::make_pristine() {
     ASSERT_TRUE(img.ok()) << img.error().message();
     test::write_file(dir_->file("top.qcow2"), *img);
     if (c.internal_snapshot) {
-        auto chain = run(open_chain(env(), dir_->fd(), "top.qcow2", ChainOptions{}));
+        auto chain = run(
+            open_chain(env(), LocalDirStore::over(dir_->fd()).get(), "top.qcow2", ChainOptions{}));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         use_rw(chain->top());
         Status st =
@@ -336,7 +339,7 @@ Result<Chain> ConcurrentFaults::open_top(bool with_faults) {
             return f;
         };
     }
-    return run(open_chain(env(), dir_->fd(), "top.qcow2", o));
+    return run(open_chain(env(), LocalDirStore::over(dir_->fd()).get(), "top.qcow2", o));
 }
 
 void ConcurrentFaults::set_rules(std::mt19937_64* rng, uint64_t full_at) {

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "core/task_scope.h"
+#include "drivers/local_store.h"
 #include "drivers/qcow2/qcow2_node.h"
 #include "qcow2/image_test_util.h"
 
@@ -283,7 +284,8 @@ TEST_P(Differential, MatchesQemu) {
 
     // Every byte read through our driver (read-only) equals qemu-img's conversion.
     {
-        auto chain = run(open_chain(env(), dir.fd(), "top.qcow2", read_only_chain()));
+        auto chain = run(
+            open_chain(env(), LocalDirStore::over(dir.fd()).get(), "top.qcow2", read_only_chain()));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         auto data = run(test::read_all(chain->top().get()));
         ASSERT_TRUE(data.ok()) << data.error().message();
@@ -294,7 +296,8 @@ TEST_P(Differential, MatchesQemu) {
     // Random writes against a model.
     std::vector<uint8_t> model = expected;
     {
-        auto chain = run(open_chain(env(), dir.fd(), "top.qcow2", ChainOptions{}));
+        auto chain = run(
+            open_chain(env(), LocalDirStore::over(dir.fd()).get(), "top.qcow2", ChainOptions{}));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         use_rw(chain->top());
         auto ops = make_ops(model.size(), spec.cluster_size, 1234, 400);

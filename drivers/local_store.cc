@@ -1,0 +1,185 @@
+#include "drivers/local_store.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <linux/openat2.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+
+namespace imgfs {
+
+namespace {
+
+// A name the name operations take: relative, and with no "." or ".." component, so that it
+// cannot climb out (layers may sit in subdirectories: "sub/base.qcow2"). open() confines its
+// paths with openat2 instead, which also catches symbolic links.
+Status check_name(const std::string& name) {
+    bool bad = name.empty() || name.front() == '/';
+    size_t start = 0;
+    while (!bad && start <= name.size()) {
+        size_t end = name.find('/', start);
+        std::string part = name.substr(start, end == std::string::npos ? end : end - start);
+        bad = part.empty() || part == "." || part == "..";
+        start = end == std::string::npos ? name.size() + 1 : end + 1;
+    }
+    if (bad) {
+        return make_error(EINVAL, "'{}' is not a file name in the image directory", name);
+    }
+    return {};
+}
+
+}  // namespace
+
+LocalDirStore::LocalDirStore(UniqueFd dir_fd, std::string path)
+    : dir_fd_(std::move(dir_fd)), path_(std::move(path)), real_(real_dir_path(dir_fd_.get())) {}
+
+Result<std::unique_ptr<LocalDirStore>> LocalDirStore::open_dir(const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd.valid()) {
+        return make_error(errno, "cannot open image directory {}", path);
+    }
+    return std::make_unique<LocalDirStore>(std::move(fd), path);
+}
+
+std::unique_ptr<LocalDirStore> LocalDirStore::over(int dir_fd) {
+    UniqueFd dup(::fcntl(dir_fd, F_DUPFD_CLOEXEC, 0));
+    std::string real = real_dir_path(dup.get());
+    return std::make_unique<LocalDirStore>(std::move(dup), real);
+}
+
+Result<std::vector<StoreEntry>> LocalDirStore::list() {
+    // readdir on a duplicate: closedir closes it, and the store's own descriptor stays open.
+    int dup = ::fcntl(dir_fd_.get(), F_DUPFD_CLOEXEC, 0);
+    if (dup < 0) {
+        return make_error(errno, "{}", path_);
+    }
+    DIR* d = ::fdopendir(dup);
+    if (d == nullptr) {
+        int err = errno;
+        ::close(dup);
+        return make_error(err, "cannot read {}", path_);
+    }
+    ::rewinddir(d);  // the duplicate shares its offset with earlier listings
+    std::vector<StoreEntry> out;
+    while (dirent* ent = ::readdir(d)) {
+        struct stat st {};
+        if (::fstatat(dir_fd_.get(), ent->d_name, &st, 0) == 0 && S_ISREG(st.st_mode)) {
+            out.push_back(StoreEntry{ent->d_name, {st.st_dev, st.st_ino}});
+        }
+    }
+    ::closedir(d);
+    std::sort(out.begin(), out.end(),
+              [](const StoreEntry& a, const StoreEntry& b) { return a.name < b.name; });
+    return out;
+}
+
+Result<FileId> LocalDirStore::id_of(const std::string& name, bool follow_links) {
+    struct stat st {};
+    if (::fstatat(dir_fd_.get(), name.c_str(), &st, follow_links ? 0 : AT_SYMLINK_NOFOLLOW) != 0) {
+        return make_error(errno, "{}", name);
+    }
+    return FileId{st.st_dev, st.st_ino};
+}
+
+Result<UniqueFd> LocalDirStore::open(const std::string& name, bool read_only, bool direct) {
+    return open_beneath(dir_fd_.get(), name, read_only, direct);
+}
+
+Result<UniqueFd> LocalDirStore::create_exclusive(const std::string& name) {
+    TRY(check_name(name));
+    int fd = ::openat(dir_fd_.get(), name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        return make_error(errno, "cannot create {}", name);
+    }
+    return UniqueFd(fd);
+}
+
+Status LocalDirStore::rename_noreplace(const std::string& from, const std::string& to) {
+    TRY(check_name(from));
+    TRY(check_name(to));
+    if (::renameat2(dir_fd_.get(), from.c_str(), dir_fd_.get(), to.c_str(), RENAME_NOREPLACE) !=
+        0) {
+        return make_error(errno, "cannot rename {} to {}", from, to);
+    }
+    return {};
+}
+
+Status LocalDirStore::add_name(const std::string& existing, const std::string& name) {
+    TRY(check_name(existing));
+    TRY(check_name(name));
+    if (::linkat(dir_fd_.get(), existing.c_str(), dir_fd_.get(), name.c_str(), 0) != 0) {
+        return make_error(errno, "cannot link {} to {}", existing, name);
+    }
+    return {};
+}
+
+Status LocalDirStore::remove(const std::string& name) {
+    TRY(check_name(name));
+    if (::unlinkat(dir_fd_.get(), name.c_str(), 0) != 0) {
+        return make_error(errno, "cannot remove {}", name);
+    }
+    return {};
+}
+
+Status LocalDirStore::sync() {
+    if (::fsync(dir_fd_.get()) != 0) {
+        return make_error(errno, "fsync of the image directory");
+    }
+    return {};
+}
+
+Result<StoreSpace> LocalDirStore::space() {
+    struct statfs st {};
+    if (::fstatfs(dir_fd_.get(), &st) != 0) {
+        return make_error(errno, "statfs of the image directory");
+    }
+    StoreSpace s;
+    s.blocks = st.f_blocks;
+    s.free_blocks = st.f_bfree;
+    s.available_blocks = st.f_bavail;
+    s.files = st.f_files;
+    s.free_files = st.f_ffree;
+    s.block_bytes = static_cast<uint32_t>(st.f_frsize != 0 ? st.f_frsize : st.f_bsize);
+    s.transfer_bytes = static_cast<uint32_t>(st.f_bsize);
+    return s;
+}
+
+Status LocalDirStore::lock_for_serving() {
+    if (::flock(dir_fd_.get(), LOCK_EX | LOCK_NB) != 0) {
+        return make_error(errno, "{} is locked by another process", path_);
+    }
+    return {};
+}
+
+Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct) {
+    open_how how{};
+    how.flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+    long fd = ::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof how);
+    if (fd < 0) {
+        int err = errno;
+        if (err == EXDEV || err == ELOOP) {
+            return make_error(EPERM, "'{}' resolves outside the image directory", path);
+        }
+        return make_error(err, "cannot open '{}'", path);
+    }
+    return UniqueFd(static_cast<int>(fd));
+}
+
+std::string real_dir_path(int dir_fd) {
+    char real[PATH_MAX];
+    if (::realpath(fmt::format("/proc/self/fd/{}", dir_fd).c_str(), real) == nullptr) {
+        return {};
+    }
+    return real;
+}
+
+}  // namespace imgfs
