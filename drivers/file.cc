@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <linux/falloc.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 
 #include "core/event_loop.h"
 #include "core/log.h"
@@ -61,6 +63,9 @@ Status FileNode::init() {
         size_ = static_cast<uint64_t>(end);
     }
     zeros_from_ = size_;
+    struct statfs fs {};
+    in_memory_ = ::fstatfs(fd_.get(), &fs) == 0 &&
+                 (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) && !options_.direct;
     read_only_ = options_.read_only;
     limits_ = Limits{};
     limits_.max_transfer = 16ULL << 20;
@@ -85,8 +90,55 @@ Error FileNode::io_error(int errnum, const char* op, uint64_t offset, uint64_t b
     return make_error(errnum, "{}: {} of {} bytes at {}", name(), op, bytes, offset);
 }
 
+namespace {
+
+// Whole transfers with plain system calls, for files in memory (see FileNode::in_memory).
+Result<size_t> pread_full(int fd, MutBuf buf, uint64_t offset) {
+    size_t done = 0;
+    while (done < buf.size()) {
+        ssize_t n =
+            ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            return make_error(errno, "read");
+        }
+        if (n == 0) {
+            break;  // end of file
+        }
+        done += static_cast<size_t>(n);
+    }
+    return done;
+}
+
+Status pwrite_full(int fd, ConstBuf buf, uint64_t offset) {
+    size_t done = 0;
+    while (done < buf.size()) {
+        ssize_t n =
+            ::pwrite(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return make_error(n < 0 ? errno : EIO, "write");
+        }
+        done += static_cast<size_t>(n);
+    }
+    return {};
+}
+
+}  // namespace
+
 Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
-    CO_TRY_ASSIGN(size_t n, co_await env_.loop->read_full(fd_.get(), buf, offset));
+    // (No co_await inside a conditional expression: GCC 12 mishandles its temporaries.)
+    Result<size_t> got = make_error(EIO, "read");
+    if (in_memory_) {
+        got = pread_full(fd_.get(), buf, offset);
+    } else {
+        got = co_await env_.loop->read_full(fd_.get(), buf, offset);
+    }
+    CO_TRY_ASSIGN(size_t n, std::move(got));
     if (n < buf.size()) {
         // Past EOF (the file may end inside the last aligned block): zeros.
         std::memset(buf.data() + n, 0, buf.size() - n);
@@ -104,7 +156,12 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
     // Raised before the write is issued: a write that fails part way (ENOSPC after a short
     // write) still leaves its first bytes in the file, past the size we know of.
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
-    Status st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    Status st;
+    if (in_memory_) {
+        st = pwrite_full(fd_.get(), buf, offset);
+    } else {
+        st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    }
     if (!st) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
     }
