@@ -69,7 +69,8 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
     } else {
         ring_queues_ = *queues;
         ring_pool_ = std::make_unique<PayloadPool>(
-            options_.max_write_bytes, ring_queues_ * options_.uring_entries_per_queue, SIZE_MAX);
+            options_.max_write_bytes, ring_queues_ * options_.uring_entries_per_queue, SIZE_MAX,
+            std::chrono::milliseconds(1000), PayloadPool::Pages::kSmall);
         if (!ring_pool_->ok()) {
             ring_pool_.reset();
             why = "cannot reserve address space for the ring buffers";

@@ -8,17 +8,17 @@
 namespace imgfs {
 
 PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes,
-                         std::chrono::milliseconds idle_ms)
+                         std::chrono::milliseconds idle_ms, Pages pages)
     : buffer_bytes_(buffer_bytes),
       max_buffers_(max_buffers),
       budget_bytes_(resident_budget_bytes),
       idle_ms_(idle_ms) {
     assert(buffer_bytes % 4096 == 0 && buffer_bytes > 0);
     const size_t used = buffer_bytes * max_buffers;
-    const size_t pages = (used + kHugePageBytes - 1) / kHugePageBytes;
+    const size_t huge_pages = (used + kHugePageBytes - 1) / kHugePageBytes;
     // One huge page more than needed, so that an aligned start fits; the slack stays mapped
     // (address space only) and is unmapped with the rest.
-    mapped_bytes_ = (pages + 1) * kHugePageBytes;
+    mapped_bytes_ = (huge_pages + 1) * kHugePageBytes;
     void* p = ::mmap(nullptr, mapped_bytes_, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
@@ -29,8 +29,9 @@ PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resid
     auto addr = reinterpret_cast<uintptr_t>(mapping_);
     base_ = mapping_ + ((kHugePageBytes - addr % kHugePageBytes) % kHugePageBytes);
     // Advice only: without transparent huge pages the pool works on 4 KiB pages.
-    (void)::madvise(base_, pages * kHugePageBytes, MADV_HUGEPAGE);
-    pages_.resize(pages);
+    (void)::madvise(base_, huge_pages * kHugePageBytes,
+                    pages == Pages::kHuge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    pages_.resize(huge_pages);
 }
 
 PayloadPool::~PayloadPool() {
