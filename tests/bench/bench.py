@@ -36,7 +36,11 @@ KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 CLUSTER = 64 * KIB
 
 # Jobs in the order they run against one contender's chain (reads first, the fresh overlay last).
-FIO_JOBS = ["randread-qd1", "randread-qd32", "seqread", "randwrite-alloc", "seqwrite", "randwrite-cow"]
+FIO_JOBS = ["randread-qd1", "randread-qd32", "seqread", "randwrite-alloc", "seqwrite", "randwrite-cow",
+            "randread-qd1-2j", "randread-qd1-4j", "randread-qd32-2j", "randread-qd32-4j"]
+# The transport suite (--suite transport): 4k random reads with 1, 2 and 4 fio jobs.
+TRANSPORT_JOBS = ["randread-qd1", "randread-qd32", "randread-qd1-2j", "randread-qd1-4j",
+                  "randread-qd32-2j", "randread-qd32-4j"]
 OTHER_JOBS = ["commit", "ext4"]
 ALL_JOBS = FIO_JOBS + OTHER_JOBS
 WRITE_JOBS = {"randwrite-alloc", "seqwrite", "randwrite-cow"}
@@ -48,6 +52,10 @@ JOB_LABEL = {
     "randwrite-alloc": "4k randwrite qd32, allocated clusters",
     "seqwrite": "1M seq write qd8",
     "randwrite-cow": "4k randwrite qd32, fresh overlay (COW)",
+    "randread-qd1-2j": "4k randread qd1, 2 fio jobs",
+    "randread-qd1-4j": "4k randread qd1, 4 fio jobs",
+    "randread-qd32-2j": "4k randread qd32, 2 fio jobs",
+    "randread-qd32-4j": "4k randread qd32, 4 fio jobs",
     "commit": "commit {commit} overlay",
     "ext4": "ext4 on loop: cp -a {tree} + sync",
 }
@@ -55,18 +63,30 @@ JOB_UNIT = {
     "randread-qd1": "IOPS", "randread-qd32": "IOPS", "randwrite-alloc": "IOPS",
     "randwrite-cow": "IOPS", "seqread": "MiB/s", "seqwrite": "MiB/s",
     "commit": "s", "ext4": "s",
+    "randread-qd1-2j": "IOPS", "randread-qd1-4j": "IOPS", "randread-qd32-2j": "IOPS",
+    "randread-qd32-4j": "IOPS",
 }
 LOWER_IS_BETTER = {"commit", "ext4"}
 
-CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
+CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "raw", "null", "imgfs-tmpfs",
+              "imgfs-tmpfs-devfuse"]
+# The contenders of a run without --contenders: the new ones only in the transport suite.
+DEFAULT_CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
+TRANSPORT_CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "null", "imgfs-tmpfs",
+                        "imgfs-tmpfs-devfuse"]
 CONTENDER_LABEL = {
     "imgfs": "imgfs",
+    "imgfs-devfuse": "imgfs, uring=off (/dev/fuse)",
+    "imgfs-tmpfs": "transport: imgfs, raw image on tmpfs",
+    "imgfs-tmpfs-devfuse": "transport: imgfs, raw on tmpfs, uring=off",
     "qsd": "qemu-storage-daemon",
     "qcowmount": "qcowmount",
     "raw": "ceiling: raw file, no FUSE",
     "null": "ceiling: null FUSE (qsd null-co)",
 }
-DAEMONS = ["imgfs", "qsd", "qcowmount"]
+DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount"]
+IMGFS_KEYS = ("imgfs", "imgfs-devfuse", "imgfs-tmpfs", "imgfs-tmpfs-devfuse")
+TRANSPORTS = {}  # imgfs contender -> the transport its status named
 
 ARGS = None
 WORK = None
@@ -76,6 +96,7 @@ PROBLEMS = []  # (contender, text), reported at the end
 LOAD = ["?", "?", 0.0]  # 1-minute load average: at the start, at the end, highest between jobs
 LIVE_PROCS = set()
 LOOPS = set()
+SHM_DIRS = set()  # raw images of the transport contenders, in RAM
 
 
 class StepError(Exception):
@@ -368,6 +389,9 @@ def cleanup_all():
             if mp.startswith(prefix + "/"):
                 force_unmount(mp, fuse=fs.startswith("fuse"))
     finally:
+        for shm in list(SHM_DIRS):
+            shutil.rmtree(shm, ignore_errors=True)
+            SHM_DIRS.discard(shm)
         if not ARGS.keep and not any(mp.startswith(prefix + "/") for mp, _, _ in mounts()):
             shutil.rmtree(prefix, ignore_errors=True)
         elif ARGS.keep:
@@ -456,6 +480,13 @@ class Meter:
         return (self.peak_kib, self.cpu_s)
 
 
+def enable_uring():
+    try:
+        return Path("/sys/module/fuse/parameters/enable_uring").read_text().strip()
+    except OSError:
+        return "absent (kernel without FUSE over io_uring)"
+
+
 def loadavg():
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -505,6 +536,7 @@ class Contender:
     daemon = None
     target = None
     reads_only = False
+    only_jobs = None  # a set: the jobs this contender runs (None: all it can)
     aborted = False
 
     def pid(self):
@@ -555,17 +587,29 @@ def copy_chain(src, d, overlay):
 
 class Imgfs(Contender):
     key = "imgfs"
+    transport_option = None  # None: the default (uring=auto); else the uring= value
 
     def start(self, d, src, overlay="disk.qcow2"):
         self.img = copy_chain(src, d, overlay)
-        self.name = overlay.split(".")[0]
+        self._mount(d, overlay.split(".")[0])
+
+    def _mount(self, d, name):
+        self.name = name
         self.mnt = d / "mnt"
         self.mnt.mkdir()
-        opts = ["-o", ARGS.imgfs_options] if ARGS.imgfs_options else []
-        self.daemon = Daemon("imgfs", [IMGFS, "mount", "-f"] + opts + [self.img, self.mnt])
+        opts = [o for o in ARGS.imgfs_options.split(",") if o]
+        if self.transport_option:
+            opts = [o for o in opts if not o.startswith("uring=")]
+            opts.append(f"uring={self.transport_option}")
+        opts = ["-o", ",".join(opts)] if opts else []
+        self.daemon = Daemon(self.key, [IMGFS, "mount", "-f"] + opts + [self.img, self.mnt])
         self.target = self.mnt / f"{self.name}.raw"
         wait_until(lambda: is_mounted(self.mnt, "fuse") and self.target.exists(), 60,
                    f"imgfs to export {self.target}", self.daemon)
+        info = json.loads((self.mnt / ".control" / self.name / "info").read_text())
+        transport = info.get("transport", "?")
+        TRANSPORTS.setdefault(self.key, set()).add(transport)
+        log(f"{self.key}: transport {transport}")
 
     def control(self, what, text):
         path = self.mnt / ".control" / self.name / what
@@ -607,6 +651,39 @@ class Imgfs(Contender):
         self.daemon.kill(grace=2 if self.aborted else 10)
         force_unmount(self.mnt, fuse=True)
         self.daemon = None
+
+
+class ImgfsDevFuse(Imgfs):
+    key = "imgfs-devfuse"
+    transport_option = "off"
+
+
+class ImgfsTmpfs(Imgfs):
+    """The transport alone: imgfs serving a raw image that lives in RAM (tmpfs), so that what
+    is measured is the FUSE round trip and imgfs's request path, not a disk."""
+    key = "imgfs-tmpfs"
+    only_jobs = set(TRANSPORT_JOBS)
+
+    def start(self, d, src, overlay=None):
+        self.shm = Path(tempfile.mkdtemp(prefix="imgfs-bench.", dir="/dev/shm"))
+        SHM_DIRS.add(self.shm)
+        self.img = self.shm / "img"
+        self.img.mkdir()
+        copy_file(src / "disk.raw", self.img / "t.img")
+        self._mount(d, "t")
+
+    def check_content(self):
+        pass  # a raw copy: its bytes are the chain's, nothing layered to check
+
+    def stop(self):
+        super().stop()
+        shutil.rmtree(self.shm, ignore_errors=True)
+        SHM_DIRS.discard(self.shm)
+
+
+class ImgfsTmpfsDevFuse(ImgfsTmpfs):
+    key = "imgfs-tmpfs-devfuse"
+    transport_option = "off"
 
 
 def qsd_argv(export, blockdevs, node):
@@ -718,7 +795,9 @@ class Null(Contender):
         self.daemon = None
 
 
-CLASSES = {"imgfs": Imgfs, "qsd": Qsd, "qcowmount": Qcowmount, "raw": Raw, "null": Null}
+CLASSES = {"imgfs": Imgfs, "imgfs-devfuse": ImgfsDevFuse, "qsd": Qsd, "qcowmount": Qcowmount,
+           "raw": Raw, "null": Null, "imgfs-tmpfs": ImgfsTmpfs,
+           "imgfs-tmpfs-devfuse": ImgfsTmpfsDevFuse}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,7 +826,8 @@ def prepare_sources(src):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", name],
             timeout=60, cwd=src)
         qemu_io_fill(src / name, "qcow2", 0, amount, pattern)
-    if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and "raw" in ARGS.contenders:
+    needs_raw = {"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse"} & set(ARGS.contenders)
+    if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and needs_raw:
         log("converting the chain to a raw file (ceiling)")
         run(["qemu-img", "convert", "-O", "raw", src / "disk.qcow2", src / "disk.raw"],
             timeout=3600)
@@ -821,6 +901,11 @@ def fio_argv(job, target, src):
          "--lat_percentiles=1"]
     rt = [f"--runtime={ARGS.runtime}", "--time_based=1"]
     whole = [f"--filename={target}", f"--size={ARGS.disk_size}"]
+    if fio_numjobs(job) > 1:
+        # every fio job reads the whole disk at its own random offsets (own seed per job)
+        depth = re.fullmatch(r"randread-qd(\d+)-\d+j", job).group(1)
+        return a + whole + rt + ["--rw=randread", "--bs=4k", f"--iodepth={depth}",
+                                 f"--numjobs={fio_numjobs(job)}"]
     if job == "randread-qd1":
         return a + whole + rt + ["--rw=randread", "--bs=4k", "--iodepth=1"]
     if job == "randread-qd32":
@@ -863,6 +948,11 @@ def run_fio(job, target, src, on_timeout=None):
             "lat_p99_us": (p99 or 0) / 1000}
 
 
+def fio_numjobs(job):
+    m = re.fullmatch(r"randread-qd\d+-(\d+)j", job)
+    return int(m.group(1)) if m else 1
+
+
 def fio_value(job, r):
     return r["iops"] if JOB_UNIT[job] == "IOPS" else r["bw"] / MIB
 
@@ -899,6 +989,11 @@ def fio_round(key, rnd, src):
             if j in WRITE_JOBS:
                 R.na[(j, key)] = "read-only"
         jobs = [j for j in jobs if j not in WRITE_JOBS]
+    if c.only_jobs is not None:
+        for j in jobs:
+            if j not in c.only_jobs:
+                R.na[(j, key)] = "transport jobs only"
+        jobs = [j for j in jobs if j in c.only_jobs]
     if not jobs:
         return
     d = WORK / "run" / f"r{rnd}-{key}"
@@ -1069,32 +1164,46 @@ def cell(job, who):
     return "n/a (failed)"
 
 
-def ratio_value(job, other="qsd"):
-    """Median over the rounds of imgfs/other (other/imgfs for times): >1 means imgfs is faster.
-    Only rounds in which both have a value count."""
-    a = R.by_round.get((job, "imgfs"), {})
-    b = R.by_round.get((job, other), {})
+def ratio_value(job, other="qsd", mine="imgfs", other_job=None):
+    """Median over the rounds of mine/other (other/mine for times): >1 means `mine` is faster.
+    other_job compares two jobs of one contender (e.g. 2 fio jobs against 1). Only rounds in
+    which both have a value count."""
+    a = R.by_round.get((job, mine), {})
+    b = R.by_round.get((other_job or job, other), {})
     rs = [(b[r] / a[r] if job in LOWER_IS_BETTER else a[r] / b[r])
           for r in sorted(set(a) & set(b)) if a[r] and b[r]]
     return median(rs)
 
 
-def ratio(job, other="qsd"):
-    r = ratio_value(job, other)
+def ratio(job, other="qsd", mine="imgfs"):
+    r = ratio_value(job, other, mine)
     return "n/a" if r is None else f"{r:.2f}"
 
 
-# Targets of issue 7: (what, job, compared with, at least)
+# Ratio columns of the results table: (mine, other, heading), shown when both ran.
+RATIO_COLUMNS = [
+    ("imgfs", "qsd", "imgfs/qsd (>1: imgfs faster)"),
+    ("imgfs-devfuse", "qsd", "imgfs uring=off/qsd"),
+    ("imgfs", "imgfs-devfuse", "imgfs default/uring=off"),
+    ("imgfs-tmpfs", "null", "transport: imgfs tmpfs/null FUSE"),
+    ("imgfs-tmpfs", "imgfs-tmpfs-devfuse", "transport: default/uring=off"),
+]
+
+# Targets of issues 7 and 15: (what, job, mine, compared with, its job, at least)
 TARGETS = [
-    ("4k randread qd1 vs qemu-storage-daemon", "randread-qd1", "qsd", 1.5),
-    ("4k randread qd32 vs qemu-storage-daemon", "randread-qd32", "qsd", 1.5),
-    ("4k randwrite qd32, allocated clusters vs qemu-storage-daemon", "randwrite-alloc", "qsd",
-     1.5),
-    ("4k randwrite qd32, fresh overlay (COW) vs qemu-storage-daemon", "randwrite-cow", "qsd", 1.5),
-    ("1M seq read vs qemu-storage-daemon", "seqread", "qsd", 1.0),
-    ("1M seq write vs qemu-storage-daemon", "seqwrite", "qsd", 1.0),
-    ("4k randread qd32 vs the null-FUSE ceiling", "randread-qd32", "null", 0.9),
-    ("commit vs `qemu-img commit`", "commit", "qsd", 1.0),
+    ("4k randread qd1 vs qemu-storage-daemon", "randread-qd1", "imgfs", "qsd", None, 1.5),
+    ("4k randread qd32 vs qemu-storage-daemon", "randread-qd32", "imgfs", "qsd", None, 2.0),
+    ("4k randwrite qd32, allocated clusters vs qemu-storage-daemon", "randwrite-alloc", "imgfs",
+     "qsd", None, 2.0),
+    ("4k randwrite qd32, fresh overlay (COW) vs qemu-storage-daemon", "randwrite-cow", "imgfs",
+     "qsd", None, 1.5),
+    ("1M seq read vs qemu-storage-daemon", "seqread", "imgfs", "qsd", None, 1.3),
+    ("1M seq write vs qemu-storage-daemon", "seqwrite", "imgfs", "qsd", None, 1.3),
+    ("commit vs `qemu-img commit`", "commit", "imgfs", "qsd", None, 1.0),
+    ("transport alone (raw on tmpfs), 4k randread qd32 vs the null-FUSE ceiling", "randread-qd32",
+     "imgfs-tmpfs", "null", None, 1.3),
+    ("transport alone, 4k randread qd32: 2 fio jobs vs 1", "randread-qd32-2j", "imgfs-tmpfs",
+     "imgfs-tmpfs", "randread-qd32", 1.6),
 ]
 RSS_TARGET_MIB = 64
 
@@ -1102,13 +1211,15 @@ RSS_TARGET_MIB = 64
 def target_lines():
     L = ["| target | ratio (median of per-round ratios) | needed | result |",
          "|---|---:|---:|---|"]
-    for what, job, other, need in TARGETS:
-        if job not in ARGS.jobs:
+    for what, job, mine, other, other_job, need in TARGETS:
+        if job not in ARGS.jobs or (other_job and other_job not in ARGS.jobs):
             continue
-        r = ratio_value(job, other)
+        if mine not in ARGS.contenders or (other not in ARGS.contenders and job != "commit"):
+            continue
+        r = ratio_value(job, other, mine, other_job)
         verdict = "n/a" if r is None else ("met" if r >= need else "missed")
         L.append(f"| {what} | {'n/a' if r is None else f'{r:.2f}'} | {need:.1f} | {verdict} |")
-    peaks = [(s[0], job) for (job, who), st in R.stats.items() if who == "imgfs" for s in st]
+    peaks = [(s[0], job) for (job, who), st in R.stats.items() if who in IMGFS_KEYS for s in st]
     if peaks:
         peak, job = max(peaks)
         verdict = "met" if peak / 1024 <= RSS_TARGET_MIB else "missed"
@@ -1166,15 +1277,21 @@ def report(elapsed_s, machine_lines):
     L.append(f"- total run time: {elapsed_s / 60:.1f} min; load average (1 min) at the start "
              f"{LOAD[0]}, at the end {LOAD[1]}, highest seen between jobs {LOAD[2]}"
              " (other work on the host makes the ratios noisy: compare rounds below)")
-    L.append("- order: the contenders take turns in every round (imgfs, qsd, qcowmount, raw, "
-             "null), reversed in even rounds; each gets its own copy of the chain per round")
+    L.append("- order: the contenders take turns in every round ("
+             + ", ".join(c for c in CONTENDERS if c in ARGS.contenders)
+             + "), reversed in even rounds; each gets its own copy of the chain per round")
     L.append("")
-    cols = [c for c in CONTENDERS]
+    cols = [c for c in CONTENDERS if c in ARGS.contenders]
+    rcols = [(m, o, h) for m, o, h in RATIO_COLUMNS
+             if m in ARGS.contenders and o in ARGS.contenders]
+    if "imgfs" in ARGS.contenders and "commit" in ARGS.jobs and not any(
+            m == "imgfs" and o == "qsd" for m, o, _ in rcols):
+        rcols.insert(0, RATIO_COLUMNS[0])
     L.append(f"## Results (median of {ARGS.rounds} round(s))")
     L.append("")
     L.append("| job | unit | " + " | ".join(CONTENDER_LABEL[c] for c in cols)
-             + " | imgfs/qsd (>1: imgfs faster) |")
-    L.append("|---|---|" + "---:|" * (len(cols) + 1))
+             + "".join(f" | {h}" for _, _, h in rcols) + " |")
+    L.append("|---|---|" + "---:|" * (len(cols) + len(rcols)))
     # The ratio column is the median of the per-round ratios, which can differ a little from
     # the ratio of the medians shown beside it.
     for job in ARGS.jobs:
@@ -1183,7 +1300,7 @@ def report(elapsed_s, machine_lines):
                                       else human(ARGS.ext4_tree))
         unit = JOB_UNIT[job] + (" (lower is better)" if job in LOWER_IS_BETTER else "")
         L.append(f"| {label} | {unit} | " + " | ".join(cell(job, c) for c in cols)
-                 + f" | {ratio(job)} |")
+                 + "".join(f" | {ratio(job, o, m)}" for m, o, _ in rcols) + " |")
     L.append("")
     notes = [
         "fio: `--direct=1 --ioengine=io_uring`; 4k random jobs over the whole disk except "
@@ -1210,18 +1327,24 @@ def report(elapsed_s, machine_lines):
                      "source tree (from /usr/lib, page-cache warm) and `sync`.")
     L += [f"- {n}" for n in notes]
     L.append("")
-    L.append("## Targets (issue 7)")
+    if TRANSPORTS:
+        L.append("- transports the imgfs mounts reported (`info.transport`): "
+                 + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(TRANSPORTS.items()))
+                 + f"; /sys/module/fuse/parameters/enable_uring = {enable_uring()}")
+        L.append("")
+    L.append("## Targets (issues 7 and 15)")
     L.append("")
     L += target_lines()
     L.append("")
 
     L.append("## Daemons: peak RSS (MiB) / CPU seconds per job (median)")
     L.append("")
-    L.append("| job | " + " | ".join(CONTENDER_LABEL[d] for d in DAEMONS) + " |")
-    L.append("|---|" + "---:|" * len(DAEMONS))
+    daemons = [d for d in DAEMONS if d in ARGS.contenders]
+    L.append("| job | " + " | ".join(CONTENDER_LABEL[d] for d in daemons) + " |")
+    L.append("|---|" + "---:|" * len(daemons))
     for job in ARGS.jobs:
         row = []
-        for dmn in DAEMONS:
+        for dmn in daemons:
             st = R.stats.get((job, dmn))
             if st:
                 row.append(f"{median([s[0] for s in st]) / 1024:.1f} / "
@@ -1251,7 +1374,8 @@ def report(elapsed_s, machine_lines):
                        f"p99 {median([e['lat_p99_us'] for e in ex]):.0f} µs, "
                        f"{median([e['bw'] for e in ex]) / MIB:.1f} MiB/s, "
                        f"{median([e['ios'] for e in ex]):.0f} I/Os in "
-                       f"{median([e['runtime_ms'] for e in ex]) / 1000:.1f} s")
+                       f"{median([e['runtime_ms'] for e in ex]) / 1000 / fio_numjobs(job):.1f} s"
+                       + (f" ({fio_numjobs(job)} fio jobs)" if fio_numjobs(job) > 1 else ""))
             elif job == "commit" and ex:
                 det = f"with sync {median([e['with_sync_s'] for e in ex]):.2f} s"
             elif job == "ext4" and ex:
@@ -1277,10 +1401,16 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     ap.add_argument("--runtime", type=int, help="seconds per fio job (default 10; 5 with --quick)")
-    ap.add_argument("--jobs", default=",".join(ALL_JOBS),
+    ap.add_argument("--jobs",
                     help=f"comma separated subset of: {','.join(ALL_JOBS)}")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"comma separated subset of: {','.join(CONTENDERS)}")
+    ap.add_argument("--contenders",
+                    help=f"comma separated subset of: {','.join(CONTENDERS)} (default: "
+                    f"{','.join(DEFAULT_CONTENDERS)}; with --suite transport: "
+                    f"{','.join(TRANSPORT_CONTENDERS)})")
+    ap.add_argument("--suite", choices=["table", "transport"], default="table",
+                    help="table (default): the job table of docs/benchmarks.md; transport: 4k "
+                    "random reads with 1, 2 and 4 fio jobs, imgfs with and without FUSE over "
+                    "io_uring, and the transport alone (a raw image on tmpfs)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 1 round, 5 s per job, 512 MiB disk, smaller commit and tree")
     ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown report file")
@@ -1311,6 +1441,10 @@ def parse_args(argv):
     a.commit_timeout = a.step_timeout
     a.ext4_timeout = a.step_timeout
     a.tree_bytes = None
+    transport = a.suite == "transport"
+    a.jobs = a.jobs or ",".join(TRANSPORT_JOBS if transport else FIO_JOBS[:6] + OTHER_JOBS)
+    a.contenders = a.contenders or ",".join(TRANSPORT_CONTENDERS if transport
+                                            else DEFAULT_CONTENDERS)
     a.jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
     bad = [j for j in a.jobs if j not in ALL_JOBS]
     if bad:
