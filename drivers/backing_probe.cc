@@ -5,6 +5,7 @@
 
 #include <sys/stat.h>
 
+#include "core/blocking_io.h"
 #include "core/buffer.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/store.h"
@@ -60,24 +61,13 @@ ImageProbe parse_probe(ConstBuf head, const struct stat& st, const std::string& 
     return p;
 }
 
-// pread until `buf` is full or the file ends; the bytes read.
-Result<size_t> pread_full(int fd, MutBuf buf, uint64_t offset, const std::string& file) {
-    size_t done = 0;
-    while (done < buf.size()) {
-        ssize_t n =
-            ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0) {
-            return make_error(errno, "reading {}", file);
-        }
-        if (n == 0) {
-            break;
-        }
-        done += static_cast<size_t>(n);
+// pread until `buf` is full or the file ends; the bytes read, errors naming the file.
+Result<size_t> read_at(int fd, MutBuf buf, uint64_t offset, const std::string& file) {
+    Result<size_t> got = pread_full(fd, buf, offset);
+    if (!got) {
+        return make_error(got.error().errnum, "reading {}", file);
     }
-    return done;
+    return got;
 }
 
 Result<struct stat> stat_fd(int fd, const std::string& file) {
@@ -93,11 +83,11 @@ Result<struct stat> stat_fd(int fd, const std::string& file) {
 Result<ImageProbe> probe_image_fd(int fd, const std::string& file) {
     TRY_ASSIGN(struct stat st, stat_fd(fd, file));
     AlignedBuffer buf(kBlockBytes);
-    TRY_ASSIGN(size_t got, pread_full(fd, buf.span(), 0, file));
+    TRY_ASSIGN(size_t got, read_at(fd, buf.span(), 0, file));
     uint64_t want = header_bytes_wanted(ConstBuf(buf.data(), got));
     if (want > got && got == kBlockBytes) {
         buf = AlignedBuffer(align_up(want, kBlockBytes));
-        TRY_ASSIGN(got, pread_full(fd, buf.span(), 0, file));
+        TRY_ASSIGN(got, read_at(fd, buf.span(), 0, file));
     }
     return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
 }
@@ -121,7 +111,7 @@ Result<ImageProbe> probe_image(Store* store, const std::string& file) {
 
 Result<std::string> read_backing_field(int fd, const std::string& file) {
     AlignedBuffer head(kBlockBytes);
-    TRY_ASSIGN(size_t got, pread_full(fd, head.span(), 0, file));
+    TRY_ASSIGN(size_t got, read_at(fd, head.span(), 0, file));
     if (got < qcow2::kOffBackingFileSize + 4 || !has_qcow2_magic(ConstBuf(head.data(), got))) {
         return std::string();
     }
@@ -136,7 +126,7 @@ Result<std::string> read_backing_field(int fd, const std::string& file) {
     }
     uint64_t start = align_down(off, kBlockBytes);
     AlignedBuffer name(align_up(off + len, kBlockBytes) - start);
-    Result<size_t> n = pread_full(fd, name.span(), start, file);
+    Result<size_t> n = read_at(fd, name.span(), start, file);
     if (!n || *n < off + len - start) {
         return make_error(n ? EIO : n.error().errnum, "{}: cannot read the backing file name",
                           file);

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 
+#include "core/blocking_io.h"
 #include "core/event_loop.h"
 #include "core/log.h"
 
@@ -89,46 +90,6 @@ Status FileNode::init() {
 Error FileNode::io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const {
     return make_error(errnum, "{}: {} of {} bytes at {}", name(), op, bytes, offset);
 }
-
-namespace {
-
-// Whole transfers with plain system calls, for files in memory (see FileNode::in_memory).
-Result<size_t> pread_full(int fd, MutBuf buf, uint64_t offset) {
-    size_t done = 0;
-    while (done < buf.size()) {
-        ssize_t n =
-            ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0) {
-            return make_error(errno, "read");
-        }
-        if (n == 0) {
-            break;  // end of file
-        }
-        done += static_cast<size_t>(n);
-    }
-    return done;
-}
-
-Status pwrite_full(int fd, ConstBuf buf, uint64_t offset) {
-    size_t done = 0;
-    while (done < buf.size()) {
-        ssize_t n =
-            ::pwrite(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            return make_error(n < 0 ? errno : EIO, "write");
-        }
-        done += static_cast<size_t>(n);
-    }
-    return {};
-}
-
-}  // namespace
 
 Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
     // (No co_await inside a conditional expression: GCC 12 mishandles its temporaries.)
