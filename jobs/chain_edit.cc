@@ -55,7 +55,8 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
 
 Status link_hidden(Store* store, const std::string& file) {
     std::string hidden = removing_name(file);
-    (void)store->remove(hidden);  // a leftover of an earlier crash
+    // A leftover of an earlier crash; if it cannot go, add_name below fails with EEXIST.
+    (void)store->remove(hidden);
     return store->add_name(file, hidden);
 }
 

@@ -51,7 +51,8 @@ Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
     Store* store = images->store();
     const std::string tmp = creating_name(t->file);
     std::function<Result<int>()> open_tmp = [store, tmp]() -> Result<int> {
-        (void)store->remove(tmp);  // a leftover of an earlier crash
+        // A leftover of an earlier crash; if it cannot go, create_exclusive fails (EEXIST).
+        (void)store->remove(tmp);
         TRY_ASSIGN(UniqueFd fd, store->create_exclusive(tmp));
         return fd.release();  // (the offloader's results are copyable)
     };
