@@ -6,11 +6,8 @@
 #include <unistd.h>
 
 #include <linux/falloc.h>
-#include <linux/magic.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
 
-#include "core/blocking_io.h"
 #include "core/event_loop.h"
 #include "core/log.h"
 
@@ -64,9 +61,6 @@ Status FileNode::init() {
         size_ = static_cast<uint64_t>(end);
     }
     zeros_from_ = size_;
-    struct statfs fs {};
-    in_memory_ = ::fstatfs(fd_.get(), &fs) == 0 &&
-                 (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) && !options_.direct;
     read_only_ = options_.read_only;
     limits_ = Limits{};
     limits_.max_transfer = 16ULL << 20;
@@ -92,14 +86,7 @@ Error FileNode::io_error(int errnum, const char* op, uint64_t offset, uint64_t b
 }
 
 Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
-    // (No co_await inside a conditional expression: GCC 12 mishandles its temporaries.)
-    Result<size_t> got = make_error(EIO, "read");
-    if (in_memory_) {
-        got = pread_full(fd_.get(), buf, offset);
-    } else {
-        got = co_await env_.loop->read_full(fd_.get(), buf, offset);
-    }
-    CO_TRY_ASSIGN(size_t n, std::move(got));
+    CO_TRY_ASSIGN(size_t n, co_await env_.loop->read_full(fd_.get(), buf, offset));
     if (n < buf.size()) {
         // Past EOF (the file may end inside the last aligned block): zeros.
         std::memset(buf.data() + n, 0, buf.size() - n);
@@ -117,12 +104,7 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
     // Raised before the write is issued: a write that fails part way (ENOSPC after a short
     // write) still leaves its first bytes in the file, past the size we know of.
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
-    Status st;
-    if (in_memory_) {
-        st = pwrite_full(fd_.get(), buf, offset);
-    } else {
-        st = co_await env_.loop->write_full(fd_.get(), buf, offset);
-    }
+    Status st = co_await env_.loop->write_full(fd_.get(), buf, offset);
     if (!st) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
     }

@@ -40,12 +40,6 @@ class FileNode final : public Node {
     /// After a failed fdatasync the node refuses writes and flushes until it is reopened: the
     /// kernel may have dropped the dirty pages, so retrying would report success for lost data.
     [[nodiscard]] bool failed() const { return failed_; }
-    /// The file lives in memory (tmpfs, ramfs): reads and writes are plain pread/pwrite on the
-    /// loop. io_uring cannot do them without blocking there, so it hands every one to a kernel
-    /// worker thread, which cost about 20 us per 4 KiB read (45 us against 25 us for the same
-    /// read from another file system's page cache); a copy from memory does not wait for a
-    /// device. (Pages swapped out are the exception: the read waits for them.)
-    [[nodiscard]] bool in_memory() const { return in_memory_; }
 
     Task<Result<uint64_t>> allocated_bytes() override;
     [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
@@ -72,7 +66,6 @@ class FileNode final : public Node {
     UniqueFd fd_;
     FileOptions options_;
     bool failed_ = false;
-    bool in_memory_ = false;
     uint64_t fdatasyncs_ = 0;
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
