@@ -1,0 +1,164 @@
+#include "drivers/rbd/rados.h"
+
+#include <cstring>
+#include <utility>
+
+namespace imgfs {
+
+Error rbd_error(int negative_errno, uint32_t timeout_s, std::string context) {
+    int err = -negative_errno;
+    if (err == ETIMEDOUT) {
+        return make_error(EIO, "{}: the Ceph cluster did not answer within {} s", context,
+                          timeout_s);
+    }
+    if (err <= 0) {
+        err = EIO;
+    }
+    return Error{err, std::move(context)};
+}
+
+namespace {
+
+Status set_conf(rados_t c, const char* key, const std::string& value) {
+    if (int r = rados_conf_set(c, key, value.c_str()); r < 0) {
+        return make_error(-r, "Ceph option {}={}", key, value);
+    }
+    return {};
+}
+
+}  // namespace
+
+Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& options) {
+    rados_t c = nullptr;
+    const std::string user = "client." + options.client_id;
+    if (int r = rados_create2(&c, "ceph", user.c_str(), 0); r < 0) {
+        return make_error(-r, "cannot create a Ceph client {}", user);
+    }
+    // Owned from here on: a failure below shuts the half-made client down.
+    auto cluster = std::make_shared<RadosCluster>(c, options);
+    const char* conf = options.conf_path.empty() ? nullptr : options.conf_path.c_str();
+    if (int r = rados_conf_read_file(c, conf); r < 0) {
+        return make_error(-r, "cannot read the Ceph configuration {}",
+                          conf != nullptr ? conf : "($CEPH_CONF or /etc/ceph/ceph.conf)");
+    }
+    // rados_conf_parse_env: CEPH_ARGS, as the ceph tools honour it.
+    (void)rados_conf_parse_env(c, nullptr);  // optional: a malformed CEPH_ARGS is ignored
+    const std::string t = std::to_string(options.timeout_s);
+    TRY(set_conf(c, "rados_osd_op_timeout", t));
+    TRY(set_conf(c, "rados_mon_op_timeout", t));
+    TRY(set_conf(c, "client_mount_timeout", t));
+    // Logging goes to imgfs's own log, not to files under /var/log/ceph.
+    TRY(set_conf(c, "log_to_stderr", "false"));
+    TRY(set_conf(c, "log_file", ""));
+    if (int r = rados_connect(c); r < 0) {
+        return rbd_error(r, options.timeout_s,
+                         fmt::format("cannot connect to the Ceph cluster as {}", user));
+    }
+    return cluster;
+}
+
+RadosCluster::~RadosCluster() {
+    rados_shutdown(handle_);
+}
+
+std::string RadosCluster::client_address() const {
+    char* addr = nullptr;
+    if (rados_getaddrs(handle_, &addr) < 0 || addr == nullptr) {
+        return "?";
+    }
+    std::string out(addr);
+    rados_buffer_free(addr);
+    return out;
+}
+
+Result<std::shared_ptr<RbdPool>> RbdPool::open(std::shared_ptr<RadosCluster> cluster,
+                                               const std::string& pool,
+                                               const std::string& name_space, EventLoop* loop) {
+    rados_ioctx_t io = nullptr;
+    if (int r = rados_ioctx_create(cluster->handle(), pool.c_str(), &io); r < 0) {
+        if (r == -ENOENT) {
+            return make_error(ENOENT, "Ceph pool '{}' does not exist", pool);
+        }
+        return rbd_error(r, cluster->options().timeout_s,
+                         fmt::format("cannot open Ceph pool '{}'", pool));
+    }
+    rados_ioctx_set_namespace(io, name_space.c_str());
+    return std::make_shared<RbdPool>(std::move(cluster), io, pool, name_space, loop);
+}
+
+RbdPool::RbdPool(std::shared_ptr<RadosCluster> cluster, rados_ioctx_t ioctx, std::string pool,
+                 std::string name_space, EventLoop* loop)
+    : cluster_(std::move(cluster)),
+      ioctx_(ioctx),
+      pool_(std::move(pool)),
+      name_space_(std::move(name_space)),
+      offloader_(std::make_unique<Offloader>(loop)) {}
+
+RbdPool::~RbdPool() {
+    offloader_.reset();  // no librbd call of ours may still run on it
+    rados_ioctx_destroy(ioctx_);
+}
+
+std::string RbdPool::display_name() const {
+    return name_space_.empty() ? "rbd:" + pool_ : "rbd:" + pool_ + "/" + name_space_;
+}
+
+Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string& name,
+                                bool read_only) {
+    rbd_image_t image = nullptr;
+    int r = read_only ? rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr)
+                      : rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
+    if (r < 0) {
+        return rbd_error(r, pool->timeout_s(),
+                         fmt::format("cannot open RBD image {}/{}", pool->display_name(), name));
+    }
+    RbdImage out;
+    out.pool_ = std::move(pool);
+    out.image_ = image;
+    out.name_ = name;
+    out.read_only_ = read_only;
+    return out;
+}
+
+RbdImage::RbdImage(RbdImage&& o) noexcept
+    : pool_(std::move(o.pool_)),
+      image_(std::exchange(o.image_, nullptr)),
+      name_(std::move(o.name_)),
+      read_only_(o.read_only_) {}
+
+RbdImage& RbdImage::operator=(RbdImage&& o) noexcept {
+    if (this != &o) {
+        reset();
+        pool_ = std::move(o.pool_);
+        image_ = std::exchange(o.image_, nullptr);
+        name_ = std::move(o.name_);
+        read_only_ = o.read_only_;
+    }
+    return *this;
+}
+
+void RbdImage::reset() {
+    if (image_ != nullptr) {
+        // Waits for the image's requests; a dead cluster fails them at the deadline.
+        (void)rbd_close(std::exchange(image_, nullptr));  // nothing to do about a failure
+    }
+    pool_.reset();
+}
+
+Result<uint64_t> RbdImage::size() const {
+    uint64_t size = 0;
+    if (int r = rbd_get_size(image_, &size); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read the size", name_));
+    }
+    return size;
+}
+
+Result<std::string> RbdImage::id() const {
+    char id[64];
+    if (int r = rbd_get_id(image_, id, sizeof id); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read the id", name_));
+    }
+    return std::string(id);
+}
+
+}  // namespace imgfs

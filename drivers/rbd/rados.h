@@ -1,0 +1,122 @@
+// rados: a connection to a Ceph cluster and one pool (namespace) in it, and the open RBD image
+// handle, as owned types. Everything here blocks (a round trip to the monitors or OSDs): it
+// runs before the event loop serves or on the pool's offload thread, never on the loop.
+//
+// Deadlines: a cluster that stops answering must give an error, never a hung mount. The
+// connection sets Ceph's own operation timeouts (monitor, OSD and mount) to `timeout_s`, so
+// every librados and librbd call, asynchronous ones included, completes by then with
+// ETIMEDOUT; rbd_error() turns that into EIO naming the deadline.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+#include <string>
+
+#include "core/offload.h"
+#include "core/result.h"
+
+namespace imgfs {
+
+struct RadosOptions {
+    /// ceph.conf to read; empty: $CEPH_CONF, else /etc/ceph/ceph.conf (librados' search).
+    std::string conf_path;
+    /// The client's name without "client." (its keyring is found through ceph.conf).
+    std::string client_id = "admin";
+    /// Deadline of every cluster operation, in seconds.
+    uint32_t timeout_s = 30;
+};
+
+/// An error from a librados/librbd call (which return negative errno values): a timeout
+/// becomes EIO with the deadline named, anything else keeps its errno.
+Error rbd_error(int negative_errno, uint32_t timeout_s, std::string context);
+
+/// One connected cluster client. Shared by every pool and image opened through it; the last
+/// owner shuts the connection down.
+class RadosCluster {
+  public:
+    static Result<std::shared_ptr<RadosCluster>> connect(const RadosOptions& options);
+    explicit RadosCluster(rados_t handle, RadosOptions options)
+        : handle_(handle), options_(std::move(options)) {}
+    RadosCluster(const RadosCluster&) = delete;
+    RadosCluster& operator=(const RadosCluster&) = delete;
+    ~RadosCluster();
+
+    [[nodiscard]] rados_t handle() const { return handle_; }
+    [[nodiscard]] const RadosOptions& options() const { return options_; }
+    /// This client's address as other clients see it (lock owners are named by it).
+    [[nodiscard]] std::string client_address() const;
+
+  private:
+    rados_t handle_;
+    RadosOptions options_;
+};
+
+/// A pool (and namespace) of a cluster, with an offload thread for the librbd calls that have
+/// no asynchronous form (open, resize, stat). Images opened from it keep it alive.
+///
+/// Destruction order: the offload thread is joined before the I/O context is destroyed,
+/// and the I/O context before the cluster reference is dropped.
+class RbdPool {
+  public:
+    /// Opens `pool` (and `name_space`, "" for the default one) on `cluster`. The offload
+    /// thread resumes its callers on `loop`.
+    static Result<std::shared_ptr<RbdPool>> open(std::shared_ptr<RadosCluster> cluster,
+                                                 const std::string& pool,
+                                                 const std::string& name_space, EventLoop* loop);
+    RbdPool(std::shared_ptr<RadosCluster> cluster, rados_ioctx_t ioctx, std::string pool,
+            std::string name_space, EventLoop* loop);
+    RbdPool(const RbdPool&) = delete;
+    RbdPool& operator=(const RbdPool&) = delete;
+    ~RbdPool();
+
+    [[nodiscard]] rados_ioctx_t ioctx() const { return ioctx_; }
+    [[nodiscard]] const std::string& pool() const { return pool_; }
+    [[nodiscard]] const std::string& name_space() const { return name_space_; }
+    [[nodiscard]] uint32_t timeout_s() const { return cluster_->options().timeout_s; }
+    [[nodiscard]] const RadosCluster& cluster() const { return *cluster_; }
+    /// "rbd:POOL" or "rbd:POOL/NAMESPACE", as the user names it.
+    [[nodiscard]] std::string display_name() const;
+    [[nodiscard]] Offloader* offloader() { return offloader_.get(); }
+
+  private:
+    std::shared_ptr<RadosCluster> cluster_;
+    rados_ioctx_t ioctx_;
+    std::string pool_;
+    std::string name_space_;
+    std::unique_ptr<Offloader> offloader_;  // declared last: joined first
+};
+
+/// An open RBD image. Closing waits for the image's in-flight requests (bounded by the
+/// cluster deadline) and releases its exclusive lock if it holds it.
+class RbdImage {
+  public:
+    /// Opens image `name` of `pool`, read-only or for writing. Blocking.
+    static Result<RbdImage> open(std::shared_ptr<RbdPool> pool, const std::string& name,
+                                 bool read_only);
+    RbdImage() = default;
+    RbdImage(RbdImage&& o) noexcept;
+    RbdImage& operator=(RbdImage&& o) noexcept;
+    RbdImage(const RbdImage&) = delete;
+    RbdImage& operator=(const RbdImage&) = delete;
+    ~RbdImage() { reset(); }
+
+    [[nodiscard]] rbd_image_t handle() const { return image_; }
+    [[nodiscard]] const std::shared_ptr<RbdPool>& pool() const { return pool_; }
+    [[nodiscard]] const std::string& name() const { return name_; }
+    [[nodiscard]] bool read_only() const { return read_only_; }
+    /// The image's size now (a round trip when the header is stale).
+    [[nodiscard]] Result<uint64_t> size() const;
+    /// The image's id: stable across renames, the identity of a layer.
+    [[nodiscard]] Result<std::string> id() const;
+    void reset();
+
+  private:
+    std::shared_ptr<RbdPool> pool_;
+    rbd_image_t image_ = nullptr;
+    std::string name_;
+    bool read_only_ = false;
+};
+
+}  // namespace imgfs

@@ -1,0 +1,258 @@
+#include "drivers/rbd/rbd_node.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+
+#include <sys/eventfd.h>
+
+#include "core/event_loop.h"
+#include "core/json.h"
+#include "core/log.h"
+
+namespace imgfs {
+
+Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, RbdImage image) {
+    // Blocking on purpose: librbd only writes to it, and a read on the ring waits for it.
+    int efd = eventfd(0, EFD_CLOEXEC);
+    if (efd < 0) {
+        return make_error(errno, "{}: eventfd", name);
+    }
+    UniqueFd event_fd(efd);
+    if (int r = rbd_set_image_notification(image.handle(), efd, EVENT_TYPE_EVENTFD); r < 0) {
+        return rbd_error(r, image.pool()->timeout_s(),
+                         fmt::format("{}: cannot register for completions", name));
+    }
+    TRY_ASSIGN(uint64_t size, image.size());
+    auto node =
+        std::make_shared<RbdNode>(env, std::move(name), std::move(image), std::move(event_fd));
+    node->size_ = size;
+    node->zeros_from_ = size;
+    return node;
+}
+
+RbdNode::RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd)
+    : Node(env, std::move(name)),
+      image_(std::move(image)),
+      event_fd_(std::move(event_fd)),
+      resize_mutex_(env.loop) {
+    read_only_ = image_.read_only();
+    // librbd takes any byte range and any buffer; requests beyond this are split above.
+    limits_.max_transfer = 32ULL << 20;
+    caps_.write_zeroes = true;
+    caps_.discard = true;
+    caps_.resize = true;
+}
+
+RbdNode::~RbdNode() {
+    assert(in_flight_ == 0 && "RBD node destroyed with requests in flight");
+    image_.reset();  // before the eventfd it signals is closed
+}
+
+void RbdNode::describe(JsonWriter* out) const {
+    out->field("pool", image_.pool()->display_name());
+    out->field("image", image_.name());
+}
+
+Result<rbd_completion_t> RbdNode::completion(Op* op, const char* what) const {
+    rbd_completion_t c = nullptr;
+    if (int r = rbd_aio_create_completion(op, nullptr, &c); r < 0) {
+        return make_error(-r, "{}: cannot start {}", name(), what);
+    }
+    return c;
+}
+
+// Parks the waiting coroutine until unpark(): its request finished, or the eventfd reader left.
+struct RbdNode::Park {
+    RbdNode* self;
+    Op* op;
+    bool await_ready() noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+        op->parked = h;
+        op->next_parked = self->parked_head_;
+        self->parked_head_ = op;
+    }
+    void await_resume() noexcept {}
+};
+
+void RbdNode::unpark(Op* op) {
+    for (Op** p = &parked_head_; *p != nullptr; p = &(*p)->next_parked) {
+        if (*p == op) {
+            *p = op->next_parked;
+            op->next_parked = nullptr;
+            env_.loop->schedule(std::exchange(op->parked, nullptr));
+            return;
+        }
+    }
+}
+
+Task<void> RbdNode::wait(Op* op) {
+    ++in_flight_;
+    while (!op->done) {
+        if (polling_) {
+            co_await Park{this, op};
+        } else {
+            co_await poll_events();
+        }
+    }
+    --in_flight_;
+    // Whoever is still waiting needs a reader of the eventfd.
+    if (in_flight_ > 0 && !polling_ && parked_head_ != nullptr) {
+        unpark(parked_head_);
+    }
+}
+
+// Reads the eventfd once (librbd signals it after queueing completions), then completes what
+// finished. Only one coroutine does this at a time (polling_).
+Task<void> RbdNode::poll_events() {
+    polling_ = true;
+    uint64_t signalled = 0;
+    for (;;) {
+        int32_t r = co_await env_.loop->read_some(
+            event_fd_.get(), MutBuf(reinterpret_cast<uint8_t*>(&signalled), sizeof signalled), 0);
+        if (r == sizeof signalled) {
+            break;
+        }
+        // An eventfd read fails only on a bug; retrying keeps the requests' buffers owned.
+        assert(r == -EINTR || r == -EAGAIN);
+        if (r != -EINTR && r != -EAGAIN && env_.log != nullptr) {
+            env_.log->warn("{}: reading the completion eventfd: {}", name(), strerror(-r));
+        }
+    }
+    polling_ = false;
+    complete_finished();
+}
+
+void RbdNode::complete_finished() {
+    constexpr int kBatch = 32;
+    rbd_completion_t finished[kBatch];
+    for (;;) {
+        int n = rbd_poll_io_events(image_.handle(), finished, kBatch);
+        for (int i = 0; i < n; ++i) {
+            auto* op = static_cast<Op*>(rbd_aio_get_arg(finished[i]));
+            op->result = rbd_aio_get_return_value(finished[i]);
+            rbd_aio_release(finished[i]);
+            op->done = true;
+            if (op->parked) {
+                unpark(op);
+            }
+        }
+        if (n < kBatch) {
+            return;
+        }
+    }
+}
+
+Error RbdNode::op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const {
+    return rbd_error(static_cast<int>(result), image_.pool()->timeout_s(),
+                     fmt::format("{}: {} of {} bytes at {}", name(), what, bytes, offset));
+}
+
+template <typename Issue>
+Task<Result<ssize_t>> RbdNode::run(const char* what, uint64_t offset, uint64_t bytes, Issue issue) {
+    Op op;
+    CO_TRY_ASSIGN(rbd_completion_t c, completion(&op, what));
+    if (int r = issue(c); r < 0) {
+        rbd_aio_release(c);
+        co_return op_error(r, what, offset, bytes);
+    }
+    co_await wait(&op);
+    if (op.result < 0) {
+        co_return op_error(op.result, what, offset, bytes);
+    }
+    co_return op.result;
+}
+
+Task<Status> RbdNode::do_read(uint64_t offset, MutBuf buf) {
+    rbd_image_t image = image_.handle();
+    CO_TRY_ASSIGN(ssize_t got, co_await run("read", offset, buf.size(), [&](rbd_completion_t c) {
+                      return rbd_aio_read(image, offset, buf.size(),
+                                          reinterpret_cast<char*>(buf.data()), c);
+                  }));
+    // Within the size librbd returns every byte; a shorter read means a concurrent shrink.
+    if (static_cast<uint64_t>(got) < buf.size()) {
+        std::memset(buf.data() + got, 0, buf.size() - static_cast<uint64_t>(got));
+    }
+    co_return Status{};
+}
+
+Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
+    CO_TRY(co_await grow_to(offset + buf.size()));
+    zeros_from_ = std::max(zeros_from_, offset + buf.size());
+    rbd_image_t image = image_.handle();
+    CO_TRY(co_await run("write", offset, buf.size(), [&](rbd_completion_t c) {
+        return rbd_aio_write(image, offset, buf.size(), reinterpret_cast<const char*>(buf.data()),
+                             c);
+    }));
+    co_return Status{};
+}
+
+Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*may_unmap*/) {
+    // Past the end, growing is enough: an image grows with zeros.
+    if (offset >= zeros_from_) {
+        co_return co_await grow_to(offset + bytes);
+    }
+    CO_TRY(co_await grow_to(offset + bytes));
+    rbd_image_t image = image_.handle();
+    CO_TRY(co_await run("write zeroes", offset, bytes, [&](rbd_completion_t c) {
+        return rbd_aio_write_zeroes(image, offset, bytes, c, 0, 0);
+    }));
+    co_return Status{};
+}
+
+Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
+    rbd_image_t image = image_.handle();
+    CO_TRY(co_await run("discard", offset, bytes, [&](rbd_completion_t c) {
+        return rbd_aio_discard(image, offset, bytes, c);
+    }));
+    co_return Status{};
+}
+
+Task<Status> RbdNode::do_flush() {
+    rbd_image_t image = image_.handle();
+    CO_TRY(
+        co_await run("flush", 0, 0, [&](rbd_completion_t c) { return rbd_aio_flush(image, c); }));
+    co_return Status{};
+}
+
+Task<Status> RbdNode::do_truncate(uint64_t new_size) {
+    auto guard = co_await resize_mutex_.lock();
+    CO_TRY(co_await resize(new_size, true));
+    zeros_from_ = std::min(zeros_from_, new_size);
+    co_return Status{};
+}
+
+Task<Status> RbdNode::grow_to(uint64_t end) {
+    if (end <= size_) {
+        co_return Status{};
+    }
+    auto guard = co_await resize_mutex_.lock();
+    if (end <= size_) {
+        co_return Status{};  // a concurrent write grew it meanwhile
+    }
+    co_return co_await resize(end, false);
+}
+
+namespace {
+int no_progress(uint64_t /*done*/, uint64_t /*total*/, void* /*arg*/) {
+    return 0;
+}
+}  // namespace
+
+// Caller holds resize_mutex_.
+Task<Status> RbdNode::resize(uint64_t new_size, bool allow_shrink) {
+    assert(resize_mutex_.locked());
+    rbd_image_t image = image_.handle();
+    std::function<int()> call = [image, new_size, allow_shrink] {
+        return rbd_resize2(image, new_size, allow_shrink, no_progress, nullptr);
+    };
+    int r = co_await image_.pool()->offloader()->run<int>(std::move(call));
+    if (r < 0) {
+        co_return rbd_error(r, image_.pool()->timeout_s(),
+                            fmt::format("{}: cannot resize to {} bytes", name(), new_size));
+    }
+    size_ = new_size;
+    co_return Status{};
+}
+
+}  // namespace imgfs

@@ -1,0 +1,78 @@
+// rbd_node: an RBD image as a protocol node, the way FileNode is a file. Data requests are
+// librbd's asynchronous calls; their completions come back through an eventfd the image
+// signals (rbd_set_image_notification), which a read on the event loop's ring waits on, and are
+// collected with rbd_poll_io_events on the loop. So no imgfs code runs on librbd's threads.
+// The few librbd calls that have no asynchronous form (resize) run on the pool's offload
+// thread. Every call is bounded by the cluster deadline (see rados.h).
+#pragma once
+
+#include <coroutine>
+#include <memory>
+#include <string>
+
+#include "core/co_mutex.h"
+#include "core/node.h"
+#include "core/unique_fd.h"
+#include "drivers/rbd/rados.h"
+
+namespace imgfs {
+
+class RbdNode final : public Node {
+  public:
+    /// Serves `image` (already open, read-only or not). Registers the completion eventfd.
+    static Result<std::shared_ptr<RbdNode>> open(NodeEnv env, std::string name, RbdImage image);
+
+    RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd);
+    /// Closes the image (no request is in flight by then: close() drained the node).
+    ~RbdNode() override;
+
+    [[nodiscard]] const char* driver_name() const override { return "rbd"; }
+    [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
+    void describe(JsonWriter* out) const override;
+
+  protected:
+    Task<Status> do_read(uint64_t offset, MutBuf buf) override;
+    Task<Status> do_write(uint64_t offset, ConstBuf buf) override;
+    Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) override;
+    Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
+    Task<Status> do_flush() override;
+    Task<Status> do_truncate(uint64_t new_size) override;
+
+  private:
+    // One librbd request: its completion's argument, alive in the waiting coroutine's frame.
+    struct Op {
+        ssize_t result = 0;
+        bool done = false;
+        std::coroutine_handle<> parked;  // set while parked (see wait())
+        Op* next_parked = nullptr;
+    };
+    struct Park;
+
+    /// A completion whose argument is `op`, or an error (out of memory).
+    Result<rbd_completion_t> completion(Op* op, const char* what) const;
+    /// Waits for `op`, which was handed to librbd. One waiter at a time reads the eventfd and
+    /// completes every finished request; the others are parked until theirs is done or the
+    /// reader leaves and hands the reading to one of them.
+    Task<void> wait(Op* op);
+    Task<void> poll_events();
+    void complete_finished();
+    void unpark(Op* op);
+    /// Starts a request with `issue(completion)` and waits for it; the request's result.
+    template <typename Issue>
+    Task<Result<ssize_t>> run(const char* what, uint64_t offset, uint64_t bytes, Issue issue);
+    /// Makes the image at least `end` bytes long (writes past the end need room first).
+    Task<Status> grow_to(uint64_t end);
+    Task<Status> resize(uint64_t new_size, bool allow_shrink);
+    Error op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const;
+
+    RbdImage image_;
+    UniqueFd event_fd_;
+    CoMutex resize_mutex_;
+    uint64_t in_flight_ = 0;
+    bool polling_ = false;
+    Op* parked_head_ = nullptr;  // parked waiters, most recent first
+    // No byte at or past this offset was ever written (see Node::zeros_from()).
+    uint64_t zeros_from_ = 0;
+};
+
+}  // namespace imgfs

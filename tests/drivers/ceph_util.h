@@ -1,0 +1,45 @@
+// A throwaway Ceph cluster for one test process (tests/ceph/cluster.sh), and helpers to reach
+// it: a connected pool and the `rbd` tool with the cluster's configuration.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "drivers/rbd/rados.h"
+#include "test_util.h"
+
+namespace imgfs::test {
+
+class CephCluster {
+  public:
+    /// Starts a cluster in a temporary directory on a free loopback port. Check ok() after.
+    CephCluster();
+    CephCluster(const CephCluster&) = delete;
+    CephCluster& operator=(const CephCluster&) = delete;
+    /// Stops the cluster (OSD, then monitor) by the PIDs the script recorded.
+    ~CephCluster();
+
+    [[nodiscard]] bool ok() const { return ok_; }
+    [[nodiscard]] const std::string& conf() const { return conf_; }
+    [[nodiscard]] std::string dir() const { return dir_.path().string(); }
+    /// Runs `rbd ARGS` against this cluster; returns its stdout (exit status in *status).
+    std::string rbd(const std::string& args, int* status = nullptr) const;
+    /// Stops the OSD process (SIGSTOP: it holds its data and can be continued).
+    void pause_osd() const;
+    void resume_osd() const;
+
+  private:
+    TempDir dir_;
+    std::string conf_;
+    bool ok_ = false;
+};
+
+/// Connection options for `cluster` with a `timeout_s` deadline.
+RadosOptions rados_options(const CephCluster& cluster, uint32_t timeout_s = 10);
+
+}  // namespace imgfs::test
+
+/// Skips when Ceph is not installed, except in CI, where that is a failure.
+#define REQUIRE_CEPH()        \
+    REQUIRE_TOOL("ceph-mon"); \
+    REQUIRE_TOOL("ceph-osd")
