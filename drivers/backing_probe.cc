@@ -5,7 +5,6 @@
 
 #include <sys/stat.h>
 
-#include "core/blocking_io.h"
 #include "core/buffer.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/store.h"
@@ -42,10 +41,10 @@ uint64_t header_bytes_wanted(ConstBuf first) {
     return cluster;
 }
 
-ImageProbe parse_probe(ConstBuf head, const struct stat& st, const std::string& file) {
+ImageProbe parse_probe(ConstBuf head, FileId id, uint64_t file_bytes, const std::string& file) {
     ImageProbe p;
-    p.id = {st.st_dev, st.st_ino};
-    p.file_bytes = static_cast<uint64_t>(st.st_size);
+    p.id = id;
+    p.file_bytes = file_bytes;
     if (!has_qcow2_magic(head)) {
         p.format = "raw";
         return p;
@@ -61,57 +60,57 @@ ImageProbe parse_probe(ConstBuf head, const struct stat& st, const std::string& 
     return p;
 }
 
-// pread until `buf` is full or the file ends; the bytes read, errors naming the file.
-Result<size_t> read_at(int fd, MutBuf buf, uint64_t offset, const std::string& file) {
-    Result<size_t> got = pread_full(fd, buf, offset);
+// Reads until `buf` is full or the file ends; the bytes read, errors naming the file.
+Result<size_t> read_at(StoreFile* f, MutBuf buf, uint64_t offset, const std::string& file) {
+    Result<size_t> got = f->read_at(buf, offset);
     if (!got) {
         return make_error(got.error().errnum, "reading {}", file);
     }
     return got;
 }
 
-Result<struct stat> stat_fd(int fd, const std::string& file) {
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        return make_error(errno, "stat {}", file);
-    }
-    return st;
-}
-
 }  // namespace
 
-Result<ImageProbe> probe_image_fd(int fd, const std::string& file) {
-    TRY_ASSIGN(struct stat st, stat_fd(fd, file));
+Result<ImageProbe> probe_file(StoreFile* f, const std::string& file) {
+    TRY_ASSIGN(uint64_t file_bytes, f->size());
     AlignedBuffer buf(kBlockBytes);
-    TRY_ASSIGN(size_t got, read_at(fd, buf.span(), 0, file));
+    TRY_ASSIGN(size_t got, read_at(f, buf.span(), 0, file));
     uint64_t want = header_bytes_wanted(ConstBuf(buf.data(), got));
     if (want > got && got == kBlockBytes) {
         buf = AlignedBuffer(align_up(want, kBlockBytes));
-        TRY_ASSIGN(got, read_at(fd, buf.span(), 0, file));
+        TRY_ASSIGN(got, read_at(f, buf.span(), 0, file));
     }
-    return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
+    return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), f->id(), file_bytes,
+                       file);
 }
 
-Task<Result<ImageProbe>> probe_image_fd(EventLoop* loop, int fd, std::string file) {
-    CO_TRY_ASSIGN(struct stat st, stat_fd(fd, file));
+Task<Result<ImageProbe>> probe_node(Node* node, FileId id, std::string file) {
     AlignedBuffer buf(kBlockBytes);
-    CO_TRY_ASSIGN(size_t got, co_await loop->read_full(fd, buf.span(), 0));
+    // The node reads zeros past its end; what lies before it is what the file holds.
+    uint64_t got = std::min<uint64_t>(node->size(), kBlockBytes);
+    if (Status st = co_await node->read(0, buf.span()); !st) {
+        co_return make_error(st.error().errnum, "reading {}", file);
+    }
     uint64_t want = header_bytes_wanted(ConstBuf(buf.data(), got));
     if (want > got && got == kBlockBytes) {
         buf = AlignedBuffer(align_up(want, kBlockBytes));
-        CO_TRY_ASSIGN(got, co_await loop->read_full(fd, buf.span(), 0));
+        got = std::min<uint64_t>(node->size(), buf.size());
+        if (Status st = co_await node->read(0, buf.span()); !st) {
+            co_return make_error(st.error().errnum, "reading {}", file);
+        }
     }
-    co_return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), st, file);
+    co_return parse_probe(ConstBuf(buf.data(), std::min<uint64_t>(got, want)), id, node->size(),
+                          file);
 }
 
 Result<ImageProbe> probe_image(Store* store, const std::string& file) {
-    TRY_ASSIGN(UniqueFd fd, store->open(file, true, false));
-    return probe_image_fd(fd.get(), file);
+    TRY_ASSIGN(std::unique_ptr<StoreFile> f, store->open(file, true, false));
+    return probe_file(f.get(), file);
 }
 
-Result<std::string> read_backing_field(int fd, const std::string& file) {
+Result<std::string> read_backing_field(StoreFile* f, const std::string& file) {
     AlignedBuffer head(kBlockBytes);
-    TRY_ASSIGN(size_t got, read_at(fd, head.span(), 0, file));
+    TRY_ASSIGN(size_t got, read_at(f, head.span(), 0, file));
     if (got < qcow2::kOffBackingFileSize + 4 || !has_qcow2_magic(ConstBuf(head.data(), got))) {
         return std::string();
     }
@@ -126,7 +125,7 @@ Result<std::string> read_backing_field(int fd, const std::string& file) {
     }
     uint64_t start = align_down(off, kBlockBytes);
     AlignedBuffer name(align_up(off + len, kBlockBytes) - start);
-    Result<size_t> n = read_at(fd, name.span(), start, file);
+    Result<size_t> n = read_at(f, name.span(), start, file);
     if (!n || *n < off + len - start) {
         return make_error(n ? EIO : n.error().errnum, "{}: cannot read the backing file name",
                           file);

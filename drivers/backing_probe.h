@@ -2,9 +2,10 @@
 // raw) and, for qcow2, the backing file it records, taken from a header validated by the same
 // parser the qcow2 driver opens images with (qcow2::parse_header). One probe for everything
 // that walks chains: the scan (blocking, on the offload thread) and open_chain (on the event
-// loop, through io_uring). It reads the first block, then at most the header cluster: up to the
-// end of the backing name when there is one, else the cluster (the extension area can run to
-// its end), never more, so a large file or a hostile header costs one or two small reads.
+// loop, through the layer's protocol node). It reads the first block, then at most the header
+// cluster: up to the end of the backing name when there is one, else the cluster (the extension
+// area can run to its end), never more, so a large file or a hostile header costs one or two small
+// reads.
 #pragma once
 
 #include <cstdint>
@@ -37,16 +38,16 @@ struct ImageProbe {
 /// the store, so it may not leave it).
 Result<ImageProbe> probe_image(Store* store, const std::string& file);
 
-/// Blocking: probes an open descriptor (O_DIRECT ones too).
-Result<ImageProbe> probe_image_fd(int fd, const std::string& file);
+/// Blocking: probes an open file of a store (one open for direct I/O too).
+Result<ImageProbe> probe_file(StoreFile* f, const std::string& file);
 
-/// On the event loop: the same probe with its reads through io_uring. Only the fstat is a
-/// system call on the loop (it does not wait for the disk's data).
-Task<Result<ImageProbe>> probe_image_fd(EventLoop* loop, int fd, std::string file);
+/// On the event loop: the same probe with its reads through the protocol node the file became
+/// (`id` is the file's identity, StoreFile::id()).
+Task<Result<ImageProbe>> probe_node(Node* node, FileId id, std::string file);
 
 /// Blocking: only the backing-name field of an image that is open and being written. Unlike
 /// the probe it validates nothing else: the rest of the header may be changing under the event
 /// loop's writes, while this field changes only in chain edits, which the caller excludes.
-Result<std::string> read_backing_field(int fd, const std::string& file);
+Result<std::string> read_backing_field(StoreFile* f, const std::string& file);
 
 }  // namespace imgfs

@@ -14,6 +14,9 @@ namespace imgfs {
 struct FileOptions {
     bool read_only = false;
     bool direct = false;
+    /// The layer will be written (a chain's top): a store with cluster-wide write locks takes
+    /// this file's (Store::open_from_loop).
+    bool exclusive = false;
     /// Take QEMU's image locks (see set_perm), so a QEMU process and imgfs never both write.
     bool locking = true;
     /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on, report

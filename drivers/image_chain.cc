@@ -11,6 +11,7 @@
 #include "core/transaction.h"
 #include "drivers/backing_probe.h"
 #include "drivers/file.h"
+#include "drivers/local_store.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/qcow2/qcow2_node.h"
 #include "drivers/raw.h"
@@ -114,6 +115,15 @@ Result<std::string> resolve_backing(const std::string& overlay, const std::strin
     return r;
 }
 
+Result<std::string> resolve_backing_in(const Store* store, const std::string& overlay,
+                                       const std::string& backing, bool allow_external) {
+    std::string own = store->own_name(backing);
+    if (!own.empty()) {
+        return own;
+    }
+    return resolve_backing(overlay, backing, store->real_path(), allow_external);
+}
+
 namespace {
 
 struct LayerSpec {
@@ -128,6 +138,7 @@ bool fault_applies(const ChainFault& f, const std::string& name, bool top) {
 
 FileOptions file_options(const ChainOptions& opts, const std::string& name, bool top) {
     FileOptions fo{opts.read_only, opts.direct};
+    fo.exclusive = top && !opts.read_only;
     for (const ChainFault& f : opts.faults) {
         if (f.fdatasync && fault_applies(f, name, top)) {
             fo.fail_fdatasync_errno = f.rule.errnum;
@@ -162,24 +173,25 @@ std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<
 Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainOptions opts,
                                bool top, ChainWalk* walk) {
     bool external = !spec.file.empty() && spec.file[0] == '/';
-    Result<UniqueFd> fd_r = external ? [&]() -> Result<UniqueFd> {
-        int fd = ::open(spec.file.c_str(), O_CLOEXEC | (opts.read_only ? O_RDONLY : O_RDWR) |
-                                               (opts.direct ? O_DIRECT : 0));
-        if (fd < 0) {
-            return make_error(errno, "cannot open '{}'", spec.file);
-        }
-        return UniqueFd(fd);
-    }()
-        : store->open(spec.file, opts.read_only, opts.direct);
-    CO_TRY_ASSIGN(UniqueFd fd, std::move(fd_r));
+    const FileOptions fo = file_options(opts, spec.file, top);
+    std::unique_ptr<StoreFile> opened;
+    if (external) {
+        CO_TRY_ASSIGN(opened, open_host_file(spec.file, opts.read_only, opts.direct));
+    } else {
+        CO_TRY_ASSIGN(opened, co_await store->open_from_loop(spec.file, fo));
+    }
+    const FileId id = opened->id();
+    CO_TRY(walk->enter(spec.file, id));
+    CO_TRY_ASSIGN(std::shared_ptr<Node> file,
+                  opened->into_node(env, layer_name(spec.file) + " (file)", fo));
     // The probe's verdict on the header is not used here: a file recorded as raw is raw
     // whatever it holds, and a qcow2 layer's load() parses the same header with the same parser
     // and reports what is wrong with it.
-    CO_TRY_ASSIGN(ImageProbe probe, co_await probe_image_fd(env.loop, fd.get(), spec.file));
-    CO_TRY(walk->enter(spec.file, probe.id));
+    CO_TRY_ASSIGN(ImageProbe probe, co_await probe_node(file.get(), id, spec.file));
     const std::string& content = probe.format;
     Layer layer;
     layer.file = spec.file;
+    layer.id = id;
     if (spec.recorded_format) {
         const std::string& f = *spec.recorded_format;
         if (f != "raw" && f != "qcow2") {
@@ -202,9 +214,6 @@ Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainO
         layer.probed = true;
     }
     bool node_read_only = opts.read_only || !top;
-    CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
-                  FileNode::from_fd(env, layer_name(spec.file) + " (file)", std::move(fd),
-                                    file_options(opts, spec.file, top)));
     Transaction tx(env.graph);
     std::shared_ptr<Node> storage = with_faults(env, &tx, file, spec.file, opts, top);
     if (opts.wrap_file) {
@@ -238,7 +247,6 @@ Task<void> close_after_failure(NodeEnv env, Chain* chain) {
 
 Task<Result<Chain>> open_chain(NodeEnv env, Store* store, std::string file, ChainOptions options,
                                LayerCache* cache) {
-    const std::string dir_real = store->real_path();
     Chain chain;
     ChainWalk walk(file, options.max_depth);
     LayerSpec spec{std::move(file), std::nullopt};
@@ -289,8 +297,8 @@ Task<Result<Chain>> open_chain(NodeEnv env, Store* store, std::string file, Chai
         if (next.empty()) {
             break;
         }
-        Result<std::string> resolved = resolve_backing(chain.layers.back().file, next, dir_real,
-                                                       options.allow_external_backing);
+        Result<std::string> resolved = resolve_backing_in(store, chain.layers.back().file, next,
+                                                          options.allow_external_backing);
         if (!resolved) {
             co_await close_after_failure(env, &chain);
             co_return std::move(resolved).error();

@@ -52,6 +52,7 @@ struct Layer {
     std::string file;     // relative to the image directory (absolute only if external)
     std::string format;   // "qcow2" or "raw"
     bool probed = false;  // the format was guessed from the content
+    FileId id{};          // the file's identity in its store (StoreFile::id)
     std::shared_ptr<Node> node;
 };
 
@@ -89,5 +90,10 @@ Task<void> write_layer_json(JsonWriter* w, const Layer* layer);
 /// the reason (json:, protocol, absolute outside, escaping with ..).
 Result<std::string> resolve_backing(const std::string& overlay, const std::string& backing,
                                     const std::string& dir_real, bool allow_external);
+
+/// resolve_backing for a layer of `store`: a name in the store's own URL form ("rbd:POOL/IMAGE"
+/// in a pool) is that file; other names resolve as above against the store's path.
+Result<std::string> resolve_backing_in(const Store* store, const std::string& overlay,
+                                       const std::string& backing, bool allow_external);
 
 }  // namespace imgfs

@@ -14,6 +14,8 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 
+#include "core/blocking_io.h"
+
 namespace imgfs {
 
 namespace {
@@ -37,6 +39,44 @@ Status check_name(const std::string& name) {
 }
 
 }  // namespace
+
+Result<std::unique_ptr<LocalFile>> LocalFile::from_fd(UniqueFd fd, const std::string& name) {
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) {
+        return make_error(errno, "stat {}", name);
+    }
+    return std::make_unique<LocalFile>(std::move(fd), FileId{st.st_dev, st.st_ino});
+}
+
+Result<uint64_t> LocalFile::size() {
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0) {
+        return make_error(errno, "stat");
+    }
+    return static_cast<uint64_t>(st.st_size);
+}
+
+Result<size_t> LocalFile::read_at(MutBuf buf, uint64_t offset) {
+    return pread_full(fd_.get(), buf, offset);
+}
+
+Result<std::shared_ptr<Node>> LocalFile::into_node(NodeEnv env, std::string name,
+                                                   const FileOptions& options) {
+    TRY_ASSIGN(std::shared_ptr<FileNode> node,
+               FileNode::from_fd(env, std::move(name), std::move(fd_), options));
+    return std::shared_ptr<Node>(std::move(node));
+}
+
+Result<std::unique_ptr<StoreFile>> open_host_file(const std::string& path, bool read_only,
+                                                  bool direct) {
+    int fd =
+        ::open(path.c_str(), O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0));
+    if (fd < 0) {
+        return make_error(errno, "cannot open '{}'", path);
+    }
+    TRY_ASSIGN(std::unique_ptr<LocalFile> file, LocalFile::from_fd(UniqueFd(fd), path));
+    return std::unique_ptr<StoreFile>(std::move(file));
+}
 
 LocalDirStore::LocalDirStore(UniqueFd dir_fd, std::string path)
     : dir_fd_(std::move(dir_fd)), path_(std::move(path)), real_(real_dir_path(dir_fd_.get())) {}
@@ -89,17 +129,26 @@ Result<FileId> LocalDirStore::id_of(const std::string& name, bool follow_links) 
     return FileId{st.st_dev, st.st_ino};
 }
 
-Result<UniqueFd> LocalDirStore::open(const std::string& name, bool read_only, bool direct) {
-    return open_beneath(dir_fd_.get(), name, read_only, direct);
+Result<std::unique_ptr<StoreFile>> LocalDirStore::open(const std::string& name, bool read_only,
+                                                       bool direct) {
+    TRY_ASSIGN(UniqueFd fd, open_beneath(dir_fd_.get(), name, read_only, direct));
+    TRY_ASSIGN(std::unique_ptr<LocalFile> file, LocalFile::from_fd(std::move(fd), name));
+    return std::unique_ptr<StoreFile>(std::move(file));
 }
 
-Result<UniqueFd> LocalDirStore::create_exclusive(const std::string& name) {
+Task<Result<std::unique_ptr<StoreFile>>> LocalDirStore::open_from_loop(std::string name,
+                                                                       FileOptions options) {
+    co_return open(name, options.read_only, options.direct);
+}
+
+Result<std::unique_ptr<StoreFile>> LocalDirStore::create_exclusive(const std::string& name) {
     TRY(check_name(name));
     int fd = ::openat(dir_fd_.get(), name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0) {
         return make_error(errno, "cannot create {}", name);
     }
-    return UniqueFd(fd);
+    TRY_ASSIGN(std::unique_ptr<LocalFile> file, LocalFile::from_fd(UniqueFd(fd), name));
+    return std::unique_ptr<StoreFile>(std::move(file));
 }
 
 Status LocalDirStore::rename_noreplace(const std::string& from, const std::string& to) {

@@ -12,6 +12,31 @@
 
 namespace imgfs {
 
+/// An open file of the host: a descriptor and the identity fstat gave it when it was opened.
+class LocalFile final : public StoreFile {
+  public:
+    /// Takes `fd` over; fails if it cannot be stat'ed.
+    static Result<std::unique_ptr<LocalFile>> from_fd(UniqueFd fd, const std::string& name);
+    LocalFile(UniqueFd fd, FileId id) : fd_(std::move(fd)), id_(id) {}
+
+    [[nodiscard]] int fd() const { return fd_.get(); }
+    [[nodiscard]] FileId id() const override { return id_; }
+    Result<uint64_t> size() override;
+    Result<size_t> read_at(MutBuf buf, uint64_t offset) override;
+    /// A FileNode over the descriptor.
+    Result<std::shared_ptr<Node>> into_node(NodeEnv env, std::string name,
+                                            const FileOptions& options) override;
+
+  private:
+    UniqueFd fd_;
+    FileId id_;
+};
+
+/// Opens a host file outside any store (an absolute backing name, where the mount allows
+/// those).
+Result<std::unique_ptr<StoreFile>> open_host_file(const std::string& path, bool read_only,
+                                                  bool direct);
+
 class LocalDirStore final : public Store {
   public:
     /// Takes an open directory descriptor; `path` is how the user named it (for messages).
@@ -30,8 +55,13 @@ class LocalDirStore final : public Store {
     [[nodiscard]] const std::string& real_path() const override { return real_; }
     Result<std::vector<StoreEntry>> list() override;
     Result<FileId> id_of(const std::string& name, bool follow_links) override;
-    Result<UniqueFd> open(const std::string& name, bool read_only, bool direct) override;
-    Result<UniqueFd> create_exclusive(const std::string& name) override;
+    Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
+                                            bool direct) override;
+    /// open() itself: an openat2 does not wait for the disk's data. (A local file's locks
+    /// are QEMU's byte-range locks, which the file node takes as permissions are set.)
+    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
+                                                            FileOptions options) override;
+    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override;
     Status rename_noreplace(const std::string& from, const std::string& to) override;
     Status add_name(const std::string& existing, const std::string& name) override;
     Status remove(const std::string& name) override;

@@ -4,27 +4,58 @@
 // name, make the names durable, and tell how much room is left. Everything above the store
 // (jobs/, fuse/) goes through this interface and does not know what kind of store it has.
 //
-// One implementation so far: LocalDirStore (a directory, every name confined beneath it with
-// openat2). A Ceph pool through librbd is the second one planned; what it lacks is data in
-// StoreCaps, not an error to probe for. Its open() will hand out an RBD image rather than a
-// descriptor, so open() is the one call whose type is expected to change.
+// Two implementations: LocalDirStore (a directory, every name confined beneath it with
+// openat2) and RbdStore (a Ceph pool, or a namespace of one, through librbd). What a store
+// lacks is data in StoreCaps, not an error to probe for. An open file of either kind is a
+// StoreFile: headers are read from it, and it becomes the protocol node a layer is served from.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/buffer.h"
+#include "core/node.h"
 #include "core/result.h"
-#include "core/unique_fd.h"
+#include "core/task.h"
 #include "drivers/chain_walk.h"
+#include "drivers/file.h"
 
 namespace imgfs {
+
+/// One open file of a store.
+class StoreFile {
+  public:
+    StoreFile() = default;
+    StoreFile(const StoreFile&) = delete;
+    StoreFile& operator=(const StoreFile&) = delete;
+    virtual ~StoreFile() = default;
+
+    /// The file's identity, the same under each of its names (taken when it was opened).
+    [[nodiscard]] virtual FileId id() const = 0;
+    /// Blocking: the file's size now.
+    virtual Result<uint64_t> size() = 0;
+    /// Blocking (offload thread, or before the loop serves): reads at `offset` until `buf` is
+    /// full or the file ends; the bytes read. Buffers and offsets are 4096-aligned (the file
+    /// may be open for direct I/O).
+    virtual Result<size_t> read_at(MutBuf buf, uint64_t offset) = 0;
+    /// The protocol node that serves this file (a FileNode, an RbdNode); the file is handed
+    /// over to it. Only `options.direct`'s alignment, the locking and the test faults are
+    /// local-file matters; the access mode was fixed when the file was opened.
+    virtual Result<std::shared_ptr<Node>> into_node(NodeEnv env, std::string name,
+                                                    const FileOptions& options) = 0;
+};
 
 struct StoreCaps {
     /// A file can carry two names at once (hard links). Chain edits rely on it: a layer leaving
     /// a chain gets a hidden second name before any header names it, so a crash at any point
     /// leaves the chain whole under one name or the other.
     bool second_names = false;
+    /// What joins an image's name and a snapshot's in a snapshot overlay's name
+    /// (NAME@SNAP.qcow2); an export's name is the file name cut at its first one. A pool uses
+    /// '~': RBD and QEMU's rbd: names reserve '@' for RBD's own snapshots.
+    char snapshot_separator = '@';
 };
 
 /// One regular file of the store.
@@ -42,6 +73,9 @@ struct StoreSpace {
     uint64_t free_files = 0;
     uint32_t block_bytes = 0;     // the unit of the block counts
     uint32_t transfer_bytes = 0;  // preferred I/O size
+    /// False when the store cannot tell its room (a Ceph cluster without a manager reports
+    /// none): the counts are zeros, and checks of free room are skipped, not failed.
+    bool known = true;
     [[nodiscard]] uint64_t available_bytes() const { return available_blocks * block_bytes; }
 };
 
@@ -52,17 +86,23 @@ class Store {
     Store& operator=(const Store&) = delete;
     virtual ~Store() = default;
 
-    // Every call below may block (directory metadata, and for a remote store a round trip):
-    // callers run them on an offload thread, or before the event loop serves, never on the
-    // loop. Names are relative paths inside the store, as the store lists them or backing
-    // names resolve ("base.qcow2", "sub/base.qcow2"); a name that would leave the store is
-    // refused (EINVAL, or EPERM from open()).
+    // Every call below but open_from_loop may block (directory metadata, and for a remote
+    // store a round trip): callers run them on an offload thread, or before the event loop
+    // serves, never on the loop. Names are relative paths inside the store, as the store lists them
+    // or backing names resolve ("base.qcow2", "sub/base.qcow2"); a name that would leave the store
+    // is refused (EINVAL, or EPERM from open()).
 
     [[nodiscard]] virtual const StoreCaps& caps() const = 0;
     /// The store as the user named it, for messages.
     [[nodiscard]] virtual const std::string& display_name() const = 0;
     /// The absolute path backing names may use to point into the store ("" if it has none).
     [[nodiscard]] virtual const std::string& real_path() const = 0;
+    /// A backing name as the store's own kind of URL ("rbd:POOL/IMAGE" in a pool) that names
+    /// one of its files: that file's name. "" for any other name (a relative one included).
+    [[nodiscard]] virtual std::string own_name(const std::string& /*recorded*/) const { return {}; }
+    /// What a header records to name the store's file `name` as a backing file, so that QEMU
+    /// opens it too: the name itself in a directory (relative), the URL in a pool.
+    [[nodiscard]] virtual std::string recorded_name(const std::string& name) const { return name; }
 
     /// Every name whose file is a regular file (following a symbolic link), sorted by name.
     /// Subdirectories, devices and dangling links are left out.
@@ -71,9 +111,18 @@ class Store {
     virtual Result<FileId> id_of(const std::string& name, bool follow_links) = 0;
     /// Opens a file of the store. `name` may be a relative path inside the store; it may not
     /// leave it (through "..", an absolute symbolic link or one pointing outside): EPERM.
-    virtual Result<UniqueFd> open(const std::string& name, bool read_only, bool direct) = 0;
-    /// Creates `name`, empty, for reading and writing; EEXIST if the name is taken.
-    virtual Result<UniqueFd> create_exclusive(const std::string& name) = 0;
+    virtual Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
+                                                    bool direct) = 0;
+    /// open() for a coroutine on the event loop, which it must not block: a local directory
+    /// opens at once (openat2 does not wait for data), a remote store on its own thread. With
+    /// `options.exclusive` (a layer that will be written) a store that has cluster-wide write
+    /// locks takes the file's before handing it out, and refuses it (EBUSY, the holder
+    /// named) if another client holds it.
+    virtual Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
+                                                                    FileOptions options) = 0;
+    /// Creates `name`, empty, for reading and writing (holding its write lock where the store
+    /// has them); EEXIST if the name is taken.
+    virtual Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) = 0;
     /// Renames `from` to `to` atomically; EEXIST if `to` is taken (nothing is replaced).
     virtual Status rename_noreplace(const std::string& from, const std::string& to) = 0;
     /// Gives the file named `existing` the second name `name` (EEXIST if taken). Only where

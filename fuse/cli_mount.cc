@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "drivers/rbd/rbd_store.h"
 #include "fuse/cli.h"
 #include "fuse/daemon.h"
 
@@ -16,10 +17,11 @@ namespace imgfs::cli {
 namespace {
 
 const char* kMountHelp =
-    "usage: imgfs mount [-f] [-v] [-o OPTS] IMAGE_DIR MOUNTPOINT\n"
+    "usage: imgfs mount [-f] [-v] [-o OPTS] IMAGE_DIR|rbd:POOL[/NAMESPACE] MOUNTPOINT\n"
     "\n"
     "Serves every image chain in IMAGE_DIR as MOUNTPOINT/NAME.raw, with control files in\n"
     "MOUNTPOINT/.control. Runs as a daemon unless -f; unmount with 'imgfs unmount MOUNTPOINT'.\n"
+    "rbd:POOL serves the RBD images of a Ceph pool (or of a namespace of it) the same way.\n"
     "\n"
     "  -f            stay in the foreground, log to stderr\n"
     "  -v            verbose log\n"
@@ -32,6 +34,11 @@ const char* kMountHelp =
     "     uring=auto|on|off       FUSE-over-io_uring transport (default auto: used when the\n"
     "                             kernel offers it, i.e. /sys/module/fuse/parameters/\n"
     "                             enable_uring is Y; on: the mount fails without it)\n"
+    "     ceph_conf=PATH          rbd: the cluster's ceph.conf (default $CEPH_CONF, else\n"
+    "                             /etc/ceph/ceph.conf)\n"
+    "     ceph_id=NAME            rbd: the client name without 'client.' (default admin)\n"
+    "     ceph_timeout=SECONDS    rbd: deadline of every cluster operation (default 30);\n"
+    "                             past it the request fails with EIO\n"
     "     faults=FILE             debug: inject I/O errors by the rules in FILE (see below)\n"
     "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n"
     "\n"
@@ -222,6 +229,11 @@ Result<std::vector<ChainFault>> read_fault_rules(const std::string& path) {
     return rules;
 }
 
+std::string absolute(const std::string& p) {
+    char buf[PATH_MAX];
+    return ::realpath(p.c_str(), buf) != nullptr ? std::string(buf) : p;
+}
+
 Status apply_option(const std::string& o, MountCommand* cmd) {
     if (o.empty() || ignorable(o)) {
         return {};
@@ -249,17 +261,22 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
         cmd->images.faults.insert(cmd->images.faults.end(), rules.begin(), rules.end());
     } else if (o.rfind("uring=", 0) == 0) {
         TRY_ASSIGN(cmd->uring, fuse_uring::parse_mode(o.substr(6)));
+    } else if (o.rfind("ceph_conf=", 0) == 0) {
+        cmd->rados.conf_path = absolute(o.substr(10));
+    } else if (o.rfind("ceph_id=", 0) == 0) {
+        cmd->rados.client_id = o.substr(8);
+    } else if (o.rfind("ceph_timeout=", 0) == 0) {
+        TRY_ASSIGN(uint64_t s, parse_size(o.substr(13)));
+        if (s == 0 || s > 3600) {
+            return make_error(EINVAL, "ceph_timeout must be 1 to 3600 seconds");
+        }
+        cmd->rados.timeout_s = static_cast<uint32_t>(s);
     } else if (o.rfind("fsname=", 0) == 0) {
         cmd->mount.fsname = o.substr(7);
     } else {
         return make_error(EINVAL, "unknown mount option '{}'", o);
     }
     return {};
-}
-
-std::string absolute(const std::string& p) {
-    char buf[PATH_MAX];
-    return ::realpath(p.c_str(), buf) != nullptr ? std::string(buf) : p;
 }
 
 }  // namespace
@@ -299,9 +316,10 @@ int mount(const Args& args) {
         }
     }
     if (positional.size() != 2) {
-        return fail("usage: imgfs mount [-f] [-o OPTS] IMAGE_DIR MOUNTPOINT");
+        return fail("usage: imgfs mount [-f] [-o OPTS] IMAGE_DIR|rbd:POOL MOUNTPOINT");
     }
-    cmd.image_dir = absolute(positional[0]);
+    // A pool is named as the user wrote it; a directory by its absolute path.
+    cmd.image_dir = is_rbd_spec(positional[0]) ? positional[0] : absolute(positional[0]);
     cmd.mountpoint = absolute(positional[1]);
     return run_mount(cmd);
 }

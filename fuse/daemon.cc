@@ -20,6 +20,7 @@
 #include "core/graph.h"
 #include "core/task_scope.h"
 #include "drivers/local_store.h"
+#include "drivers/rbd/rbd_store.h"
 #include "fuse/export_fs.h"
 #include "fuse/fuse_server.h"
 #include "fuse/mount_table.h"
@@ -153,6 +154,18 @@ Status check_mount_safety(const MountCommand& cmd, Store* store) {
     return {};
 }
 
+// The image directory, or the Ceph pool (connecting to the cluster: the daemon has forked by
+// now, as librados requires).
+Result<std::unique_ptr<Store>> open_store(const MountCommand& cmd, EventLoop* loop) {
+    if (is_rbd_spec(cmd.image_dir)) {
+        TRY_ASSIGN(RbdLocation where, parse_rbd_location(cmd.image_dir));
+        TRY_ASSIGN(std::unique_ptr<RbdStore> pool, RbdStore::open(where, cmd.rados, loop));
+        return std::unique_ptr<Store>(std::move(pool));
+    }
+    TRY_ASSIGN(std::unique_ptr<LocalDirStore> dir, LocalDirStore::open_dir(cmd.image_dir));
+    return std::unique_ptr<Store>(std::move(dir));
+}
+
 int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     sigset_t mask;
     sigemptyset(&mask);
@@ -181,7 +194,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         return fail(loop_r.error().message());
     }
     std::unique_ptr<EventLoop> loop = std::move(*loop_r);
-    Result<std::unique_ptr<LocalDirStore>> store = LocalDirStore::open_dir(cmd.image_dir);
+    Result<std::unique_ptr<Store>> store = open_store(cmd, loop.get());
     if (!store) {
         return fail(store.error().message());
     }
@@ -250,7 +263,12 @@ std::string pid_file_for(const std::string& mountpoint) {
 
 int run_mount(const MountCommand& cmd) {
     struct stat st {};
-    if (::stat(cmd.image_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    if (is_rbd_spec(cmd.image_dir)) {
+        if (Result<RbdLocation> where = parse_rbd_location(cmd.image_dir); !where) {
+            std::fprintf(stderr, "imgfs: %s\n", where.error().context.c_str());
+            return 1;
+        }
+    } else if (::stat(cmd.image_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
         std::fprintf(stderr, "imgfs: %s is not a directory\n", cmd.image_dir.c_str());
         return 1;
     }

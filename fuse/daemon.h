@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "drivers/rbd/rados.h"
 #include "fuse/fuse_mount.h"
 #include "fuse/fuse_uring.h"
 #include "jobs/image_set.h"
@@ -11,7 +12,8 @@
 namespace imgfs {
 
 struct MountCommand {
-    std::string image_dir;
+    std::string image_dir;  // a directory's absolute path, or "rbd:POOL[/NAMESPACE]"
+    RadosOptions rados;     // for a pool
     std::string mountpoint;
     bool foreground = false;
     bool verbose = false;

@@ -33,15 +33,14 @@ bool job_running(const Export& e) {
 std::vector<ServedLayer> served_layers(const Export& e) {
     std::vector<ServedLayer> out;
     for (const Layer& l : e.chain.layers) {
-        FileNode* f = file_node_of(l.node.get());
-        out.push_back(ServedLayer{l.file, f != nullptr ? f->fd() : -1});
+        out.push_back(ServedLayer{l.file, l.id});
     }
     return out;
 }
 
 }  // namespace
 
-std::string export_name_of(const std::string& file) {
+std::string export_name_of(const std::string& file, char snapshot_separator) {
     std::string base = file;
     for (const char* ext : kExtensions) {
         if (ends_with(base, ext)) {
@@ -49,7 +48,7 @@ std::string export_name_of(const std::string& file) {
             break;
         }
     }
-    size_t at = base.find('@');
+    size_t at = base.find(snapshot_separator);
     return at == std::string::npos ? base : base.substr(0, at);
 }
 
@@ -59,20 +58,6 @@ bool is_image_file_name(const std::string& file) {
     }
     return std::any_of(std::begin(kExtensions), std::end(kExtensions),
                        [&file](const char* e) { return ends_with(file, e); });
-}
-
-FileNode* file_node_of(Node* layer) {
-    for (Node* n = layer; n != nullptr;) {
-        if (auto* f = dynamic_cast<FileNode*>(n)) {
-            return f;
-        }
-        Child* below = n->child(ChildRole::kFile);
-        if (below == nullptr) {
-            below = n->child(ChildRole::kFiltered);
-        }
-        n = below != nullptr ? below->node() : nullptr;
-    }
-    return nullptr;
 }
 
 ImageSet::ImageSet(NodeEnv env, std::unique_ptr<Store> store, ImageSetOptions options)

@@ -160,14 +160,11 @@ class ImageSet {
     Offloader offloader_;
 };
 
-/// Export name of a root file: without extension, cut at the first '@'.
-std::string export_name_of(const std::string& file);
+/// Export name of a root file: without extension, cut at the first `snapshot_separator`
+/// (StoreCaps: '@' in a directory, '~' in a pool).
+std::string export_name_of(const std::string& file, char snapshot_separator);
 /// True for the file names a scan considers (.qcow2 .qcow .img .raw).
 bool is_image_file_name(const std::string& file);
-
-/// The node holding the open file under `layer` (through filters), or null.
-class FileNode;
-FileNode* file_node_of(Node* layer);
 
 /// Writes "io_error": the last failed request of an export (null if none), for info.
 void write_io_error(JsonWriter* w, const IoFailure& failure);

@@ -37,7 +37,8 @@ Task<Result<uint64_t>> free_bytes(ImageSet* images) {
     Store* store = images->store();
     std::function<Result<uint64_t>()> query = [store]() -> Result<uint64_t> {
         TRY_ASSIGN(StoreSpace space, store->space());
-        return space.available_bytes();
+        // A store that cannot tell its room is not called full.
+        return space.known ? space.available_bytes() : UINT64_MAX;
     };
     co_return co_await images->offloader()->run<Result<uint64_t>>(std::move(query));
 }

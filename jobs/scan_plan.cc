@@ -61,12 +61,12 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
     ChainWalk walk(file);
     while (walk.room_for_more()) {
         const bool top = walk.depth() == 0;
-        Result<UniqueFd> fd = in.store->open(current, true, false);
-        if (!fd) {
-            return top ? std::move(fd).error()
+        Result<std::unique_ptr<StoreFile>> opened = in.store->open(current, true, false);
+        if (!opened) {
+            return top ? std::move(opened).error()
                        : Status{};  // a missing backing file: the top reports it
         }
-        TRY_ASSIGN(ImageProbe probe, probe_image_fd(fd->get(), current));
+        TRY_ASSIGN(ImageProbe probe, probe_file(opened->get(), current));
         if (Status st = walk.enter(current, probe.id); !st) {
             return std::move(st).error().wrap(file);
         }
@@ -85,8 +85,8 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         if (probe.backing.empty()) {
             return {};
         }
-        Result<std::string> next = resolve_backing(current, probe.backing, in.store->real_path(),
-                                                   in.allow_external_backing);
+        Result<std::string> next =
+            resolve_backing_in(in.store, current, probe.backing, in.allow_external_backing);
         if (!next || (!next->empty() && (*next)[0] == '/')) {
             return {};  // outside the directory: not one of our layers
         }
@@ -117,11 +117,12 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
     }
 }
 
-void choose_roots(const std::vector<Candidate>& images, const Layers& layers, ScanPlan* plan) {
+void choose_roots(const std::vector<Candidate>& images, const Layers& layers, char separator,
+                  ScanPlan* plan) {
     std::map<std::string, std::vector<std::string>> roots_by_name;
     for (const Candidate& c : images) {
         if (!c.broken && layers.ids.count(c.id) == 0) {
-            roots_by_name[export_name_of(c.file)].push_back(c.file);
+            roots_by_name[export_name_of(c.file, separator)].push_back(c.file);
         }
     }
     for (auto& [name, roots] : roots_by_name) {
@@ -147,18 +148,16 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers, Sc
 // dropped instead of reported.
 void keep_served_layers(const ScanInput& in, Layers* layers) {
     for (const auto& [id, chain] : in.served) {
-        struct stat served {};
-        if (chain.empty() || chain.front().fd < 0) {
+        if (chain.empty() || chain.front().id == FileId{}) {
             continue;
         }
         Result<FileId> named = in.store->id_of(chain.front().file, false);
-        if (!named || ::fstat(chain.front().fd, &served) != 0 ||
-            *named != FileId{served.st_dev, served.st_ino}) {
+        if (!named || *named != chain.front().id) {
             continue;  // the root went or changed: the scan decides about the export afresh
         }
         for (size_t i = 1; i < chain.size(); ++i) {
-            if (chain[i].fd >= 0 && ::fstat(chain[i].fd, &served) == 0) {
-                layers->ids.insert({served.st_dev, served.st_ino});
+            if (chain[i].id != FileId{}) {
+                layers->ids.insert(chain[i].id);
             }
         }
     }
@@ -195,7 +194,7 @@ ScanPlan plan_scan(const ScanInput& in) {
             }
         }
     }
-    choose_roots(listing->images, layers, &plan);
+    choose_roots(listing->images, layers, in.store->caps().snapshot_separator, &plan);
     for (const auto& [id, chain] : in.served) {
         std::string why = check_served_chain(in.store, in.allow_external_backing, chain);
         if (!why.empty()) {
@@ -209,18 +208,22 @@ std::string check_served_chain(Store* store, bool allow_external_backing,
                                const std::vector<ServedLayer>& layers) {
     for (size_t i = 0; i < layers.size(); ++i) {
         const ServedLayer& l = layers[i];
-        if (l.fd < 0 || (!l.file.empty() && l.file[0] == '/')) {
+        if (l.id == FileId{} || (!l.file.empty() && l.file[0] == '/')) {
             continue;  // not a file of the directory: nothing to compare
         }
-        struct stat served {};
         Result<FileId> named = store->id_of(l.file, false);
         if (!named) {
             return fmt::format("{} is missing on disk", l.file);
         }
-        if (::fstat(l.fd, &served) == 0 && *named != FileId{served.st_dev, served.st_ino}) {
+        if (*named != l.id) {
             return fmt::format("{} on disk is another file than the one served", l.file);
         }
-        Result<std::string> backing = read_backing_field(l.fd, l.file);
+        // The same file as the one served (just checked), so its header is the served one's.
+        Result<std::unique_ptr<StoreFile>> opened = store->open(l.file, true, false);
+        if (!opened) {
+            return opened.error().message();
+        }
+        Result<std::string> backing = read_backing_field(opened->get(), l.file);
         if (!backing) {
             return backing.error().message();
         }
@@ -228,7 +231,7 @@ std::string check_served_chain(Store* store, bool allow_external_backing,
         std::string named_below;
         if (!backing->empty()) {
             Result<std::string> r =
-                resolve_backing(l.file, *backing, store->real_path(), allow_external_backing);
+                resolve_backing_in(store, l.file, *backing, allow_external_backing);
             named_below = r ? *r : *backing;
         }
         if (named_below != below) {

@@ -15,10 +15,10 @@
 
 namespace imgfs {
 
-/// One layer of a served chain: its file name and the descriptor it is served from.
+/// One layer of a served chain: its file name and the identity of the file it is served from.
 struct ServedLayer {
     std::string file;
-    int fd = -1;  // -1: not a local file (its identity cannot be checked)
+    FileId id{};  // {0, 0}: not a file of a store (nothing to compare)
 };
 
 struct ScanInput {

@@ -9,6 +9,7 @@
 // A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
 // the directory opens as after. A failure undoes everything it did.
 #include <cstdio>
+#include <cstring>
 
 #include "core/drain.h"
 #include "core/event_loop.h"
@@ -29,13 +30,14 @@ struct SnapshotTarget {
     std::string snap;
     std::string file;  // NAME@SNAP.qcow2
     bool created = false;
+    FileId id{};  // the new file's identity in the store
     Layer layer;  // the new top, once open
 };
 
-qcow2::CreateOptions overlay_options(const Layer& top) {
+qcow2::CreateOptions overlay_options(const Store* store, const Layer& top) {
     qcow2::CreateOptions o;
     o.size = top.node->size();
-    o.backing_file = top.file;
+    o.backing_file = store->recorded_name(top.file);
     o.backing_format = top.format;
     // The overlay is laid out as its backing is: a user who chose a cluster size, or left
     // extended L2 off so that QEMU before 5.2 can open the images, gets the same in every
@@ -47,23 +49,38 @@ qcow2::CreateOptions overlay_options(const Layer& top) {
 // Writes a new overlay under its hidden name and renames it into place once durable (the
 // directory entry can reach the disk before the content, and an empty or half-written
 // NAME@SNAP.qcow2 left by a crash would be taken for a second root wanting NAME).
-Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
+Task<Result<std::shared_ptr<Node>>> write_overlay(ImageSet* images, SnapshotTarget* t) {
     Store* store = images->store();
+    const NodeEnv& env = images->env();
     const std::string tmp = creating_name(t->file);
-    std::function<Result<int>()> open_tmp = [store, tmp]() -> Result<int> {
+    // The offloader's results are copyable: the new file crosses back as a shared pointer.
+    std::function<Result<std::shared_ptr<StoreFile>>()> open_tmp =
+        [store, tmp]() -> Result<std::shared_ptr<StoreFile>> {
         // A leftover of an earlier crash; if it cannot go, create_exclusive fails (EEXIST).
         (void)store->remove(tmp);
-        TRY_ASSIGN(UniqueFd fd, store->create_exclusive(tmp));
-        return fd.release();  // (the offloader's results are copyable)
+        TRY_ASSIGN(std::unique_ptr<StoreFile> f, store->create_exclusive(tmp));
+        return std::shared_ptr<StoreFile>(std::move(f));
     };
-    Result<int> opened = co_await images->offloader()->run<Result<int>>(std::move(open_tmp));
+    Result<std::shared_ptr<StoreFile>> opened =
+        co_await images->offloader()->run<Result<std::shared_ptr<StoreFile>>>(std::move(open_tmp));
     CO_TRY(opened);
-    UniqueFd owned(*opened);
-    Status created = co_await qcow2::create_image(images->env().loop, owned.get(),
-                                                  overlay_options(t->e->chain.layers.front()));
-    const std::string file = t->file;
+    FileOptions fo;
+    fo.direct = images->options().direct;
+    Result<std::shared_ptr<Node>> file = (*opened)->into_node(env, t->file + " (file)", fo);
+    Status created = file ? Status{} : Status(file.error());
     if (created) {
-        std::function<Status()> rename = [store, tmp, file]() -> Status {
+        t->id = (*opened)->id();
+        created = co_await qcow2::create_image(file->get(),
+                                               overlay_options(store, t->e->chain.layers.front()));
+        if (!created) {
+            // The reason reaches the user as the context alone: name the errno in it.
+            const int err = created.error().errnum;
+            created =
+                make_error(err, "cannot write the new overlay {}: {}", t->file, std::strerror(err));
+        }
+    }
+    if (created) {
+        std::function<Status()> rename = [store, tmp, file = t->file]() -> Status {
             if (Status st = store->rename_noreplace(tmp, file); !st) {
                 return make_error(st.error().errnum, "cannot create {}", file);
             }
@@ -81,17 +98,13 @@ Task<Result<UniqueFd>> write_overlay(ImageSet* images, SnapshotTarget* t) {
         co_return std::move(created).error();
     }
     t->created = true;
-    co_return owned;
+    co_return std::move(*file);
 }
 
 // Creates and opens one new overlay (the export does not use it yet).
 Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     const NodeEnv& env = images->env();
-    CO_TRY_ASSIGN(UniqueFd owned, co_await write_overlay(images, t));
-    FileOptions fo;
-    fo.direct = images->options().direct;
-    CO_TRY_ASSIGN(std::shared_ptr<FileNode> file,
-                  FileNode::from_fd(env, t->file + " (file)", std::move(owned), fo));
+    CO_TRY_ASSIGN(std::shared_ptr<Node> file, co_await write_overlay(images, t));
     qcow2::Options q = images->options().qcow2;
     Transaction tx(env.graph);
     std::shared_ptr<Node> storage = file;
@@ -103,13 +116,13 @@ Task<Status> create_overlay(ImageSet* images, SnapshotTarget* t) {
     auto node = Qcow2Node::create(env, t->file, &tx, storage, q);
     CO_TRY(tx.commit());
     CO_TRY(co_await node->load());
-    t->layer = Layer{t->file, "qcow2", false, node};
+    t->layer = Layer{t->file, "qcow2", false, t->id, node};
     co_return Status{};
 }
 
 // One entry of a (group) snapshot, checked against the entries before it.
 Result<SnapshotTarget> make_target(std::shared_ptr<Export> e, const std::string& snap,
-                                   const std::vector<SnapshotTarget>& earlier) {
+                                   char separator, const std::vector<SnapshotTarget>& earlier) {
     if (!valid_snapshot_name(snap)) {
         return make_error(EINVAL,
                           "{}: invalid snapshot name '{}' (letters, digits, '.', '_', '-'; up to "
@@ -123,7 +136,7 @@ Result<SnapshotTarget> make_target(std::shared_ptr<Export> e, const std::string&
     }
     SnapshotTarget t;
     t.snap = snap;
-    t.file = e->name + "@" + snap + ".qcow2";
+    t.file = e->name + separator + snap + ".qcow2";
     t.e = std::move(e);
     return t;
 }
@@ -265,7 +278,8 @@ Task<Status> JobManager::group_snapshot(
     std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets) {
     std::vector<SnapshotTarget> ts;
     for (auto& [e, snap] : targets) {
-        CO_TRY_ASSIGN(SnapshotTarget t, make_target(e, snap, ts));
+        CO_TRY_ASSIGN(SnapshotTarget t,
+                      make_target(e, snap, images()->store()->caps().snapshot_separator, ts));
         ts.push_back(std::move(t));
     }
     if (ts.empty()) {
@@ -318,7 +332,7 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
                              e->name, layers.front().file);
     }
     const Layer& below = layers[1];
-    if (export_name_of(below.file) != e->name) {
+    if (export_name_of(below.file, images()->store()->caps().snapshot_separator) != e->name) {
         co_return make_error(EBUSY, "{}: the layer below, {}, is not one of {}'s own snapshots",
                              e->name, below.file, e->name);
     }

@@ -121,7 +121,8 @@ Task<Status> StreamJob::finish() {
     CO_TRY(co_await writer_->flush());
     // The image's own older layers that no other chain uses go; shared ones stay for their users.
     size_t own = 0;
-    while (own + 1 < layers.size() && export_name_of(layers[own + 1].file) == e->name &&
+    const char separator = images_->store()->caps().snapshot_separator;
+    while (own + 1 < layers.size() && export_name_of(layers[own + 1].file, separator) == e->name &&
            images_->users_of(layers[own + 1].node.get(), e).empty()) {
         ++own;
     }

@@ -132,10 +132,10 @@ Result<std::vector<uint8_t>> build_new_image(const CreateOptions& o) {
     return image;
 }
 
-Task<Status> create_image(EventLoop* loop, int fd, CreateOptions options) {
+Task<Status> create_image(Node* file, CreateOptions options) {
     CO_TRY_ASSIGN(std::vector<uint8_t> image, build_new_image(options));
-    CO_TRY(co_await loop->write_full(fd, image, 0));
-    co_return co_await loop->fsync(fd, false);
+    CO_TRY(co_await file->write(0, ConstBuf(image.data(), image.size())));
+    co_return co_await file->flush();
 }
 
 Status create_image_sync(int fd, const CreateOptions& options) {

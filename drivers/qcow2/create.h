@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/event_loop.h"
+#include "core/node.h"
 #include "core/result.h"
 #include "drivers/qcow2/format.h"
 
@@ -30,8 +31,9 @@ Status validate_create_options(const CreateOptions& o);
 /// The complete initial content of a new image: header, refcount table and blocks, L1 table.
 Result<std::vector<uint8_t>> build_new_image(const CreateOptions& o);
 
-/// Writes a new image into the empty file `fd` and makes it durable.
-Task<Status> create_image(EventLoop* loop, int fd, CreateOptions options);
+/// Writes a new image into the empty protocol node `file` (a new file of a store) and makes it
+/// durable.
+Task<Status> create_image(Node* file, CreateOptions options);
 
 /// The same with plain syscalls, for command-line use outside an event loop.
 Status create_image_sync(int fd, const CreateOptions& options);

@@ -15,18 +15,18 @@ usage() {
   exit 2
 }
 
-# Stops the OSD before the monitor: an OSD without its monitor takes seconds to exit.
+# The cluster is thrown away, so its daemons are killed outright (a clean stop of an OSD
+# whose monitor went first takes seconds); waits until both are gone.
 stop_cluster() {
   local dir=$1 name pid i
   for name in osd mon; do
     [ -f "$dir/$name.pid" ] || continue
     pid=$(cat "$dir/$name.pid")
-    kill "$pid" 2>/dev/null || true
+    kill -9 "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
       kill -0 "$pid" 2>/dev/null || break
-      sleep 0.05
+      sleep 0.02
     done
-    kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/$name.pid"
   done
 }
@@ -35,6 +35,10 @@ start_cluster() {
   local dir=$1 port=$2 osd_mib=$3 conf fsid uuid t0 i
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
+  if [ -e "$dir/ceph.conf" ]; then
+    echo "cluster.sh: $dir already holds a cluster; stop it and use an empty directory" >&2
+    return 2
+  fi
   conf="$dir/ceph.conf"
   fsid=$(cat /proc/sys/kernel/random/uuid)
   t0=$(date +%s.%N)
@@ -59,6 +63,8 @@ osd pool default pg autoscale mode = off
 osd objectstore = memstore
 memstore device bytes = $((osd_mib * 1024 * 1024))
 osd crush chooseleaf type = 0
+# A client killed with its image locks held is seen gone (and its lock breakable) after this.
+osd client watch timeout = 5
 [mon.a]
 mon data = $dir/mon
 [osd.0]
@@ -104,10 +110,12 @@ while [ $# -gt 0 ]; do
 done
 case "$cmd" in
   start)
-    if ! start_cluster "$dir" "$port" "$osd_mib"; then
-      stop_cluster "$dir"
-      exit 1
-    fi ;;
+    rc=0
+    start_cluster "$dir" "$port" "$osd_mib" || rc=$?
+    if [ "$rc" = 1 ]; then
+      stop_cluster "$dir"  # what this start began
+    fi
+    exit "$rc" ;;
   stop) stop_cluster "$dir" ;;
   *) usage ;;
 esac

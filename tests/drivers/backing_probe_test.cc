@@ -57,12 +57,18 @@ class BackingProbeTest : public test::LoopTest {
     // returns it.
     Result<ImageProbe> probe(const std::string& name) {
         Result<ImageProbe> blocking = probe_image(LocalDirStore::over(dir_fd_).get(), name);
-        Result<UniqueFd> fd = open_beneath(dir_fd_, name, true, false);
-        EXPECT_TRUE(fd.ok());
-        if (!fd.ok()) {
-            return std::move(fd).error();
+        auto file = LocalDirStore::over(dir_fd_)->open(name, true, false);
+        EXPECT_TRUE(file.ok());
+        if (!file.ok()) {
+            return std::move(file).error();
         }
-        Result<ImageProbe> looped = run(probe_image_fd(loop_.get(), fd->get(), name));
+        const FileId id = (*file)->id();
+        auto node = (*file)->into_node(env(), name, FileOptions{.read_only = true});
+        EXPECT_TRUE(node.ok());
+        if (!node.ok()) {
+            return std::move(node).error();
+        }
+        Result<ImageProbe> looped = run(probe_node(node->get(), id, name));
         EXPECT_EQ(blocking.ok(), looped.ok());
         if (blocking.ok() && looped.ok()) {
             EXPECT_EQ(blocking->id, looped->id);
@@ -217,18 +223,18 @@ TEST_F(BackingProbeTest, BackingFieldOfAServedImage) {
     put("raw.img", std::vector<uint8_t>(4096, 1));
     for (auto [name, want] : {std::pair{"vm1.qcow2", "base.qcow2"}, std::pair{"base.qcow2", ""},
                               std::pair{"raw.img", ""}}) {
-        Result<UniqueFd> fd = open_beneath(dir_fd_, name, true, false);
-        ASSERT_TRUE(fd.ok());
-        Result<std::string> b = read_backing_field(fd->get(), name);
+        auto file = LocalDirStore::over(dir_fd_)->open(name, true, false);
+        ASSERT_TRUE(file.ok());
+        Result<std::string> b = read_backing_field(file->get(), name);
         ASSERT_TRUE(b.ok()) << b.error().message();
         EXPECT_EQ(*b, want) << name;
     }
     std::vector<uint8_t> img = qcow2_image("base.qcow2", "qcow2");
     store_be32(img.data() + qcow2::kOffBackingFileSize, 5000);
     put("bad.qcow2", img);
-    Result<UniqueFd> fd = open_beneath(dir_fd_, "bad.qcow2", true, false);
-    ASSERT_TRUE(fd.ok());
-    Result<std::string> b = read_backing_field(fd->get(), "bad.qcow2");
+    auto file = LocalDirStore::over(dir_fd_)->open("bad.qcow2", true, false);
+    ASSERT_TRUE(file.ok());
+    Result<std::string> b = read_backing_field(file->get(), "bad.qcow2");
     ASSERT_FALSE(b.ok());
     EXPECT_EQ(b.error().errnum, EINVAL);
 }

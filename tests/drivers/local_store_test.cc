@@ -76,7 +76,7 @@ TEST_F(LocalDirStoreTest, CreateAndRenameNeverReplace) {
     EXPECT_EQ(store_->create_exclusive("taken.qcow2").error().errnum, EEXIST);
     auto made = store_->create_exclusive("new.tmp");
     ASSERT_TRUE(made.ok()) << made.error().message();
-    ASSERT_EQ(::write(made->get(), "new", 3), 3);
+    ASSERT_EQ(::write(dynamic_cast<LocalFile&>(**made).fd(), "new", 3), 3);
     Status clash = store_->rename_noreplace("new.tmp", "taken.qcow2");
     ASSERT_FALSE(clash.ok());
     EXPECT_EQ(clash.error().errnum, EEXIST);

@@ -1,0 +1,254 @@
+#include "drivers/rbd/rbd_store.h"
+
+#include <algorithm>
+#include <functional>
+
+#include "drivers/rbd/rbd_node.h"
+
+namespace imgfs {
+
+namespace {
+
+constexpr const char* kScheme = "rbd:";
+
+// What Ceph accepts in a pool, namespace or image name, less what QEMU's rbd: syntax
+// reserves ('/', '@', ':') and what would be a hidden or relative file elsewhere.
+Status check_part(const std::string& part, const char* what, const std::string& spec) {
+    bool bad = part.empty() || part == "." || part == ".." ||
+               part.find_first_of("/@:\\\n") != std::string::npos;
+    if (bad) {
+        return make_error(EINVAL, "'{}': '{}' is not a valid {} name", spec, part, what);
+    }
+    return {};
+}
+
+// Image names are checked like the other parts; "." and ".." are fine for RBD but never ours.
+Status check_image_name(const std::string& name) {
+    if (name.empty() || name.find_first_of("/@:\\\n") != std::string::npos) {
+        return make_error(EINVAL, "'{}' is not an image name of the pool", name);
+    }
+    return {};
+}
+
+uint64_t fnv1a(const std::string& s) {
+    uint64_t h = 1469598103934665603ULL;
+    for (unsigned char c : s) {
+        h = (h ^ c) * 1099511628211ULL;
+    }
+    return h;
+}
+
+// The owners of `image`'s exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
+std::string lock_owners(rbd_image_t image) {
+    rbd_lock_mode_t mode{};
+    char* owners[8] = {};
+    size_t count = 8;
+    if (rbd_lock_get_owners(image, &mode, owners, &count) < 0 || count == 0) {
+        return "another client";
+    }
+    std::string out;
+    for (size_t i = 0; i < count; ++i) {
+        out += (i == 0 ? "" : ", ") + std::string(owners[i]);
+    }
+    rbd_lock_get_owners_cleanup(owners, count);
+    return out;
+}
+
+}  // namespace
+
+bool is_rbd_spec(const std::string& spec) {
+    return spec.rfind(kScheme, 0) == 0;
+}
+
+Result<RbdLocation> parse_rbd_location(const std::string& spec) {
+    if (!is_rbd_spec(spec)) {
+        return make_error(EINVAL, "'{}' is not of the form rbd:POOL[/NAMESPACE]", spec);
+    }
+    std::string rest = spec.substr(4);
+    RbdLocation where;
+    size_t slash = rest.find('/');
+    where.pool = rest.substr(0, slash);
+    TRY(check_part(where.pool, "pool", spec));
+    if (slash != std::string::npos) {
+        where.name_space = rest.substr(slash + 1);
+        TRY(check_part(where.name_space, "namespace", spec));
+    }
+    return where;
+}
+
+Result<size_t> RbdFile::read_at(MutBuf buf, uint64_t offset) {
+    // librbd refuses a read that starts at or past the end (EINVAL): stop at the end.
+    TRY_ASSIGN(uint64_t size, image_.size());
+    const size_t want =
+        offset >= size ? 0 : static_cast<size_t>(std::min<uint64_t>(buf.size(), size - offset));
+    size_t done = 0;
+    while (done < want) {
+        ssize_t n = rbd_read(image_.handle(), offset + done, want - done,
+                             reinterpret_cast<char*>(buf.data() + done));
+        if (n < 0) {
+            return rbd_error(static_cast<int>(n), image_.pool()->timeout_s(),
+                             fmt::format("reading {}", image_.name()));
+        }
+        if (n == 0) {
+            break;  // the end of the image
+        }
+        done += static_cast<size_t>(n);
+    }
+    return done;
+}
+
+Result<std::shared_ptr<Node>> RbdFile::into_node(NodeEnv env, std::string name,
+                                                 const FileOptions& /*options*/) {
+    TRY_ASSIGN(std::shared_ptr<RbdNode> node,
+               RbdNode::open(env, std::move(name), std::move(image_)));
+    return std::shared_ptr<Node>(std::move(node));
+}
+
+Result<std::unique_ptr<RbdStore>> RbdStore::open(const RbdLocation& where,
+                                                 const RadosOptions& options, EventLoop* loop) {
+    TRY_ASSIGN(std::shared_ptr<RadosCluster> cluster, RadosCluster::connect(options));
+    TRY_ASSIGN(std::shared_ptr<RbdPool> pool,
+               RbdPool::open(std::move(cluster), where.pool, where.name_space, loop));
+    return std::make_unique<RbdStore>(std::move(pool));
+}
+
+RbdStore::RbdStore(std::shared_ptr<RbdPool> pool)
+    : pool_(std::move(pool)), display_(pool_->display_name()) {}
+
+std::string RbdStore::own_name(const std::string& recorded) const {
+    // "rbd:POOL/IMAGE" or "rbd:POOL/NAMESPACE/IMAGE", this store's pool and namespace only;
+    // anything with options (':') or a snapshot ('@') is not a plain image of ours.
+    const std::string prefix = display_ + "/";
+    if (recorded.rfind(prefix, 0) != 0) {
+        return {};
+    }
+    std::string image = recorded.substr(prefix.size());
+    return check_image_name(image) ? image : std::string();
+}
+
+std::string RbdStore::recorded_name(const std::string& name) const {
+    return display_ + "/" + name;
+}
+
+FileId RbdStore::file_id(const std::string& image_id) const {
+    // No device number is all ones; the image id is unique within the pool.
+    return FileId{static_cast<dev_t>(~0ULL), static_cast<ino_t>(fnv1a(display_ + "/" + image_id))};
+}
+
+Result<std::vector<StoreEntry>> RbdStore::list() {
+    std::vector<rbd_image_spec_t> specs(64);
+    size_t count = specs.size();
+    int r = 0;
+    while ((r = rbd_list2(pool_->ioctx(), specs.data(), &count)) == -ERANGE) {
+        specs.resize(count);
+    }
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot list {}", display_));
+    }
+    std::vector<StoreEntry> out;
+    out.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+        out.push_back(StoreEntry{specs[i].name, file_id(specs[i].id)});
+    }
+    rbd_image_spec_list_cleanup(specs.data(), count);
+    std::sort(out.begin(), out.end(),
+              [](const StoreEntry& a, const StoreEntry& b) { return a.name < b.name; });
+    return out;
+}
+
+Result<FileId> RbdStore::id_of(const std::string& name, bool /*follow_links*/) {
+    TRY(check_image_name(name));
+    TRY_ASSIGN(std::vector<StoreEntry> entries, list());
+    for (const StoreEntry& e : entries) {
+        if (e.name == name) {
+            return e.id;
+        }
+    }
+    return make_error(ENOENT, "{}", name);
+}
+
+Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name, bool read_only,
+                                                        bool exclusive) {
+    TRY(check_image_name(name));
+    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
+    TRY_ASSIGN(std::string id, image.id());
+    if (exclusive && !read_only) {
+        if (int r = rbd_lock_acquire(image.handle(), RBD_LOCK_MODE_EXCLUSIVE); r < 0) {
+            if (r == -EROFS || r == -EBUSY || r == -EAGAIN) {
+                return make_error(EBUSY, "{} is being written by {} (RBD exclusive lock)", name,
+                                  lock_owners(image.handle()));
+            }
+            return rbd_error(r, pool_->timeout_s(),
+                             fmt::format("{}: cannot take the exclusive lock", name));
+        }
+    }
+    return std::unique_ptr<StoreFile>(std::make_unique<RbdFile>(std::move(image), file_id(id)));
+}
+
+Result<std::unique_ptr<StoreFile>> RbdStore::open(const std::string& name, bool read_only,
+                                                  bool /*direct*/) {
+    return open_image(name, read_only, false);
+}
+
+Task<Result<std::unique_ptr<StoreFile>>> RbdStore::open_from_loop(std::string name,
+                                                                  FileOptions options) {
+    std::function<Result<std::unique_ptr<StoreFile>>()> call =
+        [this, name, options]() -> Result<std::unique_ptr<StoreFile>> {
+        return open_image(name, options.read_only, options.exclusive);
+    };
+    co_return co_await pool_->offloader()->run<Result<std::unique_ptr<StoreFile>>>(std::move(call));
+}
+
+Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string& name) {
+    TRY(check_image_name(name));
+    rbd_image_options_t opts = nullptr;
+    rbd_image_options_create(&opts);
+    int r = rbd_create4(pool_->ioctx(), name.c_str(), 0, opts);
+    rbd_image_options_destroy(opts);
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot create {}", name));
+    }
+    return open_image(name, false, true);
+}
+
+Status RbdStore::rename_noreplace(const std::string& from, const std::string& to) {
+    TRY(check_image_name(from));
+    TRY(check_image_name(to));
+    // librbd refuses a taken destination (EEXIST) and never replaces it.
+    if (int r = rbd_rename(pool_->ioctx(), from.c_str(), to.c_str()); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot rename {} to {}", from, to));
+    }
+    return {};
+}
+
+Status RbdStore::add_name(const std::string& existing, const std::string& name) {
+    return make_error(EOPNOTSUPP, "cannot give {} the second name {}: an RBD image has one name",
+                      existing, name);
+}
+
+Status RbdStore::remove(const std::string& name) {
+    TRY(check_image_name(name));
+    if (int r = rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot remove {}", name));
+    }
+    return {};
+}
+
+Result<StoreSpace> RbdStore::space() {
+    rados_cluster_stat_t st{};
+    if (int r = rados_cluster_stat(pool_->cluster().handle(), &st); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot stat {}", display_));
+    }
+    StoreSpace s;
+    s.known = st.kb != 0;  // usage is gathered by the cluster's manager; without one, none
+    s.block_bytes = 4096;
+    s.transfer_bytes = 4 << 20;  // an RBD object
+    s.blocks = st.kb / 4;
+    s.free_blocks = st.kb_avail / 4;
+    s.available_blocks = st.kb_avail / 4;
+    s.files = st.num_objects + 1000000;
+    s.free_files = 1000000;
+    return s;
+}
+
+}  // namespace imgfs

@@ -1,0 +1,96 @@
+// RbdStore: a Ceph pool (or a namespace of one) as an image directory. Each RBD image is what
+// a file is in a directory: "vm1.qcow2" holds qcow2 bytes, a raw image made by `rbd create`
+// is served as it is. Names are RBD image names (no '/' or '@'). What a pool cannot do that a
+// directory can: give an image a second name (no hard links), so StoreCaps.second_names is
+// false and chain edits that rely on it refuse. Backing names inside the pool are recorded as
+// "rbd:POOL/IMAGE" (what QEMU opens; it looks for a relative name as a local file) and either
+// form is read.
+//
+// Cluster-wide safety: a layer that will be written (FileOptions::exclusive) is opened with
+// RBD's exclusive lock taken explicitly, which librbd then does not hand to another client on
+// request: a second host gets EBUSY naming the holder. Ceph frees the lock of a client that
+// died (its watch times out, librbd blocklists it and breaks the lock on the next acquire).
+// Two daemons may therefore serve one pool; lock_for_serving() takes nothing.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "drivers/rbd/rados.h"
+#include "drivers/store.h"
+
+namespace imgfs {
+
+/// Where a pool store lives: "rbd:POOL" or "rbd:POOL/NAMESPACE".
+struct RbdLocation {
+    std::string pool;
+    std::string name_space;
+};
+/// True if `spec` starts with "rbd:" (the user means a pool, not a directory).
+bool is_rbd_spec(const std::string& spec);
+/// Parses "rbd:POOL[/NAMESPACE]"; EINVAL with the reason for anything else.
+Result<RbdLocation> parse_rbd_location(const std::string& spec);
+
+/// An open RBD image of a store.
+class RbdFile final : public StoreFile {
+  public:
+    RbdFile(RbdImage image, FileId id) : image_(std::move(image)), id_(id) {}
+    [[nodiscard]] FileId id() const override { return id_; }
+    Result<uint64_t> size() override { return image_.size(); }
+    Result<size_t> read_at(MutBuf buf, uint64_t offset) override;
+    /// An RbdNode over the image.
+    Result<std::shared_ptr<Node>> into_node(NodeEnv env, std::string name,
+                                            const FileOptions& options) override;
+
+  private:
+    RbdImage image_;
+    FileId id_;
+};
+
+class RbdStore final : public Store {
+  public:
+    /// Connects and opens the pool; blocking (before the loop serves). `loop` is where the
+    /// pool's offload thread resumes its callers.
+    static Result<std::unique_ptr<RbdStore>> open(const RbdLocation& where,
+                                                  const RadosOptions& options, EventLoop* loop);
+    explicit RbdStore(std::shared_ptr<RbdPool> pool);
+
+    [[nodiscard]] const StoreCaps& caps() const override { return caps_; }
+    [[nodiscard]] const std::string& display_name() const override { return display_; }
+    [[nodiscard]] const std::string& real_path() const override { return no_path_; }
+    [[nodiscard]] std::string own_name(const std::string& recorded) const override;
+    [[nodiscard]] std::string recorded_name(const std::string& name) const override;
+    Result<std::vector<StoreEntry>> list() override;
+    Result<FileId> id_of(const std::string& name, bool follow_links) override;
+    Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
+                                            bool direct) override;
+    /// On the pool's offload thread (opening an image is a round trip).
+    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
+                                                            FileOptions options) override;
+    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override;
+    Status rename_noreplace(const std::string& from, const std::string& to) override;
+    /// EOPNOTSUPP: RBD images have one name.
+    Status add_name(const std::string& existing, const std::string& name) override;
+    Status remove(const std::string& name) override;
+    /// Nothing to do: a name operation is durable in the cluster once it returned.
+    Status sync() override { return {}; }
+    /// The cluster's raw capacity (RBD images are thin; pools share the OSDs).
+    Result<StoreSpace> space() override;
+    /// Nothing: images are locked one by one (see the file comment).
+    Status lock_for_serving() override { return {}; }
+
+    [[nodiscard]] const std::shared_ptr<RbdPool>& pool() const { return pool_; }
+
+  private:
+    /// Opens `name`, taking its exclusive lock if `exclusive`. Blocking.
+    Result<std::unique_ptr<StoreFile>> open_image(const std::string& name, bool read_only,
+                                                  bool exclusive);
+    FileId file_id(const std::string& image_id) const;
+
+    std::shared_ptr<RbdPool> pool_;
+    std::string display_;
+    std::string no_path_;
+    StoreCaps caps_{.second_names = false, .snapshot_separator = '~'};
+};
+
+}  // namespace imgfs

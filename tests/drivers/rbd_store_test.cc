@@ -1,0 +1,138 @@
+// RbdStore against a throwaway Ceph cluster: the Store contract as a pool keeps it (listing
+// with identities, no-replace create and rename, removal, what it refuses), the rbd: spec
+// parser, and the backing-name forms.
+#include "drivers/rbd/rbd_store.h"
+
+#include "ceph_util.h"
+
+namespace imgfs::test {
+namespace {
+
+TEST(RbdLocationTest, ParsesPoolAndNamespace) {
+    auto a = parse_rbd_location("rbd:pool1");
+    ASSERT_TRUE(a.ok()) << a.error().message();
+    EXPECT_EQ(a->pool, "pool1");
+    EXPECT_EQ(a->name_space, "");
+    auto b = parse_rbd_location("rbd:pool1/ns");
+    ASSERT_TRUE(b.ok());
+    EXPECT_EQ(b->name_space, "ns");
+    for (const char* bad :
+         {"rbd:", "rbd:/ns", "rbd:p/", "rbd:p/a/b", "rbd:p@s", "rbd:p:conf=x", "pool", "rbd:.."}) {
+        auto r = parse_rbd_location(bad);
+        EXPECT_FALSE(r.ok()) << bad;
+        if (!r.ok()) {
+            EXPECT_EQ(r.error().errnum, EINVAL) << bad;
+        }
+    }
+    EXPECT_TRUE(is_rbd_spec("rbd:x"));
+    EXPECT_FALSE(is_rbd_spec("./rbd:x"));
+}
+
+class RbdStoreTest : public LoopTest {
+  protected:
+    static void SetUpTestSuite() { cluster_ = std::make_unique<CephCluster>(); }
+    static void TearDownTestSuite() { cluster_.reset(); }
+
+    void SetUp() override {
+        LoopTest::SetUp();
+        REQUIRE_CEPH();
+        ASSERT_TRUE(cluster_->ok()) << "the test cluster did not start";
+        int st = 0;
+        cluster_->rbd("namespace create rbd/" + ns(), &st);
+        ASSERT_EQ(st, 0);
+        auto s = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+        ASSERT_TRUE(s.ok()) << s.error().message();
+        store_ = std::move(*s);
+    }
+    void TearDown() override {
+        store_.reset();
+        LoopTest::TearDown();
+    }
+    static std::string ns() {
+        return ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    }
+
+    static std::unique_ptr<CephCluster> cluster_;
+    std::unique_ptr<RbdStore> store_;
+};
+std::unique_ptr<CephCluster> RbdStoreTest::cluster_;
+
+TEST_F(RbdStoreTest, NamesAndIdentities) {
+    EXPECT_EQ(store_->display_name(), "rbd:rbd/" + ns());
+    EXPECT_FALSE(store_->caps().second_names);
+    EXPECT_EQ(store_->caps().snapshot_separator, '~');
+    auto made = store_->create_exclusive("b.qcow2");
+    ASSERT_TRUE(made.ok()) << made.error().message();
+    const FileId id = (*made)->id();
+    made->reset();
+    EXPECT_EQ(store_->create_exclusive("b.qcow2").error().errnum, EEXIST);
+    ASSERT_TRUE(store_->create_exclusive("a.raw").ok());
+    auto listed = store_->list();
+    ASSERT_TRUE(listed.ok()) << listed.error().message();
+    ASSERT_EQ(listed->size(), 2u);
+    EXPECT_EQ((*listed)[0].name, "a.raw");
+    EXPECT_EQ((*listed)[1].name, "b.qcow2");
+    EXPECT_EQ((*listed)[1].id, id);
+    EXPECT_NE((*listed)[0].id, id);
+    // A rename keeps the identity and never replaces.
+    EXPECT_EQ(store_->rename_noreplace("b.qcow2", "a.raw").error().errnum, EEXIST);
+    ASSERT_TRUE(store_->rename_noreplace("b.qcow2", "c.qcow2").ok());
+    auto moved = store_->id_of("c.qcow2", false);
+    ASSERT_TRUE(moved.ok());
+    EXPECT_EQ(*moved, id);
+    EXPECT_EQ(store_->id_of("b.qcow2", false).error().errnum, ENOENT);
+    EXPECT_EQ(store_->add_name("c.qcow2", "d.qcow2").error().errnum, EOPNOTSUPP);
+    ASSERT_TRUE(store_->remove("c.qcow2").ok());
+    EXPECT_EQ(store_->remove("c.qcow2").error().errnum, ENOENT);
+    for (const char* bad : {"x/y", "x@s", "a:b", ""}) {
+        EXPECT_EQ(store_->open(bad, true, false).error().errnum, EINVAL) << bad;
+    }
+    EXPECT_EQ(store_->open("missing", true, false).error().errnum, ENOENT);
+}
+
+TEST_F(RbdStoreTest, BackingNamesInTheStoresOwnForm) {
+    const std::string url = "rbd:rbd/" + ns() + "/base.qcow2";
+    EXPECT_EQ(store_->recorded_name("base.qcow2"), url);
+    EXPECT_EQ(store_->own_name(url), "base.qcow2");
+    EXPECT_EQ(store_->own_name("rbd:other/base.qcow2"), "");
+    EXPECT_EQ(store_->own_name(url + "@snap"), "");
+    EXPECT_EQ(store_->own_name(url + ":conf=/x"), "");
+    EXPECT_EQ(store_->own_name("base.qcow2"), "");
+}
+
+TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
+    auto made = store_->create_exclusive("data.raw");
+    ASSERT_TRUE(made.ok());
+    auto node = (*made)->into_node(env(), "data.raw", FileOptions{});
+    ASSERT_TRUE(node.ok()) << node.error().message();
+    use_rw(*node);
+    std::vector<uint8_t> bytes(8192, 0x42);
+    Status w = run((*node)->write(4096, ConstBuf(bytes.data(), bytes.size())));
+    ASSERT_TRUE(w.ok()) << w.error().message();
+    ASSERT_TRUE(run((*node)->flush()).ok());
+    auto opened = store_->open("data.raw", true, false);
+    ASSERT_TRUE(opened.ok());
+    auto size = (*opened)->size();
+    ASSERT_TRUE(size.ok());
+    EXPECT_EQ(*size, 12288u);
+    AlignedBuffer buf(16384);
+    auto got = (*opened)->read_at(buf.span(), 0);
+    ASSERT_TRUE(got.ok()) << got.error().message();
+    EXPECT_EQ(*got, 12288u);  // short at the end of the image
+    EXPECT_EQ(buf.data()[4095], 0);
+    EXPECT_EQ(buf.data()[4096], 0x42);
+    // A writer elsewhere holds the image: opening it for writing with the lock is refused.
+    auto second = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+    ASSERT_TRUE(second.ok());
+    FileOptions exclusive;
+    exclusive.exclusive = true;
+    auto refused = run((*second)->open_from_loop("data.raw", exclusive));
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.error().errnum, EBUSY);
+    EXPECT_NE(refused.error().message().find("RBD exclusive lock"), std::string::npos);
+    // Reading is for everyone.
+    EXPECT_TRUE(run((*second)->open_from_loop("data.raw", FileOptions{.read_only = true})).ok());
+}
+
+}  // namespace
+}  // namespace imgfs::test

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Image directories in a Ceph pool: imgfs serving rbd:POOL/NAMESPACE against a throwaway
+one-node cluster (tests/ceph/cluster.sh), with QEMU's own rbd driver (qemu-block-extra) as the
+oracle both ways: chains qemu-img made in the pool export correctly, and every layer imgfs wrote
+passes qemu-img check and converts to the bytes NAME.raw showed.
+
+Each test works in its own RBD namespace of the pool "rbd", so the tests share one cluster."""
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import harness
+from harness import run, qemu_img
+
+MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLUSTER = os.path.join(os.path.dirname(HERE), "ceph", "cluster.sh")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RbdPool(harness.ImageDirTest):
+    cluster_dir = None
+    conf = None
+
+    @classmethod
+    def setUpClass(cls):
+        if os.geteuid() != 0 or not all(
+                subprocess.run(["which", t], capture_output=True).returncode == 0
+                for t in ("ceph-mon", "ceph-osd", "rbd")):
+            return  # setUp reports it (a failure in CI, a skip elsewhere)
+        cls.cluster_dir = tempfile.mkdtemp(prefix="imgfs-ceph-")
+        p = run([CLUSTER, "start", cls.cluster_dir, "--port", str(free_port()), "--osd-mib",
+                 "3072"], check=False)
+        if p.returncode != 0:
+            raise AssertionError("the test cluster did not start:\n" + p.stderr)
+        cls.conf = p.stdout.strip()
+        os.environ["CEPH_CONF"] = cls.conf  # for qemu-img, qemu-io and rbd
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.cluster_dir:
+            run(["kill", "-CONT", cls.pid("osd")], check=False)
+            run([CLUSTER, "stop", cls.cluster_dir], check=False)
+            run(["rm", "-rf", cls.cluster_dir], check=False)
+
+    @classmethod
+    def pid(cls, daemon):
+        with open(os.path.join(cls.cluster_dir, daemon + ".pid")) as f:
+            return f.read().strip()
+
+    def setUp(self):
+        super().setUp()
+        harness.require_tools("ceph-mon", "ceph-osd", "rbd")
+        harness.require(os.path.exists("/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so"),
+                        "qemu-block-extra (QEMU's rbd driver)")
+        self.assertIsNotNone(self.conf, "the test cluster did not start")
+        self.ns = self.id().rsplit(".", 1)[-1].replace("test_", "")[:30]
+        run(["rbd", "namespace", "create", f"rbd/{self.ns}"])
+        self.pool = f"rbd:rbd/{self.ns}"
+
+    def url(self, image):
+        """The image as QEMU names it."""
+        return f"{self.pool}/{image}"
+
+    def mount_pool(self, options="", **kw):
+        opts = f"ceph_conf={self.conf}" + ("," + options if options else "")
+        m = harness.Mount(self.pool, options=opts, **kw)
+        self.mounts.append(m)
+        return m.start()
+
+    def images(self):
+        return sorted(run(["rbd", "ls", f"rbd/{self.ns}"]).stdout.split())
+
+    def check_layers(self, names):
+        for name in names:
+            c = harness.check(self.url(name))
+            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+
+    def converted(self, image):
+        out = os.path.join(self.dir, image + ".out")
+        qemu_img("convert", "-O", "raw", self.url(image), out)
+        with open(out, "rb") as f:
+            data = f.read()
+        os.unlink(out)
+        return data
+
+    def wait_job(self, m, name, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with open(m.path(".control", name, "job")) as f:
+                text = f.read().strip()
+            job = json.loads(text) if text else None
+            if job and job["state"] == "concluded":
+                self.assertIsNone(job["error"], job)
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the job on {name} did not finish")
+
+    def test_chain_made_by_qemu_and_ext4_with_snapshots(self):
+        harness.require_tools("mkfs.ext4", "e2fsck", "losetup")
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "256M")
+        harness.qemu_io(self.url("base.qcow2"), "write -P 0x5a 0 4M")
+        # A backing name in QEMU's rbd: form, as qemu-img needs it in a pool.
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
+                 self.url("vm1.qcow2"))
+        run(["rbd", "create", "--size", "8M", f"rbd/{self.ns}/scratch.raw"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), ["scratch", "vm1"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(), self.converted("vm1.qcow2"))
+        # ext4 on a loop device: a few thousand files, a live snapshot from a shell between
+        # two batches, then fsck and checksums after a remount.
+        dev = run(["losetup", "-f", "--show", m.path("vm1.raw")]).stdout.strip()
+        fsdir = self.dir + "-fs"
+        os.mkdir(fsdir)
+        self.addCleanup(os.rmdir, fsdir)
+        try:
+            run(["mkfs.ext4", "-q", dev])
+            run(["mount", dev, fsdir])
+            run(f"for i in $(seq 1 1500); do head -c $((i * 37 % 9000 + 1)) /dev/urandom "
+                f"> {fsdir}/a$i; done")
+            run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
+            run(f"for i in $(seq 1 1500); do head -c $((i * 53 % 9000 + 1)) /dev/urandom "
+                f"> {fsdir}/b$i; done; sync")
+            sums = run(f"cd {fsdir} && find . -type f | sort | xargs md5sum").stdout
+            run(["umount", fsdir])
+            self.assertEqual(run(["e2fsck", "-fn", dev], check=False).returncode, 0)
+        finally:
+            run(["umount", fsdir], check=False)
+            run(["losetup", "-d", dev], check=False)
+        layers = [l["file"] for l in m.info("vm1")["layers"]]
+        self.assertEqual(layers, ["vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            served = f.read()
+        m.stop()
+        self.assertEqual(self.images(), ["base.qcow2", "scratch.raw", "vm1.qcow2",
+                                         "vm1~s1.qcow2"])
+        self.check_layers(["vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
+        info = qemu_img("info", self.url("vm1~s1.qcow2")).stdout
+        self.assertIn(f"backing file: {self.url('vm1.qcow2')}", info)
+        self.assertEqual(self.converted("vm1~s1.qcow2"), served)
+        # Remounted: the same files.
+        m = self.mount_pool()
+        dev = run(["losetup", "-f", "--show", "-r", m.path("vm1.raw")]).stdout.strip()
+        try:
+            run(["mount", "-o", "ro,noload", dev, fsdir])
+            again = run(f"cd {fsdir} && find . -type f | sort | xargs md5sum").stdout
+            run(["umount", fsdir])
+        finally:
+            run(["umount", fsdir], check=False)
+            run(["losetup", "-d", dev], check=False)
+        self.assertEqual(again, sums)
+        self.assertEqual(len(sums.splitlines()), 3000)
+        m.stop()
+
+    def test_commit_and_stream_in_a_pool(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "32M")
+        harness.qemu_io(self.url("base.qcow2"), "write -P 0x11 0 2M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
+                 self.url("vm1.qcow2"))
+        m = self.mount_pool()
+        model = bytearray(self.converted("vm1.qcow2"))
+        harness.random_writes(m.path("vm1.raw"), model, seed=3, count=60, max_len=MiB)
+        run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
+        harness.random_writes(m.path("vm1.raw"), model, seed=4, count=60, max_len=MiB)
+        # Active commit of the snapshot's overlay into vm1.qcow2 under a writer.
+        writer = subprocess.Popen(
+            ["python3", "-c",
+             "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
+             "[os.pwrite(fd, bytes([i % 251]) * 4096, (i % 64) * 4096) for i in range(2000)]; "
+             "os.fsync(fd)", m.path("vm1.raw")])
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
+        self.assertEqual(writer.wait(timeout=120), 0)
+        for i in range(1936, 2000):
+            model[(i % 64) * 4096:(i % 64) * 4096 + 4096] = bytes([i % 251]) * 4096
+        self.wait_job(m, "vm1")
+        self.assertEqual([l["file"] for l in m.info("vm1")["layers"]],
+                         ["vm1.qcow2", "base.qcow2"])
+        # Stream: vm1.qcow2 stands alone; the shared base stays.
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'stream')}"])
+        self.wait_job(m, "vm1")
+        self.assertEqual([l["file"] for l in m.info("vm1")["layers"]], ["vm1.qcow2"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(), bytes(model))
+        m.stop()
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+        self.assertNotIn("backing file", qemu_img("info", self.url("vm1.qcow2")).stdout)
+        self.assertEqual(self.converted("vm1.qcow2"), bytes(model))
+
+    def test_two_daemons_never_write_one_image(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
+        harness.qemu_io(self.url("base.qcow2"), "write -P 0x33 0 1M")
+        for vm in ("vm1", "vm2"):
+            qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F",
+                     "qcow2", self.url(vm + ".qcow2"))
+        a = self.mount_pool()
+        self.assertEqual(a.exports(), ["vm1", "vm2"])
+        b = self.mount_pool()
+        # The first daemon holds both images' exclusive locks: the second exports neither and
+        # names the holder.
+        self.assertEqual(b.exports(), [])
+        with open(b.path(".control", "skipped")) as f:
+            skipped = f.read()
+        self.assertIn("vm1.qcow2 is being written by", skipped)
+        self.assertIn("RBD exclusive lock", skipped)
+        # Images the first daemon has not opened are the second's to write (a new one, found
+        # by a rescan); both read the shared base.
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
+                 self.url("vm3.qcow2"))
+        run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
+        self.assertEqual(b.exports(), ["vm3"])
+        with open(b.path("vm3.raw"), "r+b") as f:
+            self.assertEqual(f.read(MiB), b"\x33" * MiB)
+            f.seek(MiB)
+            f.write(b"\x44" * MiB)
+            os.fsync(f.fileno())
+        with open(a.path("vm1.raw"), "r+b") as f:
+            self.assertEqual(f.read(MiB), b"\x33" * MiB)
+            f.write(b"\x55" * MiB)
+            os.fsync(f.fileno())
+        # Never while the holder lives: a rescan changes nothing.
+        run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
+        self.assertEqual(b.exports(), ["vm3"])
+        # Once the holder is killed and Ceph sees it gone (its watch times out: 5 s in the test
+        # cluster), the next rescan breaks its lock (blocklisting it) and takes the images.
+        a.kill()
+        deadline = time.time() + 60
+        while b.exports() != ["vm1", "vm2", "vm3"] and time.time() < deadline:
+            time.sleep(1)
+            run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
+        self.assertEqual(b.exports(), ["vm1", "vm2", "vm3"])
+        with open(b.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(2 * MiB), b"\x33" * MiB + b"\x55" * MiB)
+        b.stop()
+        self.check_layers(["vm1.qcow2", "vm2.qcow2", "vm3.qcow2", "base.qcow2"])
+
+    def test_stopped_osd_gives_eio_within_the_deadline(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.url("vm1.qcow2"), "16M")
+        m = self.mount_pool("ceph_timeout=3")
+        with open(m.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x66" * MiB)
+            os.fsync(f.fileno())
+        os.kill(int(self.pid("osd")), signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            p = run(["dd", "if=/dev/zero", f"of={m.path('vm1.raw')}", "bs=64k", "count=4",
+                     "seek=64", "oflag=direct", "conv=notrunc,fsync"], check=False)
+            waited = time.time() - t0
+        finally:
+            os.kill(int(self.pid("osd")), signal.SIGCONT)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("Input/output error", p.stderr)
+        self.assertLess(waited, 20)
+        self.assertIn("did not answer within 3 s", m.read_log())
+        # The daemon is still up; after a remount the image serves again and the data
+        # acknowledged by fsync is there.
+        self.assertTrue(os.path.exists(m.path(".control")))
+        try:
+            m.stop()
+        except AssertionError:
+            pass  # the image went failed: it may report that while closing
+        m = self.mount_pool()
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(MiB), b"\x66" * MiB)
+        m.stop()
+        self.check_layers(["vm1.qcow2"])
+
+
+if __name__ == "__main__":
+    harness.main_with_summary("rbd")
