@@ -58,8 +58,10 @@ if [ "$both_ways" = 1 ]; then
   cp "$log" "$dir/Testing/Temporary/LastTest-all.log" 2>/dev/null || true
   echo "== integration tier again with FUSE over io_uring off (/dev/fuse)"
   echo N > "$uring_param"
-  ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900 -R '^integration\.' ||
-    rc=$?
+  # test_rbd is left out of this pass: it tests the Ceph store, not the transport, and the
+  # sanitizer stage (on the machine's setting, N on a fresh machine) runs it over /dev/fuse.
+  ctest --test-dir "$dir" --output-on-failure -j"$(nproc)" --timeout 900 -R '^integration\.' \
+    -E 'integration\.test_rbd' || rc=$?
 fi
 # One summary line per reliability category (ctest keeps every test's output in LastTest.log;
 # the fault matrix runs one case per process, so its lines are added up).
