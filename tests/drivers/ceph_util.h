@@ -43,3 +43,23 @@ RadosOptions rados_options(const CephCluster& cluster, uint32_t timeout_s = 10);
 #define REQUIRE_CEPH()        \
     REQUIRE_TOOL("ceph-mon"); \
     REQUIRE_TOOL("ceph-osd")
+
+namespace imgfs::test {
+
+/// A loop test whose suite shares one cluster, started once per test process. Derived SetUp()s
+/// return early if this one skipped or failed (`if (ceph_unusable()) return;`).
+class CephLoopTest : public LoopTest {
+  protected:
+    static void SetUpTestSuite() { cluster_ = std::make_unique<CephCluster>(); }
+    static void TearDownTestSuite() { cluster_.reset(); }
+    void SetUp() override {
+        LoopTest::SetUp();
+        REQUIRE_CEPH();
+        ASSERT_TRUE(cluster_->ok()) << "the test cluster did not start";
+    }
+    bool ceph_unusable() { return IsSkipped() || HasFatalFailure(); }
+
+    static inline std::unique_ptr<CephCluster> cluster_;
+};
+
+}  // namespace imgfs::test

@@ -13,15 +13,13 @@
 namespace imgfs::test {
 namespace {
 
-class RbdNodeTest : public LoopTest {
+class RbdNodeTest : public CephLoopTest {
   protected:
-    static void SetUpTestSuite() { cluster_ = std::make_unique<CephCluster>(); }
-    static void TearDownTestSuite() { cluster_.reset(); }
-
     void SetUp() override {
-        LoopTest::SetUp();
-        REQUIRE_CEPH();
-        ASSERT_TRUE(cluster_->ok()) << "the test cluster did not start";
+        CephLoopTest::SetUp();
+        if (ceph_unusable()) {
+            return;
+        }
         connect(10);
     }
     /// (Re)connects with a deadline of `timeout_s`.
@@ -71,11 +69,9 @@ class RbdNodeTest : public LoopTest {
         return bytes;
     }
 
-    static std::unique_ptr<CephCluster> cluster_;
     std::shared_ptr<RbdPool> pool_;
     std::vector<std::shared_ptr<Node>> nodes_;
 };
-std::unique_ptr<CephCluster> RbdNodeTest::cluster_;
 
 Task<void> run_into(Task<Status> task, Status* out) {
     *out = co_await std::move(task);

@@ -28,15 +28,13 @@ TEST(RbdLocationTest, ParsesPoolAndNamespace) {
     EXPECT_FALSE(is_rbd_spec("./rbd:x"));
 }
 
-class RbdStoreTest : public LoopTest {
+class RbdStoreTest : public CephLoopTest {
   protected:
-    static void SetUpTestSuite() { cluster_ = std::make_unique<CephCluster>(); }
-    static void TearDownTestSuite() { cluster_.reset(); }
-
     void SetUp() override {
-        LoopTest::SetUp();
-        REQUIRE_CEPH();
-        ASSERT_TRUE(cluster_->ok()) << "the test cluster did not start";
+        CephLoopTest::SetUp();
+        if (ceph_unusable()) {
+            return;
+        }
         int st = 0;
         cluster_->rbd("namespace create rbd/" + ns(), &st);
         ASSERT_EQ(st, 0);
@@ -52,10 +50,8 @@ class RbdStoreTest : public LoopTest {
         return ::testing::UnitTest::GetInstance()->current_test_info()->name();
     }
 
-    static std::unique_ptr<CephCluster> cluster_;
     std::unique_ptr<RbdStore> store_;
 };
-std::unique_ptr<CephCluster> RbdStoreTest::cluster_;
 
 TEST_F(RbdStoreTest, NamesAndIdentities) {
     EXPECT_EQ(store_->display_name(), "rbd:rbd/" + ns());
