@@ -28,6 +28,7 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
         std::make_shared<RbdNode>(env, std::move(name), std::move(image), std::move(event_fd));
     node->size_ = size;
     node->zeros_from_ = size;
+    node->image_size_ = size;
     return node;
 }
 
@@ -217,20 +218,44 @@ Task<Status> RbdNode::do_flush() {
 
 Task<Status> RbdNode::do_truncate(uint64_t new_size) {
     auto guard = co_await resize_mutex_.lock();
-    CO_TRY(co_await resize(new_size, true));
+    CO_TRY(co_await resize_image(new_size, true));
+    size_ = new_size;
     zeros_from_ = std::min(zeros_from_, new_size);
     co_return Status{};
 }
+
+Task<Status> RbdNode::do_close() {
+    CO_TRY(co_await do_flush());
+    if (read_only_ || image_size_ <= size_) {
+        co_return Status{};
+    }
+    auto guard = co_await resize_mutex_.lock();
+    co_return co_await resize_image(size_, true);
+}
+
+namespace {
+// How far the image grows ahead of a write past its end: an eighth of its size, in whole 4 MiB
+// objects, between 4 MiB and 256 MiB. At most one resize per 64 appended 64 KiB clusters.
+uint64_t grow_ahead_bytes(uint64_t image_size) {
+    constexpr uint64_t kObject = 4ULL << 20;
+    const uint64_t step = std::clamp<uint64_t>(image_size / 8, kObject, 64 * kObject);
+    return step / kObject * kObject;
+}
+}  // namespace
 
 Task<Status> RbdNode::grow_to(uint64_t end) {
     if (end <= size_) {
         co_return Status{};
     }
-    auto guard = co_await resize_mutex_.lock();
-    if (end <= size_) {
-        co_return Status{};  // a concurrent write grew it meanwhile
+    if (end > image_size_) {
+        auto guard = co_await resize_mutex_.lock();
+        if (end > image_size_) {  // else a concurrent write grew it meanwhile
+            CO_TRY(co_await resize_image(std::max(end, image_size_ + grow_ahead_bytes(image_size_)),
+                                         false));
+        }
     }
-    co_return co_await resize(end, false);
+    size_ = std::max(size_, end);
+    co_return Status{};
 }
 
 namespace {
@@ -239,8 +264,7 @@ int no_progress(uint64_t /*done*/, uint64_t /*total*/, void* /*arg*/) {
 }
 }  // namespace
 
-// Caller holds resize_mutex_.
-Task<Status> RbdNode::resize(uint64_t new_size, bool allow_shrink) {
+Task<Status> RbdNode::resize_image(uint64_t new_size, bool allow_shrink) {
     assert(resize_mutex_.locked());
     rbd_image_t image = image_.handle();
     std::function<int()> call = [image, new_size, allow_shrink] {
@@ -251,7 +275,7 @@ Task<Status> RbdNode::resize(uint64_t new_size, bool allow_shrink) {
         co_return rbd_error(r, image_.pool()->timeout_s(),
                             fmt::format("{}: cannot resize to {} bytes", name(), new_size));
     }
-    size_ = new_size;
+    image_size_ = new_size;
     co_return Status{};
 }
 

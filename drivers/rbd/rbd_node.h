@@ -37,6 +37,8 @@ class RbdNode final : public Node {
     Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
     Task<Status> do_flush() override;
     Task<Status> do_truncate(uint64_t new_size) override;
+    /// Flushes, then gives back the room grown ahead (see grow_to()).
+    Task<Status> do_close() override;
 
   private:
     // One librbd request: its completion's argument, alive in the waiting coroutine's frame.
@@ -60,9 +62,12 @@ class RbdNode final : public Node {
     /// Starts a request with `issue(completion)` and waits for it; the request's result.
     template <typename Issue>
     Task<Result<ssize_t>> run(const char* what, uint64_t offset, uint64_t bytes, Issue issue);
-    /// Makes the image at least `end` bytes long (writes past the end need room first).
+    /// Makes the node at least `end` bytes long (writes past the end need room first). The RBD
+    /// image grows ahead of the node in steps, because a resize is a round trip to the cluster
+    /// and a qcow2 image appends one cluster at a time.
     Task<Status> grow_to(uint64_t end);
-    Task<Status> resize(uint64_t new_size, bool allow_shrink);
+    /// Resizes the RBD image (not the node's size). Caller holds resize_mutex_.
+    Task<Status> resize_image(uint64_t new_size, bool allow_shrink);
     Error op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const;
 
     RbdImage image_;
@@ -73,6 +78,9 @@ class RbdNode final : public Node {
     Op* parked_head_ = nullptr;  // parked waiters, most recent first
     // No byte at or past this offset was ever written (see Node::zeros_from()).
     uint64_t zeros_from_ = 0;
+    // The RBD image's size: at least size_, the rest being zeros grown ahead. A crash leaves
+    // that tail behind, which a qcow2 image tolerates as unreferenced space.
+    uint64_t image_size_ = 0;
 };
 
 }  // namespace imgfs

@@ -106,6 +106,9 @@ TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
     Status w = run((*node)->write(4096, ConstBuf(bytes.data(), bytes.size())));
     ASSERT_TRUE(w.ok()) << w.error().message();
     ASSERT_TRUE(run((*node)->flush()).ok());
+    // While it is written the image has room grown ahead; closing gives it back.
+    EXPECT_EQ((*store_->open("data.raw", true, false))->size().value(), 4u << 20);
+    ASSERT_TRUE(run((*node)->close()).ok());
     auto opened = store_->open("data.raw", true, false);
     ASSERT_TRUE(opened.ok());
     auto size = (*opened)->size();
