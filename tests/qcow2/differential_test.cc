@@ -4,14 +4,22 @@
 // `qemu-img convert -O raw` says; after seeded random writes, zero-writes and discards through our
 // driver (aligned and not, small and multi-cluster, several in flight at once) `qemu-img compare`
 // with a model must find them identical and `qemu-img check` must find no errors and no leaks.
+//
+// Every case runs twice, the store being the parameter: on a directory, and on a Ceph pool
+// (a throwaway cluster) into which the files qemu-img made are imported with `rbd import`; after
+// the writes the top is exported back with `rbd export` for the same qemu-img checks. The test
+// body does not know which store it drives.
+#include <filesystem>
 #include <functional>
 #include <random>
 
 #include <gtest/gtest.h>
 
 #include "core/task_scope.h"
+#include "drivers/ceph_util.h"
 #include "drivers/local_store.h"
 #include "drivers/qcow2/qcow2_node.h"
+#include "drivers/rbd/rbd_store.h"
 #include "qcow2/image_test_util.h"
 
 namespace imgfs {
@@ -25,11 +33,6 @@ struct ImageSpec {
     std::function<void(const std::string& dir)> build;
     std::string snapshot = {};  // internal snapshot whose content must survive our writes
 };
-
-// Test names instead of byte dumps in failure messages.
-void PrintTo(const ImageSpec& spec, std::ostream* os) {
-    *os << spec.name;
-}
 
 constexpr uint64_t kMiB = 1ULL << 20;
 
@@ -264,12 +267,87 @@ ChainOptions read_only_chain() {
     return o;
 }
 
-class Differential : public test::LoopTest, public ::testing::WithParamInterface<ImageSpec> {};
+enum class StoreKind { directory, pool };
+
+struct Case {
+    ImageSpec spec;
+    StoreKind store;
+};
+
+// Test names instead of byte dumps in failure messages.
+void PrintTo(const Case& c, std::ostream* os) {
+    *os << c.spec.name << (c.store == StoreKind::pool ? " on a pool" : " in a directory");
+}
+
+std::vector<Case> cases() {
+    std::vector<Case> out;
+    for (StoreKind kind : {StoreKind::directory, StoreKind::pool}) {
+        for (ImageSpec& spec : specs()) {
+            out.push_back(Case{std::move(spec), kind});
+        }
+    }
+    return out;
+}
+
+class Differential : public test::LoopTest, public ::testing::WithParamInterface<Case> {
+  protected:
+    void TearDown() override {
+        LoopTest::TearDown();
+        cluster_.reset();
+    }
+
+    /// Puts the images qemu-img made in `dir` where the store under test keeps them and returns
+    /// that store: the directory itself, or a namespace of a fresh cluster's pool holding a copy
+    /// of each file.
+    std::unique_ptr<Store> make_store(const test::ImageDir& dir) {
+        if (GetParam().store == StoreKind::directory) {
+            return LocalDirStore::over(dir.fd());
+        }
+        if (!cluster_) {
+            cluster_ = std::make_unique<test::CephCluster>();
+            EXPECT_TRUE(cluster_->ok()) << "the test cluster did not start";
+            if (!cluster_->ok()) {
+                return nullptr;
+            }
+            expect_rbd("namespace create rbd/" + ns());
+            for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
+                const std::string name = entry.path().filename().string();
+                expect_rbd("import --no-progress '" + entry.path().string() + "' rbd/" + ns() +
+                           "/" + name);
+            }
+        }
+        auto store =
+            RbdStore::open(RbdLocation{"rbd", ns()}, test::rados_options(*cluster_), loop_.get());
+        EXPECT_TRUE(store.ok()) << store.error().message();
+        return store.ok() ? std::move(*store) : nullptr;
+    }
+
+    /// Brings the pool's copy of `name` back into `dir` for qemu-img (no-op for a directory).
+    void fetch_back(const test::ImageDir& dir, const std::string& name) {
+        if (GetParam().store == StoreKind::pool) {
+            std::filesystem::remove(dir.file(name));
+            expect_rbd("export --no-progress rbd/" + ns() + "/" + name + " '" + dir.file(name) +
+                       "'");
+        }
+    }
+
+    void expect_rbd(const std::string& args) {
+        int status = 0;
+        cluster_->rbd(args, &status);
+        EXPECT_EQ(status, 0) << "rbd " << args;
+    }
+    std::string ns() const { return GetParam().spec.name; }
+
+    std::unique_ptr<test::CephCluster> cluster_;
+};
 
 TEST_P(Differential, MatchesQemu) {
     REQUIRE_TOOL("qemu-img");
     REQUIRE_TOOL("qemu-io");
-    const ImageSpec& spec = GetParam();
+    if (GetParam().store == StoreKind::pool) {
+        REQUIRE_CEPH();
+    }
+    const ImageSpec& spec = GetParam().spec;
     test::ImageDir dir;
     spec.build(dir.path().string());
     if (HasFatalFailure()) {
@@ -281,11 +359,12 @@ TEST_P(Differential, MatchesQemu) {
     if (!spec.snapshot.empty()) {
         snap_before = test::qemu_convert_raw(top, "-l snapshot.name=" + spec.snapshot);
     }
+    std::unique_ptr<Store> store = make_store(dir);
+    ASSERT_TRUE(store != nullptr && !HasFailure());
 
     // Every byte read through our driver (read-only) equals qemu-img's conversion.
     {
-        auto chain = run(
-            open_chain(env(), LocalDirStore::over(dir.fd()).get(), "top.qcow2", read_only_chain()));
+        auto chain = run(open_chain(env(), store.get(), "top.qcow2", read_only_chain()));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         auto data = run(test::read_all(chain->top().get()));
         ASSERT_TRUE(data.ok()) << data.error().message();
@@ -296,8 +375,7 @@ TEST_P(Differential, MatchesQemu) {
     // Random writes against a model.
     std::vector<uint8_t> model = expected;
     {
-        auto chain = run(
-            open_chain(env(), LocalDirStore::over(dir.fd()).get(), "top.qcow2", ChainOptions{}));
+        auto chain = run(open_chain(env(), store.get(), "top.qcow2", ChainOptions{}));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         use_rw(chain->top());
         auto ops = make_ops(model.size(), spec.cluster_size, 1234, 400);
@@ -310,6 +388,8 @@ TEST_P(Differential, MatchesQemu) {
         users_.clear();
         ASSERT_TRUE(run(close_chain(&*chain)).ok());
     }
+    store.reset();
+    fetch_back(dir, "top.qcow2");
     test::write_file(dir.file("model.raw"), model);
     must("qemu-img compare -q -f raw -F qcow2 '" + dir.file("model.raw") + "' '" + top + "'");
     test::CheckResult check = test::qemu_check(top);
@@ -325,8 +405,12 @@ TEST_P(Differential, MatchesQemu) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(Matrix, Differential, ::testing::ValuesIn(specs()),
-                         [](const auto& param_info) { return param_info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Matrix, Differential, ::testing::ValuesIn(cases()),
+                         [](const auto& param_info) {
+                             const Case& c = param_info.param;
+                             return c.spec.name +
+                                    (c.store == StoreKind::pool ? "_pool" : "_directory");
+                         });
 
 }  // namespace
 }  // namespace imgfs
