@@ -90,6 +90,12 @@ Result<std::string> resolve_backing(const std::string& overlay, const std::strin
         return make_error(EPERM, "{}: protocol backing file names ('{}') are refused", overlay,
                           backing);
     }
+    if (!backing.empty() && backing[0] == '/' && dir_real.empty()) {
+        // A store without a host path (a pool) can open nothing by a local path.
+        return make_error(EPERM,
+                          "{}: backing file '{}' is a host path, outside the image directory",
+                          overlay, backing);
+    }
     if (!backing.empty() && backing[0] == '/') {
         if (allow_external) {
             return backing;

@@ -4,6 +4,7 @@
 #include "drivers/rbd/rbd_store.h"
 
 #include "ceph_util.h"
+#include "drivers/image_chain.h"
 
 namespace imgfs::test {
 namespace {
@@ -94,6 +95,17 @@ TEST_F(RbdStoreTest, BackingNamesInTheStoresOwnForm) {
     EXPECT_EQ(store_->own_name(url + "@snap"), "");
     EXPECT_EQ(store_->own_name(url + ":conf=/x"), "");
     EXPECT_EQ(store_->own_name("base.qcow2"), "");
+    // The confinement rule: a relative name stays in the namespace, a host path is refused.
+    EXPECT_EQ(resolve_backing_in(store_.get(), "top.qcow2", "base.qcow2", false).value(),
+              "base.qcow2");
+    for (bool allow_external : {false, true}) {
+        auto host =
+            resolve_backing_in(store_.get(), "top.qcow2", "/tmp/base.qcow2", allow_external);
+        ASSERT_FALSE(host.ok());
+        EXPECT_EQ(host.error().errnum, EPERM);
+        EXPECT_NE(host.error().message().find("outside the image directory"), std::string::npos);
+    }
+    EXPECT_FALSE(resolve_backing_in(store_.get(), "top.qcow2", "../base.qcow2", false).ok());
 }
 
 TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
