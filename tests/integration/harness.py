@@ -130,8 +130,10 @@ def holders(mountpoint):
 class Mount:
     """imgfs mounted in the foreground (so the test owns the process and its log)."""
 
-    def __init__(self, image_dir, mountpoint=None, options="", extra_args=(), wrapper=()):
+    def __init__(self, image_dir, mountpoint=None, options="", extra_args=(), wrapper=(),
+                 on_exit=None):
         self.image_dir = image_dir
+        self.on_exit = on_exit  # called once the daemon has exited (stop, kill, wait_exit)
         self.wrapper = list(wrapper)  # a command the daemon runs under (e.g. strace ... --)
         self.own_mountpoint = mountpoint is None
         self.mountpoint = mountpoint or tempfile.mkdtemp(prefix="imgfs-mnt-")
@@ -188,13 +190,19 @@ class Mount:
             else:
                 raise AssertionError(f"cannot unmount {self.mountpoint}: {p.stderr}; held by "
                                      f"{holders(self.mountpoint)}")
+        code = self.wait_exit(timeout)
+        if code != 0:
+            raise AssertionError(f"imgfs exited with {code}:\n{self.read_log()}")
+
+    def wait_exit(self, timeout):
+        """Waits for the daemon to exit by itself; returns its exit status."""
         try:
             code = self.proc.wait(timeout=timeout)
         finally:
             self.log.close()
         self.proc = None
-        if code != 0:
-            raise AssertionError(f"imgfs exited with {code}:\n{self.read_log()}")
+        self._exited()
+        return code
 
     def kill(self):
         """SIGKILL, as a crash would; then detaches the dead mount."""
@@ -203,6 +211,11 @@ class Mount:
         self.proc = None
         self.log.close()
         run(["umount", "-l", self.mountpoint], check=False)
+        self._exited(killed=True)
+
+    def _exited(self, killed=False):
+        if self.on_exit is not None:
+            self.on_exit(killed)
 
     def cleanup(self):
         if self.proc is not None:
@@ -261,6 +274,19 @@ class ImageDirTest(unittest.TestCase):
         m = Mount(self.dir, options=options, **kw)
         self.mounts.append(m)
         return m.start()
+
+    # The store the images are served from. Here the directory itself; ceph_pool.OnPool serves
+    # a Ceph pool holding copies of self.dir's files instead, with the same test bodies.
+    def source(self):
+        """What `imgfs mount` is given as the image directory."""
+        return self.dir
+
+    def store_options(self):
+        """Mount options the store needs ("" or "opt=value,...")."""
+        return ""
+
+    def sync_store(self):
+        """Makes the store hold what self.dir holds (for a mount not made by self.mount())."""
 
 
 def random_writes(path, model, seed, count, max_len=300000):

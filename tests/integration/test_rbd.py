@@ -9,42 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 
 import harness
 from harness import run, qemu_img
 
 MiB = 1 << 20
-HERE = os.path.dirname(os.path.abspath(__file__))
-CLUSTER = os.path.join(os.path.dirname(HERE), "ceph", "cluster.sh")
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_cluster():
-    """Starts a throwaway cluster; returns (its directory, its ceph.conf)."""
-    directory = tempfile.mkdtemp(prefix="imgfs-ceph-")
-    p = run([CLUSTER, "start", directory, "--port", str(free_port()), "--osd-mib", "3072"],
-            check=False)
-    if p.returncode != 0:
-        raise AssertionError("the test cluster did not start:\n" + p.stderr)
-    return directory, p.stdout.strip()
-
-
-def stop_cluster(directory):
-    try:
-        with open(os.path.join(directory, "osd.pid")) as f:
-            os.kill(int(f.read().strip()), signal.SIGCONT)
-    except (OSError, ValueError):
-        pass
-    run([CLUSTER, "stop", directory], check=False)
-    run(["rm", "-rf", directory], check=False)
+from ceph_pool import start_cluster, stop_cluster, tools_present
 
 
 class RbdPool(harness.ImageDirTest):
@@ -53,9 +24,7 @@ class RbdPool(harness.ImageDirTest):
 
     @classmethod
     def setUpClass(cls):
-        if os.geteuid() != 0 or not all(
-                subprocess.run(["which", t], capture_output=True).returncode == 0
-                for t in ("ceph-mon", "ceph-osd", "rbd")):
+        if not tools_present():
             return  # setUp reports it (a failure in CI, a skip elsewhere)
         cls.cluster_dir, cls.conf = start_cluster()
         os.environ["CEPH_CONF"] = cls.conf  # for qemu-img, qemu-io and rbd
