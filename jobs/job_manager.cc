@@ -4,11 +4,14 @@
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
+#include <map>
+#include <set>
 
 #include "core/chain_status.h"
 #include "core/event_loop.h"
 #include "core/log.h"
 #include "jobs/commit_job.h"
+#include "jobs/scan_plan.h"
 #include "jobs/stream_job.h"
 
 namespace imgfs {
@@ -41,6 +44,43 @@ Task<Result<uint64_t>> free_bytes(ImageSet* images) {
         return space.known ? space.available_bytes() : UINT64_MAX;
     };
     co_return co_await images->offloader()->run<Result<uint64_t>>(std::move(query));
+}
+
+// Refuses a commit into layers[1..base_index] of `e` that an image this mount does not serve
+// also uses: in a pool, another host's chain (its top is held under that host's RBD lock, so
+// no scan here exports it); in a directory, an image a scan could not export. Their headers are
+// the only record of that use. Runs off the loop: it reads every image's header.
+Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, size_t base_index) {
+    std::set<FileId> ids;
+    std::map<FileId, std::string> file_of;
+    for (size_t i = 1; i <= base_index; ++i) {
+        const Layer& l = e->chain.layers[i];
+        if (l.id != FileId{}) {
+            ids.insert(l.id);
+            file_of[l.id] = l.file;
+        }
+    }
+    std::set<std::string> served;
+    for (const auto& other : images->exports()) {
+        for (const Layer& l : other->chain.layers) {
+            served.insert(l.file);
+        }
+    }
+    Store* store = images->store();
+    const bool external = images->options().allow_external_backing;
+    std::function<std::vector<UnservedUser>()> find = [store, external, ids, served] {
+        return unserved_users(store, external, ids, served);
+    };
+    std::vector<UnservedUser> users =
+        co_await images->offloader()->run<std::vector<UnservedUser>>(std::move(find));
+    if (!users.empty()) {
+        co_return make_error(EBUSY,
+                             "{}: {} is also used by {}, which this mount does not serve "
+                             "(another host's image, or one it could not open); committing "
+                             "would change that image",
+                             e->name, file_of[users.front().layer], users.front().image);
+    }
+    co_return Status{};
 }
 
 }  // namespace
@@ -142,6 +182,7 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                                  e->name, layers[i].file, others.front()->name);
         }
     }
+    CO_TRY(co_await refuse_unserved_users(images_, e, base_index));
     CO_TRY_ASSIGN(uint64_t need, co_await bytes_above(e, base_index));
     if (Result<uint64_t> free = co_await free_bytes(images_); free && need > *free) {
         co_return make_error(ENOSPC,

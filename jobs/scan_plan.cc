@@ -163,7 +163,59 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
     }
 }
 
+// The first file of `ids` the chain below `file` reaches, if any. Stops at anything it cannot
+// read.
+std::optional<FileId> chain_reaches(Store* store, bool allow_external, const std::string& file,
+                                    const std::set<FileId>& ids) {
+    std::string current = file;
+    ChainWalk walk(file);
+    while (walk.room_for_more()) {
+        Result<std::unique_ptr<StoreFile>> opened = store->open(current, true, false);
+        if (!opened) {
+            return std::nullopt;
+        }
+        Result<ImageProbe> probe = probe_file(opened->get(), current);
+        if (!probe || !walk.enter(current, probe->id)) {
+            return std::nullopt;
+        }
+        if (walk.depth() > 1 && ids.count(probe->id) != 0) {
+            return probe->id;
+        }
+        if (probe->header_error || probe->backing.empty()) {
+            return std::nullopt;
+        }
+        Result<std::string> next =
+            resolve_backing_in(store, current, probe->backing, allow_external);
+        if (!next || next->empty() || (*next)[0] == '/') {
+            return std::nullopt;
+        }
+        current = *next;
+    }
+    return std::nullopt;
+}
+
 }  // namespace
+
+std::vector<UnservedUser> unserved_users(Store* store, bool allow_external_backing,
+                                         const std::set<FileId>& ids,
+                                         const std::set<std::string>& served) {
+    std::vector<UnservedUser> users;
+    Result<std::vector<StoreEntry>> entries = store->list();
+    if (!entries) {
+        return users;
+    }
+    for (const StoreEntry& e : *entries) {
+        if (!is_image_file_name(e.name) || is_removing_name(e.name) || is_creating_name(e.name) ||
+            served.count(e.name) != 0 || ids.count(e.id) != 0) {
+            continue;
+        }
+        if (std::optional<FileId> reached =
+                chain_reaches(store, allow_external_backing, e.name, ids)) {
+            users.push_back(UnservedUser{e.name, *reached});
+        }
+    }
+    return users;
+}
 
 ScanPlan plan_scan(const ScanInput& in) {
     ScanPlan plan;

@@ -297,11 +297,20 @@ class Commit(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "32M")
         qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", self.img("a.qcow2"), "32M")
         qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", self.img("b.qcow2"), "32M")
+        # A base whose other user is not exported: c and c@x both want the name "c".
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base2.qcow2"), "32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base2.qcow2", "-F", "qcow2", self.img("d.qcow2"), "32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base2.qcow2", "-F", "qcow2", self.img("c.qcow2"), "32M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "32M")
         m = self.mount()
+        self.assertNotIn("c", m.exports())
         # Shared base: EBUSY, nothing changes.
         before = sorted(os.listdir(self.dir))
         self.assertEqual(control(m, "a", "commit", "\n"), errno.EBUSY)
         self.assertIn("also used by b", m.info("a")["last_error"])
+        self.assertEqual(control(m, "d", "commit", "\n"), errno.EBUSY)
+        self.assertIn("base2.qcow2 is also used by c.qcow2, which this mount does not serve",
+                      m.info("d")["last_error"])
         self.assertEqual(sorted(os.listdir(self.dir)), before)
         # Three layers deep: commit everything above vm.qcow2 into it.
         for i, snap in enumerate(("s1", "s2", "s3")):

@@ -208,6 +208,13 @@ class RbdPool(harness.ImageDirTest):
         # Never while the holder lives: a rescan changes nothing.
         run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
         self.assertEqual(b.exports(), ["vm3"])
+        # Committing vm3 into the shared base is refused: vm1 and vm2, which the second daemon
+        # knows only from their headers in the pool, are built on it.
+        p = run(["bash", "-c", f"echo > {b.path('.control', 'vm3', 'commit')}"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("Device or resource busy", p.stderr)
+        self.assertIn("base.qcow2 is also used by vm1.qcow2, which this mount does not serve",
+                      b.info("vm3")["last_error"])
         # Once the holder is killed and Ceph sees it gone (its watch times out: 5 s in the test
         # cluster), the next rescan breaks its lock (blocklisting it) and takes the images.
         a.kill()
