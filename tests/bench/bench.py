@@ -9,6 +9,11 @@ commit of a 1 GiB overlay (imgfs online commit against offline `qemu-img commit`
 workload on a loop device over each writable export. Peak RSS and CPU seconds of each daemon are
 recorded per job. The result is a markdown report (stdout and --out).
 
+--suite rbd runs the same kind of fio jobs on a Ceph pool instead: one throwaway memstore cluster
+(tests/ceph/cluster.sh) holds, per contender and round, the chain imported with `rbd import`; imgfs
+serves it as rbd:rbd/NAMESPACE, qemu-storage-daemon through QEMU's rbd driver, and rbd-fuse (Ceph's
+own FUSE client) a raw RBD image with the same bytes.
+
 Run it through tests/bench/run.sh (installs packages, builds build-rel). Needs root.
 """
 
@@ -22,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +47,8 @@ FIO_JOBS = ["randread-qd1", "randread-qd32", "seqread", "randwrite-alloc", "seqw
 # The transport suite (--suite transport): 4k random reads with 1, 2 and 4 fio jobs.
 TRANSPORT_JOBS = ["randread-qd1", "randread-qd32", "randread-qd1-2j", "randread-qd1-4j",
                   "randread-qd32-2j", "randread-qd32-4j"]
+# The Ceph suite (--suite rbd): the table's fio jobs that need no local file or fresh overlay.
+RBD_JOBS = ["randread-qd1", "randread-qd32", "seqread", "randwrite-alloc", "seqwrite"]
 OTHER_JOBS = ["commit", "ext4"]
 ALL_JOBS = FIO_JOBS + OTHER_JOBS
 WRITE_JOBS = {"randwrite-alloc", "seqwrite", "randwrite-cow"}
@@ -69,11 +77,13 @@ JOB_UNIT = {
 LOWER_IS_BETTER = {"commit", "ext4"}
 
 CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "raw", "null", "imgfs-tmpfs",
-              "imgfs-tmpfs-devfuse"]
+              "imgfs-tmpfs-devfuse", "imgfs-rbd", "qsd-rbd", "rbd-fuse"]
 # The contenders of a run without --contenders: the new ones only in the transport suite.
 DEFAULT_CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
 TRANSPORT_CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "null", "imgfs-tmpfs",
                         "imgfs-tmpfs-devfuse"]
+# The contenders that serve images from the Ceph cluster the harness starts (--suite rbd).
+RBD_CONTENDERS = ["imgfs-rbd", "qsd-rbd", "rbd-fuse"]
 CONTENDER_LABEL = {
     "imgfs": "imgfs",
     "imgfs-devfuse": "imgfs, uring=off (/dev/fuse)",
@@ -83,8 +93,11 @@ CONTENDER_LABEL = {
     "qcowmount": "qcowmount",
     "raw": "ceiling: raw file, no FUSE",
     "null": "ceiling: null FUSE (qsd null-co)",
+    "imgfs-rbd": "imgfs on rbd",
+    "qsd-rbd": "qemu-storage-daemon on rbd",
+    "rbd-fuse": "rbd-fuse (raw)",
 }
-DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount"]
+DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "imgfs-rbd", "qsd-rbd", "rbd-fuse"]
 IMGFS_KEYS = ("imgfs", "imgfs-devfuse", "imgfs-tmpfs", "imgfs-tmpfs-devfuse")
 TRANSPORTS = {}  # imgfs contender -> the transport its status named
 
@@ -97,6 +110,10 @@ LOAD = ["?", "?", 0.0]  # 1-minute load average: at the start, at the end, highe
 LIVE_PROCS = set()
 LOOPS = set()
 SHM_DIRS = set()  # raw images of the transport contenders, in RAM
+CLUSTERS = set()  # directories of Ceph clusters started by cluster.sh (stopped by cleanup_all)
+CLUSTER_SH = ROOT / "tests" / "ceph" / "cluster.sh"
+RBD_POOL = "rbd"  # the pool cluster.sh creates
+CEPH = {}  # the running cluster: dir, conf, osd_pid, port; or error (why it did not start)
 
 
 class StepError(Exception):
@@ -389,6 +406,9 @@ def cleanup_all():
             if mp.startswith(prefix + "/"):
                 force_unmount(mp, fuse=fs.startswith("fuse"))
     finally:
+        # 4. the Ceph cluster, once no client of it is left
+        for cdir in list(CLUSTERS):
+            stop_ceph(cdir)
         for shm in list(SHM_DIRS):
             shutil.rmtree(shm, ignore_errors=True)
             SHM_DIRS.discard(shm)
@@ -433,10 +453,12 @@ def proc_mem(pid):
 
 
 class Meter:
-    """Peak RSS and CPU seconds of one process over a with-block."""
+    """Peak RSS and CPU seconds of one process over a with-block (with rss=False: CPU only,
+    and the process's VmHWM is left as it is)."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, rss=True):
         self.pid = pid
+        self.rss = rss
         self.peak_kib = 0
         self.cpu_s = None
         self._stop = threading.Event()
@@ -444,10 +466,11 @@ class Meter:
     def __enter__(self):
         if self.pid is None:
             return self
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
-        except OSError:
-            pass  # then the sampled VmRSS (and VmHWM since start) have to do
+        if self.rss:
+            try:
+                Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+            except OSError:
+                pass  # then the sampled VmRSS (and VmHWM since start) have to do
         self.cpu0 = proc_cpu(self.pid)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -459,6 +482,8 @@ class Meter:
             self._stop.wait(0.2)
 
     def _take(self):
+        if not self.rss:
+            return
         m = proc_mem(self.pid)
         if m:
             self.peak_kib = max(self.peak_kib, m[0] or 0, m[1] or 0)
@@ -537,10 +562,14 @@ class Contender:
     target = None
     reads_only = False
     only_jobs = None  # a set: the jobs this contender runs (None: all it can)
+    only_reason = "transport jobs only"  # why the other jobs are n/a
     aborted = False
 
     def pid(self):
         return self.daemon.pid if self.daemon and self.daemon.alive() else None
+
+    def osd_pid(self):
+        return None  # the Ceph OSD serving this contender, if any (its CPU is recorded too)
 
     def check_alive(self):
         if self.daemon is not None and not self.daemon.alive():
@@ -597,7 +626,7 @@ class Imgfs(Contender):
         self.name = name
         self.mnt = d / "mnt"
         self.mnt.mkdir()
-        opts = [o for o in ARGS.imgfs_options.split(",") if o]
+        opts = self.extra_options() + [o for o in ARGS.imgfs_options.split(",") if o]
         if self.transport_option:
             opts = [o for o in opts if not o.startswith("uring=")]
             opts.append(f"uring={self.transport_option}")
@@ -605,11 +634,14 @@ class Imgfs(Contender):
         self.daemon = Daemon(self.key, [IMGFS, "mount", "-f"] + opts + [self.img, self.mnt])
         self.target = self.mnt / f"{self.name}.raw"
         wait_until(lambda: is_mounted(self.mnt, "fuse") and self.target.exists(), 60,
-                   f"imgfs to export {self.target}", self.daemon)
+                   f"{self.key} to export {self.target}", self.daemon)
         info = json.loads((self.mnt / ".control" / self.name / "info").read_text())
         transport = info.get("transport", "?")
         TRANSPORTS.setdefault(self.key, set()).add(transport)
         log(f"{self.key}: transport {transport}")
+
+    def extra_options(self):
+        return []
 
     def control(self, what, text):
         path = self.mnt / ".control" / self.name / what
@@ -643,11 +675,11 @@ class Imgfs(Contender):
                     break
                 except StepError as e:
                     if "busy" not in str(e).lower() or attempt == 49:
-                        problem("imgfs", f"unmount: {e}")
+                        problem(self.key, f"unmount: {e}")
                         break
                     time.sleep(0.2)
         if not self.daemon.wait(5 if self.aborted else 60):
-            problem("imgfs", "daemon still running after unmount; killed")
+            problem(self.key, "daemon still running after unmount; killed")
         self.daemon.kill(grace=2 if self.aborted else 10)
         force_unmount(self.mnt, fuse=True)
         self.daemon = None
@@ -795,9 +827,255 @@ class Null(Contender):
         self.daemon = None
 
 
+# ---------------------------------------------------------------------------------------------
+# The Ceph suite: one throwaway cluster (tests/ceph/cluster.sh: one monitor, one OSD keeping its
+# objects in RAM, pool "rbd" of size 1) for the whole run; in it, one RBD namespace per contender
+# and round, holding that contender's copy of the chain, removed again when the contender stops
+# (so that the OSD's RAM holds one contender's images at a time).
+
+def free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def start_ceph():
+    """Starts the cluster in WORK/ceph. If it does not start, CEPH["error"] says why: the rbd
+    contenders are then reported n/a and the others run."""
+    cdir = WORK / "ceph"
+    CLUSTERS.add(cdir)  # before the start: a timeout or Ctrl-C half way through still stops it
+    port = free_port()
+    log(f"starting a Ceph cluster on port {port} (memstore OSD of {ARGS.osd_mib} MiB)")
+    try:
+        p = run([CLUSTER_SH, "start", cdir, "--port", port, "--osd-mib", ARGS.osd_mib],
+                timeout=180)
+        conf = p.stdout.strip().splitlines()[-1]
+        CEPH.update(dir=cdir, conf=conf, port=port,
+                    osd_pid=int((cdir / "osd.pid").read_text().strip()))
+        log(f"Ceph: {conf}, OSD pid {CEPH['osd_pid']}; {(p.stderr or '').strip()}")
+    except (StepError, OSError, ValueError, IndexError) as e:
+        CEPH["error"] = str(e)
+        problem("ceph", f"the cluster did not start: {e}")
+
+
+def stop_ceph(cdir):
+    """Stops a cluster by the PIDs it recorded (cluster.sh stop); kills what is left itself."""
+    try:
+        run([CLUSTER_SH, "stop", cdir], timeout=60, check=False)
+    except StepError as e:
+        log(f"warning: cluster.sh stop {cdir}: {e}")
+    for name in ("osd", "mon"):
+        try:
+            pid = int((Path(cdir) / f"{name}.pid").read_text().strip())
+            os.kill(pid, signal.SIGKILL)
+            log(f"warning: ceph-{name} (pid {pid}) outlived cluster.sh stop; killed")
+        except (OSError, ValueError):
+            pass
+    CLUSTERS.discard(cdir)
+
+
+def ceph_osd_pid():
+    pid = CEPH.get("osd_pid")
+    return pid if pid is not None and proc_cpu(pid) is not None else None
+
+
+def ceph_check():
+    """Raises StepError unless both daemons of the cluster run (an OSD gone, e.g. out of
+    memory, would otherwise show as a hang or an I/O error of whichever contender is next)."""
+    if "conf" not in CEPH:
+        raise StepError(f"no Ceph cluster: {CEPH.get('error', 'not started')}")
+    if "hung" in CEPH:
+        raise StepError(f"the Ceph cluster stopped answering earlier: {CEPH['hung']}")
+    for name, log_name in (("mon", "mon.a.log"), ("osd", "osd.0.log")):
+        pid_file = CEPH["dir"] / f"{name}.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            try:
+                tail = (CEPH["dir"] / log_name).read_text(errors="replace")[-400:]
+            except OSError:
+                tail = ""
+            raise StepError(f"the Ceph {name} daemon is gone: {tail}")
+
+
+def rbd(args, timeout=None, check=True):
+    try:
+        return run(["rbd", "--conf", CEPH["conf"]] + list(args),
+                   timeout=timeout or ARGS.step_timeout, check=check)
+    except StepError as e:
+        if "timed out" in str(e):
+            CEPH["hung"] = str(e)  # the next contenders fail at once instead of timing out too
+        raise
+
+
+def log_osd_rss(what):
+    pid = ceph_osd_pid()
+    m = proc_mem(pid) if pid else None
+    if m:
+        log(f"ceph-osd RSS {m[0] / 1024:.0f} MiB {what}")
+
+
+def rbd_namespace(ns):
+    ceph_check()
+    rbd(["namespace", "create", f"{RBD_POOL}/{ns}"], timeout=60)
+
+
+def rbd_put_chain(src, d, ns, overlay="disk.qcow2"):
+    """Imports the table's chain into namespace ns, byte for byte, as base.qcow2 and overlay:
+    only the overlay's backing name is rewritten (`qemu-img rebase -u` on a local copy) to
+    QEMU's form, rbd:POOL/NS/base.qcow2, as a chain made in the pool by qemu-img has it."""
+    rbd_namespace(ns)
+    top = d / overlay
+    copy_file(src / overlay, top)
+    run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", f"rbd:{RBD_POOL}/{ns}/base.qcow2",
+         "-F", "qcow2", top], timeout=120)
+    for path, image in ((src / "base.qcow2", "base.qcow2"), (top, overlay)):
+        rbd(["import", "--no-progress", path, f"{RBD_POOL}/{ns}/{image}"])
+    top.unlink()
+    log_osd_rss(f"with {ns} imported")
+
+
+def rbd_drop(ns):
+    """Removes namespace ns with its images. An image whose client was killed keeps a watcher
+    until the OSD times it out (5 s in cluster.sh's configuration): retried meanwhile."""
+    if "conf" not in CEPH or "hung" in CEPH or ceph_osd_pid() is None:
+        return  # nothing to remove, or no cluster to remove it from
+    try:
+        p = rbd(["ls", f"{RBD_POOL}/{ns}"], timeout=60, check=False)
+        if p.returncode != 0:
+            return  # no such namespace: nothing was imported
+        log_osd_rss(f"with {ns} after its jobs")
+        for image in p.stdout.split():
+            for attempt in range(40):
+                p = rbd(["rm", "--no-progress", f"{RBD_POOL}/{ns}/{image}"], timeout=120,
+                        check=False)
+                if p.returncode == 0:
+                    break
+                if attempt == 39:
+                    raise StepError(f"rbd rm {ns}/{image}: {(p.stderr or '').strip()[-300:]}")
+                time.sleep(1)
+        rbd(["namespace", "rm", f"{RBD_POOL}/{ns}"], timeout=60)
+        log_osd_rss(f"with {ns} removed")
+    except StepError as e:
+        problem("ceph", f"could not remove namespace {ns} (its data stays in the OSD's RAM): {e}")
+
+
+RBD_ONLY_JOBS = set(FIO_JOBS) - {"randwrite-cow"}
+
+
+class ImgfsRbd(Imgfs):
+    """imgfs serving the pool namespace rbd:rbd/NS, where each RBD image is what a file is in
+    a directory: MNT/disk.raw is the chain disk.qcow2 -> base.qcow2."""
+    key = "imgfs-rbd"
+    only_jobs = RBD_ONLY_JOBS
+    only_reason = "not in the rbd suite"
+
+    def start(self, d, src, overlay="disk.qcow2"):
+        self.ns = d.name
+        rbd_put_chain(src, d, self.ns, overlay)
+        self.img = f"rbd:{RBD_POOL}/{self.ns}"
+        self._mount(d, overlay.split(".")[0])
+
+    def extra_options(self):
+        return [f"ceph_conf={CEPH['conf']}"]
+
+    def osd_pid(self):
+        return ceph_osd_pid()
+
+    def stop(self):
+        try:
+            super().stop()
+        finally:
+            rbd_drop(self.ns)
+
+
+class QsdRbd(Qsd):
+    """qemu-storage-daemon with QEMU's rbd driver: one rbd node per image, qcow2 on each, the
+    overlay's backing given as the base's qcow2 node (QEMU resolves no backing name itself
+    here), exported like the local chain."""
+    key = "qsd-rbd"
+    only_jobs = RBD_ONLY_JOBS
+    only_reason = "not in the rbd suite"
+
+    def start(self, d, src, overlay="disk.qcow2"):
+        self.ns = d.name
+        rbd_put_chain(src, d, self.ns, overlay)
+        self.export = d / "export"
+        self.export.touch()
+
+        def image(name, node):
+            # cache.direct=off, as for the local files: librbd's cache stays on (QEMU turns
+            # rbd_cache off only for cache.direct=on), as it is for imgfs and rbd-fuse
+            return (f"driver=rbd,node-name={node},pool={RBD_POOL},namespace={self.ns},"
+                    f"image={name},conf={CEPH['conf']},cache.direct=off")
+
+        self.daemon = Daemon(self.key, qsd_argv(self.export, [
+            image("base.qcow2", "rb"), "driver=qcow2,node-name=qb,file=rb",
+            image(overlay, "rt"), "driver=qcow2,node-name=q,file=rt,backing=qb"], "q"))
+        wait_until(lambda: is_mounted(self.export, "fuse"), 60,
+                   "qemu-storage-daemon (rbd) to export", self.daemon)
+        self.target = self.export
+
+    def osd_pid(self):
+        return ceph_osd_pid()
+
+    def stop(self):
+        try:
+            super().stop()
+        finally:
+            rbd_drop(self.ns)
+
+
+class RbdFuse(Contender):
+    """Ceph's own FUSE client: every RBD image of a pool namespace as a file. It serves raw
+    images only, so it gets the chain flattened (the raw conversion) as image `disk`."""
+    key = "rbd-fuse"
+    only_jobs = RBD_ONLY_JOBS
+    only_reason = "not in the rbd suite"
+
+    def start(self, d, src, overlay=None):
+        self.ns = d.name
+        if shutil.which("rbd-fuse") is None:
+            raise StepError("rbd-fuse not installed (package rbd-fuse)")
+        rbd_namespace(self.ns)
+        rbd(["import", "--no-progress", src / "disk.raw", f"{RBD_POOL}/{self.ns}/disk"])
+        log_osd_rss(f"with {self.ns} imported")
+        self.mnt = d / "mnt"
+        self.mnt.mkdir()
+        # -f (libfuse): in the foreground, so that we know its pid; -s: the namespace
+        self.daemon = Daemon(self.key, ["rbd-fuse", "-c", CEPH["conf"], "-p", RBD_POOL,
+                                        "-s", self.ns, self.mnt, "-f"])
+        self.target = self.mnt / "disk"
+        wait_until(lambda: is_mounted(self.mnt, "fuse") and self.target.exists(), 60,
+                   f"rbd-fuse to show {self.target}", self.daemon)
+        size = self.target.stat().st_size
+        if size != ARGS.disk_size:
+            raise StepError(f"rbd-fuse's disk has size {size}, expected {ARGS.disk_size}")
+
+    def osd_pid(self):
+        return ceph_osd_pid()
+
+    def stop(self):
+        try:
+            if self.daemon is not None:
+                try:
+                    run(["umount", self.mnt], timeout=60, check=False)
+                except StepError:
+                    pass
+                if not self.daemon.wait(5 if self.aborted else 30):
+                    problem(self.key, "still running after unmount; killed")
+                self.daemon.kill()
+                force_unmount(self.mnt, fuse=True)
+                self.daemon = None
+        finally:
+            rbd_drop(self.ns)
+
+
 CLASSES = {"imgfs": Imgfs, "imgfs-devfuse": ImgfsDevFuse, "qsd": Qsd, "qcowmount": Qcowmount,
            "raw": Raw, "null": Null, "imgfs-tmpfs": ImgfsTmpfs,
-           "imgfs-tmpfs-devfuse": ImgfsTmpfsDevFuse}
+           "imgfs-tmpfs-devfuse": ImgfsTmpfsDevFuse, "imgfs-rbd": ImgfsRbd, "qsd-rbd": QsdRbd,
+           "rbd-fuse": RbdFuse}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,16 +1095,20 @@ def qemu_io_fill(image, fmt, start, length, pattern):
 def prepare_sources(src):
     src.mkdir(parents=True)
     size = ARGS.disk_size
+    commit = "commit" in ARGS.jobs
     log(f"creating the qcow2 chain: {human(size)} base filled with data, overlay with "
-        f"{human(ARGS.prefill)}, commit overlay with {human(ARGS.commit_size)}")
+        f"{human(ARGS.prefill)}"
+        + (f", commit overlay with {human(ARGS.commit_size)}" if commit else ""))
     run(["qemu-img", "create", "-q", "-f", "qcow2", src / "base.qcow2", str(size)], timeout=60)
     qemu_io_fill(src / "base.qcow2", "qcow2", 0, size, "0xa5")
     for name, amount, pattern in (("disk.qcow2", ARGS.prefill, "0x5a"),
                                   ("cdisk.qcow2", ARGS.commit_size, "0x3c")):
+        if name == "cdisk.qcow2" and not commit:
+            continue  # only the commit test uses it
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", name],
             timeout=60, cwd=src)
         qemu_io_fill(src / name, "qcow2", 0, amount, pattern)
-    needs_raw = {"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse"} & set(ARGS.contenders)
+    needs_raw = {"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "rbd-fuse"} & set(ARGS.contenders)
     if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and needs_raw:
         log("converting the chain to a raw file (ceiling)")
         run(["qemu-img", "convert", "-O", "raw", src / "disk.qcow2", src / "disk.raw"],
@@ -967,15 +1249,18 @@ class Results:
         self.stats = {}    # (job, daemon) -> [(peak_kib, cpu_s)]
         self.na = {}       # (job, contender) -> reason
         self.by_round = {}  # (job, contender) -> {round: value}
+        self.osd_cpu = {}  # (job, contender) -> [CPU seconds of the Ceph OSD during the job]
         self.round = 0     # the round being run
 
-    def add(self, job, who, value, extra=None, stat=None):
+    def add(self, job, who, value, extra=None, stat=None, osd=None):
         self.values.setdefault((job, who), []).append(value)
         self.by_round.setdefault((job, who), {})[self.round] = value
         if extra:
             self.extra.setdefault((job, who), []).append(extra)
         if stat:
             self.stats.setdefault((job, who), []).append(stat)
+        if osd:
+            self.osd_cpu.setdefault((job, who), []).append(osd[1])
 
 
 R = Results()
@@ -992,7 +1277,7 @@ def fio_round(key, rnd, src):
     if c.only_jobs is not None:
         for j in jobs:
             if j not in c.only_jobs:
-                R.na[(j, key)] = "transport jobs only"
+                R.na[(j, key)] = c.only_reason
         jobs = [j for j in jobs if j in c.only_jobs]
     if not jobs:
         return
@@ -1009,11 +1294,11 @@ def fio_round(key, rnd, src):
                     c.new_overlay()
                 c.check_alive()
                 drop_caches()
-                with Meter(c.pid()) as m:
+                with Meter(c.pid()) as m, Meter(c.osd_pid(), rss=False) as osd:
                     r = run_fio(job, c.target, src, on_timeout=c.abort)
                 c.check_alive()
                 v = fio_value(job, r)
-                R.add(job, key, v, extra=r, stat=m.result())
+                R.add(job, key, v, extra=r, stat=m.result(), osd=osd.result())
                 log(f"round {rnd}: {key}: {job}: {v:.0f} {JOB_UNIT[job]}")
             except StepError as e:
                 problem(key, f"round {rnd} {job}: {e}")
@@ -1187,6 +1472,9 @@ RATIO_COLUMNS = [
     ("imgfs", "imgfs-devfuse", "imgfs default/uring=off"),
     ("imgfs-tmpfs", "null", "transport: imgfs tmpfs/null FUSE"),
     ("imgfs-tmpfs", "imgfs-tmpfs-devfuse", "transport: default/uring=off"),
+    ("imgfs-rbd", "qsd-rbd", "rbd: imgfs/qsd"),
+    ("rbd-fuse", "qsd-rbd", "rbd: rbd-fuse/qsd"),
+    ("imgfs-rbd", "rbd-fuse", "rbd: imgfs/rbd-fuse"),
 ]
 
 # Targets of issues 7 and 15: (what, job, mine, compared with, its job, at least)
@@ -1204,7 +1492,14 @@ TARGETS = [
      "imgfs-tmpfs", "null", None, 1.3),
     ("transport alone, 4k randread qd32: 2 fio jobs vs 1", "randread-qd32-2j", "imgfs-tmpfs",
      "imgfs-tmpfs", "randread-qd32", 1.6),
-]
+    ("rbd: 4k randread qd32 vs qemu-storage-daemon (rbd driver)", "randread-qd32", "imgfs-rbd",
+     "qsd-rbd", None, 1.5),
+    ("rbd: 4k randwrite qd32, allocated clusters vs qemu-storage-daemon", "randwrite-alloc",
+     "imgfs-rbd", "qsd-rbd", None, 1.5),
+    ("rbd: 1M seq read vs qemu-storage-daemon", "seqread", "imgfs-rbd", "qsd-rbd", None, 1.0),
+    ("rbd: 1M seq write vs qemu-storage-daemon", "seqwrite", "imgfs-rbd", "qsd-rbd", None, 1.0),
+] + [(f"rbd: {JOB_LABEL[j]} vs rbd-fuse", j, "imgfs-rbd", "rbd-fuse", None, 3.0)
+     for j in RBD_JOBS]
 RSS_TARGET_MIB = 64
 
 
@@ -1250,6 +1545,11 @@ def machine():
     except OSError:
         pass
     qcowv = out(["qcowmount", "-V"]).splitlines() if shutil.which("qcowmount") else []
+    ceph = []
+    if any(c in RBD_CONTENDERS for c in ARGS.contenders):
+        cephv = out(["ceph-osd", "--version"]) if shutil.which("ceph-osd") else "not installed"
+        fusev = "installed" if shutil.which("rbd-fuse") else "not installed"
+        ceph = [f"- ceph: {cephv}; rbd-fuse: {fusev}"]
     fsinfo = out(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(WORK)])
     rev = out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
     return [
@@ -1261,12 +1561,17 @@ def machine():
         f"- fio: {out(['fio', '--version'])}; qemu: {out(['qemu-img', '--version']).splitlines()[0]}"
         f"; qemu-storage-daemon: {out(['qemu-storage-daemon', '--version']).splitlines()[0]}",
         f"- qcowmount: {qcowv[0] if qcowv else 'not installed'}; imgfs: {IMGFS} (git {rev})",
-    ]
+    ] + ceph
 
 
 def report(elapsed_s, machine_lines):
     L = []
-    L.append("# imgfs benchmark: imgfs vs qemu-storage-daemon (FUSE export) vs qcowmount")
+    rbd_run = any(c in RBD_CONTENDERS for c in ARGS.contenders)
+    if ARGS.suite == "rbd":
+        L.append("# imgfs benchmark on a Ceph pool: imgfs vs qemu-storage-daemon (rbd driver) vs "
+                 "rbd-fuse")
+    else:
+        L.append("# imgfs benchmark: imgfs vs qemu-storage-daemon (FUSE export) vs qcowmount")
     L.append("")
     L += machine_lines
     L.append(f"- settings: {ARGS.rounds} round(s), {ARGS.runtime} s per fio job, disk "
@@ -1274,6 +1579,13 @@ def report(elapsed_s, machine_lines):
              f"first {human(ARGS.prefill)}), caches "
              f"{'kept' if ARGS.no_drop_caches else 'dropped before every job'}"
              f"{', quick mode' if ARGS.quick else ''}")
+    if rbd_run:
+        L.append(f"- Ceph: one throwaway cluster for the run (`tests/ceph/cluster.sh`: one "
+                 f"monitor, one OSD with memstore, i.e. its objects in RAM, of "
+                 f"{ARGS.osd_mib} MiB, pool `{RBD_POOL}` of size 1, no authentication, "
+                 f"loopback), {'port ' + str(CEPH['port']) if 'port' in CEPH else 'not started'}"
+                 "; each contender's images live in their own RBD namespace, imported per round "
+                 "and removed after it")
     L.append(f"- total run time: {elapsed_s / 60:.1f} min; load average (1 min) at the start "
              f"{LOAD[0]}, at the end {LOAD[1]}, highest seen between jobs {LOAD[2]}"
              " (other work on the host makes the ratios noisy: compare rounds below)")
@@ -1304,18 +1616,33 @@ def report(elapsed_s, machine_lines):
     L.append("")
     notes = [
         "fio: `--direct=1 --ioengine=io_uring`; 4k random jobs over the whole disk except "
-        f"'allocated clusters' (the overlay's pre-filled first {human(ARGS.prefill)}); "
-        "'fresh overlay' writes one 4 KiB block into every 64 KiB cluster of an empty overlay over "
-        "the data-filled chain, in random order (each write copies on write from the backing): "
-        "imgfs takes the overlay as a live snapshot through its control file, qemu-storage-daemon "
-        "is restarted on an overlay made with `qemu-img create -b`.",
-        "qemu-storage-daemon: `driver=file,aio=io_uring,cache.direct=off` + `driver=qcow2`, FUSE "
-        "export `writable=on`; imgfs: "
-        + (f"`-o {ARGS.imgfs_options}`" if ARGS.imgfs_options
-           else "default mount options (buffered image I/O)")
-        + ". The raw-file "
-        "ceiling is fio with O_DIRECT on a raw copy of the disk on the host filesystem.",
+        f"'allocated clusters' (the overlay's pre-filled first {human(ARGS.prefill)})"
+        + ("; 'fresh overlay' writes one 4 KiB block into every 64 KiB cluster of an empty overlay "
+           "over the data-filled chain, in random order (each write copies on write from the "
+           "backing): imgfs takes the overlay as a live snapshot through its control file, "
+           "qemu-storage-daemon is restarted on an overlay made with `qemu-img create -b`."
+           if "randwrite-cow" in ARGS.jobs else "."),
     ]
+    if any(c not in RBD_CONTENDERS for c in ARGS.contenders):
+        notes.append(
+            "qemu-storage-daemon: `driver=file,aio=io_uring,cache.direct=off` + `driver=qcow2`, "
+            "FUSE export `writable=on`; imgfs: "
+            + (f"`-o {ARGS.imgfs_options}`" if ARGS.imgfs_options
+               else "default mount options (buffered image I/O)")
+            + ". The raw-file "
+            "ceiling is fio with O_DIRECT on a raw copy of the disk on the host filesystem.")
+    if rbd_run:
+        notes.append(
+            "rbd contenders: the same chain imported byte for byte with `rbd import` (the "
+            f"overlay's backing name rewritten to `rbd:{RBD_POOL}/NS/base.qcow2` by "
+            f"`qemu-img rebase -u`). imgfs-rbd: `imgfs mount rbd:{RBD_POOL}/NS MNT -o "
+            "ceph_conf=CONF" + (f",{ARGS.imgfs_options}" if ARGS.imgfs_options else "")
+            + "`, fio on `MNT/disk.raw`; qsd-rbd: `driver=rbd,namespace=NS,image=...,"
+            "cache.direct=off` + `driver=qcow2` per image, the overlay with `backing=` the base's "
+            "qcow2 node, FUSE export `writable=on`; rbd-fuse: `rbd-fuse -p "
+            f"{RBD_POOL} -s NS MNT` serving a raw RBD image holding the chain flattened "
+            "(`qemu-img convert -O raw`). Each goes through librbd with its default cache "
+            "(on); the page-cache drop before each job does not reach it.")
     if "commit" in ARGS.jobs:
         notes.append(f"commit: a {human(ARGS.commit_size)} overlay over the {human(ARGS.disk_size)}"
                      " base; imgfs: online commit through `.control/NAME/commit`, time until the "
@@ -1332,7 +1659,7 @@ def report(elapsed_s, machine_lines):
                  + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(TRANSPORTS.items()))
                  + f"; /sys/module/fuse/parameters/enable_uring = {enable_uring()}")
         L.append("")
-    L.append("## Targets (issues 7 and 15)")
+    L.append("## Targets (Ceph pool)" if ARGS.suite == "rbd" else "## Targets (issues 7 and 15)")
     L.append("")
     L += target_lines()
     L.append("")
@@ -1357,6 +1684,22 @@ def report(elapsed_s, machine_lines):
              "sampled during it; CPU is utime+stime over the job. For commit, the "
              "qemu-storage-daemon column is the `qemu-img commit` process.")
     L.append("")
+    if R.osd_cpu:
+        osd_cols = [c for c in RBD_CONTENDERS if c in ARGS.contenders]
+        L.append("## Ceph OSD: CPU seconds per job while serving each contender (median)")
+        L.append("")
+        L.append("| job | " + " | ".join(CONTENDER_LABEL[c] for c in osd_cols) + " |")
+        L.append("|---|" + "---:|" * len(osd_cols))
+        for job in ARGS.jobs:
+            if not any((job, c) in R.osd_cpu for c in osd_cols):
+                continue
+            L.append(f"| {job} | " + " | ".join(
+                f"{median(R.osd_cpu[(job, c)]):.2f}" if (job, c) in R.osd_cpu else "n/a"
+                for c in osd_cols) + " |")
+        L.append("")
+        L.append("The one OSD shares the host's CPUs with the FUSE daemon and fio: its CPU time "
+                 "is part of what each contender costs.")
+        L.append("")
 
     L.append("## Per-round values")
     L.append("")
@@ -1406,18 +1749,24 @@ def parse_args(argv):
     ap.add_argument("--contenders",
                     help=f"comma separated subset of: {','.join(CONTENDERS)} (default: "
                     f"{','.join(DEFAULT_CONTENDERS)}; with --suite transport: "
-                    f"{','.join(TRANSPORT_CONTENDERS)})")
-    ap.add_argument("--suite", choices=["table", "transport"], default="table",
+                    f"{','.join(TRANSPORT_CONTENDERS)}; with --suite rbd: "
+                    f"{','.join(RBD_CONTENDERS)})")
+    ap.add_argument("--suite", choices=["table", "transport", "rbd"], default="table",
                     help="table (default): the job table of docs/benchmarks.md; transport: 4k "
                     "random reads with 1, 2 and 4 fio jobs, imgfs with and without FUSE over "
-                    "io_uring, and the transport alone (a raw image on tmpfs)")
+                    "io_uring, and the transport alone (a raw image on tmpfs); rbd: the chain in "
+                    "a Ceph pool (a throwaway memstore cluster), imgfs against "
+                    "qemu-storage-daemon's rbd driver and rbd-fuse, jobs "
+                    f"{','.join(RBD_JOBS)}, disk 1G by default")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 1 round, 5 s per job, 512 MiB disk, smaller commit and tree")
     ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown report file")
     ap.add_argument("--workdir", help="parent of the scratch directory (default /var/tmp); "
                     "needs about 4x the disk size free, plus the commit chain")
-    ap.add_argument("--disk-size", type=parse_size, help="virtual disk size (default 2G)")
-    ap.add_argument("--prefill", type=parse_size, help="overlay data at the start (default 512M)")
+    ap.add_argument("--disk-size", type=parse_size,
+                    help="virtual disk size (default 2G; 1G with --suite rbd)")
+    ap.add_argument("--prefill", type=parse_size,
+                    help="overlay data at the start (default 512M; half the disk with --suite rbd)")
     ap.add_argument("--commit-size", type=parse_size, help="overlay data to commit (default 1G)")
     ap.add_argument("--ext4-tree", type=parse_size, help="size of the copied tree (default 500M)")
     ap.add_argument("--imgfs", help="imgfs binary (default build-rel/imgfs)")
@@ -1430,11 +1779,19 @@ def parse_args(argv):
                     help="time limit in seconds of a commit, an ext4 step, a copy (default 900)")
     ap.add_argument("--grace", type=int, default=120,
                     help="seconds a fio job may run past --runtime before it counts as hung")
+    ap.add_argument("--osd-mib", type=int,
+                    help="rbd contenders: capacity of the memstore OSD in MiB (default 6x the "
+                    "disk size, at least 4096); it holds its objects in RAM, about twice the "
+                    "bytes stored, and a full OSD blocks writes for good")
     a = ap.parse_args(argv)
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
     a.runtime = a.runtime or (5 if q else 10)
-    a.disk_size = a.disk_size or (512 * MIB if q else 2 * GIB)
+    rbd_suite = a.suite == "rbd"
+    a.disk_size = a.disk_size or (512 * MIB if q else (GIB if rbd_suite else 2 * GIB))
+    if rbd_suite:  # the overlay holds half the disk; no commit job in this suite
+        a.prefill = a.prefill or a.disk_size // 2 // CLUSTER * CLUSTER
+        a.commit_size = a.commit_size or min(GIB, a.disk_size)
     a.prefill = a.prefill or (128 * MIB if q else 512 * MIB)
     a.commit_size = a.commit_size or (256 * MIB if q else GIB)
     a.ext4_tree = a.ext4_tree or (100 * MIB if q else 500 * MIB)
@@ -1442,9 +1799,14 @@ def parse_args(argv):
     a.ext4_timeout = a.step_timeout
     a.tree_bytes = None
     transport = a.suite == "transport"
-    a.jobs = a.jobs or ",".join(TRANSPORT_JOBS if transport else FIO_JOBS[:6] + OTHER_JOBS)
+    a.jobs = a.jobs or ",".join(TRANSPORT_JOBS if transport else RBD_JOBS if rbd_suite
+                                else FIO_JOBS[:6] + OTHER_JOBS)
     a.contenders = a.contenders or ",".join(TRANSPORT_CONTENDERS if transport
+                                            else RBD_CONTENDERS if rbd_suite
                                             else DEFAULT_CONTENDERS)
+    # One contender's chain at a time (base full, overlay full after seqwrite: 2x the disk)
+    # is what the OSD holds at most; its capacity costs nothing until written.
+    a.osd_mib = a.osd_mib or max(4096, 6 * a.disk_size // MIB)
     a.jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
     bad = [j for j in a.jobs if j not in ALL_JOBS]
     if bad:
@@ -1461,6 +1823,8 @@ def parse_args(argv):
             ap.error(f"--{name.replace('_', '-')} must be a multiple of 64K")
     if a.prefill > a.disk_size or a.commit_size > a.disk_size:
         ap.error("--prefill and --commit-size must not exceed --disk-size")
+    if a.osd_mib < 3 * a.disk_size // MIB:
+        ap.error("--osd-mib must be at least 3x the disk size (a chain takes up to 2x)")
     return a
 
 
@@ -1473,6 +1837,12 @@ def preflight():
             sys.exit(f"bench.py: {tool} not found (run tests/bench/run.sh, which installs it)")
     if not os.access(IMGFS, os.X_OK):
         sys.exit(f"bench.py: {IMGFS} not found (run tests/bench/run.sh, which builds it)")
+    if any(c in RBD_CONTENDERS for c in ARGS.contenders):
+        # rbd-fuse is checked by its contender (n/a if missing), like qcowmount
+        for tool in ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rados", "rbd"):
+            if shutil.which(tool) is None:
+                sys.exit(f"bench.py: {tool} not found (the rbd contenders need ceph-mon, "
+                         "ceph-osd and ceph-common: run tests/bench/run.sh --suite rbd)")
     if not Path("/dev/loop-control").exists():
         subprocess.run(["modprobe", "loop"], check=False)
     if not Path("/dev/fuse").exists():
@@ -1501,6 +1871,8 @@ def main(argv):
     try:
         src = WORK / "src"
         prepare_sources(src)
+        if any(c in RBD_CONTENDERS for c in ARGS.contenders):
+            start_ceph()
         tree = None
         if "ext4" in ARGS.jobs:
             ARGS.tree_bytes, _ = prepare_tree(WORK / "tree")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks imgfs against qemu-storage-daemon's FUSE export and qcowmount (see README.md here).
+# Benchmarks imgfs against qemu-storage-daemon's FUSE export and qcowmount (see README.md here),
+# or, with --suite rbd, on a Ceph pool against qemu-storage-daemon's rbd driver and rbd-fuse.
 # Installs missing Debian packages, builds the optimised binary in build-rel/, runs bench.py.
 # Usage, as root:  tests/bench/run.sh [--quick] [--rounds N] [--runtime S] [--jobs a,b] [--out FILE]
+#                  [--suite table|transport|rbd]
 #                  (tests/bench/run.sh --help lists every option)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,9 +19,20 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# The Ceph suite (--suite rbd, or an rbd contender named in --contenders) also needs a
+# cluster (ceph-mon, ceph-osd, ceph-common), QEMU's rbd driver and rbd-fuse.
+rbd='' prev=''
+for a in "$@"; do
+  case "$prev:$a" in
+    --suite:rbd | *:--suite=rbd | --contenders:*rbd* | *:--contenders=*rbd*) rbd=1 ;;
+  esac
+  prev=$a
+done
+
 # Build dependencies (only what is missing), then what the benchmark itself runs.
 bash "$root/scripts/deps.sh"
 need=(fio qemu-utils qemu-system-common e2fsprogs python3 util-linux fuse3 tar coreutils)
+[ -z "$rbd" ] || need+=(rbd-fuse ceph-mon ceph-osd ceph-common qemu-block-extra)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
