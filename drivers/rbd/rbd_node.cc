@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include <sys/eventfd.h>
 
@@ -43,6 +45,7 @@ RbdNode::RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_f
     caps_.write_zeroes = true;
     caps_.discard = true;
     caps_.resize = true;
+    caps_.block_status = true;
 }
 
 RbdNode::~RbdNode() {
@@ -214,6 +217,67 @@ Task<Status> RbdNode::do_flush() {
     CO_TRY(
         co_await run("flush", 0, 0, [&](rbd_completion_t c) { return rbd_aio_flush(image, c); }));
     co_return Status{};
+}
+
+namespace {
+
+// The extents rbd_diff_iterate2 reports as existing (written, or in a parent image).
+int collect_extent(uint64_t offset, size_t bytes, int exists, void* arg) {
+    if (exists != 0) {
+        static_cast<std::vector<std::pair<uint64_t, uint64_t>>*>(arg)->emplace_back(offset, bytes);
+    }
+    return 0;
+}
+
+// The run at `offset` within [offset, offset + bytes) given the existing extents.
+BlockStatus run_at(std::vector<std::pair<uint64_t, uint64_t>> extents, uint64_t offset,
+                   uint64_t bytes) {
+    std::sort(extents.begin(), extents.end());
+    const uint64_t end = offset + bytes;
+    uint64_t data_end = offset;  // end of the data run starting at offset, if any
+    for (const auto& [start, length] : extents) {
+        if (start > data_end) {
+            break;
+        }
+        data_end = std::max(data_end, start + length);
+    }
+    if (data_end > offset) {
+        return BlockStatus{Alloc::kData, std::min(data_end, end) - offset};
+    }
+    uint64_t next = end;
+    for (const auto& [start, length] : extents) {
+        if (start + length > offset) {
+            next = std::min(next, std::max(start, offset));
+        }
+    }
+    return BlockStatus{Alloc::kZero, next - offset};
+}
+
+}  // namespace
+
+Task<Result<BlockStatus>> RbdNode::do_block_status(uint64_t offset, uint64_t bytes) {
+    if (offset >= zeros_from_) {
+        co_return BlockStatus{Alloc::kZero, bytes};  // never written: no round trip
+    }
+    // A diff lists every object of its range: look a bounded way ahead.
+    const uint64_t span = std::min<uint64_t>(bytes, 64ULL << 20);
+    rbd_image_t image = image_.handle();
+    using Extents = std::vector<std::pair<uint64_t, uint64_t>>;
+    std::function<Result<Extents>()> list = [image, offset, span]() -> Result<Extents> {
+        Extents extents;
+        int r = rbd_diff_iterate2(image, nullptr, offset, span, 1, 0, collect_extent, &extents);
+        if (r < 0) {
+            return Error{-r, ""};
+        }
+        return extents;
+    };
+    Result<Extents> extents =
+        co_await image_.pool()->offloader()->run<Result<Extents>>(std::move(list));
+    if (!extents) {
+        co_return rbd_error(-extents.error().errnum, image_.pool()->timeout_s(),
+                            fmt::format("{}: cannot list the allocation at {}", name(), offset));
+    }
+    co_return run_at(std::move(*extents), offset, span);
 }
 
 Task<Status> RbdNode::do_truncate(uint64_t new_size) {

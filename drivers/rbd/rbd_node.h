@@ -37,6 +37,9 @@ class RbdNode final : public Node {
     Task<Status> do_discard(uint64_t offset, uint64_t bytes) override;
     Task<Status> do_flush() override;
     Task<Status> do_truncate(uint64_t new_size) override;
+    /// From the image's object listing (rbd_diff_iterate2, on the offload thread): written
+    /// extents are data, the rest reads as zeros. Looks at most 64 MiB ahead per call.
+    Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
     /// Flushes, then gives back the room grown ahead (see grow_to()).
     Task<Status> do_close() override;
 

@@ -175,6 +175,51 @@ TEST_F(RbdNodeTest, ZeroesAndDiscardReadBackAsZeros) {
     EXPECT_NE(cluster_->rbd("info rbd/zero").find("size 2 MiB"), std::string::npos);
 }
 
+TEST_F(RbdNodeTest, BlockStatusFollowsWhatWasWritten) {
+    create_image("map", 16 << 20);
+    auto node = open_node("map", false);
+    ASSERT_NE(node, nullptr);
+    use_rw(node);
+    EXPECT_TRUE(node->caps().block_status);
+    std::vector<uint8_t> ones(65536, 1);
+    ASSERT_TRUE(run(node->write(1 << 20, ConstBuf(ones.data(), 4096))).ok());
+    ASSERT_TRUE(run(node->write(9 << 20, ConstBuf(ones.data(), ones.size()))).ok());
+    ASSERT_TRUE(run(node->flush()).ok());
+    // RBD knows allocation per object (4 MiB here), from the object's start to its last
+    // written byte: the runs cover what was written and leave never-written objects as zeros.
+    const uint64_t size = 16 << 20;
+    std::vector<std::pair<uint64_t, uint64_t>> data;
+    for (uint64_t off = 0; off < size;) {
+        auto st = run(node->block_status(off, size - off));
+        ASSERT_TRUE(st.ok()) << st.error().message();
+        ASSERT_GT(st->bytes, 0u);
+        if (st->alloc == Alloc::kData) {
+            data.emplace_back(off, off + st->bytes);
+        } else {
+            EXPECT_EQ(st->alloc, Alloc::kZero);
+        }
+        off += st->bytes;
+    }
+    auto covered = [&data](uint64_t start, uint64_t end) {
+        for (const auto& [s, e] : data) {
+            if (s <= start && end <= e) {
+                return true;
+            }
+        }
+        return false;
+    };
+    EXPECT_TRUE(covered(1 << 20, (1 << 20) + 4096));
+    EXPECT_TRUE(covered(9 << 20, (9 << 20) + 65536));
+    for (const auto& [s, e] : data) {
+        EXPECT_TRUE(e <= (4 << 20) || (s >= (8 << 20) && e <= (12 << 20)))
+            << "data reported in a never-written object: " << s << ".." << e;
+    }
+    // A query is bounded; asked less, it says less.
+    auto part = run(node->block_status(0, 4096));
+    ASSERT_TRUE(part.ok());
+    EXPECT_EQ(part->bytes, 4096u);
+}
+
 TEST_F(RbdNodeTest, ReadOnlyImageRefusesWriters) {
     create_image("ro", 4 << 20);
     auto node = open_node("ro", true);

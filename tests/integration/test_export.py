@@ -2,9 +2,9 @@
 """FUSE export: a directory of qemu-img images served as NAME.raw (issue: FUSE export).
 
 Every class but AllocationMap also runs on a Ceph pool (the NAMEOnPool classes at the end, same
-test bodies; see ceph_pool.py). Not on a pool: AllocationMap, because RBD images report no
-allocation (the RBD node has no block status yet, so a raw layer in a pool reads as all data),
-and the rescan test, which unlinks an image the daemon has open: RBD refuses to remove an image
+test bodies; see ceph_pool.py). Not on a pool: AllocationMap, because RBD knows allocation per
+object (from a 4 MiB object's start to its last written byte), coarser than the file qemu-img
+maps (RbdNodeTest.BlockStatusFollowsWhatWasWritten tests what it does say), and the rescan test, which unlinks an image the daemon has open: RBD refuses to remove an image
 that is open."""
 
 import json
