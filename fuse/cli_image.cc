@@ -21,6 +21,7 @@
 #include "drivers/qcow2/qcow2_node.h"
 #include "fuse/cli.h"
 #include "fuse/cli_offline.h"
+#include "fuse/cli_store.h"
 
 namespace imgfs::cli {
 
@@ -96,6 +97,19 @@ Result<std::pair<std::string, uint64_t>> probe_image(const std::string& path) {
     return std::make_pair(std::string("raw"), static_cast<uint64_t>(st.st_size));
 }
 
+// The same through a store (a pool image).
+Result<std::pair<std::string, uint64_t>> probe_store_image(StoreFile* f, const std::string& name) {
+    TRY_ASSIGN(uint64_t bytes, f->size());
+    AlignedBuffer head(std::min<uint64_t>(bytes, 2ULL << 20) / 4096 * 4096 + 4096);
+    TRY_ASSIGN(size_t got, f->read_at(head.span(), 0));
+    std::vector<uint8_t> bytes_read(head.data(), head.data() + got);
+    if (got >= 4 && qcow2::load_be32(bytes_read.data()) == qcow2::kMagic) {
+        TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(bytes_read, bytes, name));
+        return std::make_pair(std::string("qcow2"), h.size);
+    }
+    return std::make_pair(std::string("raw"), bytes);
+}
+
 }  // namespace
 
 namespace {
@@ -118,12 +132,35 @@ Status apply_create_options(const std::string& opts, qcow2::CreateOptions* c) {
     return {};
 }
 
+// In a pool the backing image is one of the same pool and namespace, named either way, and is
+// recorded in QEMU's form (rbd:POOL/IMAGE), which QEMU can open. Its format and size.
+Result<std::pair<std::string, uint64_t>> probe_pool_backing(Store* pool, qcow2::CreateOptions* c) {
+    std::string own = pool->own_name(c->backing_file);
+    if (own.empty()) {
+        own = c->backing_file;
+    }
+    if (own.find_first_of("/:@") != std::string::npos) {
+        return make_error(EINVAL,
+                          "backing image '{}' is not an image of {} (a pool image's "
+                          "backing is in the same pool and namespace)",
+                          c->backing_file, pool->display_name());
+    }
+    auto opened = pool->open(own, true, false);
+    if (!opened) {
+        return make_error(opened.error().errnum, "cannot open backing image {}: {}", own,
+                          opened.error().message());
+    }
+    c->backing_file = pool->recorded_name(own);
+    return probe_store_image(opened->get(), own);
+}
+
 // Takes the backing file's format (unless -F forces raw) and its size as the default size.
+// `pool`: the store of a pool image, else null (a path).
 Status resolve_backing(const std::string& file, const std::string& backing_format,
-                       qcow2::CreateOptions* c) {
+                       qcow2::CreateOptions* c, Store* pool) {
     std::string path =
         c->backing_file[0] == '/' ? c->backing_file : dir_of(file) + "/" + c->backing_file;
-    auto probed = probe_image(path);
+    auto probed = pool != nullptr ? probe_pool_backing(pool, c) : probe_image(path);
     if (!probed) {
         // The caller prints only the context: keep the system's reason in it.
         return make_error(probed.error().errnum, "{}", probed.error().message());
@@ -183,10 +220,10 @@ Result<CreateRequest> parse_create_args(const Args& args) {
 }
 
 // The options, completed from the backing file and the size argument, and checked.
-Status complete_create_options(CreateRequest* r) {
+Status complete_create_options(CreateRequest* r, Store* pool) {
     qcow2::CreateOptions& c = r->options;
     if (!c.backing_file.empty()) {
-        TRY(resolve_backing(r->file, r->backing_format, &c));
+        TRY(resolve_backing(r->file, r->backing_format, &c, pool));
     } else if (!r->backing_format.empty()) {
         return make_error(EINVAL, "-F needs -b");
     }
@@ -208,6 +245,62 @@ Status complete_create_options(CreateRequest* r) {
     return qcow2::validate_create_options(c);
 }
 
+// A qcow2 file at a path (O_EXCL: never over an existing file).
+Status create_file(CreateRequest* r) {
+    TRY(complete_create_options(r, nullptr));
+    const std::string& file = r->file;
+    UniqueFd fd(::open(file.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644));
+    if (!fd.valid()) {
+        return make_error(errno, "cannot create {}: {}", file, strerror(errno));
+    }
+    if (Status st = qcow2::create_image_sync(fd.get(), r->options); !st) {
+        ::unlink(file.c_str());
+        return make_error(st.error().errnum, "{}: {}", file, st.error().message());
+    }
+    return {};
+}
+
+// Writes the image through an RBD node, then closes it (which also trims the room the image
+// grew ahead). On failure the new image is removed again.
+Task<Status> write_pool_image(std::shared_ptr<Node> node, qcow2::CreateOptions options) {
+    Status written = co_await qcow2::create_image(node.get(), std::move(options));
+    Status closed = co_await node->close();
+    co_return written ? closed : written;
+}
+
+// An RBD image rbd:POOL[/NS]/IMAGE (created exclusively: never over an existing image).
+Status create_in_pool(CreateRequest* r) {
+    TRY_ASSIGN(std::unique_ptr<EventLoop> loop, EventLoop::create());
+    StderrLogger log;
+    Graph graph;
+    Result<ImageLocation> located = locate_image(r->file, loop.get());
+    if (!located) {
+        return make_error(located.error().errnum, "{}", located.error().message());
+    }
+    ImageLocation& where = *located;
+    if (Status st = complete_create_options(r, where.store.get()); !st) {
+        return make_error(st.error().errnum, "{}", st.error().context);
+    }
+    auto made = where.store->create_exclusive(where.name);
+    if (!made) {
+        return make_error(made.error().errnum, "cannot create {}: {}", r->file,
+                          std::strerror(made.error().errnum));
+    }
+    Status written;
+    {
+        auto node =
+            (*made)->into_node(NodeEnv{loop.get(), &log, &graph}, where.name, FileOptions{});
+        written = node ? sync_wait(loop.get(), write_pool_image(std::move(*node), r->options))
+                       : Status(node.error());
+    }
+    made->reset();
+    if (!written) {
+        (void)where.store->remove(where.name);
+        return make_error(written.error().errnum, "{}: {}", r->file, written.error().message());
+    }
+    return {};
+}
+
 }  // namespace
 
 int create(const Args& args) {
@@ -219,26 +312,23 @@ int create(const Args& args) {
     if (req->help) {
         std::puts(
             "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
-            "Creates a qcow2 v3 image. OPTS: cluster_size=, extended_l2=on|off,\n"
+            "Creates a qcow2 v3 image. FILE is a path, or rbd:POOL[/NAMESPACE]/IMAGE for an\n"
+            "RBD image (Ceph's configuration from $CEPH_CONF, else /etc/ceph/ceph.conf; the\n"
+            "client from $CEPH_ID, else admin), whose BACKING is an image of the same pool and\n"
+            "namespace, recorded as rbd:POOL[/NAMESPACE]/IMAGE. OPTS: cluster_size=, "
+            "extended_l2=on|off,\n"
             "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1,\n"
             "compression_type=zlib|zstd. SIZE takes qemu-img's syntax (1.5G, 512M, 10240k)\n"
             "and is rounded up to whole 512-byte sectors; it may be left out with a backing\n"
             "file (its size is taken).");
         return 0;
     }
-    if (Status st = complete_create_options(&*req); !st) {
-        return fail(st.error().context);
+    Status made = names_pool_image(req->file) ? create_in_pool(&*req) : create_file(&*req);
+    if (!made) {
+        return fail(made.error().context);
     }
     const qcow2::CreateOptions& c = req->options;
     const std::string& file = req->file;
-    UniqueFd fd(::open(file.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644));
-    if (!fd.valid()) {
-        return fail(fmt::format("cannot create {}: {}", file, strerror(errno)));
-    }
-    if (Status st = qcow2::create_image_sync(fd.get(), c); !st) {
-        ::unlink(file.c_str());
-        return fail(fmt::format("{}: {}", file, st.error().message()));
-    }
     std::printf("created %s: qcow2 v%u, %llu bytes, cluster size %u%s%s%s\n", file.c_str(),
                 c.version, static_cast<unsigned long long>(c.size), c.cluster_size,
                 c.extended_l2 ? ", extended L2" : "", c.lazy_refcounts ? ", lazy refcounts" : "",
@@ -312,7 +402,8 @@ int info(const Args& args) {
         if (a == "--help" || a == "-h") {
             std::puts(
                 "usage: imgfs info FILE [--json]\n\nShows the image's chain (top first): "
-                "format, sizes, allocation, flags.");
+                "format, sizes, allocation, flags.\nFILE is a path or rbd:POOL[/NAMESPACE]/IMAGE "
+                "(see imgfs create --help).");
             return 0;
         }
         if (a == "--json") {

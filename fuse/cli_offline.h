@@ -15,6 +15,7 @@
 #include "core/transaction.h"
 #include "drivers/image_chain.h"
 #include "drivers/local_store.h"
+#include "fuse/cli_store.h"
 
 namespace imgfs::cli {
 
@@ -39,7 +40,7 @@ struct Offline {
     Graph graph;
     Chain chain;
     std::unique_ptr<BlockBackend> user;
-    std::unique_ptr<Store> dir;  // the image's directory, only while the chain opens
+    std::unique_ptr<Store> dir;  // the image's directory or pool
 
     ~Offline() {
         user.reset();
@@ -53,14 +54,11 @@ struct Offline {
             return std::move(l).error();
         }
         loop = std::move(*l);
-        Result<std::unique_ptr<LocalDirStore>> opened = LocalDirStore::open_dir(dir_of(file));
-        if (!opened) {
-            return make_error(opened.error().errnum, "cannot open the directory of {}", file);
-        }
-        dir = std::move(*opened);
+        TRY_ASSIGN(ImageLocation where, locate_image(file, loop.get()));
+        dir = std::move(where.store);
         ChainOptions o;
         o.read_only = read_only;
-        TRY_ASSIGN(chain, sync_wait(loop.get(), open_chain(env(), dir.get(), base_of(file), o)));
+        TRY_ASSIGN(chain, sync_wait(loop.get(), open_chain(env(), dir.get(), where.name, o)));
         user = std::make_unique<BlockBackend>(loop.get(), "cli");
         Transaction tx(&graph);
         Perms perm = perm::kConsistentRead | (read_only ? 0 : perm::kWrite | perm::kResize);

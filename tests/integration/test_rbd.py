@@ -95,7 +95,8 @@ class RbdPool(harness.ImageDirTest):
         with open(m.path("vm1.raw"), "rb") as f:
             self.assertEqual(f.read(), self.converted("vm1.qcow2"))
         # ext4 on a loop device: a few thousand files, a live snapshot from a shell between
-        # two batches, then fsck and checksums after a remount.
+        # batches, an active commit under the ext4 writer, then fsck and checksums after a
+        # remount.
         dev = run(["losetup", "-f", "--show", m.path("vm1.raw")]).stdout.strip()
         fsdir = self.dir + "-fs"
         os.mkdir(fsdir)
@@ -108,6 +109,16 @@ class RbdPool(harness.ImageDirTest):
             run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
             run(f"for i in $(seq 1 1000); do head -c $((i * 53 % 9000 + 1)) /dev/urandom "
                 f"> {fsdir}/b$i; done; sync")
+            # A second snapshot, and its overlay committed back (active commit) while ext4
+            # takes a third batch of files.
+            run(["bash", "-c", f"echo s2 > {m.path('.control', 'vm1', 'snapshot')}"])
+            writer = subprocess.Popen(
+                ["bash", "-c", f"for i in $(seq 1 1000); do head -c $((i * 71 % 9000 + 1)) "
+                 f"/dev/urandom > {fsdir}/c$i; [ $i = 100 ] && sync; done; sync"])
+            time.sleep(0.5)
+            run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
+            self.assertEqual(writer.wait(timeout=300), 0)
+            self.wait_job(m, "vm1")
             sums = run(f"cd {fsdir} && find . -type f | sort | xargs md5sum").stdout
             run(["umount", fsdir])
             self.assertEqual(run(["e2fsck", "-fn", dev], check=False).returncode, 0)
@@ -136,7 +147,7 @@ class RbdPool(harness.ImageDirTest):
             run(["umount", fsdir], check=False)
             run(["losetup", "-d", dev], check=False)
         self.assertEqual(again, sums)
-        self.assertEqual(len(sums.splitlines()), 2000)
+        self.assertEqual(len(sums.splitlines()), 3000)
         m.stop()
 
     def test_commit_and_stream_in_a_pool(self):
@@ -227,6 +238,47 @@ class RbdPool(harness.ImageDirTest):
             self.assertEqual(f.read(2 * MiB), b"\x33" * MiB + b"\x55" * MiB)
         b.stop()
         self.check_layers(["vm1.qcow2", "vm2.qcow2", "vm3.qcow2", "base.qcow2"])
+
+    def test_create_and_info_name_pool_images(self):
+        imgfs = harness.IMGFS
+        run([imgfs, "create", self.url("base.qcow2"), "16M"])
+        harness.qemu_io(self.url("base.qcow2"), "write -P 0x21 0 1M")
+        # A relative backing name is taken from the same namespace and recorded in QEMU's form.
+        out = run([imgfs, "create", "-b", "base.qcow2", self.url("vm.qcow2")]).stdout
+        self.assertIn(f"backing {self.url('base.qcow2')} (qcow2)", out)
+        q = json.loads(qemu_img("info", "--output=json", self.url("vm.qcow2")).stdout)
+        self.assertEqual(q["backing-filename"], self.url("base.qcow2"))
+        self.assertEqual(q["virtual-size"], 16 * MiB)
+        self.check_layers(["vm.qcow2", "base.qcow2"])
+        self.assertEqual(self.converted("vm.qcow2")[:MiB + 1], b"\x21" * MiB + b"\0")
+        # What imgfs info reads back.
+        info = json.loads(run([imgfs, "info", self.url("vm.qcow2"), "--json"]).stdout)
+        self.assertEqual([l["file"] for l in info["layers"]], ["vm.qcow2", "base.qcow2"])
+        self.assertEqual((info["virtual_size"], info["data_bytes"]), (16 * MiB, MiB))
+        self.assertIn("backing file: " + self.url("base.qcow2"),
+                      run([imgfs, "info", self.url("vm.qcow2")]).stdout)
+        # Refused, with nothing changed: an existing image, a backing image elsewhere, a missing
+        # one, names that are no pool image.
+        before = self.images()
+        for args, why in (
+                ([self.url("vm.qcow2"), "1M"], "File exists"),
+                (["-b", "rbd:other/base.qcow2", self.url("x.qcow2")], "is not an image of"),
+                (["-b", "nothing.qcow2", self.url("x.qcow2")], "No such file"),
+                (["rbd:rbd", "1M"], "rbd:POOL[/NAMESPACE]/IMAGE"),
+                (["rbd:rbd/a/b/c.qcow2", "1M"], "rbd:"),
+        ):
+            p = run([imgfs, "create"] + args, check=False)
+            self.assertNotEqual(p.returncode, 0, args)
+            self.assertIn(why, p.stderr, args)
+        self.assertEqual(self.images(), before)
+        p = run([imgfs, "info", self.url("none.qcow2")], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("none.qcow2", p.stderr)
+        # The pool serves what imgfs created.
+        m = self.mount_pool()
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(f.read(MiB), b"\x21" * MiB)
+        m.stop()
 
     def test_stopped_osd_gives_eio_within_the_deadline(self):
         # A cluster of its own: an OSD paused for long loses its placement groups' read leases
