@@ -77,13 +77,13 @@ JOB_UNIT = {
 LOWER_IS_BETTER = {"commit", "ext4"}
 
 CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "raw", "null", "imgfs-tmpfs",
-              "imgfs-tmpfs-devfuse", "imgfs-rbd", "qsd-rbd", "rbd-fuse"]
+              "imgfs-tmpfs-devfuse", "imgfs-rbd", "qsd-rbd", "rbd-fuse", "imgfs-rbd-raw"]
 # The contenders of a run without --contenders: the new ones only in the transport suite.
 DEFAULT_CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
 TRANSPORT_CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "null", "imgfs-tmpfs",
                         "imgfs-tmpfs-devfuse"]
 # The contenders that serve images from the Ceph cluster the harness starts (--suite rbd).
-RBD_CONTENDERS = ["imgfs-rbd", "qsd-rbd", "rbd-fuse"]
+RBD_CONTENDERS = ["imgfs-rbd", "qsd-rbd", "rbd-fuse", "imgfs-rbd-raw"]
 CONTENDER_LABEL = {
     "imgfs": "imgfs",
     "imgfs-devfuse": "imgfs, uring=off (/dev/fuse)",
@@ -96,8 +96,10 @@ CONTENDER_LABEL = {
     "imgfs-rbd": "imgfs on rbd",
     "qsd-rbd": "qemu-storage-daemon on rbd",
     "rbd-fuse": "rbd-fuse (raw)",
+    "imgfs-rbd-raw": "imgfs on rbd, raw image",
 }
-DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "imgfs-rbd", "qsd-rbd", "rbd-fuse"]
+DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "imgfs-rbd", "qsd-rbd", "rbd-fuse",
+           "imgfs-rbd-raw"]
 IMGFS_KEYS = ("imgfs", "imgfs-devfuse", "imgfs-tmpfs", "imgfs-tmpfs-devfuse")
 TRANSPORTS = {}  # imgfs contender -> the transport its status named
 
@@ -990,6 +992,19 @@ class ImgfsRbd(Imgfs):
             rbd_drop(self.ns)
 
 
+class ImgfsRbdRaw(ImgfsRbd):
+    """imgfs serving the flattened raw RBD image rbd-fuse serves: the
+    same path without qcow2, to tell the format's cost from the transport's."""
+    key = "imgfs-rbd-raw"
+
+    def start(self, d, src, overlay=None):
+        self.ns = d.name
+        rbd_namespace(self.ns)
+        rbd(["import", "--no-progress", src / "disk.raw", f"{RBD_POOL}/{self.ns}/disk.raw"])
+        self.img = f"rbd:{RBD_POOL}/{self.ns}"
+        self._mount(d, "disk")
+
+
 class QsdRbd(Qsd):
     """qemu-storage-daemon with QEMU's rbd driver: one rbd node per image, qcow2 on each, the
     overlay's backing given as the base's qcow2 node (QEMU resolves no backing name itself
@@ -1075,7 +1090,7 @@ class RbdFuse(Contender):
 CLASSES = {"imgfs": Imgfs, "imgfs-devfuse": ImgfsDevFuse, "qsd": Qsd, "qcowmount": Qcowmount,
            "raw": Raw, "null": Null, "imgfs-tmpfs": ImgfsTmpfs,
            "imgfs-tmpfs-devfuse": ImgfsTmpfsDevFuse, "imgfs-rbd": ImgfsRbd, "qsd-rbd": QsdRbd,
-           "rbd-fuse": RbdFuse}
+           "rbd-fuse": RbdFuse, "imgfs-rbd-raw": ImgfsRbdRaw}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1108,7 +1123,8 @@ def prepare_sources(src):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", name],
             timeout=60, cwd=src)
         qemu_io_fill(src / name, "qcow2", 0, amount, pattern)
-    needs_raw = {"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "rbd-fuse"} & set(ARGS.contenders)
+    needs_raw = ({"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "rbd-fuse", "imgfs-rbd-raw"}
+                 & set(ARGS.contenders))
     if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and needs_raw:
         log("converting the chain to a raw file (ceiling)")
         run(["qemu-img", "convert", "-O", "raw", src / "disk.qcow2", src / "disk.raw"],
@@ -1475,6 +1491,7 @@ RATIO_COLUMNS = [
     ("imgfs-rbd", "qsd-rbd", "rbd: imgfs/qsd"),
     ("rbd-fuse", "qsd-rbd", "rbd: rbd-fuse/qsd"),
     ("imgfs-rbd", "rbd-fuse", "rbd: imgfs/rbd-fuse"),
+    ("imgfs-rbd-raw", "rbd-fuse", "rbd, raw image: imgfs/rbd-fuse"),
 ]
 
 # Targets of issues 7 and 15: (what, job, mine, compared with, its job, at least)
