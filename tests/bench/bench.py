@@ -966,12 +966,28 @@ def rbd_drop(ns):
 RBD_ONLY_JOBS = set(FIO_JOBS) - {"randwrite-cow"}
 
 
-class ImgfsRbd(Imgfs):
+class InPool:
+    """Mixin of the contenders served from the cluster: the OSD's CPU is theirs too, and their
+    namespace goes when they stop."""
+    ns = None
+    only_jobs = RBD_ONLY_JOBS
+    only_reason = "not in the rbd suite"
+
+    def osd_pid(self):
+        return ceph_osd_pid()
+
+    def stop(self):
+        try:
+            super().stop()
+        finally:
+            if self.ns:
+                rbd_drop(self.ns)
+
+
+class ImgfsRbd(InPool, Imgfs):
     """imgfs serving the pool namespace rbd:rbd/NS, where each RBD image is what a file is in
     a directory: MNT/disk.raw is the chain disk.qcow2 -> base.qcow2."""
     key = "imgfs-rbd"
-    only_jobs = RBD_ONLY_JOBS
-    only_reason = "not in the rbd suite"
 
     def start(self, d, src, overlay="disk.qcow2"):
         self.ns = d.name
@@ -982,14 +998,6 @@ class ImgfsRbd(Imgfs):
     def extra_options(self):
         return [f"ceph_conf={CEPH['conf']}"]
 
-    def osd_pid(self):
-        return ceph_osd_pid()
-
-    def stop(self):
-        try:
-            super().stop()
-        finally:
-            rbd_drop(self.ns)
 
 
 class ImgfsRbdRaw(ImgfsRbd):
@@ -1005,13 +1013,11 @@ class ImgfsRbdRaw(ImgfsRbd):
         self._mount(d, "disk")
 
 
-class QsdRbd(Qsd):
+class QsdRbd(InPool, Qsd):
     """qemu-storage-daemon with QEMU's rbd driver: one rbd node per image, qcow2 on each, the
     overlay's backing given as the base's qcow2 node (QEMU resolves no backing name itself
     here), exported like the local chain."""
     key = "qsd-rbd"
-    only_jobs = RBD_ONLY_JOBS
-    only_reason = "not in the rbd suite"
 
     def start(self, d, src, overlay="disk.qcow2"):
         self.ns = d.name
@@ -1032,14 +1038,6 @@ class QsdRbd(Qsd):
                    "qemu-storage-daemon (rbd) to export", self.daemon)
         self.target = self.export
 
-    def osd_pid(self):
-        return ceph_osd_pid()
-
-    def stop(self):
-        try:
-            super().stop()
-        finally:
-            rbd_drop(self.ns)
 
 
 class RbdFuse(Contender):
