@@ -261,14 +261,15 @@ Status create_file(CreateRequest* r) {
 }
 
 // Writes the image through an RBD node, then closes it (which also trims the room the image
-// grew ahead). On failure the new image is removed again.
+// grew ahead).
 Task<Status> write_pool_image(std::shared_ptr<Node> node, qcow2::CreateOptions options) {
     Status written = co_await qcow2::create_image(node.get(), std::move(options));
     Status closed = co_await node->close();
     co_return written ? closed : written;
 }
 
-// An RBD image rbd:POOL[/NS]/IMAGE (created exclusively: never over an existing image).
+// An RBD image rbd:POOL[/NS]/IMAGE (created exclusively: never over an existing image; removed
+// again if it cannot be written).
 Status create_in_pool(CreateRequest* r) {
     TRY_ASSIGN(std::unique_ptr<EventLoop> loop, EventLoop::create());
     StderrLogger log;
