@@ -17,6 +17,14 @@ usage() {
 
 # The cluster is thrown away, so its daemons are killed outright (a clean stop of an OSD
 # whose monitor went first takes seconds); waits until both are gone.
+# A daemon is gone once it has exited: its sockets and memory are released then, while it may
+# stay a zombie for seconds until whoever adopted it reaps it (a container's init can be slow).
+exited() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 0
+  [ -z "$state" ] || [ "$state" = Z ] || [ "$state" = X ]
+}
+
 stop_cluster() {
   local dir=$1 name pid i
   for name in osd mon; do
@@ -24,7 +32,7 @@ stop_cluster() {
     pid=$(cat "$dir/$name.pid")
     kill -9 "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
+      exited "$pid" && break
       sleep 0.02
     done
     rm -f "$dir/$name.pid"
