@@ -2,6 +2,7 @@
 
 #include <ctime>
 
+#include "core/drain.h"
 #include "core/transaction.h"
 
 namespace imgfs {
@@ -55,6 +56,26 @@ Status BlockBackend::check_writable() const {
     return {};
 }
 
+Task<Status> BlockBackend::claim_writes(std::string op) {
+    if (!claim_pending()) {
+        co_return Status{};
+    }
+    auto serialised = co_await claim_mutex_.lock();
+    CO_TRY(co_await enter());
+    if (!claim_pending()) {
+        co_return Status{};
+    }
+    std::shared_ptr<Node> top = root()->node_ref();
+    std::vector<std::shared_ptr<Node>> drained_nodes;  // (g++ 12: no braced list in a co_await)
+    drained_nodes.push_back(top);
+    DrainGuard drained = co_await drain(std::move(drained_nodes));
+    Result<bool> claimed = co_await top->claim_writes();
+    if (!claimed) {
+        co_return note(op.c_str(), claimed.error());
+    }
+    co_return Status{};
+}
+
 Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
     CO_TRY(co_await enter());
     InFlightGuard guard(this);
@@ -64,6 +85,7 @@ Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
+    CO_TRY(co_await claim_writes("write"));
     InFlightGuard guard(this);
     co_return note("write", co_await root()->write(offset, buf));
 }
@@ -71,6 +93,7 @@ Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
+    CO_TRY(co_await claim_writes("write-zeroes"));
     InFlightGuard guard(this);
     co_return note("write-zeroes", co_await root()->write_zeroes(offset, bytes, may_unmap));
 }
@@ -78,6 +101,7 @@ Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool ma
 Task<Status> BlockBackend::discard(uint64_t offset, uint64_t bytes) {
     CO_TRY(co_await enter());
     CO_TRY(check_writable());
+    CO_TRY(co_await claim_writes("discard"));
     InFlightGuard guard(this);
     co_return note("discard", co_await root()->discard(offset, bytes));
 }
@@ -94,6 +118,7 @@ Task<Status> BlockBackend::truncate(uint64_t new_size) {
     if ((root()->perm() & perm::kResize) == 0) {
         co_return make_error(EPERM, "{} may not change its size", name_);
     }
+    CO_TRY(co_await claim_writes("truncate"));
     InFlightGuard guard(this);
     co_return note("truncate", co_await root()->truncate(new_size));
 }

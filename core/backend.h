@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/chain_status.h"
+#include "core/co_mutex.h"
 #include "core/node.h"
 
 namespace imgfs {
@@ -33,7 +34,7 @@ struct IoFailure {
 class BlockBackend final : public ChildOwner {
   public:
     BlockBackend(Executor* executor, std::string name)
-        : ChildOwner(executor), name_(std::move(name)) {}
+        : ChildOwner(executor), name_(std::move(name)), claim_mutex_(executor) {}
 
     /// Attaches the backend to `node` with `perm`, sharing `shared` (in `tx`).
     Child* attach(Transaction* tx, std::shared_ptr<Node> node, Perms perm, Perms shared);
@@ -54,6 +55,18 @@ class BlockBackend final : public ChildOwner {
     /// What the whole chain shows at `offset` (offset < size(), bytes > 0), looking through a
     /// filter a job has put over the top layer. Depths count from the top layer.
     Task<Result<ChainStatus>> block_status_above(uint64_t offset, uint64_t bytes);
+
+    /// Whether the chain must be claimed (claim_writes()) before it is written.
+    [[nodiscard]] bool claim_pending() const {
+        return root_node() != nullptr && root_node()->claim_pending();
+    }
+    /// Makes this host the writer of the chain's top (Node::claim_writes) in a drained
+    /// section, so that what the top rereads is not in use. A user that changes the graph
+    /// (jobs/) calls it holding what serialises its graph changes (the export's ops lock)
+    /// before its first write; the write requests call it too, for a top that a graph change
+    /// brought back unclaimed meanwhile. A failure is recorded as a failed `op` (status then
+    /// names the host that writes the image).
+    Task<Status> claim_writes(std::string op);
 
     /// From now on every request fails with EIO naming `reason`: the image is in a state a
     /// failed graph change could not undo, and serving it could return wrong data.
@@ -76,6 +89,7 @@ class BlockBackend final : public ChildOwner {
     Status note(const char* op, Status st);
 
     std::string name_;
+    CoMutex claim_mutex_;  // one claim at a time: the others wait and find it done
     std::string fence_reason_;
     int open_count_ = 0;
     IoFailure io_failure_;

@@ -216,6 +216,29 @@ Task<Status> Node::set_writable(bool writable) {
                          name_, driver_name());
 }
 
+namespace {
+
+// Where a node keeps its data: its file, or what a filter filters.
+Child* storage_child(const Node& node) {
+    Child* c = node.file();
+    return c != nullptr ? c : node.child(ChildRole::kFiltered);
+}
+
+}  // namespace
+
+bool Node::claim_pending() const {
+    Child* c = storage_child(*this);
+    return c != nullptr && c->node()->claim_pending();
+}
+
+Task<Result<bool>> Node::claim_writes() {
+    Child* c = storage_child(*this);
+    if (c == nullptr) {
+        co_return false;
+    }
+    co_return co_await c->node()->claim_writes();
+}
+
 Task<Status> Node::set_backing_name(std::string /*name*/, std::optional<std::string> /*format*/) {
     co_return make_error(EINVAL, "{}: the {} driver records no backing file name", name_,
                          driver_name());

@@ -221,6 +221,18 @@ class Node : public ChildOwner {
     /// refreshes permissions afterwards (in a transaction). Default: not supported.
     virtual Task<Status> set_writable(bool writable);
 
+    /// Whether the storage under this node must be claimed before anything writes it: a
+    /// store whose cluster-wide write lock is taken on the first write (an RBD image that
+    /// other hosts may serve too) rather than at open. Format and filter nodes answer for
+    /// their storage (the file or filtered child); default: theirs, else no.
+    [[nodiscard]] virtual bool claim_pending() const;
+    /// Makes this host the storage's only writer (takes the cluster-wide lock). True if the
+    /// lock was newly taken: another host may have written the storage since this node read
+    /// it, so a format node rereads what it caches. EROFS naming the holder if another host
+    /// writes it. Caller: the holder of a drained section over this node (nothing in flight),
+    /// the node writable. Default: forwards to the storage child, else false.
+    virtual Task<Result<bool>> claim_writes();
+
     /// The backing file name this layer's image records ("" for none). Formats without such a
     /// field (caps().backing_name false) always answer "".
     [[nodiscard]] virtual std::string backing_file_name() const { return {}; }

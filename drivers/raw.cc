@@ -80,6 +80,14 @@ Task<Status> RawNode::set_writable(bool writable) {
     co_return Status{};
 }
 
+Task<Result<bool>> RawNode::claim_writes() {
+    CO_TRY_ASSIGN(bool fresh, co_await Node::claim_writes());
+    if (fresh) {
+        size_ = file()->node()->size();
+    }
+    co_return fresh;
+}
+
 void RawNode::describe(JsonWriter* out) const {
     out->field("format_probed", options_.probed);
 }

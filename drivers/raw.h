@@ -28,6 +28,9 @@ class RawNode final : public Node {
     [[nodiscard]] const char* driver_name() const override { return "raw"; }
     void describe(JsonWriter* out) const override;
     Task<Status> set_writable(bool writable) override;
+    /// Claims the file, and takes its size again if newly claimed (another host may have
+    /// resized it).
+    Task<Result<bool>> claim_writes() override;
     void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
                     Perms* shared) const override;
 

@@ -116,8 +116,8 @@ class Store {
     /// open() for a coroutine on the event loop, which it must not block: a local directory
     /// opens at once (openat2 does not wait for data), a remote store on its own thread. With
     /// `options.exclusive` (a layer that will be written) a store that has cluster-wide write
-    /// locks takes the file's before handing it out, and refuses it (EBUSY, the holder
-    /// named) if another client holds it.
+    /// locks refuses the file (EBUSY, the holder named) if another client holds its lock, and
+    /// leaves taking the lock to the node's first write (Node::claim_writes).
     virtual Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
                                                                     FileOptions options) = 0;
     /// Creates `name`, empty, for reading and writing (holding its write lock where the store

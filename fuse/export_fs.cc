@@ -336,7 +336,10 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
                 co_return FuseReply::err(EPERM);
             }
             if (in.size > cur) {
-                Status st = co_await r.e->backend->truncate(in.size);
+                Status st = co_await claim_for(r.e, "truncate");
+                if (st) {
+                    st = co_await r.e->backend->truncate(in.size);
+                }
                 if (!st) {
                     log_->error("{}.raw: grow to {}: {}", r.e->name, in.size, st.error().message());
                     co_return FuseReply::err(st.error().errnum);
@@ -486,7 +489,10 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         co_return FuseReply::err(ENOSPC);  // a disk does not grow by writing past its end
     }
     uint64_t n = std::min<uint64_t>(in.size, size - in.offset);
-    Status st = co_await e->backend->write(in.offset, req->payload.first(n));
+    Status st = co_await claim_for(e, "write");
+    if (st) {
+        st = co_await e->backend->write(in.offset, req->payload.first(n));
+    }
     if (!st) {
         log_->error("{}.raw: write of {} bytes at {}: {}", e->name, n, in.offset,
                     st.error().message());
@@ -494,6 +500,13 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
     }
     out.size = static_cast<uint32_t>(n);
     co_return FuseReply::of(out);
+}
+
+Task<Status> ExportFs::claim_for(std::shared_ptr<Export> e, std::string op) {
+    if (!e->backend->claim_pending()) {
+        co_return Status{};
+    }
+    co_return co_await images_->claim_writes(std::move(e), std::move(op));
 }
 
 Task<FuseReply> ExportFs::flush(FuseRequest* req) {
@@ -587,12 +600,14 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
     if (overflows(in.offset, in.length)) {
         co_return FuseReply::err(EINVAL);
     }
+    const uint32_t keep = FALLOC_FL_KEEP_SIZE;
+    Status st = co_await claim_for(r.e, "fallocate");
     BlockBackend* be = r.e->backend.get();
     uint64_t size = be->size();
     uint64_t end = in.offset + in.length;
-    const uint32_t keep = FALLOC_FL_KEEP_SIZE;
-    Status st;
-    if (in.mode == 0 || in.mode == keep) {
+    if (!st) {
+        // Refused below, with the log line every failed fallocate gets.
+    } else if (in.mode == 0 || in.mode == keep) {
         if (in.mode == 0 && end > size) {
             st = co_await be->truncate(end);  // preallocating past the end grows the disk
         }

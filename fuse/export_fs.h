@@ -61,6 +61,9 @@ class ExportFs final : public FuseHandler {
     Task<FuseReply> release(FuseRequest* req);
     Task<FuseReply> read(FuseRequest* req);
     Task<FuseReply> write(FuseRequest* req);
+    /// Before the first write of an image this host may not yet write (a pool image: see
+    /// ImageSet::claim_writes): claims it. Nothing to do otherwise.
+    Task<Status> claim_for(std::shared_ptr<Export> e, std::string op);
     Task<FuseReply> flush(FuseRequest* req);
     Task<FuseReply> readdir(FuseRequest* req);
     Task<FuseReply> statfs(FuseRequest* req);

@@ -118,6 +118,11 @@ Task<Result<TimedMutex::Guard>> ImageSet::lock_export(std::shared_ptr<Export> e,
     co_return std::move(*guard);
 }
 
+Task<Status> ImageSet::claim_writes(std::shared_ptr<Export> e, std::string op) {
+    CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await lock_export(e, op));
+    co_return co_await e->backend->claim_writes(std::move(op));
+}
+
 Task<Status> ImageSet::verify_chain(std::shared_ptr<Export> e) {
     std::vector<ServedLayer> layers = served_layers(*e);
     Store* store = store_.get();

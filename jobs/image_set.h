@@ -105,6 +105,9 @@ class ImageSet {
     /// `e`'s lock for a short operation (bounded by options().op_wait): EBUSY naming `what`
     /// if another operation keeps it too long, ENODEV if the export went away meanwhile.
     Task<Result<TimedMutex::Guard>> lock_export(std::shared_ptr<Export> e, std::string what);
+    /// Makes this host the writer of `e`'s chain before a write (BlockBackend::claim_writes),
+    /// under the export's lock so that no graph change runs meanwhile. `op` names the write.
+    Task<Status> claim_writes(std::shared_ptr<Export> e, std::string op);
     /// Checks, off the event loop, that the files on disk still form the chain `e` serves.
     /// Fails with EIO and the reason if not: an operation then stops before it touches anything.
     Task<Status> verify_chain(std::shared_ptr<Export> e);

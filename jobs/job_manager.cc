@@ -113,6 +113,9 @@ Status JobManager::refuse_if_busy(const Export* e) const {
 
 Task<Status> JobManager::check_ready(std::shared_ptr<Export> e) {
     CO_TRY(refuse_if_busy(e.get()));
+    // Every job changes or writes the chain: this host must be its writer (a pool image
+    // another host writes is refused here, naming that host).
+    CO_TRY(co_await e->backend->claim_writes("claim"));
     co_return co_await images_->verify_chain(e);
 }
 

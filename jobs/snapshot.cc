@@ -321,6 +321,7 @@ Task<Status> JobManager::revert(std::shared_ptr<Export> e) {
 
 Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     CO_TRY(refuse_if_busy(e.get()));
+    CO_TRY(co_await e->backend->claim_writes("claim"));
     std::vector<Layer>& layers = e->chain.layers;
     if (e->backend->open_count() > 0) {
         co_return make_error(EBUSY, "{}.raw is open ({} time{}); close it before reverting",

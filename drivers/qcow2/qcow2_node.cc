@@ -36,7 +36,10 @@ Qcow2Node::Qcow2Node(NodeEnv env, std::string name, qcow2::Options options)
 Qcow2Node::~Qcow2Node() = default;
 
 Task<Status> Qcow2Node::load() {
-    CO_TRY_ASSIGN(meta_, co_await qcow2::Metadata::open(env_, file(), name(), options_));
+    qcow2::Options options = options_;
+    meta_deferred_ = !read_only_ && Node::claim_pending();
+    options.read_only = read_only_ || meta_deferred_;
+    CO_TRY_ASSIGN(meta_, co_await qcow2::Metadata::open(env_, file(), name(), options));
     size_ = meta_->size();
     limits_ = Limits{};
     limits_.zero_alignment = meta_->dealloc_granularity();  // the zero flag covers granules
@@ -247,10 +250,19 @@ Task<Result<uint64_t>> Qcow2Node::write_piece(uint64_t offset, ConstBuf buf) {
     co_return plan.bytes;
 }
 
-Task<Status> Qcow2Node::do_write(uint64_t offset, ConstBuf buf) {
-    if (meta_->corrupt()) {
-        co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name());
+Status Qcow2Node::check_writes_allowed() const {
+    if (meta_deferred_) {
+        // A caller that skipped claim_writes(): the metadata may be another host's old copy.
+        return make_error(EROFS, "{}: written before this host claimed it for writing", name());
     }
+    if (meta_->corrupt()) {
+        return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name());
+    }
+    return {};
+}
+
+Task<Status> Qcow2Node::do_write(uint64_t offset, ConstBuf buf) {
+    CO_TRY(check_writes_allowed());
     const qcow2::Geometry& g = meta_->geometry();
     while (!buf.empty()) {
         uint64_t table_end = (g.l1_index(offset) + 1) * g.l2_span();
@@ -281,9 +293,7 @@ Task<Status> Qcow2Node::deallocate(uint64_t offset, uint64_t bytes, DeallocMode 
 }
 
 Task<Status> Qcow2Node::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
-    if (meta_->corrupt()) {
-        co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name());
-    }
+    CO_TRY(check_writes_allowed());
     // The generic layer aligns the range to the deallocation granularity (zero_alignment).
     assert(offset % meta_->dealloc_granularity() == 0 && bytes % meta_->dealloc_granularity() == 0);
     if (!meta_->can_zero(backing() != nullptr) || offset + bytes > size_) {
@@ -295,9 +305,7 @@ Task<Status> Qcow2Node::do_write_zeroes(uint64_t offset, uint64_t bytes, bool ma
 }
 
 Task<Status> Qcow2Node::do_discard(uint64_t offset, uint64_t bytes) {
-    if (meta_->corrupt()) {
-        co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name());
-    }
+    CO_TRY(check_writes_allowed());
     const uint64_t gran = meta_->dealloc_granularity();
     uint64_t a = align_up(offset, gran);
     uint64_t b = std::min(align_down(offset + bytes, gran), align_down(size_, gran));
@@ -324,6 +332,7 @@ Task<Result<BlockStatus>> Qcow2Node::do_block_status(uint64_t offset, uint64_t b
 }
 
 Task<Status> Qcow2Node::do_truncate(uint64_t new_size) {
+    CO_TRY(check_writes_allowed());
     CO_TRY(co_await meta_->grow(new_size));
     size_ = new_size;
     co_return Status{};
@@ -344,11 +353,52 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
         co_return make_error(EROFS, "{}: its file was opened read-only", name());
     }
     if (!writable) {
-        CO_TRY(co_await meta_->flush());
+        if (!meta_deferred_) {  // deferred metadata is read-only already
+            CO_TRY(co_await meta_->flush());
+            CO_TRY(co_await meta_->set_read_only(true));
+        }
+        meta_deferred_ = false;
+        read_only_ = true;
+        caps_.resize = false;
+        co_return Status{};
     }
-    CO_TRY(co_await meta_->set_read_only(!writable));
-    read_only_ = !writable;
-    caps_.resize = writable;
+    // A file still to be claimed is claimed now, and then the metadata is read afresh.
+    read_only_ = false;
+    meta_deferred_ = meta_deferred_ || Node::claim_pending();
+    Status st;
+    if (meta_deferred_) {
+        Result<bool> claimed = co_await claim_writes();
+        if (!claimed) {
+            st = claimed.error();
+        }
+    } else {
+        st = co_await meta_->set_read_only(false);
+    }
+    if (!st) {
+        read_only_ = true;
+        co_return st;
+    }
+    caps_.resize = true;
+    co_return Status{};
+}
+
+Task<Result<bool>> Qcow2Node::claim_writes() {
+    CO_TRY_ASSIGN(bool fresh, co_await Node::claim_writes());
+    if (fresh || meta_deferred_) {
+        CO_TRY(co_await reload_metadata());
+    }
+    co_return fresh;
+}
+
+Task<Status> Qcow2Node::reload_metadata() {
+    qcow2::Options options = options_;
+    options.read_only = read_only_;
+    CO_TRY_ASSIGN(std::unique_ptr<qcow2::Metadata> fresh,
+                  co_await qcow2::Metadata::open(env_, file(), name(), options));
+    meta_ = std::move(fresh);
+    meta_deferred_ = false;
+    size_ = meta_->size();
+    decompressed_bytes_ = 0;
     co_return Status{};
 }
 

@@ -53,6 +53,12 @@ class Qcow2Node final : public Node {
 
     void describe(JsonWriter* out) const override;
     Task<Status> set_writable(bool writable) override;
+    [[nodiscard]] bool claim_pending() const override {
+        return meta_deferred_ || Node::claim_pending();
+    }
+    /// Claims the file, then rereads the metadata if the file was newly claimed or the node
+    /// has only read it so far (see meta_deferred_).
+    Task<Result<bool>> claim_writes() override;
     void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
                     Perms* shared) const override;
 
@@ -76,9 +82,19 @@ class Qcow2Node final : public Node {
     Task<Status> write_allocated(qcow2::WritePlan plan, ConstBuf data);
     Task<Status> deallocate(uint64_t offset, uint64_t bytes, qcow2::DeallocMode mode);
     Task<Status> check_in_place(qcow2::WritePlan plan);
+    /// EROFS before claim_writes() (see meta_deferred_), EIO on an image marked corrupt.
+    Status check_writes_allowed() const;
+    /// Replaces the metadata with a fresh read of the image (nothing cached is dirty, and no
+    /// request is in flight: the caller claims in a drained section).
+    Task<Status> reload_metadata();
 
     qcow2::Options options_;
     std::unique_ptr<qcow2::Metadata> meta_;
+    // A writable node whose file was not claimed at open (another host may write the image
+    // until it is) holds read-only metadata: reading the image is all it may do until
+    // claim_writes() rereads it for writing. A read-write open could repair or rewrite the
+    // header, which is writing.
+    bool meta_deferred_ = false;
     RangeLock alloc_lock_;  // guest byte ranges
     // The last cluster decompressed, so sequential small reads decompress it once.
     uint64_t decompressed_host_ = 0;

@@ -153,6 +153,60 @@ Result<uint64_t> RbdImage::size() const {
     return size;
 }
 
+std::string RbdImage::lock_owners() const {
+    rbd_lock_mode_t mode{};
+    char* owners[8] = {};
+    size_t count = 8;
+    if (rbd_lock_get_owners(image_, &mode, owners, &count) < 0 || count == 0) {
+        return "another client";
+    }
+    std::string out;
+    for (size_t i = 0; i < count; ++i) {
+        out += (i == 0 ? "" : ", ") + std::string(owners[i]);
+    }
+    rbd_lock_get_owners_cleanup(owners, count);
+    return out;
+}
+
+Status RbdImage::lock_exclusive() const {
+    int r = rbd_lock_acquire(image_, RBD_LOCK_MODE_EXCLUSIVE);
+    if (r == -EROFS || r == -EBUSY || r == -EAGAIN) {
+        return make_error(EROFS, "{} is being written by {} (RBD exclusive lock)", name_,
+                          lock_owners());
+    }
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot take the exclusive lock", name_));
+    }
+    return {};
+}
+
+Status RbdImage::check_no_writer() const {
+    // Only a listed owner needs the acquire below (which breaks the lock of one Ceph sees
+    // gone): taking a free lock, even for a moment, could fail another host's first write.
+    rbd_lock_mode_t mode{};
+    char* owners[8] = {};
+    size_t count = 8;
+    int r = rbd_lock_get_owners(image_, &mode, owners, &count);
+    if (r == -ENOENT || (r >= 0 && count == 0)) {
+        return {};
+    }
+    if (r >= 0) {
+        rbd_lock_get_owners_cleanup(owners, count);
+    } else if (r != -ERANGE) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot read the exclusive lock's owner", name_));
+    }
+    if (Status st = lock_exclusive(); !st) {
+        return st.error().errnum == EROFS ? make_error(EBUSY, "{}", st.error().message()) : st;
+    }
+    if (r = rbd_lock_release(image_); r < 0) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot give back the exclusive lock", name_));
+    }
+    return {};
+}
+
 Result<std::string> RbdImage::id() const {
     char id[64];
     if (int r = rbd_get_id(image_, id, sizeof id); r < 0) {

@@ -88,6 +88,13 @@ class RbdPool {
     std::unique_ptr<Offloader> offloader_;  // declared last: joined first
 };
 
+/// What an open image's user holds of its exclusive lock.
+enum class RbdLock {
+    kNone,     // nothing explicit (read-only, or librbd takes it for a rare write: a commit)
+    kPending,  // it will be written: taken on the first write (RbdNode::claim_writes)
+    kHeld,     // taken explicitly; librbd does not hand it over until the image is closed
+};
+
 /// An open RBD image. Closing waits for the image's in-flight requests (bounded by the
 /// cluster deadline) and releases its exclusive lock if it holds it.
 class RbdImage {
@@ -110,6 +117,17 @@ class RbdImage {
     [[nodiscard]] Result<uint64_t> size() const;
     /// The image's id: stable across renames, the identity of a layer.
     [[nodiscard]] Result<std::string> id() const;
+    /// Takes the image's exclusive lock explicitly, so librbd never hands it to another
+    /// client while this one has the image open. A lock whose holder Ceph sees gone (its watch
+    /// timed out) is broken, blocklisting that client. EROFS naming the holder if a live
+    /// client holds it. Blocking.
+    [[nodiscard]] Status lock_exclusive() const;
+    /// Whether a live client other than this one holds the exclusive lock: EBUSY naming it.
+    /// If one is listed, takes the lock and gives it back, so that a dead holder's lock is
+    /// broken here. Blocking.
+    [[nodiscard]] Status check_no_writer() const;
+    /// Who holds the exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
+    [[nodiscard]] std::string lock_owners() const;
     void reset();
 
   private:

@@ -14,7 +14,8 @@
 
 namespace imgfs {
 
-Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, RbdImage image) {
+Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, RbdImage image,
+                                               RbdLock lock) {
     // Blocking on purpose: librbd only writes to it, and a read on the ring waits for it.
     int efd = eventfd(0, EFD_CLOEXEC);
     if (efd < 0) {
@@ -26,17 +27,18 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
                          fmt::format("{}: cannot register for completions", name));
     }
     TRY_ASSIGN(uint64_t size, image.size());
-    auto node =
-        std::make_shared<RbdNode>(env, std::move(name), std::move(image), std::move(event_fd));
+    auto node = std::make_shared<RbdNode>(env, std::move(name), std::move(image),
+                                          std::move(event_fd), lock);
     node->size_ = size;
-    node->zeros_from_ = size;
+    node->zeros_from_ = lock == RbdLock::kPending ? UINT64_MAX : size;
     node->image_size_ = size;
     return node;
 }
 
-RbdNode::RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd)
+RbdNode::RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd, RbdLock lock)
     : Node(env, std::move(name)),
       image_(std::move(image)),
+      lock_(lock),
       event_fd_(std::move(event_fd)),
       resize_mutex_(env.loop) {
     read_only_ = image_.read_only();
@@ -56,6 +58,39 @@ RbdNode::~RbdNode() {
 void RbdNode::describe(JsonWriter* out) const {
     out->field("pool", image_.pool()->display_name());
     out->field("image", image_.name());
+    const char* lock = "none";
+    if (lock_ == RbdLock::kPending) {
+        lock = "taken on the first write";
+    } else if (lock_ == RbdLock::kHeld) {
+        lock = "held";
+    }
+    out->field("exclusive_lock", lock);
+}
+
+Task<Result<bool>> RbdNode::claim_writes() {
+    if (lock_ != RbdLock::kPending) {
+        co_return false;
+    }
+    auto guard = co_await resize_mutex_.lock();
+    if (lock_ != RbdLock::kPending) {
+        co_return false;  // a concurrent write took it
+    }
+    const RbdImage* image = &image_;
+    std::function<Result<uint64_t>()> take = [image]() -> Result<uint64_t> {
+        TRY(image->lock_exclusive());
+        return image->size();
+    };
+    CO_TRY_ASSIGN(uint64_t size,
+                  co_await image_.pool()->offloader()->run<Result<uint64_t>>(std::move(take)));
+    // Nothing is written while the lock is pending, so nothing is in flight past these.
+    size_ = size;
+    image_size_ = size;
+    zeros_from_ = size;
+    lock_ = RbdLock::kHeld;
+    if (env_.log != nullptr) {
+        env_.log->info("{}: took the RBD exclusive lock", name());
+    }
+    co_return true;
 }
 
 Result<rbd_completion_t> RbdNode::completion(Op* op, const char* what) const {
@@ -181,6 +216,7 @@ Task<Status> RbdNode::do_read(uint64_t offset, MutBuf buf) {
 }
 
 Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
+    CO_TRY(co_await claim_writes());
     CO_TRY(co_await grow_to(offset + buf.size()));
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
     rbd_image_t image = image_.handle();
@@ -192,6 +228,7 @@ Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
 }
 
 Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*may_unmap*/) {
+    CO_TRY(co_await claim_writes());
     // Past the end, growing is enough: an image grows with zeros.
     if (offset >= zeros_from_) {
         co_return co_await grow_to(offset + bytes);
@@ -205,6 +242,7 @@ Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*ma
 }
 
 Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
+    CO_TRY(co_await claim_writes());
     rbd_image_t image = image_.handle();
     CO_TRY(co_await run("discard", offset, bytes, [&](rbd_completion_t c) {
         return rbd_aio_discard(image, offset, bytes, c);
@@ -213,6 +251,11 @@ Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
 }
 
 Task<Status> RbdNode::do_flush() {
+    if (lock_ == RbdLock::kPending) {
+        // Nothing was written here. librbd refuses even an empty flush without the lock once
+        // the open probed it (EROFS), and this host may not take it just to flush.
+        co_return Status{};
+    }
     rbd_image_t image = image_.handle();
     CO_TRY(
         co_await run("flush", 0, 0, [&](rbd_completion_t c) { return rbd_aio_flush(image, c); }));
@@ -281,6 +324,7 @@ Task<Result<BlockStatus>> RbdNode::do_block_status(uint64_t offset, uint64_t byt
 }
 
 Task<Status> RbdNode::do_truncate(uint64_t new_size) {
+    CO_TRY(co_await claim_writes());
     auto guard = co_await resize_mutex_.lock();
     CO_TRY(co_await resize_image(new_size, true));
     size_ = new_size;

@@ -19,16 +19,23 @@ namespace imgfs {
 
 class RbdNode final : public Node {
   public:
-    /// Serves `image` (already open, read-only or not). Registers the completion eventfd.
-    static Result<std::shared_ptr<RbdNode>> open(NodeEnv env, std::string name, RbdImage image);
+    /// Serves `image` (already open, read-only or not, holding `lock` of its exclusive lock).
+    /// Registers the completion eventfd.
+    static Result<std::shared_ptr<RbdNode>> open(NodeEnv env, std::string name, RbdImage image,
+                                                 RbdLock lock);
 
-    RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd);
+    RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd, RbdLock lock);
     /// Closes the image (no request is in flight by then: close() drained the node).
     ~RbdNode() override;
 
     [[nodiscard]] const char* driver_name() const override { return "rbd"; }
     [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
     void describe(JsonWriter* out) const override;
+    [[nodiscard]] bool claim_pending() const override { return lock_ == RbdLock::kPending; }
+    /// Takes the exclusive lock (on the offload thread) and rereads the size, which another
+    /// host may have changed while this one only read. Writes call it too, so a raw image
+    /// needs nothing above it; a format node above must call it first (see Node).
+    Task<Result<bool>> claim_writes() override;
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override;
@@ -74,12 +81,14 @@ class RbdNode final : public Node {
     Error op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const;
 
     RbdImage image_;
+    RbdLock lock_;
     UniqueFd event_fd_;
-    CoMutex resize_mutex_;
+    CoMutex resize_mutex_;  // also serialises claim_writes()
     uint64_t in_flight_ = 0;
     bool polling_ = false;
     Op* parked_head_ = nullptr;  // parked waiters, most recent first
-    // No byte at or past this offset was ever written (see Node::zeros_from()).
+    // No byte at or past this offset was ever written (see Node::zeros_from()). Unknown
+    // (UINT64_MAX) until the lock is taken: another host may be writing the image.
     uint64_t zeros_from_ = 0;
     // The RBD image's size: at least size_, the rest being zeros grown ahead. A crash leaves
     // that tail behind, which a qcow2 image tolerates as unreferenced space.

@@ -38,22 +38,6 @@ uint64_t fnv1a(const std::string& s) {
     return h;
 }
 
-// The owners of `image`'s exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
-std::string lock_owners(rbd_image_t image) {
-    rbd_lock_mode_t mode{};
-    char* owners[8] = {};
-    size_t count = 8;
-    if (rbd_lock_get_owners(image, &mode, owners, &count) < 0 || count == 0) {
-        return "another client";
-    }
-    std::string out;
-    for (size_t i = 0; i < count; ++i) {
-        out += (i == 0 ? "" : ", ") + std::string(owners[i]);
-    }
-    rbd_lock_get_owners_cleanup(owners, count);
-    return out;
-}
-
 }  // namespace
 
 bool is_rbd_spec(const std::string& spec) {
@@ -100,7 +84,7 @@ Result<size_t> RbdFile::read_at(MutBuf buf, uint64_t offset) {
 Result<std::shared_ptr<Node>> RbdFile::into_node(NodeEnv env, std::string name,
                                                  const FileOptions& /*options*/) {
     TRY_ASSIGN(std::shared_ptr<RbdNode> node,
-               RbdNode::open(env, std::move(name), std::move(image_)));
+               RbdNode::open(env, std::move(name), std::move(image_), lock_));
     return std::shared_ptr<Node>(std::move(node));
 }
 
@@ -168,33 +152,37 @@ Result<FileId> RbdStore::id_of(const std::string& name, bool /*follow_links*/) {
 }
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name, bool read_only,
-                                                        bool exclusive) {
+                                                        Lock lock) {
     TRY(check_image_name(name));
     TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
     TRY_ASSIGN(std::string id, image.id());
-    if (exclusive && !read_only) {
-        if (int r = rbd_lock_acquire(image.handle(), RBD_LOCK_MODE_EXCLUSIVE); r < 0) {
-            if (r == -EROFS || r == -EBUSY || r == -EAGAIN) {
-                return make_error(EBUSY, "{} is being written by {} (RBD exclusive lock)", name,
-                                  lock_owners(image.handle()));
-            }
-            return rbd_error(r, pool_->timeout_s(),
-                             fmt::format("{}: cannot take the exclusive lock", name));
+    if (!read_only && lock == Lock::kDeferred) {
+        TRY(image.check_no_writer());
+    }
+    if (!read_only && lock == Lock::kNow) {
+        if (Status st = image.lock_exclusive(); !st) {
+            return make_error(EBUSY, "{}", st.error().message());
         }
     }
-    return std::unique_ptr<StoreFile>(std::make_unique<RbdFile>(std::move(image), file_id(id)));
+    RbdLock held = RbdLock::kNone;
+    if (!read_only && lock != Lock::kNone) {
+        held = lock == Lock::kNow ? RbdLock::kHeld : RbdLock::kPending;
+    }
+    return std::unique_ptr<StoreFile>(
+        std::make_unique<RbdFile>(std::move(image), file_id(id), held));
 }
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open(const std::string& name, bool read_only,
                                                   bool /*direct*/) {
-    return open_image(name, read_only, false);
+    return open_image(name, read_only, Lock::kNone);
 }
 
 Task<Result<std::unique_ptr<StoreFile>>> RbdStore::open_from_loop(std::string name,
                                                                   FileOptions options) {
     std::function<Result<std::unique_ptr<StoreFile>>()> call =
         [this, name, options]() -> Result<std::unique_ptr<StoreFile>> {
-        return open_image(name, options.read_only, options.exclusive);
+        return open_image(name, options.read_only,
+                          options.exclusive ? Lock::kDeferred : Lock::kNone);
     };
     co_return co_await pool_->offloader()->run<Result<std::unique_ptr<StoreFile>>>(std::move(call));
 }
@@ -208,7 +196,7 @@ Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string&
     if (r < 0) {
         return rbd_error(r, pool_->timeout_s(), fmt::format("cannot create {}", name));
     }
-    return open_image(name, false, true);
+    return open_image(name, false, Lock::kNow);
 }
 
 Status RbdStore::rename_noreplace(const std::string& from, const std::string& to) {

@@ -6,11 +6,14 @@
 // "rbd:POOL/IMAGE" (what QEMU opens; it looks for a relative name as a local file) and either
 // form is read.
 //
-// Cluster-wide safety: a layer that will be written (FileOptions::exclusive) is opened with
-// RBD's exclusive lock taken explicitly, which librbd then does not hand to another client on
-// request: a second host gets EBUSY naming the holder. Ceph frees the lock of a client that
-// died (its watch times out, librbd blocklists it and breaks the lock on the next acquire).
-// Two daemons may therefore serve one pool; lock_for_serving() takes nothing.
+// Cluster-wide safety: RBD's exclusive lock, taken explicitly so that librbd never hands it to
+// another client on request, marks the one host that writes an image. A layer that may be
+// written (FileOptions::exclusive) is opened only if no live client holds the lock (else EBUSY
+// naming the holder), but the lock itself is taken on the first write (Node::claim_writes), so
+// hosts that mount one pool each write the images their users write, and all of them read the
+// rest. A layer this store creates is locked at once. Ceph frees the lock of a client that
+// died (its watch times out; the next acquire blocklists it and breaks the lock).
+// lock_for_serving() therefore takes nothing.
 #pragma once
 
 #include <memory>
@@ -34,7 +37,8 @@ Result<RbdLocation> parse_rbd_location(const std::string& spec);
 /// An open RBD image of a store.
 class RbdFile final : public StoreFile {
   public:
-    RbdFile(RbdImage image, FileId id) : image_(std::move(image)), id_(id) {}
+    RbdFile(RbdImage image, FileId id, RbdLock lock)
+        : image_(std::move(image)), id_(id), lock_(lock) {}
     [[nodiscard]] FileId id() const override { return id_; }
     Result<uint64_t> size() override { return image_.size(); }
     Result<size_t> read_at(MutBuf buf, uint64_t offset) override;
@@ -45,6 +49,7 @@ class RbdFile final : public StoreFile {
   private:
     RbdImage image_;
     FileId id_;
+    RbdLock lock_;
 };
 
 class RbdStore final : public Store {
@@ -82,9 +87,14 @@ class RbdStore final : public Store {
     [[nodiscard]] const std::shared_ptr<RbdPool>& pool() const { return pool_; }
 
   private:
-    /// Opens `name`, taking its exclusive lock if `exclusive`. Blocking.
+    enum class Lock {
+        kNone,      // read-only, or a lower layer that only a commit writes (librbd locks it)
+        kDeferred,  // refused if another host writes it; locked on the first write
+        kNow,       // locked before it is handed out (an image this store just made)
+    };
+    /// Opens `name` for reading, or for writing under `lock`. Blocking.
     Result<std::unique_ptr<StoreFile>> open_image(const std::string& name, bool read_only,
-                                                  bool exclusive);
+                                                  Lock lock);
     FileId file_id(const std::string& image_id) const;
 
     std::shared_ptr<RbdPool> pool_;

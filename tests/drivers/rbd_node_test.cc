@@ -48,7 +48,7 @@ class RbdNodeTest : public CephLoopTest {
         if (!image) {
             return nullptr;
         }
-        auto node = RbdNode::open(env(), name, std::move(*image));
+        auto node = RbdNode::open(env(), name, std::move(*image), RbdLock::kNone);
         EXPECT_TRUE(node.ok()) << node.error().message();
         if (!node) {
             return nullptr;

@@ -4,6 +4,7 @@
 #include "drivers/rbd/rbd_store.h"
 
 #include "ceph_util.h"
+#include "core/backend.h"
 #include "drivers/image_chain.h"
 
 namespace imgfs::test {
@@ -143,6 +144,54 @@ TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
     EXPECT_NE(refused.error().message().find("RBD exclusive lock"), std::string::npos);
     // Reading is for everyone.
     EXPECT_TRUE(run((*second)->open_from_loop("data.raw", FileOptions{.read_only = true})).ok());
+}
+
+// Hosts that mount one pool all serve an image until one of them writes it: the first write
+// takes the exclusive lock, and from then on the others read it but cannot write it (EROFS
+// naming the holder) or open it for writing again (EBUSY).
+TEST_F(RbdStoreTest, TheFirstWriteTakesTheLock) {
+    int st = 0;
+    cluster_->rbd("create --size 4M rbd/" + ns() + "/vm.raw", &st);
+    ASSERT_EQ(st, 0);
+    auto second = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+    ASSERT_TRUE(second.ok());
+    FileOptions writable;
+    writable.exclusive = true;
+    std::vector<BlockBackend*> hosts;
+    for (Store* store : {static_cast<Store*>(store_.get()), static_cast<Store*>(second->get())}) {
+        auto file = run(store->open_from_loop("vm.raw", writable));
+        ASSERT_TRUE(file.ok()) << file.error().message();
+        auto node = (*file)->into_node(env(), "vm.raw", writable);
+        ASSERT_TRUE(node.ok()) << node.error().message();
+        EXPECT_TRUE((*node)->claim_pending());
+        hosts.push_back(use_rw(*node));
+    }
+    std::vector<uint8_t> ones(4096, 0x11);
+    Status first = run(hosts[0]->write(0, ConstBuf(ones.data(), ones.size())));
+    ASSERT_TRUE(first.ok()) << first.error().message();
+    EXPECT_FALSE(hosts[0]->claim_pending());
+    ASSERT_TRUE(run(hosts[0]->flush()).ok());
+
+    std::vector<uint8_t> twos(4096, 0x22);
+    Status refused = run(hosts[1]->write(4096, ConstBuf(twos.data(), twos.size())));
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.error().errnum, EROFS);
+    EXPECT_NE(refused.error().message().find("vm.raw is being written by "), std::string::npos)
+        << refused.error().message();
+    EXPECT_EQ(hosts[1]->io_failure().errnum, EROFS);  // what status shows
+    EXPECT_TRUE(hosts[1]->claim_pending());
+    // The other host still reads what the writer wrote.
+    AlignedBuffer buf(8192);
+    ASSERT_TRUE(run(hosts[1]->read(0, buf.span())).ok());
+    EXPECT_EQ(buf.data()[0], 0x11);
+    EXPECT_EQ(buf.data()[4096], 0);
+    // A third host may not even open it for writing now.
+    auto third = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+    ASSERT_TRUE(third.ok());
+    auto busy = run((*third)->open_from_loop("vm.raw", writable));
+    ASSERT_FALSE(busy.ok());
+    EXPECT_EQ(busy.error().errnum, EBUSY);
+    EXPECT_NE(busy.error().message().find("RBD exclusive lock"), std::string::npos);
 }
 
 }  // namespace

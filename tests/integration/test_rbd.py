@@ -5,10 +5,12 @@ oracle both ways: chains qemu-img made in the pool export correctly, and every l
 passes qemu-img check and converts to the bytes NAME.raw showed.
 
 Each test works in its own RBD namespace of the pool "rbd", so the tests share one cluster."""
+import errno
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import harness
@@ -193,51 +195,110 @@ class RbdPool(harness.ImageDirTest):
                      "qcow2", self.url(vm + ".qcow2"))
         a = self.mount_pool()
         self.assertEqual(a.exports(), ["vm1", "vm2"])
-        b = self.mount_pool()
-        # The first daemon holds both images' exclusive locks: the second exports neither and
-        # names the holder.
-        self.assertEqual(b.exports(), [])
-        with open(b.path(".control", "skipped")) as f:
-            skipped = f.read()
-        self.assertIn("vm1.qcow2 is being written by", skipped)
-        self.assertIn("RBD exclusive lock", skipped)
-        # Images the first daemon has not opened are the second's to write (a new one, found
-        # by a rescan); both read the shared base.
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
-                 self.url("vm3.qcow2"))
-        run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
-        self.assertEqual(b.exports(), ["vm3"])
-        with open(b.path("vm3.raw"), "r+b") as f:
+        # The first daemon reads vm2 (its metadata is now cached there) and writes vm1: the
+        # first write takes vm1's exclusive lock, and only vm1's.
+        with open(a.path("vm2.raw"), "rb") as f:
             self.assertEqual(f.read(MiB), b"\x33" * MiB)
-            f.seek(MiB)
-            f.write(b"\x44" * MiB)
-            os.fsync(f.fileno())
         with open(a.path("vm1.raw"), "r+b") as f:
-            self.assertEqual(f.read(MiB), b"\x33" * MiB)
+            f.seek(MiB)
             f.write(b"\x55" * MiB)
             os.fsync(f.fileno())
-        # Never while the holder lives: a rescan changes nothing.
-        run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
-        self.assertEqual(b.exports(), ["vm3"])
-        # Committing vm3 into the shared base is refused: vm1 and vm2, which the second daemon
-        # knows only from their headers in the pool, are built on it.
-        p = run(["bash", "-c", f"echo > {b.path('.control', 'vm3', 'commit')}"], check=False)
+        b = self.mount_pool()
+        # The second daemon does not export vm1 and names its writer; vm2, which nobody has
+        # written, both serve.
+        self.assertEqual(b.exports(), ["vm2"])
+        with open(b.path(".control", "skipped")) as f:
+            skipped = f.read()
+        self.assertIn("vm1.qcow2 is being written by ", skipped)
+        self.assertIn("RBD exclusive lock", skipped)
+        # The second writes vm2 and takes its lock: 16 writers at once, so the first writes
+        # all wait for one claim; then bash, a write() per line.
+        fd = os.open(b.path("vm2.raw"), os.O_RDWR)
+        start = threading.Barrier(16)
+
+        failures = []
+
+        def writer(i):
+            start.wait()
+            try:
+                os.pwrite(fd, b"\x44" * (64 << 10), MiB + i * (64 << 10))
+            except OSError as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        os.fsync(fd)
+        os.close(fd)
+        self.assertEqual(failures, [])
+        claims = [line for line in b.read_log().splitlines()
+                  if "took the RBD exclusive lock" in line]
+        self.assertEqual(len(claims), 1, claims)
+        self.assertIn("vm2.qcow2", claims[0])
+        run(["bash", "-c", f"exec 3<>{b.path('vm2.raw')}; "
+             f"for i in 1 2 3; do printf 'line %d\\n' $i >&3; done"])
+        # ... so the first may no longer write it: EROFS, and status names the writer.
+        fd = os.open(a.path("vm2.raw"), os.O_RDWR)
+        try:
+            with self.assertRaises(OSError) as refused:
+                os.pwrite(fd, b"\x66" * 4096, 2 * MiB)
+        finally:
+            os.close(fd)
+        self.assertEqual(refused.exception.errno, errno.EROFS)
+        io_error = a.info("vm2")["io_error"]
+        self.assertEqual(io_error["errno"], "EROFS")
+        self.assertIn("vm2.qcow2 is being written by ", io_error["message"])
+        # A job on it is refused the same way, and changes nothing.
+        p = run(["bash", "-c", f"echo s1 > {a.path('.control', 'vm2', 'snapshot')}"],
+                check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("Read-only file system", p.stderr)
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2", "vm2.qcow2"])
+        # Both read the shared base, and the first still writes its own image.
+        with open(a.path("vm1.raw"), "r+b") as f:
+            self.assertEqual(f.read(MiB), b"\x33" * MiB)
+            f.seek(0)
+            f.write(b"\x56" * MiB)
+            os.fsync(f.fileno())
+        # Committing vm2 into the shared base is refused: vm1, which the second daemon knows
+        # only from its header in the pool, is built on it.
+        p = run(["bash", "-c", f"echo > {b.path('.control', 'vm2', 'commit')}"], check=False)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("Device or resource busy", p.stderr)
         self.assertIn("base.qcow2 is also used by vm1.qcow2, which this mount does not serve",
-                      b.info("vm3")["last_error"])
-        # Once the holder is killed and Ceph sees it gone (its watch times out: 5 s in the test
-        # cluster), the next rescan breaks its lock (blocklisting it) and takes the images.
-        a.kill()
-        deadline = time.time() + 60
-        while b.exports() != ["vm1", "vm2", "vm3"] and time.time() < deadline:
-            time.sleep(1)
-            run(["bash", "-c", f"echo > {b.path('.control', 'rescan')}"])
-        self.assertEqual(b.exports(), ["vm1", "vm2", "vm3"])
-        with open(b.path("vm1.raw"), "rb") as f:
-            self.assertEqual(f.read(2 * MiB), b"\x33" * MiB + b"\x55" * MiB)
+                      b.info("vm2")["last_error"])
+        # Once the second daemon is gone, the first takes vm2 over on its next write, and
+        # rereads vm2's metadata: the clusters the second allocated stay the second's data.
         b.stop()
-        self.check_layers(["vm1.qcow2", "vm2.qcow2", "vm3.qcow2", "base.qcow2"])
+        with open(a.path("vm2.raw"), "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"\x77" * MiB)
+            os.fsync(f.fileno())
+            f.seek(0)
+            lines = b"line 1\nline 2\nline 3\n"
+            self.assertEqual(f.read(4 * MiB), lines + b"\x33" * (MiB - len(lines)) +
+                             b"\x44" * MiB + bytes(MiB) + b"\x77" * MiB)
+        # The first daemon is killed; once Ceph sees it gone (its watch times out: 5 s in the
+        # test cluster), a new daemon's mount or rescan breaks its locks (blocklisting it).
+        a.kill()
+        c = self.mount_pool()
+        deadline = time.time() + 60
+        while c.exports() != ["vm1", "vm2"] and time.time() < deadline:
+            time.sleep(1)
+            run(["bash", "-c", f"echo > {c.path('.control', 'rescan')}"])
+        self.assertEqual(c.exports(), ["vm1", "vm2"])
+        with open(c.path("vm1.raw"), "r+b") as f:
+            self.assertEqual(f.read(2 * MiB), b"\x56" * MiB + b"\x55" * MiB)
+            f.seek(0)
+            f.write(b"\x57" * 4096)
+            os.fsync(f.fileno())
+        c.stop()
+        self.check_layers(["vm1.qcow2", "vm2.qcow2", "base.qcow2"])
+        self.assertEqual(self.converted("vm2.qcow2")[MiB:4 * MiB],
+                         b"\x44" * MiB + bytes(MiB) + b"\x77" * MiB)
+        self.assertEqual(self.converted("vm1.qcow2")[:4096], b"\x57" * 4096)
 
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS

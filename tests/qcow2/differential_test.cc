@@ -393,6 +393,8 @@ TEST_P(Differential, MatchesQemu) {
         auto chain = run(open_chain(env(), store.get(), "top.qcow2", ChainOptions{}));
         ASSERT_TRUE(chain.ok()) << chain.error().message();
         use_rw(chain->top());
+        // In a pool the top's lock is taken on the first write, which its writer claims.
+        ASSERT_TRUE(run(chain->top()->claim_writes()).ok());
         auto ops = make_ops(model.size(), spec.cluster_size, 1234, 400);
         Status st = run(apply(chain->top().get(), ops, &model));
         ASSERT_TRUE(st.ok()) << st.error().message();
