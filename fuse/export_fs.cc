@@ -65,6 +65,7 @@ struct ExportFs::Handle {
     uint64_t ino = 0;
     std::shared_ptr<Export> e;  // null for global files
     bool raw = false;
+    bool writing = false;  // opened for writing
     ControlFile file = ControlFile::kInfo;
     std::string content;
 };
@@ -379,6 +380,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
             // without conv=notrunc. The kernel passes it here (FUSE_ATOMIC_O_TRUNC) instead of
             // sending a setattr to size 0; a shrinking truncate(2) is still refused there.
             h->raw = true;
+            h->writing = writing;
             h->e = r.e;
             r.e->backend->open_file();
             // No page cache: the image is shared with jobs and must stay coherent; several
@@ -513,6 +515,15 @@ Task<FuseReply> ExportFs::flush(FuseRequest* req) {
     Resolved r = resolve(req->header->nodeid);
     if (r.kind != Resolved::Kind::kRaw || options_.read_only) {
         co_return FuseReply::err(0);
+    }
+    // A descriptor that could not write has nothing to make durable: a reader's close does
+    // not fail because the image's storage cannot take writes (a full pool, a failing disk).
+    fuse_flush_in in{};
+    if (parse_arg(req, &in)) {
+        std::shared_ptr<Handle> h = find_handle(in.fh);
+        if (h != nullptr && !h->writing) {
+            co_return FuseReply::err(0);
+        }
     }
     Status st = co_await r.e->backend->flush();
     if (!st) {

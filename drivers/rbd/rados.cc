@@ -137,11 +137,15 @@ RbdImage& RbdImage::operator=(RbdImage&& o) noexcept {
     return *this;
 }
 
-void RbdImage::reset() {
+void RbdImage::close_image() {
     if (image_ != nullptr) {
         // Waits for the image's requests; a dead cluster fails them at the deadline.
         (void)rbd_close(std::exchange(image_, nullptr));  // nothing to do about a failure
     }
+}
+
+void RbdImage::reset() {
+    close_image();
     pool_.reset();
 }
 

@@ -128,6 +128,9 @@ class RbdImage {
     [[nodiscard]] Status check_no_writer() const;
     /// Who holds the exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
     [[nodiscard]] std::string lock_owners() const;
+    /// Closes the image (waiting for its requests, releasing its lock) but keeps the pool:
+    /// safe on the pool's offload thread, which the pool's last reference would join.
+    void close_image();
     void reset();
 
   private:

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -333,12 +334,20 @@ Task<Status> RbdNode::do_truncate(uint64_t new_size) {
 }
 
 Task<Status> RbdNode::do_close() {
-    CO_TRY(co_await do_flush());
-    if (read_only_ || image_size_ <= size_) {
-        co_return Status{};
+    Status st = co_await do_flush();
+    if (st && !read_only_ && image_size_ > size_) {
+        auto guard = co_await resize_mutex_.lock();
+        st = co_await resize_image(size_, true);
     }
-    auto guard = co_await resize_mutex_.lock();
-    co_return co_await resize_image(size_, true);
+    // rbd_close is a round trip (it releases the lock), up to the deadline on a dead cluster:
+    // off the loop. Nothing uses the image after close().
+    RbdImage* image = &image_;
+    std::function<int()> close = [image]() {
+        image->close_image();
+        return 0;
+    };
+    (void)co_await image_.pool()->offloader()->run<int>(std::move(close));
+    co_return st;
 }
 
 namespace {

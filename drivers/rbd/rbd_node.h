@@ -25,7 +25,8 @@ class RbdNode final : public Node {
                                                  RbdLock lock);
 
     RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd, RbdLock lock);
-    /// Closes the image (no request is in flight by then: close() drained the node).
+    /// Closes the image if close() did not (no request is in flight by then: close() drained
+    /// the node), blocking the loop up to the deadline.
     ~RbdNode() override;
 
     [[nodiscard]] const char* driver_name() const override { return "rbd"; }
@@ -47,7 +48,8 @@ class RbdNode final : public Node {
     /// From the image's object listing (rbd_diff_iterate2, on the offload thread): written
     /// extents are data, the rest reads as zeros. Looks at most 64 MiB ahead per call.
     Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
-    /// Flushes, then gives back the room grown ahead (see grow_to()).
+    /// Flushes, gives back the room grown ahead (see grow_to()), and closes the image on the
+    /// offload thread.
     Task<Status> do_close() override;
 
   private:

@@ -119,9 +119,21 @@ TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
     Status w = run((*node)->write(4096, ConstBuf(bytes.data(), bytes.size())));
     ASSERT_TRUE(w.ok()) << w.error().message();
     ASSERT_TRUE(run((*node)->flush()).ok());
-    // While it is written the image has room grown ahead; closing gives it back.
+    // A writer holds the image (a store locks what it creates): opening it elsewhere for
+    // writing is refused.
+    auto second = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+    ASSERT_TRUE(second.ok());
+    FileOptions exclusive;
+    exclusive.exclusive = true;
+    auto refused = run((*second)->open_from_loop("data.raw", exclusive));
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.error().errnum, EBUSY);
+    EXPECT_NE(refused.error().message().find("RBD exclusive lock"), std::string::npos);
+    // While it is written the image has room grown ahead; closing gives it back, and the
+    // lock with it.
     EXPECT_EQ((*store_->open("data.raw", true, false))->size().value(), 4u << 20);
     ASSERT_TRUE(run((*node)->close()).ok());
+    EXPECT_TRUE(run((*second)->open_from_loop("data.raw", exclusive)).ok());
     auto opened = store_->open("data.raw", true, false);
     ASSERT_TRUE(opened.ok());
     auto size = (*opened)->size();
@@ -133,15 +145,6 @@ TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {
     EXPECT_EQ(*got, 12288u);  // short at the end of the image
     EXPECT_EQ(buf.data()[4095], 0);
     EXPECT_EQ(buf.data()[4096], 0x42);
-    // A writer elsewhere holds the image: opening it for writing with the lock is refused.
-    auto second = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
-    ASSERT_TRUE(second.ok());
-    FileOptions exclusive;
-    exclusive.exclusive = true;
-    auto refused = run((*second)->open_from_loop("data.raw", exclusive));
-    ASSERT_FALSE(refused.ok());
-    EXPECT_EQ(refused.error().errnum, EBUSY);
-    EXPECT_NE(refused.error().message().find("RBD exclusive lock"), std::string::npos);
     // Reading is for everyone.
     EXPECT_TRUE(run((*second)->open_from_loop("data.raw", FileOptions{.read_only = true})).ok());
 }

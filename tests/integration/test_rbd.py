@@ -187,6 +187,60 @@ class RbdPool(harness.ImageDirTest):
         self.assertNotIn("backing file", qemu_img("info", self.url("vm1.qcow2")).stdout)
         self.assertEqual(self.converted("vm1.qcow2"), bytes(model))
 
+    def test_first_writes_race_a_snapshot(self):
+        # The first writes to a pool image claim it (take its lock, reread its metadata)
+        # while a snapshot, which claims it too, switches it to a new overlay: 16 writers and
+        # the snapshot start together. Every write lands, in whichever layer was on top.
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
+        harness.qemu_io(self.url("base.qcow2"), "write -P 0x11 0 16M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
+                 self.url("vm1.qcow2"))
+        m = self.mount_pool()
+        model = bytearray(b"\x11" * (16 * MiB))
+        fd = os.open(m.path("vm1.raw"), os.O_RDWR)
+        start = threading.Barrier(17)
+        failures = []
+
+        def writer(i):
+            start.wait()
+            try:
+                for k in range(4):
+                    off = (i * 4 + k) * (256 << 10)
+                    os.pwrite(fd, bytes([i + 0x20 + k]) * (256 << 10), off)
+            except OSError as e:
+                failures.append(e)
+
+        def snapshot():
+            start.wait()
+            p = run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"],
+                    check=False)
+            if p.returncode != 0:
+                failures.append(p.stderr)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+        threads.append(threading.Thread(target=snapshot))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        os.fsync(fd)
+        os.close(fd)
+        self.assertEqual(failures, [])
+        for i in range(16):
+            for k in range(4):
+                off = (i * 4 + k) * (256 << 10)
+                model[off:off + (256 << 10)] = bytes([i + 0x20 + k]) * (256 << 10)
+        self.assertEqual([l["file"] for l in m.info("vm1")["layers"]],
+                         ["vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
+        claims = [line for line in m.read_log().splitlines()
+                  if "took the RBD exclusive lock" in line]
+        self.assertEqual(len(claims), 1, claims)
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read() == bytes(model), "vm1.raw differs from what was written")
+        m.stop()
+        self.check_layers(["vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
+        self.assertTrue(self.converted("vm1~s1.qcow2") == bytes(model))
+
     def test_two_daemons_never_write_one_image(self):
         qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
         harness.qemu_io(self.url("base.qcow2"), "write -P 0x33 0 1M")
@@ -380,6 +434,105 @@ class RbdPool(harness.ImageDirTest):
             self.assertEqual(f.read(MiB), b"\x66" * MiB)
         m.stop()
         self.check_layers(["vm1.qcow2"])
+
+    def test_full_pool_gives_eio_and_loses_nothing(self):
+        # A cluster of its own. A full memstore OSD drops writes ("failsafe full") and
+        # clients wait for it forever, so the deadline is what answers. The OSD checks its
+        # fullness every few seconds, and a fast writer can overshoot a small device by far,
+        # so the test fills it by shrinking the device under the written data, while 8
+        # writers keep going; a larger device, observed at once, gives the room back.
+        directory, conf = start_cluster(osd_mib=1024)
+        self.addCleanup(stop_cluster, directory)
+        os.environ["CEPH_CONF"] = conf
+        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
+        self.pool = "rbd:rbd"
+        qemu_img("create", "-q", "-f", "qcow2", self.url("vm1.qcow2"), "256M")
+        m = self.mount_pool("ceph_timeout=3", conf=conf)
+        model = bytearray(256 * MiB)
+        chunk = 4 * MiB
+        fd = os.open(m.path("vm1.raw"), os.O_RDWR)
+        for i in range(4):
+            data = bytes([i + 1]) * chunk
+            os.pwrite(fd, data, i * chunk)
+            model[i * chunk:(i + 1) * chunk] = data
+        os.fsync(fd)
+        acknowledged = 4
+        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(8 * MiB)])
+        deadline = time.time() + 60
+        osd_log = os.path.join(directory, "osd.0.log")
+        while True:
+            with open(osd_log, errors="replace") as f:
+                if "failsafe engaged" in f.read():
+                    break
+            self.assertLess(time.time(), deadline, "the OSD never reported itself full")
+            time.sleep(0.2)
+        failed = None
+        errors = []
+        started = time.time()
+        for i in range(acknowledged, 256 * MiB // chunk):
+            data = bytes([(i % 250) + 1]) * chunk
+
+            def piece(k, i=i, data=data):
+                try:
+                    os.pwrite(fd, data[k << 19:(k + 1) << 19], i * chunk + (k << 19))
+                except OSError as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=piece, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            try:
+                if errors:
+                    raise errors[0]
+                os.fsync(fd)
+            except OSError as e:
+                failed = (e, time.time() - started)
+                break
+            model[i * chunk:(i + 1) * chunk] = data
+            acknowledged = i + 1
+            started = time.time()
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the flush on close fails too while the pool is full
+        self.assertIsNotNone(failed, "the pool never filled up")
+        err, waited = failed
+        print(f"full after {acknowledged * chunk // MiB} MiB acknowledged; "
+              f"{err.strerror} after {waited:.1f} s", flush=True)
+        self.assertEqual(err.errno, errno.EIO)
+        self.assertLess(waited, 30)
+        self.assertIn("did not answer within 3 s", m.read_log())
+        # The daemon is up, status says what failed, and what fsync acknowledged reads back.
+        self.assertEqual(m.info("vm1")["io_error"]["errno"], "EIO")
+        end = acknowledged * chunk
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read(end) == bytes(model[:end]), "acknowledged data changed")
+        # Room again: the same mount writes on, and everything is there after a remount.
+        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(4 << 30)])
+        deadline = time.time() + 60
+        while True:
+            p = run(["timeout", "10", "rbd", "create", "--size", "1M", "rbd/probe"],
+                    check=False)
+            if p.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(1)
+        self.assertEqual(p.returncode, 0, "the OSD did not take writes again")
+        run(["rbd", "rm", "--no-progress", "rbd/probe"])
+        with open(m.path("vm1.raw"), "r+b") as f:
+            f.seek(end)
+            f.write(b"\xee" * chunk)
+            os.fsync(f.fileno())
+        model[end:end + chunk] = b"\xee" * chunk
+        m.stop()
+        self.check_layers(["vm1.qcow2"])
+        m = self.mount_pool(conf=conf)
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read(end + chunk) == bytes(model[:end + chunk]),
+                            "data differs after a remount")
+        m.stop()
+        self.assertTrue(self.converted("vm1.qcow2")[:end + chunk] == bytes(model[:end + chunk]))
 
 
 if __name__ == "__main__":
