@@ -121,11 +121,25 @@ Result<std::string> resolve_backing(const std::string& overlay, const std::strin
     return r;
 }
 
+bool is_external_layer(const std::string& file) {
+    return (!file.empty() && file[0] == '/') || file.rfind("rbd:", 0) == 0;
+}
+
 Result<std::string> resolve_backing_in(const Store* store, const std::string& overlay,
                                        const std::string& backing, bool allow_external) {
     std::string own = store->own_name(backing);
     if (!own.empty()) {
         return own;
+    }
+    std::string external = store->external_name(backing);
+    if (!external.empty()) {
+        if (!allow_external) {
+            return make_error(EPERM,
+                              "{}: backing file '{}' is outside the image directory (mount "
+                              "with allow_external_backing to allow it)",
+                              overlay, backing);
+        }
+        return external;
     }
     return resolve_backing(overlay, backing, store->real_path(), allow_external);
 }
@@ -178,11 +192,16 @@ std::shared_ptr<Node> with_faults(NodeEnv env, Transaction* tx, std::shared_ptr<
 
 Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainOptions opts,
                                bool top, ChainWalk* walk) {
-    bool external = !spec.file.empty() && spec.file[0] == '/';
-    const FileOptions fo = file_options(opts, spec.file, top);
+    const bool host_path = !spec.file.empty() && spec.file[0] == '/';
+    FileOptions fo = file_options(opts, spec.file, top);
     std::unique_ptr<StoreFile> opened;
-    if (external) {
+    if (host_path) {
         CO_TRY_ASSIGN(opened, open_host_file(spec.file, opts.read_only, opts.direct));
+    } else if (is_external_layer(spec.file)) {
+        // Another pool's image: a shared base this mount never writes.
+        fo.read_only = true;
+        fo.exclusive = false;
+        CO_TRY_ASSIGN(opened, co_await store->open_from_loop(spec.file, fo));
     } else {
         CO_TRY_ASSIGN(opened, co_await store->open_from_loop(spec.file, fo));
     }

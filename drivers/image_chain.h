@@ -91,8 +91,13 @@ Task<void> write_layer_json(JsonWriter* w, const Layer* layer);
 Result<std::string> resolve_backing(const std::string& overlay, const std::string& backing,
                                     const std::string& dir_real, bool allow_external);
 
+/// Whether a resolved layer name is outside the store: a host path (a directory store's
+/// allow_external_backing) or an image of another pool ("rbd:POOL/IMAGE").
+bool is_external_layer(const std::string& file);
+
 /// resolve_backing for a layer of `store`: a name in the store's own URL form ("rbd:POOL/IMAGE"
-/// in a pool) is that file; other names resolve as above against the store's path.
+/// in a pool) is that file; an image of another pool is that image's canonical name if
+/// `allow_external` (EPERM otherwise); other names resolve as above against the store's path.
 Result<std::string> resolve_backing_in(const Store* store, const std::string& overlay,
                                        const std::string& backing, bool allow_external);
 

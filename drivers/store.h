@@ -103,6 +103,12 @@ class Store {
     /// What a header records to name the store's file `name` as a backing file, so that QEMU
     /// opens it too: the name itself in a directory (relative), the URL in a pool.
     [[nodiscard]] virtual std::string recorded_name(const std::string& name) const { return name; }
+    /// A recorded backing name that names an image of the same storage outside this store
+    /// (another pool or namespace of the cluster), in the canonical form open() takes; empty
+    /// if it names none. Such a layer is served only with allow_external_backing, read-only.
+    [[nodiscard]] virtual std::string external_name(const std::string& /*recorded*/) const {
+        return {};
+    }
 
     /// Every name whose file is a regular file (following a symbolic link), sorted by name.
     /// Subdirectories, devices and dangling links are left out.

@@ -176,6 +176,14 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
         }
         base_index = static_cast<size_t>(it - layers.begin());
     }
+    const Layer& base = layers[base_index];
+    if (Child* storage = base.node->file(); storage != nullptr && storage->node()->read_only()) {
+        // An image of another pool (allow_external_backing) is opened only for reading.
+        co_return make_error(EROFS,
+                             "{}: {} is opened read-only by this mount; a commit cannot "
+                             "write it",
+                             e->name, base.file);
+    }
     for (size_t i = 1; i <= base_index; ++i) {
         std::vector<Export*> others = images_->users_of(layers[i].node.get(), e.get());
         if (!others.empty()) {

@@ -87,7 +87,7 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         }
         Result<std::string> next =
             resolve_backing_in(in.store, current, probe.backing, in.allow_external_backing);
-        if (!next || (!next->empty() && (*next)[0] == '/')) {
+        if (!next || is_external_layer(*next)) {
             return {};  // outside the directory: not one of our layers
         }
         previous = current;
@@ -186,7 +186,7 @@ std::optional<FileId> chain_reaches(Store* store, bool allow_external, const std
         }
         Result<std::string> next =
             resolve_backing_in(store, current, probe->backing, allow_external);
-        if (!next || next->empty() || (*next)[0] == '/') {
+        if (!next || next->empty() || is_external_layer(*next)) {
             return std::nullopt;
         }
         current = *next;
@@ -260,7 +260,7 @@ std::string check_served_chain(Store* store, bool allow_external_backing,
                                const std::vector<ServedLayer>& layers) {
     for (size_t i = 0; i < layers.size(); ++i) {
         const ServedLayer& l = layers[i];
-        if (l.id == FileId{} || (!l.file.empty() && l.file[0] == '/')) {
+        if (l.id == FileId{} || is_external_layer(l.file)) {
             continue;  // not a file of the directory: nothing to compare
         }
         Result<FileId> named = store->id_of(l.file, false);

@@ -92,6 +92,7 @@ RbdPool::RbdPool(std::shared_ptr<RadosCluster> cluster, rados_ioctx_t ioctx, std
       ioctx_(ioctx),
       pool_(std::move(pool)),
       name_space_(std::move(name_space)),
+      loop_(loop),
       offloader_(std::make_unique<Offloader>(loop)) {}
 
 RbdPool::~RbdPool() {

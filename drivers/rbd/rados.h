@@ -76,6 +76,8 @@ class RbdPool {
     [[nodiscard]] const std::string& name_space() const { return name_space_; }
     [[nodiscard]] uint32_t timeout_s() const { return cluster_->options().timeout_s; }
     [[nodiscard]] const RadosCluster& cluster() const { return *cluster_; }
+    [[nodiscard]] const std::shared_ptr<RadosCluster>& cluster_ref() const { return cluster_; }
+    [[nodiscard]] EventLoop* loop() const { return loop_; }
     /// "rbd:POOL" or "rbd:POOL/NAMESPACE", as the user names it.
     [[nodiscard]] std::string display_name() const;
     [[nodiscard]] Offloader* offloader() { return offloader_.get(); }
@@ -85,6 +87,7 @@ class RbdPool {
     rados_ioctx_t ioctx_;
     std::string pool_;
     std::string name_space_;
+    EventLoop* loop_;
     std::unique_ptr<Offloader> offloader_;  // declared last: joined first
 };
 

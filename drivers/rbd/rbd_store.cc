@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <vector>
 
 #include "drivers/rbd/rbd_node.h"
 
@@ -114,9 +115,53 @@ std::string RbdStore::recorded_name(const std::string& name) const {
     return display_ + "/" + name;
 }
 
-FileId RbdStore::file_id(const std::string& image_id) const {
+FileId RbdStore::file_id(const std::string& display, const std::string& image_id) const {
     // No device number is all ones; the image id is unique within the pool.
-    return FileId{static_cast<dev_t>(~0ULL), static_cast<ino_t>(fnv1a(display_ + "/" + image_id))};
+    return FileId{static_cast<dev_t>(~0ULL), static_cast<ino_t>(fnv1a(display + "/" + image_id))};
+}
+
+std::string RbdStore::external_name(const std::string& recorded) const {
+    if (!is_rbd_spec(recorded)) {
+        return {};
+    }
+    std::vector<std::string> parts;
+    std::string rest = recorded.substr(std::string(kScheme).size());
+    for (size_t from = 0;;) {
+        size_t slash = rest.find('/', from);
+        parts.push_back(rest.substr(from, slash - from));
+        if (slash == std::string::npos) {
+            break;
+        }
+        from = slash + 1;
+    }
+    if (parts.size() < 2 || parts.size() > 3) {
+        return {};
+    }
+    for (const std::string& part : parts) {
+        if (!check_part(part, "name", recorded)) {
+            return {};  // options (':'), a snapshot ('@') or an empty part
+        }
+    }
+    const std::string where = recorded.substr(0, recorded.rfind('/'));
+    return where == display_ ? std::string() : recorded;
+}
+
+Result<std::pair<std::shared_ptr<RbdPool>, std::string>> RbdStore::external_image(
+    const std::string& spec) {
+    if (external_name(spec).empty()) {
+        return make_error(EINVAL, "'{}' is not an image of another pool", spec);
+    }
+    const size_t cut = spec.rfind('/');
+    const std::string where = spec.substr(0, cut);
+    std::lock_guard<std::mutex> lock(external_mutex_);
+    auto it = external_pools_.find(where);
+    if (it == external_pools_.end()) {
+        TRY_ASSIGN(RbdLocation loc, parse_rbd_location(where));
+        TRY_ASSIGN(std::shared_ptr<RbdPool> pool,
+                   RbdPool::open(pool_->cluster_ref(), loc.pool, loc.name_space, pool_->loop()));
+        it = external_pools_.emplace(where, std::move(pool)).first;
+    }
+    return std::make_pair(it->second, spec.substr(cut + 1));
 }
 
 Result<std::vector<StoreEntry>> RbdStore::list() {
@@ -132,7 +177,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
     std::vector<StoreEntry> out;
     out.reserve(count);
     for (size_t i = 0; i < count; ++i) {
-        out.push_back(StoreEntry{specs[i].name, file_id(specs[i].id)});
+        out.push_back(StoreEntry{specs[i].name, file_id(display_, specs[i].id)});
     }
     rbd_image_spec_list_cleanup(specs.data(), count);
     std::sort(out.begin(), out.end(),
@@ -153,6 +198,18 @@ Result<FileId> RbdStore::id_of(const std::string& name, bool /*follow_links*/) {
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name, bool read_only,
                                                         Lock lock) {
+    if (is_rbd_spec(name)) {
+        // Another pool's image (allow_external_backing): a base this mount only reads.
+        if (!read_only) {
+            return make_error(EROFS, "{} is in another pool: this mount only reads it", name);
+        }
+        TRY_ASSIGN(auto where, external_image(name));
+        TRY_ASSIGN(RbdImage image, RbdImage::open(where.first, where.second, true));
+        TRY_ASSIGN(std::string id, image.id());
+        FileId fid = file_id(where.first->display_name(), id);
+        return std::unique_ptr<StoreFile>(
+            std::make_unique<RbdFile>(std::move(image), fid, RbdLock::kNone));
+    }
     TRY(check_image_name(name));
     TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
     TRY_ASSIGN(std::string id, image.id());
@@ -169,7 +226,7 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
         held = lock == Lock::kNow ? RbdLock::kHeld : RbdLock::kPending;
     }
     return std::unique_ptr<StoreFile>(
-        std::make_unique<RbdFile>(std::move(image), file_id(id), held));
+        std::make_unique<RbdFile>(std::move(image), file_id(display_, id), held));
 }
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open(const std::string& name, bool read_only,

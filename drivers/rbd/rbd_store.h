@@ -16,8 +16,11 @@
 // lock_for_serving() therefore takes nothing.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "drivers/rbd/rados.h"
 #include "drivers/store.h"
@@ -65,6 +68,10 @@ class RbdStore final : public Store {
     [[nodiscard]] const std::string& real_path() const override { return no_path_; }
     [[nodiscard]] std::string own_name(const std::string& recorded) const override;
     [[nodiscard]] std::string recorded_name(const std::string& name) const override;
+    /// "rbd:POOL/IMAGE" or "rbd:POOL/NAMESPACE/IMAGE" of another pool or namespace of the
+    /// same cluster, without options or a snapshot. open() and open_from_loop() take it and
+    /// open that image read-only.
+    [[nodiscard]] std::string external_name(const std::string& recorded) const override;
     Result<std::vector<StoreEntry>> list() override;
     Result<FileId> id_of(const std::string& name, bool follow_links) override;
     Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
@@ -95,11 +102,17 @@ class RbdStore final : public Store {
     /// Opens `name` for reading, or for writing under `lock`. Blocking.
     Result<std::unique_ptr<StoreFile>> open_image(const std::string& name, bool read_only,
                                                   Lock lock);
-    FileId file_id(const std::string& image_id) const;
+    /// The image of another pool that `spec` (an external_name()) names: its pool, opened
+    /// once and kept, and the image's name there.
+    Result<std::pair<std::shared_ptr<RbdPool>, std::string>> external_image(
+        const std::string& spec);
+    FileId file_id(const std::string& display, const std::string& image_id) const;
 
     std::shared_ptr<RbdPool> pool_;
     std::string display_;
     std::string no_path_;
+    std::mutex external_mutex_;  // external_pools_ is used from the scan's and the pools' threads
+    std::map<std::string, std::shared_ptr<RbdPool>> external_pools_;  // by "rbd:POOL[/NS]"
     StoreCaps caps_{.second_names = false, .snapshot_separator = '~'};
 };
 

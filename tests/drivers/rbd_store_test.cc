@@ -107,6 +107,23 @@ TEST_F(RbdStoreTest, BackingNamesInTheStoresOwnForm) {
         EXPECT_NE(host.error().message().find("outside the image directory"), std::string::npos);
     }
     EXPECT_FALSE(resolve_backing_in(store_.get(), "top.qcow2", "../base.qcow2", false).ok());
+    // Another pool or namespace of the cluster: only with allow_external_backing, named as
+    // recorded; with options or a snapshot, never.
+    for (const std::string other :
+         {"rbd:golden/base.qcow2", "rbd:rbd/other/base.qcow2", "rbd:rbd/base.qcow2"}) {
+        EXPECT_EQ(store_->external_name(other), other);
+        auto refused = resolve_backing_in(store_.get(), "top.qcow2", other, false);
+        ASSERT_FALSE(refused.ok()) << other;
+        EXPECT_EQ(refused.error().errnum, EPERM);
+        EXPECT_NE(refused.error().message().find("allow_external_backing"), std::string::npos);
+        EXPECT_EQ(resolve_backing_in(store_.get(), "top.qcow2", other, true).value(), other);
+    }
+    EXPECT_EQ(store_->external_name(url), "");  // its own image
+    for (const std::string bad : {"rbd:golden/base.qcow2@snap", "rbd:golden/base.qcow2:conf=/x",
+                                  "rbd:golden", "rbd:a/b/c/d", "rbd:golden//x"}) {
+        EXPECT_EQ(store_->external_name(bad), "") << bad;
+        EXPECT_FALSE(resolve_backing_in(store_.get(), "top.qcow2", bad, true).ok()) << bad;
+    }
 }
 
 TEST_F(RbdStoreTest, ReadsAndServesWhatItStores) {

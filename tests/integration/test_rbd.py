@@ -241,6 +241,52 @@ class RbdPool(harness.ImageDirTest):
         self.check_layers(["vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
         self.assertTrue(self.converted("vm1~s1.qcow2") == bytes(model))
 
+    def test_backing_in_another_pool(self):
+        # A golden image in a pool of its own, and overlays in the tenant's pool naming it as
+        # QEMU does (rbd:golden/IMAGE): served only with allow_external_backing, and never
+        # written.
+        run(["ceph", "osd", "pool", "create", "golden", "8", "8"])
+        run(["rbd", "pool", "init", "golden"])
+        base = f"rbd:golden/{self.ns}-base.qcow2"
+        self.addCleanup(run, ["rbd", "rm", "--no-progress", base[4:]], check=False)
+        qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+        harness.qemu_io(base, "write -P 0x61 0 2M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                 self.url("vm1.qcow2"))
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), [])
+        with open(m.path(".control", "skipped")) as f:
+            skipped = f.read()
+        self.assertIn(f"backing file '{base}' is outside the image directory (mount with "
+                      "allow_external_backing to allow it)", skipped)
+        m.stop()
+        m = self.mount_pool("allow_external_backing")
+        self.assertEqual(m.exports(), ["vm1"])
+        self.assertEqual([l["file"] for l in m.info("vm1")["layers"]], ["vm1.qcow2", base])
+        with open(m.path("vm1.raw"), "r+b") as f:
+            self.assertEqual(f.read(2 * MiB), b"\x61" * (2 * MiB))
+            f.seek(MiB)
+            f.write(b"\x62" * MiB)
+            os.fsync(f.fileno())
+        # A commit would write the other pool's image: refused, and nothing changes.
+        p = run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("read-only", m.info("vm1")["last_error"])
+        # A snapshot stays in the tenant's pool, over vm1.qcow2.
+        run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
+        self.assertEqual([l["file"] for l in m.info("vm1")["layers"]],
+                         ["vm1~s1.qcow2", "vm1.qcow2", base])
+        m.stop()
+        self.check_layers(["vm1~s1.qcow2", "vm1.qcow2"])
+        c = harness.check(base)
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        self.assertEqual(self.converted("vm1~s1.qcow2")[:3 * MiB],
+                         b"\x61" * MiB + b"\x62" * MiB + bytes(MiB))
+        out = os.path.join(self.dir, "base.out")
+        qemu_img("convert", "-O", "raw", base, out)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(3 * MiB), b"\x61" * (2 * MiB) + bytes(MiB))
+
     def test_two_daemons_never_write_one_image(self):
         qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
         harness.qemu_io(self.url("base.qcow2"), "write -P 0x33 0 1M")
