@@ -50,6 +50,35 @@ class RbdPool(harness.ImageDirTest):
         """The image as QEMU names it."""
         return f"{self.pool}/{image}"
 
+    def make_chains(self, size, base_write, overlays=("vm1",)):
+        """base.qcow2 of `size` with qemu-io's `base_write` applied, and a qcow2 overlay over it
+        for each name, naming it in QEMU's rbd: form (which qemu-img needs in a pool)."""
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), size)
+        harness.qemu_io(self.url("base.qcow2"), base_write)
+        for vm in overlays:
+            qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F",
+                     "qcow2", self.url(vm + ".qcow2"))
+
+    def run_together(self, calls):
+        """Runs every (function, args) in a thread of its own, all released at once; returns
+        what they raised."""
+        start = threading.Barrier(len(calls))
+        failures = []
+
+        def call(fn, args):
+            start.wait()
+            try:
+                fn(*args)
+            except Exception as e:  # reported to the test, which asserts there is none
+                failures.append(e)
+
+        threads = [threading.Thread(target=call, args=c) for c in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return failures
+
     def mount_pool(self, options="", conf=None, **kw):
         opts = f"ceph_conf={conf or self.conf}" + ("," + options if options else "")
         m = harness.Mount(self.pool, options=opts, **kw)
@@ -86,11 +115,7 @@ class RbdPool(harness.ImageDirTest):
 
     def test_chain_made_by_qemu_and_ext4_with_snapshots(self):
         harness.require_tools("mkfs.ext4", "e2fsck", "losetup")
-        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "256M")
-        harness.qemu_io(self.url("base.qcow2"), "write -P 0x5a 0 4M")
-        # A backing name in QEMU's rbd: form, as qemu-img needs it in a pool.
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
-                 self.url("vm1.qcow2"))
+        self.make_chains("256M", "write -P 0x5a 0 4M")
         run(["rbd", "create", "--size", "8M", f"rbd/{self.ns}/scratch.raw"])
         m = self.mount_pool()
         self.assertEqual(m.exports(), ["scratch", "vm1"])
@@ -153,10 +178,7 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
 
     def test_commit_and_stream_in_a_pool(self):
-        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "32M")
-        harness.qemu_io(self.url("base.qcow2"), "write -P 0x11 0 2M")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
-                 self.url("vm1.qcow2"))
+        self.make_chains("32M", "write -P 0x11 0 2M")
         m = self.mount_pool()
         model = bytearray(self.converted("vm1.qcow2"))
         harness.random_writes(m.path("vm1.raw"), model, seed=3, count=60, max_len=MiB)
@@ -191,38 +213,20 @@ class RbdPool(harness.ImageDirTest):
         # The first writes to a pool image claim it (take its lock, reread its metadata)
         # while a snapshot, which claims it too, switches it to a new overlay: 16 writers and
         # the snapshot start together. Every write lands, in whichever layer was on top.
-        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
-        harness.qemu_io(self.url("base.qcow2"), "write -P 0x11 0 16M")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
-                 self.url("vm1.qcow2"))
+        self.make_chains("16M", "write -P 0x11 0 16M")
         m = self.mount_pool()
         model = bytearray(b"\x11" * (16 * MiB))
         fd = os.open(m.path("vm1.raw"), os.O_RDWR)
-        start = threading.Barrier(17)
-        failures = []
 
         def writer(i):
-            start.wait()
-            try:
-                for k in range(4):
-                    off = (i * 4 + k) * (256 << 10)
-                    os.pwrite(fd, bytes([i + 0x20 + k]) * (256 << 10), off)
-            except OSError as e:
-                failures.append(e)
+            for k in range(4):
+                off = (i * 4 + k) * (256 << 10)
+                os.pwrite(fd, bytes([i + 0x20 + k]) * (256 << 10), off)
 
         def snapshot():
-            start.wait()
-            p = run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"],
-                    check=False)
-            if p.returncode != 0:
-                failures.append(p.stderr)
+            run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
 
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
-        threads.append(threading.Thread(target=snapshot))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        failures = self.run_together([(writer, (i,)) for i in range(16)] + [(snapshot, ())])
         os.fsync(fd)
         os.close(fd)
         self.assertEqual(failures, [])
@@ -288,11 +292,7 @@ class RbdPool(harness.ImageDirTest):
             self.assertEqual(f.read(3 * MiB), b"\x61" * (2 * MiB) + bytes(MiB))
 
     def test_two_daemons_never_write_one_image(self):
-        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
-        harness.qemu_io(self.url("base.qcow2"), "write -P 0x33 0 1M")
-        for vm in ("vm1", "vm2"):
-            qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F",
-                     "qcow2", self.url(vm + ".qcow2"))
+        self.make_chains("16M", "write -P 0x33 0 1M", ("vm1", "vm2"))
         a = self.mount_pool()
         self.assertEqual(a.exports(), ["vm1", "vm2"])
         # The first daemon reads vm2 (its metadata is now cached there) and writes vm1: the
@@ -314,22 +314,8 @@ class RbdPool(harness.ImageDirTest):
         # The second writes vm2 and takes its lock: 16 writers at once, so the first writes
         # all wait for one claim; then bash, a write() per line.
         fd = os.open(b.path("vm2.raw"), os.O_RDWR)
-        start = threading.Barrier(16)
-
-        failures = []
-
-        def writer(i):
-            start.wait()
-            try:
-                os.pwrite(fd, b"\x44" * (64 << 10), MiB + i * (64 << 10))
-            except OSError as e:
-                failures.append(e)
-
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        failures = self.run_together(
+            [(os.pwrite, (fd, b"\x44" * (64 << 10), MiB + i * (64 << 10))) for i in range(16)])
         os.fsync(fd)
         os.close(fd)
         self.assertEqual(failures, [])
@@ -513,22 +499,12 @@ class RbdPool(harness.ImageDirTest):
             self.assertLess(time.time(), deadline, "the OSD never reported itself full")
             time.sleep(0.2)
         failed = None
-        errors = []
         started = time.time()
         for i in range(acknowledged, 256 * MiB // chunk):
             data = bytes([(i % 250) + 1]) * chunk
-
-            def piece(k, i=i, data=data):
-                try:
-                    os.pwrite(fd, data[k << 19:(k + 1) << 19], i * chunk + (k << 19))
-                except OSError as e:
-                    errors.append(e)
-
-            threads = [threading.Thread(target=piece, args=(k,)) for k in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            errors = self.run_together(
+                [(os.pwrite, (fd, data[k << 19:(k + 1) << 19], i * chunk + (k << 19)))
+                 for k in range(8)])
             try:
                 if errors:
                     raise errors[0]
