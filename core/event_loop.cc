@@ -22,7 +22,16 @@ constexpr RequiredOp kRequiredOps[] = {
     {IORING_OP_TIMEOUT, "TIMEOUT"}, {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"},
 };
 
-Status probe_ops(io_uring* ring) {
+// Tells the CPU this is a spin-wait (saves power, yields to a sibling hyperthread).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+Status probe_ops(io_uring* ring, bool* has_msg_ring) {
     io_uring_probe* probe = io_uring_get_probe_ring(ring);
     if (probe == nullptr) {
         return make_error(ENOSYS,
@@ -36,6 +45,7 @@ Status probe_ops(io_uring* ring) {
             missing += op.name;
         }
     }
+    *has_msg_ring = io_uring_opcode_supported(probe, IORING_OP_MSG_RING) != 0;
     io_uring_free_probe(probe);
     if (!missing.empty()) {
         return make_error(ENOSYS, "io_uring: this kernel lacks required opcodes: {}", missing);
@@ -57,7 +67,9 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
     }
     loop->ring_ready_ = true;
     loop->big_sqes_ = options.big_sqes;
-    TRY(probe_ops(&loop->ring_));
+    loop->poll_max_ = options.poll_max;
+    loop->poll_window_ = options.poll_max;
+    TRY(probe_ops(&loop->ring_, &loop->has_msg_ring_));
     int efd = eventfd(0, EFD_CLOEXEC);
     if (efd < 0) {
         return make_error(errno, "eventfd");
@@ -109,11 +121,15 @@ unsigned EventLoop::reap_completions() {
             return total;
         }
         for (unsigned i = 0; i < n; ++i) {
-            auto* c = static_cast<Completion*>(io_uring_cqe_get_data(cqes[i]));
-            if (c == nullptr) {
+            auto data = reinterpret_cast<uintptr_t>(io_uring_cqe_get_data(cqes[i]));
+            if (data == 0) {
                 wake_armed_ = false;  // the wake-up read completed
                 continue;
             }
+            if (reap_tagged(data, cqes[i]->res)) {
+                continue;
+            }
+            auto* c = reinterpret_cast<Completion*>(data);
             c->res = cqes[i]->res;
             c->flags = cqes[i]->flags;
             ready_.push_back(c->handle);
@@ -123,6 +139,48 @@ unsigned EventLoop::reap_completions() {
         io_uring_cq_advance(&ring_, n);
         total += n;
     }
+}
+
+bool EventLoop::reap_tagged(uintptr_t data, int32_t res) {
+    switch (data & kTagMask) {
+        case kHopArrivedTag: {
+            // Not counted in ops_in_flight_: the sender's loop issued it.
+            auto* message = reinterpret_cast<Completion*>(data & ~kTagMask);
+            ready_.push_back(message->handle);
+            ++hops_received_;
+            return true;
+        }
+        case kHopFailedTag: {
+            // The message never arrived, so the coroutine is still suspended and its awaiter
+            // alive: send it the slow way.
+            auto* hop = reinterpret_cast<HopAwaiter*>(data & ~kTagMask);
+            EventLoop* to = hop->to;
+            std::coroutine_handle<> h = hop->message.handle;
+            (void)res;
+            to->post([to, h] { to->schedule(h); });
+            return true;
+        }
+        default:
+            return false;
+    }
+}
+
+void EventLoop::HopAwaiter::await_suspend(std::coroutine_handle<> h) {
+    message.handle = h;
+    static_assert(alignof(Completion) > kTagMask && alignof(HopAwaiter) > kTagMask);
+    if (!from->has_msg_ring_) {
+        EventLoop* target = to;
+        target->post([target, h] { target->schedule(h); });
+        return;
+    }
+    io_uring_sqe* sqe = from->get_sqe();
+    io_uring_prep_msg_ring(sqe, to->ring_.ring_fd, 0,
+                           reinterpret_cast<uintptr_t>(&message) | kHopArrivedTag, 0);
+    // On success the sender gets no completion: the coroutine (and this awaiter) may be gone
+    // by the time the sender would reap it. A failure's completion names this awaiter.
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data(
+        sqe, reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(this) | kHopFailedTag));
 }
 
 void EventLoop::arm_wake_read() {
@@ -174,11 +232,20 @@ bool EventLoop::wait_and_reap() {
         io_uring_submit(&ring_);
         return false;
     }
-    ++submit_calls_;
-    int ret = io_uring_submit_and_wait(&ring_, 1);
-    if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
-        std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
-        std::abort();
+    if (poll_window_.count() == 0 || !poll_for_completions()) {
+        ++submit_calls_;
+        std::chrono::steady_clock::time_point sleep_start;
+        if (poll_max_.count() > 0) {
+            sleep_start = std::chrono::steady_clock::now();
+        }
+        int ret = io_uring_submit_and_wait(&ring_, 1);
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+            std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
+            std::abort();
+        }
+        if (poll_max_.count() > 0) {
+            adapt_poll_window(std::chrono::steady_clock::now() - sleep_start);
+        }
     }
     reap_completions();
     if (!wake_armed_) {
@@ -186,6 +253,35 @@ bool EventLoop::wait_and_reap() {
     }
     drain_posted();
     return true;
+}
+
+bool EventLoop::poll_for_completions() {
+    ++submit_calls_;
+    if (io_uring_submit(&ring_) < 0) {
+        return false;  // the blocking submit reports it
+    }
+    auto deadline = std::chrono::steady_clock::now() + poll_window_;
+    unsigned spins = 0;
+    while (io_uring_cq_ready(&ring_) == 0) {
+        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= deadline) {
+            return false;
+        }
+        cpu_relax();
+    }
+    ++polls_caught_;
+    return true;
+}
+
+void EventLoop::adapt_poll_window(std::chrono::steady_clock::duration waited) {
+    // A completion that came within the longest window would have been caught by polling:
+    // poll the whole window next time. One that came later was not worth spinning for: halve
+    // the window, so that a loop whose requests come seldom stops spinning (within a few
+    // wake-ups) and one whose requests come often starts again at once.
+    if (waited <= poll_max_) {
+        poll_window_ = poll_max_;
+    } else {
+        poll_window_ /= 2;
+    }
 }
 
 bool EventLoop::run_until(const bool* done) {

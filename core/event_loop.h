@@ -32,6 +32,12 @@ class EventLoop final : public Executor {
         /// 128-byte SQEs (IORING_SETUP_SQE128), which IORING_OP_URING_CMD commands with a
         /// larger command area need (FUSE-over-io_uring).
         bool big_sqes = false;
+        /// Before the loop sleeps in io_uring_enter it may watch its completion queue for up
+        /// to this long (0: never sleeps without going to the kernel first). Waking a thread
+        /// whose CPU has gone idle costs far more than a short spin on a busy one, and a
+        /// request arrives as a completion, so a loop under load saves that wake-up per
+        /// request. The window adapts: see wait_and_reap.
+        std::chrono::microseconds poll_max{0};
     };
 
     /// Sets up the ring and checks that the kernel supports every opcode the loop uses; the
@@ -117,13 +123,34 @@ class EventLoop final : public Executor {
     /// Thread-safe: queues `fn` to run on the loop thread and wakes the loop.
     void post(std::function<void()> fn);
     /// Loop thread only: while held, run_until() does not report a hang when nothing is in
-    /// flight, because another thread has promised to post().
+    /// flight, because another thread has promised to post() or to hop a coroutine here.
     void hold_for_posts(int delta) { external_holds_ += delta; }
+
+    /// Moves the awaiting coroutine from this loop's thread to `target`'s: it resumes there,
+    /// from `target`'s ready queue (at once, on this thread, if `target` is this loop). The
+    /// hop is an IORING_OP_MSG_RING message that lands in `target`'s completion queue: it
+    /// rides on this loop's next io_uring_enter and wakes `target` without an eventfd write.
+    /// If the message cannot be delivered (the target's CQ is full, or the kernel lacks
+    /// MSG_RING) the hop falls back to post(). Whoever hops coroutines to a loop must keep it
+    /// running (hold_for_posts) until they are back: a coroutine left on a stopped loop never
+    /// resumes.
+    struct HopAwaiter {
+        EventLoop* from;
+        EventLoop* to;
+        Completion message{};  // what `to` reaps; only its handle is used
+        bool await_ready() const noexcept { return from == to; }
+        void await_suspend(std::coroutine_handle<> h);
+        void await_resume() const noexcept {}
+    };
+    [[nodiscard]] HopAwaiter resume_on(EventLoop* target) { return HopAwaiter{this, target}; }
 
     // Counters for tests and benchmarks.
     [[nodiscard]] uint64_t ops_in_flight() const { return ops_in_flight_; }
     [[nodiscard]] uint64_t submit_calls() const { return submit_calls_; }
     [[nodiscard]] uint64_t ops_completed() const { return ops_completed_; }
+    [[nodiscard]] uint64_t hops_received() const { return hops_received_; }
+    [[nodiscard]] uint64_t polls_caught() const { return polls_caught_; }
+    [[nodiscard]] std::chrono::microseconds poll_window() const { return poll_window_; }
 
   private:
     EventLoop() = default;
@@ -133,16 +160,32 @@ class EventLoop final : public Executor {
     void run_ready();
     // Returns false when nothing is pending at all.
     bool wait_and_reap();
+    /// Submits, then spins on the completion queue for up to poll_window_; true if a
+    /// completion arrived meanwhile.
+    bool poll_for_completions();
+    /// Adapts poll_window_ to how long a blocking wait took.
+    void adapt_poll_window(std::chrono::steady_clock::duration waited);
     void arm_wake_read();
     void drain_posted();
+    /// A completion whose user_data is tagged (low bits; records are 8-byte aligned) is not an
+    /// operation of this loop: a hop arriving, or a hop this loop sent that failed.
+    bool reap_tagged(uintptr_t data, int32_t res);
+    static constexpr uintptr_t kTagMask = 3;
+    static constexpr uintptr_t kHopArrivedTag = 1;  // a HopAwaiter's `message`
+    static constexpr uintptr_t kHopFailedTag = 2;   // the HopAwaiter itself
 
     io_uring ring_{};
     bool ring_ready_ = false;
     bool big_sqes_ = false;
+    bool has_msg_ring_ = false;
+    std::chrono::microseconds poll_max_{0};
+    std::chrono::microseconds poll_window_{0};  // this wait's spin; 0 to poll_max_
+    uint64_t polls_caught_ = 0;
     std::deque<std::coroutine_handle<>> ready_;
     uint64_t ops_in_flight_ = 0;
     uint64_t submit_calls_ = 0;
     uint64_t ops_completed_ = 0;
+    uint64_t hops_received_ = 0;
     bool stop_ = false;
     int external_holds_ = 0;
 

@@ -148,5 +148,48 @@ TEST_F(EventLoopTest, FallocateAndFsync) {
     EXPECT_EQ(sb.st_size, 1 << 20);
 }
 
+Task<void> sleep_times(EventLoop* loop, int times, std::chrono::microseconds each) {
+    for (int i = 0; i < times; ++i) {
+        co_await loop->sleep(each);
+    }
+}
+
+std::unique_ptr<EventLoop> polling_loop(std::chrono::microseconds poll_max) {
+    EventLoop::Options options;
+    options.poll_max = poll_max;
+    auto loop = EventLoop::create(options);
+    EXPECT_TRUE(loop.ok());
+    return loop ? std::move(*loop) : nullptr;
+}
+
+TEST(EventLoopPollTest, CompletionsThatComeSoonAreCaughtWithoutSleeping) {
+    auto loop = polling_loop(std::chrono::microseconds(5000));
+    ASSERT_NE(loop, nullptr);
+    sync_wait(loop.get(), sleep_times(loop.get(), 50, std::chrono::microseconds(100)));
+    // Each timer fires well inside the window; an odd one may be missed if the thread is
+    // preempted while it spins.
+    EXPECT_GE(loop->polls_caught(), 40U);
+    EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(5000));
+}
+
+TEST(EventLoopPollTest, TheWindowShrinksWhenNothingComesSoon) {
+    auto loop = polling_loop(std::chrono::microseconds(400));
+    ASSERT_NE(loop, nullptr);
+    sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::milliseconds(10)));
+    // Every wait outlasted the window, which halved each time: 400 200 100 50 25 12 6.
+    EXPECT_EQ(loop->polls_caught(), 0U);
+    EXPECT_LE(loop->poll_window(), std::chrono::microseconds(12));
+    // Then traffic comes back, and a quick completion restores the whole window.
+    sync_wait(loop.get(), sleep_times(loop.get(), 3, std::chrono::microseconds(50)));
+    EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(400));
+}
+
+TEST(EventLoopPollTest, WithoutPollingTheLoopNeverSpins) {
+    auto loop = polling_loop(std::chrono::microseconds(0));
+    ASSERT_NE(loop, nullptr);
+    sync_wait(loop.get(), sleep_times(loop.get(), 20, std::chrono::microseconds(100)));
+    EXPECT_EQ(loop->polls_caught(), 0U);
+}
+
 }  // namespace
 }  // namespace imgfs
