@@ -1,6 +1,7 @@
 // imgfs mount / unmount.
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,10 @@ const char* kMountHelp =
     "     uring=auto|on|off       FUSE-over-io_uring transport (default auto: used when the\n"
     "                             kernel offers it, i.e. /sys/module/fuse/parameters/\n"
     "                             enable_uring is Y; on: the mount fails without it)\n"
+    "     threads=N               event loops serving the FUSE-over-io_uring queues, one\n"
+    "                             thread each (default 1; at most the CPUs)\n"
+    "     poll_us=N               how long an idle event loop watches for the next request\n"
+    "                             before it sleeps (default 30; 0: never); adapts to load\n"
     "     ceph_conf=PATH          rbd: the cluster's ceph.conf (default $CEPH_CONF, else\n"
     "                             /etc/ceph/ceph.conf)\n"
     "     ceph_id=NAME            rbd: the client name without 'client.' (default admin)\n"
@@ -261,6 +266,23 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
         cmd->images.faults.insert(cmd->images.faults.end(), rules.begin(), rules.end());
     } else if (o.rfind("uring=", 0) == 0) {
         TRY_ASSIGN(cmd->uring, fuse_uring::parse_mode(o.substr(6)));
+    } else if (o.rfind("threads=", 0) == 0) {
+        const std::string value = o.substr(8);
+        uint32_t n = 0;
+        auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+        if (ec != std::errc() || end != value.data() + value.size() || n == 0 || n > 64) {
+            return make_error(EINVAL, "threads={}: expected a number of event loops, 1 to 64",
+                              value);
+        }
+        cmd->threads = n;
+    } else if (o.rfind("poll_us=", 0) == 0) {
+        const std::string value = o.substr(8);
+        uint32_t n = 0;
+        auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+        if (ec != std::errc() || end != value.data() + value.size() || n > 1000) {
+            return make_error(EINVAL, "poll_us={}: expected microseconds, 0 to 1000", value);
+        }
+        cmd->poll_us = n;
     } else if (o.rfind("ceph_conf=", 0) == 0) {
         cmd->rados.conf_path = absolute(o.substr(10));
     } else if (o.rfind("ceph_id=", 0) == 0) {

@@ -18,6 +18,7 @@
 
 #include "core/event_loop.h"
 #include "core/graph.h"
+#include "core/loop_thread.h"
 #include "core/task_scope.h"
 #include "drivers/local_store.h"
 #include "drivers/rbd/rbd_store.h"
@@ -156,6 +157,36 @@ Status check_mount_safety(const MountCommand& cmd, Store* store) {
 
 // The image directory, or the Ceph pool (connecting to the cluster: the daemon has forked by
 // now, as librados requires).
+// The loops besides the main one that serve FUSE ring queues (-o threads=N): none unless the
+// ring transport can be used, and never more than there are queues. The default is one loop:
+// every request is handled on the main loop anyway, and on a 2-CPU machine the hop to it and
+// back cost more than the second loop saved (docs/benchmarks.md, 2026-12-04).
+Result<std::vector<std::unique_ptr<LoopThread>>> start_ring_loops(const MountCommand& cmd,
+                                                                  EventLoop::Options options,
+                                                                  Logger* log) {
+    std::vector<std::unique_ptr<LoopThread>> loops;
+    uint32_t wanted = cmd.threads == 0 ? 1 : cmd.threads;
+    if (wanted <= 1) {
+        return loops;
+    }
+    if (!options.big_sqes) {
+        log->info("threads={}: the /dev/fuse transport is served by one event loop", wanted);
+        return loops;
+    }
+    Result<uint32_t> queues = fuse_uring::possible_cpus();
+    if (queues && wanted > *queues) {
+        log->info("threads={}: the kernel keeps {} FUSE ring queues; using {} event loops", wanted,
+                  *queues, *queues);
+        wanted = *queues;
+    }
+    for (uint32_t i = 1; i < wanted; ++i) {
+        TRY_ASSIGN(std::unique_ptr<LoopThread> t,
+                   LoopThread::start(options, fmt::format("imgfs-loop{}", i)));
+        loops.push_back(std::move(t));
+    }
+    return loops;
+}
+
 Result<std::unique_ptr<Store>> open_store(const MountCommand& cmd, EventLoop* loop) {
     if (is_rbd_spec(cmd.image_dir)) {
         TRY_ASSIGN(RbdLocation where, parse_rbd_location(cmd.image_dir));
@@ -182,6 +213,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     };
     // The transport is chosen in INIT, but the ring it needs is set up now.
     EventLoop::Options loop_options;
+    loop_options.poll_max = std::chrono::microseconds(cmd.poll_us);
     if (cmd.uring != fuse_uring::Mode::kOff) {
         std::string why = fuse_uring::unavailable_reason();
         if (!why.empty() && cmd.uring == fuse_uring::Mode::kOn) {
@@ -194,6 +226,11 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         return fail(loop_r.error().message());
     }
     std::unique_ptr<EventLoop> loop = std::move(*loop_r);
+    // Destruction order: these outlive the server below, whose ring entries they serve.
+    auto ring_threads = start_ring_loops(cmd, loop_options, log);
+    if (!ring_threads) {
+        return fail(ring_threads.error().message());
+    }
     Result<std::unique_ptr<Store>> store = open_store(cmd, loop.get());
     if (!store) {
         return fail(store.error().message());
@@ -236,6 +273,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         ExportFs fs(&images, &control, log, fo);
         FuseServerOptions so;
         so.uring = cmd.uring;
+        for (const auto& t : *ring_threads) {
+            so.ring_loops.push_back(t->loop());
+        }
         FuseServer server(loop.get(), (*mount)->fd(), &fs, log, so);
         images.set_transport([&server] { return server.transport(); });
         log->info("serving {} on {} ({} image{})", cmd.image_dir, cmd.mountpoint,

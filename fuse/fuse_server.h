@@ -97,6 +97,13 @@ struct FuseServerOptions {
     /// disk-backed chain 16 halved 4k QD32 reads (2026-12-03: 20-30k against 32k, and 29-31k
     /// against 38-42k with 2 fio jobs), and the disk is what users have.
     uint32_t uring_entries_per_queue = 64;
+    /// More loops to serve ring queues on, each run by its own thread (LoopThread). Queue q
+    /// is served by loop q % (1 + size), loop 0 being the server's own. A request still runs
+    /// on the server's loop, which owns every image: an entry on another loop hops there with
+    /// the request and back with the reply (EventLoop::resume_on). What the other loops carry
+    /// is the kernel's half of the transport, which runs inside their io_uring_enter:
+    /// delivering requests into the entries, taking the replies and waking the clients.
+    std::vector<EventLoop*> ring_loops;
 };
 
 class FuseServer {
@@ -123,10 +130,13 @@ class FuseServer {
         AlignedBuffer arg;     // a request's argument struct and names, made contiguous
         MutBuf payload;        // max_write_bytes, in ring_pool_
         uint16_t qid = 0;
+        EventLoop* loop = nullptr;  // issues the entry's commands (see ring_loops)
     };
     Task<void> reader();
     /// One ring entry: registers it, then serves one request at a time through it.
     Task<void> ring_entry(RingEntry* entry);
+    /// On the server's loop: the request in `entry`'s buffers, answered in them.
+    Task<void> serve_ring_request(RingEntry* entry);
     Task<FuseReply> dispatch(FuseRequest* req);
     bool offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
                      uint32_t* flags2);
@@ -156,6 +166,7 @@ class FuseServer {
     uint32_t ring_queues_ = 0;
     bool uring_accepted_ = false;  // INIT offered it and the kernel takes it
     uint32_t ring_live_ = 0;       // entries registered and serving
+    uint32_t ring_remote_ = 0;     // entries served by another loop and not yet ended
     bool stopping_ = false;
     bool initialised_ = false;
     uint32_t kernel_minor_ = 0;

@@ -8,9 +8,12 @@
 // CPUs mapped to it are served at once. INIT, FORGET, INTERRUPT and notifications stay on
 // /dev/fuse, whose readers keep running.
 //
-// Every entry is served by this server's one event loop. The kernel picks a queue by the CPU
-// of the process making the request and insists on an entry in every possible CPU's queue
-// before it uses the ring at all, so this loop registers entries on all of them.
+// The kernel picks a queue by the CPU of the process making the request and insists on an entry
+// in every possible CPU's queue before it uses the ring at all, so every queue gets entries. A
+// queue's entries issue their commands on the loop that serves it (FuseServerOptions::
+// ring_loops), and hop to the server's loop for everything else: parsing, the handler, the
+// reply and the server's counters all run on the server's loop, so nothing here is shared
+// between threads except an entry's own buffers, which only one thread uses at a time.
 #include <algorithm>
 #include <cstring>
 
@@ -41,8 +44,9 @@ std::string FuseServer::transport() const {
     if (!uring_accepted_) {
         return "/dev/fuse";
     }
-    return fmt::format("io_uring ({} queues x {} entries)", ring_queues_,
-                       options_.uring_entries_per_queue);
+    size_t loops = 1 + options_.ring_loops.size();
+    return fmt::format("io_uring ({} queues x {} entries, {} loop{})", ring_queues_,
+                       options_.uring_entries_per_queue, loops, loops == 1 ? "" : "s");
 }
 
 bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
@@ -87,8 +91,10 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
     }
     *flags |= FUSE_INIT_EXT;
     *flags2 |= fuse_uring::kInitFlags2Bit;
-    log_->info("uring={}: serving through FUSE-over-io_uring, {} queues x {} entries", mode,
-               ring_queues_, options_.uring_entries_per_queue);
+    log_->info(
+        "uring={}: serving through FUSE-over-io_uring, {} queues x {} entries on {} "
+        "event loops",
+        mode, ring_queues_, options_.uring_entries_per_queue, 1 + options_.ring_loops.size());
     return true;
 }
 
@@ -102,6 +108,12 @@ void FuseServer::start_ring() {
             e->arg = AlignedBuffer(kArgAreaBytes);
             e->payload = ring_pool_->buffer(index);
             e->qid = static_cast<uint16_t>(q);
+            size_t which = q % (1 + options_.ring_loops.size());
+            e->loop = which == 0 ? loop_ : options_.ring_loops[which - 1];
+            if (e->loop != loop_ && ring_remote_++ == 0) {
+                // While entries wait on other loops nothing may be in flight here.
+                loop_->hold_for_posts(1);
+            }
             // Registered for the whole connection: never given back to the pool's trimming,
             // since the kernel may copy a request into it at any time.
             ring_pool_->acquire(index);
@@ -170,41 +182,56 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
                     {entry->payload.data(), entry->payload.size()}};
     fuse_uring::CmdReq cmd{};
     cmd.qid = entry->qid;
-    int32_t res = co_await loop_->submit([this, &iov, &cmd](io_uring_sqe* sqe) {
+    EventLoop* ring = entry->loop;
+    // Commands go out on the entry's loop; after each completion the entry hops to this
+    // server's loop (no-ops when they are the same).
+    co_await loop_->resume_on(ring);
+    int32_t res = co_await ring->submit([this, &iov, &cmd](io_uring_sqe* sqe) {
         prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
     });
+    co_await ring->resume_on(loop_);
     if (res == 0) {
         ++ring_live_;
     }
     while (res == 0) {
         auto* hdr = reinterpret_cast<fuse_uring::ReqHeader*>(entry->header.data());
         cmd.commit_id = hdr->ring_ent_in_out.commit_id;
-        ++active_;
-        max_concurrent_ = std::max(max_concurrent_, active_);
-        ++served_;
-        FuseRequest req;
-        FuseReply reply;
-        uint64_t unique = reinterpret_cast<const fuse_in_header*>(hdr->in_out)->unique;
-        if (!ring_request(hdr, entry->arg.span(), entry->payload, &req)) {
-            log_->error("malformed FUSE request on the ring; answering EIO");
-            reply = FuseReply::err(EIO);
-        } else {
-            reply = co_await dispatch(&req);
-            if (reply.none) {
-                // Requests without a reply (FORGET) come over /dev/fuse; an entry must answer.
-                reply = FuseReply::err(ENOSYS);
-            }
-        }
-        ring_reply(hdr, entry->payload, unique, reply);
-        --active_;
-        res = co_await loop_->submit([this, &cmd](io_uring_sqe* sqe) {
+        co_await serve_ring_request(entry);
+        co_await loop_->resume_on(ring);
+        res = co_await ring->submit([this, &cmd](io_uring_sqe* sqe) {
             prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
         });
+        co_await ring->resume_on(loop_);
     }
     // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.
     if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV) {
         log_->error("FUSE ring entry on queue {}: {}", entry->qid, strerror(-res));
     }
+    if (ring != loop_ && --ring_remote_ == 0) {
+        loop_->hold_for_posts(-1);
+    }
+}
+
+Task<void> FuseServer::serve_ring_request(RingEntry* entry) {
+    auto* hdr = reinterpret_cast<fuse_uring::ReqHeader*>(entry->header.data());
+    ++active_;
+    max_concurrent_ = std::max(max_concurrent_, active_);
+    ++served_;
+    FuseRequest req;
+    FuseReply reply;
+    uint64_t unique = reinterpret_cast<const fuse_in_header*>(hdr->in_out)->unique;
+    if (!ring_request(hdr, entry->arg.span(), entry->payload, &req)) {
+        log_->error("malformed FUSE request on the ring; answering EIO");
+        reply = FuseReply::err(EIO);
+    } else {
+        reply = co_await dispatch(&req);
+        if (reply.none) {
+            // Requests without a reply (FORGET) come over /dev/fuse; an entry must answer.
+            reply = FuseReply::err(ENOSYS);
+        }
+    }
+    ring_reply(hdr, entry->payload, unique, reply);
+    --active_;
 }
 
 }  // namespace imgfs

@@ -127,6 +127,15 @@ def holders(mountpoint):
     return out
 
 
+def with_test_options(options):
+    """`options` plus IMGFS_TEST_MOUNT_OPTIONS (how CI runs a test file again with another
+    setting, e.g. threads=2), where `options` does not set the same option itself."""
+    extra = [o for o in os.environ.get("IMGFS_TEST_MOUNT_OPTIONS", "").split(",") if o]
+    mine = [o for o in options.split(",") if o]
+    keys = {o.split("=", 1)[0] for o in mine}
+    return ",".join(mine + [o for o in extra if o.split("=", 1)[0] not in keys])
+
+
 class Mount:
     """imgfs mounted in the foreground (so the test owns the process and its log)."""
 
@@ -137,7 +146,7 @@ class Mount:
         self.wrapper = list(wrapper)  # a command the daemon runs under (e.g. strace ... --)
         self.own_mountpoint = mountpoint is None
         self.mountpoint = mountpoint or tempfile.mkdtemp(prefix="imgfs-mnt-")
-        self.options = options
+        self.options = with_test_options(options)
         self.extra_args = list(extra_args)
         self.proc = None
         self.log_path = self.mountpoint.rstrip("/") + ".log"
@@ -154,9 +163,17 @@ class Mount:
             if self.proc.poll() is not None:
                 raise AssertionError(f"imgfs exited early ({self.proc.returncode}):\n{self.read_log()}")
             if is_mounted(self.mountpoint) and os.path.exists(os.path.join(self.mountpoint, ".control")):
+                self._check_loops()
                 return self
             time.sleep(0.05)
         raise AssertionError("imgfs did not mount in time:\n" + self.read_log())
+
+    def _check_loops(self):
+        """A threads=N run must really serve the ring with N loops (where the ring serves)."""
+        threads = [o.split("=", 1)[1] for o in self.options.split(",") if o.startswith("threads=")]
+        log = self.read_log()
+        if threads and "serving through FUSE-over-io_uring" in log and "kernel keeps" not in log:
+            assert f"on {threads[-1]} event loops" in log, log
 
     def read_log(self):
         try:

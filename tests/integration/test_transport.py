@@ -89,6 +89,92 @@ class Transport(harness.ImageDirTest):
             self.assertEqual(f.read(), bytes(model))
         self.assertTrue(served.startswith("io_uring ("), served)
 
+    def fio_on_cpu(self, cpu, path, offset, size, seconds):
+        """fio with verification on one CPU (so its requests use that CPU's ring queue)."""
+        return subprocess.Popen(
+            ["taskset", "-c", str(cpu), "fio", f"--name=cpu{cpu}", f"--filename={path}",
+             f"--offset={offset}", f"--size={size}", "--rw=randrw", "--bs=4k", "--iodepth=32",
+             "--ioengine=libaio", "--direct=1", "--verify=crc32c", "--verify_state_save=0",
+             f"--runtime={seconds}", "--minimal"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def test_two_event_loops_serve_every_queue_and_survive_a_kill(self):
+        harness.require_tools("fio", "taskset")
+        self.set_uring("Y")
+        cpus = sorted(os.sched_getaffinity(0))
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "64M")
+        m = self.mount("uring=on,threads=2")
+        served = self.info(m, "data")["transport"]
+        self.assertIn("2 loops", served)
+        self.assertIn("2 event loops", m.read_log())
+        model = self.pattern_roundtrip(m, "data", 64 * MiB)
+        # One fio per CPU, each on its own half, while a shell takes snapshots: requests come
+        # in on every queue, so on both loops, and all of them run on the images' loop.
+        half = 32 * MiB
+        fios = [self.fio_on_cpu(cpus[i % len(cpus)], m.path("data.raw"), i * half, half, 15)
+                for i in range(2)]
+        for snap in ("s1", "s2"):
+            time.sleep(2)
+            run(["bash", "-c", f"echo {snap} > {m.path('.control', 'data', 'snapshot')}"])
+        for f in fios:
+            out, err = f.communicate(timeout=300)
+            self.assertEqual(f.returncode, 0, err)
+        with open(m.path("data.raw"), "rb") as f:
+            model = bytearray(f.read())
+        m.stop()
+        for f in ("data.qcow2", "data@s1.qcow2", "data@s2.qcow2"):
+            c = check(self.img(f))
+            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        out = self.img("data.out")
+        qemu_img("convert", "-O", "raw", self.img("data@s2.qcow2"), out)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), bytes(model))
+        os.unlink(out)
+        # kill -9 while both loops have requests in flight: the mount goes, nothing hangs, and
+        # what was fsynced before the kill is there after it.
+        m = self.mount("uring=on,threads=2")
+        synced = os.urandom(MiB)
+        fd = os.open(m.path("data.raw"), os.O_WRONLY)
+        os.pwrite(fd, synced, 5 * MiB)
+        os.fsync(fd)
+        os.close(fd)
+        fios = [self.fio_on_cpu(cpus[i % len(cpus)], m.path("data.raw"), (i + 1) * half // 2,
+                                half // 2, 30) for i in range(2)]
+        time.sleep(2)
+        m.kill()
+        for f in fios:
+            f.communicate(timeout=120)  # fails with ENOTCONN: the daemon is gone
+        m = self.mount("uring=on,threads=2")
+        with open(m.path("data.raw"), "rb") as f:
+            f.seek(5 * MiB)
+            self.assertEqual(f.read(MiB), synced)
+        m.stop()
+        c = check(self.img("data@s2.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+
+    def test_threads_option_is_checked(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        mnt = self.dir + "-mnt"
+        os.mkdir(mnt)
+        self.addCleanup(os.rmdir, mnt)
+        for bad in ("0", "65", "two"):
+            p = run([harness.IMGFS, "mount", "-o", "threads=" + bad, self.dir, mnt], check=False)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("threads", p.stderr)
+            self.assertFalse(harness.is_mounted(mnt))
+        # More loops than ring queues: capped, with a line saying so; /dev/fuse: one loop.
+        self.set_uring("Y")
+        m = self.mount("uring=on,threads=64")
+        self.assertRegex(m.read_log(),
+                         r"threads=64: the kernel keeps \d+ FUSE ring queues; using \d+ event loops")
+        self.pattern_roundtrip(m, "data", 16 * MiB)
+        m.stop()
+        m = self.mount("uring=off,threads=2")
+        self.assertEqual(self.info(m, "data")["transport"], "/dev/fuse")
+        self.assertIn("served by one event loop", m.read_log())
+        self.pattern_roundtrip(m, "data", 16 * MiB)
+        m.stop()
+
     def test_uring_off_and_auto_without_kernel_support_serve_dev_fuse(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
         self.set_uring("Y")
