@@ -76,12 +76,12 @@ JOB_UNIT = {
 }
 LOWER_IS_BETTER = {"commit", "ext4"}
 
-CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "raw", "null", "imgfs-tmpfs",
-              "imgfs-tmpfs-devfuse", "imgfs-rbd", "qsd-rbd", "rbd-fuse", "imgfs-rbd-raw"]
+CONTENDERS = ["imgfs", "imgfs-devfuse", "imgfs-2loops", "qsd", "qcowmount", "raw", "null",
+              "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "imgfs-tmpfs-2loops", "imgfs-rbd", "qsd-rbd", "rbd-fuse", "imgfs-rbd-raw"]
 # The contenders of a run without --contenders: the new ones only in the transport suite.
 DEFAULT_CONTENDERS = ["imgfs", "qsd", "qcowmount", "raw", "null"]
-TRANSPORT_CONTENDERS = ["imgfs", "imgfs-devfuse", "qsd", "null", "imgfs-tmpfs",
-                        "imgfs-tmpfs-devfuse"]
+TRANSPORT_CONTENDERS = ["imgfs", "imgfs-devfuse", "imgfs-2loops", "qsd", "null", "imgfs-tmpfs",
+                        "imgfs-tmpfs-devfuse", "imgfs-tmpfs-2loops"]
 # The contenders that serve images from the Ceph cluster the harness starts (--suite rbd).
 RBD_CONTENDERS = ["imgfs-rbd", "qsd-rbd", "rbd-fuse", "imgfs-rbd-raw"]
 CONTENDER_LABEL = {
@@ -89,6 +89,8 @@ CONTENDER_LABEL = {
     "imgfs-devfuse": "imgfs, uring=off (/dev/fuse)",
     "imgfs-tmpfs": "transport: imgfs, raw image on tmpfs",
     "imgfs-tmpfs-devfuse": "transport: imgfs, raw on tmpfs, uring=off",
+    "imgfs-2loops": "imgfs, threads=2 (2 event loops)",
+    "imgfs-tmpfs-2loops": "transport: imgfs, raw on tmpfs, threads=2",
     "qsd": "qemu-storage-daemon",
     "qcowmount": "qcowmount",
     "raw": "ceiling: raw file, no FUSE",
@@ -98,9 +100,10 @@ CONTENDER_LABEL = {
     "rbd-fuse": "rbd-fuse (raw)",
     "imgfs-rbd-raw": "imgfs on rbd, raw image",
 }
-DAEMONS = ["imgfs", "imgfs-devfuse", "qsd", "qcowmount", "imgfs-rbd", "qsd-rbd", "rbd-fuse",
+DAEMONS = ["imgfs", "imgfs-devfuse", "imgfs-2loops", "qsd", "qcowmount", "imgfs-rbd", "qsd-rbd", "rbd-fuse",
            "imgfs-rbd-raw"]
-IMGFS_KEYS = ("imgfs", "imgfs-devfuse", "imgfs-tmpfs", "imgfs-tmpfs-devfuse")
+IMGFS_KEYS = ("imgfs", "imgfs-devfuse", "imgfs-2loops", "imgfs-tmpfs", "imgfs-tmpfs-devfuse",
+              "imgfs-tmpfs-2loops")
 TRANSPORTS = {}  # imgfs contender -> the transport its status named
 
 ARGS = None
@@ -619,6 +622,7 @@ def copy_chain(src, d, overlay):
 class Imgfs(Contender):
     key = "imgfs"
     transport_option = None  # None: the default (uring=auto); else the uring= value
+    threads_option = None  # None: the default; else the threads= value
 
     def start(self, d, src, overlay="disk.qcow2"):
         self.img = copy_chain(src, d, overlay)
@@ -632,6 +636,9 @@ class Imgfs(Contender):
         if self.transport_option:
             opts = [o for o in opts if not o.startswith("uring=")]
             opts.append(f"uring={self.transport_option}")
+        if self.threads_option:
+            opts = [o for o in opts if not o.startswith("threads=")]
+            opts.append(f"threads={self.threads_option}")
         opts = ["-o", ",".join(opts)] if opts else []
         self.daemon = Daemon(self.key, [IMGFS, "mount", "-f"] + opts + [self.img, self.mnt])
         self.target = self.mnt / f"{self.name}.raw"
@@ -692,6 +699,11 @@ class ImgfsDevFuse(Imgfs):
     transport_option = "off"
 
 
+class Imgfs2Loops(Imgfs):
+    key = "imgfs-2loops"
+    threads_option = 2
+
+
 class ImgfsTmpfs(Imgfs):
     """The transport alone: imgfs serving a raw image that lives in RAM (tmpfs), so that what
     is measured is the FUSE round trip and imgfs's request path, not a disk."""
@@ -718,6 +730,11 @@ class ImgfsTmpfs(Imgfs):
 class ImgfsTmpfsDevFuse(ImgfsTmpfs):
     key = "imgfs-tmpfs-devfuse"
     transport_option = "off"
+
+
+class ImgfsTmpfs2Loops(ImgfsTmpfs):
+    key = "imgfs-tmpfs-2loops"
+    threads_option = 2
 
 
 def qsd_argv(export, blockdevs, node):
@@ -1085,7 +1102,8 @@ class RbdFuse(Contender):
             rbd_drop(self.ns)
 
 
-CLASSES = {"imgfs": Imgfs, "imgfs-devfuse": ImgfsDevFuse, "qsd": Qsd, "qcowmount": Qcowmount,
+CLASSES = {"imgfs": Imgfs, "imgfs-devfuse": ImgfsDevFuse, "imgfs-2loops": Imgfs2Loops,
+           "imgfs-tmpfs-2loops": ImgfsTmpfs2Loops, "qsd": Qsd, "qcowmount": Qcowmount,
            "raw": Raw, "null": Null, "imgfs-tmpfs": ImgfsTmpfs,
            "imgfs-tmpfs-devfuse": ImgfsTmpfsDevFuse, "imgfs-rbd": ImgfsRbd, "qsd-rbd": QsdRbd,
            "rbd-fuse": RbdFuse, "imgfs-rbd-raw": ImgfsRbdRaw}
@@ -1121,7 +1139,8 @@ def prepare_sources(src):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", name],
             timeout=60, cwd=src)
         qemu_io_fill(src / name, "qcow2", 0, amount, pattern)
-    needs_raw = ({"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "rbd-fuse", "imgfs-rbd-raw"}
+    needs_raw = ({"raw", "imgfs-tmpfs", "imgfs-tmpfs-devfuse", "imgfs-tmpfs-2loops", "rbd-fuse",
+                  "imgfs-rbd-raw"}
                  & set(ARGS.contenders))
     if any(j in ARGS.jobs for j in FIO_JOBS + ["ext4"]) and needs_raw:
         log("converting the chain to a raw file (ceiling)")
@@ -1486,6 +1505,8 @@ RATIO_COLUMNS = [
     ("imgfs", "imgfs-devfuse", "imgfs default/uring=off"),
     ("imgfs-tmpfs", "null", "transport: imgfs tmpfs/null FUSE"),
     ("imgfs-tmpfs", "imgfs-tmpfs-devfuse", "transport: default/uring=off"),
+    ("imgfs-2loops", "imgfs", "imgfs threads=2/default"),
+    ("imgfs-tmpfs-2loops", "imgfs-tmpfs", "transport: threads=2/default"),
     ("imgfs-rbd", "qsd-rbd", "rbd: imgfs/qsd"),
     ("rbd-fuse", "qsd-rbd", "rbd: rbd-fuse/qsd"),
     ("imgfs-rbd", "rbd-fuse", "rbd: imgfs/rbd-fuse"),
