@@ -133,7 +133,8 @@ class EventLoop final : public Executor {
     /// If the message cannot be delivered (the target's CQ is full, or the kernel lacks
     /// MSG_RING) the hop falls back to post(). Whoever hops coroutines to a loop must keep it
     /// running (hold_for_posts) until they are back: a coroutine left on a stopped loop never
-    /// resumes.
+    /// resumes. A coroutine body that hops must not use a thread-local value (errno,
+    /// pthread_self) on both sides of the hop: compilers may take its address once per body.
     struct HopAwaiter {
         EventLoop* from;
         EventLoop* to;

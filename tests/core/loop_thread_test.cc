@@ -1,10 +1,11 @@
 // LoopThread and EventLoop::resume_on: coroutines hop between loops on different threads.
 #include "core/loop_thread.h"
 
-#include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <sys/syscall.h>
 
 #include "core/task_scope.h"
 #include "test_util.h"
@@ -14,9 +15,16 @@ namespace {
 
 class LoopThreadTest : public test::LoopTest {};
 
+// The thread's id from the kernel. Not std::this_thread::get_id(): pthread_self() is declared
+// const, so a compiler may call it once per coroutine body and reuse the value across a hop
+// (clang does).
+pid_t thread_id() {
+    return static_cast<pid_t>(::syscall(SYS_gettid));
+}
+
 struct BounceLog {
-    std::thread::id home_id;
-    std::thread::id away_id;
+    pid_t home_id = 0;
+    pid_t away_id = 0;
     int wrong_thread = 0;  // checked on each side of a hop
     int finished = 0;
 };
@@ -26,14 +34,14 @@ struct BounceLog {
 Task<void> bounce(EventLoop* home, EventLoop* away, int rounds, BounceLog* log) {
     for (int i = 0; i < rounds; ++i) {
         co_await home->resume_on(away);
-        std::thread::id there = std::this_thread::get_id();
+        pid_t there = thread_id();
         if (i % 64 == 0) {
             co_await away->sleep(std::chrono::microseconds(10));
         }
         co_await away->resume_on(home);
         // Written only on the home thread.
         log->away_id = there;
-        if (there == log->home_id || std::this_thread::get_id() != log->home_id) {
+        if (there == log->home_id || thread_id() != log->home_id) {
             ++log->wrong_thread;
         }
     }
@@ -53,7 +61,7 @@ TEST_F(LoopThreadTest, CoroutinesHopToAnotherThreadAndBack) {
     auto away = LoopThread::start(EventLoop::Options{}, "test-loop");
     ASSERT_TRUE(away.ok()) << away.error().message();
     BounceLog log;
-    log.home_id = std::this_thread::get_id();
+    log.home_id = thread_id();
     // While coroutines are away nothing may be in flight here.
     loop_->hold_for_posts(1);
     run(bounce_all(loop_.get(), (*away)->loop(), 16, 2000, &log));
@@ -66,7 +74,7 @@ TEST_F(LoopThreadTest, CoroutinesHopToAnotherThreadAndBack) {
 
 TEST_F(LoopThreadTest, HopToTheSameLoopContinuesAtOnce) {
     BounceLog log;
-    log.home_id = std::this_thread::get_id();
+    log.home_id = thread_id();
     run(bounce(loop_.get(), loop_.get(), 10, &log));
     // No hop at all: the "away" side is this thread.
     EXPECT_EQ(log.wrong_thread, 10);
