@@ -94,7 +94,7 @@ Task<void> FuseServer::reader() {
         }
         iovec iov[2] = {{buf->header.data(), kWriteHeaderBytes},
                         {buf->payload.data(), buf->payload.size()}};
-        int32_t res = co_await loop_->submit(
+        int32_t res = co_await loop_->submit_work_wait(
             [this, &iov](io_uring_sqe* sqe) { io_uring_prep_readv(sqe, fd_, iov, 2, 0); });
         if (res == -EINTR || res == -EAGAIN || res == -ENOENT) {
             give_buffer(buf);  // ENOENT: the request was interrupted before we read it

@@ -186,7 +186,7 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
     // Commands go out on the entry's loop; after each completion the entry hops to this
     // server's loop (no-ops when they are the same).
     co_await loop_->resume_on(ring);
-    int32_t res = co_await ring->submit([this, &iov, &cmd](io_uring_sqe* sqe) {
+    int32_t res = co_await ring->submit_work_wait([this, &iov, &cmd](io_uring_sqe* sqe) {
         prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
     });
     co_await ring->resume_on(loop_);
@@ -198,7 +198,7 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         cmd.commit_id = hdr->ring_ent_in_out.commit_id;
         co_await serve_ring_request(entry);
         co_await loop_->resume_on(ring);
-        res = co_await ring->submit([this, &cmd](io_uring_sqe* sqe) {
+        res = co_await ring->submit_work_wait([this, &cmd](io_uring_sqe* sqe) {
             prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
         });
         co_await ring->resume_on(loop_);

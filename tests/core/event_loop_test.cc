@@ -184,6 +184,31 @@ TEST(EventLoopPollTest, TheWindowShrinksWhenNothingComesSoon) {
     EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(400));
 }
 
+Task<int32_t> read_pipe(EventLoop* loop, int fd) {
+    uint8_t byte = 0;
+    co_return co_await loop->read_some(fd, MutBuf(&byte, 1), 0);
+}
+
+TEST(EventLoopPollTest, NoSpinWhileTheLoopWaitsForItsOwnIo) {
+    // A read the loop issued (here from a pipe another thread fills soon) is I/O, not new
+    // work: the loop sleeps instead of spinning, however soon it completes.
+    auto loop = polling_loop(std::chrono::microseconds(5000));
+    ASSERT_NE(loop, nullptr);
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    UniqueFd rd(fds[0]);
+    UniqueFd wr(fds[1]);
+    for (int i = 0; i < 5; ++i) {
+        std::thread writer([&wr] {
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+            EXPECT_EQ(::write(wr.get(), "x", 1), 1);
+        });
+        EXPECT_EQ(sync_wait(loop.get(), read_pipe(loop.get(), rd.get())), 1);
+        writer.join();
+    }
+    EXPECT_EQ(loop->polls_caught(), 0U);
+}
+
 TEST(EventLoopPollTest, WithoutPollingTheLoopNeverSpins) {
     auto loop = polling_loop(std::chrono::microseconds(0));
     ASSERT_NE(loop, nullptr);
