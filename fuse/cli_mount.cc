@@ -239,6 +239,19 @@ std::string absolute(const std::string& p) {
     return ::realpath(p.c_str(), buf) != nullptr ? std::string(buf) : p;
 }
 
+// The whole decimal number of option `o` (NAME=VALUE), from `min` to `max`.
+Result<uint32_t> parse_number_option(const std::string& o, uint32_t min, uint32_t max,
+                                     const char* what) {
+    const size_t eq = o.find('=');
+    const std::string value = o.substr(eq + 1);
+    uint32_t n = 0;
+    auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+    if (ec != std::errc() || end != value.data() + value.size() || n < min || n > max) {
+        return make_error(EINVAL, "{}: expected {}, {} to {}", o, what, min, max);
+    }
+    return n;
+}
+
 Status apply_option(const std::string& o, MountCommand* cmd) {
     if (o.empty() || ignorable(o)) {
         return {};
@@ -267,22 +280,9 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
     } else if (o.rfind("uring=", 0) == 0) {
         TRY_ASSIGN(cmd->uring, fuse_uring::parse_mode(o.substr(6)));
     } else if (o.rfind("threads=", 0) == 0) {
-        const std::string value = o.substr(8);
-        uint32_t n = 0;
-        auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
-        if (ec != std::errc() || end != value.data() + value.size() || n == 0 || n > 64) {
-            return make_error(EINVAL, "threads={}: expected a number of event loops, 1 to 64",
-                              value);
-        }
-        cmd->threads = n;
+        TRY_ASSIGN(cmd->threads, parse_number_option(o, 1, 64, "a number of event loops"));
     } else if (o.rfind("poll_us=", 0) == 0) {
-        const std::string value = o.substr(8);
-        uint32_t n = 0;
-        auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
-        if (ec != std::errc() || end != value.data() + value.size() || n > 1000) {
-            return make_error(EINVAL, "poll_us={}: expected microseconds, 0 to 1000", value);
-        }
-        cmd->poll_us = n;
+        TRY_ASSIGN(cmd->poll_us, parse_number_option(o, 0, 1000, "microseconds"));
     } else if (o.rfind("ceph_conf=", 0) == 0) {
         cmd->rados.conf_path = absolute(o.substr(10));
     } else if (o.rfind("ceph_id=", 0) == 0) {

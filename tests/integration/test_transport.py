@@ -34,6 +34,17 @@ class Transport(harness.ImageDirTest):
         with open(m.path(".control", name, "info")) as f:
             return json.loads(f.read())
 
+    def check_chain(self, files, top, model):
+        """qemu-img check is clean on every file, and `top` reads as `model` in QEMU."""
+        for f in files:
+            c = check(self.img(f))
+            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        out = self.img("oracle.out")
+        qemu_img("convert", "-O", "raw", self.img(top), out)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), bytes(model))
+        os.unlink(out)
+
     def pattern_roundtrip(self, m, name, size):
         """Writes seeded data of many sizes through NAME.raw, reads it back, returns the model."""
         model = bytearray(size)
@@ -80,13 +91,8 @@ class Transport(harness.ImageDirTest):
             os.rmdir(fsdir)
         served = self.info(m, "vm")["transport"]
         m.stop()
-        for f in ("vm.qcow2", "vm@s1.qcow2", "vm@s2.qcow2", "data.qcow2"):
-            c = check(self.img(f))
-            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
-        out = self.img("data.out")
-        qemu_img("convert", "-O", "raw", self.img("data.qcow2"), out)
-        with open(out, "rb") as f:
-            self.assertEqual(f.read(), bytes(model))
+        self.check_chain(("vm.qcow2", "vm@s1.qcow2", "vm@s2.qcow2", "data.qcow2"), "data.qcow2",
+                         model)
         self.assertTrue(served.startswith("io_uring ("), served)
 
     def fio_on_cpu(self, cpu, path, offset, size, seconds):
@@ -122,14 +128,7 @@ class Transport(harness.ImageDirTest):
         with open(m.path("data.raw"), "rb") as f:
             model = bytearray(f.read())
         m.stop()
-        for f in ("data.qcow2", "data@s1.qcow2", "data@s2.qcow2"):
-            c = check(self.img(f))
-            self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
-        out = self.img("data.out")
-        qemu_img("convert", "-O", "raw", self.img("data@s2.qcow2"), out)
-        with open(out, "rb") as f:
-            self.assertEqual(f.read(), bytes(model))
-        os.unlink(out)
+        self.check_chain(("data.qcow2", "data@s1.qcow2", "data@s2.qcow2"), "data@s2.qcow2", model)
         # kill -9 while both loops have requests in flight: the mount goes, nothing hangs, and
         # what was fsynced before the kill is there after it.
         m = self.mount("uring=on,threads=2")
