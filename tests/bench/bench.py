@@ -1793,7 +1793,9 @@ def parse_args(argv):
                     "io_uring, and the transport alone (a raw image on tmpfs); rbd: the chain in "
                     "a Ceph pool (a throwaway memstore cluster), imgfs against "
                     "qemu-storage-daemon's rbd driver and rbd-fuse, jobs "
-                    f"{','.join(RBD_JOBS)}, disk 1G by default")
+                    f"{','.join(RBD_JOBS)}, disk 1G by default. run.sh --suite guest runs "
+                    "guest.py instead: a QEMU guest on NAME.raw against QEMU opening the chain "
+                    "(guest.py --help lists its options)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 1 round, 5 s per job, 512 MiB disk, smaller commit and tree")
     ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown report file")

@@ -3,7 +3,7 @@
 # or, with --suite rbd, on a Ceph pool against qemu-storage-daemon's rbd driver and rbd-fuse.
 # Installs missing Debian packages, builds the optimised binary in build-rel/, runs bench.py.
 # Usage, as root:  tests/bench/run.sh [--quick] [--rounds N] [--runtime S] [--jobs a,b] [--out FILE]
-#                  [--suite table|transport|rbd]
+#                  [--suite table|transport|rbd|guest]
 #                  (tests/bench/run.sh --help lists every option)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,11 +21,14 @@ fi
 
 # The Ceph suite (--suite rbd, or an rbd contender named in --contenders) also needs a
 # cluster (ceph-mon, ceph-osd, ceph-common), QEMU's rbd driver and rbd-fuse.
-rbd='' prev=''
+# The guest suite (--suite guest, guest.py) boots a QEMU guest on each export instead.
+rbd='' guest='' prev='' rest=()
 for a in "$@"; do
   case "$prev:$a" in
     --suite:rbd | *:--suite=rbd | --contenders:*rbd* | *:--contenders=*rbd*) rbd=1 ;;
+    --suite:guest | *:--suite=guest) guest=1 ;;
   esac
+  case "$a" in --suite | --suite=*) ;; *) [ "$prev" = --suite ] || rest+=("$a") ;; esac
   prev=$a
 done
 
@@ -33,6 +36,7 @@ done
 bash "$root/scripts/deps.sh"
 need=(fio qemu-utils qemu-system-common e2fsprogs python3 util-linux fuse3 tar coreutils)
 [ -z "$rbd" ] || need+=(rbd-fuse ceph-mon ceph-osd ceph-common qemu-block-extra)
+[ -z "$guest" ] || need+=(qemu-system-x86 busybox-static g++ kmod dpkg)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,4 +59,7 @@ fi
 cmake -S "$root" -B "$root/build-rel" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$root/build-rel" --target imgfs -j"$(nproc)"
 
+if [ -n "$guest" ]; then
+  exec "$py" "$here/guest.py" --imgfs "$root/build-rel/imgfs" ${rest[@]+"${rest[@]}"}
+fi
 exec "$py" "$here/bench.py" --imgfs "$root/build-rel/imgfs" "$@"
