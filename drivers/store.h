@@ -142,6 +142,9 @@ class Store {
     /// Takes the store for this process alone, until the store is destroyed: EWOULDBLOCK if
     /// another daemon holds it. (Two daemons on one store would write behind each other.)
     virtual Status lock_for_serving() = 0;
+    /// Whether another process (another host's daemon) has the file open. A store that one
+    /// daemon serves alone (lock_for_serving takes it all) has nothing to say: false.
+    virtual Result<bool> open_elsewhere(const std::string& /*name*/) { return false; }
 };
 
 }  // namespace imgfs

@@ -35,7 +35,10 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
         Transaction tx(images->env().graph);
         CO_TRY(tx.commit());
     }
-    Status st = co_await node->set_backing_name(name, format);
+    // The header records the name the way the store's other users open it: "rbd:POOL/IMAGE"
+    // in a pool (QEMU looks for a bare name as a local file), the bare name in a directory.
+    std::string recorded = name.empty() ? name : images->store()->recorded_name(name);
+    Status st = co_await node->set_backing_name(recorded, format);
     if (was_read_only) {
         Status back = co_await node->set_writable(false);
         Transaction tx(images->env().graph);
@@ -154,6 +157,12 @@ bool is_removing_name(const std::string& file) {
     return has_prefix_and_suffix(file, kRemovingPrefix, kRemovingSuffix);
 }
 
+std::string visible_name_of(const std::string& hidden) {
+    return hidden.substr(
+        std::strlen(kRemovingPrefix),
+        hidden.size() - std::strlen(kRemovingPrefix) - std::strlen(kRemovingSuffix));
+}
+
 std::string creating_name(const std::string& file) {
     return std::string(kRemovingPrefix) + file + kCreatingSuffix;
 }
@@ -167,9 +176,7 @@ namespace {
 // The visible name of a hidden one, removed if it is still the same file (a crash before step 3).
 Status unlink_visible_twins(Store* store, const std::vector<std::string>& hidden) {
     for (const std::string& h : hidden) {
-        std::string visible =
-            h.substr(std::strlen(kRemovingPrefix),
-                     h.size() - std::strlen(kRemovingPrefix) - std::strlen(kRemovingSuffix));
+        std::string visible = visible_name_of(h);
         Result<FileId> a = store->id_of(h, true);
         Result<FileId> b = store->id_of(visible, true);
         if (a && b && *a == *b) {
@@ -229,17 +236,106 @@ Task<Status> remove_file(ImageSet* images, std::string file) {
     co_return co_await sync_image_dir(images);
 }
 
+namespace {
+
+// Renames `files` back from their hidden names, as far as it can; the first failure, if any.
+Status rename_back(Store* store, const std::vector<std::string>& files) {
+    Status first;
+    for (const std::string& f : files) {
+        Status st = store->rename_noreplace(removing_name(f), f);
+        if (!st && first) {
+            first = std::move(st);
+        }
+    }
+    return first;
+}
+
+// Step 1 of a splice by renaming: every file to its hidden name, all or none. A leftover hidden
+// image of an earlier crash is removed first (no header names it: a scan would have restored it).
+Status rename_all_hidden(Store* store, const std::vector<std::string>& files) {
+    for (size_t i = 0; i < files.size(); ++i) {
+        (void)store->remove(removing_name(files[i]));
+        if (Status st = store->rename_noreplace(files[i], removing_name(files[i])); !st) {
+            std::vector<std::string> done(files.begin(), files.begin() + static_cast<long>(i));
+            if (Status undone = rename_back(store, done); !undone) {
+                Error err = std::move(st).error();
+                err.context += fmt::format(" (undoing: {}; the next scan renames them back)",
+                                           undone.error().message());
+                return err;
+            }
+            return st;
+        }
+    }
+    return {};
+}
+
+// A splice in a store whose files have one name only (a Ceph pool: no hard links).
+//   1. Each layer leaving the chain is renamed to its hidden name. The header above it still
+//      names the visible one, which is gone: a scan that finds a header naming a missing image
+//      whose hidden name exists renames it back (scan_plan.cc, restore_renamed), which undoes
+//      the edit. A scan never exports a hidden name, so no second root wants the export's name.
+//   2. The referrer is pointed past them. From here on nothing names the hidden images, and a
+//      scan deletes them as leftovers.
+//   3. The caller deletes them once their nodes are closed (remove_spliced): a pool does not
+//      delete an image that is still open.
+Task<Status> splice_out_renaming(ImageSet* images, std::shared_ptr<Export> e, size_t first,
+                                 size_t last, bool drop_rest) {
+    // Everything needed is copied out of the chain first: nothing below holds a reference
+    // into it across a suspension.
+    const std::vector<Layer>& layers = e->chain.layers;
+    std::vector<std::string> files;
+    for (size_t i = first; i <= last; ++i) {
+        files.push_back(layers[i].file);
+    }
+    std::shared_ptr<Node> referrer = layers[first - 1].node;
+    bool to_rest = !drop_rest && last + 1 < layers.size();
+    std::string next = to_rest ? layers[last + 1].file : std::string();
+    std::optional<std::string> fmt =
+        to_rest ? std::optional<std::string>(layers[last + 1].format) : std::nullopt;
+    Store* store = images->store();
+    std::function<Status()> rename = [store, files] { return rename_all_hidden(store, files); };
+    CO_TRY(co_await dir_call(images, std::move(rename)));
+    CO_TRY(co_await sync_image_dir(images));
+    Status st = co_await rewrite_backing(images, referrer.get(), next, fmt);
+    if (!st) {
+        std::function<Status()> undo = [store, files] { return rename_back(store, files); };
+        if (Status undone = co_await dir_call(images, std::move(undo)); !undone) {
+            images->env().log->warn(
+                "{}: undoing a chain edit: {} (the next scan renames them back)", e->name,
+                undone.error().message());
+        }
+        co_return st;
+    }
+    for (const std::string& f : files) {
+        images->env().log->info("{}: removed {} from the chain", e->name, f);
+    }
+    co_return co_await sync_image_dir(images);
+}
+
+}  // namespace
+
+Task<void> remove_spliced(ImageSet* images, std::vector<std::string> files) {
+    Store* store = images->store();
+    if (store->caps().second_names || files.empty()) {
+        co_return;  // splice_out removed them already
+    }
+    std::vector<std::string> hidden;
+    for (const std::string& f : files) {
+        hidden.push_back(removing_name(f));
+    }
+    std::function<Status()> unlink = [store, hidden] { return unlink_names(store, hidden); };
+    if (Status gone = co_await dir_call(images, std::move(unlink)); !gone) {
+        images->env().log->warn("{} (left for the next scan)", gone.error().message());
+    }
+}
+
 Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t first, size_t last,
                         bool drop_rest) {
     ImageSet::EditGuard editing(images);  // a scan meanwhile must not take hidden names for garbage
     std::vector<Layer>& layers = e->chain.layers;
     Store* store = images->store();
     if (!store->caps().second_names) {
-        // Without it a crash between steps could leave a header naming a file that is gone.
-        co_return make_error(EOPNOTSUPP,
-                             "{}: {} cannot give a file a second name, which a crash-safe chain "
-                             "edit needs",
-                             e->name, store->display_name());
+        co_return co_await splice_out_renaming(images, std::move(e), first, last, drop_rest);
     }
     // 1. A hidden second name for every layer leaving the chain.
     std::vector<std::string> files;

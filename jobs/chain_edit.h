@@ -11,6 +11,12 @@
 // chain under other names or the final chain; leftover hidden files that no header names are
 // deleted by the next scan. A step that fails before the visible names go is undone at once.
 //
+// A Ceph pool has no second names. There each leaving layer is renamed to its hidden name, and
+// then the referrer is pointed past them. A crash between the two leaves a header naming an
+// image that is gone while its hidden name exists; the next writable scan renames it back
+// before it opens any chain (the edit is undone), and a read-only mount reports that chain as
+// broken until then. No state has two roots wanting one name: hidden names are never exported.
+//
 // The caller holds the export's `ops` lock. Directory calls run on the ImageSet's offloader and
 // directory fsyncs through the event loop's io_uring: none blocks the loop.
 #pragma once
@@ -42,6 +48,8 @@ Status unlink_names(Store* store, const std::vector<std::string>& names);
 std::string removing_name(const std::string& file);
 /// True for names removing_name() produces.
 bool is_removing_name(const std::string& file);
+/// The name a removing_name() came from.
+std::string visible_name_of(const std::string& hidden);
 /// ".imgfs-FILE.creating": where a new overlay is written before it is renamed to FILE.
 std::string creating_name(const std::string& file);
 /// True for names creating_name() produces.
@@ -49,11 +57,18 @@ bool is_creating_name(const std::string& file);
 
 /// Takes layers [first, last] of `e`'s chain out of it: afterwards the layer at `first - 1`
 /// (the referrer) has `last + 1` as its backing file, or none if `last` is the bottom or
-/// `drop_rest` is set. The layers' files are deleted; their nodes stay in the chain (the caller
-/// detaches and closes them). The caller holds a drained section on the chain and guarantees
-/// the referrer's new chain shows the same content as the old one.
+/// `drop_rest` is set. In a directory the layers' files are deleted; in a store whose files
+/// have one name (a Ceph pool) they are renamed to their hidden names, and the caller deletes
+/// them with remove_spliced() once it has closed them. Their nodes stay in the chain (the
+/// caller detaches and closes them). The caller holds a drained section on the chain and
+/// guarantees the referrer's new chain shows the same content as the old one.
 Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t first, size_t last,
                         bool drop_rest);
+
+/// After splice_out() and the close of the layers it took out (`files`, their visible names):
+/// deletes what the store still holds of them. Failures are logged; the next scan deletes what
+/// is left.
+Task<void> remove_spliced(ImageSet* images, std::vector<std::string> files);
 
 /// Finishes a splice a crash interrupted after `referrer`'s header was pointed at hidden names
 /// (steps 2 to 4 above): the visible names of those layers go (if still there), the referrer is

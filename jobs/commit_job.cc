@@ -222,11 +222,16 @@ Task<void> CommitJob::finish() {
     std::vector<Layer> merged(e->chain.layers.begin(), end);
     e->chain.layers.erase(e->chain.layers.begin(), end);
     std::string top_file = merged.front().file;
+    std::vector<std::string> spliced;  // the middle layers splice_out took out
+    for (size_t i = 1; i < merged.size(); ++i) {
+        spliced.push_back(merged[i].file);
+    }
     filter_.reset();
     top_.reset();
     // Closed and released before the top's name goes: until then the directory held
     // top -> base, the same content.
     co_await images_->retire_layers(std::move(merged), e);
+    co_await remove_spliced(images_, std::move(spliced));
     Status st = co_await remove_file(images_, top_file);
     if (!st) {
         images_->env().log->error("{}: {}", e->name, st.error().message());

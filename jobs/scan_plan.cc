@@ -1,6 +1,7 @@
 #include "jobs/scan_plan.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <set>
 #include <unistd.h>
 
@@ -33,6 +34,7 @@ struct Layers {
     std::set<FileId> ids;                // every file some image uses as backing
     std::set<std::string> referenced;    // the names headers use for them
     std::set<std::string> hidden_users;  // images whose header names a hidden file
+    std::set<std::string> missing;       // backing names headers use that the store lacks
 };
 
 Result<Listing> list_directory(const ScanInput& in) {
@@ -63,8 +65,13 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         const bool top = walk.depth() == 0;
         Result<std::unique_ptr<StoreFile>> opened = in.store->open(current, true, false);
         if (!opened) {
-            return top ? std::move(opened).error()
-                       : Status{};  // a missing backing file: the top reports it
+            if (top) {
+                return std::move(opened).error();
+            }
+            if (opened.error().errnum == ENOENT) {
+                layers->missing.insert(current);
+            }
+            return {};  // a missing backing file: the top reports it
         }
         TRY_ASSIGN(ImageProbe probe, probe_file(opened->get(), current));
         if (Status st = walk.enter(current, probe.id); !st) {
@@ -94,6 +101,46 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         current = *next;
     }
     return {};
+}
+
+// A store without second names (a Ceph pool) takes a layer out of a chain by renaming it to
+// its hidden name first (chain_edit.h). A header that still names the visible name, which is
+// gone, means the crash came before the referrer was pointed past it: renaming it back undoes
+// the edit. Returns true if it renamed anything (the caller plans again with the new names).
+bool restore_renamed(const ScanInput& in, const Listing& listing, const Layers& layers,
+                     ScanPlan* plan) {
+    if (in.store->caps().second_names) {
+        return false;
+    }
+    bool renamed = false;
+    for (const std::string& h : listing.hidden) {
+        std::string visible = visible_name_of(h);
+        if (layers.missing.count(visible) == 0) {
+            continue;
+        }
+        // Another host in the middle of the edit has the layer open (it is in its chain): the
+        // edit is not interrupted, it is under way. A host that died is listed until its
+        // watch times out; a later scan restores the name then.
+        Result<bool> elsewhere = in.store->open_elsewhere(h);
+        if (!elsewhere || *elsewhere) {
+            plan->problems.push_back(
+                {visible,
+                 fmt::format("{} is named by a header but is missing; its hidden name {} "
+                             "{}: left as it is",
+                             visible, h,
+                             elsewhere ? "is open on another host (an edit under way)"
+                                       : "cannot be checked: " + elsewhere.error().message())});
+            continue;
+        }
+        if (in.store->rename_noreplace(h, visible)) {
+            plan->removed.push_back(fmt::format(
+                "the hidden name {}: renamed back to {}, which a header still names (a chain "
+                "edit a crash interrupted, now undone)",
+                h, visible));
+            renamed = true;
+        }
+    }
+    return renamed;
 }
 
 void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers& layers,
@@ -231,6 +278,15 @@ ScanPlan plan_scan(const ScanInput& in) {
             c.broken = true;
             plan.problems.push_back({c.file, st.error().message()});
         }
+    }
+    if (in.remove_leftovers && restore_renamed(in, *listing, layers, &plan)) {
+        // Planned again with the names restored: the chains are whole now. Each round renames
+        // at least one hidden name back, so this ends.
+        ScanInput again = in;
+        ScanPlan replanned = plan_scan(again);
+        replanned.removed.insert(replanned.removed.begin(), plan.removed.begin(),
+                                 plan.removed.end());
+        return replanned;
     }
     if (in.remove_leftovers) {
         remove_leftovers(in, *listing, layers, &plan);

@@ -142,8 +142,13 @@ Task<Status> StreamJob::finish() {
     drained.end();
     // Every layer below leaves this chain: closed now unless another image still uses it.
     std::vector<Layer> dropped(layers.begin() + 1, layers.end());
+    std::vector<std::string> spliced;  // what splice_out took out: the image's own layers
+    for (size_t i = 0; i < own; ++i) {
+        spliced.push_back(dropped[i].file);
+    }
     layers.resize(1);
     co_await images_->retire_layers(std::move(dropped), e);
+    co_await remove_spliced(images_, std::move(spliced));
     images_->env().log->info("{}: streamed; {} stands alone", e->name, layers.front().file);
     co_return Status{};
 }

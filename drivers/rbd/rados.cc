@@ -212,6 +212,26 @@ Status RbdImage::check_no_writer() const {
     return {};
 }
 
+Result<size_t> RbdImage::other_watchers() const {
+    rbd_image_watcher_t watchers[16];
+    size_t count = 16;
+    int r = rbd_watchers_list(image_, watchers, &count);
+    if (r == -ERANGE) {
+        return count;  // more than 16: certainly others
+    }
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot list the clients that have it open", name_));
+    }
+    const uint64_t self = rados_get_instance_id(pool_->cluster().handle());
+    size_t others = 0;
+    for (size_t i = 0; i < count; ++i) {
+        others += static_cast<uint64_t>(watchers[i].id) != self ? 1 : 0;
+    }
+    rbd_watchers_list_cleanup(watchers, count);
+    return others;
+}
+
 Result<std::string> RbdImage::id() const {
     char id[64];
     if (int r = rbd_get_id(image_, id, sizeof id); r < 0) {

@@ -129,6 +129,10 @@ class RbdImage {
     /// If one is listed, takes the lock and gives it back, so that a dead holder's lock is
     /// broken here. Blocking.
     [[nodiscard]] Status check_no_writer() const;
+    /// How many clients other than this process have the image open (each open, read-only
+    /// too, watches the image's header). A client that died stays listed until its watch
+    /// times out (about 30 s). Blocking.
+    [[nodiscard]] Result<size_t> other_watchers() const;
     /// Who holds the exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
     [[nodiscard]] std::string lock_owners() const;
     /// Closes the image (waiting for its requests, releasing its lock) but keeps the pool:

@@ -271,6 +271,13 @@ Status RbdStore::add_name(const std::string& existing, const std::string& name) 
                       existing, name);
 }
 
+Result<bool> RbdStore::open_elsewhere(const std::string& name) {
+    TRY(check_image_name(name));
+    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, true));
+    TRY_ASSIGN(size_t others, image.other_watchers());
+    return others != 0;
+}
+
 Status RbdStore::remove(const std::string& name) {
     TRY(check_image_name(name));
     if (int r = rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {

@@ -83,6 +83,8 @@ class RbdStore final : public Store {
     Status rename_noreplace(const std::string& from, const std::string& to) override;
     /// EOPNOTSUPP: RBD images have one name.
     Status add_name(const std::string& existing, const std::string& name) override;
+    /// Blocking: whether another client has the image open (RbdImage::other_watchers).
+    Result<bool> open_elsewhere(const std::string& name) override;
     Status remove(const std::string& name) override;
     /// Nothing to do: a name operation is durable in the cluster once it returned.
     Status sync() override { return {}; }
