@@ -177,6 +177,22 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(len(sums.splitlines()), 3000)
         m.stop()
 
+    def commit_under_writer(self, m, name, command, model, writes):
+        """Starts a commit (`command` written to the control file) while another process
+        rewrites the first 64 blocks of 4 KiB `writes` times, waits for both, and applies the
+        writer's last round to `model`."""
+        writer = subprocess.Popen(
+            ["python3", "-c",
+             "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
+             "[os.pwrite(fd, bytes([i % 251]) * 4096, (i % 64) * 4096) "
+             "for i in range(int(sys.argv[2]))]; os.fsync(fd)", m.path(name + ".raw"),
+             str(writes)])
+        run(["bash", "-c", f"echo {command} > {m.path('.control', name, 'commit')}"])
+        self.assertEqual(writer.wait(timeout=120), 0)
+        for i in range(writes - 64, writes):
+            model[(i % 64) * 4096:(i % 64) * 4096 + 4096] = bytes([i % 251]) * 4096
+        self.wait_job(m, name)
+
     def test_commit_and_stream_in_a_pool(self):
         self.make_chains("32M", "write -P 0x11 0 2M")
         m = self.mount_pool()
@@ -185,16 +201,7 @@ class RbdPool(harness.ImageDirTest):
         run(["bash", "-c", f"echo s1 > {m.path('.control', 'vm1', 'snapshot')}"])
         harness.random_writes(m.path("vm1.raw"), model, seed=4, count=60, max_len=MiB)
         # Active commit of the snapshot's overlay into vm1.qcow2 under a writer.
-        writer = subprocess.Popen(
-            ["python3", "-c",
-             "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
-             "[os.pwrite(fd, bytes([i % 251]) * 4096, (i % 64) * 4096) for i in range(2000)]; "
-             "os.fsync(fd)", m.path("vm1.raw")])
-        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
-        self.assertEqual(writer.wait(timeout=120), 0)
-        for i in range(1936, 2000):
-            model[(i % 64) * 4096:(i % 64) * 4096 + 4096] = bytes([i % 251]) * 4096
-        self.wait_job(m, "vm1")
+        self.commit_under_writer(m, "vm1", "", model, 2000)
         self.assertEqual([l["file"] for l in m.info("vm1")["layers"]],
                          ["vm1.qcow2", "base.qcow2"])
         # Stream: vm1.qcow2 stands alone; the shared base stays.
@@ -229,16 +236,7 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(self.layers(m, "vm1"),
                          ["vm1~s2.qcow2", "vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
         # Everything above vm1.qcow2 goes into it, while a writer keeps writing.
-        writer = subprocess.Popen(
-            ["python3", "-c",
-             "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
-             "[os.pwrite(fd, bytes([i % 251]) * 4096, (i % 64) * 4096) for i in range(1500)]; "
-             "os.fsync(fd)", m.path("vm1.raw")])
-        run(["bash", "-c", f"echo base=vm1.qcow2 > {m.path('.control', 'vm1', 'commit')}"])
-        self.assertEqual(writer.wait(timeout=120), 0)
-        for i in range(1436, 1500):
-            model[(i % 64) * 4096:(i % 64) * 4096 + 4096] = bytes([i % 251]) * 4096
-        self.wait_job(m, "vm1")
+        self.commit_under_writer(m, "vm1", "base=vm1.qcow2", model, 1500)
         self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2", "base.qcow2"])
         self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
         # A stream takes the image's own layer below the top out (the shared base stays).
