@@ -222,17 +222,23 @@ class RbdPool(harness.ImageDirTest):
     def layers(self, m, name):
         return [l["file"] for l in m.info(name)["layers"]]
 
+    def writes_and_snapshots(self, m, name, model, seed, snaps, count):
+        """Seeded writes to NAME.raw (kept in `model`), then a snapshot, for each of `snaps`;
+        then writes once more into the last snapshot's overlay."""
+        for i, snap in enumerate(snaps):
+            harness.random_writes(m.path(name + ".raw"), model, seed=seed + i, count=count,
+                                  max_len=MiB)
+            self.snapshot(m, name, snap)
+        harness.random_writes(m.path(name + ".raw"), model, seed=seed + len(snaps), count=count,
+                              max_len=MiB)
+
     def test_middle_layer_commit_and_stream_of_own_layers(self):
         # Chain edits that take middle layers out: in a pool each leaving layer is renamed to a
         # hidden name, the referrer is pointed past it, and it is deleted once closed.
         self.make_chains("32M", "write -P 0x11 0 4M")
         m = self.mount_pool()
         model = bytearray(self.converted("vm1.qcow2"))
-        harness.random_writes(m.path("vm1.raw"), model, seed=5, count=40, max_len=MiB)
-        self.snapshot(m, "vm1", "s1")
-        harness.random_writes(m.path("vm1.raw"), model, seed=6, count=40, max_len=MiB)
-        self.snapshot(m, "vm1", "s2")
-        harness.random_writes(m.path("vm1.raw"), model, seed=7, count=40, max_len=MiB)
+        self.writes_and_snapshots(m, "vm1", model, 5, ["s1", "s2"], 40)
         self.assertEqual(self.layers(m, "vm1"),
                          ["vm1~s2.qcow2", "vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"])
         # Everything above vm1.qcow2 goes into it, while a writer keeps writing.
@@ -263,9 +269,7 @@ class RbdPool(harness.ImageDirTest):
         self.make_chains("16M", "write -P 0x11 0 4M")
         m = self.mount_pool()
         model = bytearray(self.converted("vm1.qcow2"))
-        harness.random_writes(m.path("vm1.raw"), model, seed=9, count=30, max_len=MiB)
-        self.snapshot(m, "vm1", "s1")
-        harness.random_writes(m.path("vm1.raw"), model, seed=10, count=30, max_len=MiB)
+        self.writes_and_snapshots(m, "vm1", model, 9, ["s1"], 30)
         m.stop()
         hidden = ".imgfs-vm1.qcow2.removing"
         run(["rbd", "rename", f"rbd/{self.ns}/vm1.qcow2", f"rbd/{self.ns}/{hidden}"])
@@ -308,14 +312,7 @@ class RbdPool(harness.ImageDirTest):
                 name = f"vm{k}"
                 m = self.mount_pool()
                 model = bytearray(self.converted(name + ".qcow2"))
-                harness.random_writes(m.path(name + ".raw"), model, seed=k, count=20,
-                                      max_len=MiB)
-                self.snapshot(m, name, "s1")
-                harness.random_writes(m.path(name + ".raw"), model, seed=k + 10, count=20,
-                                      max_len=MiB)
-                self.snapshot(m, name, "s2")
-                harness.random_writes(m.path(name + ".raw"), model, seed=k + 20, count=20,
-                                      max_len=MiB)
+                self.writes_and_snapshots(m, name, model, 10 * k, ["s1", "s2"], 20)
                 run(["bash", "-c",
                      f"echo base={name}.qcow2 > {m.path('.control', name, 'commit')}"])
                 time.sleep(delay)
