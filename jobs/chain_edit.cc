@@ -228,11 +228,53 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer) {
     co_return co_await sync_image_dir(images);
 }
 
+namespace {
+
+// Removes `file`. Returns "" once it is gone, or why it could only be hidden (see below).
+Result<std::string> remove_or_hide(Store* store, const std::string& file) {
+    const std::string hidden = removing_name(file);
+    std::string target = file;
+    if (!store->caps().second_names) {
+        // Removing an RBD image takes several steps, and a crash between them can leave a
+        // name whose header is gone: nothing opens or checks it. Under the hidden name, what a
+        // crash leaves is a leftover the next scan removes. (A directory's unlink is one step.)
+        (void)store->remove(hidden);
+        if (Status st = store->rename_noreplace(file, hidden); !st) {
+            if (st.error().errnum == ENOENT) {
+                return std::string();
+            }
+            return std::move(st).error();
+        }
+        target = hidden;
+    }
+    Status st = store->remove(target);
+    if (st || st.error().errnum == ENOENT) {
+        return std::string();
+    }
+    // A pool refuses to remove an image another client still has open. Left visible, the
+    // next scan would serve it again as the top of a chain; hidden, no scan serves it, and
+    // the first scan after it is closed removes it.
+    if (target == file) {
+        if (Status hide = store->rename_noreplace(file, hidden); !hide) {
+            return make_error(st.error().errnum, "{}; hiding it failed too: {}",
+                              st.error().message(), hide.error().message());
+        }
+    }
+    return fmt::format("{} not removed ({}); left as {} for a later scan to remove", file,
+                       st.error().message(), hidden);
+}
+
+}  // namespace
+
 Task<Status> remove_file(ImageSet* images, std::string file) {
     Store* store = images->store();
-    std::vector<std::string> names{file};
-    std::function<Status()> unlink = [store, names] { return unlink_names(store, names); };
-    CO_TRY(co_await dir_call(images, std::move(unlink)));
+    std::function<Result<std::string>()> remove = [store, file] {
+        return remove_or_hide(store, file);
+    };
+    CO_TRY_ASSIGN(std::string hidden_why, co_await images->offloader()->run(std::move(remove)));
+    if (!hidden_why.empty()) {
+        images->env().log->warn("{}", hidden_why);
+    }
     co_return co_await sync_image_dir(images);
 }
 

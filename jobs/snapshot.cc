@@ -343,8 +343,9 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     CO_TRY(co_await images_->verify_chain(e));
     std::shared_ptr<Node> top = layers.front().node;
     std::shared_ptr<Node> back = layers[1].node;
+    // Moved in: a copy kept here would hold the dropped layer open until the revert returns.
     std::vector<std::shared_ptr<Node>> drained_nodes{top};
-    DrainGuard drained = co_await drain(drained_nodes);
+    DrainGuard drained = co_await drain(std::move(drained_nodes));
     CO_TRY(co_await back->set_writable(true));
     Transaction tx(images_->env().graph);
     tx.replace_node(top.get(), back);

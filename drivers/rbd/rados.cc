@@ -47,6 +47,13 @@ Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& 
     TRY(set_conf(c, "rados_osd_op_timeout", t));
     TRY(set_conf(c, "rados_mon_op_timeout", t));
     TRY(set_conf(c, "client_mount_timeout", t));
+    // No librbd write cache: its default policy acknowledges a write before the cluster has
+    // it, and if the cluster then fails the write (full, or past the deadline) the bytes are
+    // dropped, so a later read shows what was there before with no error. A qcow2 layer that
+    // had linked those clusters would serve zeros in their place. Without the cache a write
+    // completes when the cluster has it, or fails, and the qcow2 driver gives the clusters
+    // back.
+    TRY(set_conf(c, "rbd_cache", "false"));
     // Logging goes to imgfs's own log, not to files under /var/log/ceph.
     TRY(set_conf(c, "log_to_stderr", "false"));
     TRY(set_conf(c, "log_file", ""));

@@ -68,6 +68,13 @@ def shared_cluster():
     return _shared.get("conf")
 
 
+def restore_env(key, value):
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
 def pool_name(local):
     return local.replace("@", "~")
 
@@ -89,6 +96,9 @@ class OnPool:
         self.rbd("namespace", "create", f"rbd/{self.ns}")
         self.addCleanup(self._drop_namespace)
         self.synced = {}  # local file name -> (mtime_ns, size) when it last matched the pool
+        # qemu-img follows backing names of the form rbd:POOL/NS/IMAGE with this configuration.
+        self.addCleanup(restore_env, "CEPH_CONF", os.environ.get("CEPH_CONF"))
+        os.environ["CEPH_CONF"] = self.conf
 
     def rbd(self, *args, check=True):
         return run(["rbd", "-c", self.conf, *args], check=check, timeout=300)
@@ -108,6 +118,15 @@ class OnPool:
 
     def images(self):
         return self.rbd("ls", f"rbd/{self.ns}").stdout.split()
+
+    def layer_url(self, name):
+        return f"rbd:rbd/{self.ns}/{pool_name(name)}"
+
+    def open_layers(self, m):
+        # The daemon opens every layer it serves with a watch on its header; nothing else in a
+        # test's namespace keeps an image open while the test looks.
+        return {i for i in self.images()
+                if "watcher=" in self.rbd("status", f"rbd/{self.ns}/{i}").stdout}
 
     def sync_store(self):
         """Imports every file of self.dir that changed since the last exchange (replacing the
@@ -138,10 +157,16 @@ class OnPool:
             del self.synced[name]
 
     def _pull(self, killed):
-        """After the daemon exited: the pool's images back over self.dir."""
+        """After the daemon exited: the pool's images back over self.dir, and the files of
+        images the pool no longer has (a commit or stream removed them) removed."""
         if killed:
             self._wait_unwatched()
-        for image in self.images():
+        images = self.images()
+        for name in set(self.synced) - {local_name(i) for i in images}:
+            if os.path.exists(self.img(name)):
+                os.unlink(self.img(name))
+            del self.synced[name]
+        for image in images:
             name = local_name(image)
             tmp = self.img(name + ".pulling")
             self.rbd("export", "--no-progress", f"rbd/{self.ns}/{image}", tmp)

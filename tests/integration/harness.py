@@ -305,6 +305,23 @@ class ImageDirTest(unittest.TestCase):
     def sync_store(self):
         """Makes the store hold what self.dir holds (for a mount not made by self.mount())."""
 
+    def layer_url(self, name):
+        """What qemu-img opens for the store's image file `name`."""
+        return self.img(name)
+
+    def open_layers(self, m):
+        """The store's images (as the store names them) the daemon of mount `m` holds open."""
+        prefix = os.path.join(os.path.realpath(self.dir), "")
+        out = set()
+        for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{m.proc.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                out.add(target[len(prefix):])
+        return out
+
 
 def random_writes(path, model, seed, count, max_len=300000):
     """Applies seeded writes (unaligned included) to `path` and to the bytearray `model`."""

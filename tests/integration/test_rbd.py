@@ -261,6 +261,81 @@ class RbdPool(harness.ImageDirTest):
         self.assertNotIn("backing file", qemu_img("info", self.url("vm1~s3.qcow2")).stdout)
         self.assertTrue(self.converted("vm1~s3.qcow2") == bytes(model))
 
+    def revert(self, m, name):
+        run(["bash", "-c", f"echo > {m.path('.control', name, 'revert')}"])
+
+    def test_revert_in_a_pool(self):
+        # A revert drops the top layer and deletes its image, which a pool allows only once
+        # nothing has it open: first the daemon's own handle (a revert used to keep it open
+        # until it returned, so every revert in a pool failed with EBUSY and the next scan
+        # served the dropped layer again), then another client's.
+        self.make_chains("16M", "write -P 0x11 0 4M")
+        m = self.mount_pool()
+        model = bytearray(self.converted("vm1.qcow2"))
+
+        def write(seed):
+            harness.random_writes(m.path("vm1.raw"), model, seed=seed, count=30, max_len=MiB)
+
+        write(21)
+        self.snapshot(m, "vm1", "s1")
+        saved = bytes(model)
+        write(22)
+        self.revert(m, "vm1")
+        self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2", "base.qcow2"])
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read() == saved, "vm1.raw is not the state at snapshot s1")
+        # Revert right after a commit: the commit's base is the layer the revert drops.
+        model[:] = saved
+        self.snapshot(m, "vm1", "s2")
+        saved = bytes(model)
+        write(23)
+        self.snapshot(m, "vm1", "s3")
+        write(24)
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
+        self.wait_job(m, "vm1")
+        self.revert(m, "vm1")
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read() == saved, "vm1.raw is not the state at snapshot s2")
+        # Another client reads the layer the revert drops: it is hidden, not left visible for
+        # a scan to serve again, and the first scan after that client closed it removes it.
+        model[:] = saved
+        self.snapshot(m, "vm1", "s4")
+        write(25)
+        top = self.layers(m, "vm1")[0]
+        self.assertEqual(top, "vm1~s4.qcow2")
+        hidden = f".imgfs-{top}.removing"
+        holder = subprocess.Popen(["qemu-io", "-r", "-f", "raw", self.url(top)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 30
+            # Two watchers: the daemon's and qemu-io's.
+            while run(["rbd", "status", f"rbd/{self.ns}/{top}"]).stdout.count("watcher=") < 2:
+                self.assertLess(time.time(), deadline, "qemu-io did not open the image")
+                time.sleep(0.2)
+            self.revert(m, "vm1")
+            self.assertIn(f"left as {hidden}", m.read_log())
+            self.assertEqual(self.images(), [hidden, "base.qcow2", "vm1.qcow2"])
+            run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+            self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2", "base.qcow2"])
+            self.assertIn(hidden, self.images())
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=60)
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read() == saved, "vm1.raw is not the state at snapshot s4")
+        m.stop()
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+        self.assertEqual(self.converted("vm1.qcow2"), saved)
+        m = self.mount_pool()
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertTrue(f.read() == saved, "vm1.raw differs after a remount")
+        m.stop()
+
     def test_scan_undoes_a_chain_edit_a_crash_interrupted(self):
         # What a crash between the two steps of a splice leaves in a pool: a layer under its
         # hidden name while the header above still names it. A writable mount renames it back
@@ -274,6 +349,12 @@ class RbdPool(harness.ImageDirTest):
         hidden = ".imgfs-vm1.qcow2.removing"
         run(["rbd", "rename", f"rbd/{self.ns}/vm1.qcow2", f"rbd/{self.ns}/{hidden}"])
         run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/.imgfs-gone.qcow2.removing"])
+        # What a crash in the middle of removing a hidden image leaves: its name without its
+        # header (layers leave a pool under their hidden names for this reason).
+        half = f"rbd/{self.ns}/.imgfs-half.qcow2.removing"
+        run(["rbd", "create", "--size", "1M", half])
+        image_id = json.loads(run(["rbd", "info", "--format", "json", half]).stdout)["id"]
+        run(["rados", "-p", "rbd", "--namespace", self.ns, "rm", f"rbd_header.{image_id}"])
         # Another client has the hidden image open: left alone, the chain is reported. (It
         # closes the image by itself after 8 s: a killed client would stay listed until its
         # watch timed out, about 30 s.)
@@ -591,17 +672,115 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.check_layers(["vm1.qcow2"])
 
+    def own_full_cluster(self):
+        """A cluster of this test's own, whose OSD it can fill; the test's namespace of its
+        pool is what self.pool names from then on. Returns the cluster's directory and conf."""
+        directory, conf = start_cluster(osd_mib=1024)
+        self.addCleanup(stop_cluster, directory)
+        os.environ["CEPH_CONF"] = conf
+        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
+        run(["rbd", "namespace", "create", f"rbd/{self.ns}"])
+        return directory, conf
+
+    def fill_pool(self, directory):
+        """Shrinks the OSD's device under the data it holds, and waits until it says it is
+        full (from then on it drops writes, and clients wait for it)."""
+        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(8 * MiB)])
+        deadline = time.time() + 60
+        osd_log = os.path.join(directory, "osd.0.log")
+        while True:
+            with open(osd_log, errors="replace") as f:
+                if "failsafe engaged" in f.read():
+                    break
+            self.assertLess(time.time(), deadline, "the OSD never reported itself full")
+            time.sleep(0.2)
+
+    def give_room_back(self):
+        """A larger device again, observed at once; waits until the pool takes writes."""
+        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(4 << 30)])
+        deadline = time.time() + 60
+        while True:
+            p = run(["timeout", "10", "rbd", "create", "--size", "1M", "rbd/probe"],
+                    check=False)
+            if p.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(1)
+        self.assertEqual(p.returncode, 0, "the OSD did not take writes again")
+        run(["rbd", "rm", "--no-progress", "rbd/probe"])
+
+    def job_outcome(self, m, name, timeout=120):
+        """Waits until the image's job concluded; returns its error (None if it succeeded)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with open(m.path(".control", name, "job")) as f:
+                text = f.read().strip()
+            job = json.loads(text) if text else None
+            if job and job["state"] == "concluded":
+                return job["error"]
+            time.sleep(0.2)
+        raise AssertionError(f"the job on {name} did not conclude:\n{m.read_log()[-3000:]}")
+
+    def assert_shows(self, m, name, model, what):
+        """NAME.raw shows exactly `model`; otherwise says where it differs first, how much,
+        and how the daemon's log ends."""
+        with open(m.path(name + ".raw"), "rb") as f:
+            shown = f.read()
+        if shown == bytes(model):
+            return
+        first = next((i for i in range(min(len(shown), len(model))) if shown[i] != model[i]),
+                     min(len(shown), len(model)))
+        blocks = {i // 65536 for i in range(len(model)) if i >= len(shown) or shown[i] != model[i]}
+        self.fail(f"{name}.raw {what}: {len(shown)} bytes for {len(model)}, first difference at "
+                  f"{first}, {len(blocks)} 64 KiB blocks differ; the log ends:\n"
+                  f"{m.read_log()[-4000:]}")
+
+    def test_chain_edits_on_a_full_pool_lose_nothing(self):
+        # A commit that takes middle layers out, and a stream, started while the pool is full:
+        # each fails within the deadline with the chain and its bytes as they were, and runs
+        # through once there is room again.
+        directory, conf = self.own_full_cluster()
+        self.make_chains("64M", "write -P 0x11 0 16M")
+        m = self.mount_pool("ceph_timeout=3", conf=conf)
+        model = bytearray(self.converted("vm1.qcow2"))
+        self.writes_and_snapshots(m, "vm1", model, 31, ["s1", "s2"], 40)
+        with open(m.path("vm1.raw"), "r+b") as f:
+            os.fsync(f.fileno())
+        chain = ["vm1~s2.qcow2", "vm1~s1.qcow2", "vm1.qcow2", "base.qcow2"]
+        self.assertEqual(self.layers(m, "vm1"), chain)
+        self.fill_pool(directory)
+        for command in ("base=vm1.qcow2", ""):
+            kind = "commit" if command else "stream"
+            with self.subTest(kind=kind, pool="full"):
+                started = time.time()
+                run(["bash", "-c", f"echo {command} > {m.path('.control', 'vm1', kind)}"])
+                error = self.job_outcome(m, "vm1")
+                print(f"{kind} on a full pool: {error!r} after {time.time() - started:.1f} s",
+                      flush=True)
+                self.assertIsNotNone(error, f"the {kind} succeeded on a full pool")
+                self.assertEqual(self.layers(m, "vm1"), chain)
+                self.assert_shows(m, "vm1", model, f"changed by the {kind}")
+        self.give_room_back()
+        # The failed jobs may have fenced the image (an EIO from the pool); a rescan reopens it.
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        run(["bash", "-c", f"echo base=vm1.qcow2 > {m.path('.control', 'vm1', 'commit')}"])
+        self.assertIsNone(self.job_outcome(m, "vm1"), m.read_log()[-3000:])
+        self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2", "base.qcow2"])
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'stream')}"])
+        self.assertIsNone(self.job_outcome(m, "vm1"), m.read_log()[-3000:])
+        self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2"])
+        self.assert_shows(m, "vm1", model, "differs after the edits")
+        m.stop()
+        self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2"])
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+        self.assertTrue(self.converted("vm1.qcow2") == bytes(model))
+
     def test_full_pool_gives_eio_and_loses_nothing(self):
         # A cluster of its own. A full memstore OSD drops writes ("failsafe full") and
         # clients wait for it forever, so the deadline is what answers. The OSD checks its
         # fullness every few seconds, and a fast writer can overshoot a small device by far,
         # so the test fills it by shrinking the device under the written data, while 8
         # writers keep going; a larger device, observed at once, gives the room back.
-        directory, conf = start_cluster(osd_mib=1024)
-        self.addCleanup(stop_cluster, directory)
-        os.environ["CEPH_CONF"] = conf
-        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
-        self.pool = "rbd:rbd"
+        directory, conf = self.own_full_cluster()
         qemu_img("create", "-q", "-f", "qcow2", self.url("vm1.qcow2"), "256M")
         m = self.mount_pool("ceph_timeout=3", conf=conf)
         model = bytearray(256 * MiB)
@@ -613,15 +792,7 @@ class RbdPool(harness.ImageDirTest):
             model[i * chunk:(i + 1) * chunk] = data
         os.fsync(fd)
         acknowledged = 4
-        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(8 * MiB)])
-        deadline = time.time() + 60
-        osd_log = os.path.join(directory, "osd.0.log")
-        while True:
-            with open(osd_log, errors="replace") as f:
-                if "failsafe engaged" in f.read():
-                    break
-            self.assertLess(time.time(), deadline, "the OSD never reported itself full")
-            time.sleep(0.2)
+        self.fill_pool(directory)
         failed = None
         started = time.time()
         for i in range(acknowledged, 256 * MiB // chunk):
@@ -656,16 +827,7 @@ class RbdPool(harness.ImageDirTest):
         with open(m.path("vm1.raw"), "rb") as f:
             self.assertTrue(f.read(end) == bytes(model[:end]), "acknowledged data changed")
         # Room again: the same mount writes on, and everything is there after a remount.
-        run(["ceph", "tell", "osd.0", "config", "set", "memstore_device_bytes", str(4 << 30)])
-        deadline = time.time() + 60
-        while True:
-            p = run(["timeout", "10", "rbd", "create", "--size", "1M", "rbd/probe"],
-                    check=False)
-            if p.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(1)
-        self.assertEqual(p.returncode, 0, "the OSD did not take writes again")
-        run(["rbd", "rm", "--no-progress", "rbd/probe"])
+        self.give_room_back()
         with open(m.path("vm1.raw"), "r+b") as f:
             f.seek(end)
             f.write(b"\xee" * chunk)
