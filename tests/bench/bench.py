@@ -1677,8 +1677,9 @@ def report(elapsed_s, machine_lines):
             "cache.direct=off` + `driver=qcow2` per image, the overlay with `backing=` the base's "
             "qcow2 node, FUSE export `writable=on`; rbd-fuse: `rbd-fuse -p "
             f"{RBD_POOL} -s NS MNT` serving a raw RBD image holding the chain flattened "
-            "(`qemu-img convert -O raw`). Each goes through librbd with its default cache "
-            "(on); the page-cache drop before each job does not reach it.")
+            "(`qemu-img convert -O raw`). qsd-rbd and rbd-fuse go through librbd with its "
+            "default cache (on), imgfs with librbd's cache off (it acknowledges writes the "
+            "cluster may still drop); the page-cache drop before each job does not reach it.")
     if "commit" in ARGS.jobs:
         notes.append(f"commit: a {human(ARGS.commit_size)} overlay over the {human(ARGS.disk_size)}"
                      " base; imgfs: online commit through `.control/NAME/commit`, time until the "
