@@ -311,16 +311,22 @@ class ImageDirTest(unittest.TestCase):
 
     def open_layers(self, m):
         """The store's images (as the store names them) the daemon of mount `m` holds open."""
-        prefix = os.path.join(os.path.realpath(self.dir), "")
-        out = set()
-        for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{m.proc.pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith(prefix):
-                out.add(target[len(prefix):])
-        return out
+        return set(daemon_files(m))
+
+
+def daemon_files(m):
+    """The image directory's files the daemon of mount `m` has open, sorted ("X (deleted)"
+    for a deleted one)."""
+    prefix = os.path.join(os.path.realpath(m.image_dir), "")
+    out = []
+    for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{m.proc.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            out.append(target[len(prefix):])
+    return sorted(out)
 
 
 def random_writes(path, model, seed, count, max_len=300000):

@@ -4,7 +4,6 @@ was asked for (issue: qcow2 driver). Also `imgfs info` on the result, and clear 
 
 import json
 import os
-import unittest
 
 import harness
 from harness import run, qemu_img, check

@@ -28,12 +28,9 @@ import json
 import mmap
 import os
 import random
-import shutil
-import subprocess
 import tempfile
 import threading
 import time
-import unittest
 
 import harness
 from harness import run, qemu_img, check

@@ -9,14 +9,12 @@ that is open."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import stat
 import subprocess
 import tempfile
 import time
-import unittest
 
 import ceph_pool
 import harness
@@ -27,7 +25,6 @@ MiB = 1 << 20
 
 class ImageDirectory(harness.ImageDirTest):
     def build(self):
-        d = self.dir
         qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", self.img("v2.qcow2"), "32M")
         qemu_io(self.img("v2.qcow2"), "write -P 0x21 0 1M", "write -P 0x22 30M 64k")
         qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=64",

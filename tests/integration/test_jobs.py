@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import unittest
 
 import harness
 from harness import run, qemu_img, qemu_io, check, convert_raw
@@ -83,7 +82,6 @@ class SequenceWriter(threading.Thread):
 
     def run(self):
         fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
-        buf = bytearray(BLOCK)
         try:
             seq = 0
             while not self.stop.is_set():
@@ -421,20 +419,6 @@ class Cli(harness.ImageDirTest):
         m.stop()
 
 
-def daemon_files(m):
-    """The image directory's files the daemon has open ("X (deleted)" for a deleted one)."""
-    prefix = os.path.join(os.path.realpath(m.image_dir), "")
-    out = []
-    for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{m.proc.pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(prefix):
-            out.append(target[len(prefix):])
-    return sorted(out)
-
-
 class LayerLifecycle(harness.ImageDirTest):
     """Issue 12: a layer that leaves a chain is closed and unlocked at once; a chain changed on
     disk under the mount is reported, and operations on it stop before they touch anything."""
@@ -445,7 +429,7 @@ class LayerLifecycle(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
                  self.img("vm.qcow2"), "16M")
         m = self.mount()
-        self.assertEqual(daemon_files(m), ["base.qcow2", "vm.qcow2"])
+        self.assertEqual(harness.daemon_files(m), ["base.qcow2", "vm.qcow2"])
         self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
         fd = os.open(m.path("vm.raw"), os.O_RDWR)
         os.pwrite(fd, b"s" * 70000, 2 * MiB + 3)
@@ -453,7 +437,7 @@ class LayerLifecycle(harness.ImageDirTest):
         run([harness.IMGFS, "stream", m.mountpoint, "vm", "--wait"])
         self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
         # vm.qcow2 (deleted) and base.qcow2 are no longer held...
-        self.assertEqual(daemon_files(m), ["vm@s1.qcow2"])
+        self.assertEqual(harness.daemon_files(m), ["vm@s1.qcow2"])
         # ...so the kept base can be locked and written by QEMU while the mount is up,
         qemu_io(self.img("base.qcow2"), "write -P 6 8M 4k")
         # and a rescan exports it (it is a root now) instead of finding it "in use".
@@ -476,7 +460,7 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(wait_job(m, "vm")["error"], "cancelled")
         self.assertEqual(control(m, "vm", "commit", "\n"), 0)
         self.assertIsNone(wait_job(m, "vm")["error"])
-        self.assertEqual(daemon_files(m), ["vm.qcow2"])  # no "vm@s1.qcow2 (deleted)"
+        self.assertEqual(harness.daemon_files(m), ["vm.qcow2"])  # no "vm@s1.qcow2 (deleted)"
         m.stop()
 
     def test_deleted_middle_layer_is_reported_and_stops_a_stream(self):

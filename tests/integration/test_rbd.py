@@ -102,16 +102,9 @@ class RbdPool(harness.ImageDirTest):
         return data
 
     def wait_job(self, m, name, timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with open(m.path(".control", name, "job")) as f:
-                text = f.read().strip()
-            job = json.loads(text) if text else None
-            if job and job["state"] == "concluded":
-                self.assertIsNone(job["error"], job)
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"the job on {name} did not finish")
+        """Waits until the image's job concluded, and requires that it succeeded."""
+        error = self.job_outcome(m, name, timeout)
+        self.assertIsNone(error, f"the job on {name} failed")
 
     def test_chain_made_by_qemu_and_ext4_with_snapshots(self):
         harness.require_tools("mkfs.ext4", "e2fsck", "losetup")
@@ -717,7 +710,7 @@ class RbdPool(harness.ImageDirTest):
             job = json.loads(text) if text else None
             if job and job["state"] == "concluded":
                 return job["error"]
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise AssertionError(f"the job on {name} did not conclude:\n{m.read_log()[-3000:]}")
 
     def assert_shows(self, m, name, model, what):
