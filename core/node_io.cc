@@ -271,7 +271,18 @@ Task<Status> Node::close() {
     }
     closed_ = true;
     InFlightGuard in_flight(this);
-    co_return co_await do_close();
+    Status st = co_await do_close();
+    // A format driver's storage is its alone, and is released with it: now, not when the last
+    // reference goes. A pool refuses to remove an RBD image that is still open, and an RBD
+    // node left to its destructor would close the image on the loop, waiting on the cluster.
+    Child* storage = file();
+    if (storage != nullptr && storage->node()->parents().size() == 1) {
+        Status storage_closed = co_await storage->node()->close();
+        if (st) {
+            st = std::move(storage_closed);
+        }
+    }
+    co_return st;
 }
 
 }  // namespace imgfs

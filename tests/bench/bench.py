@@ -866,8 +866,10 @@ def start_ceph():
     port = free_port()
     log(f"starting a Ceph cluster on port {port} (memstore OSD of {ARGS.osd_mib} MiB)")
     try:
-        p = run([CLUSTER_SH, "start", cdir, "--port", port, "--osd-mib", ARGS.osd_mib],
-                timeout=180)
+        # Ceph's usual 5 op shards: the tests run one (see cluster.sh), which would make the
+        # OSD, shared by every contender, the bottleneck sooner.
+        p = run([CLUSTER_SH, "start", cdir, "--port", port, "--osd-mib", ARGS.osd_mib,
+                 "--op-shards", "5"], timeout=180)
         conf = p.stdout.strip().splitlines()[-1]
         CEPH.update(dir=cdir, conf=conf, port=port,
                     osd_pid=int((cdir / "osd.pid").read_text().strip()))

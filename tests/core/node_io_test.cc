@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "core/task_scope.h"
+#include "core/transaction.h"
 #include "fake_node.h"
 #include "test_util.h"
 
@@ -102,6 +103,27 @@ TEST_F(NodeIoTest, ReadsPastEndAreZeroAndWritesRefused) {
     ASSERT_FALSE(st.ok());
     EXPECT_EQ(st.error().errnum, EINVAL);
     EXPECT_EQ(node->requests, 0U);  // refused before reaching the driver
+}
+
+// A format's storage is closed with it (an RBD image must be closed before a pool removes it),
+// unless another node keeps it as its storage too.
+TEST_F(NodeIoTest, CloseClosesTheStorageOnlyItUses) {
+    auto storage = std::make_shared<MemNode>(env(), "storage", 8192);
+    auto format = std::make_shared<MemNode>(env(), "format", 8192);
+    auto shared = std::make_shared<MemNode>(env(), "shared", 8192);
+    auto first = std::make_shared<MemNode>(env(), "first", 8192);
+    auto second = std::make_shared<MemNode>(env(), "second", 8192);
+    Transaction tx(&graph_);
+    tx.attach(format.get(), storage, ChildRole::kFile, "file");
+    tx.attach(first.get(), shared, ChildRole::kFile, "file");
+    tx.attach(second.get(), shared, ChildRole::kFile, "file");
+    ASSERT_TRUE(tx.commit().ok());
+
+    ASSERT_TRUE(run(format->close()).ok());
+    EXPECT_TRUE(format->closed());
+    EXPECT_TRUE(storage->closed());
+    ASSERT_TRUE(run(first->close()).ok());
+    EXPECT_FALSE(shared->closed());
 }
 
 Task<void> write_bytes(Node* node, uint64_t off, uint8_t value, size_t len, int* ok) {

@@ -9,6 +9,7 @@ the bytes the pool held. Names map '@' <-> '~': in a pool '~' separates a snapsh
 reserves '@' for its own snapshots).
 """
 import atexit
+import json
 import os
 import signal
 import socket
@@ -48,6 +49,26 @@ def stop_cluster(directory):
         pass
     run([CLUSTER, "stop", directory], check=False)
     run(["rm", "-rf", directory], check=False)
+
+
+def osd_space(directory):
+    """(total, used) bytes as the cluster's OSD counts them (its admin socket), or None."""
+    sock = os.path.join(directory, "run", "ceph-osd.0.asok")
+    p = run(["ceph", "--admin-daemon", sock, "perf", "dump"], check=False, timeout=30)
+    if p.returncode != 0:
+        return None
+    counters = json.loads(p.stdout)["osd"]
+    return counters["stat_bytes"], counters["stat_bytes_used"]
+
+
+def check_osd_space(directory):
+    """Fails if the OSD's space count is impossible (more used than it has). memstore's count
+    once went negative in CI: the OSD then called itself full and blocked every later write
+    (the tests hung instead of failing). A clear failure at the test that did it is better."""
+    space = osd_space(directory)
+    if space is not None and space[1] > space[0]:
+        raise AssertionError(f"the test cluster's OSD counts {space[1]} bytes used of "
+                             f"{space[0]}: its space accounting broke")
 
 
 def tools_present():
@@ -91,6 +112,7 @@ class OnPool:
         harness.require_tools(*TOOLS)
         self.conf = shared_cluster()
         self.assertIsNotNone(self.conf, "the test cluster did not start")
+        check_osd_space(_shared["dir"])
         # One namespace per test: RBD namespace names allow letters, digits, '-' and '_'.
         self.ns = "t" + str(abs(hash(self.id())) % 10**9)
         self.rbd("namespace", "create", f"rbd/{self.ns}")
@@ -189,6 +211,7 @@ class OnPool:
 
     def _drop_namespace(self):
         # Frees the OSD's memory for the next test; a leftover is harmless.
+        check_osd_space(_shared["dir"])  # a broken OSD blocks the removals
         for image in self.rbd("ls", f"rbd/{self.ns}", check=False).stdout.split():
             self.rbd("rm", "--no-progress", f"rbd/{self.ns}/{image}", check=False)
         self.rbd("namespace", "remove", f"rbd/{self.ns}", check=False)
