@@ -69,6 +69,7 @@ void RbdNode::describe(JsonWriter* out) const {
 }
 
 Task<Result<bool>> RbdNode::claim_writes() {
+    claimed_ = true;  // every write comes through here first: a flush has work from now on
     if (lock_ != RbdLock::kPending) {
         co_return false;
     }
@@ -252,9 +253,11 @@ Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
 }
 
 Task<Status> RbdNode::do_flush() {
-    if (lock_ == RbdLock::kPending) {
+    if (lock_ == RbdLock::kPending || !claimed_) {
         // Nothing was written here. librbd refuses even an empty flush without the lock once
-        // the open probed it (EROFS), and this host may not take it just to flush.
+        // the open probed it (EROFS), and this host may not take it just to flush; and an
+        // unwritten base's flush would only wait on the cluster (at unmount, on a dead one,
+        // for the whole deadline).
         co_return Status{};
     }
     rbd_image_t image = image_.handle();

@@ -673,6 +673,44 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.check_layers(["vm1.qcow2"])
 
+    def test_unmount_with_a_stopped_osd_ends_within_the_deadline(self):
+        # Unmounting flushes and closes every layer (the RBD images of a qcow2 chain too); with
+        # the cluster gone each of those calls ends at the deadline, so the daemon exits.
+        directory, conf = start_cluster()
+        self.addCleanup(stop_cluster, directory)
+        os.environ["CEPH_CONF"] = conf
+        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
+        with open(os.path.join(directory, "osd.pid")) as f:
+            osd = int(f.read().strip())
+        self.pool = "rbd:rbd"
+        qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
+                 self.url("vm1.qcow2"))
+        m = self.mount_pool("ceph_timeout=3", conf=conf)
+        with open(m.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x77" * MiB)  # grows vm1.qcow2's RBD image ahead
+            os.fsync(f.fileno())
+            f.seek(8 * MiB)
+            f.write(b"\x78" * 65536)  # not fsynced: may be lost, must not hang anything
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            run([harness.IMGFS, "unmount", m.mountpoint], check=False, timeout=120)
+            code = m.wait_exit(120)
+            took = time.time() - t0
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        print(f"daemon exited with {code} after {took:.1f} s", flush=True)
+        self.assertLess(took, 60)
+        log = m.read_log()
+        self.assertIn("did not answer within 3 s", log, log)
+        # The cluster back: what fsync acknowledged is there, and the layers check clean.
+        m = self.mount_pool(conf=conf)
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(MiB), b"\x77" * MiB)
+        m.stop()
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+
     def own_full_cluster(self):
         """A cluster of this test's own, whose OSD it can fill; the test's namespace of its
         pool is what self.pool names from then on. Returns the cluster's directory and conf."""
