@@ -119,7 +119,9 @@ Task<void> watch_signals(Daemon* d) {
     }
 }
 
-Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jobs) {
+/// Serves until the connection closes, then stops the jobs and closes the images; fails if an
+/// image did not flush or close cleanly.
+Task<Status> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jobs) {
     TaskScope scope(d->loop);
     scope.spawn(watch_signals(d));
     co_await server->run();
@@ -132,6 +134,7 @@ Task<void> serve(Daemon* d, FuseServer* server, ImageSet* images, JobManager* jo
     if (!st) {
         d->log->error("closing images: {}", st.error().message());
     }
+    co_return st;
 }
 
 // Two daemons serving one directory would each write its images behind the other's back, and a
@@ -282,7 +285,11 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
                   images.exports().size(), images.exports().size() == 1 ? "" : "s");
         ready->report("");
         Daemon d{loop.get(), log, mount->get(), sfd.get()};
-        sync_wait(loop.get(), serve(&d, &server, &images, &jobs));
+        // A mount whose images did not all close cleanly did not end well: its exit status
+        // says so (for systemd or whoever ran `mount -f`), beside the log lines.
+        if (Status served = sync_wait(loop.get(), serve(&d, &server, &images, &jobs)); !served) {
+            exit_code = 1;
+        }
         images.set_transport({});  // the server goes before the images
         (*mount)->unmount();
         if (!pid_file.empty()) {

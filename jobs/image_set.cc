@@ -332,6 +332,7 @@ Task<void> ImageSet::retire_layers(std::vector<Layer> layers, const Export* e) {
         Status st = co_await l.node->close();
         if (!st) {
             env_.log->error("closing {}: {}", l.file, st.error().message());
+            ++failed_closes_;
         }
         // The cache would keep the node (and its file) open for a chain that may never come.
         const Node* gone = l.node.get();
@@ -359,6 +360,7 @@ void ImageSet::forget_unused_layers() {
 }
 
 Task<Status> ImageSet::close_all() {
+    const uint64_t failed_before = failed_closes_;
     {
         TimedMutex::Guard scanning = co_await scan_lock_.lock();
         while (!exports_.empty()) {
@@ -368,6 +370,10 @@ Task<Status> ImageSet::close_all() {
         }
     }
     co_await timers_.join();
+    if (uint64_t failed = failed_closes_ - failed_before; failed > 0) {
+        co_return make_error(EIO, "{} layer{} did not flush or close cleanly (logged above)",
+                             failed, failed == 1 ? "" : "s");
+    }
     co_return Status{};
 }
 

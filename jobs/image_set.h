@@ -84,7 +84,8 @@ class ImageSet {
     /// removes what an interrupted chain edit left behind. Fails if the directory cannot be
     /// read, or with EBUSY if another scan did not finish in time.
     Task<Status> scan();
-    /// Flushes and closes every chain (shutdown).
+    /// Flushes and closes every chain (shutdown). Fails (EIO) if a layer did not flush or close
+    /// cleanly: each one is logged, and writes not acknowledged by fsync may be lost.
     Task<Status> close_all();
 
     [[nodiscard]] const std::vector<std::shared_ptr<Export>>& exports() const { return exports_; }
@@ -156,6 +157,7 @@ class ImageSet {
     std::vector<ScanProblem> problems_;
     int edits_in_flight_ = 0;
     uint64_t next_id_ = 1;
+    uint64_t failed_closes_ = 0;  // layers whose close() failed (see close_all())
     std::function<std::string()> transport_;
     // Declared after nothing that uses them: exports' locks run their timers in timers_.
     TaskScope timers_;

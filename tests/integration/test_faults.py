@@ -469,7 +469,7 @@ class JobFaults(harness.ImageDirTest):
             time.sleep(0.05)
         self.fail(f"the job did not conclude: {job}")
 
-    def run_job_fault(self, job, rule):
+    def run_job_fault(self, job, rule, close_fails=False):
         expected = self.build()
         f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
         f.write(rule + "\n")
@@ -484,7 +484,14 @@ class JobFaults(harness.ImageDirTest):
         self.assertIn(job, m.info("vm")["last_error"])
         self.assertEqual([l["file"] for l in m.info("vm")["layers"]],
                          ["vm@s1.qcow2", "base.qcow2"])
-        m.stop()
+        if close_fails:
+            # The layer's cached metadata cannot be written at close either: the daemon still
+            # exits, and its status says so.
+            with self.assertRaisesRegex(AssertionError, "exited with 1"):
+                m.stop()
+            self.assertIn("1 layer did not flush or close cleanly", m.read_log())
+        else:
+            m.stop()
         for name in ("vm@s1.qcow2", "base.qcow2"):
             r = check(self.img(name))
             self.assertEqual((r["corruptions"], r["check-errors"]), (0, 0), r["text"])
@@ -500,7 +507,8 @@ class JobFaults(harness.ImageDirTest):
         return expected
 
     def test_commit_with_failing_base_writes(self):
-        expected = self.run_job_fault("commit", "writes errno=EIO layers=all file=base.qcow2 nth=2")
+        expected = self.run_job_fault("commit", "writes errno=EIO layers=all file=base.qcow2 nth=2",
+                                      close_fails=True)
         self.assertEqual(convert_raw(self.img("base.qcow2")), expected)
 
     def test_stream_with_failing_backing_reads(self):

@@ -704,6 +704,9 @@ class RbdPool(harness.ImageDirTest):
         self.assertLess(took, 60)
         log = m.read_log()
         self.assertIn("did not answer within 3 s", log, log)
+        # A layer that did not close cleanly makes the daemon's exit status say so.
+        self.assertEqual(code, 1, log)
+        self.assertIn("did not flush or close cleanly", log)
         # The cluster back: what fsync acknowledged is there, and the layers check clean.
         m = self.mount_pool(conf=conf)
         with open(m.path("vm1.raw"), "rb") as f:
