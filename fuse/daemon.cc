@@ -264,7 +264,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
             return fail(mount.error().message());
         }
         std::string pid_file = pid_file_for(cmd.mountpoint);
+        const std::string failure_file = failure_file_for(cmd.mountpoint);
         ::mkdir(runtime_dir().c_str(), 0700);
+        ::unlink(failure_file.c_str());  // an earlier daemon's, already reported or not
         std::ofstream(pid_file) << ::getpid() << "\n";
         JobManager jobs(&images, log);
         StandardControl control(&images, &jobs, log);
@@ -289,6 +291,8 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         // says so (for systemd or whoever ran `mount -f`), beside the log lines.
         if (Status served = sync_wait(loop.get(), serve(&d, &server, &images, &jobs)); !served) {
             exit_code = 1;
+            // Written before the pid file goes: `imgfs unmount` looks once the daemon is gone.
+            std::ofstream(failure_file) << served.error().message() << "\n";
         }
         images.set_transport({});  // the server goes before the images
         (*mount)->unmount();
@@ -306,6 +310,10 @@ std::string pid_file_for(const std::string& mountpoint) {
     // Keyed by the mount point's absolute path: the daemon must not stat its own mount point
     // before it serves requests.
     return fmt::format("{}/{:016x}.pid", runtime_dir(), std::hash<std::string>{}(mountpoint));
+}
+
+std::string failure_file_for(const std::string& mountpoint) {
+    return fmt::format("{}/{:016x}.failed", runtime_dir(), std::hash<std::string>{}(mountpoint));
 }
 
 int run_mount(const MountCommand& cmd) {
@@ -417,6 +425,16 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
             return 1;
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    const std::string failure_file = failure_file_for(mountpoint);
+    std::string reason;
+    if (std::ifstream failed(failure_file); failed && std::getline(failed, reason)) {
+        ::unlink(failure_file.c_str());
+        std::fprintf(stderr,
+                     "imgfs: unmounted %s, but the daemon did not close every image cleanly: %s; "
+                     "writes not acknowledged by fsync may be lost (its log has each one)\n",
+                     mountpoint.c_str(), reason.c_str());
+        return 1;
     }
     return 0;
 }

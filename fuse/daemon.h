@@ -34,7 +34,12 @@ int run_mount(const MountCommand& cmd);
 /// Where the daemon of the mount at `mountpoint` records its pid (see unmount).
 std::string pid_file_for(const std::string& mountpoint);
 
-/// `imgfs unmount`: detaches the mount and waits until its daemon has closed the images.
+/// Where that daemon, when its images did not all close cleanly, leaves the reason for
+/// `imgfs unmount` to report (it is not the daemon's parent, so it cannot see its exit status).
+std::string failure_file_for(const std::string& mountpoint);
+
+/// `imgfs unmount`: detaches the mount and waits until its daemon has closed the images. Fails
+/// if the daemon does not finish in `timeout_s`, or reported that an image did not close.
 int run_unmount(const std::string& mountpoint, int timeout_s);
 
 }  // namespace imgfs

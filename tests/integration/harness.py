@@ -148,6 +148,7 @@ class Mount:
         self.mountpoint = mountpoint or tempfile.mkdtemp(prefix="imgfs-mnt-")
         self.options = with_test_options(options)
         self.extra_args = list(extra_args)
+        self.unmount_stderr = ""  # what the last `imgfs unmount` of stop() printed
         self.proc = None
         self.log_path = self.mountpoint.rstrip("/") + ".log"
 
@@ -198,10 +199,12 @@ class Mount:
             return
         if is_mounted(self.mountpoint):
             # A process killed a moment ago may still hold the file (its io_uring requests are
-            # torn down asynchronously): retry a busy mount for a while.
+            # torn down asynchronously): retry a busy mount for a while. (`imgfs unmount` also
+            # fails when the daemon could not close an image; the exit status below says so.)
             for attempt in range(100):
                 p = run([IMGFS, "unmount", self.mountpoint], check=False)
-                if p.returncode == 0:
+                self.unmount_stderr = p.stderr
+                if p.returncode == 0 or not is_mounted(self.mountpoint):
                     break
                 time.sleep(0.1)
             else:

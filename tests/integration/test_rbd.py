@@ -695,7 +695,7 @@ class RbdPool(harness.ImageDirTest):
         os.kill(osd, signal.SIGSTOP)
         try:
             t0 = time.time()
-            run([harness.IMGFS, "unmount", m.mountpoint], check=False, timeout=120)
+            unmount = run([harness.IMGFS, "unmount", m.mountpoint], check=False, timeout=120)
             code = m.wait_exit(120)
             took = time.time() - t0
         finally:
@@ -707,6 +707,9 @@ class RbdPool(harness.ImageDirTest):
         # A layer that did not close cleanly makes the daemon's exit status say so.
         self.assertEqual(code, 1, log)
         self.assertIn("did not flush or close cleanly", log)
+        # ... and `imgfs unmount`, which waited for it, too.
+        self.assertEqual(unmount.returncode, 1, unmount.stderr)
+        self.assertIn("did not close every image cleanly", unmount.stderr)
         # The cluster back: what fsync acknowledged is there, and the layers check clean.
         m = self.mount_pool(conf=conf)
         with open(m.path("vm1.raw"), "rb") as f:
