@@ -636,13 +636,7 @@ class RbdPool(harness.ImageDirTest):
     def test_stopped_osd_gives_eio_within_the_deadline(self):
         # A cluster of its own: an OSD paused for long loses its placement groups' read leases
         # and may leave them waiting, which must not reach the other tests.
-        directory, conf = start_cluster()
-        self.addCleanup(stop_cluster, directory)
-        os.environ["CEPH_CONF"] = conf
-        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
-        with open(os.path.join(directory, "osd.pid")) as f:
-            osd = int(f.read().strip())
-        self.pool = "rbd:rbd"
+        conf, osd = self.own_cluster()
         qemu_img("create", "-q", "-f", "qcow2", self.url("vm1.qcow2"), "16M")
         m = self.mount_pool("ceph_timeout=3", conf=conf)
         with open(m.path("vm1.raw"), "r+b") as f:
@@ -676,13 +670,7 @@ class RbdPool(harness.ImageDirTest):
     def test_unmount_with_a_stopped_osd_ends_within_the_deadline(self):
         # Unmounting flushes and closes every layer (the RBD images of a qcow2 chain too); with
         # the cluster gone each of those calls ends at the deadline, so the daemon exits.
-        directory, conf = start_cluster()
-        self.addCleanup(stop_cluster, directory)
-        os.environ["CEPH_CONF"] = conf
-        self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
-        with open(os.path.join(directory, "osd.pid")) as f:
-            osd = int(f.read().strip())
-        self.pool = "rbd:rbd"
+        conf, osd = self.own_cluster()
         qemu_img("create", "-q", "-f", "qcow2", self.url("base.qcow2"), "16M")
         qemu_img("create", "-q", "-f", "qcow2", "-b", self.url("base.qcow2"), "-F", "qcow2",
                  self.url("vm1.qcow2"))
@@ -717,13 +705,28 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.check_layers(["vm1.qcow2", "base.qcow2"])
 
-    def own_full_cluster(self):
-        """A cluster of this test's own, whose OSD it can fill; the test's namespace of its
-        pool is what self.pool names from then on. Returns the cluster's directory and conf."""
-        directory, conf = start_cluster(osd_mib=1024)
+    def start_own_cluster(self, osd_mib=None):
+        """A cluster of this test's own (stopped at cleanup), which the test's tools use
+        from then on; returns its directory and conf."""
+        directory, conf = start_cluster(**({"osd_mib": osd_mib} if osd_mib else {}))
         self.addCleanup(stop_cluster, directory)
         os.environ["CEPH_CONF"] = conf
         self.addCleanup(os.environ.__setitem__, "CEPH_CONF", self.conf)
+        return directory, conf
+
+    def own_cluster(self):
+        """A cluster of this test's own whose OSD it may stop; self.pool names its pool from
+        then on. Returns the conf and the OSD's pid."""
+        directory, conf = self.start_own_cluster()
+        with open(os.path.join(directory, "osd.pid")) as f:
+            osd = int(f.read().strip())
+        self.pool = "rbd:rbd"
+        return conf, osd
+
+    def own_full_cluster(self):
+        """A cluster of this test's own, whose OSD it can fill; the test's namespace of its
+        pool is what self.pool names from then on. Returns the cluster's directory and conf."""
+        directory, conf = self.start_own_cluster(osd_mib=1024)
         run(["rbd", "namespace", "create", f"rbd/{self.ns}"])
         return directory, conf
 
