@@ -68,11 +68,19 @@ Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, 
     }
     Store* store = images->store();
     const bool external = images->options().allow_external_backing;
-    std::function<std::vector<UnservedUser>()> find = [store, external, ids, served] {
+    std::function<Result<std::vector<UnservedUser>>()> find = [store, external, ids, served] {
         return unserved_users(store, external, ids, served);
     };
-    std::vector<UnservedUser> users =
-        co_await images->offloader()->run<std::vector<UnservedUser>>(std::move(find));
+    Result<std::vector<UnservedUser>> found =
+        co_await images->offloader()->run<Result<std::vector<UnservedUser>>>(std::move(find));
+    if (!found) {
+        // Not knowing is refusing: an unseen user's chain would change under it.
+        co_return make_error(found.error().errnum,
+                             "{}: cannot tell whether an image this mount does not serve also "
+                             "uses {}: {}",
+                             e->name, e->chain.layers[base_index].file, found.error().message());
+    }
+    const std::vector<UnservedUser>& users = *found;
     if (!users.empty()) {
         co_return make_error(EBUSY,
                              "{}: {} is also used by {}, which this mount does not serve "

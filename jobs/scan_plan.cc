@@ -210,54 +210,65 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
     }
 }
 
-// The first file of `ids` the chain below `file` reaches, if any. Stops at anything it cannot
-// read.
-std::optional<FileId> chain_reaches(Store* store, bool allow_external, const std::string& file,
-                                    const std::set<FileId>& ids) {
+// Whether an image that cannot be opened is simply not a layer of any chain: it went since
+// the listing, or the store refuses it to every mount alike (a link out of the directory).
+// Any other failure (an I/O error, a cluster past its deadline) leaves open whether it is one.
+bool cannot_be_a_layer(int errnum) {
+    return errnum == ENOENT || errnum == EPERM || errnum == ELOOP || errnum == EXDEV ||
+           errnum == ENOTDIR;
+}
+
+// The first file of `ids` the chain below `file` reaches, if any. Stops at headers that are not
+// a chain (invalid, a loop, a name outside the store); fails if a file could not be read, since
+// then nobody can say where its chain goes.
+Result<std::optional<FileId>> chain_reaches(Store* store, bool allow_external,
+                                            const std::string& file, const std::set<FileId>& ids) {
     std::string current = file;
     ChainWalk walk(file);
     while (walk.room_for_more()) {
         Result<std::unique_ptr<StoreFile>> opened = store->open(current, true, false);
         if (!opened) {
-            return std::nullopt;
+            if (cannot_be_a_layer(opened.error().errnum)) {
+                return std::optional<FileId>{};
+            }
+            return make_error(opened.error().errnum, "cannot open {}: {}", current,
+                              opened.error().message());
         }
-        Result<ImageProbe> probe = probe_file(opened->get(), current);
-        if (!probe || !walk.enter(current, probe->id)) {
-            return std::nullopt;
+        TRY_ASSIGN(ImageProbe probe, probe_file(opened->get(), current));
+        if (!walk.enter(current, probe.id)) {
+            return std::optional<FileId>{};
         }
-        if (walk.depth() > 1 && ids.count(probe->id) != 0) {
-            return probe->id;
+        if (walk.depth() > 1 && ids.count(probe.id) != 0) {
+            return std::optional<FileId>{probe.id};
         }
-        if (probe->header_error || probe->backing.empty()) {
-            return std::nullopt;
+        if (probe.header_error || probe.backing.empty()) {
+            return std::optional<FileId>{};
         }
         Result<std::string> next =
-            resolve_backing_in(store, current, probe->backing, allow_external);
+            resolve_backing_in(store, current, probe.backing, allow_external);
         if (!next || next->empty() || is_external_layer(*next)) {
-            return std::nullopt;
+            return std::optional<FileId>{};
         }
         current = *next;
     }
-    return std::nullopt;
+    return std::optional<FileId>{};
 }
 
 }  // namespace
 
-std::vector<UnservedUser> unserved_users(Store* store, bool allow_external_backing,
-                                         const std::set<FileId>& ids,
-                                         const std::set<std::string>& served) {
+Result<std::vector<UnservedUser>> unserved_users(Store* store, bool allow_external_backing,
+                                                 const std::set<FileId>& ids,
+                                                 const std::set<std::string>& served) {
     std::vector<UnservedUser> users;
-    Result<std::vector<StoreEntry>> entries = store->list();
-    if (!entries) {
-        return users;
-    }
-    for (const StoreEntry& e : *entries) {
+    TRY_ASSIGN(std::vector<StoreEntry> entries, store->list());
+    for (const StoreEntry& e : entries) {
         if (!is_image_file_name(e.name) || is_removing_name(e.name) || is_creating_name(e.name) ||
             served.count(e.name) != 0 || ids.count(e.id) != 0) {
             continue;
         }
-        if (std::optional<FileId> reached =
-                chain_reaches(store, allow_external_backing, e.name, ids)) {
+        TRY_ASSIGN(std::optional<FileId> reached,
+                   chain_reaches(store, allow_external_backing, e.name, ids));
+        if (reached) {
             users.push_back(UnservedUser{e.name, *reached});
         }
     }

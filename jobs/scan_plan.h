@@ -56,14 +56,15 @@ ScanPlan plan_scan(const ScanInput& in);
 /// Blocking: the images of the store, other than the `served` names, whose backing chain
 /// reaches a file in `ids`. These are users this mount cannot see in its exports: another host's
 /// image in a pool (held under its RBD lock), or an image a scan could not export. Images whose
-/// header cannot be read are left out (they cannot be opened as chains either).
+/// header is not a chain (invalid, a loop, a name outside the store) are left out. Fails if the
+/// store cannot be listed or an image read: a user might then go unseen.
 struct UnservedUser {
     std::string image;  // the image whose chain it is
     FileId layer;       // the file of `ids` its chain reaches
 };
-std::vector<UnservedUser> unserved_users(Store* store, bool allow_external_backing,
-                                         const std::set<FileId>& ids,
-                                         const std::set<std::string>& served);
+Result<std::vector<UnservedUser>> unserved_users(Store* store, bool allow_external_backing,
+                                                 const std::set<FileId>& ids,
+                                                 const std::set<std::string>& served);
 
 /// Blocking: "" if the directory still holds `layers` (top first) as one chain — every name
 /// present, the same file as the one served, each header naming the next layer as its backing

@@ -1,0 +1,132 @@
+// unserved_users: the images a mount does not serve whose chains reach a layer a commit would
+// change. A user it cannot read must make it fail, never pass as "no user".
+#include "jobs/scan_plan.h"
+
+#include <fcntl.h>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "drivers/local_store.h"
+#include "drivers/qcow2/create.h"
+#include "test_util.h"
+
+namespace imgfs {
+namespace {
+
+// A directory store whose open() fails with a given errno for chosen names, as a pool does when
+// the cluster does not answer for one image.
+class FailingOpenStore final : public Store {
+  public:
+    explicit FailingOpenStore(std::unique_ptr<Store> inner) : inner_(std::move(inner)) {}
+    std::map<std::string, int> fail_open;  // name -> errno
+
+    [[nodiscard]] const StoreCaps& caps() const override { return inner_->caps(); }
+    [[nodiscard]] const std::string& display_name() const override {
+        return inner_->display_name();
+    }
+    [[nodiscard]] const std::string& real_path() const override { return inner_->real_path(); }
+    Result<std::vector<StoreEntry>> list() override { return inner_->list(); }
+    Result<FileId> id_of(const std::string& name, bool follow_links) override {
+        return inner_->id_of(name, follow_links);
+    }
+    Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
+                                            bool direct) override {
+        if (auto it = fail_open.find(name); it != fail_open.end()) {
+            return make_error(it->second, "{}: injected", name);
+        }
+        return inner_->open(name, read_only, direct);
+    }
+    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
+                                                            FileOptions options) override {
+        return inner_->open_from_loop(std::move(name), options);
+    }
+    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override {
+        return inner_->create_exclusive(name);
+    }
+    Status rename_noreplace(const std::string& from, const std::string& to) override {
+        return inner_->rename_noreplace(from, to);
+    }
+    Status add_name(const std::string& existing, const std::string& name) override {
+        return inner_->add_name(existing, name);
+    }
+    Status remove(const std::string& name) override { return inner_->remove(name); }
+    Status sync() override { return inner_->sync(); }
+    Result<StoreSpace> space() override { return inner_->space(); }
+    Status lock_for_serving() override { return inner_->lock_for_serving(); }
+
+  private:
+    std::unique_ptr<Store> inner_;
+};
+
+class UnservedUsersTest : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        put("base.qcow2", "");
+        put("vm1.qcow2", "base.qcow2");
+        put("vm2.qcow2", "base.qcow2");
+        put("other.qcow2", "");
+        int fd = ::open(dir_.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        ASSERT_GE(fd, 0);
+        store_ = std::make_unique<FailingOpenStore>(LocalDirStore::over(fd));
+        ::close(fd);
+        Result<FileId> base = store_->id_of("base.qcow2", false);
+        ASSERT_TRUE(base.ok());
+        base_ = *base;
+    }
+
+    void put(const std::string& name, const std::string& backing) {
+        qcow2::CreateOptions o;
+        o.size = 1 << 20;
+        o.backing_file = backing;
+        Result<std::vector<uint8_t>> img = qcow2::build_new_image(o);
+        ASSERT_TRUE(img.ok()) << img.error().message();
+        std::ofstream f(dir_.file(name), std::ios::binary | std::ios::trunc);
+        f.write(reinterpret_cast<const char*>(img->data()),
+                static_cast<std::streamsize>(img->size()));
+        ASSERT_TRUE(f.good());
+    }
+
+    // Users of the base other than vm1 (the served chain).
+    Result<std::vector<UnservedUser>> users() {
+        return unserved_users(store_.get(), false, {base_}, {"vm1.qcow2", "base.qcow2"});
+    }
+
+    test::TempDir dir_;
+    std::unique_ptr<FailingOpenStore> store_;
+    FileId base_{};
+};
+
+TEST_F(UnservedUsersTest, FindsTheChainThisMountDoesNotServe) {
+    Result<std::vector<UnservedUser>> found = users();
+    ASSERT_TRUE(found.ok()) << found.error().message();
+    ASSERT_EQ(found->size(), 1U);
+    EXPECT_EQ((*found)[0].image, "vm2.qcow2");
+    EXPECT_EQ((*found)[0].layer, base_);
+}
+
+// A cluster that does not answer for vm2 must not turn it into "not a user".
+TEST_F(UnservedUsersTest, AnImageThatCannotBeReadFailsTheSearch) {
+    store_->fail_open["vm2.qcow2"] = EIO;
+    Result<std::vector<UnservedUser>> found = users();
+    ASSERT_FALSE(found.ok());
+    EXPECT_EQ(found.error().errnum, EIO);
+    EXPECT_NE(found.error().message().find("vm2.qcow2"), std::string::npos)
+        << found.error().message();
+}
+
+// One that went since the listing, or that the store refuses to every mount, is no user.
+TEST_F(UnservedUsersTest, AnImageThatIsGoneOrRefusedIsNoUser) {
+    for (int errnum : {ENOENT, EPERM}) {
+        store_->fail_open["vm2.qcow2"] = errnum;
+        Result<std::vector<UnservedUser>> found = users();
+        ASSERT_TRUE(found.ok()) << found.error().message();
+        EXPECT_TRUE(found->empty());
+    }
+}
+
+}  // namespace
+}  // namespace imgfs
