@@ -88,6 +88,21 @@ std::shared_ptr<Export> ImageSet::find_id(uint64_t id) const {
     return nullptr;
 }
 
+Task<Result<std::vector<UnservedUser>>> ImageSet::unserved_users_of(std::set<FileId> ids) {
+    std::set<std::string> served;
+    for (const auto& e : exports_) {
+        for (const Layer& l : e->chain.layers) {
+            served.insert(l.file);
+        }
+    }
+    Store* store = store_.get();
+    const bool external = options_.allow_external_backing;
+    std::function<Result<std::vector<UnservedUser>>()> find = [store, external, ids, served] {
+        return unserved_users(store, external, ids, served);
+    };
+    co_return co_await offloader_.run<Result<std::vector<UnservedUser>>>(std::move(find));
+}
+
 std::vector<Export*> ImageSet::users_of(const Node* node, const Export* except) const {
     std::vector<Export*> out;
     for (const auto& e : exports_) {

@@ -139,6 +139,10 @@ class ImageSet {
 
     /// Every export whose chain contains the node (other than `except`).
     [[nodiscard]] std::vector<Export*> users_of(const Node* node, const Export* except) const;
+    /// The images of the store no export serves whose chains reach one of the files `ids`
+    /// (another host's chain in a pool, an image a scan could not export), from their headers,
+    /// on the offload thread. Fails if one of them cannot be read: a user might go unseen.
+    Task<Result<std::vector<UnservedUser>>> unserved_users_of(std::set<FileId> ids);
 
   private:
     struct Locked;

@@ -60,19 +60,7 @@ Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, 
             file_of[l.id] = l.file;
         }
     }
-    std::set<std::string> served;
-    for (const auto& other : images->exports()) {
-        for (const Layer& l : other->chain.layers) {
-            served.insert(l.file);
-        }
-    }
-    Store* store = images->store();
-    const bool external = images->options().allow_external_backing;
-    std::function<Result<std::vector<UnservedUser>>()> find = [store, external, ids, served] {
-        return unserved_users(store, external, ids, served);
-    };
-    Result<std::vector<UnservedUser>> found =
-        co_await images->offloader()->run<Result<std::vector<UnservedUser>>>(std::move(find));
+    Result<std::vector<UnservedUser>> found = co_await images->unserved_users_of(std::move(ids));
     if (!found) {
         // Not knowing is refusing: an unseen user's chain would change under it.
         co_return make_error(found.error().errnum,

@@ -1,6 +1,8 @@
 #include "jobs/stream_job.h"
 
 #include <algorithm>
+#include <map>
+#include <set>
 
 #include "core/chain_status.h"
 #include "core/drain.h"
@@ -116,16 +118,11 @@ Task<Status> StreamJob::finish() {
     std::vector<Layer>& layers = e->chain.layers;
     // A directory changed under the job stops it here, before anything on disk is touched.
     CO_TRY(co_await images_->verify_chain(image_ref()));
+    // Before the drain: it may read every header of the store.
+    CO_TRY_ASSIGN(const size_t own, co_await removable_own_layers());
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     CO_TRY(co_await writer_->flush());
-    // The image's own older layers that no other chain uses go; shared ones stay for their users.
-    size_t own = 0;
-    const char separator = images_->store()->caps().snapshot_separator;
-    while (own + 1 < layers.size() && export_name_of(layers[own + 1].file, separator) == e->name &&
-           images_->users_of(layers[own + 1].node.get(), e).empty()) {
-        ++own;
-    }
     if (own > 0) {
         CO_TRY(co_await splice_out(images_, image_ref(), 1, own, true));
     } else {
@@ -151,6 +148,45 @@ Task<Status> StreamJob::finish() {
     co_await remove_spliced(images_, std::move(spliced));
     images_->env().log->info("{}: streamed; {} stands alone", e->name, layers.front().file);
     co_return Status{};
+}
+
+// The caller holds the image's lock, so the chain does not change meanwhile here; another host
+// may still start using a layer between this check and the deletion, as with a commit.
+Task<Result<size_t>> StreamJob::removable_own_layers() {
+    size_t own = 0;
+    std::set<FileId> ids;
+    std::map<FileId, size_t> index_of;
+    {
+        const Export* e = image();
+        const std::vector<Layer>& layers = e->chain.layers;
+        const char separator = images_->store()->caps().snapshot_separator;
+        while (own + 1 < layers.size() &&
+               export_name_of(layers[own + 1].file, separator) == e->name &&
+               images_->users_of(layers[own + 1].node.get(), e).empty()) {
+            ++own;
+            if (layers[own].id != FileId{}) {
+                ids.insert(layers[own].id);
+                index_of[layers[own].id] = own;
+            }
+        }
+    }
+    if (own == 0) {
+        co_return size_t{0};
+    }
+    Result<std::vector<UnservedUser>> users = co_await images_->unserved_users_of(std::move(ids));
+    if (!users) {
+        co_return make_error(users.error().errnum,
+                             "{}: cannot tell whether an image this mount does not serve uses "
+                             "one of its older layers, which the stream would delete: {}",
+                             image()->name, users.error().message());
+    }
+    for (const UnservedUser& u : *users) {
+        const size_t index = index_of[u.layer];
+        own = std::min(own, index - 1);
+        images_->env().log->info("{}: keeping {} and the layers below it: {} uses it",
+                                 image()->name, image()->chain.layers[index].file, u.image);
+    }
+    co_return own;
 }
 
 // Finish (or undo) under one hold of the image's lock.

@@ -30,6 +30,11 @@ class StreamJob final : public Job {
     Task<Status> complete();
     Task<Status> copy_chunk(uint64_t offset, uint64_t bytes);
     Task<Status> finish();
+    /// How many of the image's own older layers (those below the top named after the image)
+    /// the stream may delete: none that another chain uses, served here or not, and none
+    /// below such a layer (that chain goes through them). Fails if a chain this mount does not
+    /// serve cannot be read.
+    Task<Result<size_t>> removable_own_layers();
 
     ImageSet* images_;
     std::shared_ptr<Node> top_;

@@ -399,6 +399,40 @@ class RevertStream(harness.ImageDirTest):
         self.assertEqual(check(self.img("vm@s1.qcow2"))["exit"], 0)
 
 
+    def test_stream_keeps_an_own_layer_an_unserved_image_uses(self):
+        # Once vm.qcow2 is vm's older layer, c.qcow2 is made on it (a clone of the snapshot),
+        # which this mount does not serve: the export "c" is c@x.qcow2's (in a pool: c.qcow2
+        # would be another host's image). A stream of vm must not delete vm.qcow2, nor what
+        # lies below it.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "16M")
+        qemu_io(self.img("base.qcow2"), "write -P 5 0 2M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"))
+        qemu_io(self.img("vm.qcow2"), "write -P 6 1M 2M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm.qcow2", "-F", "qcow2",
+                 self.img("c.qcow2"), "16M")
+        clone = convert_raw(self.img("c.qcow2"))
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"r" * 70000, 5 * MiB + 11)
+        os.close(fd)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(control(m, "vm", "stream", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"])
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
+        self.assertEqual(chain(m, "c"), ["c@x.qcow2"])  # c.qcow2 was never served
+        self.assertIn("keeping vm.qcow2 and the layers below it: c.qcow2 uses it", m.read_log())
+        m.stop()
+        for name in ("vm.qcow2", "base.qcow2"):
+            self.assertTrue(os.path.exists(self.img(name)), name)
+        self.assertTrue(convert_raw(self.img("c.qcow2")) == clone)
+        self.assertTrue(convert_raw(self.img("vm@s1.qcow2")) == shown)
+        for name in ("vm@s1.qcow2", "c.qcow2", "vm.qcow2", "base.qcow2"):
+            self.assertEqual(check(self.img(name))["exit"], 0, name)
+
 class Cli(harness.ImageDirTest):
     def test_cli_wrappers(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
