@@ -29,13 +29,32 @@ struct Listing {
     std::vector<std::string> creating;  // ".imgfs-*.creating"
 };
 
+// Whether an image that cannot be opened is simply not a layer of any chain: it went since
+// the listing, or the store refuses it to every mount alike (a link out of the directory).
+// Any other failure (an I/O error, a cluster past its deadline) leaves open whether it is one.
+bool cannot_be_a_layer(int errnum) {
+    return errnum == ENOENT || errnum == EPERM || errnum == ELOOP || errnum == EXDEV ||
+           errnum == ENOTDIR;
+}
+
 // What a walk of every candidate's backing chain found.
 struct Layers {
     std::set<FileId> ids;                // every file some image uses as backing
     std::set<std::string> referenced;    // the names headers use for them
     std::set<std::string> hidden_users;  // images whose header names a hidden file
     std::set<std::string> missing;       // backing names headers use that the store lacks
+    // The first image that could not be read (an I/O error, a cluster past its deadline):
+    // what its chain uses is unknown, so nothing may be removed as unused.
+    std::optional<std::string> unread;
 };
+
+// Records in `layers` that `file` could not be read (see Layers::unread); returns `error`.
+Error note_unread(Layers* layers, const std::string& file, Error error) {
+    if (!layers->unread && !cannot_be_a_layer(error.errnum)) {
+        layers->unread = fmt::format("{} could not be read ({})", file, error.message());
+    }
+    return error;
+}
 
 Result<Listing> list_directory(const ScanInput& in) {
     TRY_ASSIGN(std::vector<StoreEntry> entries, in.store->list());
@@ -65,15 +84,20 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
         const bool top = walk.depth() == 0;
         Result<std::unique_ptr<StoreFile>> opened = in.store->open(current, true, false);
         if (!opened) {
+            Error error = note_unread(layers, current, std::move(opened).error());
             if (top) {
-                return std::move(opened).error();
+                return error;
             }
-            if (opened.error().errnum == ENOENT) {
+            if (error.errnum == ENOENT) {
                 layers->missing.insert(current);
             }
             return {};  // a missing backing file: the top reports it
         }
-        TRY_ASSIGN(ImageProbe probe, probe_file(opened->get(), current));
+        Result<ImageProbe> probed = probe_file(opened->get(), current);
+        if (!probed) {
+            return note_unread(layers, current, std::move(probed).error());
+        }
+        ImageProbe probe = std::move(*probed);
         if (Status st = walk.enter(current, probe.id); !st) {
             return std::move(st).error().wrap(file);
         }
@@ -210,14 +234,6 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
     }
 }
 
-// Whether an image that cannot be opened is simply not a layer of any chain: it went since
-// the listing, or the store refuses it to every mount alike (a link out of the directory).
-// Any other failure (an I/O error, a cluster past its deadline) leaves open whether it is one.
-bool cannot_be_a_layer(int errnum) {
-    return errnum == ENOENT || errnum == EPERM || errnum == ELOOP || errnum == EXDEV ||
-           errnum == ENOTDIR;
-}
-
 // The first file of `ids` the chain below `file` reaches, if any. Stops at headers that are not
 // a chain (invalid, a loop, a name outside the store); fails if a file could not be read, since
 // then nobody can say where its chain goes.
@@ -299,8 +315,21 @@ ScanPlan plan_scan(const ScanInput& in) {
                                  plan.removed.end());
         return replanned;
     }
+    if (in.remove_leftovers && layers.unread) {
+        // A hidden name that header uses must not go; the next scan decides.
+        for (const std::string& h : listing->hidden) {
+            if (layers.referenced.count(h) != 0) {
+                continue;  // in use by a chain that was read: kept anyway
+            }
+            plan.problems.push_back(
+                {h, fmt::format("kept for now: {}, so whether a chain uses it is unknown",
+                                *layers.unread)});
+        }
+    }
     if (in.remove_leftovers) {
-        remove_leftovers(in, *listing, layers, &plan);
+        if (!layers.unread) {
+            remove_leftovers(in, *listing, layers, &plan);
+        }
         std::set<std::string> served;
         for (const auto& [id, chain] : in.served) {
             for (const ServedLayer& l : chain) {

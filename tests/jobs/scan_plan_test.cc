@@ -1,11 +1,14 @@
 // unserved_users: the images a mount does not serve whose chains reach a layer a commit would
-// change. A user it cannot read must make it fail, never pass as "no user".
+// change. A user it cannot read must make it fail, never pass as "no user". And plan_scan's
+// removal of leftovers, which must not remove what an unreadable header may use.
 #include "jobs/scan_plan.h"
 
 #include <fcntl.h>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -126,6 +129,40 @@ TEST_F(UnservedUsersTest, AnImageThatIsGoneOrRefusedIsNoUser) {
         ASSERT_TRUE(found.ok()) << found.error().message();
         EXPECT_TRUE(found->empty());
     }
+}
+
+// A hidden name (what an interrupted chain edit leaves) that only vm3's header uses. When vm3
+// cannot be read, the scan cannot know that, so it keeps the name and says why.
+TEST_F(UnservedUsersTest, ScanKeepsHiddenNamesWhileAHeaderCannotBeRead) {
+    put(".imgfs-old.qcow2.removing", "");
+    put("vm3.qcow2", ".imgfs-old.qcow2.removing");
+    ScanInput in;
+    in.store = store_.get();
+    in.remove_leftovers = true;
+
+    store_->fail_open["vm3.qcow2"] = EIO;
+    ScanPlan kept = plan_scan(in);
+    ASSERT_FALSE(kept.failed);
+    EXPECT_TRUE(kept.removed.empty());
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+    bool said = false;
+    for (const ScanProblem& p : kept.problems) {
+        said = said || (p.file == ".imgfs-old.qcow2.removing" &&
+                        p.reason.find("vm3.qcow2 could not be read") != std::string::npos);
+    }
+    EXPECT_TRUE(said);
+
+    // Readable again: vm3 uses the name, so it stays, and nothing is reported about it.
+    store_->fail_open.clear();
+    ScanPlan again = plan_scan(in);
+    EXPECT_TRUE(again.removed.empty());
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+
+    // Once no header uses it, a scan removes it.
+    ASSERT_EQ(::unlink(dir_.file("vm3.qcow2").c_str()), 0);
+    ScanPlan removed = plan_scan(in);
+    ASSERT_EQ(removed.removed.size(), 1U);
+    EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
 }
 
 }  // namespace
