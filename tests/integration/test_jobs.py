@@ -371,16 +371,11 @@ class RevertStream(harness.ImageDirTest):
         m.stop()
         self.assertTrue(convert_raw(self.img("vm.qcow2")) == before)
 
-    def test_stream_makes_the_top_stand_alone(self):
-        qemu_img("create", "-q", "-f", "raw", self.img("base.img"), "8M")
-        qemu_io(self.img("base.img"), "write -P 3 0 8M", fmt="raw")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("vm.qcow2"), "16M")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("other.qcow2"), "16M")
-        qemu_io(self.img("vm.qcow2"), "write -P 4 1M 1M")
-        m = self.mount()
-        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+    def write_and_stream(self, m, data, offset):
+        """Writes `data` at `offset` of vm.raw, streams vm (whose top is vm@s1.qcow2), and
+        requires that it stands alone showing what it showed before; returns that."""
         fd = os.open(m.path("vm.raw"), os.O_RDWR)
-        os.pwrite(fd, b"q" * 70000, 3 * MiB + 11)
+        os.pwrite(fd, data, offset)
         os.close(fd)
         with open(m.path("vm.raw"), "rb") as f:
             shown = f.read()
@@ -389,6 +384,17 @@ class RevertStream(harness.ImageDirTest):
         self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
         with open(m.path("vm.raw"), "rb") as f:
             self.assertTrue(f.read() == shown)
+        return shown
+
+    def test_stream_makes_the_top_stand_alone(self):
+        qemu_img("create", "-q", "-f", "raw", self.img("base.img"), "8M")
+        qemu_io(self.img("base.img"), "write -P 3 0 8M", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("vm.qcow2"), "16M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", self.img("other.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 4 1M 1M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        shown = self.write_and_stream(m, b"q" * 70000, 3 * MiB + 11)
         m.stop()
         # vm.qcow2 (vm's own history) is gone; base.img (also other's base) stays.
         self.assertFalse(os.path.exists(self.img("vm.qcow2")))
@@ -415,14 +421,7 @@ class RevertStream(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm.qcow2", "-F", "qcow2",
                  self.img("c.qcow2"), "16M")
         clone = convert_raw(self.img("c.qcow2"))
-        fd = os.open(m.path("vm.raw"), os.O_RDWR)
-        os.pwrite(fd, b"r" * 70000, 5 * MiB + 11)
-        os.close(fd)
-        with open(m.path("vm.raw"), "rb") as f:
-            shown = f.read()
-        self.assertEqual(control(m, "vm", "stream", "\n"), 0)
-        self.assertIsNone(wait_job(m, "vm")["error"])
-        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2"])
+        shown = self.write_and_stream(m, b"r" * 70000, 5 * MiB + 11)
         self.assertEqual(chain(m, "c"), ["c@x.qcow2"])  # c.qcow2 was never served
         self.assertIn("keeping vm.qcow2 and the layers below it: c.qcow2 uses it", m.read_log())
         m.stop()
