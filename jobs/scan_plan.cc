@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <map>
+#include <optional>
 #include <set>
 #include <unistd.h>
 
@@ -234,36 +236,56 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
     }
 }
 
-// The first file of `ids` the chain below `file` reaches, if any. Stops at headers that are not
-// a chain (invalid, a loop, a name outside the store); fails if a file could not be read, since
-// then nobody can say where its chain goes.
+// What walks found from a layer down (that layer included): the first file of `ids`, or none.
+// Images in one store often share their lower layers (a golden base under every VM), so each
+// such layer is read once per search instead of once per image above it.
+using ReachMemo = std::map<std::string, std::optional<FileId>>;
+
+// The first file of `ids` the chain below `file` reaches, if any; `file` itself is not one of
+// `ids` (the caller's guarantee), so what the memo knows of it holds for its chain. Stops at
+// headers that are not a chain (invalid, a name outside the store); fails if a file could not be
+// read, since then nobody can say where its chain goes. Verdicts go into `memo` for every layer
+// walked, except where the walk stopped at a loop or the depth limit: from a layer further down,
+// the same chain may well reach a file within the limit.
 Result<std::optional<FileId>> chain_reaches(Store* store, bool allow_external,
-                                            const std::string& file, const std::set<FileId>& ids) {
+                                            const std::string& file, const std::set<FileId>& ids,
+                                            ReachMemo* memo) {
+    std::vector<std::string> walked;  // the verdict is theirs as well
+    auto settle = [&](std::optional<FileId> verdict) {
+        for (const std::string& name : walked) {
+            memo->emplace(name, verdict);
+        }
+        return verdict;
+    };
     std::string current = file;
     ChainWalk walk(file);
     while (walk.room_for_more()) {
+        if (auto known = memo->find(current); known != memo->end()) {
+            return settle(known->second);
+        }
+        walked.push_back(current);
         Result<std::unique_ptr<StoreFile>> opened = store->open(current, true, false);
         if (!opened) {
             if (cannot_be_a_layer(opened.error().errnum)) {
-                return std::optional<FileId>{};
+                return settle(std::nullopt);
             }
             return make_error(opened.error().errnum, "cannot open {}: {}", current,
                               opened.error().message());
         }
         TRY_ASSIGN(ImageProbe probe, probe_file(opened->get(), current));
         if (!walk.enter(current, probe.id)) {
-            return std::optional<FileId>{};
+            return std::optional<FileId>{};  // a loop: no verdict for the layers walked
         }
         if (walk.depth() > 1 && ids.count(probe.id) != 0) {
-            return std::optional<FileId>{probe.id};
+            return settle(probe.id);
         }
         if (probe.header_error || probe.backing.empty()) {
-            return std::optional<FileId>{};
+            return settle(std::nullopt);
         }
         Result<std::string> next =
             resolve_backing_in(store, current, probe.backing, allow_external);
         if (!next || next->empty() || is_external_layer(*next)) {
-            return std::optional<FileId>{};
+            return settle(std::nullopt);
         }
         current = *next;
     }
@@ -276,6 +298,7 @@ Result<std::vector<UnservedUser>> unserved_users(Store* store, bool allow_extern
                                                  const std::set<FileId>& ids,
                                                  const std::set<std::string>& served) {
     std::vector<UnservedUser> users;
+    ReachMemo memo;
     TRY_ASSIGN(std::vector<StoreEntry> entries, store->list());
     for (const StoreEntry& e : entries) {
         if (!is_image_file_name(e.name) || is_removing_name(e.name) || is_creating_name(e.name) ||
@@ -283,7 +306,7 @@ Result<std::vector<UnservedUser>> unserved_users(Store* store, bool allow_extern
             continue;
         }
         TRY_ASSIGN(std::optional<FileId> reached,
-                   chain_reaches(store, allow_external_backing, e.name, ids));
+                   chain_reaches(store, allow_external_backing, e.name, ids, &memo));
         if (reached) {
             users.push_back(UnservedUser{e.name, *reached});
         }

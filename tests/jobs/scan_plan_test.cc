@@ -3,6 +3,7 @@
 // removal of leftovers, which must not remove what an unreadable header may use.
 #include "jobs/scan_plan.h"
 
+#include <algorithm>
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
@@ -26,6 +27,7 @@ class FailingOpenStore final : public Store {
   public:
     explicit FailingOpenStore(std::unique_ptr<Store> inner) : inner_(std::move(inner)) {}
     std::map<std::string, int> fail_open;  // name -> errno
+    std::map<std::string, int> opens;      // name -> how often open() was called
 
     [[nodiscard]] const StoreCaps& caps() const override { return inner_->caps(); }
     [[nodiscard]] const std::string& display_name() const override {
@@ -38,6 +40,7 @@ class FailingOpenStore final : public Store {
     }
     Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
                                             bool direct) override {
+        ++opens[name];
         if (auto it = fail_open.find(name); it != fail_open.end()) {
             return make_error(it->second, "{}: injected", name);
         }
@@ -119,6 +122,27 @@ TEST_F(UnservedUsersTest, AnImageThatCannotBeReadFailsTheSearch) {
     EXPECT_EQ(found.error().errnum, EIO);
     EXPECT_NE(found.error().message().find("vm2.qcow2"), std::string::npos)
         << found.error().message();
+}
+
+// Images that share their lower layers: each shared layer is read once per search, and every
+// image above it is still found.
+TEST_F(UnservedUsersTest, ASharedLayerIsReadOncePerSearch) {
+    put("mid.qcow2", "base.qcow2");
+    for (const char* vm : {"a.qcow2", "b.qcow2", "c.qcow2"}) {
+        put(vm, "mid.qcow2");
+    }
+    Result<std::vector<UnservedUser>> found = users();
+    ASSERT_TRUE(found.ok()) << found.error().message();
+    std::vector<std::string> images;
+    for (const UnservedUser& u : *found) {
+        EXPECT_EQ(u.layer, base_);
+        images.push_back(u.image);
+    }
+    std::sort(images.begin(), images.end());
+    EXPECT_EQ(images, (std::vector<std::string>{"a.qcow2", "b.qcow2", "c.qcow2", "mid.qcow2",
+                                                "vm2.qcow2"}));
+    EXPECT_EQ(store_->opens["mid.qcow2"], 1);
+    EXPECT_EQ(store_->opens["base.qcow2"], 1);
 }
 
 // One that went since the listing, or that the store refuses to every mount, is no user.
