@@ -121,7 +121,8 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     FuseRequest req;
     req.header = h;
     req.scratch = buf->payload;
-    bool valid = length >= sizeof(fuse_in_header) && h->len == length;
+    const bool valid = length >= sizeof(fuse_in_header) && h->len == length;
+    bool fits = true;
     if (valid && h->opcode == FUSE_WRITE) {
         req.arg = ConstBuf(head + sizeof(fuse_in_header), sizeof(fuse_write_in));
         req.payload = ConstBuf(buf->payload.data(), length - std::min(length, kWriteHeaderBytes));
@@ -130,7 +131,7 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
         // Everything else is small: make it contiguous after the header.
         size_t spill = length > kWriteHeaderBytes ? length - kWriteHeaderBytes : 0;
         if (kWriteHeaderBytes + spill > kHeaderAreaBytes) {
-            valid = false;
+            fits = false;  // well-formed, but larger than any request imgfs serves
         } else {
             std::memcpy(head + kWriteHeaderBytes, buf->payload.data(), spill);
             buf->payload_used = spill;
@@ -147,6 +148,9 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     if (!valid) {
         log_->error("malformed FUSE request ({} bytes); ignoring it", length);
         reply = FuseReply::err(EIO);
+    } else if (!fits) {
+        // Still answered: a request without a reply keeps its caller waiting for ever.
+        reply = oversized_request_reply(h->opcode);
     } else {
         reply = co_await dispatch(&req);
     }
@@ -176,6 +180,19 @@ Task<FuseReply> FuseServer::dispatch(FuseRequest* req) {
         co_return FuseReply::err(EIO);
     }
     co_return co_await handler_->handle(req);
+}
+
+FuseReply FuseServer::oversized_request_reply(uint32_t opcode) {
+    switch (opcode) {
+        case FUSE_FORGET:
+        case FUSE_BATCH_FORGET:
+            return FuseReply::no_reply();  // the kernel waits for no answer; a lost forget
+                                           // only keeps an inode's lookup count up
+        case FUSE_SETXATTR:
+            return FuseReply::err(ENOSYS);  // no extended attributes, as for a small one
+        default:
+            return FuseReply::err(E2BIG);
+    }
 }
 
 Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {

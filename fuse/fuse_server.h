@@ -138,6 +138,9 @@ class FuseServer {
     /// On the server's loop: the request in `entry`'s buffers, answered in them.
     Task<void> serve_ring_request(RingEntry* entry);
     Task<FuseReply> dispatch(FuseRequest* req);
+    /// The answer to a well-formed request too large for the argument area (only a large
+    /// extended attribute can be): what a handler would answer, as no handler can read it.
+    static FuseReply oversized_request_reply(uint32_t opcode);
     bool offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
                      uint32_t* flags2);
     void start_ring();

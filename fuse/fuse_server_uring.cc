@@ -125,33 +125,35 @@ void FuseServer::start_ring() {
 
 namespace {
 
-// The request in an entry's buffers as the handlers see it; false if malformed. Non-WRITE
+enum class RingRequest { kOk, kMalformed, kOversized };
+
+// The request in an entry's buffers as the handlers see it. Non-WRITE
 // arguments are copied into `arg` (the kernel splits the argument struct from the names that
 // follow it); WRITE data is used in place, and READ replies are produced in the payload.
-bool ring_request(fuse_uring::ReqHeader* hdr, MutBuf arg, MutBuf payload, FuseRequest* req) {
+RingRequest ring_request(fuse_uring::ReqHeader* hdr, MutBuf arg, MutBuf payload, FuseRequest* req) {
     const auto* h = reinterpret_cast<const fuse_in_header*>(hdr->in_out);
     const uint64_t payload_bytes = hdr->ring_ent_in_out.payload_sz;
     if (h->len < sizeof(fuse_in_header) + payload_bytes || payload_bytes > payload.size()) {
-        return false;
+        return RingRequest::kMalformed;
     }
     const uint64_t op_bytes = h->len - sizeof(fuse_in_header) - payload_bytes;
     if (op_bytes > sizeof hdr->op_in) {
-        return false;
+        return RingRequest::kMalformed;
     }
     req->header = h;
     req->scratch = payload;
     if (h->opcode == FUSE_WRITE) {
         req->arg = ConstBuf(hdr->op_in, op_bytes);
         req->payload = ConstBuf(payload.data(), payload_bytes);
-        return op_bytes >= sizeof(fuse_write_in);
+        return op_bytes >= sizeof(fuse_write_in) ? RingRequest::kOk : RingRequest::kMalformed;
     }
     if (op_bytes + payload_bytes > arg.size()) {
-        return false;
+        return RingRequest::kOversized;  // well-formed (a large xattr value), but not served
     }
     std::memcpy(arg.data(), hdr->op_in, op_bytes);
     std::memcpy(arg.data() + op_bytes, payload.data(), payload_bytes);
     req->arg = ConstBuf(arg.data(), op_bytes + payload_bytes);
-    return true;
+    return RingRequest::kOk;
 }
 
 // Puts the reply into the entry's buffers: the out header in the header, the data in the
@@ -220,9 +222,16 @@ Task<void> FuseServer::serve_ring_request(RingEntry* entry) {
     FuseRequest req;
     FuseReply reply;
     uint64_t unique = reinterpret_cast<const fuse_in_header*>(hdr->in_out)->unique;
-    if (!ring_request(hdr, entry->arg.span(), entry->payload, &req)) {
+    const RingRequest parsed = ring_request(hdr, entry->arg.span(), entry->payload, &req);
+    if (parsed == RingRequest::kMalformed) {
         log_->error("malformed FUSE request on the ring; answering EIO");
         reply = FuseReply::err(EIO);
+    } else if (parsed == RingRequest::kOversized) {
+        reply =
+            oversized_request_reply(reinterpret_cast<const fuse_in_header*>(hdr->in_out)->opcode);
+        if (reply.none) {
+            reply = FuseReply::err(ENOSYS);  // an entry must answer (see below)
+        }
     } else {
         reply = co_await dispatch(&req);
         if (reply.none) {

@@ -7,12 +7,14 @@ object (from a 4 MiB object's start to its last written byte), coarser than the 
 maps (RbdNodeTest.BlockStatusFollowsWhatWasWritten tests what it does say), and the rescan test, which unlinks an image the daemon has open: RBD refuses to remove an image
 that is open."""
 
+import errno
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -239,6 +241,27 @@ class Behaviour(harness.ImageDirTest):
         m.stop()
         self.assertIn("virtual size: 32 MiB", run(["qemu-img", "info", self.img("vm.qcow2")]).stdout)
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
+    def test_a_large_extended_attribute_is_answered(self):
+        # A request larger than the daemon's argument area (a setxattr value of 5,000 bytes)
+        # must still get an answer: one without a reply leaves the caller waiting for ever.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        code = ("import errno, os, sys\n"
+                "for size in (5000, 16, 60000):\n"
+                "    try:\n"
+                "        os.setxattr(sys.argv[1], 'user.imgfs-test', b'x' * size)\n"
+                "    except OSError as e:\n"
+                "        print(size, e.errno)\n")
+        p = run([sys.executable, "-c", code, m.path("vm.raw")], timeout=30)
+        unsupported = str(errno.EOPNOTSUPP)
+        self.assertEqual(p.stdout.split(), ["5000", unsupported, "16", unsupported,
+                                            "60000", unsupported], p.stdout + p.stderr)
+        # The mount still serves, and nothing was logged as malformed.
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(len(f.read(4096)), 4096)
+        m.stop()
+        self.assertNotIn("malformed", m.read_log())
 
     def test_fallocate_punch_and_zero(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
