@@ -114,7 +114,9 @@ Task<void> watch_signals(Daemon* d) {
         if (res == sizeof info && info.ssi_signo != SIGUSR1) {
             d->log->info("signal {} received: unmounting {}", info.ssi_signo,
                          d->mount->mountpoint());
-            d->mount->unmount();
+            if (Status st = d->mount->detach(); !st) {
+                d->log->error("{}", st.error().message());
+            }
         }
     }
 }

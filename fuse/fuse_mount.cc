@@ -1,9 +1,14 @@
 #include "fuse/fuse_mount.h"
 
 #define FUSE_USE_VERSION 35
+#include <cerrno>
 #include <cstring>
+#include <spawn.h>
+#include <unistd.h>
 
 #include <fuse_lowlevel.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
 
 namespace imgfs {
 
@@ -55,6 +60,37 @@ FuseMount::~FuseMount() {
 
 int FuseMount::fd() const {
     return fuse_session_fd(session_);
+}
+
+Status FuseMount::detach() {
+    if (!mounted_) {
+        return {};
+    }
+    if (::geteuid() == 0) {
+        if (::umount2(mountpoint_.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0 && errno != EINVAL) {
+            return make_error(errno, "cannot detach {}", mountpoint_);
+        }
+        return {};
+    }
+    // An ordinary user's mount goes through the setuid helper, as libfuse's own unmount does.
+    std::vector<std::string> args = {"fusermount3", "-u", "-z", "-q", "--", mountpoint_};
+    std::vector<char*> argv;
+    for (auto& a : args) {
+        argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    pid_t pid = 0;
+    if (int r = ::posix_spawnp(&pid, "fusermount3", nullptr, nullptr, argv.data(), environ);
+        r != 0) {
+        return make_error(r, "cannot run fusermount3 to detach {}", mountpoint_);
+    }
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        return make_error(EIO, "fusermount3 could not detach {}", mountpoint_);
+    }
+    return {};
 }
 
 void FuseMount::unmount() {

@@ -33,8 +33,14 @@ class FuseMount {
 
     /// The /dev/fuse descriptor (owned by the session).
     [[nodiscard]] int fd() const;
-    /// Detaches the mount; outstanding reads on fd() then fail with ENODEV.
+    /// Detaches the mount and closes fd(); outstanding reads on it then fail with ENODEV. Only
+    /// once nothing serves fd() any more: a descriptor closed under the server makes its
+    /// replies fail, and one reopened under the same number would receive them.
     void unmount();
+    /// Detaches the mount lazily and leaves fd() open, for while the server still runs. The
+    /// connection ends (reads on fd() fail with ENODEV) when nothing uses the mount any more;
+    /// files open until then (a loop device, a VM) are still served.
+    Status detach();
     [[nodiscard]] const std::string& mountpoint() const { return mountpoint_; }
 
   private:

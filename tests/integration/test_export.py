@@ -331,6 +331,42 @@ class Behaviour(harness.ImageDirTest):
         data = convert_raw(self.img("a.qcow2"))
         self.assertEqual(data[5 * 3 * 65536 + 17], 5)
 
+    def test_sigterm_with_the_file_open_serves_it_until_closed(self):
+        # SIGTERM detaches the mount; a file open at that moment (a loop device, a VM) is still
+        # served until it is closed, and only then does the daemon flush and exit.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "64M")
+        m = self.mount()
+        code = ("import os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "os.pwrite(fd, b'before' * 1000, 0)\n"
+                "print('open', flush=True)\n"
+                "sys.stdin.readline()\n"  # the test sends SIGTERM meanwhile
+                "os.pwrite(fd, b'after' * 1000, 1 << 20)\n"
+                "os.fsync(fd)\n"
+                "assert os.pread(fd, 6, 0) == b'before'\n"
+                "os.close(fd)\n"
+                "print('closed', flush=True)\n")
+        client = subprocess.Popen([sys.executable, "-c", code, m.path("a.raw")], text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            self.assertEqual(client.stdout.readline().strip(), "open")
+            m.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while os.path.ismount(m.mountpoint) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertFalse(os.path.ismount(m.mountpoint), "SIGTERM did not detach the mount")
+            self.assertIsNone(m.proc.poll(), "the daemon exited while a file was open")
+            out, _ = client.communicate("go\n", timeout=30)
+        finally:
+            if client.poll() is None:
+                client.kill()
+        self.assertEqual((client.returncode, out.strip()), (0, "closed"))
+        self.assertEqual(m.wait_exit(timeout=30), 0, m.read_log())
+        self.assertEqual(check(self.img("a.qcow2"))["exit"], 0)
+        data = convert_raw(self.img("a.qcow2"))
+        self.assertEqual(data[:6], b"before")
+        self.assertEqual(data[1 << 20:(1 << 20) + 5], b"after")
+
     def test_fstab_style_mount(self):
         harness.require_tools("mount.fuse3")
         qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
