@@ -278,6 +278,29 @@ Task<Status> remove_file(ImageSet* images, std::string file) {
     co_return co_await sync_image_dir(images);
 }
 
+Task<Status> hide_file(ImageSet* images, std::string file) {
+    Store* store = images->store();
+    std::function<Status()> hide = [store, file] {
+        (void)store->remove(removing_name(file));  // a leftover of an earlier crash
+        return store->rename_noreplace(file, removing_name(file));
+    };
+    CO_TRY(co_await images->offloader()->run(std::move(hide)));
+    co_return co_await sync_image_dir(images);
+}
+
+Task<void> remove_hidden(ImageSet* images, std::string file) {
+    Store* store = images->store();
+    const std::string hidden = removing_name(file);
+    std::function<Status()> remove = [store, hidden] { return store->remove(hidden); };
+    Status st = co_await images->offloader()->run(std::move(remove));
+    if (!st && st.error().errnum != ENOENT) {
+        images->env().log->warn("{} not removed ({}); a later scan removes it", hidden,
+                                st.error().message());
+        co_return;
+    }
+    (void)co_await sync_image_dir(images);  // a leftover hidden name is harmless
+}
+
 namespace {
 
 // Renames `files` back from their hidden names, as far as it can; the first failure, if any.

@@ -80,4 +80,11 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer);
 /// Deletes a layer file that nothing references any more, durably.
 Task<Status> remove_file(ImageSet* images, std::string file);
 
+/// Renames a layer file nothing references any more to its hidden name, durably, while it may
+/// still be open: from then on no scan serves it, and any scan may remove it. For a top that
+/// must stop being a chain's root at once (a commit's, before writes reach the base).
+Task<Status> hide_file(ImageSet* images, std::string file);
+/// Removes what hide_file() left; if that fails, a later scan removes it (logged).
+Task<void> remove_hidden(ImageSet* images, std::string file);
+
 }  // namespace imgfs

@@ -9,6 +9,7 @@
 #include "core/task_scope.h"
 #include "core/transaction.h"
 #include "jobs/chain_edit.h"
+#include "jobs/job_manager.h"
 
 namespace imgfs {
 
@@ -192,6 +193,9 @@ Task<Result<bool>> CommitJob::pivot() {
     // A directory changed under the job (a layer deleted or replaced) stops it here, before
     // anything on disk is touched.
     CO_TRY(co_await images_->verify_chain(image_ref()));
+    // Asked again: the job may have run for hours, and an image made on a middle layer since
+    // (a clone of a snapshot) would lose it.
+    CO_TRY(co_await refuse_unserved_users(images_, image_ref(), base_index_, "committing"));
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     if (dirty_->dirty_bytes() != 0) {
@@ -212,6 +216,18 @@ Task<Result<bool>> CommitJob::pivot() {
     }
     CO_TRY(tx.commit());
     target_ = nullptr;
+    // The top's name goes before the drain ends and guest writes reach the base: while it is
+    // there, a crash brings back top -> base as the image, which would hide every write the
+    // base took since. Inside the drain the two still show the same bytes.
+    const std::string top_file = image()->chain.layers.front().file;
+    if (Status hidden = co_await hide_file(images_, top_file); !hidden) {
+        images_->env().log->error(
+            "{}: {} could not be hidden ({}); until it is removed, a "
+            "crash would bring it back over the committed image",
+            image()->name, top_file, hidden.error().message());
+    } else {
+        top_hidden_ = true;
+    }
     co_return true;
 }
 
@@ -228,12 +244,12 @@ Task<void> CommitJob::finish() {
     }
     filter_.reset();
     top_.reset();
-    // Closed and released before the top's name goes: until then the directory held
-    // top -> base, the same content.
+    // Closed and released before the top goes (pivot hid its name already).
     co_await images_->retire_layers(std::move(merged), e);
     co_await remove_spliced(images_, std::move(spliced));
-    Status st = co_await remove_file(images_, top_file);
-    if (!st) {
+    if (top_hidden_) {
+        co_await remove_hidden(images_, top_file);
+    } else if (Status st = co_await remove_file(images_, top_file); !st) {
         images_->env().log->error("{}: {}", e->name, st.error().message());
     }
     images_->env().log->info("{}: committed; {} is now the active layer", e->name,

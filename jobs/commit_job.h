@@ -49,6 +49,7 @@ class CommitJob final : public Job {
     std::shared_ptr<MirrorFilter> filter_;
     Child* target_ = nullptr;  // our edge to the base
     std::unique_ptr<DirtyBitmap> dirty_;
+    bool top_hidden_ = false;  // pivot renamed the top to its hidden name
 };
 
 }  // namespace imgfs

@@ -46,11 +46,15 @@ Task<Result<uint64_t>> free_bytes(ImageSet* images) {
     co_return co_await images->offloader()->run<Result<uint64_t>>(std::move(query));
 }
 
-// Refuses a commit into layers[1..base_index] of `e` that an image this mount does not serve
-// also uses: in a pool, another host's chain (its top is held under that host's RBD lock, so
-// no scan here exports it); in a directory, an image a scan could not export. Their headers are
-// the only record of that use. Runs off the loop: it reads every image's header.
-Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, size_t base_index) {
+}  // namespace
+
+// Refuses an edit (`what`: "committing", "reverting") that changes layers[1..base_index] of `e`
+// while an image this mount does not serve also uses one of them: in a pool, another host's chain
+// (its top is held under that host's RBD lock, so no scan here exports it); in a directory, an
+// image a scan could not export. Their headers are the only record of that use. Runs off the loop:
+// it reads every image's header.
+Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, size_t base_index,
+                                   const char* what) {
     std::set<FileId> ids;
     std::map<FileId, std::string> file_of;
     for (size_t i = 1; i <= base_index; ++i) {
@@ -72,14 +76,12 @@ Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, 
     if (!users.empty()) {
         co_return make_error(EBUSY,
                              "{}: {} is also used by {}, which this mount does not serve "
-                             "(another host's image, or one it could not open); committing "
+                             "(another host's image, or one it could not open); {} "
                              "would change that image",
-                             e->name, file_of[users.front().layer], users.front().image);
+                             e->name, file_of[users.front().layer], users.front().image, what);
     }
     co_return Status{};
 }
-
-}  // namespace
 
 RecordJob::RecordJob(EventLoop* loop, uint64_t id, std::string type, std::shared_ptr<Export> e,
                      uint64_t bytes)
@@ -189,7 +191,7 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                                  e->name, layers[i].file, others.front()->name);
         }
     }
-    CO_TRY(co_await refuse_unserved_users(images_, e, base_index));
+    CO_TRY(co_await refuse_unserved_users(images_, e, base_index, "committing"));
     CO_TRY_ASSIGN(uint64_t need, co_await bytes_above(e, base_index));
     if (Result<uint64_t> free = co_await free_bytes(images_); free && need > *free) {
         co_return make_error(ENOSPC,

@@ -340,12 +340,19 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     if (!images_->users_of(below.node.get(), e.get()).empty()) {
         co_return make_error(EBUSY, "{}: {} is shared with another image", e->name, below.file);
     }
+    // The layer below becomes the image's active layer: another host's chain on it would
+    // change under that host.
+    CO_TRY(co_await refuse_unserved_users(images_, e, 1, "reverting"));
     CO_TRY(co_await images_->verify_chain(e));
     std::shared_ptr<Node> top = layers.front().node;
     std::shared_ptr<Node> back = layers[1].node;
     // Moved in: a copy kept here would hold the dropped layer open until the revert returns.
     std::vector<std::shared_ptr<Node>> drained_nodes{top};
     DrainGuard drained = co_await drain(std::move(drained_nodes));
+    if (e->backend->open_count() > 0) {
+        // Opened while the checks above waited: its writes would go to the dropped layer.
+        co_return make_error(EBUSY, "{}.raw was opened; close it before reverting", e->name);
+    }
     CO_TRY(co_await back->set_writable(true));
     Transaction tx(images_->env().graph);
     tx.replace_node(top.get(), back);
@@ -358,15 +365,22 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
         }
         co_return st;
     }
-    drained.end();
-    // The dropped layer's file is closed (and its lock released) before its name goes.
+    // As for a commit: the dropped layer's name goes before writes reach the layer below, or a
+    // crash would bring it back over them.
     std::string file = layers.front().file;
+    const bool hidden = static_cast<bool>(co_await hide_file(images_, file));
+    drained.end();
+    // The dropped layer's file is closed (and its lock released) before it is removed.
     std::vector<Layer> gone(layers.begin(), layers.begin() + 1);
     layers.erase(layers.begin());
     top.reset();
     back.reset();
     co_await images_->retire_layers(std::move(gone), e.get());
-    CO_TRY(co_await remove_file(images_, file));
+    if (hidden) {
+        co_await remove_hidden(images_, file);
+    } else {
+        CO_TRY(co_await remove_file(images_, file));
+    }
     log_->info("{}: reverted: {} removed, {} is the active layer", e->name, file,
                layers.front().file);
     auto job = std::make_shared<RecordJob>(images_->env().loop, next_id_++, "revert", e, 0);

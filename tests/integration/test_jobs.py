@@ -432,6 +432,62 @@ class RevertStream(harness.ImageDirTest):
         for name in ("vm@s1.qcow2", "c.qcow2", "vm.qcow2", "base.qcow2"):
             self.assertEqual(check(self.img(name))["exit"], 0, name)
 
+    def test_revert_refuses_a_layer_an_unserved_image_uses(self):
+        # c.qcow2, which this mount does not serve, is made on vm.qcow2 once that is vm's older
+        # layer. Reverting vm would make vm.qcow2 its active layer and change c's content.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 6 0 2M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm.qcow2", "-F", "qcow2",
+                 self.img("c.qcow2"), "16M")
+        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY, m.read_log())
+        self.assertIn("vm.qcow2 is also used by c.qcow2", m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
+        os.unlink(self.img("c.qcow2"))
+        self.assertEqual(control(m, "vm", "revert", "\n"), 0, m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        m.stop()
+        self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
+    def test_commit_asks_for_unserved_users_again_before_the_switch(self):
+        # A commit of vm@s2 and vm@s1 into vm.qcow2 deletes vm@s1 at the switch. A clone made on
+        # vm@s1 while the commit runs (c.qcow2, not served here) would lose it: the switch must
+        # refuse, and the chain stays as it was. (The clone still shows what it did: vm@s1
+        # covers everything the commit copies into vm.qcow2.)
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
+        m = self.mount()
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"1" * MiB, 0)
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        for off in range(0, 32 * MiB, 4 * MiB):
+            os.pwrite(fd, b"2" * (4 * MiB), off)
+        self.assertEqual(control(m, "vm", "snapshot", "s2"), 0)
+        for off in range(0, 32 * MiB, 4 * MiB):
+            os.pwrite(fd, b"3" * (4 * MiB), off)
+        os.close(fd)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2"), 0, m.read_log())
+        self.assertEqual(control(m, "vm", "job", "speed 1"), 0, "the commit ended too soon")
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm@s1.qcow2", "-F", "qcow2",
+                 self.img("c.qcow2"), "64M")
+        self.assertEqual(control(m, "vm", "job", f"speed {1 << 40}"), 0, read_control(m, "vm", "job"))
+        j = wait_job(m, "vm")
+        self.assertIn("vm@s1.qcow2 is also used by c.qcow2", j["error"] or "", m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        clone = convert_raw(self.img("c.qcow2"))  # an empty layer: shows what vm@s1 does
+        self.assertTrue(clone == convert_raw(self.img("vm@s1.qcow2")))
+        self.assertEqual(clone[:MiB], b"2" * MiB)
+        for name in ("vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2", "c.qcow2"):
+            self.assertEqual(check(self.img(name))["exit"], 0, name)
+
 class Cli(harness.ImageDirTest):
     def test_cli_wrappers(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
