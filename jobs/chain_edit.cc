@@ -402,6 +402,15 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
     if (!store->caps().second_names) {
         co_return co_await splice_out_renaming(images, std::move(e), first, last, drop_rest);
     }
+    // 0. With drop_rest and a layer kept below, the bottom layer leaving the chain is cut off
+    // from it first. A crash after step 2 is finished forwards onto the first visible layer
+    // below the hidden ones (finish_interrupted_edit), which must then be none: the referrer's
+    // content no longer depends on what lies below (drop_rest's premise), so cutting it off
+    // changes nothing the referrer shows, while the kept layer's data would show through
+    // wherever the dropped layers read zeros.
+    if (drop_rest && last + 1 < layers.size()) {
+        CO_TRY(co_await rewrite_backing(images, layers[last].node.get(), "", std::nullopt));
+    }
     // 1. A hidden second name for every layer leaving the chain.
     std::vector<std::string> files;
     for (size_t i = first; i <= last; ++i) {
