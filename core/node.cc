@@ -226,6 +226,12 @@ Child* storage_child(const Node& node) {
 
 }  // namespace
 
+void Node::expect_writes() {
+    if (Child* c = storage_child(*this); c != nullptr) {
+        c->node()->expect_writes();
+    }
+}
+
 bool Node::claim_pending() const {
     Child* c = storage_child(*this);
     return c != nullptr && c->node()->claim_pending();

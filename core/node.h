@@ -221,6 +221,14 @@ class Node : public ChildOwner {
     /// refreshes permissions afterwards (in a transaction). Default: not supported.
     virtual Task<Status> set_writable(bool writable);
 
+    /// Called on a format node that is about to start writing in place (a backing layer a
+    /// commit writes into, the layer a revert makes active), before its claim. Storage whose
+    /// cluster-wide write lock was not wanted at open (an RBD image opened as a lower layer)
+    /// wants it from now on: claim_pending() turns true, so the claim that follows takes the
+    /// lock instead of writing where another host may write. Default: forwards to the storage
+    /// child.
+    virtual void expect_writes();
+
     /// Whether the storage under this node must be claimed before anything writes it: a
     /// store whose cluster-wide write lock is taken on the first write (an RBD image that
     /// other hosts may serve too) rather than at open. Format and filter nodes answer for

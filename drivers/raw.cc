@@ -76,6 +76,9 @@ Task<Status> RawNode::set_writable(bool writable) {
     if (!writable && !read_only_) {
         CO_TRY(co_await flush());
     }
+    if (writable && read_only_) {
+        expect_writes();  // the backend claims it before the first write
+    }
     read_only_ = !writable;
     co_return Status{};
 }

@@ -363,6 +363,7 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
         co_return Status{};
     }
     // A file still to be claimed is claimed now, and then the metadata is read afresh.
+    expect_writes();
     read_only_ = false;
     meta_deferred_ = meta_deferred_ || Node::claim_pending();
     Status st;

@@ -68,6 +68,15 @@ void RbdNode::describe(JsonWriter* out) const {
     out->field("exclusive_lock", lock);
 }
 
+void RbdNode::expect_writes() {
+    // Written without the lock, the image would rely on librbd's own lock, which passes to any
+    // client that asks for it: a second host's scan would take it and serve the image too.
+    if (lock_ == RbdLock::kNone && !read_only_) {
+        lock_ = RbdLock::kPending;
+        zeros_from_ = UINT64_MAX;  // as at an open with the lock pending: known once claimed
+    }
+}
+
 Task<Result<bool>> RbdNode::claim_writes() {
     claimed_ = true;  // every write comes through here first: a flush has work from now on
     if (lock_ != RbdLock::kPending) {

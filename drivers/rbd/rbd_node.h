@@ -32,6 +32,7 @@ class RbdNode final : public Node {
     [[nodiscard]] const char* driver_name() const override { return "rbd"; }
     [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
     void describe(JsonWriter* out) const override;
+    void expect_writes() override;
     [[nodiscard]] bool claim_pending() const override { return lock_ == RbdLock::kPending; }
     /// Takes the exclusive lock (on the offload thread) and rereads the size, which another
     /// host may have changed while this one only read. Writes call it too, so a raw image

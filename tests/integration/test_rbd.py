@@ -317,7 +317,7 @@ class RbdPool(harness.ImageDirTest):
                 self.assertLess(time.time(), deadline, "qemu-io did not open the image")
                 time.sleep(0.2)
             self.revert(m, "vm1")
-            self.assertIn(f"left as {hidden}", m.read_log())
+            self.assertIn(f"{hidden} not removed", m.read_log())
             self.assertEqual(self.images(), [hidden, "base.qcow2", "vm1.qcow2"])
             run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
             self.assertEqual(self.layers(m, "vm1"), ["vm1.qcow2", "base.qcow2"])
@@ -591,6 +591,55 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(self.converted("vm2.qcow2")[MiB:4 * MiB],
                          b"\x44" * MiB + bytes(MiB) + b"\x77" * MiB)
         self.assertEqual(self.converted("vm1.qcow2")[:4096], b"\x57" * 4096)
+
+    def test_a_layer_made_writable_in_place_takes_the_lock(self):
+        # After a remount vm1.qcow2 is a lower layer, opened without the RBD lock. A revert
+        # makes it the active layer and a commit writes into it: either way the daemon must
+        # take its exclusive lock before writing, or librbd's own lock (which passes to any
+        # client that asks) would let a second daemon's scan serve vm1 as well.
+        self.make_chains("16M", "write -P 0x21 0 2M", ("vm1",))
+        a = self.mount_pool()
+        self.snapshot(a, "vm1", "s1")
+        with open(a.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x22" * MiB)
+            os.fsync(f.fileno())
+        a.stop()
+        a = self.mount_pool()
+        self.revert(a, "vm1")
+        self.assertEqual(self.layers(a, "vm1"), ["vm1.qcow2", "base.qcow2"])
+        with open(a.path("vm1.raw"), "r+b") as f:
+            f.seek(MiB)
+            f.write(b"\x23" * MiB)
+            os.fsync(f.fileno())
+        self.assertIn("vm1.qcow2 (file): took the RBD exclusive lock", a.read_log())
+        b = self.mount_pool()
+        self.assertEqual(b.exports(), [])
+        with open(b.path(".control", "skipped")) as f:
+            self.assertIn("vm1.qcow2 is being written by ", f.read())
+        b.stop()
+        # The same for a commit's base: snapshot, remount, commit, then another daemon.
+        self.snapshot(a, "vm1", "s2")
+        with open(a.path("vm1.raw"), "r+b") as f:
+            f.seek(2 * MiB)
+            f.write(b"\x24" * MiB)
+            os.fsync(f.fileno())
+        a.stop()
+        a = self.mount_pool()
+        run(["bash", "-c", f"echo > {a.path('.control', 'vm1', 'commit')}"])
+        self.wait_job(a, "vm1")
+        self.assertEqual(self.layers(a, "vm1"), ["vm1.qcow2", "base.qcow2"])
+        with open(a.path("vm1.raw"), "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"\x25" * MiB)
+            os.fsync(f.fileno())
+        b = self.mount_pool()
+        self.assertEqual(b.exports(), [])
+        b.stop()
+        a.stop()
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+        self.assertEqual(self.converted("vm1.qcow2")[:5 * MiB],
+                         b"\x21" * MiB + b"\x23" * MiB + b"\x24" * MiB + b"\x25" * MiB +
+                         bytes(MiB))
 
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS
