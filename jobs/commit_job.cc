@@ -58,9 +58,11 @@ Task<Status> CommitJob::attach() {
     Export* e = image();
     top_ = e->chain.layers.front().node;
     base_ = e->chain.layers[base_index_].node;
-    CO_TRY(co_await base_->set_writable(true));
     std::vector<std::shared_ptr<Node>> nodes{top_};
     DrainGuard drained = co_await drain(nodes);
+    // Drained: making it writable may claim its storage (in a pool, take the RBD lock) and
+    // reread its metadata, which must not happen under a read in flight.
+    CO_TRY(co_await base_->set_writable(true));
     Transaction tx(images_->env().graph);
     filter_ = MirrorFilter::create(images_->env(), e->name + " (commit)", &tx, top_);
     tx.replace_node(top_.get(), filter_);

@@ -15,6 +15,7 @@ import time
 
 import harness
 from harness import run, qemu_img, qemu_io, check, convert_raw
+from test_concurrency import punch_hole
 
 MiB = 1 << 20
 BLOCK = 65536
@@ -534,6 +535,50 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(m.exports(), ["base", "vm"])
         self.assertNotIn("in use by another process", m.read_log())
         m.stop()
+
+    def test_commit_completes_under_a_steady_hole_puncher(self):
+        # A client punching holes all the time (fstrim, a filesystem mounted with -o discard)
+        # while a commit runs: a punch is a zeroing write for the commit (copied, or mirrored
+        # in sync mode). The commit must finish without an error, and every hole must read
+        # as zeros in the base afterwards.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        m = self.mount()
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        for off in range(0, 48 * MiB, 4 * MiB):
+            os.pwrite(fd, b"a" * (4 * MiB), off)
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        for off in range(0, 32 * MiB, 4 * MiB):
+            os.pwrite(fd, b"b" * (4 * MiB), off)
+        model = bytearray(os.pread(fd, 64 * MiB, 0))
+        stop = threading.Event()
+        punches = []
+
+        def punch():
+            rng = random.Random(5)
+            while not stop.is_set():
+                off = rng.randrange(0, 64 * MiB // (64 << 10)) * (64 << 10)
+                punch_hole(fd, off, 64 << 10)
+                model[off:off + (64 << 10)] = bytes(64 << 10)
+                punches.append(off)
+
+        puncher = threading.Thread(target=punch)
+        puncher.start()
+        try:
+            time.sleep(0.2)
+            self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+            j = wait_job(m, "vm", timeout=120)
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            puncher.join()
+        self.assertIsNone(j["error"], m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        self.assertTrue(os.pread(fd, 64 * MiB, 0) == model)
+        os.close(fd)
+        m.stop()
+        self.assertGreater(len(punches), 100)
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == model)
 
     def test_cancelled_commit_then_commit_leaves_nothing_open(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
