@@ -180,7 +180,57 @@ std::string RbdImage::lock_owners() const {
     return out;
 }
 
+Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
+    rbd_image_watcher_t watchers[16];
+    size_t watcher_count = 16;
+    int r = rbd_watchers_list(image_, watchers, &watcher_count);
+    if (r == -ERANGE) {
+        return true;  // more clients than that have it open: assume the owner is one
+    }
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot list the clients that have it open", name_));
+    }
+    bool alive = false;
+    for (size_t i = 0; i < count && !alive; ++i) {
+        for (size_t w = 0; w < watcher_count; ++w) {
+            alive = alive || std::strcmp(owners[i], watchers[w].addr) == 0;
+        }
+    }
+    rbd_watchers_list_cleanup(watchers, watcher_count);
+    return alive;
+}
+
+Result<bool> RbdImage::held_by_live_client() const {
+    rbd_lock_mode_t mode{};
+    char* owners[8] = {};
+    size_t count = 8;
+    int r = rbd_lock_get_owners(image_, &mode, owners, &count);
+    if (r == -ENOENT || (r >= 0 && count == 0)) {
+        return false;
+    }
+    if (r == -ERANGE) {
+        return true;  // a shared lock of many clients: not for us to take
+    }
+    if (r < 0) {
+        return rbd_error(r, pool_->timeout_s(),
+                         fmt::format("{}: cannot read the exclusive lock's owner", name_));
+    }
+    Result<bool> alive = owner_alive(owners, count);
+    rbd_lock_get_owners_cleanup(owners, count);
+    return alive;
+}
+
 Status RbdImage::lock_exclusive() const {
+    // Asked for the lock, a client under librbd's automatic policy (QEMU, rbd map, any client
+    // that never took it explicitly) hands it over and waits to get it back: asking a live
+    // owner would make this host a second writer of an image in use. Only a lock whose owner
+    // no longer watches the image (dead; Ceph dropped its watch) is taken, by breaking it.
+    TRY_ASSIGN(bool live, held_by_live_client());
+    if (live) {
+        return make_error(EROFS, "{} is being written by {} (RBD exclusive lock)", name_,
+                          lock_owners());
+    }
     int r = rbd_lock_acquire(image_, RBD_LOCK_MODE_EXCLUSIVE);
     if (r == -EROFS || r == -EBUSY || r == -EAGAIN) {
         return make_error(EROFS, "{} is being written by {} (RBD exclusive lock)", name_,
@@ -209,6 +259,7 @@ Status RbdImage::check_no_writer() const {
         return rbd_error(r, pool_->timeout_s(),
                          fmt::format("{}: cannot read the exclusive lock's owner", name_));
     }
+    // lock_exclusive refuses a live owner without asking it for the lock.
     if (Status st = lock_exclusive(); !st) {
         return st.error().errnum == EROFS ? make_error(EBUSY, "{}", st.error().message()) : st;
     }

@@ -123,8 +123,12 @@ class RbdImage {
     /// Takes the image's exclusive lock explicitly, so librbd never hands it to another
     /// client while this one has the image open. A lock whose holder Ceph sees gone (its watch
     /// timed out) is broken, blocklisting that client. EROFS naming the holder if a live
-    /// client holds it. Blocking.
+    /// client holds it, whatever its lock policy: it is never asked to hand the lock over.
+    /// Blocking.
     [[nodiscard]] Status lock_exclusive() const;
+    /// Whether a client that still has the image open (watches it) owns its exclusive lock.
+    /// Blocking.
+    [[nodiscard]] Result<bool> held_by_live_client() const;
     /// Whether a live client other than this one holds the exclusive lock: EBUSY naming it.
     /// If one is listed, takes the lock and gives it back, so that a dead holder's lock is
     /// broken here. Blocking.
@@ -133,7 +137,7 @@ class RbdImage {
     /// too, watches the image's header). A client that died stays listed until its watch
     /// times out (about 30 s). Blocking.
     [[nodiscard]] Result<size_t> other_watchers() const;
-    /// Who holds the exclusive lock, for messages ("client.4181 (127.0.0.1:0/2339)").
+    /// Who holds the exclusive lock, for messages (the client's address, "127.0.0.1:0/2339").
     [[nodiscard]] std::string lock_owners() const;
     /// Closes the image (waiting for its requests, releasing its lock) but keeps the pool:
     /// safe on the pool's offload thread, which the pool's last reference would join.
@@ -141,6 +145,8 @@ class RbdImage {
     void reset();
 
   private:
+    /// Whether one of `owners` (lock owners, listed by address) watches the image.
+    [[nodiscard]] Result<bool> owner_alive(char** owners, size_t count) const;
     std::shared_ptr<RbdPool> pool_;
     rbd_image_t image_ = nullptr;
     std::string name_;

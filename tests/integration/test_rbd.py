@@ -400,11 +400,14 @@ class RbdPool(harness.ImageDirTest):
                 time.sleep(delay)
                 m.kill()
                 m = self.mount_pool()
-                # A hidden layer the dead daemon still watches is left until Ceph drops its
-                # watch (about 30 s); a rescan then renames it back.
+                # What the dead daemon still watches (a hidden layer, or the top whose lock it
+                # held) is left until Ceph drops its watch (5 s here, 30 s by default); a
+                # rescan then renames the layer back or takes the lock.
                 deadline = time.time() + 90
                 while name not in m.exports():
-                    self.assertIn("open on another host", m.read_log())
+                    log = m.read_log()
+                    self.assertTrue("open on another host" in log or
+                                    " is being written by " in log, log)
                     self.assertLess(time.time(), deadline, m.read_log()[-2000:])
                     time.sleep(3)
                     run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
@@ -640,6 +643,44 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(self.converted("vm1.qcow2")[:5 * MiB],
                          b"\x21" * MiB + b"\x23" * MiB + b"\x24" * MiB + b"\x25" * MiB +
                          bytes(MiB))
+
+    def test_an_image_a_live_client_writes_is_not_taken_from_it(self):
+        # qemu-io writes a raw RBD image through QEMU's rbd driver, whose librbd holds the
+        # exclusive lock under the automatic policy: asked for the lock, it hands it over and
+        # waits to get it back. The daemon must not ask a live owner, or it serves the image
+        # as a second writer; once the client is gone, a rescan serves it.
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/disk.raw"])
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", self.url("disk.raw")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            writer.stdin.write("write -P 0x61 0 64k\n")
+            writer.stdin.flush()
+            line = ""
+            while "wrote" not in line:
+                line = writer.stdout.readline()
+                self.assertTrue(line, "qemu-io ended before its write")
+            m = self.mount_pool()
+            self.assertEqual(m.exports(), [])
+            with open(m.path(".control", "skipped")) as f:
+                self.assertIn("disk.raw is being written by ", f.read())
+            # Still its writer: a second write of the client works and is what the image holds.
+            writer.stdin.write("write -P 0x62 64k 64k\n")
+            writer.stdin.flush()
+            line = ""
+            while "wrote" not in line:
+                line = writer.stdout.readline()
+                self.assertTrue(line, "qemu-io ended before its second write")
+        finally:
+            writer.stdin.close()
+            writer.wait(timeout=60)
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertEqual(m.exports(), ["disk"])
+        with open(m.path("disk.raw"), "r+b") as f:
+            self.assertEqual(f.read(128 << 10), b"\x61" * (64 << 10) + b"\x62" * (64 << 10))
+            f.write(b"\x63" * 4096)
+            os.fsync(f.fileno())
+        m.stop()
 
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS
