@@ -247,7 +247,7 @@ class Behaviour(harness.ImageDirTest):
         # must still get an answer: one without a reply leaves the caller waiting for ever.
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
         m = self.mount()
-        code = ("import errno, os, sys\n"
+        code = ("import os, sys\n"
                 "for size in (5000, 16, 60000):\n"
                 "    try:\n"
                 "        os.setxattr(sys.argv[1], 'user.imgfs-test', b'x' * size)\n"

@@ -653,24 +653,23 @@ class RbdPool(harness.ImageDirTest):
         writer = subprocess.Popen(["qemu-io", "-f", "raw", self.url("disk.raw")],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
-        try:
-            writer.stdin.write("write -P 0x61 0 64k\n")
+
+        def write(command):
+            writer.stdin.write(command + "\n")
             writer.stdin.flush()
             line = ""
             while "wrote" not in line:
                 line = writer.stdout.readline()
-                self.assertTrue(line, "qemu-io ended before its write")
+                self.assertTrue(line, f"qemu-io ended before '{command}' was done")
+
+        try:
+            write("write -P 0x61 0 64k")
             m = self.mount_pool()
             self.assertEqual(m.exports(), [])
             with open(m.path(".control", "skipped")) as f:
                 self.assertIn("disk.raw is being written by ", f.read())
             # Still its writer: a second write of the client works and is what the image holds.
-            writer.stdin.write("write -P 0x62 64k 64k\n")
-            writer.stdin.flush()
-            line = ""
-            while "wrote" not in line:
-                line = writer.stdout.readline()
-                self.assertTrue(line, "qemu-io ended before its second write")
+            write("write -P 0x62 64k 64k")
         finally:
             writer.stdin.close()
             writer.wait(timeout=60)
