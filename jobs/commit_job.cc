@@ -63,6 +63,13 @@ Task<Status> CommitJob::attach() {
     // Drained: making it writable may claim its storage (in a pool, take the RBD lock) and
     // reread its metadata, which must not happen under a read in flight.
     CO_TRY(co_await base_->set_writable(true));
+    if (Status grown = co_await grow_base(); !grown) {
+        if (Status back = co_await base_->set_writable(false); !back) {
+            images_->env().log->warn("{}: {} stays writable after the commit could not start: {}",
+                                     image_name(), base_->name(), back.error().message());
+        }
+        co_return grown;
+    }
     Transaction tx(images_->env().graph);
     filter_ = MirrorFilter::create(images_->env(), e->name + " (commit)", &tx, top_);
     tx.replace_node(top_.get(), filter_);
@@ -88,6 +95,35 @@ Task<Status> CommitJob::attach() {
     filter_->set_dirty(dirty_.get());
     filter_->set_target(target_);
     filter_->set_mode(MirrorFilter::Mode::kAsync);
+    co_return Status{};
+}
+
+// NAME.raw grows by growing the top alone, so the base may be shorter than the image. It must
+// hold the whole disk before it becomes the image: past its end the copy would write where
+// nobody reads, and the switch would shrink NAME.raw to the base's size. The grown range reads
+// as zeros, as the image did there (a longer backing file below the base would show through).
+// Caller: the drain holder.
+Task<Status> CommitJob::grow_base() {
+    const uint64_t old_size = base_->size();
+    const uint64_t new_size = top_->size();
+    if (old_size >= new_size) {
+        co_return Status{};
+    }
+    // set_writable leaves the permissions of its edges to the caller: refreshed first.
+    Transaction refresh(images_->env().graph);
+    Status st = refresh.commit();
+    if (st) {
+        st = co_await base_->truncate(new_size);
+    }
+    if (st && base_->backing() != nullptr) {
+        st = co_await base_->write_zeroes(old_size, new_size - old_size, false);
+    }
+    if (!st) {
+        co_return make_error(st.error().errnum, "{}: growing {} to {} bytes, the image's size: {}",
+                             image_name(), base_->name(), new_size, st.error().message());
+    }
+    images_->env().log->info("{}: grew {} from {} to {} bytes, the image's size", image_name(),
+                             base_->name(), old_size, new_size);
     co_return Status{};
 }
 

@@ -35,6 +35,7 @@ class CommitJob final : public Job {
     Task<void> detach_after_failure();
     Task<void> abandon();
     Task<Status> complete();
+    Task<Status> grow_base();
     Task<Status> copy_pass();
     Task<void> copy_worker(uint64_t* cursor, Status* result);
     /// Copies [offset, offset + bytes) to the base through `scratch` (at least `bytes` long).

@@ -536,6 +536,54 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertNotIn("in use by another process", m.read_log())
         m.stop()
 
+    def test_commit_into_a_base_shorter_than_the_grown_image(self):
+        # NAME.raw grown after a snapshot grows the top alone. A commit must grow the base to
+        # the image's size first: the data past the base's old end stays, and NAME.raw keeps
+        # its size.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 0x31 0 16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        os.truncate(m.path("vm.raw"), 32 * MiB)
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        os.pwrite(fd, b"z" * MiB, 30 * MiB)
+        os.close(fd)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(len(shown), 32 * MiB)
+        self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        self.assertEqual(os.stat(m.path("vm.raw")).st_size, 32 * MiB)
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        self.assertIn("virtual size: 32 MiB", run(["qemu-img", "info", self.img("vm.qcow2")]).stdout)
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+
+    def test_commit_grows_a_base_over_a_longer_backing_file_with_zeros(self):
+        # The base (16M) lies on a longer golden image (32M of data). The image read zeros past
+        # the base's end; grown by the commit, the base must read zeros there too, not the
+        # golden image's data.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("golden.qcow2"), "32M")
+        qemu_io(self.img("golden.qcow2"), "write -P 0x44 0 32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "golden.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        os.truncate(m.path("vm.raw"), 32 * MiB)
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertTrue(shown == b"\x44" * (16 * MiB) + bytes(16 * MiB))
+        self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+
     def test_commit_completes_under_a_steady_hole_puncher(self):
         # A client punching holes all the time (fstrim, a filesystem mounted with -o discard)
         # while a commit runs: a punch is a zeroing write for the commit (copied, or mirrored
