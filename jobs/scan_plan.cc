@@ -175,7 +175,11 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
     // failed step) before it was needed or after it no longer was. The visible name, if any,
     // is the file's real one.
     for (const std::string& h : listing.hidden) {
-        if (layers.referenced.count(h) == 0 && in.store->remove(h)) {
+        // A header that names the visible name, which is missing, still needs this one: the
+        // rename back was declined (an edit under way elsewhere, or it could not be checked),
+        // and a later scan makes it.
+        if (layers.referenced.count(h) == 0 && layers.missing.count(visible_name_of(h)) == 0 &&
+            in.store->remove(h)) {
             plan->removed.push_back(h + ", left over from an interrupted chain edit");
         }
     }

@@ -28,8 +28,23 @@ class FailingOpenStore final : public Store {
     explicit FailingOpenStore(std::unique_ptr<Store> inner) : inner_(std::move(inner)) {}
     std::map<std::string, int> fail_open;  // name -> errno
     std::map<std::string, int> opens;      // name -> how often open() was called
+    bool one_name_only = false;            // as a pool: no hard links, edits rename
+    int open_elsewhere_errno = 0;          // open_elsewhere() fails with it (0: "no")
 
-    [[nodiscard]] const StoreCaps& caps() const override { return inner_->caps(); }
+    [[nodiscard]] const StoreCaps& caps() const override {
+        if (!one_name_only) {
+            return inner_->caps();
+        }
+        pool_caps_ = inner_->caps();
+        pool_caps_.second_names = false;
+        return pool_caps_;
+    }
+    Result<bool> open_elsewhere(const std::string& name) override {
+        if (open_elsewhere_errno != 0) {
+            return make_error(open_elsewhere_errno, "{}: injected", name);
+        }
+        return false;
+    }
     [[nodiscard]] const std::string& display_name() const override {
         return inner_->display_name();
     }
@@ -66,6 +81,7 @@ class FailingOpenStore final : public Store {
 
   private:
     std::unique_ptr<Store> inner_;
+    mutable StoreCaps pool_caps_;
 };
 
 class UnservedUsersTest : public ::testing::Test {
@@ -186,6 +202,31 @@ TEST_F(UnservedUsersTest, ScanKeepsHiddenNamesWhileAHeaderCannotBeRead) {
     ASSERT_EQ(::unlink(dir_.file("vm3.qcow2").c_str()), 0);
     ScanPlan removed = plan_scan(in);
     ASSERT_EQ(removed.removed.size(), 1U);
+    EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+}
+
+// In a store whose edits rename (a pool), a crash can leave a header naming a layer that now
+// exists only under its hidden name. While the scan cannot tell whether another host's edit is
+// under way (open_elsewhere fails), it neither renames it back nor deletes it.
+TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerItDeclinedToRenameBack) {
+    put("old.qcow2", "");
+    put("vm3.qcow2", "old.qcow2");
+    ASSERT_EQ(
+        ::rename(dir_.file("old.qcow2").c_str(), dir_.file(".imgfs-old.qcow2.removing").c_str()),
+        0);
+    store_->one_name_only = true;
+    store_->open_elsewhere_errno = ETIMEDOUT;
+    ScanInput in;
+    in.store = store_.get();
+    in.remove_leftovers = true;
+    ScanPlan declined = plan_scan(in);
+    EXPECT_TRUE(declined.removed.empty());
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+
+    // Once it can be checked, the scan renames it back.
+    store_->open_elsewhere_errno = 0;
+    ScanPlan restored = plan_scan(in);
+    EXPECT_TRUE(std::filesystem::exists(dir_.file("old.qcow2")));
     EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
 }
 
