@@ -285,13 +285,31 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         }
         FuseServer server(loop.get(), (*mount)->fd(), &fs, log, so);
         images.set_transport([&server] { return server.transport(); });
-        log->info("serving {} on {} ({} image{})", cmd.image_dir, cmd.mountpoint,
-                  images.exports().size(), images.exports().size() == 1 ? "" : "s");
-        ready->report("");
         Daemon d{loop.get(), log, mount->get(), sfd.get()};
+        // The mount is reported up once the kernel's INIT is answered: until then nothing can
+        // use it, and INIT can still refuse the connection (uring=on without the ring).
+        bool init_failed = false;
+        server.on_init([&](const Status& init) {
+            if (init) {
+                log->info("serving {} on {} ({} image{}) through {}", cmd.image_dir, cmd.mountpoint,
+                          images.exports().size(), images.exports().size() == 1 ? "" : "s",
+                          server.transport());
+                ready->report("");
+                return;
+            }
+            init_failed = true;
+            log->error("{}", init.error().message());
+            ready->report(init.error().message());
+            if (Status st = d.mount->detach(); !st) {  // nothing has the mount open yet
+                log->error("{}", st.error().message());
+            }
+        });
         // A mount whose images did not all close cleanly did not end well: its exit status
         // says so (for systemd or whoever ran `mount -f`), beside the log lines.
-        if (Status served = sync_wait(loop.get(), serve(&d, &server, &images, &jobs)); !served) {
+        Status served = sync_wait(loop.get(), serve(&d, &server, &images, &jobs));
+        if (init_failed) {
+            exit_code = 1;
+        } else if (!served) {
             exit_code = 1;
             // Written before the pid file goes: `imgfs unmount` looks once the daemon is gone.
             std::ofstream(failure_file) << served.error().message() << "\n";

@@ -195,8 +195,17 @@ FuseReply FuseServer::oversized_request_reply(uint32_t opcode) {
     }
 }
 
+void FuseServer::init_done(const Status& result) {
+    if (on_init_) {
+        auto callback = std::move(on_init_);  // once: a second INIT is refused as a bug
+        on_init_ = nullptr;
+        callback(result);
+    }
+}
+
 Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     if (req->arg.size() < offsetof(fuse_init_in, flags) + sizeof(uint32_t)) {
+        init_done(make_error(EINVAL, "the kernel's FUSE INIT request is too short"));
         co_return FuseReply::err(EINVAL);
     }
     fuse_init_in in{};
@@ -221,13 +230,17 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     uint32_t kernel_flags2 = (in.flags & FUSE_INIT_EXT) != 0 ? in.flags2 : 0;
     uring_accepted_ = offer_uring(in.flags, kernel_flags2, &out.flags, &out.flags2);
     if (!uring_accepted_ && options_.uring == fuse_uring::Mode::kOn) {
-        // uring=on promised this transport: refusing INIT fails the connection.
+        // uring=on promised this transport: refusing INIT fails the connection, and the
+        // daemon reports the mount failed rather than up.
+        init_done(make_error(EPROTO, "uring=on: FUSE-over-io_uring is not available: {}",
+                             uring_refusal_));
         co_return FuseReply::err(EPROTO);
     }
     initialised_ = true;
     log_->debug("FUSE connection 7.{} (kernel 7.{}), max_write {}, {}", out.minor, in.minor,
                 out.max_write, transport());
     handler_->connected();
+    init_done(Status{});
     co_return FuseReply::of(out);
 }
 

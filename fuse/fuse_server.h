@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -120,8 +121,12 @@ class FuseServer {
     [[nodiscard]] uint64_t requests_served() const { return served_; }
     [[nodiscard]] uint32_t max_concurrent() const { return max_concurrent_; }
     [[nodiscard]] uint32_t kernel_minor() const { return kernel_minor_; }
-    /// Which transport serves the requests: "io_uring (Q queues x E entries)" or "/dev/fuse".
+    /// Which transport serves the requests: "io_uring (Q queues x E entries)" or "/dev/fuse",
+    /// with the reason when a ring the kernel accepted is not in use.
     [[nodiscard]] std::string transport() const;
+    /// Called once INIT is answered: success, or why the connection was refused (uring=on
+    /// without the ring). The mount is only usable, and so only reported up, after it.
+    void on_init(std::function<void(const Status&)> callback) { on_init_ = std::move(callback); }
 
   private:
     struct RequestBuffer;
@@ -135,6 +140,8 @@ class FuseServer {
     Task<void> reader();
     /// One ring entry: registers it, then serves one request at a time through it.
     Task<void> ring_entry(RingEntry* entry);
+    /// Counts a registration the kernel refused, and says so once a queue has none left.
+    void note_refused_entry(uint16_t qid, int error);
     /// On the server's loop: the request in `entry`'s buffers, answered in them.
     Task<void> serve_ring_request(RingEntry* entry);
     Task<FuseReply> dispatch(FuseRequest* req);
@@ -146,6 +153,7 @@ class FuseServer {
     void start_ring();
     Task<void> process(RequestBuffer* buf, size_t length);
     Task<FuseReply> handle_init(FuseRequest* req);
+    void init_done(const Status& result);
     Task<void> send(uint64_t unique, FuseReply reply);
     Task<RequestBuffer*> take_buffer();
     void give_buffer(RequestBuffer* buf);
@@ -168,8 +176,13 @@ class FuseServer {
     std::vector<std::unique_ptr<RingEntry>> ring_entries_;
     uint32_t ring_queues_ = 0;
     bool uring_accepted_ = false;  // INIT offered it and the kernel takes it
-    uint32_t ring_live_ = 0;       // entries registered and serving
-    uint32_t ring_remote_ = 0;     // entries served by another loop and not yet ended
+    // Registrations the kernel refused, per queue. A queue with none left keeps the kernel
+    // on /dev/fuse for the whole connection.
+    std::vector<uint32_t> ring_refused_;
+    int ring_refusal_errno_ = 0;
+    std::string uring_refusal_;  // why INIT did not take the ring
+    std::function<void(const Status&)> on_init_;
+    uint32_t ring_remote_ = 0;  // entries served by another loop and not yet ended
     bool stopping_ = false;
     bool initialised_ = false;
     uint32_t kernel_minor_ = 0;

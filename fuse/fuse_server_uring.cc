@@ -41,12 +41,17 @@ void prep_fuse_cmd(io_uring_sqe* sqe, int fd, uint32_t cmd_op, const fuse_uring:
 }  // namespace
 
 std::string FuseServer::transport() const {
-    if (!uring_accepted_) {
-        return "/dev/fuse";
+    fuse_uring::RingState ring;
+    ring.accepted = uring_accepted_;
+    ring.queues = ring_queues_;
+    ring.entries_per_queue = options_.uring_entries_per_queue;
+    ring.loops = static_cast<uint32_t>(1 + options_.ring_loops.size());
+    ring.register_error = ring_refusal_errno_;
+    for (uint32_t refused : ring_refused_) {
+        ring.failed_entries += refused;
+        ring.queues_without_entries += refused == ring.entries_per_queue ? 1 : 0;
     }
-    size_t loops = 1 + options_.ring_loops.size();
-    return fmt::format("io_uring ({} queues x {} entries, {} loop{})", ring_queues_,
-                       options_.uring_entries_per_queue, loops, loops == 1 ? "" : "s");
+    return fuse_uring::describe(ring);
 }
 
 bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
@@ -81,6 +86,7 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
         }
     }
     if (!why.empty()) {
+        uring_refusal_ = why;
         if (options_.uring == Mode::kOn) {
             log_->error("uring=on: FUSE-over-io_uring is not available: {}", why);
         } else {
@@ -100,6 +106,7 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
 
 void FuseServer::start_ring() {
     const uint32_t per_queue = options_.uring_entries_per_queue;
+    ring_refused_.assign(ring_queues_, 0);
     for (uint32_t q = 0; q < ring_queues_; ++q) {
         for (uint32_t i = 0; i < per_queue; ++i) {
             auto e = std::make_unique<RingEntry>();
@@ -192,8 +199,9 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
     });
     co_await ring->resume_on(loop_);
-    if (res == 0) {
-        ++ring_live_;
+    const bool refused = res < 0 && res != -ENOTCONN && res != -ECANCELED && res != -ENODEV;
+    if (refused) {
+        note_refused_entry(entry->qid, -res);
     }
     while (res == 0) {
         auto* hdr = reinterpret_cast<fuse_uring::ReqHeader*>(entry->header.data());
@@ -206,11 +214,35 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         co_await ring->resume_on(loop_);
     }
     // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.
-    if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV) {
+    if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV && !refused) {
         log_->error("FUSE ring entry on queue {}: {}", entry->qid, strerror(-res));
     }
     if (ring != loop_ && --ring_remote_ == 0) {
         loop_->hold_for_posts(-1);
+    }
+}
+
+void FuseServer::note_refused_entry(uint16_t qid, int error) {
+    if (ring_refusal_errno_ == 0) {
+        ring_refusal_errno_ = error;
+        log_->warn("the kernel refused a FUSE ring entry of queue {}: {}", qid, strerror(error));
+    }
+    const uint32_t refused = ++ring_refused_[qid];
+    if (refused != options_.uring_entries_per_queue) {
+        return;
+    }
+    // The kernel switches to the ring only once every queue holds an entry, so this queue
+    // keeps the whole connection on /dev/fuse. Requests are still served; status says how.
+    if (options_.uring == fuse_uring::Mode::kOn) {
+        log_->error(
+            "uring=on: the kernel refused every ring entry of queue {} ({}); serving "
+            "/dev/fuse instead",
+            qid, strerror(error));
+    } else {
+        log_->info(
+            "uring={}: the kernel refused every ring entry of queue {} ({}); serving "
+            "/dev/fuse",
+            fuse_uring::mode_name(options_.uring), qid, strerror(error));
     }
 }
 

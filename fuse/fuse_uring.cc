@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 
 namespace imgfs::fuse_uring {
@@ -42,6 +43,25 @@ std::string unavailable_reason() {
         return std::string(param) + " is " + value + " (echo Y > " + param + " switches it on)";
     }
     return {};
+}
+
+std::string describe(const RingState& ring) {
+    if (!ring.accepted) {
+        return "/dev/fuse";
+    }
+    const char* error = std::strerror(ring.register_error);
+    if (ring.queues_without_entries != 0) {
+        return fmt::format(
+            "/dev/fuse (FUSE-over-io_uring unused: the kernel refused every entry of {} of {} "
+            "queues: {})",
+            ring.queues_without_entries, ring.queues, error);
+    }
+    std::string text = fmt::format("io_uring ({} queues x {} entries, {} loop{}", ring.queues,
+                                   ring.entries_per_queue, ring.loops, ring.loops == 1 ? "" : "s");
+    if (ring.failed_entries != 0) {
+        text += fmt::format(", {} entries refused: {}", ring.failed_entries, error);
+    }
+    return text + ")";
 }
 
 Result<uint32_t> possible_cpus() {

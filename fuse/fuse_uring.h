@@ -60,6 +60,22 @@ const char* mode_name(Mode mode);
 /// enable_uring parameter is off or absent).
 std::string unavailable_reason();
 
+/// What serves a connection's requests, as `status` shows it.
+struct RingState {
+    bool accepted = false;  // offered in INIT and taken by the kernel
+    uint32_t queues = 0;    // the kernel's queues (one per possible CPU)
+    uint32_t entries_per_queue = 0;
+    uint32_t loops = 1;                   // event loops the queues are spread over
+    uint32_t failed_entries = 0;          // entries whose registration the kernel refused
+    uint32_t queues_without_entries = 0;  // queues where every registration failed
+    int register_error = 0;               // the first refusal's errno
+};
+
+/// "io_uring (Q queues x E entries, L loops)", or "/dev/fuse" with the reason when the ring
+/// was accepted but the kernel never switched to it: it does so only once every queue holds
+/// an entry.
+std::string describe(const RingState& ring);
+
 /// How many queues the kernel keeps: one per possible CPU (/sys/devices/system/cpu/possible).
 Result<uint32_t> possible_cpus();
 

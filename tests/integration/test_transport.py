@@ -210,6 +210,59 @@ class Transport(harness.ImageDirTest):
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("uring=sometimes: expected auto, on or off", p.stderr)
 
+    def test_uring_on_fails_the_mount_when_init_refuses_the_ring(self):
+        """The kernel reads enable_uring when it sends INIT, after the daemon's own check: a
+        switch-off in between makes INIT come without the ring. The mount must then fail with
+        the reason, not be reported up and refuse every request. strace holds the daemon's
+        mount(2) while the test switches the ring off."""
+        harness.require_tools("strace")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        self.set_uring("Y")
+        mnt = self.dir + "-mnt"
+        os.mkdir(mnt)
+        self.addCleanup(os.rmdir, mnt)
+        self.addCleanup(lambda: harness.is_mounted(mnt) and run(["umount", "-l", mnt]))
+        self.addCleanup(harness.kill_all, "imgfs mount -o uring=on " + self.dir)
+        p = subprocess.Popen(
+            ["strace", "-f", "-o", "/dev/null", "-e", "trace=mount", "-e",
+             "inject=mount:delay_enter=2s", harness.IMGFS, "mount", "-o", "uring=on",
+             self.dir, mnt],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: p.poll() is not None or p.kill())
+        deadline = time.monotonic() + 20
+        while not self.process_in_mount_syscall():
+            self.assertIsNone(p.poll(), "the daemon exited before mount(2)")
+            self.assertLess(time.monotonic(), deadline, "the daemon never reached mount(2)")
+            time.sleep(0.01)
+        self.set_uring("N")
+        _, err = p.communicate(timeout=60)
+        self.assertNotEqual(p.returncode, 0, err)
+        self.assertIn("uring=on: FUSE-over-io_uring is not available: the kernel did not offer "
+                      "it in INIT", err)
+        self.assertFalse(harness.is_mounted(mnt))
+        # The daemon has gone, and no image was harmed.
+        self.assertEqual(run(["pgrep", "-f", "imgfs mount -o uring=on " + self.dir],
+                             check=False).returncode, 1)
+        c = check(self.img("data.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+
+    @staticmethod
+    def process_in_mount_syscall():
+        """Whether an imgfs process is inside mount(2) (x86_64 syscall 165)."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/syscall") as f:
+                    number = f.read().split()[0]
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+            except (OSError, IndexError):
+                continue
+            if number == "165" and "imgfs" in stat:
+                return True
+        return False
+
 
 if __name__ == "__main__":
     harness.main()
