@@ -67,14 +67,42 @@ Result<std::shared_ptr<Node>> LocalFile::into_node(NodeEnv env, std::string name
     return std::shared_ptr<Node>(std::move(node));
 }
 
+namespace {
+
+// Images are opened with O_NONBLOCK, because a name can point at a FIFO (a backing name
+// is whatever the image says) and opening one for reading waits for a writer: the mount,
+// or the whole event loop, would hang. Only a regular file or a block device is an image;
+// the flag is then cleared, as io_uring would otherwise fail buffered I/O with EAGAIN.
+Result<UniqueFd> image_fd(int raw_fd, const std::string& path) {
+    UniqueFd fd(raw_fd);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) {
+        return make_error(errno, "stat '{}'", path);
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        return make_error(EINVAL, "'{}' is not a regular file or block device", path);
+    }
+    int flags = ::fcntl(fd.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
+        return make_error(errno, "fcntl '{}'", path);
+    }
+    return fd;
+}
+
+int open_flags(bool read_only, bool direct) {
+    return O_CLOEXEC | O_NONBLOCK | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0);
+}
+
+}  // namespace
+
 Result<std::unique_ptr<StoreFile>> open_host_file(const std::string& path, bool read_only,
                                                   bool direct) {
-    int fd =
-        ::open(path.c_str(), O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0));
-    if (fd < 0) {
+    int raw_fd = ::open(path.c_str(), open_flags(read_only, direct));
+    if (raw_fd < 0) {
         return make_error(errno, "cannot open '{}'", path);
     }
-    TRY_ASSIGN(std::unique_ptr<LocalFile> file, LocalFile::from_fd(UniqueFd(fd), path));
+    TRY_ASSIGN(UniqueFd fd, image_fd(raw_fd, path));
+    TRY_ASSIGN(std::unique_ptr<LocalFile> file, LocalFile::from_fd(std::move(fd), path));
     return std::unique_ptr<StoreFile>(std::move(file));
 }
 
@@ -210,7 +238,7 @@ Status LocalDirStore::lock_for_serving() {
 
 Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_only, bool direct) {
     open_how how{};
-    how.flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) | (direct ? O_DIRECT : 0);
+    how.flags = static_cast<uint64_t>(open_flags(read_only, direct));
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
     long fd = ::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof how);
     if (fd < 0) {
@@ -220,7 +248,7 @@ Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_onl
         }
         return make_error(err, "cannot open '{}'", path);
     }
-    return UniqueFd(static_cast<int>(fd));
+    return image_fd(static_cast<int>(fd), path);
 }
 
 std::string real_dir_path(int dir_fd) {

@@ -71,6 +71,27 @@ TEST_F(LocalDirStoreTest, OpenStaysBeneathTheDirectory) {
     }
 }
 
+TEST_F(LocalDirStoreTest, OpensOnlyFilesAndNeverWaitsOnAFifo) {
+    // A backing name may name a FIFO; opening one for reading waits for a writer.
+    ASSERT_EQ(::mkfifo(dir_.file("pipe.raw").c_str(), 0644), 0);
+    ASSERT_EQ(::mkdir(dir_.file("sub.raw").c_str(), 0755), 0);
+    for (bool read_only : {true, false}) {
+        for (const char* name : {"pipe.raw", "sub.raw"}) {
+            auto r = store_->open(name, read_only, false);
+            ASSERT_FALSE(r.ok()) << name;
+            // (A directory opened for writing fails in open(2) already, with EISDIR.)
+            if (read_only || std::string(name) == "pipe.raw") {
+                EXPECT_EQ(r.error().errnum, EINVAL) << name;
+                EXPECT_EQ(r.error().context,
+                          fmt::format("'{}' is not a regular file or block device", name));
+            }
+        }
+        auto host = open_host_file(dir_.file("pipe.raw"), read_only, false);
+        ASSERT_FALSE(host.ok());
+        EXPECT_EQ(host.error().errnum, EINVAL);
+    }
+}
+
 TEST_F(LocalDirStoreTest, CreateAndRenameNeverReplace) {
     put("taken.qcow2", "keep");
     EXPECT_EQ(store_->create_exclusive("taken.qcow2").error().errnum, EEXIST);

@@ -534,6 +534,13 @@ def _mk_symlink_out(ctx, d, name):
     return [name + ".qcow2"]
 
 
+def _mk_fifo_backing(ctx, d, name):
+    # Opening a FIFO for reading waits for a writer: the scan must not.
+    os.mkfifo(os.path.join(d, name + "_pipe.raw"))
+    _overlay(d, name + ".qcow2", name + "_pipe.raw")
+    return [name + ".qcow2"]
+
+
 def _mk_unrecorded_format(ctx, d, name):
     base = os.path.join(d, name + "_base.img")
     qemu_img("create", "-q", "-f", "raw", base, "1M")
@@ -762,6 +769,8 @@ CASES = [
       "first sector holds a qcow2 header (backing format extension removed)", REFUSED,
       _mk_unrecorded_format, log="refusing to guess",
       exports=["unrecorded_fmt", "unrecorded_fmt_base"]),
+    C("fifo", "chains", "backing = fifo_pipe.raw, a FIFO", REFUSED, _mk_fifo_backing,
+      log="'fifo_pipe.raw' is not a regular file or block device"),
     C("missing", "chains", "backing = missing_base.img, which does not exist", REFUSED,
       _mk_overlay_on("missing_base.img"), log="cannot open 'missing_base.img'"),
 ]
