@@ -1,7 +1,9 @@
 #include "drivers/rbd/rados.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace imgfs {
 
@@ -110,6 +112,57 @@ RbdPool::~RbdPool() {
 std::string RbdPool::display_name() const {
     return name_space_.empty() ? "rbd:" + pool_ : "rbd:" + pool_ + "/" + name_space_;
 }
+
+namespace {
+
+// The write cache is switched off for imgfs's cluster handle (see connect), but a pool's or
+// an image's own configuration overrides the client's. A write-through cache (no dirty
+// bytes allowed) acknowledges only what the cluster has, so that one is harmless.
+Status write_cache_off(rbd_image_t image, const std::string& where) {
+    int count = 0;
+    int r = rbd_config_image_list(image, nullptr, &count);
+    std::vector<rbd_config_option_t> options(static_cast<size_t>(std::max(count, 0)));
+    if (r == -ERANGE) {
+        r = rbd_config_image_list(image, options.data(), &count);
+    }
+    if (r < 0) {
+        return make_error(-r, "{}: cannot read the image's librbd configuration", where);
+    }
+    bool cache = false;
+    bool dirty_allowed = true;
+    const char* source = "the client's configuration";
+    for (int i = 0; i < count; ++i) {
+        const std::string name = options[static_cast<size_t>(i)].name;
+        const std::string value = options[static_cast<size_t>(i)].value;
+        if (name == "rbd_cache") {
+            cache = value == "true";
+            switch (options[static_cast<size_t>(i)].source) {
+                case RBD_CONFIG_SOURCE_POOL:
+                    source = "the pool's configuration (rbd config pool ...)";
+                    break;
+                case RBD_CONFIG_SOURCE_IMAGE:
+                    source = "the image's configuration (rbd config image ...)";
+                    break;
+                case RBD_CONFIG_SOURCE_CONFIG:
+                    break;
+            }
+        } else if (name == "rbd_cache_max_dirty") {
+            dirty_allowed = value != "0";
+        }
+    }
+    rbd_config_image_list_cleanup(options.data(), count);
+    if (cache && dirty_allowed) {
+        return make_error(EINVAL,
+                          "{}: librbd's write cache is on for it (rbd_cache=true in {}); imgfs "
+                          "writes an image only with it off, so that every write it "
+                          "acknowledges is in the cluster. Remove the setting or set "
+                          "rbd_cache_max_dirty=0 for this image",
+                          where, source);
+    }
+    return {};
+}
+
+}  // namespace
 
 Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string& name,
                                 bool read_only) {
@@ -221,7 +274,12 @@ Result<bool> RbdImage::held_by_live_client() const {
     return alive;
 }
 
+Status RbdImage::check_write_cache_off() const {
+    return write_cache_off(image_, pool_->display_name() + "/" + name_);
+}
+
 Status RbdImage::lock_exclusive() const {
+    TRY(check_write_cache_off());  // every writer takes the lock before its first write
     // Asked for the lock, a client under librbd's automatic policy (QEMU, rbd map, any client
     // that never took it explicitly) hands it over and waits to get it back: asking a live
     // owner would make this host a second writer of an image in use. Only a lock whose owner

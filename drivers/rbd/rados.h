@@ -126,6 +126,10 @@ class RbdImage {
     /// client holds it, whatever its lock policy: it is never asked to hand the lock over.
     /// Blocking.
     [[nodiscard]] Status lock_exclusive() const;
+    /// Fails unless librbd acknowledges a write of this image only once the cluster has it:
+    /// the pool's or the image's configuration can switch its write-back cache on again.
+    /// Checked before any writer's first write (lock_exclusive) and when a top is opened.
+    [[nodiscard]] Status check_write_cache_off() const;
     /// Whether a client that still has the image open (watches it) owns its exclusive lock.
     /// Blocking.
     [[nodiscard]] Result<bool> held_by_live_client() const;

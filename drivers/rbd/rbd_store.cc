@@ -214,6 +214,7 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
     TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
     TRY_ASSIGN(std::string id, image.id());
     if (!read_only && lock == Lock::kDeferred) {
+        TRY(image.check_write_cache_off());
         TRY(image.check_no_writer());
     }
     if (!read_only && lock == Lock::kNow) {

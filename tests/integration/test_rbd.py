@@ -681,6 +681,41 @@ class RbdPool(harness.ImageDirTest):
             os.fsync(f.fileno())
         m.stop()
 
+    def test_an_image_configured_with_a_write_cache_is_not_written(self):
+        # An image's own configuration overrides the client's rbd_cache=false. With librbd's
+        # write-back cache a write is acknowledged before the cluster has it, and a full pool
+        # then drops it: such an image is not served for writing, and says why.
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/disk.raw"])
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/other.raw"])
+        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/disk.raw", "rbd_cache", "true"])
+        # A layer that is only read may have it: reads are not at risk.
+        self.make_chains("16M", "write -P 0x21 0 1M")
+        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/base.qcow2", "rbd_cache",
+             "true"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), ["other", "vm1"])
+        with open(m.path(".control", "skipped")) as f:
+            skipped = f.read()
+        self.assertIn("disk.raw: librbd's write cache is on for it (rbd_cache=true in the "
+                      "image's configuration", skipped)
+        with open(m.path("vm1.raw"), "rb") as f:
+            self.assertEqual(f.read(MiB + 1), b"\x21" * MiB + b"\0")
+        # Writing it, as a commit would, is refused with the reason.
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
+        error = self.job_outcome(m, "vm1", 120)
+        self.assertIn("librbd's write cache is on for it", error or "")
+        self.check_layers(["vm1.qcow2", "base.qcow2"])
+        # A write-through cache acknowledges only what the cluster has.
+        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/disk.raw",
+             "rbd_cache_max_dirty", "0"])
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertEqual(m.exports(), ["disk", "other", "vm1"])
+        with open(m.path("disk.raw"), "r+b") as f:
+            f.write(b"\x63" * 4096)
+            os.fsync(f.fileno())
+        m.stop()
+        self.assertEqual(self.converted("disk.raw")[:4097], b"\x63" * 4096 + b"\0")
+
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS
         run([imgfs, "create", self.url("base.qcow2"), "16M"])
