@@ -13,6 +13,15 @@ Error rbd_error(int negative_errno, uint32_t timeout_s, std::string context) {
         return make_error(EIO, "{}: the Ceph cluster did not answer within {} s", context,
                           timeout_s);
     }
+    if (err == ESHUTDOWN) {
+        // librbd's EBLOCKLISTED: the cluster fenced this client off, which happens when
+        // another client broke the lock it held (its watch had lapsed). Nothing it sends is
+        // taken any more; to the user that is an I/O error with the reason.
+        return make_error(EIO,
+                          "{}: the Ceph cluster blocklisted this client (another client broke "
+                          "its lock); unmount and mount again to serve it",
+                          context);
+    }
     if (err <= 0) {
         err = EIO;
     }

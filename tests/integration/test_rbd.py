@@ -757,6 +757,36 @@ class RbdPool(harness.ImageDirTest):
             self.assertEqual(f.read(MiB), b"\x21" * MiB)
         m.stop()
 
+    def test_a_blocklisted_client_gets_eio_with_the_reason(self):
+        # The cluster fences a client off (as when another host broke its lock after its
+        # watch lapsed): librbd then fails everything with ESHUTDOWN, which the user must see
+        # as EIO with the reason, the daemon staying up and unmounting cleanly.
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/disk.raw"])
+        m = self.mount_pool()
+        with open(m.path("disk.raw"), "r+b") as f:
+            f.write(b"\x66" * MiB)
+            os.fsync(f.fileno())
+        status = json.loads(run(["rbd", "status", "--format", "json",
+                                 f"rbd/{self.ns}/disk.raw"]).stdout)
+        addresses = [w["address"] for w in status["watchers"]]
+        self.assertEqual(len(addresses), 1, status)
+        run(["ceph", "osd", "blocklist", "add", addresses[0]])
+        self.addCleanup(run, ["ceph", "osd", "blocklist", "rm", addresses[0]], check=False)
+        t0 = time.time()
+        p = run(["dd", "if=/dev/zero", f"of={m.path('disk.raw')}", "bs=64k", "count=4",
+                 "seek=64", "oflag=direct", "conv=notrunc,fsync"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("Input/output error", p.stderr)
+        self.assertLess(time.time() - t0, 30)
+        self.assertIn("the Ceph cluster blocklisted this client", m.read_log())
+        self.assertTrue(os.path.exists(m.path(".control")))
+        # The unmount ends promptly; its status says the image could not be flushed.
+        p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("blocklisted this client", p.stderr + m.read_log())
+        self.assertEqual(m.wait_exit(90), 1)
+        self.assertEqual(self.converted("disk.raw")[:MiB + 1], b"\x66" * MiB + b"\0")
+
     def test_stopped_osd_gives_eio_within_the_deadline(self):
         # A cluster of its own: an OSD paused for long loses its placement groups' read leases
         # and may leave them waiting, which must not reach the other tests.
