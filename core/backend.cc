@@ -56,6 +56,30 @@ Status BlockBackend::check_writable() const {
     return {};
 }
 
+Task<Status> BlockBackend::enter_for_write(const char* op) {
+    // Each pass claims at most once; a claim stays taken, so only a graph change that puts
+    // another unclaimed top in place (a revert) makes a second pass claim again.
+    for (int claims = 0;; ++claims) {
+        if (claims == 4) {
+            co_return note(op, make_error(EIO,
+                                          "{}: the chain's top kept changing before it "
+                                          "could be claimed for writing",
+                                          name_));
+        }
+        CO_TRY(co_await enter());
+        CO_TRY(check_writable());
+        if (!claim_pending()) {
+            // Nothing suspends between here and the caller's InFlightGuard, so a drain that
+            // starts later waits for this request.
+            co_return Status{};
+        }
+        // The claim suspends (it takes a cluster lock) while the request is not yet in
+        // flight, so a job's drain may begin and end meanwhile, or be under way when it
+        // returns: enter again rather than write into a drained section.
+        CO_TRY(co_await claim_writes(op));
+    }
+}
+
 Task<Status> BlockBackend::claim_writes(std::string op) {
     if (!claim_pending()) {
         co_return Status{};
@@ -83,25 +107,19 @@ Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
 }
 
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
-    CO_TRY(co_await enter());
-    CO_TRY(check_writable());
-    CO_TRY(co_await claim_writes("write"));
+    CO_TRY(co_await enter_for_write("write"));
     InFlightGuard guard(this);
     co_return note("write", co_await root()->write(offset, buf));
 }
 
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
-    CO_TRY(co_await enter());
-    CO_TRY(check_writable());
-    CO_TRY(co_await claim_writes("write-zeroes"));
+    CO_TRY(co_await enter_for_write("write-zeroes"));
     InFlightGuard guard(this);
     co_return note("write-zeroes", co_await root()->write_zeroes(offset, bytes, may_unmap));
 }
 
 Task<Status> BlockBackend::discard(uint64_t offset, uint64_t bytes) {
-    CO_TRY(co_await enter());
-    CO_TRY(check_writable());
-    CO_TRY(co_await claim_writes("discard"));
+    CO_TRY(co_await enter_for_write("discard"));
     InFlightGuard guard(this);
     co_return note("discard", co_await root()->discard(offset, bytes));
 }
@@ -113,12 +131,10 @@ Task<Status> BlockBackend::flush() {
 }
 
 Task<Status> BlockBackend::truncate(uint64_t new_size) {
-    CO_TRY(co_await enter());
-    CO_TRY(check_writable());
+    CO_TRY(co_await enter_for_write("truncate"));
     if ((root()->perm() & perm::kResize) == 0) {
         co_return make_error(EPERM, "{} may not change its size", name_);
     }
-    CO_TRY(co_await claim_writes("truncate"));
     InFlightGuard guard(this);
     co_return note("truncate", co_await root()->truncate(new_size));
 }

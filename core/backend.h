@@ -84,6 +84,10 @@ class BlockBackend final : public ChildOwner {
   private:
     /// Waits while drained, then checks that there is an image to serve.
     Task<Status> enter();
+    /// enter() for a request that writes: also requires the chain writable and claimed,
+    /// claiming it if needed. Returns with no drain under way, so the caller's InFlightGuard,
+    /// taken without suspending, keeps later drains waiting for the request.
+    Task<Status> enter_for_write(const char* op);
     Status check_writable() const;
     /// Records a request's outcome in io_failure_ and passes it on.
     Status note(const char* op, Status st);

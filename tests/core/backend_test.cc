@@ -50,6 +50,37 @@ class PassFilter final : public Node {
     }
 };
 
+// A layer whose storage must be claimed before its first write (as an RBD image takes its
+// cluster lock), the claim suspending until the test lets it finish.
+class ClaimedLayer final : public Node {
+  public:
+    ClaimedLayer(NodeEnv env, uint64_t size) : Node(env, "claimed") { size_ = size; }
+    [[nodiscard]] const char* driver_name() const override { return "claimed"; }
+    [[nodiscard]] bool claim_pending() const override { return pending_; }
+    Task<Result<bool>> claim_writes() override {
+        ++claims_started;
+        while (!let_claim_finish) {
+            co_await env_.loop->sleep(std::chrono::milliseconds(1));
+        }
+        pending_ = false;
+        co_return true;
+    }
+    bool let_claim_finish = false;
+    int claims_started = 0;
+    int writes = 0;
+
+  protected:
+    Task<Status> do_read(uint64_t, MutBuf) override { co_return Status{}; }
+    Task<Status> do_write(uint64_t, ConstBuf) override {
+        ++writes;
+        co_return Status{};
+    }
+    Task<Status> do_flush() override { co_return Status{}; }
+
+  private:
+    bool pending_ = true;
+};
+
 class BackendTest : public test::LoopTest {
   protected:
     static Task<void> status_of(BlockBackend* be, Result<ChainStatus>* out, bool* done) {
@@ -57,6 +88,10 @@ class BackendTest : public test::LoopTest {
         *done = true;
     }
     static Task<void> join(TaskScope* s) { co_await s->join(); }
+    static Task<void> write_and_note(BlockBackend* be, ConstBuf buf, Status* out, bool* done) {
+        *out = co_await be->write(0, buf);
+        *done = true;
+    }
     Task<void> tick() { co_await loop_->sleep(std::chrono::milliseconds(1)); }
 };
 
@@ -100,6 +135,34 @@ TEST_F(BackendTest, BlockStatusWaitsWhileTheChainIsDrained) {
     run(join(&scope));
     EXPECT_TRUE(done);
     EXPECT_TRUE(st.ok());
+}
+
+TEST_F(BackendTest, AWriteThatClaimedTheChainWaitsForADrainThatBeganMeanwhile) {
+    auto layer = std::make_shared<ClaimedLayer>(env(), 1 << 20);
+    BlockBackend* be = use_rw(layer);
+    std::vector<uint8_t> buf(4096);
+    Status written = Error{};
+    bool done = false;
+    TaskScope scope(loop_.get());
+    scope.spawn(write_and_note(be, buf, &written, &done));
+    while (layer->claims_started == 0) {
+        run(tick());
+    }
+    // The claim suspends before the write is in flight, so a job's drain completes now.
+    std::vector<std::shared_ptr<Node>> nodes{layer};
+    DrainGuard drained = run(drain(nodes));
+    layer->let_claim_finish = true;
+    for (int i = 0; i < 5; ++i) {
+        run(tick());
+    }
+    EXPECT_EQ(layer->writes, 0) << "the write ran inside a drained section";
+    EXPECT_FALSE(done);
+    drained.end();
+    run(join(&scope));
+    EXPECT_TRUE(done);
+    EXPECT_TRUE(written.ok());
+    EXPECT_EQ(layer->writes, 1);
+    EXPECT_EQ(layer->claims_started, 1);
 }
 
 TEST_F(BackendTest, FencedBackendRefusesEveryRequest) {
