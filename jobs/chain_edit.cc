@@ -21,8 +21,22 @@ bool has_prefix_and_suffix(const std::string& file, const char* prefix, const ch
            file.compare(file.size() - s, s, suffix) == 0;
 }
 
+// Makes a layer read-only again after rewrite_backing made it writable. The permissions of
+// the writable layer stay in force until the next refresh if the refresh fails here.
+Task<Status> back_to_read_only(ImageSet* images, Node* node) {
+    Status back = co_await node->set_writable(false);
+    Transaction tx(images->env().graph);
+    if (Status refreshed = tx.commit(); !refreshed) {
+        images->env().log->warn(
+            "{}: permissions not refreshed after rewriting its backing "
+            "name: {}",
+            node->name(), refreshed.error().message());
+    }
+    co_return back;
+}
+
 // Rewrites the backing name recorded in a layer (making it writable for the purpose if it is a
-// read-only backing layer, and read-only again afterwards).
+// read-only backing layer, and read-only again afterwards, whatever happens in between).
 Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
                              std::optional<std::string> format) {
     if (!node->caps().backing_name) {
@@ -33,22 +47,21 @@ Task<Status> rewrite_backing(ImageSet* images, Node* node, std::string name,
     if (was_read_only) {
         CO_TRY(co_await node->set_writable(true));
         Transaction tx(images->env().graph);
-        CO_TRY(tx.commit());
+        if (Status granted = tx.commit(); !granted) {
+            // Another user of the layer does not let it be written: it stays read-only.
+            Status back = co_await back_to_read_only(images, node);
+            if (!back) {
+                images->env().log->warn("{}: {}", node->name(), back.error().message());
+            }
+            co_return granted;
+        }
     }
     // The header records the name the way the store's other users open it: "rbd:POOL/IMAGE"
     // in a pool (QEMU looks for a bare name as a local file), the bare name in a directory.
     std::string recorded = name.empty() ? name : images->store()->recorded_name(name);
     Status st = co_await node->set_backing_name(recorded, format);
     if (was_read_only) {
-        Status back = co_await node->set_writable(false);
-        Transaction tx(images->env().graph);
-        if (Status refreshed = tx.commit(); !refreshed) {
-            // The permissions of the writable layer stay in force until the next refresh.
-            images->env().log->warn(
-                "{}: permissions not refreshed after rewriting its backing "
-                "name: {}",
-                node->name(), refreshed.error().message());
-        }
+        Status back = co_await back_to_read_only(images, node);
         if (st) {
             st = std::move(back);
         }
