@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <unistd.h>
 
 namespace imgfs {
 
@@ -226,7 +227,11 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     out.congestion_threshold = static_cast<uint16_t>(options_.max_background * 3 / 4);
     out.max_write = options_.max_write_bytes;
     out.time_gran = 1;
-    out.max_pages = static_cast<uint16_t>(options_.max_write_bytes / 4096);
+    // In the kernel's pages: it sizes a ring entry's payload as max_pages pages, and refuses
+    // to register a buffer smaller than that.
+    const auto page_bytes = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+    out.max_pages =
+        static_cast<uint16_t>(std::max<uint32_t>(1, options_.max_write_bytes / page_bytes));
     uint32_t kernel_flags2 = (in.flags & FUSE_INIT_EXT) != 0 ? in.flags2 : 0;
     uring_accepted_ = offer_uring(in.flags, kernel_flags2, &out.flags, &out.flags2);
     if (!uring_accepted_ && options_.uring == fuse_uring::Mode::kOn) {
