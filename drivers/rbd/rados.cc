@@ -288,6 +288,7 @@ Status RbdImage::check_write_cache_off() const {
 }
 
 Status RbdImage::lock_exclusive() const {
+    TRY(check_lockable());
     TRY(check_write_cache_off());  // every writer takes the lock before its first write
     // Asked for the lock, a client under librbd's automatic policy (QEMU, rbd map, any client
     // that never took it explicitly) hands it over and waits to get it back: asking a live
@@ -310,7 +311,23 @@ Status RbdImage::lock_exclusive() const {
     return {};
 }
 
+Status RbdImage::check_lockable() const {
+    uint64_t features = 0;
+    if (int r = rbd_get_features(image_, &features); r < 0) {
+        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read its features", name_));
+    }
+    if ((features & RBD_FEATURE_EXCLUSIVE_LOCK) == 0) {
+        return make_error(EPERM,
+                          "{} lacks RBD's exclusive-lock feature, without which imgfs cannot "
+                          "keep other hosts from writing it; `rbd feature enable {}/{} "
+                          "exclusive-lock` adds it",
+                          name_, pool_->display_name().substr(4), name_);
+    }
+    return {};
+}
+
 Status RbdImage::check_no_writer() const {
+    TRY(check_lockable());
     // Only a listed owner needs the acquire below (which breaks the lock of one Ceph sees
     // gone): taking a free lock, even for a moment, could fail another host's first write.
     rbd_lock_mode_t mode{};

@@ -130,6 +130,9 @@ class RbdImage {
     /// the pool's or the image's configuration can switch its write-back cache on again.
     /// Checked before any writer's first write (lock_exclusive) and when a top is opened.
     [[nodiscard]] Status check_write_cache_off() const;
+    /// EPERM naming the fix unless the image has the exclusive-lock feature, which is what
+    /// keeps a second host from writing it. Blocking (reads the cached header).
+    [[nodiscard]] Status check_lockable() const;
     /// Whether a client that still has the image open (watches it) owns its exclusive lock.
     /// Blocking.
     [[nodiscard]] Result<bool> held_by_live_client() const;

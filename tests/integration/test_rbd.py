@@ -757,6 +757,22 @@ class RbdPool(harness.ImageDirTest):
             self.assertEqual(f.read(MiB), b"\x21" * MiB)
         m.stop()
 
+    def test_an_image_without_the_lock_feature_is_skipped_with_the_fix(self):
+        # Without exclusive-lock nothing keeps a second host from writing the image.
+        run(["rbd", "create", "--size", "16M", "--image-feature", "layering",
+             f"rbd/{self.ns}/old.raw"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), [])
+        with open(m.path(".control", "skipped")) as f:
+            skipped = f.read()
+        fix = f"rbd feature enable rbd/{self.ns}/old.raw exclusive-lock"
+        self.assertIn("old.raw lacks RBD's exclusive-lock feature", skipped)
+        self.assertIn(fix, skipped)
+        run(fix.split())
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertEqual(m.exports(), ["old"])
+        m.stop()
+
     def test_a_blocklisted_client_gets_eio_with_the_reason(self):
         # The cluster fences a client off (as when another host broke its lock after its
         # watch lapsed): librbd then fails everything with ESHUTDOWN, which the user must see
