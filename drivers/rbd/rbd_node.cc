@@ -163,11 +163,19 @@ Task<void> RbdNode::poll_events() {
         if (r == sizeof signalled) {
             break;
         }
-        // An eventfd read fails only on a bug; retrying keeps the requests' buffers owned.
-        assert(r == -EINTR || r == -EAGAIN);
-        if (r != -EINTR && r != -EAGAIN && env_.log != nullptr) {
-            env_.log->warn("{}: reading the completion eventfd: {}", name(), strerror(-r));
+        if (r == -EINTR || r == -EAGAIN) {
+            continue;
         }
+        // Not expected of an eventfd. The completions are queued in librbd whatever the
+        // eventfd does, so poll for them every millisecond instead of spinning on the error
+        // (the waiters keep their buffers until their requests are done either way).
+        if (!eventfd_failed_ && env_.log != nullptr) {
+            env_.log->warn("{}: reading the completion eventfd: {}; polling for completions",
+                           name(), strerror(-r));
+        }
+        eventfd_failed_ = true;
+        co_await env_.loop->sleep(std::chrono::milliseconds(1));
+        break;
     }
     polling_ = false;
     complete_finished();

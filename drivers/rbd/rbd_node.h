@@ -89,8 +89,9 @@ class RbdNode final : public Node {
     CoMutex resize_mutex_;  // also serialises claim_writes()
     uint64_t in_flight_ = 0;
     bool polling_ = false;
-    bool claimed_ = false;       // claim_writes() ran: something may have been written
-    Op* parked_head_ = nullptr;  // parked waiters, most recent first
+    bool eventfd_failed_ = false;  // said once; completions are polled for since
+    bool claimed_ = false;         // claim_writes() ran: something may have been written
+    Op* parked_head_ = nullptr;    // parked waiters, most recent first
     // No byte at or past this offset was ever written (see Node::zeros_from()). Unknown
     // (UINT64_MAX) until the lock is taken: another host may be writing the image.
     uint64_t zeros_from_ = 0;
