@@ -27,6 +27,14 @@ void Offloader::Submit::await_suspend(std::coroutine_handle<> h) {
     self->wake_.notify_one();
 }
 
+void Offloader::hand_over(std::function<void()> work) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back(Call{std::move(work), {}});
+    }
+    wake_.notify_one();
+}
+
 void Offloader::worker() {
     for (;;) {
         Call call;
@@ -40,6 +48,9 @@ void Offloader::worker() {
             queue_.pop_front();
         }
         call.work();
+        if (!call.handle) {
+            continue;  // handed over: nobody to resume
+        }
         // The loop's post() publishes what the work wrote before the coroutine resumes.
         std::coroutine_handle<> h = call.handle;
         loop_->post([this, h] {

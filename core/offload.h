@@ -39,6 +39,14 @@ class Offloader {
         co_return std::move(*out);
     }
 
+    /// Runs `work` on the worker with nobody waiting for it: cleanup that must not block the
+    /// loop where no coroutine can wait (a destructor). Queued work runs before the
+    /// destructor returns, so what it uses must outlive the Offloader, not the caller.
+    void hand_over(std::function<void()> work);
+
+    /// Whether the caller runs on the worker thread.
+    [[nodiscard]] bool on_worker() const { return std::this_thread::get_id() == thread_.get_id(); }
+
     /// Calls completed so far (tests).
     [[nodiscard]] uint64_t completed() const { return completed_; }
 

@@ -79,12 +79,18 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
 
 // Format and virtual size of an existing image (for a new image's backing).
 Result<std::pair<std::string, uint64_t>> probe_image(const std::string& path) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    // O_NONBLOCK: a FIFO named as the backing file must not hold the command up.
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!fd.valid()) {
         return make_error(errno, "cannot open backing file {}", path);
     }
     struct stat st {};
-    ::fstat(fd.get(), &st);
+    if (::fstat(fd.get(), &st) != 0) {
+        return make_error(errno, "cannot stat backing file {}", path);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        return make_error(EINVAL, "backing file {} is not a regular file", path);
+    }
     std::vector<uint8_t> head(std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 2ULL << 20));
     if (::pread(fd.get(), head.data(), head.size(), 0) < 0) {
         return make_error(errno, "cannot read {}", path);
@@ -285,7 +291,7 @@ Status create_in_pool(CreateRequest* r) {
     auto made = where.store->create_exclusive(where.name);
     if (!made) {
         return make_error(made.error().errnum, "cannot create {}: {}", r->file,
-                          std::strerror(made.error().errnum));
+                          made.error().message());
     }
     Status written;
     {

@@ -1,7 +1,11 @@
 #include "drivers/rbd/rados.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <strings.h>
 #include <utility>
 #include <vector>
 
@@ -124,49 +128,96 @@ std::string RbdPool::display_name() const {
 
 namespace {
 
-// The write cache is switched off for imgfs's cluster handle (see connect), but a pool's or
-// an image's own configuration overrides the client's. A write-through cache (no dirty
-// bytes allowed) acknowledges only what the cluster has, so that one is harmless.
-Status write_cache_off(rbd_image_t image, const std::string& where) {
+// Ceph's reading of a boolean option: true/false in any case, else an integer (non-zero is
+// true); a pool's or image's override is listed as the string it was set to.
+bool ceph_bool(const std::string& value) {
+    if (strcasecmp(value.c_str(), "true") == 0) {
+        return true;
+    }
+    if (strcasecmp(value.c_str(), "false") == 0) {
+        return false;
+    }
+    return std::strtoll(value.c_str(), nullptr, 10) != 0;
+}
+
+// A size option ("0", "0B", "32M"): whether it is zero.
+bool ceph_size_is_zero(const std::string& value) {
+    char* end = nullptr;
+    return std::strtoull(value.c_str(), &end, 10) == 0 && end != value.c_str();
+}
+
+// The image's effective librbd options, by name, with where each was set.
+Result<std::map<std::string, rbd_config_option_t>> image_options(
+    rbd_image_t image, std::vector<rbd_config_option_t>* storage, const std::string& where) {
     int count = 0;
-    int r = rbd_config_image_list(image, nullptr, &count);
-    std::vector<rbd_config_option_t> options(static_cast<size_t>(std::max(count, 0)));
-    if (r == -ERANGE) {
-        r = rbd_config_image_list(image, options.data(), &count);
+    int r = -ERANGE;
+    // The list can grow between the sizing call and the next: ask again while it does.
+    for (int attempt = 0; attempt < 4 && r == -ERANGE; ++attempt) {
+        storage->resize(static_cast<size_t>(std::max(count, 0)));
+        r = rbd_config_image_list(image, storage->empty() ? nullptr : storage->data(), &count);
     }
     if (r < 0) {
+        storage->clear();
         return make_error(-r, "{}: cannot read the image's librbd configuration", where);
     }
-    bool cache = false;
-    bool dirty_allowed = true;
-    const char* source = "the client's configuration";
-    for (int i = 0; i < count; ++i) {
-        const std::string name = options[static_cast<size_t>(i)].name;
-        const std::string value = options[static_cast<size_t>(i)].value;
-        if (name == "rbd_cache") {
-            cache = value == "true";
-            switch (options[static_cast<size_t>(i)].source) {
-                case RBD_CONFIG_SOURCE_POOL:
-                    source = "the pool's configuration (rbd config pool ...)";
-                    break;
-                case RBD_CONFIG_SOURCE_IMAGE:
-                    source = "the image's configuration (rbd config image ...)";
-                    break;
-                case RBD_CONFIG_SOURCE_CONFIG:
-                    break;
-            }
-        } else if (name == "rbd_cache_max_dirty") {
-            dirty_allowed = value != "0";
+    storage->resize(static_cast<size_t>(count));
+    std::map<std::string, rbd_config_option_t> by_name;
+    for (const rbd_config_option_t& o : *storage) {
+        by_name[o.name] = o;
+    }
+    return by_name;
+}
+
+const char* option_source(const rbd_config_option_t& o) {
+    switch (o.source) {
+        case RBD_CONFIG_SOURCE_POOL:
+            return "the pool's configuration (rbd config pool ...)";
+        case RBD_CONFIG_SOURCE_IMAGE:
+            return "the image's configuration (rbd config image ...)";
+        case RBD_CONFIG_SOURCE_CONFIG:
+            break;
+    }
+    return "the client's configuration";
+}
+
+// The write cache is switched off for imgfs's cluster handle (see connect), but a pool's or
+// an image's own configuration overrides the client's. A write-through cache (no dirty
+// bytes allowed) acknowledges only what the cluster has, so that one is harmless. The
+// persistent write-back cache (the pwl_cache plugin) acknowledges from local storage.
+Status write_cache_off(rbd_image_t image, const std::string& where) {
+    std::vector<rbd_config_option_t> storage;
+    auto listed = image_options(image, &storage, where);
+    if (!listed) {
+        return std::move(listed).error();
+    }
+    const auto& options = *listed;
+    std::string problem;
+    if (auto cache = options.find("rbd_cache");
+        cache != options.end() && ceph_bool(cache->second.value)) {
+        auto dirty = options.find("rbd_cache_max_dirty");
+        if (dirty == options.end() || !ceph_size_is_zero(dirty->second.value)) {
+            problem = fmt::format("librbd's write cache is on for it (rbd_cache={} in {})",
+                                  cache->second.value, option_source(cache->second));
         }
     }
-    rbd_config_image_list_cleanup(options.data(), count);
-    if (cache && dirty_allowed) {
+    if (auto plugins = options.find("rbd_plugins");
+        problem.empty() && plugins != options.end() &&
+        std::string(plugins->second.value).find("pwl_cache") != std::string::npos) {
+        auto mode = options.find("rbd_persistent_cache_mode");
+        if (mode != options.end() && std::string(mode->second.value) != "disabled") {
+            problem = fmt::format(
+                "librbd's persistent write-back cache is on for it "
+                "(rbd_persistent_cache_mode={} in {})",
+                mode->second.value, option_source(mode->second));
+        }
+    }
+    rbd_config_image_list_cleanup(storage.data(), static_cast<int>(storage.size()));
+    if (!problem.empty()) {
         return make_error(EINVAL,
-                          "{}: librbd's write cache is on for it (rbd_cache=true in {}); imgfs "
-                          "writes an image only with it off, so that every write it "
-                          "acknowledges is in the cluster. Remove the setting or set "
+                          "{}: {}; imgfs writes an image only with it off, so that every "
+                          "write it acknowledges is in the cluster. Remove the setting or set "
                           "rbd_cache_max_dirty=0 for this image",
-                          where, source);
+                          where, problem);
     }
     return {};
 }
@@ -212,6 +263,42 @@ void RbdImage::close_image() {
         // Waits for the image's requests; a dead cluster fails them at the deadline.
         (void)rbd_close(std::exchange(image_, nullptr));  // nothing to do about a failure
     }
+}
+
+void RbdImage::close_off_loop(std::shared_ptr<void> keep) {
+    if (image_ != nullptr) {
+        rbd_image_t image = std::exchange(image_, nullptr);
+        // Runs before the pool's offloader is destroyed, and so before its ioctx and its
+        // count of closes go (the offloader is the pool's last member).
+        RbdPool* pool = pool_.get();
+        pool->close_handed_over();
+        pool->offloader()->hand_over([image, keep, pool] {
+            (void)rbd_close(image);
+            pool->close_done();
+        });
+    }
+}
+
+void RbdPool::close_handed_over() {
+    std::lock_guard<std::mutex> lock(closes_mutex_);
+    ++closes_pending_;
+}
+
+void RbdPool::close_done() {
+    {
+        std::lock_guard<std::mutex> lock(closes_mutex_);
+        --closes_pending_;
+    }
+    closes_changed_.notify_all();
+}
+
+void RbdPool::wait_for_closes() {
+    if (offloader_->on_worker()) {
+        return;  // they queue behind the caller: waiting would never end
+    }
+    std::unique_lock<std::mutex> lock(closes_mutex_);
+    closes_changed_.wait_for(lock, std::chrono::seconds(timeout_s()),
+                             [this] { return closes_pending_ == 0; });
 }
 
 void RbdImage::reset() {

@@ -8,8 +8,10 @@
 // ETIMEDOUT; rbd_error() turns that into EIO naming the deadline.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 #include <string>
@@ -82,7 +84,17 @@ class RbdPool {
     [[nodiscard]] std::string display_name() const;
     [[nodiscard]] Offloader* offloader() { return offloader_.get(); }
 
+    /// Closes handed to the offload thread (RbdImage::close_off_loop) and not done yet. librbd
+    /// refuses to remove an image this client still has open, so a removal waits for them
+    /// (wait_for_closes), up to the cluster deadline.
+    void close_handed_over();
+    void close_done();
+    void wait_for_closes();
+
   private:
+    std::mutex closes_mutex_;
+    std::condition_variable closes_changed_;
+    int closes_pending_ = 0;  // guarded by closes_mutex_
     std::shared_ptr<RadosCluster> cluster_;
     rados_ioctx_t ioctx_;
     std::string pool_;
@@ -149,6 +161,10 @@ class RbdImage {
     /// Closes the image (waiting for its requests, releasing its lock) but keeps the pool:
     /// safe on the pool's offload thread, which the pool's last reference would join.
     void close_image();
+    /// Closes the image on the pool's offload thread without waiting (for a destructor on
+    /// the loop: a close is a round trip, up to the deadline on a dead cluster). `keep` is
+    /// released once the image is closed: what librbd may still use until then.
+    void close_off_loop(std::shared_ptr<void> keep);
     void reset();
 
   private:

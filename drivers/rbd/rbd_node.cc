@@ -22,17 +22,22 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
     if (efd < 0) {
         return make_error(errno, "{}: eventfd", name);
     }
-    UniqueFd event_fd(efd);
+    auto event_fd = std::make_shared<UniqueFd>(efd);
     if (int r = rbd_set_image_notification(image.handle(), efd, EVENT_TYPE_EVENTFD); r < 0) {
+        image.close_off_loop(event_fd);
         return rbd_error(r, image.pool()->timeout_s(),
                          fmt::format("{}: cannot register for completions", name));
     }
-    TRY_ASSIGN(uint64_t size, image.size());
+    Result<uint64_t> size = image.size();
+    if (!size) {
+        image.close_off_loop(event_fd);
+        return std::move(size).error();
+    }
     auto node = std::make_shared<RbdNode>(env, std::move(name), std::move(image),
-                                          std::move(event_fd), lock);
-    node->size_ = size;
-    node->zeros_from_ = lock == RbdLock::kPending ? UINT64_MAX : size;
-    node->image_size_ = size;
+                                          std::move(*event_fd), lock);
+    node->size_ = *size;
+    node->zeros_from_ = lock == RbdLock::kPending ? UINT64_MAX : *size;
+    node->image_size_ = *size;
     return node;
 }
 
@@ -53,7 +58,10 @@ RbdNode::RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_f
 
 RbdNode::~RbdNode() {
     assert(in_flight_ == 0 && "RBD node destroyed with requests in flight");
-    image_.reset();  // before the eventfd it signals is closed
+    // Not closed (a chain whose open failed further up drops its nodes): the close goes to
+    // the offload thread, with the eventfd librbd signals, which stays open until then.
+    image_.close_off_loop(std::make_shared<UniqueFd>(std::move(event_fd_)));
+    image_.reset();
 }
 
 void RbdNode::describe(JsonWriter* out) const {
@@ -385,10 +393,21 @@ Task<Status> RbdNode::grow_to(uint64_t end) {
         co_return Status{};
     }
     if (end > image_size_) {
+        const uint64_t failures_before = grow_failures_;
         auto guard = co_await resize_mutex_.lock();
+        if (grow_failures_ != failures_before) {
+            // The grow this write waited behind failed (on a dead cluster, at the deadline):
+            // the same answer now, rather than one more deadline per waiting write.
+            co_return last_grow_error_;
+        }
         if (end > image_size_) {  // else a concurrent write grew it meanwhile
-            CO_TRY(co_await resize_image(std::max(end, image_size_ + grow_ahead_bytes(image_size_)),
-                                         false));
+            Status grown = co_await resize_image(
+                std::max(end, image_size_ + grow_ahead_bytes(image_size_)), false);
+            if (!grown) {
+                ++grow_failures_;
+                last_grow_error_ = grown.error();
+                co_return grown;
+            }
         }
     }
     size_ = std::max(size_, end);

@@ -88,6 +88,10 @@ class RbdNode final : public Node {
     UniqueFd event_fd_;
     CoMutex resize_mutex_;  // also serialises claim_writes()
     uint64_t in_flight_ = 0;
+    // Grows that failed, and the last one's error: writes that waited behind a failed grow
+    // fail with it instead of trying again one after the other.
+    uint64_t grow_failures_ = 0;
+    Error last_grow_error_;
     bool polling_ = false;
     bool eventfd_failed_ = false;  // said once; completions are polled for since
     bool claimed_ = false;         // claim_writes() ran: something may have been written

@@ -219,7 +219,10 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
     }
     if (!read_only && lock == Lock::kNow) {
         if (Status st = image.lock_exclusive(); !st) {
-            return make_error(EBUSY, "{}", st.error().message());
+            // Another host writes it (EROFS from the lock) is EBUSY to the caller; a missing
+            // feature or a write cache keeps its own errno.
+            const int err = st.error().errnum == EROFS ? EBUSY : st.error().errnum;
+            return make_error(err, "{}", st.error().context);
         }
     }
     RbdLock held = RbdLock::kNone;
@@ -249,12 +252,24 @@ Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string&
     TRY(check_image_name(name));
     rbd_image_options_t opts = nullptr;
     rbd_image_options_create(&opts);
+    // Ceph's default features, stated rather than taken from rbd_default_features: an image
+    // imgfs writes needs exclusive-lock (check_lockable), which a cluster tuned for old
+    // kernel clients may leave out of its defaults.
+    const uint64_t features = RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK |
+                              RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF |
+                              RBD_FEATURE_DEEP_FLATTEN;
+    rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES, features);
     int r = rbd_create4(pool_->ioctx(), name.c_str(), 0, opts);
     rbd_image_options_destroy(opts);
     if (r < 0) {
         return rbd_error(r, pool_->timeout_s(), fmt::format("cannot create {}", name));
     }
-    return open_image(name, false, Lock::kNow);
+    Result<std::unique_ptr<StoreFile>> made = open_image(name, false, Lock::kNow);
+    if (!made) {
+        // Not left behind: the name would be taken, and the next attempt fail with EEXIST.
+        (void)rbd_remove(pool_->ioctx(), name.c_str());
+    }
+    return made;
 }
 
 Status RbdStore::rename_noreplace(const std::string& from, const std::string& to) {
@@ -281,6 +296,7 @@ Result<bool> RbdStore::open_elsewhere(const std::string& name) {
 
 Status RbdStore::remove(const std::string& name) {
     TRY(check_image_name(name));
+    pool_->wait_for_closes();  // a node dropped just before may still have it open
     if (int r = rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {
         return rbd_error(r, pool_->timeout_s(), fmt::format("cannot remove {}", name));
     }

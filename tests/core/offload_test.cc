@@ -74,5 +74,28 @@ TEST_F(OffloadTest, CarriesErrorsAndManyCalls) {
     EXPECT_EQ(off.completed(), 100U);
 }
 
+TEST_F(OffloadTest, HandedOverWorkRunsOffTheLoopBeforeTheOffloaderGoes) {
+    std::atomic<int> ran{0};
+    std::thread::id ran_on;
+    std::atomic<bool> release{false};  // outlives the Offloader, whose worker reads it
+    {
+        Offloader off(loop_.get());
+        // Holds the worker, so the handed-over work is still queued when the Offloader goes.
+        off.hand_over([&release] {
+            while (!release) {
+                std::this_thread::yield();
+            }
+        });
+        off.hand_over([&ran, &ran_on] {
+            ran_on = std::this_thread::get_id();
+            ++ran;
+        });
+        EXPECT_EQ(ran, 0);
+        release = true;
+    }
+    EXPECT_EQ(ran, 1);
+    EXPECT_NE(ran_on, std::this_thread::get_id());
+}
+
 }  // namespace
 }  // namespace imgfs

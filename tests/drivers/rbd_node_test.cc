@@ -73,6 +73,10 @@ class RbdNodeTest : public CephLoopTest {
     std::vector<std::shared_ptr<Node>> nodes_;
 };
 
+Task<void> join_scope(TaskScope* scope) {
+    co_await scope->join();
+}
+
 Task<void> run_into(Task<Status> task, Status* out) {
     *out = co_await std::move(task);
 }
@@ -259,6 +263,44 @@ TEST_F(RbdNodeTest, ClusterThatStopsAnsweringGivesEioWithinTheDeadline) {
     Status again = run(node->read(0, MutBuf(buf.data(), buf.size())));
     EXPECT_TRUE(again.ok()) << again.error().message();
     EXPECT_EQ(buf[0], 7);
+}
+
+Task<void> write_past_end(Node* node, uint64_t offset, const std::vector<uint8_t>* buf,
+                          Status* out) {
+    *out = co_await node->write(offset, ConstBuf(buf->data(), buf->size()));
+}
+
+TEST_F(RbdNodeTest, WritesWaitingBehindAFailedGrowFailWithItAtOnce) {
+    connect(3);
+    create_image("stuck", 8 << 20);
+    auto node = open_node("stuck", false);
+    ASSERT_NE(node, nullptr);
+    use_rw(node);
+    std::vector<uint8_t> buf(65536, 9);
+    constexpr int kWriters = 6;
+    std::vector<Status> results(kWriters);
+    // librbd takes its lock on the first write; without it the grow would fail for want of it.
+    ASSERT_TRUE(run(node->write(0, ConstBuf(buf.data(), buf.size()))).ok());
+    ASSERT_TRUE(run(node->flush()).ok());
+    cluster_->pause_osd();
+    auto t0 = std::chrono::steady_clock::now();
+    {
+        TaskScope scope(loop_.get());
+        for (int i = 0; i < kWriters; ++i) {
+            // Each past the end and past what one grow-ahead covers: each needs a grow.
+            scope.spawn(write_past_end(node.get(), (64ULL << 20) * (i + 1), &buf, &results[i]));
+        }
+        run(join_scope(&scope));
+    }
+    double waited_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cluster_->resume_osd();
+    for (const Status& st : results) {
+        ASSERT_FALSE(st.ok());
+        EXPECT_EQ(st.error().errnum, EIO) << st.error().message();
+    }
+    // The one grow they all waited behind (two round trips inside librbd, each with its
+    // deadline: 6 s measured), not one grow per writer (36 s).
+    EXPECT_LT(waited_s, 3 * 3 + 2);
 }
 
 }  // namespace

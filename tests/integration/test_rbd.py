@@ -773,6 +773,28 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(m.exports(), ["old"])
         m.stop()
 
+    def test_created_images_have_the_lock_feature_whatever_the_defaults(self):
+        # A cluster tuned for old kernel clients leaves exclusive-lock out of its defaults;
+        # what imgfs creates must still be lockable (snapshot overlays are created the same
+        # way), and a failed creation leaves no image behind.
+        env = dict(os.environ, CEPH_ARGS="--rbd-default-features=1")
+        run([harness.IMGFS, "create", self.url("new.qcow2"), "16M"], env=env)
+        info = json.loads(run(["rbd", "info", "--format", "json",
+                               f"rbd/{self.ns}/new.qcow2"]).stdout)
+        self.assertIn("exclusive-lock", info["features"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), ["new"])
+        m.stop()
+        unset = ["rbd", "config", "pool", "rm", "rbd", "rbd_cache"]
+        run(["rbd", "config", "pool", "set", "rbd", "rbd_cache", "true"])
+        self.addCleanup(run, unset, check=False)
+        p = run([harness.IMGFS, "create", self.url("bad.qcow2"), "16M"], check=False)
+        run(unset)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("librbd's write cache is on for it (rbd_cache=true in the pool's "
+                      "configuration", p.stderr)
+        self.assertEqual(self.images(), ["new.qcow2"])
+
     def test_a_blocklisted_client_gets_eio_with_the_reason(self):
         # The cluster fences a client off (as when another host broke its lock after its
         # watch lapsed): librbd then fails everything with ESHUTDOWN, which the user must see
@@ -788,9 +810,15 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(len(addresses), 1, status)
         run(["ceph", "osd", "blocklist", "add", addresses[0]])
         self.addCleanup(run, ["ceph", "osd", "blocklist", "rm", addresses[0]], check=False)
+        # The OSD may see the new map a moment after the monitor: until then a write still
+        # lands. Once it fails, it fails with EIO.
         t0 = time.time()
-        p = run(["dd", "if=/dev/zero", f"of={m.path('disk.raw')}", "bs=64k", "count=4",
-                 "seek=64", "oflag=direct", "conv=notrunc,fsync"], check=False)
+        while True:
+            p = run(["dd", "if=/dev/zero", f"of={m.path('disk.raw')}", "bs=64k", "count=4",
+                     "seek=64", "oflag=direct", "conv=notrunc,fsync"], check=False)
+            if p.returncode != 0 or time.time() - t0 > 30:
+                break
+            time.sleep(0.2)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("Input/output error", p.stderr)
         self.assertLess(time.time() - t0, 30)
