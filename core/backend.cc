@@ -131,6 +131,11 @@ Task<Status> BlockBackend::flush() {
 }
 
 Task<Status> BlockBackend::truncate(uint64_t new_size) {
+    // Checked before the claim too, which takes a cluster lock: a refused resize must not.
+    CO_TRY(co_await enter());
+    if ((root()->perm() & perm::kResize) == 0) {
+        co_return make_error(EPERM, "{} may not change its size", name_);
+    }
     CO_TRY(co_await enter_for_write("truncate"));
     if ((root()->perm() & perm::kResize) == 0) {
         co_return make_error(EPERM, "{} may not change its size", name_);

@@ -289,7 +289,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         // The mount is reported up once the kernel's INIT is answered: until then nothing can
         // use it, and INIT can still refuse the connection (uring=on without the ring).
         bool init_failed = false;
+        bool init_answered = false;
         server.on_init([&](const Status& init) {
+            init_answered = true;
             if (init) {
                 log->info("serving {} on {} ({} image{}) through {}", cmd.image_dir, cmd.mountpoint,
                           images.exports().size(), images.exports().size() == 1 ? "" : "s",
@@ -307,7 +309,14 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         // A mount whose images did not all close cleanly did not end well: its exit status
         // says so (for systemd or whoever ran `mount -f`), beside the log lines.
         Status served = sync_wait(loop.get(), serve(&d, &server, &images, &jobs));
-        if (init_failed) {
+        if (!init_answered) {
+            // The server stopped before INIT (its buffers could not be reserved, or the
+            // connection was aborted): the mount never worked.
+            const std::string why = "the FUSE connection ended before the kernel initialised it";
+            log->error("{}", why);
+            ready->report(why);
+            exit_code = 1;
+        } else if (init_failed) {
             exit_code = 1;
         } else if (!served) {
             exit_code = 1;

@@ -63,10 +63,12 @@ class ClaimedLayer final : public Node {
             co_await env_.loop->sleep(std::chrono::milliseconds(1));
         }
         pending_ = false;
+        ++claims_finished;
         co_return true;
     }
     bool let_claim_finish = false;
     int claims_started = 0;
+    int claims_finished = 0;
     int writes = 0;
 
   protected:
@@ -152,7 +154,10 @@ TEST_F(BackendTest, AWriteThatClaimedTheChainWaitsForADrainThatBeganMeanwhile) {
     std::vector<std::shared_ptr<Node>> nodes{layer};
     DrainGuard drained = run(drain(nodes));
     layer->let_claim_finish = true;
-    for (int i = 0; i < 5; ++i) {
+    while (layer->claims_finished == 0) {
+        run(tick());
+    }
+    for (int i = 0; i < 3; ++i) {  // the write's coroutine, had it gone on, would have by now
         run(tick());
     }
     EXPECT_EQ(layer->writes, 0) << "the write ran inside a drained section";

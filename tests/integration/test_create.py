@@ -124,6 +124,13 @@ class Create(harness.ImageDirTest):
                 self.assertNotEqual(p.returncode, 0)
                 self.assertTrue(p.stderr.strip(), "no reason printed")
                 self.assertFalse(os.path.exists(self.img("bad.qcow2")), "a refused image exists")
+        # A FIFO as the backing file: refused at once, not waited on.
+        os.mkfifo(self.img("pipe.raw"))
+        p = run([harness.IMGFS, "create", "-b", "pipe.raw", self.img("bad.qcow2")],
+                check=False, timeout=20)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("is not a regular file", p.stderr)
+        self.assertFalse(os.path.exists(self.img("bad.qcow2")))
 
 
 if __name__ == "__main__":
