@@ -243,8 +243,12 @@ Result<UniqueFd> open_beneath(int dir_fd, const std::string& path, bool read_onl
     long fd = ::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof how);
     if (fd < 0) {
         int err = errno;
-        if (err == EXDEV || err == ELOOP) {
+        if (err == EXDEV) {
             return make_error(EPERM, "'{}' resolves outside the image directory", path);
+        }
+        if (err == ELOOP) {
+            // Escaping is EXDEV under RESOLVE_BENEATH, so this is a loop of links within.
+            return make_error(ELOOP, "'{}' is a loop of symbolic links", path);
         }
         return make_error(err, "cannot open '{}'", path);
     }

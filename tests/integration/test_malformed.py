@@ -541,6 +541,13 @@ def _mk_fifo_backing(ctx, d, name):
     return [name + ".qcow2"]
 
 
+def _mk_link_loop(ctx, d, name):
+    os.symlink(name + "_b.img", os.path.join(d, name + "_a.img"))
+    os.symlink(name + "_a.img", os.path.join(d, name + "_b.img"))
+    _overlay(d, name + ".qcow2", name + "_a.img")
+    return [name + ".qcow2"]
+
+
 def _mk_unrecorded_format(ctx, d, name):
     base = os.path.join(d, name + "_base.img")
     qemu_img("create", "-q", "-f", "raw", base, "1M")
@@ -771,6 +778,8 @@ CASES = [
       exports=["unrecorded_fmt", "unrecorded_fmt_base"]),
     C("fifo", "chains", "backing = fifo_pipe.raw, a FIFO", REFUSED, _mk_fifo_backing,
       log="'fifo_pipe.raw' is not a regular file or block device"),
+    C("link_loop", "chains", "backing = link_loop_a.img, a symlink to link_loop_b.img, which "
+      "links back", REFUSED, _mk_link_loop, log="'link_loop_a.img' is a loop of symbolic links"),
     C("missing", "chains", "backing = missing_base.img, which does not exist", REFUSED,
       _mk_overlay_on("missing_base.img"), log="cannot open 'missing_base.img'"),
 ]
