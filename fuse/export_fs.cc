@@ -1,6 +1,7 @@
 #include "fuse/export_fs.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 #include <ctime>
 #include <dirent.h>
@@ -247,7 +248,8 @@ Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
             }
         }
     } else {
-        co_return FuseReply::err(ENOTDIR);
+        // A removed image's directory is gone, not a file.
+        co_return FuseReply::err(parent.kind == Resolved::Kind::kNone ? ENOENT : ENOTDIR);
     }
     fuse_entry_out out{};
     if (ino == 0 || !fill_attr(ino, &out.attr)) {
@@ -276,28 +278,36 @@ void ExportFs::invalidate_blocks(uint64_t export_id) {
 Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     const auto now = std::chrono::steady_clock::now();
     uint64_t generation = 0;
-    if (auto it = blocks_.find(e->id); it != blocks_.end()) {
-        if (it->second.valid && now - it->second.at < kBlocksRefresh) {
+    {
+        BlocksCache& before = blocks_[e->id];  // not used past this block
+        if ((before.valid && now - before.at < kBlocksRefresh) || before.counting) {
+            // One walk per image at a time: on a large image it reads every L2 table, and
+            // each `stat` waiting for its own walk would hold a request buffer meanwhile.
             co_return;
         }
-        generation = it->second.generation;
+        before.counting = true;
+        generation = before.generation;
     }
     BlockBackend* be = e->backend.get();
     uint64_t data = 0;
+    bool counted = true;
     for (uint64_t off = 0; off < be->size();) {
         Result<ChainStatus> st = co_await be->block_status_above(off, be->size() - off);
         if (!st) {
-            co_return;  // keep the old figure; the error surfaces on I/O
+            counted = false;  // keep the old figure; the error surfaces on I/O
+            break;
         }
         if (st->data) {
             data += st->bytes;
         }
         off += st->bytes;
     }
-    // Looked up again: the map may have changed while we counted.
+    // Looked up again (no reference kept across the walk): the map may have changed while
+    // we counted, and an invalidation meanwhile makes the count stale.
     BlocksCache& c = blocks_[e->id];
-    if (c.generation == generation) {
-        c = BlocksCache{data, now, true, generation};
+    c.counting = false;
+    if (counted && c.generation == generation) {
+        c = BlocksCache{data, now, true, generation, false};
     }
 }
 
@@ -353,7 +363,9 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
         // Control files: O_TRUNC of `echo x > file` is a no-op.
     }
     fuse_attr_out out{};
-    fill_attr(ino, &out.attr);
+    if (!fill_attr(ino, &out.attr)) {
+        co_return FuseReply::err(ENOENT);  // removed while it grew (a rescan)
+    }
     out.attr_valid = 1;
     co_return FuseReply::of(out);
 }
@@ -518,8 +530,10 @@ Task<FuseReply> ExportFs::flush(FuseRequest* req) {
     }
     // A descriptor that could not write has nothing to make durable: a reader's close does
     // not fail because the image's storage cannot take writes (a full pool, a failing disk).
+    // Only a close (FLUSH) takes this shortcut: fsync(2) on any descriptor asks for what
+    // every descriptor wrote, as `sync FILE` does through a read-only one.
     fuse_flush_in in{};
-    if (parse_arg(req, &in)) {
+    if (req->header->opcode == FUSE_FLUSH && parse_arg(req, &in)) {
         std::shared_ptr<Handle> h = find_handle(in.fh);
         if (h != nullptr && !h->writing) {
             co_return FuseReply::err(0);
@@ -540,41 +554,56 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
     }
     uint64_t ino = req->header->nodeid;
     Resolved r = resolve(ino);
+    // Each entry's offset cookie is a key that keeps its order when other entries come or
+    // go (a rescan between two READDIRs of a long listing): ".", "..", then inode numbers,
+    // which grow with the export id in the order exports() keeps, then ".control". A
+    // position would shift and skip an entry.
+    constexpr uint64_t kDotCookie = 1;
+    constexpr uint64_t kDotDotCookie = 2;
+    constexpr uint64_t kControlDirCookie = 1ULL << 62;  // after every inode number
     struct Entry {
         uint64_t ino;
+        uint64_t cookie;
         std::string name;
         uint32_t type;
     };
-    std::vector<Entry> entries = {{ino, ".", DT_DIR}, {kRootIno, "..", DT_DIR}};
+    const uint64_t parent_ino = r.kind == Resolved::Kind::kImageDir ? kControlDirIno : kRootIno;
+    std::vector<Entry> entries = {{ino, kDotCookie, ".", DT_DIR},
+                                  {parent_ino, kDotDotCookie, "..", DT_DIR}};
     if (r.kind == Resolved::Kind::kRootDir) {
         for (const auto& e : images_->exports()) {
-            entries.push_back({raw_ino(*e), e->name + ".raw", DT_REG});
+            entries.push_back({raw_ino(*e), raw_ino(*e), e->name + ".raw", DT_REG});
         }
-        entries.push_back({kControlDirIno, ".control", DT_DIR});
+        entries.push_back({kControlDirIno, kControlDirCookie, ".control", DT_DIR});
     } else if (r.kind == Resolved::Kind::kControlDir) {
         const auto& files = control_->global_files();
         for (size_t i = 0; i < files.size(); ++i) {
-            entries.push_back({kGlobalFirstIno + i, files[i].name, DT_REG});
+            entries.push_back({kGlobalFirstIno + i, kGlobalFirstIno + i, files[i].name, DT_REG});
         }
         for (const auto& e : images_->exports()) {
-            entries.push_back({raw_ino(*e) + kDirSub, e->name, DT_DIR});
+            const uint64_t dir = raw_ino(*e) + kDirSub;
+            entries.push_back({dir, dir, e->name, DT_DIR});
         }
     } else if (r.kind == Resolved::Kind::kImageDir) {
         const auto& files = control_->image_files();
         for (size_t i = 0; i < files.size(); ++i) {
-            entries.push_back({raw_ino(*r.e) + kFirstFileSub + i, files[i].name, DT_REG});
+            const uint64_t file = raw_ino(*r.e) + kFirstFileSub + i;
+            entries.push_back({file, file, files[i].name, DT_REG});
         }
     } else {
-        co_return FuseReply::err(ENOTDIR);
+        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? ENOENT : ENOTDIR);
     }
     std::vector<uint8_t> out;
-    for (uint64_t i = in.offset; i < entries.size(); ++i) {
-        const Entry& en = entries[i];
+    for (const Entry& en : entries) {
+        assert(&en == &entries.front() || en.cookie > (&en - 1)->cookie);
+        if (en.cookie <= in.offset) {
+            continue;
+        }
         size_t rec = FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + en.name.size());
         if (out.size() + rec > in.size) {
             break;
         }
-        append_dirent(&out, en.ino, i + 1, en.type, en.name);
+        append_dirent(&out, en.ino, en.cookie, en.type, en.name);
     }
     co_return FuseReply::bytes(std::move(out));
 }
@@ -652,11 +681,14 @@ Task<FuseReply> ExportFs::lseek(FuseRequest* req) {
         co_return FuseReply::err(EINVAL);
     }
     Resolved r = resolve(req->header->nodeid);
-    if (r.kind != Resolved::Kind::kRaw) {
-        co_return FuseReply::err(EINVAL);
-    }
     if (in.whence != SEEK_DATA && in.whence != SEEK_HOLE) {
         co_return FuseReply::err(EINVAL);
+    }
+    if (r.kind == Resolved::Kind::kControlFile) {
+        co_return FuseReply::err(ENXIO);  // its size is 0: every offset is past the end
+    }
+    if (r.kind != Resolved::Kind::kRaw) {
+        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? ENOENT : EINVAL);
     }
     BlockBackend* be = r.e->backend.get();
     uint64_t size = be->size();

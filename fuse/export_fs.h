@@ -85,6 +85,7 @@ class ExportFs final : public FuseHandler {
         bool valid = false;
         uint64_t generation = 0;  // bumped by every invalidation, so a count that raced one is
                                   // not stored
+        bool counting = false;    // a walk is under way: others answer with the last figure
     };
     std::map<uint64_t, BlocksCache> blocks_;
 };

@@ -194,6 +194,31 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
     }
 }
 
+namespace {
+
+// Why `name` cannot be an export, or "". The mount shows NAME.raw and .control/NAME/, so a
+// name must be non-empty, leave room for ".raw" in a file name, and not be one of the files
+// .control has for the whole mount (the contract's global control files).
+std::string unusable_export_name(const std::string& name, char separator) {
+    static const char* const kGlobalControlFiles[] = {"snapshot", "rescan", "jobs", "skipped"};
+    if (name.empty()) {
+        return fmt::format("its export name is empty (the file name starts with '{}')", separator);
+    }
+    if (name.size() + 4 > 255) {  // only a pool's names are long enough
+        return fmt::format("its export name is {} bytes long; NAME.raw allows at most 251",
+                           name.size());
+    }
+    for (const char* reserved : kGlobalControlFiles) {
+        if (name == reserved) {
+            return fmt::format("its export name '{}' is taken by the mount's own .control/{}", name,
+                               name);
+        }
+    }
+    return {};
+}
+
+}  // namespace
+
 void choose_roots(const std::vector<Candidate>& images, const Layers& layers, char separator,
                   ScanPlan* plan) {
     std::map<std::string, std::vector<std::string>> roots_by_name;
@@ -203,6 +228,12 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers, ch
         }
     }
     for (auto& [name, roots] : roots_by_name) {
+        if (std::string why = unusable_export_name(name, separator); !why.empty()) {
+            for (const auto& r : roots) {
+                plan->problems.push_back({r, why + "; rename the file to export it"});
+            }
+            continue;
+        }
         if (roots.size() > 1) {
             std::string list;
             for (const auto& r : roots) {

@@ -15,7 +15,29 @@ namespace {
 
 constexpr uint64_t kSize = 8 << 20;
 
-class ExportFsTest : public test::FsTest {};
+class ExportFsTest : public test::FsTest {
+  protected:
+    // The names of one READDIR reply of at most `size` bytes from `offset`, and the offset to
+    // go on from (the last entry's).
+    std::vector<std::string> readdir_names(uint64_t dir, uint64_t offset, uint32_t size,
+                                           uint64_t* next) {
+        fuse_read_in in{};
+        in.offset = offset;
+        in.size = size;
+        test::Reply r = run(request(FUSE_READDIR, dir, bytes_of(in), {}));
+        EXPECT_EQ(r.error, 0);
+        std::vector<std::string> names;
+        for (size_t at = 0; at + FUSE_NAME_OFFSET <= r.data.size();) {
+            fuse_dirent d{};
+            std::memcpy(&d, r.data.data() + at, FUSE_NAME_OFFSET);
+            names.emplace_back(reinterpret_cast<const char*>(r.data.data() + at + FUSE_NAME_OFFSET),
+                               d.namelen);
+            *next = d.off;
+            at += FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + d.namelen);
+        }
+        return names;
+    }
+};
 
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
     std::vector<uint8_t> v(n);
@@ -83,6 +105,60 @@ TEST_F(ExportFsTest, GetattrRacingPunchHoleKeepsTheCacheSound) {
             << "a count from before the punch at " << i * piece << " was kept";
     }
     release(raw, fh);
+}
+
+// A `stat` storm on one image (many GETATTRs while its allocation count is stale) runs one
+// count: the others answer at once with the last figure instead of each walking the whole
+// map and holding a request buffer meanwhile.
+TEST_F(ExportFsTest, OneAllocationCountAtATimePerImage) {
+    make_raw("vm.img", kSize);
+    ImageSetOptions o;
+    gate_files(&o);
+    start(o);
+    write_raw("vm", 0, pattern(kSize / 8, 1));
+    write_raw("vm", kSize / 2, pattern(kSize / 8, 2));
+    const uint64_t raw = ino("vm.raw");
+    test::Reply first;
+    first.error = -1;  // replaced by the reply
+    std::vector<test::Reply> others(8);
+    for (test::Reply& r : others) {
+        r.error = -1;
+    }
+    TaskScope scope(loop_.get());
+    hold_gate_reads(1);
+    scope.spawn(store(getattr_task(raw), &first));  // counts the first run, then waits
+    idle(5);
+    for (test::Reply& r : others) {
+        scope.spawn(store(getattr_task(raw), &r));
+    }
+    idle(5);
+    for (const test::Reply& r : others) {
+        EXPECT_EQ(r.error, 0) << "a getattr waited for (or started) a second count";
+    }
+    EXPECT_EQ(first.error, -1) << "the count did not wait at the gate";
+    release_gates();
+    run(join(&scope));
+    EXPECT_EQ(first.error, 0);
+    test::Reply after = run(getattr_task(raw));
+    ASSERT_EQ(after.error, 0);
+    EXPECT_EQ(after.as<fuse_attr_out>().attr.blocks * 512, kSize / 4);
+}
+
+// A listing that takes several READDIRs (a long root, or a small getdents buffer) while a
+// rescan drops an image listed already: the rest of the listing loses nothing.
+TEST_F(ExportFsTest, AListingGoesOnWhereItWasAfterARescan) {
+    for (const char* name : {"a.qcow2", "b.qcow2", "c.qcow2", "d.qcow2", "e.qcow2"}) {
+        make_qcow2(name, 1 << 20);
+    }
+    start();
+    uint64_t next = 0;
+    // "." and ".." and a.raw: three entries of 32 bytes each (names up to 8 bytes).
+    std::vector<std::string> first = readdir_names(ExportFs::kRootIno, 0, 96, &next);
+    ASSERT_EQ(first, (std::vector<std::string>{".", "..", "a.raw"}));
+    ASSERT_EQ(::unlink((dir_.path() / "a.qcow2").c_str()), 0);
+    ASSERT_EQ(control(".control/rescan", "\n"), 0);
+    std::vector<std::string> rest = readdir_names(ExportFs::kRootIno, next, 4096, &next);
+    EXPECT_EQ(rest, (std::vector<std::string>{"b.raw", "c.raw", "d.raw", "e.raw", ".control"}));
 }
 
 // lseek and the allocation count of getattr ask the chain for block status; they go through the

@@ -173,6 +173,24 @@ TEST_F(UnservedUsersTest, AnImageThatIsGoneOrRefusedIsNoUser) {
 
 // A hidden name (what an interrupted chain edit leaves) that only vm3's header uses. When vm3
 // cannot be read, the scan cannot know that, so it keeps the name and says why.
+TEST_F(UnservedUsersTest, ScanRefusesExportNamesTheMountCannotShow) {
+    put("@nameless.qcow2", "");  // a snapshot overlay's name with nothing before the '@'
+    put("jobs.qcow2", "");       // .control/jobs is the mount's own file
+    ScanInput in;
+    in.store = store_.get();
+    ScanPlan plan = plan_scan(in);
+    ASSERT_FALSE(plan.failed);
+    EXPECT_EQ(plan.wanted.count(""), 0U);
+    EXPECT_EQ(plan.wanted.count("jobs"), 0U);
+    EXPECT_EQ(plan.wanted.count("vm1"), 1U);  // the others are served as before
+    std::map<std::string, std::string> why;
+    for (const ScanProblem& p : plan.problems) {
+        why[p.file] = p.reason;
+    }
+    EXPECT_NE(why["@nameless.qcow2"].find("its export name is empty"), std::string::npos);
+    EXPECT_NE(why["jobs.qcow2"].find("taken by the mount's own .control/jobs"), std::string::npos);
+}
+
 TEST_F(UnservedUsersTest, ScanKeepsHiddenNamesWhileAHeaderCannotBeRead) {
     put(".imgfs-old.qcow2.removing", "");
     put("vm3.qcow2", ".imgfs-old.qcow2.removing");
