@@ -102,20 +102,25 @@ Task<Status> Metadata::cross_check_references() {
     co_return Status{};
 }
 
-Task<Status> Metadata::check_data_extent(uint64_t host_offset, uint64_t bytes, bool for_write) {
-    CO_TRY(check_data_range(host_offset, bytes));
+Task<Result<std::string>> Metadata::data_extent_problem(uint64_t host_offset, uint64_t bytes,
+                                                        bool for_write) {
+    if (Status overlap = check_data_range(host_offset, bytes); !overlap) {
+        co_return std::move(overlap).error().context;
+    }
     const uint64_t cs = g_.cluster_size;
     const uint64_t file_size = file_->node()->size();
     for (uint64_t c = std::max(host_offset, file_size) / cs; c * cs < host_offset + bytes; ++c) {
         uint64_t rc = 0;
         if (refblock_usable(c / g_.refblock_entries)) {
+            // A failed read of the refcount block is an I/O error, not a finding: passed on
+            // as it is, so that it never marks the image corrupt.
             CO_TRY_ASSIGN(rc, co_await get_refcount(c));
         }
         if (rc == 0) {
-            co_return make_error(EIO,
-                                 "data cluster at host offset {:#x} is beyond the end of the "
-                                 "file ({:#x}) and not allocated",
-                                 c * cs, file_size);
+            co_return fmt::format(
+                "data cluster at host offset {:#x} is beyond the end of the file ({:#x}) and "
+                "not allocated",
+                c * cs, file_size);
         }
     }
     // Reads through either reference see the same (shared) data; only writes do harm.
@@ -123,11 +128,11 @@ Task<Status> Metadata::check_data_extent(uint64_t host_offset, uint64_t bytes, b
          for_write && !over_referenced_.empty() && c * cs < host_offset + bytes; ++c) {
         auto it = over_referenced_.find(c);
         if (it != over_referenced_.end()) {
-            co_return make_error(EIO, "host cluster {:#x} has {} references but refcount {}",
-                                 c * cs, it->second.references, it->second.refcount);
+            co_return fmt::format("host cluster {:#x} has {} references but refcount {}", c * cs,
+                                  it->second.references, it->second.refcount);
         }
     }
-    co_return Status{};
+    co_return std::string();
 }
 
 }  // namespace imgfs::qcow2

@@ -347,23 +347,36 @@ Task<Status> Metadata::trim_caches() {
     co_return Status{};
 }
 
-Task<Status> Metadata::punch_freed() {
+Task<void> Metadata::punch_freed() {
     std::vector<uint64_t> candidates;
     candidates.swap(to_punch_);
     std::sort(candidates.begin(), candidates.end());
-    for (uint64_t c : candidates) {
-        CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(c));
-        if (rc != 0 || punching_.count(c) != 0) {
-            continue;  // reused meanwhile, or already in progress
+    for (size_t i = 0; i < candidates.size(); ++i) {
+        const uint64_t c = candidates[i];
+        Result<uint64_t> rc = co_await get_refcount(c);
+        Status st;
+        if (!rc) {
+            st = std::move(rc).error();
+        } else if (*rc == 0 && punching_.count(c) == 0) {  // else reused, or in progress
+            // The allocator skips it until the hole is punched, so a punch can never land on
+            // a cluster that was handed out again.
+            punching_.insert(c);
+            st = co_await file_->discard(c << g_.cluster_bits, g_.cluster_size);
+            punching_.erase(c);
         }
-        // The allocator skips it until the hole is punched, so a punch can never land on a
-        // cluster that was handed out again.
-        punching_.insert(c);
-        Status st = co_await file_->discard(c << g_.cluster_bits, g_.cluster_size);
-        punching_.erase(c);
-        CO_TRY(std::move(st));
+        if (!st) {
+            if (!punch_failure_logged_ && env_.log != nullptr) {
+                env_.log->warn(
+                    "{}: cannot give freed clusters' space back to the host file ({});"
+                    " kept for a later flush",
+                    name_, st.error().message());
+            }
+            punch_failure_logged_ = true;
+            to_punch_.insert(to_punch_.end(), candidates.begin() + static_cast<std::ptrdiff_t>(i),
+                             candidates.end());
+            co_return;
+        }
     }
-    co_return Status{};
 }
 
 Task<Status> Metadata::flush() {
@@ -377,7 +390,7 @@ Task<Status> Metadata::flush() {
     dependency_ = Dependency::kNone;
     tables_durable();
     // The tables no longer referencing freed clusters are durable now: punch their holes.
-    CO_TRY(co_await punch_freed());
+    co_await punch_freed();
 #ifdef IMGFS_DEBUG_CHECKS
     co_await debug_check_invariants("flush");
 #endif

@@ -156,10 +156,14 @@ class Metadata {
 
     /// A host range that overlaps metadata: EIO (the caller reports it as corruption).
     Status check_data_range(uint64_t host_offset, uint64_t bytes);
-    /// check_data_range, and also data of an existing mapping that lies past the end of the
-    /// file without being allocated, or (`for_write`) in a cluster with more references than
-    /// its refcount (cross_check.cc). Not for freshly allocated clusters.
-    Task<Status> check_data_extent(uint64_t host_offset, uint64_t bytes, bool for_write);
+    /// What is wrong with the host range of an existing mapping ("" if nothing): it overlaps
+    /// metadata (check_data_range), lies past the end of the file without being allocated,
+    /// or (`for_write`) is in a cluster with more references than its refcount
+    /// (cross_check.cc). The caller reports a finding as corruption. An error means the check
+    /// could not be made (reading a refcount block failed): an I/O error, never corruption.
+    /// Not for freshly allocated clusters.
+    Task<Result<std::string>> data_extent_problem(uint64_t host_offset, uint64_t bytes,
+                                                  bool for_write);
     /// Reports an inconsistency: logs it, and on a writable image sets the corrupt bit and
     /// stops further writes. Returns the EIO error to give the request.
     Task<Error> corruption(std::string message);
@@ -208,7 +212,10 @@ class Metadata {
     Task<Status> depend_l2_on_refcounts();
     Task<Status> depend_refcounts_on_l2();
     Task<Status> trim_caches();
-    Task<Status> punch_freed();
+    /// Punches the holes of freed clusters. Advisory: the clusters are free in the image
+    /// whether or not the host file gives the space back, so a failure is logged (once) and
+    /// the rest are kept for the next flush, never failing the flush that made data durable.
+    Task<void> punch_freed();
 
     // ---- tables (metadata_tables.cc) ----
     /// The L2 table for l1_index, or an empty Ref if unallocated.
@@ -289,6 +296,7 @@ class Metadata {
     // the allocator must skip.
     std::vector<uint64_t> to_punch_;
     std::set<uint64_t> punching_;
+    bool punch_failure_logged_ = false;
     // Clusters whose last reference a cached table dropped, not handed out again until the
     // tables that no longer reference them are durable: else a crash could leave the old entry
     // pointing at the next owner's data (and, with lazy refcounts, where nothing orders L2

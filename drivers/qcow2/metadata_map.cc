@@ -118,9 +118,10 @@ Task<Result<ReadExtent>> Metadata::map(uint64_t offset, uint64_t bytes) {
     }
     x.bytes = pos - offset;
     if (x.kind == ReadExtent::Kind::kData) {
-        if (Status st = co_await check_data_extent(x.host_offset, x.bytes, false); !st) {
-            co_return co_await corruption(
-                fmt::format("guest offset {:#x}: {}", offset, st.error().context));
+        CO_TRY_ASSIGN(std::string problem,
+                      co_await data_extent_problem(x.host_offset, x.bytes, false));
+        if (!problem.empty()) {
+            co_return co_await corruption(fmt::format("guest offset {:#x}: {}", offset, problem));
         }
     }
     co_return x;

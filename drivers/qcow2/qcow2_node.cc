@@ -156,9 +156,11 @@ Task<Status> Qcow2Node::do_read(uint64_t offset, MutBuf buf) {
 // ---- writes ----
 
 Task<Status> Qcow2Node::check_in_place(WritePlan plan) {
-    if (Status st = co_await meta_->check_data_extent(plan.host_offset, plan.bytes, true); !st) {
+    CO_TRY_ASSIGN(std::string problem,
+                  co_await meta_->data_extent_problem(plan.host_offset, plan.bytes, true));
+    if (!problem.empty()) {
         co_return co_await meta_->corruption(
-            fmt::format("guest offset {:#x}: {}", plan.guest_offset, st.error().context));
+            fmt::format("guest offset {:#x}: {}", plan.guest_offset, problem));
     }
     co_return Status{};
 }

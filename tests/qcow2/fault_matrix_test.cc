@@ -8,6 +8,7 @@
 #include <fcntl.h>
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include "core/transaction.h"
 #include "drivers/fault.h"
@@ -238,6 +239,37 @@ TEST_P(FaultMatrix, ErrorReachesCallerAndImageStaysConsistent) {
     again = Stack{};  // closes the file (and drops its image locks)
     // The internal snapshot is untouched.
     EXPECT_EQ((test::qemu_convert_raw(img, "-l snapshot.name=s1"))[600 * 1024], 0x11);
+}
+
+// Giving freed clusters' space back to the host file (a hole punch after the flush that made
+// the tables durable) is advisory: a host file system that refuses it does not fail the
+// flush, the image stays consistent, and the holes are punched at a later flush.
+TEST_F(FaultMatrix, ARefusedHolePunchDoesNotFailTheFlush) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 '" + img + "' " + std::to_string(kSize));
+    Stack s = open(img);
+    std::vector<uint8_t> data(kMiB, 0x31);
+    ASSERT_TRUE(run(s.node->write(0, data)).ok());
+    ASSERT_TRUE(run(s.node->flush()).ok());
+    ASSERT_TRUE(run(s.node->discard(0, kMiB)).ok());  // frees the clusters
+    FaultRule rule{fault_op::kDiscard, ENOSPC, false, 1};
+    const size_t r = s.fault->add_rule(rule);
+    Status flushed = run(s.node->flush());
+    EXPECT_GT(s.fault->fired(r), 0U) << "no hole was punched";
+    EXPECT_TRUE(flushed.ok()) << flushed.error().message();
+    s.fault->clear_rules();
+    ASSERT_TRUE(run(s.node->flush()).ok());  // punches what the refused flush kept
+    struct stat st {};
+    ASSERT_EQ(::stat(img.c_str(), &st), 0);
+    EXPECT_LT(static_cast<uint64_t>(st.st_blocks) * 512, kMiB / 2) << "the holes never came";
+    ASSERT_TRUE(run(s.node->close()).ok());
+    users_.clear();
+    s = Stack{};
+    test::CheckResult chk = test::qemu_check(img);
+    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+    EXPECT_EQ(chk.check_errors, 0U) << chk.output;
 }
 
 INSTANTIATE_TEST_SUITE_P(Steps, FaultMatrix, ::testing::ValuesIn(cases()),

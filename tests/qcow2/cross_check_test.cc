@@ -1,0 +1,114 @@
+// The cross-checks of a data mapping (cross_check.cc): a finding is corruption, but a check
+// that cannot be made because the storage failed is an I/O error, which must reach the caller
+// as one and never mark the image corrupt.
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include "core/transaction.h"
+#include "drivers/fault.h"
+#include "drivers/file.h"
+#include "drivers/qcow2/format.h"
+#include "drivers/qcow2/qcow2_node.h"
+#include "qcow2/image_test_util.h"
+
+namespace imgfs {
+namespace {
+
+constexpr uint64_t kCluster = 512;  // small clusters: many refcount blocks
+
+class CrossCheckTest : public test::LoopTest {
+  protected:
+    struct Stack {
+        std::shared_ptr<FaultNode> fault;
+        std::shared_ptr<Qcow2Node> node;
+    };
+    Stack open(const std::string& path, qcow2::Options options = {}) {
+        auto file = FileNode::open(env(), "file", AT_FDCWD, path, {});
+        EXPECT_TRUE(file.ok()) << file.error().message();
+        Transaction tx(&graph_);
+        Stack s;
+        s.fault = FaultNode::open(env(), "fault", &tx, *file);
+        s.node = Qcow2Node::create(env(), "img", &tx, s.fault, options);
+        EXPECT_TRUE(tx.commit().ok());
+        Status st = run(s.node->load());
+        EXPECT_TRUE(st.ok()) << st.error().message();
+        use_rw(s.node);
+        return s;
+    }
+    static uint64_t be64_at(const std::string& path, uint64_t offset) {
+        uint8_t b[8] = {};
+        UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+        EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
+        return qcow2::load_be64(b);
+    }
+};
+
+// A write of part of a fresh cluster at the end of the file writes only that part, so the
+// file ends inside the cluster. Reading the rest asks the refcount whether the cluster past
+// the end is allocated; when that refcount block cannot be read, the read fails with the
+// storage's EIO, and the image is not marked corrupt: its metadata is sound.
+TEST_F(CrossCheckTest, ARefcountReadErrorIsAnIoErrorNotCorruption) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 '" + img + "' 8M");
+    // 1000 KiB of data: the L2 table of 992-1024 KiB is there and partly used.
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 1000k' '" + img + "' >/dev/null");
+    const uint64_t guest = 1010 * 1024;
+    struct stat st {};
+    ASSERT_EQ(::stat(img.c_str(), &st), 0);
+    const uint64_t host = static_cast<uint64_t>(st.st_size);  // where the new cluster goes
+    ASSERT_EQ(host % kCluster, 0U);
+    {
+        Stack s = open(img);
+        std::vector<uint8_t> data(256, 0x5a);
+        ASSERT_TRUE(run(s.node->write(guest, data)).ok());
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();  // its write permission would keep a second open out
+    }
+    ASSERT_EQ(::stat(img.c_str(), &st), 0);
+    ASSERT_EQ(static_cast<uint64_t>(st.st_size), host + 256) << "the file does not end in it";
+    // The refcount table is at the header's offset 48; 64 refcounts of 64 bits per block.
+    const uint64_t refblock = be64_at(img, be64_at(img, 48) + host / kCluster / 64 * 8);
+    ASSERT_NE(refblock, 0U);
+
+    qcow2::Options small;
+    small.refcount_cache_bytes = 4 * kCluster;  // the fewest blocks it keeps
+    Stack s = open(img, small);
+    // Discards of data far apart touch other refcount blocks: the one of the new cluster
+    // (read at open) leaves the cache.
+    for (uint64_t g = 0; g < 8; ++g) {
+        ASSERT_TRUE(run(s.node->discard(g * 64 * 1024, kCluster)).ok());
+    }
+    FaultRule rule;
+    rule.ops = fault_op::kRead;
+    rule.errnum = EIO;
+    rule.offset = refblock;
+    rule.bytes = kCluster;
+    const size_t r = s.fault->add_rule(rule);
+    std::vector<uint8_t> back(256);
+    Status read = run(s.node->read(guest + 256, back));
+    ASSERT_GT(s.fault->fired(r), 0U) << "the read never needed the refcount block";
+    ASSERT_FALSE(read.ok());
+    EXPECT_EQ(read.error().errnum, EIO);
+    EXPECT_EQ(read.error().message().find("corrupt"), std::string::npos) << read.error().message();
+    // Storage back: the same read works, and writes are still taken.
+    s.fault->clear_rules();
+    Status again = run(s.node->read(guest + 256, back));
+    ASSERT_TRUE(again.ok()) << again.error().message();
+    EXPECT_EQ(back, std::vector<uint8_t>(256, 0));
+    std::vector<uint8_t> more(256, 0x6b);
+    EXPECT_TRUE(run(s.node->write(guest + 256, more)).ok());
+    ASSERT_TRUE(run(s.node->close()).ok());
+    // Incompatible feature bit 1 (corrupt) is clear, and QEMU finds nothing wrong.
+    EXPECT_EQ(be64_at(img, 72) & 2, 0U);
+    test::CheckResult c = test::qemu_check(img);
+    EXPECT_EQ(c.corruptions, 0U) << c.output;
+}
+
+}  // namespace
+}  // namespace imgfs
