@@ -80,10 +80,17 @@ FaultNode::Verdict FaultNode::judge(uint32_t op, uint64_t offset, uint64_t bytes
                     verdict = Verdict::kDrop;
                     break;
                 case FaultAction::kShort:
-                    // Only ranged writes can be cut short; anything else just fails.
-                    bool cuttable = op == fault_op::kWrite || op == fault_op::kWriteZeroes;
-                    verdict = cuttable ? Verdict::kShort : Verdict::kFail;
+                case FaultAction::kLate: {
+                    // Only ranged writes can be cut short or land late; anything else fails.
+                    bool ranged_write = op == fault_op::kWrite || op == fault_op::kWriteZeroes;
+                    if (!ranged_write) {
+                        verdict = Verdict::kFail;
+                    } else {
+                        verdict =
+                            r.rule.action == FaultAction::kShort ? Verdict::kShort : Verdict::kLate;
+                    }
                     break;
+                }
             }
             *errnum = r.rule.errnum;
         }
@@ -136,6 +143,10 @@ Task<Status> FaultNode::do_write(uint64_t offset, ConstBuf buf) {
             }
             st = injected(err, "write (short)", offset);
             break;
+        case Verdict::kLate:
+            st = co_await child(ChildRole::kFiltered)->write(offset, buf);
+            st = injected(err, "write (landed)", offset);
+            break;
         case Verdict::kPass:
             st = co_await child(ChildRole::kFiltered)->write(offset, buf);
             break;
@@ -160,6 +171,10 @@ Task<Status> FaultNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool ma
             }
             st = injected(err, "write_zeroes (short)", offset);
             break;
+        case Verdict::kLate:
+            st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap);
+            st = injected(err, "write_zeroes (landed)", offset);
+            break;
         case Verdict::kPass:
             st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap);
             break;
@@ -175,6 +190,7 @@ Task<Status> FaultNode::do_discard(uint64_t offset, uint64_t bytes) {
     switch (judge(fault_op::kDiscard, offset, bytes, &err)) {
         case Verdict::kFail:
         case Verdict::kShort:
+        case Verdict::kLate:
             co_return injected(err, "discard", offset);
         case Verdict::kDrop:
             co_return Status{};
@@ -192,6 +208,7 @@ Task<Status> FaultNode::do_flush() {
     switch (judge(fault_op::kFlush, 0, 0, &err)) {
         case Verdict::kFail:
         case Verdict::kShort:
+        case Verdict::kLate:
             co_return injected(err, "flush", 0);
         case Verdict::kDrop:
             co_return Status{};
@@ -212,6 +229,7 @@ Task<Status> FaultNode::do_truncate(uint64_t new_size) {
     switch (judge(fault_op::kWrite, new_size, 0, &err)) {
         case Verdict::kFail:
         case Verdict::kShort:
+        case Verdict::kLate:
             co_return injected(err, "truncate", new_size);
         case Verdict::kDrop:
             co_return Status{};

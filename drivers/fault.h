@@ -39,6 +39,8 @@ enum class FaultAction {
     kError,  // fail the request with `errnum`
     kDrop,   // report success without passing the request on (a write lost in a crash)
     kShort,  // writes and zeroing: pass a random part of the range on, then fail with errnum
+    kLate,   // writes and zeroing: pass the whole range on, then fail with errnum anyway (a
+             // write that reached the disk but whose completion reported an error)
 };
 
 struct FaultRule {
@@ -100,7 +102,7 @@ class FaultNode final : public Node {
         uint64_t matched = 0;
         uint64_t fired = 0;
     };
-    enum class Verdict { kPass, kFail, kDrop, kShort };
+    enum class Verdict { kPass, kFail, kDrop, kShort, kLate };
     // Counts the request against every rule; the first rule that fires decides.
     Verdict judge(uint32_t op, uint64_t offset, uint64_t bytes, int* errnum);
     Error injected(int errnum, const char* op, uint64_t offset) const;

@@ -62,6 +62,7 @@ const char* kMountHelp =
     "  file=NAME     only the layer stored in image file NAME\n"
     "  drop          report success without doing the write (a write lost in a crash)\n"
     "  short         pass a random part of a write on, then fail it (ENOSPC part way)\n"
+    "  late          pass the whole write on, then fail it (it landed; the error did not)\n"
     "  probability=P fire on a random fraction P (0 < P <= 1) of the requests it matches\n"
     "These rules sit in a filter between a layer's format driver and its file. OPS\n"
     "'fdatasync' instead makes the file driver's own fdatasync fail (from the nth on), as\n"
@@ -151,6 +152,8 @@ Status apply_fault_word(const std::string& word, ChainFault* f) {
         f->rule.action = FaultAction::kDrop;
     } else if (word == "short") {
         f->rule.action = FaultAction::kShort;
+    } else if (word == "late") {
+        f->rule.action = FaultAction::kLate;
     } else if (key == "probability") {
         char* end = nullptr;
         double p = std::strtod(value.c_str(), &end);

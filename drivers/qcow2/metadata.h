@@ -216,6 +216,10 @@ class Metadata {
     /// whether or not the host file gives the space back, so a failure is logged (once) and
     /// the rest are kept for the next flush, never failing the flush that made data durable.
     Task<void> punch_freed();
+    /// EIO naming the failed switch while `unsettled` is set.
+    Status table_switch_settled(const std::string& unsettled) const;
+    /// Records a failed header write of a table switch in `unsettled`; returns its error.
+    Error unsettled_table_switch(std::string* unsettled, const char* table, Error error);
 
     // ---- tables (metadata_tables.cc) ----
     /// The L2 table for l1_index, or an empty Ref if unallocated.
@@ -297,6 +301,11 @@ class Metadata {
     std::vector<uint64_t> to_punch_;
     std::set<uint64_t> punching_;
     bool punch_failure_logged_ = false;
+    // Set when a header write switching to a new L1 or refcount table failed: the disk may
+    // use either table, so no entry of that kind is written until a switch of the same kind
+    // succeeds, which settles it (see unsettled_table_switch).
+    std::string unsettled_l1_;
+    std::string unsettled_refcount_table_;
     // Clusters whose last reference a cached table dropped, not handed out again until the
     // tables that no longer reference them are durable: else a crash could leave the old entry
     // pointing at the next owner's data (and, with lazy refcounts, where nothing orders L2

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cassert>
 
+#include "core/log.h"
 #include "drivers/qcow2/metadata.h"
 
 namespace imgfs::qcow2 {
@@ -223,10 +224,36 @@ Task<Status> Metadata::free_entry_clusters(L2Entry e, bool punch) {
 }
 
 Task<Status> Metadata::write_refcount_table_entry(uint64_t index) {
+    CO_TRY(table_switch_settled(unsettled_refcount_table_));
     uint8_t be[8];
     store_be64(be, refcount_table_[index]);
     file_->event(IoEvent::kRefblockAlloc);
     co_return co_await file_->write(header_.refcount_table_offset + index * 8, ConstBuf(be, 8));
+}
+
+Status Metadata::table_switch_settled(const std::string& unsettled) const {
+    if (!unsettled.empty()) {
+        return make_error(EIO, "{}: {}", name_, unsettled);
+    }
+    return {};
+}
+
+Error Metadata::unsettled_table_switch(std::string* unsettled, const char* table, Error error) {
+    // A header write that failed may still have reached the disk, which would then point at
+    // the new table while this node keeps writing entries into the old one, which nothing
+    // references: links made from then on would be lost. Until a switch of the same kind
+    // succeeds (or a reopen reads the header again) no entry of that table is written;
+    // everything else (reads, writes into existing clusters, write-back of cached tables)
+    // goes on.
+    *unsettled = fmt::format(
+        "switching to a new {} table failed ({}), so which table the image uses is unknown "
+        "until a switch succeeds or the image is opened again; writes that need a new entry in "
+        "it are refused",
+        table, error.message());
+    if (env_.log != nullptr) {
+        env_.log->error("{}: {}", name_, *unsettled);
+    }
+    return error;
 }
 
 Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
@@ -290,7 +317,13 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     store_be64(fields, start << g_.cluster_bits);
     store_be32(fields + (kOffRefcountTableClusters - kOffRefcountTableOffset),
                static_cast<uint32_t>(table_clusters));
-    CO_TRY(co_await write_header_bytes(kOffRefcountTableOffset, ConstBuf(fields, sizeof(fields))));
+    if (Status switched =
+            co_await write_header_bytes(kOffRefcountTableOffset, ConstBuf(fields, sizeof(fields)));
+        !switched) {
+        co_return unsettled_table_switch(&unsettled_refcount_table_, "refcount",
+                                         std::move(switched).error());
+    }
+    unsettled_refcount_table_.clear();  // the header names this table now, whatever came before
     uint64_t old_offset = header_.refcount_table_offset;
     uint64_t old_clusters = header_.refcount_table_clusters;
     header_.refcount_table_offset = start << g_.cluster_bits;

@@ -48,6 +48,7 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_read(uint64_t l1_index) {
 }
 
 Task<Status> Metadata::write_l1_entry(uint64_t l1_index) {
+    CO_TRY(table_switch_settled(unsettled_l1_));
     uint8_t be[8];
     store_be64(be, l1_[l1_index]);
     file_->event(IoEvent::kL1);
@@ -165,7 +166,11 @@ Task<Status> Metadata::grow(uint64_t new_size) {
     store_be32(fields + (kOffCryptMethod - kOffSize), header_.crypt_method);
     store_be32(fields + (kOffL1Size - kOffSize), static_cast<uint32_t>(need));
     store_be64(fields + (kOffL1TableOffset - kOffSize), host);
-    CO_TRY(co_await write_header_bytes(kOffSize, ConstBuf(fields, sizeof(fields))));
+    if (Status switched = co_await write_header_bytes(kOffSize, ConstBuf(fields, sizeof(fields)));
+        !switched) {
+        co_return unsettled_table_switch(&unsettled_l1_, "L1", std::move(switched).error());
+    }
+    unsettled_l1_.clear();  // the header names this table now, whatever came before
     uint64_t old_offset = header_.l1_table_offset;
     uint64_t old_clusters =
         (uint64_t{header_.l1_size} * 8 + g_.cluster_size - 1) >> g_.cluster_bits;

@@ -272,6 +272,52 @@ TEST_F(FaultMatrix, ARefusedHolePunchDoesNotFailTheFlush) {
     EXPECT_EQ(chk.check_errors, 0U) << chk.output;
 }
 
+// A header write that switches to a bigger L1 table (a grow) reports an error but reached
+// the disk: the image now uses the new table. A write that needs a new L1 entry meanwhile
+// must not go into the old table, where nothing would find it after a reopen: it is refused
+// until a switch succeeds, and every write acknowledged reads back after the reopen.
+TEST_F(FaultMatrix, AHeaderSwitchThatLandedDespiteItsErrorLosesNoWrite) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    // 512-byte clusters: an L1 entry maps 32 KiB, so growing to 16 MiB needs a bigger L1.
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' " +
+               std::to_string(kSize));
+    Stack s = open(img);
+    const std::vector<uint8_t> first(4096, 0x41);
+    const std::vector<uint8_t> second(4096, 0x42);
+    ASSERT_TRUE(run(s.node->write(0, first)).ok());
+    ASSERT_TRUE(run(s.node->flush()).ok());
+    FaultRule rule{fault_op::kWrite, EIO, true, 1};
+    rule.event = IoEvent::kHeader;
+    rule.action = FaultAction::kLate;
+    const size_t r = s.fault->add_rule(rule);
+    Status grown = run(s.node->truncate(2 * kSize));
+    ASSERT_GT(s.fault->fired(r), 0U);
+    ASSERT_FALSE(grown.ok());
+    // 4 MiB has no L2 table yet: this write needs a new L1 entry.
+    Status unsettled = run(s.node->write(4 * kMiB, second));
+    EXPECT_FALSE(unsettled.ok()) << "a new L1 entry went into a table the disk may not use";
+    // A switch that succeeds settles it.
+    ASSERT_TRUE(run(s.node->truncate(2 * kSize)).ok());
+    Status settled = run(s.node->write(4 * kMiB, second));
+    EXPECT_TRUE(settled.ok()) << settled.error().message();
+    ASSERT_TRUE(run(s.node->close()).ok());
+    users_.clear();
+    s = Stack{};
+    test::CheckResult chk = test::qemu_check(img);
+    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+    Stack again = open(img);
+    std::vector<uint8_t> back(4096);
+    ASSERT_TRUE(run(again.node->read(0, back)).ok());
+    EXPECT_EQ(back, first);
+    ASSERT_TRUE(run(again.node->read(4 * kMiB, back)).ok());
+    EXPECT_EQ(back, unsettled.ok() || settled.ok() ? second : std::vector<uint8_t>(4096, 0));
+    EXPECT_TRUE(run(again.node->close()).ok());
+    users_.clear();
+    again = Stack{};
+}
+
 INSTANTIATE_TEST_SUITE_P(Steps, FaultMatrix, ::testing::ValuesIn(cases()),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
 
