@@ -56,6 +56,21 @@ class RbdNodeTest : public CephLoopTest {
         nodes_.push_back(*node);
         return *node;
     }
+    /// A fresh 8 MiB image `name` on a cluster with a 3 s deadline, opened for writing, with
+    /// `buf` written and flushed (which also makes librbd take the image's lock).
+    std::shared_ptr<RbdNode> written_node_with_short_deadline(const std::string& name,
+                                                              const std::vector<uint8_t>& buf) {
+        connect(3);
+        create_image(name, 8 << 20);
+        auto node = open_node(name, false);
+        if (node == nullptr) {
+            return nullptr;
+        }
+        use_rw(node);
+        EXPECT_TRUE(run(node->write(0, ConstBuf(buf.data(), buf.size()))).ok());
+        EXPECT_TRUE(run(node->flush()).ok());
+        return node;
+    }
     /// The image's bytes as `rbd export` writes them.
     std::vector<uint8_t> exported(const std::string& name) {
         const std::string out = cluster_->dir() + "/" + name + ".export";
@@ -238,14 +253,9 @@ TEST_F(RbdNodeTest, ReadOnlyImageRefusesWriters) {
 }
 
 TEST_F(RbdNodeTest, ClusterThatStopsAnsweringGivesEioWithinTheDeadline) {
-    connect(3);
-    create_image("dead", 8 << 20);
-    auto node = open_node("dead", false);
-    ASSERT_NE(node, nullptr);
-    use_rw(node);
     std::vector<uint8_t> buf(65536, 7);
-    ASSERT_TRUE(run(node->write(0, ConstBuf(buf.data(), buf.size()))).ok());
-    ASSERT_TRUE(run(node->flush()).ok());
+    auto node = written_node_with_short_deadline("dead", buf);
+    ASSERT_NE(node, nullptr);
     cluster_->pause_osd();
     auto t0 = std::chrono::steady_clock::now();
     Status st = run(node->write(1 << 20, ConstBuf(buf.data(), buf.size())));
@@ -271,17 +281,13 @@ Task<void> write_past_end(Node* node, uint64_t offset, const std::vector<uint8_t
 }
 
 TEST_F(RbdNodeTest, WritesWaitingBehindAFailedGrowFailWithItAtOnce) {
-    connect(3);
-    create_image("stuck", 8 << 20);
-    auto node = open_node("stuck", false);
-    ASSERT_NE(node, nullptr);
-    use_rw(node);
     std::vector<uint8_t> buf(65536, 9);
+    // (The write there makes librbd take its lock; without it the grow would fail for want
+    // of the lock, not of the cluster.)
+    auto node = written_node_with_short_deadline("stuck", buf);
+    ASSERT_NE(node, nullptr);
     constexpr int kWriters = 6;
     std::vector<Status> results(kWriters);
-    // librbd takes its lock on the first write; without it the grow would fail for want of it.
-    ASSERT_TRUE(run(node->write(0, ConstBuf(buf.data(), buf.size()))).ok());
-    ASSERT_TRUE(run(node->flush()).ok());
     cluster_->pause_osd();
     auto t0 = std::chrono::steady_clock::now();
     {
