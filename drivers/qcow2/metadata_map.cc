@@ -263,7 +263,18 @@ Task<Result<WritePlan>> Metadata::plan_write(uint64_t offset, uint64_t bytes, bo
         }
     }
     ref.reset();
-    CO_TRY(co_await trim_caches());
+    if (Status trimmed = co_await trim_caches(); !trimmed) {
+        if (plan.newly_allocated) {
+            // The caller gets no plan, so it cannot abort_write: give the run back here.
+            // Nothing references it yet; if that fails too, it leaks (a repair reclaims it).
+            Status given_back = co_await free_clusters(plan.host_start, plan.clusters, false);
+            if (!given_back && env_.log != nullptr) {
+                env_.log->warn("{}: {} cluster(s) at {:#x} of a failed write leak: {}", name_,
+                               plan.clusters, plan.host_start, given_back.error().message());
+            }
+        }
+        co_return std::move(trimmed).error();
+    }
     co_return plan;
 }
 
