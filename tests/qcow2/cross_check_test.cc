@@ -13,6 +13,7 @@
 #include "drivers/file.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/qcow2/qcow2_node.h"
+#include "qcow2/fault_stack.h"
 #include "qcow2/image_test_util.h"
 
 namespace imgfs {
@@ -20,25 +21,8 @@ namespace {
 
 constexpr uint64_t kCluster = 512;  // small clusters: many refcount blocks
 
-class CrossCheckTest : public test::LoopTest {
+class CrossCheckTest : public test::FaultStackTest {
   protected:
-    struct Stack {
-        std::shared_ptr<FaultNode> fault;
-        std::shared_ptr<Qcow2Node> node;
-    };
-    Stack open(const std::string& path, qcow2::Options options = {}) {
-        auto file = FileNode::open(env(), "file", AT_FDCWD, path, {});
-        EXPECT_TRUE(file.ok()) << file.error().message();
-        Transaction tx(&graph_);
-        Stack s;
-        s.fault = FaultNode::open(env(), "fault", &tx, *file);
-        s.node = Qcow2Node::create(env(), "img", &tx, s.fault, options);
-        EXPECT_TRUE(tx.commit().ok());
-        Status st = run(s.node->load());
-        EXPECT_TRUE(st.ok()) << st.error().message();
-        use_rw(s.node);
-        return s;
-    }
     static uint64_t be64_at(const std::string& path, uint64_t offset) {
         uint8_t b[8] = {};
         UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));

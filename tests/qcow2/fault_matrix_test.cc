@@ -14,6 +14,7 @@
 #include "drivers/fault.h"
 #include "drivers/file.h"
 #include "drivers/qcow2/qcow2_node.h"
+#include "qcow2/fault_stack.h"
 #include "qcow2/image_test_util.h"
 
 namespace imgfs {
@@ -94,7 +95,7 @@ std::vector<FaultCase> cases() {
     return out;
 }
 
-class FaultMatrix : public test::LoopTest, public ::testing::WithParamInterface<FaultCase> {
+class FaultMatrix : public test::FaultStackTest, public ::testing::WithParamInterface<FaultCase> {
   protected:
     // One summary line for the category (ctest runs each case in its own process, so it
     // counts what this process ran).
@@ -103,28 +104,11 @@ class FaultMatrix : public test::LoopTest, public ::testing::WithParamInterface<
     void TearDown() override {
         ++cases_run_;
         cases_failed_ += HasFailure() ? 1 : 0;
-        test::LoopTest::TearDown();
+        test::FaultStackTest::TearDown();
     }
     static void TearDownTestSuite() {
         std::printf("fault matrix: %d cases run, %d passed\n", cases_run_,
                     cases_run_ - cases_failed_);
-    }
-    struct Stack {
-        std::shared_ptr<FaultNode> fault;
-        std::shared_ptr<Qcow2Node> node;
-    };
-    Stack open(const std::string& path, qcow2::Options options = {}) {
-        auto file = FileNode::open(env(), "file", AT_FDCWD, path, {});
-        EXPECT_TRUE(file.ok()) << file.error().message();
-        Transaction tx(&graph_);
-        Stack s;
-        s.fault = FaultNode::open(env(), "fault", &tx, *file);
-        s.node = Qcow2Node::create(env(), "img", &tx, s.fault, options);
-        EXPECT_TRUE(tx.commit().ok());
-        Status st = run(s.node->load());
-        EXPECT_TRUE(st.ok()) << st.error().message();
-        use_rw(s.node);
-        return s;
     }
 };
 

@@ -1,0 +1,38 @@
+// A qcow2 node over a fault filter over an image file, for tests that fail its storage.
+#pragma once
+
+#include <fcntl.h>
+#include <memory>
+#include <string>
+
+#include "core/transaction.h"
+#include "drivers/fault.h"
+#include "drivers/file.h"
+#include "drivers/qcow2/qcow2_node.h"
+#include "test_util.h"
+
+namespace imgfs::test {
+
+class FaultStackTest : public LoopTest {
+  protected:
+    struct Stack {
+        std::shared_ptr<FaultNode> fault;
+        std::shared_ptr<Qcow2Node> node;
+    };
+    /// Opens `path` as file -> fault filter -> qcow2, loaded and attached for writing.
+    Stack open(const std::string& path, qcow2::Options options = {}) {
+        auto file = FileNode::open(env(), "file", AT_FDCWD, path, {});
+        EXPECT_TRUE(file.ok()) << file.error().message();
+        Transaction tx(&graph_);
+        Stack s;
+        s.fault = FaultNode::open(env(), "fault", &tx, *file);
+        s.node = Qcow2Node::create(env(), "img", &tx, s.fault, options);
+        EXPECT_TRUE(tx.commit().ok());
+        Status st = run(s.node->load());
+        EXPECT_TRUE(st.ok()) << st.error().message();
+        use_rw(s.node);
+        return s;
+    }
+};
+
+}  // namespace imgfs::test
