@@ -342,6 +342,9 @@ Task<Status> Metadata::commit_write(WritePlan plan) {
 #ifdef IMGFS_DEBUG_CHECKS
     co_await debug_check_invariants("linking new clusters");
 #endif
+    // A write-back error here fails the write although it is linked (and reads show it): a
+    // failed write's content is unspecified, and the error is what stops writers from piling
+    // dirty tables up in memory while the host refuses them. The caller must not abort_write.
     co_return co_await trim_caches();
 }
 

@@ -57,6 +57,9 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     if (updated == 0) {
         free_hint_ = std::min(free_hint_, cluster);
         metadata_clusters_.erase(cluster);
+        // A freed L2 table must not come back out of the cache when its cluster is reused
+        // (a new table there would start as the old one's mappings).
+        l2_cache_.forget(cluster << g_.cluster_bits);
         if (lazy_refcounts_ || reuse == Reuse::kAfterTablesDurable) {
             freed_unflushed_.insert(cluster);
         }

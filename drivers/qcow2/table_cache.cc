@@ -17,6 +17,9 @@ TableCache::~TableCache() {
     for (auto& [off, e] : entries_) {
         assert(e->pins == 0 && "table cache destroyed with pinned tables");
     }
+    for (auto& e : forgotten_) {
+        assert(e->pins == 0 && "table cache destroyed with pinned tables");
+    }
 }
 
 void TableCache::configure(size_t table_bytes, size_t capacity) {
@@ -54,6 +57,7 @@ uint64_t TableCache::Ref::offset() const {
 
 TableCache::Entry* TableCache::insert(uint64_t offset) {
     shrink();
+    drop_unpinned_forgotten();
     auto e = std::make_unique<Entry>();
     e->offset = offset;
     e->data = AlignedBuffer(table_bytes_);
@@ -118,7 +122,9 @@ Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
     e->loaded->notify_all();
     if (!st) {
         pin.reset();
-        erase(e);
+        if (!e->forgotten) {
+            erase(e);
+        }
         co_return make_error(st.error().errnum, "reading {} at {:#x}: {}", kind_, offset,
                              st.error().message());
     }
@@ -153,9 +159,28 @@ void TableCache::mark_dirty(const Ref& ref) {
 
 void TableCache::forget(uint64_t offset) {
     auto it = entries_.find(offset);
-    if (it != entries_.end()) {
-        erase(it->second.get());
+    if (it == entries_.end()) {
+        return;
     }
+    Entry* e = it->second.get();
+    if (e->pins == 0) {
+        erase(e);
+        return;
+    }
+    // Pinned (possibly still loading: its loader holds a pin and finds it forgotten). Out of
+    // the index at once, so the next get of this offset reads the cluster's new contents.
+    if (e->dirty) {
+        e->dirty = false;
+        --dirty_count_;
+    }
+    lru_.erase(e->lru);
+    e->forgotten = true;
+    forgotten_.push_back(std::move(it->second));
+    entries_.erase(it);
+}
+
+void TableCache::drop_unpinned_forgotten() {
+    std::erase_if(forgotten_, [](const std::unique_ptr<Entry>& e) { return e->pins == 0; });
 }
 
 void TableCache::clear() {
@@ -166,6 +191,7 @@ void TableCache::clear() {
     entries_.clear();
     lru_.clear();
     dirty_count_ = 0;
+    drop_unpinned_forgotten();
 }
 
 Task<Status> TableCache::write_dirty(Child* file) {
@@ -190,7 +216,7 @@ Task<Status> TableCache::write_dirty(Child* file) {
         --dirty_count_;
         Status st = co_await file->write(e->offset, e->data.span());
         if (!st) {
-            if (!e->dirty) {
+            if (!e->dirty && !e->forgotten) {
                 e->dirty = true;
                 ++dirty_count_;
             }

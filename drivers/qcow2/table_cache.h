@@ -9,6 +9,7 @@
 #include <list>
 #include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include "core/buffer.h"
 #include "core/node.h"
@@ -57,7 +58,10 @@ class TableCache {
     /// The table if cached (no I/O).
     Ref lookup(uint64_t offset);
     void mark_dirty(const Ref& ref);
-    /// Drops a cached table (its cluster was freed). It must not be pinned.
+    /// Drops a cached table because its cluster was freed: later gets and lookups of `offset`
+    /// read the disk again (the cluster may hold a new table or data by then), and a dirty
+    /// change is dropped, never written. A pinned table stays valid for its holders (a read
+    /// that mapped through it before the free) and goes with its last pin.
     void forget(uint64_t offset);
     /// Drops every table; none may be pinned or dirty (after a rebuild replaced them).
     void clear();
@@ -81,6 +85,7 @@ class TableCache {
         AlignedBuffer data;
         bool dirty = false;
         bool loading = false;
+        bool forgotten = false;  // in forgotten_, no longer in entries_ or lru_
         int pins = 0;
         std::list<Entry*>::iterator lru;
         std::unique_ptr<WaitQueue> loaded;
@@ -88,13 +93,15 @@ class TableCache {
     Entry* insert(uint64_t offset);
     void touch(Entry* e);
     void erase(Entry* e);
+    void drop_unpinned_forgotten();
 
     Executor* executor_;
     size_t table_bytes_;
     size_t capacity_;
     const char* kind_;
     std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;
-    std::list<Entry*> lru_;  // front: most recently used
+    std::list<Entry*> lru_;                          // front: most recently used
+    std::vector<std::unique_ptr<Entry>> forgotten_;  // forgotten while pinned
     size_t dirty_count_ = 0;
     uint64_t hits_ = 0;
     uint64_t misses_ = 0;

@@ -548,6 +548,64 @@ TEST_F(TableCacheTest, ForgetAndClearDropTables) {
     EXPECT_EQ(mem_->requests, requests + 1);
 }
 
+// A table forgotten while a holder still uses it (a read that mapped through it before its
+// cluster was freed): the holder keeps valid bytes, but the cache no longer gives them out,
+// so a new table at that offset starts from the disk, and the dropped change is never written.
+TEST_F(TableCacheTest, AForgottenPinnedTableIsNeverHandedOutAgain) {
+    TableCache cache(loop_.get(), kTable, 8, kKind);
+    auto held = get(&cache, 3 * kTable);
+    ASSERT_TRUE(held.ok());
+    std::memset(held->data(), 0x77, kTable);
+    cache.mark_dirty(*held);
+    cache.forget(3 * kTable);
+    EXPECT_FALSE(cache.has_dirty());
+    EXPECT_TRUE(all_bytes(held->data(), kTable, 0x77)) << "the holder's bytes changed";
+    EXPECT_FALSE(cached(&cache, 3 * kTable));
+
+    mem_->data[3 * kTable] = 0x5a;  // the cluster was reused and written meanwhile
+    const uint64_t requests = mem_->requests;
+    auto fresh = get(&cache, 3 * kTable);
+    ASSERT_TRUE(fresh.ok());
+    EXPECT_EQ(mem_->requests, requests + 1) << "served from the forgotten table";
+    EXPECT_EQ(fresh->data()[0], 0x5a);
+    EXPECT_TRUE(all_bytes(held->data(), kTable, 0x77));
+    held->reset();
+    fresh->reset();
+    Status st = run(cache.write_dirty(file_));
+    ASSERT_TRUE(st.ok());
+    EXPECT_EQ(mem_->data[3 * kTable + 1], disk_byte(3 * kTable))
+        << "the dropped change was written";
+    EXPECT_EQ(cache.size(), 1U);
+}
+
+// Forgotten while its read is in flight: a get after the forget reads the disk for itself,
+// and the first read failing then takes only its own entry away, never the new one.
+TEST_F(TableCacheTest, ATableForgottenWhileLoadingIsReadAgain) {
+    auto gate = std::make_shared<GateNode>(env(), 1 << 20);
+    Child* file = use_rw(gate)->root();
+    ASSERT_NE(file, nullptr);
+    TableCache cache(loop_.get(), kTable, 8, kKind);
+    std::optional<Result<Ref>> first;
+    std::optional<Result<Ref>> second;
+    TaskScope scope(loop_.get());
+    gate->hold();
+    scope.spawn(get_into(&cache, file, 2 * kTable, &first));
+    EXPECT_EQ(gate->reads, 1U);
+    cache.forget(2 * kTable);
+    scope.spawn(get_into(&cache, file, 2 * kTable, &second));
+    EXPECT_EQ(gate->reads, 2U) << "the get after the forget waited for the forgotten read";
+    gate->fail_next = EIO;  // the first read (woken first) fails
+    gate->release();
+    run(join(&scope));
+
+    ASSERT_TRUE(first && second);
+    EXPECT_FALSE(first->ok());
+    ASSERT_TRUE(second->ok()) << second->error().message();
+    second->value().reset();
+    EXPECT_EQ(cache.size(), 1U);
+    EXPECT_TRUE(cached(&cache, 2 * kTable));
+}
+
 TEST_F(TableCacheTest, ConfigureSetsTableSizeAndCapacity) {
     TableCache cache(loop_.get(), 512, 0, kKind);
     EXPECT_EQ(cache.capacity(), 2U);  // never below 2
