@@ -234,7 +234,10 @@ Task<Result<bool>> CommitJob::pivot() {
     // Asked again: the job may have run for hours, and an image made on a middle layer since
     // (a clone of a snapshot) would lose it.
     CO_TRY(co_await refuse_unserved_users(images_, image_ref(), base_index_, "committing"));
-    std::vector<std::shared_ptr<Node>> nodes{filter_};
+    // The base too: the switch below moves the image's edge from the filter to the base, and
+    // a drained section reaches a new user only through the node it links to. Drained on the
+    // filter alone, guest writes would reach the base during the top's hide.
+    std::vector<std::shared_ptr<Node>> nodes{filter_, base_};
     DrainGuard drained = co_await drain(nodes);
     if (dirty_->dirty_bytes() != 0) {
         co_return false;  // a guest write failed to reach the base: complete() abandons the job

@@ -347,7 +347,8 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     std::shared_ptr<Node> top = layers.front().node;
     std::shared_ptr<Node> back = layers[1].node;
     // Moved in: a copy kept here would hold the dropped layer open until the revert returns.
-    std::vector<std::shared_ptr<Node>> drained_nodes{top};
+    // `back` as well: the image's edge moves to it, and must stay drained through the hide.
+    std::vector<std::shared_ptr<Node>> drained_nodes{top, back};
     DrainGuard drained = co_await drain(std::move(drained_nodes));
     if (e->backend->open_count() > 0) {
         // Opened while the checks above waited: its writes would go to the dropped layer.

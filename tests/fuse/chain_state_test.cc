@@ -243,5 +243,82 @@ TEST_F(ChainStateTest, InterruptedSpliceIsFinishedOnTheNextScan) {
     }
 }
 
+// The hide of the dropped top must be durable before guest writes reach the layer that takes
+// its place: a crash in between brings the top back over writes the guest may have fsynced.
+// The observer runs as the directory sync of each chain edit starts; at the hide, the image's
+// root is already the new layer, and the backend must still be drained.
+class PivotDrainTest : public ChainStateTest {
+  protected:
+    // Records whether the backend was quiesced when a hide's directory sync began with `root`
+    // as the image's root node.
+    ImageSetOptions observe_hide(const std::string& root) {
+        ImageSetOptions o;
+        o.sync_dir_observer = [this, root](bool done) {
+            std::shared_ptr<Export> e = images_ != nullptr ? images_->find("vm") : nullptr;
+            if (!armed_ || done || e == nullptr || e->backend->root_node() == nullptr ||
+                e->backend->root_node()->name() != root || hidden_files().empty()) {
+                return;  // not the hide's sync (the removal's comes later, undrained)
+            }
+            ++hides_seen_;
+            quiesced_at_every_hide_ = quiesced_at_every_hide_ && e->backend->quiesced();
+        };
+        return o;
+    }
+    bool armed_ = false;
+    int hides_seen_ = 0;
+    bool quiesced_at_every_hide_ = true;
+};
+
+TEST_F(PivotDrainTest, CommitKeepsGuestWritesOutUntilTheTopIsHidden) {
+    make_qcow2("vm.qcow2", kSize);
+    start(observe_hide("vm.qcow2"));
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 1 << 20, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    armed_ = true;
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    wait_job("vm");
+    armed_ = false;
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_GT(hides_seen_, 0) << "the commit never hid its top";
+    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the base before the hide";
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+TEST_F(PivotDrainTest, CommitOfAMiddleLayerKeepsGuestWritesOut) {
+    make_qcow2("vm.qcow2", kSize);
+    start(observe_hide("vm.qcow2"));
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 1 << 20, 1 << 20, 2);
+    ASSERT_EQ(control(".control/vm/snapshot", "s2"), 0);
+    write_fill("vm", 2 << 20, 1 << 20, 3);
+    std::vector<uint8_t> content = read_raw("vm");
+    armed_ = true;
+    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
+    wait_job("vm");
+    armed_ = false;
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_GT(hides_seen_, 0) << "the commit never hid its top";
+    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the base before the hide";
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+TEST_F(PivotDrainTest, RevertKeepsGuestWritesOutUntilTheTopIsHidden) {
+    make_qcow2("vm.qcow2", kSize);
+    start(observe_hide("vm.qcow2"));
+    write_fill("vm", 0, 1 << 20, 1);
+    std::vector<uint8_t> content = read_raw("vm");
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 1 << 20, 2);
+    armed_ = true;
+    ASSERT_EQ(control(".control/vm/revert", ""), 0);
+    armed_ = false;
+    EXPECT_GT(hides_seen_, 0) << "the revert never hid its top";
+    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the layer below before the hide";
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
 }  // namespace
 }  // namespace imgfs
