@@ -337,6 +337,9 @@ Task<Status> CommitJob::body() {
         if (filter_->mode() == MirrorFilter::Mode::kAsync &&
             (dirty_->dirty_bytes() <= kSyncThresholdBytes || pass + 1 >= kAsyncPasses)) {
             filter_->set_mode(MirrorFilter::Mode::kSync);
+            // Writes that began before the switch mark their ranges dirty when they end:
+            // waited for, so the next pass sees every range the target still lacks.
+            co_await filter_->wait_unmirrored_writes();
             continue;  // one more pass for what was dirtied before the switch
         }
         add_total(dirty_->dirty_bytes());

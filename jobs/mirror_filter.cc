@@ -21,7 +21,7 @@ std::shared_ptr<MirrorFilter> MirrorFilter::create(NodeEnv env, std::string name
 }
 
 MirrorFilter::MirrorFilter(NodeEnv env, std::string name)
-    : Node(env, std::move(name)), tracker_(env.loop) {}
+    : Node(env, std::move(name)), tracker_(env.loop), unmirrored_done_(env.loop) {}
 
 void MirrorFilter::child_perm(const Child& /*child*/, Perms node_perm, Perms node_shared,
                               Perms* perm, Perms* shared) const {
@@ -34,46 +34,79 @@ Task<Status> MirrorFilter::do_read(uint64_t offset, MutBuf buf) {
     co_return co_await top()->read(offset, buf);
 }
 
-void MirrorFilter::after_write(Status* st, uint64_t offset, uint64_t bytes, Status mirrored) {
-    if (!*st || dirty_ == nullptr) {
+// A write's mode is the one it began in: it decides both whether the write excludes
+// overlapping ones and whether it is mirrored, so a switch to sync mode cannot make a write
+// that overlapped another without excluding it write the target out of order.
+MirrorFilter::Mode MirrorFilter::begin_write() {
+    const Mode mode = mode_;
+    if (mode != Mode::kSync) {
+        ++unmirrored_in_flight_;
+    }
+    return mode;
+}
+
+void MirrorFilter::end_write(Mode mode) {
+    if (mode != Mode::kSync && --unmirrored_in_flight_ == 0) {
+        unmirrored_done_.notify_all();
+    }
+}
+
+Task<void> MirrorFilter::wait_unmirrored_writes() {
+    while (unmirrored_in_flight_ > 0) {
+        co_await unmirrored_done_.wait();
+    }
+}
+
+void MirrorFilter::after_write(Mode mode, const Status& st, uint64_t offset, uint64_t bytes,
+                               const Status& mirrored) {
+    if (dirty_ == nullptr) {
         return;
     }
-    if (mode_ == Mode::kAsync || !mirrored) {
-        // The target does not have these bytes yet: the job copies them (again).
+    // A failed write may have reached the top in part (one of its clusters, before the next
+    // one's allocation failed), so the target must get whatever the top shows there now.
+    if (!st || mode != Mode::kSync || !mirrored) {
         dirty_->set(offset, bytes);
     }
 }
 
 Task<Status> MirrorFilter::do_write(uint64_t offset, ConstBuf buf) {
-    RangeLock::Request req(&tracker_, offset, buf.size(), false);
+    const Mode mode = begin_write();
+    // In sync mode overlapping writes exclude each other: each reaches the target in the
+    // order it reached the top. Non-overlapping ones still run side by side.
+    RangeLock::Request req(&tracker_, offset, buf.size(), mode == Mode::kSync);
     co_await tracker_.acquire(&req);
     Status st = co_await top()->write(offset, buf);
     Status mirrored;
-    if (st && mode_ == Mode::kSync && target_ != nullptr) {
+    if (st && mode == Mode::kSync && target_ != nullptr) {
         mirrored = co_await target_->write(offset, buf);
     }
-    after_write(&st, offset, buf.size(), std::move(mirrored));
+    after_write(mode, st, offset, buf.size(), mirrored);
+    end_write(mode);
     co_return st;
 }
 
 Task<Status> MirrorFilter::do_write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
-    RangeLock::Request req(&tracker_, offset, bytes, false);
+    const Mode mode = begin_write();
+    RangeLock::Request req(&tracker_, offset, bytes, mode == Mode::kSync);
     co_await tracker_.acquire(&req);
     Status st = co_await top()->write_zeroes(offset, bytes, may_unmap);
     Status mirrored;
-    if (st && mode_ == Mode::kSync && target_ != nullptr) {
+    if (st && mode == Mode::kSync && target_ != nullptr) {
         mirrored = co_await target_->write_zeroes(offset, bytes, false);
     }
-    after_write(&st, offset, bytes, std::move(mirrored));
+    after_write(mode, st, offset, bytes, mirrored);
+    end_write(mode);
     co_return st;
 }
 
 Task<Status> MirrorFilter::do_discard(uint64_t offset, uint64_t bytes) {
-    RangeLock::Request req(&tracker_, offset, bytes, false);
+    const Mode mode = begin_write();
+    RangeLock::Request req(&tracker_, offset, bytes, mode == Mode::kSync);
     co_await tracker_.acquire(&req);
     Status st = co_await top()->discard(offset, bytes);
     // Whatever the top shows there now must reach the target: copy it.
-    after_write(&st, offset, bytes, make_error(EAGAIN, "discarded"));
+    after_write(mode, st, offset, bytes, make_error(EAGAIN, "discarded"));
+    end_write(mode);
     co_return st;
 }
 

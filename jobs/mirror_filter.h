@@ -9,6 +9,7 @@
 
 #include "core/node.h"
 #include "core/range_lock.h"
+#include "core/wait_queue.h"
 #include "jobs/dirty_bitmap.h"
 
 namespace imgfs {
@@ -32,7 +33,11 @@ class MirrorFilter final : public Node {
     void child_perm(const Child& child, Perms node_perm, Perms node_shared, Perms* perm,
                     Perms* shared) const override;
 
+    /// Writes that begin after this run in `mode`; those already running keep theirs.
     void set_mode(Mode mode) { mode_ = mode; }
+    /// Waits until no write that began before the switch to sync mode is running (each has
+    /// marked its range dirty by then). Writes that begin meanwhile do not hold it up.
+    Task<void> wait_unmirrored_writes();
     [[nodiscard]] Mode mode() const { return mode_; }
     /// Where dirty ranges are recorded (async and sync modes).
     void set_dirty(DirtyBitmap* dirty) { dirty_ = dirty; }
@@ -52,12 +57,17 @@ class MirrorFilter final : public Node {
     Task<Status> do_close() override;
 
   private:
-    void after_write(Status* st, uint64_t offset, uint64_t bytes, Status mirrored);
+    Mode begin_write();
+    void end_write(Mode mode);
+    void after_write(Mode mode, const Status& st, uint64_t offset, uint64_t bytes,
+                     const Status& mirrored);
 
     Mode mode_ = Mode::kTrack;
     DirtyBitmap* dirty_ = nullptr;
     Child* target_ = nullptr;
     RangeLock tracker_;
+    uint64_t unmirrored_in_flight_ = 0;  // writes that began before sync mode
+    WaitQueue unmirrored_done_;
 };
 
 /// Takes `filter` out from over `top` again in a drained section and detaches `job_edge` (the
