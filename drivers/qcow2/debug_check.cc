@@ -6,7 +6,9 @@
 //    refcount tables, refcount blocks, L2 tables, data and compressed clusters, snapshots);
 //  - a cluster held back from reuse (freed, not yet durable; being punched) is referenced by
 //    nothing;
-//  - a COPIED flag on an active L1 or L2 entry means refcount 1.
+//  - a COPIED flag on an active L1 or L2 entry means refcount 1;
+//  - the L2 cache holds no table of a free cluster (it would be handed out again when the
+//    cluster is reused).
 // Failing any of them is a bug in this driver, so it asserts. Only small images are checked
 // (the check reads every table): up to kMaxCheckedTables L2 tables.
 #include <cassert>
@@ -124,6 +126,12 @@ Task<void> Metadata::debug_check_invariants(const char* step) {
         if (problem.empty() && rc && *rc != 1) {
             problem = fmt::format("cluster {:#x} is marked COPIED but has refcount {}",
                                   c << g_.cluster_bits, *rc);
+        }
+    }
+    for (uint64_t off : l2_cache_.cached_offsets()) {
+        Result<uint64_t> rc = co_await peek_refcount(off >> g_.cluster_bits, &blocks);
+        if (problem.empty() && rc && *rc == 0) {
+            problem = fmt::format("the L2 cache holds a table at {:#x}, a free cluster", off);
         }
     }
     if (!problem.empty() && std::string_view(step) == kOpenStep) {

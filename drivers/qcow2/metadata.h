@@ -224,6 +224,7 @@ class Metadata {
     // ---- tables (metadata_tables.cc) ----
     /// The L2 table for l1_index, or an empty Ref if unallocated.
     Task<Result<TableCache::Ref>> l2_for_read(uint64_t l1_index);
+    Task<Result<TableCache::Ref>> l2_for_read_once(uint64_t l1_index);
     /// The L2 table for l1_index, allocated or copied (if shared) so it can be changed.
     Task<Result<TableCache::Ref>> l2_for_write(uint64_t l1_index);
     Task<Status> write_l1_entry(uint64_t l1_index);

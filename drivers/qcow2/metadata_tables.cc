@@ -26,6 +26,17 @@ Status Metadata::check_l1_entry(uint64_t l1_index, uint64_t entry) {
 }
 
 Task<Result<TableCache::Ref>> Metadata::l2_for_read(uint64_t l1_index) {
+    // Without the lock: a write may move this table (copy it and free the old one) while we
+    // wait for another reader's read of it. Then the L1 entry is read again.
+    for (int attempt = 0;; ++attempt) {
+        Result<TableCache::Ref> ref = co_await l2_for_read_once(l1_index);
+        if (ref || ref.error().errnum != TableCache::kStale || attempt >= 8) {
+            co_return ref;
+        }
+    }
+}
+
+Task<Result<TableCache::Ref>> Metadata::l2_for_read_once(uint64_t l1_index) {
     if (l1_index >= l1_.size()) {
         co_return TableCache::Ref();
     }

@@ -98,6 +98,7 @@ void TableCache::shrink() {
 }
 
 Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
+    const uint64_t forgets_before = forgets_;
     for (;;) {
         auto it = entries_.find(offset);
         if (it == entries_.end()) {
@@ -111,6 +112,10 @@ Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
         }
         // Someone else is reading it: wait, then look again (the read may have failed).
         co_await e->loaded->wait();
+        if (forgets_ != forgets_before) {
+            co_return make_error(kStale, "{} at {:#x}: freed while it was being read", kind_,
+                                 offset);
+        }
     }
     ++misses_;
     Entry* e = insert(offset);
@@ -162,6 +167,7 @@ void TableCache::forget(uint64_t offset) {
     if (it == entries_.end()) {
         return;
     }
+    ++forgets_;
     Entry* e = it->second.get();
     if (e->pins == 0) {
         erase(e);
@@ -181,6 +187,15 @@ void TableCache::forget(uint64_t offset) {
 
 void TableCache::drop_unpinned_forgotten() {
     std::erase_if(forgotten_, [](const std::unique_ptr<Entry>& e) { return e->pins == 0; });
+}
+
+std::vector<uint64_t> TableCache::cached_offsets() const {
+    std::vector<uint64_t> offsets;
+    offsets.reserve(entries_.size());
+    for (const auto& [off, e] : entries_) {
+        offsets.push_back(off);
+    }
+    return offsets;
 }
 
 void TableCache::clear() {

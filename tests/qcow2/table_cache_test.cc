@@ -606,6 +606,36 @@ TEST_F(TableCacheTest, ATableForgottenWhileLoadingIsReadAgain) {
     EXPECT_TRUE(cached(&cache, 2 * kTable));
 }
 
+// A get waiting for another's read of a table that is forgotten meanwhile (its cluster was
+// freed by a write that moved the table): it must not read the freed cluster into the cache
+// again, where the next table allocated there would find it. It fails with kStale so its
+// caller looks the table's place up again; the reader that started the read keeps its copy.
+TEST_F(TableCacheTest, AWaiterOfAForgottenTableIsToldToLookAgain) {
+    auto gate = std::make_shared<GateNode>(env(), 1 << 20);
+    Child* file = use_rw(gate)->root();
+    ASSERT_NE(file, nullptr);
+    TableCache cache(loop_.get(), kTable, 8, kKind);
+    std::optional<Result<Ref>> loader;
+    std::optional<Result<Ref>> waiter;
+    TaskScope scope(loop_.get());
+    gate->hold();
+    scope.spawn(get_into(&cache, file, 5 * kTable, &loader));
+    scope.spawn(get_into(&cache, file, 5 * kTable, &waiter));
+    EXPECT_EQ(gate->reads, 1U);
+    cache.forget(5 * kTable);
+    gate->release();
+    run(join(&scope));
+
+    ASSERT_TRUE(loader && waiter);
+    ASSERT_TRUE(loader->ok()) << loader->error().message();
+    EXPECT_TRUE(all_bytes((*loader)->data(), kTable, disk_byte(5 * kTable)));
+    ASSERT_FALSE(waiter->ok());
+    EXPECT_EQ(waiter->error().errnum, TableCache::kStale);
+    EXPECT_EQ(gate->reads, 1U) << "the waiter read the freed table again";
+    EXPECT_FALSE(cached(&cache, 5 * kTable));
+    loader->value().reset();
+}
+
 TEST_F(TableCacheTest, ConfigureSetsTableSizeAndCapacity) {
     TableCache cache(loop_.get(), 512, 0, kKind);
     EXPECT_EQ(cache.capacity(), 2U);  // never below 2
