@@ -117,6 +117,12 @@ Task<Status> CommitJob::grow_base() {
     }
     if (st && base_->backing() != nullptr) {
         st = co_await base_->write_zeroes(old_size, new_size - old_size, false);
+        // Durable now, not at the switch: the new size already is, and until the zeroes are
+        // too, a crash shows the backing file's bytes there under the top. (The grow and the
+        // zeroes are two steps; a crash between them still can. See docs/design.md.)
+        if (st) {
+            st = co_await base_->flush();
+        }
     }
     if (!st) {
         co_return make_error(st.error().errnum, "{}: growing {} to {} bytes, the image's size: {}",

@@ -243,6 +243,45 @@ TEST_F(ChainStateTest, InterruptedSpliceIsFinishedOnTheNextScan) {
     }
 }
 
+// A commit grows a base shorter than the image and zeroes the new range, so a longer backing
+// file below does not show through. The new size is durable at once, so the zeroes must be
+// too: a crash during the copy (here: a copy of the files taken while the job is held at a
+// crawl) must not show the backing file's bytes where the guest read zeros.
+TEST_F(ChainStateTest, AGrownBaseReadsAsZerosOnDiskWhileTheCommitRuns) {
+    REQUIRE_TOOL("qemu-io");
+    make_qcow2("golden.qcow2", kSize);
+    start();
+    write_fill("golden", 0, kSize, 0x33);
+    stop();
+    make_qcow2("vm.qcow2", kSize / 2, "golden.qcow2");
+    start();
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    test::Reply r = run(setattr_size_task(ino("vm.raw"), kSize));
+    ASSERT_EQ(r.error, 0);
+    write_fill("vm", 0, 1 << 20, 7);
+    ASSERT_EQ(read_raw("vm")[kSize - 1], 0);
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
+    idle(100);
+    test::TempDir copy;
+    for (const char* f : {"golden.qcow2", "vm.qcow2", "vm@s1.qcow2"}) {
+        std::filesystem::copy_file(dir_.path() / f, copy.path() / f);
+    }
+    ASSERT_EQ(control(".control/vm/job", "cancel"), 0);
+    wait_job("vm");
+    const std::string cmd = "qemu-io -r -f qcow2 -c 'read -P 0 6M 64k' '" +
+                            (copy.path() / "vm@s1.qcow2").string() + "' 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[256];
+    while (::fgets(buf, sizeof buf, p) != nullptr) {
+        out += buf;
+    }
+    EXPECT_EQ(::pclose(p), 0) << out;
+    EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
+}
+
 // The hide of the dropped top must be durable before guest writes reach the layer that takes
 // its place: a crash in between brings the top back over writes the guest may have fsynced.
 // The observer runs as the directory sync of each chain edit starts; at the hide, the image's
