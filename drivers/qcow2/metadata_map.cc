@@ -261,6 +261,16 @@ Task<Result<WritePlan>> Metadata::plan_write(uint64_t offset, uint64_t bytes, bo
             !st) {
             co_return co_await corruption(st.error().context);
         }
+    } else if (plan.kind == WritePlan::Kind::kAllocate) {
+        // Into a cluster the entry already names (preallocated zeroes, subclusters): checked as
+        // a write in place is, or a damaged entry would write over metadata or another range.
+        CO_TRY_ASSIGN(std::string problem,
+                      co_await data_extent_problem(
+                          plan.host_start, uint64_t{plan.clusters} * g_.cluster_size, true));
+        if (!problem.empty()) {
+            co_return co_await corruption(
+                fmt::format("guest offset {:#x}: {}", plan.run_guest_start, problem));
+        }
     }
     ref.reset();
     if (Status trimmed = co_await trim_caches(); !trimmed) {

@@ -29,6 +29,24 @@ class CrossCheckTest : public test::FaultStackTest {
         EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
         return qcow2::load_be64(b);
     }
+    static void put_be64_at(const std::string& path, uint64_t offset, uint64_t value) {
+        uint8_t b[8] = {};
+        qcow2::store_be64(b, value);
+        UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+        ASSERT_EQ(::pwrite(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
+    }
+    // A 4 KiB-cluster image with 0x11 in its first cluster, whose second L2 entry is then set
+    // to a preallocated zero cluster at `host(first data cluster, L2 table)`.
+    static std::string damaged_zero_entry(const test::TempDir& dir, bool on_metadata) {
+        const std::string img = dir.file("img.qcow2");
+        test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 8M");
+        test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 4k' '" + img + "' >/dev/null");
+        const uint64_t l2 = be64_at(img, be64_at(img, 40)) & qcow2::kOffsetMask;
+        const uint64_t data = be64_at(img, l2) & qcow2::kOffsetMask;
+        put_be64_at(img, l2 + 8,
+                    (on_metadata ? l2 : data) | qcow2::kOflagCopied | qcow2::kOflagZero);
+        return img;
+    }
 };
 
 // A write of part of a fresh cluster at the end of the file writes only that part, so the
@@ -92,6 +110,43 @@ TEST_F(CrossCheckTest, ARefcountReadErrorIsAnIoErrorNotCorruption) {
     EXPECT_EQ(be64_at(img, 72) & 2, 0U);
     test::CheckResult c = test::qemu_check(img);
     EXPECT_EQ(c.corruptions, 0U) << c.output;
+}
+
+// A write into a preallocated zero cluster reuses the cluster its entry names. On a damaged
+// image that cluster may be another range's data (two references, refcount 1) or metadata:
+// the write is refused as corruption, as a write in place through such an entry is, instead of
+// overwriting the other range or the table.
+TEST_F(CrossCheckTest, AWriteIntoAZeroClusterOfAnotherRangeIsRefused) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = damaged_zero_entry(dir, false);
+    Stack s = open(img);
+    std::vector<uint8_t> b(4096, 0x44);
+    Status st = run(s.node->write(4096, b));
+    ASSERT_FALSE(st.ok()) << "the write through the shared zero entry went through";
+    EXPECT_EQ(st.error().errnum, EIO);
+    std::vector<uint8_t> got(4096);
+    ASSERT_TRUE(run(s.node->read(0, got)).ok());
+    EXPECT_EQ(got[0], 0x11) << "the other range's data was overwritten";
+    (void)run(s.node->close());
+    users_.clear();
+}
+
+TEST_F(CrossCheckTest, AWriteIntoAZeroClusterOnMetadataIsRefused) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = damaged_zero_entry(dir, true);
+    const uint64_t l2 = be64_at(img, be64_at(img, 40)) & qcow2::kOffsetMask;
+    {
+        Stack s = open(img);
+        std::vector<uint8_t> b(4096, 0x44);
+        Status st = run(s.node->write(4096, b));
+        ASSERT_FALSE(st.ok()) << "the write through an entry on the L2 table went through";
+        EXPECT_EQ(st.error().errnum, EIO);
+        (void)run(s.node->close());
+        users_.clear();
+    }
+    EXPECT_NE(be64_at(img, l2), 0x4444444444444444ULL) << "guest data over the L2 table";
 }
 
 }  // namespace
