@@ -59,7 +59,8 @@ Metadata::Metadata(NodeEnv env, Child* file, std::string name, Options options)
       options_(options),
       l2_cache_(env.loop, 512, 2, "L2 table"),
       refblock_cache_(env.loop, 512, 2, "refcount block"),
-      lock_(env.loop) {}
+      lock_(env.loop),
+      header_bits_lock_(env.loop) {}
 
 Metadata::~Metadata() = default;
 
@@ -174,6 +175,10 @@ Task<Status> Metadata::set_incompatible_bit(uint64_t bit, bool on) {
     if (header_.version < 3) {
         co_return Status{};  // v2 has no feature bits; the in-memory state is all there is
     }
+    // Read, change and write back as one step: the corrupt bit is set without lock_ (by a
+    // read that finds damage), and one write computed from the bits before the other's would
+    // undo it, on disk and in header_.
+    auto bits_guard = co_await header_bits_lock_.lock();
     uint64_t v = on ? (header_.incompatible | bit) : (header_.incompatible & ~bit);
     uint8_t be[8];
     store_be64(be, v);
@@ -216,6 +221,8 @@ Task<Status> Metadata::set_read_only(bool read_only) {
 
 Task<Status> Metadata::set_backing(std::string name, std::optional<std::string> format) {
     auto guard = co_await lock_.lock();
+    // It writes the whole header, feature bits included: none may change meanwhile.
+    auto bits_guard = co_await header_bits_lock_.lock();
     Header h = header_;
     h.backing_file = name;
     h.backing_format = name.empty() ? std::nullopt : format;

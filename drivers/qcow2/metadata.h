@@ -283,6 +283,9 @@ class Metadata {
     TableCache refblock_cache_;
     // Serialises every metadata change and write-back. Lookups of cached tables don't take it.
     CoMutex lock_;
+    // Held for every read-modify-write of the header's feature bits, and for a whole-header
+    // write. Taken after lock_ when both are held, never the other way round.
+    CoMutex header_bits_lock_;
 
     enum class Dependency { kNone, kL2AfterRefcounts, kRefcountsAfterL2 };
     Dependency dependency_ = Dependency::kNone;
