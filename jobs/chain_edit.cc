@@ -301,6 +301,22 @@ Task<Status> hide_file(ImageSet* images, std::string file) {
     co_return co_await sync_image_dir(images);
 }
 
+Task<DroppedTop> drop_top_file(ImageSet* images, std::string file, std::string* why_kept) {
+    Status hidden = co_await hide_file(images, file);
+    if (hidden) {
+        co_return DroppedTop::kHidden;
+    }
+    Status removed = co_await remove_file(images, file);
+    if (removed) {
+        images->env().log->warn("{} could not be hidden ({}), so it was removed at once", file,
+                                hidden.error().message());
+        co_return DroppedTop::kRemoved;
+    }
+    *why_kept = fmt::format("{} could be neither hidden ({}) nor removed ({})", file,
+                            hidden.error().message(), removed.error().message());
+    co_return DroppedTop::kKept;
+}
+
 Task<void> remove_hidden(ImageSet* images, std::string file) {
     Store* store = images->store();
     const std::string hidden = removing_name(file);

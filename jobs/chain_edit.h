@@ -87,4 +87,17 @@ Task<Status> hide_file(ImageSet* images, std::string file);
 /// Removes what hide_file() left; if that fails, a later scan removes it (logged).
 Task<void> remove_hidden(ImageSet* images, std::string file);
 
+/// What drop_top_file() did with a top leaving its chain.
+enum class DroppedTop {
+    kHidden,   // under its hidden name: remove_hidden() once it is closed
+    kRemoved,  // gone already (hiding failed, removing worked)
+    kKept,     // still there: nothing may write the layer below it (see drop_top_file)
+};
+/// Takes a top that stops being its chain's root out of the directory, durably, before
+/// anything writes the layer below: hidden (hide_file), or if that fails, removed. kKept if
+/// both fail, with the reasons logged: a crash or a rescan would then serve the top over the
+/// layer below again, so the caller must keep writes from reaching that layer (fence the
+/// image) while the two still show the same bytes.
+Task<DroppedTop> drop_top_file(ImageSet* images, std::string file, std::string* why_kept);
+
 }  // namespace imgfs

@@ -267,13 +267,17 @@ Task<Result<bool>> CommitJob::pivot() {
     // there, a crash brings back top -> base as the image, which would hide every write the
     // base took since. Inside the drain the two still show the same bytes.
     const std::string top_file = image()->chain.layers.front().file;
-    if (Status hidden = co_await hide_file(images_, top_file); !hidden) {
-        images_->env().log->error(
-            "{}: {} could not be hidden ({}); until it is removed, a "
-            "crash would bring it back over the committed image",
-            image()->name, top_file, hidden.error().message());
-    } else {
-        top_hidden_ = true;
+    std::string why_kept;
+    dropped_top_ = co_await drop_top_file(images_, top_file, &why_kept);
+    if (dropped_top_ == DroppedTop::kKept) {
+        // No write may reach the base while the top can come back over it. Fenced inside the
+        // drain: the top and the base still show the same bytes, so a crash or a remount
+        // serves what the guest last saw.
+        fenced_why_ = fmt::format(
+            "committed, but {}; the image refuses I/O until a rescan reopens it (once "
+            "closed)",
+            why_kept);
+        images_->fence(image(), fenced_why_);
     }
     co_return true;
 }
@@ -294,10 +298,8 @@ Task<void> CommitJob::finish() {
     // Closed and released before the top goes (pivot hid its name already).
     co_await images_->retire_layers(std::move(merged), e);
     co_await remove_spliced(images_, std::move(spliced));
-    if (top_hidden_) {
+    if (dropped_top_ == DroppedTop::kHidden) {
         co_await remove_hidden(images_, top_file);
-    } else if (Status st = co_await remove_file(images_, top_file); !st) {
-        images_->env().log->error("{}: {}", e->name, st.error().message());
     }
     images_->env().log->info("{}: committed; {} is now the active layer", e->name,
                              e->chain.layers.front().file);
@@ -309,6 +311,9 @@ Task<Status> CommitJob::complete() {
     Result<bool> pivoted = co_await pivot();
     if (pivoted && *pivoted) {
         co_await finish();
+        if (!fenced_why_.empty()) {
+            co_return make_error(EIO, "{}", fenced_why_);
+        }
         co_return Status{};
     }
     co_await detach_after_failure();

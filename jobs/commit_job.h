@@ -11,6 +11,7 @@
 
 #include <memory>
 
+#include "jobs/chain_edit.h"
 #include "jobs/dirty_bitmap.h"
 #include "jobs/image_set.h"
 #include "jobs/job.h"
@@ -50,7 +51,8 @@ class CommitJob final : public Job {
     std::shared_ptr<MirrorFilter> filter_;
     Child* target_ = nullptr;  // our edge to the base
     std::unique_ptr<DirtyBitmap> dirty_;
-    bool top_hidden_ = false;  // pivot renamed the top to its hidden name
+    DroppedTop dropped_top_ = DroppedTop::kKept;  // what pivot did with the top's file
+    std::string fenced_why_;                      // set if pivot had to fence the image
 };
 
 }  // namespace imgfs

@@ -369,7 +369,18 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     // As for a commit: the dropped layer's name goes before writes reach the layer below, or a
     // crash would bring it back over them.
     std::string file = layers.front().file;
-    const bool hidden = static_cast<bool>(co_await hide_file(images_, file));
+    std::string why_kept;
+    const DroppedTop dropped = co_await drop_top_file(images_, file, &why_kept);
+    std::string fenced_why;
+    if (dropped == DroppedTop::kKept) {
+        // Inside the drain nothing has written the layer below yet: fenced now, a crash or a
+        // remount serves the image as it was before the revert.
+        fenced_why = fmt::format(
+            "{}: reverted, but {}; the image refuses I/O until a rescan reopens it (once "
+            "closed)",
+            e->name, why_kept);
+        images_->fence(e.get(), fenced_why);
+    }
     drained.end();
     // The dropped layer's file is closed (and its lock released) before it is removed.
     std::vector<Layer> gone(layers.begin(), layers.begin() + 1);
@@ -377,10 +388,11 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     top.reset();
     back.reset();
     co_await images_->retire_layers(std::move(gone), e.get());
-    if (hidden) {
+    if (dropped == DroppedTop::kHidden) {
         co_await remove_hidden(images_, file);
-    } else {
-        CO_TRY(co_await remove_file(images_, file));
+    }
+    if (!fenced_why.empty()) {
+        co_return make_error(EIO, "{}", fenced_why);
     }
     log_->info("{}: reverted: {} removed, {} is the active layer", e->name, file,
                layers.front().file);

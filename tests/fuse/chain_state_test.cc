@@ -3,6 +3,7 @@
 // reported and stops every operation before it touches anything; what a failed or interrupted
 // chain edit leaves behind is undone or removed.
 #include <fcntl.h>
+#include <set>
 #include <unistd.h>
 
 #include <sys/stat.h>
@@ -241,6 +242,143 @@ TEST_F(ChainStateTest, InterruptedSpliceIsFinishedOnTheNextScan) {
         EXPECT_EQ(read_raw("vm"), content);
         stop();
     }
+}
+
+// A directory whose renames and removals of chosen names fail (EIO), as a directory on a
+// failing disk does.
+class RefusingStore final : public Store {
+  public:
+    RefusingStore(std::unique_ptr<Store> inner, std::set<std::string>* refused,
+                  const bool* removals_too)
+        : inner_(std::move(inner)), refused_(refused), removals_too_(removals_too) {}
+    [[nodiscard]] const StoreCaps& caps() const override { return inner_->caps(); }
+    [[nodiscard]] const std::string& display_name() const override {
+        return inner_->display_name();
+    }
+    [[nodiscard]] const std::string& real_path() const override { return inner_->real_path(); }
+    Result<std::vector<StoreEntry>> list() override { return inner_->list(); }
+    Result<FileId> id_of(const std::string& name, bool follow_links) override {
+        return inner_->id_of(name, follow_links);
+    }
+    Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
+                                            bool direct) override {
+        return inner_->open(name, read_only, direct);
+    }
+    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
+                                                            FileOptions options) override {
+        return inner_->open_from_loop(std::move(name), options);
+    }
+    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override {
+        return inner_->create_exclusive(name);
+    }
+    Status rename_noreplace(const std::string& from, const std::string& to) override {
+        if (refused_->count(from) != 0) {
+            return make_error(EIO, "renaming {}: injected", from);
+        }
+        return inner_->rename_noreplace(from, to);
+    }
+    Status add_name(const std::string& existing, const std::string& name) override {
+        return inner_->add_name(existing, name);
+    }
+    Status remove(const std::string& name) override {
+        if (*removals_too_ && refused_->count(name) != 0) {
+            return make_error(EIO, "removing {}: injected", name);
+        }
+        return inner_->remove(name);
+    }
+    Status sync() override { return inner_->sync(); }
+    Result<StoreSpace> space() override { return inner_->space(); }
+    Status lock_for_serving() override { return inner_->lock_for_serving(); }
+
+  private:
+    std::unique_ptr<Store> inner_;
+    std::set<std::string>* refused_;
+    const bool* removals_too_;
+};
+
+// When the top leaving the chain can be neither hidden nor removed, a crash or a rescan would
+// serve it over the layer below again, hiding every write that layer took since. The image is
+// fenced inside the drain instead, the job fails saying why, and a rescan serves the image as
+// the guest last saw it.
+class UndroppableTopTest : public ChainStateTest {
+  protected:
+    void SetUp() override {
+        ChainStateTest::SetUp();
+        wrap_store_ = [this](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
+            return std::make_unique<RefusingStore>(std::move(inner), &refused_, &removals_too_);
+        };
+    }
+    // The errno of one write to NAME.raw.
+    int write_errno(const std::string& name, uint64_t offset, const std::vector<uint8_t>& data) {
+        const uint64_t i = ino(name + ".raw");
+        const uint64_t fh = open(i, O_RDWR);
+        fuse_write_in w{};
+        w.fh = fh;
+        w.offset = offset;
+        w.size = static_cast<uint32_t>(data.size());
+        test::Reply r = run(request(FUSE_WRITE, i, bytes_of(w), data));
+        release(i, fh);
+        return r.error;
+    }
+    std::set<std::string> refused_;
+    bool removals_too_ = true;
+};
+
+TEST_F(UndroppableTopTest, ACommitWhoseTopStaysFencesTheImage) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 65536, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_ = {"vm@s1.qcow2"};
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    wait_job("vm");
+    EXPECT_NE(job_error("vm").find("could be neither hidden"), std::string::npos)
+        << job_error("vm");
+    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO)
+        << "a write reached the base while the top can come back over it";
+    refused_.clear();
+    ASSERT_EQ(control(".control/rescan", ""), 0);
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 65536, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_ = {"vm@s1.qcow2"};
+    EXPECT_EQ(control(".control/vm/revert", ""), EIO);
+    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO)
+        << "a write reached the layer below while the top can come back";
+    refused_.clear();
+    ASSERT_EQ(control(".control/rescan", ""), 0);
+    EXPECT_EQ(read_raw("vm"), content) << "the rescan did not serve the image as it was";
+}
+
+// Hiding fails but removing works: the top is removed inside the drain, and the commit ends
+// as usual.
+TEST_F(UndroppableTopTest, ACommitWhoseTopCannotBeHiddenRemovesIt) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 65536, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_ = {"vm@s1.qcow2"};
+    removals_too_ = false;
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_FALSE(std::filesystem::exists(dir_.path() / "vm@s1.qcow2"));
+    EXPECT_TRUE(hidden_files().empty());
+    EXPECT_EQ(write_errno("vm", 1 << 20, std::vector<uint8_t>(4096, 9)), 0);
+    content[1 << 20] = 9;
+    EXPECT_EQ(read_raw("vm")[1 << 20], 9);
+    EXPECT_EQ(read_raw("vm")[0], content[0]);
 }
 
 // A commit grows a base shorter than the image and zeroes the new range, so a longer backing

@@ -118,10 +118,12 @@ void FsTest::make_raw(const std::string& file, uint64_t size) {
 }
 
 void FsTest::start(ImageSetOptions options) {
-    images_ = std::make_unique<ImageSet>(
-        env(),
-        std::make_unique<LocalDirStore>(UniqueFd(::dup(dir_fd_.get())), dir_.path().string()),
-        std::move(options));
+    std::unique_ptr<Store> store =
+        std::make_unique<LocalDirStore>(UniqueFd(::dup(dir_fd_.get())), dir_.path().string());
+    if (wrap_store_) {
+        store = wrap_store_(std::move(store));
+    }
+    images_ = std::make_unique<ImageSet>(env(), std::move(store), std::move(options));
     Status st = run(images_->scan());
     ASSERT_TRUE(st.ok()) << st.error().message();
     jobs_ = std::make_unique<JobManager>(images_.get(), &log_);

@@ -4,6 +4,7 @@
 // operations, I/O and rescans run on any developer machine.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -144,6 +145,8 @@ class FsTest : public LoopTest {
     std::unique_ptr<ExportFs> fs_;
     std::vector<std::shared_ptr<GateNode>> gates_;
     bool hold_new_gates_ = false;
+    /// If set, start() serves the directory through the store this returns (a wrapper).
+    std::function<std::unique_ptr<Store>(std::unique_ptr<Store>)> wrap_store_;
     uint64_t unique_ = 1;
     AlignedBuffer scratch_;
 };
