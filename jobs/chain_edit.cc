@@ -291,29 +291,33 @@ Task<Status> remove_file(ImageSet* images, std::string file) {
     co_return co_await sync_image_dir(images);
 }
 
-Task<Status> hide_file(ImageSet* images, std::string file) {
+Task<DroppedTop> drop_top_file(ImageSet* images, std::string file, std::string* why_kept) {
     Store* store = images->store();
     std::function<Status()> hide = [store, file] {
         (void)store->remove(removing_name(file));  // a leftover of an earlier crash
         return store->rename_noreplace(file, removing_name(file));
     };
-    CO_TRY(co_await images->offloader()->run(std::move(hide)));
-    co_return co_await sync_image_dir(images);
-}
-
-Task<DroppedTop> drop_top_file(ImageSet* images, std::string file, std::string* why_kept) {
-    Status hidden = co_await hide_file(images, file);
-    if (hidden) {
-        co_return DroppedTop::kHidden;
+    Status renamed = co_await images->offloader()->run(std::move(hide));
+    if (renamed) {
+        // Renamed: removing the visible name can no longer help, only making it durable can.
+        Status synced = co_await sync_image_dir(images);
+        if (synced) {
+            co_return DroppedTop::kHidden;
+        }
+        *why_kept = fmt::format(
+            "{} was renamed to its hidden name, but the directory could "
+            "not be synced ({})",
+            file, synced.error().message());
+        co_return DroppedTop::kKept;
     }
     Status removed = co_await remove_file(images, file);
     if (removed) {
         images->env().log->warn("{} could not be hidden ({}), so it was removed at once", file,
-                                hidden.error().message());
+                                renamed.error().message());
         co_return DroppedTop::kRemoved;
     }
     *why_kept = fmt::format("{} could be neither hidden ({}) nor removed ({})", file,
-                            hidden.error().message(), removed.error().message());
+                            renamed.error().message(), removed.error().message());
     co_return DroppedTop::kKept;
 }
 

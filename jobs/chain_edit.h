@@ -80,11 +80,7 @@ Task<Status> finish_interrupted_edit(ImageSet* images, std::string referrer);
 /// Deletes a layer file that nothing references any more, durably.
 Task<Status> remove_file(ImageSet* images, std::string file);
 
-/// Renames a layer file nothing references any more to its hidden name, durably, while it may
-/// still be open: from then on no scan serves it, and any scan may remove it. For a top that
-/// must stop being a chain's root at once (a commit's, before writes reach the base).
-Task<Status> hide_file(ImageSet* images, std::string file);
-/// Removes what hide_file() left; if that fails, a later scan removes it (logged).
+/// Removes what drop_top_file() hid; if that fails, a later scan removes it (logged).
 Task<void> remove_hidden(ImageSet* images, std::string file);
 
 /// What drop_top_file() did with a top leaving its chain.
@@ -94,10 +90,11 @@ enum class DroppedTop {
     kKept,     // still there: nothing may write the layer below it (see drop_top_file)
 };
 /// Takes a top that stops being its chain's root out of the directory, durably, before
-/// anything writes the layer below: hidden (hide_file), or if that fails, removed. kKept if
-/// both fail, with the reasons logged: a crash or a rescan would then serve the top over the
-/// layer below again, so the caller must keep writes from reaching that layer (fence the
-/// image) while the two still show the same bytes.
+/// anything writes the layer below, while it may still be open: renamed to its hidden name
+/// (from then on no scan serves it, and any scan may remove it), or if that fails, removed.
+/// kKept if neither is durable, with the reasons in `why_kept`: a crash or a rescan would
+/// then serve the top over the layer below again, so the caller must keep writes from
+/// reaching that layer (fence the image) while the two still show the same bytes.
 Task<DroppedTop> drop_top_file(ImageSet* images, std::string file, std::string* why_kept);
 
 }  // namespace imgfs

@@ -21,6 +21,8 @@ constexpr int kWorkers = 4;
 // Switch to writing guest writes through once this little is left (or after a few passes).
 constexpr uint64_t kSyncThresholdBytes = 16ULL << 20;
 constexpr int kAsyncPasses = 3;
+// Tries to switch when guest writes keep failing (each leaves its range to copy again).
+constexpr int kPivotAttempts = 5;
 
 }  // namespace
 
@@ -308,19 +310,41 @@ Task<void> CommitJob::finish() {
 // Pivot and finish under one hold of the image's lock (no other graph change in between).
 Task<Status> CommitJob::complete() {
     TimedMutex::Guard locked = co_await image()->ops.lock();
-    Result<bool> pivoted = co_await pivot();
-    if (pivoted && *pivoted) {
-        co_await finish();
-        if (!fenced_why_.empty()) {
-            co_return make_error(EIO, "{}", fenced_why_);
+    for (int attempt = 1;; ++attempt) {
+        Result<bool> pivoted = co_await pivot();
+        if (pivoted && *pivoted) {
+            co_await finish();
+            if (!fenced_why_.empty()) {
+                co_return make_error(EIO, "{}", fenced_why_);
+            }
+            co_return Status{};
         }
-        co_return Status{};
+        if (!pivoted) {
+            co_await detach_after_failure();
+            co_return std::move(pivoted).error();
+        }
+        // A guest write failed since the last pass (on the top, or on its way to the base)
+        // and left its range dirty: copied again, then another try. The guest got its error;
+        // one failed write is no reason to throw away the whole commit.
+        Status copied;
+        if (attempt < kPivotAttempts) {
+            copied = co_await copy_pass();
+        } else {
+            copied = make_error(EIO, "{}; commit abandoned", pivot_failure());
+        }
+        if (!copied) {
+            co_await detach_after_failure();
+            co_return copied;
+        }
     }
-    co_await detach_after_failure();
-    if (!pivoted) {
-        co_return std::move(pivoted).error();
+}
+
+std::string CommitJob::pivot_failure() const {
+    if (filter_->mirror_failures() != 0) {
+        return fmt::format("writes to {} kept failing", base_->name());
     }
-    co_return make_error(EIO, "writes to {} kept failing; commit abandoned", base_->name());
+    return fmt::format("guest writes to {} kept failing while the commit tried to finish",
+                       filter_->top()->node()->name());
 }
 
 Task<Status> CommitJob::body() {

@@ -42,6 +42,7 @@ class CommitJob final : public Job {
     /// Copies [offset, offset + bytes) to the base through `scratch` (at least `bytes` long).
     Task<Status> copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch);
     Task<Result<bool>> pivot();
+    [[nodiscard]] std::string pivot_failure() const;
     Task<void> finish();
 
     ImageSet* images_;

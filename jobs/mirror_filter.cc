@@ -67,6 +67,9 @@ void MirrorFilter::after_write(Mode mode, const Status& st, uint64_t offset, uin
     if (!st || mode != Mode::kSync || !mirrored) {
         dirty_->set(offset, bytes);
     }
+    if (st && mode == Mode::kSync && !mirrored) {
+        ++mirror_failures_;
+    }
 }
 
 Task<Status> MirrorFilter::do_write(uint64_t offset, ConstBuf buf) {
@@ -104,8 +107,11 @@ Task<Status> MirrorFilter::do_discard(uint64_t offset, uint64_t bytes) {
     RangeLock::Request req(&tracker_, offset, bytes, mode == Mode::kSync);
     co_await tracker_.acquire(&req);
     Status st = co_await top()->discard(offset, bytes);
-    // Whatever the top shows there now must reach the target: copy it.
-    after_write(mode, st, offset, bytes, make_error(EAGAIN, "discarded"));
+    // Whatever the top shows there now (discarded or not) must reach the target: copied, not
+    // mirrored, since a discard's content is not known.
+    if (dirty_ != nullptr) {
+        dirty_->set(offset, bytes);
+    }
     end_write(mode);
     co_return st;
 }

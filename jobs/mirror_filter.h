@@ -44,6 +44,8 @@ class MirrorFilter final : public Node {
     /// The edge writes are mirrored through in sync mode (the job's edge to the target).
     void set_target(Child* target) { target_ = target; }
     [[nodiscard]] RangeLock* tracker() { return &tracker_; }
+    /// Writes that reached the top but could not be mirrored to the target (sync mode).
+    [[nodiscard]] uint64_t mirror_failures() const { return mirror_failures_; }
     [[nodiscard]] Child* top() const { return child(ChildRole::kFiltered); }
 
   protected:
@@ -67,6 +69,7 @@ class MirrorFilter final : public Node {
     Child* target_ = nullptr;
     RangeLock tracker_;
     uint64_t unmirrored_in_flight_ = 0;  // writes that began before sync mode
+    uint64_t mirror_failures_ = 0;
     WaitQueue unmirrored_done_;
 };
 

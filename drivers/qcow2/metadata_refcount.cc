@@ -56,10 +56,13 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     refblock_cache_.mark_dirty(ref);
     if (updated == 0) {
         free_hint_ = std::min(free_hint_, cluster);
-        metadata_clusters_.erase(cluster);
+        const bool was_metadata = metadata_clusters_.erase(cluster) != 0;
         // A freed L2 table must not come back out of the cache when its cluster is reused
-        // (a new table there would start as the old one's mappings).
-        l2_cache_.forget(cluster << g_.cluster_bits);
+        // (a new table there would start as the old one's mappings). Only tables: a forget
+        // sends lookups waiting for a table read back to the L1 table.
+        if (was_metadata || l2_cache_.contains(cluster << g_.cluster_bits)) {
+            l2_cache_.forget(cluster << g_.cluster_bits);
+        }
         if (lazy_refcounts_ || reuse == Reuse::kAfterTablesDurable) {
             freed_unflushed_.insert(cluster);
         }

@@ -163,11 +163,13 @@ void TableCache::mark_dirty(const Ref& ref) {
 }
 
 void TableCache::forget(uint64_t offset) {
+    // Counted even when not cached: a get waiting for a read of this table that failed, or
+    // whose table was evicted since, would otherwise read the freed cluster in afresh.
+    ++forgets_;
     auto it = entries_.find(offset);
     if (it == entries_.end()) {
         return;
     }
-    ++forgets_;
     Entry* e = it->second.get();
     if (e->pins == 0) {
         erase(e);
@@ -187,6 +189,10 @@ void TableCache::forget(uint64_t offset) {
 
 void TableCache::drop_unpinned_forgotten() {
     std::erase_if(forgotten_, [](const std::unique_ptr<Entry>& e) { return e->pins == 0; });
+}
+
+bool TableCache::contains(uint64_t offset) const {
+    return entries_.find(offset) != entries_.end();
 }
 
 std::vector<uint64_t> TableCache::cached_offsets() const {

@@ -52,8 +52,8 @@ class TableCache {
     };
 
     /// The table at `offset`, read through `file` on a miss. Concurrent misses for the same
-    /// table share one read. A get that waited for another's read while some table was
-    /// forgotten fails with ESTALE (kStale): the table it wanted may be the freed one, so the
+    /// table share one read. A get that waited for another's read while forget() was called
+    /// (for any table) fails with ESTALE (kStale): the table it wanted may be the freed one, so the
     /// caller looks up where the table is again (reading it now would put the freed cluster's
     /// contents back in the cache).
     Task<Result<Ref>> get(Child* file, uint64_t offset);
@@ -71,6 +71,8 @@ class TableCache {
     /// Drops every table; none may be pinned or dirty (after a rebuild replaced them).
     void clear();
 
+    /// True if the table is cached (no I/O, no effect on the LRU order).
+    [[nodiscard]] bool contains(uint64_t offset) const;
     /// The offsets of the cached tables (for consistency checks).
     [[nodiscard]] std::vector<uint64_t> cached_offsets() const;
     [[nodiscard]] bool has_dirty() const { return dirty_count_ > 0; }
@@ -110,7 +112,7 @@ class TableCache {
     std::list<Entry*> lru_;                          // front: most recently used
     std::vector<std::unique_ptr<Entry>> forgotten_;  // forgotten while pinned
     size_t dirty_count_ = 0;
-    uint64_t forgets_ = 0;  // calls of forget() that found the table cached
+    uint64_t forgets_ = 0;  // calls of forget()
     uint64_t hits_ = 0;
     uint64_t misses_ = 0;
 };

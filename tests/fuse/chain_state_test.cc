@@ -286,9 +286,16 @@ class RefusingStore final : public Store {
         }
         return inner_->remove(name);
     }
-    Status sync() override { return inner_->sync(); }
+    Status sync() override {
+        if (fail_sync) {
+            return make_error(EIO, "syncing the directory: injected");
+        }
+        return inner_->sync();
+    }
     Result<StoreSpace> space() override { return inner_->space(); }
     Status lock_for_serving() override { return inner_->lock_for_serving(); }
+
+    bool fail_sync = false;
 
   private:
     std::unique_ptr<Store> inner_;
@@ -305,7 +312,10 @@ class UndroppableTopTest : public ChainStateTest {
     void SetUp() override {
         ChainStateTest::SetUp();
         wrap_store_ = [this](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
-            return std::make_unique<RefusingStore>(std::move(inner), &refused_, &removals_too_);
+            auto store =
+                std::make_unique<RefusingStore>(std::move(inner), &refused_, &removals_too_);
+            store_ = store.get();
+            return store;
         };
     }
     // The errno of one write to NAME.raw.
@@ -322,6 +332,7 @@ class UndroppableTopTest : public ChainStateTest {
     }
     std::set<std::string> refused_;
     bool removals_too_ = true;
+    RefusingStore* store_ = nullptr;  // owned by the image set
 };
 
 TEST_F(UndroppableTopTest, ACommitWhoseTopStaysFencesTheImage) {
@@ -357,6 +368,26 @@ TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
     refused_.clear();
     ASSERT_EQ(control(".control/rescan", ""), 0);
     EXPECT_EQ(read_raw("vm"), content) << "the rescan did not serve the image as it was";
+}
+
+// The rename to the hidden name works but the directory sync after it fails: the rename may
+// not survive a crash, and removing the visible name cannot help any more. Fenced as well.
+TEST_F(UndroppableTopTest, ACommitWhoseHideIsNotDurableFencesTheImage) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 65536, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    ASSERT_NE(store_, nullptr);
+    store_->fail_sync = true;
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    wait_job("vm");
+    store_->fail_sync = false;
+    EXPECT_NE(job_error("vm").find("could not be synced"), std::string::npos) << job_error("vm");
+    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
+    ASSERT_EQ(control(".control/rescan", ""), 0);
+    EXPECT_EQ(read_raw("vm"), content);
 }
 
 // Hiding fails but removing works: the top is removed inside the drain, and the commit ends

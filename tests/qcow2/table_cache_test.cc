@@ -636,6 +636,30 @@ TEST_F(TableCacheTest, AWaiterOfAForgottenTableIsToldToLookAgain) {
     loader->value().reset();
 }
 
+// A forget counts even for a table that is not cached: the read a get waits for may have
+// failed, or its table may have been evicted since, and the forgotten table could be the one
+// the get wants.
+TEST_F(TableCacheTest, AForgetOfAnUncachedTableAlsoSendsWaitersBack) {
+    auto gate = std::make_shared<GateNode>(env(), 1 << 20);
+    Child* file = use_rw(gate)->root();
+    ASSERT_NE(file, nullptr);
+    TableCache cache(loop_.get(), kTable, 8, kKind);
+    std::optional<Result<Ref>> loader;
+    std::optional<Result<Ref>> waiter;
+    TaskScope scope(loop_.get());
+    gate->hold();
+    scope.spawn(get_into(&cache, file, 5 * kTable, &loader));
+    scope.spawn(get_into(&cache, file, 5 * kTable, &waiter));
+    cache.forget(9 * kTable);  // not cached
+    gate->release();
+    run(join(&scope));
+    ASSERT_TRUE(loader && waiter);
+    EXPECT_TRUE(loader->ok());
+    ASSERT_FALSE(waiter->ok());
+    EXPECT_EQ(waiter->error().errnum, TableCache::kStale);
+    loader->value().reset();
+}
+
 TEST_F(TableCacheTest, ConfigureSetsTableSizeAndCapacity) {
     TableCache cache(loop_.get(), 512, 0, kKind);
     EXPECT_EQ(cache.capacity(), 2U);  // never below 2
