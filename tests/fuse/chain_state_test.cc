@@ -8,6 +8,7 @@
 
 #include <sys/stat.h>
 
+#include "forwarding_store.h"
 #include "fs_test_util.h"
 
 namespace imgfs {
@@ -34,6 +35,13 @@ class ChainStateTest : public test::FsTest {
             }
         }
         return out;
+    }
+    // vm: 1 MiB of 1s, snapshot s1, then `bytes` of 2s at 0. What vm.raw shows then.
+    std::vector<uint8_t> snapshot_between_writes(uint64_t bytes) {
+        write_fill("vm", 0, 1 << 20, 1);
+        EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0);
+        write_fill("vm", 0, bytes, 2);
+        return read_raw("vm");
     }
     static std::vector<std::string> files(std::initializer_list<const char*> names) {
         std::vector<std::string> v(names.begin(), names.end());
@@ -246,59 +254,33 @@ TEST_F(ChainStateTest, InterruptedSpliceIsFinishedOnTheNextScan) {
 
 // A directory whose renames and removals of chosen names fail (EIO), as a directory on a
 // failing disk does.
-class RefusingStore final : public Store {
+class RefusingStore final : public test::ForwardingStore {
   public:
     RefusingStore(std::unique_ptr<Store> inner, std::set<std::string>* refused,
                   const bool* removals_too)
-        : inner_(std::move(inner)), refused_(refused), removals_too_(removals_too) {}
-    [[nodiscard]] const StoreCaps& caps() const override { return inner_->caps(); }
-    [[nodiscard]] const std::string& display_name() const override {
-        return inner_->display_name();
-    }
-    [[nodiscard]] const std::string& real_path() const override { return inner_->real_path(); }
-    Result<std::vector<StoreEntry>> list() override { return inner_->list(); }
-    Result<FileId> id_of(const std::string& name, bool follow_links) override {
-        return inner_->id_of(name, follow_links);
-    }
-    Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
-                                            bool direct) override {
-        return inner_->open(name, read_only, direct);
-    }
-    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
-                                                            FileOptions options) override {
-        return inner_->open_from_loop(std::move(name), options);
-    }
-    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override {
-        return inner_->create_exclusive(name);
-    }
+        : ForwardingStore(std::move(inner)), refused_(refused), removals_too_(removals_too) {}
     Status rename_noreplace(const std::string& from, const std::string& to) override {
         if (refused_->count(from) != 0) {
             return make_error(EIO, "renaming {}: injected", from);
         }
-        return inner_->rename_noreplace(from, to);
-    }
-    Status add_name(const std::string& existing, const std::string& name) override {
-        return inner_->add_name(existing, name);
+        return inner()->rename_noreplace(from, to);
     }
     Status remove(const std::string& name) override {
         if (*removals_too_ && refused_->count(name) != 0) {
             return make_error(EIO, "removing {}: injected", name);
         }
-        return inner_->remove(name);
+        return inner()->remove(name);
     }
     Status sync() override {
         if (fail_sync) {
             return make_error(EIO, "syncing the directory: injected");
         }
-        return inner_->sync();
+        return inner()->sync();
     }
-    Result<StoreSpace> space() override { return inner_->space(); }
-    Status lock_for_serving() override { return inner_->lock_for_serving(); }
 
     bool fail_sync = false;
 
   private:
-    std::unique_ptr<Store> inner_;
     std::set<std::string>* refused_;
     const bool* removals_too_;
 };
@@ -338,10 +320,7 @@ class UndroppableTopTest : public ChainStateTest {
 TEST_F(UndroppableTopTest, ACommitWhoseTopStaysFencesTheImage) {
     make_qcow2("vm.qcow2", kSize);
     start();
-    write_fill("vm", 0, 1 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 65536, 2);
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_between_writes(65536);
     refused_ = {"vm@s1.qcow2"};
     ASSERT_EQ(control(".control/vm/commit", ""), 0);
     wait_job("vm");
@@ -357,10 +336,7 @@ TEST_F(UndroppableTopTest, ACommitWhoseTopStaysFencesTheImage) {
 TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
     make_qcow2("vm.qcow2", kSize);
     start();
-    write_fill("vm", 0, 1 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 65536, 2);
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_between_writes(65536);
     refused_ = {"vm@s1.qcow2"};
     EXPECT_EQ(control(".control/vm/revert", ""), EIO);
     EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO)
@@ -375,10 +351,7 @@ TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
 TEST_F(UndroppableTopTest, ACommitWhoseHideIsNotDurableFencesTheImage) {
     make_qcow2("vm.qcow2", kSize);
     start();
-    write_fill("vm", 0, 1 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 65536, 2);
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_between_writes(65536);
     ASSERT_NE(store_, nullptr);
     store_->fail_sync = true;
     ASSERT_EQ(control(".control/vm/commit", ""), 0);
@@ -395,10 +368,7 @@ TEST_F(UndroppableTopTest, ACommitWhoseHideIsNotDurableFencesTheImage) {
 TEST_F(UndroppableTopTest, ACommitWhoseTopCannotBeHiddenRemovesIt) {
     make_qcow2("vm.qcow2", kSize);
     start();
-    write_fill("vm", 0, 1 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 65536, 2);
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_between_writes(65536);
     refused_ = {"vm@s1.qcow2"};
     removals_too_ = false;
     ASSERT_EQ(control(".control/vm/commit", ""), 0);
@@ -472,6 +442,20 @@ class PivotDrainTest : public ChainStateTest {
         };
         return o;
     }
+    // Commits vm (with `args`) while the observer watches, and checks the result.
+    void commit_watching_the_hide(const std::string& args, const std::vector<uint8_t>& content) {
+        armed_ = true;
+        ASSERT_EQ(control(".control/vm/commit", args), 0);
+        wait_job("vm");
+        armed_ = false;
+        EXPECT_EQ(job_error("vm"), "");
+        expect_drained_at_every_hide();
+        EXPECT_EQ(read_raw("vm"), content);
+    }
+    void expect_drained_at_every_hide() const {
+        EXPECT_GT(hides_seen_, 0) << "the top was never hidden";
+        EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the layer below first";
+    }
     bool armed_ = false;
     int hides_seen_ = 0;
     bool quiesced_at_every_hide_ = true;
@@ -480,18 +464,8 @@ class PivotDrainTest : public ChainStateTest {
 TEST_F(PivotDrainTest, CommitKeepsGuestWritesOutUntilTheTopIsHidden) {
     make_qcow2("vm.qcow2", kSize);
     start(observe_hide("vm.qcow2"));
-    write_fill("vm", 0, 1 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 1 << 20, 2);
-    std::vector<uint8_t> content = read_raw("vm");
-    armed_ = true;
-    ASSERT_EQ(control(".control/vm/commit", ""), 0);
-    wait_job("vm");
-    armed_ = false;
-    EXPECT_EQ(job_error("vm"), "");
-    EXPECT_GT(hides_seen_, 0) << "the commit never hid its top";
-    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the base before the hide";
-    EXPECT_EQ(read_raw("vm"), content);
+    std::vector<uint8_t> content = snapshot_between_writes(1 << 20);
+    commit_watching_the_hide("", content);
 }
 
 TEST_F(PivotDrainTest, CommitOfAMiddleLayerKeepsGuestWritesOut) {
@@ -503,14 +477,7 @@ TEST_F(PivotDrainTest, CommitOfAMiddleLayerKeepsGuestWritesOut) {
     ASSERT_EQ(control(".control/vm/snapshot", "s2"), 0);
     write_fill("vm", 2 << 20, 1 << 20, 3);
     std::vector<uint8_t> content = read_raw("vm");
-    armed_ = true;
-    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
-    wait_job("vm");
-    armed_ = false;
-    EXPECT_EQ(job_error("vm"), "");
-    EXPECT_GT(hides_seen_, 0) << "the commit never hid its top";
-    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the base before the hide";
-    EXPECT_EQ(read_raw("vm"), content);
+    commit_watching_the_hide("base=vm.qcow2", content);
 }
 
 TEST_F(PivotDrainTest, RevertKeepsGuestWritesOutUntilTheTopIsHidden) {
@@ -523,8 +490,7 @@ TEST_F(PivotDrainTest, RevertKeepsGuestWritesOutUntilTheTopIsHidden) {
     armed_ = true;
     ASSERT_EQ(control(".control/vm/revert", ""), 0);
     armed_ = false;
-    EXPECT_GT(hides_seen_, 0) << "the revert never hid its top";
-    EXPECT_TRUE(quiesced_at_every_hide_) << "guest writes reached the layer below before the hide";
+    expect_drained_at_every_hide();
     EXPECT_EQ(read_raw("vm"), content);
 }
 

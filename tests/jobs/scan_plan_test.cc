@@ -16,6 +16,7 @@
 
 #include "drivers/local_store.h"
 #include "drivers/qcow2/create.h"
+#include "forwarding_store.h"
 #include "test_util.h"
 
 namespace imgfs {
@@ -23,9 +24,9 @@ namespace {
 
 // A directory store whose open() fails with a given errno for chosen names, as a pool does when
 // the cluster does not answer for one image.
-class FailingOpenStore final : public Store {
+class FailingOpenStore final : public test::ForwardingStore {
   public:
-    explicit FailingOpenStore(std::unique_ptr<Store> inner) : inner_(std::move(inner)) {}
+    using ForwardingStore::ForwardingStore;
     std::map<std::string, int> fail_open;  // name -> errno
     std::map<std::string, int> opens;      // name -> how often open() was called
     bool one_name_only = false;            // as a pool: no hard links, edits rename
@@ -33,9 +34,9 @@ class FailingOpenStore final : public Store {
 
     [[nodiscard]] const StoreCaps& caps() const override {
         if (!one_name_only) {
-            return inner_->caps();
+            return inner()->caps();
         }
-        pool_caps_ = inner_->caps();
+        pool_caps_ = inner()->caps();
         pool_caps_.second_names = false;
         return pool_caps_;
     }
@@ -45,42 +46,16 @@ class FailingOpenStore final : public Store {
         }
         return false;
     }
-    [[nodiscard]] const std::string& display_name() const override {
-        return inner_->display_name();
-    }
-    [[nodiscard]] const std::string& real_path() const override { return inner_->real_path(); }
-    Result<std::vector<StoreEntry>> list() override { return inner_->list(); }
-    Result<FileId> id_of(const std::string& name, bool follow_links) override {
-        return inner_->id_of(name, follow_links);
-    }
     Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
                                             bool direct) override {
         ++opens[name];
         if (auto it = fail_open.find(name); it != fail_open.end()) {
             return make_error(it->second, "{}: injected", name);
         }
-        return inner_->open(name, read_only, direct);
+        return inner()->open(name, read_only, direct);
     }
-    Task<Result<std::unique_ptr<StoreFile>>> open_from_loop(std::string name,
-                                                            FileOptions options) override {
-        return inner_->open_from_loop(std::move(name), options);
-    }
-    Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) override {
-        return inner_->create_exclusive(name);
-    }
-    Status rename_noreplace(const std::string& from, const std::string& to) override {
-        return inner_->rename_noreplace(from, to);
-    }
-    Status add_name(const std::string& existing, const std::string& name) override {
-        return inner_->add_name(existing, name);
-    }
-    Status remove(const std::string& name) override { return inner_->remove(name); }
-    Status sync() override { return inner_->sync(); }
-    Result<StoreSpace> space() override { return inner_->space(); }
-    Status lock_for_serving() override { return inner_->lock_for_serving(); }
 
   private:
-    std::unique_ptr<Store> inner_;
     mutable StoreCaps pool_caps_;
 };
 

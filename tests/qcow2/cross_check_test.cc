@@ -23,28 +23,16 @@ constexpr uint64_t kCluster = 512;  // small clusters: many refcount blocks
 
 class CrossCheckTest : public test::FaultStackTest {
   protected:
-    static uint64_t be64_at(const std::string& path, uint64_t offset) {
-        uint8_t b[8] = {};
-        UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-        EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-        return qcow2::load_be64(b);
-    }
-    static void put_be64_at(const std::string& path, uint64_t offset, uint64_t value) {
-        uint8_t b[8] = {};
-        qcow2::store_be64(b, value);
-        UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-        ASSERT_EQ(::pwrite(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-    }
     // A 4 KiB-cluster image with 0x11 in its first cluster, whose second L2 entry is then set
     // to a preallocated zero cluster at `host(first data cluster, L2 table)`.
     static std::string damaged_zero_entry(const test::TempDir& dir, bool on_metadata) {
         const std::string img = dir.file("img.qcow2");
         test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 8M");
         test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 4k' '" + img + "' >/dev/null");
-        const uint64_t l2 = be64_at(img, be64_at(img, 40)) & qcow2::kOffsetMask;
-        const uint64_t data = be64_at(img, l2) & qcow2::kOffsetMask;
-        put_be64_at(img, l2 + 8,
-                    (on_metadata ? l2 : data) | qcow2::kOflagCopied | qcow2::kOflagZero);
+        const uint64_t l2 = test::be64_at(img, test::be64_at(img, 40)) & qcow2::kOffsetMask;
+        const uint64_t data = test::be64_at(img, l2) & qcow2::kOffsetMask;
+        test::put_be64_at(img, l2 + 8,
+                          (on_metadata ? l2 : data) | qcow2::kOflagCopied | qcow2::kOflagZero);
         return img;
     }
 };
@@ -75,7 +63,7 @@ TEST_F(CrossCheckTest, ARefcountReadErrorIsAnIoErrorNotCorruption) {
     ASSERT_EQ(::stat(img.c_str(), &st), 0);
     ASSERT_EQ(static_cast<uint64_t>(st.st_size), host + 256) << "the file does not end in it";
     // The refcount table is at the header's offset 48; 64 refcounts of 64 bits per block.
-    const uint64_t refblock = be64_at(img, be64_at(img, 48) + host / kCluster / 64 * 8);
+    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48) + host / kCluster / 64 * 8);
     ASSERT_NE(refblock, 0U);
 
     qcow2::Options small;
@@ -107,7 +95,7 @@ TEST_F(CrossCheckTest, ARefcountReadErrorIsAnIoErrorNotCorruption) {
     EXPECT_TRUE(run(s.node->write(guest + 256, more)).ok());
     ASSERT_TRUE(run(s.node->close()).ok());
     // Incompatible feature bit 1 (corrupt) is clear, and QEMU finds nothing wrong.
-    EXPECT_EQ(be64_at(img, 72) & 2, 0U);
+    EXPECT_EQ(test::be64_at(img, 72) & 2, 0U);
     test::CheckResult c = test::qemu_check(img);
     EXPECT_EQ(c.corruptions, 0U) << c.output;
 }
@@ -136,7 +124,7 @@ TEST_F(CrossCheckTest, AWriteIntoAZeroClusterOnMetadataIsRefused) {
     REQUIRE_TOOL("qemu-img");
     test::TempDir dir(test::memory_backed());
     const std::string img = damaged_zero_entry(dir, true);
-    const uint64_t l2 = be64_at(img, be64_at(img, 40)) & qcow2::kOffsetMask;
+    const uint64_t l2 = test::be64_at(img, test::be64_at(img, 40)) & qcow2::kOffsetMask;
     {
         Stack s = open(img);
         std::vector<uint8_t> b(4096, 0x44);
@@ -146,7 +134,7 @@ TEST_F(CrossCheckTest, AWriteIntoAZeroClusterOnMetadataIsRefused) {
         (void)run(s.node->close());
         users_.clear();
     }
-    EXPECT_NE(be64_at(img, l2), 0x4444444444444444ULL) << "guest data over the L2 table";
+    EXPECT_NE(test::be64_at(img, l2), 0x4444444444444444ULL) << "guest data over the L2 table";
 }
 
 }  // namespace

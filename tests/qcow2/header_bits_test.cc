@@ -15,20 +15,6 @@
 namespace imgfs {
 namespace {
 
-uint64_t be64_at(const std::string& path, uint64_t offset) {
-    uint8_t b[8] = {};
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-    return qcow2::load_be64(b);
-}
-
-void put_be64_at(const std::string& path, uint64_t offset, uint64_t value) {
-    uint8_t b[8] = {};
-    qcow2::store_be64(b, value);
-    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-    ASSERT_EQ(::pwrite(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-}
-
 Task<void> write_into(Node* node, uint64_t offset, Status* out) {
     std::vector<uint8_t> b(4096, 0x5a);
     *out = co_await node->write(offset, b);
@@ -60,8 +46,8 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
                "' 8M");
     test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 4k' '" + pristine + "' >/dev/null");
     // Reserved bits in the entry of guest cluster 0: reading it is a corruption finding.
-    const uint64_t l2 = be64_at(pristine, be64_at(pristine, 40)) & qcow2::kOffsetMask;
-    put_be64_at(pristine, l2, be64_at(pristine, l2) | 0x100);
+    const uint64_t l2 = test::be64_at(pristine, test::be64_at(pristine, 40)) & qcow2::kOffsetMask;
+    test::put_be64_at(pristine, l2, test::be64_at(pristine, l2) | 0x100);
 
     int lost = 0;
     const int seeds = 40;
@@ -84,7 +70,7 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
         (void)run(s.node->close());
         users_.clear();
         s = Stack{};
-        if ((be64_at(img, kIncompatibleAt) & kCorruptBit) == 0) {
+        if ((test::be64_at(img, kIncompatibleAt) & kCorruptBit) == 0) {
             ++lost;
         }
     }

@@ -1,9 +1,27 @@
 #include "qcow2/image_test_util.h"
 
+#include <fcntl.h>
 #include <fstream>
 #include <regex>
+#include <unistd.h>
+
+#include "drivers/qcow2/format.h"
 
 namespace imgfs::test {
+
+uint64_t be64_at(const std::string& path, uint64_t offset) {
+    uint8_t b[8] = {};
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8) << path;
+    return qcow2::load_be64(b);
+}
+
+void put_be64_at(const std::string& path, uint64_t offset, uint64_t value) {
+    uint8_t b[8] = {};
+    qcow2::store_be64(b, value);
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    EXPECT_EQ(::pwrite(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8) << path;
+}
 
 void must(const std::string& cmd) {
     std::string out = shell_output(cmd + " 2>&1; echo \"rc=$?\"");

@@ -42,6 +42,11 @@ class ImageDir : public TempDir {
 /// Reads the whole node.
 Task<Result<std::vector<uint8_t>>> read_all(Node* node);
 
+/// The big-endian 64-bit word at `offset` of a file (a header field, a table entry).
+uint64_t be64_at(const std::string& path, uint64_t offset);
+/// Overwrites that word (to damage an image on purpose).
+void put_be64_at(const std::string& path, uint64_t offset, uint64_t value);
+
 /// First differing offset, or -1.
 int64_t first_difference(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b);
 

@@ -12,21 +12,7 @@
 namespace imgfs {
 namespace {
 
-class MetadataTablesTest : public test::FaultStackTest {
-  protected:
-    static uint64_t be64_at(const std::string& path, uint64_t offset) {
-        uint8_t b[8] = {};
-        UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-        EXPECT_EQ(::pread(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-        return qcow2::load_be64(b);
-    }
-    static void put_be64_at(const std::string& path, uint64_t offset, uint64_t value) {
-        uint8_t b[8] = {};
-        qcow2::store_be64(b, value);
-        UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-        ASSERT_EQ(::pwrite(fd.get(), b, sizeof b, static_cast<off_t>(offset)), 8);
-    }
-};
+class MetadataTablesTest : public test::FaultStackTest {};
 
 // An L1 entry without the COPIED flag whose table has refcount 1 (an image a tool left with a
 // stale flag): the first write copies the table and frees the old one. The next new table is
@@ -40,10 +26,10 @@ TEST_F(MetadataTablesTest, ANewTableInAFreedTablesClusterStartsEmpty) {
     // 4 KiB clusters: one L2 table maps 2 MiB.
     test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 8M");
     test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
-    const uint64_t l1 = be64_at(img, 40);
-    const uint64_t entry = be64_at(img, l1);
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t entry = test::be64_at(img, l1);
     ASSERT_NE(entry & qcow2::kOflagCopied, 0U);
-    put_be64_at(img, l1, entry & ~qcow2::kOflagCopied);
+    test::put_be64_at(img, l1, entry & ~qcow2::kOflagCopied);
 
     {
         Stack s = open(img);

@@ -119,6 +119,28 @@ class TableCacheTest : public test::LoopTest {
     bool on_disk(uint64_t offset, uint8_t v) const {
         return all_bytes(mem_->data.data() + offset, kTable, v);
     }
+    // A get that reads `offset` through a held gate and a second get waiting for that read;
+    // `forgotten` is forgotten while the read is held. Results in `loader` and `waiter`.
+    struct TwoGets {
+        std::optional<Result<Ref>> loader;
+        std::optional<Result<Ref>> waiter;
+        uint64_t reads = 0;  // reads that reached the gate
+    };
+    void two_gets_across_a_forget(TableCache* cache, uint64_t offset, uint64_t forgotten,
+                                  TwoGets* out) {
+        auto gate = std::make_shared<GateNode>(env(), 1 << 20);
+        Child* file = use_rw(gate)->root();
+        ASSERT_NE(file, nullptr);
+        TaskScope scope(loop_.get());
+        gate->hold();
+        scope.spawn(get_into(cache, file, offset, &out->loader));
+        scope.spawn(get_into(cache, file, offset, &out->waiter));
+        cache->forget(forgotten);
+        gate->release();
+        run(join(&scope));
+        out->reads = gate->reads;
+        ASSERT_TRUE(out->loader && out->waiter);
+    }
 
     std::shared_ptr<MemNode> mem_;
     std::shared_ptr<FaultNode> fault_;
@@ -611,53 +633,29 @@ TEST_F(TableCacheTest, ATableForgottenWhileLoadingIsReadAgain) {
 // again, where the next table allocated there would find it. It fails with kStale so its
 // caller looks the table's place up again; the reader that started the read keeps its copy.
 TEST_F(TableCacheTest, AWaiterOfAForgottenTableIsToldToLookAgain) {
-    auto gate = std::make_shared<GateNode>(env(), 1 << 20);
-    Child* file = use_rw(gate)->root();
-    ASSERT_NE(file, nullptr);
     TableCache cache(loop_.get(), kTable, 8, kKind);
-    std::optional<Result<Ref>> loader;
-    std::optional<Result<Ref>> waiter;
-    TaskScope scope(loop_.get());
-    gate->hold();
-    scope.spawn(get_into(&cache, file, 5 * kTable, &loader));
-    scope.spawn(get_into(&cache, file, 5 * kTable, &waiter));
-    EXPECT_EQ(gate->reads, 1U);
-    cache.forget(5 * kTable);
-    gate->release();
-    run(join(&scope));
-
-    ASSERT_TRUE(loader && waiter);
-    ASSERT_TRUE(loader->ok()) << loader->error().message();
-    EXPECT_TRUE(all_bytes((*loader)->data(), kTable, disk_byte(5 * kTable)));
-    ASSERT_FALSE(waiter->ok());
-    EXPECT_EQ(waiter->error().errnum, TableCache::kStale);
-    EXPECT_EQ(gate->reads, 1U) << "the waiter read the freed table again";
+    TwoGets gets;
+    two_gets_across_a_forget(&cache, 5 * kTable, 5 * kTable, &gets);
+    ASSERT_TRUE(gets.loader->ok()) << gets.loader->error().message();
+    EXPECT_TRUE(all_bytes((*gets.loader)->data(), kTable, disk_byte(5 * kTable)));
+    ASSERT_FALSE(gets.waiter->ok());
+    EXPECT_EQ(gets.waiter->error().errnum, TableCache::kStale);
+    EXPECT_EQ(gets.reads, 1U) << "the waiter read the freed table again";
     EXPECT_FALSE(cached(&cache, 5 * kTable));
-    loader->value().reset();
+    gets.loader->value().reset();
 }
 
 // A forget counts even for a table that is not cached: the read a get waits for may have
 // failed, or its table may have been evicted since, and the forgotten table could be the one
 // the get wants.
 TEST_F(TableCacheTest, AForgetOfAnUncachedTableAlsoSendsWaitersBack) {
-    auto gate = std::make_shared<GateNode>(env(), 1 << 20);
-    Child* file = use_rw(gate)->root();
-    ASSERT_NE(file, nullptr);
     TableCache cache(loop_.get(), kTable, 8, kKind);
-    std::optional<Result<Ref>> loader;
-    std::optional<Result<Ref>> waiter;
-    TaskScope scope(loop_.get());
-    gate->hold();
-    scope.spawn(get_into(&cache, file, 5 * kTable, &loader));
-    scope.spawn(get_into(&cache, file, 5 * kTable, &waiter));
-    cache.forget(9 * kTable);  // not cached
-    gate->release();
-    run(join(&scope));
-    ASSERT_TRUE(loader && waiter);
-    EXPECT_TRUE(loader->ok());
-    ASSERT_FALSE(waiter->ok());
-    EXPECT_EQ(waiter->error().errnum, TableCache::kStale);
-    loader->value().reset();
+    TwoGets gets;
+    two_gets_across_a_forget(&cache, 5 * kTable, 9 * kTable, &gets);  // 9: not cached
+    EXPECT_TRUE(gets.loader->ok());
+    ASSERT_FALSE(gets.waiter->ok());
+    EXPECT_EQ(gets.waiter->error().errnum, TableCache::kStale);
+    gets.loader->value().reset();
 }
 
 TEST_F(TableCacheTest, ConfigureSetsTableSizeAndCapacity) {
