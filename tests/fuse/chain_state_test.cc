@@ -43,6 +43,18 @@ class ChainStateTest : public test::FsTest {
         write_fill("vm", 0, bytes, 2);
         return read_raw("vm");
     }
+    // The errno of one write to NAME.raw.
+    int write_errno(const std::string& name, uint64_t offset, const std::vector<uint8_t>& data) {
+        const uint64_t i = ino(name + ".raw");
+        const uint64_t fh = open(i, O_RDWR);
+        fuse_write_in w{};
+        w.fh = fh;
+        w.offset = offset;
+        w.size = static_cast<uint32_t>(data.size());
+        test::Reply r = run(request(FUSE_WRITE, i, bytes_of(w), data));
+        release(i, fh);
+        return r.error;
+    }
     static std::vector<std::string> files(std::initializer_list<const char*> names) {
         std::vector<std::string> v(names.begin(), names.end());
         std::sort(v.begin(), v.end());
@@ -300,18 +312,6 @@ class UndroppableTopTest : public ChainStateTest {
             return store;
         };
     }
-    // The errno of one write to NAME.raw.
-    int write_errno(const std::string& name, uint64_t offset, const std::vector<uint8_t>& data) {
-        const uint64_t i = ino(name + ".raw");
-        const uint64_t fh = open(i, O_RDWR);
-        fuse_write_in w{};
-        w.fh = fh;
-        w.offset = offset;
-        w.size = static_cast<uint32_t>(data.size());
-        test::Reply r = run(request(FUSE_WRITE, i, bytes_of(w), data));
-        release(i, fh);
-        return r.error;
-    }
     std::set<std::string> refused_;
     bool removals_too_ = true;
     RefusingStore* store_ = nullptr;  // owned by the image set
@@ -419,6 +419,44 @@ TEST_F(ChainStateTest, AGrownBaseReadsAsZerosOnDiskWhileTheCommitRuns) {
     }
     EXPECT_EQ(::pclose(p), 0) << out;
     EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
+}
+
+Task<void> lock_into(TimedMutex* m, TimedMutex::Guard* out) {
+    *out = co_await m->lock();
+}
+
+// A guest write that fails on the top after the commit's last pass leaves its range dirty
+// (the top may hold part of it), which the switch then finds. The range is copied again and
+// the switch tried again: one failed guest write does not throw the commit away.
+TEST_F(ChainStateTest, AWriteFailingJustBeforeTheSwitchDoesNotAbandonTheCommit) {
+    make_qcow2("vm.qcow2", kSize);
+    ImageSetOptions options;
+    gate_files(&options);
+    start(options);
+    write_fill("vm", 0, 4 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 4 << 20, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    std::shared_ptr<Export> e = images_->find("vm");
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);  // it crawls until the lock is held
+    TimedMutex::Guard held;
+    run(lock_into(&e->ops, &held));  // the switch waits for the image's lock
+    ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
+    for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
+        idle(1);
+    }
+    ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
+    test::GateNode* top_gate = gate_of("vm@s1.qcow2");
+    ASSERT_NE(top_gate, nullptr);
+    top_gate->fail_writes = EIO;
+    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
+    top_gate->fail_writes = 0;
+    held = TimedMutex::Guard();
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}));
+    EXPECT_EQ(read_raw("vm"), content);
 }
 
 // The hide of the dropped top must be durable before guest writes reach the layer that takes

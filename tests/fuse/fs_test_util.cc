@@ -48,6 +48,9 @@ Task<Status> GateNode::do_read(uint64_t offset, MutBuf buf) {
 
 Task<Status> GateNode::do_write(uint64_t offset, ConstBuf buf) {
     co_await pass(false);
+    if (fail_writes != 0) {
+        co_return make_error(fail_writes, "{}: write at {} failed (injected)", name(), offset);
+    }
     Status st = co_await below()->write(offset, buf);
     size_ = below()->node()->size();
     co_return st;
@@ -142,6 +145,15 @@ void FsTest::stop() {
     control_.reset();
     jobs_.reset();
     images_.reset();
+}
+
+GateNode* FsTest::gate_of(const std::string& file) {
+    for (auto& g : gates_) {
+        if (g->name() == file + " (gate)") {
+            return g.get();
+        }
+    }
+    return nullptr;
 }
 
 void FsTest::gate_files(ImageSetOptions* options) {

@@ -47,6 +47,8 @@ class GateNode final : public Node {
     }
     void release();
     [[nodiscard]] int waiting() const { return waiting_; }
+    /// Writes that pass the gate fail with this errno (0: they go through).
+    int fail_writes = 0;
     Task<Result<uint64_t>> allocated_bytes() override;
 
   protected:
@@ -90,6 +92,8 @@ class FsTest : public LoopTest {
     void hold_new_gates() { hold_new_gates_ = true; }
     /// Releases every gate, and new ones are made open again.
     void release_gates();
+    /// The gate over `file` (made by gate_files), or null.
+    GateNode* gate_of(const std::string& file);
 
     /// One request; `arg` is the opcode's argument struct (and names), `payload` WRITE data.
     Task<Reply> request(uint32_t opcode, uint64_t nodeid, std::vector<uint8_t> arg,
