@@ -103,7 +103,8 @@ Task<Status> CommitJob::attach() {
 // NAME.raw grows by growing the top alone, so the base may be shorter than the image. It must
 // hold the whole disk before it becomes the image: past its end the copy would write where
 // nobody reads, and the switch would shrink NAME.raw to the base's size. The grown range reads
-// as zeros, as the image did there (a longer backing file below the base would show through).
+// as zeros, as the image did there: a qcow2 grow zeroes what a longer backing file below the
+// base would show, durably before the new size (Qcow2Node::zero_before_growing).
 // Caller: the drain holder.
 Task<Status> CommitJob::grow_base() {
     const uint64_t old_size = base_->size();
@@ -116,15 +117,6 @@ Task<Status> CommitJob::grow_base() {
     Status st = refresh.commit();
     if (st) {
         st = co_await base_->truncate(new_size);
-    }
-    if (st && base_->backing() != nullptr) {
-        st = co_await base_->write_zeroes(old_size, new_size - old_size, false);
-        // Durable now, not at the switch: the new size already is, and until the zeroes are
-        // too, a crash shows the backing file's bytes there under the top. (The grow and the
-        // zeroes are two steps; a crash between them still can. See docs/design.md.)
-        if (st) {
-            st = co_await base_->flush();
-        }
     }
     if (!st) {
         co_return make_error(st.error().errnum, "{}: growing {} to {} bytes, the image's size: {}",

@@ -144,6 +144,9 @@ class Metadata {
     Task<Status> flush();
     /// Grows the virtual size (the L1 table if needed).
     Task<Status> grow(uint64_t new_size);
+    /// Makes the L1 table big enough for `new_size` without changing the virtual size, so
+    /// that entries past the end can be written before the size that shows them is.
+    Task<Status> reserve_l1(uint64_t new_size);
     /// Flushes and, with lazy refcounts, clears the dirty bit.
     Task<Status> close();
     /// Switches between read-only and read-write. Becoming writable does what a read-write
@@ -231,6 +234,8 @@ class Metadata {
     /// Sets L1 entry `l1_index` and writes it; on failure the cached entry stays as it was.
     Task<Status> switch_l1_entry(uint64_t l1_index, uint64_t entry);
     Task<Result<TableCache::Ref>> allocate_l2(uint64_t l1_index);
+    [[nodiscard]] Status check_new_size(uint64_t new_size) const;
+    Task<Status> switch_to_bigger_l1(uint64_t need, uint64_t size);
     Task<Result<TableCache::Ref>> copy_shared_l2(uint64_t l1_index);
     Status check_l1_entry(uint64_t l1_index, uint64_t entry);
 

@@ -135,29 +135,47 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_write(uint64_t l1_index) {
     co_return co_await l2_cache_.get(file_, off);
 }
 
+Status Metadata::check_new_size(uint64_t new_size) const {
+    if (new_size < header_.size) {
+        return make_error(ENOTSUP, "{}: shrinking a qcow2 image is not supported", name_);
+    }
+    if (new_size > (uint64_t{1} << 62)) {
+        return make_error(EFBIG, "{}: size {} is too large", name_, new_size);
+    }
+    if (g_.l1_entries_for(new_size) > kMaxL1Bytes / 8) {
+        return make_error(EFBIG, "{}: size {} needs an L1 table beyond {} bytes", name_, new_size,
+                          kMaxL1Bytes);
+    }
+    return {};
+}
+
 Task<Status> Metadata::grow(uint64_t new_size) {
     auto guard = co_await lock_.lock();
-    if (new_size < header_.size) {
-        co_return make_error(ENOTSUP, "{}: shrinking a qcow2 image is not supported", name_);
-    }
+    CO_TRY(check_new_size(new_size));
     if (new_size == header_.size) {
         co_return Status{};
     }
-    if (new_size > (uint64_t{1} << 62)) {
-        co_return make_error(EFBIG, "{}: size {} is too large", name_, new_size);
+    if (g_.l1_entries_for(new_size) > l1_.size()) {
+        co_return co_await switch_to_bigger_l1(g_.l1_entries_for(new_size), new_size);
     }
-    uint64_t need = g_.l1_entries_for(new_size);
-    if (need > kMaxL1Bytes / 8) {
-        co_return make_error(EFBIG, "{}: size {} needs an L1 table beyond {} bytes", name_,
-                             new_size, kMaxL1Bytes);
-    }
-    uint8_t fields[kOffL1TableOffset + 8 - kOffSize];
-    if (need <= l1_.size()) {
-        store_be64(fields, new_size);
-        CO_TRY(co_await write_header_bytes(kOffSize, ConstBuf(fields, 8)));
-        header_.size = new_size;
+    uint8_t be[8];
+    store_be64(be, new_size);
+    CO_TRY(co_await write_header_bytes(kOffSize, ConstBuf(be, 8)));
+    header_.size = new_size;
+    co_return Status{};
+}
+
+Task<Status> Metadata::reserve_l1(uint64_t new_size) {
+    auto guard = co_await lock_.lock();
+    CO_TRY(check_new_size(new_size));
+    if (g_.l1_entries_for(new_size) <= l1_.size()) {
         co_return Status{};
     }
+    co_return co_await switch_to_bigger_l1(g_.l1_entries_for(new_size), header_.size);
+}
+
+// The caller holds lock_.
+Task<Status> Metadata::switch_to_bigger_l1(uint64_t need, uint64_t size) {
     // A bigger L1 table: written and durable (with its refcounts) before the header switch.
     uint64_t clusters = (need * 8 + g_.cluster_size - 1) >> g_.cluster_bits;
     CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(clusters, true));
@@ -173,7 +191,8 @@ Task<Status> Metadata::grow(uint64_t new_size) {
     }
     CO_TRY(co_await sync());
     // size through l1_table_offset, one write (crypt_method lies between and is kept).
-    store_be64(fields, new_size);
+    uint8_t fields[kOffL1TableOffset + 8 - kOffSize];
+    store_be64(fields, size);
     store_be32(fields + (kOffCryptMethod - kOffSize), header_.crypt_method);
     store_be32(fields + (kOffL1Size - kOffSize), static_cast<uint32_t>(need));
     store_be64(fields + (kOffL1TableOffset - kOffSize), host);
@@ -185,7 +204,7 @@ Task<Status> Metadata::grow(uint64_t new_size) {
     uint64_t old_offset = header_.l1_table_offset;
     uint64_t old_clusters =
         (uint64_t{header_.l1_size} * 8 + g_.cluster_size - 1) >> g_.cluster_bits;
-    header_.size = new_size;
+    header_.size = size;
     header_.l1_size = static_cast<uint32_t>(need);
     header_.l1_table_offset = host;
     l1_.resize(need, 0);

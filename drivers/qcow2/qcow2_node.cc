@@ -335,9 +335,39 @@ Task<Result<BlockStatus>> Qcow2Node::do_block_status(uint64_t offset, uint64_t b
 
 Task<Status> Qcow2Node::do_truncate(uint64_t new_size) {
     CO_TRY(check_writes_allowed());
+    if (new_size > size_ && backing() != nullptr) {
+        CO_TRY(co_await zero_before_growing(size_, new_size));
+    }
     CO_TRY(co_await meta_->grow(new_size));
     size_ = new_size;
     co_return Status{};
+}
+
+// The range a grow adds read as zeros before it (past the end), and must after it, not as a
+// longer backing file's bytes there. Durably so before the new size is, or a crash between
+// the two would show them: the zeroes go in, and are flushed, while the header still has the
+// old size (entries past the end are allowed; the L1 table is made big enough first).
+Task<Status> Qcow2Node::zero_before_growing(uint64_t old_size, uint64_t new_size) {
+    const uint64_t end = std::min(new_size, backing()->node()->size());
+    if (end <= old_size) {
+        co_return Status{};  // the backing file ends before: it shows nothing there
+    }
+    CO_TRY(co_await meta_->reserve_l1(new_size));
+    const uint64_t gran = meta_->dealloc_granularity();
+    const uint64_t head_end = std::min(align_up(old_size, gran), end);
+    if (head_end > old_size) {
+        // The rest of the last granule: written as data (its start is the guest's).
+        CO_TRY(co_await write_zero_buffers(old_size, head_end - old_size, ZeroPath::kDriver));
+    }
+    const uint64_t zeros_end = align_up(end, gran);
+    if (zeros_end > head_end) {
+        if (meta_->can_zero(true)) {
+            CO_TRY(co_await deallocate(head_end, zeros_end - head_end, DeallocMode::kZero));
+        } else {
+            CO_TRY(co_await write_zero_buffers(head_end, zeros_end - head_end, ZeroPath::kDriver));
+        }
+    }
+    co_return co_await meta_->flush();
 }
 
 Task<Status> Qcow2Node::do_close() {

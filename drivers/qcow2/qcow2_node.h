@@ -70,6 +70,7 @@ class Qcow2Node final : public Node {
     Task<Status> do_flush() override;
     Task<Result<BlockStatus>> do_block_status(uint64_t offset, uint64_t bytes) override;
     Task<Status> do_truncate(uint64_t new_size) override;
+    Task<Status> zero_before_growing(uint64_t old_size, uint64_t new_size);
     Task<Status> do_close() override;
 
   private:

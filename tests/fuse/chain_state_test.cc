@@ -55,6 +55,20 @@ class ChainStateTest : public test::FsTest {
         release(i, fh);
         return r.error;
     }
+    // QEMU reads zeros at `range` ("OFFSET LENGTH") of the qcow2 image `path`.
+    static void expect_qemu_reads_zeros(const std::string& path, const std::string& range) {
+        const std::string cmd =
+            "qemu-io -r -f qcow2 -c 'read -P 0 " + range + "' '" + path + "' 2>&1";
+        FILE* p = ::popen(cmd.c_str(), "r");
+        ASSERT_NE(p, nullptr);
+        std::string out;
+        char buf[256];
+        while (::fgets(buf, sizeof buf, p) != nullptr) {
+            out += buf;
+        }
+        EXPECT_EQ(::pclose(p), 0) << out;
+        EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
+    }
     static std::vector<std::string> files(std::initializer_list<const char*> names) {
         std::vector<std::string> v(names.begin(), names.end());
         std::sort(v.begin(), v.end());
@@ -382,6 +396,27 @@ TEST_F(UndroppableTopTest, ACommitWhoseTopCannotBeHiddenRemovesIt) {
     EXPECT_EQ(read_raw("vm")[0], content[0]);
 }
 
+// Growing an image whose backing file is longer: the new range reads as zeros, as it did
+// before the grow (past the image's end), not as the backing file's bytes.
+TEST_F(ChainStateTest, AGrownImageDoesNotShowItsLongerBackingFile) {
+    REQUIRE_TOOL("qemu-io");
+    make_qcow2("golden.qcow2", kSize);
+    start();
+    write_fill("golden", 0, kSize, 0x33);
+    stop();
+    make_qcow2("vm.qcow2", kSize / 2, "golden.qcow2");
+    start();
+    test::Reply r = run(setattr_size_task(ino("vm.raw"), kSize));
+    ASSERT_EQ(r.error, 0);
+    std::vector<uint8_t> raw = read_raw("vm");
+    ASSERT_EQ(raw.size(), kSize);
+    EXPECT_EQ(raw[kSize / 2 - 1], 0x33);
+    EXPECT_EQ(raw[kSize / 2], 0) << "the backing file shows through the grown range";
+    EXPECT_EQ(raw[kSize - 1], 0);
+    stop();
+    expect_qemu_reads_zeros((dir_.path() / "vm.qcow2").string(), "4M 4M");
+}
+
 // A commit grows a base shorter than the image and zeroes the new range, so a longer backing
 // file below does not show through. The new size is durable at once, so the zeroes must be
 // too: a crash during the copy (here: a copy of the files taken while the job is held at a
@@ -408,17 +443,7 @@ TEST_F(ChainStateTest, AGrownBaseReadsAsZerosOnDiskWhileTheCommitRuns) {
     }
     ASSERT_EQ(control(".control/vm/job", "cancel"), 0);
     wait_job("vm");
-    const std::string cmd = "qemu-io -r -f qcow2 -c 'read -P 0 6M 64k' '" +
-                            (copy.path() / "vm@s1.qcow2").string() + "' 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    std::string out;
-    char buf[256];
-    while (::fgets(buf, sizeof buf, p) != nullptr) {
-        out += buf;
-    }
-    EXPECT_EQ(::pclose(p), 0) << out;
-    EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
+    expect_qemu_reads_zeros((copy.path() / "vm@s1.qcow2").string(), "6M 64k");
 }
 
 Task<void> lock_into(TimedMutex* m, TimedMutex::Guard* out) {
