@@ -240,7 +240,7 @@ Task<Result<bool>> CommitJob::pivot() {
     std::vector<std::shared_ptr<Node>> nodes{filter_, base_};
     DrainGuard drained = co_await drain(nodes);
     if (dirty_->dirty_bytes() != 0) {
-        co_return false;  // a guest write failed to reach the base: complete() abandons the job
+        co_return false;  // a guest write failed since the last pass: complete() copies again
     }
     // Everything above the base is in it: durable first, then the chain on disk skips the
     // middle layers (the top's view is unchanged), then the export moves to the base.
