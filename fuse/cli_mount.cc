@@ -45,6 +45,8 @@ const char* kMountHelp =
     "     ceph_timeout=SECONDS    rbd: deadline of every cluster operation (default 30);\n"
     "                             past it the request fails with EIO\n"
     "     faults=FILE             debug: inject I/O errors by the rules in FILE (see below)\n"
+    "     ring_queues=N           debug: FUSE ring queues to register (default: one per\n"
+    "                             possible CPU, as the kernel keeps; more makes it refuse)\n"
     "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n"
     "\n"
     "Fault rules (faults=FILE; for tests, never for real data): one rule per line, '#' starts\n"
@@ -284,6 +286,8 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
         TRY_ASSIGN(cmd->uring, fuse_uring::parse_mode(o.substr(6)));
     } else if (o.rfind("threads=", 0) == 0) {
         TRY_ASSIGN(cmd->threads, parse_number_option(o, 1, 64, "a number of event loops"));
+    } else if (o.rfind("ring_queues=", 0) == 0) {
+        TRY_ASSIGN(cmd->ring_queues, parse_number_option(o, 1, 4096, "a number of queues"));
     } else if (o.rfind("poll_us=", 0) == 0) {
         TRY_ASSIGN(cmd->poll_us, parse_number_option(o, 0, 1000, "microseconds"));
     } else if (o.rfind("ceph_conf=", 0) == 0) {

@@ -280,6 +280,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         ExportFs fs(&images, &control, log, fo);
         FuseServerOptions so;
         so.uring = cmd.uring;
+        so.ring_queues = cmd.ring_queues;
         for (const auto& t : *ring_threads) {
             so.ring_loops.push_back(t->loop());
         }

@@ -20,7 +20,8 @@ struct MountCommand {
     MountOptions mount;
     ImageSetOptions images;
     fuse_uring::Mode uring = fuse_uring::Mode::kAuto;  // -o uring=
-    uint32_t threads = 0;  // -o threads=: event loops serving FUSE ring queues; 0: the default
+    uint32_t ring_queues = 0;  // -o ring_queues= (tests): FUSE ring queues to register; 0: the CPUs
+    uint32_t threads = 0;      // -o threads=: event loops serving FUSE ring queues; 0: the default
     uint32_t poll_us = kDefaultPollUs;  // -o poll_us=: EventLoop::Options::poll_max
     // 30 us: 4k reads at queue depth 1 from a qcow2 in the page cache, 2-CPU machine: 13.6-14.5k
     // IOPS without, 13.9-18.2k with; from disk unchanged (2026-12-04, docs/benchmarks.md).

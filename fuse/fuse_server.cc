@@ -243,9 +243,12 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     }
     initialised_ = true;
     log_->debug("FUSE connection 7.{} (kernel 7.{}), max_write {}, {}", out.minor, in.minor,
-                out.max_write, transport());
+                out.max_write,
+                uring_accepted_ ? "FUSE-over-io_uring accepted" : transport().c_str());
     handler_->connected();
-    init_done(Status{});
+    if (!uring_accepted_) {
+        init_done(Status{});  // else settle_ring() reports, once the ring is registered
+    }
     co_return FuseReply::of(out);
 }
 

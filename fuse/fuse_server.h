@@ -105,6 +105,9 @@ struct FuseServerOptions {
     /// is the kernel's half of the transport, which runs inside their io_uring_enter:
     /// delivering requests into the entries, taking the replies and waking the clients.
     std::vector<EventLoop*> ring_loops;
+    /// Ring queues to register if more than the kernel keeps (one per possible CPU). Only
+    /// tests set it: the kernel refuses the registration then.
+    uint32_t ring_queues = 0;
 };
 
 class FuseServer {
@@ -140,8 +143,11 @@ class FuseServer {
     Task<void> reader();
     /// One ring entry: registers it, then serves one request at a time through it.
     Task<void> ring_entry(RingEntry* entry);
-    /// Counts a registration the kernel refused, and says so once a queue has none left.
+    /// Counts a registration the kernel refused (after settle_ring(), also says so).
     void note_refused_entry(uint16_t qid, int error);
+    /// Once every entry's registration has reached the kernel: which transport serves, in
+    /// one log line, and only then the INIT callback (uring=on fails without the ring).
+    Task<void> settle_ring();
     /// On the server's loop: the request in `entry`'s buffers, answered in them.
     Task<void> serve_ring_request(RingEntry* entry);
     Task<FuseReply> dispatch(FuseRequest* req);
@@ -174,12 +180,18 @@ class FuseServer {
     // whole connection; ring_pool_ outlives them for the same reason as payload_pool_.
     std::unique_ptr<PayloadPool> ring_pool_;
     std::vector<std::unique_ptr<RingEntry>> ring_entries_;
-    uint32_t ring_queues_ = 0;
+    uint32_t ring_queues_ = 0;     // registered
+    uint32_t kernel_queues_ = 0;   // kept by the kernel: one per possible CPU
     bool uring_accepted_ = false;  // INIT offered it and the kernel takes it
-    // Registrations the kernel refused, per queue. A queue with none left keeps the kernel
-    // on /dev/fuse for the whole connection.
-    std::vector<uint32_t> ring_refused_;
+    // Registrations the kernel refused. One refusal switches the ring off for the whole
+    // connection (unless the kernel had switched to it already).
+    std::vector<uint32_t> ring_refused_;  // per queue
+    uint32_t ring_refused_total_ = 0;
+    uint16_t first_refused_qid_ = 0;
+    bool ring_in_use_ = false;  // settle_ring() found an entry registered in every queue
     int ring_refusal_errno_ = 0;
+    bool ring_settled_ = false;  // settle_ring() has decided
+    uint64_t ring_served_ = 0;   // requests that came through the ring
     std::string uring_refusal_;  // why INIT did not take the ring
     std::function<void(const Status&)> on_init_;
     uint32_t ring_remote_ = 0;  // entries served by another loop and not yet ended

@@ -47,10 +47,8 @@ std::string FuseServer::transport() const {
     ring.entries_per_queue = options_.uring_entries_per_queue;
     ring.loops = static_cast<uint32_t>(1 + options_.ring_loops.size());
     ring.register_error = ring_refusal_errno_;
-    for (uint32_t refused : ring_refused_) {
-        ring.failed_entries += refused;
-        ring.queues_without_entries += refused == ring.entries_per_queue ? 1 : 0;
-    }
+    ring.failed_entries = ring_refused_total_;
+    ring.in_use = ring_in_use_ || ring_served_ != 0;
     return fuse_uring::describe(ring);
 }
 
@@ -76,7 +74,9 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
     } else if (!queues) {
         why = queues.error().message();
     } else {
-        ring_queues_ = *queues;
+        // Never fewer than the kernel keeps: it would wait for the missing queues for ever.
+        kernel_queues_ = *queues;
+        ring_queues_ = std::max(options_.ring_queues, *queues);
         ring_pool_ = std::make_unique<PayloadPool>(
             options_.max_write_bytes, ring_queues_ * options_.uring_entries_per_queue, SIZE_MAX,
             std::chrono::milliseconds(1000), PayloadPool::Pages::kSmall);
@@ -97,18 +97,19 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
     }
     *flags |= FUSE_INIT_EXT;
     *flags2 |= fuse_uring::kInitFlags2Bit;
-    log_->info(
-        "uring={}: serving through FUSE-over-io_uring, {} queues x {} entries on {} "
-        "event loops",
-        mode, ring_queues_, options_.uring_entries_per_queue, 1 + options_.ring_loops.size());
-    return true;
+    return true;  // settle_ring() says whether it serves
 }
 
 void FuseServer::start_ring() {
     const uint32_t per_queue = options_.uring_entries_per_queue;
     ring_refused_.assign(ring_queues_, 0);
-    for (uint32_t q = 0; q < ring_queues_; ++q) {
-        for (uint32_t i = 0; i < per_queue; ++i) {
+    // One entry of every queue first, the highest queue first. The kernel switches to the
+    // ring once every queue holds an entry, and after a refusal takes no more: so a queue it
+    // does not keep (the highest) is refused before any other registers, leaving the
+    // connection wholly on /dev/fuse, and a refusal after the first round (memory) leaves
+    // it wholly on the ring. settle_ring() tells the two apart by the first round.
+    for (uint32_t i = 0; i < per_queue; ++i) {
+        for (uint32_t q = ring_queues_; q-- > 0;) {
             auto e = std::make_unique<RingEntry>();
             auto index = static_cast<uint32_t>(ring_entries_.size());
             e->header = AlignedBuffer(4096);
@@ -128,6 +129,7 @@ void FuseServer::start_ring() {
             scope_.spawn(ring_entry(ring_entries_.back().get()));
         }
     }
+    scope_.spawn(settle_ring());
 }
 
 namespace {
@@ -223,27 +225,61 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
 }
 
 void FuseServer::note_refused_entry(uint16_t qid, int error) {
-    if (ring_refusal_errno_ == 0) {
+    ++ring_refused_[qid];
+    if (ring_refused_total_++ == 0) {
         ring_refusal_errno_ = error;
-        log_->warn("the kernel refused a FUSE ring entry of queue {}: {}", qid, strerror(error));
+        first_refused_qid_ = qid;
+        if (ring_settled_) {
+            // Not expected: refusals arrive with the registrations, before the ring settled.
+            log_->warn("the kernel refused a FUSE ring entry of queue {} late: {}; status: {}", qid,
+                       strerror(error), transport());
+        }
     }
-    const uint32_t refused = ++ring_refused_[qid];
-    if (refused != options_.uring_entries_per_queue) {
-        return;
+}
+
+Task<void> FuseServer::settle_ring() {
+    // A registration the kernel refuses completes at once, in submission order, so once a
+    // no-op submitted after every entry's REGISTER on each loop has completed, every
+    // refusal has been counted (their completions hop to this loop before the no-op's).
+    std::vector<EventLoop*> loops{loop_};
+    loops.insert(loops.end(), options_.ring_loops.begin(), options_.ring_loops.end());
+    for (EventLoop* ring : loops) {
+        co_await loop_->resume_on(ring);
+        (void)co_await ring->submit([](io_uring_sqe* sqe) { io_uring_prep_nop(sqe); });
+        co_await ring->resume_on(loop_);
     }
-    // The kernel switches to the ring only once every queue holds an entry, so this queue
-    // keeps the whole connection on /dev/fuse. Requests are still served; status says how.
-    if (options_.uring == fuse_uring::Mode::kOn) {
-        log_->error(
-            "uring=on: the kernel refused every ring entry of queue {} ({}); serving "
-            "/dev/fuse instead",
-            qid, strerror(error));
+    ring_settled_ = true;
+    // The kernel switches to the ring once each of its queues holds an entry; queues past
+    // its count (ring_queues=) do not count.
+    ring_in_use_ = true;
+    for (uint32_t q = 0; q < std::min(kernel_queues_, ring_queues_); ++q) {
+        ring_in_use_ = ring_in_use_ && ring_refused_[q] < options_.uring_entries_per_queue;
+    }
+    const char* mode = fuse_uring::mode_name(options_.uring);
+    const std::string refused =
+        ring_refused_total_ == 0
+            ? std::string()
+            : fmt::format("the kernel refused {} of {} ring entries (queue {}: {})",
+                          ring_refused_total_, ring_entries_.size(), first_refused_qid_,
+                          strerror(ring_refusal_errno_));
+    if (options_.uring == fuse_uring::Mode::kOn && !refused.empty()) {
+        // on: the ring as configured or no mount, even where the kernel would use what did
+        // register (which differs between kernels).
+        init_done(make_error(ring_refusal_errno_,
+                             "uring=on: FUSE-over-io_uring is not available: {}", refused));
+        co_return;
+    }
+    if (!ring_in_use_) {
+        log_->info("uring={}: serving /dev/fuse: FUSE-over-io_uring is not available: {}", mode,
+                   refused);
     } else {
         log_->info(
-            "uring={}: the kernel refused every ring entry of queue {} ({}); serving "
-            "/dev/fuse",
-            fuse_uring::mode_name(options_.uring), qid, strerror(error));
+            "uring={}: serving through FUSE-over-io_uring, {} queues x {} entries on {} "
+            "event loop{}{}",
+            mode, ring_queues_, options_.uring_entries_per_queue, loops.size(),
+            loops.size() == 1 ? "" : "s", refused.empty() ? "" : "; " + refused);
     }
+    init_done(Status{});
 }
 
 Task<void> FuseServer::serve_ring_request(RingEntry* entry) {
@@ -251,6 +287,7 @@ Task<void> FuseServer::serve_ring_request(RingEntry* entry) {
     ++active_;
     max_concurrent_ = std::max(max_concurrent_, active_);
     ++served_;
+    ++ring_served_;
     FuseRequest req;
     FuseReply reply;
     uint64_t unique = reinterpret_cast<const fuse_in_header*>(hdr->in_out)->unique;

@@ -1,6 +1,7 @@
 #include "fuse/fuse_uring.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -50,11 +51,10 @@ std::string describe(const RingState& ring) {
         return "/dev/fuse";
     }
     const char* error = std::strerror(ring.register_error);
-    if (ring.queues_without_entries != 0) {
+    if (!ring.in_use) {
         return fmt::format(
-            "/dev/fuse (FUSE-over-io_uring unused: the kernel refused every entry of {} of {} "
-            "queues: {})",
-            ring.queues_without_entries, ring.queues, error);
+            "/dev/fuse (FUSE-over-io_uring unused: the kernel refused {} ring entr{}: {})",
+            ring.failed_entries, ring.failed_entries == 1 ? "y" : "ies", error);
     }
     std::string text = fmt::format("io_uring ({} queues x {} entries, {} loop{}", ring.queues,
                                    ring.entries_per_queue, ring.loops, ring.loops == 1 ? "" : "s");
@@ -64,30 +64,42 @@ std::string describe(const RingState& ring) {
     return text + ")";
 }
 
+Result<uint32_t> count_cpus(std::string_view list) {
+    auto number = [](std::string_view text, unsigned long* out) {
+        char* stop = nullptr;
+        std::string copy(text);
+        *out = std::strtoul(copy.c_str(), &stop, 10);
+        return !copy.empty() && *stop == '\0' &&
+               std::isdigit(static_cast<unsigned char>(copy[0])) && *out <= 4095;
+    };
+    uint32_t count = 0;
+    size_t pos = 0;
+    while (pos <= list.size()) {
+        size_t end = std::min(list.find(',', pos), list.size());
+        std::string_view range = list.substr(pos, end - pos);
+        size_t dash = range.find('-');
+        unsigned long first = 0;
+        unsigned long last = 0;
+        const bool ok = dash == std::string_view::npos
+                            ? number(range, &first) && number(range, &last)
+                            : number(range.substr(0, dash), &first) &&
+                                  number(range.substr(dash + 1), &last) && first <= last;
+        if (!ok) {
+            return make_error(EINVAL, "cannot parse the CPU list '{}'", list);
+        }
+        count += static_cast<uint32_t>(last - first + 1);
+        pos = end + 1;
+    }
+    return count;
+}
+
 Result<uint32_t> possible_cpus() {
-    // A list of ranges, e.g. "0-1" or "0,2-5".
     std::ifstream in("/sys/devices/system/cpu/possible");
     std::string text;
     if (!(in >> text)) {
         return make_error(ENOENT, "cannot read /sys/devices/system/cpu/possible");
     }
-    uint32_t highest = 0;
-    size_t pos = 0;
-    while (pos < text.size()) {
-        size_t end = text.find(',', pos);
-        std::string range = text.substr(pos, end == std::string::npos ? end : end - pos);
-        size_t dash = range.find('-');
-        std::string last_text = dash == std::string::npos ? range : range.substr(dash + 1);
-        char* stop = nullptr;
-        unsigned long last = std::strtoul(last_text.c_str(), &stop, 10);
-        if (last_text.empty() || *stop != '\0' || last > 4095) {
-            return make_error(EINVAL, "cannot parse /sys/devices/system/cpu/possible: {}", text);
-        }
-        highest = std::max<uint32_t>(highest, static_cast<uint32_t>(last));
-        pos = end == std::string::npos ? text.size() : end + 1;
-    }
-    // Queues are indexed by CPU number, so a gap still needs its queue.
-    return highest + 1;
+    return count_cpus(text);
 }
 
 }  // namespace imgfs::fuse_uring

@@ -65,18 +65,24 @@ struct RingState {
     bool accepted = false;  // offered in INIT and taken by the kernel
     uint32_t queues = 0;    // the kernel's queues (one per possible CPU)
     uint32_t entries_per_queue = 0;
-    uint32_t loops = 1;                   // event loops the queues are spread over
-    uint32_t failed_entries = 0;          // entries whose registration the kernel refused
-    uint32_t queues_without_entries = 0;  // queues where every registration failed
-    int register_error = 0;               // the first refusal's errno
+    uint32_t loops = 1;           // event loops the queues are spread over
+    uint32_t failed_entries = 0;  // entries whose registration the kernel refused
+    int register_error = 0;       // the first refusal's errno
+    bool in_use = false;          // every queue holds an entry, so the kernel sends through it
 };
 
 /// "io_uring (Q queues x E entries, L loops)", or "/dev/fuse" with the reason when the ring
-/// was accepted but the kernel never switched to it: it does so only once every queue holds
-/// an entry.
+/// was accepted but is not in use: the kernel switches to it once every queue holds an
+/// entry, and one refused registration stops it taking more.
 std::string describe(const RingState& ring);
 
-/// How many queues the kernel keeps: one per possible CPU (/sys/devices/system/cpu/possible).
+/// How many CPUs a list like "0-1" or "0,2-5" names (the format of
+/// /sys/devices/system/cpu/possible).
+Result<uint32_t> count_cpus(std::string_view list);
+
+/// How many queues the kernel keeps: one per possible CPU, numbered from 0
+/// (/sys/devices/system/cpu/possible). The kernel counts the CPUs (num_possible_cpus) and
+/// refuses a queue number at or past the count.
 Result<uint32_t> possible_cpus();
 
 }  // namespace imgfs::fuse_uring

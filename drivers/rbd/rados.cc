@@ -225,10 +225,22 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
 }  // namespace
 
 Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string& name,
-                                bool read_only) {
+                                bool read_only, Presence presence) {
     rbd_image_t image = nullptr;
-    int r = read_only ? rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr)
-                      : rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
+    // librbd's read-only open registers no watch on the header (since Octopus), so other
+    // clients could neither see the layer in use nor be stopped by it: `rbd rm` removes an
+    // image open only that way, and another host's rescan would take a layer in the middle
+    // of a chain edit for an abandoned one. A read-write handle that is never written
+    // watches the header and takes no lock (imgfs takes it explicitly, and only through a
+    // writer's handle); read_only_ keeps this one from writing. A client whose caps allow
+    // only reads gets the quiet open.
+    int r = -EPERM;
+    if (!read_only || presence == Presence::kAnnounced) {
+        r = rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
+    }
+    if (read_only && (r == -EPERM || r == -EACCES || r == -EROFS)) {
+        r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
+    }
     if (r < 0) {
         return rbd_error(r, pool->timeout_s(),
                          fmt::format("cannot open RBD image {}/{}", pool->display_name(), name));

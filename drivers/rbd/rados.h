@@ -114,9 +114,14 @@ enum class RbdLock {
 /// cluster deadline) and releases its exclusive lock if it holds it.
 class RbdImage {
   public:
+    /// How a read-only open shows to other clients.
+    enum class Presence {
+        kAnnounced,  // listed among the image's watchers: others see it open (every layer)
+        kQuiet,      // not listed: a short look that must not count as a user (probes)
+    };
     /// Opens image `name` of `pool`, read-only or for writing. Blocking.
     static Result<RbdImage> open(std::shared_ptr<RbdPool> pool, const std::string& name,
-                                 bool read_only);
+                                 bool read_only, Presence presence = Presence::kAnnounced);
     RbdImage() = default;
     RbdImage(RbdImage&& o) noexcept;
     RbdImage& operator=(RbdImage&& o) noexcept;
@@ -152,9 +157,9 @@ class RbdImage {
     /// If one is listed, takes the lock and gives it back, so that a dead holder's lock is
     /// broken here. Blocking.
     [[nodiscard]] Status check_no_writer() const;
-    /// How many clients other than this process have the image open (each open, read-only
-    /// too, watches the image's header). A client that died stays listed until its watch
-    /// times out (about 30 s). Blocking.
+    /// How many clients other than this process have the image open (each open watches the
+    /// image's header, and imgfs's read-only layers too: see open()). A client that died
+    /// stays listed until its watch times out (about 30 s). Blocking.
     [[nodiscard]] Result<size_t> other_watchers() const;
     /// Who holds the exclusive lock, for messages (the client's address, "127.0.0.1:0/2339").
     [[nodiscard]] std::string lock_owners() const;

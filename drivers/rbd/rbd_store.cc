@@ -289,7 +289,7 @@ Status RbdStore::add_name(const std::string& existing, const std::string& name) 
 
 Result<bool> RbdStore::open_elsewhere(const std::string& name) {
     TRY(check_image_name(name));
-    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, true));
+    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, true, RbdImage::Presence::kQuiet));
     TRY_ASSIGN(size_t others, image.other_watchers());
     return others != 0;
 }

@@ -214,5 +214,41 @@ TEST_F(RbdStoreTest, TheFirstWriteTakesTheLock) {
     EXPECT_NE(busy.error().message().find("RBD exclusive lock"), std::string::npos);
 }
 
+// A layer this host only reads is open as far as other hosts can tell: it is listed among
+// the image's users (another host's rescan does not take it for an abandoned edit) and the
+// pool refuses to remove it under the reader. librbd's own read-only open shows neither.
+TEST_F(RbdStoreTest, ALayerOpenOnlyForReadingIsInUseForOtherHosts) {
+    int st = 0;
+    cluster_->rbd("create --size 4M rbd/" + ns() + "/base.raw", &st);
+    ASSERT_EQ(st, 0);
+    auto other = RbdStore::open(RbdLocation{"rbd", ns()}, rados_options(*cluster_), loop_.get());
+    ASSERT_TRUE(other.ok()) << other.error().message();
+    auto elsewhere = store_->open_elsewhere("base.raw");
+    ASSERT_TRUE(elsewhere.ok()) << elsewhere.error().message();
+    EXPECT_FALSE(*elsewhere);  // nobody has it open yet, and the look itself does not count
+
+    FileOptions read_only;
+    read_only.read_only = true;
+    auto file = run((*other)->open_from_loop("base.raw", read_only));
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    elsewhere = store_->open_elsewhere("base.raw");
+    ASSERT_TRUE(elsewhere.ok()) << elsewhere.error().message();
+    EXPECT_TRUE(*elsewhere);
+    Status removed = store_->remove("base.raw");
+    ASSERT_FALSE(removed.ok());
+    EXPECT_EQ(removed.error().errnum, EBUSY) << removed.error().message();
+    EXPECT_NE(cluster_->rbd("ls rbd/" + ns()).find("base.raw"), std::string::npos);
+    // The reader takes no lock: a writer elsewhere still can.
+    FileOptions writable;
+    writable.exclusive = true;
+    auto writer = run(store_->open_from_loop("base.raw", writable));
+    ASSERT_TRUE(writer.ok()) << writer.error().message();
+    auto node = (*writer)->into_node(env(), "base.raw", writable);
+    ASSERT_TRUE(node.ok()) << node.error().message();
+    std::vector<uint8_t> ones(4096, 0x11);
+    Status wrote = run(use_rw(*node)->write(0, ConstBuf(ones.data(), ones.size())));
+    EXPECT_TRUE(wrote.ok()) << wrote.error().message();
+}
+
 }  // namespace
 }  // namespace imgfs::test

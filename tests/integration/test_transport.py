@@ -248,6 +248,59 @@ class Transport(harness.ImageDirTest):
         c = check(self.img("data.qcow2"))
         self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
 
+    def test_a_refused_ring_registration_fails_uring_on_and_falls_back_for_auto(self):
+        """INIT can take the ring and the kernel still refuse to register its entries (here:
+        one queue more than the kernel keeps, ring_queues=). uring=on must then fail the mount
+        with the reason instead of reporting it up; auto serves /dev/fuse and says so in one
+        line, with status naming /dev/fuse, not a ring that never served."""
+        with open("/sys/devices/system/cpu/possible") as f:
+            cpus = 0
+            for part in f.read().strip().split(","):
+                first, _, last = part.partition("-")
+                cpus += int(last or first) - int(first) + 1
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        self.set_uring("Y")
+        mnt = self.dir + "-mnt"
+        os.mkdir(mnt)
+        self.addCleanup(os.rmdir, mnt)
+        self.addCleanup(lambda: harness.is_mounted(mnt) and run(["umount", "-l", mnt]))
+        too_many = f"ring_queues={cpus + 1}"
+        p = run([harness.IMGFS, "mount", "-o", "uring=on," + too_many, self.dir, mnt],
+                check=False, timeout=60)
+        self.assertNotEqual(p.returncode, 0, p.stderr)
+        self.assertIn("uring=on: FUSE-over-io_uring is not available: the kernel refused", p.stderr)
+        self.assertIn(f"(queue {cpus}: Invalid argument)", p.stderr)
+        self.assertFalse(harness.is_mounted(mnt))
+        deadline = time.monotonic() + 20
+        while run(["pgrep", "-f", f"imgfs mount -o uring=on,{too_many}"],
+                  check=False).returncode == 0:
+            self.assertLess(time.monotonic(), deadline, "the daemon outlived its failed mount")
+            time.sleep(0.1)
+
+        # auto serves whatever the kernel does with the entries that did register. Kernels
+        # differ: 6.18 switches to the ring once its own queues hold entries and refuses only
+        # the extra queue's; others stop taking entries after a refusal, which leaves
+        # /dev/fuse. The log line, the status and the requests must agree either way.
+        m = self.mount("uring=auto," + too_many)
+        model = self.pattern_roundtrip(m, "data", 16 * MiB)
+        transport = self.info(m, "data")["transport"]
+        log = m.read_log()
+        uring_lines = [line for line in log.splitlines() if "uring=" in line]
+        self.assertEqual(len(uring_lines), 1, log)
+        self.assertIn(f"the kernel refused 64 of {64 * (cpus + 1)} ring entries (queue {cpus}: "
+                      "Invalid argument)", uring_lines[0])
+        if "serving /dev/fuse" in uring_lines[0]:
+            self.assertTrue(transport.startswith(
+                "/dev/fuse (FUSE-over-io_uring unused: the kernel refused "), transport)
+            self.assertNotIn("through io_uring", log)
+        else:
+            self.assertIn("uring=auto: serving through FUSE-over-io_uring", uring_lines[0])
+            self.assertIn("through io_uring (", log)
+            self.assertRegex(transport, rf"^io_uring \({cpus + 1} queues x 64 entries, \d loops?, "
+                                        r"64 entries refused: Invalid argument\)$")
+        m.stop()
+        self.check_chain(["data.qcow2"], "data.qcow2", model)
+
     @staticmethod
     def process_in_mount_syscall():
         """Whether an imgfs process is inside mount(2) (x86_64 syscall 165)."""
