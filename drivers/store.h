@@ -129,7 +129,8 @@ class Store {
     /// Creates `name`, empty, for reading and writing (holding its write lock where the store
     /// has them); EEXIST if the name is taken.
     virtual Result<std::unique_ptr<StoreFile>> create_exclusive(const std::string& name) = 0;
-    /// Renames `from` to `to` atomically; EEXIST if `to` is taken (nothing is replaced).
+    /// Renames `from` to `to`; EEXIST if `to` is taken (nothing is replaced). Atomic in a
+    /// directory; in a pool several cluster updates (see RbdStore::rename_noreplace).
     virtual Status rename_noreplace(const std::string& from, const std::string& to) = 0;
     /// Gives the file named `existing` the second name `name` (EEXIST if taken). Only where
     /// caps().second_names; elsewhere EOPNOTSUPP.

@@ -158,13 +158,20 @@ bool restore_renamed(const ScanInput& in, const Listing& listing, const Layers& 
                                        : "cannot be checked: " + elsewhere.error().message())});
             continue;
         }
-        if (in.store->rename_noreplace(h, visible)) {
-            plan->removed.push_back(fmt::format(
-                "the hidden name {}: renamed back to {}, which a header still names (a chain "
-                "edit a crash interrupted, now undone)",
-                h, visible));
-            renamed = true;
+        Status back = in.store->rename_noreplace(h, visible);
+        if (!back) {
+            // Tried again by the next scan; said here, or the chain would just be broken.
+            plan->problems.push_back(
+                {visible, fmt::format("{} is named by a header but is missing; renaming its "
+                                      "hidden name {} back failed: {}",
+                                      visible, h, back.error().message())});
+            continue;
         }
+        plan->removed.push_back(fmt::format(
+            "the hidden name {}: renamed back to {}, which a header still names (a chain "
+            "edit a crash interrupted, now undone)",
+            h, visible));
+        renamed = true;
     }
     return renamed;
 }

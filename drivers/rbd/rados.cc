@@ -232,13 +232,14 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
     // image open only that way, and another host's rescan would take a layer in the middle
     // of a chain edit for an abandoned one. A read-write handle that is never written
     // watches the header and takes no lock (imgfs takes it explicitly, and only through a
-    // writer's handle); read_only_ keeps this one from writing. A client whose caps allow
-    // only reads gets the quiet open.
+    // writer's handle); read_only_ keeps this one from writing. Registering the watch is a
+    // write to the cluster: where that fails (caps that allow only reads, a full pool) the
+    // layer still opens, quietly, as it can be read.
     int r = -EPERM;
     if (!read_only || presence == Presence::kAnnounced) {
         r = rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
     }
-    if (read_only && (r == -EPERM || r == -EACCES || r == -EROFS)) {
+    if (read_only && r < 0 && r != -ENOENT) {
         r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     if (r < 0) {

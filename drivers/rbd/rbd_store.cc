@@ -275,7 +275,13 @@ Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string&
 Status RbdStore::rename_noreplace(const std::string& from, const std::string& to) {
     TRY(check_image_name(from));
     TRY(check_image_name(to));
-    // librbd refuses a taken destination (EEXIST) and never replaces it.
+    // librbd refuses a taken destination (EEXIST) and never replaces it. Not atomic: librbd
+    // claims the new name's id object, updates the pool's directory, then drops the old id
+    // object, each a separate cluster write. One failing at the deadline (or a crash) can
+    // leave the new name claimed but unlisted, or the rename done while this reports an
+    // error. The chain-edit recovery (scan_plan: restore_renamed) reports a rename back that
+    // fails and tries it again at every scan; a name left claimed stays so until an operator
+    // removes it. Known limit, docs/design.md section 10.
     if (int r = rbd_rename(pool_->ioctx(), from.c_str(), to.c_str()); r < 0) {
         return rbd_error(r, pool_->timeout_s(), fmt::format("cannot rename {} to {}", from, to));
     }

@@ -31,6 +31,7 @@ class FailingOpenStore final : public test::ForwardingStore {
     std::map<std::string, int> opens;      // name -> how often open() was called
     bool one_name_only = false;            // as a pool: no hard links, edits rename
     int open_elsewhere_errno = 0;          // open_elsewhere() fails with it (0: "no")
+    int rename_errno = 0;                  // rename_noreplace() fails with it
 
     [[nodiscard]] const StoreCaps& caps() const override {
         if (!one_name_only) {
@@ -45,6 +46,12 @@ class FailingOpenStore final : public test::ForwardingStore {
             return make_error(open_elsewhere_errno, "{}: injected", name);
         }
         return false;
+    }
+    Status rename_noreplace(const std::string& from, const std::string& to) override {
+        if (rename_errno != 0) {
+            return make_error(rename_errno, "cannot rename {} to {}: injected", from, to);
+        }
+        return inner()->rename_noreplace(from, to);
     }
     Result<std::unique_ptr<StoreFile>> open(const std::string& name, bool read_only,
                                             bool direct) override {
@@ -218,6 +225,36 @@ TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerItDeclinedToRenameBack) {
 
     // Once it can be checked, the scan renames it back.
     store_->open_elsewhere_errno = 0;
+    ScanPlan restored = plan_scan(in);
+    EXPECT_TRUE(std::filesystem::exists(dir_.file("old.qcow2")));
+    EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+}
+
+// A rename back that fails (in a pool: the cluster past its deadline, or a name a half-done
+// rename left claimed) is said in the plan's problems, and the next scan tries again.
+TEST_F(UnservedUsersTest, ScanSaysWhyAHiddenLayerCouldNotBeRenamedBack) {
+    put("old.qcow2", "");
+    put("vm3.qcow2", "old.qcow2");
+    ASSERT_EQ(
+        ::rename(dir_.file("old.qcow2").c_str(), dir_.file(".imgfs-old.qcow2.removing").c_str()),
+        0);
+    store_->one_name_only = true;
+    store_->rename_errno = EEXIST;
+    ScanInput in;
+    in.store = store_.get();
+    in.remove_leftovers = true;
+    ScanPlan failed = plan_scan(in);
+    EXPECT_TRUE(failed.removed.empty());
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
+    bool said = false;
+    for (const auto& problem : failed.problems) {
+        said = said || (problem.file == "old.qcow2" &&
+                        problem.reason.find("renaming its hidden name .imgfs-old.qcow2.removing "
+                                            "back failed: cannot rename") != std::string::npos);
+    }
+    EXPECT_TRUE(said);
+
+    store_->rename_errno = 0;
     ScanPlan restored = plan_scan(in);
     EXPECT_TRUE(std::filesystem::exists(dir_.file("old.qcow2")));
     EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
