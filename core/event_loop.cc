@@ -225,6 +225,12 @@ void EventLoop::run_ready() {
 }
 
 bool EventLoop::wait_and_reap() {
+    // A reap inside get_sqe (SQ full) may have taken the wake-up read's completion without
+    // draining the posts: re-armed here, before any sleep, or a post from another thread
+    // would not wake this loop; and with posts already queued the loop does not sleep.
+    if (!wake_armed_) {
+        arm_wake_read();
+    }
     bool posted_pending = false;
     {
         std::lock_guard<std::mutex> lock(posted_mutex_);
@@ -239,7 +245,10 @@ bool EventLoop::wait_and_reap() {
     // page cache dropped went from 8.4-10.6k to 6.7-7.1k IOPS at QD1 when the loop spun
     // while the disk read was out (2026-12-04).
     const bool poll_eligible = poll_max_.count() > 0 && ops_in_flight_ == work_waits_in_flight_;
-    if (!poll_eligible || poll_window_.count() == 0 || !poll_for_completions()) {
+    if (posted_pending) {
+        ++submit_calls_;
+        io_uring_submit(&ring_);  // the posts are served below; completions are reaped as well
+    } else if (!poll_eligible || poll_window_.count() == 0 || !poll_for_completions()) {
         ++submit_calls_;
         std::chrono::steady_clock::time_point sleep_start;
         if (poll_eligible) {

@@ -7,7 +7,11 @@ namespace imgfs {
 namespace {
 
 bool overlaps(uint64_t a_off, uint64_t a_len, uint64_t b_off, uint64_t b_len) {
-    return a_off < b_off + b_len && b_off < a_off + a_len;
+    // Without forming an end: a range may end exactly at 2^64 (the last block of a node's
+    // address space), which wraps to 0. "x < off + len" is "x < off || x - off < len".
+    const bool a_starts_before_b_ends = a_off < b_off || a_off - b_off < b_len;
+    const bool b_starts_before_a_ends = b_off < a_off || b_off - a_off < a_len;
+    return a_starts_before_b_ends && b_starts_before_a_ends;
 }
 
 }  // namespace

@@ -145,5 +145,20 @@ TEST_F(RangeLockTest, TryAcquireAndWaitIdle) {
     b.release();
 }
 
+// A range in the last block of the 64-bit address space ends at 2^64: its end must not wrap
+// to 0 and make it overlap nothing.
+TEST_F(RangeLockTest, ARangeEndingAtTheTopOfTheAddressSpaceStillConflicts) {
+    RangeLock lock(loop_.get());
+    RangeLock::Request top(&lock, UINT64_MAX - 4095, 4096, true);
+    EXPECT_TRUE(lock.try_acquire(&top));
+    RangeLock::Request inside(&lock, UINT64_MAX - 100, 50, true);
+    EXPECT_FALSE(lock.try_acquire(&inside));
+    EXPECT_TRUE(lock.any_overlap(UINT64_MAX - 10, 5, nullptr));
+    EXPECT_FALSE(lock.any_overlap(0, 4096, nullptr));
+    top.release();
+    EXPECT_TRUE(lock.try_acquire(&inside));
+    inside.release();
+}
+
 }  // namespace
 }  // namespace imgfs
