@@ -104,10 +104,10 @@ void FuseServer::start_ring() {
     const uint32_t per_queue = options_.uring_entries_per_queue;
     ring_refused_.assign(ring_queues_, 0);
     // One entry of every queue first, the highest queue first. The kernel switches to the
-    // ring once every queue holds an entry, and after a refusal takes no more: so a queue it
-    // does not keep (the highest) is refused before any other registers, leaving the
-    // connection wholly on /dev/fuse, and a refusal after the first round (memory) leaves
-    // it wholly on the ring. settle_ring() tells the two apart by the first round.
+    // ring once each of its queues holds an entry, and some kernels take no more entries
+    // after a refusal (6.18 here does not): registering this way, a queue the kernel does not
+    // keep (the highest) is refused before any other registers, and a refusal after the
+    // first round (memory) still leaves the ring serving. settle_ring() applies the rule.
     for (uint32_t i = 0; i < per_queue; ++i) {
         for (uint32_t q = ring_queues_; q-- > 0;) {
             auto e = std::make_unique<RingEntry>();

@@ -46,6 +46,17 @@ class Transport(harness.ImageDirTest):
             self.assertEqual(f.read(), bytes(model))
         os.unlink(out)
 
+    def bare_mountpoint(self):
+        """An image data.qcow2, the ring switched on, and an empty mount point for a mount the
+        test makes itself (unmounted and removed afterwards)."""
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
+        self.set_uring("Y")
+        mnt = self.dir + "-mnt"
+        os.mkdir(mnt)
+        self.addCleanup(os.rmdir, mnt)
+        self.addCleanup(lambda: harness.is_mounted(mnt) and run(["umount", "-l", mnt]))
+        return mnt
+
     def pattern_roundtrip(self, m, name, size):
         """Writes seeded data of many sizes through NAME.raw, reads it back, returns the model."""
         model = bytearray(size)
@@ -218,12 +229,7 @@ class Transport(harness.ImageDirTest):
         mount(2) while the test switches the ring off."""
         harness.require_tools("strace")
         harness.require(platform.machine() == "x86_64", "x86_64 (mount(2) is syscall 165)")
-        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
-        self.set_uring("Y")
-        mnt = self.dir + "-mnt"
-        os.mkdir(mnt)
-        self.addCleanup(os.rmdir, mnt)
-        self.addCleanup(lambda: harness.is_mounted(mnt) and run(["umount", "-l", mnt]))
+        mnt = self.bare_mountpoint()
         self.addCleanup(harness.kill_all, "imgfs mount -o uring=on " + self.dir)
         p = subprocess.Popen(
             ["strace", "-f", "-o", "/dev/null", "-e", "trace=mount", "-e",
@@ -258,12 +264,7 @@ class Transport(harness.ImageDirTest):
             for part in f.read().strip().split(","):
                 first, _, last = part.partition("-")
                 cpus += int(last or first) - int(first) + 1
-        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
-        self.set_uring("Y")
-        mnt = self.dir + "-mnt"
-        os.mkdir(mnt)
-        self.addCleanup(os.rmdir, mnt)
-        self.addCleanup(lambda: harness.is_mounted(mnt) and run(["umount", "-l", mnt]))
+        mnt = self.bare_mountpoint()
         too_many = f"ring_queues={cpus + 1}"
         p = run([harness.IMGFS, "mount", "-o", "uring=on," + too_many, self.dir, mnt],
                 check=False, timeout=60)

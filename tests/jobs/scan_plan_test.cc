@@ -94,6 +94,17 @@ class UnservedUsersTest : public ::testing::Test {
         ASSERT_TRUE(f.good());
     }
 
+    // As a crash in a pool's chain edit leaves it: old.qcow2, which vm3.qcow2's header names,
+    // exists only under its hidden name.
+    void hide_a_used_layer() {
+        put("old.qcow2", "");
+        put("vm3.qcow2", "old.qcow2");
+        ASSERT_EQ(::rename(dir_.file("old.qcow2").c_str(),
+                           dir_.file(".imgfs-old.qcow2.removing").c_str()),
+                  0);
+        store_->one_name_only = true;
+    }
+
     // Users of the base other than vm1 (the served chain).
     Result<std::vector<UnservedUser>> users() {
         return unserved_users(store_.get(), false, {base_}, {"vm1.qcow2", "base.qcow2"});
@@ -209,12 +220,7 @@ TEST_F(UnservedUsersTest, ScanKeepsHiddenNamesWhileAHeaderCannotBeRead) {
 // exists only under its hidden name. While the scan cannot tell whether another host's edit is
 // under way (open_elsewhere fails), it neither renames it back nor deletes it.
 TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerItDeclinedToRenameBack) {
-    put("old.qcow2", "");
-    put("vm3.qcow2", "old.qcow2");
-    ASSERT_EQ(
-        ::rename(dir_.file("old.qcow2").c_str(), dir_.file(".imgfs-old.qcow2.removing").c_str()),
-        0);
-    store_->one_name_only = true;
+    ASSERT_NO_FATAL_FAILURE(hide_a_used_layer());
     store_->open_elsewhere_errno = ETIMEDOUT;
     ScanInput in;
     in.store = store_.get();
@@ -233,12 +239,7 @@ TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerItDeclinedToRenameBack) {
 // A rename back that fails (in a pool: the cluster past its deadline, or a name a half-done
 // rename left claimed) is said in the plan's problems, and the next scan tries again.
 TEST_F(UnservedUsersTest, ScanSaysWhyAHiddenLayerCouldNotBeRenamedBack) {
-    put("old.qcow2", "");
-    put("vm3.qcow2", "old.qcow2");
-    ASSERT_EQ(
-        ::rename(dir_.file("old.qcow2").c_str(), dir_.file(".imgfs-old.qcow2.removing").c_str()),
-        0);
-    store_->one_name_only = true;
+    ASSERT_NO_FATAL_FAILURE(hide_a_used_layer());
     store_->rename_errno = EEXIST;
     ScanInput in;
     in.store = store_.get();
