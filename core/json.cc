@@ -7,12 +7,61 @@
 
 namespace imgfs {
 
+namespace {
+
+// The length of the well-formed UTF-8 sequence at the start of `s` (RFC 3629: no overlong
+// forms, no surrogates, nothing past U+10FFFF), or 0.
+size_t utf8_sequence(std::string_view s) {
+    auto at = [&s](size_t i) { return static_cast<unsigned char>(s[i]); };
+    const unsigned char c = at(0);
+    size_t n = 0;
+    unsigned char lo = 0x80;
+    unsigned char hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+        n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        n = 3;
+        lo = c == 0xE0 ? 0xA0 : 0x80;
+        hi = c == 0xED ? 0x9F : 0xBF;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 4;
+        lo = c == 0xF0 ? 0x90 : 0x80;
+        hi = c == 0xF4 ? 0x8F : 0xBF;
+    } else {
+        return 0;
+    }
+    if (s.size() < n || at(1) < lo || at(1) > hi) {
+        return 0;
+    }
+    for (size_t i = 2; i < n; ++i) {
+        if (at(i) < 0x80 || at(i) > 0xBF) {
+            return 0;
+        }
+    }
+    return n;
+}
+
+}  // namespace
+
 std::string json_quote(std::string_view s) {
     std::string out;
     out.reserve(s.size() + 2);
     out += '"';
-    for (char ch : s) {
+    for (size_t i = 0; i < s.size(); ++i) {
+        const char ch = s[i];
         auto c = static_cast<unsigned char>(ch);
+        if (c >= 0x80) {
+            // JSON is Unicode: a byte that is not part of well-formed UTF-8 (a file name or
+            // a command in another encoding, echoed in an error) becomes U+FFFD.
+            const size_t n = utf8_sequence(s.substr(i));
+            if (n == 0) {
+                out += "\\ufffd";
+            } else {
+                out.append(s.substr(i, n));
+                i += n - 1;
+            }
+            continue;
+        }
         switch (c) {
             case '"':
                 out += "\\\"";

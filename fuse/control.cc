@@ -3,8 +3,11 @@
 namespace imgfs {
 
 Result<std::string> parse_command(std::string_view written) {
-    if (written.size() > 4096) {
-        return make_error(EINVAL, "command longer than 4096 bytes");
+    if (written.size() >= kMaxCommandWrite) {
+        return make_error(EINVAL,
+                          "a command of {} bytes or more (a shell writes such a line in pieces, "
+                          "the first of exactly {})",
+                          kMaxCommandWrite, kMaxCommandWrite);
     }
     if (!written.empty() && written.back() == '\n') {
         written.remove_suffix(1);

@@ -48,9 +48,14 @@ class ControlPlane {
                                std::string command) = 0;
 };
 
+/// A control write this long or longer is refused: the C library's stdio (a shell's printf,
+/// echo) writes a longer line in pieces of st_blksize (what the control files report), so the
+/// first piece of a long line would look like a whole command, and so would the rest.
+inline constexpr size_t kMaxCommandWrite = 4096;
+
 /// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line
-/// breaks, more than 4096 bytes) with EINVAL. Every control file takes one line per write: a
-/// shell's echo and printf issue one write() per line, so a command of several lines would
+/// breaks, kMaxCommandWrite bytes or more) with EINVAL. Every control file takes one line per
+/// write: a shell's echo and printf issue one write() per line, so a command of several lines would
 /// silently arrive as several commands.
 Result<std::string> parse_command(std::string_view written);
 

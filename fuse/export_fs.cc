@@ -67,6 +67,9 @@ struct ExportFs::Handle {
     std::shared_ptr<Export> e;  // null for global files
     bool raw = false;
     bool writing = false;  // opened for writing
+    // A control write was refused as too long: what follows on this handle is the rest of
+    // that line (stdio writes a long line in pieces), not a command of its own.
+    bool split_line = false;
     ControlFile file = ControlFile::kInfo;
     std::string content;
 };
@@ -137,7 +140,8 @@ bool ExportFs::fill_attr(uint64_t ino, fuse_attr* a) {
     a->uid = options_.uid;
     a->gid = options_.gid;
     a->atime = a->mtime = a->ctime = static_cast<uint64_t>(mount_time_s_);
-    a->blksize = 4096;
+    a->blksize =
+        4096;  // for control files too: the piece size of a long stdio line (kMaxCommandWrite)
     const uint32_t others = options_.allow_other ? 0066 : 0;
     switch (r.kind) {
         case Resolved::Kind::kRootDir:
@@ -490,6 +494,11 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         if (e != nullptr && e->removed) {
             co_return FuseReply::err(ENODEV);
         }
+        if (h->split_line) {
+            co_return FuseReply::err(EINVAL);
+        }
+        // Set before the write runs: a piece of the same line may arrive while it does.
+        h->split_line = req->payload.size() >= kMaxCommandWrite;
         std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
         Status st = co_await control_->write(e, h->file, std::move(text));
         if (!st) {

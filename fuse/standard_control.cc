@@ -62,6 +62,11 @@ Status StandardControl::refuse(Export* e, Error error) {
 
 Task<Status> StandardControl::write(std::shared_ptr<Export> e, ControlFile file,
                                     std::string command) {
+    if (images_->options().read_only && file != ControlFile::kRescan) {
+        // Whatever the command says: on a read-only mount only a rescan runs.
+        co_return refuse(e.get(), make_error(EROFS, "{}: mounted read-only",
+                                             e != nullptr ? e->name : std::string(".control")));
+    }
     Result<std::string> cmd = parse_command(command);
     if (!cmd) {
         co_return refuse(e.get(), std::move(cmd).error());

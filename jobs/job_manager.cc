@@ -109,10 +109,12 @@ Status JobManager::refuse_if_busy(const Export* e) const {
     return {};
 }
 
-Task<Status> JobManager::check_ready(std::shared_ptr<Export> e) {
-    CO_TRY(refuse_if_busy(e.get()));
+Task<Status> JobManager::claim_and_verify(std::shared_ptr<Export> e) {
     // Every job changes or writes the chain: this host must be its writer (a pool image
-    // another host writes is refused here, naming that host).
+    // another host writes is refused here, naming that host). Called after the command's own
+    // checks: in a pool the claim takes the image's lock from every other host for the
+    // life of the mount, which a refused command must not do. The checks hold for the chain
+    // verified here, or verify_chain refuses (another host changed it meanwhile).
     CO_TRY(co_await e->backend->claim_writes("claim"));
     co_return co_await images_->verify_chain(e);
 }
@@ -158,7 +160,7 @@ Task<Status> JobManager::start_commit(std::shared_ptr<Export> e, std::string bas
 }
 
 Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::string base_file) {
-    CO_TRY(co_await check_ready(e));
+    CO_TRY(refuse_if_busy(e.get()));
     std::vector<Layer>& layers = e->chain.layers;
     if (layers.size() < 2) {
         co_return make_error(EINVAL, "{}: nothing to commit: {} has no backing file", e->name,
@@ -199,6 +201,7 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                              "are free",
                              e->name, need, layers[base_index].file, *free);
     }
+    CO_TRY(co_await claim_and_verify(e));
     auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need);
     record(job);
     scope_.spawn(run_job(std::move(job), std::move(e)));
@@ -207,11 +210,12 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
 
 Task<Status> JobManager::start_stream(std::shared_ptr<Export> e) {
     CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await images_->lock_export(e, "stream"));
-    CO_TRY(co_await check_ready(e));
+    CO_TRY(refuse_if_busy(e.get()));
     if (e->chain.layers.size() < 2) {
         co_return make_error(EINVAL, "{}: nothing to stream: {} has no backing file", e->name,
                              e->chain.layers.front().file);
     }
+    CO_TRY(co_await claim_and_verify(e));
     auto job = std::make_shared<StreamJob>(images_, next_id_++, e);
     record(job);
     scope_.spawn(run_job(std::move(job), std::move(e)));

@@ -67,9 +67,10 @@ class JobManager {
     /// Why `e` cannot take a graph change now (a job holds it, it is failed, the mount is
     /// read-only), or nothing. The caller holds e->ops.
     Status refuse_if_busy(const Export* e) const;
-    /// The checks of every operation, under the lock: not busy, and the directory still holds
-    /// the chain that is served.
-    Task<Status> check_ready(std::shared_ptr<Export> e);
+    /// The last step before an operation changes anything, under the lock and after its own
+    /// checks (refuse_if_busy first): this host becomes the image's writer, and the store
+    /// still holds the chain that is served.
+    Task<Status> claim_and_verify(std::shared_ptr<Export> e);
     Job* record(std::shared_ptr<Job> job);
     Task<void> run_job(std::shared_ptr<Job> job, std::shared_ptr<Export> e);
     Task<Status> revert_locked(std::shared_ptr<Export> e);

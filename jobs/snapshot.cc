@@ -8,6 +8,7 @@
 //   (read-only), then switch every export to its new layer in one graph transaction.
 // A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
 // the directory opens as after. A failure undoes everything it did.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -137,6 +138,17 @@ Result<SnapshotTarget> make_target(std::shared_ptr<Export> e, const std::string&
     SnapshotTarget t;
     t.snap = snap;
     t.file = e->name + separator + snap + ".qcow2";
+    // The file and the helper names made for it (chain_edit.h) must fit in a directory entry,
+    // else the creation fails half way with ENAMETOOLONG.
+    constexpr size_t kNameMax = 255;
+    const size_t longest = std::max(creating_name(t.file).size(), removing_name(t.file).size());
+    if (longest > kNameMax) {
+        return make_error(EINVAL,
+                          "{}: the snapshot's file name {} is too long: with the names a "
+                          "snapshot uses while it is made ({}) it takes {} bytes, and a name "
+                          "holds {}",
+                          e->name, t.file, creating_name(t.file), longest, kNameMax);
+    }
     t.e = std::move(e);
     return t;
 }
@@ -294,7 +306,7 @@ Task<Status> JobManager::group_snapshot(
         guards.push_back(std::move(g));
     }
     for (auto& t : ts) {
-        CO_TRY(co_await check_ready(t.e));
+        CO_TRY(refuse_if_busy(t.e.get()));
         // A chain a mount could not open again is not made (a snapshot loop without commits).
         if (t.e->chain.layers.size() >= ChainOptions{}.max_depth) {
             co_return make_error(EPERM,
@@ -304,6 +316,9 @@ Task<Status> JobManager::group_snapshot(
         }
     }
     CO_TRY(co_await check_names_free(images_, &ts));
+    for (auto& t : ts) {
+        CO_TRY(co_await claim_and_verify(t.e));
+    }
     CO_TRY(co_await switch_to_overlays(images_, &ts));
     for (auto& t : ts) {
         log_->info("{}: snapshot {}: {} is now the active layer", t.e->name, t.snap, t.file);
@@ -321,7 +336,6 @@ Task<Status> JobManager::revert(std::shared_ptr<Export> e) {
 
 Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     CO_TRY(refuse_if_busy(e.get()));
-    CO_TRY(co_await e->backend->claim_writes("claim"));
     std::vector<Layer>& layers = e->chain.layers;
     if (e->backend->open_count() > 0) {
         co_return make_error(EBUSY, "{}.raw is open ({} time{}); close it before reverting",
@@ -343,7 +357,7 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     // The layer below becomes the image's active layer: another host's chain on it would
     // change under that host.
     CO_TRY(co_await refuse_unserved_users(images_, e, 1, "reverting"));
-    CO_TRY(co_await images_->verify_chain(e));
+    CO_TRY(co_await claim_and_verify(e));
     std::shared_ptr<Node> top = layers.front().node;
     std::shared_ptr<Node> back = layers[1].node;
     // Moved in: a copy kept here would hold the dropped layer open until the revert returns.

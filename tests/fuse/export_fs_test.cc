@@ -238,4 +238,58 @@ TEST_F(ExportFsTest, RequestsInFlightKeepARemovedExportAlive) {
 }
 
 }  // namespace
+// A shell's printf writes a line longer than st_blksize (4096) in pieces, the first exactly
+// 4096 bytes. Each piece parsed on its own was a command: "s1 a" plus padding snapshotted a,
+// and the rest, " b", snapshotted every image as "b". Both pieces are refused now, and
+// nothing is made.
+TEST_F(ExportFsTest, ALongLineInPiecesIsRefusedWhole) {
+    make_qcow2("a.qcow2", kSize);
+    make_qcow2("b.qcow2", kSize);
+    start();
+    std::string first = "s1 a" + std::string(4092, ' ');
+    ASSERT_EQ(first.size(), 4096U);
+    std::vector<int> errors = control_writes(".control/snapshot", {first, " b\n"});
+    EXPECT_EQ(errors, (std::vector<int>{EINVAL, EINVAL}));
+    EXPECT_EQ(chain("a").size(), 1U);
+    EXPECT_EQ(chain("b").size(), 1U);
+    // A handle whose writes were short lines takes them all, one command each.
+    errors = control_writes(".control/a/snapshot", {"s2\n", "s3\n"});
+    EXPECT_EQ(errors, (std::vector<int>{0, 0}));
+    EXPECT_EQ(chain("a").size(), 3U);
+    // 4095 bytes with the newline is not refused for its length (whatever the command says).
+    (void)control(".control/b/snapshot", "s4" + std::string(4092, ' ') + "\n");
+    EXPECT_EQ(read_text(".control/b/info").find("bytes or more"), std::string::npos);
+}
+
+// A snapshot of an image with a long name is refused with the reason before anything is
+// made, not with ENAMETOOLONG half way; and what `info` echoes stays valid UTF-8.
+TEST_F(ExportFsTest, ASnapshotNameTooLongForTheDirectoryIsBadInput) {
+    const std::string name(240, 'x');  // 249 bytes with "@s1.qcow2", 265 with the helpers
+    make_qcow2(name + ".qcow2", kSize);
+    start();
+    EXPECT_EQ(control(".control/" + name + "/snapshot", "s1"), EINVAL);
+    EXPECT_NE(read_text(".control/" + name + "/info").find("is too long"), std::string::npos);
+    EXPECT_EQ(chain(name).size(), 1U);
+    EXPECT_EQ(control(".control/" + name + "/snapshot", "s\xff"), EINVAL);
+    const std::string info = read_text(".control/" + name + "/info");
+    EXPECT_EQ(info.find('\xff'), std::string::npos) << info;
+    EXPECT_NE(info.find("\\ufffd"), std::string::npos) << info;
+}
+
+// On a read-only mount every command but a rescan is refused with EROFS, whatever it says:
+// a malformed one too, before it is parsed.
+TEST_F(ExportFsTest, AReadOnlyMountRefusesEveryCommandButARescanWithErofs) {
+    make_qcow2("vm.qcow2", kSize);
+    ImageSetOptions options;
+    options.read_only = true;
+    start(options);
+    EXPECT_EQ(control(".control/vm/snapshot", "bad name"), EROFS);
+    EXPECT_EQ(control(".control/vm/job", "cancel"), EROFS);
+    EXPECT_EQ(control(".control/vm/commit", "base=\x01"), EROFS);
+    EXPECT_EQ(control(".control/snapshot", "s1"), EROFS);
+    EXPECT_NE(read_text(".control/vm/info").find("mounted read-only"), std::string::npos);
+    EXPECT_EQ(control(".control/rescan", "\n"), 0);
+    EXPECT_EQ(chain("vm").size(), 1U);
+}
+
 }  // namespace imgfs

@@ -243,22 +243,44 @@ void FsTest::release(uint64_t ino, uint64_t fh) {
 }
 
 Task<int> FsTest::control_task(uint64_t ino, std::string text) {
+    std::vector<std::string> one;
+    one.push_back(std::move(text));
+    std::vector<int> errors = co_await control_writes_task(ino, std::move(one));
+    co_return errors.front();
+}
+
+Task<std::vector<int>> FsTest::control_writes_task(uint64_t ino, std::vector<std::string> writes) {
     fuse_open_in open_in{};
     open_in.flags = O_WRONLY;
     Reply opened = co_await request(FUSE_OPEN, ino, bytes_of(open_in), {});
     if (opened.error != 0) {
-        co_return opened.error;
+        co_return std::vector<int>(writes.size(), opened.error);
     }
     uint64_t fh = opened.as<fuse_open_out>().fh;
-    fuse_write_in w{};
-    w.fh = fh;
-    w.size = static_cast<uint32_t>(text.size());
-    Reply written = co_await request(FUSE_WRITE, ino, bytes_of(w),
-                                     std::vector<uint8_t>(text.begin(), text.end()));
+    std::vector<int> errors;
+    uint64_t offset = 0;
+    for (const std::string& text : writes) {
+        fuse_write_in w{};
+        w.fh = fh;
+        w.offset = offset;
+        w.size = static_cast<uint32_t>(text.size());
+        Reply written = co_await request(FUSE_WRITE, ino, bytes_of(w),
+                                         std::vector<uint8_t>(text.begin(), text.end()));
+        errors.push_back(written.error);
+        offset += text.size();
+    }
     fuse_release_in rel{};
     rel.fh = fh;
     (void)co_await request(FUSE_RELEASE, ino, bytes_of(rel), {});
-    co_return written.error;
+    co_return errors;
+}
+
+std::vector<int> FsTest::control_writes(const std::string& path, std::vector<std::string> writes) {
+    uint64_t i = ino(path);
+    if (i == 0) {
+        return std::vector<int>(writes.size(), ENOENT);
+    }
+    return run(control_writes_task(i, std::move(writes)));
 }
 
 int FsTest::control(const std::string& path, const std::string& text) {

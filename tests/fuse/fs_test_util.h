@@ -118,6 +118,10 @@ class FsTest : public LoopTest {
 
     // The same as tasks, to run several at once.
     Task<int> control_task(uint64_t ino, std::string text);
+    /// Several writes on one open handle, at advancing offsets (as a shell's stdio issues a
+    /// long line, or a script several lines); their errnos.
+    Task<std::vector<int>> control_writes_task(uint64_t ino, std::vector<std::string> writes);
+    std::vector<int> control_writes(const std::string& path, std::vector<std::string> writes);
     Task<Reply> getattr_task(uint64_t ino);
     Task<Reply> lseek_task(uint64_t ino, uint64_t fh, uint64_t offset, uint32_t whence);
     Task<Reply> fallocate_task(uint64_t ino, uint64_t fh, uint32_t mode, uint64_t offset,

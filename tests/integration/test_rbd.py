@@ -646,6 +646,27 @@ class RbdPool(harness.ImageDirTest):
                          b"\x21" * MiB + b"\x23" * MiB + b"\x24" * MiB + b"\x25" * MiB +
                          bytes(MiB))
 
+    def test_a_refused_command_takes_no_lock(self):
+        # A command refused for its own reasons (a base that is not in the chain, a revert
+        # with no snapshot below) leaves everything as it was: in a pool that includes the
+        # image's RBD lock, which would keep every other host from writing it.
+        self.make_chains("16M", "write -P 0x21 0 2M", ("vm1",))
+        a = self.mount_pool()
+        for kind, command, reason in (("commit", "base=nope.qcow2", "Invalid argument"),
+                                      ("revert", "", "Device or resource busy")):
+            p = run(["bash", "-c", f"echo {command} > {a.path('.control', 'vm1', kind)}"],
+                    check=False)
+            self.assertNotEqual(p.returncode, 0, kind)
+            self.assertIn(reason, p.stderr, kind)
+        self.assertNotIn("took the RBD exclusive lock", a.read_log())
+        b = self.mount_pool()
+        self.assertEqual(b.exports(), ["vm1"])
+        with open(b.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x31" * 4096)
+            os.fsync(f.fileno())
+        b.stop()
+        a.stop()
+
     def test_an_image_a_live_client_writes_is_not_taken_from_it(self):
         # qemu-io writes a raw RBD image through QEMU's rbd driver, whose librbd holds the
         # exclusive lock under the automatic policy: asked for the lock, it hands it over and
