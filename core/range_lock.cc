@@ -30,6 +30,11 @@ RangeLock::Request::Request(RangeLock* lock, uint64_t offset, uint64_t bytes, bo
 void RangeLock::Request::release() {
     if (tracked_) {
         lock_->remove(this);
+        for (Request* r = lock_->head_; r != nullptr; r = r->next_) {
+            if (r->waiting_for_ == this) {
+                r->waiting_for_ = nullptr;  // woken below; this request may be gone by then
+            }
+        }
         waiters_.notify_all();
     }
 }
@@ -43,6 +48,9 @@ void RangeLock::insert(Request* req) {
     }
     head_ = req;
     req->tracked_ = true;
+    req->running_ = false;
+    req->waiting_for_ = nullptr;
+    req->seq_ = next_seq_++;
     ++count_;
 }
 
@@ -58,9 +66,11 @@ void RangeLock::remove(Request* req) {
     }
     req->prev_ = req->next_ = nullptr;
     req->tracked_ = false;
+    req->running_ = false;
     --count_;
 }
 
+// The running request `self` must wait for, or null. See the header for both rules.
 RangeLock::Request* RangeLock::find_conflict(const Request* self) const {
     for (Request* r = head_; r != nullptr; r = r->next_) {
         if (r == self || (!r->serialising_ && !self->serialising_)) {
@@ -69,9 +79,14 @@ RangeLock::Request* RangeLock::find_conflict(const Request* self) const {
         if (!overlaps(r->offset_, r->bytes_, self->offset_, self->bytes_)) {
             continue;
         }
-        // See the deadlock rule in the header: never wait for a waiter.
-        if (r->waiting_for_ == nullptr) {
+        if (r->running_) {
             return r;
+        }
+        // An older waiter keeps its turn: wait behind it, for what it waits for. (Its target
+        // is running: waits only ever target running requests.)
+        if (r->seq_ < self->seq_ && r->waiting_for_ != nullptr) {
+            assert(r->waiting_for_->running_);
+            return r->waiting_for_;
         }
     }
     return nullptr;
@@ -82,8 +97,9 @@ Task<void> RangeLock::acquire(Request* req) {
     while (Request* conflict = find_conflict(req)) {
         req->waiting_for_ = conflict;
         co_await conflict->waiters_.wait();
-        req->waiting_for_ = nullptr;
+        req->waiting_for_ = nullptr;  // release() cleared it already; conflict may be gone
     }
+    req->running_ = true;
 }
 
 bool RangeLock::try_acquire(Request* req) {
@@ -92,6 +108,7 @@ bool RangeLock::try_acquire(Request* req) {
         remove(req);
         return false;
     }
+    req->running_ = true;
     return true;
 }
 

@@ -6,10 +6,16 @@
 // Every tracked request is visible to the others from the moment it starts to acquire. Two
 // requests conflict when they overlap and at least one of them is serialising.
 //
-// Deadlock rule: a request never waits for one that is itself waiting. If R finds an overlapping
-// request W that waits, W is either (indirectly) waiting for R already, or will find R and wait
-// for it once it wakes up; waiting for W would at best be useless and at worst a cycle. Because a
-// waiting request only ever waits for a running one, the wait-for graph has no cycles.
+// Deadlock rule: a request only ever waits for a running one (one whose acquire has returned),
+// and a running request never waits, so the wait-for graph has no cycles.
+//
+// Fairness: a request does not overtake an older request that conflicts with it and is still
+// waiting. It waits for what that older request waits for (a running request), and as the
+// older one was queued there first, it is woken first and runs first. Without this a
+// serialising request (a job's copy of a range) could be overtaken by overlapping guest writes
+// for as long as they keep coming. A younger waiting request is passed over: it yields to us.
+// Between its wake-up and its next check an older request waits for nothing; passing it then
+// costs at most one overtaking.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +57,10 @@ class RangeLock {
         uint64_t bytes_;
         bool serialising_;
         bool tracked_ = false;
+        bool running_ = false;  // acquired: conflicts wait for it
+        uint64_t seq_ = 0;      // order of insertion: lower is older
+        // The running request it waits for; cleared when that one is released (it may be
+        // freed before this one resumes).
         Request* waiting_for_ = nullptr;
         Request* prev_ = nullptr;
         Request* next_ = nullptr;
@@ -81,6 +91,7 @@ class RangeLock {
     Executor* executor_;
     Request* head_ = nullptr;
     size_t count_ = 0;
+    uint64_t next_seq_ = 0;
 };
 
 }  // namespace imgfs
