@@ -458,7 +458,7 @@ class RevertStream(harness.ImageDirTest):
         # vm@s1 while the commit runs (c.qcow2, not served here) would lose it: the switch must
         # refuse, and the chain stays as it was. (The clone still shows what it did: vm@s1
         # covers everything the commit copies into vm.qcow2.)
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "256M")
         qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
         m = self.mount()
         fd = os.open(m.path("vm.raw"), os.O_RDWR)
@@ -467,7 +467,10 @@ class RevertStream(harness.ImageDirTest):
         for off in range(0, 32 * MiB, 4 * MiB):
             os.pwrite(fd, b"2" * (4 * MiB), off)
         self.assertEqual(control(m, "vm", "snapshot", "s2"), 0)
-        for off in range(0, 32 * MiB, 4 * MiB):
+        # Enough to copy that the commit is still copying when the throttle below arrives,
+        # in the sanitizer build too (32 MiB was copied before it there once, and the
+        # switch then came before the clone was made).
+        for off in range(0, 160 * MiB, 4 * MiB):
             os.pwrite(fd, b"3" * (4 * MiB), off)
         os.close(fd)
         with open(m.path("vm.raw"), "rb") as f:
@@ -475,7 +478,7 @@ class RevertStream(harness.ImageDirTest):
         self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2"), 0, m.read_log())
         self.assertEqual(control(m, "vm", "job", "speed 1"), 0, "the commit ended too soon")
         qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm@s1.qcow2", "-F", "qcow2",
-                 self.img("c.qcow2"), "64M")
+                 self.img("c.qcow2"), "256M")
         self.assertEqual(control(m, "vm", "job", f"speed {1 << 40}"), 0, read_control(m, "vm", "job"))
         j = wait_job(m, "vm")
         self.assertIn("vm@s1.qcow2 is also used by c.qcow2", j["error"] or "", m.read_log())
