@@ -1,8 +1,12 @@
 #include "ceph_util.h"
 
+#include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <netinet/in.h>
+#include <string>
+#include <thread>
 
 #include <sys/socket.h>
 
@@ -60,10 +64,36 @@ std::string CephCluster::rbd(const std::string& args, int* status) const {
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-void CephCluster::pause_osd() const {
-    if (int pid = read_pid(dir_.file("osd.pid")); pid > 0) {
-        kill(pid, SIGSTOP);
+namespace {
+
+// Whether every thread of `pid` is stopped (state T in /proc/PID/task/*/stat).
+bool all_threads_stopped(int pid) {
+    const std::filesystem::path tasks = "/proc/" + std::to_string(pid) + "/task";
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(tasks, ec)) {
+        std::ifstream in(task.path() / "stat");
+        std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        const size_t paren = stat.rfind(')');
+        if (paren == std::string::npos || paren + 2 >= stat.size() ||
+            (stat[paren + 2] != 'T' && stat[paren + 2] != 't')) {
+            return false;
+        }
     }
+    return !ec;
+}
+
+}  // namespace
+
+void CephCluster::pause_osd() const {
+    const int pid = read_pid(dir_.file("osd.pid"));
+    ASSERT_GT(pid, 0) << "no OSD pid in " << dir_.file("osd.pid");
+    ASSERT_EQ(kill(pid, SIGSTOP), 0);
+    // kill() returns before the OSD's threads have stopped: one still running could answer a
+    // request sent right after (seen once in the sanitizer tier). Wait until all have.
+    for (int i = 0; i < 2000 && !all_threads_stopped(pid); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_TRUE(all_threads_stopped(pid)) << "the OSD (pid " << pid << ") did not stop";
 }
 
 void CephCluster::resume_osd() const {
