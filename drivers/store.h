@@ -146,6 +146,15 @@ class Store {
     /// Whether another process (another host's daemon) has the file open. A store that one
     /// daemon serves alone (lock_for_serving takes it all) has nothing to say: false.
     virtual Result<bool> open_elsewhere(const std::string& /*name*/) { return false; }
+    /// The daemon is closing every image (it is stopping). A remote store may then cut the
+    /// close short once it stops answering, rather than wait out its deadline once per layer.
+    /// Does not block.
+    virtual void begin_closing() {}
+    /// After begin_closing: whether closes of this store's files are left waiting on a store
+    /// that stopped answering. They would only give back what the store takes back by itself
+    /// once this client is gone (a remote store's locks and watches), so a stopping process
+    /// may exit without them rather than wait out their deadlines.
+    [[nodiscard]] virtual bool closes_stalled() const { return false; }
 };
 
 }  // namespace imgfs

@@ -376,6 +376,7 @@ void ImageSet::forget_unused_layers() {
 
 Task<Status> ImageSet::close_all() {
     const uint64_t failed_before = failed_closes_;
+    store_->begin_closing();
     {
         TimedMutex::Guard scanning = co_await scan_lock_.lock();
         while (!exports_.empty()) {

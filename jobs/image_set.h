@@ -84,8 +84,9 @@ class ImageSet {
     /// removes what an interrupted chain edit left behind. Fails if the directory cannot be
     /// read, or with EBUSY if another scan did not finish in time.
     Task<Status> scan();
-    /// Flushes and closes every chain (shutdown). Fails (EIO) if a layer did not flush or close
-    /// cleanly: each one is logged, and writes not acknowledged by fsync may be lost.
+    /// Flushes and closes every chain (shutdown; the store is told: Store::begin_closing).
+    /// Fails (EIO) if a layer did not flush or close cleanly: each one is logged, and writes
+    /// not acknowledged by fsync may be lost.
     Task<Status> close_all();
 
     [[nodiscard]] const std::vector<std::shared_ptr<Export>>& exports() const { return exports_; }

@@ -32,6 +32,13 @@ Error rbd_error(int negative_errno, uint32_t timeout_s, std::string context) {
     return Error{err, std::move(context)};
 }
 
+Error rbd_error(int negative_errno, const RadosCluster& cluster, std::string context) {
+    if (negative_errno == -ETIMEDOUT) {
+        cluster.note_unanswered();
+    }
+    return rbd_error(negative_errno, cluster.options().timeout_s, std::move(context));
+}
+
 namespace {
 
 Status set_conf(rados_t c, const char* key, const std::string& value) {
@@ -101,8 +108,7 @@ Result<std::shared_ptr<RbdPool>> RbdPool::open(std::shared_ptr<RadosCluster> clu
         if (r == -ENOENT) {
             return make_error(ENOENT, "Ceph pool '{}' does not exist", pool);
         }
-        return rbd_error(r, cluster->options().timeout_s,
-                         fmt::format("cannot open Ceph pool '{}'", pool));
+        return rbd_error(r, *cluster, fmt::format("cannot open Ceph pool '{}'", pool));
     }
     rados_ioctx_set_namespace(io, name_space.c_str());
     return std::make_shared<RbdPool>(std::move(cluster), io, pool, name_space, loop);
@@ -118,7 +124,17 @@ RbdPool::RbdPool(std::shared_ptr<RadosCluster> cluster, rados_ioctx_t ioctx, std
       offloader_(std::make_unique<Offloader>(loop)) {}
 
 RbdPool::~RbdPool() {
-    offloader_.reset();  // no librbd call of ours may still run on it
+    // No librbd call of ours may still run on a closer or the offload thread. The closers
+    // take closes_mutex_ when they finish: joined without it.
+    std::vector<std::thread> closers;
+    {
+        std::lock_guard<std::mutex> lock(closes_mutex_);
+        closers.swap(closers_);
+    }
+    for (std::thread& closer : closers) {
+        closer.join();
+    }
+    offloader_.reset();
     rados_ioctx_destroy(ioctx_);
 }
 
@@ -243,7 +259,7 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
         r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     if (r < 0) {
-        return rbd_error(r, pool->timeout_s(),
+        return rbd_error(r, pool->cluster(),
                          fmt::format("cannot open RBD image {}/{}", pool->display_name(), name));
     }
     RbdImage out;
@@ -285,10 +301,15 @@ void RbdImage::close_off_loop(std::shared_ptr<void> keep) {
         // count of closes go (the offloader is the pool's last member).
         RbdPool* pool = pool_.get();
         pool->close_handed_over();
-        pool->offloader()->hand_over([image, keep, pool] {
+        std::function<void()> close = [image, keep, pool] {
             (void)rbd_close(image);
             pool->close_done();
-        });
+        };
+        if (pool->cluster().skip_round_trips()) {
+            pool->close_aside(std::move(close));
+        } else {
+            pool->offloader()->hand_over(std::move(close));
+        }
     }
 }
 
@@ -303,6 +324,11 @@ void RbdPool::close_done() {
         --closes_pending_;
     }
     closes_changed_.notify_all();
+}
+
+void RbdPool::close_aside(std::function<void()> close) {
+    std::lock_guard<std::mutex> lock(closes_mutex_);
+    closers_.emplace_back(std::move(close));
 }
 
 void RbdPool::wait_for_closes() {
@@ -322,7 +348,7 @@ void RbdImage::reset() {
 Result<uint64_t> RbdImage::size() const {
     uint64_t size = 0;
     if (int r = rbd_get_size(image_, &size); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read the size", name_));
+        return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read the size", name_));
     }
     return size;
 }
@@ -350,7 +376,7 @@ Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
         return true;  // more clients than that have it open: assume the owner is one
     }
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot list the clients that have it open", name_));
     }
     bool alive = false;
@@ -375,7 +401,7 @@ Result<bool> RbdImage::held_by_live_client() const {
         return true;  // a shared lock of many clients: not for us to take
     }
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot read the exclusive lock's owner", name_));
     }
     Result<bool> alive = owner_alive(owners, count);
@@ -405,7 +431,7 @@ Status RbdImage::lock_exclusive() const {
                           lock_owners());
     }
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot take the exclusive lock", name_));
     }
     return {};
@@ -414,7 +440,7 @@ Status RbdImage::lock_exclusive() const {
 Status RbdImage::check_lockable() const {
     uint64_t features = 0;
     if (int r = rbd_get_features(image_, &features); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read its features", name_));
+        return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read its features", name_));
     }
     if ((features & RBD_FEATURE_EXCLUSIVE_LOCK) == 0) {
         return make_error(EPERM,
@@ -440,7 +466,7 @@ Status RbdImage::check_no_writer() const {
     if (r >= 0) {
         rbd_lock_get_owners_cleanup(owners, count);
     } else if (r != -ERANGE) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot read the exclusive lock's owner", name_));
     }
     // lock_exclusive refuses a live owner without asking it for the lock.
@@ -448,7 +474,7 @@ Status RbdImage::check_no_writer() const {
         return st.error().errnum == EROFS ? make_error(EBUSY, "{}", st.error().message()) : st;
     }
     if (r = rbd_lock_release(image_); r < 0) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot give back the exclusive lock", name_));
     }
     return {};
@@ -462,7 +488,7 @@ Result<size_t> RbdImage::other_watchers() const {
         return count;  // more than 16: certainly others
     }
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(),
+        return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot list the clients that have it open", name_));
     }
     const uint64_t self = rados_get_instance_id(pool_->cluster().handle());
@@ -477,7 +503,7 @@ Result<size_t> RbdImage::other_watchers() const {
 Result<std::string> RbdImage::id() const {
     char id[64];
     if (int r = rbd_get_id(image_, id, sizeof id); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("{}: cannot read the id", name_));
+        return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read the id", name_));
     }
     return std::string(id);
 }

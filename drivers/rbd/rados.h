@@ -8,13 +8,17 @@
 // ETIMEDOUT; rbd_error() turns that into EIO naming the deadline.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "core/offload.h"
 #include "core/result.h"
@@ -34,6 +38,10 @@ struct RadosOptions {
 /// becomes EIO with the deadline named, anything else keeps its errno.
 Error rbd_error(int negative_errno, uint32_t timeout_s, std::string context);
 
+class RadosCluster;
+/// The same, for a call on a connected cluster: a timeout also marks `cluster` unanswered.
+Error rbd_error(int negative_errno, const RadosCluster& cluster, std::string context);
+
 /// One connected cluster client. Shared by every pool and image opened through it; the last
 /// owner shuts the connection down.
 class RadosCluster {
@@ -50,9 +58,40 @@ class RadosCluster {
     /// This client's address as other clients see it (lock owners are named by it).
     [[nodiscard]] std::string client_address() const;
 
+    // What the client has seen of the cluster's health. At close, the daemon flushes and
+    // closes every layer, one round trip after the other; on a dead cluster each would wait
+    // out the deadline, so an unmount of a few written images took minutes. Once a call has
+    // missed its deadline while closing, the rest of the close does not ask again: the calls
+    // that would only wait fail at once (skip_round_trips()), and the images close side by
+    // side (RbdPool::close_aside). So a close takes about two deadlines, however many images.
+    // Any answer clears the mark. Atomics: the offload and closing threads note results too.
+
+    /// A call missed its deadline (rbd_error notes it).
+    void note_unanswered() const { unanswered_.store(true, std::memory_order_relaxed); }
+    /// A call was answered. (Read first: every request completes through here.)
+    void note_answered() const {
+        if (unanswered_.load(std::memory_order_relaxed)) {
+            unanswered_.store(false, std::memory_order_relaxed);
+        }
+    }
+    /// The daemon is closing every image (Store::begin_closing). Only a deadline missed from
+    /// now on counts: one missed hours ago, by a cluster that has long recovered, must not
+    /// cost the close its flushes.
+    void begin_closing() {
+        unanswered_.store(false, std::memory_order_relaxed);
+        closing_.store(true, std::memory_order_relaxed);
+    }
+    /// Whether calls that would only wait out the deadline once more are skipped now.
+    [[nodiscard]] bool skip_round_trips() const {
+        return closing_.load(std::memory_order_relaxed) &&
+               unanswered_.load(std::memory_order_relaxed);
+    }
+
   private:
     rados_t handle_;
     RadosOptions options_;
+    mutable std::atomic<bool> unanswered_{false};  // observations, not the connection's state
+    std::atomic<bool> closing_{false};
 };
 
 /// A pool (and namespace) of a cluster, with an offload thread for the librbd calls that have
@@ -90,11 +129,16 @@ class RbdPool {
     void close_handed_over();
     void close_done();
     void wait_for_closes();
+    /// Runs `close` on a thread of its own, side by side with other such closes, without
+    /// waiting: for closes on a cluster that stopped answering (each waits out the deadline),
+    /// which one after the other on the offload thread would add up. Joined by ~RbdPool.
+    void close_aside(std::function<void()> close);
 
   private:
     std::mutex closes_mutex_;
     std::condition_variable closes_changed_;
-    int closes_pending_ = 0;  // guarded by closes_mutex_
+    int closes_pending_ = 0;            // guarded by closes_mutex_
+    std::vector<std::thread> closers_;  // guarded by closes_mutex_; joined first
     std::shared_ptr<RadosCluster> cluster_;
     rados_ioctx_t ioctx_;
     std::string pool_;
@@ -168,7 +212,8 @@ class RbdImage {
     void close_image();
     /// Closes the image on the pool's offload thread without waiting (for a destructor on
     /// the loop: a close is a round trip, up to the deadline on a dead cluster). `keep` is
-    /// released once the image is closed: what librbd may still use until then.
+    /// released once the image is closed: what librbd may still use until then. While the
+    /// cluster's round trips are skipped, the close runs aside (RbdPool::close_aside).
     void close_off_loop(std::shared_ptr<void> keep);
     void reset();
 

@@ -25,7 +25,7 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
     auto event_fd = std::make_shared<UniqueFd>(efd);
     if (int r = rbd_set_image_notification(image.handle(), efd, EVENT_TYPE_EVENTFD); r < 0) {
         image.close_off_loop(event_fd);
-        return rbd_error(r, image.pool()->timeout_s(),
+        return rbd_error(r, image.pool()->cluster(),
                          fmt::format("{}: cannot register for completions", name));
     }
     Result<uint64_t> size = image.size();
@@ -209,13 +209,33 @@ void RbdNode::complete_finished() {
     }
 }
 
+namespace {
+// "write of 4096 bytes at 8192"; a flush has no range.
+std::string request_text(const char* what, uint64_t offset, uint64_t bytes) {
+    if (bytes == 0) {
+        return what;
+    }
+    return fmt::format("{} of {} bytes at {}", what, bytes, offset);
+}
+}  // namespace
+
 Error RbdNode::op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const {
-    return rbd_error(static_cast<int>(result), image_.pool()->timeout_s(),
-                     fmt::format("{}: {} of {} bytes at {}", name(), what, bytes, offset));
+    return rbd_error(static_cast<int>(result), image_.pool()->cluster(),
+                     fmt::format("{}: {}", name(), request_text(what, offset, bytes)));
+}
+
+Error RbdNode::skipped_error(const std::string& what) const {
+    return make_error(EIO,
+                      "{}: {} skipped: the Ceph cluster did not answer within {} s, and imgfs is "
+                      "closing its images",
+                      name(), what, image_.pool()->timeout_s());
 }
 
 template <typename Issue>
 Task<Result<ssize_t>> RbdNode::run(const char* what, uint64_t offset, uint64_t bytes, Issue issue) {
+    if (image_.pool()->cluster().skip_round_trips()) {
+        co_return skipped_error(request_text(what, offset, bytes));
+    }
     Op op;
     CO_TRY_ASSIGN(rbd_completion_t c, completion(&op, what));
     if (int r = issue(c); r < 0) {
@@ -226,6 +246,7 @@ Task<Result<ssize_t>> RbdNode::run(const char* what, uint64_t offset, uint64_t b
     if (op.result < 0) {
         co_return op_error(op.result, what, offset, bytes);
     }
+    image_.pool()->cluster().note_answered();
     co_return op.result;
 }
 
@@ -346,7 +367,7 @@ Task<Result<BlockStatus>> RbdNode::do_block_status(uint64_t offset, uint64_t byt
     Result<Extents> extents =
         co_await image_.pool()->offloader()->run<Result<Extents>>(std::move(list));
     if (!extents) {
-        co_return rbd_error(-extents.error().errnum, image_.pool()->timeout_s(),
+        co_return rbd_error(-extents.error().errnum, image_.pool()->cluster(),
                             fmt::format("{}: cannot list the allocation at {}", name(), offset));
     }
     co_return run_at(std::move(*extents), offset, span);
@@ -368,7 +389,13 @@ Task<Status> RbdNode::do_close() {
         st = co_await resize_image(size_, true);
     }
     // rbd_close is a round trip (it releases the lock), up to the deadline on a dead cluster:
-    // off the loop. Nothing uses the image after close().
+    // off the loop. Nothing uses the image after close(). On a cluster that stopped
+    // answering while closing, the close runs aside, side by side with the other layers'
+    // (see RadosCluster), and is not waited for: the pool waits for it when it goes.
+    if (image_.pool()->cluster().skip_round_trips()) {
+        image_.close_off_loop(std::make_shared<UniqueFd>(std::move(event_fd_)));
+        co_return st;
+    }
     RbdImage* image = &image_;
     std::function<int()> close = [image]() {
         image->close_image();
@@ -422,15 +449,19 @@ int no_progress(uint64_t /*done*/, uint64_t /*total*/, void* /*arg*/) {
 
 Task<Status> RbdNode::resize_image(uint64_t new_size, bool allow_shrink) {
     assert(resize_mutex_.locked());
+    if (image_.pool()->cluster().skip_round_trips()) {
+        co_return skipped_error(fmt::format("resizing to {} bytes", new_size));
+    }
     rbd_image_t image = image_.handle();
     std::function<int()> call = [image, new_size, allow_shrink] {
         return rbd_resize2(image, new_size, allow_shrink, no_progress, nullptr);
     };
     int r = co_await image_.pool()->offloader()->run<int>(std::move(call));
     if (r < 0) {
-        co_return rbd_error(r, image_.pool()->timeout_s(),
+        co_return rbd_error(r, image_.pool()->cluster(),
                             fmt::format("{}: cannot resize to {} bytes", name(), new_size));
     }
+    image_.pool()->cluster().note_answered();
     image_size_ = new_size;
     co_return Status{};
 }

@@ -82,6 +82,8 @@ class RbdNode final : public Node {
     /// Resizes the RBD image (not the node's size). Caller holds resize_mutex_.
     Task<Status> resize_image(uint64_t new_size, bool allow_shrink);
     Error op_error(ssize_t result, const char* what, uint64_t offset, uint64_t bytes) const;
+    /// EIO for `what`, not asked of a cluster that stopped answering while closing.
+    Error skipped_error(const std::string& what) const;
 
     RbdImage image_;
     RbdLock lock_;

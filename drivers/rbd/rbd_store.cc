@@ -71,7 +71,7 @@ Result<size_t> RbdFile::read_at(MutBuf buf, uint64_t offset) {
         ssize_t n = rbd_read(image_.handle(), offset + done, want - done,
                              reinterpret_cast<char*>(buf.data() + done));
         if (n < 0) {
-            return rbd_error(static_cast<int>(n), image_.pool()->timeout_s(),
+            return rbd_error(static_cast<int>(n), image_.pool()->cluster(),
                              fmt::format("reading {}", image_.name()));
         }
         if (n == 0) {
@@ -172,7 +172,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
         specs.resize(count);
     }
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot list {}", display_));
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot list {}", display_));
     }
     std::vector<StoreEntry> out;
     out.reserve(count);
@@ -262,7 +262,7 @@ Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string&
     int r = rbd_create4(pool_->ioctx(), name.c_str(), 0, opts);
     rbd_image_options_destroy(opts);
     if (r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot create {}", name));
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot create {}", name));
     }
     Result<std::unique_ptr<StoreFile>> made = open_image(name, false, Lock::kNow);
     if (!made) {
@@ -283,7 +283,7 @@ Status RbdStore::rename_noreplace(const std::string& from, const std::string& to
     // fails and tries it again at every scan; a name left claimed stays so until an operator
     // removes it. Known limit, docs/design.md section 10.
     if (int r = rbd_rename(pool_->ioctx(), from.c_str(), to.c_str()); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot rename {} to {}", from, to));
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot rename {} to {}", from, to));
     }
     return {};
 }
@@ -304,7 +304,7 @@ Status RbdStore::remove(const std::string& name) {
     TRY(check_image_name(name));
     pool_->wait_for_closes();  // a node dropped just before may still have it open
     if (int r = rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot remove {}", name));
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot remove {}", name));
     }
     return {};
 }
@@ -312,7 +312,7 @@ Status RbdStore::remove(const std::string& name) {
 Result<StoreSpace> RbdStore::space() {
     rados_cluster_stat_t st{};
     if (int r = rados_cluster_stat(pool_->cluster().handle(), &st); r < 0) {
-        return rbd_error(r, pool_->timeout_s(), fmt::format("cannot stat {}", display_));
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot stat {}", display_));
     }
     StoreSpace s;
     s.known = st.kb != 0;  // usage is gathered by the cluster's manager; without one, none

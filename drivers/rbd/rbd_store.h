@@ -85,6 +85,12 @@ class RbdStore final : public Store {
     Status add_name(const std::string& existing, const std::string& name) override;
     /// Blocking: whether another client has the image open (RbdImage::other_watchers).
     Result<bool> open_elsewhere(const std::string& name) override;
+    /// Every pool of the store shares the cluster connection (see RadosCluster).
+    void begin_closing() override { pool_->cluster_ref()->begin_closing(); }
+    /// Ceph breaks a gone client's locks and drops its watches itself (see RadosCluster).
+    [[nodiscard]] bool closes_stalled() const override {
+        return pool_->cluster().skip_round_trips();
+    }
     Status remove(const std::string& name) override;
     /// Nothing to do: a name operation is durable in the cluster once it returned.
     Status sync() override { return {}; }

@@ -275,6 +275,45 @@ TEST_F(RbdNodeTest, ClusterThatStopsAnsweringGivesEioWithinTheDeadline) {
     EXPECT_EQ(buf[0], 7);
 }
 
+TEST_F(RbdNodeTest, WhileClosingOnlyTheFirstCallWaitsForAClusterThatStoppedAnswering) {
+    std::vector<uint8_t> buf(65536, 5);
+    auto first = written_node_with_short_deadline("closing1", buf);
+    ASSERT_NE(first, nullptr);
+    create_image("closing2", 8 << 20);
+    auto second = open_node("closing2", false);
+    ASSERT_NE(second, nullptr);
+    use_rw(second);
+    ASSERT_TRUE(run(second->write(0, ConstBuf(buf.data(), buf.size()))).ok());
+    // A deadline missed before the close (the cluster has recovered since) does not count.
+    pool_->cluster().note_unanswered();
+    pool_->cluster_ref()->begin_closing();
+    EXPECT_FALSE(pool_->cluster().skip_round_trips());
+    cluster_->pause_osd();
+    auto seconds_since = [](std::chrono::steady_clock::time_point t0) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    auto t0 = std::chrono::steady_clock::now();
+    Status waited = run(first->write(1 << 20, ConstBuf(buf.data(), buf.size())));
+    const double waited_s = seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    Status skipped = run(second->write(1 << 20, ConstBuf(buf.data(), buf.size())));
+    Status closed = run(first->close());  // its flush is skipped; its close is not waited for
+    const double skipped_s = seconds_since(t0);
+    EXPECT_TRUE(pool_->cluster().skip_round_trips());
+    cluster_->resume_osd();
+    ASSERT_FALSE(waited.ok());
+    EXPECT_NE(waited.error().message().find("did not answer within 3 s"), std::string::npos)
+        << waited.error().message();
+    EXPECT_GT(waited_s, 2.5);
+    ASSERT_FALSE(skipped.ok());
+    EXPECT_EQ(skipped.error().errnum, EIO);
+    EXPECT_NE(skipped.error().message().find("skipped: the Ceph cluster did not answer within 3 s"),
+              std::string::npos)
+        << skipped.error().message();
+    EXPECT_FALSE(closed.ok());
+    EXPECT_LT(skipped_s, 1.0);
+}
+
 Task<void> write_past_end(Node* node, uint64_t offset, const std::vector<uint8_t>* buf,
                           Status* out) {
     *out = co_await node->write(offset, ConstBuf(buf->data(), buf->size()));
