@@ -112,7 +112,9 @@ ExportFs::Resolved ExportFs::resolve(uint64_t ino) const {
         uint64_t id = (ino - kExportBase) / 16;
         uint64_t sub = (ino - kExportBase) % 16;
         r.e = images_->find_id(id);
-        if (r.e == nullptr) {
+        // One being removed (a rescan drains it) is gone already: an open now would get an
+        // image whose chain is about to be detached, which reads as an empty disk.
+        if (r.e == nullptr || r.e->removed) {
             return Resolved{};
         }
         const auto& files = control_->image_files();
@@ -461,6 +463,9 @@ Task<FuseReply> ExportFs::read(FuseRequest* req) {
         co_return FuseReply::bytes(std::vector<uint8_t>(p, p + n));
     }
     std::shared_ptr<Export> e = h->e;
+    if (e->removed) {
+        co_return FuseReply::err(ENODEV);  // its chain is detached: not an empty disk
+    }
     uint64_t size = e->backend->size();
     if (in.offset >= size) {
         co_return FuseReply::view({});  // short read at EOF
@@ -507,6 +512,9 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         out.size = in.size;
         co_return FuseReply::of(out);
     }
+    if (e->removed) {
+        co_return FuseReply::err(ENODEV);
+    }
     uint64_t size = e->backend->size();
     if (in.offset >= size) {
         co_return FuseReply::err(ENOSPC);  // a disk does not grow by writing past its end
@@ -533,7 +541,14 @@ Task<Status> ExportFs::claim_for(std::shared_ptr<Export> e, std::string op) {
 }
 
 Task<FuseReply> ExportFs::flush(FuseRequest* req) {
-    Resolved r = resolve(req->header->nodeid);
+    const uint64_t ino = req->header->nodeid;
+    Resolved r = resolve(ino);
+    if (r.kind == Resolved::Kind::kNone && ino >= kExportBase &&
+        (ino - kExportBase) % 16 == kRawSub && !options_.read_only) {
+        // The image went while this file was open (a rescan that raced its open): what was
+        // written through it cannot be vouched for.
+        co_return FuseReply::err(ENODEV);
+    }
     if (r.kind != Resolved::Kind::kRaw || options_.read_only) {
         co_return FuseReply::err(0);
     }

@@ -237,6 +237,38 @@ TEST_F(ExportFsTest, RequestsInFlightKeepARemovedExportAlive) {
     EXPECT_EQ(read_raw("other").size(), kSize);  // the other export serves on
 }
 
+// While a rescan drains an export it removes, the export is still listed. An open then got
+// it, and once its chain was detached the file read as an empty disk (0 bytes, no error) and
+// an fsync on it reported success. It is gone from the start of the removal now.
+TEST_F(ExportFsTest, AnImageBeingRemovedCannotBeOpened) {
+    make_raw("vm.img", kSize);
+    ImageSetOptions o;
+    gate_files(&o);
+    start(o);
+    write_raw("vm", 0, pattern(1 << 20, 5));
+    const uint64_t raw = ino("vm.raw");
+    const uint64_t rescan = ino(".control/rescan");
+    hold_gate_reads();
+    test::Reply held;
+    TaskScope scope(loop_.get());
+    scope.spawn(store(lseek_task(raw, 0, 0, SEEK_HOLE), &held));  // keeps the drain waiting
+    idle(10);
+    ASSERT_EQ(::unlinkat(dir_fd_.get(), "vm.img", 0), 0);
+    int rescan_result = -1;
+    scope.spawn(store_int(control_task(rescan, "\n"), &rescan_result));
+    idle(50);
+    ASSERT_EQ(rescan_result, -1) << "the removal did not wait for the request in flight";
+    fuse_open_in open_in{};
+    open_in.flags = O_RDWR;
+    EXPECT_EQ(run(request(FUSE_OPEN, raw, bytes_of(open_in), {})).error, ENOENT);
+    fuse_fsync_in fsync_in{};
+    EXPECT_EQ(run(request(FUSE_FSYNC, raw, bytes_of(fsync_in), {})).error, ENODEV);
+    release_gates();
+    run(join(&scope));
+    EXPECT_EQ(rescan_result, 0);
+    EXPECT_EQ(images_->find("vm"), nullptr);
+}
+
 }  // namespace
 // A shell's printf writes a line longer than st_blksize (4096) in pieces, the first exactly
 // 4096 bytes. Each piece parsed on its own was a command: "s1 a" plus padding snapshotted a,
