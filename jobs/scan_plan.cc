@@ -108,8 +108,11 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
             if (is_removing_name(current) && !is_removing_name(previous)) {
                 layers->hidden_users.insert(previous);
             }
-            if (!layers->ids.insert(probe.id).second) {
-                return {};  // a layer shared with a chain already walked
+            // A layer shared with a chain already walked (or served) ends the walk, unless it
+            // is a hidden name: a failed splice leaves several of them in a row, and each one
+            // below must count as used too, or the scan would delete it.
+            if (!layers->ids.insert(probe.id).second && !is_removing_name(current)) {
+                return {};
             }
         }
         if (probe.header_error) {

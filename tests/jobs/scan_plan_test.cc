@@ -261,5 +261,31 @@ TEST_F(UnservedUsersTest, ScanSaysWhyAHiddenLayerCouldNotBeRenamedBack) {
     EXPECT_FALSE(std::filesystem::exists(dir_.file(".imgfs-old.qcow2.removing")));
 }
 
+// A splice of two middle layers whose last step failed (the header above them could not be
+// rewritten) leaves a served chain that still goes through both, each under its hidden name.
+// The walk from the top stopped at the first one (a layer the served chain holds already), so
+// the second looked unused and a rescan deleted it: the chain on disk was broken.
+TEST_F(UnservedUsersTest, ScanKeepsEveryHiddenLayerOfAServedChain) {
+    put(".imgfs-l2.qcow2.removing", "base.qcow2");
+    put(".imgfs-l1.qcow2.removing", ".imgfs-l2.qcow2.removing");
+    put("top.qcow2", ".imgfs-l1.qcow2.removing");
+    ScanInput in;
+    in.store = store_.get();
+    in.remove_leftovers = true;
+    std::vector<ServedLayer> chain;
+    for (const char* file :
+         {"top.qcow2", ".imgfs-l1.qcow2.removing", ".imgfs-l2.qcow2.removing", "base.qcow2"}) {
+        Result<FileId> id = store_->id_of(file, false);
+        ASSERT_TRUE(id.ok()) << file;
+        chain.push_back(ServedLayer{file, *id});
+    }
+    in.served[1] = chain;
+    ScanPlan plan = plan_scan(in);
+    ASSERT_FALSE(plan.failed);
+    EXPECT_TRUE(plan.removed.empty()) << plan.removed.front();
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l1.qcow2.removing")));
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l2.qcow2.removing")));
+}
+
 }  // namespace
 }  // namespace imgfs
