@@ -131,6 +131,20 @@ Task<void> undo_hidden(ImageSet* images, std::shared_ptr<Export> e, size_t first
     }
 }
 
+// Undoes step 0 of splice_out: the lowest layer leaving the chain names the layer below it
+// again, as the served chain still has it.
+Task<void> undo_cut(ImageSet* images, std::shared_ptr<Export> e, size_t last) {
+    const std::string below = e->chain.layers[last + 1].file;
+    const std::string format = e->chain.layers[last + 1].format;
+    Status st = co_await rewrite_backing(images, e->chain.layers[last].node.get(), below, format);
+    if (!st) {
+        images->env().log->warn(
+            "{}: undoing a chain edit: {} (the chain on disk differs from "
+            "the one served until a remount)",
+            e->name, st.error().message());
+    }
+}
+
 }  // namespace
 
 Task<Status> sync_image_dir(ImageSet* images) {
@@ -441,7 +455,8 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
     // content no longer depends on what lies below (drop_rest's premise), so cutting it off
     // changes nothing the referrer shows, while the kept layer's data would show through
     // wherever the dropped layers read zeros.
-    if (drop_rest && last + 1 < layers.size()) {
+    const bool cut = drop_rest && last + 1 < layers.size();
+    if (cut) {
         CO_TRY(co_await rewrite_backing(images, layers[last].node.get(), "", std::nullopt));
     }
     // 1. A hidden second name for every layer leaving the chain.
@@ -450,19 +465,27 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         files.push_back(layers[i].file);
     }
     std::function<Status()> link = [store, files] { return link_all_hidden(store, files); };
-    CO_TRY(co_await dir_call(images, std::move(link)));
-    Status st = co_await sync_image_dir(images);
-    // 2. Headers above them use the hidden names (bottom-most first; same files, same content).
+    Status st = co_await dir_call(images, std::move(link));
     std::vector<size_t> repointed;
-    for (size_t i = last + 1; st && i-- > first;) {
-        st = co_await rewrite_backing(images, layers[i - 1].node.get(),
-                                      removing_name(layers[i].file), layers[i].format);
-        if (st) {
-            repointed.push_back(i);
+    if (st) {
+        st = co_await sync_image_dir(images);
+        // 2. Headers above them use the hidden names (bottom-most first; same files, same
+        // content).
+        for (size_t i = last + 1; st && i-- > first;) {
+            st = co_await rewrite_backing(images, layers[i - 1].node.get(),
+                                          removing_name(layers[i].file), layers[i].format);
+            if (st) {
+                repointed.push_back(i);
+            }
+        }
+        if (!st) {
+            co_await undo_hidden(images, e, first, last, std::move(repointed));
         }
     }
     if (!st) {
-        co_await undo_hidden(images, e, first, last, std::move(repointed));
+        if (cut) {
+            co_await undo_cut(images, e, last);
+        }
         co_return st;
     }
     // 3. The visible names go. From here on the edit goes forwards only: a failure leaves the

@@ -227,6 +227,33 @@ TEST_F(ChainStateTest, FailedSpliceIsRolledBack) {
     EXPECT_TRUE(hidden_files().empty());
 }
 
+// A stream that drops the image's own older layers but keeps a layer below them (a base of
+// another name) first cuts the lowest dropped layer off that base. When a later step fails,
+// that cut is undone too: the chain on disk is the one served, as it was.
+TEST_F(ChainStateTest, FailedStreamSpliceRestoresTheCutBacking) {
+    make_qcow2("base.qcow2", kSize);
+    make_qcow2("vm.qcow2", kSize, "base.qcow2");
+    start();
+    write_fill("vm", 1 << 20, 65536, 7);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    std::vector<uint8_t> content = read_raw("vm");
+    const std::vector<std::string> served = chain("vm");
+    ASSERT_EQ(served, (std::vector<std::string>{"vm@s1.qcow2", "vm.qcow2", "base.qcow2"}));
+    ASSERT_EQ(::mkdirat(dir_fd_.get(), ".imgfs-vm.qcow2.removing", 0700), 0);
+    ASSERT_EQ(control(".control/vm/stream", "\n"), 0);
+    wait_job("vm");
+    EXPECT_NE(job_error("vm").find("cannot link vm.qcow2"), std::string::npos) << job_error("vm");
+    EXPECT_EQ(chain("vm"), served);
+    EXPECT_EQ(chain_on_disk("vm@s1.qcow2"), served);
+    EXPECT_EQ(read_raw("vm"), content);
+    ASSERT_EQ(::unlinkat(dir_fd_.get(), ".imgfs-vm.qcow2.removing", AT_REMOVEDIR), 0);
+    ASSERT_EQ(control(".control/vm/stream", "\n"), 0);
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2"}));
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
 // Hidden names a chain edit left and no header uses (a failed step, a crash before the headers
 // were pointed at them) go on the next scan, even though their files are still layers under
 // their visible names; so does a half-written snapshot overlay.
