@@ -144,6 +144,15 @@ void Metadata::build_metadata_index() {
 
 Task<Status> Metadata::prepare_for_writing() {
     lazy_refcounts_ = (header_.compatible & kCompatLazyRefcounts) != 0;
+    if (header_.version == 3 && header_.autoclear != 0) {
+        // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
+        // Before a repair too: it counts nothing of the bitmaps, so their clusters come out
+        // free, and the dirty bit it clears must not leave them claimed valid (ordering: the
+        // repair syncs before it clears the dirty bit, which makes this write durable first).
+        header_.autoclear = 0;
+        uint8_t zero[8] = {};
+        CO_TRY(co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8)));
+    }
     if ((header_.incompatible & kIncompatDirty) != 0) {
         if (env_.log != nullptr) {
             env_.log->warn("{}: image is dirty (refcounts may be stale); repairing", name_);
@@ -154,12 +163,6 @@ Task<Status> Metadata::prepare_for_writing() {
     CO_TRY(co_await find_allocation_end());
     CO_TRY(co_await cross_check_references());
     co_await debug_check_invariants(kOpenStep);
-    if (header_.version == 3 && header_.autoclear != 0) {
-        // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
-        header_.autoclear = 0;
-        uint8_t zero[8] = {};
-        CO_TRY(co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8)));
-    }
     co_return Status{};
 }
 

@@ -20,9 +20,19 @@ inline constexpr uint64_t kMaxClustersPastEof = 1ULL << 16;
 
 class RefCounter {
   public:
+    /// Callers check fits() first; a larger file is counted only up to kMaxCountedClusters
+    /// (add() fails past it), never with memory sized by the file.
     RefCounter(const Geometry& g, uint64_t file_size) : g_(g) {
-        refs_.resize((file_size + g.cluster_size - 1) >> g.cluster_bits, 0);
+        refs_.resize(std::min(file_clusters(g, file_size), kMaxCountedClusters), 0);
         limit_ = std::min(kMaxCountedClusters, refs_.size() + kMaxClustersPastEof);
+    }
+    /// Whether a file of `file_size` bytes can be counted (EFBIG if not).
+    static Status fits(const Geometry& g, uint64_t file_size) {
+        if (file_clusters(g, file_size) > kMaxCountedClusters) {
+            return make_error(EFBIG, "{} clusters of {} bytes, more than the {} counted in memory",
+                              file_clusters(g, file_size), g.cluster_size, kMaxCountedClusters);
+        }
+        return {};
     }
     RefCounter(const RefCounter&) = delete;
     RefCounter& operator=(const RefCounter&) = delete;
@@ -58,6 +68,9 @@ class RefCounter {
     }
 
   private:
+    static uint64_t file_clusters(const Geometry& g, uint64_t file_size) {
+        return file_size / g.cluster_size + (file_size % g.cluster_size != 0 ? 1 : 0);
+    }
     const Geometry& g_;
     std::vector<uint32_t> refs_;
     uint64_t limit_ = 0;  // first cluster index not counted

@@ -65,6 +65,12 @@ Task<Status> Metadata::count_references(RefCounter* counter) {
 }
 
 Task<Status> Metadata::rebuild_refcounts() {
+    if (Status fits = RefCounter::fits(g_, file_->node()->size()); !fits) {
+        co_return make_error(EFBIG,
+                             "{}: the image is dirty (its refcounts may be stale) and too large "
+                             "to repair here: {}; `qemu-img check -r all` repairs it",
+                             name_, fits.error().message());
+    }
     RefCounter counter(g_, file_->node()->size());
     CO_TRY(co_await count_references(&counter));
     CO_TRY(co_await write_new_refcounts(&counter));

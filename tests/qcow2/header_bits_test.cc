@@ -8,7 +8,11 @@
 #include <gtest/gtest.h>
 
 #include "core/task_scope.h"
+#include "core/transaction.h"
+#include "drivers/fault.h"
+#include "drivers/file.h"
 #include "drivers/qcow2/format.h"
+#include "drivers/qcow2/qcow2_node.h"
 #include "qcow2/fault_stack.h"
 #include "qcow2/image_test_util.h"
 
@@ -75,6 +79,68 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
         }
     }
     EXPECT_EQ(lost, 0) << "the corrupt bit was lost with " << lost << " of " << seeds << " seeds";
+}
+
+// Opening a dirty image for writing rebuilds its refcounts, which count nothing of the bitmaps
+// (their clusters become free), and then clears the dirty bit; the autoclear bits, which tell
+// QEMU the bitmaps are still valid, were cleared only after that. A failure in between left a
+// clean image whose valid-looking bitmaps live in free clusters. The autoclear bits go first.
+TEST_F(HeaderBitsTest, AutoclearBitsAreClearedBeforeARepairClearsTheDirtyBit) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
+               "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
+    constexpr uint64_t kAutoclearAt = 88;
+    constexpr uint64_t kDirtyBit = 1;
+    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | kDirtyBit);
+    test::put_be64_at(img, kAutoclearAt, 1);  // "the bitmaps are valid"
+    auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    Transaction tx(&graph_);
+    auto fault = FaultNode::open(env(), "fault", &tx, *file);
+    FaultRule clearing_autoclear;
+    clearing_autoclear.ops = fault_op::kWrite;
+    clearing_autoclear.offset = kAutoclearAt;
+    clearing_autoclear.bytes = 8;
+    fault->add_rule(clearing_autoclear);
+    auto node = Qcow2Node::create(env(), "img", &tx, fault, {});
+    ASSERT_TRUE(tx.commit().ok());
+    Status loaded = run(node->load());
+    ASSERT_FALSE(loaded.ok()) << "the autoclear bits were never written";
+    EXPECT_EQ(fault->fired_total(), 1U);
+    (void)run(node->close());
+    // Either both bits are still set (the next open repairs again) or the bitmaps are no
+    // longer claimed valid; never clean with bitmaps claimed valid.
+    const bool dirty = (test::be64_at(img, kIncompatibleAt) & kDirtyBit) != 0;
+    const bool bitmaps_claimed = test::be64_at(img, kAutoclearAt) != 0;
+    EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
+}
+
+// The repair counted references in memory sized by the file: a dirty image whose file is huge
+// (sparse, or damaged) made it allocate terabytes, and the daemon died of std::bad_alloc. It is
+// refused with the reason now, and nothing is written.
+TEST_F(HeaderBitsTest, ADirtyImageTooLargeToRepairInMemoryIsRefused) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
+               "' 8M");
+    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | 1);
+    ASSERT_EQ(::truncate(img.c_str(), static_cast<off_t>(1ULL << 50)), 0);  // 1 PiB, sparse
+    auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    Transaction tx(&graph_);
+    auto node = Qcow2Node::create(env(), "img", &tx, *file, {});
+    ASSERT_TRUE(tx.commit().ok());
+    Status loaded = run(node->load());
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_EQ(loaded.error().errnum, EFBIG);
+    EXPECT_NE(loaded.error().message().find("too large to repair here"), std::string::npos)
+        << loaded.error().message();
+    EXPECT_NE(test::be64_at(img, kIncompatibleAt) & 1, 0U);  // still dirty
+    (void)run(node->close());
 }
 
 }  // namespace
