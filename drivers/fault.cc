@@ -79,6 +79,10 @@ FaultNode::Verdict FaultNode::judge(uint32_t op, uint64_t offset, uint64_t bytes
                 case FaultAction::kDrop:
                     verdict = Verdict::kDrop;
                     break;
+                case FaultAction::kDelay:
+                    verdict = op == fault_op::kRead ? Verdict::kDelay : Verdict::kPass;
+                    last_delay_ms_ = r.rule.delay_ms;
+                    break;
                 case FaultAction::kShort:
                 case FaultAction::kLate: {
                     // Only ranged writes can be cut short or land late; anything else fails.
@@ -120,8 +124,12 @@ Task<void> FaultNode::jitter() {
 Task<Status> FaultNode::do_read(uint64_t offset, MutBuf buf) {
     co_await jitter();
     int err = 0;
-    if (judge(fault_op::kRead, offset, buf.size(), &err) == Verdict::kFail) {
+    const Verdict verdict = judge(fault_op::kRead, offset, buf.size(), &err);
+    if (verdict == Verdict::kFail) {
         co_return injected(err, "read", offset);
+    }
+    if (verdict == Verdict::kDelay) {
+        co_await env_.loop->sleep(std::chrono::milliseconds(last_delay_ms_));
     }
     Status st = co_await child(ChildRole::kFiltered)->read(offset, buf);
     co_await jitter();
@@ -147,6 +155,7 @@ Task<Status> FaultNode::do_write(uint64_t offset, ConstBuf buf) {
             st = co_await child(ChildRole::kFiltered)->write(offset, buf);
             st = injected(err, "write (landed)", offset);
             break;
+        case Verdict::kDelay:  // judged for reads only
         case Verdict::kPass:
             st = co_await child(ChildRole::kFiltered)->write(offset, buf);
             break;
@@ -175,6 +184,7 @@ Task<Status> FaultNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool ma
             st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap);
             st = injected(err, "write_zeroes (landed)", offset);
             break;
+        case Verdict::kDelay:  // judged for reads only
         case Verdict::kPass:
             st = co_await child(ChildRole::kFiltered)->write_zeroes(offset, bytes, may_unmap);
             break;
@@ -194,6 +204,7 @@ Task<Status> FaultNode::do_discard(uint64_t offset, uint64_t bytes) {
             co_return injected(err, "discard", offset);
         case Verdict::kDrop:
             co_return Status{};
+        case Verdict::kDelay:  // judged for reads only
         case Verdict::kPass:
             break;
     }
@@ -212,6 +223,7 @@ Task<Status> FaultNode::do_flush() {
             co_return injected(err, "flush", 0);
         case Verdict::kDrop:
             co_return Status{};
+        case Verdict::kDelay:  // judged for reads only
         case Verdict::kPass:
             break;
     }
@@ -233,6 +245,7 @@ Task<Status> FaultNode::do_truncate(uint64_t new_size) {
             co_return injected(err, "truncate", new_size);
         case Verdict::kDrop:
             co_return Status{};
+        case Verdict::kDelay:  // judged for reads only
         case Verdict::kPass:
             break;
     }

@@ -41,6 +41,8 @@ enum class FaultAction {
     kShort,  // writes and zeroing: pass a random part of the range on, then fail with errnum
     kLate,   // writes and zeroing: pass the whole range on, then fail with errnum anyway (a
              // write that reached the disk but whose completion reported an error)
+    kDelay,  // reads: pass the request on after `delay_ms` (a slow device; the request is
+             // already mapped above, so what runs meanwhile can race it). Others pass at once.
 };
 
 struct FaultRule {
@@ -56,6 +58,8 @@ struct FaultRule {
     IoEvent event = IoEvent::kNone;
     /// Fires on this fraction of the requests it would fire on (drawn from the node's seed).
     double probability = 1.0;
+    /// kDelay: how long the request waits.
+    uint32_t delay_ms = 0;
 };
 
 class FaultNode final : public Node {
@@ -102,9 +106,10 @@ class FaultNode final : public Node {
         uint64_t matched = 0;
         uint64_t fired = 0;
     };
-    enum class Verdict { kPass, kFail, kDrop, kShort, kLate };
+    enum class Verdict { kPass, kFail, kDrop, kShort, kLate, kDelay };
     // Counts the request against every rule; the first rule that fires decides.
     Verdict judge(uint32_t op, uint64_t offset, uint64_t bytes, int* errnum);
+    uint32_t last_delay_ms_ = 0;  // of the last kDelay verdict; read at once by its request
     Error injected(int errnum, const char* op, uint64_t offset) const;
     // The part of [offset, offset + bytes) a short write passes on: whole blocks, less than all.
     uint64_t short_length(uint64_t bytes);

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -119,6 +120,20 @@ class Metadata {
 
     /// The first run of [offset, offset + bytes) with one source. offset < size().
     Task<Result<ReadExtent>> map(uint64_t offset, uint64_t bytes);
+    /// The caller reads host clusters map() gave it (no co_await between the two): until
+    /// end_data_read(ticket), clusters freed meanwhile are not handed out again. Reads hold no
+    /// range, so a discard can free such a cluster under the read, and a write given it next
+    /// would show its data to the read (another guest region's bytes).
+    uint64_t begin_data_read() {
+        reads_in_flight_.insert(++read_seq_);
+        return read_seq_;
+    }
+    void end_data_read(uint64_t ticket) {
+        reads_in_flight_.erase(ticket);
+        if (reads_in_flight_.empty()) {
+            freed_under_reads_.clear();
+        }
+    }
 
     /// Plans the first part of a write of [offset, offset + bytes). The caller holds a tracked
     /// range over the clusters it touches, which keeps the answer valid. With `allocate` false
@@ -320,6 +335,13 @@ class Metadata {
     // pointing at the next owner's data (and, with lazy refcounts, where nothing orders L2
     // changes before refcount changes, two references to one cluster).
     std::set<uint64_t> freed_unflushed_;
+    // Reads of host clusters in flight (begin_data_read tickets), and clusters freed while some
+    // were: each with the last ticket then issued. Such a cluster is held until every read up
+    // to that ticket is done (held_for_reads).
+    uint64_t read_seq_ = 0;
+    std::set<uint64_t> reads_in_flight_;
+    std::map<uint64_t, uint64_t> freed_under_reads_;
+    bool held_for_reads(uint64_t cluster);
     // Host clusters holding active metadata, for the overlap check on data writes.
     std::unordered_set<uint64_t> metadata_clusters_;
     // Clusters the open-time cross-check found referenced more often than their refcount.

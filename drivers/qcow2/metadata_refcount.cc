@@ -66,11 +66,26 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
         if (lazy_refcounts_ || reuse == Reuse::kAfterTablesDurable) {
             freed_unflushed_.insert(cluster);
         }
+        if (!reads_in_flight_.empty()) {
+            freed_under_reads_[cluster] = read_seq_;
+        }
         if (punch_if_freed) {
             to_punch_.push_back(cluster);
         }
     }
     co_return Status{};
+}
+
+bool Metadata::held_for_reads(uint64_t cluster) {
+    auto it = freed_under_reads_.find(cluster);
+    if (it == freed_under_reads_.end()) {
+        return false;
+    }
+    if (!reads_in_flight_.empty() && *reads_in_flight_.begin() <= it->second) {
+        return true;  // a read that may have mapped it before it was freed is still running
+    }
+    freed_under_reads_.erase(it);
+    return false;
 }
 
 Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
@@ -91,7 +106,8 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
             start = idx = (ri + 1) * entries;
             continue;
         }
-        bool pending = punching_.count(idx) != 0 || freed_unflushed_.count(idx) != 0;
+        bool pending =
+            punching_.count(idx) != 0 || freed_unflushed_.count(idx) != 0 || held_for_reads(idx);
         bool used = pending || over_referenced_.count(idx) != 0;
         if (!used) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));

@@ -133,11 +133,19 @@ Task<Status> Qcow2Node::read_guest(uint64_t offset, MutBuf buf) {
                 std::memset(part.data(), 0, part.size());
                 break;
             case ReadExtent::Kind::kData:
-                CO_TRY(co_await file()->read(x.host_offset, part));
+            case ReadExtent::Kind::kCompressed: {
+                // Straight after map(): the clusters it named are held until the read is done.
+                const uint64_t ticket = meta_->begin_data_read();
+                Status st;
+                if (x.kind == ReadExtent::Kind::kData) {
+                    st = co_await file()->read(x.host_offset, part);
+                } else {
+                    st = co_await read_compressed(x, offset, part);
+                }
+                meta_->end_data_read(ticket);
+                CO_TRY(std::move(st));
                 break;
-            case ReadExtent::Kind::kCompressed:
-                CO_TRY(co_await read_compressed(x, offset, part));
-                break;
+            }
             case ReadExtent::Kind::kBacking:
                 CO_TRY(co_await read_backing(offset, part));
                 break;
