@@ -85,6 +85,10 @@ Result<std::vector<uint8_t>> build_new_image(const CreateOptions& o) {
     h.backing_format = o.backing_format;
     Geometry g = Geometry::from(h);
     const uint64_t cs = g.cluster_size;
+    if (o.size > (uint64_t{1} << 62)) {  // what an open accepts (parse_header)
+        return make_error(EFBIG, "size {} is too large: at most {} bytes", o.size,
+                          uint64_t{1} << 62);
+    }
     uint64_t l1_entries = g.l1_entries_for(o.size);
     if (l1_entries * 8 > kMaxL1Bytes) {
         return make_error(EFBIG, "size {} is too large for {}-byte clusters", o.size, cs);
