@@ -665,10 +665,21 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
         co_return FuseReply::err(EINVAL);
     }
     const uint32_t keep = FALLOC_FL_KEEP_SIZE;
+    const bool supported = in.mode == 0 || in.mode == keep ||
+                           in.mode == (FALLOC_FL_PUNCH_HOLE | keep) ||
+                           (in.mode & ~keep) == FALLOC_FL_ZERO_RANGE;
+    const uint64_t end = in.offset + in.length;
+    // Refused, or nothing to write (a disk's bytes are all there): no claim on the image, which
+    // in a pool would make this host its writer.
+    if (!supported) {
+        co_return FuseReply::err(EOPNOTSUPP);
+    }
+    if (in.mode == keep || (in.mode == 0 && end <= r.e->backend->size())) {
+        co_return FuseReply::err(0);
+    }
     Status st = co_await claim_for(r.e, "fallocate");
     BlockBackend* be = r.e->backend.get();
     uint64_t size = be->size();
-    uint64_t end = in.offset + in.length;
     if (!st) {
         // Refused below, with the log line every failed fallocate gets.
     } else if (in.mode == 0 || in.mode == keep) {
@@ -688,8 +699,6 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
         if (st && in.offset < size) {
             st = co_await be->write_zeroes(in.offset, std::min(end, size) - in.offset, false);
         }
-    } else {
-        co_return FuseReply::err(EOPNOTSUPP);
     }
     if (!st) {
         log_->error("{}.raw: fallocate mode {:#x}: {}", r.e->name, in.mode, st.error().message());

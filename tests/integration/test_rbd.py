@@ -658,6 +658,13 @@ class RbdPool(harness.ImageDirTest):
                     check=False)
             self.assertNotEqual(p.returncode, 0, kind)
             self.assertIn(reason, p.stderr, kind)
+        # So does an fallocate that is refused (collapse range) or has nothing to write (the
+        # disk's bytes are all there already).
+        raw = a.path("vm1.raw")
+        p = run(["fallocate", "--collapse-range", "-l", "64K", raw], check=False)
+        self.assertIn("Operation not supported", p.stderr)
+        run(["fallocate", "--keep-size", "-l", "1M", raw])
+        run(["fallocate", "-l", "1M", raw])
         self.assertNotIn("took the RBD exclusive lock", a.read_log())
         b = self.mount_pool()
         self.assertEqual(b.exports(), ["vm1"])
