@@ -2,6 +2,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -31,6 +32,17 @@ class FaultStackTest : public LoopTest {
         Status st = run(s.node->load());
         EXPECT_TRUE(st.ok()) << st.error().message();
         use_rw(s.node);
+        return s;
+    }
+    /// open() on a fresh copy of `pristine` at `path`, seeded for the fault filter's choices
+    /// (one seed of a test that runs over many).
+    Stack open_copy(const std::string& pristine, const std::string& path, uint64_t seed,
+                    uint32_t jitter_turns) {
+        std::filesystem::copy_file(pristine, path,
+                                   std::filesystem::copy_options::overwrite_existing);
+        Stack s = open(path);
+        s.fault->set_seed(seed);
+        s.fault->set_jitter(jitter_turns);
         return s;
     }
 };

@@ -57,11 +57,7 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
     const int seeds = 40;
     for (int seed = 1; seed <= seeds; ++seed) {
         const std::string img = dir.file("img.qcow2");
-        std::filesystem::copy_file(pristine, img,
-                                   std::filesystem::copy_options::overwrite_existing);
-        Stack s = open(img);
-        s.fault->set_seed(static_cast<uint64_t>(seed));
-        s.fault->set_jitter(4);
+        Stack s = open_copy(pristine, img, static_cast<uint64_t>(seed), 4);
         Status wrote;
         Status read;
         {

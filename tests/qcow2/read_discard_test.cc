@@ -46,11 +46,7 @@ TEST_F(ReadDiscardTest, AReadNeverSeesTheDataOfTheClustersNextOwner) {
     const int seeds = 60;
     for (int seed = 1; seed <= seeds; ++seed) {
         const std::string img = dir.file("img.qcow2");
-        std::filesystem::copy_file(pristine, img,
-                                   std::filesystem::copy_options::overwrite_existing);
-        Stack s = open(img);
-        s.fault->set_seed(static_cast<uint64_t>(seed));
-        s.fault->set_jitter(8);
+        Stack s = open_copy(pristine, img, static_cast<uint64_t>(seed), 8);
         if (seed % 2 == 0) {
             // The read, mapped already, reaches the file only after the rest is done.
             FaultRule slow;
