@@ -12,10 +12,28 @@
 
 namespace imgfs {
 
+namespace {
+
+// libfuse splits -o at commas and takes a backslash as an escape: a directory named "a,b"
+// would otherwise end fsname at "a" and pass "b" on as an (unknown) option.
+std::string escape_option_value(const std::string& value) {
+    std::string out;
+    for (char c : value) {
+        if (c == ',' || c == '\\') {
+            out += '\\';
+        }
+        out += c;
+    }
+    return out;
+}
+
+}  // namespace
+
 Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoint,
                                                     const MountOptions& options) {
     std::string opts = "default_permissions,nosuid,nodev,subtype=imgfs";
-    opts += ",fsname=" + (options.fsname.empty() ? std::string("imgfs") : options.fsname);
+    opts += ",fsname=" +
+            escape_option_value(options.fsname.empty() ? std::string("imgfs") : options.fsname);
     opts += fmt::format(",max_read={}", options.max_read_bytes);
     if (options.read_only) {
         opts += ",ro";

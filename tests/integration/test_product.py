@@ -134,6 +134,27 @@ class MountSafety(harness.ImageDirTest):
         self.assertEqual(m.exports(), ["vm"])
         m.stop()
 
+    def test_a_directory_whose_path_has_a_comma_or_a_backslash_is_served(self):
+        # The directory's path becomes the mount's source (fsname), inside the comma-separated
+        # mount options: "a,b" made libfuse refuse the mount ("cannot set up a FUSE session").
+        parent = tempfile.mkdtemp(prefix="imgfs-it-")
+        self.addCleanup(lambda: run(["rm", "-rf", parent]))
+        for name in ("images,one", "images\\two"):
+            directory = os.path.join(parent, name)
+            os.mkdir(directory)
+            qemu_img("create", "-q", "-f", "qcow2", os.path.join(directory, "vm.qcow2"), "16M")
+            m = harness.Mount(directory)
+            self.mounts.append(m)
+            m.start()
+            self.assertEqual(m.exports(), ["vm"])
+            with open("/proc/self/mountinfo") as f:
+                sources = [line.split(" - ")[1].split()[1] for line in f
+                           if line.split()[4] == m.mountpoint]
+            self.assertEqual(sources, [directory.replace("\\", "\\134")], name)
+            with open(m.path("vm.raw"), "r+b") as f:
+                f.write(b"\x5a" * 4096)
+            m.stop()
+
     def test_unmount_of_a_busy_mount_names_what_holds_it(self):
         harness.require_tools("losetup")
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
