@@ -444,6 +444,14 @@ Task<Status> Metadata::deallocate_in_table(uint64_t offset, uint64_t bytes, Deal
         co_return Status{};  // nothing allocated, and unallocated already reads as wanted
     }
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_write(l1i));
+    // Every entry is checked before any is changed: a malformed one found half way would
+    // leave the cached table edited but not dirty, differing from the disk until evicted.
+    for (uint64_t pos = g_.cluster_start(offset); pos < offset + bytes; pos += cs) {
+        if (const char* problem = l2_entry_problem(g_, load_l2(g_, ref.data(), g_.l2_index(pos)))) {
+            co_return co_await corruption(
+                fmt::format("L2 entry for guest offset {:#x}: {}", pos, problem));
+        }
+    }
     std::vector<L2Entry> to_free;
     bool changed = false;
     for (uint64_t pos = offset; pos < offset + bytes;) {
@@ -451,10 +459,6 @@ Task<Status> Metadata::deallocate_in_table(uint64_t offset, uint64_t bytes, Deal
         uint64_t to = std::min(offset + bytes, cl_end);
         uint64_t idx = g_.l2_index(pos);
         L2Entry old = load_l2(g_, ref.data(), idx);
-        if (const char* problem = l2_entry_problem(g_, old)) {
-            co_return co_await corruption(
-                fmt::format("L2 entry for guest offset {:#x}: {}", g_.cluster_start(pos), problem));
-        }
         bool whole = to - pos == cs;
         if (old.compressed() && !whole) {
             fallback->push_back(GuestRange{pos, to - pos});
