@@ -140,6 +140,52 @@ void Metadata::build_metadata_index() {
             metadata_clusters_.insert((e & ~kRefTableReservedMask) / cs);
         }
     }
+    index_l2_overlaps();
+}
+
+void Metadata::index_l2_overlaps() {
+    const uint64_t cs = g_.cluster_size;
+    l2_overlaps_.clear();
+    std::unordered_map<uint64_t, const char*> other;  // cluster -> the structure there
+    auto add_range = [&](uint64_t offset, uint64_t bytes, const char* what) {
+        for (uint64_t c = offset / cs; c * cs < offset + bytes; ++c) {
+            other.emplace(c, what);
+        }
+    };
+    add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "the L1 table");
+    add_range(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs,
+              "the refcount table");
+    if (header_.nb_snapshots != 0) {
+        add_range(header_.snapshots_offset, snapshots_.table_bytes, "the snapshot table");
+        for (const SnapshotEntry& s : snapshots_.entries) {
+            add_range(s.l1_table_offset, uint64_t{s.l1_size} * 8, "a snapshot's L1 table");
+        }
+    }
+    for (uint64_t e : refcount_table_) {
+        if ((e & ~kRefTableReservedMask) != 0) {
+            other.emplace((e & ~kRefTableReservedMask) / cs, "a refcount block");
+        }
+    }
+    std::unordered_map<uint64_t, uint64_t> copied_table_of;  // cluster -> first L1 index
+    for (uint64_t i = 0; i < l1_.size(); ++i) {
+        const uint64_t off = l1_[i] & kOffsetMask;
+        if (off == 0) {
+            continue;
+        }
+        if (auto it = other.find(off / cs); it != other.end()) {
+            l2_overlaps_[i] = {off, it->second};
+            continue;
+        }
+        if ((l1_[i] & kOflagCopied) == 0) {
+            continue;  // shared with a snapshot: copied before it is changed
+        }
+        auto [first, fresh] = copied_table_of.emplace(off / cs, i);
+        if (!fresh) {
+            const std::string what = fmt::format("the L2 table of L1 entry {}", first->second);
+            l2_overlaps_[i] = {off, what};
+            l2_overlaps_[first->second] = {off, fmt::format("the L2 table of L1 entry {}", i)};
+        }
+    }
 }
 
 Task<Status> Metadata::prepare_for_writing() {

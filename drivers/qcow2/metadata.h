@@ -344,6 +344,13 @@ class Metadata {
     bool held_for_reads(uint64_t cluster);
     // Host clusters holding active metadata, for the overlap check on data writes.
     std::unordered_set<uint64_t> metadata_clusters_;
+    // Active L1 entries (by index) whose L2 table, as the image was opened, is not a table of
+    // its own: it lies on the L1 or refcount table, a refcount block, the snapshot table, or
+    // another entry's table with COPIED set on both. A malformed image; each maps to the
+    // offset it had and what it overlaps. Using such a table would let two structures
+    // overwrite each other, so check_l1_entry refuses it (EIO) while the entry is unchanged.
+    std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_overlaps_;
+    void index_l2_overlaps();
     // Clusters the open-time cross-check found referenced more often than their refcount.
     struct OverReference {
         uint64_t references;

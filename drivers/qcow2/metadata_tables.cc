@@ -22,6 +22,11 @@ Status Metadata::check_l1_entry(uint64_t l1_index, uint64_t entry) {
     if (off < g_.cluster_size) {
         return make_error(EIO, "L1 entry {}: L2 table at {:#x} overlaps the header", l1_index, off);
     }
+    if (auto it = l2_overlaps_.find(l1_index);
+        it != l2_overlaps_.end() && it->second.first == off) {
+        return make_error(EIO, "L1 entry {}: L2 table at {:#x} lies on {}", l1_index, off,
+                          it->second.second);
+    }
     return {};
 }
 

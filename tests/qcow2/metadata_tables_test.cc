@@ -59,5 +59,33 @@ TEST_F(MetadataTablesTest, ANewTableInAFreedTablesClusterStartsEmpty) {
     EXPECT_EQ(raw[6 << 20], 0);
 }
 
+// A malformed image whose L1 entry points at a refcount block (or at another structure, or at
+// another entry's table with COPIED on both): the L2 and refcount caches would both write that
+// cluster, and refcounts and mappings would overwrite each other. Using such a table is refused
+// with EIO, naming what it lies on; the rest of the image still serves.
+TEST_F(MetadataTablesTest, AnL2TableOnAnotherStructureIsRefused) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 4k' -c 'write -P 0x22 4M 4k' '" + img +
+               "' >/dev/null");
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));  // refcount table[0]
+    ASSERT_NE(refblock, 0U);
+    test::put_be64_at(img, l1, refblock | qcow2::kOflagCopied);  // guest 0-2 MiB's table
+    Stack s = open(img);
+    std::vector<uint8_t> buf(4096, 0x33);
+    Status wrote = run(s.node->write(100 * 4096, buf));
+    ASSERT_FALSE(wrote.ok()) << "a write went through a refcount block used as an L2 table";
+    EXPECT_EQ(wrote.error().errnum, EIO);
+    EXPECT_NE(wrote.error().message().find("lies on a refcount block"), std::string::npos)
+        << wrote.error().message();
+    Status read = run(s.node->read(4 << 20, buf));  // another table: still served
+    ASSERT_TRUE(read.ok()) << read.error().message();
+    EXPECT_EQ(buf[0], 0x22);
+    (void)run(s.node->close());
+}
+
 }  // namespace
 }  // namespace imgfs
