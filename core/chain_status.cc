@@ -10,8 +10,10 @@ Task<Result<ChainStatus>> block_status_above(Node* top, uint64_t offset, uint64_
     int depth = 0;
     for (;;) {
         if (offset >= n->size()) {
-            // Past the end of a shorter backing layer: zeros.
-            co_return ChainStatus{false, len, -1};
+            // Past the end of a shorter backing layer: zeros, and this layer is what makes them
+            // zeros. Whatever lies further down (a longer base) does not show here, so a job
+            // that drops this layer must write these zeros where it drops it.
+            co_return ChainStatus{false, len, depth};
         }
         len = std::min(len, n->size() - offset);
         CO_TRY_ASSIGN(BlockStatus st, co_await n->block_status(offset, len));

@@ -11,7 +11,9 @@ namespace imgfs {
 struct ChainStatus {
     bool data = false;   // false: the range reads as zeros
     uint64_t bytes = 0;  // length of the run, > 0
-    int depth = -1;      // the layer that answered (0 = top), -1 if none did
+    // The layer that answered (0 = top), -1 if none did. Past the end of a shorter backing
+    // layer, that layer answers (zeros): the range does not reach the layers below it.
+    int depth = -1;
 };
 
 /// Walks from `top` down the backing edges. `offset` < top->size(); bytes > 0.

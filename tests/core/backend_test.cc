@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/chain_status.h"
 #include "core/drain.h"
 #include "core/task_scope.h"
 #include "fake_node.h"
@@ -113,6 +114,28 @@ TEST_F(BackendTest, BlockStatusLooksThroughAFilterToTheBacking) {
     ASSERT_TRUE(st.ok()) << st.error().message();
     EXPECT_TRUE(st->data);  // the base's data, not zeros for want of a backing on the filter
     EXPECT_EQ(st->depth, 1);
+}
+
+TEST_F(BackendTest, PastTheEndOfAShorterMiddleLayerThatLayerAnswersWithZeros) {
+    // top (1 MiB) -> middle (64 KiB) -> base (1 MiB of data): past 64 KiB the image reads
+    // zeros, and it is the middle layer's end that makes them so, not the absence of data.
+    auto base = std::make_shared<test::MemNode>(env(), "base", 1 << 20);
+    auto middle = std::make_shared<EmptyLayer>(env(), 64 << 10);
+    auto top = std::make_shared<EmptyLayer>(env(), 1 << 20);
+    Transaction tx(&graph_);
+    tx.attach(top.get(), middle, ChildRole::kBacking, "backing");
+    tx.attach(middle.get(), base, ChildRole::kBacking, "backing");
+    ASSERT_TRUE(tx.commit().ok());
+    Result<ChainStatus> below = run(block_status_above(top.get(), 0, 1 << 20));
+    ASSERT_TRUE(below.ok()) << below.error().message();
+    EXPECT_TRUE(below->data);
+    EXPECT_EQ(below->bytes, 64U << 10);
+    EXPECT_EQ(below->depth, 2);
+    Result<ChainStatus> past = run(block_status_above(top.get(), 64 << 10, (1 << 20) - (64 << 10)));
+    ASSERT_TRUE(past.ok()) << past.error().message();
+    EXPECT_FALSE(past->data);
+    EXPECT_EQ(past->bytes, (1U << 20) - (64U << 10));
+    EXPECT_EQ(past->depth, 1);
 }
 
 TEST_F(BackendTest, BlockStatusWaitsWhileTheChainIsDrained) {

@@ -587,6 +587,32 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
         self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
 
+    def test_commit_past_a_shorter_middle_layer_keeps_its_zeros(self):
+        # vm@s1 (16M) lies between a 32M top and a 32M base full of data. The image reads
+        # zeros past vm@s1's end, where the base still holds data: a commit of both into the
+        # base must write those zeros, or the switch would bring the base's old bytes back.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "32M")
+        qemu_io(self.img("vm.qcow2"), "write -P 0x44 0 32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "vm.qcow2", "-F", "qcow2",
+                 self.img("vm@s1.qcow2"), "16M")
+        qemu_io(self.img("vm@s1.qcow2"), "write -P 0x45 1M 1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "vm@s1.qcow2", "-F", "qcow2",
+                 self.img("vm@s2.qcow2"), "32M")
+        qemu_io(self.img("vm@s2.qcow2"), "write -P 0x46 20M 1M")
+        m = self.mount()
+        self.assertEqual(chain(m, "vm"), ["vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertTrue(shown[17 * MiB:18 * MiB] == bytes(MiB))
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+
     def test_commit_completes_under_a_steady_hole_puncher(self):
         # A client punching holes all the time (fstrim, a filesystem mounted with -o discard)
         # while a commit runs: a punch is a zeroing write for the commit (copied, or mirrored
