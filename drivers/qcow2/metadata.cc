@@ -116,9 +116,10 @@ Task<Status> Metadata::load_tables() {
 void Metadata::build_metadata_index() {
     const uint64_t cs = g_.cluster_size;
     metadata_clusters_.clear();
+    // By runs, not cluster by cluster: snapshots may name the same large L1 table many times.
     auto add_range = [&](uint64_t offset, uint64_t bytes) {
-        for (uint64_t c = offset / cs; c * cs < offset + bytes; ++c) {
-            metadata_clusters_.insert(c);
+        if (bytes != 0) {
+            metadata_clusters_.insert(offset / cs, (offset + bytes - 1) / cs - offset / cs + 1);
         }
     };
     metadata_clusters_.insert(0);
@@ -143,27 +144,42 @@ void Metadata::build_metadata_index() {
     index_l2_overlaps();
 }
 
+// What other structure than an L2 table lies on `cluster`, if any (nullptr: none).
+const char* Metadata::structure_on(uint64_t cluster, const ClusterSet& snapshot_l1s) const {
+    const uint64_t cs = g_.cluster_size;
+    auto within = [&](uint64_t offset, uint64_t bytes) {
+        return bytes != 0 && cluster >= offset / cs && cluster <= (offset + bytes - 1) / cs;
+    };
+    if (within(header_.l1_table_offset, uint64_t{header_.l1_size} * 8)) {
+        return "the L1 table";
+    }
+    if (within(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs)) {
+        return "the refcount table";
+    }
+    if (header_.nb_snapshots != 0 && within(header_.snapshots_offset, snapshots_.table_bytes)) {
+        return "the snapshot table";
+    }
+    if (snapshot_l1s.contains(cluster)) {
+        return "a snapshot's L1 table";
+    }
+    return nullptr;
+}
+
 void Metadata::index_l2_overlaps() {
     const uint64_t cs = g_.cluster_size;
     l2_overlaps_.clear();
-    std::unordered_map<uint64_t, const char*> other;  // cluster -> the structure there
-    auto add_range = [&](uint64_t offset, uint64_t bytes, const char* what) {
-        for (uint64_t c = offset / cs; c * cs < offset + bytes; ++c) {
-            other.emplace(c, what);
-        }
-    };
-    add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "the L1 table");
-    add_range(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs,
-              "the refcount table");
-    if (header_.nb_snapshots != 0) {
-        add_range(header_.snapshots_offset, snapshots_.table_bytes, "the snapshot table");
-        for (const SnapshotEntry& s : snapshots_.entries) {
-            add_range(s.l1_table_offset, uint64_t{s.l1_size} * 8, "a snapshot's L1 table");
+    ClusterSet snapshot_l1s;
+    for (const SnapshotEntry& s : snapshots_.entries) {
+        if (s.l1_size != 0) {
+            snapshot_l1s.insert(s.l1_table_offset / cs,
+                                (s.l1_table_offset + uint64_t{s.l1_size} * 8 - 1) / cs -
+                                    s.l1_table_offset / cs + 1);
         }
     }
+    std::unordered_set<uint64_t> refblocks;
     for (uint64_t e : refcount_table_) {
         if ((e & ~kRefTableReservedMask) != 0) {
-            other.emplace((e & ~kRefTableReservedMask) / cs, "a refcount block");
+            refblocks.insert((e & ~kRefTableReservedMask) / cs);
         }
     }
     std::unordered_map<uint64_t, uint64_t> copied_table_of;  // cluster -> first L1 index
@@ -172,8 +188,12 @@ void Metadata::index_l2_overlaps() {
         if (off == 0) {
             continue;
         }
-        if (auto it = other.find(off / cs); it != other.end()) {
-            l2_overlaps_[i] = {off, it->second};
+        const char* what = structure_on(off / cs, snapshot_l1s);
+        if (what == nullptr && refblocks.count(off / cs) != 0) {
+            what = "a refcount block";
+        }
+        if (what != nullptr) {
+            l2_overlaps_[i] = {off, what};
             continue;
         }
         if ((l1_[i] & kOflagCopied) == 0) {
@@ -181,8 +201,8 @@ void Metadata::index_l2_overlaps() {
         }
         auto [first, fresh] = copied_table_of.emplace(off / cs, i);
         if (!fresh) {
-            const std::string what = fmt::format("the L2 table of L1 entry {}", first->second);
-            l2_overlaps_[i] = {off, what};
+            const std::string other = fmt::format("the L2 table of L1 entry {}", first->second);
+            l2_overlaps_[i] = {off, other};
             l2_overlaps_[first->second] = {off, fmt::format("the L2 table of L1 entry {}", i)};
         }
     }
@@ -316,12 +336,14 @@ Task<Error> Metadata::corruption(std::string message) {
 }
 
 Status Metadata::check_data_range(uint64_t host_offset, uint64_t bytes) {
-    for (uint64_t c = host_offset >> g_.cluster_bits; c << g_.cluster_bits < host_offset + bytes;
-         ++c) {
-        if (metadata_clusters_.count(c) != 0) {
-            return make_error(EIO, "data at host offset {:#x} would overlap metadata",
-                              c << g_.cluster_bits);
-        }
+    if (bytes == 0) {
+        return {};
+    }
+    const uint64_t first = host_offset >> g_.cluster_bits;
+    const uint64_t last = (host_offset + bytes - 1) >> g_.cluster_bits;
+    if (std::optional<uint64_t> c = metadata_clusters_.first_in(first, last - first + 1)) {
+        return make_error(EIO, "data at host offset {:#x} would overlap metadata",
+                          *c << g_.cluster_bits);
     }
     return {};
 }

@@ -29,6 +29,7 @@
 
 #include "core/co_mutex.h"
 #include "core/node.h"
+#include "drivers/qcow2/cluster_set.h"
 #include "drivers/qcow2/format.h"
 #include "drivers/qcow2/l2_entry.h"
 #include "drivers/qcow2/snapshot_table.h"
@@ -199,10 +200,11 @@ class Metadata {
     void build_metadata_index();
     // ---- repair (repair.cc) ----
     Task<Status> rebuild_refcounts();
-    Task<Status> count_l2_references(uint64_t l2_offset, RefCounter* counter);
+    Task<Status> count_l2_references(uint64_t l2_offset, uint64_t times, RefCounter* counter);
     Task<Status> write_new_refcounts(RefCounter* counter);
     Task<Status> fix_copied_flags(RefCounter* counter);
     Task<Status> count_references(RefCounter* counter);
+    Status check_snapshot_l1_total() const;
     // ---- invariants of the in-memory state (debug_check.cc) ----
     /// Asserts the invariants after `step`; only with IMGFS_DEBUG_CHECKS (else a no-op the
     /// call sites compile out).
@@ -343,7 +345,7 @@ class Metadata {
     std::map<uint64_t, uint64_t> freed_under_reads_;
     bool held_for_reads(uint64_t cluster);
     // Host clusters holding active metadata, for the overlap check on data writes.
-    std::unordered_set<uint64_t> metadata_clusters_;
+    ClusterSet metadata_clusters_;
     // Active L1 entries (by index) whose L2 table, as the image was opened, is not a table of
     // its own: it lies on the L1 or refcount table, a refcount block, the snapshot table, or
     // another entry's table with COPIED set on both. A malformed image; each maps to the
@@ -351,6 +353,7 @@ class Metadata {
     // overwrite each other, so check_l1_entry refuses it (EIO) while the entry is unchanged.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_overlaps_;
     void index_l2_overlaps();
+    const char* structure_on(uint64_t cluster, const ClusterSet& snapshot_l1s) const;
     // Clusters the open-time cross-check found referenced more often than their refcount.
     struct OverReference {
         uint64_t references;

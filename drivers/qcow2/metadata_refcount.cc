@@ -56,7 +56,7 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     refblock_cache_.mark_dirty(ref);
     if (updated == 0) {
         free_hint_ = std::min(free_hint_, cluster);
-        const bool was_metadata = metadata_clusters_.erase(cluster) != 0;
+        const bool was_metadata = metadata_clusters_.erase(cluster);
         // A freed L2 table must not come back out of the cache when its cluster is reused
         // (a new table there would start as the old one's mappings). Only tables: a forget
         // sends lookups waiting for a table read back to the L1 table.
@@ -352,9 +352,7 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
     refcount_table_ = std::move(table);
     end_cluster_ = std::max(end_cluster_, area_end);
-    for (uint64_t c = start; c < area_end; ++c) {
-        metadata_clusters_.insert(c);
-    }
+    metadata_clusters_.insert(start, area_end - start);
     // The old table is referenced by nothing now.
     CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
     co_return Status{};

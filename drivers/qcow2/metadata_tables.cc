@@ -213,9 +213,7 @@ Task<Status> Metadata::switch_to_bigger_l1(uint64_t need, uint64_t size) {
     header_.l1_size = static_cast<uint32_t>(need);
     header_.l1_table_offset = host;
     l1_.resize(need, 0);
-    for (uint64_t c = 0; c < clusters; ++c) {
-        metadata_clusters_.insert((host >> g_.cluster_bits) + c);
-    }
+    metadata_clusters_.insert(host >> g_.cluster_bits, clusters);
     if (old_clusters > 0) {
         CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
     }

@@ -37,9 +37,10 @@ class RefCounter {
     RefCounter(const RefCounter&) = delete;
     RefCounter& operator=(const RefCounter&) = delete;
 
-    // Counts one reference to every cluster of [offset, offset + bytes).
-    Status add(uint64_t offset, uint64_t bytes, const char* what) {
-        if (bytes == 0) {
+    // Counts `times` references to every cluster of [offset, offset + bytes). A count past
+    // what a refcount of this image can hold is an error: stored, it would wrap.
+    Status add(uint64_t offset, uint64_t bytes, const char* what, uint64_t times = 1) {
+        if (bytes == 0 || times == 0) {
             return {};
         }
         uint64_t first = offset >> g_.cluster_bits;
@@ -51,8 +52,15 @@ class RefCounter {
         if (last >= refs_.size()) {
             refs_.resize(last + 1, 0);
         }
+        const uint64_t max = std::min<uint64_t>(g_.refcount_max, UINT32_MAX);
         for (uint64_t c = first; c <= last; ++c) {
-            ++refs_[c];
+            if (times > max - refs_[c]) {
+                return make_error(EINVAL,
+                                  "cluster {:#x} ({}) is referenced more often than a refcount "
+                                  "of {} can hold",
+                                  c << g_.cluster_bits, what, max);
+            }
+            refs_[c] += static_cast<uint32_t>(times);
         }
         return {};
     }

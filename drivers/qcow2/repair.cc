@@ -5,6 +5,7 @@
 // repairs again. Afterwards the COPIED flags of the active tables are made to match.
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 
 #include "core/log.h"
 #include "drivers/qcow2/metadata.h"
@@ -12,12 +13,15 @@
 
 namespace imgfs::qcow2 {
 
-Task<Status> Metadata::count_l2_references(uint64_t l2_offset, RefCounter* counter) {
+// `times`: how many L1 entries (active and snapshots') name this table. Its data clusters
+// carry one reference per naming entry, so one read serves them all.
+Task<Status> Metadata::count_l2_references(uint64_t l2_offset, uint64_t times,
+                                           RefCounter* counter) {
     const uint64_t cs = g_.cluster_size;
     if ((l2_offset & (cs - 1)) != 0 || l2_offset + cs > file_->node()->size()) {
         co_return make_error(EIO, "L2 table at {:#x} is misaligned or beyond the end", l2_offset);
     }
-    CO_TRY(counter->add(l2_offset, cs, "L2 table"));
+    CO_TRY(counter->add(l2_offset, cs, "L2 table", times));
     AlignedBuffer table(cs);
     CO_TRY(co_await file_->read(l2_offset, table.span()));
     for (uint64_t i = 0; i < g_.l2_entries; ++i) {
@@ -30,38 +34,60 @@ Task<Status> Metadata::count_l2_references(uint64_t l2_offset, RefCounter* count
         }
         if (e.compressed()) {
             CompressedRef c = decode_compressed(g_, e.word);
-            CO_TRY(counter->add(c.host_offset, c.bytes, "compressed cluster"));
+            CO_TRY(counter->add(c.host_offset, c.bytes, "compressed cluster", times));
         } else if (e.host_offset() != 0) {
-            CO_TRY(counter->add(e.host_offset(), cs, "data cluster"));
+            CO_TRY(counter->add(e.host_offset(), cs, "data cluster", times));
         }
     }
     co_return Status{};
 }
 
+// Work is bounded by the file, whatever the tables say: every L1 table is read once, and
+// together they may not be larger than the file (only overlapping tables could be); every
+// L2 table is read once, however many L1 entries name it.
 Task<Status> Metadata::count_references(RefCounter* counter) {
     CO_TRY(counter->add(0, g_.cluster_size, "header"));
     CO_TRY(counter->add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table"));
-    for (uint64_t e : l1_) {
-        if ((e & kOffsetMask) != 0) {
-            CO_TRY(co_await count_l2_references(e & kOffsetMask, counter));
+    std::unordered_map<uint64_t, uint64_t> times_named;  // L2 table offset -> L1 entries
+    std::vector<uint64_t> tables;                        // in the order first named
+    auto name_table = [&](uint64_t off) {
+        if (off != 0 && times_named[off]++ == 0) {
+            tables.push_back(off);
         }
+    };
+    for (uint64_t e : l1_) {
+        name_table(e & kOffsetMask);
     }
-    if (header_.nb_snapshots == 0) {
-        co_return Status{};
+    if (header_.nb_snapshots != 0) {
+        CO_TRY(counter->add(header_.snapshots_offset, snapshots_.table_bytes, "snapshot table"));
+        CO_TRY(check_snapshot_l1_total());
     }
-    CO_TRY(counter->add(header_.snapshots_offset, snapshots_.table_bytes, "snapshot table"));
     for (const SnapshotEntry& s : snapshots_.entries) {
         CO_TRY(counter->add(s.l1_table_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table"));
         std::vector<uint8_t> l1(uint64_t{s.l1_size} * 8);
         CO_TRY(co_await file_->read(s.l1_table_offset, l1));
         for (uint32_t i = 0; i < s.l1_size; ++i) {
-            uint64_t off = load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask;
-            if (off != 0) {
-                CO_TRY(co_await count_l2_references(off, counter));
-            }
+            name_table(load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask);
         }
     }
+    for (uint64_t off : tables) {
+        CO_TRY(co_await count_l2_references(off, times_named[off], counter));
+    }
     co_return Status{};
+}
+
+Status Metadata::check_snapshot_l1_total() const {
+    uint64_t total = 0;
+    for (const SnapshotEntry& s : snapshots_.entries) {
+        total += uint64_t{s.l1_size} * 8;  // each at most kMaxL1Bytes: no overflow
+    }
+    if (total > file_->node()->size()) {
+        return make_error(EINVAL,
+                          "{}: the snapshots' L1 tables add up to {} bytes, more than the file "
+                          "holds ({} bytes): they overlap each other",
+                          name_, total, file_->node()->size());
+    }
+    return {};
 }
 
 Task<Status> Metadata::rebuild_refcounts() {
