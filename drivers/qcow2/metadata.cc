@@ -353,6 +353,9 @@ Status Metadata::check_data_range(uint64_t host_offset, uint64_t bytes) {
 Task<Status> Metadata::sync() {
     CO_TRY(co_await file_->flush());
     // Everything written so far is durable: no COW data is waiting for a flush any more.
+    // Also when this sync ran without lock_ (corruption() marking the header): a commit that
+    // sets the flag meanwhile passed commit_write's corrupt_ check before corruption() set
+    // corrupt_, so its data had completed before this flush was issued.
     l2_needs_data_sync_ = false;
     co_return Status{};
 }
