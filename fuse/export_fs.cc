@@ -638,16 +638,26 @@ Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     std::function<Result<StoreSpace>()> query = [store] { return store->space(); };
     Result<StoreSpace> got =
         co_await images_->offloader()->run<Result<StoreSpace>>(std::move(query));
-    fuse_statfs_out out{};
-    if (got) {
-        out.st.blocks = got->blocks;
-        out.st.bfree = got->free_blocks;
-        out.st.bavail = got->available_blocks;
-        out.st.files = got->files;
-        out.st.ffree = got->free_files;
-        out.st.bsize = got->transfer_bytes;
-        out.st.frsize = got->block_bytes;
+    if (!got) {
+        // Said, not hidden behind zeros: `df` showing a full or empty file system would be a
+        // wrong answer about the room images have. Logged when the failures begin, not for
+        // every query of a tool that polls.
+        if (!statfs_failing_) {
+            log_->warn("statfs: cannot tell the room in {}: {}", store->display_name(),
+                       got.error().message());
+        }
+        statfs_failing_ = true;
+        co_return FuseReply::err(got.error().errnum);
     }
+    statfs_failing_ = false;
+    fuse_statfs_out out{};
+    out.st.blocks = got->blocks;
+    out.st.bfree = got->free_blocks;
+    out.st.bavail = got->available_blocks;
+    out.st.files = got->files;
+    out.st.ffree = got->free_files;
+    out.st.bsize = got->transfer_bytes;
+    out.st.frsize = got->block_bytes;
     out.st.namelen = 255;
     co_return FuseReply::of(out);
 }

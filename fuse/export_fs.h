@@ -78,6 +78,7 @@ class ExportFs final : public FuseHandler {
     std::map<uint64_t, std::shared_ptr<Handle>> handles_;
     uint64_t next_fh_ = 1;
     int64_t mount_time_s_;
+    bool statfs_failing_ = false;  // the last STATFS could not ask the store
     // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
     struct BlocksCache {
         uint64_t bytes = 0;

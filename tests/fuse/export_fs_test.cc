@@ -8,6 +8,7 @@
 #include <linux/falloc.h>
 
 #include "core/drain.h"
+#include "forwarding_store.h"
 #include "fs_test_util.h"
 
 namespace imgfs {
@@ -66,6 +67,46 @@ TEST_F(ExportFsTest, ReadsWritesAndAttributesThroughBuiltRequests) {
     ASSERT_EQ(st.error, 0);
     EXPECT_GT(st.as<fuse_statfs_out>().st.blocks, 0U);
     EXPECT_NE(read_text(".control/vm/info").find("\"name\":\"vm\""), std::string::npos);
+}
+
+// A store that cannot tell its room (a dead cluster, a failing disk): STATFS says so with the
+// store's errno instead of reporting a file system of zero blocks, and logs it once while the
+// failure lasts.
+class SpacelessStore final : public test::ForwardingStore {
+  public:
+    SpacelessStore(std::unique_ptr<Store> inner, const bool* fail)
+        : ForwardingStore(std::move(inner)), fail_(fail) {}
+    Result<StoreSpace> space() override {
+        if (*fail_) {
+            return make_error(ETIMEDOUT, "asking the cluster for its room: injected");
+        }
+        return inner()->space();
+    }
+
+  private:
+    const bool* fail_;
+};
+
+TEST_F(ExportFsTest, StatfsReportsAStoreThatCannotTellItsRoom) {
+    bool fail = true;
+    wrap_store_ = [&fail](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
+        return std::make_unique<SpacelessStore>(std::move(inner), &fail);
+    };
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    for (int i = 0; i < 3; ++i) {
+        test::Reply st = run(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}));
+        EXPECT_EQ(st.error, ETIMEDOUT);
+    }
+    size_t logged = 0;
+    for (const std::string& line : log_.lines()) {
+        logged += line.find("cannot tell the room") != std::string::npos ? 1 : 0;
+    }
+    EXPECT_EQ(logged, 1U);
+    fail = false;
+    test::Reply st = run(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}));
+    ASSERT_EQ(st.error, 0);
+    EXPECT_GT(st.as<fuse_statfs_out>().st.blocks, 0U);
 }
 
 // GETATTR counts the allocation across awaits while FALLOCATE (PUNCH_HOLE) invalidates the
