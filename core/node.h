@@ -321,7 +321,7 @@ class Node : public ChildOwner {
     bool needs_tracking() const;
     Task<Status> read_chunks(uint64_t offset, MutBuf buf);
     Task<Status> write_chunks(uint64_t offset, ConstBuf buf);
-    Task<Status> write_padded(uint64_t offset, ConstBuf buf);
+    Task<Status> write_padded(uint64_t offset, ConstBuf buf, const RangeLock::Request* req);
     Task<Status> read_block_or_zero(uint64_t block, MutBuf dst);
     Task<Status> zeroes_in_place(uint64_t offset, uint64_t bytes, bool may_unmap);
 

@@ -97,7 +97,7 @@ Task<Status> Node::write(uint64_t offset, ConstBuf buf) {
     if (aligned) {
         co_return co_await write_chunks(offset, buf);
     }
-    co_return co_await write_padded(offset, buf);
+    co_return co_await write_padded(offset, buf, &req);
 }
 
 Task<Status> Node::write_chunks(uint64_t offset, ConstBuf buf) {
@@ -110,8 +110,8 @@ Task<Status> Node::write_chunks(uint64_t offset, ConstBuf buf) {
     co_return Status{};
 }
 
-// Caller holds a serialising tracked request over the aligned range.
-Task<Status> Node::write_padded(uint64_t offset, ConstBuf buf) {
+// Caller holds `req`, a serialising tracked request over the aligned range.
+Task<Status> Node::write_padded(uint64_t offset, ConstBuf buf, const RangeLock::Request* req) {
     const uint64_t align = limits_.request_alignment;
     uint64_t head = align_down(offset, align);
     uint64_t tail = align_up(offset + buf.size(), align);
@@ -130,9 +130,13 @@ Task<Status> Node::write_padded(uint64_t offset, ConstBuf buf) {
     uint64_t old_size = size_;
     CO_TRY(co_await write_chunks(head, bounce.span()));
     // Padding past the old end grew the node to the alignment boundary; the caller asked for
-    // its exact end.
+    // its exact end. Cut only our own padding: not if the node ends past it (another write
+    // grew it meanwhile), nor while any other request is tracked past our range (a write
+    // there may be done in the storage before its completion is seen, and the cut would
+    // drop it). Padding left in place reads as zeros, as the range past the end did.
     uint64_t wanted = std::max(old_size, offset + buf.size());
-    if (size_ > wanted && caps_.resize) {
+    if (caps_.resize && size_ == tail && tail > wanted &&
+        !tracked_.any_overlap(tail, UINT64_MAX - tail, req)) {
         CO_TRY(co_await do_truncate(wanted));
     }
     co_return Status{};

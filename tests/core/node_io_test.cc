@@ -1,12 +1,14 @@
 // The generic request layer against a driver that demands alignment and a small max transfer:
 // the driver only ever sees conforming requests, and the bytes come out as a plain model says.
 #include <algorithm>
+#include <cstring>
 #include <random>
 
 #include <gtest/gtest.h>
 
 #include "core/task_scope.h"
 #include "core/transaction.h"
+#include "core/wait_queue.h"
 #include "fake_node.h"
 #include "test_util.h"
 
@@ -157,6 +159,83 @@ TEST_F(NodeIoTest, ConcurrentReadModifyWritesDoNotLoseBytes) {
     EXPECT_EQ(node->data[1000], 2);
     EXPECT_EQ(node->data[5000], 3);
     EXPECT_EQ(node->data[99], 0);
+}
+
+// A growable in-memory file that demands 512-byte requests, as a file opened with O_DIRECT; a
+// write at `held_offset` waits inside the driver until released.
+class GrowingNode final : public Node {
+  public:
+    GrowingNode(NodeEnv env, uint64_t size) : Node(env, "growing"), data(size), gate_(env.loop) {
+        size_ = size;
+        limits_.request_alignment = 512;
+        limits_.memory_alignment = 512;
+        caps_.resize = true;
+    }
+    [[nodiscard]] const char* driver_name() const override { return "growing"; }
+    void release() {
+        held_offset = UINT64_MAX;
+        gate_.notify_all();
+    }
+    std::vector<uint8_t> data;
+    uint64_t held_offset = UINT64_MAX;
+    bool held_write_waiting = false;
+
+  protected:
+    Task<Status> do_read(uint64_t offset, MutBuf buf) override {
+        std::memset(buf.data(), 0, buf.size());
+        if (offset < data.size()) {
+            std::memcpy(buf.data(), data.data() + offset,
+                        std::min<uint64_t>(buf.size(), data.size() - offset));
+        }
+        co_return Status{};
+    }
+    Task<Status> do_write(uint64_t offset, ConstBuf buf) override {
+        while (offset == held_offset) {
+            held_write_waiting = true;
+            co_await gate_.wait();
+        }
+        if (offset + buf.size() > data.size()) {
+            data.resize(offset + buf.size());
+        }
+        std::memcpy(data.data() + offset, buf.data(), buf.size());
+        size_ = std::max<uint64_t>(size_, offset + buf.size());
+        co_return Status{};
+    }
+    Task<Status> do_flush() override { co_return Status{}; }
+    Task<Status> do_truncate(uint64_t new_size) override {
+        data.resize(new_size);
+        size_ = new_size;
+        co_return Status{};
+    }
+
+  private:
+    WaitQueue gate_;
+};
+
+// An unaligned write inside the file (an 8-byte L1 entry under `-o direct`) is padded to its
+// block. While it waits, another write grows the file past it: the padded write must not cut
+// the file back to the size it saw before (that dropped the other write's acknowledged data).
+TEST_F(NodeIoTest, APaddedWriteDoesNotCutOffAWriteThatGrewTheFileMeanwhile) {
+    auto node = std::make_shared<GrowingNode>(env(), 8192);
+    node->held_offset = 0;  // the padded write's block
+    TaskScope scope(loop_.get());
+    int ok = 0;
+    scope.spawn(write_bytes(node.get(), 10, 0x11, 8, &ok));
+    while (!node->held_write_waiting) {
+        run(loop_->sleep(std::chrono::milliseconds(1)));
+    }
+    std::vector<uint8_t> grown(4096, 0x22);
+    ASSERT_TRUE(run(node->write(8192, grown)).ok());
+    node->release();
+    run(join(&scope));
+    EXPECT_EQ(ok, 1);
+    EXPECT_EQ(node->size(), 12288U) << "the padded write cut the file back";
+    EXPECT_EQ(node->data.size() > 12287 ? node->data[12287] : 0, 0x22);
+    EXPECT_EQ(node->data[10], 0x11);
+    // Alone, a padded write past the end still ends where it was asked to.
+    std::vector<uint8_t> tail(100, 0x33);
+    ASSERT_TRUE(run(node->write(12288, tail)).ok());
+    EXPECT_EQ(node->size(), 12388U);
 }
 
 }  // namespace
