@@ -25,13 +25,39 @@ void collect_below(ChildOwner* owner, std::unordered_set<ChildOwner*>* seen) {
     }
 }
 
+// Whether every user of `node` is in `set`.
+bool only_used_from(const Node* node, const std::unordered_set<ChildOwner*>& set) {
+    for (const Child* p : node->parents()) {
+        if (set.count(p->owner()) == 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// What a drain waits on: the drained nodes, everything above them (quiesced), and what lies
+// below them that only they (and the nodes below them) use: their files, a private backing
+// chain. A node below with a user outside (a golden base another image reads through) is
+// left out with what lies under it: its requests from outside never stop, so waiting for
+// it could take as long as the other image stays busy, and nothing the drained section does
+// needs it idle (a layer another image uses is never changed: commit refuses it). The
+// drained nodes' own requests into it are counted on the drained nodes.
 std::unordered_set<ChildOwner*> affected(const std::vector<std::shared_ptr<Node>>& nodes) {
     std::unordered_set<ChildOwner*> set;
     for (const auto& n : nodes) {
         collect_above(n.get(), &set);
     }
-    for (const auto& n : nodes) {
-        collect_below(n.get(), &set);
+    // Each owner's children are looked at once it joins, so a node below with two users in
+    // the section (a diamond) joins when the second of them does.
+    std::vector<ChildOwner*> frontier(set.begin(), set.end());
+    for (size_t i = 0; i < frontier.size(); ++i) {
+        for (const auto& c : frontier[i]->children()) {
+            Node* below = c->node();
+            if (set.count(below) == 0 && only_used_from(below, set)) {
+                set.insert(below);
+                frontier.push_back(below);
+            }
+        }
     }
     return set;
 }
