@@ -76,6 +76,10 @@ Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& 
     // completes when the cluster has it, or fails, and the qcow2 driver gives the clusters
     // back.
     TRY(set_conf(c, "rbd_cache", "false"));
+    // Taking the lock of a dead owner breaks it; the break must fence that owner off the
+    // cluster (Ceph's default, forced here against a ceph.conf that turns it off), or a
+    // client that was only cut off would come back as a second writer.
+    TRY(set_conf(c, "rbd_blocklist_on_break_lock", "true"));
     // Logging goes to imgfs's own log, not to files under /var/log/ceph.
     TRY(set_conf(c, "log_to_stderr", "false"));
     TRY(set_conf(c, "log_file", ""));
@@ -255,7 +259,10 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
     if (!read_only || presence == Presence::kAnnounced) {
         r = rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
     }
-    if (read_only && r < 0 && r != -ENOENT) {
+    // Only for refusals of the watch itself: a timeout, an I/O error or a blocklisted client
+    // is the cluster failing, and a quiet unwatched open would hide the layer from other
+    // hosts (which may then delete or rename it under this one).
+    if (read_only && (r == -EPERM || r == -EACCES || r == -EROFS || r == -ENOSPC || r == -EDQUOT)) {
         r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     if (r < 0) {
@@ -369,11 +376,19 @@ std::string RbdImage::lock_owners() const {
 }
 
 Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
-    rbd_image_watcher_t watchers[16];
-    size_t watcher_count = 16;
-    int r = rbd_watchers_list(image_, watchers, &watcher_count);
+    // Every host serving a layer watches it, so a base of a pool many hosts mount has many
+    // watchers: the list grows to what librbd says it needs (it sets the count on ERANGE),
+    // since assuming the owner alive would keep a dead writer's lock forever.
+    std::vector<rbd_image_watcher_t> watchers(16);
+    size_t watcher_count = watchers.size();
+    int r = rbd_watchers_list(image_, watchers.data(), &watcher_count);
+    for (int tries = 0; r == -ERANGE && tries < 3; ++tries) {
+        watchers.resize(std::max(watcher_count, watchers.size() * 2));
+        watcher_count = watchers.size();
+        r = rbd_watchers_list(image_, watchers.data(), &watcher_count);
+    }
     if (r == -ERANGE) {
-        return true;  // more clients than that have it open: assume the owner is one
+        return true;  // still growing faster than we can list: not for us to take
     }
     if (r < 0) {
         return rbd_error(r, pool_->cluster(),
@@ -385,7 +400,7 @@ Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
             alive = alive || std::strcmp(owners[i], watchers[w].addr) == 0;
         }
     }
-    rbd_watchers_list_cleanup(watchers, watcher_count);
+    rbd_watchers_list_cleanup(watchers.data(), watcher_count);
     return alive;
 }
 
@@ -416,6 +431,12 @@ Status RbdImage::check_write_cache_off() const {
 Status RbdImage::lock_exclusive() const {
     TRY(check_lockable());
     TRY(check_write_cache_off());  // every writer takes the lock before its first write
+    // Already ours (a claim that took it but failed right after): the owner check below would
+    // find this client alive and refuse it its own lock.
+    int is_owner = 0;
+    if (rbd_is_exclusive_lock_owner(image_, &is_owner) == 0 && is_owner != 0) {
+        return {};
+    }
     // Asked for the lock, a client under librbd's automatic policy (QEMU, rbd map, any client
     // that never took it explicitly) hands it over and waits to get it back: asking a live
     // owner would make this host a second writer of an image in use. Only a lock whose owner

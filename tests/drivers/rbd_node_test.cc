@@ -252,6 +252,17 @@ TEST_F(RbdNodeTest, ReadOnlyImageRefusesWriters) {
     EXPECT_EQ(buf, std::vector<uint8_t>(4096, 0));
 }
 
+// A claim that took the lock and then failed (its size query timed out) leaves the lock with
+// this handle; the next claim must find it its own, not a live writer to refuse.
+TEST_F(RbdNodeTest, ALockThisHandleHoldsIsItsOwnOnTheNextClaim) {
+    create_image("relock", 4 << 20);
+    auto image = RbdImage::open(pool_, "relock", false);
+    ASSERT_TRUE(image.ok()) << image.error().message();
+    ASSERT_TRUE(image->lock_exclusive().ok());
+    Status again = image->lock_exclusive();
+    EXPECT_TRUE(again.ok()) << again.error().message();
+}
+
 TEST_F(RbdNodeTest, ClusterThatStopsAnsweringGivesEioWithinTheDeadline) {
     std::vector<uint8_t> buf(65536, 7);
     auto node = written_node_with_short_deadline("dead", buf);
