@@ -51,9 +51,39 @@ std::string json_value(const std::string& json, const std::string& key) {
     return json.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
 }
 
+// An image name as the daemon lists it. An empty name (an unset shell variable) or "." would
+// reach the mount's global files: `.control/snapshot` snapshots every image.
+int refuse_bad_name(const std::string& name) {
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
+        return fail(fmt::format("invalid image name '{}'", name));
+    }
+    return 0;
+}
+
+// The first image listed under MNT (NAME.raw), or empty.
+std::string first_export(const std::string& mnt) {
+    std::string first;
+    if (DIR* d = ::opendir(mnt.c_str())) {
+        while (dirent* ent = ::readdir(d)) {
+            std::string n = ent->d_name;
+            if (n.size() > 4 && n.compare(n.size() - 4, 4, ".raw") == 0 &&
+                (first.empty() || n < first + ".raw")) {
+                first = n.substr(0, n.size() - 4);
+            }
+        }
+        ::closedir(d);
+    }
+    return first;
+}
+
 std::string control_path(const std::string& mnt, const std::string& name, const std::string& file) {
     return name.empty() ? mnt + "/.control/" + file : mnt + "/.control/" + name + "/" + file;
 }
+
+// What send_command returns when the daemon refused the command and `quiet` kept it from
+// saying why (the caller does). A control file that cannot be opened is always reported there
+// (status 1).
+constexpr int kRefusedQuietly = 2;
 
 // Writes one command; on failure prints the daemon's reason unless `quiet`, and leaves the errno
 // in *err.
@@ -84,7 +114,7 @@ int send_command(const std::string& mnt, const std::string& name, const std::str
         *err_out = err;
     }
     if (quiet) {
-        return 1;
+        return kRefusedQuietly;
     }
     std::string reason;
     if (!name.empty()) {
@@ -109,9 +139,31 @@ void on_interrupt(int /*signo*/) {
     interrupted = 1;
 }
 
-// Follows .control/NAME/job until the job concludes: a bar on a terminal, lines otherwise.
-// Ctrl-C stops the waiting, not the job, and says so.
-int wait_for_job(const std::string& mnt, const std::string& name) {
+// The status of job `id` of NAME: the image's job file while it shows that job, else its line
+// in .control/jobs (a later job, or a snapshot's record, may have taken the job file). Without
+// an id, whatever the job file shows.
+std::string job_status(const std::string& mnt, const std::string& name, const std::string& id) {
+    std::string job = slurp(control_path(mnt, name, "job"));
+    if (id.empty() || json_value(job, "id") == id) {
+        return job;
+    }
+    std::istringstream all(slurp(control_path(mnt, "", "jobs")));
+    for (std::string line; std::getline(all, line);) {
+        if (json_value(line, "id") == id) {
+            return line;
+        }
+    }
+    return {};
+}
+
+// What --wait is for: the job's end, or (for `job pause --wait`) its pause.
+enum class Until { kConcluded, kPaused };
+
+// Follows job `id` of NAME until it concludes: a bar on a terminal, lines otherwise. Ctrl-C
+// stops the waiting, not the job, and says so. A job that ends cancelled fails, unless the
+// cancel is what was asked for.
+int wait_for_job(const std::string& mnt, const std::string& name, const std::string& id,
+                 Until until = Until::kConcluded, bool cancel_asked = false) {
     bool tty = ::isatty(STDOUT_FILENO) != 0;
     std::string last_line;
     struct sigaction sa {};
@@ -127,7 +179,7 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
                          mnt.c_str());
             return 130;
         }
-        std::string job = slurp(control_path(mnt, name, "job"));
+        std::string job = job_status(mnt, name, id);
         std::string state = json_value(job, "state");
         double done = std::atof(json_value(job, "done_bytes").c_str());
         double total = std::atof(json_value(job, "total_bytes").c_str());
@@ -149,11 +201,20 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
                 last_line = line;
             }
         }
+        if (until == Until::kPaused && state == "paused") {
+            if (tty) {
+                std::printf("\n");
+            }
+            return 0;
+        }
         if (state == "concluded" || state.empty()) {
             if (tty) {
                 std::printf("\n");
             }
             std::string error = json_value(job, "error");
+            if (cancel_asked && error == "cancelled") {
+                return 0;
+            }
             if (!error.empty() && error != "null") {
                 return fail(error);
             }
@@ -165,38 +226,75 @@ int wait_for_job(const std::string& mnt, const std::string& name) {
     }
 }
 
-// Starts a job (commit or stream); with `wait`, follows it, and a job of the same kind already
-// running on the image is followed instead of refused.
-// Whether a job of `type` runs on NAME (a concluded one does not count).
-bool job_under_way(const std::string& mnt, const std::string& name, const std::string& type) {
+// The running job of `type` on NAME that a command for `base` would have started (for a
+// stream, `base` is empty): its id, or empty if none runs. A commit into another layer is
+// not this command's job, and following it would report that job's outcome as ours.
+std::string job_under_way(const std::string& mnt, const std::string& name, const std::string& type,
+                          const std::string& base) {
     std::string job = slurp(control_path(mnt, name, "job"));
     std::string state = json_value(job, "state");
-    return json_value(job, "type") == type && !state.empty() && state != "concluded";
+    if (json_value(job, "type") != type || state.empty() || state == "concluded") {
+        return {};
+    }
+    if (type == "commit" && json_value(job, "base") != base) {
+        return {};
+    }
+    return json_value(job, "id");
 }
 
-int follow_running(const std::string& mnt, const std::string& name, const std::string& type) {
+int follow_running(const std::string& mnt, const std::string& name, const std::string& type,
+                   const std::string& id) {
     std::fprintf(stderr, "imgfs: a %s of %s is already under way; following it\n", type.c_str(),
                  name.c_str());
-    return wait_for_job(mnt, name);
+    return wait_for_job(mnt, name, id);
 }
 
+// The layer a commit merges into: FILE of --base, or the one below the top (the chain as the
+// snapshot file lists it, top first).
+std::string commit_base(const std::string& mnt, const std::string& name, const std::string& base) {
+    if (!base.empty()) {
+        return base;
+    }
+    std::istringstream chain(slurp(control_path(mnt, name, "snapshot")));
+    std::string top;
+    std::string below;
+    std::getline(chain, top);
+    std::getline(chain, below);
+    return below;
+}
+
+// Starts a job (commit or stream; `base` is a commit's --base); with `wait`, follows it, and
+// the same job already running on the image is followed instead of refused.
 int start_job(const std::string& mnt, const std::string& name, const std::string& file,
-              const std::string& command, bool wait) {
+              const std::string& command, const std::string& base, bool wait) {
+    if (int bad = refuse_bad_name(name)) {
+        return bad;
+    }
+    const std::string target = file == "commit" ? commit_base(mnt, name, base) : std::string();
     // Looked at first, so that attaching does not leave a refused command as the image's
     // last error; the EBUSY path below covers a job that starts in between.
-    if (wait && job_under_way(mnt, name, file)) {
-        return follow_running(mnt, name, file);
+    if (std::string id = wait ? job_under_way(mnt, name, file, target) : std::string();
+        !id.empty()) {
+        return follow_running(mnt, name, file, id);
     }
     int err = 0;
     int rc = send_command(mnt, name, file, command, wait, &err);
-    if (rc != 0 && wait && err == EBUSY && job_under_way(mnt, name, file)) {
-        return follow_running(mnt, name, file);
+    if (rc == kRefusedQuietly && err == EBUSY) {
+        if (std::string id = job_under_way(mnt, name, file, target); !id.empty()) {
+            return follow_running(mnt, name, file, id);
+        }
     }
-    if (rc != 0 && wait) {
+    if (rc == kRefusedQuietly) {
         std::string reason = json_value(slurp(control_path(mnt, name, "info")), "last_error");
         return fail(reason.empty() ? fmt::format("{}: {}", file, strerror(err)) : reason);
     }
-    return rc != 0 || !wait ? rc : wait_for_job(mnt, name);
+    if (rc != 0 || !wait) {
+        return rc;
+    }
+    // The job the command started: the image's job file names it until another job replaces
+    // it, which only happens once it concluded.
+    std::string job = slurp(control_path(mnt, name, "job"));
+    return wait_for_job(mnt, name, json_value(job, "type") == file ? json_value(job, "id") : "");
 }
 
 bool wants_help(const Args& args, const char* usage) {
@@ -225,11 +323,29 @@ int snapshot(const Args& args) {
         for (size_t i = 3; i < args.size(); ++i) {
             command += " " + args[i];
         }
-        return send_command(args[0], "", "snapshot", command + "\n");
+        int err = 0;
+        if (int rc = send_command(args[0], "", "snapshot", command + "\n", true, &err);
+            rc != kRefusedQuietly) {
+            return rc;
+        }
+        // The daemon leaves the reason with every image of the group (the first one named,
+        // or any image when none is).
+        std::string first = args.size() > 3 ? args[3] : first_export(args[0]);
+        std::string reason =
+            first.empty() ? std::string()
+                          : json_value(slurp(control_path(args[0], first, "info")), "last_error");
+        return fail(reason.empty() ? fmt::format("snapshot: {}", strerror(err)) : reason);
     }
     if (args.size() != 3) {
         return fail(
             "usage: imgfs snapshot MOUNTPOINT NAME SNAP | MOUNTPOINT --group SNAP [NAME...]");
+    }
+    if (int bad = refuse_bad_name(args[1])) {
+        return bad;
+    }
+    if (args[2].empty()) {
+        // An empty write never reaches the daemon: it would look like a snapshot taken.
+        return fail("empty snapshot name");
     }
     return send_command(args[0], args[1], "snapshot", args[2]);
 }
@@ -275,8 +391,17 @@ int job(const Args& args) {
         }
         command += " " + std::to_string(*bytes);
     }
+    if (int bad = refuse_bad_name(pos[1])) {
+        return bad;
+    }
+    // The job the verb is for: the one the job file shows now.
+    const std::string id = json_value(slurp(control_path(pos[0], pos[1], "job")), "id");
     int rc = send_command(pos[0], pos[1], "job", command);
-    return rc == 0 && wait ? wait_for_job(pos[0], pos[1]) : rc;
+    if (rc != 0 || !wait) {
+        return rc;
+    }
+    return wait_for_job(pos[0], pos[1], id, pos[2] == "pause" ? Until::kPaused : Until::kConcluded,
+                        pos[2] == "cancel");
 }
 
 int commit(const Args& args) {
@@ -302,7 +427,7 @@ int commit(const Args& args) {
         return fail("usage: imgfs commit MOUNTPOINT NAME [--base FILE] [--wait]");
     }
     // One write carries one command: an empty command is a bare newline.
-    return start_job(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base, wait);
+    return start_job(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base, base, wait);
 }
 
 int revert(const Args& args) {
@@ -314,6 +439,9 @@ int revert(const Args& args) {
     }
     if (args.size() != 2) {
         return fail("usage: imgfs revert MOUNTPOINT NAME");
+    }
+    if (int bad = refuse_bad_name(args[1])) {
+        return bad;
     }
     return send_command(args[0], args[1], "revert", "\n");
 }
@@ -330,7 +458,7 @@ int stream(const Args& args) {
     if (pos.size() != 2) {
         return fail("usage: imgfs stream MOUNTPOINT NAME [--wait]");
     }
-    return start_job(pos[0], pos[1], "stream", "\n", wait);
+    return start_job(pos[0], pos[1], "stream", "\n", "", wait);
 }
 
 namespace {

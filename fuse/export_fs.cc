@@ -216,7 +216,7 @@ Task<FuseReply> ExportFs::handle(FuseRequest* req) {
         case FUSE_LINK:
         case FUSE_SYMLINK:
         case FUSE_CREATE:
-            co_return FuseReply::err(EPERM);
+            co_return FuseReply::err(options_.read_only ? EROFS : EPERM);
         default:
             co_return FuseReply::err(ENOSYS);  // xattrs, locks, ioctl, poll, copy_file_range...
     }
@@ -340,6 +340,14 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
     Resolved r = resolve(ino);
     if (r.kind == Resolved::Kind::kNone) {
         co_return FuseReply::err(ENOENT);
+    }
+    // On a read-only mount only a control file's truncation (a shell's `>`) goes through, as
+    // the no-op it always is; the kernel does not refuse the rest (see fuse_mount.cc).
+    const uint32_t changes = FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE | FATTR_ATIME |
+                             FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW | FATTR_CTIME;
+    if (options_.read_only && (in.valid & changes) != 0 &&
+        !(r.kind == Resolved::Kind::kControlFile && (in.valid & changes) == FATTR_SIZE)) {
+        co_return FuseReply::err(EROFS);
     }
     if ((in.valid & (FATTR_MODE | FATTR_UID | FATTR_GID)) != 0) {
         co_return FuseReply::err(EPERM);
@@ -670,6 +678,9 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
     Resolved r = resolve(req->header->nodeid);
     if (r.kind != Resolved::Kind::kRaw) {
         co_return FuseReply::err(EOPNOTSUPP);
+    }
+    if (options_.read_only) {
+        co_return FuseReply::err(EROFS);
     }
     if (overflows(in.offset, in.length)) {
         co_return FuseReply::err(EINVAL);

@@ -35,9 +35,10 @@ Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoin
     opts += ",fsname=" +
             escape_option_value(options.fsname.empty() ? std::string("imgfs") : options.fsname);
     opts += fmt::format(",max_read={}", options.max_read_bytes);
-    if (options.read_only) {
-        opts += ",ro";
-    }
+    // `ro` is not passed to the kernel: a read-only file system refuses every open for
+    // writing, and a read-only mount must still take a rescan through its control file. The
+    // daemon refuses every change itself with EROFS (ExportFs), and losetup, refused a
+    // read-write open, falls back to a read-only loop device as on a read-only file system.
     if (options.allow_other) {
         opts += ",allow_other";
     }

@@ -55,7 +55,9 @@ Status StandardControl::refuse(Export* e, Error error) {
     std::string where = e != nullptr ? e->name : std::string(".control");
     log_->warn("{}: {}", where, error.message());
     if (e != nullptr) {
-        e->last_error = error.context.empty() ? error.message() : error.context;
+        // With the errno's text: a context alone ("cannot create vm1@s1.qcow2") hides the
+        // cause (no space, permission, a name taken).
+        e->last_error = error.message();
     }
     return error;
 }
@@ -120,7 +122,19 @@ Task<Status> StandardControl::group_snapshot(std::string command) {
             targets.emplace_back(x, snap);
         }
     }
-    co_return co_await jobs_->group_snapshot(std::move(targets));
+    // Every image of the group keeps the reason as its last error: the global file has no
+    // info of its own, and the CLI reads the reason from there.
+    std::vector<std::shared_ptr<Export>> group;
+    for (const auto& t : targets) {
+        group.push_back(t.first);
+    }
+    Status st = co_await jobs_->group_snapshot(std::move(targets));
+    if (!st) {
+        for (const auto& x : group) {
+            x->last_error = fmt::format("group snapshot '{}': {}", snap, st.error().message());
+        }
+    }
+    co_return st;
 }
 
 Task<Status> StandardControl::run(std::shared_ptr<Export> e, ControlFile file,

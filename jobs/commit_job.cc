@@ -31,6 +31,7 @@ CommitJob::CommitJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e, s
     : Job(images->env().loop, id, "commit", std::move(e)),
       images_(images),
       base_index_(base_index) {
+    base_file_ = image()->chain.layers[base_index].file;
     set_total(estimate);
 }
 

@@ -204,6 +204,9 @@ std::string Job::status_json() const {
     w.field("done_bytes", done_bytes_);
     w.field("total_bytes", std::max(total_bytes_, done_bytes_));
     w.field("speed", speed_bytes_per_s_);
+    if (!base_file_.empty()) {
+        w.field("base", base_file_);
+    }
     if (error_.empty()) {
         w.key("error");
         w.null();

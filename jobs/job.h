@@ -65,12 +65,15 @@ class Job : public ChildOwner {
     Status set_speed(uint64_t bytes_per_s);
 
     /// {"id":..,"type":..,"image":..,"state":..,"done_bytes":..,"total_bytes":..,"speed":..,
-    ///  "error":..}
+    ///  "error":..}, and "base" for a commit (the layer it merges into).
     [[nodiscard]] std::string status_json() const;
 
   protected:
     /// Drops the job's references to nodes (called once, as the job concludes).
     virtual void release_nodes() {}
+    /// Set by a commit: the file of the layer it merges into, so that a client can tell one
+    /// commit from another (`imgfs commit --base FILE --wait` follows only its own).
+    std::string base_file_;
     /// Between units of work: waits while paused or quiesced by a drained section, sleeps to
     /// keep to the rate limit for `bytes` just done, and fails with ECANCELED once cancelled.
     Task<Status> checkpoint(uint64_t bytes);

@@ -295,10 +295,38 @@ class Behaviour(harness.ImageDirTest):
                 f.write("bogus")
         m.stop()
         ro = self.mount("ro")
-        with self.assertRaises(OSError):
-            with open(ro.path("b.raw"), "r+b") as f:
-                f.write(b"x")
+        before = convert_raw(self.img("b.qcow2"))
+        for change in (lambda: open(ro.path("b.raw"), "r+b"),
+                       lambda: os.truncate(ro.path("b.raw"), 4 * MiB),
+                       lambda: os.utime(ro.path("b.raw")),
+                       lambda: os.chmod(ro.path("b.raw"), 0o644),
+                       lambda: open(ro.path("new.raw"), "wb"),
+                       lambda: os.rename(ro.path("b.raw"), ro.path("c.raw"))):
+            with self.assertRaises(OSError) as refused:
+                change()
+            self.assertEqual(refused.exception.errno, errno.EROFS)
+        p = run(["fallocate", "-l", "4M", ro.path("b.raw")], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        # losetup, refused a read-write open, sets up a read-only loop device.
+        dev = run(["losetup", "--find", "--show", ro.path("b.raw")]).stdout.strip()
+        try:
+            with open(f"/sys/block/{os.path.basename(dev)}/ro") as f:
+                self.assertEqual(f.read().strip(), "1")
+        finally:
+            run(["losetup", "-d", dev], check=False)
+        # Commands are refused, a rescan is not: an image added since shows up.
+        fd = os.open(ro.path(".control", "b", "snapshot"), os.O_WRONLY)
+        with self.assertRaises(OSError) as refused:
+            os.write(fd, b"s1\n")
+        os.close(fd)
+        self.assertEqual(refused.exception.errno, errno.EROFS)
+        qemu_img("create", "-q", "-f", "qcow2", self.img("d.qcow2"), "1M")
+        with open(ro.path(".control", "rescan"), "w") as f:
+            f.write("\n")
+        self.assertEqual(ro.exports(), ["b", "d"])
         ro.stop()
+        self.assertTrue(convert_raw(self.img("b.qcow2")) == before)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["b.qcow2", "d.qcow2"])
 
     def test_mount_options_and_modes(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")

@@ -27,6 +27,10 @@ def job(m, name):
     return json.loads(text) if text.strip() else None
 
 
+def chain(m, name):
+    return read_control(m, name, "snapshot").split()
+
+
 class Status(harness.ImageDirTest):
     def test_skipped_and_damaged_images_are_listed_with_their_reason(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("good.qcow2"), "16M")
@@ -274,6 +278,36 @@ class JobCli(harness.ImageDirTest):
         self.assertEqual(job(m, "vm")["error"], "cancelled")
         p = run([harness.IMGFS, "job", m.mountpoint, "vm", "cancel"], check=False)
         self.assertNotEqual(p.returncode, 0)
+        m.stop()
+
+    def test_wait_follows_only_the_job_it_asked_for(self):
+        m = self.m
+        # An empty or "." image name would reach the mount's global files (a group snapshot
+        # of every image); an empty snapshot name never reaches the daemon at all.
+        for argv in (["snapshot", m.mountpoint, "", "s9"], ["snapshot", m.mountpoint, ".", "s9"],
+                     ["snapshot", m.mountpoint, "vm", ""], ["commit", m.mountpoint, "", "--wait"],
+                     ["job", m.mountpoint, "..", "cancel"]):
+            p = run([harness.IMGFS, *argv], check=False)
+            self.assertNotEqual(p.returncode, 0, argv)
+            self.assertIn("imgfs:", p.stderr)
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
+        run([harness.IMGFS, "snapshot", m.mountpoint, "vm", "s2"])
+        self.start_slow_commit(m)  # vm@s2 into vm@s1
+        self.assertEqual(job(m, "vm")["base"], "vm@s1.qcow2")
+        # A commit into another layer is refused, not followed as if it were this one.
+        p = run([harness.IMGFS, "commit", m.mountpoint, "vm", "--base", "vm.qcow2", "--wait"],
+                check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertNotIn("following it", p.stderr)
+        p = run([harness.IMGFS, "job", m.mountpoint, "vm", "pause", "--wait"], timeout=30)
+        self.assertEqual(job(m, "vm")["state"], "paused")
+        p = run([harness.IMGFS, "job", m.mountpoint, "vm", "cancel", "--wait"], timeout=30)
+        self.assertEqual(job(m, "vm")["error"], "cancelled")
+        self.assertEqual(chain(m, "vm"), ["vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2"])
+        # The commit asked for is followed to its own end, whatever the job file shows then.
+        p = run([harness.IMGFS, "commit", m.mountpoint, "vm", "--base", "vm.qcow2", "--wait"],
+                timeout=120)
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
         m.stop()
 
 
