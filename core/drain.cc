@@ -25,23 +25,25 @@ void collect_below(ChildOwner* owner, std::unordered_set<ChildOwner*>* seen) {
     }
 }
 
-// Whether every user of `node` is in `set`.
-bool only_used_from(const Node* node, const std::unordered_set<ChildOwner*>& set) {
+// Whether a layer outside `set` uses `node` (another image's overlay on a shared base).
+// Users that are not layers (a job's edge, a backend) do not count: they belong to the
+// image being drained or never reach a shared base, and are waited for as before.
+bool used_by_outside_layer(const Node* node, const std::unordered_set<ChildOwner*>& set) {
     for (const Child* p : node->parents()) {
-        if (set.count(p->owner()) == 0) {
-            return false;
+        if (set.count(p->owner()) == 0 && p->owner()->as_node() != nullptr) {
+            return true;
         }
     }
-    return true;
+    return false;
 }
 
 // What a drain waits on: the drained nodes, everything above them (quiesced), and what lies
-// below them that only they (and the nodes below them) use: their files, a private backing
-// chain. A node below with a user outside (a golden base another image reads through) is
-// left out with what lies under it: its requests from outside never stop, so waiting for
-// it could take as long as the other image stays busy, and nothing the drained section does
-// needs it idle (a layer another image uses is never changed: commit refuses it). The
-// drained nodes' own requests into it are counted on the drained nodes.
+// below them: their files, their backing chain. A node below that a layer outside the
+// section also uses (a golden base another image reads through) is left out with what lies
+// under it: that image's requests into it never stop, so waiting for it could take as long
+// as the other image stays busy, and nothing the drained section does needs it idle (a
+// layer another image uses is never changed: commit refuses it). The drained nodes' own
+// requests into it are counted on the drained nodes.
 std::unordered_set<ChildOwner*> affected(const std::vector<std::shared_ptr<Node>>& nodes) {
     std::unordered_set<ChildOwner*> set;
     for (const auto& n : nodes) {
@@ -53,7 +55,7 @@ std::unordered_set<ChildOwner*> affected(const std::vector<std::shared_ptr<Node>
     for (size_t i = 0; i < frontier.size(); ++i) {
         for (const auto& c : frontier[i]->children()) {
             Node* below = c->node();
-            if (set.count(below) == 0 && only_used_from(below, set)) {
+            if (set.count(below) == 0 && !used_by_outside_layer(below, set)) {
                 set.insert(below);
                 frontier.push_back(below);
             }

@@ -1,7 +1,7 @@
 // Drained sections: while one is held on a node, everything that could send the node new
 // requests (its parents, up to backends and jobs) is quiesced, and nothing is in flight on the
-// node, on what is above it, or on what is below it and used only from there (a layer below
-// that another image also uses keeps serving it). Graph changes happen inside one.
+// node, on what is above it, or on what is below it (except a layer below that another
+// image's overlay also uses, which keeps serving it). Graph changes happen inside one.
 #pragma once
 
 #include <memory>

@@ -1,6 +1,6 @@
-// Drained sections: what a drain waits for below the drained nodes. It waits for what only they
-// use (a request their driver sent down on its own), and not for a layer another image also
-// reads through, which may never be idle while that image is busy.
+// Drained sections: what a drain waits for below the drained nodes. It waits for their own
+// layers (a request their driver sent down on its own), and not for a layer another image's
+// overlay also reads through, which may never be idle while that image is busy.
 #include "core/drain.h"
 
 #include <gtest/gtest.h>
@@ -27,11 +27,6 @@ class DrainTest : public test::LoopTest {
         (void)co_await edge->read(0, buf);
         *done = true;
     }
-    static Task<void> read_backend(BlockBackend* be, bool* done) {
-        std::vector<uint8_t> buf(4096);
-        (void)co_await be->read(0, buf);
-        *done = true;
-    }
     static Task<void> join(TaskScope* s) { co_await s->join(); }
     void ticks(int n) {
         for (int i = 0; i < n; ++i) {
@@ -45,19 +40,21 @@ class DrainTest : public test::LoopTest {
 TEST_F(DrainTest, ALayerAnotherImageKeepsBusyDoesNotHoldTheDrainUp) {
     auto base = std::make_shared<MemNode>(env(), "base", 1 << 20);
     auto vm1 = std::make_shared<MemNode>(env(), "vm1", 1 << 20);
+    auto vm2 = std::make_shared<MemNode>(env(), "vm2", 1 << 20);
     BlockBackend be1(loop_.get(), "vm1");
     BlockBackend be2(loop_.get(), "vm2");
     {
         Transaction tx(&graph_);
         tx.attach(vm1.get(), base, ChildRole::kBacking, "backing");
+        tx.attach(vm2.get(), base, ChildRole::kBacking, "backing");
         be1.attach(&tx, vm1, perm::kConsistentRead, perm::kAll);
-        be2.attach(&tx, base, perm::kConsistentRead, perm::kAll);
+        be2.attach(&tx, vm2, perm::kConsistentRead, perm::kAll);
         ASSERT_TRUE(tx.commit().ok());
     }
     base->hold();
     TaskScope scope(loop_.get());
     bool read_done = false;
-    scope.spawn(read_backend(&be2, &read_done));
+    scope.spawn(read_through(vm2->backing(), &read_done));  // vm2's read falling through
     ticks(2);
     ASSERT_EQ(base->in_flight(), 1U);
     bool drained = false;
