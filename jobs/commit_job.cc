@@ -168,6 +168,11 @@ Task<void> CommitJob::abandon() {
 }
 
 Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scratch) {
+    // A copy is one of the filter's requests: a drained section on the image (the claim of
+    // a pool top, which rereads its metadata) waits for it and holds the next one back, as it
+    // does the guest's. The job's edges are not above the filter, so it is not quiesced.
+    co_await filter_->wait_unquiesced();
+    InFlightGuard counted(filter_.get());
     // Excludes guest writes to the range (every one holds a non-serialising request): in sync
     // mode one landing between our read and our write would be overwritten with older data.
     RangeLock::Request req(filter_->tracker(), offset, bytes, true);

@@ -80,6 +80,10 @@ Task<void> StreamJob::abandon() {
 }
 
 Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
+    // One of the filter's requests, as a commit's copy is (CommitJob::copy_range): a drained
+    // section on the image waits for it and holds the next one back.
+    co_await filter_->wait_unquiesced();
+    InFlightGuard counted(filter_.get());
     RangeLock::Request req(filter_->tracker(), offset, bytes, true);
     co_await filter_->tracker()->acquire(&req);
     Node* top = top_.get();
