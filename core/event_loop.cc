@@ -245,7 +245,10 @@ bool EventLoop::wait_and_reap() {
     // page cache dropped went from 8.4-10.6k to 6.7-7.1k IOPS at QD1 when the loop spun
     // while the disk read was out (2026-12-04).
     const bool poll_eligible = poll_max_.count() > 0 && ops_in_flight_ == work_waits_in_flight_;
-    if (posted_pending) {
+    // Coroutines made runnable by the reap inside get_sqe (the wake read's re-arm met a full
+    // SQ) must not wait for the next completion: at queue depth 1 that may be the next
+    // request, which the replies they would send hold up.
+    if (posted_pending || !ready_.empty()) {
         ++submit_calls_;
         io_uring_submit(&ring_);  // the posts are served below; completions are reaped as well
     } else if (!poll_eligible || poll_window_.count() == 0 || !poll_for_completions()) {
