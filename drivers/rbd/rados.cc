@@ -259,10 +259,13 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
     if (!read_only || presence == Presence::kAnnounced) {
         r = rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
     }
-    // Only for refusals of the watch itself: a timeout, an I/O error or a blocklisted client
-    // is the cluster failing, and a quiet unwatched open would hide the layer from other
-    // hosts (which may then delete or rename it under this one).
-    if (read_only && (r == -EPERM || r == -EACCES || r == -EROFS || r == -ENOSPC || r == -EDQUOT)) {
+    // On any error: a full pool does not refuse the watch, it lets its registration run out
+    // the deadline (a full OSD holds writes), and a layer must stay readable there. Narrowed
+    // to refusals once, that made every command on a full pool fail with EIO instead of
+    // starting and failing cleanly (test_rbd test_chain_edits_on_a_full_pool_lose_nothing).
+    // The cost: on a cluster too slow to register a watch in time, the layer is served
+    // without one, unseen by other hosts' checks.
+    if (read_only && r < 0 && r != -ENOENT) {
         r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     if (r < 0) {
