@@ -321,6 +321,16 @@ int snapshot(const Args& args) {
     if (args.size() >= 3 && args[1] == "--group") {
         std::string command = args[2];
         for (size_t i = 3; i < args.size(); ++i) {
+            // The group command separates names with spaces: "my vm" would name "my" and "vm".
+            if (args[i].find_first_of(" \t") != std::string::npos) {
+                return fail(fmt::format(
+                    "a group snapshot cannot name '{}': the control file separates names with "
+                    "spaces (snapshot it on its own)",
+                    args[i]));
+            }
+            if (int bad = refuse_bad_name(args[i])) {
+                return bad;
+            }
             command += " " + args[i];
         }
         int err = 0;

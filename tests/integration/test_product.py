@@ -286,7 +286,9 @@ class JobCli(harness.ImageDirTest):
         # of every image); an empty snapshot name never reaches the daemon at all.
         for argv in (["snapshot", m.mountpoint, "", "s9"], ["snapshot", m.mountpoint, ".", "s9"],
                      ["snapshot", m.mountpoint, "vm", ""], ["commit", m.mountpoint, "", "--wait"],
-                     ["job", m.mountpoint, "..", "cancel"]):
+                     ["job", m.mountpoint, "..", "cancel"],
+                     ["snapshot", m.mountpoint, "--group", "s9", "vm", "my vm"],
+                     ["snapshot", m.mountpoint, "--group", "s9", ""]):
             p = run([harness.IMGFS, *argv], check=False)
             self.assertNotEqual(p.returncode, 0, argv)
             self.assertIn("imgfs:", p.stderr)
