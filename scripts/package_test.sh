@@ -165,15 +165,18 @@ wait_gone() { # the daemon of a mount that umount(8) detached exits once the ima
 say "mount -t fuse.imgfs -o ro (no PATH)"
 env -i /bin/mount -t fuse.imgfs -o ro "$images" "$work/mnt1" || die "mount -t fuse.imgfs failed"
 [ "$(fstype "$work/mnt1")" = fuse.imgfs ] || die "no fuse.imgfs mount on mnt1"
-findmnt -n -o OPTIONS --mountpoint "$work/mnt1" | grep -qE '(^|,)ro(,|$)' || die "not mounted ro"
 cmp -n 1048576 "$work/mnt1/vm1.raw" <(head -c 1048576 /dev/zero | tr '\0' '\132') ||
   die "vm1.raw does not read back what imgfs io wrote"
-if dd if=/dev/zero of="$work/mnt1/vm1.raw" bs=4k count=1 conv=notrunc status=none 2>/dev/null; then
+# `ro` reaches the daemon, which refuses every change itself with EROFS (the kernel mount
+# stays read-write so that a rescan can be written).
+if out=$(dd if=/dev/zero of="$work/mnt1/vm1.raw" bs=4k count=1 conv=notrunc status=none 2>&1); then
   die "a write to a read-only mount succeeded"
 fi
+grep -q "Read-only file system" <<<"$out" || die "a write to a read-only mount failed otherwise: $out"
+echo > "$work/mnt1/.control/rescan" || die "a rescan on a read-only mount was refused"
 umount "$work/mnt1"
 wait_gone "$work/mnt1"
-say "mount -t fuse.imgfs: ok (read back, write refused, umount)"
+say "mount -t fuse.imgfs: ok (read back, write refused with EROFS, rescan, umount)"
 
 say "an fstab line with mount -T (no PATH; the mount point has a space: \\040)"
 printf '%s %s fuse.imgfs rw,noauto,nofail,x-systemd.device-timeout=5,cache_size=1M 0 0\n' \
