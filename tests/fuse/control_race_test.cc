@@ -15,6 +15,16 @@ constexpr uint64_t kSize = 8 << 20;
 
 class ControlRaceTest : public test::FsTest {
   public:
+    /// Gives "vm" a snapshot s1 under a top that covers the whole disk (a commit then has all
+    /// of it to copy); returns what vm.raw shows.
+    std::vector<uint8_t> snapshot_under_full_top(uint8_t before, uint8_t after) {
+        write_raw("vm", 0, std::vector<uint8_t>(1 << 20, before));
+        EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0);
+        for (uint64_t off = 0; off < kSize; off += 1 << 20) {
+            write_raw("vm", off, std::vector<uint8_t>(1 << 20, after));
+        }
+        return read_raw("vm");
+    }
     /// The served chain of `name` equals the chain its files' headers describe.
     void expect_consistent(const std::string& name) {
         std::vector<std::string> served = chain(name);
@@ -255,12 +265,7 @@ TEST_F(ControlRaceTest, FailedFilterRemovalFencesOnlyThatImage) {
     make_qcow2("vm.qcow2", kSize);
     make_qcow2("other.qcow2", kSize);
     start();
-    write_raw("vm", 0, std::vector<uint8_t>(1 << 20, 0x77));
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    for (uint64_t off = 0; off < kSize; off += 1 << 20) {
-        write_raw("vm", off, std::vector<uint8_t>(1 << 20, 0x78));
-    }
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_under_full_top(0x77, 0x78);
     ASSERT_EQ(control(".control/vm/commit", "\n"), 0);
     ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
     idle(50);  // the job puts its filter in and copies its first chunk
@@ -296,12 +301,7 @@ TEST_F(ControlRaceTest, ADrainedSectionHoldsTheCommitsCopyBack) {
     ImageSetOptions options;
     gate_files(&options);
     start(options);
-    write_raw("vm", 0, std::vector<uint8_t>(1 << 20, 0x31));
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    for (uint64_t off = 0; off < kSize; off += 1 << 20) {
-        write_raw("vm", off, std::vector<uint8_t>(1 << 20, 0x32));
-    }
-    std::vector<uint8_t> content = read_raw("vm");
+    std::vector<uint8_t> content = snapshot_under_full_top(0x31, 0x32);
     ASSERT_EQ(control(".control/vm/commit", "\n"), 0);
     // 4 workers copy 1 MiB each at once, then sleep off the rate: 4 MiB at 16 MiB/s.
     ASSERT_EQ(control(".control/vm/job", "speed 16777216"), 0);
