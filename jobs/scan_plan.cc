@@ -269,7 +269,7 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
         if (chain.empty() || chain.front().id == FileId{}) {
             continue;
         }
-        Result<FileId> named = in.store->id_of(chain.front().file, false);
+        Result<FileId> named = in.store->id_of(chain.front().file, true);
         if (!named || *named != chain.front().id) {
             continue;  // the root went or changed: the scan decides about the export afresh
         }
@@ -427,7 +427,9 @@ std::string check_served_chain(Store* store, bool allow_external_backing,
         if (l.id == FileId{} || is_external_layer(l.file)) {
             continue;  // not a file of the directory: nothing to compare
         }
-        Result<FileId> named = store->id_of(l.file, false);
+        // Links followed, as the open that made the served layer did: a link inside the
+        // directory names its target, and a link pointed elsewhere shows as another file.
+        Result<FileId> named = store->id_of(l.file, true);
         if (!named) {
             return fmt::format("{} is missing on disk", l.file);
         }

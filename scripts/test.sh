@@ -27,6 +27,10 @@ if [ "$sanitize" = 1 ]; then
   # stay under 40 minutes; --long and IMGFS_EXHAUSTION_RUNS=20 are the thorough runs).
   export IMGFS_CRASH_STRIDE=${IMGFS_CRASH_STRIDE:-10}
   export IMGFS_EXHAUSTION_RUNS=${IMGFS_EXHAUSTION_RUNS:-1}
+  # Likewise two of the concurrency race's three seeds, and one on a pool: the plain build runs
+  # them all, with one loop and with two.
+  export IMGFS_STRESS_SEEDS=${IMGFS_STRESS_SEEDS:-1 2}
+  export IMGFS_STRESS_POOL_SEEDS=${IMGFS_STRESS_POOL_SEEDS:-1}
   # ASan's shadow memory and quarantine raise the daemon's RSS; the malformed-image test's bound
   # (200 MiB in the plain build) allows for that.
   export IMGFS_MEM_LIMIT_MB=${IMGFS_MEM_LIMIT_MB:-768}

@@ -613,6 +613,40 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
         self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
 
+    def test_layers_reached_through_symbolic_links_inside_the_directory(self):
+        # base.qcow2 is a link to bases/deb12.qcow2 and vm.qcow2 names the link: the served
+        # layer is the link's target, and jobs must recognise it as the file its name shows.
+        os.mkdir(self.img("bases"))
+        qemu_img("create", "-q", "-f", "qcow2", self.img("bases/deb12.qcow2"), "8M")
+        qemu_io(self.img("bases/deb12.qcow2"), "write -P 0x51 0 8M")
+        os.symlink("bases/deb12.qcow2", self.img("base.qcow2"))
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "8M")
+        m = self.mount()
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2", "base.qcow2"])
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.write(b"\x52" * MiB)
+        self.assertEqual(control(m, "vm", "snapshot", "s1\n"), 0, m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2", "base.qcow2"])
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2\n"), 0, m.read_log())
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2", "base.qcow2"])
+        self.assertEqual(control(m, "vm", "snapshot", "s2\n"), 0, m.read_log())
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.seek(4 * MiB)
+            f.write(b"\x53" * MiB)
+        self.assertEqual(control(m, "vm", "commit", "base=base.qcow2\n"), 0, m.read_log())
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        self.assertEqual(chain(m, "vm"), ["base.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertTrue(shown == b"\x52" * MiB + b"\x51" * (3 * MiB) + b"\x53" * MiB +
+                        b"\x51" * (3 * MiB))
+        m.stop()
+        self.assertTrue(os.path.islink(self.img("base.qcow2")))
+        self.assertEqual(check(self.img("bases/deb12.qcow2"))["exit"], 0)
+        self.assertTrue(convert_raw(self.img("bases/deb12.qcow2")) == shown)
+
     def test_commit_completes_under_a_steady_hole_puncher(self):
         # A client punching holes all the time (fstrim, a filesystem mounted with -o discard)
         # while a commit runs: a punch is a zeroing write for the commit (copied, or mirrored
