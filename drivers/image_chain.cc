@@ -283,6 +283,12 @@ Task<Result<Chain>> open_chain(NodeEnv env, Store* store, std::string file, Chai
         if (depth > 0 && cache != nullptr) {
             auto hit = cache->chains.find(spec.file);
             if (hit != cache->chains.end()) {
+                // The shared layers count towards this chain's depth as if opened here.
+                if (chain.layers.size() + hit->second.size() > options.max_depth) {
+                    co_await close_after_failure(env, &chain);
+                    co_return make_error(ELOOP, "backing chain of '{}' is deeper than {} layers",
+                                         chain.layers.front().file, options.max_depth);
+                }
                 Transaction tx(env.graph);
                 tx.attach(chain.layers.back().node.get(), hit->second.front().node,
                           ChildRole::kBacking, "backing");

@@ -271,5 +271,36 @@ TEST_F(BackingProbeTest, OpenChainRefusesTooDeepChains) {
     EXPECT_TRUE(run(close_chain(&*ok)).ok());
 }
 
+// Layers shared through the cache count as if this chain had opened them: whether a chain is
+// too deep must not depend on which image was opened first.
+TEST_F(BackingProbeTest, OpenChainCountsLayersItSharesThroughTheCache) {
+    put("l0.qcow2", qcow2_image());
+    for (int i = 1; i < 4; ++i) {
+        put(fmt::format("l{}.qcow2", i), qcow2_image(fmt::format("l{}.qcow2", i - 1), "qcow2"));
+    }
+    put("r0.qcow2", qcow2_image("l2.qcow2", "qcow2"));
+    put("r1.qcow2", qcow2_image("r0.qcow2", "qcow2"));
+    ChainOptions o;
+    o.max_depth = 4;
+    LayerCache cache;
+    auto store = LocalDirStore::over(dir_fd_);
+    Result<Chain> first = run(open_chain(env(), store.get(), "l3.qcow2", o, &cache));
+    ASSERT_TRUE(first.ok()) << first.error().message();
+    ASSERT_EQ(cache.chains.count("l2.qcow2"), 1U);
+    // r1 -> r0 -> l2 -> l1 -> l0: five layers, three of them from the cache.
+    Result<Chain> c = run(open_chain(env(), store.get(), "r1.qcow2", o, &cache));
+    ASSERT_FALSE(c.ok());
+    EXPECT_EQ(c.error().errnum, ELOOP);
+    EXPECT_NE(c.error().context.find("backing chain of 'r1.qcow2' is deeper than 4 layers"),
+              std::string::npos)
+        << c.error().message();
+    Result<Chain> r0 = run(open_chain(env(), store.get(), "r0.qcow2", o, &cache));
+    ASSERT_TRUE(r0.ok()) << r0.error().message();
+    EXPECT_EQ(r0->layers.size(), 4U);
+    // The shared layers belong to the first chain: close only what each chain opened itself.
+    EXPECT_TRUE(run(r0->layers.front().node->close()).ok());
+    EXPECT_TRUE(run(close_chain(&*first)).ok());
+}
+
 }  // namespace
 }  // namespace imgfs
