@@ -38,7 +38,7 @@ Result<std::shared_ptr<FileNode>> FileNode::from_fd(NodeEnv env, std::string nam
 }
 
 FileNode::FileNode(NodeEnv env, std::string name, UniqueFd fd, FileOptions options)
-    : Node(env, std::move(name)), fd_(std::move(fd)), options_(options) {}
+    : Node(env, std::move(name)), fd_(std::move(fd)), options_(options), flush_mutex_(env.loop) {}
 
 Status FileNode::init() {
     struct statx stx {};
@@ -192,19 +192,26 @@ Task<Status> FileNode::do_discard(uint64_t offset, uint64_t bytes) {
 }
 
 Task<Status> FileNode::do_flush() {
+    if (read_only_ && !failed_) {
+        co_return Status{};
+    }
+    // Covered by any fdatasync that starts from now on, including one another flush starts
+    // while this one waits for the mutex.
+    const uint64_t covered_by = fdatasyncs_ + 1;
+    CoMutex::Guard guard = co_await flush_mutex_.lock();
     if (failed_) {
         co_return make_error(EIO, "{}: an earlier flush failed; the image must be reopened",
                              name());
     }
-    if (read_only_) {
+    if (fdatasyncs_done_ >= covered_by) {
         co_return Status{};
     }
-    ++fdatasyncs_;
-    Status st;
-    if (options_.fail_fdatasync_errno != 0 && fdatasyncs_ >= options_.fail_fdatasync_nth) {
+    const uint64_t number = ++fdatasyncs_;
+    Status st = co_await env_.loop->fsync(fd_.get(), true);
+    const uint64_t nth = options_.fail_fdatasync_nth;
+    if (st && options_.fail_fdatasync_errno != 0 &&
+        (options_.fail_fdatasync_once ? number == nth : number >= nth)) {
         st = make_error(options_.fail_fdatasync_errno, "injected by rule");
-    } else {
-        st = co_await env_.loop->fsync(fd_.get(), true);
     }
     if (!st) {
         failed_ = true;
@@ -214,6 +221,7 @@ Task<Status> FileNode::do_flush() {
         }
         co_return make_error(st.error().errnum, "{}: fdatasync", name());
     }
+    fdatasyncs_done_ = number;
     co_return Status{};
 }
 

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "core/co_mutex.h"
 #include "core/node.h"
 #include "core/unique_fd.h"
 
@@ -19,10 +20,12 @@ struct FileOptions {
     bool exclusive = false;
     /// Take QEMU's image locks (see set_perm), so a QEMU process and imgfs never both write.
     bool locking = true;
-    /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on, report
-    /// `fail_fdatasync_errno` instead of calling it, so that the real failure path runs.
+    /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on (only that
+    /// one with `fail_fdatasync_once`, as the kernel reports a writeback error once), report
+    /// `fail_fdatasync_errno` after it returns, so that the real failure path runs.
     int fail_fdatasync_errno = 0;
     uint64_t fail_fdatasync_nth = 1;
+    bool fail_fdatasync_once = false;
 };
 
 class FileNode final : public Node {
@@ -69,7 +72,11 @@ class FileNode final : public Node {
     UniqueFd fd_;
     FileOptions options_;
     bool failed_ = false;
-    uint64_t fdatasyncs_ = 0;
+    // One fdatasync at a time: the kernel reports a writeback error to one of them only, so a
+    // second one in flight could succeed for the data the first one's error says is lost.
+    CoMutex flush_mutex_;
+    uint64_t fdatasyncs_ = 0;      // started
+    uint64_t fdatasyncs_done_ = 0;  // the number of the last one that succeeded
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
     bool allocate_supported_ = true;

@@ -149,6 +149,40 @@ TEST_F(FileTest, ZeroesHolesAndBlockStatus) {
     EXPECT_EQ(map.back().alloc, Alloc::kZero);  // the grown tail is a hole
 }
 
+Task<void> flush_into(FileNode* node, Status* out) {
+    *out = co_await node->flush();
+}
+
+Task<void> flush_twice_at_once(FileNode* node, Status* first, Status* second) {
+    TaskScope scope(node->env().loop);
+    scope.spawn(flush_into(node, first));
+    scope.spawn(flush_into(node, second));
+    co_await scope.join();
+}
+
+// The kernel reports a writeback error to one fdatasync only. A flush that ran beside the one
+// that got it must not report success for the data that error says is lost.
+TEST_F(FileTest, AFlushBesideTheOneThatFailedFailsToo) {
+    test::TempDir dir;
+    const std::string path = dir.file("f");
+    FileOptions opts;
+    opts.fail_fdatasync_errno = EIO;
+    opts.fail_fdatasync_nth = 1;
+    opts.fail_fdatasync_once = true;
+    auto node = open_file(path, opts);
+    use_rw(node);
+    std::vector<uint8_t> data(4096, 7);
+    ASSERT_TRUE(run(node->write(0, data)).ok());
+    Status first;
+    Status second;
+    run(flush_twice_at_once(node.get(), &first, &second));
+    ASSERT_FALSE(first.ok());
+    EXPECT_EQ(first.error().errnum, EIO);
+    ASSERT_FALSE(second.ok()) << "the second flush reported success for lost data";
+    EXPECT_EQ(second.error().errnum, EIO);
+    EXPECT_TRUE(node->failed());
+}
+
 TEST_F(FileTest, ReadOnlyRefusesWrites) {
     test::TempDir dir;
     {
