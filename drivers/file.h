@@ -75,7 +75,7 @@ class FileNode final : public Node {
     // One fdatasync at a time: the kernel reports a writeback error to one of them only, so a
     // second one in flight could succeed for the data the first one's error says is lost.
     CoMutex flush_mutex_;
-    uint64_t fdatasyncs_ = 0;      // started
+    uint64_t fdatasyncs_ = 0;       // started
     uint64_t fdatasyncs_done_ = 0;  // the number of the last one that succeeded
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;

@@ -50,6 +50,10 @@ void CommitJob::release_nodes() {
         }
         target_ = nullptr;
     }
+    for (FileId id : changing_) {
+        images_->unmark_changing(id);
+    }
+    changing_.clear();
     dirty_.reset();
     filter_.reset();
     top_.reset();
@@ -93,6 +97,14 @@ Task<Status> CommitJob::attach() {
                                      image_name(), base_->name(), back.error().message());
         }
         co_return st;
+    }
+    for (size_t i = 1; i < base_index_; ++i) {
+        const FileId id = e->chain.layers[i].id;
+        if (id != FileId{}) {
+            images_->mark_changing(
+                id, fmt::format("the commit of {} into {} runs", e->name, base_file_));
+            changing_.push_back(id);
+        }
     }
     dirty_ = std::make_unique<DirtyBitmap>(top_->size(), kGranuleBytes);
     filter_->set_dirty(dirty_.get());
@@ -240,6 +252,13 @@ Task<Result<bool>> CommitJob::pivot() {
     // Asked again: the job may have run for hours, and an image made on a middle layer since
     // (a clone of a snapshot) would lose it.
     CO_TRY(co_await refuse_unserved_users(images_, image_ref(), base_index_, "committing"));
+    for (size_t i = 1; i < base_index_; ++i) {
+        const Layer& middle = image()->chain.layers[i];
+        if (std::vector<Export*> others = images_->users_of(middle, image()); !others.empty()) {
+            co_return make_error(EBUSY, "{}: {} is also used by {}; the switch would delete it",
+                                 image_name(), middle.file, others.front()->name);
+        }
+    }
     // The base too: the switch below moves the image's edge from the filter to the base, and
     // a drained section reaches a new user only through the node it links to. Drained on the
     // filter alone, guest writes would reach the base during the top's hide.

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "jobs/chain_edit.h"
 #include "jobs/dirty_bitmap.h"
@@ -54,6 +55,7 @@ class CommitJob final : public Job {
     std::unique_ptr<DirtyBitmap> dirty_;
     DroppedTop dropped_top_ = DroppedTop::kKept;  // what pivot did with the top's file
     std::string fenced_why_;                      // set if pivot had to fence the image
+    std::vector<FileId> changing_;                // the middle layers, marked in images_
 };
 
 }  // namespace imgfs

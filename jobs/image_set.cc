@@ -103,20 +103,31 @@ Task<Result<std::vector<UnservedUser>>> ImageSet::unserved_users_of(std::set<Fil
     co_return co_await offloader_.run<Result<std::vector<UnservedUser>>>(std::move(find));
 }
 
-std::vector<Export*> ImageSet::users_of(const Node* node, const Export* except) const {
+std::vector<Export*> ImageSet::users_of(const Layer& layer, const Export* except) const {
     std::vector<Export*> out;
     for (const auto& e : exports_) {
         if (e.get() == except) {
             continue;
         }
         for (const Layer& l : e->chain.layers) {
-            if (l.node.get() == node) {
+            // Two chains may hold separate nodes on one file (one opened before a snapshot
+            // made the layer a backing layer): that is still one layer they share.
+            if (l.node == layer.node || (layer.id != FileId{} && l.id == layer.id)) {
                 out.push_back(e.get());
                 break;
             }
         }
     }
     return out;
+}
+
+void ImageSet::share_backing_layers(const Chain& chain) {
+    for (size_t i = 1; i < chain.layers.size(); ++i) {
+        cache_.chains.emplace(
+            chain.layers[i].file,
+            std::vector<Layer>(chain.layers.begin() + static_cast<std::ptrdiff_t>(i),
+                               chain.layers.end()));
+    }
 }
 
 Task<Result<TimedMutex::Guard>> ImageSet::lock_export(std::shared_ptr<Export> e, std::string what) {
@@ -294,6 +305,17 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     co.faults = options_.faults;
     co.wrap_file = options_.wrap_file;
     CO_TRY_ASSIGN(Chain chain, co_await open_chain(env_, store_.get(), root, co, &cache_));
+    for (const Layer& l : chain.layers) {
+        auto changing = changing_.find(l.id);
+        if (l.id != FileId{} && changing != changing_.end()) {
+            std::string why = fmt::format(
+                "{}: not exported while {} ({} lies between the "
+                "commit's top and its base, so what it shows changes)",
+                root, changing->second, l.file);
+            co_await retire_layers(std::move(chain.layers), nullptr);
+            co_return make_error(EBUSY, "{}", why);
+        }
+    }
     auto e = std::make_shared<Export>(next_id_++, name, env_.loop, &timers_);
     e->chain = std::move(chain);
     e->backend = std::make_unique<BlockBackend>(env_.loop, name);
@@ -341,7 +363,11 @@ Task<void> ImageSet::remove_export(std::shared_ptr<Export> e) {
 
 Task<void> ImageSet::retire_layers(std::vector<Layer> layers, const Export* e) {
     for (Layer& l : layers) {
-        if (!users_of(l.node.get(), e).empty()) {
+        const bool node_in_use = std::any_of(exports_.begin(), exports_.end(), [&](const auto& x) {
+            return x.get() != e && std::any_of(x->chain.layers.begin(), x->chain.layers.end(),
+                                               [&](const Layer& o) { return o.node == l.node; });
+        });
+        if (node_in_use) {
             continue;  // a base another export still uses
         }
         Status st = co_await l.node->close();

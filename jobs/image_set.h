@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -138,8 +139,17 @@ class ImageSet {
         ImageSet* set_;
     };
 
-    /// Every export whose chain contains the node (other than `except`).
-    [[nodiscard]] std::vector<Export*> users_of(const Node* node, const Export* except) const;
+    /// Every export (other than `except`) whose chain contains the layer: its node, or
+    /// another node opened on the same file.
+    [[nodiscard]] std::vector<Export*> users_of(const Layer& layer, const Export* except) const;
+    /// Offers the backing layers of `chain` to chains opened later, so that they share these
+    /// nodes (a snapshot made the old top one).
+    void share_backing_layers(const Chain& chain);
+    /// While a commit runs, the layers between its top and its base read differently from one
+    /// moment to the next (the base below them takes in the layers above): no chain opened
+    /// later may go through them. `why` names the commit in the refusal.
+    void mark_changing(FileId id, std::string why) { changing_[id] = std::move(why); }
+    void unmark_changing(FileId id) { changing_.erase(id); }
     /// The images of the store no export serves whose chains reach one of the files `ids`
     /// (another host's chain in a pool, an image a scan could not export), from their headers,
     /// on the offload thread. Fails if one of them cannot be read: a user might go unseen.
@@ -160,6 +170,7 @@ class ImageSet {
     LayerCache cache_;
     std::vector<std::shared_ptr<Export>> exports_;
     std::vector<ScanProblem> problems_;
+    std::map<FileId, std::string> changing_;  // see mark_changing()
     int edits_in_flight_ = 0;
     uint64_t next_id_ = 1;
     uint64_t failed_closes_ = 0;  // layers whose close() failed (see close_all())

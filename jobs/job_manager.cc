@@ -185,7 +185,7 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                              e->name, base.file);
     }
     for (size_t i = 1; i <= base_index; ++i) {
-        std::vector<Export*> others = images_->users_of(layers[i].node.get(), e.get());
+        std::vector<Export*> others = images_->users_of(layers[i], e.get());
         if (!others.empty()) {
             co_return make_error(EBUSY,
                                  "{}: {} is also used by {}; committing would change that "

@@ -256,6 +256,7 @@ Task<Status> switch_to_overlays(ImageSet* images, std::vector<SnapshotTarget>* t
     }
     for (auto& t : *ts) {
         t.e->chain.layers.insert(t.e->chain.layers.begin(), t.layer);
+        images->share_backing_layers(t.e->chain);
     }
     co_return Status{};
 }
@@ -351,7 +352,7 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
         co_return make_error(EBUSY, "{}: the layer below, {}, is not one of {}'s own snapshots",
                              e->name, below.file, e->name);
     }
-    if (!images_->users_of(below.node.get(), e.get()).empty()) {
+    if (!images_->users_of(below, e.get()).empty()) {
         co_return make_error(EBUSY, "{}: {} is shared with another image", e->name, below.file);
     }
     // The layer below becomes the image's active layer: another host's chain on it would

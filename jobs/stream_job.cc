@@ -166,7 +166,7 @@ Task<Result<size_t>> StreamJob::removable_own_layers() {
         const char separator = images_->store()->caps().snapshot_separator;
         while (own + 1 < layers.size() &&
                export_name_of(layers[own + 1].file, separator) == e->name &&
-               images_->users_of(layers[own + 1].node.get(), e).empty()) {
+               images_->users_of(layers[own + 1], e).empty()) {
             ++own;
             if (layers[own].id != FileId{}) {
                 ids.insert(layers[own].id);

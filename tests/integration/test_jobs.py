@@ -433,6 +433,34 @@ class RevertStream(harness.ImageDirTest):
         for name in ("vm@s1.qcow2", "c.qcow2", "vm.qcow2", "base.qcow2"):
             self.assertEqual(check(self.img(name))["exit"], 0, name)
 
+    def test_a_clone_served_on_a_layer_a_snapshot_froze_keeps_it(self):
+        # vm.qcow2 became vm's older layer in this session; c.qcow2 is then made on it and a
+        # rescan serves it. The two chains open vm.qcow2 separately, and that is still one
+        # file: a stream of vm must keep it, and a commit into it or a revert onto it must be
+        # refused, or c would lose its backing file or see it change.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 6 0 2M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm.qcow2", "-F", "qcow2",
+                 self.img("c.qcow2"), "16M")
+        self.assertEqual(control(m, None, "rescan", "\n"), 0, m.read_log())
+        self.assertEqual(chain(m, "c"), ["c.qcow2", "vm.qcow2"])
+        with open(m.path("c.raw"), "rb") as f:
+            clone = f.read()
+        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY, m.read_log())
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2\n"), errno.EBUSY,
+                         m.read_log())
+        self.assertIn("vm.qcow2 is also used by c", m.read_log())
+        self.write_and_stream(m, b"s" * 70000, 3 * MiB + 5)
+        with open(m.path("c.raw"), "rb") as f:
+            self.assertTrue(f.read() == clone)
+        m.stop()
+        self.assertTrue(os.path.exists(self.img("vm.qcow2")))
+        self.assertTrue(convert_raw(self.img("c.qcow2")) == clone)
+        for name in ("vm@s1.qcow2", "c.qcow2", "vm.qcow2"):
+            self.assertEqual(check(self.img(name))["exit"], 0, name)
+
     def test_revert_refuses_a_layer_an_unserved_image_uses(self):
         # c.qcow2, which this mount does not serve, is made on vm.qcow2 once that is vm's older
         # layer. Reverting vm would make vm.qcow2 its active layer and change c's content.
@@ -453,13 +481,11 @@ class RevertStream(harness.ImageDirTest):
         self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
 
-    def test_commit_asks_for_unserved_users_again_before_the_switch(self):
-        # A commit of vm@s2 and vm@s1 into vm.qcow2 deletes vm@s1 at the switch. A clone made on
-        # vm@s1 while the commit runs (c.qcow2, not served here) would lose it: the switch must
-        # refuse, and the chain stays as it was. (The clone still shows what it did: vm@s1
-        # covers everything the commit copies into vm.qcow2.)
+    def slow_commit_over_a_middle_layer(self, clone):
+        """Mounts vm = vm@s2 -> vm@s1 -> vm.qcow2 and starts a commit of both into vm.qcow2,
+        slowed to a crawl; then makes `clone` on vm@s1 (not served yet). Returns the mount
+        and what vm.raw showed."""
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "256M")
-        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
         m = self.mount()
         fd = os.open(m.path("vm.raw"), os.O_RDWR)
         os.pwrite(fd, b"1" * MiB, 0)
@@ -478,7 +504,16 @@ class RevertStream(harness.ImageDirTest):
         self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2"), 0, m.read_log())
         self.assertEqual(control(m, "vm", "job", "speed 1"), 0, "the commit ended too soon")
         qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm@s1.qcow2", "-F", "qcow2",
-                 self.img("c.qcow2"), "256M")
+                 self.img(clone), "256M")
+        return m, shown
+
+    def test_commit_asks_for_unserved_users_again_before_the_switch(self):
+        # A commit of vm@s2 and vm@s1 into vm.qcow2 deletes vm@s1 at the switch. A clone made on
+        # vm@s1 while the commit runs (c.qcow2, not served here) would lose it: the switch must
+        # refuse, and the chain stays as it was. (The clone still shows what it did: vm@s1
+        # covers everything the commit copies into vm.qcow2.)
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
+        m, shown = self.slow_commit_over_a_middle_layer("c.qcow2")
         self.assertEqual(control(m, "vm", "job", f"speed {1 << 40}"), 0, read_control(m, "vm", "job"))
         j = wait_job(m, "vm")
         self.assertIn("vm@s1.qcow2 is also used by c.qcow2", j["error"] or "", m.read_log())
@@ -490,6 +525,30 @@ class RevertStream(harness.ImageDirTest):
         self.assertTrue(clone == convert_raw(self.img("vm@s1.qcow2")))
         self.assertEqual(clone[:MiB], b"2" * MiB)
         for name in ("vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2", "c.qcow2"):
+            self.assertEqual(check(self.img(name))["exit"], 0, name)
+
+    def test_a_rescan_does_not_serve_a_clone_of_a_layer_a_commit_changes(self):
+        # The same clone, but a rescan would serve it: it would show the base taking in vm@s2
+        # while the commit copies. It is exported only once the commit has ended (here it
+        # refuses to switch, as above: the clone uses vm@s1).
+        m, shown = self.slow_commit_over_a_middle_layer("d.qcow2")
+        self.assertEqual(control(m, None, "rescan", "\n"), 0)
+        self.assertFalse(os.path.exists(m.path("d.raw")), m.read_log())
+        self.assertIn("d.qcow2: not exported while the commit of vm into vm.qcow2 runs",
+                      m.read_log())
+        self.assertEqual(control(m, "vm", "job", f"speed {1 << 40}"), 0, read_control(m, "vm", "job"))
+        j = wait_job(m, "vm")
+        self.assertIn("vm@s1.qcow2 is also used by d.qcow2", j["error"] or "", m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2"])
+        self.assertEqual(control(m, None, "rescan", "\n"), 0)
+        self.assertEqual(chain(m, "d"), ["d.qcow2", "vm@s1.qcow2", "vm.qcow2"])
+        with open(m.path("d.raw"), "rb") as f:
+            clone = f.read()
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+        m.stop()
+        self.assertTrue(clone == convert_raw(self.img("vm@s1.qcow2")))
+        for name in ("vm@s2.qcow2", "vm@s1.qcow2", "vm.qcow2", "d.qcow2"):
             self.assertEqual(check(self.img(name))["exit"], 0, name)
 
 class Cli(harness.ImageDirTest):
