@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -202,7 +203,21 @@ Result<std::unique_ptr<Store>> open_store(const MountCommand& cmd, EventLoop* lo
     return std::unique_ptr<Store>(std::move(dir));
 }
 
+// Users put filesystems on NAME.raw through loop devices, whose writeback comes back here. If
+// this process entered direct reclaim and reclaim waited for that writeback, neither would
+// finish: PR_SET_IO_FLUSHER keeps the kernel from issuing I/O on our behalf while reclaiming.
+// Set before any thread starts, so that every thread (and io_uring's workers) inherits it.
+void mark_io_flusher(Logger* log) {
+    if (::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
+        log->warn("cannot mark the daemon as an I/O flusher ({}): under memory pressure, a "
+                  "filesystem loop-mounted on an export can deadlock it (needs "
+                  "CAP_SYS_RESOURCE)",
+                  std::strerror(errno));
+    }
+}
+
 int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
+    mark_io_flusher(log);
     sigset_t mask;
     sigemptyset(&mask);
     for (int s : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) {

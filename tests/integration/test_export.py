@@ -10,6 +10,7 @@ that is open."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -107,6 +108,19 @@ class LoopMount(harness.ImageDirTest):
         fsdir = tempfile.mkdtemp(prefix="imgfs-ext4-")
         self.addCleanup(shutil.rmtree, fsdir, True)
         run(["mount", loop, fsdir])
+        # The loop device's writeback comes back to the daemon: every thread of it must be an
+        # I/O flusher (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE), or reclaim can deadlock it. That
+        # takes CAP_SYS_RESOURCE; without it (some containers) the daemon must say so.
+        with open(f"/proc/{m.proc.pid}/status") as f:
+            caps = int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+        if caps & (1 << 24):
+            for tid in os.listdir(f"/proc/{m.proc.pid}/task"):
+                with open(f"/proc/{m.proc.pid}/task/{tid}/stat") as f:
+                    flags = int(f.read().rsplit(")", 1)[1].split()[6])
+                self.assertEqual(flags & 0x180000, 0x180000, f"thread {tid}: flags {flags:#x}")
+        else:
+            self.assertIn("cannot mark the daemon as an I/O flusher", m.read_log())
+            print("no CAP_SYS_RESOURCE here: checked the warning, not the I/O flusher flags")
         # A few thousand real files.
         src = "/usr/share"
         run(f"cd {src} && find . -type f -size -256k 2>/dev/null | head -3000 > {self.dir}/list")
