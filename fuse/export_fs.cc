@@ -20,7 +20,10 @@ constexpr uint64_t kGlobalFirstIno = 3;
 constexpr uint64_t kRawSub = 0;
 constexpr uint64_t kDirSub = 1;
 constexpr uint64_t kFirstFileSub = 2;
-constexpr std::chrono::seconds kBlocksRefresh{3};
+// Runs of a recount one GETATTR walks; and how many runs a walk takes between visits to the
+// kernel, so that the loop serves other requests while it walks cached metadata.
+constexpr int kBlocksRunsPerStep = 512;
+constexpr int kBlocksRunsPerYield = 64;
 
 bool overflows(uint64_t a, uint64_t b) {
     uint64_t s = 0;
@@ -284,23 +287,37 @@ void ExportFs::invalidate_blocks(uint64_t export_id) {
 Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     const auto now = std::chrono::steady_clock::now();
     uint64_t generation = 0;
+    uint64_t off = 0;
+    uint64_t data = 0;
+    bool to_the_end = false;
     {
-        BlocksCache& before = blocks_[e->id];  // not used past this block
-        if ((before.valid && now - before.at < kBlocksRefresh) || before.counting) {
+        BlocksCache& c = blocks_[e->id];  // not used past this block
+        if ((c.valid && now - c.at < options_.blocks_refresh) || c.counting) {
             // One walk per image at a time: on a large image it reads every L2 table, and
             // each `stat` waiting for its own walk would hold a request buffer meanwhile.
             co_return;
         }
-        before.counting = true;
-        generation = before.generation;
+        if (c.walk_generation != c.generation) {  // none under way, or one an invalidation hit
+            c.walk_generation = c.generation;
+            c.walk_offset = 0;
+            c.walk_data = 0;
+            c.walk_start = now;
+        }
+        c.counting = true;
+        generation = c.generation;
+        off = c.walk_offset;
+        data = c.walk_data;
+        to_the_end = !c.valid;
     }
     BlockBackend* be = e->backend.get();
-    uint64_t data = 0;
-    bool counted = true;
-    for (uint64_t off = 0; off < be->size();) {
+    bool failed = false;
+    for (int runs = 1; off < be->size() && (to_the_end || runs <= kBlocksRunsPerStep); ++runs) {
+        if (runs % kBlocksRunsPerYield == 0) {
+            co_await images_->env().loop->sleep(std::chrono::nanoseconds(0));
+        }
         Result<ChainStatus> st = co_await be->block_status_above(off, be->size() - off);
         if (!st) {
-            counted = false;  // keep the old figure; the error surfaces on I/O
+            failed = true;  // keep the old figure; the error surfaces on I/O
             break;
         }
         if (st->data) {
@@ -312,8 +329,16 @@ Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     // we counted, and an invalidation meanwhile makes the count stale.
     BlocksCache& c = blocks_[e->id];
     c.counting = false;
-    if (counted && c.generation == generation) {
-        c = BlocksCache{data, now, true, generation, false};
+    if (failed || c.generation != generation) {
+        c.walk_generation = UINT64_MAX;  // the next GETATTR starts afresh
+    } else if (off >= be->size()) {
+        c.bytes = data;
+        c.at = c.walk_start;
+        c.valid = true;
+        c.walk_generation = UINT64_MAX;
+    } else {
+        c.walk_offset = off;
+        c.walk_data = data;
     }
 }
 
@@ -751,7 +776,10 @@ Task<FuseReply> ExportFs::lseek(FuseRequest* req) {
         co_return FuseReply::err(ENXIO);
     }
     const bool want_data = in.whence == SEEK_DATA;
-    while (off < size) {
+    for (int runs = 1; off < size; ++runs) {
+        if (runs % kBlocksRunsPerYield == 0) {  // a SEEK_HOLE in a full image walks to its end
+            co_await images_->env().loop->sleep(std::chrono::nanoseconds(0));
+        }
         Result<ChainStatus> st = co_await be->block_status_above(off, size - off);
         if (!st) {
             co_return FuseReply::err(st.error().errnum);

@@ -28,6 +28,8 @@ struct ExportFsOptions {
     bool allow_other = false;
     uint32_t uid = 0;
     uint32_t gid = 0;
+    /// How old an allocation count (st_blocks of NAME.raw) may be before it is counted again.
+    std::chrono::milliseconds blocks_refresh{3000};
 };
 
 class ExportFs final : public FuseHandler {
@@ -80,6 +82,9 @@ class ExportFs final : public FuseHandler {
     int64_t mount_time_s_;
     bool statfs_failing_ = false;  // the last STATFS could not ask the store
     // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
+    // Without a figure (never counted, or invalidated) a GETATTR counts to the end; a stale
+    // figure is recounted a few hundred runs per GETATTR, which answers with the old figure
+    // until the walk is through, so that `stat` never waits for a walk of a large image.
     struct BlocksCache {
         uint64_t bytes = 0;
         std::chrono::steady_clock::time_point at{};
@@ -87,6 +92,11 @@ class ExportFs final : public FuseHandler {
         uint64_t generation = 0;  // bumped by every invalidation, so a count that raced one is
                                   // not stored
         bool counting = false;    // a walk is under way: others answer with the last figure
+        // The walk so far (of `walk_generation`): where it goes on, and the data before that.
+        uint64_t walk_offset = 0;
+        uint64_t walk_data = 0;
+        uint64_t walk_generation = UINT64_MAX;
+        std::chrono::steady_clock::time_point walk_start{};
     };
     std::map<uint64_t, BlocksCache> blocks_;
 };

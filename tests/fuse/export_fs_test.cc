@@ -185,6 +185,38 @@ TEST_F(ExportFsTest, OneAllocationCountAtATimePerImage) {
     EXPECT_EQ(after.as<fuse_attr_out>().attr.blocks * 512, kSize / 4);
 }
 
+// A stale allocation count is recounted a step per GETATTR, which answers with the last figure
+// meanwhile: a `stat` of a large, fragmented image never waits for a walk of all of it.
+TEST_F(ExportFsTest, AStaleAllocationCountIsRecountedInSteps) {
+    make_raw("vm.img", kSize);
+    {
+        // Data in every other 4 KiB: 2048 runs of data and holes to count.
+        UniqueFd fd(::openat(dir_fd_.get(), "vm.img", O_RDWR | O_CLOEXEC));
+        ASSERT_TRUE(fd.valid());
+        std::vector<uint8_t> page(4096, 1);
+        for (uint64_t off = 0; off < kSize; off += 8192) {
+            ASSERT_EQ(::pwrite(fd.get(), page.data(), page.size(), static_cast<off_t>(off)), 4096);
+        }
+    }
+    fs_options_.blocks_refresh = std::chrono::milliseconds(0);  // every figure is stale at once
+    start();
+    const uint64_t raw = ino("vm.raw");
+    auto blocks = [&] {
+        test::Reply r = run(getattr_task(raw));
+        EXPECT_EQ(r.error, 0);
+        return r.as<fuse_attr_out>().attr.blocks * 512;
+    };
+    EXPECT_EQ(blocks(), kSize / 2);                        // no figure yet: counted to the end
+    write_raw("vm", 4096, std::vector<uint8_t>(4096, 2));  // fills the first hole
+    int steps = 1;
+    while (blocks() == kSize / 2) {
+        ++steps;
+        ASSERT_LT(steps, 100) << "the recount never finished";
+    }
+    EXPECT_EQ(blocks(), kSize / 2 + 4096);
+    EXPECT_GE(steps, 3) << "a GETATTR walked the whole image";
+}
+
 // A listing that takes several READDIRs (a long root, or a small getdents buffer) while a
 // rescan drops an image listed already: the rest of the listing loses nothing.
 TEST_F(ExportFsTest, AListingGoesOnWhereItWasAfterARescan) {

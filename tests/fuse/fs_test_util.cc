@@ -131,7 +131,7 @@ void FsTest::start(ImageSetOptions options) {
     ASSERT_TRUE(st.ok()) << st.error().message();
     jobs_ = std::make_unique<JobManager>(images_.get(), &log_);
     control_ = std::make_unique<StandardControl>(images_.get(), jobs_.get(), &log_);
-    fs_ = std::make_unique<ExportFs>(images_.get(), control_.get(), &log_, ExportFsOptions{});
+    fs_ = std::make_unique<ExportFs>(images_.get(), control_.get(), &log_, fs_options_);
 }
 
 void FsTest::stop() {

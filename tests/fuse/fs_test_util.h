@@ -153,6 +153,8 @@ class FsTest : public LoopTest {
     std::unique_ptr<ExportFs> fs_;
     std::vector<std::shared_ptr<GateNode>> gates_;
     bool hold_new_gates_ = false;
+    /// The filesystem's options for start().
+    ExportFsOptions fs_options_;
     /// If set, start() serves the directory through the store this returns (a wrapper).
     std::function<std::unique_ptr<Store>(std::unique_ptr<Store>)> wrap_store_;
     uint64_t unique_ = 1;
