@@ -209,10 +209,11 @@ Result<std::unique_ptr<Store>> open_store(const MountCommand& cmd, EventLoop* lo
 // Set before any thread starts, so that every thread (and io_uring's workers) inherits it.
 void mark_io_flusher(Logger* log) {
     if (::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
-        log->warn("cannot mark the daemon as an I/O flusher ({}): under memory pressure, a "
-                  "filesystem loop-mounted on an export can deadlock it (needs "
-                  "CAP_SYS_RESOURCE)",
-                  std::strerror(errno));
+        log->warn(
+            "cannot mark the daemon as an I/O flusher ({}): under memory pressure, a "
+            "filesystem loop-mounted on an export can deadlock it (needs "
+            "CAP_SYS_RESOURCE)",
+            std::strerror(errno));
     }
 }
 
