@@ -291,23 +291,24 @@ Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     uint64_t data = 0;
     bool to_the_end = false;
     {
-        BlocksCache& c = blocks_[e->id];  // not used past this block
-        if ((c.valid && now - c.at < options_.blocks_refresh) || c.counting) {
+        BlocksCache& before = blocks_[e->id];  // not used past this block
+        if ((before.valid && now - before.at < options_.blocks_refresh) || before.counting) {
             // One walk per image at a time: on a large image it reads every L2 table, and
             // each `stat` waiting for its own walk would hold a request buffer meanwhile.
             co_return;
         }
-        if (c.walk_generation != c.generation) {  // none under way, or one an invalidation hit
-            c.walk_generation = c.generation;
-            c.walk_offset = 0;
-            c.walk_data = 0;
-            c.walk_start = now;
+        if (before.walk_generation !=
+            before.generation) {  // none under way, or one an invalidation hit
+            before.walk_generation = before.generation;
+            before.walk_offset = 0;
+            before.walk_data = 0;
+            before.walk_start = now;
         }
-        c.counting = true;
-        generation = c.generation;
-        off = c.walk_offset;
-        data = c.walk_data;
-        to_the_end = !c.valid;
+        before.counting = true;
+        generation = before.generation;
+        off = before.walk_offset;
+        data = before.walk_data;
+        to_the_end = !before.valid;
     }
     BlockBackend* be = e->backend.get();
     bool failed = false;
