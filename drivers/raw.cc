@@ -62,10 +62,8 @@ void RawNode::init_from_file() {
     size_ = f->size();
     read_only_ = f->read_only() || options_.read_only;
     limits_ = f->limits();
-    if (options_.probed) {
-        // Whole sectors, so the guard always sees the complete new first sector.
-        limits_.request_alignment = std::max<uint32_t>(limits_.request_alignment, kSectorBytes);
-    }
+    // Whole sectors, so the guard always sees the complete new first sector.
+    limits_.request_alignment = std::max<uint32_t>(limits_.request_alignment, kSectorBytes);
     caps_ = f->caps();
 }
 
@@ -107,11 +105,12 @@ Task<Status> RawNode::do_read(uint64_t offset, MutBuf buf) {
 }
 
 Task<Status> RawNode::do_write(uint64_t offset, ConstBuf buf) {
-    if (options_.probed && offset < kSectorBytes) {
+    if (offset < kSectorBytes) {
         if (const char* format = detect_image_magic(buf.first(kSectorBytes))) {
             co_return make_error(EPERM,
-                                 "{}: refusing to write a {} header into the first sector of an "
-                                 "image whose raw format was guessed",
+                                 "{}: refusing to write a {} header into the first sector of a "
+                                 "raw image (its format is guessed whenever it is an image's "
+                                 "root)",
                                  name(), format);
         }
     }

@@ -1,7 +1,9 @@
-// raw: the raw format over a storage node. A pass-through, except for one guard: when the
-// format was guessed (no header said "raw"), a write that would put a known image magic into the
-// first sector is refused, so a guest cannot turn its disk into, say, a qcow2 with a backing file
-// of its choosing on the next open.
+// raw: the raw format over a storage node. A pass-through, except for one guard: a write that
+// would put a known image magic into the first sector is refused, so a guest cannot turn its
+// disk into, say, a qcow2 with a backing file of its choosing on the next open. QEMU guards only
+// images whose format it guessed; here every raw layer is guarded, because a raw layer whose
+// format an overlay records becomes a root again after a commit into it or once the overlay is
+// deleted, and a root's format is always guessed.
 #pragma once
 
 #include <memory>
@@ -14,7 +16,7 @@ namespace imgfs {
 class Transaction;
 
 struct RawOptions {
-    bool probed = false;
+    bool probed = false;  // the format was guessed (shown by describe())
     bool read_only = false;
 };
 

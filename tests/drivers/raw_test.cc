@@ -43,7 +43,9 @@ TEST_F(RawTest, ProbedRawRefusesImageMagicInFirstSector) {
     EXPECT_EQ(mem->data[0], 'X');
 }
 
-TEST_F(RawTest, ExplicitRawAllowsAnything) {
+// A raw layer whose format an overlay records is guarded too: after a commit into it, or once
+// the overlay is gone, it is a root again, and a root's format is guessed.
+TEST_F(RawTest, ARecordedRawFormatIsGuardedToo) {
     auto mem = std::make_shared<MemNode>(env(), "disk.img", 1 << 20);
     Transaction tx(&graph_);
     auto raw = RawNode::open(env(), "disk.img", &tx, mem, RawOptions{false});
@@ -51,7 +53,10 @@ TEST_F(RawTest, ExplicitRawAllowsAnything) {
     use_rw(raw);
     std::vector<uint8_t> sector(512, 0);
     std::memcpy(sector.data(), "QFI\xfb", 4);
-    EXPECT_TRUE(run(raw->write(0, sector)).ok());
+    Status st = run(raw->write(0, sector));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EPERM);
+    EXPECT_TRUE(run(raw->write(512, sector)).ok());  // past the first sector: anything goes
 }
 
 TEST_F(RawTest, DetectsKnownMagics) {

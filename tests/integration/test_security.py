@@ -19,6 +19,7 @@ At the end one line is printed: `security: N checks, F failures`.
 """
 
 import errno
+import json
 import os
 import random
 import re
@@ -359,6 +360,56 @@ class QemuLocking(harness.ImageDirTest):
         self.assertIn("held", m.exports())
         with open(m.path("held.raw"), "rb") as f:
             self.assertEqual(f.read(4096), b"\x77" * 4096)
+        m.stop()
+
+
+class RawHeaderGuard(harness.ImageDirTest):
+    def test_a_guest_cannot_make_its_raw_base_a_qcow2_through_a_commit(self):
+        # vm.img is raw, and its format is guessed while it is the image's root. Once a
+        # snapshot's overlay records "raw" for it, a remount opens it as a backing layer with
+        # that format. The guest writes a qcow2 header naming another VM's disk into sector 0
+        # (it lands in the overlay); a commit into vm.img would put it there, and vm.img,
+        # the root again, would open as a qcow2 backed by other.qcow2 on the next mount.
+        qemu_img("create", "-q", "-f", "raw", self.img("vm.img"), "4M")
+        qemu_io(self.img("vm.img"), "write -P 0x11 0 4M", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("other.qcow2"), "4M")
+        qemu_io(self.img("other.qcow2"), "write -P 0x5e 0 4M")
+        m = self.mount()
+        with open(m.path(".control/vm/snapshot"), "w") as f:
+            f.write("s1\n")
+        m.stop()
+        m = self.mount()
+        with open(m.path(".control/vm/snapshot")) as f:
+            self.assertEqual(f.read().split(), ["vm@s1.qcow2", "vm.img"])
+        name = b"other.qcow2"
+        header = bytearray(512)
+        header[0:4] = b"QFI\xfb"
+        header[4:8] = (2).to_bytes(4, "big")                  # version
+        header[8:16] = (512).to_bytes(8, "big")               # backing file offset
+        header[16:20] = len(name).to_bytes(4, "big")
+        header[20:24] = (16).to_bytes(4, "big")               # cluster bits
+        header[24:32] = (4 * MiB).to_bytes(8, "big")          # size
+        header[512 - len(name):] = name
+        header[8:16] = (512 - len(name)).to_bytes(8, "big")
+        fd = os.open(m.path("vm.raw"), os.O_WRONLY)
+        os.pwrite(fd, bytes(header), 0)
+        os.close(fd)
+        with open(m.path(".control/vm/commit"), "w") as f:
+            f.write("base=vm.img\n")
+        deadline = time.time() + 60
+        while True:
+            with open(m.path(".control/vm/job")) as f:
+                job = json.loads(f.read())
+            if job["state"] == "concluded" or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertIn("refusing to write a qcow2 header", job["error"] or "", m.read_log())
+        m.stop()
+        with open(self.img("vm.img"), "rb") as f:
+            self.assertNotEqual(f.read(4), b"QFI\xfb", "the guest's header reached vm.img")
+        m = self.mount()
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(f.read(512), bytes(header))  # the overlay still holds it
         m.stop()
 
 
