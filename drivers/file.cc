@@ -62,6 +62,15 @@ Status FileNode::init() {
     }
     zeros_from_ = size_;
     read_only_ = options_.read_only;
+    if (options_.direct) {
+        // A descriptor handed over (a snapshot's new overlay, made by the store) may have been
+        // opened without it: the limits below would then promise what the I/O does not do.
+        const int flags = ::fcntl(fd_.get(), F_GETFL);
+        if (flags < 0 ||
+            ((flags & O_DIRECT) == 0 && ::fcntl(fd_.get(), F_SETFL, flags | O_DIRECT) != 0)) {
+            return make_error(errno, "{}: cannot use O_DIRECT", name());
+        }
+    }
     limits_ = Limits{};
     limits_.max_transfer = 16ULL << 20;
     if (options_.direct) {

@@ -114,6 +114,24 @@ TEST_F(FileTest, TenThousandRandomOpsMatchWithODirect) {
     run_mirror(this, &dir, FileOptions{false, true});
 }
 
+// A descriptor opened without O_DIRECT (a snapshot's new overlay, which the store creates)
+// gets it when the node is to do direct I/O.
+TEST_F(FileTest, ADescriptorHandedOverForDirectIoGetsODirect) {
+    test::TempDir dir;
+    UniqueFd fd(::open(dir.file("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    ASSERT_TRUE(fd.valid());
+    const int raw_fd = fd.get();
+    auto node = FileNode::from_fd(env(), "f", std::move(fd), FileOptions{false, true});
+    if (!node.ok()) {
+        if (test::in_ci() || node.error().errnum != EINVAL) {
+            FAIL() << node.error().message();
+        }
+        GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping)";
+    }
+    EXPECT_NE(::fcntl(raw_fd, F_GETFL) & O_DIRECT, 0);
+    EXPECT_EQ((*node)->limits().request_alignment % 512, 0U);
+}
+
 Task<Status> zero_and_status(FileNode* node, std::vector<BlockStatus>* out) {
     std::vector<uint8_t> data(1 << 20, 0x5a);
     CO_TRY(co_await node->write(0, data));
