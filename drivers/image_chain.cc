@@ -151,6 +151,11 @@ struct LayerSpec {
     std::optional<std::string> recorded_format;  // from the overlay's header
 };
 
+// The errnos of an open for writing that an open for reading may not meet.
+bool refuses_writing(int err) {
+    return err == EACCES || err == EPERM || err == EROFS || err == ETXTBSY;
+}
+
 // Fault rules (mount option faults=FILE): does this one apply to the layer stored in `name`?
 bool fault_applies(const ChainFault& f, const std::string& name, bool top) {
     return (top || f.all_layers) && (f.file.empty() || f.file == name);
@@ -203,7 +208,20 @@ Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainO
         fo.exclusive = false;
         CO_TRY_ASSIGN(opened, co_await store->open_from_loop(spec.file, fo));
     } else {
-        CO_TRY_ASSIGN(opened, co_await store->open_from_loop(spec.file, fo));
+        Result<std::unique_ptr<StoreFile>> rw = co_await store->open_from_loop(spec.file, fo);
+        if (!rw && !top && !fo.read_only && refuses_writing(rw.error().errnum)) {
+            // A backing layer is opened for writing only so that a commit can later write it
+            // without reopening; one the daemon may not write (an immutable or read-only
+            // golden base) is served read-only, as QEMU would, and a commit into it is
+            // refused.
+            if (env.log != nullptr) {
+                env.log->info("{}: opened read-only ({}); a commit cannot write into it", spec.file,
+                              rw.error().message());
+            }
+            fo.read_only = true;
+            rw = co_await store->open_from_loop(spec.file, fo);
+        }
+        CO_TRY_ASSIGN(opened, std::move(rw));
     }
     const FileId id = opened->id();
     CO_TRY(walk->enter(spec.file, id));

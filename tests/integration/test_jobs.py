@@ -706,6 +706,34 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(check(self.img("bases/deb12.qcow2"))["exit"], 0)
         self.assertTrue(convert_raw(self.img("bases/deb12.qcow2")) == shown)
 
+    def test_an_immutable_base_is_served_read_only(self):
+        # A golden base the daemon may not open for writing (chattr +i: even root gets EPERM)
+        # is served read-only: the image on it works, and a commit into it is refused.
+        harness.require_tools("chattr")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "8M")
+        qemu_io(self.img("base.qcow2"), "write -P 0x61 0 8M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "8M")
+        run(["chattr", "+i", self.img("base.qcow2")])
+        self.addCleanup(run, ["chattr", "-i", self.img("base.qcow2")])
+        m = self.mount()
+        self.assertIn("base.qcow2: opened read-only", m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2", "base.qcow2"])
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.write(b"\x62" * MiB)
+        self.assertEqual(control(m, "vm", "snapshot", "s1\n"), 0, m.read_log())
+        self.assertEqual(control(m, "vm", "commit", "base=base.qcow2\n"), errno.EROFS,
+                         m.read_log())
+        self.assertIn("base.qcow2 is opened read-only by this mount", m.read_log())
+        self.assertEqual(control(m, "vm", "commit", "base=vm.qcow2\n"), 0, m.read_log())
+        self.assertIsNone(wait_job(m, "vm")["error"], m.read_log())
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        self.assertTrue(shown == b"\x62" * MiB + b"\x61" * (7 * MiB))
+        m.stop()
+        self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
     def test_commit_completes_under_a_steady_hole_puncher(self):
         # A client punching holes all the time (fstrim, a filesystem mounted with -o discard)
         # while a commit runs: a punch is a zeroing write for the commit (copied, or mirrored
