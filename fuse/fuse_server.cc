@@ -86,7 +86,17 @@ Task<void> FuseServer::run() {
     co_await scope_.join();
 }
 
+std::optional<std::chrono::milliseconds> FuseServer::read_retry_delay(int error, int failures) {
+    if (error == ENODEV || error == EBADF || error == ECONNABORTED || failures > kReadRetries) {
+        return std::nullopt;
+    }
+    // Anything else (ENOMEM or EFAULT while the kernel copies into our buffer) may pass, and
+    // ending here would unmount under a loop device in use: 10 ms, doubling up to 1 s.
+    return std::chrono::milliseconds(std::min(1000, 10 << std::min(failures - 1, 7)));
+}
+
 Task<void> FuseServer::reader() {
+    int failures = 0;  // reads that failed in a row
     while (!stopping_) {
         RequestBuffer* buf = co_await take_buffer();
         if (stopping_) {
@@ -102,13 +112,22 @@ Task<void> FuseServer::reader() {
             continue;
         }
         if (res < 0) {
-            if (res != -ENODEV && res != -EBADF) {
-                log_->error("reading /dev/fuse failed: {}", strerror(-res));
-            }
-            stopping_ = true;  // unmounted (ENODEV) or broken: stop serving
             give_buffer(buf);
-            break;
+            std::optional<std::chrono::milliseconds> delay = read_retry_delay(-res, ++failures);
+            if (!delay) {
+                if (res != -ENODEV && res != -EBADF) {
+                    log_->error("reading /dev/fuse failed {} times in a row ({}); stopping",
+                                failures, strerror(-res));
+                }
+                stopping_ = true;  // unmounted (ENODEV) or broken: stop serving
+                break;
+            }
+            log_->warn("reading /dev/fuse failed ({}); trying again in {} ms", strerror(-res),
+                       delay->count());
+            co_await loop_->sleep(*delay);
+            continue;
         }
+        failures = 0;
         scope_.spawn(process(buf, static_cast<size_t>(res)));
     }
 }

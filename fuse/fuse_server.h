@@ -8,9 +8,11 @@
 // never reused before the write completes). READ replies are produced in the payload area.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -120,6 +122,12 @@ class FuseServer {
 
     /// Serves until the connection ends (unmount), then waits for every request in flight.
     Task<void> run();
+
+    /// After the `failures`th read of /dev/fuse in a row failed with `error`: how long to wait
+    /// before reading again, or nothing if serving ends (the connection is gone, or the error
+    /// persisted through kReadRetries tries).
+    static std::optional<std::chrono::milliseconds> read_retry_delay(int error, int failures);
+    static constexpr int kReadRetries = 10;
 
     [[nodiscard]] uint64_t requests_served() const { return served_; }
     [[nodiscard]] uint32_t max_concurrent() const { return max_concurrent_; }
