@@ -99,6 +99,13 @@ ExportFs::ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportF
 
 ExportFs::~ExportFs() = default;
 
+int ExportFs::gone_errno(uint64_t ino) {
+    // An image's inode that no longer resolves belonged to an export a rescan removed or
+    // replaced: ESTALE makes the kernel look the name up again (a cached dentry would otherwise
+    // fail an open of the re-exported image for up to its 1 s timeout).
+    return ino >= kExportBase ? ESTALE : ENOENT;
+}
+
 ExportFs::Resolved ExportFs::resolve(uint64_t ino) const {
     Resolved r;
     if (ino == kRootIno) {
@@ -258,7 +265,8 @@ Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
         }
     } else {
         // A removed image's directory is gone, not a file.
-        co_return FuseReply::err(parent.kind == Resolved::Kind::kNone ? ENOENT : ENOTDIR);
+        co_return FuseReply::err(
+            parent.kind == Resolved::Kind::kNone ? gone_errno(req->header->nodeid) : ENOTDIR);
     }
     fuse_entry_out out{};
     if (ino == 0 || !fill_attr(ino, &out.attr)) {
@@ -351,7 +359,7 @@ Task<FuseReply> ExportFs::getattr(FuseRequest* req) {
     }
     fuse_attr_out out{};
     if (!fill_attr(ino, &out.attr)) {
-        co_return FuseReply::err(ENOENT);
+        co_return FuseReply::err(gone_errno(ino));
     }
     out.attr_valid = r.kind == Resolved::Kind::kControlFile ? 0 : 1;
     co_return FuseReply::of(out);
@@ -365,7 +373,7 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
     uint64_t ino = req->header->nodeid;
     Resolved r = resolve(ino);
     if (r.kind == Resolved::Kind::kNone) {
-        co_return FuseReply::err(ENOENT);
+        co_return FuseReply::err(gone_errno(ino));
     }
     // On a read-only mount only a control file's truncation (a shell's `>`) goes through, as
     // the no-op it always is; the kernel does not refuse the rest (see fuse_mount.cc).
@@ -404,7 +412,7 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
     }
     fuse_attr_out out{};
     if (!fill_attr(ino, &out.attr)) {
-        co_return FuseReply::err(ENOENT);  // removed while it grew (a rescan)
+        co_return FuseReply::err(gone_errno(ino));  // removed while it grew (a rescan)
     }
     out.attr_valid = 1;
     co_return FuseReply::of(out);
@@ -423,7 +431,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
     bool writing = (in.flags & O_ACCMODE) != O_RDONLY;
     switch (r.kind) {
         case Resolved::Kind::kNone:
-            co_return FuseReply::err(ENOENT);
+            co_return FuseReply::err(gone_errno(ino));
         case Resolved::Kind::kRaw:
             if (writing && options_.read_only) {
                 co_return FuseReply::err(EROFS);
@@ -649,7 +657,8 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
             entries.push_back({file, file, files[i].name, DT_REG});
         }
     } else {
-        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? ENOENT : ENOTDIR);
+        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? gone_errno(req->header->nodeid)
+                                                                 : ENOTDIR);
     }
     std::vector<uint8_t> out;
     for (const Entry& en : entries) {
@@ -768,7 +777,8 @@ Task<FuseReply> ExportFs::lseek(FuseRequest* req) {
         co_return FuseReply::err(ENXIO);  // its size is 0: every offset is past the end
     }
     if (r.kind != Resolved::Kind::kRaw) {
-        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? ENOENT : EINVAL);
+        co_return FuseReply::err(r.kind == Resolved::Kind::kNone ? gone_errno(req->header->nodeid)
+                                                                 : EINVAL);
     }
     BlockBackend* be = r.e->backend.get();
     uint64_t size = be->size();

@@ -53,6 +53,8 @@ class ExportFs final : public FuseHandler {
     Resolved resolve(uint64_t ino) const;
     bool fill_attr(uint64_t ino, fuse_attr* attr);
     std::shared_ptr<Handle> find_handle(uint64_t fh) const;
+    /// The errno for a request on inode `ino`, which does not resolve.
+    static int gone_errno(uint64_t ino);
     /// The guest-visible allocation of `e` changed: the next getattr counts it again.
     void invalidate_blocks(uint64_t export_id);
 

@@ -4,8 +4,9 @@
 Every class but AllocationMap also runs on a Ceph pool (the NAMEOnPool classes at the end, same
 test bodies; see ceph_pool.py). Not on a pool: AllocationMap, because RBD knows allocation per
 object (from a 4 MiB object's start to its last written byte), coarser than the file qemu-img
-maps (RbdNodeTest.BlockStatusFollowsWhatWasWritten tests what it does say), and the rescan test, which unlinks an image the daemon has open: RBD refuses to remove an image
-that is open."""
+maps (RbdNodeTest.BlockStatusFollowsWhatWasWritten tests what it does say), and the rescan tests,
+which unlink or rename an image the daemon has open: RBD refuses to remove an image that is
+open."""
 
 import errno
 import json
@@ -342,6 +343,24 @@ class Behaviour(harness.ImageDirTest):
         self.assertTrue(convert_raw(self.img("b.qcow2")) == before)
         self.assertEqual(sorted(os.listdir(self.dir)), ["b.qcow2", "d.qcow2"])
 
+    def test_an_image_exported_again_opens_through_a_cached_name(self):
+        # The kernel keeps a looked-up name for a second. Rescans that drop vm and export it
+        # again give it a new inode number; an open through the cached name must find the new
+        # export (ESTALE makes the kernel look it up again), not fail.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "4M")
+        m = self.mount()
+        os.stat(m.path("vm.raw"))  # caches the name
+        os.rename(self.img("vm.qcow2"), self.img("vm.old"))
+        with open(m.path(".control/rescan"), "w") as f:
+            f.write("\n")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "8M")
+        with open(m.path(".control/rescan"), "w") as f:
+            f.write("\n")
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(os.fstat(f.fileno()).st_size, 8 * MiB, m.read_log())
+        self.assertEqual(os.stat(m.path("vm.raw")).st_size, 8 * MiB)
+        m.stop()
+
     def test_mount_options_and_modes(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("a.qcow2"), "1M")
         m = self.mount()
@@ -433,7 +452,8 @@ class Behaviour(harness.ImageDirTest):
 
 
 ceph_pool.on_both_stores(globals(), ImageDirectory, LoopMount, Fio, Kill, Behaviour,
-                         directory_only=("test_info_rescan_and_readonly",))
+                         directory_only=("test_info_rescan_and_readonly",
+                                         "test_an_image_exported_again_opens_through_a_cached_name"))
 
 if __name__ == "__main__":
     harness.main()
