@@ -111,6 +111,13 @@ Status parse_fixed_fields(ConstBuf b, Header* h, const std::string& image) {
     return {};
 }
 
+// A name stored with its length, up to its first NUL byte as QEMU reads it (a C string): the
+// file opened is the one before the NUL, so that is the name compared and shown.
+std::string c_string(const uint8_t* data, size_t len) {
+    const auto* chars = reinterpret_cast<const char*>(data);
+    return std::string(chars, ::strnlen(chars, len));
+}
+
 Status parse_extensions(ConstBuf b, Header* h, const std::string& image) {
     if (h->version == 2 && b.size() < kV2HeaderBytes) {
         return make_error(EINVAL, "{}: file too short for a qcow2 header", image);
@@ -143,7 +150,7 @@ Status parse_extensions(ConstBuf b, Header* h, const std::string& image) {
                     return make_error(EINVAL, "{}: duplicate backing format extension", image);
                 }
                 seen_backing_format = true;
-                h->backing_format = std::string(reinterpret_cast<const char*>(d), len);
+                h->backing_format = c_string(d, len);
                 break;
             case kExtFeatureTable:
                 if (seen_feature_table || len % 48 != 0) {
@@ -270,8 +277,7 @@ Result<Header> parse_header(ConstBuf b, uint64_t file_size, const std::string& i
             return make_error(EINVAL, "{}: backing file name lies outside the header cluster",
                               image);
         }
-        h.backing_file.assign(reinterpret_cast<const char*>(b.data() + h.backing_file_offset),
-                              h.backing_file_size);
+        h.backing_file = c_string(b.data() + h.backing_file_offset, h.backing_file_size);
     }
     TRY(validate(&h, file_size, image));
     return h;

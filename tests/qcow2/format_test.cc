@@ -404,6 +404,18 @@ TEST(Qcow2Format, Version2BackingNameRightAfterTheHeader) {
     EXPECT_FALSE(r->backing_format.has_value());
 }
 
+// A name with a NUL byte in it names the file before the NUL, as QEMU reads it (a C string):
+// that is the file the kernel opens, so it is also the name imgfs resolves and shows.
+TEST(Qcow2Format, NamesEndAtTheirFirstNulByte) {
+    auto c = v3_cluster();
+    put_ext(&c, 112, qcow2::kExtBackingFormat, bytes(std::string("raw\0junk", 8)));
+    put_backing(&c, 512, std::string("base.img\0/../../etc/passwd", 26));
+    auto r = parse(c);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(r->backing_file, "base.img");
+    EXPECT_EQ(r->backing_format, std::optional<std::string>("raw"));
+}
+
 TEST(Qcow2Format, BackingNameOf1023BytesIsAccepted) {
     auto c = v3_cluster();
     put_backing(&c, 512, std::string(qcow2::kMaxBackingNameBytes, 'a'));
