@@ -5,8 +5,9 @@
 //
 // Metadata write order (docs/qcow2.md, "Write order"), and where each rule is enforced:
 //  1. Data and copy-on-write data reach the storage before the L2 entry that points at them:
-//     commit_write() runs after the data writes completed; after a COW, l2_needs_data_sync_
-//     makes the next L2 write-back flush the storage first (write_back_l2).
+//     commit_write() runs after the data writes completed; l2_needs_data_sync_ (set by every
+//     commit that links clusters) makes the next L2 write-back flush the storage first
+//     (write_back_l2), unless a sync since (the refcount dependency's) made it durable.
 //  2. Refcount increases are on disk before any table that points at the cluster:
 //     depend_l2_on_refcounts() (write_back_l2 writes and syncs refcounts first); new L2 tables,
 //     refcount blocks and tables are written and synced before the pointer to them.

@@ -328,9 +328,11 @@ Task<Status> Metadata::link_clusters(WritePlan plan) {
         frees = frees || (!plan.reuse_host && (old.compressed() || old.host_offset() != 0));
     }
     l2_cache_.mark_dirty(ref);
-    if (plan.cow_head_bytes != 0 || plan.cow_tail_bytes != 0) {
-        l2_needs_data_sync_ = true;
-    }
+    // Rule 1: the entries point at data this write (and its COW) just put there. Not only after
+    // a COW: a cluster reused in place (zeroed with its allocation kept) still holds old data,
+    // and with lazy refcounts no refcount sync comes first. Where the refcount dependency
+    // syncs anyway, that sync clears the flag, so this costs no second one.
+    l2_needs_data_sync_ = true;
     if (frees) {
         // The replaced clusters (shared with a snapshot, compressed, or a preallocated zero
         // cluster) lose this reference only after the new entries are durable.
