@@ -187,10 +187,12 @@ int wait_for_job(const std::string& mnt, const std::string& name, const std::str
         if (tty) {
             int width = 40;
             int filled = static_cast<int>(pct / 100.0 * width);
-            std::printf("\r%s [%s%s] %5.1f%% %s / %s  ", json_value(job, "type").c_str(),
+            // A paused job says so: waiting on it otherwise looks like a hang.
+            std::printf("\r%s [%s%s] %5.1f%% %s / %s %-31s", json_value(job, "type").c_str(),
                         std::string(static_cast<size_t>(filled), '#').c_str(),
                         std::string(static_cast<size_t>(width - filled), ' ').c_str(), pct,
-                        human_bytes(done).c_str(), human_bytes(total).c_str());
+                        human_bytes(done).c_str(), human_bytes(total).c_str(),
+                        state == "paused" ? "(paused: imgfs job ... resume)" : "");
             std::fflush(stdout);
         } else {
             std::string line = fmt::format("{} {} {:.0f}/{:.0f} bytes ({:.1f}%)",
@@ -320,6 +322,11 @@ int snapshot(const Args& args) {
     }
     if (args.size() >= 3 && args[1] == "--group") {
         std::string command = args[2];
+        // The name comes first on the line: "nightly vm2" would snapshot vm2 as "nightly".
+        if (command.empty() || command.find_first_of(" \t\n") != std::string::npos) {
+            return fail(
+                fmt::format("'{}' is not a snapshot name (empty, or with spaces)", command));
+        }
         for (size_t i = 3; i < args.size(); ++i) {
             // The group command separates names with spaces: "my vm" would name "my" and "vm".
             if (args[i].find_first_of(" \t") != std::string::npos) {
@@ -330,6 +337,11 @@ int snapshot(const Args& args) {
             }
             if (int bad = refuse_bad_name(args[i])) {
                 return bad;
+            }
+            // An image the mount does not serve: say so, rather than the daemon's EINVAL.
+            if (::access(control_path(args[0], args[i], "info").c_str(), F_OK) != 0 &&
+                imgfs_mount_at(args[0])) {
+                return fail(fmt::format("no image '{}' under {}", args[i], args[0]));
             }
             command += " " + args[i];
         }
@@ -566,6 +578,15 @@ int status(const Args& args) {
         }
         ::closedir(d);
         std::sort(names.begin(), names.end());
+    } else {
+        // A monitor must not take a dead daemon (ENOTCONN) or a mount it may not read for a
+        // healthy one without images.
+        const int err = errno;
+        return fail(fmt::format("cannot list {}: {}{}", mnt, std::strerror(err),
+                                err == ENOTCONN ? " (its daemon is gone: imgfs unmount it)" : ""));
+    }
+    if (names.empty() && !json) {
+        std::printf("no images exported\n");
     }
     std::string images;
     for (const auto& n : names) {

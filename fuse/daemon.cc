@@ -363,14 +363,23 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
 
 }  // namespace
 
-std::string pid_file_for(const std::string& mountpoint) {
+std::string pid_file_for(const std::string& mountpoint, const std::string& dir) {
     // Keyed by the mount point's absolute path: the daemon must not stat its own mount point
     // before it serves requests.
-    return fmt::format("{}/{:016x}.pid", runtime_dir(), std::hash<std::string>{}(mountpoint));
+    return fmt::format("{}/{:016x}.pid", dir.empty() ? runtime_dir() : dir,
+                       std::hash<std::string>{}(mountpoint));
 }
 
-std::string failure_file_for(const std::string& mountpoint) {
-    return fmt::format("{}/{:016x}.failed", runtime_dir(), std::hash<std::string>{}(mountpoint));
+std::string failure_file_for(const std::string& mountpoint, const std::string& dir) {
+    return fmt::format("{}/{:016x}.failed", dir.empty() ? runtime_dir() : dir,
+                       std::hash<std::string>{}(mountpoint));
+}
+
+std::vector<std::string> runtime_dirs_of(uint32_t uid) {
+    if (uid == 0) {
+        return {"/run/imgfs"};
+    }
+    return {fmt::format("/run/user/{}/imgfs", uid), fmt::format("/tmp/imgfs-{}", uid)};
 }
 
 int run_mount(const MountCommand& cmd) {
@@ -429,49 +438,102 @@ int run_mount(const MountCommand& cmd) {
 namespace {
 
 // Runs a program (looked up in PATH) with its output discarded; true if it exited 0.
-bool run_quietly(const std::vector<std::string>& argv) {
+// Runs a tool with its output kept from the terminal; on failure `why` gets its last line of
+// stderr (or why it could not run).
+bool run_quietly(const std::vector<std::string>& argv, std::string* why) {
     std::vector<char*> args;
     for (const std::string& a : argv) {
         args.push_back(const_cast<char*>(a.c_str()));
     }
     args.push_back(nullptr);
+    int pipe_fds[2];
+    if (::pipe2(pipe_fds, O_CLOEXEC) != 0) {
+        *why = fmt::format("{}: {}", argv[0], std::strerror(errno));
+        return false;
+    }
+    UniqueFd read_end(pipe_fds[0]);
+    UniqueFd write_end(pipe_fds[1]);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, write_end.get(), STDERR_FILENO);
     pid_t pid = 0;
     int err = posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
+    write_end.reset();
     if (err != 0) {
+        *why = fmt::format("{}: {}", argv[0], std::strerror(err));
         return false;
+    }
+    std::string output;
+    char buf[512];
+    ssize_t n = 0;
+    while ((n = ::read(read_end.get(), buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)) {
+        output.append(buf, static_cast<size_t>(std::max<ssize_t>(n, 0)));
     }
     int status = 0;
     while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        return true;
+    }
+    while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) {
+        output.pop_back();
+    }
+    const size_t last = output.rfind('\n');
+    *why = last == std::string::npos ? output : output.substr(last + 1);
+    if (why->empty()) {
+        *why = fmt::format("{} failed", argv[0]);
+    }
+    return false;
 }
 
 }  // namespace
 
 int run_unmount(const std::string& mountpoint, int timeout_s) {
-    std::string pid_file = pid_file_for(mountpoint);
-    pid_t pid = 0;
-    if (!pid_file.empty()) {
-        std::ifstream(pid_file) >> pid;
-    }
-    // fusermount3 for a mount by an ordinary user, umount for root's (and for fstab mounts).
-    // Run without a shell: the mount point is not quoted for one.
-    if (!imgfs_mount_at(mountpoint)) {
+    std::optional<MountEntry> entry = imgfs_mount_at(mountpoint);
+    if (!entry) {
         std::fprintf(stderr, "imgfs: %s is not an imgfs mount\n", mountpoint.c_str());
         return 1;
     }
-    if (!run_quietly({"fusermount3", "-u", mountpoint}) && !run_quietly({"umount", mountpoint})) {
+    // The daemon's files are in its runtime directory, which need not be the caller's (a user's
+    // mount unmounted with sudo, or from a session without XDG_RUNTIME_DIR): the caller's own
+    // first, then the usual ones of the uid that mounted it.
+    std::vector<std::string> dirs{runtime_dir()};
+    if (entry->owner) {
+        for (std::string& d : runtime_dirs_of(*entry->owner)) {
+            dirs.push_back(std::move(d));
+        }
+    }
+    pid_t pid = 0;
+    std::string daemon_dir;
+    for (const std::string& dir : dirs) {
+        pid_t found = 0;
+        std::ifstream(pid_file_for(mountpoint, dir)) >> found;
+        if (found > 0 && process_running(found)) {
+            pid = found;
+            daemon_dir = dir;
+            break;
+        }
+    }
+    // fusermount3 for a mount by an ordinary user, umount for root's (and for fstab mounts).
+    // Run without a shell: the mount point is not quoted for one.
+    std::string fusermount_why;
+    std::string umount_why;
+    if (!run_quietly({"fusermount3", "-u", mountpoint}, &fusermount_why) &&
+        !run_quietly({"umount", mountpoint}, &umount_why)) {
         std::string users;
         for (const std::string& u : mount_users(mountpoint)) {
             users += "; " + u;
         }
-        std::fprintf(stderr, "imgfs: cannot unmount %s: it is busy%s\n", mountpoint.c_str(),
-                     users.empty() ? " (nothing found holding it; try again)" : users.c_str());
+        if (users.empty()) {
+            // Not (visibly) busy: say what the tools said (permissions, a tool missing...).
+            std::fprintf(stderr, "imgfs: cannot unmount %s: %s; %s\n", mountpoint.c_str(),
+                         fusermount_why.c_str(), umount_why.c_str());
+        } else {
+            std::fprintf(stderr, "imgfs: cannot unmount %s: it is busy%s\n", mountpoint.c_str(),
+                         users.c_str());
+        }
         return 1;
     }
     // The daemon flushes and closes its images after the unmount: wait for it.
@@ -483,7 +545,7 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    const std::string failure_file = failure_file_for(mountpoint);
+    const std::string failure_file = failure_file_for(mountpoint, daemon_dir);
     std::string reason;
     if (std::ifstream failed(failure_file); failed && std::getline(failed, reason)) {
         ::unlink(failure_file.c_str());

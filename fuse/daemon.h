@@ -2,7 +2,9 @@
 // flight finish, flushes and closes every image, and exits.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "drivers/rbd/rados.h"
 #include "fuse/fuse_mount.h"
@@ -32,12 +34,17 @@ struct MountCommand {
 /// process returns (0 once the mount is up, 1 with the reason on stderr) and a child serves.
 int run_mount(const MountCommand& cmd);
 
-/// Where the daemon of the mount at `mountpoint` records its pid (see unmount).
-std::string pid_file_for(const std::string& mountpoint);
+/// Where the daemon of the mount at `mountpoint` records its pid (see unmount), in `dir` or
+/// else this process's runtime directory.
+std::string pid_file_for(const std::string& mountpoint, const std::string& dir = {});
 
 /// Where that daemon, when its images did not all close cleanly, leaves the reason for
 /// `imgfs unmount` to report (it is not the daemon's parent, so it cannot see its exit status).
-std::string failure_file_for(const std::string& mountpoint);
+std::string failure_file_for(const std::string& mountpoint, const std::string& dir = {});
+
+/// The runtime directories a daemon run by `uid` uses: /run/imgfs for root, else
+/// $XDG_RUNTIME_DIR/imgfs (where a session sets it, /run/user/UID) or /tmp/imgfs-UID.
+std::vector<std::string> runtime_dirs_of(uint32_t uid);
 
 /// `imgfs unmount`: detaches the mount and waits until its daemon has closed the images. Fails
 /// if the daemon does not finish in `timeout_s`, or reported that an image did not close.

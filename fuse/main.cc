@@ -3,6 +3,8 @@
 #include <cstring>
 #include <string>
 
+#include <sys/stat.h>
+
 #include "fuse/cli.h"
 
 #ifndef IMGFS_VERSION
@@ -82,8 +84,12 @@ int main(int argc, char** argv) {
     if (cmd == "status") {
         return imgfs::cli::status(args);
     }
-    if (argc >= 3 && cmd[0] != '-') {
-        // mount.fuse3 (fstab type fuse.imgfs) runs: imgfs IMAGE_DIR MOUNTPOINT -o OPTS
+    struct stat st {};
+    const bool image_dir =
+        cmd.rfind("rbd:", 0) == 0 || (::stat(cmd.c_str(), &st) == 0 && S_ISDIR(st.st_mode));
+    if (argc >= 3 && image_dir) {
+        // mount.fuse3 (fstab type fuse.imgfs) runs: imgfs IMAGE_DIR MOUNTPOINT -o OPTS. Only
+        // for an image directory, so that a mistyped command is not taken for one.
         imgfs::cli::Args all(argv + 1, argv + argc);
         return imgfs::cli::mount(all);
     }

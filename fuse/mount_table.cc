@@ -113,8 +113,17 @@ std::vector<MountEntry> read_mount_table() {
     for (std::string line; std::getline(f, line);) {
         std::istringstream words(line);
         MountEntry e;
-        words >> e.source >> e.target >> e.type;
-        out.push_back({unescape(e.source), unescape(e.target), e.type});
+        std::string options;
+        words >> e.source >> e.target >> e.type >> options;
+        e.source = unescape(e.source);
+        e.target = unescape(e.target);
+        std::istringstream opts(options);
+        for (std::string opt; std::getline(opts, opt, ',');) {
+            if (opt.rfind("user_id=", 0) == 0) {
+                e.owner = static_cast<uint32_t>(std::strtoul(opt.c_str() + 8, nullptr, 10));
+            }
+        }
+        out.push_back(std::move(e));
     }
     return out;
 }

@@ -3,6 +3,7 @@
 // the command line and the daemon's start-up only, never the event loop.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,9 +11,10 @@
 namespace imgfs {
 
 struct MountEntry {
-    std::string source;  // for imgfs: the image directory (fsname)
-    std::string target;  // the mount point
-    std::string type;    // "fuse.imgfs" for ours
+    std::string source;             // for imgfs: the image directory (fsname)
+    std::string target;             // the mount point
+    std::string type;               // "fuse.imgfs" for ours
+    std::optional<uint32_t> owner;  // a FUSE mount's user_id=: the uid that mounted it
 };
 
 /// /proc/self/mounts, with its octal escapes (\040 for a space) undone.

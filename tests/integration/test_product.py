@@ -113,6 +113,28 @@ class Status(harness.ImageDirTest):
         p = run([harness.IMGFS, "snapshot", self.dir, "vm", "s1"], check=False)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("is not an imgfs mount", p.stderr)
+        # A mistyped command is not taken for an fstab-style mount.
+        for argv in (["stauts", self.dir], ["unmout", self.dir, "--json"]):
+            p = run([harness.IMGFS, *argv], check=False)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn(f"unknown command '{argv[0]}'", p.stderr)
+
+    def test_status_of_a_mount_whose_daemon_died_fails(self):
+        # A monitor must not read a dead daemon as a healthy mount without images.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "1M")
+        m = self.mount()
+        p = run([harness.IMGFS, "status", m.mountpoint], check=False)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("transport:", p.stdout)
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        p = run([harness.IMGFS, "status", m.mountpoint], check=False)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assertIn("its daemon is gone", p.stderr)
+        p = run([harness.IMGFS, "status", m.mountpoint, "--json"], check=False)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        m.proc = None
+        run(["umount", "-l", m.mountpoint], check=False)
 
 
 class MountSafety(harness.ImageDirTest):
@@ -288,10 +310,15 @@ class JobCli(harness.ImageDirTest):
                      ["snapshot", m.mountpoint, "vm", ""], ["commit", m.mountpoint, "", "--wait"],
                      ["job", m.mountpoint, "..", "cancel"],
                      ["snapshot", m.mountpoint, "--group", "s9", "vm", "my vm"],
-                     ["snapshot", m.mountpoint, "--group", "s9", ""]):
+                     ["snapshot", m.mountpoint, "--group", "s9", ""],
+                     ["snapshot", m.mountpoint, "--group", "nightly vm"],
+                     ["snapshot", m.mountpoint, "--group", ""],
+                     ["snapshot", m.mountpoint, "--group", "s9", "vm", "typo"]):
             p = run([harness.IMGFS, *argv], check=False)
             self.assertNotEqual(p.returncode, 0, argv)
             self.assertIn("imgfs:", p.stderr)
+            if argv[-1] == "typo":
+                self.assertIn(f"no image 'typo' under {m.mountpoint}", p.stderr)
         self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
         run([harness.IMGFS, "snapshot", m.mountpoint, "vm", "s2"])
         self.start_slow_commit(m)  # vm@s2 into vm@s1
