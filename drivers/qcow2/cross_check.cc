@@ -102,6 +102,29 @@ Task<Status> Metadata::cross_check_references() {
     co_return Status{};
 }
 
+std::string Metadata::free_problem(const L2Entry& e) const {
+    uint64_t first = 0;
+    uint64_t last = 0;
+    if (e.compressed()) {
+        compressed_clusters(g_, decode_compressed(g_, e.word), &first, &last);
+    } else if (e.host_offset() != 0) {
+        first = last = e.host_offset() >> g_.cluster_bits;
+    } else {
+        return {};
+    }
+    if (std::optional<uint64_t> c = metadata_clusters_.first_in(first, last - first + 1)) {
+        return fmt::format("it names host cluster {:#x}, which holds metadata",
+                           *c << g_.cluster_bits);
+    }
+    for (uint64_t c = first; !e.compressed() && c <= last; ++c) {
+        if (auto it = over_referenced_.find(c); it != over_referenced_.end()) {
+            return fmt::format("host cluster {:#x} has {} references but refcount {}",
+                               c << g_.cluster_bits, it->second.references, it->second.refcount);
+        }
+    }
+    return {};
+}
+
 Task<Result<std::string>> Metadata::data_extent_problem(uint64_t host_offset, uint64_t bytes,
                                                         bool for_write) {
     if (Status overlap = check_data_range(host_offset, bytes); !overlap) {

@@ -438,7 +438,8 @@ Task<void> Metadata::punch_freed() {
         Status st;
         if (!rc) {
             st = std::move(rc).error();
-        } else if (*rc == 0 && punching_.count(c) == 0) {  // else reused, or in progress
+        } else if (*rc == 0 && punching_.count(c) == 0 &&  // else reused, or in progress
+                   !metadata_clusters_.first_in(c, 1)) {   // a table a damaged count missed
             // The allocator skips it until the hole is punched, so a punch can never land on
             // a cluster that was handed out again.
             punching_.insert(c);

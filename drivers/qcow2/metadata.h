@@ -176,6 +176,10 @@ class Metadata {
 
     /// A host range that overlaps metadata: EIO (the caller reports it as corruption).
     Status check_data_range(uint64_t host_offset, uint64_t bytes);
+    /// What is wrong with freeing the clusters `e` names ("" if nothing): they overlap
+    /// metadata, or have more references than their refcount. Dropping the entry's reference
+    /// would then free a table, or data another entry still uses (a corrupt image).
+    [[nodiscard]] std::string free_problem(const L2Entry& e) const;
     /// What is wrong with the host range of an existing mapping ("" if nothing): it overlaps
     /// metadata (check_data_range), lies past the end of the file without being allocated,
     /// or (`for_write`) is in a cluster with more references than its refcount

@@ -314,6 +314,14 @@ Task<Status> Metadata::link_clusters(WritePlan plan) {
     uint64_t l1i = g_.l1_index(plan.run_guest_start);
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_write(l1i));
     if (!plan.reuse_host) {
+        // The old clusters lose this reference below: checked before anything changes.
+        for (uint32_t i = 0; i < plan.clusters; ++i) {
+            if (std::string problem = free_problem(plan.old_entries[i]); !problem.empty()) {
+                co_return co_await corruption(
+                    fmt::format("L2 entry for guest offset {:#x}: {}",
+                                plan.run_guest_start + uint64_t{i} * g_.cluster_size, problem));
+            }
+        }
         CO_TRY(co_await depend_l2_on_refcounts());
     }
     bool frees = false;
@@ -449,7 +457,12 @@ Task<Status> Metadata::deallocate_in_table(uint64_t offset, uint64_t bytes, Deal
     // Every entry is checked before any is changed: a malformed one found half way would
     // leave the cached table edited but not dirty, differing from the disk until evicted.
     for (uint64_t pos = g_.cluster_start(offset); pos < offset + bytes; pos += cs) {
-        if (const char* problem = l2_entry_problem(g_, load_l2(g_, ref.data(), g_.l2_index(pos)))) {
+        const L2Entry e = load_l2(g_, ref.data(), g_.l2_index(pos));
+        if (const char* problem = l2_entry_problem(g_, e)) {
+            co_return co_await corruption(
+                fmt::format("L2 entry for guest offset {:#x}: {}", pos, problem));
+        }
+        if (std::string problem = free_problem(e); !problem.empty()) {
             co_return co_await corruption(
                 fmt::format("L2 entry for guest offset {:#x}: {}", pos, problem));
         }

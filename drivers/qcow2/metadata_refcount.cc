@@ -108,7 +108,10 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
         }
         bool pending =
             punching_.count(idx) != 0 || freed_unflushed_.count(idx) != 0 || held_for_reads(idx);
-        bool used = pending || over_referenced_.count(idx) != 0;
+        // Metadata with refcount 0 (a damaged image) is not free either: handing it out
+        // would put data over a table.
+        bool used = pending || over_referenced_.count(idx) != 0 ||
+                    metadata_clusters_.first_in(idx, 1).has_value();
         if (!used) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
             used = rc != 0;

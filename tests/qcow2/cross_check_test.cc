@@ -137,5 +137,38 @@ TEST_F(CrossCheckTest, AWriteIntoAZeroClusterOnMetadataIsRefused) {
     EXPECT_NE(test::be64_at(img, l2), 0x4444444444444444ULL) << "guest data over the L2 table";
 }
 
+// A discard (or a whole-cluster overwrite) drops the reference of the entry it replaces. On a
+// damaged image whose entry names the L1 table, that freed the table: its refcount went to 0
+// and the next flush punched it, so every mapping was gone after a reopen. It is corruption
+// now, found before anything changes.
+TEST_F(CrossCheckTest, ADiscardOfAnEntryNamingMetadataIsRefused) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8k' '" + img + "' >/dev/null");
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t l2 = test::be64_at(img, l1) & qcow2::kOffsetMask;
+    test::put_be64_at(img, l2, l1 | qcow2::kOflagCopied);  // guest cluster 0 -> the L1 table
+    for (bool whole_overwrite : {false, true}) {
+        Stack s = open(img);
+        Status st = whole_overwrite ? run(s.node->write(0, std::vector<uint8_t>(4096, 0x22)))
+                                    : run(s.node->discard(0, 4096));
+        ASSERT_FALSE(st.ok()) << "the reference to the L1 table was dropped";
+        EXPECT_EQ(st.error().errnum, EIO);
+        (void)run(s.node->close());
+        users_.clear();
+        EXPECT_EQ(test::be64_at(img, l1) & qcow2::kOffsetMask, l2) << "the L1 table was lost";
+        // The corrupt bit is set now; cleared for the second case.
+        std::vector<uint8_t> header = test::read_file(img);
+        header[79] &= static_cast<uint8_t>(~2U);  // incompatible feature bit 1: corrupt
+        test::write_file(img, header);
+    }
+    // Guest cluster 1 still maps its data.
+    const std::vector<uint8_t> raw = test::qemu_convert_raw(img);
+    EXPECT_EQ(std::vector<uint8_t>(raw.begin() + 4096, raw.begin() + 8192),
+              std::vector<uint8_t>(4096, 0x11));
+}
+
 }  // namespace
 }  // namespace imgfs
