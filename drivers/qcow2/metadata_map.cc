@@ -393,21 +393,28 @@ bool Metadata::can_zero(bool has_backing) const {
 
 Task<Status> Metadata::deallocate(uint64_t offset, uint64_t bytes, DeallocMode mode,
                                   bool has_backing, std::vector<GuestRange>* fallback) {
-    auto guard = co_await lock_.lock();
-    if (corrupt_) {
-        co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name_);
-    }
-    uint64_t end = offset + bytes;
+    // One L2 table at a time, each under the lock and with the caches trimmed after it: a
+    // discard of a whole large disk (fstrim, blkdiscard) would otherwise keep every table it
+    // touched dirty in memory, and hold every other request's allocation back until the end.
+    // Overlapping guest requests are kept out by the node's range lock meanwhile.
+    const uint64_t end = offset + bytes;
     while (offset < end) {
+        auto guard = co_await lock_.lock();
+        if (corrupt_) {
+            co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name_);
+        }
         uint64_t l1i = g_.l1_index(offset);
         uint64_t n = std::min(end, (l1i + 1) * g_.l2_span()) - offset;
         CO_TRY(co_await deallocate_in_table(offset, n, mode, has_backing, fallback));
         offset += n;
-    }
+        CO_TRY(co_await trim_caches());
 #ifdef IMGFS_DEBUG_CHECKS
-    co_await debug_check_invariants("zeroing or discarding");
+        if (offset >= end) {
+            co_await debug_check_invariants("zeroing or discarding");
+        }
 #endif
-    co_return co_await trim_caches();
+    }
+    co_return Status{};
 }
 
 L2Entry Metadata::deallocated_entry(const L2Entry& old, uint64_t from, uint64_t to,

@@ -65,6 +65,7 @@ TableCache::Entry* TableCache::insert(uint64_t offset) {
     e->lru = lru_.begin();
     Entry* raw = e.get();
     entries_.emplace(offset, std::move(e));
+    peak_size_ = std::max(peak_size_, entries_.size());
     return raw;
 }
 

@@ -79,6 +79,8 @@ class TableCache {
     [[nodiscard]] size_t size() const { return entries_.size(); }
     [[nodiscard]] size_t capacity() const { return capacity_; }
     [[nodiscard]] bool over_capacity() const { return entries_.size() > capacity_; }
+    /// The most tables cached at once so far (tests: the cache stays bounded).
+    [[nodiscard]] size_t peak_size() const { return peak_size_; }
     [[nodiscard]] uint64_t hits() const { return hits_; }
     [[nodiscard]] uint64_t misses() const { return misses_; }
 
@@ -107,6 +109,7 @@ class TableCache {
     Executor* executor_;
     size_t table_bytes_;
     size_t capacity_;
+    size_t peak_size_ = 0;
     const char* kind_;
     std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;
     std::list<Entry*> lru_;                          // front: most recently used

@@ -170,5 +170,28 @@ TEST_F(CrossCheckTest, ADiscardOfAnEntryNamingMetadataIsRefused) {
               std::vector<uint8_t>(4096, 0x11));
 }
 
+// A discard of a whole, fully mapped disk (fstrim, blkdiscard) goes one L2 table at a time with
+// the cache trimmed after each: it kept every table it touched dirty in memory until the end
+// (16 GiB of tables for 1 TiB of 512-byte clusters).
+TEST_F(CrossCheckTest, ADiscardOfTheWholeDiskKeepsTheTableCacheBounded) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    qcow2::Options small;
+    small.l2_cache_bytes = 16 * kCluster;  // 16 of the image's 256 tables
+    {
+        Stack s = open(img, small);
+        const qcow2::TableCache& cache = s.node->metadata()->l2_cache();
+        ASSERT_TRUE(run(s.node->discard(0, 8 << 20)).ok());
+        EXPECT_LE(cache.peak_size(), cache.capacity() + 1);
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+    }
+    EXPECT_EQ(test::qemu_check(img).exit_code, 0);
+    EXPECT_EQ(test::qemu_convert_raw(img), std::vector<uint8_t>(8 << 20, 0));
+}
+
 }  // namespace
 }  // namespace imgfs
