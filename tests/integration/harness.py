@@ -170,9 +170,13 @@ class Mount:
         raise AssertionError("imgfs did not mount in time:\n" + self.read_log())
 
     def _check_loops(self):
-        """A threads=N run must really serve the ring with N loops (where the ring serves)."""
+        """A threads=N run must really serve the ring with N loops (where the ring serves): with
+        the kernel's switch on and the ring not refused, falling back to /dev/fuse would test
+        the other transport under this one's name."""
         threads = [o.split("=", 1)[1] for o in self.options.split(",") if o.startswith("threads=")]
         log = self.read_log()
+        if threads and "uring=off" not in self.options and uring_switched_on():
+            assert "serving through FUSE-over-io_uring" in log, "fell back to /dev/fuse:\n" + log
         if threads and "serving through FUSE-over-io_uring" in log and "kernel keeps" not in log:
             assert f"on {threads[-1]} event loops" in log, log
 
@@ -257,6 +261,15 @@ class Mount:
 
     def __exit__(self, *exc):
         self.cleanup()
+
+
+def uring_switched_on():
+    """Whether the kernel offers FUSE over io_uring (its module parameter)."""
+    try:
+        with open("/sys/module/fuse/parameters/enable_uring") as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
 
 
 def detach_loops_under(directory):

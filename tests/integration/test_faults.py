@@ -344,7 +344,10 @@ class FaultTest(harness.ImageDirTest):
         try:
             m.stop()
         except AssertionError as e:
-            self.assertIn("exited with", str(e))
+            # Exit status 1 with the reason; a crash (a signal, or the sanitizers' abort) is not
+            # an orderly refusal.
+            self.assertIn("exited with 1", str(e))
+            self.assertIn("did not flush or close cleanly", m.read_log())
 
 
 def _add_matrix():

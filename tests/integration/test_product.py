@@ -286,7 +286,8 @@ class JobCli(harness.ImageDirTest):
         self.start_slow_commit(m)
         p = subprocess.Popen([harness.IMGFS, "commit", m.mountpoint, "vm", "--wait"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        # The first progress line comes after the handler is in place (slow under ASan).
+        self.assertIn("commit", p.stdout.readline())
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
         self.assertEqual(p.returncode, 130, err)

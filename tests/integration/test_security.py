@@ -270,6 +270,7 @@ class OtherUsers(harness.ImageDirTest):
         self.assertEqual(stat.S_IMODE(os.stat(m.path("good.raw")).st_mode) & 0o077, 0)
         self.assertEqual(stat.S_IMODE(os.stat(m.path(".control", "good", "snapshot")).st_mode)
                          & 0o077, 0)
+        m.stop()  # a clean exit, which teardown would not require
 
     def test_other_user_denied_without_allow_other(self):
         mnt = tempfile.mkdtemp(prefix="imgfs-mnt-")
@@ -289,6 +290,7 @@ class OtherUsers(harness.ImageDirTest):
         # Root (the owner) gets in, so the denial above is about the user.
         with open(m.path("good.raw"), "rb") as f:
             self.assertEqual(len(f.read()), MiB)
+        m.stop()
 
     def test_allow_other_lets_others_in(self):
         # The control case: with allow_other the same commands work, so the test above is not

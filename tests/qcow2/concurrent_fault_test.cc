@@ -626,6 +626,12 @@ TEST_P(ConcurrentFaults, ManyRequestsInFlightWithFailures) {
         static_cast<unsigned long long>(t.full_disk_cases),
         static_cast<unsigned long long>(t.qemu_checked), secs);
     EXPECT_EQ(t.failed_cases, 0U);
+    // What the name promises happened: faults fired, requests failed, many were in flight
+    // together, and some cases filled the disk.
+    EXPECT_GT(t.injected, 0U);
+    EXPECT_GT(t.failed_requests, 0U);
+    EXPECT_GE(t.max_in_flight, 8U);
+    EXPECT_GT(t.full_disk_cases, 0U);
 }
 
 // name, cluster, extended L2, refcount bits, lazy, version, backing, internal snapshot, guest
