@@ -194,7 +194,7 @@ class Node : public ChildOwner {
 
     // ---- Generic request layer (core/node_io.cc) ----
     // Callers: edges (Child), which check permissions, and the code holding a drain.
-    // Any offset/length is accepted; offset + length must not overflow.
+    // Any offset/length is accepted; a range ending past 2^63 - 1 fails with EINVAL.
 
     /// Reads; bytes past size() read as zeros.
     Task<Status> read(uint64_t offset, MutBuf buf);

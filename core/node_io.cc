@@ -12,8 +12,11 @@ namespace imgfs {
 
 namespace {
 
+// A range ending past the largest file offset (2^63 - 1, what the kernel and every store can
+// address) is refused with the overflows: below it, aligning an end up to any block size
+// cannot wrap round to 0 (which turned a discard near 2^64 into one of the whole image).
 bool add_overflows(uint64_t a, uint64_t b, uint64_t* sum) {
-    return __builtin_add_overflow(a, b, sum);
+    return __builtin_add_overflow(a, b, sum) || *sum > uint64_t{INT64_MAX};
 }
 
 constexpr uint64_t kZeroChunkBytes = 1ULL << 20;

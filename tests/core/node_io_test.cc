@@ -107,6 +107,31 @@ TEST_F(NodeIoTest, ReadsPastEndAreZeroAndWritesRefused) {
     EXPECT_EQ(node->requests, 0U);  // refused before reaching the driver
 }
 
+// A range ending near 2^64 does not overflow, but aligning its start up to a block wrapped
+// round to 0: a discard there punched the whole node, a zeroing zeroed it from offset 0. Ranges
+// past the largest file offset are refused before they reach the driver.
+TEST_F(NodeIoTest, RangesNearTheTopOfTheOffsetSpaceAreRefused) {
+    Limits limits;
+    limits.request_alignment = 4096;
+    limits.zero_alignment = 65536;
+    auto node = std::make_shared<MemNode>(env(), "mem", 1 << 20, limits);
+    std::fill(node->data.begin(), node->data.end(), 7);
+    Status st = run(node->discard(UINT64_MAX - 100, 50));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EINVAL);
+    st = run(node->write_zeroes(UINT64_MAX - 100, 50, true));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EINVAL);
+    std::vector<uint8_t> buf(100);
+    st = run(node->read(uint64_t{INT64_MAX}, buf));
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().errnum, EINVAL);
+    EXPECT_EQ(node->requests, 0U);
+    EXPECT_EQ(node->zeroed_in_place, 0U);
+    EXPECT_TRUE(
+        std::all_of(node->data.begin(), node->data.end(), [](uint8_t b) { return b == 7; }));
+}
+
 // A format's storage is closed with it (an RBD image must be closed before a pool removes it),
 // unless another node keeps it as its storage too.
 TEST_F(NodeIoTest, CloseClosesTheStorageOnlyItUses) {
