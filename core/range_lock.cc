@@ -82,11 +82,14 @@ RangeLock::Request* RangeLock::find_conflict(const Request* self) const {
         if (r->running_) {
             return r;
         }
-        // An older waiter keeps its turn: wait behind it, for what it waits for. (Its target
-        // is running: waits only ever target running requests.)
-        if (r->seq_ < self->seq_ && r->waiting_for_ != nullptr) {
-            assert(r->waiting_for_->running_);
-            return r->waiting_for_;
+        // An older waiter keeps its turn: wait behind it, for what it waits for (a running
+        // request or one older still). One woken but not yet resumed waits for nothing: wait for it
+        // itself, or a newcomer arriving in that gap would pass it, and the next one again, without
+        // end.
+        if (r->seq_ < self->seq_) {
+            assert(r->waiting_for_ == nullptr || r->waiting_for_->running_ ||
+                   r->waiting_for_->seq_ < r->seq_);
+            return r->waiting_for_ != nullptr ? r->waiting_for_ : r;
         }
     }
     return nullptr;

@@ -6,16 +6,17 @@
 // Every tracked request is visible to the others from the moment it starts to acquire. Two
 // requests conflict when they overlap and at least one of them is serialising.
 //
-// Deadlock rule: a request only ever waits for a running one (one whose acquire has returned),
-// and a running request never waits, so the wait-for graph has no cycles.
+// Deadlock rule: a request only ever waits for a running one (one whose acquire has returned)
+// or for an older one, and a running request never waits. Every wait goes to a running request
+// or down in age, so the wait-for graph has no cycles.
 //
 // Fairness: a request does not overtake an older request that conflicts with it and is still
 // waiting. It waits for what that older request waits for (a running request), and as the
 // older one was queued there first, it is woken first and runs first. Without this a
 // serialising request (a job's copy of a range) could be overtaken by overlapping guest writes
-// for as long as they keep coming. A younger waiting request is passed over: it yields to us.
-// Between its wake-up and its next check an older request waits for nothing; passing it then
-// costs at most one overtaking.
+// for as long as they keep coming. An older request that has been woken but not yet resumed
+// waits for nothing at that moment; a newcomer then waits for that request itself, until it
+// is released. A younger waiting request is passed over: it yields to us.
 #pragma once
 
 #include <cstdint>
@@ -59,8 +60,8 @@ class RangeLock {
         bool tracked_ = false;
         bool running_ = false;  // acquired: conflicts wait for it
         uint64_t seq_ = 0;      // order of insertion: lower is older
-        // The running request it waits for; cleared when that one is released (it may be
-        // freed before this one resumes).
+        // The request it waits for (running, or older); cleared when that one is released (it may
+        // be freed before this one resumes).
         Request* waiting_for_ = nullptr;
         Request* prev_ = nullptr;
         Request* next_ = nullptr;

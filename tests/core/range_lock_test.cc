@@ -193,6 +193,29 @@ TEST_F(RangeLockTest, AWaitingSerialisingRequestIsNotOvertaken) {
     EXPECT_EQ(lock.tracked_count(), 0U);
 }
 
+// A waiter that has been woken but has not run yet is not passed either. Before, a newcomer
+// arriving in that gap found it waiting for nothing and went first; the waiter then woke to a
+// new conflict, and a stream of such newcomers could keep it out without end.
+TEST_F(RangeLockTest, AWokenWaiterIsNotPassedBeforeItRuns) {
+    RangeLock lock(loop_.get());
+    RangeLock::Request first(&lock, 0, 4096, false);
+    ASSERT_TRUE(lock.try_acquire(&first));
+    Tracker t;
+    TaskScope scope(loop_.get());
+    scope.spawn(hold_range(loop_.get(), &lock, &t, {0, 4096, true}, 1));  // waits for `first`
+    first.release();  // the serialising request is woken, not yet resumed
+    RangeLock::Request newcomer(&lock, 1024, 1024, false);
+    EXPECT_FALSE(lock.try_acquire(&newcomer));
+    RangeLock::Request waiting_newcomer(&lock, 0, 512, false);
+    bool newcomer_ran = false;
+    scope.spawn(acquire_after(&lock, &waiting_newcomer, &t, &newcomer_ran));
+    EXPECT_FALSE(newcomer_ran);
+    run(run_all(&scope));
+    EXPECT_TRUE(newcomer_ran);  // and it ran after the serialising request (acquire_after checks)
+    EXPECT_FALSE(t.violation);
+    EXPECT_EQ(lock.tracked_count(), 0U);
+}
+
 Task<void> overlapping_writes(EventLoop* loop, RangeLock* lock, Tracker* t, TaskScope* scope,
                               int count) {
     for (int i = 0; i < count; ++i) {
