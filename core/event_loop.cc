@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <string>
 
 #include <sys/eventfd.h>
@@ -92,7 +93,7 @@ io_uring_sqe* EventLoop::get_sqe() {
         }
         // SQ full: hand what we have to the kernel.
         ++submit_calls_;
-        int ret = io_uring_submit(&ring_);
+        int ret = submit_for_sqe();
         if (ret > 0) {
             continue;
         }
@@ -102,13 +103,35 @@ io_uring_sqe* EventLoop::get_sqe() {
         }
         // The kernel takes nothing until completions are reaped (the CQ overflowed: EBUSY) or
         // memory is back (EAGAIN, ENOMEM). Move completions to the ready queue (their waiters
-        // run later, from the loop), waiting for one if none is there yet.
+        // run later, from the loop). If none is there, wait for one, but briefly: what is in
+        // flight may complete only after what sits unsubmitted in the SQ (a /dev/fuse read
+        // waits for a request that waits for our reply), so an unbounded wait could hang.
         if (reap_completions() == 0 && ops_in_flight_ > 0) {
-            io_uring_cqe* cqe = nullptr;
-            // An interrupted wait needs nothing: the reap below and the retry handle it.
-            (void)io_uring_wait_cqe(&ring_, &cqe);
+            wait_briefly_for_completion();
             reap_completions();
         }
+    }
+}
+
+int EventLoop::submit_for_sqe() {
+    if (failing_submits_ > 0) {
+        --failing_submits_;
+        return -failing_submit_errno_;
+    }
+    return io_uring_submit(&ring_);
+}
+
+void EventLoop::wait_briefly_for_completion() {
+    constexpr long kRetryNs = 1'000'000;
+    if ((ring_.features & IORING_FEAT_EXT_ARG) != 0) {
+        // The timeout travels as an argument, not as an SQE (there is no free one).
+        __kernel_timespec timeout{.tv_sec = 0, .tv_nsec = kRetryNs};
+        io_uring_cqe* cqe = nullptr;
+        // Time-outs and interruptions need nothing: the caller reaps and submits again.
+        (void)io_uring_wait_cqe_timeout(&ring_, &cqe, &timeout);
+    } else {
+        timespec pause{.tv_sec = 0, .tv_nsec = kRetryNs};
+        nanosleep(&pause, nullptr);
     }
 }
 

@@ -167,9 +167,19 @@ class EventLoop final : public Executor {
     [[nodiscard]] uint64_t polls_caught() const { return polls_caught_; }
     [[nodiscard]] std::chrono::microseconds poll_window() const { return poll_window_; }
 
+    /// Test seam: the next `count` submissions made because the SQ is full fail with `err`
+    /// (EAGAIN, ENOMEM: what the kernel returns under memory pressure) and submit nothing.
+    void fail_full_queue_submits_for_test(int count, int err) {
+        failing_submits_ = count;
+        failing_submit_errno_ = err;
+    }
+
   private:
     EventLoop() = default;
     io_uring_sqe* get_sqe();
+    int submit_for_sqe();
+    /// Waits up to a millisecond for a completion, without needing an SQE.
+    void wait_briefly_for_completion();
     /// Moves every available completion's waiter to the ready queue; returns how many.
     unsigned reap_completions();
     void run_ready();
@@ -204,6 +214,8 @@ class EventLoop final : public Executor {
     uint64_t hops_received_ = 0;
     bool stop_ = false;
     int external_holds_ = 0;
+    int failing_submits_ = 0;
+    int failing_submit_errno_ = 0;
 
     // Cross-thread wake-up: an eventfd read kept posted on the ring. Its completion record is a
     // member, not an awaiter, because nobody waits for it.

@@ -98,6 +98,33 @@ TEST_F(EventLoopTest, MoreOperationsThanTheRingHolds) {
     EXPECT_EQ((*small)->ops_in_flight(), 0U);
 }
 
+Task<void> read_zero_page(EventLoop* loop, int fd, int* done) {
+    std::vector<uint8_t> page(4096, 1);
+    auto res = co_await loop->read_some(fd, page, 0);
+    if (res == static_cast<int>(page.size()) && page[0] == 0) {
+        ++*done;
+    }
+}
+
+// A full SQ whose submission fails with EAGAIN (memory pressure): nothing reached the kernel,
+// so what is in flight may never complete. The loop waited for a completion without bound and
+// hung; it now waits briefly and submits again.
+TEST_F(EventLoopTest, AFullQueueWhoseSubmitFailsIsSubmittedAgain) {
+    auto small = EventLoop::create(EventLoop::Options{4});
+    ASSERT_TRUE(small.ok()) << small.error().message();
+    UniqueFd zero(open("/dev/zero", O_RDONLY | O_CLOEXEC));
+    ASSERT_TRUE(zero.valid());
+    (*small)->fail_full_queue_submits_for_test(3, EAGAIN);
+    TaskScope scope(small->get());
+    int done = 0;
+    for (int i = 0; i < 8; ++i) {  // the wake-up read and three reads fill the SQ
+        scope.spawn(read_zero_page(small->get(), zero.get(), &done));
+    }
+    sync_wait(small->get(), join(&scope));
+    EXPECT_EQ(done, 8);
+    EXPECT_EQ((*small)->ops_in_flight(), 0U);
+}
+
 Task<void> sleep_then(EventLoop* loop, int ms, std::vector<int>* order) {
     co_await loop->sleep(std::chrono::milliseconds(ms));
     order->push_back(ms);
