@@ -90,7 +90,13 @@ Task<Status> Node::write(uint64_t offset, ConstBuf buf) {
     bool aligned = is_aligned(offset, align) && is_aligned(buf.size(), align) &&
                    is_aligned_ptr(buf.data(), limits_.memory_alignment);
     if (!needs_tracking()) {
-        co_return co_await write_chunks(offset, buf);
+        if (aligned) {
+            co_return co_await write_chunks(offset, buf);
+        }
+        // Byte alignment, but the buffer is not where the driver can use it: copy it there.
+        AlignedBuffer bounce(buf.size(), std::max<size_t>(limits_.memory_alignment, 8));
+        std::memcpy(bounce.data(), buf.data(), buf.size());
+        co_return co_await write_chunks(offset, bounce.span());
     }
     uint64_t head = align_down(offset, align);
     uint64_t tail = align_up(end, align);
@@ -203,6 +209,9 @@ Task<Status> Node::write_zero_buffers(uint64_t offset, uint64_t bytes, ZeroPath 
                               std::max<size_t>(limits_.memory_alignment, 8));
     while (bytes > 0) {
         uint64_t n = std::min<uint64_t>(bytes, zeros.size());
+        if (path == ZeroPath::kDriver) {
+            n = std::min<uint64_t>(n, limits_.max_transfer);  // do_write gets no more
+        }
         ConstBuf chunk(zeros.data(), n);
         // (Not a conditional expression of two tasks: g++ 12 destroys such a temporary twice.)
         if (path == ZeroPath::kGeneric) {
@@ -269,6 +278,15 @@ Task<Status> Node::truncate(uint64_t new_size) {
         co_return make_error(ENOTSUP, "{}: the {} driver cannot resize", name_, driver_name());
     }
     InFlightGuard in_flight(this);
+    if (!needs_tracking()) {
+        co_return co_await do_truncate(new_size);
+    }
+    // Serialised against every write from the lower of the two ends up: a padded write there
+    // reads and rewrites whole blocks and trims its own padding by the size it saw, and either
+    // would undo a size change made in between. Writes below both ends are not affected.
+    const uint64_t from = std::min(size_, new_size);
+    RangeLock::Request req(&tracked_, from, UINT64_MAX - from, true);
+    co_await tracked_.acquire(&req);
     co_return co_await do_truncate(new_size);
 }
 

@@ -39,10 +39,14 @@ class MemNode final : public Node {
     uint64_t requests = 0;
     bool misaligned_seen = false;
     bool oversize_seen = false;
-    uint64_t zeroed_in_place = 0;  // bytes do_write_zeroes was given
+    bool unaligned_memory_seen = false;  // a buffer not at limits.memory_alignment
+    uint64_t zeroed_in_place = 0;        // bytes do_write_zeroes was given
+    /// do_write_zeroes writes zero buffers itself (ZeroPath::kDriver), as qcow2 does.
+    bool zero_by_writing = false;
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override {
+        check_memory(buf.data());
         co_await enter(offset, buf.size(), true);
         uint64_t n =
             offset < data.size() ? std::min<uint64_t>(buf.size(), data.size() - offset) : 0;
@@ -52,6 +56,7 @@ class MemNode final : public Node {
         co_return Status{};
     }
     Task<Status> do_write(uint64_t offset, ConstBuf buf) override {
+        check_memory(buf.data());
         co_await enter(offset, buf.size(), true);
         std::memcpy(data.data() + offset, buf.data(), buf.size());
         leave();
@@ -60,6 +65,9 @@ class MemNode final : public Node {
     Task<Status> do_write_zeroes(uint64_t offset, uint64_t bytes, bool) override {
         if (offset % limits_.zero_alignment != 0 || bytes % limits_.zero_alignment != 0) {
             misaligned_seen = true;
+        }
+        if (zero_by_writing) {
+            co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kDriver);
         }
         zeroed_in_place += bytes;
         co_await enter(offset, bytes, false);
@@ -75,6 +83,11 @@ class MemNode final : public Node {
     Task<Status> do_flush() override { co_return Status{}; }
 
   private:
+    void check_memory(const void* p) {
+        if (reinterpret_cast<uintptr_t>(p) % limits_.memory_alignment != 0) {
+            unaligned_memory_seen = true;
+        }
+    }
     Task<void> enter(uint64_t offset, uint64_t bytes, bool transfer) {
         ++requests;
         if (offset % limits_.request_alignment != 0 || bytes % limits_.request_alignment != 0) {
