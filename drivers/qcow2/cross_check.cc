@@ -30,7 +30,9 @@ bool Metadata::refblock_usable(uint64_t ri) const {
     uint64_t entry = refcount_table_[ri];
     uint64_t block = entry & ~kRefTableReservedMask;
     return block != 0 && (entry & kRefTableReservedMask) == 0 &&
-           (block & (g_.cluster_size - 1)) == 0 && block + g_.cluster_size <= file_->node()->size();
+           (block & (g_.cluster_size - 1)) == 0 &&
+           block + g_.cluster_size <= file_->node()->size() &&
+           refblock_overlap(ri, block) == nullptr;
 }
 
 Task<Status> Metadata::find_allocation_end() {

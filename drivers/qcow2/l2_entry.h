@@ -11,6 +11,8 @@ inline constexpr uint64_t kOflagCopied = 1ULL << 63;
 inline constexpr uint64_t kOflagCompressed = 1ULL << 62;
 inline constexpr uint64_t kOflagZero = 1ULL << 0;
 inline constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;  // bits 9..55
+// One past the largest host byte an entry can name (56-bit offsets).
+inline constexpr uint64_t kMaxHostEnd = 1ULL << 56;
 inline constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffULL;
 inline constexpr uint64_t kL2StandardReservedMask = 0x3f000000000001feULL;
 inline constexpr uint64_t kRefTableReservedMask = 0x1ffULL;

@@ -182,6 +182,7 @@ void Metadata::index_l2_overlaps() {
             refblocks.insert((e & ~kRefTableReservedMask) / cs);
         }
     }
+    index_refblock_overlaps(snapshot_l1s);
     std::unordered_map<uint64_t, uint64_t> copied_table_of;  // cluster -> first L1 index
     for (uint64_t i = 0; i < l1_.size(); ++i) {
         const uint64_t off = l1_[i] & kOffsetMask;
@@ -206,6 +207,36 @@ void Metadata::index_l2_overlaps() {
             l2_overlaps_[first->second] = {off, fmt::format("the L2 table of L1 entry {}", i)};
         }
     }
+}
+
+void Metadata::index_refblock_overlaps(const ClusterSet& snapshot_l1s) {
+    const uint64_t cs = g_.cluster_size;
+    refblock_overlaps_.clear();
+    std::unordered_set<uint64_t> l2_tables;
+    for (uint64_t e : l1_) {
+        if ((e & kOffsetMask) != 0) {
+            l2_tables.insert((e & kOffsetMask) / cs);
+        }
+    }
+    for (uint64_t ri = 0; ri < refcount_table_.size(); ++ri) {
+        const uint64_t block = refcount_table_[ri] & ~kRefTableReservedMask;
+        if (block == 0) {
+            continue;
+        }
+        const char* what = structure_on(block / cs, snapshot_l1s);
+        if (what == nullptr && l2_tables.count(block / cs) != 0) {
+            what = "an L2 table";
+        }
+        if (what != nullptr) {
+            refblock_overlaps_[ri] = {block, what};
+        }
+    }
+}
+
+const std::string* Metadata::refblock_overlap(uint64_t ri, uint64_t block) const {
+    auto it = refblock_overlaps_.find(ri);
+    return it != refblock_overlaps_.end() && it->second.first == block ? &it->second.second
+                                                                       : nullptr;
 }
 
 Task<Status> Metadata::prepare_for_writing() {

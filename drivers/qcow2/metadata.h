@@ -277,6 +277,8 @@ class Metadata {
     /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
     Task<Result<HostRun>> alloc_at_end(uint64_t count);
+    /// EFBIG if clusters up to `end_cluster` would not fit a 56-bit host offset.
+    [[nodiscard]] Status check_host_end(uint64_t end_cluster) const;
     /// The refcount ranges (refcount-table indices) without a block that `clusters` clusters
     /// from `start`, followed by one new block per such range, touch.
     [[nodiscard]] std::vector<uint64_t> ranges_without_block(uint64_t start,
@@ -357,7 +359,13 @@ class Metadata {
     // offset it had and what it overlaps. Using such a table would let two structures
     // overwrite each other, so check_l1_entry refuses it (EIO) while the entry is unchanged.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_overlaps_;
+    // The same for refcount blocks lying on other structures, by refcount table index. A
+    // count updated there would be written over that structure.
+    std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> refblock_overlaps_;
     void index_l2_overlaps();
+    void index_refblock_overlaps(const ClusterSet& snapshot_l1s);
+    /// What a refcount block of table entry `ri` at `block` lies on, or null.
+    [[nodiscard]] const std::string* refblock_overlap(uint64_t ri, uint64_t block) const;
     const char* structure_on(uint64_t cluster, const ClusterSet& snapshot_l1s) const;
     // Clusters the open-time cross-check found referenced more often than their refcount.
     struct OverReference {

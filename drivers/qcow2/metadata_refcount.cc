@@ -10,6 +10,7 @@
 
 #include "core/log.h"
 #include "drivers/qcow2/metadata.h"
+#include "drivers/qcow2/ref_counter.h"
 
 namespace imgfs::qcow2 {
 
@@ -27,6 +28,10 @@ Task<Result<uint64_t>> Metadata::get_refcount(uint64_t cluster) {
         block + g_.cluster_size > file_->node()->size()) {
         co_return co_await corruption(fmt::format(
             "refcount table entry {} ({:#x}) is invalid or beyond the end of the file", ri, entry));
+    }
+    if (const std::string* what = refblock_overlap(ri, block)) {
+        co_return co_await corruption(fmt::format(
+            "refcount table entry {}: the block at {:#x} lies on {}", ri, block, *what));
     }
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await refblock_cache_.get(file_, block));
     co_return load_refcount(g_, ref.data(), cluster % g_.refblock_entries);
@@ -98,7 +103,11 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     // freeing is flushed: the next scan starts there. From the hint up to it, all are in use.
     uint64_t first_free = UINT64_MAX;
     // Free clusters inside the image first; what cannot be found there comes from the end.
-    while (idx < end_cluster_ && idx - start < count) {
+    // Not past the file's end and a margin: a damaged refcount table can claim clusters far
+    // out (2^35 of them in one block read many times), and scanning those would never end.
+    const uint64_t file_clusters = (file_->node()->size() + g_.cluster_size - 1) >> g_.cluster_bits;
+    const uint64_t scan_end = std::min(end_cluster_, file_clusters + kMaxClustersPastEof);
+    while (idx < scan_end && idx - start < count) {
         uint64_t ri = idx / entries;
         if (ri >= refcount_table_.size() || (refcount_table_[ri] & ~kRefTableReservedMask) == 0) {
             // A range without a refcount block holds nothing of ours; it is not reused here
@@ -134,12 +143,26 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
         free_hint_ = std::min(first_free, idx);
         co_return co_await alloc_at_end(count);
     }
+    CO_TRY(check_host_end(start + got));
     // A skipped shorter run (exact mode) stays findable.
     free_hint_ = first_free < start ? first_free : start + got;
     for (uint64_t c = start; c < start + got; ++c) {
         CO_TRY(co_await update_refcount(c, 1, false));
     }
     co_return HostRun{start << g_.cluster_bits, got};
+}
+
+// Host offsets are 56 bits in L1 and L2 entries. Past that, an offset would not fit, and the
+// shift would wrap onto the header: a damaged refcount table can move the end that far.
+Status Metadata::check_host_end(uint64_t end_cluster) const {
+    const uint64_t limit = kMaxHostEnd >> g_.cluster_bits;
+    if (end_cluster > limit) {
+        return make_error(EFBIG,
+                          "{}: no room for new clusters: the image would end past 2^56 bytes "
+                          "(its refcounts claim clusters up to {})",
+                          name_, end_cluster_);
+    }
+    return Status{};
 }
 
 std::vector<uint64_t> Metadata::ranges_without_block(uint64_t start, uint64_t clusters) const {
@@ -169,6 +192,8 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
     std::vector<uint64_t> new_ranges;  // ranges that get a new block, placed after the run
     for (;;) {
         base = end_cluster_;
+        // (Before the table grows for it: a damaged table can put the end near 2^64.)
+        CO_TRY(check_host_end(base + count + 1));
         new_ranges = ranges_without_block(base, count);
         uint64_t last_range = (base + count + new_ranges.size() - 1) / entries;
         if (last_range < refcount_table_.size()) {
@@ -178,6 +203,7 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
     }
     const uint64_t blocks_start = base + count;
     const uint64_t area_end = blocks_start + new_ranges.size();
+    CO_TRY(check_host_end(area_end));
     // Claimed before any I/O: if a step below fails, the area is leaked (never handed out or
     // counted twice by a retry), which is the safe direction.
     end_cluster_ = area_end;

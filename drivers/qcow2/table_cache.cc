@@ -134,6 +134,12 @@ Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
         co_return make_error(st.error().errnum, "reading {} at {:#x}: {}", kind_, offset,
                              st.error().message());
     }
+    if (e->forgotten) {
+        // Freed during the read, which may have seen what the cluster's next user wrote
+        // there: not a table to map through. The caller looks its place up again.
+        pin.reset();
+        co_return make_error(kStale, "{} at {:#x}: freed while it was being read", kind_, offset);
+    }
     co_return pin;
 }
 

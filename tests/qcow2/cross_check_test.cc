@@ -170,6 +170,66 @@ TEST_F(CrossCheckTest, ADiscardOfAnEntryNamingMetadataIsRefused) {
               std::vector<uint8_t>(4096, 0x11));
 }
 
+// A refcount table whose only block sits at table index 2^19, for 2 MiB clusters with 1-bit
+// refcounts: clusters from 2^43 up, host offsets from 2^64. The allocator took a free cluster
+// there, the offset wrapped to 0, and the first write zeroed the header. Now an allocation
+// that would end past 56-bit host offsets fails with EFBIG, and the image is untouched.
+TEST_F(CrossCheckTest, ARefcountTableReachingPast56BitOffsetsIsRefusedNotWrapped) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=2M,refcount_bits=1 '" + img + "' 64M");
+    constexpr uint64_t kBig = 2 << 20;
+    const uint64_t table = 8 * kBig;  // four clusters of table entries, then block B
+    const uint64_t block = table + 4 * kBig;
+    std::vector<uint8_t> bytes = test::read_file(img);
+    bytes.resize(block + kBig, 0);
+    bytes[block + kBig - 1] = 0xFF;  // B counts its last clusters as used
+    test::write_file(img, bytes);
+    test::put_be64_at(img, 48, table);  // refcount_table_offset
+    test::put_be64_at(img, 56, (4ULL << 32) | (test::be64_at(img, 56) & 0xFFFFFFFFULL));
+    test::put_be64_at(img, table + (1ULL << 19) * 8, block);  // entry 2^19 -> B; entry 0 empty
+    const uint32_t magic = static_cast<uint32_t>(test::be64_at(img, 0) >> 32);
+    {
+        Stack s = open(img);
+        Status st = run(s.node->write(0, std::vector<uint8_t>(4096, 0x22)));
+        ASSERT_FALSE(st.ok()) << "a cluster past 2^56 bytes was handed out";
+        EXPECT_EQ(st.error().errnum, EFBIG) << st.error().message();
+        (void)run(s.node->close());
+        users_.clear();
+    }
+    EXPECT_EQ(static_cast<uint32_t>(test::be64_at(img, 0) >> 32), magic) << "header overwritten";
+}
+
+// A refcount block that lies on the L1 table: counting a new cluster in it changed an L1 entry
+// in memory, and the flush wrote the "block" over the table (guest 512 MiB on mapped through
+// the refcount table). Such a block is corruption now, found before anything is written.
+TEST_F(CrossCheckTest, ARefcountBlockLyingOnTheL1TableIsNotWrittenOverIt) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 '" + img + "' 1G");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 4k' '" + img + "' >/dev/null");
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t reftable = test::be64_at(img, 48);
+    test::put_be64_at(img, reftable, l1);  // entry 0's block is the L1 table
+    const std::vector<uint8_t> before = test::read_file(img);
+    {
+        Stack s = open(img);
+        Status st = run(s.node->write(1 << 20, std::vector<uint8_t>(4096, 0x22)));
+        ASSERT_FALSE(st.ok()) << "a count went into the L1 table";
+        EXPECT_EQ(st.error().errnum, EIO) << st.error().message();
+        (void)run(s.node->close());
+        users_.clear();
+    }
+    const std::vector<uint8_t> after = test::read_file(img);
+    ASSERT_GE(after.size(), l1 + 4096);
+    EXPECT_TRUE(std::equal(before.begin() + static_cast<long>(l1),
+                           before.begin() + static_cast<long>(l1 + 4096),
+                           after.begin() + static_cast<long>(l1)))
+        << "the L1 table changed";
+}
+
 // A discard of a whole, fully mapped disk (fstrim, blkdiscard) goes one L2 table at a time with
 // the cache trimmed after each: it kept every table it touched dirty in memory until the end
 // (16 GiB of tables for 1 TiB of 512-byte clusters).
