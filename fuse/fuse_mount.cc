@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 #include <spawn.h>
+#include <thread>
 #include <unistd.h>
 
 #include <fuse_lowlevel.h>
@@ -86,8 +87,22 @@ Status FuseMount::detach() {
         return {};
     }
     if (::geteuid() == 0) {
-        if (::umount2(mountpoint_.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0 && errno != EINVAL) {
-            return make_error(errno, "cannot detach {}", mountpoint_);
+        // On a thread of its own, never on a loop thread. If this drops the last reference to
+        // the mount, the kernel tears the connection down as task work of the calling thread,
+        // and that waits for every FUSE-over-io_uring queue entry to be released, including
+        // ones whose request delivery is task work queued for the loop thread that owns them.
+        // Called there, the teardown (run first) would wait for the delivery behind it, for
+        // ever, in an uninterruptible sleep. The loop thread waits in join(), where its own
+        // task work still runs.
+        int err = 0;
+        std::thread detacher([this, &err] {
+            if (::umount2(mountpoint_.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0) {
+                err = errno;
+            }
+        });
+        detacher.join();
+        if (err != 0 && err != EINVAL) {
+            return make_error(err, "cannot detach {}", mountpoint_);
         }
         return {};
     }

@@ -42,9 +42,14 @@ struct FuseReply {
     ConstBuf data;      // points into `owned` or into the request's scratch
     std::vector<uint8_t> owned;
 
+    /// 0: success without data. The kernel refuses a reply whose errno is not in 1..511 (on
+    /// /dev/fuse it drops the reply, and the caller waits for ever). Kernel-internal codes
+    /// that leak out of a system call (ENOTSUPP, 524, from some file systems' fallocate) and
+    /// negative values become EOPNOTSUPP and EIO.
     static FuseReply err(int e) {
+        constexpr int kKernelEnotsupp = 524;
         FuseReply r;
-        r.error = e;
+        r.error = (e >= 0 && e < 512) ? e : e == kKernelEnotsupp ? EOPNOTSUPP : EIO;
         return r;
     }
     static FuseReply no_reply() {

@@ -26,5 +26,15 @@ TEST(FuseServerReadErrors, OtherErrorsAreTriedAgainWithGrowingPauses) {
     EXPECT_FALSE(FuseServer::read_retry_delay(ENOMEM, FuseServer::kReadRetries + 1).has_value());
 }
 
+// Replies carry only errnos the kernel takes: 1..511. Others made the kernel drop the reply.
+TEST(FuseReplyErrors, OnlyErrnosTheKernelTakesAreSent) {
+    EXPECT_EQ(FuseReply::err(ENOSPC).error, ENOSPC);
+    EXPECT_EQ(FuseReply::err(511).error, 511);
+    EXPECT_EQ(FuseReply::err(524).error, EOPNOTSUPP);  // the kernel's ENOTSUPP
+    EXPECT_EQ(FuseReply::err(512).error, EIO);
+    EXPECT_EQ(FuseReply::err(-5).error, EIO);
+    EXPECT_EQ(FuseReply::err(0).error, 0);  // success without data
+}
+
 }  // namespace
 }  // namespace imgfs
