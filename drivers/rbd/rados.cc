@@ -297,10 +297,26 @@ RbdImage& RbdImage::operator=(RbdImage&& o) noexcept {
     return *this;
 }
 
+namespace {
+
+// rbd_close releases the lock and the watch: round trips. One that misses the deadline is
+// noted like any other call's, so the layers closed after it do not wait again (a read-only
+// or fsynced layer has no other round trip at close to notice the dead cluster by).
+void close_and_note(rbd_image_t image, const RadosCluster& cluster) {
+    const auto start = std::chrono::steady_clock::now();
+    int r = rbd_close(image);  // nothing to do about a failure but note it
+    if (r == -ETIMEDOUT || std::chrono::steady_clock::now() - start >=
+                               std::chrono::seconds(cluster.options().timeout_s)) {
+        cluster.note_unanswered();
+    }
+}
+
+}  // namespace
+
 void RbdImage::close_image() {
     if (image_ != nullptr) {
         // Waits for the image's requests; a dead cluster fails them at the deadline.
-        (void)rbd_close(std::exchange(image_, nullptr));  // nothing to do about a failure
+        close_and_note(std::exchange(image_, nullptr), pool_->cluster());
     }
 }
 
@@ -312,7 +328,7 @@ void RbdImage::close_off_loop(std::shared_ptr<void> keep) {
         RbdPool* pool = pool_.get();
         pool->close_handed_over();
         std::function<void()> close = [image, keep, pool] {
-            (void)rbd_close(image);
+            close_and_note(image, pool->cluster());
             pool->close_done();
         };
         if (pool->cluster().skip_round_trips()) {

@@ -946,6 +946,40 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.check_layers([name + ".qcow2" for name in names] + ["base.qcow2"])
 
+    def test_unmount_of_raw_images_with_a_stopped_osd_ends_within_the_deadline(self):
+        # Raw RBD images written inside their size and fsynced: at unmount nothing is left to
+        # flush or shrink, so the first call to wait is the close (it releases the lock and the
+        # watch). Its missed deadline was not noted, and each of the five closes waited out
+        # its own: 5 x 3 s and more.
+        conf, osd = self.own_cluster()
+        names = [f"disk{i}" for i in range(1, 6)]
+        for name in names:
+            run(["rbd", "create", "--size", "8M", f"rbd/{name}.raw"])
+        m = self.mount_pool("ceph_timeout=3", conf=conf)
+        for i, name in enumerate(names):
+            with open(m.path(name + ".raw"), "r+b") as f:
+                f.write(bytes([0x31 + i]) * MiB)
+                os.fsync(f.fileno())
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            run([harness.IMGFS, "unmount", m.mountpoint], check=False, timeout=120)
+            m.wait_exit(120)
+            took = time.time() - t0
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        print(f"daemon exited after {took:.1f} s", flush=True)
+        self.assertLess(took, 5 * 3, m.read_log())  # 45 s before
+        m = self.mount_pool(conf=conf)
+        deadline = time.time() + 60
+        while set(names) - set(m.exports()) and time.time() < deadline:
+            time.sleep(1)
+            run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"], check=False)
+        for i, name in enumerate(names):
+            with open(m.path(name + ".raw"), "rb") as f:
+                self.assertEqual(f.read(MiB), bytes([0x31 + i]) * MiB, name)
+        m.stop()
+
     def start_own_cluster(self, osd_mib=None):
         """A cluster of this test's own (stopped at cleanup), which the test's tools use
         from then on; returns its directory and conf."""
