@@ -231,6 +231,19 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
                 mode->second.value, option_source(mode->second));
         }
     }
+    // The client sets rbd_blocklist_on_break_lock, but a pool's or image's configuration
+    // overrides it. Without it a client that breaks a lapsed holder's lock does not fence
+    // that holder off, and the holder's writes still land when its network comes back: two
+    // writers. (Checked here: every writer passes this before it takes the lock.)
+    std::string fencing;
+    if (auto blocklist = options.find("rbd_blocklist_on_break_lock");
+        blocklist != options.end() && !ceph_bool(blocklist->second.value)) {
+        fencing = fmt::format(
+            "{}: rbd_blocklist_on_break_lock={} in {}: a lock broken by another host would not "
+            "fence this one off, so two hosts could write it. imgfs writes an image only with "
+            "it on; remove the setting",
+            where, blocklist->second.value, option_source(blocklist->second));
+    }
     rbd_config_image_list_cleanup(storage.data(), static_cast<int>(storage.size()));
     if (!problem.empty()) {
         return make_error(EINVAL,
@@ -238,6 +251,9 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
                           "write it acknowledges is in the cluster. Remove the setting or set "
                           "rbd_cache_max_dirty=0 for this image",
                           where, problem);
+    }
+    if (!fencing.empty()) {
+        return make_error(EINVAL, "{}", fencing);
     }
     return {};
 }

@@ -746,6 +746,26 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.assertEqual(self.converted("disk.raw")[:4097], b"\x63" * 4096 + b"\0")
 
+    def test_an_image_whose_broken_lock_would_not_fence_is_not_written(self):
+        # The client asks for rbd_blocklist_on_break_lock, but an image's (or pool's) own
+        # configuration overrides it. Without it, another host that breaks this host's lapsed
+        # lock does not fence it off, and both write. Such an image is not served for writing.
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/disk.raw"])
+        run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/other.raw"])
+        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/disk.raw",
+             "rbd_blocklist_on_break_lock", "false"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), ["other"])
+        with open(m.path(".control", "skipped")) as f:
+            skipped = f.read()
+        self.assertIn("disk.raw: rbd_blocklist_on_break_lock=false in the image's "
+                      "configuration", skipped)
+        run(["rbd", "config", "image", "rm", f"rbd/{self.ns}/disk.raw",
+             "rbd_blocklist_on_break_lock"])
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertEqual(m.exports(), ["disk", "other"])
+        m.stop()
+
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS
         run([imgfs, "create", self.url("base.qcow2"), "16M"])
