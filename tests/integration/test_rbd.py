@@ -766,6 +766,27 @@ class RbdPool(harness.ImageDirTest):
         self.assertEqual(m.exports(), ["disk", "other"])
         m.stop()
 
+    def test_images_with_names_imgfs_cannot_address_are_left_alone(self):
+        # RBD takes ':' and '\\' in names, which QEMU's rbd: syntax gives other meanings. Such
+        # an image failed to open as a candidate, and as its chain could not be followed,
+        # every commit in the pool was refused and leftovers were never removed.
+        self.make_chains("16M", "write -P 0x21 0 1M")
+        run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/odd:x.raw"])
+        run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/odd\\y.raw"])
+        m = self.mount_pool()
+        self.assertEqual(m.exports(), ["vm1"])
+        with open(m.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x42" * 4096)
+            os.fsync(f.fileno())
+        run(["bash", "-c", f"echo > {m.path('.control', 'vm1', 'commit')}"])
+        self.assertIsNone(self.job_outcome(m, "vm1", 120), m.read_log()[-3000:])
+        run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/.imgfs-gone.qcow2.removing"])
+        run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
+        self.assertNotIn(".imgfs-gone.qcow2.removing", self.images())
+        self.assertIn("odd:x.raw", self.images())
+        m.stop()
+        self.assertEqual(self.converted("base.qcow2")[:4097], b"\x42" * 4096 + b"\x21")
+
     def test_create_and_info_name_pool_images(self):
         imgfs = harness.IMGFS
         run([imgfs, "create", self.url("base.qcow2"), "16M"])
