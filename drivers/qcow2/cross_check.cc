@@ -134,7 +134,13 @@ Task<Result<std::string>> Metadata::data_extent_problem(uint64_t host_offset, ui
     }
     const uint64_t cs = g_.cluster_size;
     const uint64_t file_size = file_->node()->size();
-    for (uint64_t c = std::max(host_offset, file_size) / cs; c * cs < host_offset + bytes; ++c) {
+    // With the dirty bit set (lazy refcounts, not repaired: a read-only open) a new cluster's
+    // count may never have reached the disk, so a count of 0 proves nothing. A read past the
+    // end of the file reads zeros whatever the count; only a write needs it right, and a
+    // writable open repairs the counts first.
+    const bool counts_trusted = (header_.incompatible & kIncompatDirty) == 0;
+    for (uint64_t c = std::max(host_offset, file_size) / cs;
+         (counts_trusted || for_write) && c * cs < host_offset + bytes; ++c) {
         uint64_t rc = 0;
         if (refblock_usable(c / g_.refblock_entries)) {
             // A failed read of the refcount block is an I/O error, not a finding: passed on
