@@ -42,6 +42,16 @@ class RbdFile final : public StoreFile {
   public:
     RbdFile(RbdImage image, FileId id, RbdLock lock)
         : image_(std::move(image)), id_(id), lock_(lock) {}
+    RbdFile(const RbdFile&) = delete;
+    RbdFile& operator=(const RbdFile&) = delete;
+    /// Dropped unused (a chain whose walk failed), possibly on the loop: the close, a round
+    /// trip, goes to the pool's offload thread. Not an image that holds its lock: the next
+    /// open of it for writing must find the lock released.
+    ~RbdFile() override {
+        if (lock_ != RbdLock::kHeld) {
+            image_.close_off_loop(nullptr);
+        }
+    }
     [[nodiscard]] FileId id() const override { return id_; }
     Result<uint64_t> size() override { return image_.size(); }
     Result<size_t> read_at(MutBuf buf, uint64_t offset) override;
