@@ -41,6 +41,23 @@ uint64_t header_bytes_wanted(ConstBuf first) {
     return cluster;
 }
 
+// The backing name a header imgfs cannot use still records (an encrypted image, an external
+// data file, an unknown feature): QEMU may open the image, and its backing file is in use all
+// the same. Where the header fields are too damaged to say, "".
+std::string backing_name_of_unusable_header(ConstBuf head) {
+    if (head.size() < qcow2::kOffBackingFileSize + 4) {
+        return {};
+    }
+    const uint64_t off = qcow2::load_be64(head.data() + qcow2::kOffBackingFileOffset);
+    const uint64_t len = qcow2::load_be32(head.data() + qcow2::kOffBackingFileSize);
+    if (off == 0 || len == 0 || len > qcow2::kMaxBackingNameBytes || off > head.size() ||
+        len > head.size() - off) {
+        return {};
+    }
+    std::string name(reinterpret_cast<const char*>(head.data() + off), len);
+    return name.substr(0, name.find('\0'));  // cut at a NUL, as QEMU reads it
+}
+
 ImageProbe parse_probe(ConstBuf head, FileId id, uint64_t file_bytes, const std::string& file) {
     ImageProbe p;
     p.id = id;
@@ -53,6 +70,7 @@ ImageProbe parse_probe(ConstBuf head, FileId id, uint64_t file_bytes, const std:
     Result<qcow2::Header> h = qcow2::parse_header(head, p.file_bytes, file);
     if (!h) {
         p.header_error = std::move(h).error();
+        p.backing = backing_name_of_unusable_header(head);
         return p;
     }
     p.backing = std::move(h->backing_file);

@@ -26,7 +26,9 @@ struct ImageProbe {
     /// By content: "qcow2" if the file starts with the qcow2 magic, else "raw". A file
     /// recorded as raw is raw whatever it holds, so the caller decides what this means.
     std::string format;
-    /// The backing file name a valid qcow2 header records ("" for none and for raw).
+    /// The backing file name a qcow2 header records ("" for none and for raw). Also set for a
+    /// header imgfs cannot use (header_error), where its fields still name one: that file is
+    /// in use by the image all the same.
     std::string backing;
     std::optional<std::string> backing_format;
     /// Set if the file starts with the qcow2 magic but its header is invalid: why. Not an error

@@ -81,6 +81,10 @@ Result<Listing> list_directory(const ScanInput& in) {
 Status collect_layers(const ScanInput& in, const std::string& file, Layers* layers) {
     std::string current = file;
     std::string previous;
+    std::optional<Error> header_error;  // the first layer's whose header imgfs cannot use
+    auto walked = [&header_error]() -> Status {
+        return header_error ? Status(*header_error) : Status{};
+    };
     ChainWalk walk(file);
     while (walk.room_for_more()) {
         const bool top = walk.depth() == 0;
@@ -93,7 +97,7 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
             if (error.errnum == ENOENT) {
                 layers->missing.insert(current);
             }
-            return {};  // a missing backing file: the top reports it
+            return walked();  // a missing backing file: the top reports it
         }
         Result<ImageProbe> probed = probe_file(opened->get(), current);
         if (!probed) {
@@ -112,24 +116,27 @@ Status collect_layers(const ScanInput& in, const std::string& file, Layers* laye
             // is a hidden name: a failed splice leaves several of them in a row, and each one
             // below must count as used too, or the scan would delete it.
             if (!layers->ids.insert(probe.id).second && !is_removing_name(current)) {
-                return {};
+                return walked();
             }
         }
-        if (probe.header_error) {
-            return *probe.header_error;
+        // A header imgfs cannot use still names the backing file it uses (an encrypted image
+        // QEMU may open): the layers below count as used, and the error is reported when
+        // the walk ends. Without this its base was exported writable, or removed as unused.
+        if (probe.header_error && !header_error) {
+            header_error = probe.header_error;
         }
         if (probe.backing.empty()) {
-            return {};
+            return walked();
         }
         Result<std::string> next =
             resolve_backing_in(in.store, current, probe.backing, in.allow_external_backing);
         if (!next || is_external_layer(*next)) {
-            return {};  // outside the directory: not one of our layers
+            return walked();  // outside the directory: not one of our layers
         }
         previous = current;
         current = *next;
     }
-    return {};
+    return walked();
 }
 
 // A store without second names (a Ceph pool) takes a layer out of a chain by renaming it to
@@ -324,7 +331,7 @@ Result<std::optional<FileId>> chain_reaches(Store* store, bool allow_external,
         if (walk.depth() > 1 && ids.count(probe.id) != 0) {
             return settle(probe.id);
         }
-        if (probe.header_error || probe.backing.empty()) {
+        if (probe.backing.empty()) {  // (a header imgfs cannot use may still name one)
             return settle(std::nullopt);
         }
         Result<std::string> next =

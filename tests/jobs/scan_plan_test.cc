@@ -123,6 +123,34 @@ TEST_F(UnservedUsersTest, FindsTheChainThisMountDoesNotServe) {
     EXPECT_EQ((*found)[0].layer, base_);
 }
 
+// vm2's header carries a feature imgfs does not know (QEMU of a later version may use it):
+// imgfs cannot open it, but its header still names the base it uses. The walk stopped at the
+// header error, so vm2 was "no user": a commit of vm1 changed what vm2 shows, and with vm1
+// gone the base was exported as an image of its own, writable.
+TEST_F(UnservedUsersTest, AnImageWhoseHeaderImgfsCannotUseStillUsesItsBase) {
+    const std::string vm2 = dir_.file("vm2.qcow2");
+    std::fstream f(vm2, std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp(72 + 2);  // incompatible_features, a bit of its third byte (bit 40)
+    f.put(1);
+    f.close();
+    Result<std::vector<UnservedUser>> found = users();
+    ASSERT_TRUE(found.ok()) << found.error().message();
+    ASSERT_EQ(found->size(), 1U);
+    EXPECT_EQ((*found)[0].image, "vm2.qcow2");
+    ASSERT_EQ(::unlink(dir_.file("vm1.qcow2").c_str()), 0);
+    ScanInput in;
+    in.store = store_.get();
+    ScanPlan plan = plan_scan(in);
+    ASSERT_FALSE(plan.failed);
+    EXPECT_EQ(plan.wanted.count("base"), 0U) << "vm2's base was exported on its own";
+    EXPECT_EQ(plan.wanted.count("vm2"), 0U);
+    bool reported = false;
+    for (const ScanProblem& p : plan.problems) {
+        reported = reported || p.file == "vm2.qcow2";
+    }
+    EXPECT_TRUE(reported);
+}
+
 // A cluster that does not answer for vm2 must not turn it into "not a user".
 TEST_F(UnservedUsersTest, AnImageThatCannotBeReadFailsTheSearch) {
     store_->fail_open["vm2.qcow2"] = EIO;
