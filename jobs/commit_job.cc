@@ -63,6 +63,18 @@ void CommitJob::release_nodes() {
 Task<Status> CommitJob::attach() {
     TimedMutex::Guard locked = co_await image()->ops.lock();
     Export* e = image();
+    // Asked again under the lock, before the middle layers are marked: the start checked
+    // with the lock held, but released it before this job took it, and a rescan waiting for
+    // it may have served an image made on a middle layer (or on the base) in between.
+    for (size_t i = 1; i <= base_index_; ++i) {
+        const Layer& layer = e->chain.layers[i];
+        if (std::vector<Export*> others = images_->users_of(layer, e); !others.empty()) {
+            co_return make_error(EBUSY,
+                                 "{}: {} is also used by {}; committing would change that "
+                                 "image",
+                                 e->name, layer.file, others.front()->name);
+        }
+    }
     top_ = e->chain.layers.front().node;
     base_ = e->chain.layers[base_index_].node;
     std::vector<std::shared_ptr<Node>> nodes{top_};
