@@ -9,6 +9,13 @@ Result<std::string> parse_command(std::string_view written) {
                           "the first of exactly {})",
                           kMaxCommandWrite, kMaxCommandWrite);
     }
+    if (may_be_a_piece(written)) {
+        return make_error(EINVAL,
+                          "{} bytes without a line end: a shell writes a long line in pieces "
+                          "({} bytes or more each), so this may be one; end a command this "
+                          "long with a newline",
+                          written.size(), kMinPieceBytes);
+    }
     if (!written.empty() && written.back() == '\n') {
         written.remove_suffix(1);
     }

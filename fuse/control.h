@@ -53,8 +53,21 @@ class ControlPlane {
 /// first piece of a long line would look like a whole command, and so would the rest.
 inline constexpr size_t kMaxCommandWrite = 4096;
 
+/// A write this long or longer without a line end is refused too, with the rest of the line.
+/// Not every piece is st_blksize long: the stdio buffer of a line-buffered stdout is sized
+/// once, from what stdout was first (1024 bytes for a terminal in an interactive bash), and a
+/// redirection keeps it. 512 is the smallest block size such a buffer takes.
+inline constexpr size_t kMinPieceBytes = 512;
+
+/// Whether a control write may be the first piece of a longer line.
+inline bool may_be_a_piece(std::string_view written) {
+    return written.size() >= kMaxCommandWrite ||
+           (written.size() >= kMinPieceBytes && written.back() != '\n');
+}
+
 /// Strips one trailing newline and refuses what cannot be a command (NUL bytes, further line
-/// breaks, kMaxCommandWrite bytes or more) with EINVAL. Every control file takes one line per
+/// breaks, kMaxCommandWrite bytes or more, kMinPieceBytes or more without a newline) with
+/// EINVAL. Every control file takes one line per
 /// write: a shell's echo and printf issue one write() per line, so a command of several lines would
 /// silently arrive as several commands.
 Result<std::string> parse_command(std::string_view written);

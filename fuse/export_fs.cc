@@ -217,6 +217,16 @@ Task<FuseReply> ExportFs::handle(FuseRequest* req) {
             co_return co_await lseek(req);
         case FUSE_DESTROY:
             co_return FuseReply::err(0);
+        default:
+            co_return refused_whatever_the_arguments(req->header->opcode);
+    }
+}
+
+// Namespace changes are refused; the rest (xattrs, locks, ioctl, poll, copy_file_range...) is
+// not implemented. Neither depends on the arguments, so a request too large for the server
+// gets the same answer.
+FuseReply ExportFs::refused_whatever_the_arguments(uint32_t opcode) const {
+    switch (opcode) {
         case FUSE_MKNOD:
         case FUSE_MKDIR:
         case FUSE_UNLINK:
@@ -226,10 +236,14 @@ Task<FuseReply> ExportFs::handle(FuseRequest* req) {
         case FUSE_LINK:
         case FUSE_SYMLINK:
         case FUSE_CREATE:
-            co_return FuseReply::err(options_.read_only ? EROFS : EPERM);
+            return FuseReply::err(options_.read_only ? EROFS : EPERM);
         default:
-            co_return FuseReply::err(ENOSYS);  // xattrs, locks, ioctl, poll, copy_file_range...
+            return FuseReply::err(ENOSYS);
     }
+}
+
+FuseReply ExportFs::oversized(uint32_t opcode) {
+    return refused_whatever_the_arguments(opcode);
 }
 
 Task<FuseReply> ExportFs::lookup(FuseRequest* req) {
@@ -545,7 +559,8 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
             co_return FuseReply::err(EINVAL);
         }
         // Set before the write runs: a piece of the same line may arrive while it does.
-        h->split_line = req->payload.size() >= kMaxCommandWrite;
+        h->split_line = may_be_a_piece(std::string_view(
+            reinterpret_cast<const char*>(req->payload.data()), req->payload.size()));
         std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
         Status st = co_await control_->write(e, h->file, std::move(text));
         if (!st) {

@@ -40,6 +40,8 @@ class ExportFs final : public FuseHandler {
     ~ExportFs() override;
 
     Task<FuseReply> handle(FuseRequest* req) override;
+    FuseReply oversized(uint32_t opcode) override;
+    [[nodiscard]] FuseReply refused_whatever_the_arguments(uint32_t opcode) const;
 
     // Inode layout (exposed for tests).
     static constexpr uint64_t kRootIno = 1;

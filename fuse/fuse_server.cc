@@ -208,10 +208,8 @@ FuseReply FuseServer::oversized_request_reply(uint32_t opcode) {
         case FUSE_BATCH_FORGET:
             return FuseReply::no_reply();  // the kernel waits for no answer; a lost forget
                                            // only keeps an inode's lookup count up
-        case FUSE_SETXATTR:
-            return FuseReply::err(ENOSYS);  // no extended attributes, as for a small one
         default:
-            return FuseReply::err(E2BIG);
+            return handler_->oversized(opcode);
     }
 }
 

@@ -86,6 +86,10 @@ class FuseHandler {
     virtual Task<FuseReply> handle(FuseRequest* req) = 0;
     /// Called once the kernel has initialised the connection.
     virtual void connected() {}
+    /// The answer to a well-formed request too large for the server's header area (a
+    /// SYMLINK with a long target, a large SETXATTR or IOCTL): what the handler answers such
+    /// a request whatever its arguments. FORGETs never get here.
+    virtual FuseReply oversized(uint32_t /*opcode*/) { return FuseReply::err(E2BIG); }
 };
 
 struct FuseServerOptions {
@@ -166,7 +170,7 @@ class FuseServer {
     Task<FuseReply> dispatch(FuseRequest* req);
     /// The answer to a well-formed request too large for the argument area (only a large
     /// extended attribute can be): what a handler would answer, as no handler can read it.
-    static FuseReply oversized_request_reply(uint32_t opcode);
+    FuseReply oversized_request_reply(uint32_t opcode);
     bool offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint32_t* flags,
                      uint32_t* flags2);
     void start_ring();
@@ -200,6 +204,8 @@ class FuseServer {
     // connection (unless the kernel had switched to it already).
     std::vector<uint32_t> ring_refused_;  // per queue
     uint32_t ring_refused_total_ = 0;
+    // Registrations that ended because the connection did, before the ring settled.
+    uint32_t ring_lost_before_settling_ = 0;
     uint16_t first_refused_qid_ = 0;
     bool ring_in_use_ = false;  // settle_ring() found an entry registered in every queue
     int ring_refusal_errno_ = 0;

@@ -204,6 +204,8 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
     const bool refused = res < 0 && res != -ENOTCONN && res != -ECANCELED && res != -ENODEV;
     if (refused) {
         note_refused_entry(entry->qid, -res);
+    } else if (res < 0 && !ring_settled_) {
+        ++ring_lost_before_settling_;  // a REGISTER that worked waits for a request
     }
     while (res == 0) {
         auto* hdr = reinterpret_cast<fuse_uring::ReqHeader*>(entry->header.data());
@@ -249,6 +251,12 @@ Task<void> FuseServer::settle_ring() {
         co_await ring->resume_on(loop_);
     }
     ring_settled_ = true;
+    if (ring_lost_before_settling_ != 0) {
+        // Not a ring in use: nothing will ever be served. Said now, not as a mount that
+        // came up and served nothing.
+        init_done(make_error(ENOTCONN, "the FUSE connection ended while its ring was set up"));
+        co_return;
+    }
     // The kernel switches to the ring once each of its queues holds an entry; queues past
     // its count (ring_queues=) do not count.
     ring_in_use_ = true;

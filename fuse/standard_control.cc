@@ -98,6 +98,8 @@ std::string StandardControl::skipped_jsonl() const {
 }
 
 // "SNAP" snapshots every exported image, "SNAP NAME NAME..." the images named; all or nothing.
+// Every image of the group keeps the outcome as its last error (a reason, or none once it
+// succeeded): the global file has no info of its own, and the CLI reads the reason from there.
 Task<Status> StandardControl::group_snapshot(std::string command) {
     std::istringstream words(command);
     std::string snap;
@@ -105,34 +107,35 @@ Task<Status> StandardControl::group_snapshot(std::string command) {
     if (snap.empty()) {
         co_return make_error(EINVAL, "group snapshot takes 'SNAP' or 'SNAP NAME NAME...'");
     }
-    std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets;
+    std::vector<std::shared_ptr<Export>> group;
     std::set<std::string> named;
+    Status st;
     for (std::string name; words >> name;) {
-        if (!named.insert(name).second) {
-            co_return make_error(EINVAL, "group snapshot: image '{}' is named twice", name);
-        }
         std::shared_ptr<Export> x = images_->find(name);
-        if (x == nullptr) {
-            co_return make_error(EINVAL, "group snapshot: no image '{}'", name);
+        if (!named.insert(name).second) {
+            st = make_error(EINVAL, "group snapshot: image '{}' is named twice", name);
+        } else if (x == nullptr) {
+            st = make_error(EINVAL, "group snapshot: no image '{}'", name);
+        } else {
+            group.push_back(std::move(x));
         }
-        targets.emplace_back(std::move(x), snap);
+        if (!st) {
+            break;
+        }
     }
     if (named.empty()) {
-        for (const auto& x : images_->exports()) {
+        group = images_->exports();
+    }
+    if (st) {
+        std::vector<std::pair<std::shared_ptr<Export>, std::string>> targets;
+        for (const auto& x : group) {
             targets.emplace_back(x, snap);
         }
+        st = co_await jobs_->group_snapshot(std::move(targets));
     }
-    // Every image of the group keeps the reason as its last error: the global file has no
-    // info of its own, and the CLI reads the reason from there.
-    std::vector<std::shared_ptr<Export>> group;
-    for (const auto& t : targets) {
-        group.push_back(t.first);
-    }
-    Status st = co_await jobs_->group_snapshot(std::move(targets));
-    if (!st) {
-        for (const auto& x : group) {
-            x->last_error = fmt::format("group snapshot '{}': {}", snap, st.error().message());
-        }
+    for (const auto& x : group) {
+        x->last_error =
+            st ? std::string() : fmt::format("group snapshot '{}': {}", snap, st.error().message());
     }
     co_return st;
 }

@@ -367,6 +367,42 @@ TEST_F(ExportFsTest, ALongLineInPiecesIsRefusedWhole) {
     EXPECT_EQ(read_text(".control/b/info").find("bytes or more"), std::string::npos);
 }
 
+// A group snapshot leaves its outcome as each image's last error: the reason when it was
+// refused (before, a refusal before the jobs ran left the previous command's reason, which the
+// CLI then printed), none when it succeeded (before, a failed group's reason stayed).
+TEST_F(ExportFsTest, AGroupSnapshotLeavesItsOwnOutcomeAsTheLastError) {
+    make_qcow2("a.qcow2", kSize);
+    make_qcow2("b.qcow2", kSize);
+    start();
+    EXPECT_EQ(control(".control/a/snapshot", "x/y"), EINVAL);
+    EXPECT_EQ(control(".control/snapshot", "s1 a a"), EINVAL);
+    EXPECT_NE(read_text(".control/a/info").find("named twice"), std::string::npos);
+    EXPECT_EQ(control(".control/snapshot", "s1 a nosuch"), EINVAL);
+    EXPECT_NE(read_text(".control/a/info").find("no image 'nosuch'"), std::string::npos);
+    EXPECT_EQ(control(".control/snapshot", "s2 a b"), 0);
+    EXPECT_EQ(read_text(".control/a/info").find("group snapshot"), std::string::npos);
+    EXPECT_NE(read_text(".control/a/info").find("\"last_error\":\"\""), std::string::npos)
+        << read_text(".control/a/info");
+}
+
+// An interactive bash's stdout buffer is 1024 bytes (a terminal's block size), kept when echo
+// is redirected: a longer line arrives as 1024 bytes, then the rest. Before, only pieces of
+// 4096 were caught, and "s1 a..." snapshotted a, then " b" snapshotted every image as "b".
+TEST_F(ExportFsTest, ALineInPiecesOfATerminalsBufferIsRefusedWhole) {
+    make_qcow2("a.qcow2", kSize);
+    make_qcow2("b.qcow2", kSize);
+    start();
+    std::string first = "s1 a" + std::string(1020, ' ');
+    std::vector<int> errors = control_writes(".control/snapshot", {first, " b\n"});
+    EXPECT_EQ(errors, (std::vector<int>{EINVAL, EINVAL}));
+    EXPECT_EQ(chain("a").size(), 1U);
+    EXPECT_EQ(chain("b").size(), 1U);
+    // The same command in one write, with its newline, runs.
+    EXPECT_EQ(control(".control/snapshot", first + " b\n"), 0);
+    EXPECT_EQ(chain("a").size(), 2U);
+    EXPECT_EQ(chain("b").size(), 2U);
+}
+
 // A snapshot of an image with a long name is refused with the reason before anything is
 // made, not with ENAMETOOLONG half way; and what `info` echoes stays valid UTF-8.
 TEST_F(ExportFsTest, ASnapshotNameTooLongForTheDirectoryIsBadInput) {

@@ -277,6 +277,12 @@ class Behaviour(harness.ImageDirTest):
         unsupported = str(errno.EOPNOTSUPP)
         self.assertEqual(p.stdout.split(), ["5000", unsupported, "16", unsupported,
                                             "60000", unsupported], p.stdout + p.stderr)
+        # A symbolic link with a long target is as large, and refused as a short one is (it
+        # got E2BIG).
+        for target in ("t", "t" * 4095):  # the longest a link may hold
+            with self.assertRaises(OSError) as refused:
+                os.symlink(target, m.path("link"))
+            self.assertEqual(refused.exception.errno, errno.EPERM, len(target))
         # The mount still serves, and nothing was logged as malformed.
         with open(m.path("vm.raw"), "rb") as f:
             self.assertEqual(len(f.read(4096)), 4096)
