@@ -2,6 +2,7 @@
 // the shell and the CLI do exactly the same thing. Errors print the daemon's reason (the image's
 // last_error in info).
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -27,7 +28,60 @@ std::string slurp(const std::string& path) {
     return ss.str();
 }
 
-// The raw value of "key" in a flat JSON object (string values unescaped for \" and \\).
+void append_utf8(uint32_t cp, std::string* out) {
+    if (cp < 0x80) {
+        *out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+        *out += static_cast<char>(0xC0 | (cp >> 6));
+        *out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {  // \uXXXX reaches 0xFFFF (the daemon writes no surrogate pairs)
+        *out += static_cast<char>(0xE0 | (cp >> 12));
+        *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+        *out += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+}
+
+// One JSON string's content from `json[pos]` (just past its opening quote), unescaped.
+std::string json_string_at(const std::string& json, size_t pos) {
+    std::string out;
+    for (size_t i = pos; i < json.size() && json[i] != '"'; ++i) {
+        if (json[i] != '\\' || i + 1 >= json.size()) {
+            out += json[i];
+            continue;
+        }
+        const char c = json[++i];
+        switch (c) {
+            case 'n':
+                out += '\n';
+                break;
+            case 't':
+                out += '\t';
+                break;
+            case 'r':
+                out += '\r';
+                break;
+            case 'b':
+                out += '\b';
+                break;
+            case 'f':
+                out += '\f';
+                break;
+            case 'u':
+                if (uint32_t cp = 0;
+                    i + 4 < json.size() &&
+                    std::from_chars(&json[i + 1], &json[i + 5], cp, 16).ptr == &json[i + 5]) {
+                    append_utf8(cp, &out);
+                    i += 4;
+                }
+                break;
+            default:
+                out += c;  // \" \\ \/
+        }
+    }
+    return out;
+}
+
+// The value of "key" in a flat JSON object (a string value unescaped).
 std::string json_value(const std::string& json, const std::string& key) {
     std::string needle = "\"" + key + "\":";
     size_t pos = json.find(needle);
@@ -36,16 +90,7 @@ std::string json_value(const std::string& json, const std::string& key) {
     }
     pos += needle.size();
     if (pos < json.size() && json[pos] == '"') {
-        std::string out;
-        for (size_t i = pos + 1; i < json.size() && json[i] != '"'; ++i) {
-            if (json[i] == '\\' && i + 1 < json.size()) {
-                ++i;
-                out += json[i] == 'n' ? '\n' : json[i];
-            } else {
-                out += json[i];
-            }
-        }
-        return out;
+        return json_string_at(json, pos + 1);
     }
     size_t end = json.find_first_of(",}", pos);
     return json.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
@@ -591,6 +636,9 @@ int status(const Args& args) {
     std::string images;
     for (const auto& n : names) {
         std::string info = slurp(control_path(mnt, n, "info"));
+        if (info.empty() && pos.size() == 1) {
+            continue;  // listed, then gone (a rescan removed it): not an error of the mount
+        }
         if (info.empty()) {
             return fail(fmt::format("no image '{}' under {}", n, mnt));
         }

@@ -227,6 +227,12 @@ class Snapshot(harness.ImageDirTest):
         for bad in ("a\nb", "a\0b", "", "-x", "a b", "x" * 65, ".hidden", "a/b"):
             self.assertEqual(control(m, "vm1", "snapshot", bad + "\n"), errno.EINVAL, repr(bad))
         self.assertIn("invalid snapshot name 'a/b'", m.info("vm1")["last_error"])
+        # The CLI prints the reason as the daemon wrote it: JSON escapes decoded (a tab came
+        # out as "t", a byte that is not UTF-8 as "ufffd").
+        for bad, shown in (("a\tb", "'a\tb'"), (b"s\xff", "'s\ufffd'")):
+            p = run([harness.IMGFS, "snapshot", m.mountpoint, "vm1", bad], check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn(shown, p.stderr)
         self.assertEqual(control(m, "vm1", "snapshot", "ok1"), 0)
         open(self.img("vm1@taken.qcow2"), "w").close()
         self.assertEqual(control(m, "vm1", "snapshot", "taken"), errno.EEXIST)
