@@ -8,6 +8,18 @@
 
 namespace imgfs {
 
+Task<Status> back_to_read_only(ImageSet* images, Node* node) {
+    Status back = co_await node->set_writable(false);
+    Transaction tx(images->env().graph);
+    if (Status refreshed = tx.commit(); !refreshed) {
+        images->env().log->warn(
+            "{}: permissions not refreshed after rewriting its backing "
+            "name: {}",
+            node->name(), refreshed.error().message());
+    }
+    co_return back;
+}
+
 namespace {
 
 constexpr const char* kRemovingPrefix = ".imgfs-";
@@ -19,20 +31,6 @@ bool has_prefix_and_suffix(const std::string& file, const char* prefix, const ch
     const size_t s = std::strlen(suffix);
     return file.size() > p + s && file.compare(0, p, prefix) == 0 &&
            file.compare(file.size() - s, s, suffix) == 0;
-}
-
-// Makes a layer read-only again after rewrite_backing made it writable. The permissions of
-// the writable layer stay in force until the next refresh if the refresh fails here.
-Task<Status> back_to_read_only(ImageSet* images, Node* node) {
-    Status back = co_await node->set_writable(false);
-    Transaction tx(images->env().graph);
-    if (Status refreshed = tx.commit(); !refreshed) {
-        images->env().log->warn(
-            "{}: permissions not refreshed after rewriting its backing "
-            "name: {}",
-            node->name(), refreshed.error().message());
-    }
-    co_return back;
 }
 
 // Rewrites the backing name recorded in a layer (making it writable for the purpose if it is a

@@ -37,6 +37,12 @@ namespace imgfs {
 /// syncs are not requests that a node filter sees).
 Task<Status> sync_image_dir(ImageSet* images);
 
+/// Makes a layer read-only again that an operation made writable, and refreshes the graph's
+/// permissions: until the refresh, its file keeps QEMU's write lock, and a QEMU process (a
+/// backup of the frozen snapshot) could not open it. If the refresh fails, the writable
+/// layer's permissions stay in force until the next one (logged).
+Task<Status> back_to_read_only(ImageSet* images, Node* node);
+
 /// Runs a blocking directory call on the set's offloader.
 Task<Status> dir_call(ImageSet* images, std::function<Status()> call);
 

@@ -83,7 +83,7 @@ Task<Status> CommitJob::attach() {
     // reread its metadata, which must not happen under a read in flight.
     CO_TRY(co_await base_->set_writable(true));
     if (Status grown = co_await grow_base(); !grown) {
-        if (Status back = co_await base_->set_writable(false); !back) {
+        if (Status back = co_await back_to_read_only(images_, base_.get()); !back) {
             images_->env().log->warn("{}: {} stays writable after the commit could not start: {}",
                                      image_name(), base_->name(), back.error().message());
         }
@@ -103,7 +103,7 @@ Task<Status> CommitJob::attach() {
         target_ = nullptr;
         filter_.reset();
         // The job fails with the transaction's error; the base merely stays writable.
-        Status back = co_await base_->set_writable(false);
+        Status back = co_await back_to_read_only(images_, base_.get());
         if (!back) {
             images_->env().log->warn("{}: {} stays writable after the commit could not start: {}",
                                      image_name(), base_->name(), back.error().message());

@@ -375,7 +375,7 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     tx.detach(top->backing());
     if (Status st = tx.commit(); !st) {
         // The revert fails with the transaction's error; the layer below merely stays writable.
-        if (Status back_ro = co_await back->set_writable(false); !back_ro) {
+        if (Status back_ro = co_await back_to_read_only(images_, back.get()); !back_ro) {
             log_->warn("{}: {} stays writable after a failed revert: {}", e->name, back->name(),
                        back_ro.error().message());
         }

@@ -515,6 +515,26 @@ class JobFaults(harness.ImageDirTest):
                                       close_fails=True)
         self.assertEqual(convert_raw(self.img("base.qcow2")), expected)
 
+    def test_a_commit_that_cannot_grow_its_base_leaves_it_to_qemu(self):
+        # The image is larger than its base, so a commit grows the base first, writable. When
+        # that fails (here every write to the base), the base goes back to read-only, and its
+        # file must give up QEMU's write lock with it: a backup of the frozen layer by QEMU
+        # (qemu-img without -U) was refused until the next change to the chains.
+        self.build()
+        qemu_img("resize", "-q", self.img("vm@s1.qcow2"), "32M")
+        f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
+        f.write("writes errno=ENOSPC layers=all file=base.qcow2\n")
+        f.close()
+        self.addCleanup(os.unlink, f.name)
+        m = self.mount(f"faults={f.name}")
+        with open(m.path(".control", "vm", "commit"), "w") as c:
+            c.write("\n")
+        result = self.wait_job(m)
+        self.assertIn("growing base.qcow2", result["error"] or "")
+        info = run(["qemu-img", "info", self.img("base.qcow2")], check=False)
+        self.assertEqual(info.returncode, 0, info.stderr)
+        m.stop()
+
     def test_stream_with_failing_backing_reads(self):
         expected = self.run_job_fault(
             "stream", "read event=data-read errno=EIO layers=all file=base.qcow2")
