@@ -283,11 +283,17 @@ Task<Status> Node::truncate(uint64_t new_size) {
     }
     // Serialised against every write from the lower of the two ends up: a padded write there
     // reads and rewrites whole blocks and trims its own padding by the size it saw, and either
-    // would undo a size change made in between. Writes below both ends are not affected.
-    const uint64_t from = std::min(size_, new_size);
-    RangeLock::Request req(&tracked_, from, UINT64_MAX - from, true);
-    co_await tracked_.acquire(&req);
-    co_return co_await do_truncate(new_size);
+    // would undo a size change made in between. Writes below both ends are not affected. The
+    // range is fixed before the wait; if a size change ahead of this one lowered the end
+    // meanwhile, the range no longer reaches it: taken again from there.
+    for (;;) {
+        const uint64_t from = std::min(size_, new_size);
+        RangeLock::Request req(&tracked_, from, UINT64_MAX - from, true);
+        co_await tracked_.acquire(&req);
+        if (std::min(size_, new_size) >= from) {
+            co_return co_await do_truncate(new_size);
+        }
+    }
 }
 
 Task<Status> Node::close() {

@@ -224,7 +224,10 @@ Task<Result<Layer>> open_layer(NodeEnv env, Store* store, LayerSpec spec, ChainO
         CO_TRY_ASSIGN(opened, std::move(rw));
     }
     const FileId id = opened->id();
-    CO_TRY(walk->enter(spec.file, id));
+    if (Status entered = walk->enter(spec.file, id); !entered) {
+        opened->close_off_loop();  // (an RBD image's close is a round trip)
+        co_return std::move(entered).error();
+    }
     CO_TRY_ASSIGN(std::shared_ptr<Node> file,
                   opened->into_node(env, layer_name(spec.file) + " (file)", fo));
     // The probe's verdict on the header is not used here: a file recorded as raw is raw

@@ -45,6 +45,10 @@ class StoreFile {
     /// local-file matters; the access mode was fixed when the file was opened.
     virtual Result<std::shared_ptr<Node>> into_node(NodeEnv env, std::string name,
                                                     const FileOptions& options) = 0;
+    /// Called on the loop before a file is dropped unused (a chain walk that failed): closing
+    /// may be a round trip for a remote store, which must not run there. A local file's close
+    /// is not.
+    virtual void close_off_loop() {}
 };
 
 struct StoreCaps {

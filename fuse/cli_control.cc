@@ -14,6 +14,8 @@
 #include <thread>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include "fuse/cli.h"
 #include "fuse/mount_table.h"
 
@@ -149,10 +151,13 @@ int send_command(const std::string& mnt, const std::string& name, const std::str
         }
         return fail(fmt::format("{}: {}", path, strerror(err)));
     }
-    ssize_t n = ::write(fd, command.data(), command.size());
+    // Always with its line end: a write of 512 bytes or more without one is refused as a
+    // possible piece of a longer line (a long name, a long group).
+    const std::string line = !command.empty() && command.back() == '\n' ? command : command + "\n";
+    ssize_t n = ::write(fd, line.data(), line.size());
     int err = errno;
     ::close(fd);
-    if (n == static_cast<ssize_t>(command.size())) {
+    if (n == static_cast<ssize_t>(line.size())) {
         return 0;
     }
     if (err_out != nullptr) {
@@ -636,7 +641,9 @@ int status(const Args& args) {
     std::string images;
     for (const auto& n : names) {
         std::string info = slurp(control_path(mnt, n, "info"));
-        if (info.empty() && pos.size() == 1) {
+        struct stat gone_check {};
+        if (info.empty() && pos.size() == 1 &&
+            ::stat((mnt + "/" + n + ".raw").c_str(), &gone_check) != 0 && errno == ENOENT) {
             continue;  // listed, then gone (a rescan removed it): not an error of the mount
         }
         if (info.empty()) {

@@ -31,10 +31,14 @@ Status check_image_name(const std::string& name) {
     return {};
 }
 
-// A name imgfs cannot address names no image it lists: as a missing file in a directory.
-Status addressable(const std::string& name) {
-    if (Status st = check_image_name(name); !st) {
-        return make_error(ENOENT, "{}", st.error().message());
+// RBD allows names imgfs cannot address (':' and a backslash are option syntax in QEMU's rbd:
+// names, '@' names snapshots): such an image is never written, created or renamed, but it is
+// read like any other, since it may use a layer of the pool (QEMU opens it through blockdev
+// options). Refused at first, it failed the scan's walk, which stopped every commit in the
+// pool and the removal of leftovers. A name that cannot be an image at all is a missing one.
+Status readable(const std::string& name) {
+    if (name.empty() || name.find('/') != std::string::npos) {
+        return make_error(ENOENT, "'{}' is not an image name of the pool", name);
     }
     return {};
 }
@@ -185,13 +189,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
     std::vector<StoreEntry> out;
     out.reserve(count);
     for (size_t i = 0; i < count; ++i) {
-        // RBD allows names imgfs cannot address: ':' and a backslash are option syntax in
-        // QEMU's rbd: names, '@' names snapshots. Such an image is not in the directory at
-        // all; as a candidate it failed to open with an error that stopped every commit in the
-        // pool (its chain could not be followed), and the removal of leftovers with them.
-        if (check_image_name(specs[i].name)) {
-            out.push_back(StoreEntry{specs[i].name, file_id(display_, specs[i].id)});
-        }
+        out.push_back(StoreEntry{specs[i].name, file_id(display_, specs[i].id)});
     }
     rbd_image_spec_list_cleanup(specs.data(), count);
     std::sort(out.begin(), out.end(),
@@ -200,7 +198,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
 }
 
 Result<FileId> RbdStore::id_of(const std::string& name, bool /*follow_links*/) {
-    TRY(addressable(name));
+    TRY(readable(name));
     TRY_ASSIGN(std::vector<StoreEntry> entries, list());
     for (const StoreEntry& e : entries) {
         if (e.name == name) {
@@ -224,7 +222,10 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
         return std::unique_ptr<StoreFile>(
             std::make_unique<RbdFile>(std::move(image), fid, RbdLock::kNone));
     }
-    TRY(addressable(name));
+    TRY(readable(name));
+    if (!read_only) {
+        TRY(check_image_name(name));
+    }
     TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
     TRY_ASSIGN(std::string id, image.id());
     if (!read_only && lock == Lock::kDeferred) {

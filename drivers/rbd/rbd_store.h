@@ -44,10 +44,9 @@ class RbdFile final : public StoreFile {
         : image_(std::move(image)), id_(id), lock_(lock) {}
     RbdFile(const RbdFile&) = delete;
     RbdFile& operator=(const RbdFile&) = delete;
-    /// Dropped unused (a chain whose walk failed), possibly on the loop: the close, a round
-    /// trip, goes to the pool's offload thread. Not an image that holds its lock: the next
-    /// open of it for writing must find the lock released.
-    ~RbdFile() override {
+    /// The close, a round trip, goes to the pool's offload thread. Not for an image that
+    /// holds its lock: the next open of it for writing must find the lock released.
+    void close_off_loop() override {
         if (lock_ != RbdLock::kHeld) {
             image_.close_off_loop(nullptr);
         }

@@ -769,12 +769,15 @@ class RbdPool(harness.ImageDirTest):
     def test_images_with_names_imgfs_cannot_address_are_left_alone(self):
         # RBD takes ':' and '\\' in names, which QEMU's rbd: syntax gives other meanings. Such
         # an image failed to open as a candidate, and as its chain could not be followed,
-        # every commit in the pool was refused and leftovers were never removed.
+        # every commit in the pool was refused and leftovers were never removed. It is read
+        # now (it may use a layer), but not served: that would write it.
         self.make_chains("16M", "write -P 0x21 0 1M")
         run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/odd:x.raw"])
         run(["rbd", "create", "--size", "1M", f"rbd/{self.ns}/odd\\y.raw"])
         m = self.mount_pool()
         self.assertEqual(m.exports(), ["vm1"])
+        with open(m.path(".control", "skipped")) as f:
+            self.assertIn("'odd:x.raw' is not an image name of the pool", f.read())
         with open(m.path("vm1.raw"), "r+b") as f:
             f.write(b"\x42" * 4096)
             os.fsync(f.fileno())
