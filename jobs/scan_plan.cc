@@ -236,13 +236,40 @@ std::string unusable_export_name(const std::string& name, char separator) {
 
 }  // namespace
 
-void choose_roots(const std::vector<Candidate>& images, const Layers& layers, char separator,
-                  ScanPlan* plan) {
+// The roots of the served chains, by file name, where the name is still that file.
+std::set<std::string> served_roots(const ScanInput& in) {
+    std::set<std::string> roots;
+    for (const auto& [id, chain] : in.served) {
+        if (chain.empty() || chain.front().id == FileId{}) {
+            continue;
+        }
+        Result<FileId> named = in.store->id_of(chain.front().file, true);
+        if (named && *named == chain.front().id) {
+            roots.insert(chain.front().file);
+        }
+    }
+    return roots;
+}
+
+// An image counts as a root when no chain walked uses it. While some image could not be read
+// (Layers::unread), its chain may use any of them: exported writable, such a "root" would change
+// what that image shows. So only the roots served already are kept then; new ones wait for a
+// scan that can read every header.
+void choose_roots(const std::vector<Candidate>& images, const Layers& layers,
+                  const std::set<std::string>& served, char separator, ScanPlan* plan) {
     std::map<std::string, std::vector<std::string>> roots_by_name;
     for (const Candidate& c : images) {
-        if (!c.broken && layers.ids.count(c.id) == 0) {
-            roots_by_name[export_name_of(c.file, separator)].push_back(c.file);
+        if (c.broken || layers.ids.count(c.id) != 0) {
+            continue;
         }
+        if (layers.unread && served.count(c.file) == 0) {
+            plan->problems.push_back(
+                {c.file, fmt::format("not exported for now: {}, so whether its chain uses {} is "
+                                     "unknown; a rescan exports it once it can be read",
+                                     *layers.unread, c.file)});
+            continue;
+        }
+        roots_by_name[export_name_of(c.file, separator)].push_back(c.file);
     }
     for (auto& [name, roots] : roots_by_name) {
         if (std::string why = unusable_export_name(name, separator); !why.empty()) {
@@ -417,7 +444,8 @@ ScanPlan plan_scan(const ScanInput& in) {
             }
         }
     }
-    choose_roots(listing->images, layers, in.store->caps().snapshot_separator, &plan);
+    choose_roots(listing->images, layers, served_roots(in), in.store->caps().snapshot_separator,
+                 &plan);
     for (const auto& [id, chain] : in.served) {
         std::string why = check_served_chain(in.store, in.allow_external_backing, chain);
         if (!why.empty()) {

@@ -315,5 +315,41 @@ TEST_F(UnservedUsersTest, ScanKeepsEveryHiddenLayerOfAServedChain) {
     EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l2.qcow2.removing")));
 }
 
+// A middle layer that cannot be read hides where its chain goes: the image below it looked like
+// a root of its own and was exported writable, so writes to it changed what the image on top
+// showed. Until the layer can be read, no new root is exported; one already served stays.
+TEST_F(UnservedUsersTest, AnUnreadableMiddleLayerKeepsTheImagesBelowItFromBeingExported) {
+    put("mid.qcow2", "other.qcow2");
+    put("top.qcow2", "mid.qcow2");
+    ScanInput in;
+    in.store = store_.get();
+    store_->fail_open["mid.qcow2"] = EIO;
+    ScanPlan plan = plan_scan(in);
+    ASSERT_FALSE(plan.failed);
+    EXPECT_EQ(plan.wanted.count("other"), 0U);
+    EXPECT_EQ(plan.wanted.count("top"), 0U);
+    EXPECT_EQ(plan.wanted.count("mid"), 0U);
+    std::map<std::string, std::string> why;
+    for (const ScanProblem& p : plan.problems) {
+        why[p.file] = p.reason;
+    }
+    EXPECT_NE(why["other.qcow2"].find("mid.qcow2 could not be read"), std::string::npos)
+        << why["other.qcow2"];
+
+    // Served already: kept (a read error elsewhere does not take a working disk away).
+    Result<FileId> other = store_->id_of("other.qcow2", false);
+    ASSERT_TRUE(other.ok());
+    in.served[1] = {ServedLayer{"other.qcow2", *other}};
+    ScanPlan served = plan_scan(in);
+    EXPECT_EQ(served.wanted.count("other"), 1U);
+
+    // Readable again: other.qcow2 is a layer, and top.qcow2 the root.
+    store_->fail_open.clear();
+    in.served.clear();
+    ScanPlan again = plan_scan(in);
+    EXPECT_EQ(again.wanted.count("other"), 0U);
+    EXPECT_EQ(again.wanted.count("top"), 1U);
+}
+
 }  // namespace
 }  // namespace imgfs
