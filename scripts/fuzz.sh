@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The libFuzzer targets: builds them (clang, ASan, UBSan, libFuzzer) into build-fuzz/, makes the
-# seed corpus from qemu-img images, runs every target for IMGFS_FUZZ_SECONDS (default 30) and
+# seed corpus from qemu-img images, runs every target for IMGFS_FUZZ_SECONDS (default 20) and
 # prints one line per target. Exits non-zero if any target found a crash (crash, leak, timeout
 # or out-of-memory); the inputs are in build-fuzz/crashes/, the logs in build-fuzz/logs/.
 # Installs nothing: needs clang, libclang-rt-14-dev (libFuzzer) and qemu-utils.
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LC_ALL=C
-seconds=${IMGFS_FUZZ_SECONDS:-30}
+seconds=${IMGFS_FUZZ_SECONDS:-20}
 dir=build-fuzz
 targets=(fuzz_header fuzz_image fuzz_l2)
 
@@ -21,7 +21,7 @@ for tool in clang clang++ qemu-img qemu-io; do
 done
 
 CC=clang CXX=clang++ cmake -S . -B "$dir" -G Ninja -DIMGFS_FUZZ=ON -DIMGFS_SANITIZE=ON \
-  -DIMGFS_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  -DIMGFS_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DIMGFS_DEBUG_INFO=-gline-tables-only >/dev/null
 cmake --build "$dir" --target "${targets[@]}"
 
 bash tests/fuzz/make_corpus.sh "$dir/corpus"

@@ -152,13 +152,16 @@ class Fio(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "256M")
         m = self.mount()
         raw = m.path("vm.raw")
+        # On the test cluster's single in-memory OSD, 4k writes are about 5x slower than on a
+        # local disk: a quarter of the data there, at the same depth (CI's time is bounded).
+        size = "32M" if isinstance(self, ceph_pool.OnPool) else "128M"
         common = ["fio", "--name=v", f"--filename={raw}", "--ioengine=io_uring", "--direct=1",
-                  "--bs=4k", "--iodepth=32", "--size=128M", "--verify=crc32c", "--randseed=7",
+                  "--bs=4k", "--iodepth=32", f"--size={size}", "--verify=crc32c", "--randseed=7",
                   "--verify_state_save=0"]
         run(common + ["--rw=randwrite", "--do_verify=1"])
         run(common + ["--rw=randwrite", "--verify_only"])  # read-back verify of what was written
         run(["fio", "--name=r", f"--filename={raw}", "--ioengine=io_uring", "--direct=1", "--bs=4k",
-             "--iodepth=32", "--rw=randread", "--size=128M", "--runtime=3", "--time_based"])
+             "--iodepth=32", "--rw=randread", f"--size={size}", "--runtime=3", "--time_based"])
         depth = m.info("vm")["max_requests_in_flight"]
         self.assertGreaterEqual(depth, 24, "QD32 did not reach the block layer concurrently")
         m.stop()
