@@ -184,6 +184,8 @@ void Metadata::index_l2_overlaps() {
     }
     index_refblock_overlaps(snapshot_l1s);
     std::unordered_map<uint64_t, uint64_t> copied_table_of;  // cluster -> first L1 index
+    std::unordered_map<uint64_t, uint64_t> table_of;         // the same, COPIED or not
+    l2_named_twice_.clear();
     for (uint64_t i = 0; i < l1_.size(); ++i) {
         const uint64_t off = l1_[i] & kOffsetMask;
         if (off == 0) {
@@ -196,6 +198,11 @@ void Metadata::index_l2_overlaps() {
         if (what != nullptr) {
             l2_overlaps_[i] = {off, what};
             continue;
+        }
+        if (auto [named, fresh] = table_of.emplace(off / cs, i); !fresh) {
+            const uint64_t j = named->second;
+            l2_named_twice_[i] = {off, fmt::format("the L2 table of L1 entry {} too", j)};
+            l2_named_twice_[j] = {off, fmt::format("the L2 table of L1 entry {} too", i)};
         }
         if ((l1_[i] & kOflagCopied) == 0) {
             continue;  // shared with a snapshot: copied before it is changed
@@ -246,9 +253,16 @@ Task<Status> Metadata::prepare_for_writing() {
         // Before a repair too: it counts nothing of the bitmaps, so their clusters come out
         // free, and the dirty bit it clears must not leave them claimed valid (ordering: the
         // repair syncs before it clears the dirty bit, which makes this write durable first).
+        // Memory says what the disk says: a failed write leaves the bits set in both, so that
+        // the next attempt writes them again instead of taking them for cleared.
+        const uint64_t autoclear = header_.autoclear;
         header_.autoclear = 0;
         uint8_t zero[8] = {};
-        CO_TRY(co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8)));
+        if (Status st = co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8));
+            !st) {
+            header_.autoclear = autoclear;
+            co_return st;
+        }
     }
     if ((header_.incompatible & kIncompatDirty) != 0) {
         if (env_.log != nullptr) {

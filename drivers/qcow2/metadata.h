@@ -359,6 +359,12 @@ class Metadata {
     // offset it had and what it overlaps. Using such a table would let two structures
     // overwrite each other, so check_l1_entry refuses it (EIO) while the entry is unchanged.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_overlaps_;
+    // Active L1 entries whose L2 table another active entry names too, COPIED on at most one
+    // of them (both: l2_overlaps_). A malformed image: QEMU never shares a table within one L1
+    // table. Reading through it is harmless, but a write would change what both ranges show
+    // (in place), or copy the table and free it while the other entry still names it, so
+    // l2_for_write refuses it (EIO) while the entry is unchanged.
+    std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_named_twice_;
     // The same for refcount blocks lying on other structures, by refcount table index. A
     // count updated there would be written over that structure.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> refblock_overlaps_;

@@ -134,6 +134,11 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_write(uint64_t l1_index) {
     if (Status st = check_l1_entry(l1_index, entry); !st) {
         co_return co_await corruption(st.error().context);
     }
+    if (auto it = l2_named_twice_.find(l1_index);
+        it != l2_named_twice_.end() && it->second.first == off) {
+        co_return co_await corruption(fmt::format("L1 entry {}: its L2 table at {:#x} is {}",
+                                                  l1_index, off, it->second.second));
+    }
     if ((entry & kOflagCopied) == 0) {
         co_return co_await copy_shared_l2(l1_index);
     }

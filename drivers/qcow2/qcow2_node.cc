@@ -405,6 +405,14 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
     // A file still to be claimed is claimed now, and then the metadata is read afresh.
     expect_writes();
     read_only_ = false;
+    // Getting ready to write writes itself (clearing autoclear bits, repairing a dirty image,
+    // claiming): the edge to the file must allow it first. It asserted on an image with a
+    // persistent bitmap, and the daemon aborted. The caller's refresh afterwards finds it done.
+    if (Status granted = refresh_permissions(); !granted) {
+        read_only_ = true;
+        (void)refresh_permissions();
+        co_return granted;
+    }
     meta_deferred_ = meta_deferred_ || Node::claim_pending();
     Status st;
     if (meta_deferred_) {
@@ -417,10 +425,19 @@ Task<Status> Qcow2Node::set_writable(bool writable) {
     }
     if (!st) {
         read_only_ = true;
+        (void)refresh_permissions();  // narrowed again: it only gives up what was granted
         co_return st;
     }
     caps_.resize = true;
     co_return Status{};
+}
+
+Status Qcow2Node::refresh_permissions() {
+    if (env_.graph == nullptr) {
+        return {};
+    }
+    Transaction tx(env_.graph);
+    return tx.commit();
 }
 
 Task<Result<bool>> Qcow2Node::claim_writes() {

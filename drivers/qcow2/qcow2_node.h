@@ -74,6 +74,8 @@ class Qcow2Node final : public Node {
     Task<Status> do_close() override;
 
   private:
+    /// Recomputes the graph's permissions for this node's current state (read_only_).
+    Status refresh_permissions();
     /// This layer's content (with backing data where it has none); zeros past the end.
     Task<Status> read_guest(uint64_t offset, MutBuf buf);
     Task<Status> read_compressed(qcow2::ReadExtent x, uint64_t offset, MutBuf buf);

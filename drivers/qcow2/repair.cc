@@ -183,8 +183,13 @@ Task<Status> Metadata::fix_copied_flags(RefCounter* counter) {
         bool sole = counter->get(off / cs) == 1;
         uint64_t want = off | (sole ? kOflagCopied : 0);
         if (want != l1_[i]) {
+            // Restored if the write fails: a later attempt must still find the entry wrong.
+            const uint64_t was = l1_[i];
             l1_[i] = want;
-            CO_TRY(co_await write_l1_entry(i));
+            if (Status st = co_await write_l1_entry(i); !st) {
+                l1_[i] = was;
+                co_return st;
+            }
         }
         if (!sole) {
             continue;  // a table shared with a snapshot keeps its entries as they are

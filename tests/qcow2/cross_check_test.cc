@@ -230,6 +230,51 @@ TEST_F(CrossCheckTest, ARefcountBlockLyingOnTheL1TableIsNotWrittenOverIt) {
         << "the L1 table changed";
 }
 
+// Two active L1 entries naming one L2 table, COPIED on one of them (a malformed image). A write
+// through the first changed the table in place, under the second range too; a write through the
+// second copied the table, with that first write's link in the copy, and dropped the table's
+// count to 0 while the first entry still named it: the first write was lost at the next read,
+// and its cluster was referenced twice. Writes through either entry are refused; reads work.
+TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 1M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t first = test::be64_at(img, l1);
+    ASSERT_NE(first & qcow2::kOflagCopied, 0U);
+    test::put_be64_at(img, l1 + 8, first & ~qcow2::kOflagCopied);  // L1[1]: 32 KiB on
+    const std::vector<uint8_t> before = test::read_file(img);
+    {
+        Stack s = open(img);
+        std::vector<uint8_t> shown(512);
+        ASSERT_TRUE(run(s.node->read(32768, shown)).ok());
+        EXPECT_EQ(shown, std::vector<uint8_t>(512, 0x11)) << "reads through either entry work";
+        // Through the entry with COPIED (in place), then the other (a copy of the table); the
+        // first refusal marks the image corrupt, which refuses the second anyway.
+        for (uint64_t at : {uint64_t{4096}, uint64_t{32768 + 4096}}) {
+            Status st = run(s.node->write(at, std::vector<uint8_t>(512, 0x22)));
+            ASSERT_FALSE(st.ok()) << "a write through L1 entry " << at / 32768;
+            EXPECT_EQ(st.error().errnum, EIO) << st.error().message();
+            if (at == 4096) {
+                EXPECT_NE(st.error().message().find("is the L2 table of L1 entry 1 too"),
+                          std::string::npos)
+                    << st.error().message();
+            }
+        }
+        (void)run(s.node->close());
+        users_.clear();
+    }
+    const std::vector<uint8_t> after = test::read_file(img);
+    ASSERT_GE(after.size(), before.size());
+    const uint64_t l2 = first & qcow2::kOffsetMask;
+    EXPECT_TRUE(std::equal(before.begin() + static_cast<long>(l2),
+                           before.begin() + static_cast<long>(l2 + 512),
+                           after.begin() + static_cast<long>(l2)))
+        << "the shared L2 table changed";
+}
+
 // A crash with lazy refcounts leaves the dirty bit set and a new cluster's count in memory
 // only; the file may end inside that cluster (a partial write of it). A read-only open does
 // not repair the counts, so the check of the cluster holding the end of the file found count

@@ -114,6 +114,48 @@ TEST_F(HeaderBitsTest, AutoclearBitsAreClearedBeforeARepairClearsTheDirtyBit) {
     EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
 }
 
+// The same ordering when the image is made writable after a read-only open (a commit into it):
+// the autoclear write failed, but memory already said "cleared", so the next attempt skipped
+// it, repaired, and left the image clean with its bitmaps claimed valid over free clusters.
+TEST_F(HeaderBitsTest, AFailedSwitchToWritableClearsTheAutoclearBitsOnTheNextTry) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
+               "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
+    constexpr uint64_t kAutoclearAt = 88;
+    constexpr uint64_t kDirtyBit = 1;
+    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | kDirtyBit);
+    test::put_be64_at(img, kAutoclearAt, 1);
+    auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    Transaction tx(&graph_);
+    auto fault = FaultNode::open(env(), "fault", &tx, *file);
+    qcow2::Options read_only;
+    read_only.read_only = true;
+    auto node = Qcow2Node::create(env(), "img", &tx, fault, read_only);
+    ASSERT_TRUE(tx.commit().ok());
+    ASSERT_TRUE(run(node->load()).ok());
+    FaultRule clearing_autoclear;
+    clearing_autoclear.ops = fault_op::kWrite;
+    clearing_autoclear.offset = kAutoclearAt;
+    clearing_autoclear.bytes = 8;
+    clearing_autoclear.once = true;
+    fault->add_rule(clearing_autoclear);
+    ASSERT_FALSE(run(node->set_writable(true)).ok());
+    ASSERT_EQ(fault->fired_total(), 1U);
+    Status again = run(node->set_writable(true));
+    ASSERT_TRUE(again.ok()) << again.error().message();
+    Status written;
+    run(write_into(node.get(), 0, &written));
+    EXPECT_TRUE(written.ok());
+    (void)run(node->close());
+    const bool dirty = (test::be64_at(img, kIncompatibleAt) & kDirtyBit) != 0;
+    const bool bitmaps_claimed = test::be64_at(img, kAutoclearAt) != 0;
+    EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
+}
+
 // The repair counted references in memory sized by the file: a dirty image whose file is huge
 // (sparse, or damaged) made it allocate terabytes, and the daemon died of std::bad_alloc. It is
 // refused with the reason now, and nothing is written.
