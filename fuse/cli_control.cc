@@ -98,6 +98,21 @@ std::string json_value(const std::string& json, const std::string& key) {
     return json.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
 }
 
+// Why the daemon refused this process's last command on the image whose info is `info`: the
+// reason it filed under our thread id (the CLI writes from its one thread), else the image's
+// last error, which a client racing us may have set instead.
+std::string refusal_reason(const std::string& info) {
+    size_t mine = info.find("\"caller_errors\":{");
+    if (mine != std::string::npos) {
+        // No key after it is a number: the first "TID": from here on is ours, if any.
+        std::string own = json_value(info.substr(mine), std::to_string(::gettid()));
+        if (!own.empty()) {
+            return own;
+        }
+    }
+    return json_value(info, "last_error");
+}
+
 // An image name as the daemon lists it. An empty name (an unset shell variable) or "." would
 // reach the mount's global files: `.control/snapshot` snapshots every image.
 int refuse_bad_name(const std::string& name) {
@@ -168,7 +183,7 @@ int send_command(const std::string& mnt, const std::string& name, const std::str
     }
     std::string reason;
     if (!name.empty()) {
-        reason = json_value(slurp(control_path(mnt, name, "info")), "last_error");
+        reason = refusal_reason(slurp(control_path(mnt, name, "info")));
     }
     return fail(reason.empty() ? fmt::format("{}: {}", file, strerror(err)) : reason);
 }
@@ -337,7 +352,7 @@ int start_job(const std::string& mnt, const std::string& name, const std::string
         }
     }
     if (rc == kRefusedQuietly) {
-        std::string reason = json_value(slurp(control_path(mnt, name, "info")), "last_error");
+        std::string reason = refusal_reason(slurp(control_path(mnt, name, "info")));
         return fail(reason.empty() ? fmt::format("{}: {}", file, strerror(err)) : reason);
     }
     if (rc != 0 || !wait) {
@@ -403,9 +418,9 @@ int snapshot(const Args& args) {
         // The daemon leaves the reason with every image of the group (the first one named,
         // or any image when none is).
         std::string first = args.size() > 3 ? args[3] : first_export(args[0]);
-        std::string reason =
-            first.empty() ? std::string()
-                          : json_value(slurp(control_path(args[0], first, "info")), "last_error");
+        std::string reason = first.empty()
+                                 ? std::string()
+                                 : refusal_reason(slurp(control_path(args[0], first, "info")));
         return fail(reason.empty() ? fmt::format("snapshot: {}", strerror(err)) : reason);
     }
     if (args.size() != 3) {

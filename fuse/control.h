@@ -42,10 +42,11 @@ class ControlPlane {
     [[nodiscard]] virtual const std::vector<ControlFileSpec>& global_files() const = 0;
     /// What reading the file shows (taken when it is opened). `e` is null for global files.
     virtual Task<std::string> read(std::shared_ptr<Export> e, ControlFile file) = 0;
-    /// Runs one command. On failure the error's errno goes to the writer and its text is kept
-    /// as the image's last error and logged.
-    virtual Task<Status> write(std::shared_ptr<Export> e, ControlFile file,
-                               std::string command) = 0;
+    /// Runs one command for the writer `caller` (its thread id, 0 if unknown). On failure the
+    /// error's errno goes to the writer and its text is kept as the image's last error, as
+    /// that caller's error, and logged.
+    virtual Task<Status> write(std::shared_ptr<Export> e, ControlFile file, std::string command,
+                               uint32_t caller) = 0;
 };
 
 /// A control write this long or longer is refused: the C library's stdio (a shell's printf,

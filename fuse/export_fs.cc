@@ -562,7 +562,7 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         h->split_line = may_be_a_piece(std::string_view(
             reinterpret_cast<const char*>(req->payload.data()), req->payload.size()));
         std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
-        Status st = co_await control_->write(e, h->file, std::move(text));
+        Status st = co_await control_->write(e, h->file, std::move(text), req->header->pid);
         if (!st) {
             co_return FuseReply::err(st.error().errnum);
         }

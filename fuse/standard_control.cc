@@ -51,34 +51,38 @@ Task<std::string> StandardControl::read(std::shared_ptr<Export> e, ControlFile f
     }
 }
 
-Status StandardControl::refuse(Export* e, Error error) {
+Status StandardControl::refuse(Export* e, Error error, uint32_t caller) {
     std::string where = e != nullptr ? e->name : std::string(".control");
     log_->warn("{}: {}", where, error.message());
     if (e != nullptr) {
         // With the errno's text: a context alone ("cannot create vm1@s1.qcow2") hides the
         // cause (no space, permission, a name taken).
         e->last_error = error.message();
+        e->caller_errors.set(caller, error.message());
     }
     return error;
 }
 
 Task<Status> StandardControl::write(std::shared_ptr<Export> e, ControlFile file,
-                                    std::string command) {
+                                    std::string command, uint32_t caller) {
     if (images_->options().read_only && file != ControlFile::kRescan) {
         // Whatever the command says: on a read-only mount only a rescan runs.
-        co_return refuse(e.get(), make_error(EROFS, "{}: mounted read-only",
-                                             e != nullptr ? e->name : std::string(".control")));
+        co_return refuse(e.get(),
+                         make_error(EROFS, "{}: mounted read-only",
+                                    e != nullptr ? e->name : std::string(".control")),
+                         caller);
     }
     Result<std::string> cmd = parse_command(command);
     if (!cmd) {
-        co_return refuse(e.get(), std::move(cmd).error());
+        co_return refuse(e.get(), std::move(cmd).error(), caller);
     }
-    Status st = co_await run(e, file, std::move(*cmd));
+    Status st = co_await run(e, file, std::move(*cmd), caller);
     if (!st) {
-        co_return refuse(e.get(), std::move(st).error());
+        co_return refuse(e.get(), std::move(st).error(), caller);
     }
     if (e != nullptr) {
         e->last_error.clear();
+        e->caller_errors.set(caller, {});
     }
     co_return Status{};
 }
@@ -100,7 +104,7 @@ std::string StandardControl::skipped_jsonl() const {
 // "SNAP" snapshots every exported image, "SNAP NAME NAME..." the images named; all or nothing.
 // Every image of the group keeps the outcome as its last error (a reason, or none once it
 // succeeded): the global file has no info of its own, and the CLI reads the reason from there.
-Task<Status> StandardControl::group_snapshot(std::string command) {
+Task<Status> StandardControl::group_snapshot(std::string command, uint32_t caller) {
     std::istringstream words(command);
     std::string snap;
     words >> snap;
@@ -136,12 +140,13 @@ Task<Status> StandardControl::group_snapshot(std::string command) {
     for (const auto& x : group) {
         x->last_error =
             st ? std::string() : fmt::format("group snapshot '{}': {}", snap, st.error().message());
+        x->caller_errors.set(caller, x->last_error);
     }
     co_return st;
 }
 
-Task<Status> StandardControl::run(std::shared_ptr<Export> e, ControlFile file,
-                                  std::string command) {
+Task<Status> StandardControl::run(std::shared_ptr<Export> e, ControlFile file, std::string command,
+                                  uint32_t caller) {
     switch (file) {
         case ControlFile::kRescan:
             if (!command.empty()) {
@@ -151,7 +156,7 @@ Task<Status> StandardControl::run(std::shared_ptr<Export> e, ControlFile file,
         case ControlFile::kSnapshot:
             co_return co_await jobs_->snapshot(e, std::move(command));
         case ControlFile::kGroupSnapshot:
-            co_return co_await group_snapshot(std::move(command));
+            co_return co_await group_snapshot(std::move(command), caller);
         case ControlFile::kCommit:
             if (command.empty()) {
                 co_return co_await jobs_->start_commit(e, "");

@@ -19,13 +19,15 @@ class StandardControl final : public ControlPlane {
         return global_files_;
     }
     Task<std::string> read(std::shared_ptr<Export> e, ControlFile file) override;
-    Task<Status> write(std::shared_ptr<Export> e, ControlFile file, std::string command) override;
+    Task<Status> write(std::shared_ptr<Export> e, ControlFile file, std::string command,
+                       uint32_t caller) override;
 
   private:
-    Task<Status> run(std::shared_ptr<Export> e, ControlFile file, std::string command);
-    Task<Status> group_snapshot(std::string command);
+    Task<Status> run(std::shared_ptr<Export> e, ControlFile file, std::string command,
+                     uint32_t caller);
+    Task<Status> group_snapshot(std::string command, uint32_t caller);
     [[nodiscard]] std::string skipped_jsonl() const;
-    Status refuse(Export* e, Error error);
+    Status refuse(Export* e, Error error, uint32_t caller);
 
     ImageSet* images_;
     JobManager* jobs_;

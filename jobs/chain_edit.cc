@@ -489,14 +489,34 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
     // 3. The visible names go. From here on the edit goes forwards only: a failure leaves the
     // chain whole under the hidden names, which the headers use.
     std::function<Status()> unlink_visible = [store, files] { return unlink_names(store, files); };
-    CO_TRY(co_await dir_call(images, std::move(unlink_visible)));
-    CO_TRY(co_await sync_image_dir(images));
+    Status forward = co_await dir_call(images, std::move(unlink_visible));
+    if (forward) {
+        forward = co_await sync_image_dir(images);
+    }
     // 4. The referrer skips them.
-    bool to_rest = !drop_rest && last + 1 < layers.size();
-    std::string next = to_rest ? layers[last + 1].file : std::string();
-    std::optional<std::string> fmt =
-        to_rest ? std::optional<std::string>(layers[last + 1].format) : std::nullopt;
-    CO_TRY(co_await rewrite_backing(images, layers[first - 1].node.get(), next, fmt));
+    if (forward) {
+        bool to_rest = !drop_rest && last + 1 < layers.size();
+        std::string next = to_rest ? layers[last + 1].file : std::string();
+        std::optional<std::string> fmt =
+            to_rest ? std::optional<std::string>(layers[last + 1].format) : std::nullopt;
+        forward = co_await rewrite_backing(images, layers[first - 1].node.get(), next, fmt);
+    }
+    if (!forward) {
+        // The served chain takes the hidden names the headers use (step 2), so it still matches
+        // the disk and the image goes on working; the next mount finishes the edit
+        // (finish_interrupted_edit), as after a crash here. Before, every later operation on
+        // the image failed with EIO until a remount.
+        std::string names;
+        for (size_t i = first; i <= last; ++i) {
+            layers[i].file = removing_name(layers[i].file);
+            names += (names.empty() ? "" : ", ") + layers[i].file;
+        }
+        images->env().log->warn(
+            "{}: a chain edit failed after its point of no return ({}); the chain is served "
+            "under the hidden names {} until the next mount finishes the edit",
+            e->name, forward.error().message(), names);
+        co_return forward;
+    }
     // 5. Nothing references the hidden names any more.
     std::vector<std::string> hidden;
     for (const std::string& f : files) {
@@ -504,11 +524,15 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         images->env().log->info("{}: removed {} from the chain", e->name, f);
     }
     std::function<Status()> unlink_hidden = [store, hidden] { return unlink_names(store, hidden); };
-    // The edit is done: a hidden name left behind is unused, and the next scan removes it.
+    // The edit is done: a hidden name left behind is unused, and the next scan removes it. So
+    // is one a crash brings back because this sync failed: the edit still succeeded.
     if (Status gone = co_await dir_call(images, std::move(unlink_hidden)); !gone) {
         images->env().log->warn("{}: {} (left for the next scan)", e->name, gone.error().message());
+    } else if (Status synced = co_await sync_image_dir(images); !synced) {
+        images->env().log->warn("{}: {} (a crash may bring hidden names back for the next scan)",
+                                e->name, synced.error().message());
     }
-    co_return co_await sync_image_dir(images);
+    co_return Status{};
 }
 
 }  // namespace imgfs

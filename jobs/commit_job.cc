@@ -114,7 +114,9 @@ Task<Status> CommitJob::attach() {
         const FileId id = e->chain.layers[i].id;
         if (id != FileId{}) {
             images_->mark_changing(
-                id, fmt::format("the commit of {} into {} runs", e->name, base_file_));
+                id, fmt::format("the commit of {} into {} runs ({} lies between its top and its "
+                                "base, so what it shows changes)",
+                                e->name, base_file_, e->chain.layers[i].file));
             changing_.push_back(id);
         }
     }

@@ -308,10 +308,7 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     for (const Layer& l : chain.layers) {
         auto changing = changing_.find(l.id);
         if (l.id != FileId{} && changing != changing_.end()) {
-            std::string why = fmt::format(
-                "{}: not exported while {} ({} lies between the "
-                "commit's top and its base, so what it shows changes)",
-                root, changing->second, l.file);
+            std::string why = fmt::format("{}: not exported while {}", root, changing->second);
             co_await retire_layers(std::move(chain.layers), nullptr);
             co_return make_error(EBUSY, "{}", why);
         }
@@ -452,6 +449,28 @@ void write_io_error(JsonWriter* w, const IoFailure& f) {
     w->end_object();
 }
 
+void CallerErrors::set(uint32_t caller, std::string reason) {
+    if (caller == 0) {
+        return;  // a writer outside the daemon's pid namespace: no name to file it under
+    }
+    std::erase_if(entries_, [caller](const auto& entry) { return entry.first == caller; });
+    if (reason.empty()) {
+        return;
+    }
+    if (entries_.size() >= kKept) {
+        entries_.pop_front();
+    }
+    entries_.emplace_back(caller, std::move(reason));
+}
+
+void CallerErrors::write_json(JsonWriter* w) const {
+    w->begin_object();
+    for (const auto& [caller, reason] : entries_) {
+        w->field(std::to_string(caller), reason);
+    }
+    w->end_object();
+}
+
 Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     JsonWriter w;
     w.begin_object();
@@ -468,6 +487,8 @@ Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     }
     w.field("requests_in_flight", e->backend->in_flight());
     w.field("last_error", e->last_error);
+    w.key("caller_errors");
+    e->caller_errors.write_json(&w);
     w.key("failed");
     if (e->backend->fenced()) {
         w.value(e->backend->fence_reason());

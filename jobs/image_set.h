@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -51,6 +52,20 @@ struct ImageSetOptions {
 class Job;
 struct ScanPlan;
 
+/// The reason each recent writer of a control file was refused, by the caller's thread id as
+/// FUSE names it, newest last. Clients that race each other each find their own reason here,
+/// where the image's last error is whoever failed last (and a success clears it).
+class CallerErrors {
+  public:
+    static constexpr size_t kKept = 16;  // writers remembered; the oldest is forgotten first
+    /// A refusal of `caller`, or with `reason` empty, its success (its entry goes).
+    void set(uint32_t caller, std::string reason);
+    void write_json(JsonWriter* w) const;  // {"PID":"reason",...}
+
+  private:
+    std::deque<std::pair<uint32_t, std::string>> entries_;
+};
+
 /// One exported chain: NAME.raw and its control files.
 struct Export {
     Export(uint64_t export_id, std::string export_name, EventLoop* loop, TaskScope* timers)
@@ -60,8 +75,9 @@ struct Export {
     const std::string name;  // NAME in NAME.raw
     Chain chain;             // top layer first; chain.layers[0].file is the root file
     std::unique_ptr<BlockBackend> backend;
-    std::string last_error;    // the last refused or failed control operation, for info
-    std::shared_ptr<Job> job;  // the running or last job on this image
+    std::string last_error;      // the last refused or failed control operation, for info
+    CallerErrors caller_errors;  // the last refusal of each recent writer, for info
+    std::shared_ptr<Job> job;    // the running or last job on this image
     /// Held by every graph change of this image (see the rule above).
     TimedMutex ops;
     /// Set under `ops` when the export is taken away.
@@ -147,7 +163,8 @@ class ImageSet {
     void share_backing_layers(const Chain& chain);
     /// While a commit runs, the layers between its top and its base read differently from one
     /// moment to the next (the base below them takes in the layers above): no chain opened
-    /// later may go through them. `why` names the commit in the refusal.
+    /// later may go through them. Nor through the layers a finishing stream deletes. `why`
+    /// names the job in the refusal.
     void mark_changing(FileId id, std::string why) { changing_[id] = std::move(why); }
     void unmark_changing(FileId id) { changing_.erase(id); }
     /// The images of the store no export serves whose chains reach one of the files `ids`

@@ -265,10 +265,11 @@ std::string JobManager::jobs_jsonl() const {
 Task<void> JobManager::shutdown() {
     for (const auto& j : jobs_) {
         if (!j->finished()) {
-            // A job that cannot be cancelled any more (it is completing) ends by itself; the
-            // join below waits for it either way.
+            // A job that cannot be cancelled any more (it is completing) ends by itself, at
+            // full speed; the join below waits for it either way.
             if (Status st = j->cancel(); !st) {
                 log_->info("shutdown: {}; waiting for it", st.error().message());
+                j->lift_speed_limit();
             }
         }
     }

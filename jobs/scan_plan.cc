@@ -48,12 +48,40 @@ struct Layers {
     // The first image that could not be read (an I/O error, a cluster past its deadline):
     // what its chain uses is unknown, so nothing may be removed as unused.
     std::optional<std::string> unread;
+    // The same, where the failure was the storage's (an I/O error, a timeout), not the file's
+    // (not an image, a malformed header): the file may well be a chain that a later read finds.
+    std::optional<std::string> read_failed;
 };
+
+// Whether a failure to open or probe an image is the storage's, which a later attempt may not
+// meet, rather than something the file is (not a regular file, a header imgfs refuses).
+bool storage_failed(int errnum) {
+    switch (errnum) {
+        case EIO:
+        case ETIMEDOUT:
+        case ENOMEM:
+        case EAGAIN:
+        case EINTR:
+        case ESHUTDOWN:
+        case ENOTCONN:
+        case ECONNREFUSED:
+        case ECONNRESET:
+        case ENETUNREACH:
+        case EHOSTUNREACH:
+        case ESTALE:
+            return true;
+        default:
+            return false;
+    }
+}
 
 // Records in `layers` that `file` could not be read (see Layers::unread); returns `error`.
 Error note_unread(Layers* layers, const std::string& file, Error error) {
     if (!layers->unread && !cannot_be_a_layer(error.errnum)) {
         layers->unread = fmt::format("{} could not be read ({})", file, error.message());
+    }
+    if (!layers->read_failed && storage_failed(error.errnum)) {
+        layers->read_failed = fmt::format("{} could not be read ({})", file, error.message());
     }
     return error;
 }
@@ -251,10 +279,11 @@ std::set<std::string> served_roots(const ScanInput& in) {
     return roots;
 }
 
-// An image counts as a root when no chain walked uses it. While some image could not be read
-// (Layers::unread), its chain may use any of them: exported writable, such a "root" would change
-// what that image shows. So only the roots served already are kept then; new ones wait for a
-// scan that can read every header.
+// An image counts as a root when no chain walked uses it. While the storage failed to give some
+// image (Layers::read_failed), its chain may use any of them: exported writable, such a "root"
+// would change what that image shows. So only the roots served already are kept then; new ones
+// wait for a scan that can read every header. A file that is no image (malformed, not a regular
+// file) does not hold them back: QEMU cannot open it either, so it uses nothing.
 void choose_roots(const std::vector<Candidate>& images, const Layers& layers,
                   const std::set<std::string>& served, char separator, ScanPlan* plan) {
     std::map<std::string, std::vector<std::string>> roots_by_name;
@@ -262,11 +291,11 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers,
         if (c.broken || layers.ids.count(c.id) != 0) {
             continue;
         }
-        if (layers.unread && served.count(c.file) == 0) {
+        if (layers.read_failed && served.count(c.file) == 0) {
             plan->problems.push_back(
                 {c.file, fmt::format("not exported for now: {}, so whether its chain uses {} is "
                                      "unknown; a rescan exports it once it can be read",
-                                     *layers.unread, c.file)});
+                                     *layers.read_failed, c.file)});
             continue;
         }
         roots_by_name[export_name_of(c.file, separator)].push_back(c.file);

@@ -116,6 +116,34 @@ Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
     co_return Status{};
 }
 
+namespace {
+
+// Marks layers as changing in `images` (ImageSet::mark_changing) for as long as it lives. The
+// set outlives every job.
+class ChangingMark {
+  public:
+    explicit ChangingMark(ImageSet* images) : images_(images) {}
+    ChangingMark(const ChangingMark&) = delete;
+    ChangingMark& operator=(const ChangingMark&) = delete;
+    ~ChangingMark() {
+        for (FileId id : ids_) {
+            images_->unmark_changing(id);
+        }
+    }
+    void mark(FileId id, std::string why) {
+        if (id != FileId{}) {
+            images_->mark_changing(id, std::move(why));
+            ids_.push_back(id);
+        }
+    }
+
+  private:
+    ImageSet* images_;
+    std::vector<FileId> ids_;
+};
+
+}  // namespace
+
 // The caller holds the image's lock.
 Task<Status> StreamJob::finish() {
     Export* e = image();
@@ -124,6 +152,13 @@ Task<Status> StreamJob::finish() {
     CO_TRY(co_await images_->verify_chain(image_ref()));
     // Before the drain: it may read every header of the store.
     CO_TRY_ASSIGN(const size_t own, co_await removable_own_layers());
+    // From the check on, a rescan must not open a chain through a layer about to be deleted
+    // (a clone made on it meanwhile): the deletion would pull it from under that export.
+    ChangingMark deleting(images_);
+    for (size_t i = 1; i <= own; ++i) {
+        deleting.mark(layers[i].id, fmt::format("the stream of {} runs ({} is about to be deleted)",
+                                                e->name, layers[i].file));
+    }
     std::vector<std::shared_ptr<Node>> nodes{filter_};
     DrainGuard drained = co_await drain(nodes);
     CO_TRY(co_await writer_->flush());

@@ -374,6 +374,38 @@ TEST_F(UndroppableTopTest, ACommitWhoseTopStaysFencesTheImage) {
     EXPECT_EQ(read_raw("vm"), content);
 }
 
+// A middle layer whose visible name cannot be removed: the commit that takes it out fails past
+// its point of no return (the headers already name the hidden name). The image served the old
+// names, which no longer matched the disk, so every later operation failed with EIO until a
+// remount. The served chain takes the hidden names: the image goes on working, and the next
+// mount finishes the edit.
+TEST_F(UndroppableTopTest, AMiddleLayerThatCannotBeRemovedLeavesTheImageWorking) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 1 << 20, 1 << 20, 2);
+    ASSERT_EQ(control(".control/vm/snapshot", "s2"), 0);
+    write_fill("vm", 2 << 20, 1 << 20, 3);
+    refused_ = {"vm@s1.qcow2"};
+    ASSERT_EQ(control(".control/vm/commit", "base=vm.qcow2"), 0);
+    wait_job("vm");
+    EXPECT_NE(job_error("vm"), "");
+    std::vector<std::string> served = chain("vm");
+    ASSERT_EQ(served.size(), 3U);
+    EXPECT_EQ(chain_on_disk(served.front()), served);
+    EXPECT_EQ(write_errno("vm", 3 << 20, std::vector<uint8_t>(4096, 4)), 0);
+    EXPECT_EQ(control(".control/vm/snapshot", "s3"), 0) << images_->find("vm")->last_error;
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_.clear();
+    stop();
+    start();
+    EXPECT_EQ(read_raw("vm"), content);
+    served = chain("vm");
+    EXPECT_EQ(chain_on_disk(served.front()), served);
+    EXPECT_TRUE(hidden_files().empty());
+}
+
 TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
     make_qcow2("vm.qcow2", kSize);
     start();
@@ -508,6 +540,93 @@ TEST_F(ChainStateTest, AWriteFailingJustBeforeTheSwitchDoesNotAbandonTheCommit) 
     wait_job("vm");
     EXPECT_EQ(job_error("vm"), "");
     EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}));
+    EXPECT_EQ(read_raw("vm"), content);
+}
+
+// A commit that is completing cannot be cancelled. When its switch finds a range dirty (a guest
+// write failed after the last pass) it copies the range again, at the job's rate limit: an
+// unmount then waited for that copy at 1 byte/s. Shutdown lifts the limit instead.
+TEST_F(ChainStateTest, UnmountDoesNotWaitForARateLimitedCopyOfACompletingJob) {
+    make_qcow2("vm.qcow2", kSize);
+    ImageSetOptions options;
+    gate_files(&options);
+    start(options);
+    write_fill("vm", 0, 4 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 4 << 20, 2);
+    std::shared_ptr<Export> e = images_->find("vm");
+    ASSERT_EQ(control(".control/vm/commit", ""), 0);
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
+    TimedMutex::Guard held;
+    run(lock_into(&e->ops, &held));
+    ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
+    for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
+        idle(1);
+    }
+    ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
+    test::GateNode* top_gate = gate_of("vm@s1.qcow2");
+    ASSERT_NE(top_gate, nullptr);
+    top_gate->fail_writes = EIO;
+    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
+    top_gate->fail_writes = 0;
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
+    held = TimedMutex::Guard();
+    idle(50);  // the switch found the range dirty and copies it again, at a crawl
+    e.reset();
+    const auto t0 = std::chrono::steady_clock::now();
+    stop();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+    gates_.clear();  // they hold the files open
+    start();
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}))
+        << (images_->problems().empty() ? "" : images_->problems().front().reason);
+}
+
+// A stream that finishes deletes the image's own older layers once it found no other user. A
+// clone made on one of them after that check, and exported by a rescan, lost its backing file
+// under its export. The layers are marked as changing from the check on: the rescan does not
+// export the clone, and says why.
+TEST_F(ChainStateTest, ARescanDoesNotServeACloneOfALayerAFinishingStreamDeletes) {
+    make_qcow2("vm.qcow2", kSize);
+    ImageSetOptions options;
+    gate_files(&options);
+    options.op_wait = std::chrono::milliseconds(100);
+    start(options);
+    write_fill("vm", 0, 1 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 1 << 20, 1 << 20, 2);
+    std::vector<uint8_t> content = read_raw("vm");
+    std::shared_ptr<Export> e = images_->find("vm");
+    ASSERT_EQ(control(".control/vm/stream", ""), 0);
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);  // it crawls until the lock is held
+    TimedMutex::Guard held;
+    run(lock_into(&e->ops, &held));  // the stream's finish waits for the image's lock
+    ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
+    for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
+        idle(1);
+    }
+    ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
+    test::GateNode* top_gate = gate_of("vm@s1.qcow2");
+    ASSERT_NE(top_gate, nullptr);
+    top_gate->hold();  // the finish stops at its flush of the top, after the users' check
+    held = TimedMutex::Guard();
+    for (int i = 0; i < 5000 && top_gate->waiting() == 0; ++i) {
+        idle(1);
+    }
+    ASSERT_GT(top_gate->waiting(), 0);
+    make_qcow2("clone.qcow2", kSize, "vm.qcow2");
+    ASSERT_EQ(control(".control/rescan", ""), 0);
+    EXPECT_EQ(images_->find("clone"), nullptr) << "a clone of a layer being deleted is served";
+    bool said = false;
+    for (const ScanProblem& p : images_->problems()) {
+        said =
+            said || p.reason.find("not exported while the stream of vm runs") != std::string::npos;
+    }
+    EXPECT_TRUE(said);
+    top_gate->release();
+    e.reset();
+    wait_job("vm");
+    EXPECT_EQ(job_error("vm"), "");
     EXPECT_EQ(read_raw("vm"), content);
 }
 

@@ -280,6 +280,34 @@ TEST_F(ControlRaceTest, ShortOperationsWaitABoundedTime) {
     EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0);
 }
 
+// Two clients refused at the same time each find their own reason: the image's last error is
+// whoever failed last, so the CLI of the first printed the second one's reason. A caller's
+// success takes its own entry away and leaves the other's.
+TEST_F(ControlRaceTest, EachRefusedWriterFindsItsOwnReason) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    const uint64_t snapshot = ino(".control/vm/snapshot");
+    const uint64_t commit = ino(".control/vm/commit");
+    int first = -1;
+    int second = -1;
+    TaskScope scope(loop_.get());
+    scope.spawn(store_int(control_task(snapshot, "bad/name", 1001), &first));
+    scope.spawn(store_int(control_task(commit, "base=nothing.qcow2", 1002), &second));
+    run(join(&scope));
+    EXPECT_EQ(first, EINVAL);
+    EXPECT_EQ(second, EINVAL);
+    std::string info = read_text(".control/vm/info");
+    EXPECT_NE(info.find(R"("1001":"vm: invalid snapshot name 'bad/name')"), std::string::npos)
+        << info;
+    EXPECT_NE(info.find(R"("1002":"vm: nothing to commit)"), std::string::npos) << info;
+
+    EXPECT_EQ(run(control_task(snapshot, "s1", 1001)), 0);
+    info = read_text(".control/vm/info");
+    EXPECT_EQ(info.find(R"("1001":)"), std::string::npos) << info;
+    EXPECT_NE(info.find(R"("1002":"vm: nothing to commit)"), std::string::npos) << info;
+    EXPECT_NE(info.find(R"("last_error":"")"), std::string::npos) << info;
+}
+
 // A snapshot loop without commits stops at the deepest chain a mount can open again.
 TEST_F(ControlRaceTest, SnapshotsStopAtTheDeepestChainAMountOpens) {
     make_qcow2("vm.qcow2", kSize);

@@ -190,9 +190,10 @@ void FsTest::release_gates() {
 }
 
 Task<Reply> FsTest::request(uint32_t opcode, uint64_t nodeid, std::vector<uint8_t> arg,
-                            std::vector<uint8_t> payload) {
+                            std::vector<uint8_t> payload, uint32_t pid) {
     fuse_in_header h{};
     h.opcode = opcode;
+    h.pid = pid;
     h.nodeid = nodeid;
     h.unique = unique_++;
     h.len = static_cast<uint32_t>(sizeof h + arg.size() + payload.size());
@@ -242,14 +243,15 @@ void FsTest::release(uint64_t ino, uint64_t fh) {
     (void)run(request(FUSE_RELEASE, ino, bytes_of(in), {}));
 }
 
-Task<int> FsTest::control_task(uint64_t ino, std::string text) {
+Task<int> FsTest::control_task(uint64_t ino, std::string text, uint32_t pid) {
     std::vector<std::string> one;
     one.push_back(std::move(text));
-    std::vector<int> errors = co_await control_writes_task(ino, std::move(one));
+    std::vector<int> errors = co_await control_writes_task(ino, std::move(one), pid);
     co_return errors.front();
 }
 
-Task<std::vector<int>> FsTest::control_writes_task(uint64_t ino, std::vector<std::string> writes) {
+Task<std::vector<int>> FsTest::control_writes_task(uint64_t ino, std::vector<std::string> writes,
+                                                   uint32_t pid) {
     fuse_open_in open_in{};
     open_in.flags = O_WRONLY;
     Reply opened = co_await request(FUSE_OPEN, ino, bytes_of(open_in), {});
@@ -265,7 +267,7 @@ Task<std::vector<int>> FsTest::control_writes_task(uint64_t ino, std::vector<std
         w.offset = offset;
         w.size = static_cast<uint32_t>(text.size());
         Reply written = co_await request(FUSE_WRITE, ino, bytes_of(w),
-                                         std::vector<uint8_t>(text.begin(), text.end()));
+                                         std::vector<uint8_t>(text.begin(), text.end()), pid);
         errors.push_back(written.error);
         offset += text.size();
     }

@@ -95,9 +95,10 @@ class FsTest : public LoopTest {
     /// The gate over `file` (made by gate_files), or null.
     GateNode* gate_of(const std::string& file);
 
-    /// One request; `arg` is the opcode's argument struct (and names), `payload` WRITE data.
+    /// One request; `arg` is the opcode's argument struct (and names), `payload` WRITE data,
+    /// `pid` the caller's thread as the kernel names it.
     Task<Reply> request(uint32_t opcode, uint64_t nodeid, std::vector<uint8_t> arg,
-                        std::vector<uint8_t> payload);
+                        std::vector<uint8_t> payload, uint32_t pid = 0);
     template <typename T>
     static std::vector<uint8_t> bytes_of(const T& v) {
         std::vector<uint8_t> out(sizeof v);
@@ -117,10 +118,11 @@ class FsTest : public LoopTest {
     void write_raw(const std::string& name, uint64_t offset, const std::vector<uint8_t>& data);
 
     // The same as tasks, to run several at once.
-    Task<int> control_task(uint64_t ino, std::string text);
+    Task<int> control_task(uint64_t ino, std::string text, uint32_t pid = 0);
     /// Several writes on one open handle, at advancing offsets (as a shell's stdio issues a
-    /// long line, or a script several lines); their errnos.
-    Task<std::vector<int>> control_writes_task(uint64_t ino, std::vector<std::string> writes);
+    /// long line, or a script several lines), by the caller `pid`; their errnos.
+    Task<std::vector<int>> control_writes_task(uint64_t ino, std::vector<std::string> writes,
+                                               uint32_t pid = 0);
     std::vector<int> control_writes(const std::string& path, std::vector<std::string> writes);
     Task<Reply> getattr_task(uint64_t ino);
     Task<Reply> lseek_task(uint64_t ino, uint64_t fh, uint64_t offset, uint32_t whence);

@@ -349,6 +349,14 @@ TEST_F(UnservedUsersTest, AnUnreadableMiddleLayerKeepsTheImagesBelowItFromBeingE
     ScanPlan again = plan_scan(in);
     EXPECT_EQ(again.wanted.count("other"), 0U);
     EXPECT_EQ(again.wanted.count("top"), 1U);
+
+    // A file that is no image (here one the store refuses as not an image) holds nothing back:
+    // QEMU cannot open it either, so its chain uses nothing.
+    put("junk.qcow2", "");
+    store_->fail_open["junk.qcow2"] = EINVAL;
+    ScanPlan junk = plan_scan(in);
+    EXPECT_EQ(junk.wanted.count("top"), 1U);
+    EXPECT_EQ(junk.wanted.count("junk"), 0U);
 }
 
 }  // namespace
