@@ -505,7 +505,12 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         // The served chain takes the hidden names the headers use (step 2), so it still matches
         // the disk and the image goes on working; the next mount finishes the edit
         // (finish_interrupted_edit), as after a crash here. Before, every later operation on
-        // the image failed with EIO until a remount.
+        // the image failed with EIO until a remount. Commits and streams are refused until
+        // then (refuse_unfinished_edit). A cut (step 0) is undone: the served chain keeps the
+        // layer below, as the header then says again.
+        if (cut) {
+            co_await undo_cut(images, e, last);
+        }
         std::string names;
         for (size_t i = first; i <= last; ++i) {
             layers[i].file = removing_name(layers[i].file);

@@ -10,6 +10,7 @@
 #include "core/chain_status.h"
 #include "core/event_loop.h"
 #include "core/log.h"
+#include "jobs/chain_edit.h"
 #include "jobs/commit_job.h"
 #include "jobs/scan_plan.h"
 #include "jobs/stream_job.h"
@@ -109,6 +110,21 @@ Status JobManager::refuse_if_busy(const Export* e) const {
     return {};
 }
 
+Status JobManager::refuse_unfinished_edit(const Export* e) {
+    // A chain edit that failed past its point of no return serves layers under their hidden
+    // names (splice_out). Another edit could make one the active layer, or leave it named by
+    // no header, and a scan deletes hidden names no header uses. The next mount finishes it.
+    for (const Layer& l : e->chain.layers) {
+        if (is_removing_name(l.file)) {
+            return make_error(EBUSY,
+                              "{}: an earlier chain edit did not finish ({} is in the chain "
+                              "under its hidden name); the next mount finishes it",
+                              e->name, l.file);
+        }
+    }
+    return {};
+}
+
 Task<Status> JobManager::claim_and_verify(std::shared_ptr<Export> e) {
     // Every job changes or writes the chain: this host must be its writer (a pool image
     // another host writes is refused here, naming that host). Called after the command's own
@@ -201,6 +217,7 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                              "are free",
                              e->name, need, layers[base_index].file, *free);
     }
+    CO_TRY(refuse_unfinished_edit(e.get()));
     CO_TRY(co_await claim_and_verify(e));
     auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need);
     record(job);
@@ -215,6 +232,7 @@ Task<Status> JobManager::start_stream(std::shared_ptr<Export> e) {
         co_return make_error(EINVAL, "{}: nothing to stream: {} has no backing file", e->name,
                              e->chain.layers.front().file);
     }
+    CO_TRY(refuse_unfinished_edit(e.get()));
     CO_TRY(co_await claim_and_verify(e));
     auto job = std::make_shared<StreamJob>(images_, next_id_++, e);
     record(job);

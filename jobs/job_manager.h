@@ -71,6 +71,8 @@ class JobManager {
     /// checks (refuse_if_busy first): this host becomes the image's writer, and the store
     /// still holds the chain that is served.
     Task<Status> claim_and_verify(std::shared_ptr<Export> e);
+    /// EBUSY while the chain serves a layer under its hidden name (an edit left unfinished).
+    static Status refuse_unfinished_edit(const Export* e);
     Job* record(std::shared_ptr<Job> job);
     Task<void> run_job(std::shared_ptr<Job> job, std::shared_ptr<Export> e);
     Task<Status> revert_locked(std::shared_ptr<Export> e);

@@ -465,6 +465,11 @@ ScanPlan plan_scan(const ScanInput& in) {
         for (const auto& [id, chain] : in.served) {
             for (const ServedLayer& l : chain) {
                 served.insert(l.file);
+                // A layer served under its hidden name (an edit left unfinished) may still
+                // have its visible name, whose header an unfinished edit may have changed too.
+                if (is_removing_name(l.file)) {
+                    served.insert(visible_name_of(l.file));
+                }
             }
         }
         for (const std::string& user : layers.hidden_users) {

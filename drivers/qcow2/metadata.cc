@@ -201,8 +201,8 @@ void Metadata::index_l2_overlaps() {
         }
         if (auto [named, fresh] = table_of.emplace(off / cs, i); !fresh) {
             const uint64_t j = named->second;
-            l2_named_twice_[i] = {off, fmt::format("the L2 table of L1 entry {} too", j)};
-            l2_named_twice_[j] = {off, fmt::format("the L2 table of L1 entry {} too", i)};
+            l2_named_twice_[i] = {off, j};
+            l2_named_twice_[j] = {off, i};
         }
         if ((l1_[i] & kOflagCopied) == 0) {
             continue;  // shared with a snapshot: copied before it is changed

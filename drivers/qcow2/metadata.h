@@ -360,11 +360,12 @@ class Metadata {
     // overwrite each other, so check_l1_entry refuses it (EIO) while the entry is unchanged.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_overlaps_;
     // Active L1 entries whose L2 table another active entry names too, COPIED on at most one
-    // of them (both: l2_overlaps_). A malformed image: QEMU never shares a table within one L1
-    // table. Reading through it is harmless, but a write would change what both ranges show
-    // (in place), or copy the table and free it while the other entry still names it, so
-    // l2_for_write refuses it (EIO) while the entry is unchanged.
-    std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> l2_named_twice_;
+    // of them (both: l2_overlaps_). QEMU never shares a table within one L1 table. Reading
+    // through it is harmless, but a write in place (COPIED) would change what both ranges
+    // show, and a copy would free the table under the other entry if its count does not
+    // cover both: l2_for_write refuses those (EIO) while the entry is unchanged.
+    // Maps to the table's offset and the other entry's index.
+    std::unordered_map<uint64_t, std::pair<uint64_t, uint64_t>> l2_named_twice_;
     // The same for refcount blocks lying on other structures, by refcount table index. A
     // count updated there would be written over that structure.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> refblock_overlaps_;

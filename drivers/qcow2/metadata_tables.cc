@@ -134,10 +134,21 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_write(uint64_t l1_index) {
     if (Status st = check_l1_entry(l1_index, entry); !st) {
         co_return co_await corruption(st.error().context);
     }
-    if (auto it = l2_named_twice_.find(l1_index);
-        it != l2_named_twice_.end() && it->second.first == off) {
-        co_return co_await corruption(fmt::format("L1 entry {}: its L2 table at {:#x} is {}",
-                                                  l1_index, off, it->second.second));
+    if (auto it = l2_named_twice_.find(l1_index); it != l2_named_twice_.end() &&
+                                                  it->second.first == off &&
+                                                  (l1_[it->second.second] & kOffsetMask) == off) {
+        // In place, the write would change the other entry's range too. A copy is fine while
+        // the table's count covers the other entry: the count drops, and the table stays.
+        bool refuse = (entry & kOflagCopied) != 0;
+        if (!refuse) {
+            CO_TRY_ASSIGN(uint64_t count, co_await get_refcount(off >> g_.cluster_bits));
+            refuse = count < 2;
+        }
+        if (refuse) {
+            co_return co_await corruption(
+                fmt::format("L1 entry {}: its L2 table at {:#x} is the L2 table of L1 entry {} too",
+                            l1_index, off, it->second.second));
+        }
     }
     if ((entry & kOflagCopied) == 0) {
         co_return co_await copy_shared_l2(l1_index);

@@ -397,6 +397,17 @@ TEST_F(UndroppableTopTest, AMiddleLayerThatCannotBeRemovedLeavesTheImageWorking)
     EXPECT_EQ(write_errno("vm", 3 << 20, std::vector<uint8_t>(4096, 4)), 0);
     EXPECT_EQ(control(".control/vm/snapshot", "s3"), 0) << images_->find("vm")->last_error;
     std::vector<uint8_t> content = read_raw("vm");
+    // No other edit until the next mount finishes this one: a commit could make the hidden
+    // layer the active one, which a scan then deleted as a leftover.
+    EXPECT_EQ(control(".control/vm/commit", ""), EBUSY);
+    EXPECT_EQ(control(".control/vm/stream", ""), EBUSY);
+    EXPECT_NE(images_->find("vm")->last_error.find("did not finish"), std::string::npos)
+        << images_->find("vm")->last_error;
+    ASSERT_EQ(control(".control/rescan", ""), 0);
+    EXPECT_TRUE(images_->problems().empty()) << images_->problems().front().reason;
+    served = chain("vm");
+    EXPECT_EQ(chain_on_disk(served.front()), served);
+    EXPECT_EQ(read_raw("vm"), content);
     refused_.clear();
     stop();
     start();

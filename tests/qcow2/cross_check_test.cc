@@ -275,6 +275,46 @@ TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
         << "the shared L2 table changed";
 }
 
+// The same sharing with COPIED on neither entry and counts that cover both (the table's and its
+// data clusters' counts are 2): a consistent image, which qemu-img check accepts. A write
+// through either entry copies the table, as for a table shared with a snapshot.
+TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesWithCountsOfTwoIsCopiedOnWrite) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 1M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t l2 = test::be64_at(img, l1) & qcow2::kOffsetMask;
+    const uint64_t data = test::be64_at(img, l2) & qcow2::kOffsetMask;
+    test::put_be64_at(img, l1, l2);  // neither entry has COPIED, nor has the data's entry
+    test::put_be64_at(img, l1 + 8, l2);
+    test::put_be64_at(img, l2, data);
+    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));
+    for (uint64_t cluster : {l2 / 512, data / 512}) {
+        std::vector<uint8_t> bytes = test::read_file(img);
+        bytes[refblock + cluster * 2] = 0;  // 16-bit counts
+        bytes[refblock + cluster * 2 + 1] = 2;
+        test::write_file(img, bytes);
+    }
+    ASSERT_EQ(test::qemu_check(img).corruptions, 0U) << test::qemu_check(img).output;
+    {
+        Stack s = open(img);
+        ASSERT_TRUE(run(s.node->write(4096, std::vector<uint8_t>(512, 0x22))).ok());
+        ASSERT_TRUE(run(s.node->write(32768 + 4096, std::vector<uint8_t>(512, 0x33))).ok());
+        std::vector<uint8_t> shown(512);
+        ASSERT_TRUE(run(s.node->read(32768, shown)).ok());
+        EXPECT_EQ(shown, std::vector<uint8_t>(512, 0x11));
+        ASSERT_TRUE(run(s.node->read(4096, shown)).ok());
+        EXPECT_EQ(shown, std::vector<uint8_t>(512, 0x22));
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+    }
+    const test::CheckResult c = test::qemu_check(img);
+    EXPECT_EQ(c.corruptions, 0U) << c.output;
+    EXPECT_EQ(c.leaks, 0U) << c.output;
+}
+
 // A crash with lazy refcounts leaves the dirty bit set and a new cluster's count in memory
 // only; the file may end inside that cluster (a partial write of it). A read-only open does
 // not repair the counts, so the check of the cluster holding the end of the file found count
