@@ -16,6 +16,10 @@ namespace {
 
 constexpr uint64_t kSize = 8 << 20;
 
+Task<void> lock_into(TimedMutex* m, TimedMutex::Guard* out) {
+    *out = co_await m->lock();
+}
+
 class ChainStateTest : public test::FsTest {
   public:
     void write_fill(const std::string& name, uint64_t offset, uint64_t bytes, uint8_t fill) {
@@ -54,6 +58,24 @@ class ChainStateTest : public test::FsTest {
         test::Reply r = run(request(FUSE_WRITE, i, bytes_of(w), data));
         release(i, fh);
         return r.error;
+    }
+    // Starts a commit of vm (gated files, snapshot s1 under the top) and holds it at its switch
+    // with the image's lock, in `held`; then one guest write fails on the top after the last
+    // pass, so the switch will find its range dirty and copy it again.
+    void commit_ready_with_a_dirty_range(Export* e, TimedMutex::Guard* held) {
+        ASSERT_EQ(control(".control/vm/commit", ""), 0);
+        ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);  // it crawls until the lock is held
+        run(lock_into(&e->ops, held));  // the switch waits for the image's lock
+        ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
+        for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
+            idle(1);
+        }
+        ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
+        test::GateNode* top_gate = gate_of("vm@s1.qcow2");
+        ASSERT_NE(top_gate, nullptr);
+        top_gate->fail_writes = EIO;
+        EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
+        top_gate->fail_writes = 0;
     }
     // QEMU reads zeros at `range` ("OFFSET LENGTH") of the qcow2 image `path`.
     static void expect_qemu_reads_zeros(const std::string& path, const std::string& range) {
@@ -516,10 +538,6 @@ TEST_F(ChainStateTest, AGrownBaseReadsAsZerosOnDiskWhileTheCommitRuns) {
     expect_qemu_reads_zeros((copy.path() / "vm@s1.qcow2").string(), "6M 64k");
 }
 
-Task<void> lock_into(TimedMutex* m, TimedMutex::Guard* out) {
-    *out = co_await m->lock();
-}
-
 // A guest write that fails on the top after the commit's last pass leaves its range dirty
 // (the top may hold part of it), which the switch then finds. The range is copied again and
 // the switch tried again: one failed guest write does not throw the commit away.
@@ -533,20 +551,8 @@ TEST_F(ChainStateTest, AWriteFailingJustBeforeTheSwitchDoesNotAbandonTheCommit) 
     write_fill("vm", 0, 4 << 20, 2);
     std::vector<uint8_t> content = read_raw("vm");
     std::shared_ptr<Export> e = images_->find("vm");
-    ASSERT_EQ(control(".control/vm/commit", ""), 0);
-    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);  // it crawls until the lock is held
     TimedMutex::Guard held;
-    run(lock_into(&e->ops, &held));  // the switch waits for the image's lock
-    ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
-    for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
-        idle(1);
-    }
-    ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
-    test::GateNode* top_gate = gate_of("vm@s1.qcow2");
-    ASSERT_NE(top_gate, nullptr);
-    top_gate->fail_writes = EIO;
-    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
-    top_gate->fail_writes = 0;
+    ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));
     held = TimedMutex::Guard();
     wait_job("vm");
     EXPECT_EQ(job_error("vm"), "");
@@ -566,20 +572,8 @@ TEST_F(ChainStateTest, UnmountDoesNotWaitForARateLimitedCopyOfACompletingJob) {
     ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
     write_fill("vm", 0, 4 << 20, 2);
     std::shared_ptr<Export> e = images_->find("vm");
-    ASSERT_EQ(control(".control/vm/commit", ""), 0);
-    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
     TimedMutex::Guard held;
-    run(lock_into(&e->ops, &held));
-    ASSERT_EQ(control(".control/vm/job", "speed 0"), 0);
-    for (int i = 0; i < 5000 && e->job->state() != JobState::kReady; ++i) {
-        idle(1);
-    }
-    ASSERT_EQ(e->job->state(), JobState::kReady) << job_error("vm");
-    test::GateNode* top_gate = gate_of("vm@s1.qcow2");
-    ASSERT_NE(top_gate, nullptr);
-    top_gate->fail_writes = EIO;
-    EXPECT_EQ(write_errno("vm", 0, std::vector<uint8_t>(4096, 9)), EIO);
-    top_gate->fail_writes = 0;
+    ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));
     ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
     held = TimedMutex::Guard();
     idle(50);  // the switch found the range dirty and copies it again, at a crawl

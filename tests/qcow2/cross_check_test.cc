@@ -35,6 +35,24 @@ class CrossCheckTest : public test::FaultStackTest {
                           (on_metadata ? l2 : data) | qcow2::kOflagCopied | qcow2::kOflagZero);
         return img;
     }
+    // A 512-byte-cluster image of 1 MiB with 0x11 in its first cluster (L1 entry 0's table).
+    static std::string one_table_image(const test::TempDir& dir) {
+        const std::string img = dir.file("img.qcow2");
+        test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 1M");
+        test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
+        return img;
+    }
+    // `img` holds the bytes of `before` at [offset, offset + bytes).
+    static void expect_unchanged(const std::string& img, const std::vector<uint8_t>& before,
+                                 uint64_t offset, uint64_t bytes, const char* what) {
+        const std::vector<uint8_t> after = test::read_file(img);
+        ASSERT_GE(after.size(), offset + bytes);
+        ASSERT_GE(before.size(), offset + bytes);
+        EXPECT_TRUE(std::equal(before.begin() + static_cast<long>(offset),
+                               before.begin() + static_cast<long>(offset + bytes),
+                               after.begin() + static_cast<long>(offset)))
+            << what << " changed";
+    }
 };
 
 // A write of part of a fresh cluster at the end of the file writes only that part, so the
@@ -222,12 +240,7 @@ TEST_F(CrossCheckTest, ARefcountBlockLyingOnTheL1TableIsNotWrittenOverIt) {
         (void)run(s.node->close());
         users_.clear();
     }
-    const std::vector<uint8_t> after = test::read_file(img);
-    ASSERT_GE(after.size(), l1 + 4096);
-    EXPECT_TRUE(std::equal(before.begin() + static_cast<long>(l1),
-                           before.begin() + static_cast<long>(l1 + 4096),
-                           after.begin() + static_cast<long>(l1)))
-        << "the L1 table changed";
+    expect_unchanged(img, before, l1, 4096, "the L1 table");
 }
 
 // Two active L1 entries naming one L2 table, COPIED on one of them (a malformed image). A write
@@ -238,9 +251,7 @@ TEST_F(CrossCheckTest, ARefcountBlockLyingOnTheL1TableIsNotWrittenOverIt) {
 TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
     REQUIRE_TOOL("qemu-img");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 1M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
+    const std::string img = one_table_image(dir);
     const uint64_t l1 = test::be64_at(img, 40);
     const uint64_t first = test::be64_at(img, l1);
     ASSERT_NE(first & qcow2::kOflagCopied, 0U);
@@ -266,13 +277,7 @@ TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
         (void)run(s.node->close());
         users_.clear();
     }
-    const std::vector<uint8_t> after = test::read_file(img);
-    ASSERT_GE(after.size(), before.size());
-    const uint64_t l2 = first & qcow2::kOffsetMask;
-    EXPECT_TRUE(std::equal(before.begin() + static_cast<long>(l2),
-                           before.begin() + static_cast<long>(l2 + 512),
-                           after.begin() + static_cast<long>(l2)))
-        << "the shared L2 table changed";
+    expect_unchanged(img, before, first & qcow2::kOffsetMask, 512, "the shared L2 table");
 }
 
 // The same sharing with COPIED on neither entry and counts that cover both (the table's and its
@@ -281,9 +286,7 @@ TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
 TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesWithCountsOfTwoIsCopiedOnWrite) {
     REQUIRE_TOOL("qemu-img");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' 1M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
+    const std::string img = one_table_image(dir);
     const uint64_t l1 = test::be64_at(img, 40);
     const uint64_t l2 = test::be64_at(img, l1) & qcow2::kOffsetMask;
     const uint64_t data = test::be64_at(img, l2) & qcow2::kOffsetMask;

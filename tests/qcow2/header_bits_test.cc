@@ -77,6 +77,39 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
     EXPECT_EQ(lost, 0) << "the corrupt bit was lost with " << lost << " of " << seeds << " seeds";
 }
 
+constexpr uint64_t kAutoclearAt = 88;
+constexpr uint64_t kDirtyBit = 1;
+
+// An image in `dir` with lazy refcounts, 64 KiB of data, the dirty bit set and autoclear bit 0
+// ("the bitmaps are valid"). Returns its path.
+std::string dirty_image_claiming_valid_bitmaps(const test::TempDir& dir) {
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
+               "' 8M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
+    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | kDirtyBit);
+    test::put_be64_at(img, kAutoclearAt, 1);
+    return img;
+}
+
+// Fails the write that clears the autoclear bits (`once`: the first one only).
+FaultRule failing_the_autoclear_write(bool once) {
+    FaultRule rule;
+    rule.ops = fault_op::kWrite;
+    rule.offset = kAutoclearAt;
+    rule.bytes = 8;
+    rule.once = once;
+    return rule;
+}
+
+// Either both bits are still set (the next open repairs again) or the bitmaps are no longer
+// claimed valid; never clean with bitmaps claimed valid.
+void expect_not_clean_with_bitmaps_claimed(const std::string& img) {
+    const bool dirty = (test::be64_at(img, kIncompatibleAt) & kDirtyBit) != 0;
+    const bool bitmaps_claimed = test::be64_at(img, kAutoclearAt) != 0;
+    EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
+}
+
 // Opening a dirty image for writing rebuilds its refcounts, which count nothing of the bitmaps
 // (their clusters become free), and then clears the dirty bit; the autoclear bits, which tell
 // QEMU the bitmaps are still valid, were cleared only after that. A failure in between left a
@@ -84,34 +117,19 @@ TEST_F(HeaderBitsTest, TheCorruptBitSurvivesARacingDirtyBit) {
 TEST_F(HeaderBitsTest, AutoclearBitsAreClearedBeforeARepairClearsTheDirtyBit) {
     REQUIRE_TOOL("qemu-img");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
-               "' 8M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
-    constexpr uint64_t kAutoclearAt = 88;
-    constexpr uint64_t kDirtyBit = 1;
-    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | kDirtyBit);
-    test::put_be64_at(img, kAutoclearAt, 1);  // "the bitmaps are valid"
+    const std::string img = dirty_image_claiming_valid_bitmaps(dir);
     auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
     ASSERT_TRUE(file.ok()) << file.error().message();
     Transaction tx(&graph_);
     auto fault = FaultNode::open(env(), "fault", &tx, *file);
-    FaultRule clearing_autoclear;
-    clearing_autoclear.ops = fault_op::kWrite;
-    clearing_autoclear.offset = kAutoclearAt;
-    clearing_autoclear.bytes = 8;
-    fault->add_rule(clearing_autoclear);
+    fault->add_rule(failing_the_autoclear_write(false));
     auto node = Qcow2Node::create(env(), "img", &tx, fault, {});
     ASSERT_TRUE(tx.commit().ok());
     Status loaded = run(node->load());
     ASSERT_FALSE(loaded.ok()) << "the autoclear bits were never written";
     EXPECT_EQ(fault->fired_total(), 1U);
     (void)run(node->close());
-    // Either both bits are still set (the next open repairs again) or the bitmaps are no
-    // longer claimed valid; never clean with bitmaps claimed valid.
-    const bool dirty = (test::be64_at(img, kIncompatibleAt) & kDirtyBit) != 0;
-    const bool bitmaps_claimed = test::be64_at(img, kAutoclearAt) != 0;
-    EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
+    expect_not_clean_with_bitmaps_claimed(img);
 }
 
 // The same ordering when the image is made writable after a read-only open (a commit into it):
@@ -120,14 +138,7 @@ TEST_F(HeaderBitsTest, AutoclearBitsAreClearedBeforeARepairClearsTheDirtyBit) {
 TEST_F(HeaderBitsTest, AFailedSwitchToWritableClearsTheAutoclearBitsOnTheNextTry) {
     REQUIRE_TOOL("qemu-img");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
-               "' 8M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
-    constexpr uint64_t kAutoclearAt = 88;
-    constexpr uint64_t kDirtyBit = 1;
-    test::put_be64_at(img, kIncompatibleAt, test::be64_at(img, kIncompatibleAt) | kDirtyBit);
-    test::put_be64_at(img, kAutoclearAt, 1);
+    const std::string img = dirty_image_claiming_valid_bitmaps(dir);
     auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
     ASSERT_TRUE(file.ok()) << file.error().message();
     Transaction tx(&graph_);
@@ -137,12 +148,7 @@ TEST_F(HeaderBitsTest, AFailedSwitchToWritableClearsTheAutoclearBitsOnTheNextTry
     auto node = Qcow2Node::create(env(), "img", &tx, fault, read_only);
     ASSERT_TRUE(tx.commit().ok());
     ASSERT_TRUE(run(node->load()).ok());
-    FaultRule clearing_autoclear;
-    clearing_autoclear.ops = fault_op::kWrite;
-    clearing_autoclear.offset = kAutoclearAt;
-    clearing_autoclear.bytes = 8;
-    clearing_autoclear.once = true;
-    fault->add_rule(clearing_autoclear);
+    fault->add_rule(failing_the_autoclear_write(true));
     ASSERT_FALSE(run(node->set_writable(true)).ok());
     ASSERT_EQ(fault->fired_total(), 1U);
     Status again = run(node->set_writable(true));
@@ -151,9 +157,7 @@ TEST_F(HeaderBitsTest, AFailedSwitchToWritableClearsTheAutoclearBitsOnTheNextTry
     run(write_into(node.get(), 0, &written));
     EXPECT_TRUE(written.ok());
     (void)run(node->close());
-    const bool dirty = (test::be64_at(img, kIncompatibleAt) & kDirtyBit) != 0;
-    const bool bitmaps_claimed = test::be64_at(img, kAutoclearAt) != 0;
-    EXPECT_TRUE(dirty || !bitmaps_claimed) << "clean, with the bitmaps still claimed valid";
+    expect_not_clean_with_bitmaps_claimed(img);
 }
 
 // The repair counted references in memory sized by the file: a dirty image whose file is huge
