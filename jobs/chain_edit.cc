@@ -506,11 +506,10 @@ Task<Status> splice_out(ImageSet* images, std::shared_ptr<Export> e, size_t firs
         // the disk and the image goes on working; the next mount finishes the edit
         // (finish_interrupted_edit), as after a crash here. Before, every later operation on
         // the image failed with EIO until a remount. Commits and streams are refused until
-        // then (refuse_unfinished_edit). A cut (step 0) is undone: the served chain keeps the
-        // layer below, as the header then says again.
-        if (cut) {
-            co_await undo_cut(images, e, last);
-        }
+        // then (refuse_unfinished_edit). A cut (step 0) stays: undone, the next mount would
+        // finish the edit onto the kept layer, whose data would show where the dropped layers
+        // read zeros. The served chain then still names that layer, so operations on the image
+        // get EIO (a chain mismatch) until the next mount; its I/O goes on.
         std::string names;
         for (size_t i = first; i <= last; ++i) {
             layers[i].file = removing_name(layers[i].file);

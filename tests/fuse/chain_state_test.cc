@@ -439,6 +439,39 @@ TEST_F(UndroppableTopTest, AMiddleLayerThatCannotBeRemovedLeavesTheImageWorking)
     EXPECT_TRUE(hidden_files().empty());
 }
 
+// The same failure in a stream that keeps a base of another name below: the lowest dropped
+// layer was cut off that base first (step 0). The cut stays, so the next mount makes the top
+// stand alone, as the stream meant; undone, the base's data would show where the dropped layer
+// read zeros. Until then the image's I/O works.
+TEST_F(UndroppableTopTest, AStreamFailingPastItsPointOfNoReturnKeepsItsCut) {
+    REQUIRE_TOOL("qemu-io");
+    make_qcow2("base.qcow2", kSize);
+    make_qcow2("vm.qcow2", kSize, "base.qcow2");
+    // The base has data where vm has zero clusters: the stream copies nothing there.
+    const std::string base_data =
+        "qemu-io -f qcow2 -c 'write -P 5 0 1M' '" + dir_.file("base.qcow2") + "' >/dev/null";
+    const std::string vm_zeros =
+        "qemu-io -f qcow2 -c 'write -z 0 1M' '" + dir_.file("vm.qcow2") + "' >/dev/null";
+    ASSERT_EQ(std::system(base_data.c_str()), 0);
+    ASSERT_EQ(std::system(vm_zeros.c_str()), 0);
+    start();
+    write_fill("vm", 1 << 20, 65536, 7);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_ = {"vm.qcow2"};
+    ASSERT_EQ(control(".control/vm/stream", "\n"), 0);
+    wait_job("vm");
+    EXPECT_NE(job_error("vm"), "");
+    EXPECT_EQ(write_errno("vm", 2 << 20, std::vector<uint8_t>(4096, 4)), 0);
+    content = read_raw("vm");
+    refused_.clear();
+    stop();
+    start();
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2"}));
+    EXPECT_EQ(read_raw("vm"), content);
+    EXPECT_TRUE(hidden_files().empty());
+}
+
 TEST_F(UndroppableTopTest, ARevertWhoseTopStaysFencesTheImage) {
     make_qcow2("vm.qcow2", kSize);
     start();
