@@ -72,6 +72,9 @@ Task<Status> Metadata::write_l1_entry(uint64_t l1_index) {
 }
 
 Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
+    // Refused before anything is allocated: write_l1_entry would refuse the switch anyway,
+    // and every refused write leaked its new table.
+    CO_TRY(table_switch_settled(unsettled_l1_));
     CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));
     const uint64_t host = run.offset;
     // The new (empty) table and its refcount must be durable before the L1 entry points at it.
@@ -99,6 +102,7 @@ Task<Status> Metadata::switch_l1_entry(uint64_t l1_index, uint64_t entry) {
 }
 
 Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
+    CO_TRY(table_switch_settled(unsettled_l1_));  // as in allocate_l2
     uint64_t old = l1_[l1_index] & kOffsetMask;
     CO_TRY_ASSIGN(TableCache::Ref old_ref, co_await l2_cache_.get(file_, old));
     CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));

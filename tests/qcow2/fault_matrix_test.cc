@@ -282,6 +282,11 @@ TEST_F(FaultMatrix, AHeaderSwitchThatLandedDespiteItsErrorLosesNoWrite) {
     // 4 MiB has no L2 table yet: this write needs a new L1 entry.
     Status unsettled = run(s.node->write(4 * kMiB, second));
     EXPECT_FALSE(unsettled.ok()) << "a new L1 entry went into a table the disk may not use";
+    // More such writes, each into a range of its own L2 table: refused before a table is
+    // allocated (each one leaked its new table before).
+    for (uint64_t k = 1; k <= 20; ++k) {
+        EXPECT_FALSE(run(s.node->write(4 * kMiB + k * 32768, second)).ok());
+    }
     // A switch that succeeds settles it.
     ASSERT_TRUE(run(s.node->truncate(2 * kSize)).ok());
     Status settled = run(s.node->write(4 * kMiB, second));
@@ -291,6 +296,7 @@ TEST_F(FaultMatrix, AHeaderSwitchThatLandedDespiteItsErrorLosesNoWrite) {
     s = Stack{};
     test::CheckResult chk = test::qemu_check(img);
     EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+    EXPECT_LT(chk.leaks, 10U) << chk.output;
     Stack again = open(img);
     std::vector<uint8_t> back(4096);
     ASSERT_TRUE(run(again.node->read(0, back)).ok());
