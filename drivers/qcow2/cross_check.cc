@@ -59,8 +59,7 @@ Task<Status> Metadata::find_allocation_end() {
     co_return Status{};
 }
 
-Task<Status> Metadata::cross_check_references() {
-    over_referenced_.clear();
+bool Metadata::references_countable() const {
     uint64_t tables = 0;
     for (uint64_t e : l1_) {
         tables += (e & kOffsetMask) != 0 ? 1 : 0;
@@ -68,8 +67,13 @@ Task<Status> Metadata::cross_check_references() {
     for (const SnapshotEntry& s : snapshots_.entries) {
         tables += s.l1_size;
     }
-    const uint64_t clusters = end_cluster_;
-    if (tables * g_.cluster_size > kCrossCheckMaxTableBytes || clusters > kCrossCheckMaxClusters) {
+    return tables * g_.cluster_size <= kCrossCheckMaxTableBytes &&
+           end_cluster_ <= kCrossCheckMaxClusters;
+}
+
+Task<Status> Metadata::cross_check_references() {
+    over_referenced_.clear();
+    if (!references_countable()) {
         if (env_.log != nullptr) {
             env_.log->info("{}: large image; skipping the reference cross-check at open", name_);
         }

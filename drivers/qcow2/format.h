@@ -24,6 +24,8 @@ inline constexpr uint64_t kIncompatCompression = 1ULL << 3;
 inline constexpr uint64_t kIncompatExtendedL2 = 1ULL << 4;
 // Compatible feature bits.
 inline constexpr uint64_t kCompatLazyRefcounts = 1ULL << 0;
+// Autoclear feature bits.
+inline constexpr uint64_t kAutoclearBitmaps = 1ULL << 0;
 
 // Header extension types.
 inline constexpr uint32_t kExtEnd = 0;

@@ -248,21 +248,12 @@ const std::string* Metadata::refblock_overlap(uint64_t ri, uint64_t block) const
 
 Task<Status> Metadata::prepare_for_writing() {
     lazy_refcounts_ = (header_.compatible & kCompatLazyRefcounts) != 0;
+    std::vector<uint64_t> dropped_bitmap_clusters;
     if (header_.version == 3 && header_.autoclear != 0) {
-        // We keep no bitmaps or other autoclear-guarded data up to date: say so before writing.
-        // Before a repair too: it counts nothing of the bitmaps, so their clusters come out
-        // free, and the dirty bit it clears must not leave them claimed valid (ordering: the
-        // repair syncs before it clears the dirty bit, which makes this write durable first).
-        // Memory says what the disk says: a failed write leaves the bits set in both, so that
-        // the next attempt writes them again instead of taking them for cleared.
-        const uint64_t autoclear = header_.autoclear;
-        header_.autoclear = 0;
-        uint8_t zero[8] = {};
-        if (Status st = co_await write_header_bytes(kOffAutoclearFeatures, ConstBuf(zero, 8));
-            !st) {
-            header_.autoclear = autoclear;
-            co_return st;
-        }
+        // Before a repair: it counts nothing of the bitmaps, so their clusters come out free,
+        // and the dirty bit it clears must not leave them claimed valid (ordering: the repair
+        // syncs before it clears the dirty bit, which makes this write durable first).
+        CO_TRY_ASSIGN(dropped_bitmap_clusters, co_await clear_autoclear_bits());
     }
     if ((header_.incompatible & kIncompatDirty) != 0) {
         if (env_.log != nullptr) {
@@ -270,8 +261,10 @@ Task<Status> Metadata::prepare_for_writing() {
         }
         CO_TRY(co_await rebuild_refcounts());
         repaired_on_open_ = true;
+        dropped_bitmap_clusters.clear();  // counted free by the repair already
     }
     CO_TRY(co_await find_allocation_end());
+    CO_TRY(co_await free_dropped_bitmap_clusters(std::move(dropped_bitmap_clusters)));
     CO_TRY(co_await cross_check_references());
     co_await debug_check_invariants(kOpenStep);
     co_return Status{};

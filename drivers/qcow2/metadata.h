@@ -222,7 +222,12 @@ class Metadata {
     Task<Status> count_active(RefCounter* counter, std::vector<uint64_t>* copied);
     // ---- open-time checks (cross_check.cc) ----
     Task<Status> find_allocation_end();
+    [[nodiscard]] bool references_countable() const;
     Task<Status> cross_check_references();
+    // Persistent bitmaps (metadata_bitmaps.cc).
+    Task<Result<std::vector<uint64_t>>> clear_autoclear_bits();
+    Task<Result<std::vector<uint64_t>>> find_bitmap_clusters(std::vector<uint8_t> extension);
+    Task<Status> free_dropped_bitmap_clusters(std::vector<uint64_t> clusters);
     [[nodiscard]] bool refblock_usable(uint64_t refcount_table_index) const;
 
     // ---- header updates (metadata.cc) ----
