@@ -9,9 +9,10 @@ sanitizers. In every coroutine of the given files it refuses:
      reallocate the element meanwhile. Copy the value, hold a shared_ptr, or look it up again.
      A binding whose target is known to stay put says why on its line (or the line above) with
      `// stable: REASON`.
-  2. a lambda capturing by value, or a conditional (?:), inside a co_await expression: GCC 12
-     destroys such temporaries twice. Name the value (the std::function, the awaiter) in a
-     local first.
+  2. a lambda capturing by value, or a conditional (?:), inside a co_await expression, or a
+     co_await as a branch of a conditional: GCC 12 destroys such temporaries twice (and with
+     a co_await in each branch it corrupted memory). Name the value (the std::function, the
+     awaiter) in a local first, or use if/else.
 and in the export's request paths (fuse/export_fs.cc):
   3. any access to an export's chain or block status that does not go through its BlockBackend.
 
@@ -112,7 +113,8 @@ def check_lambdas(path, lines, out):
         awaited = stmt[stmt.find("co_await"):]
         # A conditional inside a lambda's body runs later, not in the expression.
         outside = re.sub(r"\{[^{}]*\}", "", awaited).replace("::", "")
-        if re.search(r"\?[^:;]*:", outside):
+        before = re.sub(r"\{[^{}]*\}", "", stmt[:stmt.find("co_await")]).replace("::", "")
+        if re.search(r"\?[^:;]*:", outside) or re.search(r"\?[^:;]*$", before):
             out.append(f"{path}:{i + 1}: a conditional (?:) in a co_await expression (GCC 12 "
                        f"destroys its temporary twice); name the value first")
         for m in LAMBDA_BY_VALUE.finditer(awaited):

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 files=$(git ls-files '*.cc' '*.h')
 clang-format --dry-run -Werror $files
 # Request lifetimes in the control plane (docs/contributing.md): what a textual check can see.
-python3 scripts/check_lifetimes.py $(git ls-files 'fuse/*.cc' 'jobs/*.cc')
+python3 scripts/check_lifetimes.py $(git ls-files 'fuse/*.cc' 'jobs/*.cc' 'drivers/*.cc' 'drivers/*/*.cc')
 /usr/bin/python3 -m pyflakes $(git ls-files '*.py')
 [ -f build/compile_commands.json ] || bash scripts/build.sh build
 sources=$(git ls-files 'core/*.cc' 'drivers/*.cc' 'drivers/**/*.cc' 'jobs/*.cc' 'fuse/*.cc')

@@ -261,6 +261,7 @@ class Metadata {
     /// Sets L1 entry `l1_index` and writes it; on failure the cached entry stays as it was.
     Task<Status> switch_l1_entry(uint64_t l1_index, uint64_t entry);
     Task<Result<TableCache::Ref>> allocate_l2(uint64_t l1_index);
+    Task<Status> write_new_l2(uint64_t host, const AlignedBuffer* content);
     [[nodiscard]] Status check_new_size(uint64_t new_size) const;
     Task<Status> switch_to_bigger_l1(uint64_t need, uint64_t size);
     Task<Result<TableCache::Ref>> copy_shared_l2(uint64_t l1_index);
@@ -289,12 +290,13 @@ class Metadata {
     [[nodiscard]] std::vector<uint64_t> ranges_without_block(uint64_t start,
                                                              uint64_t clusters) const;
     Task<Status> free_clusters(uint64_t host_offset, uint64_t count, bool punch);
+    Task<void> give_back_clusters(uint64_t host_offset, uint64_t count);
     Task<Status> free_entry_clusters(L2Entry e, bool punch);
     Task<Status> grow_refcount_table(uint64_t min_entries);
     Task<Status> write_refcount_table_entry(uint64_t index);
 
     // ---- mapping (metadata_map.cc) ----
-    Task<Status> link_clusters(WritePlan plan);
+    Task<Status> link_clusters(WritePlan plan, bool* linked);
     L2Entry new_entry_for(const WritePlan& plan, uint32_t i, const L2Entry& old) const;
     Task<Status> deallocate_in_table(uint64_t offset, uint64_t bytes, DeallocMode mode,
                                      bool has_backing, std::vector<GuestRange>* fallback);

@@ -310,7 +310,10 @@ L2Entry Metadata::new_entry_for(const WritePlan& plan, uint32_t i, const L2Entry
     return n;
 }
 
-Task<Status> Metadata::link_clusters(WritePlan plan) {
+// `*linked` says whether the table entries changed: until they have, nothing references the
+// plan's new clusters, and a failure leaves them for the caller to give back.
+Task<Status> Metadata::link_clusters(WritePlan plan, bool* linked) {
+    *linked = false;
     uint64_t l1i = g_.l1_index(plan.run_guest_start);
     CO_TRY_ASSIGN(TableCache::Ref ref, co_await l2_for_write(l1i));
     if (!plan.reuse_host) {
@@ -327,7 +330,7 @@ Task<Status> Metadata::link_clusters(WritePlan plan) {
     bool frees = false;
     for (uint32_t i = 0; i < plan.clusters; ++i) {
         uint64_t guest = plan.run_guest_start + uint64_t{i} * g_.cluster_size;
-        const L2Entry& old = plan.old_entries[i];
+        const L2Entry& old = plan.old_entries[i];  // stable: the plan is this coroutine's copy
         L2Entry current = load_l2(g_, ref.data(), g_.l2_index(guest));
         assert(current.word == old.word && current.bitmap == old.bitmap &&
                "an L2 entry changed under a serialised write");
@@ -336,6 +339,7 @@ Task<Status> Metadata::link_clusters(WritePlan plan) {
         frees = frees || (!plan.reuse_host && (old.compressed() || old.host_offset() != 0));
     }
     l2_cache_.mark_dirty(ref);
+    *linked = true;
     // Rule 1: the entries point at data this write (and its COW) just put there. Not only after
     // a COW: a cluster reused in place (zeroed with its allocation kept) still holds old data,
     // and with lazy refcounts no refcount sync comes first. Where the refcount dependency
@@ -358,7 +362,15 @@ Task<Status> Metadata::commit_write(WritePlan plan) {
     if (corrupt_) {
         co_return make_error(EIO, "{}: the image is marked corrupt; writes are refused", name_);
     }
-    CO_TRY(co_await link_clusters(plan));
+    bool linked = false;
+    if (Status st = co_await link_clusters(plan, &linked); !st) {
+        if (!linked && !corrupt_ && plan.newly_allocated) {
+            // Reading or copying the L2 table, or writing the tables back, failed (a full
+            // disk): the data run was never linked, and would leak.
+            co_await give_back_clusters(plan.host_start, plan.clusters);
+        }
+        co_return st;
+    }
 #ifdef IMGFS_DEBUG_CHECKS
     co_await debug_check_invariants("linking new clusters");
 #endif
@@ -373,13 +385,7 @@ Task<void> Metadata::abort_write(WritePlan plan) {
         co_return;
     }
     auto guard = co_await lock_.lock();
-    // Nothing references the clusters yet, so no ordering applies. The write reports its own
-    // error; if giving them back fails too they leak (a repair reclaims them).
-    Status st = co_await free_clusters(plan.host_start, plan.clusters, false);
-    if (!st && env_.log != nullptr) {
-        env_.log->warn("{}: {} cluster(s) at {:#x} of a failed write leak: {}", name_,
-                       plan.clusters, plan.host_start, st.error().message());
-    }
+    co_await give_back_clusters(plan.host_start, plan.clusters);
 #ifdef IMGFS_DEBUG_CHECKS
     co_await debug_check_invariants("giving back the clusters of a failed write");
 #endif

@@ -53,9 +53,9 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     uint64_t updated = old + static_cast<uint64_t>(delta);
     if ((delta < 0 && old < static_cast<uint64_t>(-delta)) ||
         (delta > 0 && (updated < old || updated > g_.refcount_max))) {
+        const char* where = delta < 0 ? "below 0" : "beyond its maximum";
         co_return co_await corruption(fmt::format("refcount of cluster {:#x} would go from {} {}",
-                                                  cluster << g_.cluster_bits, old,
-                                                  delta < 0 ? "below 0" : "beyond its maximum"));
+                                                  cluster << g_.cluster_bits, old, where));
     }
     store_refcount(g_, ref.data(), cluster % g_.refblock_entries, updated);
     refblock_cache_.mark_dirty(ref);
@@ -252,6 +252,16 @@ Task<Status> Metadata::free_clusters(uint64_t host_offset, uint64_t count, bool 
         CO_TRY(co_await update_refcount(c, -1, punch));
     }
     co_return Status{};
+}
+
+// Nothing references the clusters (never linked), so no ordering applies. The caller reports
+// its own error; if giving them back fails too they leak (a repair reclaims them).
+Task<void> Metadata::give_back_clusters(uint64_t host_offset, uint64_t count) {
+    Status st = co_await free_clusters(host_offset, count, false);
+    if (!st && env_.log != nullptr) {
+        env_.log->warn("{}: {} cluster(s) at {:#x} of a failed allocation leak: {}", name_, count,
+                       host_offset, st.error().message());
+    }
 }
 
 // The entry was changed in a cached table only: its clusters are reused once that is durable.

@@ -77,16 +77,33 @@ Task<Result<TableCache::Ref>> Metadata::allocate_l2(uint64_t l1_index) {
     CO_TRY(table_switch_settled(unsettled_l1_));
     CO_TRY_ASSIGN(HostRun run, co_await alloc_clusters(1, true));
     const uint64_t host = run.offset;
-    // The new (empty) table and its refcount must be durable before the L1 entry points at it.
-    file_->event(IoEvent::kL2Alloc);
-    CO_TRY(co_await file_->write_zeroes(host, g_.cluster_size, false));
-    if (!lazy_refcounts_) {
-        CO_TRY(co_await write_back_refcounts());
-    }
-    CO_TRY(co_await sync());
+    CO_TRY(co_await write_new_l2(host, nullptr));
     CO_TRY(co_await switch_l1_entry(l1_index, host | kOflagCopied));
     metadata_clusters_.insert(host >> g_.cluster_bits);
     co_return co_await l2_cache_.get(file_, host);
+}
+
+// The new table at `host` (zeros, or `content`) and its refcount must be durable before the
+// L1 entry points at it. Until then nothing names the cluster: a failure gives it back (a
+// full disk failing every allocating write leaked one table per write before).
+Task<Status> Metadata::write_new_l2(uint64_t host, const AlignedBuffer* content) {
+    file_->event(IoEvent::kL2Alloc);
+    Status st;
+    if (content == nullptr) {
+        st = co_await file_->write_zeroes(host, g_.cluster_size, false);
+    } else {
+        st = co_await file_->write(host, content->span());
+    }
+    if (st && !lazy_refcounts_) {
+        st = co_await write_back_refcounts();
+    }
+    if (st) {
+        st = co_await sync();
+    }
+    if (!st) {
+        co_await give_back_clusters(host, 1);
+    }
+    co_return st;
 }
 
 Task<Status> Metadata::switch_l1_entry(uint64_t l1_index, uint64_t entry) {
@@ -112,12 +129,7 @@ Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
     AlignedBuffer copy(g_.cluster_size);
     std::memcpy(copy.data(), old_ref.data(), g_.cluster_size);
     old_ref.reset();
-    file_->event(IoEvent::kL2Alloc);
-    CO_TRY(co_await file_->write(host, copy.span()));
-    if (!lazy_refcounts_) {
-        CO_TRY(co_await write_back_refcounts());
-    }
-    CO_TRY(co_await sync());
+    CO_TRY(co_await write_new_l2(host, &copy));
     CO_TRY(co_await switch_l1_entry(l1_index, host | kOflagCopied));
     CO_TRY(co_await sync());
     metadata_clusters_.insert(host >> g_.cluster_bits);
@@ -210,11 +222,17 @@ Task<Status> Metadata::switch_to_bigger_l1(uint64_t need, uint64_t size) {
         store_be64(table.data() + i * 8, l1_[i]);
     }
     file_->event(IoEvent::kL1);
-    CO_TRY(co_await file_->write(host, table.span()));
-    if (!lazy_refcounts_) {
-        CO_TRY(co_await write_back_refcounts());
+    Status written = co_await file_->write(host, table.span());
+    if (written && !lazy_refcounts_) {
+        written = co_await write_back_refcounts();
     }
-    CO_TRY(co_await sync());
+    if (written) {
+        written = co_await sync();
+    }
+    if (!written) {
+        co_await give_back_clusters(host, clusters);  // nothing names the new table yet
+        co_return written;
+    }
     // size through l1_table_offset, one write (crypt_method lies between and is kept).
     uint8_t fields[kOffL1TableOffset + 8 - kOffSize];
     store_be64(fields, size);

@@ -310,8 +310,8 @@ Task<Status> Qcow2Node::do_write_zeroes(uint64_t offset, uint64_t bytes, bool ma
         // No zero flag to use (a v2 image over a backing file), or a range past the end.
         co_return co_await write_zero_buffers(offset, bytes, ZeroPath::kDriver);
     }
-    co_return co_await deallocate(offset, bytes,
-                                  may_unmap ? DeallocMode::kZeroUnmap : DeallocMode::kZero);
+    const DeallocMode mode = may_unmap ? DeallocMode::kZeroUnmap : DeallocMode::kZero;
+    co_return co_await deallocate(offset, bytes, mode);
 }
 
 Task<Status> Qcow2Node::do_discard(uint64_t offset, uint64_t bytes) {

@@ -105,7 +105,7 @@ Task<Result<TableCache::Ref>> TableCache::get(Child* file, uint64_t offset) {
         if (it == entries_.end()) {
             break;
         }
-        Entry* e = it->second.get();
+        Entry* e = it->second.get();  // stable: not used after the wait (looked up again)
         if (!e->loading) {
             ++hits_;
             touch(e);
@@ -237,8 +237,9 @@ Task<Status> TableCache::write_dirty(Child* file) {
         if (it == entries_.end() || !it->second->dirty) {
             continue;
         }
+        // stable: pinned below, which keeps it in place while the write is in flight
         Entry* e = it->second.get();
-        Ref pin(e);  // keeps it in place while the write is in flight
+        Ref pin(e);
         // Clean before the write: a change made while it is in flight marks it dirty again.
         e->dirty = false;
         --dirty_count_;

@@ -340,6 +340,66 @@ TEST_F(FaultMatrix, WritesFailingOnAFullCacheLeakNothing) {
     EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
 }
 
+// Writes on a full disk whose allocation fails before anything names the new clusters: a
+// discard left the refcounts waiting for the L2 tables, so the next allocation first writes
+// the tables back, and that fails. `table_exists`: the write's L2 table is already there, so
+// its data run is written and linking it fails; otherwise the new L2 table's allocation
+// fails. Either way the clusters are given back, not leaked one run or table per write.
+class UnlinkedAllocation : public test::FaultStackTest {
+  protected:
+    // Returns how many writes failed; `chk` is qemu-img check's verdict afterwards.
+    int run_writes(bool table_exists, test::CheckResult* chk) {
+        test::TempDir dir(test::memory_backed());
+        const std::string img = dir.file("img.qcow2");
+        test::must("qemu-img create -q -f qcow2 -o cluster_size=512 '" + img + "' " +
+                   std::to_string(kSize));
+        Stack s = open(img);
+        EXPECT_TRUE(run(s.node->write(0, std::vector<uint8_t>(64 * 1024, 0x60))).ok());
+        if (table_exists) {
+            EXPECT_TRUE(run(s.node->write(kMiB, std::vector<uint8_t>(512, 0x60))).ok());
+        }
+        EXPECT_TRUE(run(s.node->flush()).ok());
+        int failed = 0;
+        std::vector<uint8_t> data(2048, 0x61);
+        for (uint64_t i = 0; i < 8; ++i) {
+            s.fault->clear_rules();
+            EXPECT_TRUE(run(s.node->discard(i * 4096, 4096)).ok());  // refcounts after L2
+            FaultRule rule{fault_op::kAllWrites, ENOSPC, false, 1};
+            rule.event = IoEvent::kL2Write;
+            s.fault->add_rule(rule);
+            Status w = run(s.node->write(kMiB + 4096 + i * 2048, data));
+            failed += w.ok() ? 0 : 1;
+            if (!w) {
+                EXPECT_EQ(w.error().errnum, ENOSPC) << w.error().message();
+            }
+        }
+        s.fault->clear_rules();
+        EXPECT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+        s = Stack{};
+        *chk = test::qemu_check(img);
+        return failed;
+    }
+};
+
+TEST_F(UnlinkedAllocation, AWriteWhoseLinkingFailsLeaksNoDataRun) {
+    REQUIRE_TOOL("qemu-img");
+    test::CheckResult chk;
+    const int failed = run_writes(true, &chk);
+    EXPECT_EQ(failed, 8);
+    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+    EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
+}
+
+TEST_F(UnlinkedAllocation, AFailedL2AllocationLeaksNoTable) {
+    REQUIRE_TOOL("qemu-img");
+    test::CheckResult chk;
+    const int failed = run_writes(false, &chk);
+    EXPECT_EQ(failed, 8);
+    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+    EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
+}
+
 INSTANTIATE_TEST_SUITE_P(Steps, FaultMatrix, ::testing::ValuesIn(cases()),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
 
