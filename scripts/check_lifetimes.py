@@ -114,7 +114,7 @@ def check_lambdas(path, lines, out):
         # A conditional inside a lambda's body runs later, not in the expression.
         outside = re.sub(r"\{[^{}]*\}", "", awaited).replace("::", "")
         before = re.sub(r"\{[^{}]*\}", "", stmt[:stmt.find("co_await")]).replace("::", "")
-        if re.search(r"\?[^:;]*:", outside) or re.search(r"\?[^:;]*$", before):
+        if re.search(r"\?[^:;]*:", outside) or "?" in before:
             out.append(f"{path}:{i + 1}: a conditional (?:) in a co_await expression (GCC 12 "
                        f"destroys its temporary twice); name the value first")
         for m in LAMBDA_BY_VALUE.finditer(awaited):

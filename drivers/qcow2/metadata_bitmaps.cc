@@ -17,8 +17,36 @@ namespace imgfs::qcow2 {
 
 namespace {
 
+constexpr uint64_t kMaxBitmapClusters = 1ULL << 22;
+
 bool is_bitmaps(const Extension& e) {
     return e.type == kExtBitmaps;
+}
+
+// The rewritten header has a shorter extension list, so serialisation moves the backing name
+// up. It goes back where it was: old and new header then differ only in the autoclear field
+// and from the dropped extension on, so a torn write can leave the bitmaps named with the bit
+// clear (a leak), but never a backing name cut from other bytes.
+void keep_backing_name_in_place(const Header& old, Header* h, std::vector<uint8_t>* area) {
+    if (h->backing_file.empty() || old.backing_file_offset < h->backing_file_offset ||
+        old.backing_file_size != h->backing_file.size()) {
+        return;
+    }
+    area->resize(h->backing_file_offset);
+    area->resize(old.backing_file_offset, 0);
+    area->insert(area->end(), h->backing_file.begin(), h->backing_file.end());
+    h->backing_file_offset = old.backing_file_offset;
+    store_be64(area->data() + kOffBackingFileOffset, old.backing_file_offset);
+}
+
+std::vector<uint64_t> clusters_to_indexes(const std::vector<uint64_t>& offsets,
+                                          uint32_t cluster_bits) {
+    std::vector<uint64_t> indexes;
+    indexes.reserve(offsets.size());
+    for (uint64_t offset : offsets) {
+        indexes.push_back(offset >> cluster_bits);
+    }
+    return indexes;
 }
 
 }  // namespace
@@ -38,9 +66,11 @@ Task<Result<std::vector<uint64_t>>> Metadata::clear_autoclear_bits() {
     std::vector<uint64_t> clusters;
     if (auto found = co_await find_bitmap_clusters(std::move(extension)); found) {
         clusters = std::move(*found);
+    } else if (found.error().errnum != EINVAL) {
+        co_return std::move(found).error();  // a read failed: nothing changed, try again later
     } else if (env_.log != nullptr) {
         env_.log->warn(
-            "{}: the persistent bitmaps' clusters cannot be found ({}); they stay "
+            "{}: the persistent bitmaps cannot be followed ({}); their clusters stay "
             "allocated (`qemu-img check -r leaks` frees them)",
             name_, found.error().message());
     }
@@ -50,6 +80,7 @@ Task<Result<std::vector<uint64_t>>> Metadata::clear_autoclear_bits() {
     h.autoclear = 0;
     std::erase_if(h.other_extensions, is_bitmaps);
     CO_TRY_ASSIGN(std::vector<uint8_t> area, serialize_header(&h));
+    keep_backing_name_in_place(header_, &h, &area);
     CO_TRY(co_await write_header_bytes(0, area));  // synced: step 2 is durable before step 3
     header_ = std::move(h);
     if (env_.log != nullptr) {
@@ -70,8 +101,9 @@ Task<Result<std::vector<uint64_t>>> Metadata::find_bitmap_clusters(std::vector<u
                   parse_bitmap_directory(directory, ext, g_, file_size));
     std::vector<uint64_t> clusters;
     append_clusters(ext.directory_offset, ext.directory_bytes, g_, &clusters);
-    // Bounds memory whatever the tables say: more names than the file has clusters repeat.
-    const uint64_t most = file_size / cs + 1;
+    // Bounds memory whatever the tables say: names past the file's clusters repeat, and real
+    // bitmaps are far smaller (a 1 TiB disk tracked at 512 bytes has 4,096 data clusters).
+    const uint64_t most = std::min<uint64_t>(file_size / cs + 1, kMaxBitmapClusters);
     std::vector<uint8_t> part(cs);
     for (const BitmapTableRef table : tables) {
         const uint64_t bytes = uint64_t{table.entries} * 8;
@@ -81,10 +113,8 @@ Task<Result<std::vector<uint64_t>>> Metadata::find_bitmap_clusters(std::vector<u
             CO_TRY(co_await file_->read(table.offset + at, std::span(part.data(), n)));
             CO_TRY(
                 collect_bitmap_data_clusters(ConstBuf(part.data(), n), g_, file_size, &clusters));
-            if (clusters.size() > most * 2) {
-                co_return make_error(EINVAL,
-                                     "the bitmap tables name more clusters than the "
-                                     "file has");
+            if (clusters.size() > most) {
+                co_return make_error(EINVAL, "the bitmap tables name more than {} clusters", most);
             }
         }
     }
@@ -101,22 +131,15 @@ Task<Status> Metadata::free_dropped_bitmap_clusters(std::vector<uint64_t> cluste
            "bitmap clusters are freed only once the header no longer names them");
     std::sort(clusters.begin(), clusters.end());
     clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
-    const uint64_t file_size = file_->node()->size();
-    auto leave = [&](const std::string& why) {
+    // Sparse: memory by the number of bitmap clusters, an image of any size.
+    RefCounter counter(g_, file_->node()->size(), clusters_to_indexes(clusters, g_.cluster_bits));
+    if (Status st = co_await count_references(&counter); !st) {
         if (env_.log != nullptr) {
             env_.log->warn(
                 "{}: the {} clusters of the dropped bitmaps stay allocated ({}); "
                 "`qemu-img check -r leaks` frees them",
-                name_, clusters.size(), why);
+                name_, clusters.size(), st.error().message());
         }
-    };
-    if (!references_countable() || !RefCounter::fits(g_, file_size)) {
-        leave("the image is too large to count its references here");
-        co_return Status{};
-    }
-    RefCounter counter(g_, file_size);
-    if (Status st = co_await count_references(&counter); !st) {
-        leave(st.error().message());
         co_return Status{};
     }
     uint64_t freed = 0;

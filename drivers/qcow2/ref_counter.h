@@ -1,9 +1,13 @@
 // RefCounter: references per host cluster, counted from the tables. The repair rebuilds the
 // refcounts from it, and the open-time cross-check compares the stored refcounts with it.
+// A sparse counter counts only the clusters it is given (memory by their number, not by the
+// file's size): whether any table names one of a few clusters, in an image of any size.
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 #include "core/result.h"
@@ -34,6 +38,14 @@ class RefCounter {
         }
         return {};
     }
+    /// A sparse counter: only `clusters` (cluster indexes) are counted; the rest is ignored.
+    RefCounter(const Geometry& g, uint64_t file_size, const std::vector<uint64_t>& clusters)
+        : g_(g), sparse_(true) {
+        limit_ = file_clusters(g, file_size) + kMaxClustersPastEof;
+        for (uint64_t c : clusters) {
+            sparse_refs_.emplace(c, 0);
+        }
+    }
     RefCounter(const RefCounter&) = delete;
     RefCounter& operator=(const RefCounter&) = delete;
 
@@ -49,26 +61,36 @@ class RefCounter {
             return make_error(EFBIG, "{} at {:#x} lies too far beyond the end of the file", what,
                               offset);
         }
-        if (last >= refs_.size()) {
+        if (!sparse_ && last >= refs_.size()) {
             refs_.resize(last + 1, 0);
         }
         const uint64_t max = std::min<uint64_t>(g_.refcount_max, UINT32_MAX);
         for (uint64_t c = first; c <= last; ++c) {
-            if (times > max - refs_[c]) {
+            uint32_t* refs = slot(c);
+            if (refs == nullptr) {
+                continue;  // a sparse counter's uncounted cluster
+            }
+            if (times > max - *refs) {
                 return make_error(EINVAL,
                                   "cluster {:#x} ({}) is referenced more often than a refcount "
                                   "of {} can hold",
                                   c << g_.cluster_bits, what, max);
             }
-            refs_[c] += static_cast<uint32_t>(times);
+            *refs += static_cast<uint32_t>(times);
         }
         return {};
     }
     [[nodiscard]] uint64_t get(uint64_t cluster) const {
+        if (sparse_) {
+            auto it = sparse_refs_.find(cluster);
+            return it != sparse_refs_.end() ? it->second : 0;
+        }
         return cluster < refs_.size() ? refs_[cluster] : 0;
     }
+    /// Dense counters only (the repair and the cross-check walk every cluster).
     [[nodiscard]] uint64_t clusters() const { return refs_.size(); }
     void set(uint64_t cluster, uint32_t v) {
+        assert(!sparse_ && "a sparse counter is only read");
         if (cluster >= refs_.size()) {
             refs_.resize(cluster + 1, 0);
         }
@@ -79,9 +101,18 @@ class RefCounter {
     static uint64_t file_clusters(const Geometry& g, uint64_t file_size) {
         return file_size / g.cluster_size + (file_size % g.cluster_size != 0 ? 1 : 0);
     }
+    uint32_t* slot(uint64_t cluster) {
+        if (!sparse_) {
+            return &refs_[cluster];
+        }
+        auto it = sparse_refs_.find(cluster);
+        return it != sparse_refs_.end() ? &it->second : nullptr;
+    }
     const Geometry& g_;
-    std::vector<uint32_t> refs_;
-    uint64_t limit_ = 0;  // first cluster index not counted
+    bool sparse_ = false;
+    std::vector<uint32_t> refs_;                          // dense: every cluster
+    std::unordered_map<uint64_t, uint32_t> sparse_refs_;  // sparse: the given clusters
+    uint64_t limit_ = 0;                                  // first cluster index not counted
 };
 
 }  // namespace imgfs::qcow2

@@ -29,10 +29,11 @@ Task<void> write_into(Node* node, uint64_t offset, Status* out) {
 
 // An image with two persistent bitmaps whose dirty bits are set (so they own data clusters),
 // and 3 MiB of data.
-std::string image_with_bitmaps(const test::TempDir& dir, const std::string& options = "") {
+std::string image_with_bitmaps(const test::TempDir& dir, const std::string& options = "",
+                               const std::string& size = "16M") {
     const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=65536" + options + " '" + img +
-               "' 16M");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=65536" + options + " '" + img + "' " +
+               size);
     test::must("qemu-img bitmap --add '" + img + "' b0");
     test::must("qemu-img bitmap --add -g 512 '" + img + "' b1");
     test::must("qemu-io -f qcow2 -c 'write -P 7 0 1M' -c 'write -P 8 8M 2M' '" + img +
@@ -117,6 +118,37 @@ TEST_F(MetadataBitmapsTest, ARepairedDirtyImageKeepsNoBitmapsInFreeClusters) {
     EXPECT_FALSE(has_bitmaps_extension(img));
 }
 
+// An image too large for the open-time reference count in memory (here a 600 GiB disk with an
+// internal snapshot: 75 MiB of snapshot L1 entries to walk). Its bitmaps' clusters leaked; a
+// count of just those clusters frees them.
+TEST_F(MetadataBitmapsTest, ALargeImageLeaksNothingEither) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = image_with_bitmaps(dir, "", "600G");
+    test::must("qemu-img snapshot -c s1 '" + img + "'");
+    write_once(img);
+    expect_clean(img);
+    EXPECT_FALSE(has_bitmaps_extension(img));
+}
+
+// The header is rewritten with a shorter extension list; the backing file name stays where it
+// was, so a torn write cannot leave the offset pointing into other bytes.
+TEST_F(MetadataBitmapsTest, TheBackingNameStaysInPlace) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    test::must("qemu-img create -q -f qcow2 '" + dir.file("base.qcow2") + "' 16M");
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 '" + img + "'");
+    test::must("qemu-img bitmap --add '" + img + "' b0");
+    test::must("qemu-io -f qcow2 -c 'write -P 7 0 1M' '" + img + "' >/dev/null");
+    const uint64_t name_at = test::be64_at(img, qcow2::kOffBackingFileOffset);
+    write_once(img);
+    expect_clean(img);
+    EXPECT_FALSE(has_bitmaps_extension(img));
+    EXPECT_EQ(test::be64_at(img, qcow2::kOffBackingFileOffset), name_at);
+    EXPECT_EQ(header_of(img).backing_file, "base.qcow2");
+}
+
 // A malformed bitmap table entry naming a cluster of guest data: freeing what the bitmaps name
 // would have freed live data. Only clusters nothing else references are freed.
 TEST_F(MetadataBitmapsTest, ABitmapClusterThatIsAlsoGuestDataIsNotFreed) {
@@ -181,6 +213,48 @@ TEST_F(MetadataBitmapsTest, AFailedHeaderWriteFreesNothing) {
     const std::string copy = dir.file("copy.qcow2");  // the open node holds the image's lock
     std::filesystem::copy_file(img, copy);
     expect_clean(copy);
+    EXPECT_TRUE(has_bitmaps_extension(img));
+    EXPECT_EQ(test::be64_at(img, kAutoclearAt), 1U);
+    Status again = run(node->set_writable(true));
+    ASSERT_TRUE(again.ok()) << again.error().message();
+    (void)run(node->close());
+    const std::string closed = dir.file("closed.qcow2");
+    std::filesystem::copy_file(img, closed);
+    expect_clean(closed);
+    EXPECT_FALSE(has_bitmaps_extension(img));
+}
+
+// Reading the bitmap directory fails (the storage, not the image): nothing is changed, and the
+// next attempt drops the bitmaps. A malformed directory instead is dropped with its clusters
+// left allocated (above).
+TEST_F(MetadataBitmapsTest, AFailedReadOfTheBitmapsChangesNothing) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = image_with_bitmaps(dir);
+    uint64_t directory = 0;
+    for (const qcow2::Extension& e : header_of(img).other_extensions) {
+        if (e.type == qcow2::kExtBitmaps) {
+            directory = qcow2::load_be64(e.data.data() + 16);
+        }
+    }
+    ASSERT_NE(directory, 0U);
+    auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    Transaction tx(&graph_);
+    auto fault = FaultNode::open(env(), "fault", &tx, *file);
+    qcow2::Options read_only;
+    read_only.read_only = true;
+    auto node = Qcow2Node::create(env(), "img", &tx, fault, read_only);
+    ASSERT_TRUE(tx.commit().ok());
+    ASSERT_TRUE(run(node->load()).ok());
+    FaultRule directory_read;
+    directory_read.ops = fault_op::kRead;
+    directory_read.offset = directory;
+    directory_read.bytes = 8;
+    directory_read.once = true;
+    fault->add_rule(directory_read);
+    ASSERT_FALSE(run(node->set_writable(true)).ok());
+    ASSERT_EQ(fault->fired_total(), 1U);
     EXPECT_TRUE(has_bitmaps_extension(img));
     EXPECT_EQ(test::be64_at(img, kAutoclearAt), 1U);
     Status again = run(node->set_writable(true));

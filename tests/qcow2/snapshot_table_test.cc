@@ -151,5 +151,27 @@ TEST(RefCounterTest, ACountPastTheRefcountWidthIsAnError) {
     EXPECT_FALSE(wide.add(65536, 1, "data cluster").ok());
 }
 
+// A sparse counter counts the clusters it was given and ignores the rest, with memory by
+// their number: a file of terabytes costs nothing more.
+TEST(RefCounterTest, ASparseCounterCountsOnlyItsClusters) {
+    qcow2::Header h;
+    h.cluster_bits = 16;
+    h.size = 1ULL << 40;
+    const qcow2::Geometry g = qcow2::Geometry::from(h);
+    const uint64_t file_size = 1ULL << 47;  // far more clusters than a dense count may hold
+    ASSERT_FALSE(qcow2::RefCounter::fits(g, file_size).ok());
+    qcow2::RefCounter counter(g, file_size, {3, 1ULL << 25});
+    ASSERT_TRUE(counter.add(0, 8 * 65536, "L1 table").ok());  // clusters 0-7
+    ASSERT_TRUE(counter.add(3 * 65536, 65536, "data cluster", 2).ok());
+    ASSERT_TRUE(counter.add((1ULL << 25) * 65536, 100, "data cluster").ok());
+    ASSERT_TRUE(counter.add((1ULL << 30) * 65536, 65536, "data cluster").ok());
+    EXPECT_EQ(counter.get(3), 3U);
+    EXPECT_EQ(counter.get(1ULL << 25), 1U);
+    EXPECT_EQ(counter.get(2), 0U) << "not a counted cluster";
+    EXPECT_EQ(counter.get(1ULL << 30), 0U) << "not a counted cluster";
+    EXPECT_FALSE(counter.add(file_size + (1ULL << 40), 65536, "data cluster").ok())
+        << "far past the end of the file";
+}
+
 }  // namespace
 }  // namespace imgfs
