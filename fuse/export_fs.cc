@@ -692,10 +692,21 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
 
 Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     Store* store = images_->store();
+    const auto now = std::chrono::steady_clock::now();
+    // While one query is under way, the others take the last answer (even a failure); a
+    // figure is kept for statfs_refresh, a failure only until someone asks again.
+    if (statfs_last_.has_value() &&
+        (statfs_asking_ || (statfs_last_->ok() && now - statfs_at_ < options_.statfs_refresh))) {
+        co_return statfs_reply(*statfs_last_);
+    }
+    statfs_asking_ = true;
     // Asking the image directory for its room can block: it runs off the loop.
     std::function<Result<StoreSpace>()> query = [store] { return store->space(); };
     Result<StoreSpace> got =
         co_await images_->offloader()->run<Result<StoreSpace>>(std::move(query));
+    statfs_asking_ = false;
+    statfs_at_ = std::chrono::steady_clock::now();
+    statfs_last_ = got;
     if (!got) {
         // Said, not hidden behind zeros: `df` showing a full or empty file system would be a
         // wrong answer about the room images have. Logged when the failures begin, not for
@@ -705,9 +716,16 @@ Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
                        got.error().message());
         }
         statfs_failing_ = true;
-        co_return FuseReply::err(got.error().errnum);
+    } else {
+        statfs_failing_ = false;
     }
-    statfs_failing_ = false;
+    co_return statfs_reply(got);
+}
+
+FuseReply ExportFs::statfs_reply(const Result<StoreSpace>& got) {
+    if (!got) {
+        return FuseReply::err(got.error().errnum);
+    }
     fuse_statfs_out out{};
     out.st.blocks = got->blocks;
     out.st.bfree = got->free_blocks;
@@ -717,7 +735,7 @@ Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     out.st.bsize = got->transfer_bytes;
     out.st.frsize = got->block_bytes;
     out.st.namelen = 255;
-    co_return FuseReply::of(out);
+    return FuseReply::of(out);
 }
 
 Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {

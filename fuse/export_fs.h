@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "fuse/control.h"
@@ -30,6 +31,8 @@ struct ExportFsOptions {
     uint32_t gid = 0;
     /// How old an allocation count (st_blocks of NAME.raw) may be before it is counted again.
     std::chrono::milliseconds blocks_refresh{3000};
+    /// How long the store's room (STATFS) is answered from the last figure.
+    std::chrono::milliseconds statfs_refresh{1000};
 };
 
 class ExportFs final : public FuseHandler {
@@ -73,6 +76,7 @@ class ExportFs final : public FuseHandler {
     Task<FuseReply> flush(FuseRequest* req);
     Task<FuseReply> readdir(FuseRequest* req);
     Task<FuseReply> statfs(FuseRequest* req);
+    static FuseReply statfs_reply(const Result<StoreSpace>& got);
     Task<FuseReply> fallocate(FuseRequest* req);
     Task<FuseReply> lseek(FuseRequest* req);
     Task<void> refresh_blocks(std::shared_ptr<Export> e);
@@ -85,6 +89,12 @@ class ExportFs final : public FuseHandler {
     uint64_t next_fh_ = 1;
     int64_t mount_time_s_;
     bool statfs_failing_ = false;  // the last STATFS could not ask the store
+    // The store's room, asked once at a time and at most once per statfs_refresh: asking can
+    // take up to the cluster's deadline, and every STATFS waiting for it held a request
+    // buffer, so a crowd of `df` calls stopped every image's I/O.
+    std::optional<Result<StoreSpace>> statfs_last_;
+    std::chrono::steady_clock::time_point statfs_at_{};
+    bool statfs_asking_ = false;
     // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
     // Without a figure (never counted, or invalidated) a GETATTR counts to the end; a stale
     // figure is recounted a few hundred runs per GETATTR, which answers with the old figure

@@ -164,9 +164,14 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
     }
     FuseReply reply;
     uint64_t unique = valid ? h->unique : 0;
-    bool init = valid && h->opcode == FUSE_INIT;
+    // Only the INIT that connects starts the ring; dispatch refuses any later one.
+    const bool init = valid && h->opcode == FUSE_INIT && !initialised_;
     if (!valid) {
         log_->error("malformed FUSE request ({} bytes); ignoring it", length);
+        reply = FuseReply::err(EIO);
+    } else if (h->opcode == FUSE_WRITE && length < kWriteHeaderBytes) {
+        // Its argument would be read from what the buffer's previous request left there.
+        log_->error("malformed FUSE WRITE ({} bytes, less than its header)", length);
         reply = FuseReply::err(EIO);
     } else if (!fits) {
         // Still answered: a request without a reply keeps its caller waiting for ever.
@@ -194,6 +199,11 @@ Task<void> FuseServer::process(RequestBuffer* buf, size_t length) {
 
 Task<FuseReply> FuseServer::dispatch(FuseRequest* req) {
     if (req->header->opcode == FUSE_INIT) {
+        if (initialised_) {
+            // A kernel bug: a second INIT would replace the ring buffers the kernel holds.
+            log_->error("a second FUSE INIT on a connected mount; refusing it");
+            co_return FuseReply::err(EPROTO);
+        }
         co_return co_await handle_init(req);
     }
     if (!initialised_) {

@@ -245,6 +245,16 @@ Task<void> FuseServer::settle_ring() {
     // refusal has been counted (their completions hop to this loop before the no-op's).
     std::vector<EventLoop*> loops{loop_};
     loops.insert(loops.end(), options_.ring_loops.begin(), options_.ring_loops.end());
+    // While this waits on another loop nothing may be in flight here (the entries that held
+    // the home loop may all have ended, an unmount right after the mount): without a hold the
+    // home loop would take itself for hung.
+    struct Hold {
+        EventLoop* loop;
+        explicit Hold(EventLoop* l) : loop(l) { loop->hold_for_posts(1); }
+        Hold(const Hold&) = delete;
+        Hold& operator=(const Hold&) = delete;
+        ~Hold() { loop->hold_for_posts(-1); }
+    } hold(loop_);
     for (EventLoop* ring : loops) {
         co_await loop_->resume_on(ring);
         (void)co_await ring->submit([](io_uring_sqe* sqe) { io_uring_prep_nop(sqe); });

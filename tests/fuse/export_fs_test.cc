@@ -2,7 +2,10 @@
 // request's export and cache entries while other requests, drained sections and rescans change
 // them (issue 12: refresh_blocks and raw Export*/Node* held across co_await, block status
 // bypassing the backend).
+#include <atomic>
+#include <chrono>
 #include <fcntl.h>
+#include <thread>
 #include <unistd.h>
 
 #include <linux/falloc.h>
@@ -107,6 +110,54 @@ TEST_F(ExportFsTest, StatfsReportsAStoreThatCannotTellItsRoom) {
     test::Reply st = run(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}));
     ASSERT_EQ(st.error, 0);
     EXPECT_GT(st.as<fuse_statfs_out>().st.blocks, 0U);
+}
+
+// A store slow to tell its room (a cluster near its deadline, a hung NFS directory). Every
+// STATFS waited for its own query, holding a request buffer: 41 `df` calls at once took all
+// of them and stopped every image's I/O. One query runs at a time; the others are answered
+// with the last figure at once.
+class SlowSpaceStore final : public test::ForwardingStore {
+  public:
+    SlowSpaceStore(std::unique_ptr<Store> inner, std::atomic<int>* asked)
+        : ForwardingStore(std::move(inner)), asked_(asked) {}
+    Result<StoreSpace> space() override {
+        if (asked_->fetch_add(1) > 0) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        }
+        return inner()->space();
+    }
+
+  private:
+    std::atomic<int>* asked_;
+};
+
+TEST_F(ExportFsTest, ACrowdOfStatfsCallsAsksTheStoreOnce) {
+    std::atomic<int> asked{0};
+    wrap_store_ = [&asked](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
+        return std::make_unique<SlowSpaceStore>(std::move(inner), &asked);
+    };
+    fs_options_.statfs_refresh = std::chrono::milliseconds(0);  // every call would ask
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    ASSERT_EQ(run(request(FUSE_STATFS, ExportFs::kRootIno, {}, {})).error, 0);
+    asked = 1;  // the first figure is in; from now on the store is slow
+    constexpr int kCalls = 40;
+    std::vector<test::Reply> replies(kCalls);
+    const auto start_time = std::chrono::steady_clock::now();
+    {
+        TaskScope scope(loop_.get());
+        for (test::Reply& r : replies) {
+            scope.spawn(store(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}), &r));
+        }
+        run(join(&scope));
+    }
+    const auto took = std::chrono::steady_clock::now() - start_time;
+    EXPECT_EQ(asked.load(), 2) << "the store was asked once per call";
+    for (const test::Reply& r : replies) {
+        ASSERT_EQ(r.error, 0);
+        EXPECT_GT(r.as<fuse_statfs_out>().st.blocks, 0U);
+    }
+    EXPECT_LT(took, std::chrono::seconds(2)) << "the calls waited for each other's queries";
 }
 
 // GETATTR counts the allocation across awaits while FALLOCATE (PUNCH_HOLE) invalidates the
