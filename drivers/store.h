@@ -150,6 +150,10 @@ class Store {
     /// Whether another process (another host's daemon) has the file open. A store that one
     /// daemon serves alone (lock_for_serving takes it all) has nothing to say: false.
     virtual Result<bool> open_elsewhere(const std::string& /*name*/) { return false; }
+    /// Whether another process may have just made the file and not opened it yet (so that
+    /// open_elsewhere cannot tell): a remote store's file made within its deadlines. False
+    /// where one daemon serves the store alone.
+    virtual Result<bool> may_be_in_creation(const std::string& /*name*/) { return false; }
     /// The daemon is closing every image (it is stopping). A remote store may then cut the
     /// close short once it stops answering, rather than wait out its deadline once per layer.
     /// Does not block.

@@ -228,9 +228,12 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
             plan->removed.push_back(h + ", left over from an interrupted chain edit");
         }
     }
-    // A snapshot overlay a crash caught before its rename: never part of any chain.
+    // A snapshot overlay a crash caught before its rename: never part of any chain. In a pool
+    // it may be another host's snapshot under way instead: left to a later scan.
     for (const std::string& c : listing.creating) {
-        if (in.store->remove(c)) {
+        Result<bool> elsewhere = in.store->open_elsewhere(c);
+        Result<bool> in_creation = in.store->may_be_in_creation(c);
+        if (elsewhere && !*elsewhere && in_creation && !*in_creation && in.store->remove(c)) {
             plan->removed.push_back(c + ", left over from an interrupted snapshot");
         }
     }

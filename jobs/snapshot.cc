@@ -90,6 +90,11 @@ Task<Result<std::shared_ptr<Node>>> write_overlay(ImageSet* images, SnapshotTarg
         created = co_await dir_call(images, std::move(rename));
     }
     if (!created) {
+        if (file) {
+            // Closed before it is removed: a pool refuses to remove an image this client
+            // still has open (and locked), and the .creating image would stay behind.
+            (void)co_await (*file)->close();
+        }
         std::vector<std::string> names{tmp};
         std::function<Status()> unlink = [store, names] { return unlink_names(store, names); };
         // The snapshot fails with the creation's error; a .creating leftover is never exported.

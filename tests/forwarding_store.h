@@ -54,6 +54,9 @@ class ForwardingStore : public Store {
     Status sync() override { return inner_->sync(); }
     Result<StoreSpace> space() override { return inner_->space(); }
     Status lock_for_serving() override { return inner_->lock_for_serving(); }
+    Result<bool> may_be_in_creation(const std::string& name) override {
+        return inner_->may_be_in_creation(name);
+    }
     Result<bool> open_elsewhere(const std::string& name) override {
         return inner_->open_elsewhere(name);
     }

@@ -464,7 +464,13 @@ Result<bool> RbdImage::held_by_live_client() const {
 }
 
 Status RbdImage::check_write_cache_off() const {
-    return write_cache_off(image_, pool_->display_name() + "/" + name_);
+    Status st = write_cache_off(image_, pool_->display_name() + "/" + name_);
+    if (!st && st.error().errnum == ETIMEDOUT) {
+        // Reading the configuration is a round trip: past the deadline it is what every other
+        // call's is (EIO naming the deadline, and the cluster marked as not answering).
+        return rbd_error(-ETIMEDOUT, pool_->cluster(), st.error().context);
+    }
+    return st;
 }
 
 Status RbdImage::lock_exclusive() const {

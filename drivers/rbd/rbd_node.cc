@@ -16,7 +16,7 @@
 namespace imgfs {
 
 Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, RbdImage image,
-                                               RbdLock lock) {
+                                               RbdLock lock, uint64_t size_bytes) {
     // Blocking on purpose: librbd only writes to it, and a read on the ring waits for it.
     int efd = eventfd(0, EFD_CLOEXEC);
     if (efd < 0) {
@@ -28,16 +28,11 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
         return rbd_error(r, image.pool()->cluster(),
                          fmt::format("{}: cannot register for completions", name));
     }
-    Result<uint64_t> size = image.size();
-    if (!size) {
-        image.close_off_loop(event_fd);
-        return std::move(size).error();
-    }
     auto node = std::make_shared<RbdNode>(env, std::move(name), std::move(image),
                                           std::move(*event_fd), lock);
-    node->size_ = *size;
-    node->zeros_from_ = lock == RbdLock::kPending ? UINT64_MAX : *size;
-    node->image_size_ = *size;
+    node->size_ = size_bytes;
+    node->zeros_from_ = lock == RbdLock::kPending ? UINT64_MAX : size_bytes;
+    node->image_size_ = size_bytes;
     return node;
 }
 

@@ -19,10 +19,11 @@ namespace imgfs {
 
 class RbdNode final : public Node {
   public:
-    /// Serves `image` (already open, read-only or not, holding `lock` of its exclusive lock).
-    /// Registers the completion eventfd.
+    /// Serves `image` (already open, read-only or not, holding `lock` of its exclusive lock),
+    /// whose size the opener read (`size_bytes`: asking here, on the loop, could be a round
+    /// trip to the cluster). Registers the completion eventfd.
     static Result<std::shared_ptr<RbdNode>> open(NodeEnv env, std::string name, RbdImage image,
-                                                 RbdLock lock);
+                                                 RbdLock lock, uint64_t size_bytes);
 
     RbdNode(NodeEnv env, std::string name, RbdImage image, UniqueFd event_fd, RbdLock lock);
     /// Closes the image if close() did not (no request is in flight by then: close() drained

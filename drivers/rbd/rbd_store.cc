@@ -97,7 +97,7 @@ Result<size_t> RbdFile::read_at(MutBuf buf, uint64_t offset) {
 Result<std::shared_ptr<Node>> RbdFile::into_node(NodeEnv env, std::string name,
                                                  const FileOptions& /*options*/) {
     TRY_ASSIGN(std::shared_ptr<RbdNode> node,
-               RbdNode::open(env, std::move(name), std::move(image_), lock_));
+               RbdNode::open(env, std::move(name), std::move(image_), lock_, size_bytes_));
     return std::shared_ptr<Node>(std::move(node));
 }
 
@@ -218,9 +218,10 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
         TRY_ASSIGN(auto where, external_image(name));
         TRY_ASSIGN(RbdImage image, RbdImage::open(where.first, where.second, true));
         TRY_ASSIGN(std::string id, image.id());
+        TRY_ASSIGN(uint64_t size, image.size());
         FileId fid = file_id(where.first->display_name(), id);
         return std::unique_ptr<StoreFile>(
-            std::make_unique<RbdFile>(std::move(image), fid, RbdLock::kNone));
+            std::make_unique<RbdFile>(std::move(image), fid, RbdLock::kNone, size));
     }
     TRY(readable(name));
     if (!read_only) {
@@ -244,8 +245,9 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
     if (!read_only && lock != Lock::kNone) {
         held = lock == Lock::kNow ? RbdLock::kHeld : RbdLock::kPending;
     }
+    TRY_ASSIGN(uint64_t size, image.size());  // here, off the loop: it may be a round trip
     return std::unique_ptr<StoreFile>(
-        std::make_unique<RbdFile>(std::move(image), file_id(display_, id), held));
+        std::make_unique<RbdFile>(std::move(image), file_id(display_, id), held, size));
 }
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open(const std::string& name, bool read_only,
@@ -313,6 +315,20 @@ Result<bool> RbdStore::open_elsewhere(const std::string& name) {
     TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, true, RbdImage::Presence::kQuiet));
     TRY_ASSIGN(size_t others, image.other_watchers());
     return others != 0;
+}
+
+Result<bool> RbdStore::may_be_in_creation(const std::string& name) {
+    TRY(check_image_name(name));
+    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, true, RbdImage::Presence::kQuiet));
+    // Created so recently that its creator may not have opened it yet (a snapshot overlay
+    // between rbd_create and rbd_open on another host). Two deadlines cover that step and a
+    // modest clock difference between the hosts.
+    timespec created{};
+    if (int r = rbd_get_create_timestamp(image.handle(), &created); r < 0) {
+        return rbd_error(r, pool_->cluster(), fmt::format("cannot tell when {} was made", name));
+    }
+    const auto age_s = ::time(nullptr) - created.tv_sec;
+    return age_s < 2 * static_cast<int64_t>(pool_->cluster().options().timeout_s);
 }
 
 Status RbdStore::remove(const std::string& name) {

@@ -40,8 +40,9 @@ Result<RbdLocation> parse_rbd_location(const std::string& spec);
 /// An open RBD image of a store.
 class RbdFile final : public StoreFile {
   public:
-    RbdFile(RbdImage image, FileId id, RbdLock lock)
-        : image_(std::move(image)), id_(id), lock_(lock) {}
+    /// `size_bytes`: the image's size as the opener read it (off the loop).
+    RbdFile(RbdImage image, FileId id, RbdLock lock, uint64_t size_bytes)
+        : image_(std::move(image)), id_(id), lock_(lock), size_bytes_(size_bytes) {}
     RbdFile(const RbdFile&) = delete;
     RbdFile& operator=(const RbdFile&) = delete;
     /// The close, a round trip, goes to the pool's offload thread. Not for an image that
@@ -62,6 +63,7 @@ class RbdFile final : public StoreFile {
     RbdImage image_;
     FileId id_;
     RbdLock lock_;
+    uint64_t size_bytes_;
 };
 
 class RbdStore final : public Store {
@@ -94,6 +96,7 @@ class RbdStore final : public Store {
     Status add_name(const std::string& existing, const std::string& name) override;
     /// Blocking: whether another client has the image open (RbdImage::other_watchers).
     Result<bool> open_elsewhere(const std::string& name) override;
+    Result<bool> may_be_in_creation(const std::string& name) override;
     /// Every pool of the store shares the cluster connection (see RadosCluster).
     void begin_closing() override { pool_->cluster_ref()->begin_closing(); }
     /// Ceph breaks a gone client's locks and drops its watches itself (see RadosCluster).

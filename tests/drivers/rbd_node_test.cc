@@ -48,7 +48,10 @@ class RbdNodeTest : public CephLoopTest {
         if (!image) {
             return nullptr;
         }
-        auto node = RbdNode::open(env(), name, std::move(*image), RbdLock::kNone);
+        auto size = image->size();
+        EXPECT_TRUE(size.ok()) << size.error().message();
+        auto node =
+            RbdNode::open(env(), name, std::move(*image), RbdLock::kNone, size.ok() ? *size : 0);
         EXPECT_TRUE(node.ok()) << node.error().message();
         if (!node) {
             return nullptr;
