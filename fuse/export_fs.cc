@@ -95,7 +95,8 @@ ExportFs::ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportF
       control_(control),
       log_(log),
       options_(options),
-      mount_time_s_(static_cast<int64_t>(::time(nullptr))) {}
+      mount_time_s_(static_cast<int64_t>(::time(nullptr))),
+      statfs_waiters_(images->env().loop) {}
 
 ExportFs::~ExportFs() = default;
 
@@ -692,6 +693,15 @@ Task<FuseReply> ExportFs::readdir(FuseRequest* req) {
 
 Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     Store* store = images_->store();
+    if (statfs_asking_ && !statfs_last_.has_value()) {
+        // The first query is under way: its answer, even a failure, is everyone's.
+        while (statfs_asking_) {
+            co_await statfs_waiters_.wait();
+        }
+        if (statfs_last_.has_value()) {
+            co_return statfs_reply(*statfs_last_);
+        }
+    }
     const auto now = std::chrono::steady_clock::now();
     // While one query is under way, the others take the last answer (even a failure); a
     // figure is kept for statfs_refresh, a failure only until someone asks again.
@@ -707,6 +717,7 @@ Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     statfs_asking_ = false;
     statfs_at_ = std::chrono::steady_clock::now();
     statfs_last_ = got;
+    statfs_waiters_.notify_all();
     if (!got) {
         // Said, not hidden behind zeros: `df` showing a full or empty file system would be a
         // wrong answer about the room images have. Logged when the failures begin, not for

@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 
+#include "core/wait_queue.h"
 #include "fuse/control.h"
 #include "fuse/fuse_server.h"
 #include "jobs/image_set.h"
@@ -95,6 +96,7 @@ class ExportFs final : public FuseHandler {
     std::optional<Result<StoreSpace>> statfs_last_;
     std::chrono::steady_clock::time_point statfs_at_{};
     bool statfs_asking_ = false;
+    WaitQueue statfs_waiters_;  // callers with no figure yet, waiting for the first query
     // Guest-visible allocation per export (st_blocks), refreshed at most every few seconds.
     // Without a figure (never counted, or invalidated) a GETATTR counts to the end; a stale
     // figure is recounted a few hundred runs per GETATTR, which answers with the old figure

@@ -19,6 +19,19 @@ namespace imgfs {
 
 namespace {
 
+// Whether a `.creating` file is another host's snapshot under way. One that is listed but
+// cannot be opened (ENOENT: a creation a crash cut short inside librbd) is garbage too.
+Result<bool> creating_in_use(Store* store, const std::string& name) {
+    Result<bool> elsewhere = store->open_elsewhere(name);
+    if (!elsewhere) {
+        return elsewhere.error().errnum == ENOENT ? Result<bool>(false) : elsewhere;
+    }
+    if (*elsewhere) {
+        return true;
+    }
+    return store->may_be_in_creation(name);
+}
+
 struct Candidate {
     std::string file;
     FileId id;
@@ -231,9 +244,16 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
     // A snapshot overlay a crash caught before its rename: never part of any chain. In a pool
     // it may be another host's snapshot under way instead: left to a later scan.
     for (const std::string& c : listing.creating) {
-        Result<bool> elsewhere = in.store->open_elsewhere(c);
-        Result<bool> in_creation = in.store->may_be_in_creation(c);
-        if (elsewhere && !*elsewhere && in_creation && !*in_creation && in.store->remove(c)) {
+        if (Result<bool> busy = creating_in_use(in.store, c); !busy || *busy) {
+            if (!busy) {
+                plan->problems.push_back(
+                    {c, fmt::format("{} is left over from a snapshot, but cannot be checked: {}; "
+                                    "left as it is",
+                                    c, busy.error().message())});
+            }
+            continue;
+        }
+        if (in.store->remove(c)) {
             plan->removed.push_back(c + ", left over from an interrupted snapshot");
         }
     }

@@ -113,7 +113,8 @@ def check_lambdas(path, lines, out):
         awaited = stmt[stmt.find("co_await"):]
         # A conditional inside a lambda's body runs later, not in the expression.
         outside = re.sub(r"\{[^{}]*\}", "", awaited).replace("::", "")
-        before = re.sub(r"\{[^{}]*\}", "", stmt[:stmt.find("co_await")]).replace("::", "")
+        before = re.sub(r'"(\\.|[^"\\])*"', '""', stmt[:stmt.find("co_await")])
+        before = re.sub(r"\{[^{}]*\}", "", before).replace("::", "")
         if re.search(r"\?[^:;]*:", outside) or "?" in before:
             out.append(f"{path}:{i + 1}: a conditional (?:) in a co_await expression (GCC 12 "
                        f"destroys its temporary twice); name the value first")

@@ -59,15 +59,19 @@ Task<Status> Metadata::find_allocation_end() {
     co_return Status{};
 }
 
-bool Metadata::references_countable() const {
+uint64_t Metadata::table_bytes_to_walk() const {
     uint64_t tables = 0;
     for (uint64_t e : l1_) {
         tables += (e & kOffsetMask) != 0 ? 1 : 0;
     }
     for (const SnapshotEntry& s : snapshots_.entries) {
-        tables += s.l1_size;
+        tables += s.l1_size;  // at most: entries without a table cost nothing
     }
-    return tables * g_.cluster_size <= kCrossCheckMaxTableBytes &&
+    return tables * g_.cluster_size;
+}
+
+bool Metadata::references_countable() const {
+    return table_bytes_to_walk() <= kCrossCheckMaxTableBytes &&
            end_cluster_ <= kCrossCheckMaxClusters;
 }
 

@@ -222,6 +222,8 @@ class Metadata {
     Task<Status> count_active(RefCounter* counter, std::vector<uint64_t>* copied);
     // ---- open-time checks (cross_check.cc) ----
     Task<Status> find_allocation_end();
+    /// L2 table bytes a count of references reads (at most: a snapshot's entries all count).
+    [[nodiscard]] uint64_t table_bytes_to_walk() const;
     [[nodiscard]] bool references_countable() const;
     Task<Status> cross_check_references();
     // Persistent bitmaps (metadata_bitmaps.cc).

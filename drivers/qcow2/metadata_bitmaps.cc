@@ -18,6 +18,9 @@ namespace imgfs::qcow2 {
 namespace {
 
 constexpr uint64_t kMaxBitmapClusters = 1ULL << 22;
+// How many bytes of L1 and L2 tables the check of the bitmaps' clusters reads at most (each
+// table once): 512 MiB maps 4 TiB of 64 KiB clusters.
+constexpr uint64_t kMaxBitmapCheckTableBytes = 512ULL << 20;
 
 bool is_bitmaps(const Extension& e) {
     return e.type == kExtBitmaps;
@@ -64,10 +67,11 @@ Task<Result<std::vector<uint64_t>>> Metadata::clear_autoclear_bits() {
     }
     std::vector<uint8_t> extension = ext->data;  // copied: the header changes across awaits
     std::vector<uint64_t> clusters;
+    // Whatever stops the search (a malformed table, or a read that fails, perhaps for good:
+    // a bad sector under a bitmap must not keep the image from being written), the bitmaps
+    // still go, and what was not found stays allocated.
     if (auto found = co_await find_bitmap_clusters(std::move(extension)); found) {
         clusters = std::move(*found);
-    } else if (found.error().errnum != EINVAL) {
-        co_return std::move(found).error();  // a read failed: nothing changed, try again later
     } else if (env_.log != nullptr) {
         env_.log->warn(
             "{}: the persistent bitmaps cannot be followed ({}); their clusters stay "
@@ -131,9 +135,18 @@ Task<Status> Metadata::free_dropped_bitmap_clusters(std::vector<uint64_t> cluste
            "bitmap clusters are freed only once the header no longer names them");
     std::sort(clusters.begin(), clusters.end());
     clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
-    // Sparse: memory by the number of bitmap clusters, an image of any size.
+    // Sparse: memory by the number of bitmap clusters, an image of any size. The walk reads
+    // every table, under the metadata lock: bounded, past that the clusters stay allocated.
+    Status st;
+    if (table_bytes_to_walk() > kMaxBitmapCheckTableBytes) {
+        st = make_error(EFBIG, "more than {} MiB of tables to check them against",
+                        kMaxBitmapCheckTableBytes >> 20);
+    }
     RefCounter counter(g_, file_->node()->size(), clusters_to_indexes(clusters, g_.cluster_bits));
-    if (Status st = co_await count_references(&counter); !st) {
+    if (st) {
+        st = co_await count_references(&counter);
+    }
+    if (!st) {
         if (env_.log != nullptr) {
             env_.log->warn(
                 "{}: the {} clusters of the dropped bitmaps stay allocated ({}); "

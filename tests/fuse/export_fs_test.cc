@@ -137,27 +137,29 @@ TEST_F(ExportFsTest, ACrowdOfStatfsCallsAsksTheStoreOnce) {
         return std::make_unique<SlowSpaceStore>(std::move(inner), &asked);
     };
     fs_options_.statfs_refresh = std::chrono::milliseconds(0);  // every call would ask
+    asked = 1;                                                  // slow from the first query on
     make_qcow2("vm.qcow2", kSize);
     start();
-    ASSERT_EQ(run(request(FUSE_STATFS, ExportFs::kRootIno, {}, {})).error, 0);
-    asked = 1;  // the first figure is in; from now on the store is slow
-    constexpr int kCalls = 40;
-    std::vector<test::Reply> replies(kCalls);
-    const auto start_time = std::chrono::steady_clock::now();
-    {
-        TaskScope scope(loop_.get());
-        for (test::Reply& r : replies) {
-            scope.spawn(store(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}), &r));
+    // The first crowd finds no figure yet, and later ones an old figure: each asks once.
+    for (int round = 1; round <= 2; ++round) {
+        constexpr int kCalls = 40;
+        std::vector<test::Reply> replies(kCalls);
+        const auto start_time = std::chrono::steady_clock::now();
+        {
+            TaskScope scope(loop_.get());
+            for (test::Reply& r : replies) {
+                scope.spawn(store(request(FUSE_STATFS, ExportFs::kRootIno, {}, {}), &r));
+            }
+            run(join(&scope));
         }
-        run(join(&scope));
+        const auto took = std::chrono::steady_clock::now() - start_time;
+        EXPECT_EQ(asked.load(), 1 + round) << "the store was asked once per call";
+        for (const test::Reply& r : replies) {
+            ASSERT_EQ(r.error, 0);
+            EXPECT_GT(r.as<fuse_statfs_out>().st.blocks, 0U);
+        }
+        EXPECT_LT(took, std::chrono::seconds(2)) << "the calls waited for each other's queries";
     }
-    const auto took = std::chrono::steady_clock::now() - start_time;
-    EXPECT_EQ(asked.load(), 2) << "the store was asked once per call";
-    for (const test::Reply& r : replies) {
-        ASSERT_EQ(r.error, 0);
-        EXPECT_GT(r.as<fuse_statfs_out>().st.blocks, 0U);
-    }
-    EXPECT_LT(took, std::chrono::seconds(2)) << "the calls waited for each other's queries";
 }
 
 // GETATTR counts the allocation across awaits while FALLOCATE (PUNCH_HOLE) invalidates the
