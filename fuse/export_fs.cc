@@ -695,12 +695,10 @@ Task<FuseReply> ExportFs::statfs(FuseRequest* /*req*/) {
     Store* store = images_->store();
     if (statfs_asking_ && !statfs_last_.has_value()) {
         // The first query is under way: its answer, even a failure, is everyone's.
-        while (statfs_asking_) {
+        while (!statfs_last_.has_value()) {
             co_await statfs_waiters_.wait();
         }
-        if (statfs_last_.has_value()) {
-            co_return statfs_reply(*statfs_last_);
-        }
+        co_return statfs_reply(*statfs_last_);
     }
     const auto now = std::chrono::steady_clock::now();
     // While one query is under way, the others take the last answer (even a failure); a

@@ -20,13 +20,12 @@ namespace imgfs {
 namespace {
 
 // Whether a `.creating` file is another host's snapshot under way. One that is listed but
-// cannot be opened (ENOENT: a creation a crash cut short inside librbd) is garbage too.
+// cannot be opened is not removed: in a pool that is also an image between the steps of its
+// creation (listed before its header exists), and a crash there leaves it so for good, which
+// the scan reports for an operator.
 Result<bool> creating_in_use(Store* store, const std::string& name) {
-    Result<bool> elsewhere = store->open_elsewhere(name);
-    if (!elsewhere) {
-        return elsewhere.error().errnum == ENOENT ? Result<bool>(false) : elsewhere;
-    }
-    if (*elsewhere) {
+    TRY_ASSIGN(bool elsewhere, store->open_elsewhere(name));
+    if (elsewhere) {
         return true;
     }
     return store->may_be_in_creation(name);
@@ -248,7 +247,8 @@ void remove_leftovers(const ScanInput& in, const Listing& listing, const Layers&
             if (!busy) {
                 plan->problems.push_back(
                     {c, fmt::format("{} is left over from a snapshot, but cannot be checked: {}; "
-                                    "left as it is",
+                                    "left as it is (remove it by hand if no snapshot is under "
+                                    "way on another host)",
                                     c, busy.error().message())});
             }
             continue;

@@ -59,19 +59,15 @@ Task<Status> Metadata::find_allocation_end() {
     co_return Status{};
 }
 
-uint64_t Metadata::table_bytes_to_walk() const {
+bool Metadata::references_countable() const {
     uint64_t tables = 0;
     for (uint64_t e : l1_) {
         tables += (e & kOffsetMask) != 0 ? 1 : 0;
     }
     for (const SnapshotEntry& s : snapshots_.entries) {
-        tables += s.l1_size;  // at most: entries without a table cost nothing
+        tables += s.l1_size;
     }
-    return tables * g_.cluster_size;
-}
-
-bool Metadata::references_countable() const {
-    return table_bytes_to_walk() <= kCrossCheckMaxTableBytes &&
+    return tables * g_.cluster_size <= kCrossCheckMaxTableBytes &&
            end_cluster_ <= kCrossCheckMaxClusters;
 }
 

@@ -45,6 +45,9 @@ struct Options {
     uint64_t l2_cache_bytes = 0;
     /// Bytes of refcount blocks to cache; 0: a quarter of the L2 cache, at least 4 blocks.
     uint64_t refcount_cache_bytes = 0;
+    /// How many L2 tables the check that no table uses a dropped bitmap's cluster reads at
+    /// most (one read each, under the metadata lock); past it the clusters stay allocated.
+    uint64_t bitmap_check_max_tables = 8192;
 };
 
 /// Where a run of guest bytes comes from.
@@ -208,7 +211,9 @@ class Metadata {
     Task<Status> count_l2_references(uint64_t l2_offset, uint64_t times, RefCounter* counter);
     Task<Status> write_new_refcounts(RefCounter* counter);
     Task<Status> fix_copied_flags(RefCounter* counter);
-    Task<Status> count_references(RefCounter* counter);
+    /// Counts the references of every table. `max_tables`: EFBIG, before any L2 table is
+    /// read, if more are named.
+    Task<Status> count_references(RefCounter* counter, uint64_t max_tables = UINT64_MAX);
     Status check_snapshot_l1_total() const;
     // ---- invariants of the in-memory state (debug_check.cc) ----
     /// Asserts the invariants after `step`; only with IMGFS_DEBUG_CHECKS (else a no-op the
@@ -222,8 +227,6 @@ class Metadata {
     Task<Status> count_active(RefCounter* counter, std::vector<uint64_t>* copied);
     // ---- open-time checks (cross_check.cc) ----
     Task<Status> find_allocation_end();
-    /// L2 table bytes a count of references reads (at most: a snapshot's entries all count).
-    [[nodiscard]] uint64_t table_bytes_to_walk() const;
     [[nodiscard]] bool references_countable() const;
     Task<Status> cross_check_references();
     // Persistent bitmaps (metadata_bitmaps.cc).

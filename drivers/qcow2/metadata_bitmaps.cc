@@ -18,9 +18,6 @@ namespace imgfs::qcow2 {
 namespace {
 
 constexpr uint64_t kMaxBitmapClusters = 1ULL << 22;
-// How many bytes of L1 and L2 tables the check of the bitmaps' clusters reads at most (each
-// table once): 512 MiB maps 4 TiB of 64 KiB clusters.
-constexpr uint64_t kMaxBitmapCheckTableBytes = 512ULL << 20;
 
 bool is_bitmaps(const Extension& e) {
     return e.type == kExtBitmaps;
@@ -136,17 +133,10 @@ Task<Status> Metadata::free_dropped_bitmap_clusters(std::vector<uint64_t> cluste
     std::sort(clusters.begin(), clusters.end());
     clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
     // Sparse: memory by the number of bitmap clusters, an image of any size. The walk reads
-    // every table, under the metadata lock: bounded, past that the clusters stay allocated.
-    Status st;
-    if (table_bytes_to_walk() > kMaxBitmapCheckTableBytes) {
-        st = make_error(EFBIG, "more than {} MiB of tables to check them against",
-                        kMaxBitmapCheckTableBytes >> 20);
-    }
+    // each table once, under the metadata lock: bounded by the number of reads, past that the
+    // clusters stay allocated.
     RefCounter counter(g_, file_->node()->size(), clusters_to_indexes(clusters, g_.cluster_bits));
-    if (st) {
-        st = co_await count_references(&counter);
-    }
-    if (!st) {
+    if (Status st = co_await count_references(&counter, options_.bitmap_check_max_tables); !st) {
         if (env_.log != nullptr) {
             env_.log->warn(
                 "{}: the {} clusters of the dropped bitmaps stay allocated ({}); "

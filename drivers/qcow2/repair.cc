@@ -45,7 +45,7 @@ Task<Status> Metadata::count_l2_references(uint64_t l2_offset, uint64_t times,
 // Work is bounded by the file, whatever the tables say: every L1 table is read once, and
 // together they may not be larger than the file (only overlapping tables could be); every
 // L2 table is read once, however many L1 entries name it.
-Task<Status> Metadata::count_references(RefCounter* counter) {
+Task<Status> Metadata::count_references(RefCounter* counter, uint64_t max_tables) {
     CO_TRY(counter->add(0, g_.cluster_size, "header"));
     CO_TRY(counter->add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table"));
     std::unordered_map<uint64_t, uint64_t> times_named;  // L2 table offset -> L1 entries
@@ -69,6 +69,10 @@ Task<Status> Metadata::count_references(RefCounter* counter) {
         for (uint32_t i = 0; i < s.l1_size; ++i) {
             name_table(load_be64(l1.data() + uint64_t{i} * 8) & kOffsetMask);
         }
+    }
+    if (tables.size() > max_tables) {
+        co_return make_error(EFBIG, "{} L2 tables to read, more than {}", tables.size(),
+                             max_tables);
     }
     for (uint64_t off : tables) {
         CO_TRY(co_await count_l2_references(off, times_named[off], counter));

@@ -380,24 +380,23 @@ class UnlinkedAllocation : public test::FaultStackTest {
         *chk = test::qemu_check(img);
         return failed;
     }
+    void expect_writes_fail_without_leaks(bool table_exists) {
+        test::CheckResult chk;
+        const int failed = run_writes(table_exists, &chk);
+        EXPECT_EQ(failed, 8);
+        EXPECT_EQ(chk.corruptions, 0U) << chk.output;
+        EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
+    }
 };
 
 TEST_F(UnlinkedAllocation, AWriteWhoseLinkingFailsLeaksNoDataRun) {
     REQUIRE_TOOL("qemu-img");
-    test::CheckResult chk;
-    const int failed = run_writes(true, &chk);
-    EXPECT_EQ(failed, 8);
-    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
-    EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
+    expect_writes_fail_without_leaks(true);
 }
 
 TEST_F(UnlinkedAllocation, AFailedL2AllocationLeaksNoTable) {
     REQUIRE_TOOL("qemu-img");
-    test::CheckResult chk;
-    const int failed = run_writes(false, &chk);
-    EXPECT_EQ(failed, 8);
-    EXPECT_EQ(chk.corruptions, 0U) << chk.output;
-    EXPECT_EQ(chk.leaks, 0U) << failed << " writes failed\n" << chk.output;
+    expect_writes_fail_without_leaks(false);
 }
 
 INSTANTIATE_TEST_SUITE_P(Steps, FaultMatrix, ::testing::ValuesIn(cases()),

@@ -34,6 +34,22 @@ class FaultStackTest : public LoopTest {
         use_rw(s.node);
         return s;
     }
+    /// Opens `path` as file -> fault filter -> qcow2, loaded read-only and attached to no user:
+    /// a layer that a later set_writable makes writable in place (the base of a commit).
+    Stack open_read_only(const std::string& path) {
+        auto file = FileNode::open(env(), "file", AT_FDCWD, path, {});
+        EXPECT_TRUE(file.ok()) << file.error().message();
+        Transaction tx(&graph_);
+        Stack s;
+        s.fault = FaultNode::open(env(), "fault", &tx, *file);
+        qcow2::Options read_only;
+        read_only.read_only = true;
+        s.node = Qcow2Node::create(env(), "img", &tx, s.fault, read_only);
+        EXPECT_TRUE(tx.commit().ok());
+        Status st = run(s.node->load());
+        EXPECT_TRUE(st.ok()) << st.error().message();
+        return s;
+    }
     /// open() on a fresh copy of `pristine` at `path`, seeded for the fault filter's choices
     /// (one seed of a test that runs over many).
     Stack open_copy(const std::string& pristine, const std::string& path, uint64_t seed,
