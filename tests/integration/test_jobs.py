@@ -366,6 +366,42 @@ class Commit(harness.ImageDirTest):
             f.seek(88)
             self.assertEqual(struct.unpack(">Q", f.read(8))[0], 0, "autoclear bits left set")
 
+    def test_commit_into_a_base_with_bitmaps_under_a_writer(self):
+        # The same, with a writer going on through the commit: the base's bitmaps (two, with
+        # dirty bits, so they own data clusters) are dropped while the guest writes, and
+        # nothing the writer wrote is lost, nothing leaks.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "16M")
+        qemu_img("bitmap", "--add", self.img("base.qcow2"), "b0")
+        qemu_img("bitmap", "--add", "-g", "512", self.img("base.qcow2"), "b1")
+        qemu_io(self.img("base.qcow2"), "write -P 7 0 8M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 9 4M 4M")
+        m = self.mount()
+        w = SequenceWriter(m.path("vm.raw"), nblocks=128)
+        w.start()
+        time.sleep(0.3)
+        self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+        self.assertIsNone(wait_job(m, "vm")["error"])
+        time.sleep(0.3)
+        w.stop.set()
+        w.join()
+        self.assertIsNone(w.error)
+        self.assertEqual(chain(m, "vm"), ["base.qcow2"])
+        with open(m.path("vm.raw"), "rb") as f:
+            shown = f.read()
+        last = w.state_after(len(w.order))
+        for b in set(w.order):
+            self.assertTrue(shown[b * BLOCK:(b + 1) * BLOCK] == last[b * BLOCK:(b + 1) * BLOCK],
+                            f"the last write to block {b} was lost")
+        self.assertGreater(len(w.order), 0)
+        m.stop()
+        self.assertTrue(convert_raw(self.img("base.qcow2")) == shown)
+        c = check(self.img("base.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"], c["leaks"]), (0, 0, 0), c["text"])
+        self.assertNotIn(b"bitmaps:", subprocess.run(
+            ["qemu-img", "info", self.img("base.qcow2")], capture_output=True, check=True).stdout)
+
     def test_not_enough_space_is_refused_up_front(self):
         small = tempfile.mkdtemp(prefix="imgfs-small-")
         self.addCleanup(shutil.rmtree, small, True)
