@@ -644,11 +644,13 @@ int status(const Args& args) {
         ::closedir(d);
         std::sort(names.begin(), names.end());
     } else {
-        // A monitor must not take a dead daemon (ENOTCONN) or a mount it may not read for a
-        // healthy one without images.
+        // A monitor must not take a dead daemon or a mount it may not read for a healthy one
+        // without images. A dead daemon's mount answers ENOTCONN, or ECONNABORTED when the
+        // kernel aborted the connection as the daemon died (with FUSE over io_uring).
         const int err = errno;
+        const bool daemon_gone = err == ENOTCONN || err == ECONNABORTED;
         return fail(fmt::format("cannot list {}: {}{}", mnt, std::strerror(err),
-                                err == ENOTCONN ? " (its daemon is gone: imgfs unmount it)" : ""));
+                                daemon_gone ? " (its daemon is gone: imgfs unmount it)" : ""));
     }
     if (names.empty() && !json) {
         std::printf("no images exported\n");
