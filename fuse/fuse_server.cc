@@ -127,6 +127,13 @@ Task<void> FuseServer::reader() {
             co_await loop_->sleep(*delay);
             continue;
         }
+        if (res == 0) {
+            // /dev/fuse never ends a read with nothing: that is a device (or a socket standing
+            // in for it in tests) whose other end went away. Reading on would spin.
+            give_buffer(buf);
+            stopping_ = true;
+            break;
+        }
         failures = 0;
         scope_.spawn(process(buf, static_cast<size_t>(res)));
     }
