@@ -91,9 +91,12 @@ Task<Result<std::shared_ptr<Node>>> write_overlay(ImageSet* images, SnapshotTarg
     }
     if (!created) {
         if (file) {
-            // Closed before it is removed: a pool refuses to remove an image this client
-            // still has open (and locked), and the .creating image would stay behind.
-            (void)co_await (*file)->close();
+            // Closed and let go before it is removed: a pool refuses to remove an image this
+            // client still has open (and locked), and the .creating image would stay behind.
+            // A file node keeps its descriptor until it is destroyed, hence the reset.
+            std::shared_ptr<Node> closing = std::move(*file);
+            (void)co_await closing->close();
+            closing.reset();
         }
         std::vector<std::string> names{tmp};
         std::function<Status()> unlink = [store, names] { return unlink_names(store, names); };

@@ -3,6 +3,7 @@
 // reported and stops every operation before it touches anything; what a failed or interrupted
 // chain edit leaves behind is undone or removed.
 #include <fcntl.h>
+#include <filesystem>
 #include <set>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 
 #include "forwarding_store.h"
 #include "fs_test_util.h"
+#include "jobs/chain_edit.h"
 
 namespace imgfs {
 namespace {
@@ -523,6 +525,76 @@ TEST_F(UndroppableTopTest, ACommitWhoseTopCannotBeHiddenRemovesIt) {
 
 // Growing an image whose backing file is longer: the new range reads as zeros, as it did
 // before the grow (past the image's end), not as the backing file's bytes.
+// A pool refuses to remove an image its client still has open (it holds the image's watch and
+// lock); a directory does not. This store refuses removals as a pool does, and the renames of
+// the names in `refused` as a failing directory would.
+class PoolLikeStore final : public test::ForwardingStore {
+  public:
+    PoolLikeStore(std::unique_ptr<Store> inner, std::string dir, std::set<std::string>* refused)
+        : ForwardingStore(std::move(inner)), dir_(std::move(dir)), refused_(refused) {}
+    Status rename_noreplace(const std::string& from, const std::string& to) override {
+        if (refused_->count(from) != 0) {
+            return make_error(EIO, "renaming {}: injected", from);
+        }
+        return inner()->rename_noreplace(from, to);
+    }
+    Status remove(const std::string& name) override {
+        if (open_here(dir_ + "/" + name)) {
+            return make_error(EBUSY, "{} is still open", name);
+        }
+        return inner()->remove(name);
+    }
+
+  private:
+    // Whether this process has a descriptor of the file at `path`.
+    static bool open_here(const std::string& path) {
+        struct stat target {};
+        if (::stat(path.c_str(), &target) != 0) {
+            return false;
+        }
+        for (const auto& fd : std::filesystem::directory_iterator("/proc/self/fd")) {
+            struct stat st {};
+            if (::stat(fd.path().c_str(), &st) == 0 && st.st_dev == target.st_dev &&
+                st.st_ino == target.st_ino) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    std::string dir_;
+    std::set<std::string>* refused_;
+};
+
+class PoolLikeStoreTest : public ChainStateTest {
+  protected:
+    void SetUp() override {
+        ChainStateTest::SetUp();
+        wrap_store_ = [this](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
+            return std::make_unique<PoolLikeStore>(std::move(inner), dir_.path(), &refused_);
+        };
+    }
+    std::set<std::string> refused_;
+};
+
+// A snapshot whose new overlay cannot be renamed into place removes it again. It used to try
+// while still holding the overlay open, which a pool refuses: the .creating image stayed
+// behind until a later scan.
+TEST_F(PoolLikeStoreTest, AFailedSnapshotLeavesNoOverlayBehind) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    write_fill("vm", 0, 65536, 1);
+    std::vector<uint8_t> content = read_raw("vm");
+    refused_ = {creating_name("vm@s1.qcow2")};
+    EXPECT_EQ(control(".control/vm/snapshot", "s1"), EIO);
+    EXPECT_TRUE(hidden_files().empty()) << testing::PrintToString(hidden_files());
+    EXPECT_EQ(chain("vm"), std::vector<std::string>{"vm.qcow2"});
+    EXPECT_EQ(read_raw("vm"), content);
+    refused_.clear();
+    EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0) << images_->find("vm")->last_error;
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2", "vm.qcow2"}));
+}
+
 TEST_F(ChainStateTest, AGrownImageDoesNotShowItsLongerBackingFile) {
     REQUIRE_TOOL("qemu-io");
     make_qcow2("golden.qcow2", kSize);
