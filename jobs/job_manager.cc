@@ -21,19 +21,47 @@ namespace {
 
 constexpr size_t kKeptJobs = 64;  // concluded jobs kept for status, oldest dropped first
 
-// Guest bytes held (as data or zeros) by the layers above `base_index`: what a commit writes.
-Task<Result<uint64_t>> bytes_above(std::shared_ptr<Export> e, size_t base_index) {
+// Of the `bytes` at `offset` a commit writes into `base`: those where the base holds no data of
+// its own, whose writes allocate there. Where it does, the copy overwrites in place.
+Task<Result<uint64_t>> bytes_to_allocate(std::shared_ptr<Node> base, uint64_t offset,
+                                         uint64_t bytes) {
+    const uint64_t end = offset + bytes;
+    const uint64_t within = std::min(end, base->size());
+    uint64_t out = end - std::max(offset, within);  // past the base's end: it grows
+    for (uint64_t off = offset; off < within;) {
+        CO_TRY_ASSIGN(BlockStatus st, co_await base->block_status(off, within - off));
+        out += st.alloc == Alloc::kData ? 0 : st.bytes;
+        off += st.bytes;
+    }
+    co_return out;
+}
+
+struct CommitBytes {
+    uint64_t above = 0;     // held as data by the layers above the base: the copy
+    uint64_t allocate = 0;  // of those, where the base holds no data: the space it needs
+};
+
+// What a commit of `e` into layers[base_index] copies, and how much of it needs new space.
+// The space is an estimate, from below: an overwrite that still allocates (a qcow2 base's
+// compressed clusters, or clusters an internal snapshot shares) is not counted, and a commit
+// that runs out of space anyway fails as any write does, its chain unchanged. Counting every
+// byte above instead refused commits that needed nothing, on the nearly full disk where a user
+// commits to get an overlay's space back.
+Task<Result<CommitBytes>> commit_bytes(std::shared_ptr<Export> e, size_t base_index) {
     BlockBackend* be = e->backend.get();
+    std::shared_ptr<Node> base = e->chain.layers[base_index].node;
     const uint64_t size = be->size();
-    uint64_t total = 0;
+    CommitBytes out;
     for (uint64_t off = 0; off < size;) {
         CO_TRY_ASSIGN(ChainStatus st, co_await be->block_status_above(off, size - off));
         if (st.depth >= 0 && static_cast<size_t>(st.depth) < base_index && st.data) {
-            total += st.bytes;
+            out.above += st.bytes;
+            CO_TRY_ASSIGN(uint64_t allocate, co_await bytes_to_allocate(base, off, st.bytes));
+            out.allocate += allocate;
         }
         off += st.bytes;
     }
-    co_return total;
+    co_return out;
 }
 
 // Free bytes in the image directory (the query can block: it runs off the loop).
@@ -210,16 +238,16 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
         }
     }
     CO_TRY(co_await refuse_unserved_users(images_, e, base_index, "committing"));
-    CO_TRY_ASSIGN(uint64_t need, co_await bytes_above(e, base_index));
-    if (Result<uint64_t> free = co_await free_bytes(images_); free && need > *free) {
+    CO_TRY_ASSIGN(CommitBytes need, co_await commit_bytes(e, base_index));
+    if (Result<uint64_t> free = co_await free_bytes(images_); free && need.allocate > *free) {
         co_return make_error(ENOSPC,
-                             "{}: committing needs up to {} bytes in {}, but only {} "
-                             "are free",
-                             e->name, need, layers[base_index].file, *free);
+                             "{}: committing needs about {} bytes of new space in {}, but only "
+                             "{} are free",
+                             e->name, need.allocate, layers[base_index].file, *free);
     }
     CO_TRY(refuse_unfinished_edit(e.get()));
     CO_TRY(co_await claim_and_verify(e));
-    auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need);
+    auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need.above);
     record(job);
     scope_.spawn(run_job(std::move(job), std::move(e)));
     co_return Status{};

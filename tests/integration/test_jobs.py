@@ -424,6 +424,40 @@ class Commit(harness.ImageDirTest):
         m.stop()
 
 
+    def test_a_commit_that_overwrites_in_place_needs_no_space(self):
+        # The base holds data everywhere the overlay does: the commit overwrites it in place
+        # and needs no new space, on a disk with less free than the overlay holds. (It was
+        # refused with ENOSPC, on the nearly full disk where a commit gives space back.)
+        small = tempfile.mkdtemp(prefix="imgfs-small-")
+        self.addCleanup(shutil.rmtree, small, True)
+        run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", small])
+        self.addCleanup(run, ["umount", "-l", small], False)
+        with open(os.path.join(small, "base.raw"), "wb") as f:
+            f.write(os.urandom(24 * MiB))
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                 os.path.join(small, "base@s1.qcow2"), "24M")
+        m = harness.Mount(small)
+        self.mounts.append(m)
+        m.start()
+        fd = os.open(m.path("base.raw"), os.O_RDWR)
+        for i in range(20):
+            os.pwrite(fd, os.urandom(MiB), i * MiB)
+        os.fsync(fd)
+        os.close(fd)
+        with open(m.path("base.raw"), "rb") as f:
+            shown = f.read()
+        free = os.statvfs(small)
+        self.assertLess(free.f_bavail * free.f_frsize, 20 * MiB)
+        self.assertEqual(control(m, "base", "commit", "\n"), 0, m.info("base")["last_error"])
+        job = wait_job(m, "base")
+        self.assertFalse(job.get("error"), job)
+        self.assertEqual(chain(m, "base"), ["base.raw"])
+        with open(m.path("base.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown, "the commit changed what base.raw shows")
+        m.stop()
+        with open(os.path.join(small, "base.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown, "the base does not hold what was shown")
+
 class RevertStream(harness.ImageDirTest):
     def test_revert_restores_the_snapshot(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
