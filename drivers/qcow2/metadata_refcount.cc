@@ -224,9 +224,23 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
         CO_TRY(co_await file_->write(blocks_start << g_.cluster_bits,
                                      ConstBuf(blocks.data(), new_ranges.size() * cs)));
         CO_TRY(co_await sync());
-        // A block's own refcount lives in the block of the range it lands in, which is a later
-        // new range (blocks go after the run): the table points at that one first, durably, so
-        // a crash between entries leaves a leak, never a referenced block with refcount 0.
+        // A block's own refcount lives in the block of the range it lands in. That is a later
+        // new range (blocks go after the run), or a range that has a block already, when a
+        // range before it had none. The latter count goes to disk first, durably, before any
+        // table entry names the new block (refcount before reference, for refcount blocks).
+        bool counted_a_block = false;
+        for (uint64_t c : counted_elsewhere) {
+            if (c >= blocks_start) {
+                CO_TRY(co_await update_refcount(c, 1, false));
+                counted_a_block = true;
+            }
+        }
+        if (counted_a_block) {
+            CO_TRY(co_await write_back_refcounts());
+            CO_TRY(co_await sync());
+        }
+        // Among the new ranges, the table points at the later one first, durably, so a crash
+        // between entries leaves a leak, never a referenced block with refcount 0.
         for (size_t j = new_ranges.size(); j-- > 0;) {
             if (j + 1 < new_ranges.size()) {
                 CO_TRY(co_await sync());
@@ -241,7 +255,9 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
         }
     }
     for (uint64_t c : counted_elsewhere) {
-        CO_TRY(co_await update_refcount(c, 1, false));
+        if (c < blocks_start) {  // the new blocks were counted above
+            CO_TRY(co_await update_refcount(c, 1, false));
+        }
     }
     co_return HostRun{base << g_.cluster_bits, count};
 }
