@@ -470,19 +470,48 @@ Task<void> Metadata::punch_freed() {
     std::vector<uint64_t> candidates;
     candidates.swap(to_punch_);
     std::sort(candidates.begin(), candidates.end());
-    for (size_t i = 0; i < candidates.size(); ++i) {
-        const uint64_t c = candidates[i];
-        Result<uint64_t> rc = co_await get_refcount(c);
+    candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+    // Adjacent clusters still free go to the file as one punch: a guest's trim of many
+    // clusters costs a few calls under the metadata lock, not one per cluster.
+    size_t i = 0;
+    while (i < candidates.size()) {
+        const size_t run_first = i;
+        uint64_t run_start = 0;
+        uint64_t run_clusters = 0;
         Status st;
-        if (!rc) {
-            st = std::move(rc).error();
-        } else if (*rc == 0 && punching_.count(c) == 0 &&  // else reused, or in progress
-                   !metadata_clusters_.first_in(c, 1)) {   // a table a damaged count missed
-            // The allocator skips it until the hole is punched, so a punch can never land on
-            // a cluster that was handed out again.
-            punching_.insert(c);
-            st = co_await file_->discard(c << g_.cluster_bits, g_.cluster_size);
-            punching_.erase(c);
+        for (; i < candidates.size(); ++i) {
+            const uint64_t c = candidates[i];
+            if (run_clusters != 0 && c != run_start + run_clusters) {
+                break;
+            }
+            Result<uint64_t> rc = co_await get_refcount(c);
+            if (!rc) {
+                st = std::move(rc).error();
+                break;
+            }
+            const bool punchable = *rc == 0 && punching_.count(c) == 0 &&  // else reused, or
+                                   !metadata_clusters_.first_in(c, 1);     // a table a damaged
+                                                                           // count missed
+            if (!punchable) {
+                if (run_clusters != 0) {
+                    ++i;  // ends the run, and is itself done with
+                    break;
+                }
+                continue;
+            }
+            run_start = run_clusters == 0 ? c : run_start;
+            ++run_clusters;
+        }
+        if (st && run_clusters != 0) {
+            // The allocator skips these until the hole is punched, so a punch can never land
+            // on a cluster that was handed out again.
+            for (uint64_t c = run_start; c < run_start + run_clusters; ++c) {
+                punching_.insert(punching_.end(), c);
+            }
+            st = co_await file_->discard(run_start << g_.cluster_bits,
+                                         run_clusters << g_.cluster_bits);
+            punching_.erase(punching_.lower_bound(run_start),
+                            punching_.lower_bound(run_start + run_clusters));
         }
         if (!st) {
             if (!punch_failure_logged_ && env_.log != nullptr) {
@@ -492,7 +521,8 @@ Task<void> Metadata::punch_freed() {
                     name_, st.error().message());
             }
             punch_failure_logged_ = true;
-            to_punch_.insert(to_punch_.end(), candidates.begin() + static_cast<std::ptrdiff_t>(i),
+            to_punch_.insert(to_punch_.end(),
+                             candidates.begin() + static_cast<std::ptrdiff_t>(run_first),
                              candidates.end());
             co_return;
         }
