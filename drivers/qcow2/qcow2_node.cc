@@ -126,7 +126,17 @@ Task<Status> Qcow2Node::read_guest(uint64_t offset, MutBuf buf) {
         buf = buf.first(valid);
     }
     while (!buf.empty()) {
-        CO_TRY_ASSIGN(ReadExtent x, co_await meta_->map(offset, buf.size()));
+        // Taken before map(): the clusters it names are held until the read is done. map()
+        // can suspend after reading the entry (checking the refcounts of clusters past the
+        // end of the file), and a cluster freed and handed out again meanwhile would show the
+        // read another region's data.
+        const uint64_t ticket = meta_->begin_data_read();
+        Result<ReadExtent> mapped = co_await meta_->map(offset, buf.size());
+        if (!mapped || (mapped->kind != ReadExtent::Kind::kData &&
+                        mapped->kind != ReadExtent::Kind::kCompressed)) {
+            meta_->end_data_read(ticket);  // nothing of this file to read
+        }
+        CO_TRY_ASSIGN(ReadExtent x, std::move(mapped));
         MutBuf part = buf.first(x.bytes);
         switch (x.kind) {
             case ReadExtent::Kind::kZero:
@@ -134,8 +144,6 @@ Task<Status> Qcow2Node::read_guest(uint64_t offset, MutBuf buf) {
                 break;
             case ReadExtent::Kind::kData:
             case ReadExtent::Kind::kCompressed: {
-                // Straight after map(): the clusters it named are held until the read is done.
-                const uint64_t ticket = meta_->begin_data_read();
                 Status st;
                 if (x.kind == ReadExtent::Kind::kData) {
                     st = co_await file()->read(x.host_offset, part);
