@@ -19,6 +19,7 @@
 // Errors fail towards leaked clusters: a cluster is referenced only after its refcount is.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -134,7 +135,13 @@ class Metadata {
         return read_seq_;
     }
     void end_data_read(uint64_t ticket) {
+        const bool oldest = !reads_in_flight_.empty() && *reads_in_flight_.begin() == ticket;
         reads_in_flight_.erase(ticket);
+        if (oldest && !freed_under_reads_.empty()) {
+            // Some clusters held for the reads may be free now: the allocator's scan skipped
+            // them, so it starts from the lowest again (held_for_reads tells which).
+            free_hint_ = std::min(free_hint_, freed_under_reads_.begin()->first);
+        }
         if (reads_in_flight_.empty()) {
             freed_under_reads_.clear();
         }
@@ -197,6 +204,8 @@ class Metadata {
 
     // Statistics for info and tests.
     [[nodiscard]] uint64_t allocated_clusters_hint() const { return end_cluster_; }
+    /// For tests: clusters the allocator's scans have looked at so far.
+    [[nodiscard]] uint64_t clusters_scanned() const { return clusters_scanned_; }
 
   private:
     Metadata(NodeEnv env, Child* file, std::string name, Options options);
@@ -284,7 +293,13 @@ class Metadata {
     Task<Status> update_refcount(uint64_t cluster, int64_t delta, bool punch_if_freed,
                                  Reuse reuse = Reuse::kNow);
     /// The tables are durable: clusters held for that may be handed out again.
-    void tables_durable() { freed_unflushed_.clear(); }
+    void tables_durable() {
+        // Reusable now: the allocator's scan skipped them, so it starts from them again.
+        if (!freed_unflushed_.empty()) {
+            free_hint_ = std::min(free_hint_, *freed_unflushed_.begin());
+        }
+        freed_unflushed_.clear();
+    }
     /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
     Task<Result<HostRun>> alloc_at_end(uint64_t count);
@@ -338,7 +353,8 @@ class Metadata {
     [[maybe_unused]] bool debug_checks_off_ = false;  // inconsistent when opened (debug checks)
 
     // Allocation state.
-    uint64_t free_hint_ = 0;    // no free cluster below this index
+    uint64_t free_hint_ = 0;  // no free cluster below this index (see alloc_clusters)
+    uint64_t clusters_scanned_ = 0;
     uint64_t end_cluster_ = 0;  // first cluster index past everything allocated
     // Clusters whose refcount dropped to 0 and whose host range should be punched once the
     // metadata no longer pointing at them is durable; and those being punched right now, which

@@ -99,8 +99,11 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     const uint64_t hint = free_hint_;
     uint64_t start = hint;
     uint64_t idx = hint;
-    // Lowest cluster the scan saw that is free, or will be once its hole is punched or its
-    // freeing is flushed: the next scan starts there. From the hint up to it, all are in use.
+    // Lowest cluster the scan saw that is free: the next scan starts there. From the hint up
+    // to it, all are in use or held back. Held-back clusters (a punch or a flush to wait for,
+    // reads that may still see them) do not keep the hint: counted as free, every allocation
+    // walked all of them again until the next flush (millions after a large trim). Whoever
+    // releases them lowers the hint instead (tables_durable, punch_freed, end_data_read).
     uint64_t first_free = UINT64_MAX;
     // Free clusters inside the image first; what cannot be found there comes from the end.
     // Not past the file's end and a margin: a damaged refcount table can claim clusters far
@@ -108,6 +111,7 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     const uint64_t file_clusters = (file_->node()->size() + g_.cluster_size - 1) >> g_.cluster_bits;
     const uint64_t scan_end = std::min(end_cluster_, file_clusters + kMaxClustersPastEof);
     while (idx < scan_end && idx - start < count) {
+        ++clusters_scanned_;
         uint64_t ri = idx / entries;
         if (ri >= refcount_table_.size() || (refcount_table_[ri] & ~kRefTableReservedMask) == 0) {
             // A range without a refcount block holds nothing of ours; it is not reused here
@@ -125,7 +129,7 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
             CO_TRY_ASSIGN(uint64_t rc, co_await get_refcount(idx));
             used = rc != 0;
         }
-        if (!used || pending) {
+        if (!used) {
             first_free = std::min(first_free, idx);
         }
         if (!used) {
