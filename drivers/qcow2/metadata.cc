@@ -200,9 +200,8 @@ void Metadata::index_l2_overlaps() {
             continue;
         }
         if (auto [named, fresh] = table_of.emplace(off / cs, i); !fresh) {
-            const uint64_t j = named->second;
-            l2_named_twice_[i] = {off, j};
-            l2_named_twice_[j] = {off, i};
+            l2_named_twice_[i] = off;
+            l2_named_twice_[named->second] = off;
         }
         if ((l1_[i] & kOflagCopied) == 0) {
             continue;  // shared with a snapshot: copied before it is changed

@@ -392,8 +392,8 @@ class Metadata {
     // through it is harmless, but a write in place (COPIED) would change what both ranges
     // show, and a copy would free the table under the other entry if its count does not
     // cover both: l2_for_write refuses those (EIO) while the entry is unchanged.
-    // Maps to the table's offset and the other entry's index.
-    std::unordered_map<uint64_t, std::pair<uint64_t, uint64_t>> l2_named_twice_;
+    // Maps to the table's offset; l2_for_write finds which entries name it at the time.
+    std::unordered_map<uint64_t, uint64_t> l2_named_twice_;
     // The same for refcount blocks lying on other structures, by refcount table index. A
     // count updated there would be written over that structure.
     std::unordered_map<uint64_t, std::pair<uint64_t, std::string>> refblock_overlaps_;

@@ -150,20 +150,29 @@ Task<Result<TableCache::Ref>> Metadata::l2_for_write(uint64_t l1_index) {
     if (Status st = check_l1_entry(l1_index, entry); !st) {
         co_return co_await corruption(st.error().context);
     }
-    if (auto it = l2_named_twice_.find(l1_index); it != l2_named_twice_.end() &&
-                                                  it->second.first == off &&
-                                                  (l1_[it->second.second] & kOffsetMask) == off) {
-        // In place, the write would change the other entry's range too. A copy is fine while
-        // the table's count covers the other entry: the count drops, and the table stays.
-        bool refuse = (entry & kOflagCopied) != 0;
-        if (!refuse) {
+    if (auto it = l2_named_twice_.find(l1_index);
+        it != l2_named_twice_.end() && it->second == off) {
+        // The entries that still name the table now (one of them may have been given a copy
+        // since the index was made, and there may be more than one other).
+        uint64_t others = 0;
+        uint64_t other = 0;
+        for (uint64_t j = 0; j < l1_.size(); ++j) {
+            if (j != l1_index && (l1_[j] & kOffsetMask) == off) {
+                ++others;
+                other = j;
+            }
+        }
+        // In place, the write would change the other entries' ranges too. A copy is fine while
+        // the table's count covers them all: the count drops by one, and the table stays.
+        bool refuse = others != 0 && (entry & kOflagCopied) != 0;
+        if (others != 0 && !refuse) {
             CO_TRY_ASSIGN(uint64_t count, co_await get_refcount(off >> g_.cluster_bits));
-            refuse = count < 2;
+            refuse = count < others + 1;
         }
         if (refuse) {
             co_return co_await corruption(
                 fmt::format("L1 entry {}: its L2 table at {:#x} is the L2 table of L1 entry {} too",
-                            l1_index, off, it->second.second));
+                            l1_index, off, other));
         }
     }
     if ((entry & kOflagCopied) == 0) {

@@ -280,6 +280,48 @@ TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesIsNotWrittenThrough) {
     expect_unchanged(img, before, first & qcow2::kOffsetMask, 512, "the shared L2 table");
 }
 
+// Three entries naming one table, COPIED on the middle one only, counts of 3. A write through
+// the first copies the table (the count covers all three). The middle one then still shares
+// the table with the third: its write in place would change the third's range. It was checked
+// against the first entry only (which had moved), and went through.
+TEST_F(CrossCheckTest, AnL2TableNamedByThreeL1EntriesIsNotWrittenInPlace) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = one_table_image(dir);
+    const uint64_t l1 = test::be64_at(img, 40);
+    const uint64_t l2 = test::be64_at(img, l1) & qcow2::kOffsetMask;
+    const uint64_t data = test::be64_at(img, l2) & qcow2::kOffsetMask;
+    test::put_be64_at(img, l1, l2);                            // L1[0]: 0 on
+    test::put_be64_at(img, l1 + 8, l2 | qcow2::kOflagCopied);  // L1[1]: 32 KiB on
+    test::put_be64_at(img, l1 + 16, l2);                       // L1[2]: 64 KiB on
+    test::put_be64_at(img, l2, data);
+    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));
+    std::vector<uint8_t> bytes = test::read_file(img);
+    for (uint64_t cluster : {l2 / 512, data / 512}) {
+        bytes[refblock + cluster * 2] = 0;  // 16-bit counts
+        bytes[refblock + cluster * 2 + 1] = 3;
+    }
+    test::write_file(img, bytes);
+    {
+        Stack s = open(img);
+        ASSERT_TRUE(run(s.node->write(4096, std::vector<uint8_t>(512, 0x22))).ok());
+        Status st = run(s.node->write(32768 + 4096, std::vector<uint8_t>(512, 0x33)));
+        EXPECT_FALSE(st.ok()) << "a write in place into a table L1 entry 2 names too";
+        if (!st.ok()) {
+            EXPECT_NE(st.error().message().find("is the L2 table of L1 entry 2 too"),
+                      std::string::npos)
+                << st.error().message();
+        }
+        std::vector<uint8_t> shown(512);
+        ASSERT_TRUE(run(s.node->read(65536 + 4096, shown)).ok());
+        EXPECT_EQ(shown, std::vector<uint8_t>(512, 0)) << "L1 entry 2's range changed";
+        ASSERT_TRUE(run(s.node->read(65536, shown)).ok());
+        EXPECT_EQ(shown, std::vector<uint8_t>(512, 0x11));
+        (void)run(s.node->close());
+        users_.clear();
+    }
+}
+
 // The same sharing with COPIED on neither entry and counts that cover both (the table's and its
 // data clusters' counts are 2): a consistent image, which qemu-img check accepts. A write
 // through either entry copies the table, as for a table shared with a snapshot.
