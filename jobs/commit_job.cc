@@ -341,6 +341,10 @@ Task<void> CommitJob::finish() {
 // Pivot and finish under one hold of the image's lock (no other graph change in between).
 Task<Status> CommitJob::complete() {
     TimedMutex::Guard locked = co_await image()->ops.lock();
+    // A range a failed guest write left dirty is copied again below, under the image's lock:
+    // at the job's rate limit that would hold every snapshot, revert and rescan of the image
+    // for as long as the copy takes. The job cannot be cancelled any more anyway.
+    lift_speed_limit();
     for (int attempt = 1;; ++attempt) {
         Result<bool> pivoted = co_await pivot();
         if (pivoted && *pivoted) {

@@ -63,8 +63,9 @@ class Job : public ChildOwner {
     Status pause();
     Status resume();
     Status set_speed(uint64_t bytes_per_s);
-    /// Shutdown: a job too far on to be cancelled (completing) finishes at full speed, in any
-    /// state; a rate limit would hold the unmount for as long as its copy takes at that rate.
+    /// Shutdown, and a commit's switch under the image's lock: a job too far on to be
+    /// cancelled (completing) finishes at full speed, in any state; a rate limit would hold
+    /// the unmount, or the image, for as long as its copy takes at that rate.
     void lift_speed_limit() { speed_bytes_per_s_ = 0; }
 
     /// {"id":..,"type":..,"image":..,"state":..,"done_bytes":..,"total_bytes":..,"speed":..,

@@ -692,6 +692,30 @@ TEST_F(ChainStateTest, UnmountDoesNotWaitForARateLimitedCopyOfACompletingJob) {
         << (images_->problems().empty() ? "" : images_->problems().front().reason);
 }
 
+// The same copy again, without an unmount: it runs under the image's lock, so at the job's rate
+// limit it held every snapshot, revert and rescan of the image (10 s, then EBUSY) for as long
+// as the copy took. Under the lock, a completing commit copies at full speed.
+TEST_F(ChainStateTest, ACompletingCommitDoesNotHoldTheImageAtItsRateLimit) {
+    make_qcow2("vm.qcow2", kSize);
+    ImageSetOptions options;
+    gate_files(&options);
+    start(options);
+    write_fill("vm", 0, 4 << 20, 1);
+    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+    write_fill("vm", 0, 4 << 20, 2);
+    std::shared_ptr<Export> e = images_->find("vm");
+    TimedMutex::Guard held;
+    ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
+    held = TimedMutex::Guard();
+    const auto t0 = std::chrono::steady_clock::now();
+    wait_job("vm");
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+    EXPECT_EQ(job_error("vm"), "");
+    EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm.qcow2"}));
+    e.reset();
+}
+
 // A stream that finishes deletes the image's own older layers once it found no other user. A
 // clone made on one of them after that check, and exported by a rescan, lost its backing file
 // under its export. The layers are marked as changing from the check on: the rescan does not
