@@ -4,6 +4,11 @@
 //
 // What runs on the worker must be self-contained: plain syscalls on values it was given. It
 // never touches the graph, nodes or anything else of the loop thread.
+//
+// One worker, so calls run one at a time in the order they were made. Callers rely on that:
+// a finishing stream's check that no unserved image uses the layers it deletes completes
+// before a later rescan lists the directory (StreamJob::finish marks them only after it).
+// More workers would need those marks made before the check.
 #pragma once
 
 #include <condition_variable>
