@@ -247,6 +247,17 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
     }
     CO_TRY(refuse_unfinished_edit(e.get()));
     CO_TRY(co_await claim_and_verify(e));
+    const std::string base_name = layers[base_index].file;
+    if (const std::string becomes =
+            export_name_of(base_name, images_->store()->caps().snapshot_separator);
+        becomes != e->name) {
+        // The image is served under its root's name: a user who meant to keep the name wants
+        // to know before the switch (a stream keeps it).
+        images_->env().log->warn(
+            "{}: committing into {}, which becomes the chain's root: once {}.raw is closed, a "
+            "rescan or the next mount serves this image as {}.raw",
+            e->name, base_name, e->name, becomes);
+    }
     auto job = std::make_shared<CommitJob>(images_, next_id_++, e, base_index, need.above);
     record(job);
     scope_.spawn(run_job(std::move(job), std::move(e)));

@@ -424,6 +424,31 @@ class Commit(harness.ImageDirTest):
         m.stop()
 
 
+    def test_a_commit_into_a_base_of_another_name_serves_the_image_under_that_name(self):
+        # The image is served under its root's name: committing vm1.qcow2 into golden.qcow2
+        # makes golden.qcow2 the root. The commit warns in the log when it starts; the next
+        # rescan (vm1.raw closed) serves the image as golden.raw.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("golden.qcow2"), "8M")
+        qemu_io(self.img("golden.qcow2"), "write -P 1 0 8M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "golden.qcow2", "-F", "qcow2",
+                 self.img("vm1.qcow2"), "8M")
+        m = self.mount()
+        fd = os.open(m.path("vm1.raw"), os.O_RDWR)
+        os.pwrite(fd, b"\x02" * MiB, 0)
+        os.close(fd)
+        with open(m.path("vm1.raw"), "rb") as f:
+            shown = f.read()
+        self.assertEqual(control(m, "vm1", "commit", "\n"), 0, m.info("vm1")["last_error"])
+        job = wait_job(m, "vm1")
+        self.assertFalse(job.get("error"), job)
+        self.assertIn("serves this image as golden.raw", m.read_log())
+        self.assertEqual(chain(m, "vm1"), ["golden.qcow2"])
+        self.assertEqual(control(m, None, "rescan", "\n"), 0, m.read_log())
+        self.assertEqual(sorted(n for n in os.listdir(m.mountpoint) if n.endswith(".raw")),
+                         ["golden.raw"])
+        with open(m.path("golden.raw"), "rb") as f:
+            self.assertTrue(f.read() == shown)
+
     def test_a_commit_that_overwrites_in_place_needs_no_space(self):
         # The base holds data everywhere the overlay does: the commit overwrites it in place
         # and needs no new space, on a disk with less free than the overlay holds. (It was
