@@ -150,7 +150,9 @@ Status Job::set_speed(uint64_t bytes_per_s) {
     if (!job_verb_allowed(JobVerb::kSetSpeed, state_)) {
         return make_error(EBUSY, "job {} is {}", id_, job_state_name(state_));
     }
-    speed_bytes_per_s_ = bytes_per_s;
+    // Once lifted (shutdown, a commit's switch) the limit stays off: the copy left runs
+    // under the image's lock or holds the unmount.
+    speed_bytes_per_s_ = speed_lifted_ ? 0 : bytes_per_s;
     window_start_ = std::chrono::steady_clock::now();
     window_bytes_ = 0;
     return {};

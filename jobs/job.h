@@ -66,7 +66,11 @@ class Job : public ChildOwner {
     /// Shutdown, and a commit's switch under the image's lock: a job too far on to be
     /// cancelled (completing) finishes at full speed, in any state; a rate limit would hold
     /// the unmount, or the image, for as long as its copy takes at that rate.
-    void lift_speed_limit() { speed_bytes_per_s_ = 0; }
+    /// For good: a later `speed` is accepted and has no effect.
+    void lift_speed_limit() {
+        speed_bytes_per_s_ = 0;
+        speed_lifted_ = true;
+    }
 
     /// {"id":..,"type":..,"image":..,"state":..,"done_bytes":..,"total_bytes":..,"speed":..,
     ///  "error":..}, and "base" for a commit (the layer it merges into).
@@ -102,6 +106,7 @@ class Job : public ChildOwner {
     std::string error_;
     bool cancelled_ = false;
     uint64_t speed_bytes_per_s_ = 0;  // 0: unlimited
+    bool speed_lifted_ = false;       // see lift_speed_limit()
     uint64_t done_bytes_ = 0;
     uint64_t total_bytes_ = 0;
     // Rate limiting: bytes done since `window_start_`.

@@ -708,6 +708,8 @@ TEST_F(ChainStateTest, ACompletingCommitDoesNotHoldTheImageAtItsRateLimit) {
     ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));
     ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
     held = TimedMutex::Guard();
+    // And a limit set again once the switch has lifted it has no effect either.
+    ASSERT_EQ(control(".control/vm/job", "speed 1"), 0);
     const auto t0 = std::chrono::steady_clock::now();
     wait_job("vm");
     EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
