@@ -511,7 +511,7 @@ Task<void> Metadata::punch_freed() {
                                          run_clusters << g_.cluster_bits);
             punching_.erase(punching_.lower_bound(run_start),
                             punching_.lower_bound(run_start + run_clusters));
-            free_hint_ = std::min(free_hint_, run_start);  // reusable again (alloc_clusters)
+            release_to_allocator(run_start);  // reusable again (alloc_clusters)
         }
         if (!st) {
             if (!punch_failure_logged_ && env_.log != nullptr) {

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <set>
@@ -134,18 +135,7 @@ class Metadata {
         reads_in_flight_.insert(++read_seq_);
         return read_seq_;
     }
-    void end_data_read(uint64_t ticket) {
-        const bool oldest = !reads_in_flight_.empty() && *reads_in_flight_.begin() == ticket;
-        reads_in_flight_.erase(ticket);
-        if (oldest && !freed_under_reads_.empty()) {
-            // Some clusters held for the reads may be free now: the allocator's scan skipped
-            // them, so it starts from the lowest again (held_for_reads tells which).
-            free_hint_ = std::min(free_hint_, freed_under_reads_.begin()->first);
-        }
-        if (reads_in_flight_.empty()) {
-            freed_under_reads_.clear();
-        }
-    }
+    void end_data_read(uint64_t ticket);
 
     /// Plans the first part of a write of [offset, offset + bytes). The caller holds a tracked
     /// range over the clusters it touches, which keeps the answer valid. With `allocate` false
@@ -296,9 +286,16 @@ class Metadata {
     void tables_durable() {
         // Reusable now: the allocator's scan skipped them, so it starts from them again.
         if (!freed_unflushed_.empty()) {
-            free_hint_ = std::min(free_hint_, *freed_unflushed_.begin());
+            release_to_allocator(*freed_unflushed_.begin());
         }
         freed_unflushed_.clear();
+    }
+    /// A cluster the allocator skipped while it was held back is free for it now: no free
+    /// cluster may lie below the hint, also when this happens while a scan runs (it suspends
+    /// on refcount block reads), which would otherwise set the hint past it on its way out.
+    void release_to_allocator(uint64_t cluster) {
+        free_hint_ = std::min(free_hint_, cluster);
+        released_low_ = std::min(released_low_, cluster);
     }
     /// Up to `count` contiguous clusters (exactly `count` if `exact`), now with refcount 1.
     Task<Result<HostRun>> alloc_clusters(uint64_t count, bool exact);
@@ -378,7 +375,13 @@ class Metadata {
     uint64_t read_seq_ = 0;
     std::set<uint64_t> reads_in_flight_;
     std::map<uint64_t, uint64_t> freed_under_reads_;
+    // The same entries as (ticket, cluster) in the order they were made, so tickets only grow:
+    // when the oldest read ends, those it released are at the front (an entry whose cluster
+    // was freed again since, with a later ticket, no longer matches the map and is skipped).
+    std::deque<std::pair<uint64_t, uint64_t>> freed_under_reads_order_;
     bool held_for_reads(uint64_t cluster);
+    // The lowest cluster released to the allocator since its current scan began.
+    uint64_t released_low_ = UINT64_MAX;
     // Host clusters holding active metadata, for the overlap check on data writes.
     ClusterSet metadata_clusters_;
     // Active L1 entries (by index) whose L2 table, as the image was opened, is not a table of

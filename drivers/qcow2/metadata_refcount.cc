@@ -60,7 +60,7 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
     store_refcount(g_, ref.data(), cluster % g_.refblock_entries, updated);
     refblock_cache_.mark_dirty(ref);
     if (updated == 0) {
-        free_hint_ = std::min(free_hint_, cluster);
+        release_to_allocator(cluster);
         const bool was_metadata = metadata_clusters_.erase(cluster);
         // A freed L2 table must not come back out of the cache when its cluster is reused
         // (a new table there would start as the old one's mappings). Only tables: a forget
@@ -73,12 +73,34 @@ Task<Status> Metadata::update_refcount(uint64_t cluster, int64_t delta, bool pun
         }
         if (!reads_in_flight_.empty()) {
             freed_under_reads_[cluster] = read_seq_;
+            freed_under_reads_order_.emplace_back(read_seq_, cluster);
         }
         if (punch_if_freed) {
             to_punch_.push_back(cluster);
         }
     }
     co_return Status{};
+}
+
+void Metadata::end_data_read(uint64_t ticket) {
+    reads_in_flight_.erase(ticket);
+    const uint64_t oldest = reads_in_flight_.empty() ? UINT64_MAX : *reads_in_flight_.begin();
+    // Entries whose ticket is below the oldest read still running are released. Those held
+    // back for another reason as well are released by that (tables_durable, punch_freed): the
+    // hint goes back only to clusters that are free now, else every later allocation would
+    // walk the held ones again.
+    while (!freed_under_reads_order_.empty() && freed_under_reads_order_.front().first < oldest) {
+        const auto [seq, cluster] = freed_under_reads_order_.front();
+        freed_under_reads_order_.pop_front();
+        auto it = freed_under_reads_.find(cluster);
+        if (it == freed_under_reads_.end() || it->second != seq) {
+            continue;
+        }
+        freed_under_reads_.erase(it);
+        if (freed_unflushed_.count(cluster) == 0 && punching_.count(cluster) == 0) {
+            release_to_allocator(cluster);
+        }
+    }
 }
 
 bool Metadata::held_for_reads(uint64_t cluster) {
@@ -96,6 +118,7 @@ bool Metadata::held_for_reads(uint64_t cluster) {
 Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     assert(count > 0);
     const uint64_t entries = g_.refblock_entries;
+    released_low_ = UINT64_MAX;  // see release_to_allocator
     const uint64_t hint = free_hint_;
     uint64_t start = hint;
     uint64_t idx = hint;
@@ -144,14 +167,18 @@ Task<Result<HostRun>> Metadata::alloc_clusters(uint64_t count, bool exact) {
     uint64_t got = std::min(idx - start, count);
     if (got == 0 || (exact && got < count)) {
         // Nothing from the hint up to first_free (or the end) is free: don't scan it again.
-        free_hint_ = std::min(first_free, idx);
+        free_hint_ = std::min({first_free, idx, released_low_});
         co_return co_await alloc_at_end(count);
     }
     CO_TRY(check_host_end(start + got));
     // A skipped shorter run (exact mode) stays findable.
-    free_hint_ = first_free < start ? first_free : start + got;
+    free_hint_ = std::min(first_free < start ? first_free : start + got, released_low_);
     for (uint64_t c = start; c < start + got; ++c) {
-        CO_TRY(co_await update_refcount(c, 1, false));
+        if (Status st = co_await update_refcount(c, 1, false); !st) {
+            // The clusters counted so far leak; the rest of the run is still free.
+            release_to_allocator(c);
+            co_return std::move(st).error();
+        }
     }
     co_return HostRun{start << g_.cluster_bits, got};
 }
@@ -257,6 +284,10 @@ Task<Result<HostRun>> Metadata::alloc_at_end(uint64_t count) {
             }
             metadata_clusters_.insert(blocks_start + j);
         }
+        // A range that had no block was skipped by the allocator's scans, and may hold free
+        // clusters below the run (an earlier allocation that failed after claiming them):
+        // counted now, they can be handed out.
+        release_to_allocator(*std::min_element(new_ranges.begin(), new_ranges.end()) * entries);
     }
     for (uint64_t c : counted_elsewhere) {
         if (c < blocks_start) {  // the new blocks were counted above
@@ -412,6 +443,10 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     refcount_table_ = std::move(table);
     end_cluster_ = std::max(end_cluster_, area_end);
     metadata_clusters_.insert(start, area_end - start);
+    if (!new_ranges.empty()) {
+        // As in alloc_at_end: free clusters of a range that had no block are reusable now.
+        release_to_allocator(*std::min_element(new_ranges.begin(), new_ranges.end()) * entries);
+    }
     // The old table is referenced by nothing now.
     CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
     co_return Status{};

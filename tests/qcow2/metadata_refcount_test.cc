@@ -59,5 +59,61 @@ TEST_F(MetadataRefcountTest, ClustersHeldBackAfterATrimAreWalkedOnce) {
     EXPECT_EQ(raw[32 << 20], 0x22);
 }
 
+// The same trim while a read is in flight: the trimmed clusters are held for that read too.
+// When it ended, the hint went back to the lowest of them although the flush still held them
+// all, and the next allocation walked them all again (each time the oldest read ended).
+TEST_F(MetadataRefcountTest, AReadEndingDoesNotSendTheAllocatorBackOverHeldClusters) {
+    REQUIRE_TOOL("qemu-img");
+    REQUIRE_TOOL("qemu-io");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
+               "' 64M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    Stack s = open(img);
+    qcow2::Metadata* meta = s.node->metadata();
+    const uint64_t read = meta->begin_data_read();  // a read of some cluster, still running
+    ASSERT_TRUE(run(s.node->write_zeroes(0, 8 << 20, true)).ok());
+    const uint64_t scanned_before = meta->clusters_scanned();
+    std::vector<uint8_t> block(4096, 0x22);
+    for (int i = 0; i < 64; ++i) {
+        if (i == 32) {
+            meta->end_data_read(read);
+        }
+        ASSERT_TRUE(run(s.node->write((16 << 20) + uint64_t(i) * 8192, block)).ok());
+    }
+    EXPECT_LT(meta->clusters_scanned() - scanned_before, 2048U + 4 * 64)
+        << "the end of the read sent the allocator back over the held clusters";
+    ASSERT_TRUE(run(s.node->close()).ok());
+    users_.clear();
+}
+
+// Without lazy refcounts the trimmed clusters are held only for the read (the tables that
+// dropped them are durable at the next allocation). Once the read ends they are reused: the
+// allocator's hint had moved past them while they were held.
+TEST_F(MetadataRefcountTest, ClustersHeldForAReadAreReusedOnceItEnds) {
+    REQUIRE_TOOL("qemu-img");
+    REQUIRE_TOOL("qemu-io");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 64M");
+    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    Stack s = open(img);
+    qcow2::Metadata* meta = s.node->metadata();
+    const uint64_t read = meta->begin_data_read();
+    ASSERT_TRUE(run(s.node->write_zeroes(0, 8 << 20, true)).ok());
+    std::vector<uint8_t> block(4096, 0x22);
+    ASSERT_TRUE(run(s.node->write(16 << 20, block)).ok());  // not into a held cluster
+    meta->end_data_read(read);
+    const uint64_t end = meta->allocated_clusters_hint();
+    for (int i = 1; i < 64; ++i) {
+        ASSERT_TRUE(run(s.node->write((16 << 20) + uint64_t(i) * 8192, block)).ok());
+    }
+    EXPECT_EQ(meta->allocated_clusters_hint(), end)
+        << "the clusters held for the read were not reused after it ended";
+    ASSERT_TRUE(run(s.node->close()).ok());
+    users_.clear();
+}
+
 }  // namespace
 }  // namespace imgfs
