@@ -556,12 +556,18 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         if (e != nullptr && e->removed) {
             co_return FuseReply::err(ENODEV);
         }
+        const std::string_view written(reinterpret_cast<const char*>(req->payload.data()),
+                                       req->payload.size());
+        const bool line_ends = !written.empty() && written.back() == '\n';
         if (h->split_line) {
+            // The rest of a line refused as too long; the write that ends it ends the refusal,
+            // and the handle takes commands again.
+            h->split_line = !line_ends;
             co_return FuseReply::err(EINVAL);
         }
-        // Set before the write runs: a piece of the same line may arrive while it does.
-        h->split_line = may_be_a_piece(std::string_view(
-            reinterpret_cast<const char*>(req->payload.data()), req->payload.size()));
+        // Set before the write runs: a piece of the same line may arrive while it does. A
+        // long write that ends its line is refused whole, and what follows is a new line.
+        h->split_line = may_be_a_piece(written) && !line_ends;
         std::string text(reinterpret_cast<const char*>(req->payload.data()), req->payload.size());
         Status st = co_await control_->write(e, h->file, std::move(text), req->header->pid);
         if (!st) {

@@ -415,6 +415,14 @@ TEST_F(ExportFsTest, ALongLineInPiecesIsRefusedWhole) {
     errors = control_writes(".control/a/snapshot", {"s2\n", "s3\n"});
     EXPECT_EQ(errors, (std::vector<int>{0, 0}));
     EXPECT_EQ(chain("a").size(), 3U);
+    // Once the refused line has ended, the same handle takes commands again (it refused
+    // every later write on it).
+    errors = control_writes(".control/a/snapshot", {std::string(600, ' '), "\n", "s4\n"});
+    EXPECT_EQ(errors, (std::vector<int>{EINVAL, EINVAL, 0}));
+    EXPECT_EQ(chain("a").size(), 4U);
+    errors = control_writes(".control/a/snapshot", {std::string(4095, ' ') + "\n", "s5\n"});
+    EXPECT_EQ(errors, (std::vector<int>{EINVAL, 0}));
+    EXPECT_EQ(chain("a").size(), 5U);
     // 4095 bytes with the newline is not refused for its length (whatever the command says).
     (void)control(".control/b/snapshot", "s4" + std::string(4092, ' ') + "\n");
     EXPECT_EQ(read_text(".control/b/info").find("bytes or more"), std::string::npos);
