@@ -65,6 +65,10 @@ void append_dirent(std::vector<uint8_t>* out, uint64_t ino, uint64_t next, uint3
 
 }  // namespace
 
+// A disk is a whole number of sectors: qcow2 stores no other size (QEMU rounds one down, and a
+// snapshot of such an image could not be created), so NAME.raw only grows by whole sectors.
+constexpr uint64_t kSectorBytes = 512;
+
 struct ExportFs::Handle {
     uint64_t ino = 0;
     std::shared_ptr<Export> e;  // null for global files
@@ -408,6 +412,13 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
                 log_->warn("{}.raw: refusing to shrink from {} to {} bytes", r.e->name, cur,
                            in.size);
                 co_return FuseReply::err(EPERM);
+            }
+            if (in.size > cur && in.size % kSectorBytes != 0) {
+                log_->warn(
+                    "{}.raw: refusing to grow to {} bytes, not a whole number of {}-byte "
+                    "sectors",
+                    r.e->name, in.size, kSectorBytes);
+                co_return FuseReply::err(EINVAL);
             }
             if (in.size > cur) {
                 Status st = co_await claim_for(r.e, "truncate");
@@ -780,6 +791,9 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
     }
     if (in.mode == keep || (in.mode == 0 && end <= r.e->backend->size())) {
         co_return FuseReply::err(0);
+    }
+    if ((in.mode & keep) == 0 && end > r.e->backend->size() && end % kSectorBytes != 0) {
+        co_return FuseReply::err(EINVAL);  // it would grow the disk by part of a sector
     }
     Status st = co_await claim_for(r.e, "fallocate");
     BlockBackend* be = r.e->backend.get();

@@ -72,6 +72,24 @@ TEST_F(ExportFsTest, ReadsWritesAndAttributesThroughBuiltRequests) {
     EXPECT_NE(read_text(".control/vm/info").find("\"name\":\"vm\""), std::string::npos);
 }
 
+// A disk is a whole number of sectors. NAME.raw grown to 16 MiB + 1 byte made a qcow2 image
+// of that size, which QEMU rounds down and of which no snapshot could be made (a new qcow2
+// file refuses such a size); the grow is refused, and whole sectors still grow it.
+TEST_F(ExportFsTest, NameRawGrowsOnlyByWholeSectors) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    const uint64_t raw = ino("vm.raw");
+    EXPECT_EQ(run(setattr_size_task(raw, kSize + 1)).error, EINVAL);
+    const uint64_t fh = open(raw, O_RDWR);
+    EXPECT_EQ(run(fallocate_task(raw, fh, 0, kSize, 1000)).error, EINVAL);
+    EXPECT_EQ(run(fallocate_task(raw, fh, FALLOC_FL_ZERO_RANGE, kSize - 512, 1000)).error, EINVAL);
+    release(raw, fh);
+    EXPECT_EQ(run(getattr_task(raw)).as<fuse_attr_out>().attr.size, kSize);
+    EXPECT_EQ(run(setattr_size_task(raw, kSize + 512)).error, 0);
+    EXPECT_EQ(run(getattr_task(raw)).as<fuse_attr_out>().attr.size, kSize + 512);
+    EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0) << images_->find("vm")->last_error;
+}
+
 // A store that cannot tell its room (a dead cluster, a failing disk): STATFS says so with the
 // store's errno instead of reporting a file system of zero blocks, and logs it once while the
 // failure lasts.
