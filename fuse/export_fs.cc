@@ -408,7 +408,14 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
     if ((in.valid & FATTR_SIZE) != 0) {
         if (r.kind == Resolved::Kind::kRaw) {
             uint64_t cur = r.e->backend->size();
-            if (in.size < cur) {
+            // An open with O_TRUNC arrives as a truncation to 0 without a file handle, and is
+            // ignored, as a block device ignores it (`dd of=NAME.raw` without conv=notrunc).
+            // truncate(2) to 0 by path looks the same and is ignored as well. With
+            // FUSE_ATOMIC_O_TRUNC the kernel would instead take the file for emptied until its
+            // next getattr: asynchronous direct reads (a loop device in direct-I/O mode, QEMU
+            // with aio=io_uring) then failed or read nothing past offset 0.
+            const bool open_truncation = in.size == 0 && (in.valid & FATTR_FH) == 0;
+            if (in.size < cur && !open_truncation) {
                 log_->warn("{}.raw: refusing to shrink from {} to {} bytes", r.e->name, cur,
                            in.size);
                 co_return FuseReply::err(EPERM);
@@ -463,8 +470,7 @@ Task<FuseReply> ExportFs::open(FuseRequest* req) {
                 co_return FuseReply::err(EROFS);
             }
             // O_TRUNC is ignored, as a block device ignores it, so that `dd of=NAME.raw` works
-            // without conv=notrunc. The kernel passes it here (FUSE_ATOMIC_O_TRUNC) instead of
-            // sending a setattr to size 0; a shrinking truncate(2) is still refused there.
+            // without conv=notrunc: the kernel sends it as a setattr to size 0 (see setattr).
             h->raw = true;
             h->writing = writing;
             h->e = r.e;

@@ -254,8 +254,11 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     kernel_minor_ = in.minor;
     out.minor = std::min(kOurMinor, in.minor);
     out.max_readahead = in.max_readahead;
-    uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ATOMIC_O_TRUNC | FUSE_ASYNC_DIO |
-                    FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS;
+    // Not FUSE_ATOMIC_O_TRUNC: with it the kernel sets a file's size to 0 after an O_TRUNC
+    // open and keeps that until its next getattr, which NAME.raw (where O_TRUNC is ignored)
+    // must not show (ExportFs::setattr).
+    uint32_t want =
+        FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS;
     out.flags = in.flags & want;
     out.max_background = options_.max_background;
     out.congestion_threshold = static_cast<uint16_t>(options_.max_background * 3 / 4);

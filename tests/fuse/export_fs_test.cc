@@ -90,6 +90,27 @@ TEST_F(ExportFsTest, NameRawGrowsOnlyByWholeSectors) {
     EXPECT_EQ(control(".control/vm/snapshot", "s1"), 0) << images_->find("vm")->last_error;
 }
 
+// An open with O_TRUNC reaches the daemon as a truncation to 0 without a file handle (the
+// daemon does not take FUSE_ATOMIC_O_TRUNC, with which the kernel took NAME.raw for emptied
+// until its next getattr). It is ignored; an ftruncate (with its handle) is refused.
+TEST_F(ExportFsTest, AnOpenWithOTruncLeavesNameRawAsItWas) {
+    make_qcow2("vm.qcow2", kSize);
+    start();
+    const uint64_t raw = ino("vm.raw");
+    fuse_setattr_in open_trunc{};
+    open_trunc.valid = FATTR_SIZE | FATTR_LOCKOWNER;
+    test::Reply r = run(request(FUSE_SETATTR, raw, bytes_of(open_trunc), {}));
+    ASSERT_EQ(r.error, 0);
+    EXPECT_EQ(r.as<fuse_attr_out>().attr.size, kSize);  // the kernel takes its size from this
+    const uint64_t fh = open(raw, O_RDWR);
+    fuse_setattr_in ftrunc = open_trunc;
+    ftrunc.valid |= FATTR_FH;
+    ftrunc.fh = fh;
+    EXPECT_EQ(run(request(FUSE_SETATTR, raw, bytes_of(ftrunc), {})).error, EPERM);
+    release(raw, fh);
+    EXPECT_EQ(run(getattr_task(raw)).as<fuse_attr_out>().attr.size, kSize);
+}
+
 // A store that cannot tell its room (a dead cluster, a failing disk): STATFS says so with the
 // store's errno instead of reporting a file system of zero blocks, and logs it once while the
 // failure lasts.

@@ -4,6 +4,7 @@ an unmount from happening, dd onto NAME.raw without conv=notrunc, and the job co
 
 import errno
 import json
+import mmap
 import os
 import signal
 import struct
@@ -228,6 +229,28 @@ class RawFile(harness.ImageDirTest):
         self.assertEqual(os.path.getsize(m.path("vm.raw")), 16 * MiB)
         m.stop()
         self.assertEqual(harness.check(self.img("vm.qcow2"))["exit"], 0)
+
+    def test_an_o_trunc_open_does_not_hide_the_disk_from_a_direct_io_loop_device(self):
+        # O_TRUNC on NAME.raw is ignored; but the kernel, told the daemon truncates at open
+        # (FUSE_ATOMIC_O_TRUNC), took the file for emptied until its next getattr, and a loop
+        # device in direct-I/O mode (asynchronous reads) got I/O errors past offset 0.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        harness.qemu_io(self.img("vm.qcow2"), "write -P 7 0 16M")
+        m = self.mount()
+        dev = run(["losetup", "--direct-io=on", "--show", "-f", m.path("vm.raw")]).stdout.strip()
+        try:
+            os.close(os.open(m.path("vm.raw"), os.O_WRONLY | os.O_TRUNC))
+            fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)
+                self.assertEqual(os.preadv(fd, [buf], 8 * MiB), 4096)
+                self.assertEqual(bytes(buf), b"\x07" * 4096)
+            finally:
+                os.close(fd)
+        finally:
+            run(["losetup", "-d", dev], check=False)
+        self.assertEqual(os.path.getsize(m.path("vm.raw")), 16 * MiB)
+        m.stop()
 
 
 class JobCli(harness.ImageDirTest):
