@@ -130,6 +130,9 @@ Task<void> FuseServer::reader() {
         if (res == 0) {
             // /dev/fuse never ends a read with nothing: that is a device (or a socket standing
             // in for it in tests) whose other end went away. Reading on would spin.
+            if (!stopping_) {
+                log_->warn("the FUSE device returned no request; stopping");
+            }
             give_buffer(buf);
             stopping_ = true;
             break;

@@ -523,8 +523,6 @@ TEST_F(UndroppableTopTest, ACommitWhoseTopCannotBeHiddenRemovesIt) {
     EXPECT_EQ(read_raw("vm")[0], content[0]);
 }
 
-// Growing an image whose backing file is longer: the new range reads as zeros, as it did
-// before the grow (past the image's end), not as the backing file's bytes.
 // A pool refuses to remove an image its client still has open (it holds the image's watch and
 // lock); a directory does not. This store refuses removals as a pool does, and the renames of
 // the names in `refused` as a failing directory would.
@@ -595,6 +593,8 @@ TEST_F(PoolLikeStoreTest, AFailedSnapshotLeavesNoOverlayBehind) {
     EXPECT_EQ(chain("vm"), (std::vector<std::string>{"vm@s1.qcow2", "vm.qcow2"}));
 }
 
+// Growing an image whose backing file is longer: the new range reads as zeros, as it did
+// before the grow (past the image's end), not as the backing file's bytes.
 TEST_F(ChainStateTest, AGrownImageDoesNotShowItsLongerBackingFile) {
     REQUIRE_TOOL("qemu-io");
     make_qcow2("golden.qcow2", kSize);
