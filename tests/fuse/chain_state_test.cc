@@ -61,6 +61,16 @@ class ChainStateTest : public test::FsTest {
         release(i, fh);
         return r.error;
     }
+    // vm with gated files: 4 MiB of 1s, snapshot s1, then 4 MiB of 2s in the top.
+    void start_gated_over_a_snapshot() {
+        make_qcow2("vm.qcow2", kSize);
+        ImageSetOptions options;
+        gate_files(&options);
+        start(options);
+        write_fill("vm", 0, 4 << 20, 1);
+        ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
+        write_fill("vm", 0, 4 << 20, 2);
+    }
     // Starts a commit of vm (gated files, snapshot s1 under the top) and holds it at its switch
     // with the image's lock, in `held`; then one guest write fails on the top after the last
     // pass, so the switch will find its range dirty and copy it again.
@@ -647,13 +657,7 @@ TEST_F(ChainStateTest, AGrownBaseReadsAsZerosOnDiskWhileTheCommitRuns) {
 // (the top may hold part of it), which the switch then finds. The range is copied again and
 // the switch tried again: one failed guest write does not throw the commit away.
 TEST_F(ChainStateTest, AWriteFailingJustBeforeTheSwitchDoesNotAbandonTheCommit) {
-    make_qcow2("vm.qcow2", kSize);
-    ImageSetOptions options;
-    gate_files(&options);
-    start(options);
-    write_fill("vm", 0, 4 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 4 << 20, 2);
+    ASSERT_NO_FATAL_FAILURE(start_gated_over_a_snapshot());
     std::vector<uint8_t> content = read_raw("vm");
     std::shared_ptr<Export> e = images_->find("vm");
     TimedMutex::Guard held;
@@ -669,13 +673,7 @@ TEST_F(ChainStateTest, AWriteFailingJustBeforeTheSwitchDoesNotAbandonTheCommit) 
 // write failed after the last pass) it copies the range again, at the job's rate limit: an
 // unmount then waited for that copy at 1 byte/s. Shutdown lifts the limit instead.
 TEST_F(ChainStateTest, UnmountDoesNotWaitForARateLimitedCopyOfACompletingJob) {
-    make_qcow2("vm.qcow2", kSize);
-    ImageSetOptions options;
-    gate_files(&options);
-    start(options);
-    write_fill("vm", 0, 4 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 4 << 20, 2);
+    ASSERT_NO_FATAL_FAILURE(start_gated_over_a_snapshot());
     std::shared_ptr<Export> e = images_->find("vm");
     TimedMutex::Guard held;
     ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));
@@ -696,13 +694,7 @@ TEST_F(ChainStateTest, UnmountDoesNotWaitForARateLimitedCopyOfACompletingJob) {
 // limit it held every snapshot, revert and rescan of the image (10 s, then EBUSY) for as long
 // as the copy took. Under the lock, a completing commit copies at full speed.
 TEST_F(ChainStateTest, ACompletingCommitDoesNotHoldTheImageAtItsRateLimit) {
-    make_qcow2("vm.qcow2", kSize);
-    ImageSetOptions options;
-    gate_files(&options);
-    start(options);
-    write_fill("vm", 0, 4 << 20, 1);
-    ASSERT_EQ(control(".control/vm/snapshot", "s1"), 0);
-    write_fill("vm", 0, 4 << 20, 2);
+    ASSERT_NO_FATAL_FAILURE(start_gated_over_a_snapshot());
     std::shared_ptr<Export> e = images_->find("vm");
     TimedMutex::Guard held;
     ASSERT_NO_FATAL_FAILURE(commit_ready_with_a_dirty_range(e.get(), &held));

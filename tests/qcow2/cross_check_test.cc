@@ -42,6 +42,17 @@ class CrossCheckTest : public test::FaultStackTest {
         test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 512' '" + img + "' >/dev/null");
         return img;
     }
+    // Sets the refcounts of `clusters` (in the first refcount block; 16-bit counts) to `count`.
+    static void set_counts(const std::string& img, std::initializer_list<uint64_t> clusters,
+                           uint8_t count) {
+        const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));
+        std::vector<uint8_t> bytes = test::read_file(img);
+        for (uint64_t cluster : clusters) {
+            bytes[refblock + cluster * 2] = 0;
+            bytes[refblock + cluster * 2 + 1] = count;
+        }
+        test::write_file(img, bytes);
+    }
     // `img` holds the bytes of `before` at [offset, offset + bytes).
     static void expect_unchanged(const std::string& img, const std::vector<uint8_t>& before,
                                  uint64_t offset, uint64_t bytes, const char* what) {
@@ -295,13 +306,7 @@ TEST_F(CrossCheckTest, AnL2TableNamedByThreeL1EntriesIsNotWrittenInPlace) {
     test::put_be64_at(img, l1 + 8, l2 | qcow2::kOflagCopied);  // L1[1]: 32 KiB on
     test::put_be64_at(img, l1 + 16, l2);                       // L1[2]: 64 KiB on
     test::put_be64_at(img, l2, data);
-    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));
-    std::vector<uint8_t> bytes = test::read_file(img);
-    for (uint64_t cluster : {l2 / 512, data / 512}) {
-        bytes[refblock + cluster * 2] = 0;  // 16-bit counts
-        bytes[refblock + cluster * 2 + 1] = 3;
-    }
-    test::write_file(img, bytes);
+    set_counts(img, {l2 / 512, data / 512}, 3);
     {
         Stack s = open(img);
         ASSERT_TRUE(run(s.node->write(4096, std::vector<uint8_t>(512, 0x22))).ok());
@@ -335,13 +340,7 @@ TEST_F(CrossCheckTest, AnL2TableNamedByTwoL1EntriesWithCountsOfTwoIsCopiedOnWrit
     test::put_be64_at(img, l1, l2);  // neither entry has COPIED, nor has the data's entry
     test::put_be64_at(img, l1 + 8, l2);
     test::put_be64_at(img, l2, data);
-    const uint64_t refblock = test::be64_at(img, test::be64_at(img, 48));
-    for (uint64_t cluster : {l2 / 512, data / 512}) {
-        std::vector<uint8_t> bytes = test::read_file(img);
-        bytes[refblock + cluster * 2] = 0;  // 16-bit counts
-        bytes[refblock + cluster * 2 + 1] = 2;
-        test::write_file(img, bytes);
-    }
+    set_counts(img, {l2 / 512, data / 512}, 2);
     ASSERT_EQ(test::qemu_check(img).corruptions, 0U) << test::qemu_check(img).output;
     {
         Stack s = open(img);

@@ -9,7 +9,17 @@
 namespace imgfs {
 namespace {
 
-class MetadataRefcountTest : public test::FaultStackTest {};
+class MetadataRefcountTest : public test::FaultStackTest {
+  protected:
+    // A 64 MiB image of 4 KiB clusters whose first 8 MiB (2048 clusters) hold data.
+    std::string image_with_data(const test::TempDir& dir, bool lazy_refcounts) {
+        const std::string img = dir.file("img.qcow2");
+        test::must(std::string("qemu-img create -q -f qcow2 -o cluster_size=4096") +
+                   (lazy_refcounts ? ",lazy_refcounts=on" : "") + " '" + img + "' 64M");
+        test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+        return img;
+    }
+};
 
 // With lazy refcounts, a trim frees clusters that stay held back until the next flush (their
 // L2 entries must be durable before they are reused). Every allocation after it walked all of
@@ -19,10 +29,7 @@ TEST_F(MetadataRefcountTest, ClustersHeldBackAfterATrimAreWalkedOnce) {
     REQUIRE_TOOL("qemu-img");
     REQUIRE_TOOL("qemu-io");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
-               "' 64M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    const std::string img = image_with_data(dir, true);
     {
         Stack s = open(img);
         qcow2::Metadata* meta = s.node->metadata();
@@ -66,10 +73,7 @@ TEST_F(MetadataRefcountTest, AReadEndingDoesNotSendTheAllocatorBackOverHeldClust
     REQUIRE_TOOL("qemu-img");
     REQUIRE_TOOL("qemu-io");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on '" + img +
-               "' 64M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    const std::string img = image_with_data(dir, true);
     Stack s = open(img);
     qcow2::Metadata* meta = s.node->metadata();
     const uint64_t read = meta->begin_data_read();  // a read of some cluster, still running
@@ -95,9 +99,7 @@ TEST_F(MetadataRefcountTest, ClustersHeldForAReadAreReusedOnceItEnds) {
     REQUIRE_TOOL("qemu-img");
     REQUIRE_TOOL("qemu-io");
     test::TempDir dir(test::memory_backed());
-    const std::string img = dir.file("img.qcow2");
-    test::must("qemu-img create -q -f qcow2 -o cluster_size=4096 '" + img + "' 64M");
-    test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 8M' '" + img + "' >/dev/null");
+    const std::string img = image_with_data(dir, false);
     Stack s = open(img);
     qcow2::Metadata* meta = s.node->metadata();
     const uint64_t read = meta->begin_data_read();
