@@ -1,6 +1,8 @@
 // file: a POSIX file as a node. All data I/O goes through the event loop's io_uring; block
 // status uses SEEK_DATA/SEEK_HOLE. With `direct` the file is opened O_DIRECT and the node's
-// limits carry the device's alignment, so the generic layer pads requests to it.
+// limits carry the device's alignment, so the generic layer pads requests to it. Without it,
+// writes go through the page cache, and so do reads of what the cache holds; a read of what
+// it does not hold goes to the disk with O_DIRECT (see do_read).
 #pragma once
 
 #include <memory>
@@ -47,6 +49,9 @@ class FileNode final : public Node {
     /// kernel may have dropped the dirty pages, so retrying would report success for lost data.
     [[nodiscard]] bool failed() const { return failed_; }
 
+    /// Reads that missed the page cache and went to the disk with O_DIRECT (see do_read).
+    [[nodiscard]] uint64_t direct_reads() const { return direct_reads_; }
+
     Task<Result<uint64_t>> allocated_bytes() override;
     [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
     /// Refuses permissions another process's image locks forbid (QEMU's protocol: a shared
@@ -66,6 +71,12 @@ class FileNode final : public Node {
 
   private:
     Status init();
+    /// The O_DIRECT descriptor for reads that miss the page cache, opened on first use;
+    /// invalid if the file cannot be read that way (then every read is buffered).
+    const UniqueFd& direct_fd();
+    /// Whether a read of this range should go to the disk directly: it meets the direct
+    /// descriptor's alignment and the page cache lacks some of it.
+    bool read_direct(uint64_t offset, MutBuf buf);
     Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
 
@@ -80,6 +91,14 @@ class FileNode final : public Node {
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
     bool allocate_supported_ = true;
+    // Reads that miss the page cache (see do_read). `direct_tried_`: direct_fd_ was opened,
+    // or could not be; `cachestat_supported_`: the kernel says what the cache holds.
+    UniqueFd direct_fd_;
+    bool direct_tried_ = false;
+    bool cachestat_supported_ = true;
+    uint32_t direct_offset_align_ = 0;
+    uint32_t direct_memory_align_ = 0;
+    uint64_t direct_reads_ = 0;
     // No byte at or past this offset was ever written (see zeros_from()). Unlike size_, it
     // counts writes that are in flight or failed part way.
     uint64_t zeros_from_ = 0;

@@ -331,8 +331,9 @@ class ImageDirTest(unittest.TestCase):
 
 
 def daemon_files(m):
-    """The image directory's files the daemon of mount `m` has open, sorted ("X (deleted)"
-    for a deleted one)."""
+    """The image directory's files the daemon of mount `m` has open, sorted, each once ("X
+    (deleted)" for a deleted one): a layer whose reads missed the page cache is open twice,
+    the second time O_DIRECT."""
     prefix = os.path.join(os.path.realpath(m.image_dir), "")
     out = []
     for fd in os.listdir(f"/proc/{m.proc.pid}/fd"):
@@ -342,7 +343,7 @@ def daemon_files(m):
             continue
         if target.startswith(prefix):
             out.append(target[len(prefix):])
-    return sorted(out)
+    return sorted(set(out))
 
 
 def random_writes(path, model, seed, count, max_len=300000):
