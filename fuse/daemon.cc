@@ -13,6 +13,7 @@
 
 #include <sys/file.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -382,7 +383,23 @@ std::vector<std::string> runtime_dirs_of(uint32_t uid) {
     return {fmt::format("/run/user/{}/imgfs", uid), fmt::format("/tmp/imgfs-{}", uid)};
 }
 
+namespace {
+
+// Each image layer takes a descriptor, and a second one once a read misses the page cache
+// (drivers/file.h); a mount of many images would reach the usual soft limit of 1,024 long
+// before the hard one. The daemon uses no select(), so the soft limit can be the hard one.
+void raise_open_file_limit() {
+    struct rlimit limit {};
+    if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &limit);
+    }
+}
+
+}  // namespace
+
 int run_mount(const MountCommand& cmd) {
+    raise_open_file_limit();
     struct stat st {};
     if (is_rbd_spec(cmd.image_dir)) {
         if (Result<RbdLocation> where = parse_rbd_location(cmd.image_dir); !where) {

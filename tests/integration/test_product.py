@@ -253,6 +253,28 @@ class RawFile(harness.ImageDirTest):
         m.stop()
 
 
+class ManyImages(harness.ImageDirTest):
+    def test_more_layers_than_the_soft_descriptor_limit(self):
+        # A layer takes a descriptor, and a second one once a read misses the page cache
+        # (O_DIRECT). Started with a soft limit of 64, the daemon raises it to the hard one
+        # and serves 60 images read cold, each with its own bytes.
+        harness.require_tools("prlimit")
+        count = 60
+        for i in range(count):
+            path = self.img(f"vm{i}.qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+            harness.qemu_io(path, f"write -P {i + 1} 0 1M")
+        m = self.mount(wrapper=["prlimit", "--nofile=64:8192", "--"])
+        with open(f"/proc/{m.proc.pid}/limits") as f:
+            line = next(l for l in f if l.startswith("Max open files"))
+        self.assertEqual(line.split()[3:5], ["8192", "8192"], line)
+        run("sync; echo 1 > /proc/sys/vm/drop_caches")
+        for i in range(count):
+            with open(m.path(f"vm{i}.raw"), "rb") as f:
+                self.assertTrue(f.read() == bytes([i + 1]) * MiB, f"vm{i}.raw")
+        m.stop()
+
+
 class JobCli(harness.ImageDirTest):
     def start_slow_commit(self, m):
         with open(m.path("vm.raw"), "r+b") as f:
