@@ -43,10 +43,7 @@ FileNode::FileNode(NodeEnv env, std::string name, UniqueFd fd, FileOptions optio
 
 Status FileNode::init() {
     struct statx stx {};
-    unsigned mask = STATX_SIZE | STATX_TYPE;
-    if (options_.direct) {
-        mask |= STATX_DIOALIGN;
-    }
+    const unsigned mask = STATX_SIZE | STATX_TYPE | STATX_DIOALIGN;
     if (::statx(fd_.get(), "", AT_EMPTY_PATH, mask, &stx) != 0) {
         return make_error(errno, "{}: statx", name());
     }
@@ -70,6 +67,14 @@ Status FileNode::init() {
         if (flags < 0 ||
             ((flags & O_DIRECT) == 0 && ::fcntl(fd_.get(), F_SETFL, flags | O_DIRECT) != 0)) {
             return make_error(errno, "{}: cannot use O_DIRECT", name());
+        }
+    }
+    if (!options_.direct && S_ISREG(stx.stx_mode)) {
+        // What reads that miss the page cache need to go direct (see do_read); zero (tmpfs,
+        // older kernels): they stay buffered. The descriptor is opened on the first such read.
+        if ((stx.stx_mask & STATX_DIOALIGN) != 0 && stx.stx_dio_offset_align != 0) {
+            direct_offset_align_ = stx.stx_dio_offset_align;
+            direct_memory_align_ = std::max<uint32_t>(stx.stx_dio_mem_align, 1);
         }
     }
     limits_ = Limits{};
@@ -96,13 +101,14 @@ Error FileNode::io_error(int errnum, const char* op, uint64_t offset, uint64_t b
 }
 
 // Reads. A read of what the page cache holds is served from it; any other goes to the disk
-// with O_DIRECT through a second descriptor. Why: a cold 4 KiB read through the cache read
-// 7.9 KiB from the disk and cost twice the CPU of a direct one (docs/benchmarks.md,
-// 2026-12-06), and what it would cache the cache above us holds already (the filesystem on a
-// loop device, a guest's own), so the host would keep each block twice. Writes stay buffered,
-// so what was just written is read back from the cache, and so is everything on tmpfs. A
-// direct read is coherent with buffered writes: the kernel writes the range's dirty pages
-// back before it reads.
+// with O_DIRECT through a second descriptor, unless several images read this layer (a shared
+// base), whose blocks the host's cache keeps once for all of them. Why: a cold 4 KiB read
+// through the cache read 7.9 KiB from the disk and cost twice the CPU of a direct one
+// (docs/benchmarks.md, 2026-12-06), and what it would cache for one image the cache above us
+// holds already (the filesystem on a loop device, a guest's own), so the host would keep each
+// block twice. Writes stay buffered, so what was just written is read back from the cache,
+// and so is everything on tmpfs. A direct read is coherent with buffered writes: the kernel
+// writes the range's dirty pages back before it reads.
 Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
     size_t done = 0;
     if (read_direct(offset, buf)) {
@@ -112,13 +118,16 @@ Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
             res = co_await env_.loop->read_some(direct_fd_.get(), buf, offset);
         } while (res < 0 && co_await env_.loop->retry_transient(res, &attempts, true));
         if (res == -EINVAL) {
-            direct_offset_align_ = 0;  // an alignment statx did not announce: buffered now
-        } else if (res < 0) {
-            co_return io_error(-res, "read", offset, buf.size());
-        } else {
+            // An alignment statx did not announce: buffered from now on.
+            direct_offset_align_ = 0;
+            direct_fd_.reset();
+        } else if (res >= 0) {
             ++direct_reads_;
             done = static_cast<size_t>(res);
         }
+        // Any other error: the buffered read below answers. It may still succeed (the
+        // write-back of the range's dirty pages that a direct read starts failed: the
+        // cache holds the data, and the next flush reports the loss).
     }
     // The rest (all of a buffered read; after a direct read, nothing or what lies at EOF).
     if (done < buf.size()) {
@@ -150,15 +159,35 @@ struct Cachestat {
     uint64_t nr_recently_evicted;
 };
 
+// Whether more than one image reads through `node`: it, or a node above it, is the backing
+// layer of two or more others. Edges from backends and jobs do not count.
+bool read_by_several_images(const Node* node) {
+    for (int depth = 0; node != nullptr && depth < 1024; ++depth) {  // the graph has no cycles
+        const Node* above = nullptr;
+        int backing_of = 0;
+        for (const Child* edge : node->parents()) {
+            backing_of += edge->role() == ChildRole::kBacking ? 1 : 0;
+            if (!edge->user_edge() && edge->owner()->as_node() != nullptr) {
+                above = edge->owner()->as_node();
+            }
+        }
+        if (backing_of > 1) {
+            return true;
+        }
+        node = above;
+    }
+    return false;
+}
+
 }  // namespace
 
 bool FileNode::read_direct(uint64_t offset, MutBuf buf) {
-    if (options_.direct || !cachestat_supported_ || !direct_fd().valid()) {
-        return false;
-    }
     const auto address = reinterpret_cast<uintptr_t>(buf.data());
-    if (direct_offset_align_ == 0 || offset % direct_offset_align_ != 0 ||
-        buf.size() % direct_offset_align_ != 0 || address % direct_memory_align_ != 0) {
+    if (direct_offset_align_ == 0 || !cachestat_supported_ || failed_ ||
+        offset % direct_offset_align_ != 0 || buf.size() % direct_offset_align_ != 0 ||
+        address % direct_memory_align_ != 0 || read_by_several_images(this)) {
+        // After a failed fdatasync the cache may hold written data the disk never got:
+        // reads keep showing what was written, as they did before the failure.
         return false;
     }
     // Asking the cache first, rather than trying a buffered read with RWF_NOWAIT: on ext4 such
@@ -172,30 +201,22 @@ bool FileNode::read_direct(uint64_t offset, MutBuf buf) {
         return false;
     }
     const uint64_t pages = (offset + buf.size() + page - 1) / page - offset / page;
-    return stat.nr_cache < pages;
+    return stat.nr_cache < pages && direct_fd().valid();
 }
 
 const UniqueFd& FileNode::direct_fd() {
-    if (direct_tried_) {
+    if (direct_fd_.valid() || direct_offset_align_ == 0) {
         return direct_fd_;
     }
-    direct_tried_ = true;
     // A new open of the same file (through its /proc link, so it works for a file without a
     // name and needs no directory): O_DIRECT is a property of the open file, and fd_ keeps
-    // the page cache for writes. Any failure (no O_DIRECT on this filesystem, no /proc, no
-    // descriptors left) leaves reads buffered, as they were.
+    // the page cache for writes. Any failure (no /proc, no descriptors left) leaves reads
+    // buffered, as they were.
     const std::string link = "/proc/self/fd/" + std::to_string(fd_.get());
-    UniqueFd fd(::open(link.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
-    struct statx stx {};
-    if (!fd.valid() ||
-        ::statx(fd.get(), "", AT_EMPTY_PATH, STATX_DIOALIGN | STATX_TYPE, &stx) != 0 ||
-        (stx.stx_mask & STATX_DIOALIGN) == 0 || stx.stx_dio_offset_align == 0 ||
-        !S_ISREG(stx.stx_mode)) {
-        return direct_fd_;
+    direct_fd_ = UniqueFd(::open(link.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
+    if (!direct_fd_.valid()) {
+        direct_offset_align_ = 0;
     }
-    direct_offset_align_ = stx.stx_dio_offset_align;
-    direct_memory_align_ = std::max<uint32_t>(stx.stx_dio_mem_align, 1);
-    direct_fd_ = std::move(fd);
     return direct_fd_;
 }
 

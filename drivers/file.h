@@ -74,8 +74,8 @@ class FileNode final : public Node {
     /// The O_DIRECT descriptor for reads that miss the page cache, opened on first use;
     /// invalid if the file cannot be read that way (then every read is buffered).
     const UniqueFd& direct_fd();
-    /// Whether a read of this range should go to the disk directly: it meets the direct
-    /// descriptor's alignment and the page cache lacks some of it.
+    /// Whether a read of this range goes to the disk directly: it meets the O_DIRECT
+    /// alignment, one image alone reads this layer, and the page cache lacks some of it.
     bool read_direct(uint64_t offset, MutBuf buf);
     Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
@@ -91,10 +91,10 @@ class FileNode final : public Node {
     bool punch_supported_ = true;
     bool zero_range_supported_ = true;
     bool allocate_supported_ = true;
-    // Reads that miss the page cache (see do_read). `direct_tried_`: direct_fd_ was opened,
-    // or could not be; `cachestat_supported_`: the kernel says what the cache holds.
+    // Reads that miss the page cache (see do_read). direct_offset_align_ 0: they stay
+    // buffered (no O_DIRECT here, or it failed). `cachestat_supported_`: the kernel says
+    // what the cache holds.
     UniqueFd direct_fd_;
-    bool direct_tried_ = false;
     bool cachestat_supported_ = true;
     uint32_t direct_offset_align_ = 0;
     uint32_t direct_memory_align_ = 0;

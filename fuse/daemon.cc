@@ -1,5 +1,6 @@
 #include "fuse/daemon.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -387,11 +388,14 @@ namespace {
 
 // Each image layer takes a descriptor, and a second one once a read misses the page cache
 // (drivers/file.h); a mount of many images would reach the usual soft limit of 1,024 long
-// before the hard one. The daemon uses no select(), so the soft limit can be the hard one.
+// before the hard one. The daemon uses no select(). At most 65,536: the programs it starts
+// (fusermount3, umount) inherit the limit, and some close every descriptor up to it.
 void raise_open_file_limit() {
+    constexpr rlim_t kMost = 65536;
     struct rlimit limit {};
-    if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
-        limit.rlim_cur = limit.rlim_max;
+    if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < kMost &&
+        limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = std::min(limit.rlim_max, kMost);
         ::setrlimit(RLIMIT_NOFILE, &limit);
     }
 }

@@ -1666,7 +1666,8 @@ def report(elapsed_s, machine_lines):
             "qemu-storage-daemon: `driver=file,aio=io_uring,cache.direct=off` + `driver=qcow2`, "
             "FUSE export `writable=on`; imgfs: "
             + (f"`-o {ARGS.imgfs_options}`" if ARGS.imgfs_options
-               else "default mount options (buffered image I/O)")
+               else "default mount options (buffered writes; reads from the page cache "
+                    "where it holds them, otherwise O_DIRECT)")
             + ". The raw-file "
             "ceiling is fio with O_DIRECT on a raw copy of the disk on the host filesystem.")
     if rbd_run:

@@ -343,6 +343,8 @@ def daemon_files(m):
             continue
         if target.startswith(prefix):
             out.append(target[len(prefix):])
+    for name in set(out):
+        assert out.count(name) <= 2, f"the daemon holds {name} {out.count(name)} times"
     return sorted(set(out))
 
 
