@@ -118,9 +118,10 @@ Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
             res = co_await env_.loop->read_some(direct_fd_.get(), buf, offset);
         } while (res < 0 && co_await env_.loop->retry_transient(res, &attempts, true));
         if (res == -EINVAL) {
-            // An alignment statx did not announce: buffered from now on.
+            // An alignment statx did not announce: buffered from now on. The descriptor
+            // stays open until the node goes: another read may have a request on it queued,
+            // and a closed number could be reused by another file's open before it is sent.
             direct_offset_align_ = 0;
-            direct_fd_.reset();
         } else if (res >= 0) {
             ++direct_reads_;
             done = static_cast<size_t>(res);
@@ -197,7 +198,9 @@ bool FileNode::read_direct(uint64_t offset, MutBuf buf) {
     CachestatRange range{offset, buf.size()};
     Cachestat stat{};
     if (::syscall(kSysCachestat, fd_.get(), &range, &stat, 0) != 0) {
-        cachestat_supported_ = false;  // an older kernel: every read buffered, as before
+        // Kernels before 6.5, or one that refuses it on a file we may not write (stable
+        // kernels since 2025 ask for write permission): every read buffered, as before.
+        cachestat_supported_ = false;
         return false;
     }
     const uint64_t pages = (offset + buf.size() + page - 1) / page - offset / page;

@@ -9,6 +9,7 @@
 // A crash before the switch leaves the new overlay on disk: it shows the old layer's content, so
 // the directory opens as after. A failure undoes everything it did.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 
@@ -343,8 +344,26 @@ Task<Status> JobManager::revert(std::shared_ptr<Export> e) {
     co_return co_await revert_locked(std::move(e));
 }
 
+namespace {
+
+// The kernel sends RELEASE for NAME.raw after close() has returned, in the background, and
+// with FUSE over io_uring on the queue of whichever CPU closed it: a revert written right
+// after the last close (losetup -d; echo > revert) can arrive first. It waits this long for
+// the count to reach 0 before it refuses.
+constexpr auto kReleaseGrace = std::chrono::seconds(1);
+
+Task<void> wait_for_close(EventLoop* loop, std::shared_ptr<Export> e) {
+    const auto deadline = std::chrono::steady_clock::now() + kReleaseGrace;
+    while (e->backend->open_count() > 0 && std::chrono::steady_clock::now() < deadline) {
+        co_await loop->sleep(std::chrono::milliseconds(10));
+    }
+}
+
+}  // namespace
+
 Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     CO_TRY(refuse_if_busy(e.get()));
+    co_await wait_for_close(images_->env().loop, e);
     std::vector<Layer>& layers = e->chain.layers;
     if (e->backend->open_count() > 0) {
         co_return make_error(EBUSY, "{}.raw is open ({} time{}); close it before reverting",
