@@ -149,6 +149,16 @@ bool direct_reads_possible(test::TempDir* dir) {
         GTEST_SKIP() << "no cachestat, O_DIRECT or droppable cache here (CI unset)"; \
     }
 
+// Writes `data` at 0 through `node`, makes it durable and drops it from the page cache, so
+// that the next reads of it miss.
+void write_and_drop(FileNode* node, const std::vector<uint8_t>& data) {
+    Status st = sync_wait(node->env().loop, node->write(0, data));
+    ASSERT_TRUE(st) << st.error().message();
+    st = sync_wait(node->env().loop, node->flush());
+    ASSERT_TRUE(st) << st.error().message();
+    ASSERT_EQ(::posix_fadvise(node->fd(), 0, 0, POSIX_FADV_DONTNEED), 0);
+}
+
 // Aligned reads and writes, with the clean pages dropped from the cache now and then, so that
 // reads find the range cached, missing, or partly cached and partly dirty.
 Task<Status> mirror_with_eviction(FileNode* node, int ref_fd, uint64_t seed, int count,
@@ -216,15 +226,11 @@ TEST_F(FileTest, ADirectReadLeavesTheCacheAlone) {
     ASSERT_NE(node, nullptr);
     std::mt19937_64 rng(3);
     const std::vector<uint8_t> data = test::random_bytes(&rng, 3 * 4096 + 100);
-    Status st = sync_wait(node->env().loop, node->write(0, data));
-    ASSERT_TRUE(st) << st.error().message();
-    st = sync_wait(node->env().loop, node->flush());
-    ASSERT_TRUE(st) << st.error().message();
-    ASSERT_EQ(::posix_fadvise(node->fd(), 0, 0, POSIX_FADV_DONTNEED), 0);
+    ASSERT_NO_FATAL_FAILURE(write_and_drop(node.get(), data));
     ASSERT_EQ(cached_pages(node->fd(), 0, 16384), 0U);
 
     AlignedBuffer buf(16384);
-    st = sync_wait(node->env().loop, node->read(0, buf.subspan(0, 12288)));
+    Status st = sync_wait(node->env().loop, node->read(0, buf.subspan(0, 12288)));
     ASSERT_TRUE(st) << st.error().message();
     EXPECT_EQ(node->direct_reads(), 1U);
     EXPECT_TRUE(std::equal(data.begin(), data.begin() + 12288, buf.data()));
@@ -266,11 +272,7 @@ TEST_F(FileTest, ALayerSeveralImagesReadKeepsColdReadsInTheCache) {
     ASSERT_NE(file, nullptr);
     std::mt19937_64 rng(5);
     const std::vector<uint8_t> data = test::random_bytes(&rng, 8192);
-    Status st = sync_wait(file->env().loop, file->write(0, data));
-    ASSERT_TRUE(st) << st.error().message();
-    st = sync_wait(file->env().loop, file->flush());
-    ASSERT_TRUE(st) << st.error().message();
-    ASSERT_EQ(::posix_fadvise(file->fd(), 0, 0, POSIX_FADV_DONTNEED), 0);
+    ASSERT_NO_FATAL_FAILURE(write_and_drop(file.get(), data));
 
     auto layer = std::make_shared<test::MemNode>(env(), "base", 1 << 20);
     auto vm1 = std::make_shared<test::MemNode>(env(), "vm1", 1 << 20);
@@ -282,7 +284,7 @@ TEST_F(FileTest, ALayerSeveralImagesReadKeepsColdReadsInTheCache) {
         ASSERT_TRUE(tx.commit().ok());
     }
     AlignedBuffer buf(4096);
-    st = sync_wait(file->env().loop, file->read(0, buf.span()));
+    Status st = sync_wait(file->env().loop, file->read(0, buf.span()));
     ASSERT_TRUE(st) << st.error().message();
     EXPECT_EQ(file->direct_reads(), 1U);  // one image: direct
     {
