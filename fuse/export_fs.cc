@@ -305,7 +305,19 @@ std::shared_ptr<ExportFs::Handle> ExportFs::find_handle(uint64_t fh) const {
     return it != handles_.end() ? it->second : nullptr;
 }
 
+void ExportFs::forget_gone_blocks() {
+    // Export ids are never reused, so an entry whose export is gone is dead weight; without
+    // this the map grows by one entry per snapshot, rename or rescan for the mount's life.
+    if (blocks_.size() <= 2 * images_->exports().size() + 16) {
+        return;
+    }
+    std::erase_if(blocks_, [this](const auto& entry) {
+        return !entry.second.counting && images_->find_id(entry.first) == nullptr;
+    });
+}
+
 void ExportFs::invalidate_blocks(uint64_t export_id) {
+    forget_gone_blocks();
     BlocksCache& c = blocks_[export_id];
     c.valid = false;
     ++c.generation;
@@ -317,6 +329,7 @@ Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     uint64_t off = 0;
     uint64_t data = 0;
     bool to_the_end = false;
+    forget_gone_blocks();
     {
         BlocksCache& before = blocks_[e->id];  // not used past this block
         if ((before.valid && now - before.at < options_.blocks_refresh) || before.counting) {

@@ -52,6 +52,8 @@ class ExportFs final : public FuseHandler {
     static constexpr uint64_t kControlDirIno = 2;
     static constexpr uint64_t kExportBase = 1024;
     static uint64_t raw_ino(const Export& e) { return kExportBase + e.id * 16; }
+    /// How many exports have an allocation figure kept (exposed for tests).
+    [[nodiscard]] size_t allocation_figures() const { return blocks_.size(); }
 
   private:
     struct Handle;
@@ -63,6 +65,8 @@ class ExportFs final : public FuseHandler {
     static int gone_errno(uint64_t ino);
     /// The guest-visible allocation of `e` changed: the next getattr counts it again.
     void invalidate_blocks(uint64_t export_id);
+    /// Drops the allocation figures of exports that are gone, once they outnumber the live ones.
+    void forget_gone_blocks();
 
     Task<FuseReply> lookup(FuseRequest* req);
     Task<FuseReply> getattr(FuseRequest* req);

@@ -326,6 +326,26 @@ TEST_F(ExportFsTest, AListingGoesOnWhereItWasAfterARescan) {
     EXPECT_EQ(rest, (std::vector<std::string>{"b.raw", "c.raw", "d.raw", "e.raw", ".control"}));
 }
 
+// Images come and go over a mount's life (export ids are never reused): the allocation figures
+// of those that are gone are dropped, so the map does not grow with every image ever seen.
+TEST_F(ExportFsTest, AllocationFiguresOfGoneImagesAreDropped) {
+    make_qcow2("keep.qcow2", 1 << 20);
+    start();
+    ASSERT_EQ(run(getattr_task(ino("keep.raw"))).error, 0);
+    for (int i = 0; i < 100; ++i) {
+        const std::string name = "tmp" + std::to_string(i);
+        make_qcow2(name + ".qcow2", 1 << 20);
+        ASSERT_EQ(control(".control/rescan", "\n"), 0);
+        ASSERT_EQ(run(getattr_task(ino(name + ".raw"))).error, 0);
+        ASSERT_EQ(::unlink((dir_.path() / (name + ".qcow2")).c_str()), 0);
+        ASSERT_EQ(control(".control/rescan", "\n"), 0);
+    }
+    // 101 figures without the pruning; with it, at most twice the live exports (two at a
+    // time here) plus slack.
+    EXPECT_LE(fs_->allocation_figures(), 24u);
+    EXPECT_EQ(run(getattr_task(ino("keep.raw"))).error, 0);
+}
+
 // lseek and the allocation count of getattr ask the chain for block status; they go through the
 // backend, so a drained section (a snapshot's switch) holds them like reads and writes.
 TEST_F(ExportFsTest, BlockStatusWaitsWhileTheExportIsDrained) {
