@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <linux/falloc.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 
@@ -233,12 +234,98 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
     // Raised before the write is issued: a write that fails part way (ENOSPC after a short
     // write) still leaves its first bytes in the file, past the size we know of.
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
-    Status st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    Status st;
+    if (!try_write_inline(offset, buf, &st)) {
+        st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    }
     if (!st) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
     }
     size_ = std::max<uint64_t>(size_, offset + buf.size());
     co_return Status{};
+}
+
+namespace {
+
+// Inline writes: at most this many bytes each, and this many in a row while the loop reaps
+// nothing (each is a few microseconds: the streak bounds how long the loop serves no one else).
+constexpr size_t kInlineWriteMax = 64 * 1024;
+constexpr uint64_t kInlineStreakMax = 256;
+// After a stall inline writes stop for 1 s, doubled for each stall in a row up to 64 s; a
+// stall more than a minute after the last one starts a new row.
+constexpr std::chrono::seconds kInlineCoolOff{1};
+constexpr unsigned kInlineCoolOffDoublingsMax = 6;
+constexpr std::chrono::seconds kInlineStallRowGap{60};
+
+}  // namespace
+
+// Small buffered writes are made with pwrite(2) on the loop's thread. Why: ext4 has no
+// non-blocking buffered write (RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands each one to a
+// worker thread and wakes us when it is done; at 4 KiB QD32 that hop was a quarter of the
+// daemon's CPU and cost a sixth of the IOPS (docs/benchmarks.md, 2026-12-07). Such a write is a
+// copy into the page cache, a few microseconds, unless the kernel throttles the writer (dirty
+// limits) or the filesystem waits for its journal, and then the whole loop waits: so a write
+// that slept in the kernel for longer than inline_write_stall_us turns them off for this file
+// for a cool-off that doubles with each stall in a row. Never with O_DIRECT, which waits for
+// the disk.
+bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, Status* st) {
+    if (options_.direct || buf.size() > kInlineWriteMax) {
+        return false;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    if (start < inline_off_until_) {
+        return false;
+    }
+    if (env_.loop->ops_completed() != inline_streak_mark_) {
+        inline_streak_mark_ = env_.loop->ops_completed();
+        inline_streak_ = 0;
+    }
+    if (++inline_streak_ > kInlineStreakMax) {
+        // Nothing reaped since the streak began (a job copying data that needs no read, say):
+        // this one goes through the ring and suspends, so the loop serves the others.
+        return false;
+    }
+    // Voluntary context switches tell that the write slept in the kernel (throttled, or
+    // waiting for a lock or the journal). Time alone would also count the thread's preemption,
+    // which is not the write's doing and happens wherever the loop runs (1-3 ms now and then,
+    // measured while fio shared the CPUs).
+    struct rusage before {};
+    ::getrusage(RUSAGE_THREAD, &before);
+    size_t done = 0;
+    while (done < buf.size()) {
+        const ssize_t n = ::pwrite(fd_.get(), buf.data() + done, buf.size() - done,
+                                   static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            *st = n < 0 ? Error{errno, {}} : Error{EIO, "write made no progress"};
+            break;
+        }
+        done += static_cast<size_t>(n);
+    }
+    ++inline_writes_;
+    const auto end = std::chrono::steady_clock::now();
+    struct rusage after {};
+    if (end - start > std::chrono::microseconds(options_.inline_write_stall_us) &&
+        ::getrusage(RUSAGE_THREAD, &after) == 0 && after.ru_nvcsw != before.ru_nvcsw) {
+        if (end - last_inline_stall_ > kInlineStallRowGap) {
+            inline_stalls_in_a_row_ = 0;
+        }
+        const auto cool_off =
+            kInlineCoolOff * (1U << std::min(inline_stalls_in_a_row_, kInlineCoolOffDoublingsMax));
+        ++inline_stalls_in_a_row_;
+        ++inline_write_stalls_;
+        last_inline_stall_ = end;
+        inline_off_until_ = end + cool_off;
+        env_.log->debug(
+            "{}: a {} byte write slept {} us in the kernel; writes go through "
+            "io_uring for {} s",
+            name(), buf.size(),
+            std::chrono::duration_cast<std::chrono::microseconds>(end - start).count(),
+            cool_off.count());
+    }
+    return true;
 }
 
 // For a range that reads as zeros already: moves the end of the file to cover it and, with

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 
@@ -301,6 +302,93 @@ TEST_F(FileTest, ALayerSeveralImagesReadKeepsColdReadsInTheCache) {
 
 // A descriptor opened without O_DIRECT (a snapshot's new overlay, which the store creates)
 // gets it when the node is to do direct I/O.
+// Small buffered writes are made with pwrite on the loop's thread; a run of them that never lets
+// the loop reap anything is cut short (one goes through the ring now and then), larger writes and
+// O_DIRECT ones always go through the ring. The data is the same either way.
+Task<Status> many_small_writes(FileNode* node, int count, std::vector<uint8_t>* expect) {
+    std::mt19937_64 rng(7);
+    for (int i = 0; i < count; ++i) {
+        const uint64_t off = (rng() % 256) * 4096;
+        std::vector<uint8_t> data = test::random_bytes(&rng, 4096);
+        std::copy(data.begin(), data.end(), expect->begin() + static_cast<ptrdiff_t>(off));
+        CO_TRY(co_await node->write(off, data));
+    }
+    co_return co_await node->flush();
+}
+
+TEST_F(FileTest, SmallBufferedWritesAreMadeInlineButNeverTooManyInARow) {
+    test::TempDir dir;
+    auto node = open_file(dir.file("f"));
+    ASSERT_NE(node, nullptr);
+    std::vector<uint8_t> expect(1 << 20, 0);
+    Status st = run(many_small_writes(node.get(), 1000, &expect));
+    ASSERT_TRUE(st) << st.error().message();
+    // 256 in a row at most: the 257th goes through the ring, whose completion starts a new run.
+    EXPECT_EQ(node->inline_writes(), 1000U - 1000U / 257U);
+    EXPECT_EQ(node->inline_write_stalls(), 0U);
+    EXPECT_TRUE(slurp(dir.file("f")) == expect);
+
+    const uint64_t before = node->inline_writes();
+    ASSERT_TRUE(run(node->write(0, std::vector<uint8_t>(128 * 1024, 3))));
+    EXPECT_EQ(node->inline_writes(), before) << "a 128 KiB write was made inline";
+
+    test::TempDir direct_dir;
+    {
+        UniqueFd probe(::open(direct_dir.file("probe").c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600));
+        if (!probe.valid()) {
+            if (test::in_ci()) {
+                FAIL() << "O_DIRECT unsupported on " << direct_dir.path();
+            }
+            GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping the rest)";
+        }
+    }
+    auto direct = open_file(direct_dir.file("d"), FileOptions{false, true});
+    ASSERT_NE(direct, nullptr);
+    AlignedBuffer block(4096);
+    std::fill(block.span().begin(), block.span().end(), 5);
+    ASSERT_TRUE(run(direct->write(0, block.span())));
+    EXPECT_EQ(direct->inline_writes(), 0U) << "an O_DIRECT write was made on the loop's thread";
+}
+
+// A write that sleeps in the kernel (here: its source is a mapped page that must be read from
+// the disk; in life, dirty-page throttling or a journal wait) stops inline writes for a while,
+// so a disk that falls behind does not hold up the whole loop write after write.
+TEST_F(FileTest, AnInlineWriteThatSleepsTurnsThemOffForAWhile) {
+    test::TempDir dir;
+    REQUIRE_DIRECT_READS(&dir);  // the same needs: a cache that DONTNEED empties
+    const std::string src = dir.file("src");
+    UniqueFd src_fd(::open(src.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    ASSERT_TRUE(src_fd.valid());
+    std::vector<uint8_t> pattern(65536);
+    for (size_t i = 0; i < pattern.size(); ++i) {
+        pattern[i] = static_cast<uint8_t>(i * 13 + 1);
+    }
+    ASSERT_EQ(::pwrite(src_fd.get(), pattern.data(), pattern.size(), 0), 65536);
+    ASSERT_EQ(::fdatasync(src_fd.get()), 0);
+    ASSERT_EQ(::posix_fadvise(src_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
+    ASSERT_EQ(cached_pages(src_fd.get(), 0, 65536), 0U);
+    void* map = ::mmap(nullptr, 65536, PROT_READ, MAP_SHARED, src_fd.get(), 0);
+    ASSERT_NE(map, MAP_FAILED);
+    const ConstBuf cold(static_cast<const uint8_t*>(map), 65536);
+
+    FileOptions opts;
+    opts.inline_write_stall_us = 0;  // any sleep is a stall
+    auto node = open_file(dir.file("f"), opts);
+    ASSERT_NE(node, nullptr);
+    ASSERT_TRUE(run(node->write(0, cold.subspan(0, 4096))));
+    EXPECT_EQ(node->inline_writes(), 1U);
+    EXPECT_GE(node->inline_write_stalls(), 1U) << "a write that read its source from the disk "
+                                                  "did not count as a stall";
+    // The cool-off is a second: the next writes go through the ring.
+    for (size_t off = 4096; off < 65536; off += 4096) {
+        ASSERT_TRUE(run(node->write(off, cold.subspan(off, 4096))));
+    }
+    EXPECT_EQ(node->inline_writes(), 1U) << "inline writes went on after a stall";
+    std::vector<uint8_t> got = slurp(dir.file("f"));
+    EXPECT_TRUE(got == pattern);
+    ::munmap(map, 65536);
+}
+
 TEST_F(FileTest, ADescriptorHandedOverForDirectIoGetsODirect) {
     test::TempDir dir;
     UniqueFd fd(::open(dir.file("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
