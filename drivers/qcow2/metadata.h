@@ -124,13 +124,20 @@ class Metadata {
     [[nodiscard]] bool repaired_on_open() const { return repaired_on_open_; }
     [[nodiscard]] const SnapshotTable& snapshots() const { return snapshots_; }
     [[nodiscard]] const TableCache& l2_cache() const { return l2_cache_; }
+    /// Tests: forgets every cached refcount block, so that the next use of each reads it. None
+    /// may be dirty, pinned or being read.
+    void drop_refblock_cache() {
+        assert(!refblock_cache_.has_dirty());
+        refblock_cache_.clear();
+    }
 
     /// The first run of [offset, offset + bytes) with one source. offset < size().
     Task<Result<ReadExtent>> map(uint64_t offset, uint64_t bytes);
-    /// The caller reads host clusters map() gave it (no co_await between the two): until
+    /// Taken before map() by a read of the host clusters map() gives it: until
     /// end_data_read(ticket), clusters freed meanwhile are not handed out again. Reads hold no
-    /// range, so a discard can free such a cluster under the read, and a write given it next
-    /// would show its data to the read (another guest region's bytes).
+    /// range, so a discard can free such a cluster under the read (map() itself can suspend
+    /// after reading the entry), and a write given it next would show its data to the read
+    /// (another guest region's bytes).
     uint64_t begin_data_read() {
         reads_in_flight_.insert(++read_seq_);
         return read_seq_;

@@ -105,17 +105,21 @@ TEST_F(FileTest, TenThousandRandomOpsMatchOnTmpfs) {
     run_mirror(this, &dir, {});
 }
 
+bool o_direct_possible(test::TempDir* dir) {
+    return UniqueFd(::open(dir->file("probe").c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600)).valid();
+}
+
+#define REQUIRE_O_DIRECT(dir)                                                \
+    if (!o_direct_possible(dir)) {                                           \
+        if (test::in_ci()) {                                                 \
+            FAIL() << "O_DIRECT unsupported on " << (dir)->path();           \
+        }                                                                    \
+        GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping)"; \
+    }
+
 TEST_F(FileTest, TenThousandRandomOpsMatchWithODirect) {
     test::TempDir dir;
-    {
-        UniqueFd probe(::open(dir.file("probe").c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600));
-        if (!probe.valid()) {
-            if (test::in_ci()) {
-                FAIL() << "O_DIRECT unsupported on " << dir.path();
-            }
-            GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping)";
-        }
-    }
+    REQUIRE_O_DIRECT(&dir);
     run_mirror(this, &dir, FileOptions{false, true});
 }
 
@@ -333,15 +337,7 @@ TEST_F(FileTest, SmallBufferedWritesAreMadeInlineButNeverTooManyInARow) {
     EXPECT_EQ(node->inline_writes(), before) << "a 128 KiB write was made inline";
 
     test::TempDir direct_dir;
-    {
-        UniqueFd probe(::open(direct_dir.file("probe").c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600));
-        if (!probe.valid()) {
-            if (test::in_ci()) {
-                FAIL() << "O_DIRECT unsupported on " << direct_dir.path();
-            }
-            GTEST_SKIP() << "O_DIRECT unsupported here (CI unset, so skipping the rest)";
-        }
-    }
+    REQUIRE_O_DIRECT(&direct_dir);
     auto direct = open_file(direct_dir.file("d"), FileOptions{false, true});
     ASSERT_NE(direct, nullptr);
     AlignedBuffer block(4096);
