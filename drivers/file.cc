@@ -235,8 +235,10 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
     // write) still leaves its first bytes in the file, past the size we know of.
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
     Status st;
-    if (!try_write_inline(offset, buf, &st)) {
-        st = co_await env_.loop->write_full(fd_.get(), buf, offset);
+    size_t inline_done = 0;
+    if (!try_write_inline(offset, buf, &inline_done, &st)) {
+        st = co_await env_.loop->write_full(fd_.get(), buf.subspan(inline_done),
+                                            offset + inline_done);
     }
     if (!st) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
@@ -268,7 +270,7 @@ constexpr std::chrono::seconds kInlineStallRowGap{60};
 // that slept in the kernel for longer than inline_write_stall_us turns them off for this file
 // for a cool-off that doubles with each stall in a row. Never with O_DIRECT, which waits for
 // the disk.
-bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, Status* st) {
+bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st) {
     if (options_.direct || buf.size() > kInlineWriteMax) {
         return false;
     }
@@ -291,18 +293,22 @@ bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, Status* st) {
     // measured while fio shared the CPUs).
     struct rusage before {};
     ::getrusage(RUSAGE_THREAD, &before);
-    size_t done = 0;
-    while (done < buf.size()) {
-        const ssize_t n = ::pwrite(fd_.get(), buf.data() + done, buf.size() - done,
-                                   static_cast<off_t>(offset + done));
+    bool handed_over = false;
+    while (*done < buf.size()) {
+        const ssize_t n = ::pwrite(fd_.get(), buf.data() + *done, buf.size() - *done,
+                                   static_cast<off_t>(offset + *done));
         if (n < 0 && errno == EINTR) {
             continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
+            handed_over = true;  // the ring's write retries these, with a pause for ENOMEM
+            break;
         }
         if (n <= 0) {
             *st = n < 0 ? Error{errno, {}} : Error{EIO, "write made no progress"};
             break;
         }
-        done += static_cast<size_t>(n);
+        *done += static_cast<size_t>(n);
     }
     ++inline_writes_;
     const auto end = std::chrono::steady_clock::now();
@@ -325,7 +331,7 @@ bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, Status* st) {
             std::chrono::duration_cast<std::chrono::microseconds>(end - start).count(),
             cool_off.count());
     }
-    return true;
+    return !handed_over;
 }
 
 // For a range that reads as zeros already: moves the end of the file to cover it and, with

@@ -86,8 +86,9 @@ class FileNode final : public Node {
     /// alignment, one image alone reads this layer, and the page cache lacks some of it.
     bool read_direct(uint64_t offset, MutBuf buf);
     /// Makes the write with pwrite(2) on the loop's thread if it may (see do_write), its
-    /// outcome in `st`; false if it goes through the ring.
-    bool try_write_inline(uint64_t offset, ConstBuf buf, Status* st);
+    /// outcome in `st`; false if it goes through the ring, or its rest does (after `done`
+    /// bytes, on EAGAIN or ENOMEM).
+    bool try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st);
     Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
 
