@@ -6,8 +6,10 @@
 #include <unistd.h>
 
 #include <linux/falloc.h>
+#include <linux/magic.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 
 #include "core/event_loop.h"
@@ -69,6 +71,10 @@ Status FileNode::init() {
             ((flags & O_DIRECT) == 0 && ::fcntl(fd_.get(), F_SETFL, flags | O_DIRECT) != 0)) {
             return make_error(errno, "{}: cannot use O_DIRECT", name());
         }
+    }
+    if (struct statfs fs{}; !options_.direct && S_ISREG(stx.stx_mode) &&
+                            ::fstatfs(fd_.get(), &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
+        reads_inline_ = true;  // io_uring hands every tmpfs read to a worker (see may_go_inline)
     }
     if (!options_.direct && S_ISREG(stx.stx_mode)) {
         // What reads that miss the page cache need to go direct (see do_read); zero (tmpfs,
@@ -133,9 +139,16 @@ Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
     }
     // The rest (all of a buffered read; after a direct read, nothing or what lies at EOF).
     if (done < buf.size()) {
-        CO_TRY_ASSIGN(size_t n,
-                      co_await env_.loop->read_full(fd_.get(), buf.subspan(done), offset + done));
-        done += n;
+        Status failed;
+        size_t got = 0;
+        const bool whole = try_read_inline(offset + done, buf.subspan(done), &got, &failed);
+        CO_TRY(std::move(failed));
+        done += got;
+        if (!whole) {
+            CO_TRY_ASSIGN(size_t n, co_await env_.loop->read_full(fd_.get(), buf.subspan(done),
+                                                                  offset + done));
+            done += n;
+        }
     }
     if (done < buf.size()) {
         // Past EOF (the file may end inside the last aligned block): zeros.
@@ -249,50 +262,84 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
 
 namespace {
 
-// Inline writes: at most this many bytes each, and this many in a row while the loop reaps
-// nothing (each is a few microseconds: the streak bounds how long the loop serves no one else).
-constexpr size_t kInlineWriteMax = 64 * 1024;
+// Inline I/O: at most this many bytes each, and this many in a row while the loop reaps nothing
+// (each is a few microseconds: the streak bounds how long the loop serves no one else).
+constexpr size_t kInlineMax = 64 * 1024;
 constexpr uint64_t kInlineStreakMax = 256;
-// After a stall inline writes stop for 1 s, doubled for each stall in a row up to 64 s; a
-// stall more than a minute after the last one starts a new row.
+// After a stall inline I/O stops for 1 s, doubled for each stall in a row up to 64 s; a stall
+// more than a minute after the last one starts a new row.
 constexpr std::chrono::seconds kInlineCoolOff{1};
 constexpr unsigned kInlineCoolOffDoublingsMax = 6;
 constexpr std::chrono::seconds kInlineStallRowGap{60};
 
 }  // namespace
 
-// Small buffered writes are made with pwrite(2) on the loop's thread. Why: ext4 has no
-// non-blocking buffered write (RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands each one to a
-// worker thread and wakes us when it is done; at 4 KiB QD32 that hop was a quarter of the
-// daemon's CPU and cost a sixth of the IOPS (docs/benchmarks.md, 2026-12-07). Such a write is a
-// copy into the page cache, a few microseconds, unless the kernel throttles the writer (dirty
-// limits) or the filesystem waits for its journal, and then the whole loop waits: so a write
-// that slept in the kernel for longer than inline_write_stall_us turns them off for this file
-// for a cool-off that doubles with each stall in a row. Never with O_DIRECT, which waits for
-// the disk.
-bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st) {
-    if (options_.direct || buf.size() > kInlineWriteMax) {
-        return false;
-    }
-    const auto start = std::chrono::steady_clock::now();
-    if (start < inline_off_until_) {
+// Inline I/O: a pread(2) or pwrite(2) on the loop's thread instead of an io_uring SQE, for I/O
+// that io_uring would hand to one of its worker threads and wake us when done. That is every
+// buffered write on ext4 (it has no non-blocking buffered write: RWF_NOWAIT gives EOPNOTSUPP),
+// and every read of a file on tmpfs. At 4 KiB QD32 that hop was a third of the daemon's CPU
+// samples and cost a sixth of the write IOPS (docs/benchmarks.md, 2026-12-07). Such I/O is a
+// copy to or from the page cache, a few microseconds, unless the kernel makes it wait
+// (dirty-page throttling, the journal, a page swapped out), and then the whole loop waits: so
+// one that slept in the kernel for longer than inline_stall_us turns inline I/O off for
+// this file for a cool-off that doubles with each stall in a row. Never with O_DIRECT, which
+// waits for the disk.
+bool FileNode::may_go_inline(size_t bytes) {
+    if (options_.direct || bytes > kInlineMax ||
+        std::chrono::steady_clock::now() < inline_off_until_) {
         return false;
     }
     if (env_.loop->ops_completed() != inline_streak_mark_) {
         inline_streak_mark_ = env_.loop->ops_completed();
         inline_streak_ = 0;
     }
-    if (++inline_streak_ > kInlineStreakMax) {
-        // Nothing reaped since the streak began (a job copying data that needs no read, say):
-        // this one goes through the ring and suspends, so the loop serves the others.
+    // Past the bound nothing was reaped since the streak began (a job copying data that
+    // needs no read, say): this one goes through the ring and suspends, so the loop serves
+    // the others.
+    return ++inline_streak_ <= kInlineStreakMax;
+}
+
+FileNode::InlineClock FileNode::inline_start() {
+    InlineClock c;
+    c.start = std::chrono::steady_clock::now();
+    // Voluntary context switches tell that the call slept in the kernel (throttled, or
+    // waiting for a lock, the journal or the disk). Time alone would also count the thread's
+    // preemption, which is not the call's doing and happens wherever the loop runs (1-3 ms
+    // now and then, measured while fio shared the CPUs).
+    struct rusage usage {};
+    ::getrusage(RUSAGE_THREAD, &usage);
+    c.voluntary_switches = usage.ru_nvcsw;
+    return c;
+}
+
+void FileNode::inline_done(const InlineClock& clock, const char* op, size_t bytes) {
+    ++inline_ops_;
+    const auto end = std::chrono::steady_clock::now();
+    struct rusage usage {};
+    if (end - clock.start <= std::chrono::microseconds(options_.inline_stall_us) ||
+        ::getrusage(RUSAGE_THREAD, &usage) != 0 || usage.ru_nvcsw == clock.voluntary_switches) {
+        return;
+    }
+    if (end - last_inline_stall_ > kInlineStallRowGap) {
+        inline_stalls_in_a_row_ = 0;
+    }
+    const auto cool_off =
+        kInlineCoolOff * (1U << std::min(inline_stalls_in_a_row_, kInlineCoolOffDoublingsMax));
+    ++inline_stalls_in_a_row_;
+    ++inline_stalls_;
+    last_inline_stall_ = end;
+    inline_off_until_ = end + cool_off;
+    env_.log->debug(
+        "{}: a {} byte {} slept {} us in the kernel; I/O goes through io_uring for {} s", name(),
+        bytes, op, std::chrono::duration_cast<std::chrono::microseconds>(end - clock.start).count(),
+        cool_off.count());
+}
+
+bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st) {
+    if (!may_go_inline(buf.size())) {
         return false;
     }
-    // Voluntary context switches tell that the write slept in the kernel (throttled, or
-    // waiting for a lock or the journal). Time alone would also count the thread's preemption,
-    // which is not the write's doing and happens wherever the loop runs (1-3 ms now and then,
-    // measured while fio shared the CPUs).
-    struct rusage before {};
-    ::getrusage(RUSAGE_THREAD, &before);
+    const InlineClock clock = inline_start();
     bool handed_over = false;
     while (*done < buf.size()) {
         const ssize_t n = ::pwrite(fd_.get(), buf.data() + *done, buf.size() - *done,
@@ -310,27 +357,36 @@ bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Sta
         }
         *done += static_cast<size_t>(n);
     }
-    ++inline_writes_;
-    const auto end = std::chrono::steady_clock::now();
-    struct rusage after {};
-    if (end - start > std::chrono::microseconds(options_.inline_write_stall_us) &&
-        ::getrusage(RUSAGE_THREAD, &after) == 0 && after.ru_nvcsw != before.ru_nvcsw) {
-        if (end - last_inline_stall_ > kInlineStallRowGap) {
-            inline_stalls_in_a_row_ = 0;
-        }
-        const auto cool_off =
-            kInlineCoolOff * (1U << std::min(inline_stalls_in_a_row_, kInlineCoolOffDoublingsMax));
-        ++inline_stalls_in_a_row_;
-        ++inline_write_stalls_;
-        last_inline_stall_ = end;
-        inline_off_until_ = end + cool_off;
-        env_.log->debug(
-            "{}: a {} byte write slept {} us in the kernel; writes go through "
-            "io_uring for {} s",
-            name(), buf.size(),
-            std::chrono::duration_cast<std::chrono::microseconds>(end - start).count(),
-            cool_off.count());
+    inline_done(clock, "write", buf.size());
+    return !handed_over;
+}
+
+bool FileNode::try_read_inline(uint64_t offset, MutBuf buf, size_t* done, Status* st) {
+    if (!reads_inline_ || !may_go_inline(buf.size())) {
+        return false;
     }
+    const InlineClock clock = inline_start();
+    bool handed_over = false;
+    while (*done < buf.size()) {
+        const ssize_t n = ::pread(fd_.get(), buf.data() + *done, buf.size() - *done,
+                                  static_cast<off_t>(offset + *done));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
+            handed_over = true;  // as for writes
+            break;
+        }
+        if (n < 0) {
+            *st = io_error(errno, "read", offset, buf.size());
+            break;
+        }
+        if (n == 0) {
+            break;  // the end of the file: the caller fills zeros
+        }
+        *done += static_cast<size_t>(n);
+    }
+    inline_done(clock, "read", buf.size());
     return !handed_over;
 }
 

@@ -1,5 +1,6 @@
-// file: a POSIX file as a node. Data I/O goes through the event loop's io_uring, except small
-// buffered writes, made with pwrite(2) on the loop's thread (see do_write); block status uses
+// file: a POSIX file as a node. Data I/O goes through the event loop's io_uring, except what
+// io_uring would hand to a worker thread (small buffered writes; reads of files on tmpfs),
+// made with pread/pwrite on the loop's thread (see may_go_inline); block status uses
 // SEEK_DATA/SEEK_HOLE. With `direct` the file is opened O_DIRECT and the node's
 // limits carry the device's alignment, so the generic layer pads requests to it. Without it,
 // writes go through the page cache, and so do reads of what the cache holds; a read of what
@@ -27,9 +28,10 @@ struct FileOptions {
     /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on (only that
     /// one with `fail_fdatasync_once`, as the kernel reports a writeback error once), report
     /// `fail_fdatasync_errno` after it returns, so that the real failure path runs.
-    /// A write made on the loop's thread (see FileNode::do_write) that takes longer than this
-    /// is a stall, and turns such writes off for a while. Tests set 0 to make every one a stall.
-    uint32_t inline_write_stall_us = 1000;
+    /// I/O made on the loop's thread (see FileNode::may_go_inline) that sleeps in the kernel
+    /// for longer than this is a stall, and turns such I/O off for a while. Tests set 0 to make
+    /// every sleep a stall.
+    uint32_t inline_stall_us = 1000;
     int fail_fdatasync_errno = 0;
     uint64_t fail_fdatasync_nth = 1;
     bool fail_fdatasync_once = false;
@@ -56,9 +58,9 @@ class FileNode final : public Node {
 
     /// Reads that missed the page cache and went to the disk with O_DIRECT (see do_read).
     [[nodiscard]] uint64_t direct_reads() const { return direct_reads_; }
-    /// Writes made with pwrite(2) on the loop's thread, and those that stalled it (do_write).
-    [[nodiscard]] uint64_t inline_writes() const { return inline_writes_; }
-    [[nodiscard]] uint64_t inline_write_stalls() const { return inline_write_stalls_; }
+    /// Reads and writes made on the loop's thread, and those that stalled it (may_go_inline).
+    [[nodiscard]] uint64_t inline_ops() const { return inline_ops_; }
+    [[nodiscard]] uint64_t inline_stalls() const { return inline_stalls_; }
 
     Task<Result<uint64_t>> allocated_bytes() override;
     [[nodiscard]] uint64_t zeros_from() const override { return zeros_from_; }
@@ -85,10 +87,22 @@ class FileNode final : public Node {
     /// Whether a read of this range goes to the disk directly: it meets the O_DIRECT
     /// alignment, one image alone reads this layer, and the page cache lacks some of it.
     bool read_direct(uint64_t offset, MutBuf buf);
-    /// Makes the write with pwrite(2) on the loop's thread if it may (see do_write), its
-    /// outcome in `st`; false if it goes through the ring, or its rest does (after `done`
-    /// bytes, on EAGAIN or ENOMEM).
+    /// Whether an I/O of `bytes` goes on the loop's thread rather than through the ring.
+    bool may_go_inline(size_t bytes);
+    struct InlineClock {
+        std::chrono::steady_clock::time_point start;
+        long voluntary_switches = 0;
+    };
+    InlineClock inline_start();
+    /// Counts the inline I/O begun at `clock`, and judges whether it stalled the loop.
+    void inline_done(const InlineClock& clock, const char* op, size_t bytes);
+    /// Makes the write with pwrite(2) on the loop's thread if it may, its outcome in `st`;
+    /// false if it goes through the ring, or its rest does (after `done` bytes, on EAGAIN or
+    /// ENOMEM).
     bool try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st);
+    /// The same for a buffered read of a file on tmpfs, with pread(2); `done` short of the
+    /// buffer (and true): the file ends there.
+    bool try_read_inline(uint64_t offset, MutBuf buf, size_t* done, Status* st);
     Task<Status> grow_zeroed(uint64_t offset, uint64_t bytes, bool allocate);
     Error io_error(int errnum, const char* op, uint64_t offset, uint64_t bytes) const;
 
@@ -111,11 +125,13 @@ class FileNode final : public Node {
     uint32_t direct_offset_align_ = 0;
     uint32_t direct_memory_align_ = 0;
     uint64_t direct_reads_ = 0;
-    // Inline writes (see do_write). A streak is the inline writes since the loop last reaped a
-    // completion (its ops_completed() was `inline_streak_mark_`); after a stall they are off
-    // until `inline_off_until_`, for longer with each stall in a row.
-    uint64_t inline_writes_ = 0;
-    uint64_t inline_write_stalls_ = 0;
+    // Inline I/O (see may_go_inline): writes always, reads of files on tmpfs. A streak is
+    // the inline I/O since the loop last reaped a completion (its ops_completed() was
+    // `inline_streak_mark_`); after a stall it is off until `inline_off_until_`, for longer
+    // with each stall in a row.
+    bool reads_inline_ = false;
+    uint64_t inline_ops_ = 0;
+    uint64_t inline_stalls_ = 0;
     uint64_t inline_streak_ = 0;
     uint64_t inline_streak_mark_ = 0;
     unsigned inline_stalls_in_a_row_ = 0;

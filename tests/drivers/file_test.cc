@@ -328,13 +328,13 @@ TEST_F(FileTest, SmallBufferedWritesAreMadeInlineButNeverTooManyInARow) {
     Status st = run(many_small_writes(node.get(), 1000, &expect));
     ASSERT_TRUE(st) << st.error().message();
     // 256 in a row at most: the 257th goes through the ring, whose completion starts a new run.
-    EXPECT_EQ(node->inline_writes(), 1000U - 1000U / 257U);
-    EXPECT_EQ(node->inline_write_stalls(), 0U);
+    EXPECT_EQ(node->inline_ops(), 1000U - 1000U / 257U);
+    EXPECT_EQ(node->inline_stalls(), 0U);
     EXPECT_TRUE(slurp(dir.file("f")) == expect);
 
-    const uint64_t before = node->inline_writes();
+    const uint64_t before = node->inline_ops();
     ASSERT_TRUE(run(node->write(0, std::vector<uint8_t>(128 * 1024, 3))));
-    EXPECT_EQ(node->inline_writes(), before) << "a 128 KiB write was made inline";
+    EXPECT_EQ(node->inline_ops(), before) << "a 128 KiB write was made inline";
 
     test::TempDir direct_dir;
     REQUIRE_O_DIRECT(&direct_dir);
@@ -343,7 +343,49 @@ TEST_F(FileTest, SmallBufferedWritesAreMadeInlineButNeverTooManyInARow) {
     AlignedBuffer block(4096);
     std::fill(block.span().begin(), block.span().end(), 5);
     ASSERT_TRUE(run(direct->write(0, block.span())));
-    EXPECT_EQ(direct->inline_writes(), 0U) << "an O_DIRECT write was made on the loop's thread";
+    EXPECT_EQ(direct->inline_ops(), 0U) << "an O_DIRECT write was made on the loop's thread";
+}
+
+// io_uring hands every read of a tmpfs file to a worker thread, so those are made on the loop's
+// thread too (up to 64 KiB); on a disk-backed filesystem reads stay on the ring.
+TEST_F(FileTest, ReadsOfAFileOnTmpfsAreMadeInline) {
+    if (test::memory_backed() != "/dev/shm") {
+        if (test::in_ci()) {
+            FAIL() << "/dev/shm is not writable";
+        }
+        GTEST_SKIP() << "no writable /dev/shm (CI unset, so skipping)";
+    }
+    test::TempDir shm(test::memory_backed());
+    auto node = open_file(shm.file("f"));
+    ASSERT_NE(node, nullptr);
+    std::vector<uint8_t> data(8192);
+    for (size_t i = 0; i < data.size(); ++i) {
+        data[i] = static_cast<uint8_t>(i * 7 + 3);
+    }
+    ASSERT_TRUE(run(node->write(0, data)));
+    const uint64_t after_write = node->inline_ops();
+    std::vector<uint8_t> got(4096, 0x55);
+    ASSERT_TRUE(run(node->read(0, got)));
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), data.begin()));
+    EXPECT_EQ(node->inline_ops(), after_write + 1);
+    // Across the end of the file: the rest reads as zeros.
+    std::fill(got.begin(), got.end(), 0x55);
+    ASSERT_TRUE(run(node->read(6144, got)));
+    EXPECT_TRUE(std::equal(got.begin(), got.begin() + 2048, data.begin() + 6144));
+    EXPECT_TRUE(std::all_of(got.begin() + 2048, got.end(), [](uint8_t b) { return b == 0; }));
+    EXPECT_EQ(node->inline_ops(), after_write + 2);
+    std::vector<uint8_t> large(128 * 1024);
+    ASSERT_TRUE(run(node->write(64 * 1024, large)));  // through the ring: too large
+    ASSERT_TRUE(run(node->read(0, large)));
+    EXPECT_EQ(node->inline_ops(), after_write + 2) << "a 128 KiB read or write was made inline";
+
+    test::TempDir disk;
+    auto on_disk = open_file(disk.file("f"));
+    ASSERT_NE(on_disk, nullptr);
+    ASSERT_TRUE(run(on_disk->write(0, data)));
+    const uint64_t disk_writes = on_disk->inline_ops();
+    ASSERT_TRUE(run(on_disk->read(0, got)));
+    EXPECT_EQ(on_disk->inline_ops(), disk_writes) << "a read on " << disk.path() << " was inline";
 }
 
 // A write that sleeps in the kernel (here: its source is a mapped page that must be read from
@@ -368,18 +410,18 @@ TEST_F(FileTest, AnInlineWriteThatSleepsTurnsThemOffForAWhile) {
     const ConstBuf cold(static_cast<const uint8_t*>(map), 65536);
 
     FileOptions opts;
-    opts.inline_write_stall_us = 0;  // any sleep is a stall
+    opts.inline_stall_us = 0;  // any sleep is a stall
     auto node = open_file(dir.file("f"), opts);
     ASSERT_NE(node, nullptr);
     ASSERT_TRUE(run(node->write(0, cold.subspan(0, 4096))));
-    EXPECT_EQ(node->inline_writes(), 1U);
-    EXPECT_GE(node->inline_write_stalls(), 1U) << "a write that read its source from the disk "
-                                                  "did not count as a stall";
+    EXPECT_EQ(node->inline_ops(), 1U);
+    EXPECT_GE(node->inline_stalls(), 1U) << "a write that read its source from the disk "
+                                            "did not count as a stall";
     // The cool-off is a second: the next writes go through the ring.
     for (size_t off = 4096; off < 65536; off += 4096) {
         ASSERT_TRUE(run(node->write(off, cold.subspan(off, 4096))));
     }
-    EXPECT_EQ(node->inline_writes(), 1U) << "inline writes went on after a stall";
+    EXPECT_EQ(node->inline_ops(), 1U) << "inline writes went on after a stall";
     std::vector<uint8_t> got = slurp(dir.file("f"));
     EXPECT_TRUE(got == pattern);
     ::munmap(map, 65536);
