@@ -334,7 +334,9 @@ bool EventLoop::run_until(const bool* done) {
             io_uring_submit(&ring_);
             return true;
         }
-        if (!wait_and_reap() && ready_.empty()) {
+        const bool pending = wait_and_reap();
+        inline_gate_.new_turn();
+        if (!pending && ready_.empty()) {
             return false;
         }
     }

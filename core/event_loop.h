@@ -19,6 +19,7 @@
 
 #include "core/buffer.h"
 #include "core/executor.h"
+#include "core/inline_gate.h"
 #include "core/result.h"
 #include "core/task.h"
 #include "core/unique_fd.h"
@@ -159,6 +160,9 @@ class EventLoop final : public Executor {
     };
     [[nodiscard]] HopAwaiter resume_on(EventLoop* target) { return HopAwaiter{this, target}; }
 
+    /// The bounds of I/O made synchronously on this loop's thread (see InlineGate).
+    [[nodiscard]] InlineGate& inline_gate() { return inline_gate_; }
+
     // Counters for tests and benchmarks.
     [[nodiscard]] uint64_t ops_in_flight() const { return ops_in_flight_; }
     [[nodiscard]] uint64_t submit_calls() const { return submit_calls_; }
@@ -212,6 +216,7 @@ class EventLoop final : public Executor {
     uint64_t submit_calls_ = 0;
     uint64_t ops_completed_ = 0;
     uint64_t hops_received_ = 0;
+    InlineGate inline_gate_;
     bool stop_ = false;
     int external_holds_ = 0;
     int failing_submits_ = 0;

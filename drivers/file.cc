@@ -72,9 +72,11 @@ Status FileNode::init() {
             return make_error(errno, "{}: cannot use O_DIRECT", name());
         }
     }
-    if (struct statfs fs{}; !options_.direct && S_ISREG(stx.stx_mode) &&
-                            ::fstatfs(fd_.get(), &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
-        reads_inline_ = true;  // io_uring hands every tmpfs read to a worker (see may_go_inline)
+    if (struct statfs fs{};
+        !options_.direct && S_ISREG(stx.stx_mode) && ::fstatfs(fd_.get(), &fs) == 0) {
+        // Where io_uring hands the I/O to a worker thread (see may_go_inline).
+        writes_inline_ = fs.f_type == EXT4_SUPER_MAGIC || fs.f_type == TMPFS_MAGIC;
+        reads_inline_ = fs.f_type == TMPFS_MAGIC;
     }
     if (!options_.direct && S_ISREG(stx.stx_mode)) {
         // What reads that miss the page cache need to go direct (see do_read); zero (tmpfs,
@@ -261,42 +263,24 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
 }
 
 namespace {
-
-// Inline I/O: at most this many bytes each, and this many in a row while the loop reaps nothing
-// (each is a few microseconds: the streak bounds how long the loop serves no one else).
-constexpr size_t kInlineMax = 64 * 1024;
-constexpr uint64_t kInlineStreakMax = 256;
-// After a stall inline I/O stops for 1 s, doubled for each stall in a row up to 64 s; a stall
-// more than a minute after the last one starts a new row.
-constexpr std::chrono::seconds kInlineCoolOff{1};
-constexpr unsigned kInlineCoolOffDoublingsMax = 6;
-constexpr std::chrono::seconds kInlineStallRowGap{60};
-
+constexpr size_t kInlineMax = 64 * 1024;  // a copy of this takes a few microseconds
 }  // namespace
 
 // Inline I/O: a pread(2) or pwrite(2) on the loop's thread instead of an io_uring SQE, for I/O
 // that io_uring would hand to one of its worker threads and wake us when done. That is every
-// buffered write on ext4 (it has no non-blocking buffered write: RWF_NOWAIT gives EOPNOTSUPP),
-// and every read of a file on tmpfs. At 4 KiB QD32 that hop was a third of the daemon's CPU
-// samples and cost a sixth of the write IOPS (docs/benchmarks.md, 2026-12-07). Such I/O is a
-// copy to or from the page cache, a few microseconds, unless the kernel makes it wait
-// (dirty-page throttling, the journal, a page swapped out), and then the whole loop waits: so
-// one that slept in the kernel for longer than inline_stall_us turns inline I/O off for
-// this file for a cool-off that doubles with each stall in a row. Never with O_DIRECT, which
-// waits for the disk.
+// buffered write on ext4 (it has no non-blocking buffered write: RWF_NOWAIT gives EOPNOTSUPP)
+// and tmpfs, and every read of a file on tmpfs. At 4 KiB QD32 that hop was a third of the
+// daemon's CPU samples and cost a sixth of the write IOPS (docs/benchmarks.md, 2026-12-07).
+// Other filesystems (XFS, btrfs) take non-blocking buffered writes, so io_uring makes those
+// without a worker already: their I/O stays on the ring. Such I/O is a copy to or from the page
+// cache, a few microseconds, unless the kernel makes it wait (dirty-page throttling, the
+// journal, a lock, a partial page read from the disk), and then the whole loop waits: once such
+// sleeps pass inline_sleep_budget_us in a second, inline I/O is off on the loop for a while
+// (InlineGate, which also bounds the calls per turn of the loop). Never with O_DIRECT,
+// which waits for the disk, and never above kInlineMax bytes.
 bool FileNode::may_go_inline(size_t bytes) {
-    if (options_.direct || bytes > kInlineMax ||
-        std::chrono::steady_clock::now() < inline_off_until_) {
-        return false;
-    }
-    if (env_.loop->ops_completed() != inline_streak_mark_) {
-        inline_streak_mark_ = env_.loop->ops_completed();
-        inline_streak_ = 0;
-    }
-    // Past the bound nothing was reaped since the streak began (a job copying data that
-    // needs no read, say): this one goes through the ring and suspends, so the loop serves
-    // the others.
-    return ++inline_streak_ <= kInlineStreakMax;
+    return !options_.direct && bytes <= kInlineMax &&
+           env_.loop->inline_gate().may_go(std::chrono::steady_clock::now());
 }
 
 FileNode::InlineClock FileNode::inline_start() {
@@ -316,27 +300,26 @@ void FileNode::inline_done(const InlineClock& clock, const char* op, size_t byte
     ++inline_ops_;
     const auto end = std::chrono::steady_clock::now();
     struct rusage usage {};
-    if (end - clock.start <= std::chrono::microseconds(options_.inline_stall_us) ||
-        ::getrusage(RUSAGE_THREAD, &usage) != 0 || usage.ru_nvcsw == clock.voluntary_switches) {
+    if (::getrusage(RUSAGE_THREAD, &usage) != 0 || usage.ru_nvcsw == clock.voluntary_switches) {
+        return;  // it did not sleep
+    }
+    std::chrono::seconds cool_off{};
+    if (!env_.loop->inline_gate().slept(end, end - clock.start,
+                                        std::chrono::microseconds(options_.inline_sleep_budget_us),
+                                        &cool_off)) {
         return;
     }
-    if (end - last_inline_stall_ > kInlineStallRowGap) {
-        inline_stalls_in_a_row_ = 0;
-    }
-    const auto cool_off =
-        kInlineCoolOff * (1U << std::min(inline_stalls_in_a_row_, kInlineCoolOffDoublingsMax));
-    ++inline_stalls_in_a_row_;
     ++inline_stalls_;
-    last_inline_stall_ = end;
-    inline_off_until_ = end + cool_off;
     env_.log->debug(
-        "{}: a {} byte {} slept {} us in the kernel; I/O goes through io_uring for {} s", name(),
-        bytes, op, std::chrono::duration_cast<std::chrono::microseconds>(end - clock.start).count(),
+        "{}: a {} byte {} slept {} us in the kernel, past the budget for a second; "
+        "I/O goes through io_uring for {} s",
+        name(), bytes, op,
+        std::chrono::duration_cast<std::chrono::microseconds>(end - clock.start).count(),
         cool_off.count());
 }
 
 bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st) {
-    if (!may_go_inline(buf.size())) {
+    if (!writes_inline_ || !may_go_inline(buf.size())) {
         return false;
     }
     const InlineClock clock = inline_start();

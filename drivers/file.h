@@ -1,5 +1,6 @@
 // file: a POSIX file as a node. Data I/O goes through the event loop's io_uring, except what
-// io_uring would hand to a worker thread (small buffered writes; reads of files on tmpfs),
+// io_uring would hand to a worker thread (small buffered writes on ext4 and tmpfs; reads of
+// files on tmpfs),
 // made with pread/pwrite on the loop's thread (see may_go_inline); block status uses
 // SEEK_DATA/SEEK_HOLE. With `direct` the file is opened O_DIRECT and the node's
 // limits carry the device's alignment, so the generic layer pads requests to it. Without it,
@@ -28,10 +29,12 @@ struct FileOptions {
     /// Tests (mount option faults=): from the `fail_fdatasync_nth`th fdatasync on (only that
     /// one with `fail_fdatasync_once`, as the kernel reports a writeback error once), report
     /// `fail_fdatasync_errno` after it returns, so that the real failure path runs.
-    /// I/O made on the loop's thread (see FileNode::may_go_inline) that sleeps in the kernel
-    /// for longer than this is a stall, and turns such I/O off for a while. Tests set 0 to make
-    /// every sleep a stall.
-    uint32_t inline_stall_us = 1000;
+    /// How long I/O made on the loop's thread (see FileNode::may_go_inline) may sleep in the
+    /// kernel within a second before such I/O stops on the loop for a while (InlineGate). A
+    /// copy into the page cache takes a few microseconds; a partial page read from a disk, a
+    /// journal wait or throttling take far longer. Tests set 0 to make every sleep a stall,
+    /// and UINT32_MAX for none.
+    uint32_t inline_sleep_budget_us = 1000;
     int fail_fdatasync_errno = 0;
     uint64_t fail_fdatasync_nth = 1;
     bool fail_fdatasync_once = false;
@@ -58,7 +61,8 @@ class FileNode final : public Node {
 
     /// Reads that missed the page cache and went to the disk with O_DIRECT (see do_read).
     [[nodiscard]] uint64_t direct_reads() const { return direct_reads_; }
-    /// Reads and writes made on the loop's thread, and those that stalled it (may_go_inline).
+    /// Reads and writes of this file made on the loop's thread, and those that stalled it
+    /// (may_go_inline).
     [[nodiscard]] uint64_t inline_ops() const { return inline_ops_; }
     [[nodiscard]] uint64_t inline_stalls() const { return inline_stalls_; }
 
@@ -125,18 +129,12 @@ class FileNode final : public Node {
     uint32_t direct_offset_align_ = 0;
     uint32_t direct_memory_align_ = 0;
     uint64_t direct_reads_ = 0;
-    // Inline I/O (see may_go_inline): writes always, reads of files on tmpfs. A streak is
-    // the inline I/O since the loop last reaped a completion (its ops_completed() was
-    // `inline_streak_mark_`); after a stall it is off until `inline_off_until_`, for longer
-    // with each stall in a row.
+    // Inline I/O (see may_go_inline): writes on ext4 and tmpfs, reads on tmpfs; the bounds
+    // are the loop's (InlineGate). The counters are this file's.
+    bool writes_inline_ = false;
     bool reads_inline_ = false;
     uint64_t inline_ops_ = 0;
     uint64_t inline_stalls_ = 0;
-    uint64_t inline_streak_ = 0;
-    uint64_t inline_streak_mark_ = 0;
-    unsigned inline_stalls_in_a_row_ = 0;
-    std::chrono::steady_clock::time_point inline_off_until_{};
-    std::chrono::steady_clock::time_point last_inline_stall_{};
     // No byte at or past this offset was ever written (see zeros_from()). Unlike size_, it
     // counts writes that are in flight or failed part way.
     uint64_t zeros_from_ = 0;

@@ -228,6 +228,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     }
     ::sigprocmask(SIG_BLOCK, &mask, nullptr);
     ::signal(SIGPIPE, SIG_IGN);
+    // A write past RLIMIT_FSIZE (ulimit -f, systemd's LimitFSIZE=) must fail with EFBIG, not
+    // end the daemon: small writes are made on the loop's own thread (drivers/file.cc).
+    ::signal(SIGXFSZ, SIG_IGN);
     UniqueFd sfd(::signalfd(-1, &mask, SFD_CLOEXEC));
     auto fail = [&](const std::string& msg) {
         log->error("{}", msg);

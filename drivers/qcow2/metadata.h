@@ -124,11 +124,14 @@ class Metadata {
     [[nodiscard]] bool repaired_on_open() const { return repaired_on_open_; }
     [[nodiscard]] const SnapshotTable& snapshots() const { return snapshots_; }
     [[nodiscard]] const TableCache& l2_cache() const { return l2_cache_; }
-    /// Tests: forgets every cached refcount block, so that the next use of each reads it. None
-    /// may be dirty, pinned or being read.
-    void drop_refblock_cache() {
-        assert(!refblock_cache_.has_dirty());
+    /// Tests: forgets every cached refcount block, so that the next use of each reads it; false
+    /// (and nothing forgotten) while one is dirty. None may be pinned or being read.
+    bool drop_refblock_cache() {
+        if (refblock_cache_.has_dirty()) {
+            return false;
+        }
         refblock_cache_.clear();
+        return true;
     }
 
     /// The first run of [offset, offset + bytes) with one source. offset < size().

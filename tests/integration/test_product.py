@@ -275,6 +275,46 @@ class ManyImages(harness.ImageDirTest):
         m.stop()
 
 
+class FileSizeLimit(harness.ImageDirTest):
+    def test_a_write_past_the_file_size_limit_fails_and_the_daemon_stays(self):
+        # Started under `ulimit -f` (systemd: LimitFSIZE=), the daemon grows an image past the
+        # limit. The kernel refuses that write with SIGXFSZ to the writing thread, and small
+        # writes are made on the daemon's own thread: the write must fail with an error and the
+        # daemon live on, never die of the signal.
+        harness.require_tools("prlimit")
+        limit = 2 * MiB
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount(wrapper=["prlimit", f"--fsize={limit}", "--"])
+        first = os.urandom(64 * 1024)
+        failed = None
+        fd = os.open(m.path("vm.raw"), os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            for off in range(0, 8 * MiB, 4096):
+                buf.seek(0)
+                buf.write(first[off % len(first):][:4096].ljust(4096, b"\0"))
+                try:
+                    os.pwrite(fd, buf, off)
+                except OSError as e:
+                    failed = (off, e.errno)
+                    break
+        finally:
+            os.close(fd)
+        self.assertIsNotNone(failed, "every write succeeded: the image never reached the limit")
+        self.assertIn(failed[1], (errno.EFBIG, errno.EIO, errno.ENOSPC), failed)
+        self.assertLess(failed[0], 4 * MiB, failed)
+        time.sleep(0.5)
+        self.assertIsNone(m.proc.poll(), "the daemon died at the file size limit")
+        status = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertIn("vm", status)
+        with open(m.path("vm.raw"), "rb") as f:
+            self.assertEqual(f.read(len(first)), first)
+        m.stop()
+        self.assertLessEqual(os.path.getsize(self.img("vm.qcow2")), limit)
+        c = harness.check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+
+
 class JobCli(harness.ImageDirTest):
     def start_slow_commit(self, m):
         with open(m.path("vm.raw"), "r+b") as f:

@@ -155,7 +155,7 @@ TEST_F(ReadDiscardTest, AReadHoldsItsClustersWhileItMapsThem) {
 
     Stack s = open(img);
     ASSERT_NE(s.node, nullptr);
-    s.node->metadata()->drop_refblock_cache();
+    ASSERT_TRUE(s.node->metadata()->drop_refblock_cache());
     FaultRule block_read;  // map() waits for refcount block 1 while the others go on
     block_read.ops = fault_op::kRead;
     block_read.offset = kBlock1 * kCs;
