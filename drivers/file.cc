@@ -318,30 +318,51 @@ void FileNode::inline_done(const InlineClock& clock, const char* op, size_t byte
         cool_off.count());
 }
 
+namespace {
+
+enum class InlineEnd { kDone, kEof, kFailed, kHandOver };
+
+// Calls `io(done)` (one pread or pwrite of the rest, from `*done` of `bytes`) until it has all,
+// the file ends (0 bytes), or it fails (errno in `*err`). EAGAIN and ENOMEM hand the rest to the
+// ring, whose calls retry both (ENOMEM after a pause).
+template <typename Io>
+InlineEnd inline_loop(size_t bytes, size_t* done, int* err, Io io) {
+    while (*done < bytes) {
+        const ssize_t n = io(*done);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            *err = errno;
+            return errno == EAGAIN || errno == ENOMEM ? InlineEnd::kHandOver : InlineEnd::kFailed;
+        }
+        if (n == 0) {
+            return InlineEnd::kEof;
+        }
+        *done += static_cast<size_t>(n);
+    }
+    return InlineEnd::kDone;
+}
+
+}  // namespace
+
 bool FileNode::try_write_inline(uint64_t offset, ConstBuf buf, size_t* done, Status* st) {
     if (!writes_inline_ || !may_go_inline(buf.size())) {
         return false;
     }
     const InlineClock clock = inline_start();
-    bool handed_over = false;
-    while (*done < buf.size()) {
-        const ssize_t n = ::pwrite(fd_.get(), buf.data() + *done, buf.size() - *done,
-                                   static_cast<off_t>(offset + *done));
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
-            handed_over = true;  // the ring's write retries these, with a pause for ENOMEM
-            break;
-        }
-        if (n <= 0) {
-            *st = n < 0 ? Error{errno, {}} : Error{EIO, "write made no progress"};
-            break;
-        }
-        *done += static_cast<size_t>(n);
-    }
+    int err = 0;
+    const InlineEnd end = inline_loop(buf.size(), done, &err, [&](size_t at) {
+        return ::pwrite(fd_.get(), buf.data() + at, buf.size() - at,
+                        static_cast<off_t>(offset + at));
+    });
     inline_done(clock, "write", buf.size());
-    return !handed_over;
+    if (end == InlineEnd::kFailed) {
+        *st = Error{err, {}};
+    } else if (end == InlineEnd::kEof) {
+        *st = Error{EIO, "write made no progress"};
+    }
+    return end != InlineEnd::kHandOver;
 }
 
 bool FileNode::try_read_inline(uint64_t offset, MutBuf buf, size_t* done, Status* st) {
@@ -349,28 +370,16 @@ bool FileNode::try_read_inline(uint64_t offset, MutBuf buf, size_t* done, Status
         return false;
     }
     const InlineClock clock = inline_start();
-    bool handed_over = false;
-    while (*done < buf.size()) {
-        const ssize_t n = ::pread(fd_.get(), buf.data() + *done, buf.size() - *done,
-                                  static_cast<off_t>(offset + *done));
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
-            handed_over = true;  // as for writes
-            break;
-        }
-        if (n < 0) {
-            *st = io_error(errno, "read", offset, buf.size());
-            break;
-        }
-        if (n == 0) {
-            break;  // the end of the file: the caller fills zeros
-        }
-        *done += static_cast<size_t>(n);
-    }
+    int err = 0;
+    const InlineEnd end = inline_loop(buf.size(), done, &err, [&](size_t at) {
+        return ::pread(fd_.get(), buf.data() + at, buf.size() - at,
+                       static_cast<off_t>(offset + at));
+    });
     inline_done(clock, "read", buf.size());
-    return !handed_over;
+    if (end == InlineEnd::kFailed) {
+        *st = io_error(err, "read", offset, buf.size());
+    }
+    return end != InlineEnd::kHandOver;  // at kEof the caller fills zeros
 }
 
 // For a range that reads as zeros already: moves the end of the file to cover it and, with

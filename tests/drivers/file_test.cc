@@ -95,14 +95,17 @@ TEST_F(FileTest, TenThousandRandomOpsMatchPreadPwrite) {
     run_mirror(this, &dir, {});
 }
 
+#define REQUIRE_SHM()                                                   \
+    if (test::memory_backed() != "/dev/shm") {                          \
+        if (test::in_ci()) {                                            \
+            FAIL() << "/dev/shm is not writable";                       \
+        }                                                               \
+        GTEST_SKIP() << "no writable /dev/shm (CI unset, so skipping)"; \
+    }
+
 // Images on tmpfs (io_uring hands every read of it to a worker thread): the same results.
 TEST_F(FileTest, TenThousandRandomOpsMatchOnTmpfs) {
-    if (test::memory_backed() != "/dev/shm") {
-        if (test::in_ci()) {
-            FAIL() << "/dev/shm is not writable";
-        }
-        GTEST_SKIP() << "no writable /dev/shm (CI unset, so skipping)";
-    }
+    REQUIRE_SHM();
     test::TempDir dir(test::memory_backed());
     run_mirror(this, &dir, {});
 }
@@ -386,12 +389,7 @@ TEST_F(FileTest, SmallBufferedWritesAreMadeInlineButNeverTooManyInARow) {
 // io_uring hands every read of a tmpfs file to a worker thread, so those are made on the loop's
 // thread too (up to 64 KiB); on a disk-backed filesystem reads stay on the ring.
 TEST_F(FileTest, ReadsOfAFileOnTmpfsAreMadeInline) {
-    if (test::memory_backed() != "/dev/shm") {
-        if (test::in_ci()) {
-            FAIL() << "/dev/shm is not writable";
-        }
-        GTEST_SKIP() << "no writable /dev/shm (CI unset, so skipping)";
-    }
+    REQUIRE_SHM();
     test::TempDir shm(test::memory_backed());
     auto node = open_file(shm.file("f"));
     ASSERT_NE(node, nullptr);
