@@ -24,6 +24,7 @@
 #include "core/task_scope.h"
 #include "fuse/fuse_uring.h"
 #include "fuse/payload_pool.h"
+#include "fuse/ring_arena.h"
 
 namespace imgfs {
 
@@ -153,7 +154,7 @@ class FuseServer {
     struct RingEntry {
         AlignedBuffer header;  // fuse_uring::ReqHeader
         AlignedBuffer arg;     // a request's argument struct and names, made contiguous
-        MutBuf payload;        // max_write_bytes, in ring_pool_
+        MutBuf payload;        // max_write_bytes, in ring_arena_
         uint16_t qid = 0;
         EventLoop* loop = nullptr;  // issues the entry's commands (see ring_loops)
     };
@@ -194,8 +195,8 @@ class FuseServer {
     std::vector<RequestBuffer*> free_;
     WaitQueue buffer_freed_;
     // FUSE-over-io_uring. The entries' payload buffers stay registered with the kernel for the
-    // whole connection; ring_pool_ outlives them for the same reason as payload_pool_.
-    std::unique_ptr<PayloadPool> ring_pool_;
+    // whole connection; ring_arena_ outlives them for the same reason as payload_pool_.
+    std::unique_ptr<RingArena> ring_arena_;
     std::vector<std::unique_ptr<RingEntry>> ring_entries_;
     uint32_t ring_queues_ = 0;     // registered
     uint32_t kernel_queues_ = 0;   // kept by the kernel: one per possible CPU

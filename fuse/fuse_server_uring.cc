@@ -24,6 +24,9 @@ namespace imgfs {
 namespace {
 
 constexpr size_t kArgAreaBytes = 4096;
+// A ring entry's payload up to here is on small pages (see RingArena): requests of up to the
+// kernel's default read-ahead window never make a huge page resident.
+constexpr size_t kRingHeadBytes = 128 * 1024;
 
 void prep_fuse_cmd(io_uring_sqe* sqe, int fd, uint32_t cmd_op, const fuse_uring::CmdReq& cmd,
                    const iovec* iov) {
@@ -77,11 +80,11 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
         // Never fewer than the kernel keeps: it would wait for the missing queues for ever.
         kernel_queues_ = *queues;
         ring_queues_ = std::max(options_.ring_queues, *queues);
-        ring_pool_ = std::make_unique<PayloadPool>(
-            options_.max_write_bytes, ring_queues_ * options_.uring_entries_per_queue, SIZE_MAX,
-            std::chrono::milliseconds(1000), PayloadPool::Pages::kSmall);
-        if (!ring_pool_->ok()) {
-            ring_pool_.reset();
+        ring_arena_ = std::make_unique<RingArena>(
+            options_.max_write_bytes, std::min<size_t>(kRingHeadBytes, options_.max_write_bytes),
+            ring_queues_ * options_.uring_entries_per_queue);
+        if (!ring_arena_->ok()) {
+            ring_arena_.reset();
             why = "cannot reserve address space for the ring buffers";
         }
     }
@@ -114,7 +117,7 @@ void FuseServer::start_ring() {
             auto index = static_cast<uint32_t>(ring_entries_.size());
             e->header = AlignedBuffer(4096);
             e->arg = AlignedBuffer(kArgAreaBytes);
-            e->payload = ring_pool_->buffer(index);
+            e->payload = ring_arena_->buffer(index);
             e->qid = static_cast<uint16_t>(q);
             size_t which = q % (1 + options_.ring_loops.size());
             e->loop = which == 0 ? loop_ : options_.ring_loops[which - 1];
@@ -122,9 +125,6 @@ void FuseServer::start_ring() {
                 // While entries wait on other loops nothing may be in flight here.
                 loop_->hold_for_posts(1);
             }
-            // Registered for the whole connection: never given back to the pool's trimming,
-            // since the kernel may copy a request into it at any time.
-            ring_pool_->acquire(index);
             ring_entries_.push_back(std::move(e));
             scope_.spawn(ring_entry(ring_entries_.back().get()));
         }

@@ -8,7 +8,7 @@
 namespace imgfs {
 
 PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes,
-                         std::chrono::milliseconds idle_ms, Pages pages)
+                         std::chrono::milliseconds idle_ms)
     : buffer_bytes_(buffer_bytes),
       max_buffers_(max_buffers),
       budget_bytes_(resident_budget_bytes),
@@ -29,8 +29,7 @@ PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resid
     auto addr = reinterpret_cast<uintptr_t>(mapping_);
     base_ = mapping_ + ((kHugePageBytes - addr % kHugePageBytes) % kHugePageBytes);
     // Advice only: without transparent huge pages the pool works on 4 KiB pages.
-    (void)::madvise(base_, huge_pages * kHugePageBytes,
-                    pages == Pages::kHuge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    (void)::madvise(base_, huge_pages * kHugePageBytes, MADV_HUGEPAGE);
     pages_.resize(huge_pages);
 }
 

@@ -31,15 +31,9 @@ class PayloadPool {
     /// `buffer_bytes` is a multiple of 4096. Reserves address space for `max_buffers` buffers;
     /// nothing is resident until a buffer is written.
     using Clock = std::chrono::steady_clock;
-    /// kSmall keeps the mapping on 4 KiB pages: for buffers that stay in use for the whole
-    /// connection (the FUSE-over-io_uring entries), where nothing is ever given back and a
-    /// 4 KiB request must not make a whole huge page resident (peak RSS at 4k QD32 went from
-    /// about 40 to 10 MiB; IOPS did not change beyond the noise).
-    enum class Pages { kHuge, kSmall };
 
     PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resident_budget_bytes,
-                std::chrono::milliseconds idle_ms = std::chrono::milliseconds(1000),
-                Pages pages = Pages::kHuge);
+                std::chrono::milliseconds idle_ms = std::chrono::milliseconds(1000));
     PayloadPool(const PayloadPool&) = delete;
     PayloadPool& operator=(const PayloadPool&) = delete;
     ~PayloadPool();
