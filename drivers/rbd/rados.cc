@@ -42,7 +42,7 @@ Error rbd_error(int negative_errno, const RadosCluster& cluster, std::string con
 namespace {
 
 Status set_conf(rados_t c, const char* key, const std::string& value) {
-    if (int r = rados_conf_set(c, key, value.c_str()); r < 0) {
+    if (int r = ceph().rados_conf_set(c, key, value.c_str()); r < 0) {
         return make_error(-r, "Ceph option {}={}", key, value);
     }
     return {};
@@ -51,20 +51,22 @@ Status set_conf(rados_t c, const char* key, const std::string& value) {
 }  // namespace
 
 Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& options) {
+    // Every other Ceph call goes through a cluster connected here: the one place to load them.
+    TRY(load_ceph_api());
     rados_t c = nullptr;
     const std::string user = "client." + options.client_id;
-    if (int r = rados_create2(&c, "ceph", user.c_str(), 0); r < 0) {
+    if (int r = ceph().rados_create2(&c, "ceph", user.c_str(), 0); r < 0) {
         return make_error(-r, "cannot create a Ceph client {}", user);
     }
     // Owned from here on: a failure below shuts the half-made client down.
     auto cluster = std::make_shared<RadosCluster>(c, options);
     const char* conf = options.conf_path.empty() ? nullptr : options.conf_path.c_str();
-    if (int r = rados_conf_read_file(c, conf); r < 0) {
+    if (int r = ceph().rados_conf_read_file(c, conf); r < 0) {
         return make_error(-r, "cannot read the Ceph configuration {}",
                           conf != nullptr ? conf : "($CEPH_CONF or /etc/ceph/ceph.conf)");
     }
     // rados_conf_parse_env: CEPH_ARGS, as the ceph tools honour it.
-    (void)rados_conf_parse_env(c, nullptr);  // optional: a malformed CEPH_ARGS is ignored
+    (void)ceph().rados_conf_parse_env(c, nullptr);  // optional: a malformed CEPH_ARGS is ignored
     const std::string t = std::to_string(options.timeout_s);
     TRY(set_conf(c, "rados_osd_op_timeout", t));
     TRY(set_conf(c, "rados_mon_op_timeout", t));
@@ -83,7 +85,7 @@ Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& 
     // Logging goes to imgfs's own log, not to files under /var/log/ceph.
     TRY(set_conf(c, "log_to_stderr", "false"));
     TRY(set_conf(c, "log_file", ""));
-    if (int r = rados_connect(c); r < 0) {
+    if (int r = ceph().rados_connect(c); r < 0) {
         return rbd_error(r, options.timeout_s,
                          fmt::format("cannot connect to the Ceph cluster as {}", user));
     }
@@ -91,16 +93,16 @@ Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& 
 }
 
 RadosCluster::~RadosCluster() {
-    rados_shutdown(handle_);
+    ceph().rados_shutdown(handle_);
 }
 
 std::string RadosCluster::client_address() const {
     char* addr = nullptr;
-    if (rados_getaddrs(handle_, &addr) < 0 || addr == nullptr) {
+    if (ceph().rados_getaddrs(handle_, &addr) < 0 || addr == nullptr) {
         return "?";
     }
     std::string out(addr);
-    rados_buffer_free(addr);
+    ceph().rados_buffer_free(addr);
     return out;
 }
 
@@ -108,13 +110,13 @@ Result<std::shared_ptr<RbdPool>> RbdPool::open(std::shared_ptr<RadosCluster> clu
                                                const std::string& pool,
                                                const std::string& name_space, EventLoop* loop) {
     rados_ioctx_t io = nullptr;
-    if (int r = rados_ioctx_create(cluster->handle(), pool.c_str(), &io); r < 0) {
+    if (int r = ceph().rados_ioctx_create(cluster->handle(), pool.c_str(), &io); r < 0) {
         if (r == -ENOENT) {
             return make_error(ENOENT, "Ceph pool '{}' does not exist", pool);
         }
         return rbd_error(r, *cluster, fmt::format("cannot open Ceph pool '{}'", pool));
     }
-    rados_ioctx_set_namespace(io, name_space.c_str());
+    ceph().rados_ioctx_set_namespace(io, name_space.c_str());
     return std::make_shared<RbdPool>(std::move(cluster), io, pool, name_space, loop);
 }
 
@@ -139,7 +141,7 @@ RbdPool::~RbdPool() {
         closer.join();
     }
     offloader_.reset();
-    rados_ioctx_destroy(ioctx_);
+    ceph().rados_ioctx_destroy(ioctx_);
 }
 
 std::string RbdPool::display_name() const {
@@ -174,7 +176,8 @@ Result<std::map<std::string, rbd_config_option_t>> image_options(
     // The list can grow between the sizing call and the next: ask again while it does.
     for (int attempt = 0; attempt < 4 && r == -ERANGE; ++attempt) {
         storage->resize(static_cast<size_t>(std::max(count, 0)));
-        r = rbd_config_image_list(image, storage->empty() ? nullptr : storage->data(), &count);
+        r = ceph().rbd_config_image_list(image, storage->empty() ? nullptr : storage->data(),
+                                         &count);
     }
     if (r < 0) {
         storage->clear();
@@ -244,7 +247,7 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
             "it on; remove the setting",
             where, blocklist->second.value, option_source(blocklist->second));
     }
-    rbd_config_image_list_cleanup(storage.data(), static_cast<int>(storage.size()));
+    ceph().rbd_config_image_list_cleanup(storage.data(), static_cast<int>(storage.size()));
     if (!problem.empty()) {
         return make_error(EINVAL,
                           "{}: {}; imgfs writes an image only with it off, so that every "
@@ -273,7 +276,7 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
     // layer still opens, quietly, as it can be read.
     int r = -EPERM;
     if (!read_only || presence == Presence::kAnnounced) {
-        r = rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
+        r = ceph().rbd_open(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     // On any error: a full pool does not refuse the watch, it lets its registration run out
     // the deadline (a full OSD holds writes), and a layer must stay readable there. Narrowed
@@ -282,7 +285,7 @@ Result<RbdImage> RbdImage::open(std::shared_ptr<RbdPool> pool, const std::string
     // The cost: on a cluster too slow to register a watch in time, the layer is served
     // without one, unseen by other hosts' checks.
     if (read_only && r < 0 && r != -ENOENT) {
-        r = rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
+        r = ceph().rbd_open_read_only(pool->ioctx(), name.c_str(), &image, nullptr);
     }
     if (r < 0) {
         return rbd_error(r, pool->cluster(),
@@ -320,7 +323,7 @@ namespace {
 // or fsynced layer has no other round trip at close to notice the dead cluster by).
 void close_and_note(rbd_image_t image, const RadosCluster& cluster) {
     const auto start = std::chrono::steady_clock::now();
-    int r = rbd_close(image);  // nothing to do about a failure but note it
+    int r = ceph().rbd_close(image);  // nothing to do about a failure but note it
     // By its time, not only its result: on a stopped OSD each close returned 0 after about
     // three deadlines (its requests time out one after the other, and the close goes on).
     // A close that takes a whole deadline, even one that succeeds, is a cluster past
@@ -393,7 +396,7 @@ void RbdImage::reset() {
 
 Result<uint64_t> RbdImage::size() const {
     uint64_t size = 0;
-    if (int r = rbd_get_size(image_, &size); r < 0) {
+    if (int r = ceph().rbd_get_size(image_, &size); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read the size", name_));
     }
     return size;
@@ -403,14 +406,14 @@ std::string RbdImage::lock_owners() const {
     rbd_lock_mode_t mode{};
     char* owners[8] = {};
     size_t count = 8;
-    if (rbd_lock_get_owners(image_, &mode, owners, &count) < 0 || count == 0) {
+    if (ceph().rbd_lock_get_owners(image_, &mode, owners, &count) < 0 || count == 0) {
         return "another client";
     }
     std::string out;
     for (size_t i = 0; i < count; ++i) {
         out += (i == 0 ? "" : ", ") + std::string(owners[i]);
     }
-    rbd_lock_get_owners_cleanup(owners, count);
+    ceph().rbd_lock_get_owners_cleanup(owners, count);
     return out;
 }
 
@@ -420,11 +423,11 @@ Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
     // since assuming the owner alive would keep a dead writer's lock forever.
     std::vector<rbd_image_watcher_t> watchers(16);
     size_t watcher_count = watchers.size();
-    int r = rbd_watchers_list(image_, watchers.data(), &watcher_count);
+    int r = ceph().rbd_watchers_list(image_, watchers.data(), &watcher_count);
     for (int tries = 0; r == -ERANGE && tries < 3; ++tries) {
         watchers.resize(std::max(watcher_count, watchers.size() * 2));
         watcher_count = watchers.size();
-        r = rbd_watchers_list(image_, watchers.data(), &watcher_count);
+        r = ceph().rbd_watchers_list(image_, watchers.data(), &watcher_count);
     }
     if (r == -ERANGE) {
         return true;  // still growing faster than we can list: not for us to take
@@ -439,7 +442,7 @@ Result<bool> RbdImage::owner_alive(char** owners, size_t count) const {
             alive = alive || std::strcmp(owners[i], watchers[w].addr) == 0;
         }
     }
-    rbd_watchers_list_cleanup(watchers.data(), watcher_count);
+    ceph().rbd_watchers_list_cleanup(watchers.data(), watcher_count);
     return alive;
 }
 
@@ -447,7 +450,7 @@ Result<bool> RbdImage::held_by_live_client() const {
     rbd_lock_mode_t mode{};
     char* owners[8] = {};
     size_t count = 8;
-    int r = rbd_lock_get_owners(image_, &mode, owners, &count);
+    int r = ceph().rbd_lock_get_owners(image_, &mode, owners, &count);
     if (r == -ENOENT || (r >= 0 && count == 0)) {
         return false;
     }
@@ -459,7 +462,7 @@ Result<bool> RbdImage::held_by_live_client() const {
                          fmt::format("{}: cannot read the exclusive lock's owner", name_));
     }
     Result<bool> alive = owner_alive(owners, count);
-    rbd_lock_get_owners_cleanup(owners, count);
+    ceph().rbd_lock_get_owners_cleanup(owners, count);
     return alive;
 }
 
@@ -479,7 +482,7 @@ Status RbdImage::lock_exclusive() const {
     // Already ours (a claim that took it but failed right after): the owner check below would
     // find this client alive and refuse it its own lock.
     int is_owner = 0;
-    if (rbd_is_exclusive_lock_owner(image_, &is_owner) == 0 && is_owner != 0) {
+    if (ceph().rbd_is_exclusive_lock_owner(image_, &is_owner) == 0 && is_owner != 0) {
         return {};
     }
     // Asked for the lock, a client under librbd's automatic policy (QEMU, rbd map, any client
@@ -491,7 +494,7 @@ Status RbdImage::lock_exclusive() const {
         return make_error(EROFS, "{} is being written by {} (RBD exclusive lock)", name_,
                           lock_owners());
     }
-    int r = rbd_lock_acquire(image_, RBD_LOCK_MODE_EXCLUSIVE);
+    int r = ceph().rbd_lock_acquire(image_, RBD_LOCK_MODE_EXCLUSIVE);
     if (r == -EROFS || r == -EBUSY || r == -EAGAIN) {
         return make_error(EROFS, "{} is being written by {} (RBD exclusive lock)", name_,
                           lock_owners());
@@ -505,7 +508,7 @@ Status RbdImage::lock_exclusive() const {
 
 Status RbdImage::check_lockable() const {
     uint64_t features = 0;
-    if (int r = rbd_get_features(image_, &features); r < 0) {
+    if (int r = ceph().rbd_get_features(image_, &features); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read its features", name_));
     }
     if ((features & RBD_FEATURE_EXCLUSIVE_LOCK) == 0) {
@@ -525,12 +528,12 @@ Status RbdImage::check_no_writer() const {
     rbd_lock_mode_t mode{};
     char* owners[8] = {};
     size_t count = 8;
-    int r = rbd_lock_get_owners(image_, &mode, owners, &count);
+    int r = ceph().rbd_lock_get_owners(image_, &mode, owners, &count);
     if (r == -ENOENT || (r >= 0 && count == 0)) {
         return {};
     }
     if (r >= 0) {
-        rbd_lock_get_owners_cleanup(owners, count);
+        ceph().rbd_lock_get_owners_cleanup(owners, count);
     } else if (r != -ERANGE) {
         return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot read the exclusive lock's owner", name_));
@@ -539,7 +542,7 @@ Status RbdImage::check_no_writer() const {
     if (Status st = lock_exclusive(); !st) {
         return st.error().errnum == EROFS ? make_error(EBUSY, "{}", st.error().message()) : st;
     }
-    if (r = rbd_lock_release(image_); r < 0) {
+    if (r = ceph().rbd_lock_release(image_); r < 0) {
         return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot give back the exclusive lock", name_));
     }
@@ -549,7 +552,7 @@ Status RbdImage::check_no_writer() const {
 Result<size_t> RbdImage::other_watchers() const {
     rbd_image_watcher_t watchers[16];
     size_t count = 16;
-    int r = rbd_watchers_list(image_, watchers, &count);
+    int r = ceph().rbd_watchers_list(image_, watchers, &count);
     if (r == -ERANGE) {
         return count;  // more than 16: certainly others
     }
@@ -557,18 +560,18 @@ Result<size_t> RbdImage::other_watchers() const {
         return rbd_error(r, pool_->cluster(),
                          fmt::format("{}: cannot list the clients that have it open", name_));
     }
-    const uint64_t self = rados_get_instance_id(pool_->cluster().handle());
+    const uint64_t self = ceph().rados_get_instance_id(pool_->cluster().handle());
     size_t others = 0;
     for (size_t i = 0; i < count; ++i) {
         others += static_cast<uint64_t>(watchers[i].id) != self ? 1 : 0;
     }
-    rbd_watchers_list_cleanup(watchers, count);
+    ceph().rbd_watchers_list_cleanup(watchers, count);
     return others;
 }
 
 Result<std::string> RbdImage::id() const {
     char id[64];
-    if (int r = rbd_get_id(image_, id, sizeof id); r < 0) {
+    if (int r = ceph().rbd_get_id(image_, id, sizeof id); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("{}: cannot read the id", name_));
     }
     return std::string(id);

@@ -14,14 +14,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <rados/librados.h>
-#include <rbd/librbd.h>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "core/offload.h"
 #include "core/result.h"
+#include "drivers/rbd/ceph_api.h"
 
 namespace imgfs {
 

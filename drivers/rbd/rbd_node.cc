@@ -23,7 +23,7 @@ Result<std::shared_ptr<RbdNode>> RbdNode::open(NodeEnv env, std::string name, Rb
         return make_error(errno, "{}: eventfd", name);
     }
     auto event_fd = std::make_shared<UniqueFd>(efd);
-    if (int r = rbd_set_image_notification(image.handle(), efd, EVENT_TYPE_EVENTFD); r < 0) {
+    if (int r = ceph().rbd_set_image_notification(image.handle(), efd, EVENT_TYPE_EVENTFD); r < 0) {
         image.close_off_loop(event_fd);
         return rbd_error(r, image.pool()->cluster(),
                          fmt::format("{}: cannot register for completions", name));
@@ -109,7 +109,7 @@ Task<Result<bool>> RbdNode::claim_writes() {
 
 Result<rbd_completion_t> RbdNode::completion(Op* op, const char* what) const {
     rbd_completion_t c = nullptr;
-    if (int r = rbd_aio_create_completion(op, nullptr, &c); r < 0) {
+    if (int r = ceph().rbd_aio_create_completion(op, nullptr, &c); r < 0) {
         return make_error(-r, "{}: cannot start {}", name(), what);
     }
     return c;
@@ -188,11 +188,11 @@ void RbdNode::complete_finished() {
     constexpr int kBatch = 32;
     rbd_completion_t finished[kBatch];
     for (;;) {
-        int n = rbd_poll_io_events(image_.handle(), finished, kBatch);
+        int n = ceph().rbd_poll_io_events(image_.handle(), finished, kBatch);
         for (int i = 0; i < n; ++i) {
-            auto* op = static_cast<Op*>(rbd_aio_get_arg(finished[i]));
-            op->result = rbd_aio_get_return_value(finished[i]);
-            rbd_aio_release(finished[i]);
+            auto* op = static_cast<Op*>(ceph().rbd_aio_get_arg(finished[i]));
+            op->result = ceph().rbd_aio_get_return_value(finished[i]);
+            ceph().rbd_aio_release(finished[i]);
             op->done = true;
             if (op->parked) {
                 unpark(op);
@@ -234,7 +234,7 @@ Task<Result<ssize_t>> RbdNode::run(const char* what, uint64_t offset, uint64_t b
     Op op;
     CO_TRY_ASSIGN(rbd_completion_t c, completion(&op, what));
     if (int r = issue(c); r < 0) {
-        rbd_aio_release(c);
+        ceph().rbd_aio_release(c);
         co_return op_error(r, what, offset, bytes);
     }
     co_await wait(&op);
@@ -248,8 +248,8 @@ Task<Result<ssize_t>> RbdNode::run(const char* what, uint64_t offset, uint64_t b
 Task<Status> RbdNode::do_read(uint64_t offset, MutBuf buf) {
     rbd_image_t image = image_.handle();
     CO_TRY_ASSIGN(ssize_t got, co_await run("read", offset, buf.size(), [&](rbd_completion_t c) {
-                      return rbd_aio_read(image, offset, buf.size(),
-                                          reinterpret_cast<char*>(buf.data()), c);
+                      return ceph().rbd_aio_read(image, offset, buf.size(),
+                                                 reinterpret_cast<char*>(buf.data()), c);
                   }));
     // Within the size librbd returns every byte; a shorter read means a concurrent shrink.
     if (static_cast<uint64_t>(got) < buf.size()) {
@@ -264,8 +264,8 @@ Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
     rbd_image_t image = image_.handle();
     CO_TRY(co_await run("write", offset, buf.size(), [&](rbd_completion_t c) {
-        return rbd_aio_write(image, offset, buf.size(), reinterpret_cast<const char*>(buf.data()),
-                             c);
+        return ceph().rbd_aio_write(image, offset, buf.size(),
+                                    reinterpret_cast<const char*>(buf.data()), c);
     }));
     co_return Status{};
 }
@@ -279,7 +279,7 @@ Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*ma
     CO_TRY(co_await grow_to(offset + bytes));
     rbd_image_t image = image_.handle();
     CO_TRY(co_await run("write zeroes", offset, bytes, [&](rbd_completion_t c) {
-        return rbd_aio_write_zeroes(image, offset, bytes, c, 0, 0);
+        return ceph().rbd_aio_write_zeroes(image, offset, bytes, c, 0, 0);
     }));
     co_return Status{};
 }
@@ -288,7 +288,7 @@ Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
     CO_TRY(co_await claim_writes());
     rbd_image_t image = image_.handle();
     CO_TRY(co_await run("discard", offset, bytes, [&](rbd_completion_t c) {
-        return rbd_aio_discard(image, offset, bytes, c);
+        return ceph().rbd_aio_discard(image, offset, bytes, c);
     }));
     co_return Status{};
 }
@@ -302,8 +302,8 @@ Task<Status> RbdNode::do_flush() {
         co_return Status{};
     }
     rbd_image_t image = image_.handle();
-    CO_TRY(
-        co_await run("flush", 0, 0, [&](rbd_completion_t c) { return rbd_aio_flush(image, c); }));
+    CO_TRY(co_await run("flush", 0, 0,
+                        [&](rbd_completion_t c) { return ceph().rbd_aio_flush(image, c); }));
     co_return Status{};
 }
 
@@ -353,7 +353,8 @@ Task<Result<BlockStatus>> RbdNode::do_block_status(uint64_t offset, uint64_t byt
     using Extents = std::vector<std::pair<uint64_t, uint64_t>>;
     std::function<Result<Extents>()> list = [image, offset, span]() -> Result<Extents> {
         Extents extents;
-        int r = rbd_diff_iterate2(image, nullptr, offset, span, 1, 0, collect_extent, &extents);
+        int r =
+            ceph().rbd_diff_iterate2(image, nullptr, offset, span, 1, 0, collect_extent, &extents);
         if (r < 0) {
             return Error{-r, ""};
         }
@@ -449,7 +450,7 @@ Task<Status> RbdNode::resize_image(uint64_t new_size, bool allow_shrink) {
     }
     rbd_image_t image = image_.handle();
     std::function<int()> call = [image, new_size, allow_shrink] {
-        return rbd_resize2(image, new_size, allow_shrink, no_progress, nullptr);
+        return ceph().rbd_resize2(image, new_size, allow_shrink, no_progress, nullptr);
     };
     int r = co_await image_.pool()->offloader()->run<int>(std::move(call));
     if (r < 0) {

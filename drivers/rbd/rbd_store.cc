@@ -80,8 +80,8 @@ Result<size_t> RbdFile::read_at(MutBuf buf, uint64_t offset) {
         offset >= size ? 0 : static_cast<size_t>(std::min<uint64_t>(buf.size(), size - offset));
     size_t done = 0;
     while (done < want) {
-        ssize_t n = rbd_read(image_.handle(), offset + done, want - done,
-                             reinterpret_cast<char*>(buf.data() + done));
+        ssize_t n = ceph().rbd_read(image_.handle(), offset + done, want - done,
+                                    reinterpret_cast<char*>(buf.data() + done));
         if (n < 0) {
             return rbd_error(static_cast<int>(n), image_.pool()->cluster(),
                              fmt::format("reading {}", image_.name()));
@@ -180,7 +180,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
     std::vector<rbd_image_spec_t> specs(64);
     size_t count = specs.size();
     int r = 0;
-    while ((r = rbd_list2(pool_->ioctx(), specs.data(), &count)) == -ERANGE) {
+    while ((r = ceph().rbd_list2(pool_->ioctx(), specs.data(), &count)) == -ERANGE) {
         specs.resize(count);
     }
     if (r < 0) {
@@ -191,7 +191,7 @@ Result<std::vector<StoreEntry>> RbdStore::list() {
     for (size_t i = 0; i < count; ++i) {
         out.push_back(StoreEntry{specs[i].name, file_id(display_, specs[i].id)});
     }
-    rbd_image_spec_list_cleanup(specs.data(), count);
+    ceph().rbd_image_spec_list_cleanup(specs.data(), count);
     std::sort(out.begin(), out.end(),
               [](const StoreEntry& a, const StoreEntry& b) { return a.name < b.name; });
     return out;
@@ -268,23 +268,23 @@ Task<Result<std::unique_ptr<StoreFile>>> RbdStore::open_from_loop(std::string na
 Result<std::unique_ptr<StoreFile>> RbdStore::create_exclusive(const std::string& name) {
     TRY(check_image_name(name));
     rbd_image_options_t opts = nullptr;
-    rbd_image_options_create(&opts);
+    ceph().rbd_image_options_create(&opts);
     // Ceph's default features, stated rather than taken from rbd_default_features: an image
     // imgfs writes needs exclusive-lock (check_lockable), which a cluster tuned for old
     // kernel clients may leave out of its defaults.
     const uint64_t features = RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK |
                               RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF |
                               RBD_FEATURE_DEEP_FLATTEN;
-    rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES, features);
-    int r = rbd_create4(pool_->ioctx(), name.c_str(), 0, opts);
-    rbd_image_options_destroy(opts);
+    ceph().rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES, features);
+    int r = ceph().rbd_create4(pool_->ioctx(), name.c_str(), 0, opts);
+    ceph().rbd_image_options_destroy(opts);
     if (r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("cannot create {}", name));
     }
     Result<std::unique_ptr<StoreFile>> made = open_image(name, false, Lock::kNow);
     if (!made) {
         // Not left behind: the name would be taken, and the next attempt fail with EEXIST.
-        (void)rbd_remove(pool_->ioctx(), name.c_str());
+        (void)ceph().rbd_remove(pool_->ioctx(), name.c_str());
     }
     return made;
 }
@@ -299,7 +299,7 @@ Status RbdStore::rename_noreplace(const std::string& from, const std::string& to
     // error. The chain-edit recovery (scan_plan: restore_renamed) reports a rename back that
     // fails and tries it again at every scan; a name left claimed stays so until an operator
     // removes it. Known limit, docs/design.md section 10.
-    if (int r = rbd_rename(pool_->ioctx(), from.c_str(), to.c_str()); r < 0) {
+    if (int r = ceph().rbd_rename(pool_->ioctx(), from.c_str(), to.c_str()); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("cannot rename {} to {}", from, to));
     }
     return {};
@@ -324,7 +324,7 @@ Result<bool> RbdStore::may_be_in_creation(const std::string& name) {
     // between rbd_create and rbd_open on another host). Two deadlines cover that step and a
     // modest clock difference between the hosts.
     timespec created{};
-    if (int r = rbd_get_create_timestamp(image.handle(), &created); r < 0) {
+    if (int r = ceph().rbd_get_create_timestamp(image.handle(), &created); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("cannot tell when {} was made", name));
     }
     const auto age_s = ::time(nullptr) - created.tv_sec;
@@ -334,7 +334,7 @@ Result<bool> RbdStore::may_be_in_creation(const std::string& name) {
 Status RbdStore::remove(const std::string& name) {
     TRY(check_image_name(name));
     pool_->wait_for_closes();  // a node dropped just before may still have it open
-    if (int r = rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {
+    if (int r = ceph().rbd_remove(pool_->ioctx(), name.c_str()); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("cannot remove {}", name));
     }
     return {};
@@ -342,7 +342,7 @@ Status RbdStore::remove(const std::string& name) {
 
 Result<StoreSpace> RbdStore::space() {
     rados_cluster_stat_t st{};
-    if (int r = rados_cluster_stat(pool_->cluster().handle(), &st); r < 0) {
+    if (int r = ceph().rados_cluster_stat(pool_->cluster().handle(), &st); r < 0) {
         return rbd_error(r, pool_->cluster(), fmt::format("cannot stat {}", display_));
     }
     StoreSpace s;

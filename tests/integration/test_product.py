@@ -315,6 +315,46 @@ class FileSizeLimit(harness.ImageDirTest):
         self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
 
 
+class CephLibraries(harness.ImageDirTest):
+    """The Ceph client libraries are loaded when a pool is opened, not when the daemon starts:
+    a mount of a directory must not carry them, and a host without them gets a clear error."""
+
+    def test_a_directory_mount_does_not_load_them(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        with open(m.path("vm.raw"), "rb") as f:
+            f.read(4096)
+        with open(f"/proc/{m.proc.pid}/maps") as f:
+            maps = f.read()
+        loaded = [lib for lib in ("librbd", "librados", "libceph-common") if lib in maps]
+        self.assertEqual(loaded, [])
+        m.stop()
+
+    def test_a_pool_without_them_is_a_clear_error(self):
+        # The library made unreadable in a mount namespace of its own: the pool is refused
+        # naming the Debian packages, and nothing crashes.
+        harness.require_tools("unshare", "ldconfig")
+        found = [l.split("=>")[-1].strip() for l in run(["ldconfig", "-p"]).stdout.splitlines()
+                 if l.strip().startswith("librbd.so.1 ")]
+        cmd = f"{harness.IMGFS} info rbd:rbd/vm.qcow2"
+        if found:
+            cmd = f"mount --bind /dev/null {found[0]} && {cmd}"
+        p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("Ceph pools need the Ceph client libraries (Debian: librados2 and librbd1)",
+                      p.stderr)
+        mnt = tempfile.mkdtemp(prefix="imgfs-it-mnt-")
+        self.addCleanup(os.rmdir, mnt)
+        cmd = f"{harness.IMGFS} mount -f rbd:rbd {mnt}"
+        if found:
+            cmd = f"mount --bind /dev/null {found[0]} && {cmd}"
+        p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
+                           timeout=60)
+        self.assertNotEqual(p.returncode, 0, p.stderr)
+        self.assertIn("librbd1", p.stderr)
+
+
 class JobCli(harness.ImageDirTest):
     def start_slow_commit(self, m):
         with open(m.path("vm.raw"), "r+b") as f:
