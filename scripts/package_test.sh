@@ -67,6 +67,11 @@ say "Depends: $depends"
 for lib in libfuse3-3 liburing2 libzstd1 zlib1g libfmt9 libstdc++6 libc6 fuse3; do
   [[ ", $depends" == *", $lib"* ]] || die "Depends lacks $lib"
 done
+recommends=$(dpkg-deb -f "$deb" Recommends)
+say "Recommends: $recommends"
+for lib in librados2 librbd1; do
+  [[ ", $recommends" == *", $lib"* ]] || die "Recommends lacks $lib (Ceph pools need it)"
+done
 dpkg-deb -c "$deb" | awk '{ print $6 $7 $8 }' | sed 's#^\./#/#' >"$work/contents"
 for f in /usr/bin/imgfs /usr/sbin/mount.fuse.imgfs '->../bin/imgfs' /usr/sbin/mount.imgfs \
   /usr/share/man/man1/imgfs.1.gz /usr/share/man/man1/imgfs-mount.1.gz \
