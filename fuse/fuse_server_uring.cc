@@ -27,6 +27,10 @@ constexpr size_t kArgAreaBytes = 4096;
 // A ring entry's payload up to here is on small pages (see RingArena): requests of up to the
 // kernel's default read-ahead window never make a huge page resident.
 constexpr size_t kRingHeadBytes = 128 * 1024;
+// Entries per queue whose payload spills into a huge page: the last registered of each queue,
+// which the kernel hands out first (start_ring registers queue by queue in rounds, so they are
+// the arena's last buffers).
+constexpr uint32_t kHugeTailsPerQueue = 4;
 
 void prep_fuse_cmd(io_uring_sqe* sqe, int fd, uint32_t cmd_op, const fuse_uring::CmdReq& cmd,
                    const iovec* iov) {
@@ -82,7 +86,8 @@ bool FuseServer::offer_uring(uint32_t kernel_flags, uint32_t kernel_flags2, uint
         ring_queues_ = std::max(options_.ring_queues, *queues);
         ring_arena_ = std::make_unique<RingArena>(
             options_.max_write_bytes, std::min<size_t>(kRingHeadBytes, options_.max_write_bytes),
-            ring_queues_ * options_.uring_entries_per_queue);
+            ring_queues_ * options_.uring_entries_per_queue,
+            ring_queues_ * std::min(kHugeTailsPerQueue, options_.uring_entries_per_queue));
         if (!ring_arena_->ok()) {
             ring_arena_.reset();
             why = "cannot reserve address space for the ring buffers";

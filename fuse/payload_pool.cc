@@ -12,31 +12,17 @@ PayloadPool::PayloadPool(size_t buffer_bytes, uint32_t max_buffers, size_t resid
     : buffer_bytes_(buffer_bytes),
       max_buffers_(max_buffers),
       budget_bytes_(resident_budget_bytes),
-      idle_ms_(idle_ms) {
+      idle_ms_(idle_ms),
+      region_(buffer_bytes * max_buffers) {
     assert(buffer_bytes % 4096 == 0 && buffer_bytes > 0);
-    const size_t used = buffer_bytes * max_buffers;
-    const size_t huge_pages = (used + kHugePageBytes - 1) / kHugePageBytes;
-    // One huge page more than needed, so that an aligned start fits; the slack stays mapped
-    // (address space only) and is unmapped with the rest.
-    mapped_bytes_ = (huge_pages + 1) * kHugePageBytes;
-    void* p = ::mmap(nullptr, mapped_bytes_, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
-        mapped_bytes_ = 0;
+    const size_t huge_pages = (buffer_bytes * max_buffers + kHugePageBytes - 1) / kHugePageBytes;
+    if (!region_.ok()) {
         return;
     }
-    mapping_ = static_cast<uint8_t*>(p);
-    auto addr = reinterpret_cast<uintptr_t>(mapping_);
-    base_ = mapping_ + ((kHugePageBytes - addr % kHugePageBytes) % kHugePageBytes);
+    base_ = region_.base();
     // Advice only: without transparent huge pages the pool works on 4 KiB pages.
     (void)::madvise(base_, huge_pages * kHugePageBytes, MADV_HUGEPAGE);
     pages_.resize(huge_pages);
-}
-
-PayloadPool::~PayloadPool() {
-    if (mapping_ != nullptr) {
-        ::munmap(mapping_, mapped_bytes_);
-    }
 }
 
 MutBuf PayloadPool::buffer(uint32_t index) const {

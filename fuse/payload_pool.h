@@ -21,12 +21,13 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "fuse/huge_aligned_region.h"
 
 namespace imgfs {
 
 class PayloadPool {
   public:
-    static constexpr size_t kHugePageBytes = 2 << 20;
+    static constexpr size_t kHugePageBytes = HugeAlignedRegion::kHugePageBytes;
 
     /// `buffer_bytes` is a multiple of 4096. Reserves address space for `max_buffers` buffers;
     /// nothing is resident until a buffer is written.
@@ -36,7 +37,7 @@ class PayloadPool {
                 std::chrono::milliseconds idle_ms = std::chrono::milliseconds(1000));
     PayloadPool(const PayloadPool&) = delete;
     PayloadPool& operator=(const PayloadPool&) = delete;
-    ~PayloadPool();
+    ~PayloadPool() = default;
 
     /// False if the address space could not be reserved (then nothing else may be called).
     [[nodiscard]] bool ok() const { return base_ != nullptr; }
@@ -67,9 +68,8 @@ class PayloadPool {
     size_t budget_bytes_;
     std::chrono::milliseconds idle_ms_;
     Clock::time_point last_sweep_;
-    uint8_t* base_ = nullptr;  // kHugePageBytes aligned
-    size_t mapped_bytes_ = 0;
-    uint8_t* mapping_ = nullptr;  // what munmap gets
+    HugeAlignedRegion region_;
+    uint8_t* base_ = nullptr;  // region_'s start once the pool is set up
     std::vector<Page> pages_;
 };
 

@@ -70,7 +70,7 @@ bool thp_offered() {
 }
 
 TEST(RingArena, EachHeadEndsOnAHugePageBoundary) {
-    RingArena arena(kMiB, 128 * kKiB, 8);
+    RingArena arena(kMiB, 128 * kKiB, 8, 8);
     ASSERT_TRUE(arena.ok());
     EXPECT_EQ(arena.capacity(), 8U);
     for (uint32_t i = 0; i < 8; ++i) {
@@ -85,7 +85,7 @@ TEST(RingArena, EachHeadEndsOnAHugePageBoundary) {
 }
 
 TEST(RingArena, SmallRequestsStayOnSmallPages) {
-    RingArena arena(kMiB, 128 * kKiB, 8);
+    RingArena arena(kMiB, 128 * kKiB, 8, 8);
     ASSERT_TRUE(arena.ok());
     for (uint32_t i = 0; i < 8; ++i) {
         std::memset(arena.buffer(i).data(), 0x5a, 64 * kKiB);
@@ -101,7 +101,7 @@ TEST(RingArena, SmallRequestsStayOnSmallPages) {
 }
 
 TEST(RingArena, ALargeRequestSpillsIntoOneHugePage) {
-    RingArena arena(kMiB, 128 * kKiB, 4);
+    RingArena arena(kMiB, 128 * kKiB, 4, 4);
     ASSERT_TRUE(arena.ok());
     std::memset(arena.buffer(1).data(), 0x5a, kMiB);
     EXPECT_EQ(arena.buffer(1)[kMiB - 1], 0x5a);
@@ -117,6 +117,23 @@ TEST(RingArena, ALargeRequestSpillsIntoOneHugePage) {
     // Whether the kernel found a free huge page is up to it; say what it did.
     std::cout << "tail: Rss " << tail.rss_kib << " KiB, AnonHugePages " << tail.anon_huge_kib
               << " KiB\n";
+}
+
+TEST(RingArena, OnlyTheLastBuffersGetHugeTails) {
+    // The kernel hands out the entries registered last first; the others stay on small pages,
+    // so what huge pages add to the daemon's memory is bounded by the last few.
+    RingArena arena(kMiB, 128 * kKiB, 8, 2);
+    ASSERT_TRUE(arena.ok());
+    if (!thp_offered()) {
+        ASSERT_EQ(std::getenv("CI"), nullptr) << "transparent huge pages are off on this host";
+        GTEST_SKIP() << "transparent huge pages are off on this host";
+    }
+    for (uint32_t i = 0; i < 8; ++i) {
+        EXPECT_EQ(area_of(arena.buffer(i).data()).thp_eligible, 0) << i;
+        EXPECT_EQ(area_of(arena.buffer(i).data() + 128 * kKiB).thp_eligible, i >= 6 ? 1 : 0) << i;
+    }
+    std::memset(arena.buffer(0).data(), 1, kMiB);
+    EXPECT_EQ(area_of(arena.buffer(0).data()).anon_huge_kib, 0);
 }
 
 }  // namespace

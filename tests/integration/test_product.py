@@ -330,27 +330,26 @@ class CephLibraries(harness.ImageDirTest):
         self.assertEqual(loaded, [])
         m.stop()
 
-    def test_a_pool_without_them_is_a_clear_error(self):
-        # The library made unreadable in a mount namespace of its own: the pool is refused
-        # naming the Debian packages, and nothing crashes.
-        harness.require_tools("unshare", "ldconfig")
+    def run_without_librbd(self, cmd):
+        """Runs shell command `cmd` in a mount namespace of its own in which librbd.so.1 is
+        unreadable (an empty file bound over it)."""
         found = [l.split("=>")[-1].strip() for l in run(["ldconfig", "-p"]).stdout.splitlines()
                  if l.strip().startswith("librbd.so.1 ")]
-        cmd = f"{harness.IMGFS} info rbd:rbd/vm.qcow2"
         if found:
             cmd = f"mount --bind /dev/null {found[0]} && {cmd}"
-        p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
-                           timeout=60)
+        return subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True,
+                              text=True, timeout=60)
+
+    def test_a_pool_without_them_is_a_clear_error(self):
+        # The pool is refused naming the Debian packages, and nothing crashes.
+        harness.require_tools("unshare", "ldconfig")
+        p = self.run_without_librbd(f"{harness.IMGFS} info rbd:rbd/vm.qcow2")
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertIn("Ceph pools need the Ceph client libraries (Debian: librados2 and librbd1)",
                       p.stderr)
         mnt = tempfile.mkdtemp(prefix="imgfs-it-mnt-")
         self.addCleanup(os.rmdir, mnt)
-        cmd = f"{harness.IMGFS} mount -f rbd:rbd {mnt}"
-        if found:
-            cmd = f"mount --bind /dev/null {found[0]} && {cmd}"
-        p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
-                           timeout=60)
+        p = self.run_without_librbd(f"{harness.IMGFS} mount -f rbd:rbd {mnt}")
         self.assertNotEqual(p.returncode, 0, p.stderr)
         self.assertIn("librbd1", p.stderr)
 
