@@ -16,8 +16,10 @@
 // depth 8 some 30 entries of the two queues took part (peak RSS 72 MiB where small pages gave
 // 44). Only the last `huge_tails` buffers are laid out this way: the entries registered last,
 // which that order hands out first (a queue at depth 1 uses one or two), so their 2 MiB each
-// bound what huge pages add. The others are on small pages throughout. Each buffer takes 4 MiB
-// of address space, nothing of which is resident until written.
+// bound what huge pages add. The others are on small pages throughout, packed one after the
+// other as before, so that the arena reserves (and, where the host does not overcommit,
+// charges) little more than the buffers themselves: 4 MiB for each buffer with a tail, its
+// size for each other one.
 #pragma once
 
 #include <cstddef>
@@ -32,9 +34,9 @@ class RingArena {
   public:
     static constexpr size_t kHugePageBytes = HugeAlignedRegion::kHugePageBytes;
 
-    /// `head_bytes` and `buffer_bytes` are multiples of 4096, with head_bytes <= 2 MiB and
-    /// buffer_bytes - head_bytes <= 2 MiB. The last `huge_tails` buffers get a huge-page tail.
-    /// Reserves address space only.
+    /// `head_bytes` and `buffer_bytes` are multiples of 4096. The last `huge_tails` buffers
+    /// get a huge-page tail, unless head_bytes > 2 MiB or the tail would not fit one huge page
+    /// (buffer_bytes - head_bytes > 2 MiB): then none does. Reserves address space only.
     RingArena(size_t buffer_bytes, size_t head_bytes, uint32_t buffers, uint32_t huge_tails);
     RingArena(const RingArena&) = delete;
     RingArena& operator=(const RingArena&) = delete;
@@ -45,12 +47,20 @@ class RingArena {
     [[nodiscard]] uint32_t capacity() const { return buffers_; }
     [[nodiscard]] MutBuf buffer(uint32_t index) const;
 
+    /// How many buffers have a huge-page tail (the last ones).
+    [[nodiscard]] uint32_t huge_tails() const { return huge_tails_; }
+
   private:
-    static constexpr size_t kStrideBytes = 2 * kHugePageBytes;
+    // A buffer with a tail: its head's 2 MiB area, then its tail's.
+    static constexpr size_t kTailStrideBytes = 2 * kHugePageBytes;
+
+    [[nodiscard]] uint32_t plain_buffers() const { return buffers_ - huge_tails_; }
+    [[nodiscard]] size_t tails_offset() const;  // where the first buffer with a tail's area starts
 
     size_t buffer_bytes_;
     size_t head_bytes_;
     uint32_t buffers_;
+    uint32_t huge_tails_;
     HugeAlignedRegion region_;
     uint8_t* base_ = nullptr;  // region_'s start once the arena is set up
 };

@@ -1,7 +1,8 @@
 #include "drivers/rbd/ceph_api.h"
 
-#include <cassert>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <dlfcn.h>
 #include <mutex>
 #include <string>
@@ -12,16 +13,16 @@ namespace {
 
 struct Loaded {
     CephApi api;
-    std::string failure;  // empty: every function was found
+    std::string failure;   // empty: every function was found
+    bool too_old = false;  // the libraries loaded but lack a function
 };
 
-// Resolves every function of `lib` named in the list into `api`; false (and `failure` set) at
-// the first one missing.
+// Resolves `name` in `lib` into `out`; false (and `failure` set) if it is not there.
 template <typename Fn>
 bool resolve(void* lib, const char* name, Fn* out, std::string* failure) {
     *out = reinterpret_cast<Fn>(::dlsym(lib, name));
     if (*out == nullptr) {
-        *failure = std::string("no ") + name + " in the Ceph client libraries";
+        *failure = std::string("they lack ") + name;
         return false;
     }
     return true;
@@ -46,6 +47,7 @@ void load(Loaded* loaded) {
     IMGFS_RBD_FUNCTIONS(IMGFS_RESOLVE_RBD)
 #undef IMGFS_RESOLVE_RADOS
 #undef IMGFS_RESOLVE_RBD
+    loaded->too_old = !ok;
 }
 
 Loaded& loaded_once() {
@@ -59,18 +61,30 @@ Loaded& loaded_once() {
 
 Result<const CephApi*> load_ceph_api() {
     const Loaded& l = loaded_once();
+    if (l.too_old) {
+        return make_error(ELIBACC,
+                          "Ceph pools need the Ceph client libraries {} or later (Debian: "
+                          "librados2 and librbd1); the ones installed are older: {}",
+                          kMinimumCephRelease, l.failure);
+    }
     if (!l.failure.empty()) {
         return make_error(ELIBACC,
-                          "Ceph pools need the Ceph client libraries (Debian: librados2 "
-                          "and librbd1): {}",
-                          l.failure);
+                          "Ceph pools need the Ceph client libraries (Debian: librados2 and "
+                          "librbd1, {} or later): {}",
+                          kMinimumCephRelease, l.failure);
     }
     return &l.api;
 }
 
 const CephApi& ceph() {
     const Loaded& l = loaded_once();
-    assert(l.failure.empty() && "ceph() before a successful load_ceph_api()");
+    if (!l.failure.empty()) {
+        // A bug, in every build type: a Ceph call that did not come through a connected
+        // cluster (RadosCluster::connect loads the libraries first).
+        std::fprintf(stderr, "imgfs: a Ceph call before the libraries were loaded: %s\n",
+                     l.failure.c_str());
+        std::abort();
+    }
     return l.api;
 }
 

@@ -83,9 +83,13 @@ struct CephApi {
 #undef IMGFS_CEPH_POINTER
 };
 
+/// The oldest Ceph release whose client libraries have every function in the lists (the
+/// package recommends it; Debian 12 has 16.2).
+inline constexpr const char* kMinimumCephRelease = "16.2";
+
 /// Loads librados.so.2 and librbd.so.1 (once; later calls return the first outcome). ELIBACC
 /// naming the missing library and the Debian packages that hold them if either cannot be
-/// loaded or lacks a function.
+/// loaded, or saying they are too old if one lacks a function.
 Result<const CephApi*> load_ceph_api();
 
 /// The table; only after load_ceph_api() succeeded (RadosCluster::connect calls it first, and

@@ -6,6 +6,7 @@ import errno
 import json
 import mmap
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -330,28 +331,31 @@ class CephLibraries(harness.ImageDirTest):
         self.assertEqual(loaded, [])
         m.stop()
 
-    def run_without_librbd(self, cmd):
-        """Runs shell command `cmd` in a mount namespace of its own in which librbd.so.1 is
-        unreadable (an empty file bound over it)."""
-        found = [l.split("=>")[-1].strip() for l in run(["ldconfig", "-p"]).stdout.splitlines()
-                 if l.strip().startswith("librbd.so.1 ")]
-        if found:
-            cmd = f"mount --bind /dev/null {found[0]} && {cmd}"
-        return subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True,
+    def run_without(self, soname, argv):
+        """Runs `argv` in a mount namespace of its own in which every copy of library `soname`
+        that ldconfig knows of is unreadable (an empty file bound over it)."""
+        paths = [l.split("=>")[-1].strip() for l in run(["ldconfig", "-p"]).stdout.splitlines()
+                 if l.strip().startswith(soname + " ")]
+        self.assertTrue(paths or not os.environ.get("CI"), f"no {soname} on this CI host")
+        script = "".join(f"mount --bind /dev/null {shlex.quote(p)} && " for p in paths)
+        script += " ".join(shlex.quote(a) for a in argv)
+        return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
                               text=True, timeout=60)
 
     def test_a_pool_without_them_is_a_clear_error(self):
-        # The pool is refused naming the Debian packages, and nothing crashes.
+        # The pool is refused naming the Debian packages, and nothing crashes; either library
+        # missing.
         harness.require_tools("unshare", "ldconfig")
-        p = self.run_without_librbd(f"{harness.IMGFS} info rbd:rbd/vm.qcow2")
-        self.assertEqual(p.returncode, 1, p.stderr)
-        self.assertIn("Ceph pools need the Ceph client libraries (Debian: librados2 and librbd1)",
-                      p.stderr)
         mnt = tempfile.mkdtemp(prefix="imgfs-it-mnt-")
         self.addCleanup(os.rmdir, mnt)
-        p = self.run_without_librbd(f"{harness.IMGFS} mount -f rbd:rbd {mnt}")
-        self.assertNotEqual(p.returncode, 0, p.stderr)
-        self.assertIn("librbd1", p.stderr)
+        for soname in ("librbd.so.1", "librados.so.2"):
+            p = self.run_without(soname, [harness.IMGFS, "info", "rbd:rbd/vm.qcow2"])
+            self.assertEqual(p.returncode, 1, f"{soname}: {p.stderr}")
+            self.assertIn("Ceph pools need the Ceph client libraries", p.stderr, soname)
+            self.assertIn("librados2 and librbd1", p.stderr, soname)
+            p = self.run_without(soname, [harness.IMGFS, "mount", "-f", "rbd:rbd", mnt])
+            self.assertNotEqual(p.returncode, 0, f"{soname}: {p.stderr}")
+            self.assertIn("librbd1", p.stderr, soname)
 
 
 class JobCli(harness.ImageDirTest):
