@@ -106,21 +106,30 @@ Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {
     co_return note("read", co_await root()->read(offset, buf));
 }
 
+Task<Status> BlockBackend::read_ahead(uint64_t offset, MutBuf buf) {
+    CO_TRY(co_await enter());
+    InFlightGuard guard(this);
+    co_return co_await root()->read(offset, buf);
+}
+
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
     CO_TRY(co_await enter_for_write("write"));
     InFlightGuard guard(this);
+    ContentChange change(this);
     co_return note("write", co_await root()->write(offset, buf));
 }
 
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
     CO_TRY(co_await enter_for_write("write-zeroes"));
     InFlightGuard guard(this);
+    ContentChange change(this);
     co_return note("write-zeroes", co_await root()->write_zeroes(offset, bytes, may_unmap));
 }
 
 Task<Status> BlockBackend::discard(uint64_t offset, uint64_t bytes) {
     CO_TRY(co_await enter_for_write("discard"));
     InFlightGuard guard(this);
+    ContentChange change(this);
     co_return note("discard", co_await root()->discard(offset, bytes));
 }
 
@@ -141,6 +150,7 @@ Task<Status> BlockBackend::truncate(uint64_t new_size) {
         co_return make_error(EPERM, "{} may not change its size", name_);
     }
     InFlightGuard guard(this);
+    ContentChange change(this);
     co_return note("truncate", co_await root()->truncate(new_size));
 }
 

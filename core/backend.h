@@ -47,6 +47,9 @@ class BlockBackend final : public ChildOwner {
     [[nodiscard]] bool writable() const;
 
     Task<Status> read(uint64_t offset, MutBuf buf);
+    /// read() for data no client asked for yet (fuse/read_ahead.h): a failure is not recorded
+    /// in io_failure(), since no user saw it; the read the client then makes will.
+    Task<Status> read_ahead(uint64_t offset, MutBuf buf);
     Task<Status> write(uint64_t offset, ConstBuf buf);
     Task<Status> write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap);
     Task<Status> discard(uint64_t offset, uint64_t bytes);
@@ -76,12 +79,42 @@ class BlockBackend final : public ChildOwner {
 
     [[nodiscard]] const IoFailure& io_failure() const { return io_failure_; }
 
+    /// Changes whenever what a read returns may change: when a write, write-zeroes, discard or
+    /// truncate is admitted and when it ends, and when a drained section (a snapshot, revert,
+    /// job switch or removal: every graph change) begins and ends. Data a reader keeps may be
+    /// reused only while this is what it was when the data was read, and only if no such
+    /// request was in flight then (writes_in_flight()).
+    [[nodiscard]] uint64_t content_generation() const { return content_generation_; }
+    [[nodiscard]] uint32_t writes_in_flight() const { return writes_in_flight_; }
+
     // Open files on the export; revert is refused while any is open.
     void open_file() { ++open_count_; }
     void release_file() { --open_count_; }
     [[nodiscard]] int open_count() const { return open_count_; }
 
+  protected:
+    void on_drained_begin() override { ++content_generation_; }
+    void on_drained_end() override { ++content_generation_; }
+
   private:
+    /// A request that changes content, from its admission to its end (content_generation()).
+    class ContentChange {
+      public:
+        explicit ContentChange(BlockBackend* b) : backend_(b) {
+            ++backend_->writes_in_flight_;
+            ++backend_->content_generation_;
+        }
+        ContentChange(const ContentChange&) = delete;
+        ContentChange& operator=(const ContentChange&) = delete;
+        ~ContentChange() {
+            --backend_->writes_in_flight_;
+            ++backend_->content_generation_;
+        }
+
+      private:
+        BlockBackend* backend_;
+    };
+
     /// Waits while drained, then checks that there is an image to serve.
     Task<Status> enter();
     /// enter() for a request that writes: also requires the chain writable and claimed,
@@ -97,6 +130,8 @@ class BlockBackend final : public ChildOwner {
     std::string fence_reason_;
     int open_count_ = 0;
     IoFailure io_failure_;
+    uint64_t content_generation_ = 0;
+    uint32_t writes_in_flight_ = 0;
 };
 
 }  // namespace imgfs

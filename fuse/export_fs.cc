@@ -100,9 +100,14 @@ ExportFs::ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportF
       log_(log),
       options_(options),
       mount_time_s_(static_cast<int64_t>(::time(nullptr))),
-      statfs_waiters_(images->env().loop) {}
+      statfs_waiters_(images->env().loop),
+      read_ahead_(images->env().loop) {}
 
 ExportFs::~ExportFs() = default;
+
+Task<void> ExportFs::finish() {
+    co_await read_ahead_.join();
+}
 
 int ExportFs::gone_errno(uint64_t ino) {
     // An image's inode that no longer resolves belonged to an export a rescan removed or
@@ -559,7 +564,10 @@ Task<FuseReply> ExportFs::read(FuseRequest* req) {
     }
     size_t n = std::min<uint64_t>({in.size, size - in.offset, req->scratch.size()});
     MutBuf buf = req->scratch.first(n);
-    Status st = co_await e->backend->read(in.offset, buf);
+    if (read_ahead_.streams() > 2 * images_->exports().size() + 16) {
+        read_ahead_.forget_gone([this](uint64_t id) { return images_->find_id(id) != nullptr; });
+    }
+    Status st = co_await read_ahead_.read(e, in.offset, buf);
     if (!st) {
         log_->error("{}.raw: read of {} bytes at {}: {}", e->name, n, in.offset,
                     st.error().message());

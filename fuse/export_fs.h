@@ -21,6 +21,7 @@
 #include "core/wait_queue.h"
 #include "fuse/control.h"
 #include "fuse/fuse_server.h"
+#include "fuse/read_ahead.h"
 #include "jobs/image_set.h"
 
 namespace imgfs {
@@ -44,6 +45,10 @@ class ExportFs final : public FuseHandler {
     ~ExportFs() override;
 
     Task<FuseReply> handle(FuseRequest* req) override;
+    /// Waits for the reads ahead still in flight (the server's end, before the images close).
+    Task<void> finish() override;
+    /// Reads ahead of in-order readers (exposed for tests).
+    [[nodiscard]] const ReadAhead& read_ahead() const { return read_ahead_; }
     FuseReply oversized(uint32_t opcode) override;
     [[nodiscard]] FuseReply refused_whatever_the_arguments(uint32_t opcode) const;
 
@@ -119,6 +124,7 @@ class ExportFs final : public FuseHandler {
         std::chrono::steady_clock::time_point walk_start{};
     };
     std::map<uint64_t, BlocksCache> blocks_;
+    ReadAhead read_ahead_;
 };
 
 }  // namespace imgfs

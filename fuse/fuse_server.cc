@@ -84,6 +84,7 @@ Task<void> FuseServer::run() {
         scope_.spawn(reader());
     }
     co_await scope_.join();
+    co_await handler_->finish();
 }
 
 std::optional<std::chrono::milliseconds> FuseServer::read_retry_delay(int error, int failures) {

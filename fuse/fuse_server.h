@@ -87,6 +87,8 @@ class FuseHandler {
     virtual Task<FuseReply> handle(FuseRequest* req) = 0;
     /// Called once the kernel has initialised the connection.
     virtual void connected() {}
+    /// Called once no more requests come: waits for work the handler started on its own.
+    virtual Task<void> finish() { co_return; }
     /// The answer to a well-formed request too large for the server's header area (a
     /// SYMLINK with a long target, a large SETXATTR or IOCTL): what the handler answers such
     /// a request whatever its arguments. FORGETs never get here.

@@ -209,5 +209,45 @@ TEST_F(BackendTest, FencedBackendRefusesEveryRequest) {
     EXPECT_EQ(run(be->block_status_above(0, 4096)).error().errnum, EIO);
 }
 
+// What a reader may cache (fuse/read_ahead.h) is tied to the content generation: every
+// request that changes content (write, write-zeroes, discard; truncate is the same guard)
+// moves it when admitted and when done, and so does every drained
+// section; reads and flushes do not.
+TEST_F(BackendTest, ContentGenerationMovesWithEveryChangeOfContent) {
+    auto mem = std::make_shared<test::MemNode>(env(), "mem", 1 << 20);
+    BlockBackend* be = use_rw(mem);
+    AlignedBuffer buf = AlignedBuffer::zeroed(4096);
+    uint64_t g = be->content_generation();
+    ASSERT_TRUE(run(be->read(0, buf.span())).ok());
+    ASSERT_TRUE(run(be->read_ahead(4096, buf.span())).ok());
+    ASSERT_TRUE(run(be->flush()).ok());
+    EXPECT_EQ(be->content_generation(), g);
+    ASSERT_TRUE(run(be->write(0, buf.span())).ok());
+    EXPECT_EQ(be->content_generation(), g + 2);
+    ASSERT_TRUE(run(be->write_zeroes(0, 4096, false)).ok());
+    ASSERT_TRUE(run(be->discard(0, 4096)).ok());
+    EXPECT_EQ(be->content_generation(), g + 6);
+    {
+        std::vector<std::shared_ptr<Node>> nodes{mem};
+        DrainGuard drained = run(drain(nodes));
+        EXPECT_EQ(be->content_generation(), g + 7);
+    }
+    EXPECT_EQ(be->content_generation(), g + 8);
+    // While a write is in flight the count says so (a read ahead is then not started).
+    mem->hold();
+    Status st = Error{};
+    bool done = false;
+    TaskScope scope(loop_.get());
+    scope.spawn(write_and_note(be, buf.span(), &st, &done));
+    run(tick());
+    EXPECT_EQ(be->writes_in_flight(), 1U);
+    EXPECT_EQ(be->content_generation(), g + 9);
+    mem->release();
+    run(join(&scope));
+    EXPECT_TRUE(st.ok());
+    EXPECT_EQ(be->writes_in_flight(), 0U);
+    EXPECT_EQ(be->content_generation(), g + 10);
+}
+
 }  // namespace
 }  // namespace imgfs

@@ -139,7 +139,8 @@ void FsTest::stop() {
         return;
     }
     release_gates();
-    fs_.reset();  // drops every open handle's hold on its export
+    run(fs_->finish());  // reads ahead still in flight
+    fs_.reset();         // drops every open handle's hold on its export
     run(jobs_->shutdown());
     (void)run(images_->close_all());
     control_.reset();

@@ -10,7 +10,9 @@ start commits and streams, pause, resume, cancel and slow down jobs, and rescan.
 and the like) are allowed; wrong results are not. Afterwards: the daemon is alive, every image is
 still exported, each shows its model byte for byte, the served chains are what the files'
 headers say, the daemon has no other image file open, qemu-img check finds every layer clean, no
-hidden leftovers remain, and a remount shows the same bytes.
+hidden leftovers remain, and a remount shows the same bytes. Owners also read runs of their
+images in order, one read at a time, writing just ahead of the reader now and then: the daemon
+reads ahead for such a reader, and must never serve what a write or a graph change replaced.
 
 IMGFS_STRESS_SECONDS (default 15, 60 in long mode) per seed, IMGFS_STRESS_SEEDS (default
 "1 2 3", "1 2 3 4 5" in long mode).
@@ -153,7 +155,9 @@ class Run:
             while not self.stop.is_set():
                 n = rng.choice([512, 4096, 65536, 131072, rng.randrange(1, 131072)])
                 off = rng.randrange(0, OPEN_SIZE - n)
-                if rng.random() < 0.15:
+                if rng.random() < 0.02:
+                    self.sweep(name, fd, rng, model)
+                elif rng.random() < 0.15:
                     off -= off % 4096
                     n = max(4096, n - n % 4096)
                     punch_hole(fd, off, n)
@@ -168,6 +172,27 @@ class Run:
             self.stats.fail(f"writer {name}: {e}")
         finally:
             os.close(fd)
+
+    def sweep(self, name, fd, rng, model):
+        """Reads a run of the image in order, one read at a time (what makes the daemon read
+        ahead), now and then writing into the part just ahead of the reader first, and checks
+        every read against the model: a read ahead must never serve what a write replaced."""
+        chunk = rng.choice([65536, 131072, 262144, MiB])
+        start = rng.randrange(0, OPEN_SIZE - 8 * chunk) // 4096 * 4096
+        for i in range(8):
+            at = start + i * chunk
+            if rng.random() < 0.3:
+                n = rng.randrange(1, 8192)
+                w = at + rng.randrange(0, chunk - n)
+                data = rng.randbytes(n)
+                os.pwrite(fd, data, w)
+                model[w:w + n] = data
+                self.counter["writes"] += 1
+            if os.pread(fd, chunk, at) != bytes(model[at:at + chunk]):
+                self.stats.fail(f"{name}: an in-order read of {chunk} bytes at {at} differs "
+                                "from what was written")
+                return
+        self.counter["sweeps"] += 1
 
     def prober(self, index):
         rng = random.Random(f"{self.seed}-probe{index}")
@@ -422,7 +447,9 @@ class Concurrency(harness.ImageDirTest):
                   f"refused {dict(sorted(r.stats.refused.items()))}, "
                   f"writes {r.counter['writes']}, punches {r.counter['punches']}, "
                   f"stats {r.counter['stats']}, lseeks {r.counter['lseeks']}, "
-                  f"{layers} layers checked", flush=True)
+                  f"in-order sweeps {r.counter['sweeps']}, {layers} layers checked", flush=True)
+            # The reads ahead raced the writes and the graph changes.
+            self.assertGreater(r.counter["sweeps"], 0, f"seed {seed}")
             totals.accepted.update(r.stats.accepted)
             totals.refused.update(r.stats.refused)
         print("concurrency: accepted per kind over seeds " + " ".join(map(str, self.seeds)) + ": " +
