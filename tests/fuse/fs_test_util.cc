@@ -43,6 +43,9 @@ Task<Result<uint64_t>> GateNode::allocated_bytes() {
 
 Task<Status> GateNode::do_read(uint64_t offset, MutBuf buf) {
     co_await pass(true);
+    if (fail_reads != 0) {
+        co_return make_error(fail_reads, "{}: read at {} failed (injected)", name(), offset);
+    }
     co_return co_await below()->read(offset, buf);
 }
 

@@ -49,6 +49,8 @@ class GateNode final : public Node {
     [[nodiscard]] int waiting() const { return waiting_; }
     /// Writes that pass the gate fail with this errno (0: they go through).
     int fail_writes = 0;
+    /// Reads that pass the gate fail with this errno (0: they go through).
+    int fail_reads = 0;
     Task<Result<uint64_t>> allocated_bytes() override;
 
   protected:

@@ -126,6 +126,28 @@ TEST_F(ReadAheadTest, AWriteWhileTheWindowFillsIsSeen) {
     EXPECT_GE(stats().used, 2U);
 }
 
+// A read ahead that failed serves nothing: the client's read goes to the disk and gets what
+// the disk gives now, and the failure the client never saw is not the image's last one.
+TEST_F(ReadAheadTest, AFailedWindowSendsTheReadToTheDisk) {
+    start_with_data(/*gated=*/true);
+    read_checked(0, kMiB);
+    read_checked(kMiB, kMiB);
+    hold_gate_reads(1);  // the client's read passes, the reads ahead wait at the gate
+    read_checked(2 * kMiB, kMiB);
+    gate_of("vm.qcow2")->fail_reads = EIO;
+    release_gates();
+    idle(5);  // the windows at 3 and 4 MiB fail
+    gate_of("vm.qcow2")->fail_reads = 0;
+    read_checked(3 * kMiB, kMiB);
+    EXPECT_EQ(stats().used, 0U);
+    EXPECT_EQ(read_text(".control/vm/info").find("failed (injected)"), std::string::npos);
+    // A client's read that fails is (the check above can see one).
+    gate_of("vm.qcow2")->fail_reads = EIO;
+    EXPECT_EQ(run(read_task(raw_, fh_, 9 * kMiB, 4096)).error, EIO);
+    gate_of("vm.qcow2")->fail_reads = 0;
+    EXPECT_NE(read_text(".control/vm/info").find("failed (injected)"), std::string::npos);
+}
+
 TEST_F(ReadAheadTest, ADrainedSectionMakesAWindowUnusable) {
     start_with_data();
     read_checked(0, kMiB);
