@@ -60,6 +60,10 @@ struct StoreCaps {
     /// (NAME@SNAP.qcow2); an export's name is the file name cut at its first one. A pool uses
     /// '~': RBD and QEMU's rbd: names reserve '@' for RBD's own snapshots.
     char snapshot_separator = '@';
+    /// Other hosts may write its images while this daemon serves them (a Ceph pool: an image
+    /// another host holds the lock of is served read-only here). Data read a moment ago may be
+    /// stale then, so nothing is read ahead (fuse/read_ahead.h).
+    bool shared_between_hosts = false;
 };
 
 /// One regular file of the store.

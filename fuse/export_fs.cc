@@ -101,7 +101,8 @@ ExportFs::ExportFs(ImageSet* images, ControlPlane* control, Logger* log, ExportF
       options_(options),
       mount_time_s_(static_cast<int64_t>(::time(nullptr))),
       statfs_waiters_(images->env().loop),
-      read_ahead_(images->env().loop) {}
+      read_ahead_(images->env().loop,
+                  ReadAheadOptions{.enabled = !images->store()->caps().shared_between_hosts}) {}
 
 ExportFs::~ExportFs() = default;
 
@@ -526,6 +527,9 @@ Task<FuseReply> ExportFs::release(FuseRequest* req) {
     if (it != handles_.end()) {
         if (it->second->raw) {
             it->second->e->backend->release_file();
+            if (it->second->e->backend->open_count() == 0) {
+                read_ahead_.closed(it->second->e->id);  // the memory of its windows goes
+            }
         }
         handles_.erase(it);
     }

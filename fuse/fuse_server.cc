@@ -78,6 +78,7 @@ Task<void> FuseServer::run() {
     if (!payload_pool_.ok()) {
         log_->error("cannot reserve {} MiB of address space for FUSE buffers",
                     size_t{options_.max_write_bytes} * options_.max_buffers >> 20);
+        co_await handler_->finish();
         co_return;
     }
     for (uint32_t i = 0; i < options_.reads_in_flight; ++i) {

@@ -10,14 +10,18 @@
 namespace imgfs {
 
 struct ReadAhead::Window {
-    Window(Executor* executor) : region(kWindowBytes), filled(executor) {
+    Window(Executor* executor, size_t* live) : region(kWindowBytes), filled(executor), live_(live) {
         if (region.ok()) {
             // A huge page where the kernel has one: reads ahead are large (see the header).
             ::madvise(region.base(), kWindowBytes, MADV_HUGEPAGE);
         }
+        ++*live_;
     }
     Window(const Window&) = delete;
     Window& operator=(const Window&) = delete;
+    ~Window() { --*live_; }
+
+    [[nodiscard]] bool failed() const { return filled.is_set() && !ok; }
 
     [[nodiscard]] bool holds(uint64_t off, uint64_t n) const {
         return off >= offset && off - offset <= bytes && n <= bytes - (off - offset);
@@ -29,6 +33,9 @@ struct ReadAhead::Window {
     uint64_t generation = 0;  // the backend's content generation when it was started
     bool ok = false;          // filled without error
     AsyncEvent filled;
+
+  private:
+    size_t* live_;  // ReadAhead::live_windows_, which outlives every window
 };
 
 ReadAhead::ReadAhead(Executor* executor, ReadAheadOptions options)
@@ -36,19 +43,19 @@ ReadAhead::ReadAhead(Executor* executor, ReadAheadOptions options)
 
 ReadAhead::~ReadAhead() = default;
 
-size_t ReadAhead::windows() const {
-    size_t n = 0;
-    for (const auto& [id, s] : streams_) {
-        n += s.windows.size();
-    }
-    return n;
-}
-
 Task<void> ReadAhead::join() {
     co_await scope_.join();
 }
 
-void ReadAhead::finish(uint64_t id) {
+void ReadAhead::closed(uint64_t id) {
+    auto it = streams_.find(id);
+    if (it != streams_.end()) {
+        it->second.windows.clear();
+        it->second.run = 0;
+    }
+}
+
+void ReadAhead::end_read(uint64_t id) {
     auto it = streams_.find(id);
     if (it != streams_.end() && it->second.reads > 0) {
         --it->second.reads;
@@ -56,6 +63,9 @@ void ReadAhead::finish(uint64_t id) {
 }
 
 Task<Status> ReadAhead::read(std::shared_ptr<Export> e, uint64_t offset, MutBuf buf) {
+    if (!options_.enabled) {
+        co_return co_await e->backend->read(offset, buf);
+    }
     const uint64_t id = e->id;
     const uint64_t n = buf.size();
     std::shared_ptr<Window> hit;
@@ -76,14 +86,14 @@ Task<Status> ReadAhead::read(std::shared_ptr<Export> e, uint64_t offset, MutBuf 
             s.windows.clear();
         }
     }
-    struct Finish {
+    struct EndRead {
         ReadAhead* self;
         uint64_t id;
-        ~Finish() { self->finish(id); }
-    } finish_read{this, id};
+        ~EndRead() { self->end_read(id); }
+    } end_read_guard{this, id};
     if (hit != nullptr) {
-        if (!hit->filled.is_set()) {
-            ++stats_.waited;
+        const bool waits = !hit->filled.is_set();
+        if (waits) {
             co_await hit->filled.wait();
         }
         // Checked again after the wait: a write or a drained section may have begun meanwhile,
@@ -92,8 +102,10 @@ Task<Status> ReadAhead::read(std::shared_ptr<Export> e, uint64_t offset, MutBuf 
             !e->backend->fenced() && e->backend->root() != nullptr) {
             std::memcpy(buf.data(), hit->region.base() + (offset - hit->offset), n);
             ++stats_.used;
+            stats_.waited += waits ? 1 : 0;
             co_return Status{};
         }
+        hit.reset();  // reusable while the disk is read instead
     }
     co_return co_await e->backend->read(offset, buf);
 }
@@ -101,7 +113,7 @@ Task<Status> ReadAhead::read(std::shared_ptr<Export> e, uint64_t offset, MutBuf 
 std::shared_ptr<ReadAhead::Window> ReadAhead::find(const Stream& s, uint64_t generation,
                                                    uint64_t offset, uint64_t bytes) {
     for (const auto& w : s.windows) {
-        if (w->generation == generation && w->holds(offset, bytes)) {
+        if (w->generation == generation && !w->failed() && w->holds(offset, bytes)) {
             return w;
         }
     }
@@ -131,7 +143,7 @@ void ReadAhead::start(const std::shared_ptr<Export>& e, Stream* s, uint64_t read
     w->ok = false;
     w->filled.reset();
     ++stats_.started;
-    scope_.spawn(fill(executor_, e, std::move(w)));
+    scope_.spawn(fill(e, std::move(w)));
 }
 
 std::shared_ptr<ReadAhead::Window> ReadAhead::take_window(Stream* s, uint64_t reader,
@@ -139,7 +151,8 @@ std::shared_ptr<ReadAhead::Window> ReadAhead::take_window(Stream* s, uint64_t re
     // A window nothing else holds (use_count 1: the stream's own reference) is neither being
     // filled nor read from; it is done with once it is stale or behind the reader.
     auto done_with = [](const std::shared_ptr<Window>& w, uint64_t at, uint64_t gen) {
-        return w.use_count() == 1 && (w->generation != gen || w->offset + w->bytes <= at);
+        return w.use_count() == 1 &&
+               (w->generation != gen || w->failed() || w->offset + w->bytes <= at);
     };
     for (const auto& w : s->windows) {
         if (done_with(w, reader, generation)) {
@@ -147,7 +160,7 @@ std::shared_ptr<ReadAhead::Window> ReadAhead::take_window(Stream* s, uint64_t re
         }
     }
     if (windows() < kMaxWindows) {
-        auto w = std::make_shared<Window>(executor_);
+        auto w = std::make_shared<Window>(executor_, &live_windows_);
         if (!w->region.ok()) {
             return nullptr;
         }
@@ -171,12 +184,12 @@ std::shared_ptr<ReadAhead::Window> ReadAhead::take_window(Stream* s, uint64_t re
     return nullptr;
 }
 
-Task<void> ReadAhead::fill(Executor* executor, std::shared_ptr<Export> e,
-                           std::shared_ptr<Window> w) {
+Task<void> ReadAhead::fill(std::shared_ptr<Export> e, std::shared_ptr<Window> w) {
     // The client's own read goes to the disk first: it is what the client waits for.
-    co_await Yield{executor};
+    co_await Yield{executor_};
     Status st = co_await e->backend->read_ahead(w->offset, MutBuf(w->region.base(), w->bytes));
     w->ok = st.ok();
+    stats_.failed += w->ok ? 0 : 1;
     w->filled.set();
 }
 

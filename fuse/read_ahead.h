@@ -30,6 +30,11 @@
 namespace imgfs {
 
 struct ReadAheadOptions {
+    /// False where other hosts may write the images while this daemon serves them (a Ceph
+    /// pool, StoreCaps::shared_between_hosts): what was read a moment ago may be stale there,
+    /// and the generation check sees only this daemon's writes. Every read then goes to the
+    /// backend.
+    bool enabled = true;
     /// Reads smaller than this are not read ahead of (a 4 KiB reader gains little, and a file
     /// system's metadata reads are small).
     uint64_t min_request_bytes = 64 << 10;
@@ -37,18 +42,21 @@ struct ReadAheadOptions {
 
 class ReadAhead {
   public:
-    /// The largest read that is read ahead of: one window.
+    /// The largest read that is read ahead of: one window. A FUSE read is at most 1 MiB
+    /// (max_read), so a window is half used at most; it is a whole huge page so that a 1 MiB
+    /// read into it is one disk request.
     static constexpr uint64_t kWindowBytes = 2 << 20;
     /// Ranges read ahead of a reader: the disk keeps this many reads of it in flight.
     static constexpr uint64_t kDepth = 2;
     /// Reads in a row that must continue the one before and come alone before any is read
     /// ahead of: a client with a deep queue now and then has a read alone in flight.
     static constexpr uint32_t kRunToStart = 2;
-    /// Windows held at most, by all streams together (24 MiB): a new stream takes the unused
-    /// windows of others, and gets none while every window is in use.
+    /// Windows alive at most, for all streams together (24 MiB), those still filling for a
+    /// stream that dropped them included: a new stream takes the unused windows of others, and
+    /// gets none while every window is in use.
     static constexpr size_t kMaxWindows = 12;
 
-    ReadAhead(Executor* executor, ReadAheadOptions options = {});
+    explicit ReadAhead(Executor* executor, ReadAheadOptions options = {});
     ReadAhead(const ReadAhead&) = delete;
     ReadAhead& operator=(const ReadAhead&) = delete;
     /// join() must have run.
@@ -62,6 +70,8 @@ class ReadAhead {
     /// Waits until no read ahead is in flight. Call once no more reads come.
     Task<void> join();
 
+    /// The last file of export `id` was closed: its windows go (their memory with them).
+    void closed(uint64_t id);
     /// Drops the state of exports `live` does not find (ids are never reused).
     template <typename Live>
     void forget_gone(Live live) {
@@ -73,11 +83,12 @@ class ReadAhead {
         uint64_t started = 0;  // reads ahead issued
         uint64_t used = 0;     // client reads served from a window
         uint64_t waited = 0;   // of those, reads that waited for their window to fill
+        uint64_t failed = 0;   // reads ahead that failed (their range is read again)
     };
     [[nodiscard]] const Stats& stats() const { return stats_; }
     [[nodiscard]] size_t streams() const { return streams_.size(); }
-    /// Windows held by all streams (each up to kWindowBytes of memory).
-    [[nodiscard]] size_t windows() const;
+    /// Windows alive (each up to kWindowBytes of memory).
+    [[nodiscard]] size_t windows() const { return live_windows_; }
 
   private:
     struct Window;
@@ -87,7 +98,8 @@ class ReadAhead {
         uint32_t run = 0;  // reads in a row that continued the last one and came alone
         std::vector<std::shared_ptr<Window>> windows;  // ahead of the reader, or done with
     };
-    /// The window of `s` that holds [offset, offset + bytes) as of `generation`, or null.
+    /// The window of `s` that holds [offset, offset + bytes) as of `generation` and has not
+    /// failed, or null.
     static std::shared_ptr<Window> find(const Stream& s, uint64_t generation, uint64_t offset,
                                         uint64_t bytes);
     /// Starts reading [offset, offset + bytes) of `e` ahead for a reader at `reader`, unless
@@ -97,13 +109,14 @@ class ReadAhead {
     /// A window for `s` to fill: one of its own it is done with, a new one, or one another
     /// stream is done with; null if there is none.
     std::shared_ptr<Window> take_window(Stream* s, uint64_t reader, uint64_t generation);
-    static Task<void> fill(Executor* executor, std::shared_ptr<Export> e,
-                           std::shared_ptr<Window> w);
+    /// Reads window `w` of `e` (a task of scope_, which outlives it).
+    Task<void> fill(std::shared_ptr<Export> e, std::shared_ptr<Window> w);
     /// Ends a client read of stream `id` (looked up again: the map may have changed).
-    void finish(uint64_t id);
+    void end_read(uint64_t id);
 
     Executor* executor_;
     ReadAheadOptions options_;
+    size_t live_windows_ = 0;             // declared before the windows' holders: they count here
     std::map<uint64_t, Stream> streams_;  // by export id
     Stats stats_;
     TaskScope scope_;  // the fills; declared last, so it is gone before what they use

@@ -133,7 +133,7 @@ class RbdStore final : public Store {
     std::string no_path_;
     std::mutex external_mutex_;  // external_pools_ is used from the scan's and the pools' threads
     std::map<std::string, std::shared_ptr<RbdPool>> external_pools_;  // by "rbd:POOL[/NS]"
-    StoreCaps caps_{.second_names = false, .snapshot_separator = '~'};
+    StoreCaps caps_{.second_names = false, .snapshot_separator = '~', .shared_between_hosts = true};
 };
 
 }  // namespace imgfs

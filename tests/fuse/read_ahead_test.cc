@@ -3,6 +3,9 @@
 // a failed image could have changed what the disk holds there.
 #include <fcntl.h>
 
+#include <linux/falloc.h>
+
+#include "forwarding_store.h"
 #include "fs_test_util.h"
 
 namespace imgfs {
@@ -52,6 +55,13 @@ class ReadAheadTest : public test::FsTest {
         std::copy(data.begin(), data.end(), model_.begin() + static_cast<ptrdiff_t>(offset));
         test::Reply r = run(request(FUSE_WRITE, raw_, bytes_of(w), std::move(data)));
         ASSERT_EQ(r.error, 0);
+    }
+    // Reads the first `count` MiB in order, letting each window fill.
+    void read_in_order(uint64_t count) {
+        for (uint64_t off = 0; off < count * kMiB; off += kMiB) {
+            read_checked(off, kMiB);
+            idle(5);
+        }
     }
     const ReadAhead::Stats& stats() const { return fs_->read_ahead().stats(); }
 
@@ -158,6 +168,60 @@ TEST_F(ReadAheadTest, ADrainedSectionMakesAWindowUnusable) {
     write(3 * kMiB, pattern(4096, 7));                      // into the new top
     read_checked(3 * kMiB, kMiB);
     EXPECT_EQ(stats().used, 0U);
+}
+
+TEST_F(ReadAheadTest, AHolePunchedIntoAWindowReadsAsZeros) {
+    start_with_data();
+    read_in_order(3);  // windows at 3 and 4 MiB, filled
+    test::Reply r = run(fallocate_task(raw_, fh_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                       3 * kMiB + 65536, 65536));
+    ASSERT_EQ(r.error, 0);
+    std::fill_n(model_.begin() + 3 * kMiB + 65536, 65536, 0);
+    read_checked(3 * kMiB, kMiB);
+    EXPECT_EQ(stats().used, 0U);
+}
+
+// Revert needs the image closed, but a stream's windows belong to the image, not the file:
+// closing drops them, and a revert (a drained section) would make them unusable anyway.
+TEST_F(ReadAheadTest, ClosingDropsTheWindowsAndARevertedImageIsReadAfresh) {
+    start_with_data();
+    ASSERT_EQ(control(".control/vm/snapshot", "s1\n"), 0);
+    read_in_order(3);
+    write(3 * kMiB, pattern(4096, 5));  // into the overlay the revert drops
+    const std::vector<uint8_t> after_snapshot = pattern(kSize, 1);
+    read_in_order(6);
+    EXPECT_GT(fs_->read_ahead().windows(), 0U);
+    release(raw_, fh_);
+    EXPECT_EQ(fs_->read_ahead().windows(), 0U);
+    ASSERT_EQ(control(".control/vm/revert", "\n"), 0);
+    model_ = after_snapshot;
+    fh_ = open(raw_, O_RDWR);
+    const uint64_t used = stats().used;
+    read_checked(3 * kMiB, kMiB);
+    read_checked(4 * kMiB, kMiB);
+    EXPECT_EQ(stats().used, used);
+}
+
+// In a Ceph pool another host may write an image this one serves: nothing is read ahead.
+TEST_F(ReadAheadTest, AStoreSharedBetweenHostsIsNotReadAhead) {
+    class SharedStore final : public test::ForwardingStore {
+      public:
+        explicit SharedStore(std::unique_ptr<Store> inner) : ForwardingStore(std::move(inner)) {
+            caps_ = ForwardingStore::caps();
+            caps_.shared_between_hosts = true;
+        }
+        [[nodiscard]] const StoreCaps& caps() const override { return caps_; }
+
+      private:
+        StoreCaps caps_;
+    };
+    wrap_store_ = [](std::unique_ptr<Store> inner) -> std::unique_ptr<Store> {
+        return std::make_unique<SharedStore>(std::move(inner));
+    };
+    start_with_data();
+    read_in_order(6);
+    EXPECT_EQ(stats().started, 0U);
+    EXPECT_EQ(fs_->read_ahead().windows(), 0U);
 }
 
 TEST_F(ReadAheadTest, OutOfOrderSmallAndOverlappingReadsStartNothing) {
