@@ -434,6 +434,17 @@ Task<Status> EventLoop::fsync(int fd, bool datasync) {
     }
 }
 
+Task<Status> EventLoop::start_writeback(int fd, uint64_t offset, uint64_t len) {
+    int32_t res = co_await submit([=](io_uring_sqe* sqe) {
+        io_uring_prep_sync_file_range(sqe, fd, static_cast<unsigned>(len), offset,
+                                      SYNC_FILE_RANGE_WRITE);
+    });
+    if (res < 0) {
+        co_return Error{-res, "sync_file_range"};
+    }
+    co_return Status{};
+}
+
 Task<Status> EventLoop::fallocate(int fd, int mode, uint64_t offset, uint64_t len) {
     int attempts = 0;
     for (;;) {

@@ -120,6 +120,10 @@ class EventLoop final : public Executor {
     /// fdatasync (datasync) or fsync.
     Task<Status> fsync(int fd, bool datasync);
     Task<Status> fallocate(int fd, int mode, uint64_t offset, uint64_t len);
+    /// Starts writeback of the dirty pages of [offset, offset + len) (sync_file_range with
+    /// SYNC_FILE_RANGE_WRITE only) and does not wait for it. It reads no error the writeback
+    /// meets later: those stay for the next fsync of the file to report.
+    Task<Status> start_writeback(int fd, uint64_t offset, uint64_t len);
     /// Suspends for at least `ns`.
     Task<void> sleep(std::chrono::nanoseconds ns);
     /// After an operation completed with `res` < 0: whether to issue it again. EINTR at once;

@@ -53,6 +53,9 @@ class FileNode final : public Node {
     /// Releases the image locks before the descriptor is closed (see file.cc).
     ~FileNode() override;
 
+    /// A buffered write of at least this many bytes starts its own writeback (see do_write).
+    static constexpr size_t kWriteBehindMin = 256 << 10;
+
     [[nodiscard]] const char* driver_name() const override { return "file"; }
     [[nodiscard]] int fd() const { return fd_.get(); }
     /// After a failed fdatasync the node refuses writes and flushes until it is reopened: the

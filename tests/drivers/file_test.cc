@@ -273,6 +273,34 @@ TEST_F(FileTest, ADirectReadLeavesTheCacheAlone) {
                             [](uint8_t b) { return b == 0; }));
 }
 
+// Pages of `fd`'s file in [offset, offset + bytes) that are dirty and not yet being written.
+uint64_t dirty_pages(int fd, uint64_t offset, uint64_t bytes) {
+    uint64_t range[2] = {offset, bytes};
+    uint64_t stat[5] = {};
+    EXPECT_EQ(::syscall(451, fd, range, stat, 0), 0) << strerror(errno);
+    return stat[1];
+}
+
+// A large buffered write starts its own writeback, so that the fsync which ends a stream of
+// them finds most of it on its way to the disk; small writes (qcow2 metadata among them) stay
+// dirty for the kernel to write when it likes.
+TEST_F(FileTest, LargeBufferedWritesStartTheirWriteback) {
+    test::TempDir dir;  // on a disk: tmpfs has no writeback
+    REQUIRE_DIRECT_READS(&dir);
+    auto node = open_file(dir.file("node"));
+    ASSERT_NE(node, nullptr);
+    std::mt19937_64 rng(5);
+    const std::vector<uint8_t> small = test::random_bytes(&rng, 64 << 10);
+    const std::vector<uint8_t> large = test::random_bytes(&rng, FileNode::kWriteBehindMin);
+    Status st = sync_wait(node->env().loop, node->write(0, small));
+    ASSERT_TRUE(st) << st.error().message();
+    st = sync_wait(node->env().loop, node->write(1 << 20, large));
+    ASSERT_TRUE(st) << st.error().message();
+    EXPECT_EQ(dirty_pages(node->fd(), 0, small.size()), small.size() / 4096);
+    EXPECT_EQ(dirty_pages(node->fd(), 1 << 20, large.size()), 0U);
+    EXPECT_TRUE(slurp(dir.file("node")).size() == (1 << 20) + large.size());
+}
+
 // A layer two images read (a shared base) keeps its cold reads in the host's cache, which
 // then serves both; a layer one image reads does not.
 TEST_F(FileTest, ALayerSeveralImagesReadKeepsColdReadsInTheCache) {
