@@ -259,14 +259,18 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
         co_return io_error(st.error().errnum, "write", offset, buf.size());
     }
     size_ = std::max<uint64_t>(size_, offset + buf.size());
-    if (!options_.direct && buf.size() >= kWriteBehindMin) {
-        // Write-behind: a client writing large pieces (a guest's 1 MiB writes, a copy into a
-        // loop-mounted file system) ends with an fsync, which would otherwise write all of it
-        // at once, after the last write: the kernel leaves dirty pages alone until a tenth of
-        // the memory is dirty. Starting each large write's writeback now puts the disk to work
-        // while the client sends the next one. Small writes are left to the kernel: the qcow2
-        // metadata this file holds is rewritten often. Advisory: a failure to start changes
-        // nothing, and an error of the writeback itself waits for the next fdatasync.
+    if (!options_.direct && buf.size() >= kWriteBehindMin && in_flight() == 1) {
+        // Write-behind: a client that writes large pieces one at a time (a guest's 1 MiB
+        // writes, a copy into a loop-mounted file system) ends with an fsync, which would
+        // otherwise write all of it at once, after the last write: the kernel leaves dirty
+        // pages alone until a tenth of the memory is dirty. Starting each such write's
+        // writeback now puts the idle disk to work while the client sends the next one. Not
+        // for a write with others in flight beside it: a deep queue of buffered writes runs at
+        // the speed of memory, and writing it back as it comes held it to the disk's (1M
+        // writes at depth 8: 2,108-2,408 MiB/s against 3,274-3,330). Small writes are left
+        // to the kernel: the qcow2 metadata this file holds is rewritten often. Advisory: a
+        // failure to start changes nothing, and an error of the writeback itself waits for the
+        // next fdatasync.
         (void)co_await env_.loop->start_writeback(fd_.get(), offset, buf.size());
     }
     co_return Status{};

@@ -53,7 +53,8 @@ class FileNode final : public Node {
     /// Releases the image locks before the descriptor is closed (see file.cc).
     ~FileNode() override;
 
-    /// A buffered write of at least this many bytes starts its own writeback (see do_write).
+    /// A buffered write of at least this many bytes, alone in flight at the file, starts its
+    /// own writeback (see do_write).
     static constexpr size_t kWriteBehindMin = 256 << 10;
 
     [[nodiscard]] const char* driver_name() const override { return "file"; }
