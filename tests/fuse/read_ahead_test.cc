@@ -56,6 +56,15 @@ class ReadAheadTest : public test::FsTest {
         test::Reply r = run(request(FUSE_WRITE, raw_, bytes_of(w), std::move(data)));
         ASSERT_EQ(r.error, 0);
     }
+    // Serves vm behind gates and reads its first 3 MiB in order: the third read starts the
+    // windows at 3 and 4 MiB, which wait at the gate (the client's own read passes it).
+    void start_with_windows_held() {
+        start_with_data(/*gated=*/true);
+        read_checked(0, kMiB);
+        read_checked(kMiB, kMiB);
+        hold_gate_reads(1);
+        read_checked(2 * kMiB, kMiB);
+    }
     // Reads the first `count` MiB in order, letting each window fill.
     void read_in_order(uint64_t count) {
         for (uint64_t off = 0; off < count * kMiB; off += kMiB) {
@@ -85,11 +94,7 @@ TEST_F(ReadAheadTest, AnInOrderReaderIsServedFromWindows) {
 }
 
 TEST_F(ReadAheadTest, AReadArrivingBeforeItsWindowFillsWaitsForIt) {
-    start_with_data(/*gated=*/true);
-    read_checked(0, kMiB);
-    read_checked(kMiB, kMiB);
-    hold_gate_reads(1);            // the client's read passes, the reads ahead wait at the gate
-    read_checked(2 * kMiB, kMiB);  // starts the windows at 3 and 4 MiB
+    start_with_windows_held();
     test::Reply r;
     TaskScope scope(loop_.get());
     scope.spawn(store(read_task(raw_, fh_, 3 * kMiB, kMiB), &r));
@@ -119,11 +124,7 @@ TEST_F(ReadAheadTest, AWriteIntoAFilledWindowIsSeen) {
 }
 
 TEST_F(ReadAheadTest, AWriteWhileTheWindowFillsIsSeen) {
-    start_with_data(/*gated=*/true);
-    read_checked(0, kMiB);
-    read_checked(kMiB, kMiB);
-    hold_gate_reads(1);  // the client's read passes, the reads ahead wait at the gate
-    read_checked(2 * kMiB, kMiB);
+    start_with_windows_held();
     write(3 * kMiB, pattern(4096, 42));  // writes pass the gate
     release_gates();
     read_checked(3 * kMiB, kMiB);
@@ -139,11 +140,7 @@ TEST_F(ReadAheadTest, AWriteWhileTheWindowFillsIsSeen) {
 // A read ahead that failed serves nothing: the client's read goes to the disk and gets what
 // the disk gives now, and the failure the client never saw is not the image's last one.
 TEST_F(ReadAheadTest, AFailedWindowSendsTheReadToTheDisk) {
-    start_with_data(/*gated=*/true);
-    read_checked(0, kMiB);
-    read_checked(kMiB, kMiB);
-    hold_gate_reads(1);  // the client's read passes, the reads ahead wait at the gate
-    read_checked(2 * kMiB, kMiB);
+    start_with_windows_held();
     gate_of("vm.qcow2")->fail_reads = EIO;
     release_gates();
     idle(5);  // the windows at 3 and 4 MiB fail
