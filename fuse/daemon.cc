@@ -270,7 +270,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     int exit_code = 0;
     {
         ImageSet images(env, std::move(*store), cmd.images);
-        Status scanned = sync_wait(loop.get(), images.scan());
+        Status scanned = sync_wait(loop.get(), images.scan(ImageSet::kMountLockGrace));
         if (!scanned) {
             return fail(scanned.error().message());
         }

@@ -18,6 +18,9 @@ namespace imgfs {
 
 namespace {
 
+// How often a scan looks again at an image another process's lock keeps (ImageSet::scan).
+constexpr std::chrono::milliseconds kLockRetryPause{50};
+
 constexpr const char* kExtensions[] = {".qcow2", ".qcow", ".img", ".raw"};
 
 bool ends_with(const std::string& s, const char* suffix) {
@@ -203,7 +206,8 @@ Task<ImageSet::Locked> ImageSet::lock_all() {
     co_return out;
 }
 
-Task<Status> ImageSet::scan() {
+Task<Status> ImageSet::scan(std::chrono::milliseconds lock_grace) {
+    const auto lock_deadline = std::chrono::steady_clock::now() + lock_grace;
     std::optional<TimedMutex::Guard> scanning = co_await scan_lock_.lock_for(options_.op_wait);
     if (!scanning) {
         co_return make_error(EBUSY, "{}: another rescan did not finish within {} ms", dir_path(),
@@ -244,12 +248,13 @@ Task<Status> ImageSet::scan() {
              fmt::format("{}.raw was not rescanned: another operation on it did not finish in time",
                          e->name)});
     }
-    co_await apply_scan(std::move(plan), std::move(locked.exports));
+    co_await apply_scan(std::move(plan), std::move(locked.exports), lock_deadline);
     co_return Status{};
 }
 
 // Keeps, reports or removes each locked export by the plan, then opens the new roots.
-Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked) {
+Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked,
+                                std::chrono::steady_clock::time_point lock_deadline) {
     problems_ = std::move(plan.problems);
     std::map<std::string, std::string> wanted = std::move(plan.wanted);
     for (auto& e : locked) {
@@ -282,7 +287,7 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
         co_await remove_export(e);
     }
     for (const auto& [name, root] : wanted) {
-        Status st = co_await open_export(root, name);
+        Status st = co_await open_export(root, name, lock_deadline);
         if (!st) {
             problems_.push_back({root, st.error().message()});
         }
@@ -296,7 +301,32 @@ void ImageSet::log_problems() {
     }
 }
 
-Task<Status> ImageSet::open_export(std::string root, std::string name) {
+// Another process's image lock refuses a layer with EBUSY (FileNode::check_perm), when the
+// chain opens or when the backend attaches. So can a conflict inside the graph, which waiting
+// does not end; the wait is bounded, and only the scan at mount time asks for one, where such a
+// conflict is rare and costs no more than the wait.
+Task<Status> ImageSet::open_export(std::string root, std::string name,
+                                   std::chrono::steady_clock::time_point lock_deadline) {
+    bool told = false;
+    for (;;) {
+        Status st = co_await try_open_export(root, name);
+        auto left = lock_deadline - std::chrono::steady_clock::now();
+        if (st || st.error().errnum != EBUSY || left <= std::chrono::nanoseconds{0}) {
+            co_return st;
+        }
+        if (!told) {
+            told = true;
+            env_.log->info(
+                "{}; trying again for up to {} ms, in case a process that just ended "
+                "holds it (the kernel drops its locks once its I/O is done)",
+                st.error().message(), std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        }
+        co_await env_.loop->sleep(std::min<std::chrono::nanoseconds>(left, kLockRetryPause));
+    }
+}
+
+// Opens root's chain and exports it as `name`, or closes what it opened and says why not.
+Task<Status> ImageSet::try_open_export(std::string root, std::string name) {
     ChainOptions co;
     co.read_only = options_.read_only;
     co.allow_external_backing = options_.allow_external_backing;
@@ -322,8 +352,7 @@ Task<Status> ImageSet::open_export(std::string root, std::string name) {
     }
     Transaction tx(env_.graph);
     e->backend->attach(&tx, e->chain.top(), perm, perm::kConsistentRead | perm::kWriteUnchanged);
-    Status st = tx.commit();
-    if (!st) {
+    if (Status st = tx.commit(); !st) {
         std::vector<Layer> layers = std::move(e->chain.layers);
         co_await retire_layers(std::move(layers), nullptr);
         co_return make_error(st.error().errnum, "{}: {}", root, st.error().message());

@@ -100,7 +100,13 @@ class ImageSet {
     /// open or busy with a job), reports chains that differ on disk from what is served, and
     /// removes what an interrupted chain edit left behind. Fails if the directory cannot be
     /// read, or with EBUSY if another scan did not finish in time.
-    Task<Status> scan();
+    ///
+    /// `lock_grace` is how long an image that another process's lock keeps from being exported
+    /// is tried again before it is reported in use. The scan at mount time gives one (see
+    /// kMountLockGrace): a daemon killed a moment before still holds its locks until the kernel
+    /// has finished the I/O it left in flight. A rescan a user asks for gives none.
+    Task<Status> scan(std::chrono::milliseconds lock_grace = std::chrono::milliseconds{0});
+    static constexpr std::chrono::milliseconds kMountLockGrace{2000};
     /// Flushes and closes every chain (shutdown; the store is told: Store::begin_closing).
     /// Fails (EIO) if a layer did not flush or close cleanly: each one is logged, and writes
     /// not acknowledged by fsync may be lost.
@@ -175,8 +181,13 @@ class ImageSet {
   private:
     struct Locked;
     Task<Locked> lock_all();
-    Task<void> apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked);
-    Task<Status> open_export(std::string root, std::string name);
+    Task<void> apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Export>> locked,
+                          std::chrono::steady_clock::time_point lock_deadline);
+    Task<Status> open_export(std::string root, std::string name,
+                             std::chrono::steady_clock::time_point lock_deadline);
+    // One attempt of open_export, which repeats it while a lock refuses it until
+    // `lock_deadline`.
+    Task<Status> try_open_export(std::string root, std::string name);
     Task<void> remove_export(std::shared_ptr<Export> e);
     void forget_unused_layers();
     void log_problems();

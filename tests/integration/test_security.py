@@ -27,10 +27,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 
 import harness
-from harness import run, qemu_img, qemu_io
+from harness import convert_raw, run, qemu_img, qemu_io
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -322,6 +323,39 @@ class QemuLocking(harness.ImageDirTest):
         m.stop()
         # Unmounted: qemu-io writes again (the locks went with the daemon).
         qemu_io(self.img("vm.qcow2"), "write -P 0x66 0 4k")
+
+    def test_a_lock_let_go_while_the_mount_scans_is_waited_for(self):
+        """A daemon killed a moment ago holds its image locks until the kernel has finished its
+        I/O. The scan at mount time tries a locked image again for a while, so an image whose
+        holder ends meanwhile is served, writable, instead of skipped until a rescan."""
+        qemu_img("create", "-q", "-f", "qcow2", self.img("held.qcow2"), "4M")
+        q = subprocess.Popen(["qemu-io", "-f", "qcow2", self.img("held.qcow2")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(q.stdout.close)
+        self.addCleanup(lambda: q.poll() is None and (q.kill(), q.wait()))
+        q.stdin.write("write -P 0x5a 0 4k\n")
+        q.stdin.flush()
+        time.sleep(0.3)
+        self.assertIsNone(q.poll(), "qemu-io did not stay up")
+        # The holder lets go 0.5 s after the daemon starts: inside the 2 s grace.
+        ender = threading.Timer(0.5, lambda: (q.stdin.close(), q.wait(timeout=30)))
+        ender.start()
+        start = time.monotonic()
+        m = self.mount()
+        ender.join()
+        took = time.monotonic() - start
+        self.assertEqual(m.exports(), ["held"], m.read_log())
+        log = m.read_log()
+        self.assertIn("trying again for up to", log)
+        self.assertNotIn("in use by another process (QEMU?) that does not allow", log.split("trying again")[1])
+        with open(m.path("held.raw"), "r+b") as f:
+            self.assertEqual(f.read(4096), b"\x5a" * 4096)
+            f.seek(0)
+            f.write(b"\x33" * 4096)
+        m.stop()
+        self.assertLess(took, 10)
+        self.assertEqual(convert_raw(self.img("held.qcow2"))[:4096], b"\x33" * 4096)
 
     def test_image_held_by_qemu_is_not_served_writable(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("held.qcow2"), "4M")
