@@ -39,6 +39,9 @@ class EventLoop final : public Executor {
         /// request arrives as a completion, so a loop under load saves that wake-up per
         /// request. The window adapts: see wait_and_reap.
         std::chrono::microseconds poll_max{0};
+        /// The loop is created here but runs on another thread (LoopThread), which must call
+        /// enable_on_this_thread() before anything else uses the loop. See create().
+        bool runs_on_another_thread = false;
     };
 
     /// Sets up the ring and checks that the kernel supports every opcode the loop uses; the
@@ -46,6 +49,12 @@ class EventLoop final : public Executor {
     static Result<std::unique_ptr<EventLoop>> create(Options options);
     static Result<std::unique_ptr<EventLoop>> create() { return create(Options{}); }
     [[nodiscard]] bool big_sqes() const { return big_sqes_; }
+    /// Whether completions wait for the loop to ask for them (IORING_SETUP_DEFER_TASKRUN)
+    /// instead of interrupting its thread; false on kernels before 6.1.
+    [[nodiscard]] bool defers_completions() const { return defers_completions_; }
+    /// For a loop created with Options::runs_on_another_thread: makes the calling thread the
+    /// one that submits to the ring. Called once, on the thread that runs the loop.
+    Status enable_on_this_thread();
     EventLoop(const EventLoop&) = delete;
     EventLoop& operator=(const EventLoop&) = delete;
     ~EventLoop();
@@ -210,6 +219,7 @@ class EventLoop final : public Executor {
     io_uring ring_{};
     bool ring_ready_ = false;
     bool big_sqes_ = false;
+    bool defers_completions_ = false;
     bool has_msg_ring_ = false;
     std::chrono::microseconds poll_max_{0};
     std::chrono::microseconds poll_window_{0};  // this wait's spin; 0 to poll_max_

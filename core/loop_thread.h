@@ -4,6 +4,7 @@
 // owns or what its owner hands over explicitly.
 #pragma once
 
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -28,7 +29,7 @@ class LoopThread {
 
   private:
     explicit LoopThread(std::unique_ptr<EventLoop> loop) : loop_(std::move(loop)) {}
-    void serve(const std::string& name);
+    void serve(const std::string& name, std::promise<Status>* enabled);
 
     // Destruction order: the thread is joined (in the destructor's body) before the loop goes.
     std::unique_ptr<EventLoop> loop_;

@@ -1,10 +1,12 @@
 // The io_uring event loop: file I/O with short transfers, timers, batching, cross-thread posts.
 #include "core/event_loop.h"
 
+#include <cstdio>
 #include <fcntl.h>
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <sys/utsname.h>
 
 #include "core/task_scope.h"
 #include "test_util.h"
@@ -187,6 +189,19 @@ std::unique_ptr<EventLoop> polling_loop(std::chrono::microseconds poll_max) {
     auto loop = EventLoop::create(options);
     EXPECT_TRUE(loop.ok());
     return loop ? std::move(*loop) : nullptr;
+}
+
+// From Linux 6.1 completions wait for the loop to ask (EventLoop::create); the polling tests
+// below then also show that a spinning loop asks for them.
+TEST(EventLoopPollTest, CompletionsWaitForTheLoopWhereTheKernelCan) {
+    struct utsname u {};
+    ASSERT_EQ(::uname(&u), 0);
+    int major = 0;
+    int minor = 0;
+    ASSERT_EQ(std::sscanf(u.release, "%d.%d", &major, &minor), 2);
+    auto loop = polling_loop(std::chrono::microseconds(5000));
+    ASSERT_NE(loop, nullptr);
+    EXPECT_EQ(loop->defers_completions(), major > 6 || (major == 6 && minor >= 1)) << u.release;
 }
 
 TEST(EventLoopPollTest, CompletionsThatComeSoonAreCaughtWithoutSleeping) {
