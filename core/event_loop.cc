@@ -73,11 +73,12 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
     io_uring_params params{};
     const unsigned base_flags = IORING_SETUP_CLAMP | (options.big_sqes ? IORING_SETUP_SQE128 : 0) |
                                 (options.runs_on_another_thread ? IORING_SETUP_R_DISABLED : 0);
-    params.flags = base_flags | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
-                   IORING_SETUP_TASKRUN_FLAG;
+    const unsigned defer_flags =
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+    params.flags = base_flags | (options.defer_completions ? defer_flags : 0);
     int ret = io_uring_queue_init_params(options.queue_depth, &loop->ring_, &params);
-    loop->defers_completions_ = ret == 0;
-    if (ret == -EINVAL) {
+    loop->defers_completions_ = ret == 0 && options.defer_completions;
+    if (ret == -EINVAL && options.defer_completions) {
         // A kernel before 6.1: completions interrupt the thread, as they did.
         params = io_uring_params{};
         params.flags = base_flags;

@@ -42,6 +42,8 @@ class EventLoop final : public Executor {
         /// The loop is created here but runs on another thread (LoopThread), which must call
         /// enable_on_this_thread() before anything else uses the loop. See create().
         bool runs_on_another_thread = false;
+        /// Completions wait for the loop to ask for them (see create()) where the kernel can.
+        bool defer_completions = true;
     };
 
     /// Sets up the ring and checks that the kernel supports every opcode the loop uses; the

@@ -107,8 +107,21 @@ Task<void> FuseServer::reader() {
         }
         iovec iov[2] = {{buf->header.data(), kWriteHeaderBytes},
                         {buf->payload.data(), buf->payload.size()}};
-        int32_t res = co_await loop_->submit_work_wait(
-            [this, &iov](io_uring_sqe* sqe) { io_uring_prep_readv(sqe, fd_, iov, 2, 0); });
+        // /dev/fuse has no non-blocking read (it ignores IOCB_NOWAIT), yet io_uring tries one
+        // on the loop's thread whenever poll says a request is pending. On a loop that defers
+        // its completions (EventLoop::create) that read can find the request gone to another
+        // of our reads and sleep in the loop's thread until a request comes that the waiting
+        // client never sends: a mount with uring=off hung at 4k QD1 that way. There every
+        // read goes to one of io_uring's workers (IOSQE_ASYNC); the daemon defers completions
+        // only when it expects the ring transport, where this path carries little. Otherwise
+        // the reads stay as they were: inline reads serve 2.5 times the requests at QD32.
+        const bool in_worker = loop_->defers_completions();
+        int32_t res = co_await loop_->submit_work_wait([this, &iov, in_worker](io_uring_sqe* sqe) {
+            io_uring_prep_readv(sqe, fd_, iov, 2, 0);
+            if (in_worker) {
+                sqe->flags |= IOSQE_ASYNC;
+            }
+        });
         if (res == -EINTR || res == -EAGAIN || res == -ENOENT) {
             give_buffer(buf);  // ENOENT: the request was interrupted before we read it
             continue;

@@ -207,6 +207,29 @@ class Transport(harness.ImageDirTest):
         self.pattern_roundtrip(m, "data", 16 * MiB)
         m.stop()
 
+    def test_each_transport_serves_clients_that_wait_for_each_reply(self):
+        """fio at queue depth 1, one and two jobs, on each transport. /dev/fuse read on the
+        loop's thread once hung a uring=off mount here: a read io_uring retried inline found
+        its request taken by another and slept until a request came that the client, waiting
+        for its reply, never sent (FuseServer::reader)."""
+        harness.require_tools("fio")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "64M")
+        run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x2c 0 64M", self.img("data.qcow2")])
+        self.set_uring("Y")
+        for options in ("uring=off", "uring=auto"):
+            m = self.mount(options)
+            for jobs in (1, 2):
+                with self.subTest(options=options, jobs=jobs):
+                    p = run(["fio", "--name=qd1", f"--filename={m.path('data.raw')}",
+                             "--direct=1", "--ioengine=io_uring", "--rw=randread", "--bs=4k",
+                             "--iodepth=1", f"--numjobs={jobs}", "--group_reporting",
+                             "--time_based", "--runtime=3", "--output-format=json"],
+                            check=False, timeout=60)
+                    self.assertEqual(p.returncode, 0, p.stderr)
+                    ios = json.loads(p.stdout)["jobs"][0]["read"]["total_ios"]
+                    self.assertGreater(ios, 1000, f"{options}: {ios} reads in 3 s")
+            m.stop()
+
     def test_uring_on_without_kernel_support_fails_the_mount(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("data.qcow2"), "16M")
         self.set_uring("N")
