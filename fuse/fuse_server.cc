@@ -116,7 +116,7 @@ Task<void> FuseServer::reader() {
         // only when it expects the ring transport, where this path carries little. Otherwise
         // the reads stay as they were: inline reads serve 2.5 times the requests at QD32.
         const bool in_worker = loop_->defers_completions();
-        int32_t res = co_await loop_->submit_work_wait([this, &iov, in_worker](io_uring_sqe* sqe) {
+        int32_t res = co_await loop_->submit_work_wait([this, &iov, &in_worker](io_uring_sqe* sqe) {
             io_uring_prep_readv(sqe, fd_, iov, 2, 0);
             if (in_worker) {
                 sqe->flags |= IOSQE_ASYNC;
