@@ -337,14 +337,16 @@ bool EventLoop::poll_for_completions() {
     auto deadline = std::chrono::steady_clock::now() + poll_window_;
     unsigned spins = 0;
     while (io_uring_cq_ready(&ring_) == 0) {
+        // The deadline comes first, so that a kernel call that keeps failing below cannot
+        // keep the loop spinning past its window.
+        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= deadline) {
+            return false;
+        }
         if ((IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN) != 0) {
             // Deferred completions wait for the loop to ask (create()); the peek in
             // reap_completions asks as well when this flag is up.
             (void)io_uring_get_events(&ring_);
             continue;
-        }
-        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= deadline) {
-            return false;
         }
         cpu_relax();
     }
