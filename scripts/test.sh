@@ -83,7 +83,7 @@ if [ "$sanitize" = 1 ] && [ -w "$uring_param" ]; then
   # covers the ring's own cases in both builds.) About 160 s here.
   echo Y > "$uring_param"
   echo "== FUSE over io_uring: enable_uring=Y, threads=2, for the sanitizer ring pass"
-  IMGFS_TEST_MOUNT_OPTIONS=threads=2,uring=on ctest --test-dir "$dir" --output-on-failure --timeout 900 \
+  IMGFS_TEST_MOUNT_OPTIONS=threads=2,uring=on ctest --test-dir "$dir" --output-on-failure --timeout 900 --no-tests=error \
     -R '^integration\.(test_concurrency|test_faults|test_jobs)$' || rc=$?
   summarize " (sanitizer ring pass)"
   echo "$uring_want" > "$uring_param"
