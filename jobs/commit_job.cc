@@ -266,7 +266,8 @@ Task<Result<bool>> CommitJob::pivot() {
     // Asked again: the job may have run for hours, and an image made on a middle layer since
     // (a clone of a snapshot) would lose it.
     CO_TRY(co_await refuse_unserved_users(images_, image_ref(), base_index_, "committing"));
-    for (size_t i = 1; i < base_index_; ++i) {
+    // The top too: the switch deletes it with the middle layers.
+    for (size_t i = 0; i < base_index_; ++i) {
         const Layer& middle = image()->chain.layers[i];
         if (std::vector<Export*> others = images_->users_of(middle, image()); !others.empty()) {
             co_return make_error(EBUSY, "{}: {} is also used by {}; the switch would delete it",

@@ -77,16 +77,17 @@ Task<Result<uint64_t>> free_bytes(ImageSet* images) {
 
 }  // namespace
 
-// Refuses an edit (`what`: "committing", "reverting") that changes layers[1..base_index] of `e`
-// while an image this mount does not serve also uses one of them: in a pool, another host's chain
-// (its top is held under that host's RBD lock, so no scan here exports it); in a directory, an
-// image a scan could not export. Their headers are the only record of that use. Runs off the loop:
-// it reads every image's header.
+// Refuses an edit (`what`: "committing", "reverting") that deletes or changes layers[0..base_index]
+// of `e` while an image this mount does not serve also uses one of them: in a pool, another
+// host's chain (its top is held under that host's RBD lock, so no scan here exports it); in a
+// directory, an image a scan could not export, or one made since the last scan (a clone of the
+// top made while NAME.raw was closed). Their headers are the only record of that use. The top
+// counts too: both edits delete it. Runs off the loop: it reads every image's header.
 Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, size_t base_index,
                                    const char* what) {
     std::set<FileId> ids;
     std::map<FileId, std::string> file_of;
-    for (size_t i = 1; i <= base_index; ++i) {
+    for (size_t i = 0; i <= base_index; ++i) {
         const Layer& l = e->chain.layers[i];
         if (l.id != FileId{}) {
             ids.insert(l.id);
@@ -228,7 +229,8 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                              "write it",
                              e->name, base.file);
     }
-    for (size_t i = 1; i <= base_index; ++i) {
+    // From the top: a commit deletes it and every layer down to the base.
+    for (size_t i = 0; i <= base_index; ++i) {
         std::vector<Export*> others = images_->users_of(layers[i], e.get());
         if (!others.empty()) {
             co_return make_error(EBUSY,

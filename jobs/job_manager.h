@@ -21,9 +21,9 @@
 
 namespace imgfs {
 
-/// Refuses an edit (`what`: "committing", "reverting") that changes layers[1..base_index] of
-/// `e` while an image this mount does not serve uses one of them (in a pool, another host's
-/// chain); also refuses when that cannot be told. Reads headers off the loop.
+/// Refuses an edit (`what`: "committing", "reverting") that deletes or changes
+/// layers[0..base_index] of `e` while an image this mount does not serve uses one of them (in a
+/// pool, another host's chain); also refuses when that cannot be told. Reads headers off the loop.
 Task<Status> refuse_unserved_users(ImageSet* images, std::shared_ptr<Export> e, size_t base_index,
                                    const char* what);
 

@@ -379,8 +379,13 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
         co_return make_error(EBUSY, "{}: the layer below, {}, is not one of {}'s own snapshots",
                              e->name, below.file, e->name);
     }
-    if (!images_->users_of(below, e.get()).empty()) {
-        co_return make_error(EBUSY, "{}: {} is shared with another image", e->name, below.file);
+    // The top is deleted, the layer below becomes writable: no other image may use either.
+    const Layer* const changed[] = {&layers.front(), &below};
+    for (const Layer* l : changed) {
+        if (std::vector<Export*> others = images_->users_of(*l, e.get()); !others.empty()) {
+            co_return make_error(EBUSY, "{}: {} is also used by {}", e->name, l->file,
+                                 others.front()->name);
+        }
     }
     // The layer below becomes the image's active layer: another host's chain on it would
     // change under that host.

@@ -633,6 +633,30 @@ class RevertStream(harness.ImageDirTest):
         self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
 
+    def test_revert_and_commit_refuse_a_top_an_unserved_image_uses(self):
+        # c.qcow2 is made on vm's active layer, vm@s1.qcow2, while vm.raw is closed (a clone of
+        # the image as it stands). Both a revert and a commit delete that layer: each must
+        # refuse, and leave the chain and c whole.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        qemu_io(self.img("vm.qcow2"), "write -P 6 0 2M")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.write(b"7" * 70000)
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm@s1.qcow2", "-F", "qcow2",
+                 self.img("c.qcow2"), "16M")
+        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY, m.read_log())
+        self.assertIn("vm@s1.qcow2 is also used by c.qcow2", m.read_log())
+        self.assertEqual(control(m, "vm", "commit", "\n"), errno.EBUSY, m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
+        os.unlink(self.img("c.qcow2"))
+        self.assertEqual(control(m, "vm", "revert", "\n"), 0, m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
+        m.stop()
+        self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
+        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+
     def slow_commit_over_a_middle_layer(self, clone):
         """Mounts vm = vm@s2 -> vm@s1 -> vm.qcow2 and starts a commit of both into vm.qcow2,
         slowed to a crawl; then makes `clone` on vm@s1 (not served yet). Returns the mount
