@@ -114,17 +114,19 @@ Task<Status> StandardControl::group_snapshot(std::string command, uint32_t calle
     std::vector<std::shared_ptr<Export>> group;
     std::set<std::string> named;
     Status st;
+    // Every name is looked at, past a bad one too: each image named keeps the reason.
     for (std::string name; words >> name;) {
         std::shared_ptr<Export> x = images_->find(name);
+        Status bad;
         if (!named.insert(name).second) {
-            st = make_error(EINVAL, "group snapshot: image '{}' is named twice", name);
+            bad = make_error(EINVAL, "group snapshot: image '{}' is named twice", name);
         } else if (x == nullptr) {
-            st = make_error(EINVAL, "group snapshot: no image '{}'", name);
+            bad = make_error(EINVAL, "group snapshot: no image '{}'", name);
         } else {
             group.push_back(std::move(x));
         }
-        if (!st) {
-            break;
+        if (!bad && st) {
+            st = std::move(bad);  // the first problem is the one reported
         }
     }
     if (named.empty()) {

@@ -161,6 +161,7 @@ Task<Status> ImageSet::verify_chain(std::shared_ptr<Export> e) {
     };
     std::string why = co_await offloader_.run<std::string>(std::move(check));
     if (why.empty()) {
+        e->chain_mismatch.clear();  // mended on disk since: status stops reporting it
         co_return Status{};
     }
     e->chain_mismatch = why;

@@ -499,6 +499,9 @@ TEST_F(ExportFsTest, AGroupSnapshotLeavesItsOwnOutcomeAsTheLastError) {
     EXPECT_NE(read_text(".control/a/info").find("named twice"), std::string::npos);
     EXPECT_EQ(control(".control/snapshot", "s1 a nosuch"), EINVAL);
     EXPECT_NE(read_text(".control/a/info").find("no image 'nosuch'"), std::string::npos);
+    // An image named after the bad name keeps the reason too.
+    EXPECT_EQ(control(".control/snapshot", "s1 nosuch b"), EINVAL);
+    EXPECT_NE(read_text(".control/b/info").find("no image 'nosuch'"), std::string::npos);
     EXPECT_EQ(control(".control/snapshot", "s2 a b"), 0);
     EXPECT_EQ(read_text(".control/a/info").find("group snapshot"), std::string::npos);
     EXPECT_NE(read_text(".control/a/info").find("\"last_error\":\"\""), std::string::npos)
