@@ -221,6 +221,22 @@ std::string job_status(const std::string& mnt, const std::string& name, const st
     return {};
 }
 
+// The ids in .control/jobs of the jobs of `type` on NAME (every job when `type` is empty),
+// oldest first. Ids only grow.
+std::vector<uint64_t> listed_job_ids(const std::string& mnt, const std::string& name,
+                                     const std::string& type) {
+    std::vector<uint64_t> ids;
+    std::istringstream all(slurp(control_path(mnt, "", "jobs")));
+    for (std::string line; std::getline(all, line);) {
+        if (type.empty() ||
+            (json_value(line, "image") == name && json_value(line, "type") == type)) {
+            ids.push_back(std::strtoull(json_value(line, "id").c_str(), nullptr, 10));
+        }
+    }
+    std::sort(ids.begin(), ids.end());
+    return ids;
+}
+
 // What --wait is for: the job's end, or (for `job pause --wait`) its pause.
 enum class Until { kConcluded, kPaused };
 
@@ -344,6 +360,12 @@ int start_job(const std::string& mnt, const std::string& name, const std::string
         !id.empty()) {
         return follow_running(mnt, name, file, id);
     }
+    // Newer than every job so far: the one the command starts. (Read back from the image's
+    // job file instead, a job that ended at once could be replaced there by another client's
+    // before it is read, and that one's outcome reported as this one's.)
+    const std::vector<uint64_t> before =
+        wait ? listed_job_ids(mnt, "", "") : std::vector<uint64_t>();
+    const uint64_t newest_before = before.empty() ? 0 : before.back();
     int err = 0;
     int rc = send_command(mnt, name, file, command, wait, &err);
     if (rc == kRefusedQuietly && err == EBUSY) {
@@ -358,8 +380,14 @@ int start_job(const std::string& mnt, const std::string& name, const std::string
     if (rc != 0 || !wait) {
         return rc;
     }
-    // The job the command started: the image's job file names it until another job replaces
-    // it, which only happens once it concluded.
+    // The job the command started: the first of its type on NAME after those listed before.
+    // Another one there started only once it had concluded (EBUSY till then).
+    for (uint64_t id : listed_job_ids(mnt, name, file)) {
+        if (id > newest_before) {
+            return wait_for_job(mnt, name, std::to_string(id));
+        }
+    }
+    // Not listed (the mount keeps the most recent jobs only): the image's job file.
     std::string job = slurp(control_path(mnt, name, "job"));
     return wait_for_job(mnt, name, json_value(job, "type") == file ? json_value(job, "id") : "");
 }
