@@ -82,6 +82,10 @@ Result<std::shared_ptr<RadosCluster>> RadosCluster::connect(const RadosOptions& 
     // cluster (Ceph's default, forced here against a ceph.conf that turns it off), or a
     // client that was only cut off would come back as a second writer.
     TRY(set_conf(c, "rbd_blocklist_on_break_lock", "true"));
+    // librbd's own thread dispatches each request (its default, forced against a ceph.conf
+    // that turns it off): dispatched inline, a request held by the cluster's in-flight byte
+    // limit would block the event loop that submits it.
+    TRY(set_conf(c, "rbd_non_blocking_aio", "true"));
     // Logging goes to imgfs's own log, not to files under /var/log/ceph.
     TRY(set_conf(c, "log_to_stderr", "false"));
     TRY(set_conf(c, "log_file", ""));
@@ -247,6 +251,17 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
             "it on; remove the setting",
             where, blocklist->second.value, option_source(blocklist->second));
     }
+    // Forced on for the client as well: with it off, librbd dispatches a request on the
+    // caller's thread, which here is the event loop, and a request over the cluster's
+    // in-flight byte limit would block it with no deadline.
+    std::string blocking;
+    if (auto non_blocking = options.find("rbd_non_blocking_aio");
+        non_blocking != options.end() && !ceph_bool(non_blocking->second.value)) {
+        blocking = fmt::format(
+            "{}: rbd_non_blocking_aio={} in {}: librbd would run requests on imgfs's event "
+            "loop, where one waiting for the cluster stops every other; remove the setting",
+            where, non_blocking->second.value, option_source(non_blocking->second));
+    }
     ceph().rbd_config_image_list_cleanup(storage.data(), static_cast<int>(storage.size()));
     if (!problem.empty()) {
         return make_error(EINVAL,
@@ -257,6 +272,9 @@ Status write_cache_off(rbd_image_t image, const std::string& where) {
     }
     if (!fencing.empty()) {
         return make_error(EINVAL, "{}", fencing);
+    }
+    if (!blocking.empty()) {
+        return make_error(EINVAL, "{}", blocking);
     }
     return {};
 }

@@ -209,14 +209,14 @@ Result<FileId> RbdStore::id_of(const std::string& name, bool /*follow_links*/) {
 }
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name, bool read_only,
-                                                        Lock lock) {
+                                                        Lock lock, RbdImage::Presence presence) {
     if (is_rbd_spec(name)) {
         // Another pool's image (allow_external_backing): a base this mount only reads.
         if (!read_only) {
             return make_error(EROFS, "{} is in another pool: this mount only reads it", name);
         }
         TRY_ASSIGN(auto where, external_image(name));
-        TRY_ASSIGN(RbdImage image, RbdImage::open(where.first, where.second, true));
+        TRY_ASSIGN(RbdImage image, RbdImage::open(where.first, where.second, true, presence));
         TRY_ASSIGN(std::string id, image.id());
         TRY_ASSIGN(uint64_t size, image.size());
         FileId fid = file_id(where.first->display_name(), id);
@@ -227,7 +227,7 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
     if (!read_only) {
         TRY(check_image_name(name));
     }
-    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only));
+    TRY_ASSIGN(RbdImage image, RbdImage::open(pool_, name, read_only, presence));
     TRY_ASSIGN(std::string id, image.id());
     if (!read_only && lock == Lock::kDeferred) {
         TRY(image.check_write_cache_off());
@@ -252,7 +252,11 @@ Result<std::unique_ptr<StoreFile>> RbdStore::open_image(const std::string& name,
 
 Result<std::unique_ptr<StoreFile>> RbdStore::open(const std::string& name, bool read_only,
                                                   bool /*direct*/) {
-    return open_image(name, read_only, Lock::kNone);
+    // Its callers take short looks (a header read by a scan, a backing probe or `imgfs info`):
+    // unseen by other hosts, which would otherwise take the image for one in use, and without
+    // a watch to register, which on a full pool runs out the whole deadline. Layers that are
+    // served open through open_from_loop, and are seen.
+    return open_image(name, read_only, Lock::kNone, RbdImage::Presence::kQuiet);
 }
 
 Task<Result<std::unique_ptr<StoreFile>>> RbdStore::open_from_loop(std::string name,

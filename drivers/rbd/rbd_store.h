@@ -119,9 +119,11 @@ class RbdStore final : public Store {
         kDeferred,  // refused if another host writes it; locked on the first write
         kNow,       // locked before it is handed out (an image this store just made)
     };
-    /// Opens `name` for reading, or for writing under `lock`. Blocking.
-    Result<std::unique_ptr<StoreFile>> open_image(const std::string& name, bool read_only,
-                                                  Lock lock);
+    /// Opens `name` for reading, or for writing under `lock`. Blocking. `presence` says how a
+    /// read-only open shows to other hosts (a writer is always seen).
+    Result<std::unique_ptr<StoreFile>> open_image(
+        const std::string& name, bool read_only, Lock lock,
+        RbdImage::Presence presence = RbdImage::Presence::kAnnounced);
     /// The image of another pool that `spec` (an external_name()) names: its pool, opened
     /// once and kept, and the image's name there.
     Result<std::pair<std::shared_ptr<RbdPool>, std::string>> external_image(

@@ -755,25 +755,32 @@ class RbdPool(harness.ImageDirTest):
         m.stop()
         self.assertEqual(self.converted("disk.raw")[:4097], b"\x63" * 4096 + b"\0")
 
-    def test_an_image_whose_broken_lock_would_not_fence_is_not_written(self):
-        # The client asks for rbd_blocklist_on_break_lock, but an image's (or pool's) own
-        # configuration overrides it. Without it, another host that breaks this host's lapsed
-        # lock does not fence it off, and both write. Such an image is not served for writing.
+    def refuses_an_image_configured_with(self, option):
+        """An image whose own configuration sets `option` to false is not served for writing;
+        once the setting is removed, a rescan serves it."""
         run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/disk.raw"])
         run(["rbd", "create", "--size", "16M", f"rbd/{self.ns}/other.raw"])
-        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/disk.raw",
-             "rbd_blocklist_on_break_lock", "false"])
+        run(["rbd", "config", "image", "set", f"rbd/{self.ns}/disk.raw", option, "false"])
         m = self.mount_pool()
         self.assertEqual(m.exports(), ["other"])
         with open(m.path(".control", "skipped")) as f:
             skipped = f.read()
-        self.assertIn("disk.raw: rbd_blocklist_on_break_lock=false in the image's "
-                      "configuration", skipped)
-        run(["rbd", "config", "image", "rm", f"rbd/{self.ns}/disk.raw",
-             "rbd_blocklist_on_break_lock"])
+        self.assertIn(f"disk.raw: {option}=false in the image's configuration", skipped)
+        run(["rbd", "config", "image", "rm", f"rbd/{self.ns}/disk.raw", option])
         run(["bash", "-c", f"echo > {m.path('.control', 'rescan')}"])
         self.assertEqual(m.exports(), ["disk", "other"])
         m.stop()
+
+    def test_an_image_whose_broken_lock_would_not_fence_is_not_written(self):
+        # The client asks for rbd_blocklist_on_break_lock, but an image's (or pool's) own
+        # configuration overrides it. Without it, another host that breaks this host's lapsed
+        # lock does not fence it off, and both write. Such an image is not served for writing.
+        self.refuses_an_image_configured_with("rbd_blocklist_on_break_lock")
+
+    def test_an_image_whose_requests_would_block_the_loop_is_not_written(self):
+        # The same for rbd_non_blocking_aio: off, librbd would dispatch requests on the event
+        # loop's thread, and one held by the cluster's in-flight limit would stop the loop.
+        self.refuses_an_image_configured_with("rbd_non_blocking_aio")
 
     def test_images_with_names_imgfs_cannot_address_are_left_alone(self):
         # RBD takes ':' and '\\' in names, which QEMU's rbd: syntax gives other meanings. Such
