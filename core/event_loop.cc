@@ -303,22 +303,24 @@ bool EventLoop::wait_and_reap() {
     // Coroutines made runnable by the reap inside get_sqe (the wake read's re-arm met a full
     // SQ) must not wait for the next completion: at queue depth 1 that may be the next
     // request, which the replies they would send hold up.
+    // The wait is timed from before the spin: a completion that missed the window by a little
+    // still came later than poll_max_ after the loop went idle, and the window must shrink.
+    std::chrono::steady_clock::time_point idle_start;
+    if (poll_eligible) {
+        idle_start = std::chrono::steady_clock::now();
+    }
     if (posted_pending || !ready_.empty()) {
         ++submit_calls_;
         io_uring_submit(&ring_);  // the posts are served below; completions are reaped as well
     } else if (!poll_eligible || poll_window_.count() == 0 || !poll_for_completions()) {
         ++submit_calls_;
-        std::chrono::steady_clock::time_point sleep_start;
-        if (poll_eligible) {
-            sleep_start = std::chrono::steady_clock::now();
-        }
         int ret = io_uring_submit_and_wait(&ring_, 1);
         if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
             std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
             std::abort();
         }
         if (poll_eligible) {
-            adapt_poll_window(std::chrono::steady_clock::now() - sleep_start);
+            adapt_poll_window(std::chrono::steady_clock::now() - idle_start);
         }
     }
     reap_completions();
@@ -355,7 +357,8 @@ bool EventLoop::poll_for_completions() {
 }
 
 void EventLoop::adapt_poll_window(std::chrono::steady_clock::duration waited) {
-    // A completion that came within the longest window would have been caught by polling:
+    // `waited`: from the moment the loop went idle (the spin included) to the completion. A
+    // completion that came within the longest window would have been caught by polling:
     // poll the whole window next time. One that came later was not worth spinning for: halve
     // the window, so that a loop whose requests come seldom stops spinning (within a few
     // wake-ups) and one whose requests come often starts again at once.

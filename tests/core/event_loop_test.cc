@@ -226,6 +226,15 @@ TEST(EventLoopPollTest, TheWindowShrinksWhenNothingComesSoon) {
     EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(400));
 }
 
+TEST(EventLoopPollTest, TheWindowShrinksWhenCompletionsComeJustAfterIt) {
+    // Each timer fires 200 us after a 400 us spin gave up: later than the window since the
+    // loop went idle, so the window halves, though the sleep alone was shorter than it.
+    auto loop = polling_loop(std::chrono::microseconds(400));
+    ASSERT_NE(loop, nullptr);
+    sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::microseconds(600)));
+    EXPECT_LE(loop->poll_window(), std::chrono::microseconds(50));
+}
+
 Task<int32_t> read_pipe(EventLoop* loop, int fd) {
     uint8_t byte = 0;
     co_return co_await loop->read_some(fd, MutBuf(&byte, 1), 0);
