@@ -202,9 +202,13 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
     // Commands go out on the entry's loop; after each completion the entry hops to this
     // server's loop (no-ops when they are the same).
     co_await loop_->resume_on(ring);
-    int32_t res = co_await ring->submit_work_wait([this, &iov, &cmd](io_uring_sqe* sqe) {
-        prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
-    });
+    int32_t res = 0;
+    int attempts = 0;
+    do {
+        res = co_await ring->submit_work_wait([this, &iov, &cmd](io_uring_sqe* sqe) {
+            prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
+        });
+    } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
     co_await ring->resume_on(loop_);
     const bool refused = res < 0 && res != -ENOTCONN && res != -ECANCELED && res != -ENODEV;
     if (refused) {
@@ -217,9 +221,15 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         cmd.commit_id = hdr->ring_ent_in_out.commit_id;
         co_await serve_ring_request(entry);
         co_await loop_->resume_on(ring);
-        res = co_await ring->submit_work_wait([this, &cmd](io_uring_sqe* sqe) {
-            prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
-        });
+        // Sent again while the kernel was short of memory for it (io_uring allocates a
+        // command's state before FUSE sees it): given up, the reply would never reach its
+        // caller and the queue would be an entry short for good.
+        attempts = 0;
+        do {
+            res = co_await ring->submit_work_wait([this, &cmd](io_uring_sqe* sqe) {
+                prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
+            });
+        } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
         co_await ring->resume_on(loop_);
     }
     // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.
