@@ -212,12 +212,17 @@ std::vector<uint64_t> TableCache::cached_offsets() const {
 }
 
 void TableCache::clear() {
-    for (auto& [off, e] : entries_) {
-        assert(e->pins == 0 && !e->loading);
-        (void)off;  // only the assert looks at the entries
+    // Its callers hold the node drained, so nothing should be pinned. A table that is (a
+    // reader between a lookup and its use, a load still in flight) is forgotten rather than
+    // freed under it: the reader keeps its copy, a loader finds it stale.
+    std::vector<uint64_t> offsets;
+    offsets.reserve(entries_.size());
+    for (const auto& [off, e] : entries_) {
+        offsets.push_back(off);
     }
-    entries_.clear();
-    lru_.clear();
+    for (uint64_t off : offsets) {
+        forget(off);
+    }
     dirty_count_ = 0;
     drop_unpinned_forgotten();
 }

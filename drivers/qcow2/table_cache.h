@@ -68,7 +68,8 @@ class TableCache {
     /// change is dropped, never written. A pinned table stays valid for its holders (a read
     /// that mapped through it before the free) and goes with its last pin.
     void forget(uint64_t offset);
-    /// Drops every table; none may be pinned or dirty (after a rebuild replaced them).
+    /// Drops every table, dirty ones too (after a rebuild replaced them). Callers hold the node
+    /// drained; a table pinned all the same stays valid for its holders, as with forget().
     void clear();
 
     /// True if the table is cached (no I/O, no effect on the LRU order).

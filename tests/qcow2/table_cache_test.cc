@@ -570,6 +570,22 @@ TEST_F(TableCacheTest, ForgetAndClearDropTables) {
     EXPECT_EQ(mem_->requests, requests + 1);
 }
 
+// clear() with a table still pinned (a reader not drained, which callers rule out): the
+// holder's bytes stay valid until it lets go, and the cache reads the table afresh.
+TEST_F(TableCacheTest, ClearLeavesAPinnedTableToItsHolder) {
+    TableCache cache(loop_.get(), kTable, 8, kKind);
+    auto held = get(&cache, 3 * kTable);
+    ASSERT_TRUE(held.ok());
+    ASSERT_TRUE(get(&cache, 4 * kTable).ok());
+    cache.clear();
+    EXPECT_EQ(cache.size(), 0U);
+    EXPECT_FALSE(cached(&cache, 3 * kTable));
+    EXPECT_EQ(held->data()[0], disk_byte(3 * kTable));  // still readable (ASan would object)
+    const uint64_t requests = mem_->requests;
+    ASSERT_TRUE(get(&cache, 3 * kTable).ok());
+    EXPECT_EQ(mem_->requests, requests + 1);
+}
+
 // A table forgotten while a holder still uses it (a read that mapped through it before its
 // cluster was freed): the holder keeps valid bytes, but the cache no longer gives them out,
 // so a new table at that offset starts from the disk, and the dropped change is never written.
