@@ -81,7 +81,7 @@ if [ "$sanitize" = 1 ] && [ -w "$uring_param" ]; then
   # against I/O and inject faults, once more with FUSE over io_uring on and two ring loops,
   # where entry buffers change hands between threads and the loops defer completions.
   # (test_transport covers the ring's own cases in both builds. test_jobs stays on the plain
-  # build's ring run only, which keeps CI within its 40 minutes.) About 65 s here.
+  # build's ring run only, which keeps CI within its 40 minutes.) 65-80 s in CI.
   echo Y > "$uring_param"
   echo "== FUSE over io_uring: enable_uring=Y, threads=2, for the sanitizer ring pass"
   IMGFS_TEST_MOUNT_OPTIONS=threads=2,uring=on ctest --test-dir "$dir" --output-on-failure --timeout 900 --no-tests=error \
