@@ -80,14 +80,14 @@ Task<Status> BlockBackend::enter_for_write(const char* op) {
     }
 }
 
-Task<Status> BlockBackend::claim_writes(std::string op) {
+Task<Result<bool>> BlockBackend::claim_writes(std::string op) {
     if (!claim_pending()) {
-        co_return Status{};
+        co_return false;
     }
     auto serialised = co_await claim_mutex_.lock();
     CO_TRY(co_await enter());
     if (!claim_pending()) {
-        co_return Status{};
+        co_return false;
     }
     std::shared_ptr<Node> top = root()->node_ref();
     std::vector<std::shared_ptr<Node>> drained_nodes;  // (g++ 12: no braced list in a co_await)
@@ -95,9 +95,22 @@ Task<Status> BlockBackend::claim_writes(std::string op) {
     DrainGuard drained = co_await drain(std::move(drained_nodes));
     Result<bool> claimed = co_await top->claim_writes();
     if (!claimed) {
-        co_return note(op.c_str(), claimed.error());
+        Status failed = note(op.c_str(), claimed.error());
+        co_return std::move(failed).error();
     }
-    co_return Status{};
+    co_return *claimed;
+}
+
+Task<Status> BlockBackend::release_claim() {
+    auto serialised = co_await claim_mutex_.lock();
+    if (root() == nullptr) {
+        co_return Status{};
+    }
+    std::shared_ptr<Node> top = root()->node_ref();
+    std::vector<std::shared_ptr<Node>> drained_nodes;  // (g++ 12: no braced list in a co_await)
+    drained_nodes.push_back(top);
+    DrainGuard drained = co_await drain(std::move(drained_nodes));
+    co_return co_await top->release_claim();
 }
 
 Task<Status> BlockBackend::read(uint64_t offset, MutBuf buf) {

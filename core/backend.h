@@ -68,8 +68,12 @@ class BlockBackend final : public ChildOwner {
     /// (jobs/) calls it holding what serialises its graph changes (the export's ops lock)
     /// before its first write; the write requests call it too, for a top that a graph change
     /// brought back unclaimed meanwhile. A failure is recorded as a failed `op` (status then
-    /// names the host that writes the image).
-    Task<Status> claim_writes(std::string op);
+    /// names the host that writes the image). True if this call took the claim.
+    Task<Result<bool>> claim_writes(std::string op);
+    /// Gives back a claim claim_writes() newly took (true) for a command that was then refused,
+    /// unless something was written under it meanwhile (Node::release_claim), in a drained
+    /// section of its own.
+    Task<Status> release_claim();
 
     /// From now on every request fails with EIO naming `reason`: the image is in a state a
     /// failed graph change could not undo, and serving it could return wrong data.

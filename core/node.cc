@@ -245,6 +245,14 @@ Task<Result<bool>> Node::claim_writes() {
     co_return co_await c->node()->claim_writes();
 }
 
+Task<Status> Node::release_claim() {
+    Child* c = storage_child(*this);
+    if (c == nullptr) {
+        co_return Status{};
+    }
+    co_return co_await c->node()->release_claim();
+}
+
 Task<Status> Node::set_backing_name(std::string /*name*/, std::optional<std::string> /*format*/) {
     co_return make_error(EINVAL, "{}: the {} driver records no backing file name", name_,
                          driver_name());

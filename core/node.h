@@ -240,6 +240,12 @@ class Node : public ChildOwner {
     /// writes it. Caller: the holder of a drained section over this node (nothing in flight),
     /// the node writable. Default: forwards to the storage child, else false.
     virtual Task<Result<bool>> claim_writes();
+    /// Gives back a claim that claim_writes() newly took, if nothing has been written under it
+    /// since: the storage's cluster-wide lock is free for other hosts again and claim_pending()
+    /// turns true. For a command refused after it claimed (a refused command leaves the lock
+    /// with whoever had it). A claim something was written under is kept. Caller: the holder of
+    /// a drained section over this node. Default: forwards to the storage child, else nothing.
+    virtual Task<Status> release_claim();
 
     /// The backing file name this layer's image records ("" for none). Formats without such a
     /// field (caps().backing_name false) always answer "".

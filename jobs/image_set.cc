@@ -149,7 +149,8 @@ Task<Result<TimedMutex::Guard>> ImageSet::lock_export(std::shared_ptr<Export> e,
 
 Task<Status> ImageSet::claim_writes(std::shared_ptr<Export> e, std::string op) {
     CO_TRY_ASSIGN(TimedMutex::Guard guard, co_await lock_export(e, op));
-    co_return co_await e->backend->claim_writes(std::move(op));
+    CO_TRY(co_await e->backend->claim_writes(std::move(op)));
+    co_return Status{};
 }
 
 Task<Status> ImageSet::verify_chain(std::shared_ptr<Export> e) {

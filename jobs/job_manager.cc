@@ -154,14 +154,28 @@ Status JobManager::refuse_unfinished_edit(const Export* e) {
     return {};
 }
 
-Task<Status> JobManager::claim_and_verify(std::shared_ptr<Export> e) {
+Task<Result<bool>> JobManager::claim_and_verify(std::shared_ptr<Export> e) {
     // Every job changes or writes the chain: this host must be its writer (a pool image
     // another host writes is refused here, naming that host). Called after the command's own
     // checks: in a pool the claim takes the image's lock from every other host for the
     // life of the mount, which a refused command must not do. The checks hold for the chain
     // verified here, or verify_chain refuses (another host changed it meanwhile).
-    CO_TRY(co_await e->backend->claim_writes("claim"));
-    co_return co_await images_->verify_chain(e);
+    CO_TRY_ASSIGN(bool fresh, co_await e->backend->claim_writes("claim"));
+    if (Status verified = co_await images_->verify_chain(e); !verified) {
+        co_await give_back(e, fresh);
+        co_return std::move(verified).error();
+    }
+    co_return fresh;
+}
+
+Task<void> JobManager::give_back(std::shared_ptr<Export> e, bool fresh) {
+    if (!fresh) {
+        co_return;
+    }
+    if (Status st = co_await e->backend->release_claim(); !st) {
+        log_->warn("{}: a refused command keeps the image's write lock: {}", e->name,
+                   st.error().message());
+    }
 }
 
 bool JobManager::running(const Export* e) const {

@@ -69,8 +69,11 @@ class JobManager {
     Status refuse_if_busy(const Export* e) const;
     /// The last step before an operation changes anything, under the lock and after its own
     /// checks (refuse_if_busy first): this host becomes the image's writer, and the store
-    /// still holds the chain that is served.
-    Task<Status> claim_and_verify(std::shared_ptr<Export> e);
+    /// still holds the chain that is served. True if it took the claim (see give_back).
+    Task<Result<bool>> claim_and_verify(std::shared_ptr<Export> e);
+    /// For a command refused after claim_and_verify took the claim (`fresh`): gives it back,
+    /// so that a refused command leaves the lock with whoever had it. Failing to is logged.
+    Task<void> give_back(std::shared_ptr<Export> e, bool fresh);
     /// EBUSY while the chain serves a layer under its hidden name (an edit left unfinished).
     static Status refuse_unfinished_edit(const Export* e);
     Job* record(std::shared_ptr<Job> job);

@@ -326,10 +326,27 @@ Task<Status> JobManager::group_snapshot(
         }
     }
     CO_TRY(co_await check_names_free(images_, &ts));
+    // All or nothing for the locks too: a group refused at its third image gives back the
+    // claims it took for the first two.
+    std::vector<std::pair<std::shared_ptr<Export>, bool>> claimed;
+    Status st;
     for (auto& t : ts) {
-        CO_TRY(co_await claim_and_verify(t.e));
+        Result<bool> fresh = co_await claim_and_verify(t.e);
+        if (!fresh) {
+            st = std::move(fresh).error();
+            break;
+        }
+        claimed.emplace_back(t.e, *fresh);
     }
-    CO_TRY(co_await switch_to_overlays(images_, &ts));
+    if (st) {
+        st = co_await switch_to_overlays(images_, &ts);
+    }
+    if (!st) {
+        for (auto& [e, fresh] : claimed) {
+            co_await give_back(e, fresh);
+        }
+        co_return st;
+    }
     for (auto& t : ts) {
         log_->info("{}: snapshot {}: {} is now the active layer", t.e->name, t.snap, t.file);
         auto job = std::make_shared<RecordJob>(images_->env().loop, next_id_++, "snapshot", t.e, 0);
@@ -390,7 +407,7 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     // The layer below becomes the image's active layer: another host's chain on it would
     // change under that host.
     CO_TRY(co_await refuse_unserved_users(images_, e, 1, "reverting"));
-    CO_TRY(co_await claim_and_verify(e));
+    CO_TRY_ASSIGN(bool fresh, co_await claim_and_verify(e));
     std::shared_ptr<Node> top = layers.front().node;
     std::shared_ptr<Node> back = layers[1].node;
     // Moved in: a copy kept here would hold the dropped layer open until the revert returns.
@@ -399,6 +416,8 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     DrainGuard drained = co_await drain(std::move(drained_nodes));
     if (e->backend->open_count() > 0) {
         // Opened while the checks above waited: its writes would go to the dropped layer.
+        drained.end();
+        co_await give_back(e, fresh);
         co_return make_error(EBUSY, "{}.raw was opened; close it before reverting", e->name);
     }
     CO_TRY(co_await back->set_writable(true));

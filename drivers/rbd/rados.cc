@@ -539,6 +539,14 @@ Status RbdImage::check_lockable() const {
     return {};
 }
 
+Status RbdImage::unlock_exclusive() const {
+    if (int r = ceph().rbd_lock_release(image_); r < 0) {
+        return rbd_error(r, pool_->cluster(),
+                         fmt::format("{}: cannot give back the exclusive lock", name_));
+    }
+    return {};
+}
+
 Status RbdImage::check_no_writer() const {
     TRY(check_lockable());
     // Only a listed owner needs the acquire below (which breaks the lock of one Ceph sees
@@ -560,11 +568,7 @@ Status RbdImage::check_no_writer() const {
     if (Status st = lock_exclusive(); !st) {
         return st.error().errnum == EROFS ? make_error(EBUSY, "{}", st.error().message()) : st;
     }
-    if (r = ceph().rbd_lock_release(image_); r < 0) {
-        return rbd_error(r, pool_->cluster(),
-                         fmt::format("{}: cannot give back the exclusive lock", name_));
-    }
-    return {};
+    return unlock_exclusive();
 }
 
 Result<size_t> RbdImage::other_watchers() const {

@@ -186,6 +186,9 @@ class RbdImage {
     /// client holds it, whatever its lock policy: it is never asked to hand the lock over.
     /// Blocking.
     [[nodiscard]] Status lock_exclusive() const;
+    /// Gives the exclusive lock back (taken by lock_exclusive()), so that another host may
+    /// write the image. Blocking.
+    [[nodiscard]] Status unlock_exclusive() const;
     /// Fails unless librbd acknowledges a write of this image only once the cluster has it:
     /// the pool's or the image's configuration can switch its write-back cache on again.
     /// Checked before any writer's first write (lock_exclusive) and when a top is opened.

@@ -101,10 +101,30 @@ Task<Result<bool>> RbdNode::claim_writes() {
     image_size_ = size;
     zeros_from_ = size;
     lock_ = RbdLock::kHeld;
+    writes_at_claim_ = writes_issued_;
     if (env_.log != nullptr) {
         env_.log->info("{}: took the RBD exclusive lock", name());
     }
     co_return true;
+}
+
+Task<Status> RbdNode::release_claim() {
+    auto guard = co_await resize_mutex_.lock();
+    if (lock_ != RbdLock::kHeld || writes_issued_ != writes_at_claim_) {
+        co_return Status{};  // not taken by a claim, or written under: kept
+    }
+    const RbdImage* image = &image_;
+    std::function<Result<bool>()> give = [image]() -> Result<bool> {
+        TRY(image->unlock_exclusive());
+        return true;
+    };
+    CO_TRY(co_await image_.pool()->offloader()->run<Result<bool>>(std::move(give)));
+    lock_ = RbdLock::kPending;
+    zeros_from_ = UINT64_MAX;  // another host may write it from now on
+    if (env_.log != nullptr) {
+        env_.log->info("{}: gave the RBD exclusive lock back", name());
+    }
+    co_return Status{};
 }
 
 Result<rbd_completion_t> RbdNode::completion(Op* op, const char* what) const {
@@ -260,6 +280,7 @@ Task<Status> RbdNode::do_read(uint64_t offset, MutBuf buf) {
 
 Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
     CO_TRY(co_await claim_writes());
+    ++writes_issued_;
     CO_TRY(co_await grow_to(offset + buf.size()));
     zeros_from_ = std::max(zeros_from_, offset + buf.size());
     rbd_image_t image = image_.handle();
@@ -272,6 +293,7 @@ Task<Status> RbdNode::do_write(uint64_t offset, ConstBuf buf) {
 
 Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*may_unmap*/) {
     CO_TRY(co_await claim_writes());
+    ++writes_issued_;
     // Past the end, growing is enough: an image grows with zeros.
     if (offset >= zeros_from_) {
         co_return co_await grow_to(offset + bytes);
@@ -286,6 +308,7 @@ Task<Status> RbdNode::do_write_zeroes(uint64_t offset, uint64_t bytes, bool /*ma
 
 Task<Status> RbdNode::do_discard(uint64_t offset, uint64_t bytes) {
     CO_TRY(co_await claim_writes());
+    ++writes_issued_;
     rbd_image_t image = image_.handle();
     CO_TRY(co_await run("discard", offset, bytes, [&](rbd_completion_t c) {
         return ceph().rbd_aio_discard(image, offset, bytes, c);
@@ -371,6 +394,7 @@ Task<Result<BlockStatus>> RbdNode::do_block_status(uint64_t offset, uint64_t byt
 
 Task<Status> RbdNode::do_truncate(uint64_t new_size) {
     CO_TRY(co_await claim_writes());
+    ++writes_issued_;
     auto guard = co_await resize_mutex_.lock();
     CO_TRY(co_await resize_image(new_size, true));
     size_ = new_size;

@@ -39,6 +39,9 @@ class RbdNode final : public Node {
     /// host may have changed while this one only read. Writes call it too, so a raw image
     /// needs nothing above it; a format node above must call it first (see Node).
     Task<Result<bool>> claim_writes() override;
+    /// Releases the lock claim_writes() took (on the offload thread) unless a write was issued
+    /// since; zeros_from() is unknown again until the next claim, which rereads the size.
+    Task<Status> release_claim() override;
 
   protected:
     Task<Status> do_read(uint64_t offset, MutBuf buf) override;
@@ -98,7 +101,11 @@ class RbdNode final : public Node {
     bool polling_ = false;
     bool eventfd_failed_ = false;  // said once; completions are polled for since
     bool claimed_ = false;         // claim_writes() ran: something may have been written
-    Op* parked_head_ = nullptr;    // parked waiters, most recent first
+    uint64_t writes_issued_ = 0;   // write, write-zeroes, discard and truncate requests begun
+    // writes_issued_ when claim_writes() last took the lock: release_claim() gives the lock
+    // back only while the two are equal (nothing was written under it).
+    uint64_t writes_at_claim_ = 0;
+    Op* parked_head_ = nullptr;  // parked waiters, most recent first
     // No byte at or past this offset was ever written (see Node::zeros_from()). Unknown
     // (UINT64_MAX) until the lock is taken: another host may be writing the image.
     uint64_t zeros_from_ = 0;

@@ -683,6 +683,30 @@ class RbdPool(harness.ImageDirTest):
         b.stop()
         a.stop()
 
+    def test_a_refused_group_snapshot_gives_back_the_locks_it_took(self):
+        # A group snapshot claims its images one by one. Refused at vm2 (the other daemon
+        # writes it), it had already taken vm1's lock, which it kept for the life of the mount
+        # and the other daemon could no longer write vm1. All or nothing covers the locks too.
+        self.make_chains("16M", "write -P 0x21 0 2M", ("vm1", "vm2"))
+        a = self.mount_pool()
+        b = self.mount_pool()
+        self.assertEqual(b.exports(), ["vm1", "vm2"])
+        with open(b.path("vm2.raw"), "r+b") as f:
+            f.write(b"\x32" * 4096)
+            os.fsync(f.fileno())
+        p = run(["bash", "-c", f"echo s1 vm1 vm2 > {a.path('.control', 'snapshot')}"],
+                check=False)
+        self.assertNotEqual(p.returncode, 0, a.read_log())
+        self.assertIn("vm2.qcow2 is being written by", a.read_log())
+        self.assertIn("vm1.qcow2 (file): gave the RBD exclusive lock back", a.read_log())
+        with open(b.path("vm1.raw"), "r+b") as f:
+            f.write(b"\x31" * 4096)
+            os.fsync(f.fileno())
+        b.stop()
+        a.stop()
+        self.assertEqual(self.converted("vm1.qcow2")[:4097], b"\x31" * 4096 + b"\x21")
+        self.check_layers(["vm1.qcow2", "vm2.qcow2", "base.qcow2"])
+
     def test_an_image_a_live_client_writes_is_not_taken_from_it(self):
         # qemu-io writes a raw RBD image through QEMU's rbd driver, whose librbd holds the
         # exclusive lock under the automatic policy: asked for the lock, it hands it over and
