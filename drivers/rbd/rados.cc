@@ -486,10 +486,11 @@ Result<bool> RbdImage::held_by_live_client() const {
 
 Status RbdImage::check_write_cache_off() const {
     Status st = write_cache_off(image_, pool_->display_name() + "/" + name_);
-    if (!st && st.error().errnum == ETIMEDOUT) {
-        // Reading the configuration is a round trip: past the deadline it is what every other
-        // call's is (EIO naming the deadline, and the cluster marked as not answering).
-        return rbd_error(-ETIMEDOUT, pool_->cluster(), st.error().context);
+    if (!st && (st.error().errnum == ETIMEDOUT || st.error().errnum == ESHUTDOWN)) {
+        // Reading the configuration is a round trip: past the deadline, or blocklisted, it
+        // fails as every other call does (EIO with the reason; a timeout also marks the
+        // cluster as not answering).
+        return rbd_error(-st.error().errnum, pool_->cluster(), st.error().context);
     }
     return st;
 }
