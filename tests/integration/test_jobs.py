@@ -613,18 +613,22 @@ class RevertStream(harness.ImageDirTest):
         for name in ("vm@s1.qcow2", "c.qcow2", "vm.qcow2"):
             self.assertEqual(check(self.img(name))["exit"], 0, name)
 
-    def test_revert_refuses_a_layer_an_unserved_image_uses(self):
-        # c.qcow2, which this mount does not serve, is made on vm.qcow2 once that is vm's older
-        # layer. Reverting vm would make vm.qcow2 its active layer and change c's content.
+    def refuses_edits_while_an_unserved_clone_uses(self, layer, commands):
+        """Mounts vm = vm@s1.qcow2 -> vm.qcow2, then makes c.qcow2 on `layer` (not served: the
+        name c is c@x's). Each control file of `commands` must refuse, naming `layer`, and
+        leave the chain as it was; once c is gone a revert works."""
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
         qemu_io(self.img("vm.qcow2"), "write -P 6 0 2M")
         qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
         m = self.mount()
         self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
-        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm.qcow2", "-F", "qcow2",
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.write(b"7" * 70000)
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", layer, "-F", "qcow2",
                  self.img("c.qcow2"), "16M")
-        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY, m.read_log())
-        self.assertIn("vm.qcow2 is also used by c.qcow2", m.read_log())
+        for command in commands:
+            self.assertEqual(control(m, "vm", command, "\n"), errno.EBUSY, m.read_log())
+            self.assertIn(f"{layer} is also used by c.qcow2", m.read_log())
         self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
         os.unlink(self.img("c.qcow2"))
         self.assertEqual(control(m, "vm", "revert", "\n"), 0, m.read_log())
@@ -633,29 +637,15 @@ class RevertStream(harness.ImageDirTest):
         self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
 
+    def test_revert_refuses_a_layer_an_unserved_image_uses(self):
+        # c.qcow2, which this mount does not serve, is made on vm.qcow2 once that is vm's older
+        # layer. Reverting vm would make vm.qcow2 its active layer and change c's content.
+        self.refuses_edits_while_an_unserved_clone_uses("vm.qcow2", ["revert"])
+
     def test_revert_and_commit_refuse_a_top_an_unserved_image_uses(self):
         # c.qcow2 is made on vm's active layer, vm@s1.qcow2, while vm.raw is closed (a clone of
-        # the image as it stands). Both a revert and a commit delete that layer: each must
-        # refuse, and leave the chain and c whole.
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
-        qemu_io(self.img("vm.qcow2"), "write -P 6 0 2M")
-        qemu_img("create", "-q", "-f", "qcow2", self.img("c@x.qcow2"), "16M")
-        m = self.mount()
-        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0, m.read_log())
-        with open(m.path("vm.raw"), "r+b") as f:
-            f.write(b"7" * 70000)
-        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vm@s1.qcow2", "-F", "qcow2",
-                 self.img("c.qcow2"), "16M")
-        self.assertEqual(control(m, "vm", "revert", "\n"), errno.EBUSY, m.read_log())
-        self.assertIn("vm@s1.qcow2 is also used by c.qcow2", m.read_log())
-        self.assertEqual(control(m, "vm", "commit", "\n"), errno.EBUSY, m.read_log())
-        self.assertEqual(chain(m, "vm"), ["vm@s1.qcow2", "vm.qcow2"])
-        os.unlink(self.img("c.qcow2"))
-        self.assertEqual(control(m, "vm", "revert", "\n"), 0, m.read_log())
-        self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
-        m.stop()
-        self.assertFalse(os.path.exists(self.img("vm@s1.qcow2")))
-        self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
+        # the image as it stands). Both a revert and a commit delete that layer.
+        self.refuses_edits_while_an_unserved_clone_uses("vm@s1.qcow2", ["revert", "commit"])
 
     def slow_commit_over_a_middle_layer(self, clone):
         """Mounts vm = vm@s2 -> vm@s1 -> vm.qcow2 and starts a commit of both into vm.qcow2,
