@@ -21,8 +21,8 @@ namespace imgfs {
 namespace {
 
 // A name the name operations take: relative, and with no "." or ".." component, so that it
-// cannot climb out (layers may sit in subdirectories: "sub/base.qcow2"). open() confines its
-// paths with openat2 instead, which also catches symbolic links.
+// cannot climb out (layers may sit in subdirectories: "sub/base.qcow2"). Its directories are
+// resolved with openat2 as open() resolves paths (see NameAt), which also catches symbolic links.
 Status check_name(const std::string& name) {
     bool bad = name.empty() || name.front() == '/';
     size_t start = 0;
@@ -36,6 +36,42 @@ Status check_name(const std::string& name) {
         return make_error(EINVAL, "'{}' is not a file name in the image directory", name);
     }
     return {};
+}
+
+// Where a name operation acts: the directory holding the name's last component, opened beneath
+// the image directory, and that component. Without it, a directory of the name swapped for a
+// symbolic link (after the chain was opened through it) would make a chain edit create, rename
+// or delete a file anywhere the daemon may write.
+struct NameAt {
+    UniqueFd opened;  // the parent, when it is a subdirectory
+    int dir = -1;     // the parent: opened, or the image directory
+    std::string leaf;
+};
+
+Result<NameAt> name_at(int dir_fd, const std::string& name) {
+    TRY(check_name(name));
+    NameAt at;
+    const size_t slash = name.rfind('/');
+    if (slash == std::string::npos) {
+        at.dir = dir_fd;
+        at.leaf = name;
+        return at;
+    }
+    const std::string parent = name.substr(0, slash);
+    open_how how{};
+    how.flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+    long fd = ::syscall(SYS_openat2, dir_fd, parent.c_str(), &how, sizeof how);
+    if (fd < 0) {
+        if (errno == EXDEV) {
+            return make_error(EPERM, "'{}' resolves outside the image directory", name);
+        }
+        return make_error(errno, "cannot open the directory of '{}'", name);
+    }
+    at.opened = UniqueFd(static_cast<int>(fd));
+    at.dir = at.opened.get();
+    at.leaf = name.substr(slash + 1);
+    return at;
 }
 
 }  // namespace
@@ -170,8 +206,8 @@ Task<Result<std::unique_ptr<StoreFile>>> LocalDirStore::open_from_loop(std::stri
 }
 
 Result<std::unique_ptr<StoreFile>> LocalDirStore::create_exclusive(const std::string& name) {
-    TRY(check_name(name));
-    int fd = ::openat(dir_fd_.get(), name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    TRY_ASSIGN(NameAt at, name_at(dir_fd_.get(), name));
+    int fd = ::openat(at.dir, at.leaf.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0) {
         return make_error(errno, "cannot create {}", name);
     }
@@ -180,27 +216,26 @@ Result<std::unique_ptr<StoreFile>> LocalDirStore::create_exclusive(const std::st
 }
 
 Status LocalDirStore::rename_noreplace(const std::string& from, const std::string& to) {
-    TRY(check_name(from));
-    TRY(check_name(to));
-    if (::renameat2(dir_fd_.get(), from.c_str(), dir_fd_.get(), to.c_str(), RENAME_NOREPLACE) !=
-        0) {
+    TRY_ASSIGN(NameAt src, name_at(dir_fd_.get(), from));
+    TRY_ASSIGN(NameAt dst, name_at(dir_fd_.get(), to));
+    if (::renameat2(src.dir, src.leaf.c_str(), dst.dir, dst.leaf.c_str(), RENAME_NOREPLACE) != 0) {
         return make_error(errno, "cannot rename {} to {}", from, to);
     }
     return {};
 }
 
 Status LocalDirStore::add_name(const std::string& existing, const std::string& name) {
-    TRY(check_name(existing));
-    TRY(check_name(name));
-    if (::linkat(dir_fd_.get(), existing.c_str(), dir_fd_.get(), name.c_str(), 0) != 0) {
+    TRY_ASSIGN(NameAt src, name_at(dir_fd_.get(), existing));
+    TRY_ASSIGN(NameAt dst, name_at(dir_fd_.get(), name));
+    if (::linkat(src.dir, src.leaf.c_str(), dst.dir, dst.leaf.c_str(), 0) != 0) {
         return make_error(errno, "cannot link {} to {}", existing, name);
     }
     return {};
 }
 
 Status LocalDirStore::remove(const std::string& name) {
-    TRY(check_name(name));
-    if (::unlinkat(dir_fd_.get(), name.c_str(), 0) != 0) {
+    TRY_ASSIGN(NameAt at, name_at(dir_fd_.get(), name));
+    if (::unlinkat(at.dir, at.leaf.c_str(), 0) != 0) {
         return make_error(errno, "cannot remove {}", name);
     }
     return {};

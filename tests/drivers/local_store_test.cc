@@ -92,6 +92,31 @@ TEST_F(LocalDirStoreTest, OpensOnlyFilesAndNeverWaitsOnAFifo) {
     }
 }
 
+// A layer's directory swapped for a symbolic link that leads out, after the chain was opened
+// through it: the name operations a chain edit makes must not act outside the directory.
+TEST_F(LocalDirStoreTest, NameOperationsStayBeneathTheDirectory) {
+    test::TempDir outside;
+    {
+        std::ofstream f(outside.file("victim"), std::ios::binary);
+        f << "keep";
+    }
+    ASSERT_EQ(::mkdir(dir_.file("sub").c_str(), 0755), 0);
+    put("sub/mid.qcow2", "m");
+    EXPECT_TRUE(store_->rename_noreplace("sub/mid.qcow2", "sub/moved.qcow2").ok());
+    EXPECT_TRUE(store_->add_name("sub/moved.qcow2", "sub/second.qcow2").ok());
+    EXPECT_TRUE(store_->remove("sub/second.qcow2").ok());
+    ASSERT_EQ(::symlink(outside.path().c_str(), dir_.file("out").c_str()), 0);
+    EXPECT_EQ(store_->remove("out/victim").error().errnum, EPERM);
+    EXPECT_EQ(store_->rename_noreplace("out/victim", "stolen").error().errnum, EPERM);
+    EXPECT_EQ(store_->rename_noreplace("sub/moved.qcow2", "out/planted").error().errnum, EPERM);
+    EXPECT_EQ(store_->add_name("out/victim", "linked").error().errnum, EPERM);
+    EXPECT_EQ(store_->create_exclusive("out/made").error().errnum, EPERM);
+    EXPECT_EQ(::access(outside.file("victim").c_str(), F_OK), 0);
+    EXPECT_NE(::access(outside.file("planted").c_str(), F_OK), 0);
+    EXPECT_NE(::access(outside.file("made").c_str(), F_OK), 0);
+    EXPECT_NE(::access(dir_.file("stolen").c_str(), F_OK), 0);
+}
+
 TEST_F(LocalDirStoreTest, CreateAndRenameNeverReplace) {
     put("taken.qcow2", "keep");
     EXPECT_EQ(store_->create_exclusive("taken.qcow2").error().errnum, EEXIST);
