@@ -363,6 +363,12 @@ void keep_served_layers(const ScanInput& in, Layers* layers) {
             if (chain[i].id != FileId{}) {
                 layers->ids.insert(chain[i].id);
             }
+            // A layer served under its hidden name (a chain edit that failed past its point of
+            // no return) is in use whatever the headers say: a walk that stops at a layer it
+            // shares with this chain never reaches it, and it would be taken for a leftover.
+            if (is_removing_name(chain[i].file)) {
+                layers->referenced.insert(chain[i].file);
+            }
         }
     }
 }

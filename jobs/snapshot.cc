@@ -380,6 +380,9 @@ Task<void> wait_for_close(EventLoop* loop, std::shared_ptr<Export> e) {
 
 Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
     CO_TRY(refuse_if_busy(e.get()));
+    // Dropping the top first removes any file under the top's hidden name: after a snapshot
+    // that reused a name an unfinished edit hid, that is a layer this chain still serves.
+    CO_TRY(refuse_unfinished_edit(e.get()));
     co_await wait_for_close(images_->env().loop, e);
     std::vector<Layer>& layers = e->chain.layers;
     if (e->backend->open_count() > 0) {

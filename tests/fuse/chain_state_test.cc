@@ -437,6 +437,10 @@ TEST_F(UndroppableTopTest, AMiddleLayerThatCannotBeRemovedLeavesTheImageWorking)
     EXPECT_EQ(control(".control/vm/stream", ""), EBUSY);
     EXPECT_NE(images_->find("vm")->last_error.find("did not finish"), std::string::npos)
         << images_->find("vm")->last_error;
+    // Nor a revert: dropping a top removes whatever has the top's hidden name first.
+    EXPECT_EQ(control(".control/vm/revert", ""), EBUSY);
+    EXPECT_NE(images_->find("vm")->last_error.find("did not finish"), std::string::npos)
+        << images_->find("vm")->last_error;
     ASSERT_EQ(control(".control/rescan", ""), 0);
     EXPECT_TRUE(images_->problems().empty()) << images_->problems().front().reason;
     served = chain("vm");

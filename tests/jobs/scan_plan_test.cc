@@ -315,6 +315,29 @@ TEST_F(UnservedUsersTest, ScanKeepsEveryHiddenLayerOfAServedChain) {
     EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l2.qcow2.removing")));
 }
 
+// The same chain after a snapshot on top of it (a snapshot is allowed while the edit is
+// unfinished): the walk from the new top stops at the old one, a layer the served chain holds,
+// and no header the scan reads names the hidden layer. It is served, so it is kept.
+TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerServedBelowANewerTop) {
+    put(".imgfs-l1.qcow2.removing", "base.qcow2");
+    put("top.qcow2", ".imgfs-l1.qcow2.removing");
+    put("new.qcow2", "top.qcow2");
+    ScanInput in;
+    in.store = store_.get();
+    in.remove_leftovers = true;
+    std::vector<ServedLayer> chain;
+    for (const char* file : {"new.qcow2", "top.qcow2", ".imgfs-l1.qcow2.removing", "base.qcow2"}) {
+        Result<FileId> id = store_->id_of(file, false);
+        ASSERT_TRUE(id.ok()) << file;
+        chain.push_back(ServedLayer{file, *id});
+    }
+    in.served[1] = chain;
+    ScanPlan plan = plan_scan(in);
+    ASSERT_FALSE(plan.failed);
+    EXPECT_TRUE(plan.removed.empty()) << plan.removed.front();
+    EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l1.qcow2.removing")));
+}
+
 // A middle layer that cannot be read hides where its chain goes: the image below it looked like
 // a root of its own and was exported writable, so writes to it changed what the image on top
 // showed. Until the layer can be read, no new root is exported; one already served stays.
