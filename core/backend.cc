@@ -125,8 +125,24 @@ Task<Status> BlockBackend::read_ahead(uint64_t offset, MutBuf buf) {
     co_return co_await root()->read(offset, buf);
 }
 
+// Callers keep a write within size(), but they read the size before the request waited out a
+// drained section, and a graph change in it (a revert to a smaller layer) may have shrunk the
+// disk. A format node that can grow would take a write past its end, acknowledge it, and never
+// show it: refused instead, as any write past the end of the disk is.
+Status BlockBackend::refuse_past_end(uint64_t offset, uint64_t bytes, const char* op) {
+    const uint64_t size_now = size();
+    if (offset > size_now || bytes > size_now - offset) {
+        return make_error(ENOSPC,
+                          "{}: {} of {} bytes at {} is past the end of the disk ({} bytes since "
+                          "a graph change)",
+                          name_, op, bytes, offset, size_now);
+    }
+    return {};
+}
+
 Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
     CO_TRY(co_await enter_for_write("write"));
+    CO_TRY(refuse_past_end(offset, buf.size(), "write"));
     InFlightGuard guard(this);
     ContentChange change(this);
     co_return note("write", co_await root()->write(offset, buf));
@@ -134,6 +150,7 @@ Task<Status> BlockBackend::write(uint64_t offset, ConstBuf buf) {
 
 Task<Status> BlockBackend::write_zeroes(uint64_t offset, uint64_t bytes, bool may_unmap) {
     CO_TRY(co_await enter_for_write("write-zeroes"));
+    CO_TRY(refuse_past_end(offset, bytes, "write-zeroes"));
     InFlightGuard guard(this);
     ContentChange change(this);
     co_return note("write-zeroes", co_await root()->write_zeroes(offset, bytes, may_unmap));

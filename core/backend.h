@@ -128,6 +128,8 @@ class BlockBackend final : public ChildOwner {
     Status check_writable() const;
     /// Records a request's outcome in io_failure_ and passes it on.
     Status note(const char* op, Status st);
+    /// ENOSPC if [offset, offset + bytes) is not within size() any more.
+    Status refuse_past_end(uint64_t offset, uint64_t bytes, const char* op);
 
     std::string name_;
     CoMutex claim_mutex_;  // one claim at a time: the others wait and find it done

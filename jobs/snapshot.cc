@@ -424,6 +424,16 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
         co_return make_error(EBUSY, "{}.raw was opened; close it before reverting", e->name);
     }
     CO_TRY(co_await back->set_writable(true));
+    if (e->backend->open_count() > 0) {
+        // Opened while set_writable waited (an open does not wait for a drained section).
+        if (Status back_ro = co_await back_to_read_only(images_, back.get()); !back_ro) {
+            log_->warn("{}: {} stays writable after a refused revert: {}", e->name, back->name(),
+                       back_ro.error().message());
+        }
+        drained.end();
+        co_await give_back(e, fresh);
+        co_return make_error(EBUSY, "{}.raw was opened; close it before reverting", e->name);
+    }
     Transaction tx(images_->env().graph);
     tx.replace_node(top.get(), back);
     tx.detach(top->backing());
