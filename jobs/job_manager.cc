@@ -243,6 +243,15 @@ Task<Status> JobManager::start_commit_locked(std::shared_ptr<Export> e, std::str
                              "write it",
                              e->name, base.file);
     }
+    if (base.node->size() > e->backend->size()) {
+        // The switch would make the disk the base's size, and show the base's old bytes past
+        // the end the guest knew (a commit only ever grows the base).
+        co_return make_error(EINVAL,
+                             "{}: {} ({} bytes) is larger than the disk ({} bytes); committing "
+                             "into it would grow {}.raw. Shrink it first (qemu-img resize "
+                             "--shrink) or stream instead",
+                             e->name, base.file, base.node->size(), e->backend->size(), e->name);
+    }
     // From the top: a commit deletes it and every layer down to the base.
     for (size_t i = 0; i <= base_index; ++i) {
         std::vector<Export*> others = images_->users_of(layers[i], e.get());

@@ -817,6 +817,21 @@ class LayerLifecycle(harness.ImageDirTest):
         self.assertEqual(check(self.img("vm.qcow2"))["exit"], 0)
         self.assertTrue(convert_raw(self.img("vm.qcow2")) == shown)
 
+    def test_commit_into_a_base_longer_than_the_image_is_refused(self):
+        # vm.qcow2 (16M) lies on base.qcow2 (32M of data). After the switch the disk would be
+        # the base's 32M, showing its old bytes past the end the guest knew.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("base.qcow2"), "32M")
+        qemu_io(self.img("base.qcow2"), "write -P 0x44 0 32M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "commit", "\n"), errno.EINVAL, m.read_log())
+        self.assertIn("base.qcow2 (33554432 bytes) is larger than the disk (16777216 bytes)",
+                      m.read_log())
+        self.assertEqual(chain(m, "vm"), ["vm.qcow2", "base.qcow2"])
+        self.assertEqual(os.stat(m.path("vm.raw")).st_size, 16 * MiB)
+        m.stop()
+
     def test_commit_grows_a_base_over_a_longer_backing_file_with_zeros(self):
         # The base (16M) lies on a longer golden image (32M of data). The image read zeros past
         # the base's end; grown by the commit, the base must read zeros there too, not the
