@@ -337,10 +337,19 @@ Task<Status> Metadata::set_backing(std::string name, std::optional<std::string> 
     uint64_t old_end = std::max<uint64_t>(header_.backing_file_offset + header_.backing_file_size,
                                           header_.header_length);
     uint64_t ext_end = h.backing_file_offset != 0 ? h.backing_file_offset : area.size();
+    // Where the new name can go without touching anything the old header uses: the end of the
+    // first cluster, or, when the old name is there (the second rewrite), just before it. Then
+    // the name is written first, durable, and the header that points at it changes only
+    // fields in its first sector: a write torn by a power cut cannot pair the new offset with
+    // bytes of the old name.
+    uint64_t name_at = 0;
+    const uint64_t floor = std::max<uint64_t>(ext_end, header_.header_length) + 8;
     if (!name.empty() && cs - name.size() >= std::max(old_end, ext_end) + 8) {
-        // Room in the first cluster past everything the old header uses: write the name there
-        // first, durable, and only then the header that points at it.
-        uint64_t name_at = cs - name.size();
+        name_at = cs - name.size();
+    } else if (!name.empty() && header_.backing_file_offset >= floor + name.size()) {
+        name_at = header_.backing_file_offset - name.size();
+    }
+    if (name_at != 0) {
         file_->event(IoEvent::kHeader);
         CO_TRY(co_await file_->write(
             name_at, ConstBuf(reinterpret_cast<const uint8_t*>(name.data()), name.size())));

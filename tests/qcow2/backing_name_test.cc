@@ -66,6 +66,55 @@ TEST_F(BackingNameTest, Qcow2NodeReportsAndRewritesItsBackingName) {
     ASSERT_TRUE(run(close_chain(&again)).ok());
 }
 
+// Every rewrite puts the new name where the old header uses nothing (the end of the first
+// cluster, or just before the old name there), so that the header write that follows changes
+// only fields of its first sector: a write torn by a power cut cannot pair the new offset and
+// length with bytes of the old name. Before, the second rewrite wrote header and name in one go.
+TEST_F(BackingNameTest, EachRewriteWritesTheNameClearOfTheOldOne) {
+    for (const char* f : {"base.raw", "a-longer-name.raw", "b.raw", "c-name.raw"}) {
+        test::write_file(dir_.file(f), std::vector<uint8_t>(1 << 20, 0));
+    }
+    make_qcow2("vm1.qcow2", "base.raw", "raw");
+    auto be = [](const std::vector<uint8_t>& b, size_t at, int bytes) {
+        uint64_t v = 0;
+        for (int i = 0; i < bytes; ++i) {
+            v = v << 8 | b[at + static_cast<size_t>(i)];
+        }
+        return v;
+    };
+    // Where the header extensions end (past their end marker): the header write covers no more.
+    auto extensions_end = [&be](const std::vector<uint8_t>& h) {
+        size_t at = be(h, 100, 4);  // header_length
+        while (be(h, at, 4) != 0) {
+            at += 8 + (be(h, at + 4, 4) + 7) / 8 * 8;
+        }
+        return at + 8;
+    };
+    auto name_range = [this, &be]() {
+        std::vector<uint8_t> h = test::read_file(dir_.file("vm1.qcow2"));
+        uint64_t off = be(h, 8, 8);
+        return std::pair<uint64_t, uint64_t>(off, off + be(h, 16, 4));
+    };
+    std::pair<uint64_t, uint64_t> before = name_range();
+    Chain c = open("vm1.qcow2");
+    use_rw(c.top());
+    for (const char* name : {"a-longer-name.raw", "b.raw", "c-name.raw", "base.raw"}) {
+        ASSERT_TRUE(run(c.top()->set_backing_name(name, "raw")).ok()) << name;
+        std::pair<uint64_t, uint64_t> now = name_range();
+        EXPECT_TRUE(now.second <= before.first || now.first >= before.second)
+            << name << ": [" << now.first << ", " << now.second << ") overlaps [" << before.first
+            << ", " << before.second << ")";
+        // Not part of the header write (which would write header and name in one go).
+        EXPECT_GT(now.first, extensions_end(test::read_file(dir_.file("vm1.qcow2")))) << name;
+        Result<ImageProbe> p = probe_image(LocalDirStore::over(dir_.fd()).get(), "vm1.qcow2");
+        ASSERT_TRUE(p.ok()) << p.error().message();
+        EXPECT_EQ(p->backing, name);
+        before = now;
+    }
+    ASSERT_TRUE(run(close_chain(&c)).ok());
+    users_.clear();
+}
+
 TEST_F(BackingNameTest, EmptyNameMakesTheImageStandAlone) {
     test::write_file(dir_.file("base.raw"), std::vector<uint8_t>(1 << 20, 0));
     make_qcow2("vm1.qcow2", "base.raw", "raw");
