@@ -182,6 +182,10 @@ Task<void> CommitJob::detach_after_failure() {
                   st.error().message());
     }
     Transaction refresh(images_->env().graph);
+    // The chain's own edge to the base stops letting another user write it (start()).
+    if (Child* above = image()->chain.layers[base_index_ - 1].node->backing(); above != nullptr) {
+        refresh.set_extra_shared(above, 0);
+    }
     if (Status st = refresh.commit(); !st) {
         log->warn("{}: permissions not refreshed after the commit was abandoned: {}", name,
                   st.error().message());
