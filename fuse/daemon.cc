@@ -64,6 +64,34 @@ std::string runtime_dir() {
     return fmt::format("/tmp/imgfs-{}", ::geteuid());
 }
 
+// Makes the runtime directory, or checks the one there: a directory of this user that nobody
+// else can write. /tmp/imgfs-UID (no XDG_RUNTIME_DIR) could have been made by another user,
+// with links in it that would make the daemon write over this user's files.
+Status prepare_runtime_dir(const std::string& dir) {
+    ::mkdir(dir.c_str(), 0700);
+    struct stat st {};
+    if (::lstat(dir.c_str(), &st) != 0) {
+        return make_error(errno, "cannot make the runtime directory {}", dir);
+    }
+    if (!S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 022) != 0) {
+        return make_error(EPERM,
+                          "{} is not a directory of this user that only it can write: no pid "
+                          "file is kept, so `imgfs unmount` cannot wait for this daemon; remove "
+                          "it or set XDG_RUNTIME_DIR",
+                          dir);
+    }
+    return {};
+}
+
+// Writes a file of the runtime directory without following a link planted in its place.
+void write_runtime_file(const std::string& path, const std::string& text, Logger* log) {
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (!fd.valid() ||
+        ::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+        log->warn("cannot write {}: {}", path, strerror(errno));
+    }
+}
+
 // Parent side of daemonising: waits for the child's report and turns it into an exit code.
 int wait_for_child(int read_fd) {
     std::string msg;
@@ -99,6 +127,7 @@ struct Daemon {
     Logger* log;
     FuseMount* mount;
     int signal_fd;
+    Offloader* offloader;  // where a signal's detach runs (see watch_signals)
     bool done = false;
 };
 
@@ -117,7 +146,13 @@ Task<void> watch_signals(Daemon* d) {
         if (res == sizeof info && info.ssi_signo != SIGUSR1) {
             d->log->info("signal {} received: unmounting {}", info.ssi_signo,
                          d->mount->mountpoint());
-            if (Status st = d->mount->detach(); !st) {
+            // Off the loop, which keeps serving meanwhile: the kernel's teardown of the
+            // connection, which the detach may start, waits for the ring entries, and their
+            // completions are deferred work that only this loop's own io_uring_enter runs.
+            FuseMount* mount = d->mount;
+            std::function<Status()> detach = [mount] { return mount->detach(); };
+            Status st = co_await d->offloader->run<Status>(std::move(detach));
+            if (!st) {
                 d->log->error("{}", st.error().message());
             }
         }
@@ -291,10 +326,15 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
             return fail(mount.error().message());
         }
         std::string pid_file = pid_file_for(cmd.mountpoint);
-        const std::string failure_file = failure_file_for(cmd.mountpoint);
-        ::mkdir(runtime_dir().c_str(), 0700);
-        ::unlink(failure_file.c_str());  // an earlier daemon's, already reported or not
-        std::ofstream(pid_file) << ::getpid() << "\n";
+        std::string failure_file = failure_file_for(cmd.mountpoint);
+        if (Status dir = prepare_runtime_dir(runtime_dir()); !dir) {
+            log->warn("{}", dir.error().message());
+            pid_file.clear();
+            failure_file.clear();
+        } else {
+            ::unlink(failure_file.c_str());  // an earlier daemon's, already reported or not
+            write_runtime_file(pid_file, fmt::format("{}\n", ::getpid()), log);
+        }
         JobManager jobs(&images, log);
         StandardControl control(&images, &jobs, log);
         ExportFsOptions fo;
@@ -311,7 +351,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         }
         FuseServer server(loop.get(), (*mount)->fd(), &fs, log, so);
         images.set_transport([&server] { return server.transport(); });
-        Daemon d{loop.get(), log, mount->get(), sfd.get()};
+        Daemon d{loop.get(), log, mount->get(), sfd.get(), images.offloader()};
         // The mount is reported up once the kernel's INIT is answered: until then nothing can
         // use it, and INIT can still refuse the connection (uring=on without the ring).
         bool init_failed = false;
@@ -347,11 +387,16 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         } else if (!served) {
             exit_code = 1;
             // Written before the pid file goes: `imgfs unmount` looks once the daemon is gone.
-            std::ofstream(failure_file) << served.error().message() << "\n";
+            if (!failure_file.empty()) {
+                write_runtime_file(failure_file, served.error().message() + "\n", log);
+            }
         }
         images.set_transport({});  // the server goes before the images
         (*mount)->unmount();
-        if (!pid_file.empty()) {
+        // Only if it is still this daemon's: after `umount -l` another daemon may serve the
+        // same mount point now, and `imgfs unmount` waits for that one through the file.
+        pid_t recorded = 0;
+        if (!pid_file.empty() && (std::ifstream(pid_file) >> recorded) && recorded == ::getpid()) {
             ::unlink(pid_file.c_str());
         }
         log->info("unmounted {}", cmd.mountpoint);

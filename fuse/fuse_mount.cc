@@ -92,8 +92,9 @@ Status FuseMount::detach() {
         // and that waits for every FUSE-over-io_uring queue entry to be released, including
         // ones whose request delivery is task work queued for the loop thread that owns them.
         // Called there, the teardown (run first) would wait for the delivery behind it, for
-        // ever, in an uninterruptible sleep. The loop thread waits in join(), where its own
-        // task work still runs.
+        // ever, in an uninterruptible sleep. Nor may a loop thread wait for this one: its
+        // ring defers completions (DEFER_TASKRUN) to its own io_uring_enter, so the daemon
+        // calls detach() from its offloader while the loop goes on serving.
         int err = 0;
         std::thread detacher([this, &err] {
             if (::umount2(mountpoint_.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0) {

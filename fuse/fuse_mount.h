@@ -39,7 +39,8 @@ class FuseMount {
     void unmount();
     /// Detaches the mount lazily and leaves fd() open, for while the server still runs. The
     /// connection ends (reads on fd() fail with ENODEV) when nothing uses the mount any more;
-    /// files open until then (a loop device, a VM) are still served.
+    /// files open until then (a loop device, a VM) are still served. Blocking; never from a
+    /// loop thread while the server has requests out (see the definition).
     Status detach();
     [[nodiscard]] const std::string& mountpoint() const { return mountpoint_; }
 
