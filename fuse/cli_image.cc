@@ -43,6 +43,9 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
     std::string v = eq == std::string::npos ? "" : o.substr(eq + 1);
     if (key == "cluster_size") {
         TRY_ASSIGN(uint64_t n, parse_size(v));
+        if (n > UINT32_MAX) {  // not cut to 32 bits into a size that happens to be valid
+            return make_error(EINVAL, "cluster_size={}: at most 2M", v);
+        }
         c->cluster_size = static_cast<uint32_t>(n);
     } else if (key == "extended_l2") {
         TRY_ASSIGN(c->extended_l2, on_off(key, v));
@@ -50,6 +53,9 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
         TRY_ASSIGN(c->lazy_refcounts, on_off(key, v));
     } else if (key == "refcount_bits") {
         TRY_ASSIGN(uint64_t n, parse_size(v));
+        if (n > 64) {
+            return make_error(EINVAL, "refcount_bits={}: a power of two up to 64", v);
+        }
         c->refcount_bits = static_cast<uint32_t>(n);
     } else if (key == "compat") {
         if (v == "0.10" || v == "v2") {
@@ -237,6 +243,10 @@ Status complete_create_options(CreateRequest* r, Store* pool) {
         TRY_ASSIGN(c.size, parse_size(*r->size));
     } else if (c.backing_file.empty()) {
         return make_error(EINVAL, "a size is needed when there is no backing file");
+    }
+    if (c.size > UINT64_MAX - 511) {
+        // Rounded up below, it would wrap to 0 and make an empty disk.
+        return make_error(EINVAL, "{}: size {} is too large", r->file, c.size);
     }
     c.size = (c.size + 511) / 512 * 512;  // whole sectors, rounded up as qemu-img does
     // Formats are told by content, but a qcow2 named .raw misleads people and other tools

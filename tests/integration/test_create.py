@@ -110,12 +110,16 @@ class Create(harness.ImageDirTest):
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("give it a .qcow2 name", p.stderr)
         self.assertFalse(os.path.exists(self.img("vm.raw")))
-        for size in ("1.5", "12X", "-1", "1..5G", "G", "99999999999999999999E"):
+        # 2^64 - 1 rounded up to whole sectors wrapped to an empty disk.
+        for size in ("1.5", "12X", "-1", "1..5G", "G", "99999999999999999999E",
+                     "18446744073709551615"):
             p = run([harness.IMGFS, "create", self.img("bad.qcow2"), size], check=False)
             self.assertNotEqual(p.returncode, 0, size)
             self.assertRegex(p.stderr, "size|option", size)
             self.assertFalse(os.path.exists(self.img("bad.qcow2")))
+        # (4295032832 and 4294967312, cut to 32 bits, were 65536 and 16: valid, and taken.)
         for args in (["-o", "cluster_size=1000"], ["-o", "refcount_bits=3"],
+                     ["-o", "cluster_size=4295032832"], ["-o", "refcount_bits=4294967312"],
                      ["-o", "bogus=1"], ["-F", "vmdk", "-b", "x.raw"],
                      ["-o", "compression_type=lz4"], ["-o", "compat=0.10,compression_type=zstd"]):
             with self.subTest(args=args):
