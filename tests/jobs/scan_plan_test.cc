@@ -82,6 +82,19 @@ class UnservedUsersTest : public ::testing::Test {
         base_ = *base;
     }
 
+    /// A scan that may remove leftovers while one export serves `chain` (top first).
+    ScanPlan scan_serving(const std::vector<std::string>& chain) {
+        ScanInput in;
+        in.store = store_.get();
+        in.remove_leftovers = true;
+        for (const std::string& file : chain) {
+            Result<FileId> id = store_->id_of(file, false);
+            EXPECT_TRUE(id.ok()) << file;
+            in.served[1].push_back(ServedLayer{file, id.ok() ? *id : FileId{}});
+        }
+        return plan_scan(in);
+    }
+
     void put(const std::string& name, const std::string& backing) {
         qcow2::CreateOptions o;
         o.size = 1 << 20;
@@ -297,18 +310,8 @@ TEST_F(UnservedUsersTest, ScanKeepsEveryHiddenLayerOfAServedChain) {
     put(".imgfs-l2.qcow2.removing", "base.qcow2");
     put(".imgfs-l1.qcow2.removing", ".imgfs-l2.qcow2.removing");
     put("top.qcow2", ".imgfs-l1.qcow2.removing");
-    ScanInput in;
-    in.store = store_.get();
-    in.remove_leftovers = true;
-    std::vector<ServedLayer> chain;
-    for (const char* file :
-         {"top.qcow2", ".imgfs-l1.qcow2.removing", ".imgfs-l2.qcow2.removing", "base.qcow2"}) {
-        Result<FileId> id = store_->id_of(file, false);
-        ASSERT_TRUE(id.ok()) << file;
-        chain.push_back(ServedLayer{file, *id});
-    }
-    in.served[1] = chain;
-    ScanPlan plan = plan_scan(in);
+    ScanPlan plan = scan_serving(
+        {"top.qcow2", ".imgfs-l1.qcow2.removing", ".imgfs-l2.qcow2.removing", "base.qcow2"});
     ASSERT_FALSE(plan.failed);
     EXPECT_TRUE(plan.removed.empty()) << plan.removed.front();
     EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l1.qcow2.removing")));
@@ -322,17 +325,8 @@ TEST_F(UnservedUsersTest, ScanKeepsAHiddenLayerServedBelowANewerTop) {
     put(".imgfs-l1.qcow2.removing", "base.qcow2");
     put("top.qcow2", ".imgfs-l1.qcow2.removing");
     put("new.qcow2", "top.qcow2");
-    ScanInput in;
-    in.store = store_.get();
-    in.remove_leftovers = true;
-    std::vector<ServedLayer> chain;
-    for (const char* file : {"new.qcow2", "top.qcow2", ".imgfs-l1.qcow2.removing", "base.qcow2"}) {
-        Result<FileId> id = store_->id_of(file, false);
-        ASSERT_TRUE(id.ok()) << file;
-        chain.push_back(ServedLayer{file, *id});
-    }
-    in.served[1] = chain;
-    ScanPlan plan = plan_scan(in);
+    ScanPlan plan =
+        scan_serving({"new.qcow2", "top.qcow2", ".imgfs-l1.qcow2.removing", "base.qcow2"});
     ASSERT_FALSE(plan.failed);
     EXPECT_TRUE(plan.removed.empty()) << plan.removed.front();
     EXPECT_TRUE(std::filesystem::exists(dir_.file(".imgfs-l1.qcow2.removing")));
