@@ -630,6 +630,11 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
     if (st) {
         st = co_await e->backend->write(in.offset, req->payload.first(n));
     }
+    if (st && (in.flags & O_DSYNC) != 0) {
+        // O_SYNC, O_DSYNC or RWF_DSYNC: the kernel sends no FSYNC after such a write to a
+        // FOPEN_DIRECT_IO file and leaves its durability to us (the flag is in O_SYNC too).
+        st = co_await e->backend->flush();
+    }
     if (!st) {
         log_->error("{}.raw: write of {} bytes at {}: {}", e->name, n, in.offset,
                     st.error().message());

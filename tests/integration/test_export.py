@@ -10,6 +10,7 @@ open."""
 
 import errno
 import json
+import mmap
 import os
 import re
 import shutil
@@ -200,6 +201,34 @@ class Kill(harness.ImageDirTest):
             self.assertEqual(m2.exports(), ["a", "b"])
             m2.stop()
             self.mounts.remove(m2)
+
+
+    def test_a_synchronous_write_survives_a_kill(self):
+        # O_DSYNC on open, O_SYNC, and RWF_DSYNC on one write: each is durable when write()
+        # returns, with no fsync after it (the kernel sends none for these files).
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "64M")
+        m = self.mount()
+        pieces = [(os.O_DSYNC, 0, 1 * MiB), (os.O_SYNC, 0, 9 * MiB), (0, os.RWF_DSYNC, 17 * MiB)]
+        fds = []  # kept open until after the kill: a close sends FLUSH, which would sync
+        buf = mmap.mmap(-1, 65536)
+        for i, (open_flag, write_flag, offset) in enumerate(pieces):
+            fds.append(os.open(m.path("vm.raw"), os.O_WRONLY | os.O_DIRECT | open_flag))
+            buf.seek(0)
+            buf.write(bytes([0x31 + i]) * 65536)
+            self.assertEqual(os.pwritev(fds[-1], [buf], offset, write_flag), 65536)
+        m.kill()
+        self.mounts.remove(m)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the connection is gone
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        for i, (_, _, offset) in enumerate(pieces):
+            out = run(["qemu-io", "-f", "qcow2", "-c", f"read -P {0x31 + i} {offset} 64k",
+                       self.img("vm.qcow2")]).stdout
+            self.assertNotIn("Pattern verification failed", out, f"piece {i}: {out}")
 
 
 class AllocationMap(harness.ImageDirTest):
@@ -460,10 +489,14 @@ class Behaviour(harness.ImageDirTest):
         opts = ",".join(o for o in ("rw,noatime,allow_other", self.store_options()) if o)
         run(["mount", "-t", "fuse.imgfs", "-o", opts, self.source(), mnt])
         try:
-            self.assertTrue(os.path.exists(os.path.join(mnt, "a.raw")))
+            with open(os.path.join(mnt, "a.raw"), "r+b") as f:
+                f.write(b"fstab" * 100)
         finally:
             run([harness.IMGFS, "unmount", mnt])
-        self.assertEqual(check(self.img("a.qcow2"))["exit"], 0)
+        self.pull_store()
+        c = check(self.img("a.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
+        self.assertEqual(convert_raw(self.img("a.qcow2"))[:500], b"fstab" * 100)
 
 
 ceph_pool.on_both_stores(globals(), ImageDirectory, LoopMount, Fio, Kill, Behaviour,
