@@ -160,6 +160,12 @@ Task<Status> FileNode::do_read(uint64_t offset, MutBuf buf) {
 }
 
 namespace {
+// Whether a failure to start writeback may have cost the pages it was given; the others (no
+// such call, no memory for it now) leave them dirty for the next fdatasync.
+bool writeback_lost_data(int errnum) {
+    return errnum != EINVAL && errnum != ESPIPE && errnum != ENOSYS && errnum != EOPNOTSUPP &&
+           errnum != EAGAIN && errnum != ENOMEM && errnum != EINTR;
+}
 
 // cachestat(2), Linux 6.5; Debian 12's headers predate it. Added after the syscall tables
 // were unified, so its number is the same on every architecture.
@@ -268,10 +274,14 @@ Task<Status> FileNode::do_write(uint64_t offset, ConstBuf buf) {
         // for a write with others in flight beside it: a deep queue of buffered writes runs at
         // the speed of memory, and writing it back as it comes held it to the disk's (1M
         // writes at depth 8: 2,108-2,408 MiB/s against 3,274-3,330). Small writes are left
-        // to the kernel: the qcow2 metadata this file holds is rewritten often. Advisory: a
-        // failure to start changes nothing, and an error of the writeback itself waits for the
-        // next fdatasync.
-        (void)co_await env_.loop->start_writeback(fd_.get(), offset, buf.size());
+        // to the kernel: the qcow2 metadata this file holds is rewritten often. Advisory, but
+        // an I/O or space error fails the write: the file system may have dropped the pages it
+        // could not write (ext4's failed delayed allocation does), and no later fdatasync
+        // would say so. An error of the writeback itself waits for the next fdatasync.
+        Status started = co_await env_.loop->start_writeback(fd_.get(), offset, buf.size());
+        if (!started && writeback_lost_data(started.error().errnum)) {
+            co_return io_error(started.error().errnum, "write-behind", offset, buf.size());
+        }
     }
     co_return Status{};
 }
