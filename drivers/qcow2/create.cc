@@ -154,6 +154,9 @@ Status create_image_sync(int fd, const CreateOptions& options) {
             }
             return make_error(errno, "writing the new image");
         }
+        if (n == 0) {
+            return make_error(EIO, "writing the new image: no progress at {}", done);
+        }
         done += static_cast<size_t>(n);
     }
     if (::fsync(fd) != 0) {

@@ -2,6 +2,7 @@
 // shared with internal snapshots).
 #include <cstring>
 
+#include "core/log.h"
 #include "drivers/qcow2/metadata.h"
 
 namespace imgfs::qcow2 {
@@ -131,8 +132,10 @@ Task<Result<TableCache::Ref>> Metadata::copy_shared_l2(uint64_t l1_index) {
     old_ref.reset();
     CO_TRY(co_await write_new_l2(host, &copy));
     CO_TRY(co_await switch_l1_entry(l1_index, host | kOflagCopied));
-    CO_TRY(co_await sync());
+    // Indexed as soon as the L1 names it, as allocate_l2 does: the table serves writes from
+    // now on even if the sync below fails.
     metadata_clusters_.insert(host >> g_.cluster_bits);
+    CO_TRY(co_await sync());
     // The active L1 no longer references the old table (durable above).
     CO_TRY(co_await update_refcount(old >> g_.cluster_bits, -1, false));
     co_return co_await l2_cache_.get(file_, host);
@@ -262,7 +265,13 @@ Task<Status> Metadata::switch_to_bigger_l1(uint64_t need, uint64_t size) {
     l1_.resize(need, 0);
     metadata_clusters_.insert(host >> g_.cluster_bits, clusters);
     if (old_clusters > 0) {
-        CO_TRY(co_await free_clusters(old_offset, old_clusters, false));
+        // The disk has grown, whatever happens to the old table: a failure to free it leaks
+        // its clusters, and is not the grow's failure.
+        if (Status freed = co_await free_clusters(old_offset, old_clusters, false);
+            !freed && env_.log != nullptr) {
+            env_.log->warn("{}: the old L1 table at {} stays allocated (leaked): {}", name_,
+                           old_offset, freed.error().message());
+        }
     }
     co_return Status{};
 }
