@@ -392,7 +392,9 @@ void EventLoop::run() {
 
 Task<bool> EventLoop::retry_transient(int32_t res, int* attempts, bool memory) {
     if (res == -EINTR) {
-        co_return true;
+        // A signal cut the call short: again at once, but not for ever (a file system that
+        // kept answering EINTR would otherwise hold its caller in this loop).
+        co_return ++*attempts <= kMaxInterruptedRetries;
     }
     bool transient = res == -EAGAIN || (memory && res == -ENOMEM);
     if (!transient || *attempts >= kMaxTransientRetries) {

@@ -137,11 +137,13 @@ class EventLoop final : public Executor {
     Task<Status> start_writeback(int fd, uint64_t offset, uint64_t len);
     /// Suspends for at least `ns`.
     Task<void> sleep(std::chrono::nanoseconds ns);
-    /// After an operation completed with `res` < 0: whether to issue it again. EINTR at once;
-    /// EAGAIN (and ENOMEM if `memory`: the kernel was short of memory) after a pause that
-    /// doubles each time, at most kMaxTransientRetries times (about a quarter second in all).
+    /// After an operation completed with `res` < 0: whether to issue it again. EINTR at once,
+    /// counted against kMaxInterruptedRetries; EAGAIN (and ENOMEM if `memory`: the kernel was short
+    /// of memory) after a pause that doubles each time, at most kMaxTransientRetries times (about a
+    /// quarter second in all).
     Task<bool> retry_transient(int32_t res, int* attempts, bool memory);
     static constexpr int kMaxTransientRetries = 8;
+    static constexpr int kMaxInterruptedRetries = 64;
 
     /// Runs until `done` is true. Returns false if nothing can make progress any more (no ready
     /// coroutine, no operation in flight, no cross-thread post pending): the caller hung.
