@@ -398,17 +398,19 @@ Task<void> ImageSet::retire_layers(std::vector<Layer> layers, const Export* e) {
         if (node_in_use) {
             continue;  // a base another export still uses
         }
-        Status st = co_await l.node->close();
-        if (!st) {
-            env_.log->error("closing {}: {}", l.file, st.error().message());
-            ++failed_closes_;
-        }
-        // The cache would keep the node (and its file) open for a chain that may never come.
+        // Out of the cache before the close suspends: a scan meanwhile must not attach a new
+        // chain to a node being closed. (The cache would also keep the node, and its file,
+        // open for a chain that may never come.)
         const Node* gone = l.node.get();
         for (auto it = cache_.chains.begin(); it != cache_.chains.end();) {
             bool holds = std::any_of(it->second.begin(), it->second.end(),
                                      [gone](const Layer& c) { return c.node.get() == gone; });
             it = holds ? cache_.chains.erase(it) : std::next(it);
+        }
+        Status st = co_await l.node->close();
+        if (!st) {
+            env_.log->error("closing {}: {}", l.file, st.error().message());
+            ++failed_closes_;
         }
     }
     layers.clear();
