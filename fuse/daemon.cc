@@ -122,6 +122,21 @@ bool process_running(pid_t pid) {
     return state != 'Z' && state != 'X';
 }
 
+// Whether the process is an imgfs (its name begins so): a pid file left by a killed daemon
+// may name a pid that an unrelated process has been given since.
+bool runs_imgfs(pid_t pid) {
+    std::ifstream f(fmt::format("/proc/{}/comm", pid));
+    std::string comm;
+    std::getline(f, comm);
+    return comm.rfind("imgfs", 0) == 0;
+}
+
+// Whether the pid file still names this daemon.
+bool owns_runtime_file(const std::string& pid_file) {
+    pid_t recorded = 0;
+    return !pid_file.empty() && (std::ifstream(pid_file) >> recorded) && recorded == ::getpid();
+}
+
 struct Daemon {
     EventLoop* loop;
     Logger* log;
@@ -129,6 +144,7 @@ struct Daemon {
     int signal_fd;
     Offloader* offloader;  // where a signal's detach runs (see watch_signals)
     bool done = false;
+    bool detach_wanted = false;  // set with a SIGUSR1 by code on the loop that cannot wait
 };
 
 // Waits for SIGTERM/SIGINT/SIGHUP and unmounts, which ends the server.
@@ -143,9 +159,12 @@ Task<void> watch_signals(Daemon* d) {
         if (d->done) {
             break;
         }
-        if (res == sizeof info && info.ssi_signo != SIGUSR1) {
-            d->log->info("signal {} received: unmounting {}", info.ssi_signo,
-                         d->mount->mountpoint());
+        if (res == sizeof info && (info.ssi_signo != SIGUSR1 || d->detach_wanted)) {
+            if (info.ssi_signo != SIGUSR1) {
+                d->log->info("signal {} received: unmounting {}", info.ssi_signo,
+                             d->mount->mountpoint());
+            }
+            d->detach_wanted = false;
             // Off the loop, which keeps serving meanwhile: the kernel's teardown of the
             // connection, which the detach may start, waits for the ring entries, and their
             // completions are deferred work that only this loop's own io_uring_enter runs.
@@ -368,9 +387,10 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
             init_failed = true;
             log->error("{}", init.error().message());
             ready->report(init.error().message());
-            if (Status st = d.mount->detach(); !st) {  // nothing has the mount open yet
-                log->error("{}", st.error().message());
-            }
+            // Nothing has the mount open yet. Detached by the signal watcher, off the loop, for
+            // the reason a signal's detach is (ring entries may be registered already).
+            d.detach_wanted = true;
+            ::kill(::getpid(), SIGUSR1);
         });
         // A mount whose images did not all close cleanly did not end well: its exit status
         // says so (for systemd or whoever ran `mount -f`), beside the log lines.
@@ -387,7 +407,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         } else if (!served) {
             exit_code = 1;
             // Written before the pid file goes: `imgfs unmount` looks once the daemon is gone.
-            if (!failure_file.empty()) {
+            // Not if another daemon serves the mount point now (after `umount -l`): the report
+            // would be read as that one's. The log has it either way.
+            if (!failure_file.empty() && owns_runtime_file(pid_file)) {
                 write_runtime_file(failure_file, served.error().message() + "\n", log);
             }
         }
@@ -395,8 +417,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         (*mount)->unmount();
         // Only if it is still this daemon's: after `umount -l` another daemon may serve the
         // same mount point now, and `imgfs unmount` waits for that one through the file.
-        pid_t recorded = 0;
-        if (!pid_file.empty() && (std::ifstream(pid_file) >> recorded) && recorded == ::getpid()) {
+        if (owns_runtime_file(pid_file)) {
             ::unlink(pid_file.c_str());
         }
         log->info("unmounted {}", cmd.mountpoint);
@@ -580,13 +601,20 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
     }
     pid_t pid = 0;
     std::string daemon_dir;
+    // A daemon removes its pid file when it exits, so a pid file whose process is gone means
+    // the daemon was killed or crashed: the unmount below only detaches a dead mount.
+    std::string dead_pid_file;
     for (const std::string& dir : dirs) {
         pid_t found = 0;
-        std::ifstream(pid_file_for(mountpoint, dir)) >> found;
-        if (found > 0 && process_running(found)) {
+        const std::string pid_file = pid_file_for(mountpoint, dir);
+        std::ifstream(pid_file) >> found;
+        if (found > 0 && process_running(found) && runs_imgfs(found)) {
             pid = found;
             daemon_dir = dir;
             break;
+        }
+        if (found > 0 && dead_pid_file.empty()) {
+            dead_pid_file = pid_file;
         }
     }
     // fusermount3 for a mount by an ordinary user, umount for root's (and for fstab mounts).
@@ -607,6 +635,17 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
             std::fprintf(stderr, "imgfs: cannot unmount %s: it is busy%s\n", mountpoint.c_str(),
                          users.c_str());
         }
+        return 1;
+    }
+    if (pid == 0 && !dead_pid_file.empty()) {
+        ::unlink(dead_pid_file.c_str());
+        std::fprintf(
+            stderr,
+            "imgfs: unmounted %s, but its daemon had already exited without closing "
+            "the images (killed or crashed): writes not acknowledged by fsync may be "
+            "lost (the images stay consistent; the next mount finishes any chain edit it cut "
+            "short)\n",
+            mountpoint.c_str());
         return 1;
     }
     // The daemon flushes and closes its images after the unmount: wait for it.

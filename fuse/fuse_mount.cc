@@ -114,9 +114,21 @@ Status FuseMount::detach() {
         argv.push_back(a.data());
     }
     argv.push_back(nullptr);
+    // The daemon blocks the signals it reads through its signalfd, and ignores SIGPIPE: the
+    // helper gets the defaults, so that a stuck one can still be stopped.
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    sigset_t none;
+    sigemptyset(&none);
+    sigset_t defaults;
+    sigfillset(&defaults);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &defaults);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t pid = 0;
-    if (int r = ::posix_spawnp(&pid, "fusermount3", nullptr, nullptr, argv.data(), environ);
-        r != 0) {
+    const int r = ::posix_spawnp(&pid, "fusermount3", nullptr, &attr, argv.data(), environ);
+    posix_spawnattr_destroy(&attr);
+    if (r != 0) {
         return make_error(r, "cannot run fusermount3 to detach {}", mountpoint_);
     }
     int status = 0;

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import unittest
 
 import harness
 from harness import run, qemu_img
@@ -204,6 +205,19 @@ class MountSafety(harness.ImageDirTest):
         m.stop()
         p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
         self.assertIn("is not an imgfs mount", p.stderr)
+
+
+    def test_unmount_after_the_daemon_was_killed_says_so(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        m.proc.kill()
+        m.proc.wait()
+        p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("its daemon had already exited", p.stderr)
+        self.assertFalse(harness.is_mounted(m.mountpoint))
+        m.kill(running=False)  # the bookkeeping of a killed daemon; nothing is left to detach
+        qemu_img("check", "-q", self.img("vm.qcow2"))
 
 
 class RawFile(harness.ImageDirTest):
@@ -467,6 +481,36 @@ class JobCli(harness.ImageDirTest):
                 timeout=120)
         self.assertEqual(chain(m, "vm"), ["vm.qcow2"])
         m.stop()
+
+
+class Examples(unittest.TestCase):
+    """The walkthroughs in examples/ run as a user would run them, and check their own
+    outcome (each ends with the state it describes checked by qemu-img and debugfs)."""
+
+    def run_example(self, name):
+        harness.require_root()
+        harness.require_tools("qemu-img", "losetup", "mkfs.ext4", "e2fsck", "debugfs",
+                              "fsfreeze", "sfdisk", "partx")
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", name)
+        p = subprocess.run(["bash", script], env=dict(os.environ, IMGFS_BIN=harness.IMGFS),
+                           capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, f"{name} failed:\n{p.stdout[-4000:]}\n{p.stderr[-2000:]}")
+        self.assertIn("== Done", p.stdout)
+
+    def test_demo(self):
+        self.run_example("demo.sh")
+
+    def test_offline_disk(self):
+        self.run_example("offline-disk.sh")
+
+    def test_try_then_keep(self):
+        self.run_example("try-then-keep.sh")
+
+    def test_live_backup(self):
+        self.run_example("live-backup.sh")
+
+    def test_pipeline(self):
+        self.run_example("pipeline.sh")
 
 
 if __name__ == "__main__":
