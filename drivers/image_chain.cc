@@ -168,6 +168,7 @@ FileOptions file_options(const ChainOptions& opts, const std::string& name, bool
         if (f.fdatasync && fault_applies(f, name, top)) {
             fo.fail_fdatasync_errno = f.rule.errnum;
             fo.fail_fdatasync_nth = f.rule.nth;
+            fo.fail_fdatasync_once = f.rule.once;
         }
     }
     return fo;

@@ -684,6 +684,7 @@ int status(const Args& args) {
         std::printf("no images exported\n");
     }
     std::string images;
+    bool transport_printed = false;  // from the first image still there
     for (const auto& n : names) {
         std::string info = slurp(control_path(mnt, n, "info"));
         struct stat gone_check {};
@@ -697,8 +698,9 @@ int status(const Args& args) {
         if (json) {
             images += (images.empty() ? "" : ",") + trimmed(info);
         } else {
-            if (&n == &names.front() && pos.size() == 1) {
+            if (!transport_printed && pos.size() == 1) {
                 std::printf("transport: %s\n", json_value(info, "transport").c_str());
+                transport_printed = true;
             }
             print_image(n, info, slurp(control_path(mnt, n, "job")));
         }

@@ -329,7 +329,8 @@ int create(const Args& args) {
     if (req->help) {
         std::puts(
             "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
-            "Creates a qcow2 v3 image. FILE is a path, or rbd:POOL[/NAMESPACE]/IMAGE for an\n"
+            "Creates a qcow2 image (v3; v2 with -o compat=0.10). FILE is a path, or "
+            "rbd:POOL[/NAMESPACE]/IMAGE for an\n"
             "RBD image (Ceph's configuration from $CEPH_CONF, else /etc/ceph/ceph.conf; the\n"
             "client from $CEPH_ID, else admin), whose BACKING is an image of the same pool and\n"
             "namespace, recorded as rbd:POOL[/NAMESPACE]/IMAGE. OPTS: cluster_size=, "
@@ -394,15 +395,30 @@ void print_info_text(Offline* s, const std::string& file, uint64_t data_bytes) {
         const Layer& l = s->chain.layers[i];
         std::printf("layer %zu: %s (%s%s)\n", i, l.file.c_str(), l.format.c_str(),
                     l.probed ? ", format from content" : "");
+        Result<uint64_t> allocated = sync_wait(s->loop.get(), l.node->allocated_bytes());
+        std::printf("  virtual size %llu bytes, %s\n",
+                    static_cast<unsigned long long>(l.node->size()),
+                    allocated ? fmt::format("{} bytes on disk", *allocated).c_str()
+                              : "size on disk unknown");
         auto* q = dynamic_cast<Qcow2Node*>(l.node.get());
         if (q == nullptr) {
             continue;
         }
         const qcow2::Header& h = q->header();
-        std::printf("  qcow2 v%u, cluster size %llu, refcount bits %u%s%s\n", h.version,
-                    static_cast<unsigned long long>(h.cluster_size()), 1U << h.refcount_order,
+        std::printf("  qcow2 v%u, cluster size %llu, refcount bits %u, %s compression%s%s\n",
+                    h.version, static_cast<unsigned long long>(h.cluster_size()),
+                    1U << h.refcount_order,
+                    h.compression_type == qcow2::CompressionType::kZstd ? "zstd" : "zlib",
                     h.extended_l2() ? ", extended L2" : "",
                     (h.compatible & qcow2::kCompatLazyRefcounts) != 0 ? ", lazy refcounts" : "");
+        if (h.nb_snapshots > 0) {
+            std::printf("  internal snapshots: %u\n", h.nb_snapshots);
+        }
+        if ((h.incompatible & (qcow2::kIncompatDirty | qcow2::kIncompatCorrupt)) != 0) {
+            std::printf("  flags:%s%s\n",
+                        (h.incompatible & qcow2::kIncompatDirty) != 0 ? " DIRTY" : "",
+                        (h.incompatible & qcow2::kIncompatCorrupt) != 0 ? " CORRUPT" : "");
+        }
         if (!h.backing_file.empty()) {
             std::printf("  backing file: %s (%s)\n", h.backing_file.c_str(),
                         h.backing_format ? h.backing_format->c_str() : "format not recorded");

@@ -66,6 +66,12 @@ class Create(harness.ImageDirTest):
                              c["text"])
         ours = json.loads(run([harness.IMGFS, "info", "--json", self.img("top.qcow2")]).stdout)
         self.assertIn("mid.qcow2", json.dumps(ours))
+        text = run([harness.IMGFS, "info", self.img("top.qcow2")]).stdout
+        for line in ("layer 0: top.qcow2 (qcow2", "layer 1: mid.qcow2 (qcow2)",
+                     "layer 2: base.raw (raw)", f"virtual size {48 * MiB} bytes",
+                     f"virtual size {24 * MiB} bytes", "zlib compression, extended L2"):
+            self.assertIn(line, text)
+        self.assertNotIn("DIRTY", text)
 
     def test_sizes_and_options_in_qemu_img_syntax(self):
         # The same arguments to both tools must give the same image geometry.
@@ -85,10 +91,14 @@ class Create(harness.ImageDirTest):
         # qemu-img can write compressed clusters into it, and imgfs reads them back.
         data = self.img("data.raw")
         with open(data, "wb") as f:
-            f.write(os.urandom(MiB // 2) + bytes(MiB // 2))
+            f.write(b"\x5c" * (MiB // 2) + bytes(MiB // 2))
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd",
                  data, self.img("conv.qcow2"))
-        run([harness.IMGFS, "io", self.img("conv.qcow2"), "-c", "read 0 1M"])
+        run([harness.IMGFS, "io", self.img("conv.qcow2"), "-c", "read -P 0x5c 0 512k",
+             "-c", "read -P 0 512k 512k"])
+        p = run([harness.IMGFS, "io", self.img("conv.qcow2"), "-c", "read -P 0x5c 512k 4k"],
+                check=False)
+        self.assertNotEqual(p.returncode, 0, "a pattern that is not there was not noticed")
 
     def test_snapshot_overlays_take_the_backing_layout(self):
         for opts, cluster, extl2 in (("cluster_size=65536", 65536, False),
