@@ -1,9 +1,11 @@
 // rbd_node: an RBD image as a protocol node, the way FileNode is a file. Data requests are
 // librbd's asynchronous calls; their completions come back through an eventfd the image
 // signals (rbd_set_image_notification), which a read on the event loop's ring waits on, and are
-// collected with rbd_poll_io_events on the loop. So no imgfs code runs on librbd's threads.
-// The few librbd calls that have no asynchronous form (resize) run on the pool's offload
-// thread. Every call is bounded by the cluster deadline (see rados.h).
+// collected with rbd_poll_io_events on the loop. So no coroutine resumes on librbd's threads.
+// The few librbd calls that have no asynchronous form (resize, rbd_diff_iterate2) run on the
+// pool's offload thread. (rbd_diff_iterate2 calls collect_extent on librados's threads, one
+// call at a time, and its return orders them before the offload thread reads the extents.)
+// Every call is bounded by the cluster deadline (see rados.h).
 #pragma once
 
 #include <coroutine>
