@@ -178,6 +178,9 @@ class OnPool:
             self.rbd("rm", "--no-progress", f"rbd/{self.ns}/{pool_name(name)}")
             del self.synced[name]
 
+    def pull_store(self):
+        self._pull(False)
+
     def _pull(self, killed):
         """After the daemon exited: the pool's images back over self.dir, and the files of
         images the pool no longer has (a commit or stream removed them) removed."""

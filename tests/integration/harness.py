@@ -74,12 +74,18 @@ def convert_raw(image, extra=()):
 
 
 def check(image):
-    """qemu-img check as a dict with corruptions, leaks, check-errors (0 when absent)."""
+    """qemu-img check as a dict with corruptions, leaks, check-errors (0 when absent). Raises
+    AssertionError if qemu-img could not check the image at all (it did not open, say): a
+    test that looks only at corruptions and leaks must not pass on that."""
     p = qemu_img("check", "--output=json", image, check=False)
     try:
         d = json.loads(p.stdout)
     except json.JSONDecodeError:
-        d = {"check-errors": 1, "raw": p.stdout + p.stderr}
+        if p.returncode == 63:  # a format without checks (raw)
+            return {"corruptions": 0, "leaks": 0, "check-errors": 0, "exit": 63,
+                    "text": p.stdout + p.stderr}
+        raise AssertionError(f"qemu-img check could not check {image} (exit {p.returncode}): "
+                             f"{p.stdout}{p.stderr}") from None
     for k in ("corruptions", "leaks", "check-errors"):
         d.setdefault(k, 0)
     d["exit"] = p.returncode
@@ -224,12 +230,18 @@ class Mount:
             code = self.proc.wait(timeout=timeout)
         finally:
             self.log.close()
+        self.exit_code = code
         self.proc = None
         self._exited()
         return code
 
-    def kill(self):
-        """SIGKILL, as a crash would; then detaches the dead mount."""
+    def kill(self, running=True):
+        """SIGKILL, as a crash would; then detaches the dead mount. The daemon must still be
+        running (one that died by itself before is a failure, not a kill) unless `running` is
+        False: the test killed it itself."""
+        if running and self.proc.poll() is not None:
+            raise AssertionError(f"the daemon had already exited ({self.proc.returncode}) "
+                                 f"before the kill:\n{self.read_log()[-3000:]}")
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.proc = None
@@ -242,19 +254,29 @@ class Mount:
             self.on_exit(killed)
 
     def cleanup(self):
+        """Stops a daemon the test left running, whatever state it is in. Returns a reason if
+        the daemon died of a signal on the way (a crash, a sanitizer's abort): the test fails
+        then, even if it never stopped the mount itself."""
+        crash = None
         if self.proc is not None:
+            self.exit_code = None
             try:
                 self.stop()
             except Exception:
                 if self.proc is not None:
                     self.proc.kill()
                 run(["umount", "-l", self.mountpoint], check=False)
+            code = getattr(self, "exit_code", None)
+            if code is not None and code < 0:
+                crash = (f"the daemon serving {self.mountpoint} died of signal {-code}; its log "
+                         f"ends:\n{self.read_log()[-3000:]}")
         if self.own_mountpoint and not is_mounted(self.mountpoint):
             shutil.rmtree(self.mountpoint, ignore_errors=True)
             try:
                 os.unlink(self.log_path)
             except OSError:
                 pass
+        return crash
 
     def __enter__(self):
         return self.start()
@@ -296,9 +318,10 @@ class ImageDirTest(unittest.TestCase):
         # Loop devices a failed test left on our mounts first (only ours: others may be in use).
         for m in self.mounts:
             detach_loops_under(m.mountpoint)
-        for m in self.mounts:
-            m.cleanup()
+        crashes = [c for c in (m.cleanup() for m in self.mounts) if c]
         shutil.rmtree(self.dir, ignore_errors=True)
+        if crashes:
+            raise AssertionError("; ".join(crashes))
 
     def img(self, name):
         return os.path.join(self.dir, name)
@@ -320,6 +343,10 @@ class ImageDirTest(unittest.TestCase):
 
     def sync_store(self):
         """Makes the store hold what self.dir holds (for a mount not made by self.mount())."""
+
+    def pull_store(self):
+        """Makes self.dir hold what the store holds, after a daemon not started by
+        self.mount() has exited."""
 
     def layer_url(self, name):
         """What qemu-img opens for the store's image file `name`."""

@@ -33,7 +33,7 @@ import threading
 import time
 
 import harness
-from harness import run, qemu_img, check
+from harness import run, qemu_img, check, convert_raw
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -102,8 +102,16 @@ class Writers:
         self.errnos = {}
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        self.crashed = []  # what a writer thread raised: its test fails (see run)
 
     def _worker(self, index, seconds, stop_on_error, max_writes, pause):
+        try:
+            self._write(index, seconds, stop_on_error, max_writes, pause)
+        except BaseException as e:  # a thread's exception would only be printed
+            with self.lock:
+                self.crashed.append(f"writer {index}: {e!r}")
+
+    def _write(self, index, seconds, stop_on_error, max_writes, pause):
         rng = random.Random(self.seed * 1000 + index)
         fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
         buf = mmap.mmap(-1, BLOCK)
@@ -166,6 +174,8 @@ class Writers:
             t.start()
         for t in ts:
             t.join()
+        if self.crashed:
+            raise AssertionError(f"writer threads failed: {self.crashed}")
 
     def verify(self, path, durable_only, before):
         """Checks every block we wrote; `before(block)` is its content before (gen 0)."""
@@ -255,6 +265,8 @@ class ExhaustionTest(harness.ImageDirTest):
                     f"status=none", check=False)
             run(["sync"], check=False)
             info = m.info("vm")
+            self.assertTrue(p.returncode != 0 or info.get("io_error") is not None,
+                            f"the host disk never filled: dd rc {p.returncode}, {info}")
             run(["umount", fsdir], check=False)
             os.unlink(ballast)
             e2 = run(["e2fsck", "-fy", dev], check=False)
@@ -369,9 +381,10 @@ class ExhaustionTest(harness.ImageDirTest):
         # Space comes back: writes work again without a remount.
         # A bounded number of writes, so that the writers do not fill the freed space again.
         os.unlink(ballast)
-        failed = w.failed
+        failed, ok = w.failed, w.ok
         w.run(seconds=10, max_writes=8)
         self.assertEqual(w.failed, failed, f"writes still fail after freeing space: {w.errnos}")
+        self.assertEqual(w.ok - ok, w.threads * 8, "not every writer wrote after freeing space")
         self.assertEqual(m.info("vm")["io_error"]["failed_requests"],
                          info["io_error"]["failed_requests"])
         w.verify(m.path("vm.raw"), False, before)
@@ -396,8 +409,14 @@ class ExhaustionTest(harness.ImageDirTest):
         self.assertIsNotNone(info.get("io_error"), f"the disk never filled; fio:\n{p.stdout}")
         m.stop()
         checked_layers(self, self.dir)
-        # The data the backing holds still shows where the overlay has none.
-        self.assertIn(check(self.img("base.qcow2"))["exit"], (0,))
+        # After the fill, imgfs serves the bytes QEMU reads from the same chain: the backing's
+        # data where the overlay has none, and whatever each write left.
+        expected = convert_raw(self.img("vm.qcow2"))
+        m = self.mount()
+        with open(m.path("vm.raw"), "rb") as f:
+            served = f.read()
+        m.stop()
+        self.assertTrue(served == expected, "imgfs and qemu-img read the chain differently")
         print(f"  fio randwrite qd32: io_error {info['io_error']}", flush=True)
 
     # ---- jobs ----
@@ -440,9 +459,10 @@ class ExhaustionTest(harness.ImageDirTest):
                                 f"{kind} failed with an unclear reason: {err}")
         w.verify(m.path("vm.raw"), False, before)
         os.unlink(ballast)
-        failed = w.failed
+        failed, ok = w.failed, w.ok
         w.run(seconds=10, max_writes=8)
         self.assertEqual(w.failed, failed, f"writes still fail after freeing space: {w.errnos}")
+        self.assertEqual(w.ok - ok, w.threads * 8, "not every writer wrote after freeing space")
         for argv in (["snapshot", m.mountpoint, "vm", "after"], ["commit", m.mountpoint, "vm",
                                                                  "--wait"]):
             r = run([harness.IMGFS, *argv], check=False)

@@ -448,6 +448,10 @@ class Commit(harness.ImageDirTest):
                          ["golden.raw"])
         with open(m.path("golden.raw"), "rb") as f:
             self.assertTrue(f.read() == shown)
+        m.stop()
+        c = check(self.img("golden.qcow2"))
+        self.assertEqual((c["corruptions"], c["check-errors"]), (0, 0), c["text"])
+        self.assertTrue(convert_raw(self.img("golden.qcow2")) == shown)
 
     def test_a_commit_that_overwrites_in_place_needs_no_space(self):
         # The base holds data everywhere the overlay does: the commit overwrites it in place

@@ -109,6 +109,11 @@ INSTANTIATE_TEST_SUITE_P(Stored, FuzzRegression, ::testing::ValuesIn(stored_inpu
                          [](const auto& param_info) { return test_name(param_info.param); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(FuzzRegression);
 
+// A moved or renamed folder would otherwise make the cases above vanish without a failure.
+TEST(FuzzRegressionInputs, TheStoredInputsAreFound) {
+    EXPECT_FALSE(stored_inputs().empty()) << "nothing found under tests/fuzz/regressions";
+}
+
 // ---- the drivers on valid images ----
 
 struct ImageCase {
