@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config clang clang-format clang-tidy-19 libclang-rt-14-dev
   libfuse3-dev fuse3 liburing-dev zlib1g-dev libzstd-dev libfmt-dev libgtest-dev
   librbd-dev librados-dev ceph-mon ceph-osd ceph-common qemu-block-extra
-  qemu-utils qemu-system-common qemu-system-x86 busybox-static fio e2fsprogs xfsprogs python3 python3-pyflakes
+  qemu-utils qemu-system-common qemu-system-x86 busybox-static fio e2fsprogs fdisk xfsprogs python3 python3-pyflakes
   util-linux kmod procps strace passwd
   dpkg-dev file man-db systemd
 )
