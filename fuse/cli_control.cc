@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <unistd.h>
@@ -527,12 +528,17 @@ int commit(const Args& args) {
         return 0;
     }
     std::vector<std::string> pos;
-    std::string base;
+    std::optional<std::string> base;
     bool wait = false;
     for (size_t i = 0; i < args.size(); ++i) {
         if (args[i] == "--wait") {
             wait = true;
         } else if (args[i] == "--base" && i + 1 < args.size()) {
+            // A commit deletes what it merges: an empty or second base (an unset variable, a
+            // typo) must not quietly pick another layer.
+            if (base || args[i + 1].empty()) {
+                return fail(base ? "--base is given once" : "--base needs a file name");
+            }
             base = args[++i];
         } else {
             pos.push_back(args[i]);
@@ -542,7 +548,8 @@ int commit(const Args& args) {
         return fail("usage: imgfs commit MOUNTPOINT NAME [--base FILE] [--wait]");
     }
     // One write carries one command: an empty command is a bare newline.
-    return start_job(pos[0], pos[1], "commit", base.empty() ? "\n" : "base=" + base, base, wait);
+    return start_job(pos[0], pos[1], "commit", base ? "base=" + *base : "\n", base.value_or(""),
+                     wait);
 }
 
 int revert(const Args& args) {

@@ -1,4 +1,5 @@
 // imgfs create / info / io: offline work on image files.
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
@@ -37,12 +38,20 @@ Result<bool> on_off(const std::string& key, const std::string& v) {
     return make_error(EINVAL, "{}={}: expected on or off", key, v);
 }
 
+Result<uint64_t> size_of_option(const std::string& key, const std::string& v) {
+    Result<uint64_t> n = parse_size(v);
+    if (!n) {
+        return make_error(EINVAL, "{}={}: {}", key, v, n.error().context);
+    }
+    return n;
+}
+
 Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
     size_t eq = o.find('=');
     std::string key = o.substr(0, eq);
     std::string v = eq == std::string::npos ? "" : o.substr(eq + 1);
     if (key == "cluster_size") {
-        TRY_ASSIGN(uint64_t n, parse_size(v));
+        TRY_ASSIGN(uint64_t n, size_of_option(key, v));
         if (n > UINT32_MAX) {  // not cut to 32 bits into a size that happens to be valid
             return make_error(EINVAL, "cluster_size={}: at most 2M", v);
         }
@@ -52,7 +61,7 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
     } else if (key == "lazy_refcounts") {
         TRY_ASSIGN(c->lazy_refcounts, on_off(key, v));
     } else if (key == "refcount_bits") {
-        TRY_ASSIGN(uint64_t n, parse_size(v));
+        TRY_ASSIGN(uint64_t n, size_of_option(key, v));
         if (n > 64) {
             return make_error(EINVAL, "refcount_bits={}: a power of two up to 64", v);
         }
@@ -84,7 +93,14 @@ Status apply_create_option(const std::string& o, qcow2::CreateOptions* c) {
 }
 
 // Format and virtual size of an existing image (for a new image's backing).
-Result<std::pair<std::string, uint64_t>> probe_image(const std::string& path) {
+// What a backing file is: its format, the size of the disk it holds, and its own size.
+struct Probed {
+    std::string format;
+    uint64_t disk_size;
+    uint64_t file_bytes;
+};
+
+Result<Probed> probe_image(const std::string& path) {
     // O_NONBLOCK: a FIFO named as the backing file must not hold the command up.
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!fd.valid()) {
@@ -104,22 +120,22 @@ Result<std::pair<std::string, uint64_t>> probe_image(const std::string& path) {
     if (head.size() >= 4 && qcow2::load_be32(head.data()) == qcow2::kMagic) {
         TRY_ASSIGN(qcow2::Header h,
                    qcow2::parse_header(head, static_cast<uint64_t>(st.st_size), path));
-        return std::make_pair(std::string("qcow2"), h.size);
+        return Probed{"qcow2", h.size, static_cast<uint64_t>(st.st_size)};
     }
-    return std::make_pair(std::string("raw"), static_cast<uint64_t>(st.st_size));
+    return Probed{"raw", static_cast<uint64_t>(st.st_size), static_cast<uint64_t>(st.st_size)};
 }
 
 // The same through a store (a pool image).
-Result<std::pair<std::string, uint64_t>> probe_store_image(StoreFile* f, const std::string& name) {
+Result<Probed> probe_store_image(StoreFile* f, const std::string& name) {
     TRY_ASSIGN(uint64_t bytes, f->size());
     AlignedBuffer head(std::min<uint64_t>(bytes, 2ULL << 20) / 4096 * 4096 + 4096);
     TRY_ASSIGN(size_t got, f->read_at(head.span(), 0));
     std::vector<uint8_t> bytes_read(head.data(), head.data() + got);
     if (got >= 4 && qcow2::load_be32(bytes_read.data()) == qcow2::kMagic) {
         TRY_ASSIGN(qcow2::Header h, qcow2::parse_header(bytes_read, bytes, name));
-        return std::make_pair(std::string("qcow2"), h.size);
+        return Probed{"qcow2", h.size, bytes};
     }
-    return std::make_pair(std::string("raw"), bytes);
+    return Probed{"raw", bytes, bytes};
 }
 
 }  // namespace
@@ -146,7 +162,7 @@ Status apply_create_options(const std::string& opts, qcow2::CreateOptions* c) {
 
 // In a pool the backing image is one of the same pool and namespace, named either way, and is
 // recorded in QEMU's form (rbd:POOL/IMAGE), which QEMU can open. Its format and size.
-Result<std::pair<std::string, uint64_t>> probe_pool_backing(Store* pool, qcow2::CreateOptions* c) {
+Result<Probed> probe_pool_backing(Store* pool, qcow2::CreateOptions* c) {
     std::string own = pool->own_name(c->backing_file);
     if (own.empty()) {
         own = c->backing_file;
@@ -177,11 +193,15 @@ Status resolve_backing(const std::string& file, const std::string& backing_forma
         // The caller prints only the context: keep the system's reason in it.
         return make_error(probed.error().errnum, "{}", probed.error().message());
     }
-    if (!backing_format.empty() && backing_format != probed->first && backing_format != "raw") {
-        return make_error(EINVAL, "{} is {}, not {}", path, probed->first, backing_format);
+    if (!backing_format.empty() && backing_format != "raw" && backing_format != "qcow2") {
+        return make_error(EINVAL, "-F {}: a backing file is raw or qcow2", backing_format);
     }
-    c->backing_format = backing_format.empty() ? probed->first : backing_format;
-    c->size = probed->second;
+    if (!backing_format.empty() && backing_format != probed->format && backing_format != "raw") {
+        return make_error(EINVAL, "{} is {}, not {}", path, probed->format, backing_format);
+    }
+    c->backing_format = backing_format.empty() ? probed->format : backing_format;
+    // Read as raw, a file is a disk of its own size, whatever its content says.
+    c->size = c->backing_format == "raw" ? probed->file_bytes : probed->disk_size;
     return {};
 }
 
@@ -207,6 +227,9 @@ Result<CreateRequest> parse_create_args(const Args& args) {
         }
         if (a == "-b") {
             r.options.backing_file = args[++i];
+            if (r.options.backing_file.empty()) {
+                return make_error(EINVAL, "-b needs a file name, not an empty one");
+            }
         } else if (a == "-F") {
             r.backing_format = args[++i];
         } else if (a == "-f") {
@@ -215,6 +238,9 @@ Result<CreateRequest> parse_create_args(const Args& args) {
             }
         } else if (a == "-o") {
             TRY(apply_create_options(args[++i], &r.options));
+        } else if (a.size() > 1 && a[0] == '-' &&
+                   (std::isdigit(static_cast<unsigned char>(a[1])) != 0 || a[1] == '.')) {
+            return make_error(EINVAL, "invalid size '{}': a size is not negative", a);
         } else if (!a.empty() && a[0] == '-') {
             return make_error(EINVAL, "unknown option {}", a);
         } else {

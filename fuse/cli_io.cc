@@ -1,5 +1,6 @@
 // imgfs io: scripted I/O through imgfs's own drivers (for tests and debugging), in the spirit of
 // qemu-io -c.
+#include <charconv>
 #include <cstdio>
 #include <sstream>
 
@@ -24,11 +25,31 @@ const char* kIoHelp =
     "  map                         allocation of the whole chain\n"
     "  -r opens the image read-only.\n";
 
+constexpr uint64_t kMaxTransferBytes = 1ULL << 30;  // one command's buffer
+
 Result<uint64_t> num(const std::string& s) {
     if (s.rfind("0x", 0) == 0) {
-        return std::stoull(s, nullptr, 16);
+        uint64_t v = 0;
+        const char* end = s.data() + s.size();
+        auto [ptr, ec] = std::from_chars(s.data() + 2, end, v, 16);
+        if (s.size() == 2 || ec != std::errc{} || ptr != end) {
+            return make_error(EINVAL, "invalid number '{}'", s);
+        }
+        return v;
     }
     return parse_size(s);
+}
+
+// A transfer must lie inside the disk, and its buffer stays bounded.
+Status check_range(const std::string& op, uint64_t offset, uint64_t bytes, uint64_t disk_size) {
+    if (offset > disk_size || bytes > disk_size - offset) {
+        return make_error(EINVAL, "{}: {}+{} lies past the end of the disk ({} bytes)", op, offset,
+                          bytes, disk_size);
+    }
+    if (op != "discard" && bytes > kMaxTransferBytes) {
+        return make_error(EINVAL, "{}: at most {} bytes per command", op, kMaxTransferBytes);
+    }
+    return {};
 }
 
 Status run_command(Offline* s, const std::string& line) {
@@ -50,7 +71,10 @@ Status run_command(Offline* s, const std::string& line) {
     for (size_t i = 1; i < w.size(); ++i) {
         if (w[i] == "-P" && i + 1 < w.size()) {
             TRY_ASSIGN(uint64_t p, num(w[++i]));
-            pattern = static_cast<int>(p & 0xff);
+            if (p > 0xff) {
+                return make_error(EINVAL, "-P takes a byte (0-255), not {}", w[i]);
+            }
+            pattern = static_cast<int>(p);
         } else if (w[i] == "-z") {
             zero = true;
         } else if (w[i] == "-u") {
@@ -60,8 +84,14 @@ Status run_command(Offline* s, const std::string& line) {
             nums.push_back(n);
         }
     }
-    if ((op == "write" || op == "read" || op == "discard") && nums.size() != 2) {
-        return make_error(EINVAL, "{}: needs OFF LEN", op);
+    if (op == "write" || op == "read" || op == "discard") {
+        if (nums.size() != 2) {
+            return make_error(EINVAL, "{}: needs OFF LEN", op);
+        }
+        TRY(check_range(op, nums[0], nums[1], be->size()));
+    }
+    if (op == "truncate" && (nums.size() != 1 || nums[0] % 512 != 0)) {
+        return make_error(EINVAL, "truncate: needs one SIZE, a multiple of 512 bytes");
     }
     if (op == "write" && zero) {
         TRY(sync_wait(loop, be->write_zeroes(nums[0], nums[1], unmap)));

@@ -259,6 +259,15 @@ Result<uint32_t> parse_number_option(const std::string& o, uint32_t min, uint32_
     return n;
 }
 
+// The size of option `o` (NAME=SIZE); an error names the option.
+Result<uint64_t> parse_size_option(const std::string& o) {
+    Result<uint64_t> bytes = parse_size(o.substr(o.find('=') + 1));
+    if (!bytes) {
+        return make_error(EINVAL, "{}: {}", o, bytes.error().context);
+    }
+    return bytes;
+}
+
 Status apply_option(const std::string& o, MountCommand* cmd) {
     if (o.empty() || ignorable(o)) {
         return {};
@@ -276,10 +285,13 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
     } else if (o == "debug") {
         cmd->verbose = true;
     } else if (o.rfind("cache_size=", 0) == 0) {
-        TRY_ASSIGN(uint64_t bytes, parse_size(o.substr(11)));
+        TRY_ASSIGN(uint64_t bytes, parse_size_option(o));
+        if (bytes == 0) {
+            return make_error(EINVAL, "{}: a cache holds at least one table", o);
+        }
         cmd->images.qcow2.l2_cache_bytes = bytes;
     } else if (o.rfind("max_read=", 0) == 0) {
-        TRY_ASSIGN(uint64_t bytes, parse_size(o.substr(9)));
+        TRY_ASSIGN(uint64_t bytes, parse_size_option(o));
         cmd->mount.max_read_bytes = static_cast<uint32_t>(std::min<uint64_t>(bytes, 1U << 20));
     } else if (o.rfind("faults=", 0) == 0) {
         TRY_ASSIGN(std::vector<ChainFault> rules, read_fault_rules(o.substr(7)));
@@ -297,11 +309,7 @@ Status apply_option(const std::string& o, MountCommand* cmd) {
     } else if (o.rfind("ceph_id=", 0) == 0) {
         cmd->rados.client_id = o.substr(8);
     } else if (o.rfind("ceph_timeout=", 0) == 0) {
-        TRY_ASSIGN(uint64_t s, parse_size(o.substr(13)));
-        if (s == 0 || s > 3600) {
-            return make_error(EINVAL, "ceph_timeout must be 1 to 3600 seconds");
-        }
-        cmd->rados.timeout_s = static_cast<uint32_t>(s);
+        TRY_ASSIGN(cmd->rados.timeout_s, parse_number_option(o, 1, 3600, "seconds"));
     } else if (o.rfind("fsname=", 0) == 0) {
         cmd->mount.fsname = o.substr(7);
     } else {
@@ -326,7 +334,10 @@ int mount(const Args& args) {
         } else if (a == "-v" || a == "-d") {
             cmd.verbose = true;
         } else if (a == "-o" || a.rfind("-o", 0) == 0) {
-            std::string opts = a == "-o" ? (i + 1 < args.size() ? args[++i] : "") : a.substr(2);
+            if (a == "-o" && i + 1 >= args.size()) {
+                return fail("-o needs a list of options (see imgfs mount --help)");
+            }
+            std::string opts = a == "-o" ? args[++i] : a.substr(2);
             size_t pos = 0;
             while (pos <= opts.size()) {
                 size_t comma = opts.find(',', pos);

@@ -23,7 +23,10 @@ Result<std::string> parse_command(std::string_view written) {
         if (c == '\0') {
             return make_error(EINVAL, "command contains a NUL byte");
         }
-        if (c == '\n' || c == '\r') {
+        if (c == '\r') {
+            return make_error(EINVAL, "command contains a carriage return (end it with \\n alone)");
+        }
+        if (c == '\n') {
             return make_error(EINVAL, "one write carries one command (no line breaks)");
         }
     }

@@ -146,6 +146,46 @@ class Create(harness.ImageDirTest):
         self.assertIn("is not a regular file", p.stderr)
         self.assertFalse(os.path.exists(self.img("bad.qcow2")))
 
+    def test_other_commands_refuse_bad_arguments_with_the_reason(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "1M")
+        os.mkdir(self.img("mnt"))
+        vm, mnt = self.img("vm.qcow2"), self.img("mnt")
+        cases = [
+            (["io", vm, "-c", "write 0xZZ 512"], "invalid number '0xZZ'"),
+            (["io", vm, "-c", "write 0x 512"], "invalid number '0x'"),
+            (["io", vm, "-c", "write 0xFFFFFFFFFFFFFFFFFF 512"], "invalid number"),
+            (["io", vm, "-c", "read 0 15E"], "past the end of the disk"),
+            (["io", vm, "-c", "write 0 2G"], "past the end of the disk"),
+            (["io", vm, "-c", "write -P 300 0 512"], "-P takes a byte"),
+            (["io", vm, "-c", "truncate 1048577"], "multiple of 512"),
+            (["io", vm, "-c", "truncate"], "needs one SIZE"),
+            (["create", "-b", "", self.img("new.qcow2"), "1G"], "-b needs a file name"),
+            (["create", self.img("new.qcow2"), "-1G"], "not negative"),
+            (["create", "-o", "cluster_size=", self.img("new.qcow2"), "1M"], "cluster_size="),
+            (["create", "-b", "vm.qcow2", "-F", "vmdk", self.img("new.qcow2")], "raw or qcow2"),
+            (["commit", mnt, "vm", "--base", ""], "--base needs a file name"),
+            (["commit", mnt, "vm", "--base", "a.qcow2", "--base", "b.qcow2"], "once"),
+            (["mount", "-o", "ceph_timeout=1k", self.dir, mnt], "ceph_timeout=1k: expected"),
+            (["mount", "-o", "cache_size=", self.dir, mnt], "cache_size=: invalid size"),
+            (["mount", "-o", "cache_size=0", self.dir, mnt], "cache_size=0"),
+            (["mount", self.dir, mnt, "-o"], "-o needs"),
+        ]
+        for argv, reason in cases:
+            with self.subTest(argv=argv):
+                p = run([harness.IMGFS] + argv, check=False, timeout=30)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn(reason, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertFalse(os.path.exists(self.img("new.qcow2")))
+        self.assertFalse(harness.is_mounted(mnt))
+        self.assertEqual(qemu_img("check", vm).returncode, 0)
+        # The image was not written by any refused command.
+        self.assertEqual(run([harness.IMGFS, "io", vm, "-c", "read -P 0 0 1M"]).returncode, 0)
+        # -F raw over a qcow2 file: the new disk is the file's size, as qemu-img makes it.
+        run([harness.IMGFS, "create", "-b", "vm.qcow2", "-F", "raw", self.img("over.qcow2")])
+        self.assertEqual(self.info(self.img("over.qcow2"))["virtual-size"],
+                         os.path.getsize(vm) + (-os.path.getsize(vm)) % 512)
+
 
 if __name__ == "__main__":
     harness.main_with_summary("create")
