@@ -247,6 +247,7 @@ Task<void> CommitJob::copy_worker(uint64_t* cursor, Status* result) {
         }
         if (!st && *result) {
             *result = std::move(st);
+            stop_units();  // the other workers need not sleep off the rate limit first
         }
     }
 }
@@ -415,6 +416,7 @@ Task<Status> CommitJob::body() {
             // Writes that began before the switch mark their ranges dirty when they end:
             // waited for, so the next pass sees every range the target still lacks.
             co_await filter_->wait_unmirrored_writes();
+            add_total(dirty_->dirty_bytes());
             continue;  // one more pass for what was dirtied before the switch
         }
         add_total(dirty_->dirty_bytes());

@@ -158,14 +158,14 @@ Status Job::set_speed(uint64_t bytes_per_s) {
     return {};
 }
 
-Task<Status> Job::checkpoint(uint64_t bytes) {
+Task<Status> Job::checkpoint(uint64_t bytes, uint64_t copied_bytes) {
     using namespace std::chrono;
     done_bytes_ += bytes;
-    window_bytes_ += bytes;
+    window_bytes_ += copied_bytes;
     // Every wait is re-checked from the top, so that a cancel, a pause or a new speed that
     // comes in while the job sleeps off its rate limit takes effect at once.
     for (;;) {
-        if (cancelled_) {
+        if (cancelled_ || units_stopped_) {
             co_return make_error(ECANCELED, "cancelled");
         }
         if (state_ == JobState::kPaused) {

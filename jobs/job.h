@@ -82,9 +82,17 @@ class Job : public ChildOwner {
     /// Set by a commit: the file of the layer it merges into, so that a client can tell one
     /// commit from another (`imgfs commit --base FILE --wait` follows only its own).
     std::string base_file_;
-    /// Between units of work: waits while paused or quiesced by a drained section, sleeps to
-    /// keep to the rate limit for `bytes` just done, and fails with ECANCELED once cancelled.
-    Task<Status> checkpoint(uint64_t bytes);
+    /// Between units of work: counts `bytes` as done, waits while paused or quiesced by a
+    /// drained section, sleeps to keep to the rate limit for the `copied_bytes` of them that
+    /// were copied, and fails with ECANCELED once cancelled or stopped.
+    Task<Status> checkpoint(uint64_t bytes, uint64_t copied_bytes);
+    Task<Status> checkpoint(uint64_t bytes) { return checkpoint(bytes, bytes); }
+    /// A unit of work failed: other units of the same job stop at their checkpoints (rather
+    /// than sleep off the rate limit first) and fail with ECANCELED.
+    void stop_units() {
+        units_stopped_ = true;
+        resumed_.notify_all();
+    }
     void set_state(JobState s);
     /// Moves to ready, where the job completes and no longer takes a cancel; fails with
     /// ECANCELED instead if a cancel came in after the last checkpoint. A pause that came in
@@ -105,6 +113,7 @@ class Job : public ChildOwner {
     JobState state_ = JobState::kCreated;
     std::string error_;
     bool cancelled_ = false;
+    bool units_stopped_ = false;      // see stop_units()
     uint64_t speed_bytes_per_s_ = 0;  // 0: unlimited
     bool speed_lifted_ = false;       // see lift_speed_limit()
     uint64_t done_bytes_ = 0;

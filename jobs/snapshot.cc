@@ -423,7 +423,11 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
         co_await give_back(e, fresh);
         co_return make_error(EBUSY, "{}.raw was opened; close it before reverting", e->name);
     }
-    CO_TRY(co_await back->set_writable(true));
+    if (Status writable = co_await back->set_writable(true); !writable) {
+        drained.end();
+        co_await give_back(e, fresh);  // a refused revert leaves the lock as it found it
+        co_return writable;
+    }
     if (e->backend->open_count() > 0) {
         // Opened while set_writable waited (an open does not wait for a drained section).
         if (Status back_ro = co_await back_to_read_only(images_, back.get()); !back_ro) {
@@ -443,6 +447,8 @@ Task<Status> JobManager::revert_locked(std::shared_ptr<Export> e) {
             log_->warn("{}: {} stays writable after a failed revert: {}", e->name, back->name(),
                        back_ro.error().message());
         }
+        drained.end();
+        co_await give_back(e, fresh);
         co_return st;
     }
     // As for a commit: the dropped layer's name goes before writes reach the layer below, or a

@@ -79,7 +79,7 @@ Task<void> StreamJob::abandon() {
     co_await detach();
 }
 
-Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
+Task<Result<uint64_t>> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
     // One of the filter's requests, as a commit's copy is (CommitJob::copy_range): a drained
     // section on the image waits for it and holds the next one back.
     co_await filter_->wait_unquiesced();
@@ -88,6 +88,7 @@ Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
     co_await filter_->tracker()->acquire(&req);
     Node* top = top_.get();
     Node* below = top->backing()->node();
+    uint64_t copied = 0;
     for (uint64_t pos = offset; pos < offset + bytes;) {
         // Checked under the request: what the top holds now (a guest write may have landed).
         CO_TRY_ASSIGN(BlockStatus own, co_await top->block_status(pos, offset + bytes - pos));
@@ -108,12 +109,13 @@ Task<Status> StreamJob::copy_chunk(uint64_t offset, uint64_t bytes) {
                 CO_TRY(co_await top->read(pos, buf.span()));
                 if (!is_zero(buf.span())) {
                     CO_TRY(co_await writer_->write(pos, buf.span()));
+                    copied += st.bytes;
                 }
             }
             pos += st.bytes;
         }
     }
-    co_return Status{};
+    co_return copied;
 }
 
 namespace {
@@ -249,9 +251,12 @@ Task<Status> StreamJob::body() {
     set_total(size);
     for (uint64_t off = 0; off < size; off += kChunkBytes) {
         uint64_t n = std::min(kChunkBytes, size - off);
-        Status st = co_await copy_chunk(off, n);
+        Result<uint64_t> copied = co_await copy_chunk(off, n);
+        Status st = copied ? Status{} : Status(std::move(copied).error());
         if (st) {
-            st = co_await checkpoint(n);
+            // The limit is on what is copied; what the top holds already, or reads as
+            // zeros, is gone through at once.
+            st = co_await checkpoint(n, *copied);
         }
         if (!st) {
             co_await abandon();

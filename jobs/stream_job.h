@@ -28,7 +28,7 @@ class StreamJob final : public Job {
     Task<void> detach();
     Task<void> abandon();
     Task<Status> complete();
-    Task<Status> copy_chunk(uint64_t offset, uint64_t bytes);
+    Task<Result<uint64_t>> copy_chunk(uint64_t offset, uint64_t bytes);
     Task<Status> finish();
     /// How many of the image's own older layers (those below the top named after the image)
     /// the stream may delete: none that another chain uses, served here or not, and none
