@@ -4,6 +4,8 @@
 # put back. No NBD module, no QEMU process, no conversion.
 set -euo pipefail
 IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
+# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
+[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
 work=$(mktemp -d /tmp/imgfs-offline.XXXXXX)
 images=$work/images mnt=$work/mnt fs=$work/fs
 mkdir -p "$images" "$mnt" "$fs"

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
@@ -122,13 +123,20 @@ bool process_running(pid_t pid) {
     return state != 'Z' && state != 'X';
 }
 
-// Whether the process is an imgfs (its name begins so): a pid file left by a killed daemon
-// may name a pid that an unrelated process has been given since.
+// Whether the process runs an imgfs binary: a pid file left by a killed daemon may name a pid
+// that an unrelated process has been given since. By its executable, not its name: through
+// mount(8) the daemon runs as mount.fuse.imgfs. Where that cannot be read (another user's
+// process), it is taken for one.
 bool runs_imgfs(pid_t pid) {
-    std::ifstream f(fmt::format("/proc/{}/comm", pid));
-    std::string comm;
-    std::getline(f, comm);
-    return comm.rfind("imgfs", 0) == 0;
+    char exe[PATH_MAX];
+    const ssize_t n = ::readlink(fmt::format("/proc/{}/exe", pid).c_str(), exe, sizeof exe - 1);
+    if (n < 0) {
+        return true;
+    }
+    const std::string_view path(exe, static_cast<size_t>(n));
+    const size_t slash = path.rfind('/');
+    return path.substr(slash == std::string_view::npos ? 0 : slash + 1).find("imgfs") !=
+           std::string_view::npos;
 }
 
 // Whether the pid file still names this daemon.

@@ -144,8 +144,11 @@ MANWIDTH=100 man mount.fuse.imgfs 2>/dev/null | grep -q "^MOUNT.IMGFS(8)" ||
   die "man mount.fuse.imgfs shows no page"
 say "man imgfs: $(wc -l <"$work/man.txt") lines, every command described; imgfs-COMMAND(1), mount.imgfs(8): ok"
 
-say "the demo against /usr/bin/imgfs"
-IMGFS_BIN=/usr/bin/imgfs bash "$src/examples/demo.sh" >"$work/demo.log" 2>&1 ||
+say "the installed demo (/usr/share/doc/imgfs/examples) against /usr/bin/imgfs"
+for f in "$src"/examples/*.sh; do
+  [ -x "/usr/share/doc/imgfs/examples/$(basename "$f")" ] || die "$(basename "$f") is not installed"
+done
+env -u IMGFS_BIN bash /usr/share/doc/imgfs/examples/demo.sh >"$work/demo.log" 2>&1 ||
   { cat "$work/demo.log"; die "the demo failed against the installed binary"; }
 demo_dir=$(sed -n 's/^Everything is in \(.*\) (remove it.*/\1/p' "$work/demo.log")
 tail -3 "$work/demo.log" | sed 's/^/  /'
