@@ -177,6 +177,14 @@ bool ExportFs::fill_attr(uint64_t ino, fuse_attr* a) {
             a->mode = S_IFREG | (options_.read_only ? 0400 | (others & 0044) : 0600 | others);
             a->nlink = 1;
             a->size = r.e->backend->size();
+            if (auto t = times_.find(r.e->id); t != times_.end()) {
+                a->atime = static_cast<uint64_t>(t->second.atime.tv_sec);
+                a->atimensec = static_cast<uint32_t>(t->second.atime.tv_nsec);
+                a->mtime = static_cast<uint64_t>(t->second.mtime.tv_sec);
+                a->mtimensec = static_cast<uint32_t>(t->second.mtime.tv_nsec);
+                a->ctime = static_cast<uint64_t>(t->second.ctime.tv_sec);
+                a->ctimensec = static_cast<uint32_t>(t->second.ctime.tv_nsec);
+            }
             auto it = blocks_.find(r.e->id);
             a->blocks = it != blocks_.end() ? (it->second.bytes + 511) / 512 : 0;
             break;
@@ -311,19 +319,58 @@ std::shared_ptr<ExportFs::Handle> ExportFs::find_handle(uint64_t fh) const {
     return it != handles_.end() ? it->second : nullptr;
 }
 
-void ExportFs::forget_gone_blocks() {
+void ExportFs::forget_gone_exports() {
     // Export ids are never reused, so an entry whose export is gone is dead weight; without
-    // this the map grows by one entry per snapshot, rename or rescan for the mount's life.
-    if (blocks_.size() <= 2 * images_->exports().size() + 16) {
-        return;
+    // this the maps grow by one entry per snapshot, rename or rescan for the mount's life.
+    const size_t bound = 2 * images_->exports().size() + 16;
+    if (blocks_.size() > bound) {
+        std::erase_if(blocks_, [this](const auto& entry) {
+            return !entry.second.counting && images_->find_id(entry.first) == nullptr;
+        });
     }
-    std::erase_if(blocks_, [this](const auto& entry) {
-        return !entry.second.counting && images_->find_id(entry.first) == nullptr;
-    });
+    if (times_.size() > bound) {
+        std::erase_if(
+            times_, [this](const auto& entry) { return images_->find_id(entry.first) == nullptr; });
+    }
+}
+
+void ExportFs::set_times(uint64_t export_id, const fuse_setattr_in& in) {
+    const auto it = times_.find(export_id);
+    const timespec mounted{mount_time_s_, 0};
+    const timespec atime = it != times_.end() ? it->second.atime : mounted;
+    const timespec mtime = it != times_.end() ? it->second.mtime : mounted;
+    touch(export_id);  // the ctime moves with any change
+    RawTimes& t = times_[export_id];
+    if ((in.valid & FATTR_ATIME_NOW) != 0) {
+        t.atime = t.ctime;
+    } else if ((in.valid & FATTR_ATIME) != 0) {
+        t.atime = timespec{static_cast<time_t>(in.atime), static_cast<long>(in.atimensec)};
+    } else {
+        t.atime = atime;
+    }
+    if ((in.valid & FATTR_MTIME_NOW) != 0) {
+        t.mtime = t.ctime;
+    } else if ((in.valid & FATTR_MTIME) != 0) {
+        t.mtime = timespec{static_cast<time_t>(in.mtime), static_cast<long>(in.mtimensec)};
+    } else {
+        t.mtime = mtime;
+    }
+}
+
+void ExportFs::touch(uint64_t export_id) {
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    auto [it, added] = times_.try_emplace(export_id);
+    if (added) {
+        forget_gone_exports();
+        it = times_.find(export_id);
+        it->second.atime = timespec{mount_time_s_, 0};
+    }
+    it->second.mtime = it->second.ctime = now;
 }
 
 void ExportFs::invalidate_blocks(uint64_t export_id) {
-    forget_gone_blocks();
+    forget_gone_exports();
     BlocksCache& c = blocks_[export_id];
     c.valid = false;
     ++c.generation;
@@ -335,7 +382,7 @@ Task<void> ExportFs::refresh_blocks(std::shared_ptr<Export> e) {
     uint64_t off = 0;
     uint64_t data = 0;
     bool to_the_end = false;
-    forget_gone_blocks();
+    forget_gone_exports();
     {
         BlocksCache& before = blocks_[e->id];  // not used past this block
         if ((before.valid && now - before.at < options_.blocks_refresh) || before.counting) {
@@ -395,9 +442,29 @@ Task<FuseReply> ExportFs::getattr(FuseRequest* req) {
     if (r.kind == Resolved::Kind::kRaw) {
         co_await refresh_blocks(r.e);
     }
+    // A control file's size is that of what a read returns: the kernel stops some reads at
+    // the size it last got (splice, so sendfile and Python's shutil.copy; asynchronous direct
+    // reads). Through a handle, its snapshot taken at open; else what an open would show now.
+    std::optional<uint64_t> control_size;
+    if (r.kind == Resolved::Kind::kControlFile) {
+        fuse_getattr_in gin{};
+        std::shared_ptr<Handle> h;
+        if (parse_arg(req, &gin) && (gin.getattr_flags & FUSE_GETATTR_FH) != 0) {
+            h = find_handle(gin.fh);
+        }
+        if (h != nullptr && !h->raw) {
+            control_size = h->content.size();
+        } else {
+            std::string content = co_await control_->read(r.e, r.spec->file);
+            control_size = content.size();
+        }
+    }
     fuse_attr_out out{};
     if (!fill_attr(ino, &out.attr)) {
         co_return FuseReply::err(gone_errno(ino));
+    }
+    if (control_size) {
+        out.attr.size = *control_size;
     }
     out.attr_valid = r.kind == Resolved::Kind::kControlFile ? 0 : 1;
     co_return FuseReply::of(out);
@@ -421,8 +488,18 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
         !(r.kind == Resolved::Kind::kControlFile && (in.valid & changes) == FATTR_SIZE)) {
         co_return FuseReply::err(EROFS);
     }
-    if ((in.valid & (FATTR_MODE | FATTR_UID | FATTR_GID)) != 0) {
+    // Modes and owners are the mount's: a change is refused, but a request that changes
+    // nothing succeeds (cp -p, rsync -p and install -m into NAME.raw ask for the same mode).
+    fuse_attr now{};
+    fill_attr(ino, &now);
+    if (((in.valid & FATTR_MODE) != 0 && (in.mode & 07777) != (now.mode & 07777)) ||
+        ((in.valid & FATTR_UID) != 0 && in.uid != now.uid) ||
+        ((in.valid & FATTR_GID) != 0 && in.gid != now.gid)) {
         co_return FuseReply::err(EPERM);
+    }
+    if (r.kind == Resolved::Kind::kRaw &&
+        (in.valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW)) != 0) {
+        set_times(r.e->id, in);
     }
     if ((in.valid & FATTR_SIZE) != 0) {
         if (r.kind == Resolved::Kind::kRaw) {
@@ -456,6 +533,7 @@ Task<FuseReply> ExportFs::setattr(FuseRequest* req) {
                     co_return FuseReply::err(st.error().errnum);
                 }
                 invalidate_blocks(r.e->id);
+                touch(r.e->id);
             }
         } else if (r.kind != Resolved::Kind::kControlFile) {
             co_return FuseReply::err(EISDIR);
@@ -615,6 +693,9 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         if (!st) {
             co_return FuseReply::err(st.error().errnum);
         }
+        if (e != nullptr) {
+            touch(e->id);  // a revert changes what NAME.raw holds; others count as changes too
+        }
         out.size = in.size;
         co_return FuseReply::of(out);
     }
@@ -640,6 +721,7 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
                     st.error().message());
         co_return FuseReply::err(st.error().errnum);
     }
+    touch(e->id);
     out.size = static_cast<uint32_t>(n);
     co_return FuseReply::of(out);
 }
@@ -859,6 +941,7 @@ Task<FuseReply> ExportFs::fallocate(FuseRequest* req) {
         co_return FuseReply::err(st.error().errnum);
     }
     invalidate_blocks(r.e->id);
+    touch(r.e->id);
     co_return FuseReply::err(0);
 }
 

@@ -71,7 +71,11 @@ class ExportFs final : public FuseHandler {
     /// The guest-visible allocation of `e` changed: the next getattr counts it again.
     void invalidate_blocks(uint64_t export_id);
     /// Drops the allocation figures of exports that are gone, once they outnumber the live ones.
-    void forget_gone_blocks();
+    void forget_gone_exports();
+    /// NAME.raw of `export_id` changed now: its mtime and ctime move on.
+    void touch(uint64_t export_id);
+    /// A setattr's atime and mtime (given, or now) for NAME.raw of `export_id`.
+    void set_times(uint64_t export_id, const fuse_setattr_in& in);
 
     Task<FuseReply> lookup(FuseRequest* req);
     Task<FuseReply> getattr(FuseRequest* req);
@@ -124,6 +128,16 @@ class ExportFs final : public FuseHandler {
         std::chrono::steady_clock::time_point walk_start{};
     };
     std::map<uint64_t, BlocksCache> blocks_;
+    // NAME.raw's times, by export id, once a write or a setattr changed them (until then, the
+    // mount's time): a disk whose size never changes must still look changed to rsync and
+    // to backups that go by mtime. Kept in memory only: a remount starts from its own time,
+    // later than every write before it.
+    struct RawTimes {
+        timespec atime{};
+        timespec mtime{};
+        timespec ctime{};
+    };
+    std::map<uint64_t, RawTimes> times_;
     ReadAhead read_ahead_;
 };
 

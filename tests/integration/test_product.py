@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -221,6 +222,62 @@ class MountSafety(harness.ImageDirTest):
 
 
 class RawFile(harness.ImageDirTest):
+    def test_times_move_with_writes_and_take_what_is_set(self):
+        # rsync's default check and backups that go by mtime must see a changed disk, whose
+        # size never changes.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        raw = m.path("vm.raw")
+        before = os.stat(raw)
+        time.sleep(0.05)
+        with open(raw, "r+b") as f:
+            f.write(b"x" * 4096)
+        after = os.stat(raw)
+        self.assertGreater(after.st_mtime_ns, before.st_mtime_ns)
+        self.assertGreater(after.st_ctime_ns, before.st_ctime_ns)
+        os.utime(raw, ns=(946684800 * 10**9, 946684800 * 10**9))  # touch -d 2000-01-01
+        self.assertEqual(os.stat(raw).st_mtime_ns, 946684800 * 10**9)
+        run(["touch", raw])
+        self.assertGreater(os.stat(raw).st_mtime_ns, after.st_mtime_ns)
+        # The mode may be set to what it is (cp -p, install -m), not changed.
+        os.chmod(raw, 0o600)
+        with self.assertRaises(PermissionError):
+            os.chmod(raw, 0o644)
+        m.stop()
+
+    def test_cp_of_a_sparse_image_onto_a_written_disk_copies_it_whole(self):
+        # O_TRUNC is ignored, as a disk ignores it. cp's default (--sparse=auto) skips a sparse
+        # source's holes by seeking, in a file it takes for emptied, and leaves the old bytes
+        # there (documented); the two ways the README gives copy the image whole.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "4M")
+        m = self.mount()
+        with open(m.path("vm.raw"), "r+b") as f:
+            f.write(b"\x77" * (4 * MiB))
+        src = self.img("src.img")
+        with open(src, "wb") as f:
+            f.write(b"hello")
+            f.truncate(4 * MiB)
+        for sparse in ("--sparse=always", "--sparse=never"):
+            run(["cp", sparse, src, m.path("vm.raw")])
+            with open(m.path("vm.raw"), "rb") as f, open(src, "rb") as g:
+                self.assertTrue(f.read() == g.read(), sparse)
+        m.stop()
+
+    def test_control_files_report_the_size_a_read_returns(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        for f in (m.path(".control", "vm", "info"), m.path(".control", "vm", "snapshot")):
+            with open(f, "rb") as h:
+                content = h.read()
+                self.assertEqual(os.fstat(h.fileno()).st_size, len(content), f)
+            self.assertGreater(os.stat(f).st_size, 0, f)
+            # sendfile (splice) stops at the size the kernel has.
+            copy = self.img("copy")
+            shutil.copyfile(f, copy)
+            with open(copy, "rb") as h:
+                self.assertTrue(h.read().startswith(content[:20]), f)
+        m.stop()
+
     def test_dd_without_notrunc_writes_in_place(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
         m = self.mount()
