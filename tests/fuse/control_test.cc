@@ -1,9 +1,9 @@
 // parse_command: what one write to a control file may carry.
 #include "fuse/control.h"
 
-#include <gtest/gtest.h>
-
 #include <string>
+
+#include <gtest/gtest.h>
 
 namespace imgfs {
 namespace {
@@ -22,9 +22,12 @@ TEST(ParseCommand, OneLineWithOrWithoutItsNewline) {
 TEST(ParseCommand, RefusalsSayWhatIsWrong) {
     EXPECT_NE(refusal("a\nb\n").find("one write carries one command"), std::string::npos);
     EXPECT_NE(refusal("s1\r\n").find("carriage return"), std::string::npos);
-    EXPECT_NE(refusal(std::string("s\0" "1\n", 4)).find("NUL byte"), std::string::npos);
-    EXPECT_NE(refusal(std::string(kMaxCommandWrite, 'a')).find("bytes or more"),
+    EXPECT_NE(refusal(std::string("s\0"
+                                  "1\n",
+                                  4))
+                  .find("NUL byte"),
               std::string::npos);
+    EXPECT_NE(refusal(std::string(kMaxCommandWrite, 'a')).find("bytes or more"), std::string::npos);
     // A long write without a newline may be the first piece a shell wrote of a longer line.
     EXPECT_NE(refusal(std::string(kMinPieceBytes, 'a')).find("without a line end"),
               std::string::npos);
