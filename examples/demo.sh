@@ -2,21 +2,7 @@
 # imgfs demo: an image directory served as raw files, a filesystem made on one of them through a
 # loop device, then everything unmounted and checked with qemu-img.
 set -euo pipefail
-IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
-# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
-[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
-work=$(mktemp -d /tmp/imgfs-demo.XXXXXX)
-images=$work/images
-mnt=$work/mnt
-fs=$work/fs
-mkdir -p "$images" "$mnt" "$fs"
-say() { printf '\n== %s\n' "$*"; }
-cleanup() {
-  mountpoint -q "$fs" && umount "$fs" || true
-  [ -n "${loop:-}" ] && losetup -d "$loop" 2>/dev/null || true
-  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh" demo
 
 say "1. An image directory: a base image and a VM disk on top of it"
 "$IMGFS" create "$images/base.qcow2" 256M

@@ -4,22 +4,9 @@
 # writer goes on; a commit merges the overlay back. The copy is checked against what the disk
 # held at the moment of the snapshot.
 set -euo pipefail
-IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
-# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
-[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
-work=$(mktemp -d /tmp/imgfs-backup.XXXXXX)
-images=$work/images mnt=$work/mnt fs=$work/fs backups=$work/backups
-mkdir -p "$images" "$mnt" "$fs" "$backups"
-say() { printf '\n== %s\n' "$*"; }
-loop= writer=
-cleanup() {
-  fsfreeze -u "$fs" 2>/dev/null || true
-  [ -n "$writer" ] && kill "$writer" 2>/dev/null && wait "$writer" 2>/dev/null || true
-  mountpoint -q "$fs" && umount "$fs" || true
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null || true
-  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh" backup
+backups=$work/backups
+mkdir -p "$backups"
 
 say "1. A database-like disk, loop-mounted, with a writer appending to it all the time"
 "$IMGFS" create "$images/db.qcow2" 256M

@@ -3,20 +3,7 @@
 # would; `losetup -P` shows its partitions, one is mounted, a file is fixed, and everything is
 # put back. No NBD module, no QEMU process, no conversion.
 set -euo pipefail
-IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
-# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
-[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
-work=$(mktemp -d /tmp/imgfs-offline.XXXXXX)
-images=$work/images mnt=$work/mnt fs=$work/fs
-mkdir -p "$images" "$mnt" "$fs"
-say() { printf '\n== %s\n' "$*"; }
-loop=
-cleanup() {
-  mountpoint -q "$fs" && umount "$fs" || true
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null || true
-  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh" offline
 attach_partitions() {  # losetup -P; partx for systems where the scan's nodes do not show
   loop=$(losetup -f --show -P "$1")
   [ -b "${loop}p2" ] || partx -a "$loop" 2>/dev/null || true

@@ -3,22 +3,9 @@
 # it in the same directory, each machine's disk changed on its own; then one overlay is
 # flattened with `stream` into a standalone image that no longer needs the base.
 set -euo pipefail
-IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
-# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
-[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
-work=$(mktemp -d /tmp/imgfs-pipeline.XXXXXX)
-images=$work/images mnt=$work/mnt fs=$work/fs
-mkdir -p "$images" "$mnt" "$fs"
-say() { printf '\n== %s\n' "$*"; }
-loop=
+. "$(dirname "$0")/lib.sh" pipeline
 attach() { loop=$(losetup -f --show "$mnt/$1.raw"); mount "$loop" "$fs"; }
 detach() { umount "$fs"; losetup -d "$loop"; loop=; }
-cleanup() {
-  mountpoint -q "$fs" && umount "$fs" || true
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null || true
-  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
-}
-trap cleanup EXIT
 fs_cat() {  # FILE.qcow2 PATH: a file of the image's filesystem, read through QEMU's reading
   qemu-img convert -O raw "$images/$1" "$work/read.raw"
   debugfs -R "cat $2" "$work/read.raw" 2>/dev/null

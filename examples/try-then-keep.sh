@@ -3,22 +3,9 @@
 # is thrown away with `revert`, then made again and kept with `commit`, which merges the
 # snapshot's overlay back while the filesystem stays mounted.
 set -euo pipefail
-IMGFS=${IMGFS_BIN:-$(cd "$(dirname "$0")/.." && pwd)/build/imgfs}
-# Installed (/usr/share/doc/imgfs/examples), there is no build beside it: the imgfs on PATH.
-[ -x "$IMGFS" ] || IMGFS=$(command -v imgfs) || { echo "no imgfs: build it, or set IMGFS_BIN" >&2; exit 1; }
-work=$(mktemp -d /tmp/imgfs-try.XXXXXX)
-images=$work/images mnt=$work/mnt fs=$work/fs
-mkdir -p "$images" "$mnt" "$fs"
-say() { printf '\n== %s\n' "$*"; }
-loop=
+. "$(dirname "$0")/lib.sh" try
 attach() { loop=$(losetup -f --show "$mnt/vm.raw"); mount "$loop" "$fs"; }
 detach() { umount "$fs"; losetup -d "$loop"; loop=; }
-cleanup() {
-  mountpoint -q "$fs" && umount "$fs" || true
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null || true
-  mountpoint -q "$mnt" && "$IMGFS" unmount "$mnt" || true
-}
-trap cleanup EXIT
 
 say "1. A VM disk with a filesystem and a file that matters"
 "$IMGFS" create "$images/vm.qcow2" 128M
