@@ -150,6 +150,9 @@ class Create(harness.ImageDirTest):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "1M")
         os.mkdir(self.img("mnt"))
         vm, mnt = self.img("vm.qcow2"), self.img("mnt")
+        # A mount option wrongly taken would leave a daemon serving: stop it whatever happens.
+        self.addCleanup(lambda: harness.is_mounted(mnt) and run([harness.IMGFS, "unmount", mnt],
+                                                                check=False))
         cases = [
             (["io", vm, "-c", "write 0xZZ 512"], "invalid number '0xZZ'"),
             (["io", vm, "-c", "write 0x 512"], "invalid number '0x'"),
