@@ -360,11 +360,13 @@ void ExportFs::set_times(uint64_t export_id, const fuse_setattr_in& in) {
 void ExportFs::touch(uint64_t export_id) {
     timespec now{};
     ::clock_gettime(CLOCK_REALTIME, &now);
-    auto [it, added] = times_.try_emplace(export_id);
-    if (added) {
+    auto it = times_.find(export_id);
+    if (it == times_.end()) {
+        if (images_->find_id(export_id) == nullptr) {
+            return;  // gone while the change ran (a rescan): nothing shows its times any more
+        }
         forget_gone_exports();
-        it = times_.find(export_id);
-        it->second.atime = timespec{mount_time_s_, 0};
+        it = times_.emplace(export_id, RawTimes{timespec{mount_time_s_, 0}, {}, {}}).first;
     }
     it->second.mtime = it->second.ctime = now;
 }
