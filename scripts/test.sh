@@ -17,6 +17,10 @@ if [ "$sanitize" = 1 ]; then
   # The differential matrix on a Ceph pool: 4 of its 13 images (the plain build runs all). Set
   # before the build, whose test discovery lists the cases the binary makes.
   export IMGFS_POOL_CASES=${IMGFS_POOL_CASES:-some}
+  # The same bound leaves out the pool variants of test_export's fio and kill classes here
+  # (ceph_pool.on_both_stores), and makes 5 kill runs per job kind (test_jobs) of the plain
+  # build's 10.
+  export IMGFS_KILL_RUNS=${IMGFS_KILL_RUNS:-5}
   # test_rbd's three cases that wait out Ceph's timeouts (about 100 s): the plain build runs them.
   export IMGFS_POOL_SLOW_CASES=${IMGFS_POOL_SLOW_CASES:-0}
   # The sanitizer build also checks the qcow2 metadata invariants after every step.

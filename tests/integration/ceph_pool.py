@@ -220,9 +220,15 @@ class OnPool:
         self.rbd("namespace", "remove", f"rbd/{self.ns}", check=False)
 
 
-def on_both_stores(module_globals, *classes, directory_only=()):
+def on_both_stores(module_globals, *classes, directory_only=(), heavy=()):
     """Adds to the module, for each of `classes`, a subclass NAMEOnPool running the same tests on
-    a pool, without the test methods named in `directory_only`."""
+    a pool, without the test methods named in `directory_only`. With IMGFS_POOL_CASES=some (the
+    sanitizer run, whose time CI bounds) the classes in `heavy` get no pool variant; the plain
+    run has them."""
+    if os.environ.get("IMGFS_POOL_CASES") == "some" and heavy:
+        print(f"{module_globals['__name__']}: IMGFS_POOL_CASES=some leaves out the pool variants "
+              f"of {', '.join(c.__name__ for c in heavy)} (the plain run has them)", flush=True)
+        classes = tuple(c for c in classes if c not in heavy)
     for cls in classes:
         attrs = {name: None for name in directory_only if hasattr(cls, name)}
         attrs["__doc__"] = f"{cls.__name__}, served from a Ceph pool."

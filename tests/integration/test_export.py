@@ -499,7 +499,7 @@ class Behaviour(harness.ImageDirTest):
         self.assertEqual(convert_raw(self.img("a.qcow2"))[:500], b"fstab" * 100)
 
 
-ceph_pool.on_both_stores(globals(), ImageDirectory, LoopMount, Fio, Kill, Behaviour,
+ceph_pool.on_both_stores(globals(), ImageDirectory, LoopMount, Fio, Kill, Behaviour, heavy=(Fio, Kill),
                          directory_only=("test_info_rescan_and_readonly",
                                          "test_an_image_exported_again_opens_through_a_cached_name"))
 
