@@ -1,6 +1,7 @@
 #include "drivers/backing_probe.h"
 
 #include <algorithm>
+#include <cstring>
 #include <unistd.h>
 
 #include <sys/stat.h>
@@ -148,7 +149,10 @@ Result<std::string> read_backing_field(StoreFile* f, const std::string& file) {
         return make_error(n ? EIO : n.error().errnum, "{}: cannot read the backing file name",
                           file);
     }
-    return std::string(reinterpret_cast<const char*>(name.data() + (off - start)), len);
+    // Cut at a NUL, as the header parser does: some writers count a terminating NUL in the
+    // size, and the name must compare equal to the one the open followed.
+    const auto* chars = reinterpret_cast<const char*>(name.data() + (off - start));
+    return std::string(chars, ::strnlen(chars, len));
 }
 
 }  // namespace imgfs

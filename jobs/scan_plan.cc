@@ -35,6 +35,9 @@ struct Candidate {
     std::string file;
     FileId id;
     bool broken = false;
+    // Broken by the storage (see storage_failed), not by what the file is: a served root
+    // stays exported, since the next read may well succeed.
+    bool unreadable = false;
 };
 
 struct Listing {
@@ -72,6 +75,9 @@ bool storage_failed(int errnum) {
         case EIO:
         case ETIMEDOUT:
         case ENOMEM:
+        case EMFILE:  // the daemon's descriptors, or the host's, not the file
+        case ENFILE:
+        case ENOBUFS:
         case EAGAIN:
         case EINTR:
         case ESHUTDOWN:
@@ -311,7 +317,10 @@ void choose_roots(const std::vector<Candidate>& images, const Layers& layers,
                   const std::set<std::string>& served, char separator, ScanPlan* plan) {
     std::map<std::string, std::vector<std::string>> roots_by_name;
     for (const Candidate& c : images) {
-        if (c.broken || layers.ids.count(c.id) != 0) {
+        // A served root that the storage failed to give this time is kept: dropping it would
+        // take a working disk away for an I/O error or a descriptor shortage in this scan.
+        bool kept_unread = c.broken && c.unreadable && served.count(c.file) != 0;
+        if ((c.broken && !kept_unread) || layers.ids.count(c.id) != 0) {
             continue;
         }
         if (layers.read_failed && served.count(c.file) == 0) {
@@ -463,6 +472,7 @@ ScanPlan plan_scan(const ScanInput& in) {
     for (Candidate& c : listing->images) {
         if (Status st = collect_layers(in, c.file, &layers); !st) {
             c.broken = true;
+            c.unreadable = storage_failed(st.error().errnum);
             plan.problems.push_back({c.file, st.error().message()});
         }
     }

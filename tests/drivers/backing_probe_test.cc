@@ -229,6 +229,20 @@ TEST_F(BackingProbeTest, BackingFieldOfAServedImage) {
         ASSERT_TRUE(b.ok()) << b.error().message();
         EXPECT_EQ(*b, want) << name;
     }
+    // A size that counts a terminating NUL (some writers do): the name ends at the NUL, as the
+    // header parser reads it, or the scan takes the served chain for another one.
+    std::vector<uint8_t> nul = qcow2_image("base.qcow2", "qcow2");
+    uint64_t name_at = qcow2::load_be64(nul.data() + qcow2::kOffBackingFileOffset);
+    ASSERT_EQ(nul.at(name_at + 10), 0);
+    store_be32(nul.data() + qcow2::kOffBackingFileSize, 11);
+    put("nul.qcow2", nul);
+    {
+        auto file = LocalDirStore::over(dir_fd_)->open("nul.qcow2", true, false);
+        ASSERT_TRUE(file.ok());
+        Result<std::string> b = read_backing_field(file->get(), "nul.qcow2");
+        ASSERT_TRUE(b.ok()) << b.error().message();
+        EXPECT_EQ(*b, "base.qcow2");
+    }
     std::vector<uint8_t> img = qcow2_image("base.qcow2", "qcow2");
     store_be32(img.data() + qcow2::kOffBackingFileSize, 5000);
     put("bad.qcow2", img);

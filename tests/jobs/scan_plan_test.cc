@@ -376,5 +376,33 @@ TEST_F(UnservedUsersTest, AnUnreadableMiddleLayerKeepsTheImagesBelowItFromBeingE
     EXPECT_EQ(junk.wanted.count("junk"), 0U);
 }
 
+// A served root that the storage fails to give in one scan (an I/O error, the daemon out of
+// descriptors) stays exported: the rescan used to drop every idle export it could not open.
+// One whose file is no longer an image goes, as before.
+TEST_F(UnservedUsersTest, AServedRootTheStorageFailsToGiveStaysExported) {
+    ScanInput in;
+    in.store = store_.get();
+    Result<FileId> other = store_->id_of("other.qcow2", false);
+    ASSERT_TRUE(other.ok());
+    in.served[1] = {ServedLayer{"other.qcow2", *other}};
+    for (int errnum : {EIO, EMFILE, ENFILE, ETIMEDOUT}) {
+        store_->fail_open["other.qcow2"] = errnum;
+        ScanPlan plan = plan_scan(in);
+        ASSERT_FALSE(plan.failed);
+        EXPECT_EQ(plan.wanted.count("other"), 1U) << errnum;
+        bool reported = false;
+        for (const ScanProblem& p : plan.problems) {
+            reported = reported || p.file == "other.qcow2";
+        }
+        EXPECT_TRUE(reported) << errnum;
+        // Not served: not exported until it can be read.
+        ScanInput fresh;
+        fresh.store = store_.get();
+        EXPECT_EQ(plan_scan(fresh).wanted.count("other"), 0U) << errnum;
+    }
+    store_->fail_open["other.qcow2"] = EINVAL;  // the store says: not an image
+    EXPECT_EQ(plan_scan(in).wanted.count("other"), 0U);
+}
+
 }  // namespace
 }  // namespace imgfs
