@@ -281,15 +281,47 @@ void mark_io_flusher(Logger* log) {
     }
 }
 
+// Descriptors held back from the start-up scan for the mount itself.
+constexpr int kMountFdReserve = 16;
+
+// Descriptors of /dev/null kept open until release(), so that others cannot take the last ones.
+class FdReserve {
+  public:
+    explicit FdReserve(int count) {
+        for (int i = 0; i < count; ++i) {
+            UniqueFd fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+            if (!fd.valid()) {
+                break;
+            }
+            fds_.push_back(std::move(fd));
+        }
+    }
+    FdReserve(const FdReserve&) = delete;
+    FdReserve& operator=(const FdReserve&) = delete;
+    void release() { fds_.clear(); }
+
+  private:
+    std::vector<UniqueFd> fds_;
+};
+
 int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
+    // First: the warning below may go to a stderr whose reader has gone.
+    ::signal(SIGPIPE, SIG_IGN);
     mark_io_flusher(log);
     sigset_t mask;
     sigemptyset(&mask);
     for (int s : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) {
+        // A signal the daemon was started ignoring (nohup's SIGHUP, SIGINT for a shell's
+        // background job) stays ignored: blocked for the signalfd it would be read all the
+        // same.
+        struct sigaction was {};
+        if ((s == SIGINT || s == SIGHUP) && ::sigaction(s, nullptr, &was) == 0 &&
+            was.sa_handler == SIG_IGN) {
+            continue;
+        }
         sigaddset(&mask, s);
     }
     ::sigprocmask(SIG_BLOCK, &mask, nullptr);
-    ::signal(SIGPIPE, SIG_IGN);
     // A write past RLIMIT_FSIZE (ulimit -f, systemd's LimitFSIZE=) must fail with EFBIG, not
     // end the daemon: small writes are made on the loop's own thread (drivers/file.cc).
     ::signal(SIGXFSZ, SIG_IGN);
@@ -336,10 +368,15 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     int exit_code = 0;
     {
         ImageSet images(env, std::move(*store), cmd.images);
+        // A directory with more layers than RLIMIT_NOFILE allows: the scan leaves out (and
+        // reports) what it could not open, and the mount, which needs descriptors of its own
+        // (/dev/fuse, fusermount3's socket), still gets them.
+        FdReserve reserve(kMountFdReserve);
         Status scanned = sync_wait(loop.get(), images.scan(ImageSet::kMountLockGrace));
         if (!scanned) {
             return fail(scanned.error().message());
         }
+        reserve.release();
         MountOptions mo = cmd.mount;
         if (mo.fsname.empty()) {
             mo.fsname = cmd.image_dir;
@@ -412,17 +449,26 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
             exit_code = 1;
         } else if (init_failed) {
             exit_code = 1;
-        } else if (!served) {
+        } else if (Status ended = server.end_status(); !ended || !served) {
+            // The connection ended other than by an unmount (an abort: the requests in flight
+            // failed), or an image did not close cleanly.
             exit_code = 1;
+            std::string why = !ended ? ended.error().message() : std::string();
+            if (!served) {
+                why += (why.empty() ? "" : "; ") + served.error().message();
+            }
             // Written before the pid file goes: `imgfs unmount` looks once the daemon is gone.
             // Not if another daemon serves the mount point now (after `umount -l`): the report
             // would be read as that one's. The log has it either way.
             if (!failure_file.empty() && owns_runtime_file(pid_file)) {
-                write_runtime_file(failure_file, served.error().message() + "\n", log);
+                write_runtime_file(failure_file, why + "\n", log);
             }
         }
         images.set_transport({});  // the server goes before the images
-        (*mount)->unmount();
+        if (Status st = (*mount)->unmount(); !st) {
+            log->error("{}", st.error().message());
+            exit_code = 1;
+        }
         // Only if it is still this daemon's: after `umount -l` another daemon may serve the
         // same mount point now, and `imgfs unmount` waits for that one through the file.
         if (owns_runtime_file(pid_file)) {
@@ -481,9 +527,28 @@ void raise_open_file_limit() {
     }
 }
 
+// Whoever started the daemon may have closed its standard descriptors. The first files it
+// opens would take their numbers (the signal descriptor, the ring, an eventfd), and then log
+// lines written to stderr, or the background daemon's dup2 onto 0-2, would land on those.
+void occupy_standard_fds() {
+    for (;;) {
+        int fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (fd < 0) {
+            return;
+        }
+        if (fd > STDERR_FILENO) {
+            ::close(fd);
+            return;
+        }
+        // Kept open as 0, 1 or 2 (the daemon's dup2 later replaces it without the flag).
+        ::fcntl(fd, F_SETFD, 0);
+    }
+}
+
 }  // namespace
 
 int run_mount(const MountCommand& cmd) {
+    occupy_standard_fds();
     raise_open_file_limit();
     struct stat st {};
     if (is_rbd_spec(cmd.image_dir)) {
@@ -595,7 +660,22 @@ bool run_quietly(const std::vector<std::string>& argv, std::string* why) {
 int run_unmount(const std::string& mountpoint, int timeout_s) {
     std::optional<MountEntry> entry = imgfs_mount_at(mountpoint);
     if (!entry) {
-        std::fprintf(stderr, "imgfs: %s is not an imgfs mount\n", mountpoint.c_str());
+        // A daemon whose connection was aborted detaches its mount itself and leaves its
+        // reason behind: said here, to whoever comes to unmount it.
+        std::string reason;
+        for (const std::string& dir : runtime_dirs_of(::getuid())) {
+            const std::string failure_file = failure_file_for(mountpoint, dir);
+            if (std::ifstream failed(failure_file); failed && std::getline(failed, reason)) {
+                ::unlink(failure_file.c_str());
+                break;
+            }
+        }
+        if (!reason.empty()) {
+            std::fprintf(stderr, "imgfs: %s is not mounted any more: its daemon ended: %s\n",
+                         mountpoint.c_str(), reason.c_str());
+        } else {
+            std::fprintf(stderr, "imgfs: %s is not an imgfs mount\n", mountpoint.c_str());
+        }
         return 1;
     }
     // The daemon's files are in its runtime directory, which need not be the caller's (a user's

@@ -3,6 +3,7 @@
 #define FUSE_USE_VERSION 35
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
 #include <spawn.h>
 #include <thread>
 #include <unistd.h>
@@ -10,6 +11,9 @@
 #include <fuse_lowlevel.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
+
+#include "core/unique_fd.h"
+#include "fuse/mount_table.h"
 
 namespace imgfs {
 
@@ -61,6 +65,12 @@ Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoin
         return make_error(EINVAL, "cannot set up a FUSE session (mount options: {})", opts);
     }
     if (fuse_session_mount(m->session_, mountpoint.c_str()) != 0) {
+        // libfuse says why only on stderr; the usual reason that is not about the mount point.
+        UniqueFd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        if (!probe.valid() && (errno == EMFILE || errno == ENFILE)) {
+            return make_error(errno, "cannot mount on {}: out of file descriptors (see ulimit -n)",
+                              mountpoint);
+        }
         return make_error(EPERM,
                           "cannot mount on {} (is /dev/fuse usable, and the mount point an "
                           "empty directory you own?)",
@@ -68,11 +78,14 @@ Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoin
     }
     m->mountpoint_ = mountpoint;
     m->mounted_ = true;
+    // Read from the mount table, not by a stat of the mount point, which would wait for a
+    // server that is not serving yet.
+    m->device_ = device_mounted_at(mountpoint);
     return m;
 }
 
 FuseMount::~FuseMount() {
-    unmount();
+    (void)unmount();
     if (session_ != nullptr) {
         fuse_session_destroy(session_);
     }
@@ -82,10 +95,28 @@ int FuseMount::fd() const {
     return fuse_session_fd(session_);
 }
 
+bool FuseMount::still_mounted_here() const {
+    return !device_.empty() && device_mounted_at(mountpoint_) == device_;
+}
+
 Status FuseMount::detach() {
-    if (!mounted_) {
+    if (!mounted_ || detached_) {
         return {};
     }
+    if (!device_.empty() && !still_mounted_here()) {
+        // Detached already (`umount -l` from outside): the path may hold another mount now,
+        // which a detach by path would take away.
+        detached_ = true;
+        return {};
+    }
+    Status st = detach_path();
+    if (st) {
+        detached_ = true;
+    }
+    return st;
+}
+
+Status FuseMount::detach_path() {
     if (::geteuid() == 0) {
         // On a thread of its own, never on a loop thread. If this drops the last reference to
         // the mount, the kernel tears the connection down as task work of the calling thread,
@@ -140,11 +171,20 @@ Status FuseMount::detach() {
     return {};
 }
 
-void FuseMount::unmount() {
-    if (mounted_) {
-        mounted_ = false;
-        fuse_session_unmount(session_);
+Status FuseMount::unmount() {
+    if (!mounted_) {
+        return {};
     }
+    mounted_ = false;
+    // libfuse closes fd() and unmounts, unless the descriptor reports an error, which it takes
+    // for a mount that is gone already.
+    fuse_session_unmount(session_);
+    if (!detached_ && still_mounted_here()) {
+        // An aborted connection reports that error too, yet stays mounted: every access
+        // fails with ENOTCONN and a new mount there is refused. Nothing serves it any more.
+        return detach_path();
+    }
+    return {};
 }
 
 }  // namespace imgfs

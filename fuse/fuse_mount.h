@@ -3,6 +3,7 @@
 // descriptor by FuseServer through the event loop.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,7 +37,8 @@ class FuseMount {
     /// Detaches the mount and closes fd(); outstanding reads on it then fail with ENODEV. Only
     /// once nothing serves fd() any more: a descriptor closed under the server makes its
     /// replies fail, and one reopened under the same number would receive them.
-    void unmount();
+    /// Also detaches a mount whose connection was aborted, which libfuse leaves in place.
+    Status unmount();
     /// Detaches the mount lazily and leaves fd() open, for while the server still runs. The
     /// connection ends (reads on fd() fail with ENODEV) when nothing uses the mount any more;
     /// files open until then (a loop device, a VM) are still served. Blocking; never from a
@@ -46,9 +48,17 @@ class FuseMount {
 
   private:
     FuseMount() = default;
+    /// Whether the mount on top at mountpoint_ is still this one (false if unknown).
+    [[nodiscard]] bool still_mounted_here() const;
+    /// umount2(MNT_DETACH) as root, `fusermount3 -u -z` otherwise.
+    Status detach_path();
     fuse_session* session_ = nullptr;
     std::string mountpoint_;
+    std::string device_;  // the mount's MAJOR:MINOR, "" if the mount table did not show it
     bool mounted_ = false;
+    // Set by detach(), which runs on an offloader thread, read by unmount() on the daemon's
+    // thread once the server has ended.
+    std::atomic<bool> detached_{false};
 };
 
 }  // namespace imgfs

@@ -74,10 +74,22 @@ void FuseServer::give_buffer(RequestBuffer* buf) {
     buffer_freed_.notify_one();
 }
 
+Status FuseServer::end_status() const {
+    return ended_badly_ ? Status(*ended_badly_) : Status{};
+}
+
+void FuseServer::stop_for(Error why) {
+    if (!ended_badly_) {
+        log_->error("{}", why.message());
+        ended_badly_ = std::move(why);
+    }
+    stopping_ = true;
+}
+
 Task<void> FuseServer::run() {
     if (!payload_pool_.ok()) {
-        log_->error("cannot reserve {} MiB of address space for FUSE buffers",
-                    size_t{options_.max_write_bytes} * options_.max_buffers >> 20);
+        stop_for(make_error(ENOMEM, "cannot reserve {} MiB of address space for FUSE buffers",
+                            size_t{options_.max_write_bytes} * options_.max_buffers >> 20));
         co_await handler_->finish();
         co_return;
     }
@@ -130,9 +142,18 @@ Task<void> FuseServer::reader() {
             give_buffer(buf);
             std::optional<std::chrono::milliseconds> delay = read_retry_delay(-res, ++failures);
             if (!delay) {
-                if (res != -ENODEV && res != -EBADF) {
-                    log_->error("reading /dev/fuse failed {} times in a row ({}); stopping",
-                                failures, strerror(-res));
+                if (res == -ECONNABORTED) {
+                    // Only an abort through the control file system reads so (we ask for
+                    // FUSE_ABORT_ERROR); an unmount reads ENODEV.
+                    stop_for(make_error(ECONNABORTED,
+                                        "the FUSE connection was aborted (through "
+                                        "/sys/fs/fuse/connections): the requests in flight "
+                                        "failed, and the mount no longer works"));
+                } else if (res != -ENODEV && res != -EBADF) {
+                    stop_for(make_error(-res,
+                                        "reading /dev/fuse failed {} times in a row; "
+                                        "stopping",
+                                        failures));
                 }
                 stopping_ = true;  // unmounted (ENODEV) or broken: stop serving
                 break;
@@ -146,7 +167,7 @@ Task<void> FuseServer::reader() {
             // /dev/fuse never ends a read with nothing: that is a device (or a socket standing
             // in for it in tests) whose other end went away. Reading on would spin.
             if (!stopping_) {
-                log_->warn("the FUSE device returned no request; stopping");
+                stop_for(make_error(EIO, "the FUSE device returned no request; stopping"));
             }
             give_buffer(buf);
             stopping_ = true;
@@ -275,8 +296,9 @@ Task<FuseReply> FuseServer::handle_init(FuseRequest* req) {
     // Not FUSE_ATOMIC_O_TRUNC: with it the kernel sets a file's size to 0 after an O_TRUNC
     // open and keeps that until its next getattr, which NAME.raw (where O_TRUNC is ignored)
     // must not show (ExportFs::setattr).
-    uint32_t want =
-        FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS;
+    uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES |
+                    FUSE_PARALLEL_DIROPS |
+                    FUSE_ABORT_ERROR;  // an abort reads ECONNABORTED, told apart from an unmount
     out.flags = in.flags & want;
     out.max_background = options_.max_background;
     out.congestion_threshold = static_cast<uint16_t>(options_.max_background * 3 / 4);

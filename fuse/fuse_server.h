@@ -134,6 +134,9 @@ class FuseServer {
 
     /// Serves until the connection ends (unmount), then waits for every request in flight.
     Task<void> run();
+    /// After run(): why serving ended other than by an unmount (the kernel aborted the
+    /// connection, /dev/fuse kept failing), or success. The mount did not end well then.
+    [[nodiscard]] Status end_status() const;
 
     /// After the `failures`th read of /dev/fuse in a row failed with `error`: how long to wait
     /// before reading again, or nothing if serving ends (the connection is gone, or the error
@@ -161,6 +164,8 @@ class FuseServer {
         EventLoop* loop = nullptr;  // issues the entry's commands (see ring_loops)
     };
     Task<void> reader();
+    /// Stops serving for `why` (the first reason is kept for end_status()).
+    void stop_for(Error why);
     /// One ring entry: registers it, then serves one request at a time through it.
     Task<void> ring_entry(RingEntry* entry);
     /// Counts a registration the kernel refused (after settle_ring(), also says so).
@@ -189,7 +194,8 @@ class FuseServer {
     FuseHandler* handler_;
     Logger* log_;
     FuseServerOptions options_;
-    TaskScope scope_;  // every reader and request coroutine; run() joins it
+    TaskScope scope_;                   // every reader and request coroutine; run() joins it
+    std::optional<Error> ended_badly_;  // see end_status()
     // Outlives nothing that points into it: buffers_ (views into the pool) is destroyed first,
     // and no read is in flight once run() has joined scope_.
     PayloadPool payload_pool_;

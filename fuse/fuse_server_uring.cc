@@ -193,6 +193,9 @@ void ring_reply(fuse_uring::ReqHeader* hdr, MutBuf payload, uint64_t unique,
 
 }  // namespace
 
+// Between tries of a reply the kernel had no memory for, once the quick retries are spent.
+constexpr std::chrono::milliseconds kOwedReplyRetry{100};
+
 Task<void> FuseServer::ring_entry(RingEntry* entry) {
     iovec iov[2] = {{entry->header.data(), sizeof(fuse_uring::ReqHeader)},
                     {entry->payload.data(), entry->payload.size()}};
@@ -222,14 +225,26 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         co_await serve_ring_request(entry);
         co_await loop_->resume_on(ring);
         // Sent again while the kernel was short of memory for it (io_uring allocates a
-        // command's state before FUSE sees it): given up, the reply would never reach its
-        // caller and the queue would be an entry short for good.
+        // command's state before FUSE sees it), for as long as that lasts: given up, the reply
+        // would never reach its caller (a loop device's I/O would hang) and the queue would be
+        // an entry short for good. An ended connection answers ENOTCONN instead.
         attempts = 0;
-        do {
+        for (;;) {
             res = co_await ring->submit_work_wait([this, &cmd](io_uring_sqe* sqe) {
                 prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdCommitAndFetch, cmd, nullptr);
             });
-        } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
+            if (res >= 0) {
+                break;
+            }
+            const bool quick_retry = co_await ring->retry_transient(res, &attempts, true);
+            if (quick_retry) {
+                continue;
+            }
+            if (res != -ENOMEM && res != -EAGAIN) {
+                break;
+            }
+            co_await ring->sleep(kOwedReplyRetry);
+        }
         co_await ring->resume_on(loop_);
     }
     // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.

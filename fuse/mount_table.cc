@@ -140,6 +140,21 @@ std::optional<MountEntry> imgfs_mount_at(const std::string& path) {
     return found;
 }
 
+std::string device_mounted_at(const std::string& target) {
+    // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...; the last entry is the one on top.
+    std::ifstream f("/proc/self/mountinfo");
+    std::string found;
+    for (std::string line; std::getline(f, line);) {
+        std::istringstream words(line);
+        std::string id, parent, device, root, mountpoint;
+        words >> id >> parent >> device >> root >> mountpoint;
+        if (unescape(mountpoint) == target) {
+            found = device;
+        }
+    }
+    return found;
+}
+
 std::vector<std::string> mount_users(const std::string& mountpoint) {
     std::vector<std::string> out;
     std::string mnt = resolved(mountpoint);

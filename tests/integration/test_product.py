@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -220,6 +221,83 @@ class MountSafety(harness.ImageDirTest):
         m.kill(running=False)  # the bookkeeping of a killed daemon; nothing is left to detach
         qemu_img("check", "-q", self.img("vm.qcow2"))
 
+    def test_a_mount_started_with_its_standard_descriptors_closed_works(self):
+        # Started from a context that closed 0-2 (a service manager, a shell that exited), the
+        # daemon's first files took those numbers: in the background, its dup2 of /dev/null
+        # closed the pipe that says "mounted", so the command reported a failure while the
+        # daemon mounted; in the foreground, log lines went into an eventfd.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        mnt = tempfile.mkdtemp(prefix="imgfs-mnt-")
+
+        def unmount():
+            if harness.is_mounted(mnt):
+                run([harness.IMGFS, "unmount", mnt], check=False)
+            os.rmdir(mnt)
+
+        self.addCleanup(unmount)
+        p = subprocess.run(["sh", "-c", 'exec "$0" mount "$1" "$2" <&- >&- 2>&-', harness.IMGFS,
+                            self.dir, mnt], timeout=60)
+        self.assertEqual(p.returncode, 0)
+        self.assertTrue(harness.is_mounted(mnt))
+        with open(os.path.join(mnt, "vm.raw"), "r+b") as f:
+            f.write(b"x" * 4096)
+            os.fsync(f.fileno())
+        run([harness.IMGFS, "unmount", mnt])
+        qemu_img("check", "-q", self.img("vm.qcow2"))
+
+    def test_an_aborted_connection_is_detached_and_reported(self):
+        # `echo 1 > /sys/fs/fuse/connections/N/abort`, an operator's way out of a hung mount.
+        # The requests in flight fail; the daemon exits 1 with the reason, detaches the dead
+        # mount (which answered ENOTCONN and refused a new mount until unmounted by hand) and
+        # leaves the reason for `imgfs unmount`. What fsync acknowledged stays.
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        conns = "/sys/fs/fuse/connections"
+        if not os.path.ismount(conns):
+            run(["mount", "-t", "fusectl", "none", conns])
+        m = self.mount()
+        raw = m.path("vm.raw")
+        kept = os.urandom(1 << 20)
+        with open(raw, "r+b") as f:
+            f.write(kept)
+            os.fsync(f.fileno())
+        connection = os.minor(os.stat(m.mountpoint).st_dev)
+        errors = []
+
+        def writer():
+            fd = os.open(raw, os.O_WRONLY)
+            try:
+                for i in range(100000):
+                    os.pwrite(fd, b"w" * 65536, (1 << 20) + (i % 64) * 65536)
+            except OSError as e:
+                errors.append(e.errno)
+            try:
+                os.close(fd)  # its flush fails too
+            except OSError:
+                pass
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.3)
+        with open(f"{conns}/{connection}/abort", "w") as f:
+            f.write("1")
+        t.join(timeout=30)
+        self.assertFalse(t.is_alive())
+        # In flight at the abort, or sent after it.
+        self.assertEqual(len(errors), 1)
+        self.assertIn(errors[0], (errno.ECONNABORTED, errno.ENOTCONN))
+        code = m.wait_exit(30)
+        self.assertEqual(code, 1, m.read_log()[-2000:])
+        self.assertIn("the FUSE connection was aborted", m.read_log())
+        self.assertFalse(harness.is_mounted(m.mountpoint))
+        p = run([harness.IMGFS, "unmount", m.mountpoint], check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("its daemon ended: the FUSE connection was aborted", p.stderr)
+        qemu_img("check", "-q", self.img("vm.qcow2"))
+        again = self.mount(mountpoint=m.mountpoint)
+        with open(again.path("vm.raw"), "rb") as f:
+            self.assertEqual(f.read(len(kept)), kept)
+        again.stop()
+
 
 class RawFile(harness.ImageDirTest):
     def test_times_move_with_writes_and_take_what_is_set(self):
@@ -346,6 +424,29 @@ class ManyImages(harness.ImageDirTest):
                 self.assertTrue(f.read() == bytes([i + 1]) * MiB, f"vm{i}.raw")
         m.stop()
 
+
+    def test_more_layers_than_the_hard_descriptor_limit(self):
+        # With a hard limit of 64 and 80 images, the start-up scan used to take every
+        # descriptor, and the mount then failed with "is /dev/fuse usable?". Now the images
+        # that fit are served, and .control/skipped names the others and why.
+        harness.require_tools("prlimit")
+        count = 80
+        for i in range(count):
+            qemu_img("create", "-q", "-f", "qcow2", self.img(f"vm{i:02}.qcow2"), "1M")
+        m = self.mount(wrapper=["prlimit", "--nofile=64:64", "--"])
+        served = [n for n in os.listdir(m.mountpoint) if n.endswith(".raw")]
+        self.assertGreater(len(served), 10)
+        self.assertLess(len(served), count)
+        with open(m.path(".control", "skipped")) as f:
+            skipped = f.read()
+        missing = sorted(set(f"vm{i:02}.raw" for i in range(count)) - set(served))
+        for name in missing:
+            self.assertIn(name[:-4] + ".qcow2", skipped)
+        self.assertIn("Too many open files", skipped)
+        with open(m.path(sorted(served)[0]), "r+b") as f:
+            f.write(b"x" * 65536)
+            os.fsync(f.fileno())
+        m.stop()
 
 class FileSizeLimit(harness.ImageDirTest):
     def test_a_write_past_the_file_size_limit_fails_and_the_daemon_stays(self):
