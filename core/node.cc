@@ -134,6 +134,21 @@ void Node::on_drained_end() {
     }
 }
 
+std::string Node::layer_refusing_writes() const {
+    if (std::string why = refusing_writes(); !why.empty()) {
+        return why;
+    }
+    for (const auto& c : children()) {
+        if (c->role() == ChildRole::kBacking) {
+            continue;
+        }
+        if (std::string why = c->node()->layer_refusing_writes(); !why.empty()) {
+            return why;
+        }
+    }
+    return {};
+}
+
 void Node::describe(JsonWriter* /*out*/) const {}
 
 Task<Result<uint64_t>> Node::allocated_bytes() {

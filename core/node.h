@@ -257,6 +257,13 @@ class Node : public ChildOwner {
     /// change durable. Only for caps().backing_name; otherwise EINVAL, a caller's mistake.
     virtual Task<Status> set_backing_name(std::string name, std::optional<std::string> format);
 
+    /// Why this node refuses every write until it is reopened (its storage failed a flush,
+    /// so what it holds is no longer known to be on disk), or "". Default: "".
+    [[nodiscard]] virtual std::string refusing_writes() const { return {}; }
+    /// refusing_writes() of this node or of any node of its layer below it (its storage, a
+    /// filter's child; not its backing layers): the first reason found, or "".
+    [[nodiscard]] std::string layer_refusing_writes() const;
+
     /// Adds driver-specific fields (format, cluster size, flags) to an info object.
     virtual void describe(JsonWriter* out) const;
     /// Bytes this layer has allocated in its storage (for info and capacity checks).

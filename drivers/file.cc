@@ -509,6 +509,10 @@ Task<Status> FileNode::do_flush() {
     }
     if (!st) {
         failed_ = true;
+        failed_reason_ = fmt::format(
+            "fdatasync of {} failed ({}); writes are refused until the "
+            "image is reopened",
+            name(), st.error().message());
         if (env_.log != nullptr) {
             env_.log->error("{}: fdatasync failed ({}); refusing further writes until reopened",
                             name(), st.error().message());

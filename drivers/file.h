@@ -62,6 +62,7 @@ class FileNode final : public Node {
     /// After a failed fdatasync the node refuses writes and flushes until it is reopened: the
     /// kernel may have dropped the dirty pages, so retrying would report success for lost data.
     [[nodiscard]] bool failed() const { return failed_; }
+    [[nodiscard]] std::string refusing_writes() const override { return failed_reason_; }
 
     /// Reads that missed the page cache and went to the disk with O_DIRECT (see do_read).
     [[nodiscard]] uint64_t direct_reads() const { return direct_reads_; }
@@ -117,6 +118,7 @@ class FileNode final : public Node {
     UniqueFd fd_;
     FileOptions options_;
     bool failed_ = false;
+    std::string failed_reason_;  // what refusing_writes() says once failed_
     // One fdatasync at a time: the kernel reports a writeback error to one of them only, so a
     // second one in flight could succeed for the data the first one's error says is lost.
     CoMutex flush_mutex_;

@@ -390,6 +390,9 @@ Task<void> write_layer_json(JsonWriter* w, const Layer* layer) {
         w->field("allocated_size", *allocated);
     }
     layer->node->describe(w);
+    if (std::string why = layer->node->layer_refusing_writes(); !why.empty()) {
+        w->field("writes_refused", why);  // a commit into this layer fails until it reopens
+    }
     w->end_object();
 }
 

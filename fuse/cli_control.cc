@@ -609,16 +609,23 @@ void print_image(const std::string& name, const std::string& info, const std::st
     std::string failed = json_value(info, "failed");
     bool is_failed = !failed.empty() && failed != "null";
     bool corrupt = info.find("\"corrupt\":true") != std::string::npos;
-    std::printf("%s.raw  %s  top %s  open %s  job %s%s%s\n", name.c_str(),
+    std::string refused = json_value(info, "writes_refused");
+    bool writes_refused = !refused.empty() && refused != "null";
+    std::printf("%s.raw  %s  top %s  open %s  job %s%s%s%s\n", name.c_str(),
                 human_bytes(std::atof(json_value(info, "virtual_size").c_str())).c_str(),
                 json_value(info, "file").c_str(), json_value(info, "open_count").c_str(),
-                job_summary(job).c_str(), corrupt ? "  CORRUPT" : "", is_failed ? "  FAILED" : "");
+                job_summary(job).c_str(), corrupt ? "  CORRUPT" : "", is_failed ? "  FAILED" : "",
+                writes_refused ? "  WRITES REFUSED" : "");
     std::string err = json_value(info, "last_error");
     if (!err.empty()) {
         std::printf("  last error: %s\n", err.c_str());
     }
     if (is_failed) {
         std::printf("  failed (I/O gets EIO): %s\n", failed.c_str());
+    }
+    if (writes_refused) {
+        std::printf("  writes get EIO, reads go on: %s (close %s.raw and rescan, or remount)\n",
+                    refused.c_str(), name.c_str());
     }
     if (corrupt) {
         std::printf(
@@ -631,8 +638,10 @@ void print_image(const std::string& name, const std::string& info, const std::st
     std::string io_errno = json_value(info, "errno");
     if (!io_errno.empty()) {
         bool ongoing = json_value(info, "ongoing") == "true";
+        // Not "past": nothing tells whether the cause went (a disk still full fails the next
+        // allocating write), only that no request has failed for a while.
         std::printf("  %s %s: since %s, %s requests in all, last at %s (%s): %s\n",
-                    ongoing ? "I/O errors" : "past I/O errors", io_errno.c_str(),
+                    ongoing ? "I/O errors" : "I/O errors, none for 30 s:", io_errno.c_str(),
                     json_value(info, "since").c_str(), json_value(info, "failed_requests").c_str(),
                     json_value(info, "last").c_str(), json_value(info, "op").c_str(),
                     json_value(info, "message").c_str());

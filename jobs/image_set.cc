@@ -270,8 +270,11 @@ Task<void> ImageSet::apply_scan(ScanPlan plan, std::vector<std::shared_ptr<Expor
         }
         auto it = wanted.find(e->name);
         bool keep = it != wanted.end() && it->second == e->chain.layers.front().file;
-        // A failed image is opened afresh from the directory once nothing uses it.
-        bool reopen = e->backend->fenced();
+        // A failed image, or one whose top layer refuses writes since its storage failed a
+        // flush, is opened afresh from the directory once nothing uses it.
+        bool reopen = e->backend->fenced() ||
+                      (!e->chain.layers.empty() &&
+                       !e->chain.layers.front().node->layer_refusing_writes().empty());
         bool in_use = e->backend->open_count() > 0 || job_running(*e);
         if ((!keep || reopen) && in_use) {
             problems_.push_back(
@@ -525,6 +528,16 @@ Task<std::string> ImageSet::info_json(std::shared_ptr<Export> e) {
     w.key("failed");
     if (e->backend->fenced()) {
         w.value(e->backend->fence_reason());
+    } else {
+        w.null();
+    }
+    // The top layer's storage failed a flush: NAME.raw still reads, every write gets EIO
+    // until the image is reopened (a rescan once NAME.raw is closed, or a remount).
+    w.key("writes_refused");
+    if (std::string why =
+            layers.empty() ? std::string() : layers.front().node->layer_refusing_writes();
+        !why.empty()) {
+        w.value(why);
     } else {
         w.null();
     }

@@ -316,6 +316,27 @@ class FaultTest(harness.ImageDirTest):
             except OSError:
                 pass
         self.assertIn("fdatasync failed", m.read_log())
+        # Said where the operator looks, with the way out.
+        self.assertIn("fdatasync", m.info("vm")["writes_refused"] or "")
+        status = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertIn("WRITES REFUSED", status)
+        self.assertIn("close vm.raw and rescan", status)
+        # Closed, a rescan opens the image afresh, and writes work again. (The rule fails the
+        # new file's fdatasyncs as it did the old one's, so the close may still fail.)
+        deadline = time.time() + 10
+        while m.info("vm")["writes_refused"] is not None and time.time() < deadline:
+            with open(m.path(".control", "rescan"), "w") as c:
+                c.write("\n")
+            time.sleep(0.1)
+        self.assertIsNone(m.info("vm")["writes_refused"])
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x66" * 4096, 512 * KiB)  # within the range left unknown below
+        finally:
+            try:
+                os.close(fd)
+            except OSError as e:
+                self.assertEqual(e.errno, errnum if nth == 1 else errno.EIO)
         self.stop_after_failure(m, clean=False)
         self.assert_clean(path)
         unknown = [(512 * KiB, CHUNK)]  # written, never acknowledged
