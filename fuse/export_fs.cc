@@ -186,7 +186,9 @@ bool ExportFs::fill_attr(uint64_t ino, fuse_attr* a) {
                 a->ctimensec = static_cast<uint32_t>(t->second.ctime.tv_nsec);
             }
             auto it = blocks_.find(r.e->id);
-            a->blocks = it != blocks_.end() ? (it->second.bytes + 511) / 512 : 0;
+            // Never more than the disk: a figure counted before a revert to a smaller layer is
+            // shown until the recount is through.
+            a->blocks = it != blocks_.end() ? (std::min(it->second.bytes, a->size) + 511) / 512 : 0;
             break;
         }
         case Resolved::Kind::kControlFile:
@@ -697,6 +699,10 @@ Task<FuseReply> ExportFs::write(FuseRequest* req) {
         }
         if (e != nullptr) {
             touch(e->id);  // a revert changes what NAME.raw holds; others count as changes too
+            // A count under way would mix two chains: it starts again, and the figure it
+            // replaces stays until then (a walk to the end, as for a first stat, would hold
+            // up the next `ls -l` of a large disk after every command).
+            ++blocks_[e->id].generation;
         }
         out.size = in.size;
         co_return FuseReply::of(out);

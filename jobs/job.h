@@ -76,6 +76,9 @@ class Job : public ChildOwner {
     ///  "error":..}, and "base" for a commit (the layer it merges into).
     [[nodiscard]] std::string status_json() const;
 
+    /// A cancel was asked for (the verb, or a shutdown).
+    [[nodiscard]] bool cancelled() const { return cancelled_; }
+
   protected:
     /// Drops the job's references to nodes (called once, as the job concludes).
     virtual void release_nodes() {}
@@ -101,7 +104,6 @@ class Job : public ChildOwner {
     void add_total(uint64_t bytes) { total_bytes_ += bytes; }
     void set_total(uint64_t bytes) { total_bytes_ = bytes; }
     void add_done(uint64_t bytes) { done_bytes_ += bytes; }
-    [[nodiscard]] bool cancelled() const { return cancelled_; }
     EventLoop* loop_;
 
   private:

@@ -188,10 +188,16 @@ Job* JobManager::record(std::shared_ptr<Job> job) {
         raw->image()->job = job;
     }
     jobs_.push_back(std::move(job));
-    // Forget the oldest concluded jobs (an image keeps its own last job for status).
+    // Forget the oldest concluded jobs (an image keeps its own last job for status), those
+    // that ended well first: a failure stays in the jobs file through a run of snapshots of
+    // every image.
     while (jobs_.size() > kKeptJobs) {
-        auto it =
-            std::find_if(jobs_.begin(), jobs_.end(), [](const auto& j) { return j->finished(); });
+        auto it = std::find_if(jobs_.begin(), jobs_.end(),
+                               [](const auto& j) { return j->finished() && j->error().empty(); });
+        if (it == jobs_.end()) {
+            it = std::find_if(jobs_.begin(), jobs_.end(),
+                              [](const auto& j) { return j->finished(); });
+        }
         if (it == jobs_.end()) {
             break;
         }
@@ -205,6 +211,11 @@ Task<void> JobManager::run_job(std::shared_ptr<Job> job, std::shared_ptr<Export>
     co_await job->run();
     if (job->error().empty()) {
         log_->info("{}: {} job {} done", job->image_name(), job->type(), job->id());
+    } else if (job->cancelled() && job->error() == "cancelled") {
+        // Asked for (a cancel verb, an unmount): not a failure, and the image's last error
+        // stays what it was.
+        log_->info("{}: {} job {} cancelled: {}", job->image_name(), job->type(), job->id(),
+                   job->error());
     } else {
         log_->error("{}: {} job {} failed: {}", job->image_name(), job->type(), job->id(),
                     job->error());
