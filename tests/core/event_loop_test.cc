@@ -204,35 +204,68 @@ TEST(EventLoopPollTest, CompletionsWaitForTheLoopWhereTheKernelCan) {
     EXPECT_EQ(loop->defers_completions(), major > 6 || (major == 6 && minor >= 1)) << u.release;
 }
 
+// These measure wall time on a machine that other tests load (ctest -j2, the sanitizers): a
+// thread preempted while it spins sees a timer fire inside the window where it should not, or
+// the other way round. Each is tried up to three times; one clean run shows the behaviour.
+constexpr int kTimingAttempts = 3;
+
 TEST(EventLoopPollTest, CompletionsThatComeSoonAreCaughtWithoutSleeping) {
-    auto loop = polling_loop(std::chrono::microseconds(5000));
-    ASSERT_NE(loop, nullptr);
-    sync_wait(loop.get(), sleep_times(loop.get(), 50, std::chrono::microseconds(100)));
-    // Each timer fires well inside the window; an odd one may be missed if the thread is
-    // preempted while it spins.
-    EXPECT_GE(loop->polls_caught(), 40U);
-    EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(5000));
+    uint64_t caught = 0;
+    std::chrono::microseconds window{};
+    for (int attempt = 0; attempt < kTimingAttempts; ++attempt) {
+        auto loop = polling_loop(std::chrono::microseconds(5000));
+        ASSERT_NE(loop, nullptr);
+        sync_wait(loop.get(), sleep_times(loop.get(), 50, std::chrono::microseconds(100)));
+        caught = loop->polls_caught();
+        window = loop->poll_window();
+        // Each timer fires well inside the window; an odd one may be missed if the thread is
+        // preempted while it spins.
+        if (caught >= 40 && window == std::chrono::microseconds(5000)) {
+            break;
+        }
+    }
+    EXPECT_GE(caught, 40U);
+    EXPECT_EQ(window, std::chrono::microseconds(5000));
 }
 
 TEST(EventLoopPollTest, TheWindowShrinksWhenNothingComesSoon) {
-    auto loop = polling_loop(std::chrono::microseconds(400));
-    ASSERT_NE(loop, nullptr);
-    sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::milliseconds(10)));
-    // Every wait outlasted the window, which halved each time: 400 200 100 50 25 12 6.
-    EXPECT_EQ(loop->polls_caught(), 0U);
-    EXPECT_LE(loop->poll_window(), std::chrono::microseconds(12));
-    // Then traffic comes back, and a quick completion restores the whole window.
-    sync_wait(loop.get(), sleep_times(loop.get(), 3, std::chrono::microseconds(50)));
-    EXPECT_EQ(loop->poll_window(), std::chrono::microseconds(400));
+    uint64_t caught = 0;
+    std::chrono::microseconds shrunk{};
+    std::chrono::microseconds restored{};
+    for (int attempt = 0; attempt < kTimingAttempts; ++attempt) {
+        auto loop = polling_loop(std::chrono::microseconds(400));
+        ASSERT_NE(loop, nullptr);
+        sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::milliseconds(10)));
+        // Every wait outlasted the window, which halved each time: 400 200 100 50 25 12 6.
+        caught = loop->polls_caught();
+        shrunk = loop->poll_window();
+        // Then traffic comes back, and a quick completion restores the whole window.
+        sync_wait(loop.get(), sleep_times(loop.get(), 3, std::chrono::microseconds(50)));
+        restored = loop->poll_window();
+        if (caught == 0 && shrunk <= std::chrono::microseconds(12) &&
+            restored == std::chrono::microseconds(400)) {
+            break;
+        }
+    }
+    EXPECT_EQ(caught, 0U);
+    EXPECT_LE(shrunk, std::chrono::microseconds(12));
+    EXPECT_EQ(restored, std::chrono::microseconds(400));
 }
 
 TEST(EventLoopPollTest, TheWindowShrinksWhenCompletionsComeJustAfterIt) {
     // Each timer fires 200 us after a 400 us spin gave up: later than the window since the
     // loop went idle, so the window halves, though the sleep alone was shorter than it.
-    auto loop = polling_loop(std::chrono::microseconds(400));
-    ASSERT_NE(loop, nullptr);
-    sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::microseconds(600)));
-    EXPECT_LE(loop->poll_window(), std::chrono::microseconds(50));
+    std::chrono::microseconds window{};
+    for (int attempt = 0; attempt < kTimingAttempts; ++attempt) {
+        auto loop = polling_loop(std::chrono::microseconds(400));
+        ASSERT_NE(loop, nullptr);
+        sync_wait(loop.get(), sleep_times(loop.get(), 6, std::chrono::microseconds(600)));
+        window = loop->poll_window();
+        if (window <= std::chrono::microseconds(50)) {
+            break;
+        }
+    }
+    EXPECT_LE(window, std::chrono::microseconds(50));
 }
 
 Task<int32_t> read_pipe(EventLoop* loop, int fd) {

@@ -325,7 +325,7 @@ TEST_F(RbdNodeTest, WhileClosingOnlyTheFirstCallWaitsForAClusterThatStoppedAnswe
               std::string::npos)
         << skipped.error().message();
     EXPECT_FALSE(closed.ok());
-    EXPECT_LT(skipped_s, 1.0);
+    EXPECT_LT(skipped_s, 2.0);  // not a 3 s deadline; room for a loaded sanitizer run
 }
 
 Task<void> write_past_end(Node* node, uint64_t offset, const std::vector<uint8_t>* buf,

@@ -57,7 +57,12 @@ class Status(harness.ImageDirTest):
                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         self.addCleanup(holder.kill)
-        time.sleep(0.5)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # until qemu-io holds the lock
+            if subprocess.run(["qemu-img", "info", self.img("held.qcow2")],
+                              capture_output=True).returncode != 0:
+                break
+            time.sleep(0.05)
         # An image marked corrupt on disk is not served (a repair comes first).
         qemu_img("create", "-q", "-f", "qcow2", self.img("marked.qcow2"), "16M")
         with open(self.img("marked.qcow2"), "r+b") as f:

@@ -1017,7 +1017,7 @@ class RbdPool(harness.ImageDirTest):
             os.kill(osd, signal.SIGCONT)
         print(f"daemon exited with {code} after {took:.1f} s", flush=True)
         log = m.read_log()
-        self.assertLess(took, 5 * 3, log)
+        self.assertLess(took, 20, log)  # about two 3 s deadlines; 45 s or more before
         self.assertIn("did not answer within 3 s", log, log)
         # A layer that did not close cleanly makes the daemon's exit status say so.
         self.assertEqual(code, 1, log)
@@ -1057,7 +1057,7 @@ class RbdPool(harness.ImageDirTest):
         # never a crash.
         self.assertIn(code, (0, 1), m.read_log())
         self.assertIn(unmount.returncode, (0, 1), unmount.stderr)
-        self.assertLess(took, 5 * 3, m.read_log())  # 45 s before
+        self.assertLess(took, 20, m.read_log())  # about two 3 s deadlines; 45 s before
         self.remount_and_check_first_mib(conf, names, 0x31)
 
     def remount_and_check_first_mib(self, conf, names, first_byte):

@@ -338,8 +338,24 @@ class QemuLocking(harness.ImageDirTest):
         q.stdin.flush()
         time.sleep(0.3)
         self.assertIsNone(q.poll(), "qemu-io did not stay up")
-        # The holder lets go 0.5 s after the daemon starts: inside the 2 s grace.
-        ender = threading.Timer(0.5, lambda: (q.stdin.close(), q.wait(timeout=30)))
+        # The holder lets go once the daemon says it waits for the lock: inside the 2 s grace
+        # (a fixed delay could end it before a slow build's daemon even looked).
+        first = len(self.mounts)
+
+        def end_the_holder_once_the_daemon_waits():
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    with open(self.mounts[first].log_path) as f:
+                        if "trying again for up to" in f.read():
+                            break
+                except (IndexError, OSError):
+                    pass
+                time.sleep(0.02)
+            q.stdin.close()
+            q.wait(timeout=30)
+
+        ender = threading.Thread(target=end_the_holder_once_the_daemon_waits)
         ender.start()
         start = time.monotonic()
         m = self.mount()
