@@ -181,6 +181,12 @@ Task<void> watch_signals(Daemon* d) {
             Status st = co_await d->offloader->run<Status>(std::move(detach));
             if (!st) {
                 d->log->error("{}", st.error().message());
+            } else if (!d->done) {
+                // Said, or a daemon that goes on after the signal looks stuck.
+                d->log->info(
+                    "{} detached; the daemon ends once nothing has its files open (a loop "
+                    "device, a VM)",
+                    d->mount->mountpoint());
             }
         }
     }
