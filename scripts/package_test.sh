@@ -225,10 +225,12 @@ IMAGE_DIR=$images
 OPTIONS=allow_other
 run_unit() { # KEY: runs the unit's KEY= command lines, substituted word by word
   local line word prefix
-  local -a argv
+  local -a argv words
   while IFS= read -r line; do
     argv=()
-    for word in $line; do
+    # Split as systemd does, quotes included.
+    mapfile -t words < <(python3 -c 'import shlex, sys; print("\n".join(shlex.split(sys.argv[1])))' "$line")
+    for word in "${words[@]}"; do
       word=${word//%f/$mnt3}
       word=${word//%i/$instance}
       # shellcheck disable=SC2016 # the unit's own ${VAR}, literally
@@ -255,6 +257,18 @@ findmnt -n -o OPTIONS --mountpoint "$mnt3" | grep -q allow_other || die "OPTIONS
 run_unit ExecStop
 ! mountpoint -q "$mnt3" || die "ExecStop left $mnt3 mounted"
 run_unit ExecStopPost
+# ExecStopPost detaches a dead mount (the daemon crashed), and nothing else: a start that
+# failed because another mount is there must leave that one alone.
+run_unit ExecStartPre
+imgfs mount "$images" "$mnt3" || die "imgfs mount for the ExecStopPost check"
+run_unit ExecStopPost
+[ "$(fstype "$mnt3")" = fuse.imgfs ] || die "ExecStopPost took a working mount away"
+[ -e "$mnt3/vm1.raw" ] || die "ExecStopPost left a mount without vm1.raw"
+pkill -KILL -f "imgfs mount $images $mnt3" || die "no daemon to kill"
+for _ in $(seq 50); do ! pgrep -f "imgfs mount $images $mnt3" >/dev/null && break; sleep 0.1; done
+run_unit ExecStopPost
+! mountpoint -q "$mnt3" 2>/dev/null || die "ExecStopPost left the dead mount at $mnt3"
+grep -q " $mnt3 " /proc/self/mounts && die "ExecStopPost left the dead mount in the mount table"
 say "imgfs@.service: ok"
 
 say "bash completion"
