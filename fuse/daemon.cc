@@ -287,8 +287,15 @@ void mark_io_flusher(Logger* log) {
     }
 }
 
-// Descriptors held back from the start-up scan for the mount itself.
-constexpr int kMountFdReserve = 16;
+// Descriptors held back from the start-up scan for the mount itself: 16, or an eighth of a
+// very low limit, which must leave the scan some.
+int mount_fd_reserve() {
+    struct rlimit limit {};
+    if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) {
+        return 16;
+    }
+    return static_cast<int>(std::min<rlim_t>(16, limit.rlim_cur / 8));
+}
 
 // Descriptors of /dev/null kept open until release(), so that others cannot take the last ones.
 class FdReserve {
@@ -377,7 +384,7 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
         // A directory with more layers than RLIMIT_NOFILE allows: the scan leaves out (and
         // reports) what it could not open, and the mount, which needs descriptors of its own
         // (/dev/fuse, fusermount3's socket), still gets them.
-        FdReserve reserve(kMountFdReserve);
+        FdReserve reserve(mount_fd_reserve());
         Status scanned = sync_wait(loop.get(), images.scan(ImageSet::kMountLockGrace));
         if (!scanned) {
             return fail(scanned.error().message());
@@ -471,7 +478,9 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
             }
         }
         images.set_transport({});  // the server goes before the images
-        if (Status st = (*mount)->unmount(); !st) {
+        Status ended = server.end_status();
+        const bool aborted = !ended && ended.error().errnum == ECONNABORTED;
+        if (Status st = (*mount)->unmount(aborted); !st) {
             log->error("{}", st.error().message());
             exit_code = 1;
         }
@@ -756,8 +765,8 @@ int run_unmount(const std::string& mountpoint, int timeout_s) {
     if (std::ifstream failed(failure_file); failed && std::getline(failed, reason)) {
         ::unlink(failure_file.c_str());
         std::fprintf(stderr,
-                     "imgfs: unmounted %s, but the daemon did not close every image cleanly: %s; "
-                     "writes not acknowledged by fsync may be lost (its log has each one)\n",
+                     "imgfs: unmounted %s, but its daemon did not end well: %s; writes not "
+                     "acknowledged by fsync may be lost (its log has each one)\n",
                      mountpoint.c_str(), reason.c_str());
         return 1;
     }

@@ -1,6 +1,7 @@
 #include "fuse/fuse_mount.h"
 
 #define FUSE_USE_VERSION 35
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -80,7 +81,8 @@ Result<std::unique_ptr<FuseMount>> FuseMount::mount(const std::string& mountpoin
     m->mounted_ = true;
     // Read from the mount table, not by a stat of the mount point, which would wait for a
     // server that is not serving yet.
-    m->device_ = device_mounted_at(mountpoint);
+    std::vector<std::string> here = mounts_at(mountpoint);
+    m->identity_ = here.empty() ? std::string() : here.back();
     return m;
 }
 
@@ -95,19 +97,37 @@ int FuseMount::fd() const {
     return fuse_session_fd(session_);
 }
 
-bool FuseMount::still_mounted_here() const {
-    return !device_.empty() && device_mounted_at(mountpoint_) == device_;
+FuseMount::Here FuseMount::where_now() const {
+    if (identity_.empty()) {
+        return Here::kUnknown;
+    }
+    std::vector<std::string> here = mounts_at(mountpoint_);
+    if (!here.empty() && here.back() == identity_) {
+        return Here::kOnTop;
+    }
+    return std::find(here.begin(), here.end(), identity_) != here.end() ? Here::kCovered
+                                                                        : Here::kGone;
 }
 
 Status FuseMount::detach() {
     if (!mounted_ || detached_) {
         return {};
     }
-    if (!device_.empty() && !still_mounted_here()) {
-        // Detached already (`umount -l` from outside): the path may hold another mount now,
-        // which a detach by path would take away.
-        detached_ = true;
-        return {};
+    switch (where_now()) {
+        case Here::kGone:
+            // Detached already (`umount -l` from outside): the path may hold another mount
+            // now, which a detach by path would take away.
+            detached_ = true;
+            return {};
+        case Here::kCovered:
+            // A detach by path acts on the mount on top, which is not ours.
+            return make_error(EBUSY,
+                              "cannot detach {}: another mount covers it; unmount that "
+                              "first",
+                              mountpoint_);
+        case Here::kOnTop:
+        case Here::kUnknown:
+            break;
     }
     Status st = detach_path();
     if (st) {
@@ -171,7 +191,7 @@ Status FuseMount::detach_path() {
     return {};
 }
 
-Status FuseMount::unmount() {
+Status FuseMount::unmount(bool connection_aborted) {
     if (!mounted_) {
         return {};
     }
@@ -179,9 +199,11 @@ Status FuseMount::unmount() {
     // libfuse closes fd() and unmounts, unless the descriptor reports an error, which it takes
     // for a mount that is gone already.
     fuse_session_unmount(session_);
-    if (!detached_ && still_mounted_here()) {
-        // An aborted connection reports that error too, yet stays mounted: every access
-        // fails with ENOTCONN and a new mount there is refused. Nothing serves it any more.
+    // An aborted connection reports that error too, yet stays mounted: every access fails with
+    // ENOTCONN and a new mount there is refused. Only then: an aborted mount still holds its
+    // identity, while after an ordinary unmount the kernel may have given the same numbers to
+    // a newer mount at the same path.
+    if (connection_aborted && !detached_ && where_now() == Here::kOnTop) {
         return detach_path();
     }
     return {};

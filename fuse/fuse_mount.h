@@ -37,8 +37,9 @@ class FuseMount {
     /// Detaches the mount and closes fd(); outstanding reads on it then fail with ENODEV. Only
     /// once nothing serves fd() any more: a descriptor closed under the server makes its
     /// replies fail, and one reopened under the same number would receive them.
-    /// Also detaches a mount whose connection was aborted, which libfuse leaves in place.
-    Status unmount();
+    /// With `connection_aborted` (the server read ECONNABORTED), also detaches the mount,
+    /// which libfuse leaves in place then.
+    Status unmount(bool connection_aborted = false);
     /// Detaches the mount lazily and leaves fd() open, for while the server still runs. The
     /// connection ends (reads on fd() fail with ENODEV) when nothing uses the mount any more;
     /// files open until then (a loop device, a VM) are still served. Blocking; never from a
@@ -48,13 +49,18 @@ class FuseMount {
 
   private:
     FuseMount() = default;
-    /// Whether the mount on top at mountpoint_ is still this one (false if unknown).
-    [[nodiscard]] bool still_mounted_here() const;
+    enum class Here { kOnTop, kCovered, kGone, kUnknown };
+    /// Where this mount is now among the mounts at mountpoint_ (kUnknown: its identity was
+    /// not found right after mounting).
+    [[nodiscard]] Here where_now() const;
     /// umount2(MNT_DETACH) as root, `fusermount3 -u -z` otherwise.
     Status detach_path();
     fuse_session* session_ = nullptr;
     std::string mountpoint_;
-    std::string device_;  // the mount's MAJOR:MINOR, "" if the mount table did not show it
+    // "ID MAJOR:MINOR" of the mount from mountinfo, "" if the table did not show it. Both
+    // numbers are given again once the mount is gone, so a match says "ours" only while it is
+    // known to exist.
+    std::string identity_;
     bool mounted_ = false;
     // Set by detach(), which runs on an offloader thread, read by unmount() on the daemon's
     // thread once the server has ended.

@@ -155,6 +155,9 @@ Task<void> FuseServer::reader() {
                                         "stopping",
                                         failures));
                 }
+                if (res == -ENODEV || res == -ECONNABORTED) {
+                    connection_ended_.store(true);
+                }
                 stopping_ = true;  // unmounted (ENODEV) or broken: stop serving
                 break;
             }

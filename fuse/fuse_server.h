@@ -8,6 +8,7 @@
 // never reused before the write completes). READ replies are produced in the payload area.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -196,6 +197,8 @@ class FuseServer {
     FuseServerOptions options_;
     TaskScope scope_;                   // every reader and request coroutine; run() joins it
     std::optional<Error> ended_badly_;  // see end_status()
+    // Set by a reader that found the connection gone; read by ring entries on other loops.
+    std::atomic<bool> connection_ended_{false};
     // Outlives nothing that points into it: buffers_ (views into the pool) is destroyed first,
     // and no read is in flight once run() has joined scope_.
     PayloadPool payload_pool_;

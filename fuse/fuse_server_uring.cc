@@ -193,8 +193,19 @@ void ring_reply(fuse_uring::ReqHeader* hdr, MutBuf payload, uint64_t unique,
 
 }  // namespace
 
+namespace {
+
 // Between tries of a reply the kernel had no memory for, once the quick retries are spent.
 constexpr std::chrono::milliseconds kOwedReplyRetry{100};
+
+// A ring command's result that means the connection ended, not that the kernel refused it:
+// ENOTCONN (an unmount), ECONNABORTED (an abort, with FUSE_ABORT_ERROR), ENODEV, ECANCELED
+// (the ring is going away).
+bool connection_gone(int32_t res) {
+    return res == -ENOTCONN || res == -ECONNABORTED || res == -ENODEV || res == -ECANCELED;
+}
+
+}  // namespace
 
 Task<void> FuseServer::ring_entry(RingEntry* entry) {
     iovec iov[2] = {{entry->header.data(), sizeof(fuse_uring::ReqHeader)},
@@ -213,7 +224,7 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
         });
     } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
     co_await ring->resume_on(loop_);
-    const bool refused = res < 0 && res != -ENOTCONN && res != -ECANCELED && res != -ENODEV;
+    const bool refused = res < 0 && !connection_gone(res);
     if (refused) {
         note_refused_entry(entry->qid, -res);
     } else if (res < 0 && !ring_settled_) {
@@ -240,15 +251,14 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
             if (quick_retry) {
                 continue;
             }
-            if (res != -ENOMEM && res != -EAGAIN) {
-                break;
+            if ((res != -ENOMEM && res != -EAGAIN) || connection_ended_.load()) {
+                break;  // nobody is waiting for the reply any more once the connection ended
             }
             co_await ring->sleep(kOwedReplyRetry);
         }
         co_await ring->resume_on(loop_);
     }
-    // ENOTCONN: the connection ended (unmount); ECANCELED: the ring is going away.
-    if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV && !refused) {
+    if (!connection_gone(res) && !refused) {
         log_->error("FUSE ring entry on queue {}: {}", entry->qid, strerror(-res));
     }
     if (ring != loop_ && --ring_remote_ == 0) {

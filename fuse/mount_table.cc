@@ -140,16 +140,16 @@ std::optional<MountEntry> imgfs_mount_at(const std::string& path) {
     return found;
 }
 
-std::string device_mounted_at(const std::string& target) {
-    // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...; the last entry is the one on top.
+std::vector<std::string> mounts_at(const std::string& target) {
+    // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...; later entries are on top.
     std::ifstream f("/proc/self/mountinfo");
-    std::string found;
+    std::vector<std::string> found;
     for (std::string line; std::getline(f, line);) {
         std::istringstream words(line);
         std::string id, parent, device, root, mountpoint;
         words >> id >> parent >> device >> root >> mountpoint;
         if (unescape(mountpoint) == target) {
-            found = device;
+            found.push_back(id + " " + device);
         }
     }
     return found;

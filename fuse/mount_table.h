@@ -21,10 +21,9 @@ struct MountEntry {
 std::vector<MountEntry> read_mount_table();
 /// The imgfs mount whose mount point is `path` (compared after resolving symlinks), if any.
 std::optional<MountEntry> imgfs_mount_at(const std::string& path);
-/// The device ("MAJOR:MINOR") of the mount on top at `target`, exactly as written (nothing is
-/// resolved: the path may be a FUSE mount that no longer answers), or "" if nothing is mounted
-/// there.
-std::string device_mounted_at(const std::string& target);
+/// The mounts at `target`, exactly as written (nothing is resolved: the path may be a FUSE
+/// mount that no longer answers), bottom first, each as "ID MAJOR:MINOR" from mountinfo.
+std::vector<std::string> mounts_at(const std::string& target);
 /// What holds files under `mountpoint` open: loop devices backed by them and processes with
 /// one open (or their working directory there), one description each.
 std::vector<std::string> mount_users(const std::string& mountpoint);

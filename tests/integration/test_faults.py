@@ -514,7 +514,7 @@ class JobFaults(harness.ImageDirTest):
             with self.assertRaisesRegex(AssertionError, "exited with 1"):
                 m.stop()
             self.assertIn("1 layer did not flush or close cleanly", m.read_log())
-            self.assertIn("did not close every image cleanly: 1 layer", m.unmount_stderr)
+            self.assertIn("its daemon did not end well: 1 layer", m.unmount_stderr)
         else:
             m.stop()
         for name in ("vm@s1.qcow2", "base.qcow2"):

@@ -255,6 +255,7 @@ class MountSafety(harness.ImageDirTest):
         # The requests in flight fail; the daemon exits 1 with the reason, detaches the dead
         # mount (which answered ENOTCONN and refused a new mount until unmounted by hand) and
         # leaves the reason for `imgfs unmount`. What fsync acknowledged stays.
+        harness.require_root()  # fusectl's abort file
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
         conns = "/sys/fs/fuse/connections"
         if not os.path.ismount(conns):

@@ -1024,7 +1024,7 @@ class RbdPool(harness.ImageDirTest):
         self.assertIn("did not flush or close cleanly", log)
         # ... and `imgfs unmount`, which waited for it, too.
         self.assertEqual(unmount.returncode, 1, unmount.stderr)
-        self.assertIn("did not close every image cleanly", unmount.stderr)
+        self.assertIn("its daemon did not end well", unmount.stderr)
         # The cluster back: what fsync acknowledged is there, and the layers check clean.
         self.remount_and_check_first_mib(conf, names, 0x77)
         self.check_layers([name + ".qcow2" for name in names] + ["base.qcow2"])
