@@ -621,7 +621,8 @@ void print_image(const std::string& name, const std::string& info, const std::st
         std::printf("  last error: %s\n", err.c_str());
     }
     if (is_failed) {
-        std::printf("  failed (I/O gets EIO): %s\n", failed.c_str());
+        std::printf("  failed (I/O gets EIO): %s (close %s.raw and rescan to open it afresh)\n",
+                    failed.c_str(), name.c_str());
     }
     if (writes_refused) {
         std::printf("  writes get EIO, reads go on: %s (close %s.raw and rescan, or remount)\n",
