@@ -250,6 +250,28 @@ class MountSafety(harness.ImageDirTest):
         run([harness.IMGFS, "unmount", mnt])
         qemu_img("check", "-q", self.img("vm.qcow2"))
 
+    def test_a_signal_never_detaches_a_mount_that_covers_ours(self):
+        # SIGTERM detaches the mount by its path, which acts on the mount on top: with another
+        # mount over ours that one would go. The daemon says why it cannot and serves on.
+        harness.require_root()
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "16M")
+        m = self.mount()
+        run(["mount", "-t", "tmpfs", "-o", "size=1M", "cover", m.mountpoint])
+        try:
+            m.proc.send_signal(signal.SIGTERM)
+            deadline = time.time() + 30
+            while "another mount covers it" not in m.read_log() and time.time() < deadline:
+                time.sleep(0.05)
+            self.assertIn("another mount covers it", m.read_log())
+            with open("/proc/self/mounts") as f:
+                types = [l.split()[2] for l in f if l.split()[1] == m.mountpoint]
+            self.assertEqual(types, ["fuse.imgfs", "tmpfs"])
+            self.assertIsNone(m.proc.poll())
+        finally:
+            run(["umount", m.mountpoint])
+        self.assertTrue(os.path.exists(m.path("vm.raw")))
+        m.stop()
+
     def test_an_aborted_connection_is_detached_and_reported(self):
         # `echo 1 > /sys/fs/fuse/connections/N/abort`, an operator's way out of a hung mount.
         # The requests in flight fail; the daemon exits 1 with the reason, detaches the dead
