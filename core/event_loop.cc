@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <string>
+#include <thread>
 #include <unistd.h>
 
 #include <sys/eventfd.h>
@@ -75,13 +76,16 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(Options options) {
                                 (options.runs_on_another_thread ? IORING_SETUP_R_DISABLED : 0);
     const unsigned defer_flags =
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
-    params.flags = base_flags | (options.defer_completions ? defer_flags : 0);
+    const unsigned cq_flags = options.cq_entries != 0 ? IORING_SETUP_CQSIZE : 0;
+    params.flags = base_flags | cq_flags | (options.defer_completions ? defer_flags : 0);
+    params.cq_entries = options.cq_entries;  // clamped to the kernel's maximum
     int ret = io_uring_queue_init_params(options.queue_depth, &loop->ring_, &params);
     loop->defers_completions_ = ret == 0 && options.defer_completions;
     if (ret == -EINVAL && options.defer_completions) {
         // A kernel before 6.1: completions interrupt the thread, as they did.
         params = io_uring_params{};
-        params.flags = base_flags;
+        params.flags = base_flags | cq_flags;
+        params.cq_entries = options.cq_entries;
         ret = io_uring_queue_init_params(options.queue_depth, &loop->ring_, &params);
     }
     if (ret < 0) {
@@ -315,7 +319,12 @@ bool EventLoop::wait_and_reap() {
     } else if (!poll_eligible || poll_window_.count() == 0 || !poll_for_completions()) {
         ++submit_calls_;
         int ret = io_uring_submit_and_wait(&ring_, 1);
-        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+        if (ret == -ENOMEM || ret == -EAGAIN) {
+            // The kernel is short of memory for a request: it did not wait, and asking again
+            // at once would spin while the shortage lasts.
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        } else if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -ETIME) {
+            // EBADR among them: completions were lost, so some request would never end.
             std::fprintf(stderr, "imgfs: io_uring_submit_and_wait failed: %d\n", ret);
             std::abort();
         }
@@ -512,7 +521,14 @@ Task<void> EventLoop::sleep(std::chrono::nanoseconds ns) {
     ts.tv_sec = static_cast<int64_t>(ns.count() / 1'000'000'000);
     ts.tv_nsec = static_cast<long long>(ns.count() % 1'000'000'000);
     // The timespec must stay valid until the kernel has read it; it lives in this frame.
-    co_await submit_work_wait([&ts](io_uring_sqe* sqe) { io_uring_prep_timeout(sqe, &ts, 0, 0); });
+    const int32_t res = co_await submit_work_wait(
+        [&ts](io_uring_sqe* sqe) { io_uring_prep_timeout(sqe, &ts, 0, 0); });
+    if (res != -ETIME && res < 0) {
+        // No timer (the kernel had no memory for it): a short pause on the thread instead, so
+        // that a caller backing off between retries does not spin.
+        std::this_thread::sleep_for(
+            std::min<std::chrono::nanoseconds>(ns, std::chrono::milliseconds(1)));
+    }
 }
 
 namespace detail {

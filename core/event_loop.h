@@ -30,6 +30,12 @@ class EventLoop final : public Executor {
   public:
     struct Options {
         unsigned queue_depth = 256;
+        /// Completion queue entries (0: the kernel's default, twice queue_depth). Operations
+        /// in flight are not bounded by the submission queue: a completion that finds the
+        /// queue full goes to a list the kernel allocates for, and is lost if that fails
+        /// (under memory pressure, when our files are the I/O path of a loop device). So the
+        /// queue holds what may complete at once: every FUSE ring entry, and room for the rest.
+        unsigned cq_entries = 0;
         /// 128-byte SQEs (IORING_SETUP_SQE128), which IORING_OP_URING_CMD commands with a
         /// larger command area need (FUSE-over-io_uring).
         bool big_sqes = false;
@@ -185,6 +191,8 @@ class EventLoop final : public Executor {
     [[nodiscard]] uint64_t submit_calls() const { return submit_calls_; }
     [[nodiscard]] uint64_t ops_completed() const { return ops_completed_; }
     [[nodiscard]] uint64_t hops_received() const { return hops_received_; }
+    /// The completion queue's size as the kernel made it (Options::cq_entries).
+    [[nodiscard]] unsigned completion_slots() const { return ring_.cq.ring_entries; }
     [[nodiscard]] uint64_t polls_caught() const { return polls_caught_; }
     [[nodiscard]] std::chrono::microseconds poll_window() const { return poll_window_; }
 

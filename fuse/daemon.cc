@@ -358,6 +358,11 @@ int serve_mount(const MountCommand& cmd, ReadyPipe* ready, Logger* log) {
     // transport its inline reads (FuseServer::reader), 97-110k instead of 260-277k 4k reads
     // at QD32 of a raw image on tmpfs, and what they gain is in the ring transport's requests.
     loop_options.defer_completions = loop_options.big_sqes;
+    // Room for every FUSE ring entry (one queue per possible CPU, 64 entries each, all of
+    // them on one loop by default) to complete at once, and for the file I/O beside them.
+    Result<uint32_t> possible = fuse_uring::possible_cpus();
+    loop_options.cq_entries = std::max<unsigned>(
+        4096, (possible ? *possible : 1) * FuseServerOptions{}.uring_entries_per_queue + 1024);
     auto loop_r = EventLoop::create(loop_options);
     if (!loop_r) {
         return fail(loop_r.error().message());

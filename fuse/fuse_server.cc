@@ -340,9 +340,26 @@ Task<void> FuseServer::send(uint64_t unique, FuseReply reply) {
     iovec iov[2] = {
         {&out, sizeof out},
         {const_cast<uint8_t*>(reply.data.data()), reply.error == 0 ? reply.data.size() : 0}};
-    int32_t res = co_await loop_->submit([this, &iov](io_uring_sqe* sqe) {
-        io_uring_prep_writev(sqe, fd_, iov, iov[1].iov_len != 0 ? 2 : 1, 0);
-    });
+    // A reply the kernel had no memory for is sent again for as long as that lasts, as on the
+    // ring (ring_entry): dropped, its caller (a loop device's worker) would wait for ever.
+    int32_t res = 0;
+    int attempts = 0;
+    for (;;) {
+        res = co_await loop_->submit([this, &iov](io_uring_sqe* sqe) {
+            io_uring_prep_writev(sqe, fd_, iov, iov[1].iov_len != 0 ? 2 : 1, 0);
+        });
+        if (res >= 0) {
+            break;
+        }
+        const bool quick_retry = co_await loop_->retry_transient(res, &attempts, true);
+        if (quick_retry) {
+            continue;
+        }
+        if ((res != -ENOMEM && res != -EAGAIN) || connection_ended_.load()) {
+            break;
+        }
+        co_await loop_->sleep(std::chrono::milliseconds(100));
+    }
     // ENOENT: the request was interrupted meanwhile; ENODEV/EBADF: unmounted. Neither is ours to
     // report.
     if (res < 0 && res != -ENOENT && res != -ENODEV && res != -EBADF) {

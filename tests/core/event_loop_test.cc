@@ -204,6 +204,27 @@ TEST(EventLoopPollTest, CompletionsWaitForTheLoopWhereTheKernelCan) {
     EXPECT_EQ(loop->defers_completions(), major > 6 || (major == 6 && minor >= 1)) << u.release;
 }
 
+// Many more operations in flight than the submission queue holds, and more than the default
+// completion queue: all complete, and the queue is as large as asked.
+TEST(EventLoopQueueTest, CompletionQueueHoldsWhatTheOptionsAsk) {
+    EventLoop::Options options;
+    options.queue_depth = 64;
+    options.cq_entries = 4096;
+    auto loop = EventLoop::create(options);
+    ASSERT_TRUE(loop.ok());
+    EXPECT_EQ((*loop)->completion_slots(), 4096U);
+    TaskScope scope(loop->get());
+    for (int i = 0; i < 1000; ++i) {
+        scope.spawn((*loop)->sleep(std::chrono::milliseconds(1)));
+    }
+    sync_wait(loop->get(), scope.join());
+    EventLoop::Options plain;
+    plain.queue_depth = 64;
+    auto small = EventLoop::create(plain);
+    ASSERT_TRUE(small.ok());
+    EXPECT_EQ((*small)->completion_slots(), 128U);
+}
+
 // These measure wall time on a machine that other tests load (ctest -j2, the sanitizers): a
 // thread preempted while it spins sees a timer fire inside the window where it should not, or
 // the other way round. Each is tried up to three times; one clean run shows the behaviour.
