@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -169,7 +170,11 @@ class Mount:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"imgfs exited early ({self.proc.returncode}):\n{self.read_log()}")
-            if is_mounted(self.mountpoint) and os.path.exists(os.path.join(self.mountpoint, ".control")):
+            # The kernel answers requests once INIT is through, before the daemon has settled
+            # its transport and said which serves (the ring's entries register meanwhile):
+            # ready is that line, "serving DIR on MNT (...) through ...".
+            if (is_mounted(self.mountpoint) and os.path.exists(os.path.join(self.mountpoint, ".control"))
+                    and re.search(r"info: serving .* through ", self.read_log())):
                 self._check_loops()
                 return self
             time.sleep(0.05)
