@@ -80,7 +80,7 @@ Task<Status> BlockBackend::enter_for_write(const char* op) {
     }
 }
 
-Task<Result<bool>> BlockBackend::claim_writes(std::string op) {
+Task<Result<bool>> BlockBackend::claim_writes(std::string op, bool for_request) {
     if (!claim_pending()) {
         co_return false;
     }
@@ -95,6 +95,9 @@ Task<Result<bool>> BlockBackend::claim_writes(std::string op) {
     DrainGuard drained = co_await drain(std::move(drained_nodes));
     Result<bool> claimed = co_await top->claim_writes();
     if (!claimed) {
+        if (!for_request) {
+            co_return std::move(claimed).error();
+        }
         Status failed = note(op.c_str(), claimed.error());
         co_return std::move(failed).error();
     }

@@ -67,9 +67,10 @@ class BlockBackend final : public ChildOwner {
     /// section, so that what the top rereads is not in use. A user that changes the graph
     /// (jobs/) calls it holding what serialises its graph changes (the export's ops lock)
     /// before its first write; the write requests call it too, for a top that a graph change
-    /// brought back unclaimed meanwhile. A failure is recorded as a failed `op` (status then
-    /// names the host that writes the image). True if this call took the claim.
-    Task<Result<bool>> claim_writes(std::string op);
+    /// brought back unclaimed meanwhile. For a request (`for_request`), a failure is recorded
+    /// as a failed `op` (status then names the host that writes the image); a command's refusal
+    /// is its own error, not an I/O failure of the image. True if this call took the claim.
+    Task<Result<bool>> claim_writes(std::string op, bool for_request = true);
     /// Gives back a claim claim_writes() newly took (true) for a command that was then refused,
     /// unless something was written under it meanwhile (Node::release_claim), in a drained
     /// section of its own.

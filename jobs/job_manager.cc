@@ -160,7 +160,7 @@ Task<Result<bool>> JobManager::claim_and_verify(std::shared_ptr<Export> e) {
     // checks: in a pool the claim takes the image's lock from every other host for the
     // life of the mount, which a refused command must not do. The checks hold for the chain
     // verified here, or verify_chain refuses (another host changed it meanwhile).
-    CO_TRY_ASSIGN(bool fresh, co_await e->backend->claim_writes("claim"));
+    CO_TRY_ASSIGN(bool fresh, co_await e->backend->claim_writes("claim", false));
     if (Status verified = co_await images_->verify_chain(e); !verified) {
         co_await give_back(e, fresh);
         co_return std::move(verified).error();

@@ -554,6 +554,9 @@ class RbdPool(harness.ImageDirTest):
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("Read-only file system", p.stderr)
         self.assertEqual(self.images(), ["base.qcow2", "vm1.qcow2", "vm2.qcow2"])
+        # The command's refusal is its own error, not an I/O failure of the image.
+        self.assertIn("is being written by", a.info("vm2")["last_error"])
+        self.assertNotEqual(a.info("vm2")["io_error"]["op"], "claim")
         # Both read the shared base, and the first still writes its own image.
         with open(a.path("vm1.raw"), "r+b") as f:
             self.assertEqual(f.read(MiB), b"\x33" * MiB)
