@@ -281,10 +281,14 @@ comp() {
 [ "$(comp imgfs commit --w)" = "--wait" ] || die "completion of commit options"
 say "bash completion: ok"
 
-# ---- 4. Remove it.
+# ---- 4. Remove it. An enabled instance's link (what systemctl enable makes) goes with it.
+wants=/etc/systemd/system/multi-user.target.wants
+mkdir -p "$wants"
+ln -sf "$unit" "$wants/imgfs@$instance.service"
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq imgfs >/dev/null 2>&1 || die "apt-get purge imgfs failed"
 installed=0
-for f in /usr/bin/imgfs /usr/sbin/mount.fuse.imgfs /usr/share/man/man1/imgfs.1.gz "$unit"; do
+for f in /usr/bin/imgfs /usr/sbin/mount.fuse.imgfs /usr/share/man/man1/imgfs.1.gz "$unit" \
+  "$wants/imgfs@$instance.service"; do
   if [ -e "$f" ] || [ -L "$f" ]; then die "$f is still there after apt-get purge"; fi
 done
 say "package removed"
