@@ -36,6 +36,17 @@ def require_tools(*tools):
         require(shutil.which(t) is not None, t)
 
 
+def ofd_locked(inode):
+    """Whether some process holds an open file description lock (QEMU's image locks) on the
+    file with this inode number, from /proc/locks."""
+    with open("/proc/locks") as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 6 and words[1] == "OFDLCK" and words[5].endswith(f":{inode}"):
+                return True
+    return False
+
+
 def require_root():
     require(os.geteuid() == 0, "root")
     require(os.path.exists("/dev/fuse"), "/dev/fuse")

@@ -57,12 +57,13 @@ class Status(harness.ImageDirTest):
                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         self.addCleanup(holder.kill)
+        # Until qemu-io holds its locks, as /proc/locks shows them: a probe that opens the image
+        # (qemu-img info) would take a lock of its own, and could make qemu-io's open fail.
+        inode = os.stat(self.img("held.qcow2")).st_ino
         deadline = time.time() + 30
-        while time.time() < deadline:  # until qemu-io holds the lock
-            if subprocess.run(["qemu-img", "info", self.img("held.qcow2")],
-                              capture_output=True).returncode != 0:
-                break
+        while time.time() < deadline and not harness.ofd_locked(inode):
             time.sleep(0.05)
+        self.assertTrue(harness.ofd_locked(inode), "qemu-io did not lock held.qcow2")
         # An image marked corrupt on disk is not served (a repair comes first).
         qemu_img("create", "-q", "-f", "qcow2", self.img("marked.qcow2"), "16M")
         with open(self.img("marked.qcow2"), "r+b") as f:
