@@ -150,6 +150,11 @@ class OnPool:
         return {i for i in self.images()
                 if "watcher=" in self.rbd("status", f"rbd/{self.ns}/{i}").stdout}
 
+    def describe_open(self, m, names):
+        status = {n: self.rbd("status", f"rbd/{self.ns}/{pool_name(n)}", check=False).stdout
+                  for n in sorted(names)}
+        return f"rbd status: {status}; the daemon's log ends:\n{m.read_log()[-4000:]}"
+
     def sync_store(self):
         """Imports every file of self.dir that changed since the last exchange (replacing the
         image), and removes images whose file is gone."""

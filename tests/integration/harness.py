@@ -372,6 +372,10 @@ class ImageDirTest(unittest.TestCase):
         """The store's images (as the store names them) the daemon of mount `m` holds open."""
         return set(daemon_files(m))
 
+    def describe_open(self, m, names):
+        """What the store says about whether `names` are open, for a failure message."""
+        return f"the daemon holds open: {daemon_files(m)}"
+
 
 def daemon_files(m):
     """The image directory's files the daemon of mount `m` has open, sorted, each once ("X

@@ -402,7 +402,21 @@ class Run:
             served = served_chain(m, name)
             t.assertEqual(served, chain_in_store(t, served[0]), f"seed {self.seed}: {name}")
             open_files.update(served)
-        t.assertEqual(t.open_layers(m), open_files, "files the daemon holds open")
+        # In a pool a layer counts as open while its header has the daemon's watch. Ceph drops
+        # a watch whose pings come late (the test cluster allows 5 s) and librbd registers it
+        # again: seen once in CI as a served layer without a watcher. A layer that stays
+        # unwatched, or a leaked one, still fails after the wait.
+        seen = t.open_layers(m)
+        first_difference = seen ^ open_files
+        waited = time.time()
+        while seen != open_files and time.time() - waited < 20:
+            time.sleep(0.5)
+            seen = t.open_layers(m)
+        if first_difference and seen == open_files:
+            print(f"seed {self.seed}: {sorted(first_difference)} matched the served chains "
+                  f"after {time.time() - waited:.1f} s", flush=True)
+        t.assertEqual(seen, open_files,
+                      f"files the daemon holds open; {t.describe_open(m, seen ^ open_files)}")
         m.stop()
         t.mounts.remove(m)
         leftovers = [f for f in os.listdir(t.dir) if f.startswith(".imgfs-")]
