@@ -37,6 +37,13 @@ CommitJob::CommitJob(ImageSet* images, uint64_t id, std::shared_ptr<Export> e, s
 
 CommitJob::~CommitJob() = default;
 
+std::optional<uint64_t> CommitJob::remaining_bytes() const {
+    if (!scanned_ || dirty_ == nullptr) {
+        return std::nullopt;  // the estimate stands until the scan has found every range
+    }
+    return dirty_->dirty_bytes() + copying_bytes_;
+}
+
 void CommitJob::release_nodes() {
     if (target_ != nullptr) {
         // Left over only when the filter could not be taken out (the image is fenced): our own
@@ -209,6 +216,7 @@ Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scrat
     co_await filter_->tracker()->acquire(&req);
     // Clean before reading: a guest write completing after the read marks it dirty again.
     dirty_->clear(offset, bytes);
+    copying_bytes_ += bytes;  // back out below, before the caller counts it done
     MutBuf buf = scratch.subspan(0, bytes);
     Status st = co_await filter_->top()->read(offset, buf);
     // Not `st = cond ? co_await a : co_await b`: GCC 12 destroys the temporary of such a
@@ -221,6 +229,7 @@ Task<Status> CommitJob::copy_range(uint64_t offset, uint64_t bytes, MutBuf scrat
     if (!st) {
         dirty_->set(offset, bytes);
     }
+    copying_bytes_ -= bytes;
     co_return st;
 }
 
@@ -404,6 +413,7 @@ Task<Status> CommitJob::body() {
         off += st->bytes;
     }
     set_total(dirty_->dirty_bytes());
+    scanned_ = true;
     for (int pass = 0;; ++pass) {
         Status st = co_await copy_pass();
         if (!st) {
@@ -416,10 +426,8 @@ Task<Status> CommitJob::body() {
             // Writes that began before the switch mark their ranges dirty when they end:
             // waited for, so the next pass sees every range the target still lacks.
             co_await filter_->wait_unmirrored_writes();
-            add_total(dirty_->dirty_bytes());
             continue;  // one more pass for what was dirtied before the switch
         }
-        add_total(dirty_->dirty_bytes());
         if (filter_->mode() != MirrorFilter::Mode::kSync || dirty_->dirty_bytes() != 0) {
             continue;
         }

@@ -29,6 +29,8 @@ class CommitJob final : public Job {
 
   protected:
     void release_nodes() override;
+    /// Once the first scan is through: the ranges still dirty and those being copied.
+    [[nodiscard]] std::optional<uint64_t> remaining_bytes() const override;
 
   private:
     // Steps that change the graph take the image's lock (attach, abandon, complete) or expect
@@ -53,6 +55,8 @@ class CommitJob final : public Job {
     std::shared_ptr<MirrorFilter> filter_;
     Child* target_ = nullptr;  // our edge to the base
     std::unique_ptr<DirtyBitmap> dirty_;
+    bool scanned_ = false;                        // dirty_ holds all the work (remaining_bytes)
+    uint64_t copying_bytes_ = 0;                  // cleaned in dirty_, not yet counted done
     DroppedTop dropped_top_ = DroppedTop::kKept;  // what pivot did with the top's file
     std::string fenced_why_;                      // set if pivot had to fence the image
     std::vector<FileId> changing_;                // the middle layers, marked in images_

@@ -98,6 +98,9 @@ Task<void> Job::run() {
     if (!st) {
         error_ = cancelled_ && st.error().errnum == ECANCELED ? "cancelled" : st.error().message();
     }
+    if (std::optional<uint64_t> left = remaining_bytes()) {
+        total_bytes_ = done_bytes_ + *left;  // kept: the job's state goes with its nodes
+    }
     if (total_bytes_ < done_bytes_) {
         total_bytes_ = done_bytes_;
     }
@@ -204,7 +207,9 @@ std::string Job::status_json() const {
     w.field("image", export_name_);
     w.field("state", job_state_name(state_));
     w.field("done_bytes", done_bytes_);
-    w.field("total_bytes", std::max(total_bytes_, done_bytes_));
+    const std::optional<uint64_t> left =
+        state_ == JobState::kConcluded ? std::nullopt : remaining_bytes();
+    w.field("total_bytes", left ? done_bytes_ + *left : std::max(total_bytes_, done_bytes_));
     w.field("speed", speed_bytes_per_s_);
     if (!base_file_.empty()) {
         w.field("base", base_file_);

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "core/node.h"
@@ -82,6 +83,10 @@ class Job : public ChildOwner {
   protected:
     /// Drops the job's references to nodes (called once, as the job concludes).
     virtual void release_nodes() {}
+    /// What is left to do, for a job whose work grows as it runs (a commit: guest writes
+    /// dirty what it copied). total_bytes is then done_bytes plus this, so the figure grows
+    /// as the work does and done never runs past it. Without it, the running total counts.
+    [[nodiscard]] virtual std::optional<uint64_t> remaining_bytes() const { return std::nullopt; }
     /// Set by a commit: the file of the layer it merges into, so that a client can tell one
     /// commit from another (`imgfs commit --base FILE --wait` follows only its own).
     std::string base_file_;
@@ -101,7 +106,6 @@ class Job : public ChildOwner {
     /// ECANCELED instead if a cancel came in after the last checkpoint. A pause that came in
     /// after it holds here until resume or cancel, as at a checkpoint (ready cannot be paused).
     Task<Status> enter_ready();
-    void add_total(uint64_t bytes) { total_bytes_ += bytes; }
     void set_total(uint64_t bytes) { total_bytes_ = bytes; }
     void add_done(uint64_t bytes) { done_bytes_ += bytes; }
     EventLoop* loop_;

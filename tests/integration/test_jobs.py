@@ -50,10 +50,13 @@ def chain(m, name):
     return read_control(m, name, "snapshot").split()
 
 
-def wait_job(m, name, timeout=120):
+def wait_job(m, name, timeout=120, seen=None):
+    """Waits for the job on `name` to conclude; appends every status read to `seen`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         j = json.loads(read_control(m, name, "job"))
+        if seen is not None:
+            seen.append(j)
         if j["state"] == "concluded":
             return j
         time.sleep(0.05)
@@ -300,6 +303,45 @@ class Commit(harness.ImageDirTest):
         self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
         print(f"active commit of 256 MiB under a 64 KiB random writer: {took:.1f} s, "
               f"{j['done_bytes'] / MiB:.0f} MiB copied")
+
+    def test_commit_progress_grows_with_the_work_a_writer_adds(self):
+        # A writer dirties ranges the commit has copied. Its total must grow with that work:
+        # a client that showed done/total read 100 % (a running total, recounted only between
+        # passes) while most of a pass was still to copy.
+        harness.require_tools("fio")
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "128M")
+        m = self.mount()
+        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
+        run(["fio", "--name=fill", f"--filename={m.path('vm.raw')}", "--ioengine=io_uring",
+             "--direct=1", "--bs=1M", "--iodepth=8", "--rw=write", "--size=128M"])
+        writer = subprocess.Popen(["fio", "--name=w", f"--filename={m.path('vm.raw')}",
+                                   "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=4",
+                                   "--rw=randwrite", "--size=128M", "--time_based",
+                                   "--runtime=60", "--rate=40m"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        seen = []
+        try:
+            time.sleep(0.5)
+            self.assertEqual(control(m, "vm", "commit", "\n"), 0)
+            self.assertEqual(control(m, "vm", "job", f"speed {64 * MiB}"), 0)
+            j = wait_job(m, "vm", timeout=50, seen=seen)
+        finally:
+            harness.kill_all(m.path("vm.raw"))
+            writer.wait()
+        self.assertIsNone(j["error"], j)
+        running = [s for s in seen if s["state"] == "running" and s["done_bytes"] > 0]
+        full = [s for s in running if s["done_bytes"] >= s["total_bytes"]]
+        print(f"commit of 128 MiB under a 40 MiB/s writer at 64 MiB/s: {j['done_bytes'] / MiB:.0f}"
+              f" MiB copied, {len(running)} progress reads while running, {len(full)} at 100 %")
+        self.assertGreater(j["done_bytes"], 128 * MiB, "the writer added no work")
+        self.assertGreaterEqual(len(running), 10)
+        self.assertEqual(full, [], f"{len(full)} of {len(running)} reads said 100 % or more")
+        totals = [s["total_bytes"] for s in running]
+        self.assertEqual(totals, sorted(totals), "the total went down")
+        m.stop()
+        c = check(self.img("vm.qcow2"))
+        self.assertEqual((c["corruptions"], c["leaks"], c["check-errors"]), (0, 0, 0), c["text"])
 
     def test_commit_into_a_deeper_base_and_shared_base_refused(self):
         qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "32M")
