@@ -409,8 +409,9 @@ int snapshot(const Args& args) {
     const char* usage =
         "usage: imgfs snapshot MOUNTPOINT NAME SNAP\n"
         "       imgfs snapshot MOUNTPOINT --group SNAP [NAME...]\n\n"
-        "Takes a live external snapshot: NAME@SNAP.qcow2 becomes the active layer. With --group,\n"
-        "of the images named (all of them if none is) at one instant, all or nothing.";
+        "Takes a live external snapshot: NAME@SNAP.qcow2 becomes the active layer (in a Ceph\n"
+        "pool NAME~SNAP.qcow2, since RBD keeps '@' for its own snapshots). With --group, of\n"
+        "the images named (all of them if none is) at one instant, all or nothing.";
     if (wants_help(args, usage)) {
         return 0;
     }
@@ -554,8 +555,11 @@ int commit(const Args& args) {
 
 int revert(const Args& args) {
     const char* usage =
-        "usage: imgfs revert MOUNTPOINT NAME\n\nDrops the top layer (refused while "
-        "NAME.raw is open).";
+        "usage: imgfs revert MOUNTPOINT NAME\n\n"
+        "Drops the top layer: the layer below becomes the active one again. Refused (EBUSY)\n"
+        "while NAME.raw is open, when the layer below is not one of NAME's own (its file name\n"
+        "is not NAME.qcow2, NAME@SNAP.qcow2 or the like; NAME~SNAP.qcow2 in a Ceph pool), and\n"
+        "when the top or the layer below is shared with another image.";
     if (wants_help(args, usage)) {
         return 0;
     }

@@ -354,17 +354,19 @@ int create(const Args& args) {
     }
     if (req->help) {
         std::puts(
-            "usage: imgfs create [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 [SIZE]\n\n"
-            "Creates a qcow2 image (v3; v2 with -o compat=0.10). FILE is a path, or "
-            "rbd:POOL[/NAMESPACE]/IMAGE for an\n"
-            "RBD image (Ceph's configuration from $CEPH_CONF, else /etc/ceph/ceph.conf; the\n"
-            "client from $CEPH_ID, else admin), whose BACKING is an image of the same pool and\n"
-            "namespace, recorded as rbd:POOL[/NAMESPACE]/IMAGE. OPTS: cluster_size=, "
-            "extended_l2=on|off,\n"
+            "usage: imgfs create [-f qcow2] [-b BACKING [-F raw|qcow2]] [-o OPTS] FILE.qcow2 "
+            "[SIZE]\n"
+            "\n"
+            "Creates a qcow2 image (v3; v2 with -o compat=0.10); -f takes only qcow2. FILE is a\n"
+            "path, or rbd:POOL[/NAMESPACE]/IMAGE for an RBD image (Ceph's configuration from\n"
+            "$CEPH_CONF, else /etc/ceph/ceph.conf; the client from $CEPH_ID, else admin), whose\n"
+            "BACKING is an image of the same pool and namespace, recorded as\n"
+            "rbd:POOL[/NAMESPACE]/IMAGE. OPTS: cluster_size=, extended_l2=on|off,\n"
             "lazy_refcounts=on|off, refcount_bits=1..64, compat=0.10|1.1,\n"
-            "compression_type=zlib|zstd. SIZE takes qemu-img's syntax (1.5G, 512M, 10240k)\n"
-            "and is rounded up to whole 512-byte sectors; it may be left out with a backing\n"
-            "file (its size is taken).");
+            "compression_type=zlib|zstd, preallocation=off. SIZE takes qemu-img's syntax (1.5G,\n"
+            "512M, 10240k) and is rounded up to whole 512-byte sectors; it may be left out with\n"
+            "a backing file (its size is taken). qemu-img create's other options (-u, -q, -o\n"
+            "backing_file=...) are refused: give the backing file with -b and -F.");
         return 0;
     }
     Status made = names_pool_image(req->file) ? create_in_pool(&*req) : create_file(&*req);

@@ -25,10 +25,11 @@ const char* kMountHelp =
     "rbd:POOL serves the RBD images of a Ceph pool (or of a namespace of it) the same way.\n"
     "\n"
     "  -f            stay in the foreground, log to stderr\n"
-    "  -v            verbose log\n"
+    "  -v, -d        verbose log\n"
     "  -o OPTS       comma separated:\n"
     "     ro                      read-only\n"
     "     allow_other             let other users in (needs user_allow_other for non-root)\n"
+    "     allow_root              let root in as well as you (passed to FUSE)\n"
     "     cache_size=SIZE         L2 table cache per qcow2 layer (default: maps 64 GiB,\n"
     "                             at most 32 MiB: less with clusters under 16 KiB)\n"
     "     allow_external_backing  backing files may lie outside IMAGE_DIR\n"
@@ -49,7 +50,13 @@ const char* kMountHelp =
     "     faults=FILE             debug: inject I/O errors by the rules in FILE (see below)\n"
     "     ring_queues=N           debug: FUSE ring queues to register (default: one per\n"
     "                             possible CPU, as the kernel keeps; more makes it refuse)\n"
-    "     max_read=N, fsname=NAME and the options mount(8) passes are accepted\n"
+    "     max_read=N              largest read FUSE sends (default and most: 1 MiB)\n"
+    "     fsname=NAME             the source /proc/mounts shows (default: the source)\n"
+    "     debug                   the same as -v\n"
+    "     default_permissions     accepted; the mount always has it\n"
+    "     subtype=TYPE            accepted and ignored (the subtype is always imgfs)\n"
+    "     The options mount(8) passes (rw, defaults, nofail, _netdev, x-*, ...) are ignored.\n"
+    "     Others (uid=, gid=, umask=, any further FUSE or unknown option) fail the mount.\n"
     "\n"
     "Fault rules (faults=FILE; for tests, never for real data): one rule per line, '#' starts\n"
     "a comment. A rule is OPS followed by any of:\n"
@@ -358,7 +365,7 @@ int mount(const Args& args) {
         }
     }
     if (positional.size() != 2) {
-        return fail("usage: imgfs mount [-f] [-o OPTS] IMAGE_DIR|rbd:POOL MOUNTPOINT");
+        return fail("usage: imgfs mount [-f] [-v] [-o OPTS] IMAGE_DIR|rbd:POOL MOUNTPOINT");
     }
     // A pool is named as the user wrote it; a directory by its absolute path.
     cmd.image_dir = is_rbd_spec(positional[0]) ? positional[0] : absolute(positional[0]);
