@@ -245,7 +245,51 @@ const std::string* Metadata::refblock_overlap(uint64_t ri, uint64_t block) const
                                                                        : nullptr;
 }
 
+// The L1 table and the refcount table are written in place, one entry at a time. Sharing a
+// cluster with each other, or with the snapshot table or a snapshot's L1 table, a write to one
+// changes the other on disk while memory keeps the old: an L2 table's offset written into the
+// L1 table becomes a refcount block's, and a snapshot silently maps other data. The header
+// only checks each table against the file; checked here before the first write, as a reader
+// never writes them.
+Task<Status> Metadata::check_written_tables_apart() {
+    const uint64_t cs = g_.cluster_size;
+    struct Area {
+        std::string what;
+        uint64_t first = 0;
+        uint64_t last = 0;
+    };
+    std::vector<Area> areas;  // the two written tables first
+    auto add = [&](std::string what, uint64_t offset, uint64_t bytes) {
+        if (bytes != 0) {
+            areas.push_back(Area{std::move(what), offset / cs, (offset + bytes - 1) / cs});
+        }
+    };
+    add("the L1 table", header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
+    add("the refcount table", header_.refcount_table_offset,
+        uint64_t{header_.refcount_table_clusters} * cs);
+    const size_t written = areas.size();
+    if (header_.nb_snapshots != 0) {
+        add("the snapshot table", header_.snapshots_offset, snapshots_.table_bytes);
+    }
+    for (const SnapshotEntry& s : snapshots_.entries) {
+        add(fmt::format("the L1 table of snapshot {}", s.id), s.l1_table_offset,
+            uint64_t{s.l1_size} * 8);
+    }
+    for (size_t i = 0; i < written; ++i) {
+        for (size_t j = i + 1; j < areas.size(); ++j) {
+            if (areas[i].first <= areas[j].last && areas[j].first <= areas[i].last) {
+                co_return co_await corruption(fmt::format(
+                    "{} (from {:#x}) and {} (from {:#x}) share a cluster", areas[i].what,
+                    areas[i].first * cs, areas[j].what, areas[j].first * cs));
+            }
+        }
+    }
+    co_return Status{};
+}
+
 Task<Status> Metadata::prepare_for_writing() {
+    // First: the steps below write the header and the tables.
+    CO_TRY(co_await check_written_tables_apart());
     lazy_refcounts_ = (header_.compatible & kCompatLazyRefcounts) != 0;
     std::vector<uint64_t> dropped_bitmap_clusters;
     if (header_.version == 3 && header_.autoclear != 0) {

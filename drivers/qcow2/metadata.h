@@ -214,6 +214,9 @@ class Metadata {
     Task<Status> load();
     Task<Status> load_tables();
     Task<Status> prepare_for_writing();
+    /// Corruption if the L1 table or the refcount table shares a cluster with another table
+    /// the header names (see metadata.cc).
+    Task<Status> check_written_tables_apart();
     void build_metadata_index();
     // ---- repair (repair.cc) ----
     Task<Status> rebuild_refcounts();
@@ -243,6 +246,12 @@ class Metadata {
     Task<Result<std::vector<uint64_t>>> find_bitmap_clusters(std::vector<uint8_t> extension);
     Task<Status> free_dropped_bitmap_clusters(std::vector<uint64_t> clusters);
     [[nodiscard]] bool refblock_usable(uint64_t refcount_table_index) const;
+    /// Whether the cluster at host `offset` lies wholly inside the file. Written so that it
+    /// cannot wrap: a refcount table entry may name an offset just below 2^64.
+    [[nodiscard]] bool cluster_in_file(uint64_t offset) const {
+        const uint64_t size = file_->node()->size();
+        return offset <= size && size - offset >= g_.cluster_size;
+    }
 
     // ---- header updates (metadata.cc) ----
     Task<Status> write_header_bytes(uint64_t offset, ConstBuf bytes);

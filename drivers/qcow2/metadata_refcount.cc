@@ -25,7 +25,7 @@ Task<Result<uint64_t>> Metadata::get_refcount(uint64_t cluster) {
         co_return uint64_t{0};
     }
     if ((entry & kRefTableReservedMask) != 0 || (block & (g_.cluster_size - 1)) != 0 ||
-        block + g_.cluster_size > file_->node()->size()) {
+        !cluster_in_file(block)) {
         co_return co_await corruption(fmt::format(
             "refcount table entry {} ({:#x}) is invalid or beyond the end of the file", ri, entry));
     }
@@ -372,7 +372,10 @@ Task<Status> Metadata::grow_refcount_table(uint64_t min_entries) {
     const uint64_t cs = g_.cluster_size;
     const uint64_t per_cluster = cs / 8;
     const uint64_t entries = g_.refblock_entries;
-    uint64_t new_entries = std::max<uint64_t>(min_entries, refcount_table_.size() * 2);
+    // Doubled, but never past the largest table: a table of an odd size (QEMU's, or one a
+    // repair sized exactly) over half the limit could otherwise never grow again.
+    uint64_t new_entries = std::max<uint64_t>(
+        min_entries, std::min<uint64_t>(refcount_table_.size() * 2, kMaxRefcountTableBytes / 8));
     uint64_t start = end_cluster_;
     uint64_t table_clusters = 0;
     std::vector<uint64_t> new_ranges;  // ranges that get a new self-describing block

@@ -1,6 +1,7 @@
 // The cross-checks of a data mapping (cross_check.cc): a finding is corruption, but a check
 // that cannot be made because the storage failed is an I/O error, which must reach the caller
 // as one and never mark the image corrupt.
+#include <chrono>
 #include <cstring>
 #include <fcntl.h>
 #include <unistd.h>
@@ -23,6 +24,24 @@ constexpr uint64_t kCluster = 512;  // small clusters: many refcount blocks
 
 class CrossCheckTest : public test::FaultStackTest {
   protected:
+    // Loads `img` with nothing in between and closes it again; the load's status.
+    Status load(const std::string& img, bool read_only, std::chrono::milliseconds* took = nullptr) {
+        auto file = FileNode::open(env(), "file", AT_FDCWD, img, {});
+        EXPECT_TRUE(file.ok()) << file.error().message();
+        qcow2::Options options;
+        options.read_only = read_only;
+        Transaction tx(&graph_);
+        auto node = Qcow2Node::create(env(), "img", &tx, *file, options);
+        EXPECT_TRUE(tx.commit().ok());
+        const auto start = std::chrono::steady_clock::now();
+        Status st = run(node->load());
+        if (took != nullptr) {
+            *took = std::chrono::duration_cast<std::chrono::milliseconds>(
+                std::chrono::steady_clock::now() - start);
+        }
+        (void)run(node->close());
+        return st;
+    }
     // A 4 KiB-cluster image with 0x11 in its first cluster, whose second L2 entry is then set
     // to a preallocated zero cluster at `host(first data cluster, L2 table)`.
     static std::string damaged_zero_entry(const test::TempDir& dir, bool on_metadata) {
@@ -415,6 +434,103 @@ TEST_F(CrossCheckTest, ADiscardOfTheWholeDiskKeepsTheTableCacheBounded) {
     }
     EXPECT_EQ(test::qemu_check(img).exit_code, 0);
     EXPECT_EQ(test::qemu_convert_raw(img), std::vector<uint8_t>(8 << 20, 0));
+}
+
+// A crafted image: 64 KiB clusters with 1-bit refcounts, a one-cluster refcount table whose
+// entry 0 names the real block and every other entry one all-zero block. Each entry's block
+// was scanned in full for the allocation end, with no await between them: 35 s of a stalled
+// event loop for these 320 KiB (measured), hours for a larger table. The scan stops at the
+// margin a crash can leave past the end of the file.
+TEST_F(CrossCheckTest, TheAllocationEndScanIsBoundedByTheFileNotByTheTable) {
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    constexpr uint64_t kCs = 64 << 10;
+    std::vector<uint8_t> bytes(5 * kCs, 0);
+    auto put32 = [&](uint64_t at, uint32_t v) {
+        for (int i = 0; i < 4; ++i) {
+            bytes[at + i] = static_cast<uint8_t>(v >> (24 - 8 * i));
+        }
+    };
+    auto put64 = [&](uint64_t at, uint64_t v) {
+        put32(at, static_cast<uint32_t>(v >> 32));
+        put32(at + 4, static_cast<uint32_t>(v));
+    };
+    put32(0, 0x514649fb);   // magic
+    put32(4, 3);            // version
+    put32(20, 16);          // cluster_bits
+    put64(24, 1ULL << 30);  // virtual size
+    put32(36, 2);           // l1_size
+    put64(40, 4 * kCs);     // l1_table_offset
+    put64(48, kCs);         // refcount_table_offset
+    put32(56, 1);           // refcount_table_clusters
+    put32(96, 0);           // refcount_order: 1-bit counts
+    put32(100, 104);        // header_length
+    put64(kCs, 3 * kCs);    // entry 0: the real block
+    for (uint64_t i = 1; i < kCs / 8; ++i) {
+        put64(kCs + i * 8, 2 * kCs);  // the rest: one all-zero block
+    }
+    bytes[3 * kCs] = 0x1F;  // clusters 0-4 in use
+    test::write_file(img, bytes);
+    std::chrono::milliseconds took{};
+    Status st = load(img, false, &took);
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    EXPECT_LT(took.count(), 3000) << "the open scanned every table entry's block";
+}
+
+// A refcount table entry naming an offset just below 2^64: the bounds check added the cluster
+// size, wrapped to a small number and passed, and the block read then failed, so the image
+// could not be opened for writing at all. The entry is damage past the end of the file, as
+// any other far offset, and the rest of the image is written as usual.
+TEST_F(CrossCheckTest, ARefcountTableEntryNearTwoToThe64IsNotAWrappedOffset) {
+    REQUIRE_TOOL("qemu-img");
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    test::must("qemu-img create -q -f qcow2 '" + img + "' 64M");
+    const uint64_t reftable = test::be64_at(img, 48);
+    test::put_be64_at(img, reftable + 8, 0xFFFFFFFFFFFF0000ULL);  // entry 1: host 2 GiB on
+    Status loaded = load(img, false);
+    ASSERT_TRUE(loaded.ok()) << loaded.error().message();
+    {
+        Stack s = open(img);
+        ASSERT_TRUE(run(s.node->write(0, std::vector<uint8_t>(4096, 0x22))).ok());
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+    }
+    EXPECT_EQ(test::qemu_convert_raw(img).at(4095), 0x22);
+}
+
+// The L1 table and the refcount table are written in place. One sharing a cluster with the
+// other, with the snapshot table or with a snapshot's L1 table was written through: an L2
+// table's offset landed in the refcount table (qemu-img check: "refcount block ... is outside
+// image"), or a snapshot changed. Such an image is corruption at a writable open now, marked
+// as such before anything else is written, and it still opens read-only.
+TEST_F(CrossCheckTest, HeaderTablesSharingAClusterAreCorruptionAtAWritableOpen) {
+    REQUIRE_TOOL("qemu-img");
+    for (const char* layout : {"L1 on the refcount table", "snapshot L1 on the L1 table"}) {
+        SCOPED_TRACE(layout);
+        test::TempDir dir(test::memory_backed());
+        const std::string img = dir.file("img.qcow2");
+        test::must("qemu-img create -q -f qcow2 '" + img + "' 1G");
+        test::must("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' '" + img + "' >/dev/null");
+        const uint64_t l1 = test::be64_at(img, 40);
+        if (std::string(layout) == "L1 on the refcount table") {
+            test::put_be64_at(img, 40, test::be64_at(img, 48));
+        } else {
+            test::must("qemu-img snapshot -c s1 '" + img + "'");
+            const uint64_t table = test::be64_at(img, 64);  // snapshots_offset
+            test::put_be64_at(img, table, l1);              // entry 0's L1 table
+        }
+        const std::vector<uint8_t> before = test::read_file(img);
+        Status st = load(img, false);
+        ASSERT_FALSE(st.ok()) << "opened for writing";
+        EXPECT_EQ(st.error().errnum, EIO);
+        EXPECT_NE(st.error().message().find("share a cluster"), std::string::npos)
+            << st.error().message();
+        EXPECT_NE(test::be64_at(img, 72) & qcow2::kIncompatCorrupt, 0U) << "not marked corrupt";
+        expect_unchanged(img, before, 65536, before.size() - 65536, "past the header");
+        Status read_only = load(img, true);
+        EXPECT_TRUE(read_only.ok()) << read_only.error().message();
+    }
 }
 
 }  // namespace

@@ -1,5 +1,8 @@
 // The cluster allocator (metadata_refcount.cc) on real images: clusters freed but held back
 // from reuse until the tables that dropped them are durable.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 #include "drivers/qcow2/metadata.h"
@@ -115,6 +118,77 @@ TEST_F(MetadataRefcountTest, ClustersHeldForAReadAreReusedOnceItEnds) {
         << "the clusters held for the read were not reused after it ended";
     ASSERT_TRUE(run(s.node->close()).ok());
     users_.clear();
+}
+
+// A refcount table of 8193 clusters of 512 bytes (just over half the 8 MiB limit; QEMU and
+// the repair size tables exactly) that is full: 512-byte clusters with 64-bit counts, so its
+// last entry covers a host offset of 16 GiB (a sparse file). Growing it doubled the size
+// past the limit and failed with EFBIG, although a table of the largest size fits. It grows
+// to exactly the limit now.
+TEST_F(MetadataRefcountTest, AFullTableOverHalfTheLimitGrowsToTheLimit) {
+    test::TempDir dir(test::memory_backed());
+    const std::string img = dir.file("img.qcow2");
+    constexpr uint64_t kCs = 512;
+    constexpr uint64_t kPerBlock = kCs / 8;  // 64-bit counts
+    constexpr uint64_t kTableClusters = 8193;
+    constexpr uint64_t kTableEntries = kTableClusters * kCs / 8;
+    constexpr uint64_t kLowBlocks = 131;  // cover the clusters up to 8384
+    constexpr uint64_t kFirstBlock = 2 + kTableClusters;
+    const uint64_t far_block = kTableEntries * kPerBlock - 1;  // counts itself, last entry
+    std::vector<uint8_t> head((kFirstBlock + kLowBlocks) * kCs, 0);
+    auto put = [](std::vector<uint8_t>* b, uint64_t at, uint64_t v, int bytes) {
+        for (int i = 0; i < bytes; ++i) {
+            (*b)[at + i] = static_cast<uint8_t>(v >> (8 * (bytes - 1 - i)));
+        }
+    };
+    put(&head, 0, 0x514649fb, 4);
+    put(&head, 4, 3, 4);
+    put(&head, 20, 9, 4);        // cluster_bits
+    put(&head, 24, 1 << 20, 8);  // 1 MiB disk
+    put(&head, 36, 32, 4);       // l1_size
+    put(&head, 40, kCs, 8);      // L1 table in cluster 1
+    put(&head, 48, 2 * kCs, 8);  // refcount table from cluster 2
+    put(&head, 56, kTableClusters, 4);
+    put(&head, 96, 6, 4);     // refcount_order: 64-bit counts
+    put(&head, 100, 104, 4);  // header_length
+    for (uint64_t k = 0; k < kLowBlocks; ++k) {
+        put(&head, 2 * kCs + k * 8, (kFirstBlock + k) * kCs, 8);
+    }
+    put(&head, 2 * kCs + (kTableEntries - 1) * 8, far_block * kCs, 8);
+    // Every cluster of the low blocks' ranges in use (the last ones leaked), so nothing inside
+    // the file is free and the next cluster comes from the end.
+    for (uint64_t c = 0; c < kLowBlocks * kPerBlock; ++c) {
+        put(&head, (kFirstBlock + c / kPerBlock) * kCs + (c % kPerBlock) * 8, 1, 8);
+    }
+    std::vector<uint8_t> far(kCs, 0);
+    for (uint64_t i = 0; i < kPerBlock; ++i) {
+        put(&far, i * 8, 1, 8);  // its range in use (leaked), itself included
+    }
+    test::write_file(img, head);
+    {
+        int fd = ::open(img.c_str(), O_WRONLY);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(::pwrite(fd, far.data(), kCs, static_cast<off_t>(far_block * kCs)),
+                  static_cast<ssize_t>(kCs));
+        ::close(fd);
+    }
+    {
+        Stack s = open(img);
+        Status st = run(s.node->write(0, std::vector<uint8_t>(kCs, 0x33)));
+        ASSERT_TRUE(st.ok()) << st.error().message();
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+    }
+    EXPECT_EQ(test::be64_at(img, 56) >> 32, qcow2::kMaxRefcountTableBytes / kCs)
+        << "refcount_table_clusters";
+    {
+        Stack s = open(img);
+        std::vector<uint8_t> back(kCs);
+        ASSERT_TRUE(run(s.node->read(0, back)).ok());
+        EXPECT_EQ(back, std::vector<uint8_t>(kCs, 0x33));
+        ASSERT_TRUE(run(s.node->close()).ok());
+        users_.clear();
+    }
 }
 
 }  // namespace
