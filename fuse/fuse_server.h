@@ -218,6 +218,10 @@ class FuseServer {
     uint32_t ring_refused_total_ = 0;
     // Registrations that ended because the connection did, before the ring settled.
     uint32_t ring_lost_before_settling_ = 0;
+    // Registrations that completed with an error: counted on the entry's loop as it completes,
+    // and again here once the entry is back (settle_ring waits for the two to agree).
+    std::atomic<uint32_t> ring_registers_failed_{0};
+    uint32_t ring_registers_failed_back_ = 0;
     uint16_t first_refused_qid_ = 0;
     bool ring_in_use_ = false;  // settle_ring() found an entry registered in every queue
     int ring_refusal_errno_ = 0;

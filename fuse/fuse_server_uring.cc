@@ -223,7 +223,13 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
             prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
         });
     } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
+    if (res < 0) {
+        ring_registers_failed_.fetch_add(1);  // here, before a hop that may be overtaken
+    }
     co_await ring->resume_on(loop_);
+    if (res < 0) {
+        ++ring_registers_failed_back_;
+    }
     const bool refused = res < 0 && !connection_gone(res);
     if (refused) {
         note_refused_entry(entry->qid, -res);
@@ -299,6 +305,13 @@ Task<void> FuseServer::settle_ring() {
         co_await loop_->resume_on(ring);
         (void)co_await ring->submit([](io_uring_sqe* sqe) { io_uring_prep_nop(sqe); });
         co_await ring->resume_on(loop_);
+    }
+    // Each failed registration was counted on its loop before that loop's no-op completed,
+    // but its hop back here may come after ours: a hop the kernel had no memory for goes the
+    // slower way (EventLoop::post). Every one is counted here before the ring is judged.
+    const uint32_t failed = ring_registers_failed_.load();
+    while (ring_registers_failed_back_ < failed) {
+        co_await loop_->sleep(std::chrono::milliseconds(1));
     }
     ring_settled_ = true;
     if (ring_lost_before_settling_ != 0) {
