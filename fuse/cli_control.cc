@@ -608,6 +608,34 @@ std::string job_summary(const std::string& job) {
     return out;
 }
 
+// A backing layer whose storage failed a flush (the base of a failed commit) refuses writes
+// until it is opened afresh: the guest does not see it, but the next commit into it fails.
+// Listed per layer in info; the top's own line is the image's (writes_refused above).
+void print_backing_layers_refusing_writes(const std::string& name, const std::string& info) {
+    const std::string needle = "\"writes_refused\":\"";
+    const size_t layers = info.find("\"layers\":[");
+    if (layers == std::string::npos) {
+        return;
+    }
+    const std::string top = json_value(info, "file");
+    for (size_t at = info.find(needle, layers); at != std::string::npos;
+         at = info.find(needle, at + needle.size())) {
+        const size_t layer = info.rfind("{\"file\":", at);
+        if (layer == std::string::npos || layer < layers) {
+            continue;
+        }
+        const std::string part = info.substr(layer);
+        const std::string file = json_value(part, "file");
+        if (file == top) {
+            continue;
+        }
+        std::printf(
+            "  backing layer %s refuses writes (a commit into it fails): %s (close %s.raw "
+            "and rescan, or remount)\n",
+            file.c_str(), json_value(part, "writes_refused").c_str(), name.c_str());
+    }
+}
+
 void print_image(const std::string& name, const std::string& info, const std::string& job) {
     // Flags in the line itself, so that a glance (or grep) at the list shows them.
     std::string failed = json_value(info, "failed");
@@ -632,6 +660,7 @@ void print_image(const std::string& name, const std::string& info, const std::st
         std::printf("  writes get EIO, reads go on: %s (close %s.raw and rescan, or remount)\n",
                     refused.c_str(), name.c_str());
     }
+    print_backing_layers_refusing_writes(name, info);
     if (corrupt) {
         std::printf(
             "  a layer is marked corrupt (writes are refused; see info and qemu-img check)\n");

@@ -536,6 +536,40 @@ class JobFaults(harness.ImageDirTest):
                                       close_fails=True)
         self.assertEqual(convert_raw(self.img("base.qcow2")), expected)
 
+    def test_a_base_that_failed_a_flush_is_shown_refusing_writes(self):
+        # A commit whose base fails an fdatasync fails, and the base refuses writes until it is
+        # opened afresh: the guest sees nothing (its writes go to the top), so only status can
+        # tell the operator why the next commit fails, and how to clear it.
+        expected = self.build()
+        f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
+        f.write("fdatasync errno=EIO layers=all file=base.qcow2\n")
+        f.close()
+        self.addCleanup(os.unlink, f.name)
+        m = self.mount(f"faults={f.name}")
+        with open(m.path(".control", "vm", "commit"), "w") as c:
+            c.write("\n")
+        result = self.wait_job(m)
+        self.assertIn("fdatasync", result["error"] or "")
+        base = [l for l in m.info("vm")["layers"] if l["file"] == "base.qcow2"]
+        self.assertIn("fdatasync", base[0].get("writes_refused") or "", base)
+        status = run([harness.IMGFS, "status", m.mountpoint]).stdout
+        self.assertIn("backing layer base.qcow2 refuses writes", status)
+        self.assertIn("close vm.raw and rescan", status)
+        self.assertNotIn("WRITES REFUSED", status)  # the guest's writes go on
+        with open(m.path("vm.raw"), "r+b") as raw:
+            raw.write(b"\x77" * 4096)
+            os.fsync(raw.fileno())
+        expected = b"\x77" * 4096 + expected[4096:]
+        with self.assertRaisesRegex(AssertionError, "exited with 1"):
+            m.stop()  # the base's cached metadata cannot be flushed either
+        for name in ("vm@s1.qcow2", "base.qcow2"):
+            r = check(self.img(name))
+            self.assertEqual((r["corruptions"], r["check-errors"]), (0, 0), r["text"])
+        m = self.mount()
+        with open(m.path("vm.raw"), "rb") as raw:
+            self.assertEqual(raw.read(), expected)
+        m.stop()
+
     def test_a_commit_that_cannot_grow_its_base_leaves_it_to_qemu(self):
         # The image is larger than its base, so a commit grows the base first, writable. When
         # that fails (here every write to the base), the base goes back to read-only, and its
