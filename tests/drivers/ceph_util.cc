@@ -40,10 +40,18 @@ int read_pid(const std::string& file) {
 
 CephCluster::CephCluster() {
     const std::string script = std::string(IMGFS_SOURCE_DIR) + "/tests/ceph/cluster.sh";
-    conf_ = shell_output(script + " start " + dir_.path().string() + " --port " +
-                         std::to_string(free_port()) + " --osd-mib 1024");
-    while (!conf_.empty() && conf_.back() == '\n') {
-        conf_.pop_back();
+    const std::string dir = dir_.path().string();
+    // The port is free when picked, but another process may bind it before the monitor does
+    // (which tries once): a new port, in an emptied directory, up to 3 times.
+    for (int attempt = 0; attempt < 3 && conf_.empty(); ++attempt) {
+        if (attempt != 0) {
+            (void)shell(script + " stop " + dir + " && rm -rf " + dir + "/*");
+        }
+        conf_ = shell_output(script + " start " + dir + " --port " + std::to_string(free_port()) +
+                             " --osd-mib 1024");
+        while (!conf_.empty() && conf_.back() == '\n') {
+            conf_.pop_back();
+        }
     }
     ok_ = !conf_.empty();
 }

@@ -33,12 +33,18 @@ def free_port():
 
 def start_cluster(osd_mib=3072):
     """Starts a throwaway cluster; returns (its directory, its ceph.conf)."""
-    directory = tempfile.mkdtemp(prefix="imgfs-ceph-")
-    p = run([CLUSTER, "start", directory, "--port", str(free_port()), "--osd-mib", str(osd_mib)],
-            check=False)
-    if p.returncode != 0:
-        raise AssertionError("the test cluster did not start:\n" + p.stderr)
-    return directory, p.stdout.strip()
+    # The port is free when picked, but another process may bind it before the monitor does
+    # (which tries once: ms bind retry count = 1): a new port and directory, up to 3 times.
+    errors = []
+    for _ in range(3):
+        directory = tempfile.mkdtemp(prefix="imgfs-ceph-")
+        p = run([CLUSTER, "start", directory, "--port", str(free_port()), "--osd-mib",
+                 str(osd_mib)], check=False)
+        if p.returncode == 0:
+            return directory, p.stdout.strip()
+        errors.append(p.stderr)
+        stop_cluster(directory)
+    raise AssertionError("the test cluster did not start:\n" + "\n---\n".join(errors))
 
 
 def stop_cluster(directory):
