@@ -19,7 +19,15 @@ class DirtyBitmap {
     [[nodiscard]] bool test(uint64_t offset) const;
     /// The first dirty granule at or after `offset` (its byte offset).
     [[nodiscard]] std::optional<uint64_t> next_dirty(uint64_t offset) const;
-    [[nodiscard]] uint64_t dirty_bytes() const { return count_ * granule_; }
+    /// The bytes of the range the dirty granules cover (the last granule may end past it).
+    [[nodiscard]] uint64_t dirty_bytes() const {
+        uint64_t bytes = count_ * granule_;
+        const uint64_t overhang = (granule_ - size_ % granule_) % granule_;
+        if (overhang != 0 && size_ != 0 && test(size_ - 1)) {
+            bytes -= overhang;
+        }
+        return bytes;
+    }
     [[nodiscard]] uint64_t granule() const { return granule_; }
     [[nodiscard]] uint64_t size() const { return size_; }
 
