@@ -409,7 +409,7 @@ class Run:
         seen = t.open_layers(m)
         first_difference = seen ^ open_files
         waited = time.time()
-        while seen != open_files and time.time() - waited < 20:
+        while seen < open_files and time.time() - waited < 20:  # only missing ones come back
             time.sleep(0.5)
             seen = t.open_layers(m)
         if first_difference and seen == open_files:
