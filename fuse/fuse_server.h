@@ -218,8 +218,11 @@ class FuseServer {
     uint32_t ring_refused_total_ = 0;
     // Registrations that ended because the connection did, before the ring settled.
     uint32_t ring_lost_before_settling_ = 0;
-    // Registrations that completed with an error: counted on the entry's loop as it completes,
-    // and again here once the entry is back (settle_ring waits for the two to agree).
+    // For settle_ring, counted on each entry's own loop: entries that have put their REGISTER
+    // in their ring, entries waiting to send it again (ENOMEM, EAGAIN), and registrations
+    // that failed, with the last counted again on this loop once the entry is back.
+    std::atomic<uint32_t> ring_registers_sent_{0};
+    std::atomic<uint32_t> ring_registers_retrying_{0};
     std::atomic<uint32_t> ring_registers_failed_{0};
     uint32_t ring_registers_failed_back_ = 0;
     uint16_t first_refused_qid_ = 0;

@@ -218,11 +218,27 @@ Task<void> FuseServer::ring_entry(RingEntry* entry) {
     co_await loop_->resume_on(ring);
     int32_t res = 0;
     int attempts = 0;
-    do {
-        res = co_await ring->submit_work_wait([this, &iov, &cmd](io_uring_sqe* sqe) {
+    bool sent = false;
+    for (;;) {
+        res = co_await ring->submit_work_wait([this, &iov, &cmd, &sent](io_uring_sqe* sqe) {
             prep_fuse_cmd(sqe, fd_, fuse_uring::kCmdRegister, cmd, iov);
+            if (!sent) {
+                sent = true;
+                ring_registers_sent_.fetch_add(1);  // in the ring before any later no-op
+            }
         });
-    } while (res < 0 && co_await ring->retry_transient(res, &attempts, true));
+        if (res >= 0) {
+            break;
+        }
+        // Counted before the completion of this attempt lets anything else run here: a no-op
+        // of settle_ring's that completes after it finds it (see settle_ring).
+        ring_registers_retrying_.fetch_add(1);
+        const bool again = co_await ring->retry_transient(res, &attempts, true);
+        ring_registers_retrying_.fetch_sub(1);
+        if (!again) {
+            break;
+        }
+    }
     if (res < 0) {
         ring_registers_failed_.fetch_add(1);  // here, before a hop that may be overtaken
     }
@@ -301,14 +317,27 @@ Task<void> FuseServer::settle_ring() {
         Hold& operator=(const Hold&) = delete;
         ~Hold() { loop->hold_for_posts(-1); }
     } hold(loop_);
-    for (EventLoop* ring : loops) {
-        co_await loop_->resume_on(ring);
-        (void)co_await ring->submit([](io_uring_sqe* sqe) { io_uring_prep_nop(sqe); });
-        co_await ring->resume_on(loop_);
-    }
+    // The hops to the entries' loops may come in any order (one the kernel had no memory for
+    // goes the slower way, EventLoop::post), and a REGISTER refused for want of memory is sent
+    // again after a pause: the no-ops go out once every entry's REGISTER is in its ring and
+    // none waits to be sent again, and once more if one came back to be sent again meanwhile.
+    const auto registers_pending = [this] {
+        return ring_registers_sent_.load() < ring_entries_.size() ||
+               ring_registers_retrying_.load() != 0;
+    };
+    do {
+        while (registers_pending()) {
+            co_await loop_->sleep(std::chrono::milliseconds(1));
+        }
+        for (EventLoop* ring : loops) {
+            co_await loop_->resume_on(ring);
+            (void)co_await ring->submit([](io_uring_sqe* sqe) { io_uring_prep_nop(sqe); });
+            co_await ring->resume_on(loop_);
+        }
+    } while (registers_pending());
     // Each failed registration was counted on its loop before that loop's no-op completed,
-    // but its hop back here may come after ours: a hop the kernel had no memory for goes the
-    // slower way (EventLoop::post). Every one is counted here before the ring is judged.
+    // but its hop back here may come after ours (the slower way, as above). Every one is
+    // counted here before the ring is judged.
     const uint32_t failed = ring_registers_failed_.load();
     while (ring_registers_failed_back_ < failed) {
         co_await loop_->sleep(std::chrono::milliseconds(1));
