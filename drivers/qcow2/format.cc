@@ -129,7 +129,6 @@ Status parse_extensions(ConstBuf b, Header* h, const std::string& image) {
         end = h->backing_file_offset;
     }
     bool seen_backing_format = false;
-    bool seen_feature_table = false;
     while (pos + 8 <= end) {
         uint32_t type = load_be32(b.data() + pos);
         uint32_t len = load_be32(b.data() + pos + 4);
@@ -153,11 +152,10 @@ Status parse_extensions(ConstBuf b, Header* h, const std::string& image) {
                 h->backing_format = c_string(d, len);
                 break;
             case kExtFeatureTable:
-                if (seen_feature_table || len % 48 != 0) {
-                    return make_error(EINVAL, "{}: invalid feature name table", image);
-                }
-                seen_feature_table = true;
-                for (uint32_t i = 0; i < len; i += 48) {
+                // Names for error messages only, so nothing in it refuses the image (QEMU
+                // opens it too): whole entries of a second table or past a partial one count,
+                // a partial entry is dropped (and so is it from a header imgfs rewrites).
+                for (uint32_t i = 0; i + 48 <= len; i += 48) {
                     FeatureName f;
                     f.type = d[i];
                     f.bit = d[i + 1];
