@@ -38,7 +38,7 @@ TEST(DirtyBitmap, RangesPastTheEndAreClipped) {
     b.set(3 * kGranule + 50, 1 << 30);
     EXPECT_TRUE(b.test(3 * kGranule));
     EXPECT_EQ(b.next_dirty(0), 3 * kGranule);
-    b.set(1ULL << 40, 4096);  // wholly past the end: ignored
+    b.set(1ULL << 40, 4096);           // wholly past the end: ignored
     EXPECT_EQ(b.dirty_bytes(), 100U);  // the part of the last granule inside the range
     EXPECT_FALSE(b.test(1ULL << 40));
     b.clear(0, 1ULL << 40);
