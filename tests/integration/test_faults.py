@@ -493,6 +493,17 @@ class JobFaults(harness.ImageDirTest):
             time.sleep(0.05)
         self.fail(f"the job did not conclude: {job}")
 
+    def commit_under(self, rule):
+        """Mounts with the fault `rule` and commits vm; the mount, and the concluded job."""
+        f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
+        f.write(rule + "\n")
+        f.close()
+        self.addCleanup(os.unlink, f.name)
+        m = self.mount(f"faults={f.name}")
+        with open(m.path(".control", "vm", "commit"), "w") as c:
+            c.write("\n")
+        return m, self.wait_job(m)
+
     def run_job_fault(self, job, rule, close_fails=False):
         expected = self.build()
         f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
@@ -541,14 +552,7 @@ class JobFaults(harness.ImageDirTest):
         # opened afresh: the guest sees nothing (its writes go to the top), so only status can
         # tell the operator why the next commit fails, and how to clear it.
         expected = self.build()
-        f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
-        f.write("fdatasync errno=EIO layers=all file=base.qcow2\n")
-        f.close()
-        self.addCleanup(os.unlink, f.name)
-        m = self.mount(f"faults={f.name}")
-        with open(m.path(".control", "vm", "commit"), "w") as c:
-            c.write("\n")
-        result = self.wait_job(m)
+        m, result = self.commit_under("fdatasync errno=EIO layers=all file=base.qcow2")
         self.assertIn("fdatasync", result["error"] or "")
         base = [l for l in m.info("vm")["layers"] if l["file"] == "base.qcow2"]
         self.assertIn("fdatasync", base[0].get("writes_refused") or "", base)
@@ -577,14 +581,7 @@ class JobFaults(harness.ImageDirTest):
         # (qemu-img without -U) was refused until the next change to the chains.
         self.build()
         qemu_img("resize", "-q", self.img("vm@s1.qcow2"), "32M")
-        f = tempfile.NamedTemporaryFile("w", suffix=".faults", delete=False)
-        f.write("writes errno=ENOSPC layers=all file=base.qcow2\n")
-        f.close()
-        self.addCleanup(os.unlink, f.name)
-        m = self.mount(f"faults={f.name}")
-        with open(m.path(".control", "vm", "commit"), "w") as c:
-            c.write("\n")
-        result = self.wait_job(m)
+        m, result = self.commit_under("writes errno=ENOSPC layers=all file=base.qcow2")
         self.assertIn("growing base.qcow2", result["error"] or "")
         info = run(["qemu-img", "info", self.img("base.qcow2")], check=False)
         self.assertEqual(info.returncode, 0, info.stderr)

@@ -268,18 +268,25 @@ class Snapshot(harness.ImageDirTest):
 
 
 class Commit(harness.ImageDirTest):
-    def test_active_commit_converges_under_a_random_writer(self):
-        harness.require_tools("fio")
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "512M")
+    def snapshot_fill_and_write(self, size, filled, writer_options):
+        """vm.qcow2 of `size`, snapshotted, with `filled` written through the mount, and a
+        64 KiB random writer over the disk (fio, time based); the mount and the writer."""
+        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), size)
         m = self.mount()
         self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
         run(["fio", "--name=fill", f"--filename={m.path('vm.raw')}", "--ioengine=io_uring",
-             "--direct=1", "--bs=1M", "--iodepth=8", "--rw=write", "--size=256M"])
+             "--direct=1", "--bs=1M", "--iodepth=8", "--rw=write", f"--size={filled}"])
         writer = subprocess.Popen(["fio", "--name=w", f"--filename={m.path('vm.raw')}",
                                    "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=4",
-                                   "--rw=randwrite", "--size=512M", "--time_based", "--runtime=120"],
+                                   "--rw=randwrite", f"--size={size}", "--time_based",
+                                   *writer_options],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
+        return m, writer
+
+    def test_active_commit_converges_under_a_random_writer(self):
+        harness.require_tools("fio")
+        m, writer = self.snapshot_fill_and_write("512M", "256M", ["--runtime=120"])
         try:
             time.sleep(1)
             t0 = time.time()
@@ -309,17 +316,7 @@ class Commit(harness.ImageDirTest):
         # a client that showed done/total read 100 % (a running total, recounted only between
         # passes) while most of a pass was still to copy.
         harness.require_tools("fio")
-        qemu_img("create", "-q", "-f", "qcow2", self.img("vm.qcow2"), "128M")
-        m = self.mount()
-        self.assertEqual(control(m, "vm", "snapshot", "s1"), 0)
-        run(["fio", "--name=fill", f"--filename={m.path('vm.raw')}", "--ioengine=io_uring",
-             "--direct=1", "--bs=1M", "--iodepth=8", "--rw=write", "--size=128M"])
-        writer = subprocess.Popen(["fio", "--name=w", f"--filename={m.path('vm.raw')}",
-                                   "--ioengine=io_uring", "--direct=1", "--bs=64k", "--iodepth=4",
-                                   "--rw=randwrite", "--size=128M", "--time_based",
-                                   "--runtime=60", "--rate=40m"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        m, writer = self.snapshot_fill_and_write("128M", "128M", ["--runtime=60", "--rate=40m"])
         seen = []
         try:
             time.sleep(0.5)
